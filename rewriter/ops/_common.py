@@ -1,0 +1,72 @@
+"""Conventions shared by every attention op in ``rewriter.ops``.
+
+Every attention approximation is a ``torch.library.custom_op`` named ``rewriter::<method>_attention`` with
+the leading arguments
+
+    q        (B, H,   Lq, D)   queries
+    k        (B, Hkv, Lk, D)   keys; H % Hkv == 0 (GQA: query head h reads kv head h // (H // Hkv))
+    v        (B, Hkv, Lk, Dv)  values
+    key_mask (B, Lk) bool or None: True where the key is a real token (padding is False)
+    causal   bool: query i sees key j only when j <= i + (Lk - Lq) (aligned bottom-right)
+    scale    float: softmax scale (HF passes 1/sqrt(D) unless the model says otherwise)
+
+followed by the method's own budget arguments, and returns (B, H, Lq, Dv) in q's dtype. A query row that
+sees no key at all returns zeros (never NaN).
+"""
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+
+def check_qkv(q: Tensor, k: Tensor, v: Tensor, key_mask: Tensor | None) -> tuple[int, int, int, int, int, int]:
+    """Validate shapes; return (B, H, Hkv, Lq, Lk, D)."""
+    if q.dim() != 4 or k.dim() != 4 or v.dim() != 4:
+        raise ValueError(f"q, k, v must be 4-D (B, H, L, D); got {tuple(q.shape)}, {tuple(k.shape)}, {tuple(v.shape)}")
+    B, H, Lq, D = q.shape
+    Bk, Hkv, Lk, Dk = k.shape
+    if Bk != B or v.shape[0] != B or v.shape[1] != Hkv or v.shape[2] != Lk or Dk != D:
+        raise ValueError(f"incompatible q {tuple(q.shape)}, k {tuple(k.shape)}, v {tuple(v.shape)}")
+    if H % Hkv != 0:
+        raise ValueError(f"query heads ({H}) must be a multiple of kv heads ({Hkv})")
+    if key_mask is not None and (key_mask.dim() != 2 or key_mask.shape[0] != B or key_mask.shape[1] != Lk):
+        raise ValueError(f"key_mask must be (B, Lk) = ({B}, {Lk}); got {tuple(key_mask.shape)}")
+    return B, H, Hkv, Lq, Lk, D
+
+
+def expand_kv(x: Tensor, heads: int) -> Tensor:
+    """Repeat kv heads so that x has `heads` heads (GQA -> MHA view, used by references only)."""
+    hkv = x.shape[1]
+    if hkv == heads:
+        return x
+    return x.repeat_interleave(heads // hkv, dim=1)
+
+
+def allowed_mask(Lq: int, Lk: int, causal: bool, key_mask: Tensor | None, device) -> Tensor:
+    """Dense (B or 1, 1, Lq, Lk) bool of the pairs exact attention may use (causal + padding)."""
+    allowed = torch.ones(Lq, Lk, dtype=torch.bool, device=device)
+    if causal:
+        i = torch.arange(Lq, device=device)[:, None] + (Lk - Lq)
+        j = torch.arange(Lk, device=device)[None, :]
+        allowed = j <= i
+    allowed = allowed[None, None]
+    if key_mask is not None:
+        allowed = allowed & key_mask[:, None, None, :].to(torch.bool)
+    return allowed
+
+
+def masked_softmax_attention(q: Tensor, k: Tensor, v: Tensor, allowed: Tensor, scale: float) -> Tensor:
+    """Exact attention restricted to `allowed` (broadcastable to (B, H, Lq, Lk)); rows with no key give 0.
+
+    Dense: for references and tests only.
+    """
+    H = q.shape[1]
+    k, v = expand_kv(k, H), expand_kv(v, H)
+    s = torch.matmul(q, k.transpose(-1, -2)) * scale
+    s = s.masked_fill(~allowed, float("-inf"))
+    m = s.amax(dim=-1, keepdim=True)
+    m = torch.where(torch.isfinite(m), m, torch.zeros_like(m))
+    p = torch.exp(s - m)
+    den = p.sum(dim=-1, keepdim=True)
+    out = torch.matmul(p, v) / den.clamp_min(torch.finfo(p.dtype).tiny)
+    return out

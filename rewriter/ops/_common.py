@@ -15,6 +15,8 @@ sees no key at all returns zeros (never NaN).
 """
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 from torch import Tensor
 
@@ -70,3 +72,54 @@ def masked_softmax_attention(q: Tensor, k: Tensor, v: Tensor, allowed: Tensor, s
     den = p.sum(dim=-1, keepdim=True)
     out = torch.matmul(p, v) / den.clamp_min(torch.finfo(p.dtype).tiny)
     return out
+
+
+def window_extents(window: int, causal: bool) -> tuple[int, int]:
+    """(window_left, window_right) so that every query row sees exactly `window` keys (fewer at the edges).
+
+    Causal: the `window` most recent keys, the query's own position included. Bidirectional: window // 2 keys
+    to the left, the rest (self included) to the right.
+    """
+    if window < 1:
+        raise ValueError(f"window must be >= 1 token; got {window}")
+    if causal:
+        return window - 1, 0
+    left = window // 2
+    return left, window - 1 - left
+
+
+@dataclass(frozen=True)
+class AttentionCost:
+    """What one attention call costs, counted (not timed), next to exact attention on the same shape.
+
+    score_entries: q.k products the method evaluates exactly; flops: 2 x multiply-adds of the whole method
+    (scores, P.V, feature maps, low-rank products); memory_bytes: the largest intermediate the method holds
+    at once (score blocks or low-rank state), in the given element size. Causal exact attention counts the
+    lower triangle only.
+    """
+    score_entries: float
+    dense_score_entries: float
+    flops: float
+    dense_flops: float
+    memory_bytes: float
+    dense_memory_bytes: float
+
+    @property
+    def density(self) -> float:
+        return self.score_entries / self.dense_score_entries if self.dense_score_entries else 0.0
+
+
+def dense_score_entries(B: int, H: int, Lq: int, Lk: int, causal: bool) -> float:
+    if causal:
+        offset = Lk - Lq
+        # row i sees min(Lk, i + offset + 1) keys
+        full = sum(min(Lk, i + offset + 1) for i in range(Lq)) if Lq <= 65536 else Lq * (Lk - Lq / 2)
+        return float(B * H * full)
+    return float(B * H * Lq * Lk)
+
+
+def exact_attention_cost(B: int, H: int, Lq: int, Lk: int, D: int, Dv: int, causal: bool, elem_bytes: int = 4) -> AttentionCost:
+    entries = dense_score_entries(B, H, Lq, Lk, causal)
+    flops = 2.0 * entries * (D + Dv)
+    mem = float(B * H * Lq * Lk * elem_bytes)
+    return AttentionCost(entries, entries, flops, flops, mem, mem)

@@ -1,0 +1,2 @@
+"""Built-in passes; importing this module registers them."""
+from . import lora_merge  # noqa: F401

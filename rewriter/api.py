@@ -1,0 +1,100 @@
+"""The Python entry points: load, capture, inspect, optimize."""
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+from torch import nn
+
+from .calibration import calibration_inputs, read_texts
+from .canonical import canonicalize
+from .capture import capture
+from .errors import RewriterError
+from .load import is_rewriter_output, load
+from .pipeline import Pass, Pipeline
+from .program import Program
+from .report import write_json
+from .sites import attention_sites, linear_sites
+
+
+def load_program(src: str | Path | nn.Module | Program, *, attn_implementation: str | None = None,
+                 seq: int = 16) -> Program:
+    """Anything -> Program: an HF folder or module is loaded and captured; a rewriter output is read back."""
+    if isinstance(src, Program):
+        return src
+    if not isinstance(src, nn.Module) and is_rewriter_output(Path(src)):
+        from .backends.torch_backend import load_program as _load
+        return _load(src)
+    return capture(load(src, attn_implementation), seq=seq)
+
+
+def inspect(src: str | Path | nn.Module | Program) -> dict:
+    program = load_program(src)
+    gm = program.module()
+    canon = canonicalize(gm)
+    att = attention_sites(gm, program.causal_modules)
+    lin = linear_sites(gm)
+    return {
+        "source": program.source,
+        "model_class": program.meta.get("model_class"),
+        "inputs": program.input_names, "outputs": program.output_names,
+        "parameters": program.num_parameters(),
+        "canonicalized": {"eager_attention": canon.eager_attention, "gqa": canon.gqa,
+                          "unmatched_softmax": canon.unmatched_softmax or []},
+        "attention": [s.describe() for s in att],
+        "linear": [s.describe() for s in lin],
+    }
+
+
+@dataclass
+class OptimizeResult:
+    program: Program
+    report: dict
+
+
+def optimize(src, passes: list[Pass], *, out: str | Path | None = None, force: bool = False,
+             calib_file: str | Path | None = None, calib_texts: list[str] | None = None, samples: int = 8,
+             seq_len: int = 128, seed: int = 0, max_error: float | None = None, export_onnx: bool = False,
+             progress: Callable[[str], None] | None = None) -> OptimizeResult:
+    """Load + capture `src`, run the passes verified against the original, and (with `out`) write the result."""
+    progress = progress or (lambda msg: None)
+    if out is not None:   # refuse a bad output location before spending minutes on the passes
+        from .backends.torch_backend import check_output_dir
+        check_output_dir(Path(out), force)
+    texts = read_texts(calib_file) if calib_file else calib_texts
+    t0 = time.perf_counter()
+    progress("loading and capturing")
+    program = load_program(src)
+    capture_s = time.perf_counter() - t0
+    progress("building calibration inputs")
+    inputs, desc = calibration_inputs(program, texts=texts, samples=samples, seq_len=seq_len, seed=seed)
+    run = Pipeline(passes, max_error=max_error, seed=seed, progress=progress).run(program, inputs, desc)
+    report = run.report
+    report["capture_seconds"] = round(capture_s, 3)
+    if out is not None:
+        report["outputs"] = write_outputs(run.program, report, Path(out), force=force, export_onnx=export_onnx,
+                                          progress=progress)
+    return OptimizeResult(run.program, report)
+
+
+def write_outputs(program: Program, report: dict, out: Path, *, force: bool, export_onnx: bool = False,
+                  progress: Callable[[str], None] = lambda m: None) -> list[str]:
+    from .backends.torch_backend import staged_output, write_hf_folder, write_program
+    written = ["model.pt2", "report.json"]
+    with staged_output(out, force) as tmp:
+        progress("writing model.pt2")
+        write_program(program, tmp)
+        if report.get("weight_only") and program.meta.get("eager_model") is not None:
+            progress("writing HF folder")
+            write_hf_folder(program, tmp / "hf")
+            written.append("hf/")
+        if export_onnx:
+            from .backends import onnx as onnx_backend
+            progress("exporting ONNX")
+            report["onnx"] = onnx_backend.export_program(program, tmp / "model.onnx")
+            written.append("model.onnx")
+        report["outputs"] = [str(out / w) for w in written]
+        write_json(report, tmp / "report.json")
+    return report["outputs"]

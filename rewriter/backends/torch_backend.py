@@ -1,0 +1,143 @@
+"""Outputs in PyTorch formats: model.pt2 (always), an HF folder (when every pass was weight-only), and the
+metadata that lets `load_program` rebuild a Program. Everything is written to a temporary folder beside the
+target and moved into place only when complete."""
+from __future__ import annotations
+
+import copy
+import json
+import shutil
+import tempfile
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Iterator
+
+import torch
+
+from ..errors import RewriterError
+from ..load import TOKENIZER_FILES
+from ..program import WRAPPER_PREFIX, Program
+
+META_FILE = "rewriter.json"
+PROGRAM_FILE = "model.pt2"
+INPUTS_FILE = "example_inputs.safetensors"
+SENTENCE_TRANSFORMERS_FILES = ("modules.json", "sentence_bert_config.json", "config_sentence_transformers.json")
+
+
+def check_output_dir(out: Path, force: bool) -> None:
+    if out.exists() and not out.is_dir():
+        raise RewriterError(f"output {out} exists and is not a folder")
+    if out.exists() and any(out.iterdir()) and not force:
+        raise RewriterError(f"output folder {out} is not empty", "pass --force to replace it")
+    parent = out.parent if out.parent != Path("") else Path(".")
+    parent.mkdir(parents=True, exist_ok=True)
+    probe = parent / f".rewriter-write-test-{id(out)}"
+    try:
+        probe.write_text("")
+        probe.unlink()
+    except OSError as e:
+        raise RewriterError(f"cannot write to {parent}: {e.strerror}") from None
+
+
+@contextmanager
+def staged_output(out: Path, force: bool) -> Iterator[Path]:
+    """Yield a temp folder beside `out`; on success it replaces `out`, on any error it is removed."""
+    out = Path(out)
+    check_output_dir(out, force)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent if str(out.parent) else "."))
+    try:
+        yield tmp
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    if out.exists():
+        old = out.with_name(f".{out.name}.old-{tmp.name[-8:]}")
+        out.rename(old)
+        tmp.rename(out)
+        shutil.rmtree(old, ignore_errors=True)
+    else:
+        tmp.rename(out)
+
+
+def _jsonable(obj):
+    try:
+        json.dumps(obj)
+        return obj
+    except TypeError:
+        return json.loads(json.dumps(obj, default=str))
+
+
+def write_program(program: Program, folder: Path) -> None:
+    from safetensors.torch import save_file
+    torch.export.save(program.ep, str(folder / PROGRAM_FILE))
+    save_file({k: v.contiguous() for k, v in program.example_inputs.items()}, str(folder / INPUTS_FILE))
+    meta = {
+        "format": 1,
+        "input_names": program.input_names,
+        "output_names": program.output_names,
+        "dynamic_dims": {k: {str(d): v for d, v in dims.items()} for k, dims in program.dynamic_dims.items()},
+        "dim_bounds": program.dim_bounds,
+        "config": _jsonable(program.config),
+        "causal_modules": program.causal_modules,
+        "source": program.source,
+        "meta": {k: _jsonable(v) for k, v in program.meta.items() if k != "eager_model"},
+    }
+    (folder / META_FILE).write_text(json.dumps(meta, indent=1))
+    src = program.meta.get("hf_folder")
+    if src:   # tokenizer travels with the program so calibration and generate keep working
+        for name in TOKENIZER_FILES:
+            if (Path(src) / name).exists():
+                shutil.copy2(Path(src) / name, folder / name)
+
+
+def write_hf_folder(program: Program, folder: Path) -> None:
+    """Weight-only rewrites: the eager model with the program's weights, saved by transformers itself."""
+    eager = program.meta.get("eager_model")
+    if eager is None:
+        raise RewriterError("no eager model to write an HF folder from (the program was loaded from .pt2)")
+    model = copy.deepcopy(eager)
+    own = model.state_dict()
+    new = {}
+    for name, tensor in program.ep.state_dict.items():
+        key = name[len(WRAPPER_PREFIX):] if name.startswith(WRAPPER_PREFIX) else name
+        if key in own:
+            if own[key].shape != tensor.shape:
+                raise RewriterError(f"weight {key} changed shape {tuple(own[key].shape)} -> {tuple(tensor.shape)}; "
+                                    "an HF folder needs weight-only passes")
+            new[key] = tensor.detach().to(own[key].dtype)
+    model.load_state_dict(new, strict=False)
+    folder.mkdir(parents=True, exist_ok=True)
+    model.save_pretrained(str(folder), safe_serialization=True)
+    src = program.meta.get("hf_folder")
+    if src:
+        src = Path(src)
+        for name in TOKENIZER_FILES + SENTENCE_TRANSFORMERS_FILES:
+            if (src / name).exists():
+                shutil.copy2(src / name, folder / name)
+        for sub in src.iterdir():   # sentence-transformers module folders (1_Pooling, 2_Normalize, ...)
+            if sub.is_dir() and sub.name[:1].isdigit() and "_" in sub.name:
+                shutil.copytree(sub, folder / sub.name, dirs_exist_ok=True)
+
+
+def load_program(folder: str | Path) -> Program:
+    """Rebuild a Program from a rewriter output folder (importing rewriter registers its custom ops)."""
+    from safetensors.torch import load_file
+    from .. import ops  # noqa: F401  (custom ops must exist before the .pt2 is deserialised)
+    folder = Path(folder)
+    if not (folder / PROGRAM_FILE).exists() or not (folder / META_FILE).exists():
+        raise RewriterError(f"{folder} is not a rewriter output (needs {PROGRAM_FILE} and {META_FILE})")
+    try:
+        meta = json.loads((folder / META_FILE).read_text())
+        ep = torch.export.load(str(folder / PROGRAM_FILE))
+    except Exception as e:
+        raise RewriterError(f"cannot load {folder / PROGRAM_FILE}: {str(e).splitlines()[0][:200]}") from None
+    inputs = load_file(str(folder / INPUTS_FILE)) if (folder / INPUTS_FILE).exists() else {}
+    program = Program(
+        ep=ep, input_names=meta["input_names"], output_names=meta["output_names"],
+        example_inputs={n: inputs[n] for n in meta["input_names"] if n in inputs},
+        dynamic_dims={k: {int(d): v for d, v in dims.items()} for k, dims in meta["dynamic_dims"].items()},
+        dim_bounds={k: tuple(v) for k, v in meta["dim_bounds"].items()},
+        config=meta.get("config", {}), causal_modules=meta.get("causal_modules", {}),
+        source=str(folder), meta=meta.get("meta", {}))
+    if any((folder / f).exists() for f in TOKENIZER_FILES):
+        program.meta["hf_folder"] = str(folder)
+    return program

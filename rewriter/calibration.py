@@ -1,0 +1,131 @@
+"""Calibration inputs (real text by default) and the error metrics every run reports."""
+from __future__ import annotations
+
+import random
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from .errors import RewriterError
+from .program import Program
+
+
+def default_texts() -> list[str]:
+    """Real English prose that ships with Python: the pydoc topic pages."""
+    from pydoc_data.topics import topics
+    return [topics[k] for k in sorted(topics)]
+
+
+def read_texts(path: str | Path) -> list[str]:
+    p = Path(path)
+    if not p.is_file():
+        raise RewriterError(f"calibration file not found: {p}", "pass a UTF-8 text file (blank lines separate passages)")
+    text = p.read_text(encoding="utf-8", errors="replace")
+    passages = [t.strip() for t in text.split("\n\n") if t.strip()]
+    if not passages:
+        raise RewriterError(f"calibration file {p} is empty")
+    return passages
+
+
+def calibration_inputs(program: Program, *, texts: list[str] | None = None, samples: int = 8, seq_len: int = 128,
+                       seed: int = 0) -> tuple[dict[str, torch.Tensor], str]:
+    """Returns (inputs, description). Text models use the model's tokenizer on real text (seeded choice of
+    passages, truncated to seq_len, padded to the longest); without a tokenizer, seeded random ids."""
+    rng = random.Random(seed)
+    names = program.input_names
+    cfg = program.config
+    lo, hi = program.dim_bounds.get("seq", (2, seq_len))
+    seq_len = max(lo, min(seq_len, hi))
+    if "pixel_values" in names:
+        size = cfg.get("image_size", 224)
+        ch = cfg.get("num_channels", 3)
+        g = torch.Generator().manual_seed(seed)
+        # No image data ships here: smooth random images (low-frequency noise) are closer to photos than white noise.
+        base = torch.randn(samples, ch, max(2, size // 8), max(2, size // 8), generator=g)
+        pix = torch.nn.functional.interpolate(base, size=(size, size), mode="bilinear", align_corners=False)
+        return {"pixel_values": pix}, f"{samples} synthetic smooth-noise images {size}x{size} (seed {seed})"
+    tokenizer = _tokenizer(program)
+    texts = list(texts) if texts is not None else default_texts()
+    chosen = [texts[i] for i in rng.sample(range(len(texts)), k=min(samples, len(texts)))]
+    while len(chosen) < samples:
+        chosen.append(texts[rng.randrange(len(texts))])
+    if tokenizer is not None:
+        if tokenizer.pad_token is None:
+            tokenizer.pad_token = tokenizer.eos_token or tokenizer.unk_token
+        padding_side = "left" if _decoder(cfg) else "right"
+        tokenizer.padding_side = padding_side
+        enc = tokenizer(chosen, truncation=True, max_length=seq_len, padding="longest", return_tensors="pt")
+        inputs = {n: enc[n] for n in names if n in enc}
+        desc = f"{samples} passages of real text, up to {seq_len} tokens ({padding_side}-padded)"
+    else:
+        g = torch.Generator().manual_seed(seed)
+        vocab = cfg.get("vocab_size", 1000)
+        inputs = {"input_ids": torch.randint(0, vocab, (samples, seq_len), generator=g)}
+        mask = torch.ones(samples, seq_len, dtype=torch.long)
+        for i in range(1, samples, 2):
+            cut = rng.randrange(seq_len // 2, seq_len)
+            if _decoder(cfg):
+                mask[i, : seq_len - cut] = 0
+            else:
+                mask[i, cut:] = 0
+        inputs["attention_mask"] = mask
+        desc = f"{samples} random token sequences of {seq_len} (no tokenizer in the model folder; seed {seed})"
+    for n in names:
+        if n not in inputs:
+            if n == "token_type_ids":
+                inputs[n] = torch.zeros_like(inputs["input_ids"])
+            elif n == "attention_mask":
+                inputs[n] = torch.ones_like(inputs["input_ids"])
+            else:
+                raise RewriterError(f"cannot build calibration input '{n}'")
+    return inputs, desc
+
+
+def _decoder(cfg: dict) -> bool:
+    archs = cfg.get("architectures") or []
+    return bool(cfg.get("is_decoder")) or any("CausalLM" in a or "LMHead" in a for a in archs) or \
+        cfg.get("model_type") in ("gpt2", "llama", "mistral", "qwen2", "qwen3", "gemma", "phi3", "gpt_neox", "opt")
+
+
+def _tokenizer(program: Program):
+    folder = program.meta.get("hf_folder")
+    if not folder:
+        return None
+    from .load import TOKENIZER_FILES
+    if not any((Path(folder) / f).exists() for f in TOKENIZER_FILES):
+        return None
+    try:
+        from transformers import AutoTokenizer
+        return AutoTokenizer.from_pretrained(folder)
+    except Exception:
+        return None
+
+
+def compare_outputs(reference: tuple[torch.Tensor, ...], candidate: tuple[torch.Tensor, ...], names: list[str],
+                    inputs: dict[str, torch.Tensor]) -> dict[str, Any]:
+    """Error of the primary (first) output over real tokens, plus a mean-pooled embedding cosine for encoders."""
+    ref, cand = reference[0].double(), candidate[0].double()
+    mask = inputs.get("attention_mask")
+    if mask is not None and ref.dim() >= 2 and ref.shape[:2] == mask.shape:
+        keep = mask.bool()
+        r, c = ref[keep], cand[keep]
+    else:
+        r, c = ref.reshape(-1, ref.shape[-1]), cand.reshape(-1, cand.shape[-1])
+    diff = (r - c)
+    metrics: dict[str, Any] = {
+        "output": names[0],
+        "max_abs_error": float(diff.abs().max()) if diff.numel() else 0.0,
+        "relative_error": float(diff.norm() / r.norm().clamp_min(1e-30)),
+        "cosine": float(torch.nn.functional.cosine_similarity(r, c, dim=-1).mean()),
+    }
+    if not torch.isfinite(c).all():
+        metrics["non_finite"] = True
+    if mask is not None and ref.dim() == 3 and ref.shape[:2] == mask.shape and names[0] == "last_hidden_state":
+        m = mask[..., None].double()
+        er = torch.nn.functional.normalize((ref * m).sum(1) / m.sum(1), dim=-1)
+        ec = torch.nn.functional.normalize((cand * m).sum(1) / m.sum(1), dim=-1)
+        cos = (er * ec).sum(-1)
+        metrics["embedding_cosine"] = float(cos.mean())
+        metrics["embedding_cosine_min"] = float(cos.min())
+    return metrics

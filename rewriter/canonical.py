@@ -1,0 +1,141 @@
+"""Canonicalisation: every attention becomes one `aten.scaled_dot_product_attention` node, so that sites and
+passes see a single form.
+
+    softmax(q @ k^T * scale + mask) [-> to(dtype)] [-> dropout] @ v    ==>  sdpa(q, k, v, mask, scale=scale)
+    sdpa(q, repeat_kv(k), repeat_kv(v), ...)                             ==>  sdpa(q, k, v, ..., enable_gqa=True)
+
+repeat_kv is the expand/reshape of HF's GQA helper: reshape(expand(unsqueeze(x, 2), [B, Hkv, rep, L, D]), [B, H, L, D]).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import fx
+
+from .graph import aten, erase_dead, is_call, val
+
+SDPA = aten.scaled_dot_product_attention.default
+_PASS_THROUGH = (aten.to.dtype, aten.dropout.default, aten.clone.default, aten.contiguous.default,
+                 aten.type_as.default)
+
+
+@dataclass
+class CanonicalReport:
+    eager_attention: int = 0     # softmax chains turned into SDPA
+    gqa: int = 0                 # repeat_kv removed in favour of enable_gqa
+    unmatched_softmax: list[str] | None = None   # softmax nodes that looked like attention but did not match
+
+
+def _is_last_two_transpose(node) -> bool:
+    if not is_call(node, aten.transpose.int):
+        return False
+    rank = len(val(node).shape)
+    d0, d1 = sorted(d % rank for d in node.args[1:3])
+    return (d0, d1) == (rank - 2, rank - 1)
+
+
+def _real_users(node: fx.Node) -> list[fx.Node]:
+    return [u for u in node.users if not is_call(u, aten._assert_tensor_metadata.default)]
+
+
+def _match_eager(softmax: fx.Node):
+    """Return (q, k, v, mask, scale, final_matmul) or None."""
+    if len(softmax.args) > 1 and softmax.args[1] not in (-1, 3):
+        return None
+    x = softmax.args[0]
+    mask = None
+    if is_call(x, aten.add.Tensor):
+        a, b = x.args
+        scores_side = a if isinstance(a, fx.Node) and _leads_to_qk(a) else b
+        mask = b if scores_side is a else a
+        if not isinstance(scores_side, fx.Node) or not _leads_to_qk(scores_side):
+            return None
+        x = scores_side
+    scale = 1.0
+    if is_call(x, aten.mul.Tensor) and isinstance(x.args[1], (int, float)):
+        scale, x = float(x.args[1]), x.args[0]
+    elif is_call(x, aten.div.Tensor) and isinstance(x.args[1], (int, float)):
+        scale, x = 1.0 / float(x.args[1]), x.args[0]
+    if not is_call(x, aten.matmul.default) or not _is_last_two_transpose(x.args[1]):
+        return None
+    q, k = x.args[0], x.args[1].args[0]
+    if len(val(q).shape) != 4 or len(val(k).shape) != 4:
+        return None
+    node = softmax
+    while True:
+        users = _real_users(node)
+        if len(users) != 1:
+            return None
+        (u,) = users
+        if is_call(u, *_PASS_THROUGH):
+            if is_call(u, aten.dropout.default) and len(u.args) > 2 and u.args[2]:
+                return None  # training-mode dropout is not attention inference
+            node = u
+            continue
+        if is_call(u, aten.matmul.default) and u.args[0] is node:
+            v = u.args[1]
+            if not isinstance(v, fx.Node) or len(val(v).shape) != 4:
+                return None
+            return q, k, v, mask, scale, u
+        return None
+
+
+def _leads_to_qk(node: fx.Node) -> bool:
+    x = node
+    if is_call(x, aten.mul.Tensor, aten.div.Tensor) and isinstance(x.args[1], (int, float)):
+        x = x.args[0]
+    return is_call(x, aten.matmul.default) and _is_last_two_transpose(x.args[1])
+
+
+def _repeat_kv_source(node) -> tuple[fx.Node, int] | None:
+    """If node is repeat_kv(x), return (x, rep)."""
+    if not is_call(node, aten.reshape.default, aten.view.default):
+        return None
+    e = node.args[0]
+    if not is_call(e, aten.expand.default):
+        return None
+    u = e.args[0]
+    if not (is_call(u, aten.unsqueeze.default) and u.args[1] in (2, -3)):
+        return None
+    src = u.args[0]
+    s_shape, out_shape = val(src).shape, val(node).shape
+    if len(s_shape) != 4 or len(out_shape) != 4 or not isinstance(out_shape[1], int) or not isinstance(s_shape[1], int):
+        return None
+    if out_shape[1] % s_shape[1] != 0:
+        return None
+    return src, out_shape[1] // s_shape[1]
+
+
+def canonicalize(gm: fx.GraphModule) -> CanonicalReport:
+    """Rewrite gm in place to the canonical attention form."""
+    report = CanonicalReport(unmatched_softmax=[])
+    graph = gm.graph
+    for softmax in [n for n in graph.nodes if is_call(n, aten.softmax.int, aten._softmax.default)]:
+        m = _match_eager(softmax)
+        if m is None:
+            if _leads_to_qk(softmax.args[0]) or is_call(softmax.args[0], aten.add.Tensor):
+                report.unmatched_softmax.append(softmax.name)
+            continue
+        q, k, v, mask, scale, final = m
+        with graph.inserting_before(final):
+            sdpa = graph.call_function(SDPA, (q, k, v, mask), {"scale": scale})
+        sdpa.meta = dict(final.meta)
+        final.replace_all_uses_with(sdpa)
+        graph.erase_node(final)
+        report.eager_attention += 1
+    for node in [n for n in graph.nodes if is_call(n, SDPA)]:
+        if node.kwargs.get("enable_gqa"):
+            continue
+        rk, rv = _repeat_kv_source(node.args[1]), _repeat_kv_source(node.args[2])
+        if rk is None or rv is None or rk[1] != rv[1]:
+            continue
+        args = list(node.args)
+        args[1], args[2] = rk[0], rv[0]
+        node.args = tuple(args)
+        node.kwargs = {**node.kwargs, "enable_gqa": True}
+        report.gqa += 1
+    erase_dead(gm)
+    if not report.unmatched_softmax:
+        report.unmatched_softmax = None
+    return report

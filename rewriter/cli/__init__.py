@@ -1,0 +1,2 @@
+"""The `rewriter` command."""
+from .main import app, main  # noqa: F401

@@ -1,0 +1,184 @@
+"""rewriter optimize | inspect | passes | export."""
+from __future__ import annotations
+
+import json
+import sys
+import time
+from pathlib import Path
+from typing import Optional
+
+import typer
+from rich.console import Console
+
+from ..errors import RewriterError
+
+app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
+                  help="Rewrite pretrained transformers into cheaper programs, verified against the original.")
+err = Console(stderr=True)
+out = Console()
+
+
+class Steps:
+    """Progress for long work: a spinner on the current step, a line with its time when it ends."""
+
+    def __init__(self, quiet: bool = False):
+        self.quiet = quiet
+        self.status = None
+        self.current = None
+        self.t0 = 0.0
+
+    def __call__(self, msg: str) -> None:
+        if self.quiet:
+            return
+        self._finish()
+        self.current, self.t0 = msg, time.perf_counter()
+        if self.status is None:
+            self.status = err.status(msg)
+            self.status.start()
+        else:
+            self.status.update(msg)
+
+    def _finish(self) -> None:
+        if self.current is not None:
+            err.print(f"[green]✓[/green] {self.current} [dim]({time.perf_counter() - self.t0:.1f}s)[/dim]")
+            self.current = None
+
+    def close(self) -> None:
+        self._finish()
+        if self.status is not None:
+            self.status.stop()
+            self.status = None
+
+
+def _fail(e: RewriterError) -> None:
+    err.print(f"[red]error:[/red] {e}", highlight=False, soft_wrap=True)
+    raise typer.Exit(2)
+
+
+@app.command()
+def optimize(
+    src: str = typer.Argument(..., help="HF model folder, or a rewriter output folder"),
+    output: Optional[Path] = typer.Option(None, "-o", "--output", help="output folder"),
+    adapter: list[str] = typer.Option([], "--adapter", help="PEFT adapter folder (implies lora-merge); repeatable"),
+    pass_: list[str] = typer.Option([], "--pass", help="NAME[:key=val,...]; repeatable, run in order"),
+    recipe: Optional[Path] = typer.Option(None, "--recipe", help="recipe file (YAML/TOML)"),
+    max_error: Optional[float] = typer.Option(None, "--max-error", help="abort if the output's relative error exceeds this"),
+    calib: Optional[Path] = typer.Option(None, "--calib", help="calibration text file (default: pydoc topics)"),
+    samples: int = typer.Option(8, "--samples", help="calibration sequences"),
+    seq_len: int = typer.Option(128, "--seq-len", help="calibration sequence length (tokens)"),
+    seed: int = typer.Option(0, "--seed"),
+    export: Optional[str] = typer.Option(None, "--export", help="also export: onnx"),
+    force: bool = typer.Option(False, "--force", help="replace a non-empty output folder"),
+    dry_run: bool = typer.Option(False, "--dry-run", help="print the recipe the flags build, then stop"),
+    json_out: bool = typer.Option(False, "--json", help="print report.json to stdout"),
+):
+    """Run passes on SRC, verify against the original, write OUT/ (model.pt2, report.json, hf/ when weight-only)."""
+    from ..api import optimize as run_optimize
+    from ..recipe import Recipe, parse_pass_flag
+    from ..report import render
+    steps = Steps(quiet=json_out)
+    try:
+        rec = Recipe.from_file(recipe) if recipe else Recipe()
+        flags = [parse_pass_flag(s) for s in pass_]
+        rec.passes.extend(flags)
+        if adapter:
+            merges = [p for p in rec.passes if p.name == "lora-merge"]
+            if merges:
+                for p in merges:
+                    if not p.config.adapters:
+                        p.config.adapters = list(adapter)
+            else:
+                from ..pipeline import make_pass
+                rec.passes.insert(0, make_pass("lora-merge", {"adapters": list(adapter)}))
+        for p in rec.passes:
+            if p.name == "lora-merge":
+                p.config.validate()
+        if max_error is not None:
+            rec.max_error = max_error
+        cal = dict(rec.calibration)
+        if calib is not None:
+            cal["file"] = str(calib)
+        if dry_run:
+            out.print(rec.to_yaml(), end="", highlight=False)
+            return
+        if not rec.passes:
+            raise RewriterError("no passes given", "add --pass NAME, --adapter DIR or --recipe FILE (see `rewriter passes`)")
+        if export not in (None, "onnx"):
+            raise RewriterError(f"unknown export format {export!r}", "use --export onnx")
+        result = run_optimize(src, rec.passes, out=output, force=force, calib_file=cal.get("file"),
+                              samples=int(cal.get("samples", samples)), seq_len=int(cal.get("seq_len", seq_len)),
+                              seed=int(cal.get("seed", seed)), max_error=rec.max_error,
+                              export_onnx=export == "onnx", progress=steps)
+        steps.close()
+        if json_out:
+            print(json.dumps(result.report, indent=1, default=str))
+        else:
+            render(result.report, err)
+    except RewriterError as e:
+        steps.close()
+        _fail(e)
+    finally:
+        steps.close()
+
+
+@app.command()
+def inspect(src: str = typer.Argument(..., help="HF model folder or rewriter output"),
+            json_out: bool = typer.Option(False, "--json", help="machine-readable output")):
+    """List the attention and linear sites rewriter finds in SRC."""
+    from rich.table import Table
+    from ..api import inspect as run_inspect
+    steps = Steps(quiet=json_out)
+    try:
+        steps("loading and capturing")
+        info = run_inspect(src)
+        steps.close()
+    except RewriterError as e:
+        steps.close()
+        _fail(e)
+    if json_out:
+        print(json.dumps(info, indent=1))
+        return
+    t = Table(title=f"{len(info['attention'])} attention sites")
+    for col in ("module", "layer", "heads", "kv heads", "head dim", "causal", "mask", "scale"):
+        t.add_column(col, overflow="fold")
+    for s in info["attention"]:
+        t.add_row(s["module_path"], str(s["layer"]), str(s["heads"]), str(s["kv_heads"]), str(s["head_dim"]),
+                  str(s["causal"]), str(s["has_mask"]), f"{s['scale']:.4g}")
+    out.print(t)
+    t = Table(title=f"{len(info['linear'])} linear sites")
+    for col in ("module", "layer", "in", "out", "bias", "stored"):
+        t.add_column(col, overflow="fold")
+    for s in info["linear"]:
+        t.add_row(s["module_path"], str(s["layer"]), str(s["in_features"]), str(s["out_features"]),
+                  str(s["bias"] is not None), "in x out (Conv1D)" if s["transposed"] else "out x in")
+    out.print(t)
+    c = info["canonicalized"]
+    out.print(f"{info['model_class']}: {info['parameters']:,} parameters; canonicalised {c['eager_attention']} eager "
+              f"attention chain(s), {c['gqa']} GQA repeat_kv")
+    if c["unmatched_softmax"]:
+        out.print(f"[yellow]softmax nodes that look like attention but did not match: {c['unmatched_softmax']}[/yellow]")
+
+
+@app.command("passes")
+def list_passes(json_out: bool = typer.Option(False, "--json")):
+    """Every pass with its config fields, types and defaults."""
+    from ..config import describe_fields
+    from ..pipeline import PASSES, get_pass
+    get_pass("lora-merge")  # registers built-ins
+    info = {name: {"summary": cls.summary, "weight_only": cls.weight_only, "fields": describe_fields(cls.config_class)}
+            for name, cls in sorted(PASSES.items())}
+    if json_out:
+        print(json.dumps(info, indent=1, default=str))
+        return
+    for name, d in info.items():
+        out.print(f"[bold]{name}[/bold]  {d['summary']}")
+        for f in d["fields"]:
+            out.print(f"    {f['name']}: {f['type']} = {f['default']!r}  {f['help']}", highlight=False)
+
+
+def main() -> None:
+    try:
+        app()
+    except KeyboardInterrupt:
+        err.print("interrupted; nothing was written")
+        sys.exit(130)

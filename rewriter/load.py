@@ -1,0 +1,192 @@
+"""Checkpoints in: Hugging Face model folders (single or sharded safetensors), PEFT adapter folders, rewriter
+outputs (.pt2 + rewriter.json) and plain nn.Modules.
+
+Weights are read from safetensors, or with ``torch.load(weights_only=True)``; a pickled module is refused,
+since unpickling runs arbitrary code.
+"""
+from __future__ import annotations
+
+import json
+import pickle
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from .errors import RewriterError
+
+SAFE_WEIGHTS = "model.safetensors"
+SAFE_INDEX = "model.safetensors.index.json"
+PICKLE_WEIGHTS = ("pytorch_model.bin", "pytorch_model.bin.index.json")
+ADAPTER_CONFIG = "adapter_config.json"
+ADAPTER_WEIGHTS = "adapter_model.safetensors"
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "vocab.txt", "special_tokens_map.json",
+                   "merges.txt", "vocab.json", "tokenizer.model", "sentencepiece.bpe.model")
+
+
+@dataclass
+class LoadedModel:
+    """An eager model and what we know about where it came from."""
+    module: nn.Module
+    config: Any | None = None          # transformers PretrainedConfig, when there is one
+    source: str = "<module>"
+    folder: Path | None = None         # the HF folder (tokenizer files, sentence-transformers pooling)
+    extra: dict = field(default_factory=dict)
+
+
+def _check_safetensors(path: Path) -> None:
+    """Open the header and every tensor's byte range so a truncated or corrupt file fails here, by name."""
+    from safetensors import safe_open
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            size = path.stat().st_size
+            header_len = int.from_bytes(path.open("rb").read(8), "little")
+            for name in f.keys():
+                sl = f.get_slice(name)
+                _ = sl.get_shape()
+            # the largest data offset must lie inside the file
+            meta = json.loads(path.open("rb").read(8 + header_len)[8:])
+            end = max((v["data_offsets"][1] for k, v in meta.items() if k != "__metadata__"), default=0)
+            if 8 + header_len + end > size:
+                raise ValueError("file shorter than its header says")
+    except RewriterError:
+        raise
+    except Exception as e:  # safetensors raises its own error types; all mean the same to the user
+        raise RewriterError(f"corrupt or truncated safetensors file {path}: {str(e).splitlines()[0]}",
+                            "re-download or re-save the checkpoint") from None
+
+
+def _weight_files(folder: Path) -> list[Path]:
+    if (folder / SAFE_INDEX).exists():
+        index = json.loads((folder / SAFE_INDEX).read_text())
+        files = sorted({folder / f for f in index.get("weight_map", {}).values()})
+        missing = [f.name for f in files if not f.exists()]
+        if missing:
+            raise RewriterError(f"sharded checkpoint {folder} is missing {', '.join(missing)}",
+                                "copy every shard named in model.safetensors.index.json")
+        return files
+    if (folder / SAFE_WEIGHTS).exists():
+        return [folder / SAFE_WEIGHTS]
+    return []
+
+
+def is_hf_folder(path: Path) -> bool:
+    return path.is_dir() and (path / "config.json").exists()
+
+
+def is_adapter_folder(path: Path) -> bool:
+    return path.is_dir() and (path / ADAPTER_CONFIG).exists()
+
+
+def is_rewriter_output(path: Path) -> bool:
+    return path.is_dir() and (path / "model.pt2").exists() and (path / "rewriter.json").exists()
+
+
+def load_hf(folder: str | Path, attn_implementation: str | None = None, dtype: torch.dtype = torch.float32) -> LoadedModel:
+    """Load an HF folder with the transformers class named by config.json's `architectures`."""
+    import transformers
+
+    folder = Path(folder)
+    if not folder.exists():
+        raise RewriterError(f"no such folder: {folder}", "pass an HF model folder (config.json + model.safetensors)")
+    if not is_hf_folder(folder):
+        raise RewriterError(f"{folder} is not a model folder (no config.json)",
+                            "pass an HF model folder, a PEFT adapter with --adapter, or a rewriter output")
+    try:
+        config = transformers.AutoConfig.from_pretrained(str(folder))
+    except Exception as e:
+        raise RewriterError(f"cannot read {folder / 'config.json'}: {str(e).splitlines()[0]}") from None
+    files = _weight_files(folder)
+    if not files:
+        if any((folder / f).exists() for f in PICKLE_WEIGHTS):
+            _check_state_dict_pickle(folder / PICKLE_WEIGHTS[0]) if (folder / PICKLE_WEIGHTS[0]).exists() else None
+        else:
+            raise RewriterError(f"{folder} holds no weights (no model.safetensors or shards)",
+                                "save the model with save_pretrained(safe_serialization=True)")
+    for f in files:
+        _check_safetensors(f)
+    archs = getattr(config, "architectures", None) or []
+    cls = None
+    for name in archs:
+        cls = getattr(transformers, name, None)
+        if cls is not None:
+            break
+    if cls is None:
+        cls = transformers.AutoModel
+    kwargs: dict[str, Any] = {"dtype": dtype}
+    if attn_implementation:
+        kwargs["attn_implementation"] = attn_implementation
+    transformers.utils.logging.disable_progress_bar()
+    try:
+        module = cls.from_pretrained(str(folder), **kwargs)
+    except Exception as e:
+        raise RewriterError(f"transformers could not load {folder} as {cls.__name__}: {str(e).splitlines()[0]}") from None
+    module.eval()
+    return LoadedModel(module=module, config=module.config, source=str(folder), folder=folder)
+
+
+def _check_state_dict_pickle(path: Path) -> dict:
+    """torch.load with weights_only=True: a state dict loads, a pickled module is refused."""
+    try:
+        return torch.load(str(path), map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as e:
+        raise RewriterError(
+            f"{path} is a pickled Python object, not a plain state dict ({str(e).splitlines()[0][:120]})",
+            "rewriter never unpickles code: save weights as safetensors (model.save_pretrained(safe_serialization=True))",
+        ) from None
+    except Exception as e:
+        raise RewriterError(f"cannot read {path}: {str(e).splitlines()[0]}") from None
+
+
+def load_file_checkpoint(path: Path) -> None:
+    """A single .pt/.pth/.bin/.ckpt file: either refused (pickled module) or explained (a bare state dict)."""
+    obj = _check_state_dict_pickle(path)
+    raise RewriterError(f"{path} is a bare state dict ({len(obj) if hasattr(obj, '__len__') else '?'} entries) with no config",
+                        "pass the HF model folder it belongs to")
+
+
+def read_adapter_config(folder: str | Path) -> dict:
+    folder = Path(folder)
+    if not folder.exists():
+        raise RewriterError(f"no such adapter folder: {folder}")
+    if not is_adapter_folder(folder):
+        raise RewriterError(f"{folder} is not a PEFT adapter (no {ADAPTER_CONFIG})")
+    try:
+        return json.loads((folder / ADAPTER_CONFIG).read_text())
+    except json.JSONDecodeError as e:
+        raise RewriterError(f"{folder / ADAPTER_CONFIG} is not valid JSON: {e}") from None
+
+
+def read_adapter_weights(folder: str | Path) -> dict[str, torch.Tensor]:
+    from safetensors.torch import load_file
+    folder = Path(folder)
+    path = folder / ADAPTER_WEIGHTS
+    if not path.exists():
+        if (folder / "adapter_model.bin").exists():
+            return _check_state_dict_pickle(folder / "adapter_model.bin")
+        raise RewriterError(f"{folder} has no {ADAPTER_WEIGHTS}")
+    _check_safetensors(path)
+    return load_file(str(path))
+
+
+def load(src: str | Path | nn.Module, attn_implementation: str | None = None) -> LoadedModel:
+    """Anything a user may point us at -> LoadedModel. (Rewriter outputs load with `rewriter.backends.torch.load_program`.)"""
+    if isinstance(src, nn.Module):
+        return LoadedModel(module=src.eval(), config=getattr(src, "config", None))
+    path = Path(src)
+    if not path.exists():
+        raise RewriterError(f"no such file or folder: {path}")
+    if path.is_file():
+        if path.suffix in (".safetensors",):
+            raise RewriterError(f"{path} is a bare weights file with no config", "pass the HF model folder it belongs to")
+        return load_file_checkpoint(path)  # always raises
+    if is_adapter_folder(path) and not is_hf_folder(path):
+        cfg = read_adapter_config(path)
+        base = cfg.get("base_model_name_or_path")
+        if base and Path(base).is_dir():
+            return load_hf(base, attn_implementation)
+        raise RewriterError(f"{path} is a PEFT adapter, not a model",
+                            "pass the base model folder as SRC and the adapter with --adapter")
+    return load_hf(path, attn_implementation)

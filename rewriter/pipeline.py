@@ -1,0 +1,184 @@
+"""Passes, the registry, and the verified pipeline: canonicalise, rewrite, lint, re-capture, compare."""
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from typing import Any, Callable, ClassVar
+
+import torch
+from torch import fx
+
+from .canonical import canonicalize
+from .calibration import compare_outputs
+from .config import PassConfig, config_from_dict
+from .errors import RewriterError
+from .program import Program
+from .sites import AttentionSite, LinearSite, attention_sites, linear_sites
+
+
+@dataclass
+class SiteChange:
+    """What a pass did at one site: free-form numbers (parameters, bytes, density, error...)."""
+    module_path: str
+    kind: str
+    details: dict = field(default_factory=dict)
+
+
+@dataclass
+class PassResult:
+    changes: list[SiteChange] = field(default_factory=list)
+    notes: list[str] = field(default_factory=list)
+    summary: dict = field(default_factory=dict)
+
+    @property
+    def changed(self) -> bool:
+        return bool(self.changes)
+
+
+@dataclass
+class PassContext:
+    """What a pass may read: the program before it, calibration inputs, and the sites of its graph."""
+    program: Program
+    calib_inputs: dict[str, torch.Tensor]
+    seed: int = 0
+    device: str = "cpu"
+    progress: Callable[[str], None] = lambda msg: None
+    _attention: list[AttentionSite] | None = None
+    _linear: list[LinearSite] | None = None
+
+    def attention_sites(self, gm: fx.GraphModule) -> list[AttentionSite]:
+        return attention_sites(gm, self.program.causal_modules)
+
+    def linear_sites(self, gm: fx.GraphModule) -> list[LinearSite]:
+        return linear_sites(gm)
+
+
+class Pass:
+    """A rewrite. Subclasses set `name`, `config_class`, `weight_only`, and implement run()."""
+    name: ClassVar[str] = ""
+    config_class: ClassVar[type[PassConfig]] = PassConfig
+    weight_only: ClassVar[bool] = False     # True: only weight values change, shapes and graph stay
+    summary: ClassVar[str] = ""
+
+    def __init__(self, config: PassConfig | None = None, **kwargs):
+        if config is None:
+            config = config_from_dict(self.config_class, kwargs, self.name)
+        elif kwargs:
+            raise TypeError("give either a config object or keyword arguments")
+        self.config = config
+
+    def run(self, gm: fx.GraphModule, ctx: PassContext) -> PassResult:
+        raise NotImplementedError
+
+    def recipe_entry(self) -> dict:
+        d = {"pass": self.name}
+        defaults = self.config_class().to_dict() if _has_all_defaults(self.config_class) else {}
+        for k, v in self.config.to_dict().items():
+            if k not in defaults or defaults[k] != v:
+                d[k] = v
+        return d
+
+
+def _has_all_defaults(cls) -> bool:
+    try:
+        cls()
+        return True
+    except TypeError:
+        return False
+
+
+PASSES: dict[str, type[Pass]] = {}
+
+
+def register_pass(cls: type[Pass]) -> type[Pass]:
+    if not cls.name:
+        raise ValueError(f"{cls.__name__} has no name")
+    PASSES[cls.name] = cls
+    return cls
+
+
+def get_pass(name: str) -> type[Pass]:
+    from . import passes as _  # noqa: F401  (registers the built-in passes)
+    if name not in PASSES:
+        raise RewriterError(f"unknown pass '{name}'", f"known passes: {', '.join(sorted(PASSES))}")
+    return PASSES[name]
+
+
+def make_pass(name: str, options: dict | None = None) -> Pass:
+    cls = get_pass(name)
+    return cls(config_from_dict(cls.config_class, options or {}, name))
+
+
+class ErrorBudgetExceeded(RewriterError):
+    pass
+
+
+@dataclass
+class PipelineRun:
+    program: Program
+    report: dict
+
+
+class Pipeline:
+    """An ordered list of passes, verified after each one against the original model's outputs."""
+
+    def __init__(self, passes: list[Pass], *, max_error: float | None = None, seed: int = 0,
+                 progress: Callable[[str], None] | None = None):
+        self.passes = passes
+        self.max_error = max_error
+        self.seed = seed
+        self.progress = progress or (lambda msg: None)
+
+    def run(self, program: Program, calib_inputs: dict[str, torch.Tensor], calib_desc: str = "") -> PipelineRun:
+        with torch.no_grad():
+            return self._run(program, calib_inputs, calib_desc)
+
+    def _run(self, program: Program, calib_inputs: dict[str, torch.Tensor], calib_desc: str) -> PipelineRun:
+        torch.manual_seed(self.seed)
+        reference = program.run(**calib_inputs)
+        report: dict[str, Any] = {
+            "source": program.source,
+            "model_class": program.meta.get("model_class"),
+            "calibration": {"description": calib_desc,
+                            "shapes": {k: list(v.shape) for k, v in calib_inputs.items()}},
+            "max_error": self.max_error,
+            "before": {"parameters": program.num_parameters(), "bytes": program.parameter_bytes()},
+            "passes": [],
+        }
+        current = program
+        for p in self.passes:
+            self.progress(f"{p.name}: rewriting")
+            t0 = time.perf_counter()
+            gm = current.module()
+            canonicalize(gm)
+            ctx = PassContext(program=current, calib_inputs=calib_inputs, seed=self.seed, progress=self.progress)
+            result = p.run(gm, ctx)
+            gm.graph.lint()
+            gm.recompile()
+            if result.changed:
+                self.progress(f"{p.name}: re-capturing")
+                try:
+                    current = current.recapture(gm)
+                except Exception as e:
+                    raise RewriterError(f"the program rewritten by '{p.name}' no longer exports: "
+                                        f"{str(e).strip().splitlines()[0][:300]}") from e
+                if not p.weight_only:
+                    current.meta["weight_only"] = False
+            seconds = time.perf_counter() - t0
+            out = current.run(**calib_inputs)
+            metrics = compare_outputs(reference, out, current.output_names, calib_inputs)
+            entry = {"pass": p.name, "config": p.config.to_dict(), "seconds": round(seconds, 3),
+                     "sites_changed": len(result.changes), "metrics": metrics,
+                     "sites": [{"module_path": c.module_path, "kind": c.kind, **c.details} for c in result.changes],
+                     "notes": result.notes, **({"summary": result.summary} if result.summary else {})}
+            report["passes"].append(entry)
+            if self.max_error is not None and (metrics["relative_error"] > self.max_error or metrics.get("non_finite")):
+                raise ErrorBudgetExceeded(
+                    f"after pass '{p.name}' the relative error of '{metrics['output']}' is "
+                    f"{metrics['relative_error']:.3g} > --max-error {self.max_error:g}; nothing was written",
+                    "raise --max-error, restrict the pass with include/exclude/layers, or lower its budget")
+        report["after"] = {"parameters": current.num_parameters(), "bytes": current.parameter_bytes()}
+        report["final"] = report["passes"][-1]["metrics"] if report["passes"] else \
+            compare_outputs(reference, reference, program.output_names, calib_inputs)
+        report["weight_only"] = all(p.weight_only for p in self.passes)
+        return PipelineRun(program=current, report=report)

@@ -1,0 +1,73 @@
+"""Program: a captured model (an ExportedProgram with dynamic batch/sequence) plus what is needed to run,
+re-capture and describe it."""
+from __future__ import annotations
+
+import copy
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import nn
+
+# The wrapper that capture() exports sits around the HF model as attribute `model`; module paths drop that prefix.
+WRAPPER_PREFIX = "model."
+
+
+@dataclass
+class Program:
+    ep: torch.export.ExportedProgram
+    input_names: list[str]
+    output_names: list[str]
+    example_inputs: dict[str, torch.Tensor]
+    dynamic_dims: dict[str, dict[int, str]]        # input name -> {dim: "batch" | "seq"}
+    dim_bounds: dict[str, tuple[int, int]]          # "batch"/"seq" -> (min, max)
+    config: dict = field(default_factory=dict)      # HF config as a dict (model_type, sizes, ...)
+    causal_modules: dict[str, bool] = field(default_factory=dict)  # attention module path -> is_causal
+    source: str = "<module>"
+    meta: dict = field(default_factory=dict)        # free-form: tokenizer folder, pooling, weight-only flag, ...
+    _runner: Any = field(default=None, repr=False, compare=False)
+
+    # --- running -------------------------------------------------------------------------------------
+    def module(self) -> torch.fx.GraphModule:
+        """A fresh unlifted GraphModule (parameters as attributes): what passes rewrite."""
+        return self.ep.module()
+
+    def __call__(self, **inputs) -> tuple[torch.Tensor, ...]:
+        return self.run(**inputs)
+
+    def run(self, **inputs) -> tuple[torch.Tensor, ...]:
+        missing = [n for n in self.input_names if n not in inputs]
+        if missing:
+            raise ValueError(f"missing inputs {missing}; the program takes {self.input_names}")
+        if self._runner is None:
+            self._runner = self.ep.module()
+        with torch.no_grad():
+            out = self._runner(**{n: inputs[n] for n in self.input_names})
+        return tuple(out) if isinstance(out, (tuple, list)) else (out,)
+
+    # --- re-capture ----------------------------------------------------------------------------------
+    def dynamic_shapes(self) -> dict[str, dict[int, Any]]:
+        dims = {name: torch.export.Dim(name, min=lo, max=hi) for name, (lo, hi) in self.dim_bounds.items()}
+        return {n: {d: dims[label] for d, label in self.dynamic_dims.get(n, {}).items()} or None
+                for n in self.input_names}
+
+    def recapture(self, gm: nn.Module) -> "Program":
+        """Export a rewritten module again with the same inputs and dynamic dims."""
+        ep = torch.export.export(gm, (), dict(self.example_inputs), dynamic_shapes=self.dynamic_shapes(), strict=False)
+        new = copy.copy(self)
+        new.ep = ep
+        new._runner = None
+        new.meta = dict(self.meta)
+        return new
+
+    # --- description ---------------------------------------------------------------------------------
+    def num_parameters(self) -> int:
+        return sum(t.numel() for t in self.ep.state_dict.values())
+
+    def parameter_bytes(self) -> int:
+        tensors = list(self.ep.state_dict.values()) + [t for t in self.ep.constants.values() if isinstance(t, torch.Tensor)]
+        return sum(t.numel() * t.element_size() for t in tensors)
+
+
+def strip_prefix(path: str) -> str:
+    return path[len(WRAPPER_PREFIX):] if path.startswith(WRAPPER_PREFIX) else path

@@ -1,0 +1,94 @@
+"""Recipes: a pass pipeline as a YAML (or TOML) file, the same thing the CLI flags build.
+
+    rewriter: 1
+    max_error: 0.05          # optional
+    calibration: {samples: 8, seq_len: 128}   # optional
+    passes:
+      - pass: lora-merge
+        adapters: [path/to/adapter]
+      - pass: window
+        window: 128
+        layers: "2-"
+"""
+from __future__ import annotations
+
+import tomllib
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import yaml
+
+from .config import parse_scalar, split_top_level
+from .errors import RewriterError
+from .pipeline import Pass, make_pass
+
+RECIPE_KEYS = ("rewriter", "max_error", "calibration", "passes")
+
+
+@dataclass
+class Recipe:
+    passes: list[Pass] = field(default_factory=list)
+    max_error: float | None = None
+    calibration: dict = field(default_factory=dict)
+
+    def to_dict(self) -> dict:
+        d: dict = {"rewriter": 1}
+        if self.max_error is not None:
+            d["max_error"] = self.max_error
+        if self.calibration:
+            d["calibration"] = dict(self.calibration)
+        d["passes"] = [p.recipe_entry() for p in self.passes]
+        return d
+
+    def to_yaml(self) -> str:
+        return yaml.safe_dump(self.to_dict(), sort_keys=False)
+
+    @classmethod
+    def from_dict(cls, data: dict, where: str = "recipe") -> "Recipe":
+        if not isinstance(data, dict):
+            raise RewriterError(f"{where} must be a mapping with a 'passes' list")
+        unknown = [k for k in data if k not in RECIPE_KEYS]
+        if unknown:
+            raise RewriterError(f"{where} has unknown key(s) {', '.join(unknown)}", f"valid keys: {', '.join(RECIPE_KEYS)}")
+        entries = data.get("passes") or []
+        if not isinstance(entries, list):
+            raise RewriterError(f"{where}: 'passes' must be a list")
+        passes = []
+        for i, entry in enumerate(entries):
+            if isinstance(entry, str):
+                entry = {"pass": entry}
+            if not isinstance(entry, dict) or "pass" not in entry:
+                raise RewriterError(f"{where}: passes[{i}] needs a 'pass' name")
+            options = {k: v for k, v in entry.items() if k != "pass"}
+            passes.append(make_pass(str(entry["pass"]), options))
+        max_error = data.get("max_error")
+        calibration = data.get("calibration") or {}
+        bad = [k for k in calibration if k not in ("samples", "seq_len", "seed", "file")]
+        if bad:
+            raise RewriterError(f"{where}: unknown calibration key(s) {bad}", "valid keys: samples, seq_len, seed, file")
+        return cls(passes, float(max_error) if max_error is not None else None, dict(calibration))
+
+    @classmethod
+    def from_file(cls, path: str | Path) -> "Recipe":
+        p = Path(path)
+        if not p.is_file():
+            raise RewriterError(f"recipe file not found: {p}")
+        text = p.read_text()
+        try:
+            data = tomllib.loads(text) if p.suffix == ".toml" else yaml.safe_load(text)
+        except (yaml.YAMLError, tomllib.TOMLDecodeError) as e:
+            raise RewriterError(f"recipe {p} is not valid {'TOML' if p.suffix == '.toml' else 'YAML'}: "
+                                f"{str(e).splitlines()[0]}") from None
+        return cls.from_dict(data, str(p))
+
+
+def parse_pass_flag(spec: str) -> Pass:
+    """'NAME' or 'NAME:key=val,key=val' (values are YAML scalars; lists as [a,b])."""
+    name, _, rest = spec.partition(":")
+    options = {}
+    for item in split_top_level(rest):
+        key, eq, value = item.partition("=")
+        if not eq:
+            raise RewriterError(f"--pass {spec}: '{item}' is not key=value")
+        options[key.strip()] = parse_scalar(value.strip())
+    return make_pass(name.strip(), options)

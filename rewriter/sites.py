@@ -1,0 +1,140 @@
+"""Site discovery on canonical graphs: where passes may act."""
+from __future__ import annotations
+
+import fnmatch
+import re
+from dataclasses import asdict, dataclass, field
+
+import torch
+from torch import fx
+
+from .capture import layer_index
+from .canonical import SDPA
+from .graph import aten, get_attr_tensor, is_call, module_path, val
+
+
+@dataclass
+class AttentionSite:
+    node: str                 # name of the SDPA node
+    module_path: str
+    layer: int | None
+    heads: int
+    kv_heads: int
+    head_dim: int
+    value_dim: int
+    causal: bool
+    has_mask: bool
+    scale: float
+    kind: str = "attention"
+
+    def describe(self) -> dict:
+        return asdict(self)
+
+
+@dataclass
+class LinearSite:
+    node: str                 # name of the linear/addmm node
+    module_path: str
+    layer: int | None
+    in_features: int
+    out_features: int
+    weight: str               # get_attr target of the weight
+    bias: str | None
+    transposed: bool = False  # GPT-2 Conv1D: weight stored (in, out), used through addmm
+    kind: str = "linear"
+
+    def describe(self) -> dict:
+        return asdict(self)
+
+    def weight_matrix(self, gm) -> torch.Tensor:
+        """The weight as (out, in), whatever its storage."""
+        w = get_attr_tensor(gm, self.weight)
+        return w.t() if self.transposed else w
+
+
+def _sdpa_parts(node: fx.Node):
+    names = ["query", "key", "value", "attn_mask", "dropout_p", "is_causal"]
+    bound = dict(zip(names, node.args))
+    bound.update(node.kwargs)
+    return bound
+
+
+def attention_sites(gm: fx.GraphModule, causal_modules: dict[str, bool] | None = None) -> list[AttentionSite]:
+    causal_modules = causal_modules or {}
+    sites = []
+    for node in gm.graph.nodes:
+        if not is_call(node, SDPA):
+            continue
+        p = _sdpa_parts(node)
+        q, k, v = val(p["query"]), val(p["key"]), val(p["value"])
+        path = module_path(node)
+        heads, head_dim = int(q.shape[1]), int(q.shape[-1])
+        causal = bool(p.get("is_causal", False)) or causal_modules.get(path, False)
+        scale = p.get("scale")
+        sites.append(AttentionSite(
+            node=node.name, module_path=path, layer=layer_index(path), heads=heads, kv_heads=int(k.shape[1]),
+            head_dim=head_dim, value_dim=int(v.shape[-1]), causal=causal, has_mask=p.get("attn_mask") is not None,
+            scale=float(scale) if scale is not None else head_dim ** -0.5))
+    return sites
+
+
+def linear_sites(gm: fx.GraphModule) -> list[LinearSite]:
+    sites = []
+    for node in gm.graph.nodes:
+        if is_call(node, aten.linear.default):
+            w = node.args[1]
+            b = node.args[2] if len(node.args) > 2 else node.kwargs.get("bias")
+            if not (isinstance(w, fx.Node) and w.op == "get_attr"):
+                continue
+            out_f, in_f = (int(s) for s in val(w).shape)
+            transposed = False
+        elif is_call(node, aten.addmm.default):
+            b, _, w = node.args[:3]
+            if not (isinstance(w, fx.Node) and w.op == "get_attr") or node.kwargs.get("beta", 1) != 1 \
+                    or node.kwargs.get("alpha", 1) != 1:
+                continue
+            in_f, out_f = (int(s) for s in val(w).shape)
+            transposed = True
+        else:
+            continue
+        bias = b.target if isinstance(b, fx.Node) and b.op == "get_attr" else None
+        path = module_path(node)
+        sites.append(LinearSite(node=node.name, module_path=path, layer=layer_index(path), in_features=in_f,
+                                out_features=out_f, weight=w.target, bias=bias, transposed=transposed))
+    return sites
+
+
+@dataclass
+class SiteFilter:
+    """Which sites a pass acts on: module-path globs or regexes (include/exclude), and a layer range."""
+    include: list[str] = field(default_factory=list)   # empty = all
+    exclude: list[str] = field(default_factory=list)
+    layers: str | None = None                          # "0-3", "2,5,7", "4-" ; None = all
+
+    def _matches(self, pattern: str, path: str) -> bool:
+        if pattern.startswith("re:"):
+            return re.search(pattern[3:], path) is not None
+        return fnmatch.fnmatchcase(path, pattern)
+
+    def layer_set(self) -> set[int] | None:
+        if not self.layers:
+            return None
+        out: set[int] = set()
+        for part in str(self.layers).split(","):
+            part = part.strip()
+            if "-" in part:
+                lo, hi = part.split("-", 1)
+                out.update(range(int(lo), (int(hi) if hi else 10_000) + 1))
+            elif part:
+                out.add(int(part))
+        return out
+
+    def __call__(self, site) -> bool:
+        if self.include and not any(self._matches(p, site.module_path) for p in self.include):
+            return False
+        if any(self._matches(p, site.module_path) for p in self.exclude):
+            return False
+        layers = self.layer_set()
+        if layers is not None and (site.layer is None or site.layer not in layers):
+            return False
+        return True

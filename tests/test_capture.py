@@ -1,0 +1,75 @@
+"""Capture reproduces eager models at shapes other than the example; eager and sdpa give the same sites."""
+import pytest
+import torch
+
+from rewriter.canonical import canonicalize
+from rewriter.capture import capture
+from rewriter.sites import attention_sites, linear_sites
+
+from conftest import ARCHS, model_inputs, tiny_model
+
+
+def _eager_first_output(model, inputs):
+    with torch.no_grad():
+        out = model(**inputs)
+    return out[0] if isinstance(out, tuple) else next(v for v in out.values() if isinstance(v, torch.Tensor))
+
+
+@pytest.mark.parametrize("attn", ["eager", "sdpa"])
+@pytest.mark.parametrize("arch", ARCHS)
+def test_capture_matches_eager_at_other_shapes(arch, attn):
+    model = tiny_model(arch, attn)
+    program = capture(model)
+    for batch, seq in [(1, 7), (3, 29)]:
+        inputs = model_inputs(arch, batch, seq)
+        ref = _eager_first_output(model, inputs)
+        got = program.run(**inputs)[0]
+        assert got.shape == ref.shape
+        torch.testing.assert_close(got, ref, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_eager_and_sdpa_canonicalise_to_the_same_sites(arch):
+    found = {}
+    for attn in ("eager", "sdpa"):
+        program = capture(tiny_model(arch, attn))
+        gm = program.module()
+        canonicalize(gm)
+        att = attention_sites(gm, program.causal_modules)
+        lin = linear_sites(gm)
+        found[attn] = ([(s.module_path, s.heads, s.kv_heads, s.head_dim, s.causal, s.scale) for s in att],
+                       [(s.module_path, s.in_features, s.out_features, s.transposed) for s in lin])
+        # the canonical graph still computes the same function
+        inputs = model_inputs(arch, 2, 11)
+        torch.testing.assert_close(gm(**inputs)[0], program.run(**inputs)[0], atol=1e-5, rtol=1e-5)
+    assert found["eager"] == found["sdpa"]
+    att, lin = found["sdpa"]
+    assert len(att) == 2
+    expect_kv = 2 if arch == "llama" else 4
+    assert all(a[1] == 4 and a[2] == expect_kv and a[3] == 16 for a in att)
+    assert all(a[4] == (arch in ("gpt2", "llama")) for a in att)
+    if arch == "gpt2":
+        assert any(t for *_, t in lin), "GPT-2 Conv1D must appear as transposed linear sites"
+
+
+def test_minilm_sites(minilm_program):
+    from rewriter import inspect
+    info = inspect(minilm_program)
+    att = info["attention"]
+    assert len(att) == 6
+    assert all(a["heads"] == 12 and a["head_dim"] == 32 and not a["causal"] for a in att)
+    assert len(info["linear"]) == 37
+    assert [a["layer"] for a in att] == list(range(6))
+
+
+def test_minilm_capture_matches_transformers(minilm_dir, minilm_program):
+    from transformers import AutoModel, AutoTokenizer
+    from pydoc_data.topics import topics
+    tok = AutoTokenizer.from_pretrained(str(minilm_dir))
+    texts = [topics["assert"], topics["if"], topics["with"]]
+    enc = tok(texts, truncation=True, max_length=200, padding=True, return_tensors="pt")
+    model = AutoModel.from_pretrained(str(minilm_dir)).eval()
+    with torch.no_grad():
+        ref = model(**enc).last_hidden_state
+    got = minilm_program.run(**{k: enc[k] for k in minilm_program.input_names})[0]
+    torch.testing.assert_close(got, ref, atol=1e-5, rtol=1e-5)

@@ -401,3 +401,74 @@ def scatterbrain_attention(q: Tensor, k: Tensor, v: Tensor, key_mask: Optional[T
 def _scatterbrain_attention_fake(q, k, v, key_mask, causal, scale, features, window, sinks=0, seed=0):
     _check_scatterbrain_budget(features, window, sinks)
     return _empty_output(q, v)
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Costs (counted, not timed; compared with exact attention on the same shape)
+# --------------------------------------------------------------------------------------------------------------
+
+def support_entries(Lq: int, Lk: int, causal: bool, window: int, sinks: int) -> int:
+    """Per (batch, head): how many (query, key) pairs lie in the support S (band + sinks, causal, no padding)."""
+    if window == 0 and sinks == 0:
+        return 0
+    left, right = window_extents(window, causal) if window > 0 else (0, -1)
+    offset = Lk - Lq
+    total = 0
+    for i in range(Lq):
+        p = i + offset
+        hi_visible = min(Lk - 1, p) if causal else Lk - 1
+        lo, hi = max(0, p - left), min(hi_visible, p + right)
+        band = max(0, hi - lo + 1) if window > 0 else 0
+        sink_hi = min(sinks, hi_visible + 1) - 1
+        overlap = max(0, min(sink_hi, hi) - lo + 1) if band else 0
+        total += band + (sink_hi + 1) - overlap
+    return total
+
+
+def _lowrank_cost(B: int, H: int, Hkv: int, Lq: int, Lk: int, D: int, Dv: int, causal: bool, elem_bytes: int,
+                  feature_count: int, feature_flops_per_token: int, window: int, sinks: int) -> AttentionCost:
+    Fd, E = feature_count, Dv + 1                                   # E: values plus the ones column (den)
+    flops = float(feature_flops_per_token * B * (H * Lq + Hkv * Lk))
+    flops += 2.0 * B * Hkv * Lk * Fd * E + 2.0 * B * H * Lq * Fd * E  # state build + readout
+    largest = max(B * H * Lq * Fd, B * Hkv * Fd * E)
+    if causal:
+        padded = num_blocks(Lq, DEFAULT_CHUNK) * DEFAULT_CHUNK
+        flops += 2.0 * B * H * padded * DEFAULT_CHUNK * (Fd + E)    # masked intra-chunk products
+        largest = max(largest, B * H * padded * DEFAULT_CHUNK)
+    entries = float(B * H * support_entries(Lq, Lk, causal, window, sinks))
+    if entries:
+        flops += 2.0 * entries * (D + Fd + E)                       # q.k, phi.phi and the correction times v
+        slots = min(num_blocks(sinks, DEFAULT_BLOCK), num_blocks(Lk, DEFAULT_BLOCK))
+        if window > 0:
+            left, right = window_extents(window, causal)
+            slots += min(num_blocks(Lk, DEFAULT_BLOCK), (DEFAULT_BLOCK + left + right - 2) // DEFAULT_BLOCK + 2)
+        padded = num_blocks(Lq, DEFAULT_BLOCK) * DEFAULT_BLOCK
+        largest = max(largest, B * H * padded * slots * DEFAULT_BLOCK)
+    dense = exact_attention_cost(B, H, Lq, Lk, D, Dv, causal, elem_bytes)
+    return AttentionCost(entries, dense.dense_score_entries, flops, dense.dense_flops,
+                         float(largest * elem_bytes), dense.dense_memory_bytes)
+
+
+def performer_cost(B: int, H: int, Hkv: int, Lq: int, Lk: int, D: int, Dv: int, causal: bool, elem_bytes: int = 4,
+                   *, features: int, seed: int = 0) -> AttentionCost:
+    """Cost of performer_attention: the (m x D) projection and exp per token, then O(L m Dv) products."""
+    _check_features(features)
+    return _lowrank_cost(B, H, Hkv, Lq, Lk, D, Dv, causal, elem_bytes, features, 2 * features * (D + 1), 0, 0)
+
+
+def linear_cost(B: int, H: int, Hkv: int, Lq: int, Lk: int, D: int, Dv: int, causal: bool, elem_bytes: int = 4,
+                *, feature_map: str, window: int = 0, sinks: int = 0) -> AttentionCost:
+    """Cost of linear_attention: elementwise (elu, relu) or outer-product (taylor2) features, plus the band."""
+    _check_linear_budget(feature_map, window, sinks)
+    per_token = D * D + D if feature_map == "taylor2" else D
+    return _lowrank_cost(B, H, Hkv, Lq, Lk, D, Dv, causal, elem_bytes, feature_dim(feature_map, D), per_token,
+                         window, sinks)
+
+
+def scatterbrain_cost(B: int, H: int, Hkv: int, Lq: int, Lk: int, D: int, Dv: int, causal: bool,
+                      elem_bytes: int = 4, *, features: int, window: int, sinks: int = 0,
+                      seed: int = 0) -> AttentionCost:
+    """Cost of scatterbrain_attention: performer's cost plus the exact band and its correction."""
+    _check_scatterbrain_budget(features, window, sinks)
+    return _lowrank_cost(B, H, Hkv, Lq, Lk, D, Dv, causal, elem_bytes, features, 2 * features * (D + 1),
+                         window, sinks)

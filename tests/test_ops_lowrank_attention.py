@@ -109,7 +109,7 @@ SHAPES = [
     (2, 4, 2, 37, 37, 32, 32, True, True),
     (1, 6, 3, 131, 150, 64, 48, True, False),
     (2, 2, 1, 71, 135, 32, 16, False, True),
-    (1, 2, 2, 1, 77, 64, 64, True, True),          # decode: one query
+    (1, 2, 2, 1, 77, 128, 64, True, True),         # decode: one query, head dim 128
     (2, 4, 4, 129, 129, 32, 32, True, True),
 ]
 
@@ -209,6 +209,20 @@ def test_large_logits_stay_finite_and_exact():
     ]:
         assert torch.isfinite(out).all()
         torch.testing.assert_close(out.double(), expected, atol=1e-4, rtol=1e-4)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_cuda_matches_cpu_with_the_same_seed():
+    q, k, v, key_mask = make_inputs(2, 4, 2, 70, 90, 64, 32, True, seed=6)
+    calls = [
+        lambda *t: ops.performer_attention(*t, True, 0.125, 64, 5),
+        lambda *t: ops.linear_attention(*t, False, 0.125, "taylor2", 10, 2),
+        lambda *t: ops.scatterbrain_attention(*t, True, 0.125, 64, 10, 2, 5),
+    ]
+    for call in calls:
+        cpu = call(q, k, v, key_mask)
+        cuda = call(q.cuda(), k.cuda(), v.cuda(), key_mask.cuda())
+        torch.testing.assert_close(cuda.cpu(), cpu, atol=1e-4, rtol=1e-4)
 
 
 def test_rows_without_keys_are_zero():

@@ -225,6 +225,23 @@ def test_cuda_matches_cpu_with_the_same_seed():
         torch.testing.assert_close(cuda.cpu(), cpu, atol=1e-4, rtol=1e-4)
 
 
+def test_padding_keys_never_poison_the_sums():
+    """Real keys of norm ~57 put the key stabiliser near -200; zero-vector padding keys then have features
+    ~e^200 (inf in float32), which must be dropped rather than multiplied by a zero mask (inf * 0 = NaN).
+    Bidirectional: under causal, early rows whose keys sit far below the per-head key stabiliser underflow (a
+    known limit of one key constant per head, see feature_map)."""
+    q, _, v, key_mask = make_inputs(2, 2, 2, 33, 33, 32, 16, True, seed=9)
+    k = make_inputs(2, 2, 2, 33, 33, 32, 16, True, seed=10, spread=10.0)[1] * key_mask[:, None, :, None]
+    projection = performer_projection(32, 32, 4)
+    for out, expected in [
+        (ops.performer_attention(q, k, v, key_mask, False, 32 ** -0.5, 32, 4),
+         oracle(q, k, v, key_mask, False, 32 ** -0.5, "performer", projection=projection)),
+        (ops.scatterbrain_attention(q, k, v, key_mask, False, 32 ** -0.5, 32, 6, 0, 4),
+         oracle(q, k, v, key_mask, False, 32 ** -0.5, "performer", 6, 0, projection=projection)),
+    ]:
+        torch.testing.assert_close(out.double(), expected, atol=1e-4, rtol=1e-4)
+
+
 def test_rows_without_keys_are_zero():
     q, k, v, _ = make_inputs(2, 2, 2, 9, 9, 32, 32, False, seed=0)
     key_mask = torch.ones(2, 9, dtype=torch.bool)
@@ -270,7 +287,8 @@ def test_performer_feature_offsets_recover_unstabilised_features():
     assert off_q.shape == (2, 3, 11) and off_k.shape == (2, 3)
     assert phi_q.max() <= 1 / math.sqrt(20) + 1e-12          # per-row stabiliser: largest feature is 1/sqrt(m)
     torch.testing.assert_close(phi_q * off_q.exp()[..., None], performer_phi(q, projection, 0.25))
-    torch.testing.assert_close(phi_k * off_k.exp()[..., None, None], performer_phi(k, projection, 0.25))
+    expected_k = performer_phi(k, projection, 0.25) * key_mask[:, None, :, None]   # padding keys: phi = 0
+    torch.testing.assert_close(phi_k * off_k.exp()[..., None, None], expected_k)
 
 
 def test_performer_projection_is_seeded_orthogonal_blocks():

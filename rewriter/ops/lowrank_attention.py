@@ -85,7 +85,8 @@ def feature_map(name: str, x: Tensor, scale: float, *, role: str = "query", proj
       performer  phi(x) = exp(W x' - |x'|^2/2 - c) / sqrt(m),  x' = x s^1/2, W = `projection` (m, D)
                  (E[phi(q).phi(k)] = exp(s q.k) exp(-c_q - c_k)). c for queries is the row max of the exponent
                  (it cancels between num and den); c for keys is one max per (batch, head) over the real keys
-                 (`key_mask`), since a per-key constant would reweight keys and bias the estimate.
+                 (`key_mask`), since a per-key constant would reweight keys and bias the estimate. Padding
+                 keys get phi = 0 (they are left out of c, so their exp could overflow).
     Only performer has nonzero offsets.
     """
     if role not in ("query", "key"):
@@ -113,7 +114,10 @@ def feature_map(name: str, x: Tensor, scale: float, *, role: str = "query", proj
             per_key = per_key.masked_fill(~key_mask[:, None, :].to(torch.bool), float("-inf"))
         offset = per_key.amax(dim=-1)
         offset = torch.where(torch.isfinite(offset), offset, torch.zeros_like(offset))
-        return torch.exp(logits - offset[..., None, None]) * norm, offset
+        phi = torch.exp(logits - offset[..., None, None]) * norm
+        if key_mask is not None:
+            phi = torch.where(key_mask[:, None, :, None].to(torch.bool), phi, torch.zeros_like(phi))
+        return phi, offset
     raise ValueError(f"unknown feature map {name!r}; allowed: {', '.join(FEATURE_MAPS)}")
 
 
@@ -153,7 +157,7 @@ def linear_attention_core(phi_q: Tensor, phi_k: Tensor, v: Tensor, causal: bool,
     pq = phi_q.to(acc).reshape(B, Hkv, group, Lq, Fdim)
     pk = phi_k.to(acc)
     if key_mask is not None:
-        pk = pk * key_mask[:, None, :, None].to(acc)
+        pk = torch.where(key_mask[:, None, :, None].to(torch.bool), pk, torch.zeros_like(pk))
     # A ones column turns the value sums into (num, den) in one product.
     va = torch.cat([v.to(acc), torch.ones_like(v[..., :1], dtype=acc)], dim=-1)
 
@@ -206,6 +210,30 @@ def _support_layout(Lq: int, Lk: int, causal: bool, window: int, sinks: int, blo
     return torch.cat(index, dim=1), torch.cat(valid, dim=1)
 
 
+def _support_mask(kv_index: Tensor, slot_valid: Tensor, Lq: int, Lk: int, causal: bool, window: int, sinks: int,
+                  block: int, key_mask: Optional[Tensor]) -> Tensor:
+    """Token-level predicate on the gathered blocks, (B or 1, nqb, block, K * block) bool: the pair is in S,
+    allowed by causal and padding, and its slot is real."""
+    dev = kv_index.device
+    nqb, K = kv_index.shape
+    k_pos = (kv_index[:, :, None] * block + torch.arange(block, device=dev)).reshape(nqb, K * block)
+    q_pos = (torch.arange(nqb * block, device=dev) + (Lk - Lq)).view(nqb, block)
+    kp, qp = k_pos[:, None, :], q_pos[:, :, None]
+    in_support = kp < sinks
+    if window > 0:
+        left, right = window_extents(window, causal)
+        in_support = in_support | ((kp >= qp - left) & (kp <= qp + right))
+    in_support = in_support & slot_valid.repeat_interleave(block, dim=1)[:, None, :] & (kp < Lk)
+    if causal:
+        in_support = in_support & (kp <= qp)
+    in_support = in_support[None]
+    if key_mask is not None:
+        nkb = num_blocks(Lk, block)
+        real = _pad_to(key_mask.to(torch.bool), 1, nkb * block, False).view(key_mask.shape[0], nkb, block)
+        in_support = in_support & real[:, kv_index].reshape(key_mask.shape[0], nqb, 1, K * block)
+    return in_support
+
+
 def sparse_plus_lowrank_attention(
     q: Tensor, k: Tensor, v: Tensor, key_mask: Optional[Tensor], causal: bool, scale: float,
     phi_q: Tensor, phi_k: Tensor, window: int, sinks: int = 0,
@@ -238,39 +266,20 @@ def sparse_plus_lowrank_attention(
     if window == 0 and sinks == 0:
         out = lowrank
     else:
-        offset = Lk - Lq
         nqb, nkb = num_blocks(Lq, block), num_blocks(Lk, block)
         kv_index, slot_valid = _support_layout(Lq, Lk, causal, window, sinks, block, dev)
         K = kv_index.shape[1]
         Fdim = phi_q.shape[-1]
 
-        def key_blocks(x: Tensor, fill=0) -> Tensor:
+        def key_blocks(x: Tensor) -> Tensor:
             # (B, Hkv, Lk, E) -> the visited blocks of each query block: (B, Hkv, nqb, K * block, E)
-            xb = _pad_to(x, 2, nkb * block, fill).view(B, Hkv, nkb, block, x.shape[-1])
+            xb = _pad_to(x, 2, nkb * block).view(B, Hkv, nkb, block, x.shape[-1])
             return xb[:, :, kv_index].reshape(B, Hkv, nqb, K * block, x.shape[-1])
 
         va = torch.cat([v.to(acc), torch.ones_like(v[..., :1], dtype=acc)], dim=-1)
         kg, pkg, vg = key_blocks(k.to(acc)), key_blocks(phi_k.to(acc)), key_blocks(va)
 
-        # Token-level predicate: in S, allowed by causal and padding, a real slot.
-        k_pos = (kv_index[:, :, None] * block + torch.arange(block, device=dev)).reshape(nqb, K * block)
-        q_pos = (torch.arange(nqb * block, device=dev) + offset).view(nqb, block)
-        kp, qp = k_pos[:, None, :], q_pos[:, :, None]
-        in_support = slot_valid.repeat_interleave(block, dim=1)[:, None, :] & (kp < Lk)
-        in_support = in_support.expand(nqb, block, K * block)
-        if window > 0:
-            left, right = window_extents(window, causal)
-            band = (kp >= qp - left) & (kp <= qp + right)
-            in_support = in_support & (band | (kp < sinks))
-        else:
-            in_support = in_support & (kp < sinks)
-        if causal:
-            in_support = in_support & (kp <= qp)
-        in_support = in_support[None]                                            # (1 or B, nqb, block, K*block)
-        if key_mask is not None:
-            real = _pad_to(key_mask.to(torch.bool), 1, nkb * block, False).view(B, nkb, block)
-            real = real[:, kv_index].reshape(B, nqb, 1, K * block)
-            in_support = in_support & real
+        in_support = _support_mask(kv_index, slot_valid, Lq, Lk, causal, window, sinks, block, key_mask)
         in_support = in_support[:, None, None]                                   # (., 1, 1, nqb, block, K*block)
 
         qb = _pad_to(q.to(acc), 2, nqb * block).view(B, Hkv, group, nqb, block, D)

@@ -381,6 +381,14 @@ def test_ops_survive_export_with_dynamic_sequence():
     torch.testing.assert_close(program.module()(q2, k2, v2, mask2), module(q2, k2, v2, mask2))
 
 
+def test_opcheck_schema_and_fake_implementations():
+    q, k, v, key_mask = make_inputs(2, 4, 2, 19, 23, 32, 16, True, seed=0)
+    for op, args in [(ops.performer_attention.default, (q, k, v, key_mask, True, 0.2, 16, 1)),
+                     (ops.linear_attention.default, (q, k, v, key_mask, False, 0.2, "elu", 5, 1)),
+                     (ops.scatterbrain_attention.default, (q, k, v, None, True, 0.2, 16, 5, 1, 2))]:
+        torch.library.opcheck(op, args, test_utils=("test_schema", "test_faketensor", "test_aot_dispatch_static"))
+
+
 @pytest.mark.parametrize("call,message", [
     (lambda q, k, v: ops.performer_attention(q, k, v, None, False, 0.1, 0), "features must be >= 1"),
     (lambda q, k, v: ops.linear_attention(q, k, v, None, False, 0.1, "softmax"), "unknown feature map 'softmax'"),

@@ -106,3 +106,20 @@ def drop_unused_attributes(gm: fx.GraphModule) -> None:
             del owner._parameters[name]
         elif name in owner._buffers:
             del owner._buffers[name]
+
+
+def record_node_inputs(gm: fx.GraphModule, inputs: dict[str, torch.Tensor], names: set[str]) -> dict[str, tuple]:
+    """Run gm on `inputs` and return, for each node named in `names`, the concrete values of its args."""
+    seen: dict[str, tuple] = {}
+
+    class Recorder(fx.Interpreter):
+        def run_node(self, n):
+            if n.name in names:
+                args, kwargs = self.fetch_args_kwargs_from_env(n)
+                seen[n.name] = (args, kwargs)
+            return super().run_node(n)
+
+    placeholders = [n.target for n in gm.graph.nodes if n.op == "placeholder"]
+    with torch.no_grad():
+        Recorder(gm).run(*[inputs.get(p) for p in placeholders])
+    return seen

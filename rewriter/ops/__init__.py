@@ -14,3 +14,5 @@ Attention approximations (conventions in ``_common.py``; every one returns (B, H
 Sparse methods lower to ``block_sparse.block_sparse_attention_reference`` (layout: kv_index/kv_count plus a
 token-level predicate); the Triton kernels in ``rewriter.kernels`` implement the same layout on CUDA.
 """
+
+from . import lowrank_attention  # noqa: E402,F401

@@ -1,2 +1,2 @@
 """Built-in passes; importing this module registers them."""
-from . import lora_merge  # noqa: F401
+from . import attention, lora_merge  # noqa: F401

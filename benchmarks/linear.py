@@ -28,11 +28,11 @@ from rewriter.ops.binary_linear import binarize_weight, binary_linear  # noqa: E
 SHAPES = [(4096, 4096), (4096, 14336), (14336, 4096)]  # W (out, in)
 MS = [1, 16, 256]
 DTYPE = torch.bfloat16
-DECODE_SWEEP = [(16, 16, 512, 4, 3), (16, 32, 512, 4, 3), (16, 32, 1024, 8, 3), (16, 64, 256, 4, 3), (16, 64, 512, 8, 3),
-                (16, 128, 256, 8, 3)]
+DECODE_SWEEP = [("bitplane", 16, 32, 128, 4, 3), ("bitplane", 16, 64, 128, 8, 3), ("tile", 16, 32, 64, 4, 3),
+                ("tile", 16, 64, 64, 8, 3)]
+PREFILL_SWEEP = [("tile", 128, 128, 8, 8, 3), ("tile", 128, 64, 16, 8, 3)]
 LOWRANK_SWEEP = [dict(block_r=16, block_k=256, block_n=64, num_warps=4, shares=1), dict(block_r=16, block_k=256, block_n=64, num_warps=4, shares=2),
-                 dict(block_r=32, block_k=128, block_n=64, num_warps=4), dict(block_r=16, block_k=512, block_n=128, num_warps=8),
-                 dict(block_r=32, block_k=256, block_n=128, num_warps=8, shares=4)]
+                 dict(block_r=16, block_k=512, block_n=128, num_warps=8)]
 
 
 def rel_err(out: torch.Tensor, ref: torch.Tensor) -> float:
@@ -122,7 +122,7 @@ def main() -> None:
             bin_ms = graph_time_ms([lambda p=p: binary_linear_triton(x, p, alpha, mu, bias, in_f, out=ybuf) for p in packs])
             row = {"op": "binary_linear", "shape": shape, "M": M, "ours_ms": bin_ms, "peer": "cublas_bf16_linear",
                    "peer_ms": dense_ms, "ratio": dense_ms / bin_ms,
-                   "tiling": "decode" if M <= DECODE_MAX_M else "prefill"}
+                   "tiling": "gemv" if M == 1 else "decode" if M <= DECODE_MAX_M else "prefill"}
             if M <= DECODE_MAX_M:
                 row["packed_GBps"] = packed.numel() / (bin_ms * 1e-3) / 1e9
                 row["dense_GBps"] = Wbf.numel() * 2 / (dense_ms * 1e-3) / 1e9
@@ -130,11 +130,18 @@ def main() -> None:
                 for cfg in DECODE_SWEEP:
                     x2 = x.contiguous()
                     t = graph_time_ms([lambda p=p, cfg=cfg: launch_binary_linear(x2, p, alpha, mu, bias, ybuf, *cfg) for p in packs])
-                    sweep.append({"config(block_m,block_n,block_k,warps,stages)": list(cfg), "ms": t})
+                    sweep.append({"config(kernel,block_m,block_n,block_kb,warps,stages)": list(cfg), "ms": t})
                 row["decode_sweep"] = sweep
                 row["best_sweep_ratio"] = dense_ms / min(s["ms"] for s in sweep)
             else:
                 row["TFLOPs"] = 2 * M * out_f * in_f / (bin_ms * 1e-3) / 1e12
+                sweep = []
+                for cfg in PREFILL_SWEEP:
+                    x2 = x.contiguous()
+                    t = graph_time_ms([lambda p=p, cfg=cfg: launch_binary_linear(x2, p, alpha, mu, bias, ybuf, *cfg) for p in packs])
+                    sweep.append({"config(kernel,block_m,block_n,block_kb,warps,stages)": list(cfg), "ms": t})
+                row["prefill_sweep"] = sweep
+                row["best_sweep_ratio"] = dense_ms / min(s["ms"] for s in sweep)
             rows.append(row)
             print(row, flush=True)
 

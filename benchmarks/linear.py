@@ -7,6 +7,11 @@ that the weights read per replay exceed 3x the L2 (no timing from cache); time p
 copies, median of repeated replays. Peers: cuBLAS bf16 through torch.nn.functional.linear.
 
     python benchmarks/linear.py --out benchmarks/results/linear_h200.json
+
+Results: linear_h200.json is the shipped code; linear_h200_v1.json (binary: reshaped-tile kernel only),
+linear_h200_v2_replicated_bytes.json (each byte loaded once per bit, no reshape: 2.5x slower) and
+linear_h200_v3_bitplane_dots.json (one dot per bit position: fastest at M = 1, slower above) record the
+variants that led to the shipped dispatch.
 """
 from __future__ import annotations
 
@@ -22,7 +27,7 @@ import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from rewriter.kernels.binary_linear import DECODE_MAX_M, binary_linear_triton, launch_binary_linear  # noqa: E402
-from rewriter.kernels.lowrank_linear import lowrank_linear_fused, lowrank_linear_triton  # noqa: E402
+from rewriter.kernels.lowrank_linear import FUSED_MAX_M, lowrank_linear_fused  # noqa: E402
 from rewriter.ops.binary_linear import binarize_weight, binary_linear  # noqa: E402
 
 SHAPES = [(4096, 4096), (4096, 14336), (14336, 4096)]  # W (out, in)
@@ -33,6 +38,13 @@ DECODE_SWEEP = [("bitplane", 16, 32, 128, 4, 3), ("bitplane", 16, 64, 128, 8, 3)
 PREFILL_SWEEP = [("tile", 128, 128, 8, 8, 3), ("tile", 128, 64, 16, 8, 3)]
 LOWRANK_SWEEP = [dict(block_r=16, block_k=256, block_n=64, num_warps=4, shares=1), dict(block_r=16, block_k=256, block_n=64, num_warps=4, shares=2),
                  dict(block_r=16, block_k=512, block_n=128, num_warps=8)]
+
+
+def lowrank_linear(x, A, B, bias):
+    """The fused kernel where it applies (M <= FUSED_MAX_M), two linears above."""
+    if x.shape[0] <= FUSED_MAX_M:
+        return lowrank_linear_fused(x, A, B, bias)
+    return F.linear(F.linear(x, A), B, bias)
 
 
 def rel_err(out: torch.Tensor, ref: torch.Tensor) -> float:
@@ -114,7 +126,7 @@ def main() -> None:
             x = torch.randn(M, in_f, device=dev, dtype=DTYPE)
             ref = (x.double() @ A.double().T) @ B.double().T + bias.double()
             checks.append({"op": "lowrank_linear", "shape": shape, "M": M,
-                           "rel_err": rel_err(lowrank_linear_triton(x, A, B, bias), ref)})
+                           "rel_err": rel_err(lowrank_linear(x, A, B, bias), ref)})
 
             x = torch.randn(M, in_f, device=dev, dtype=DTYPE)
             dense_ms = graph_time_ms([lambda w=w: F.linear(x, w, bias) for w in denses])
@@ -146,7 +158,7 @@ def main() -> None:
             print(row, flush=True)
 
             two_ms = graph_time_ms([lambda a=a, b=b: F.linear(F.linear(x, a), b, bias) for a, b in lrs])
-            ours_ms = graph_time_ms([lambda a=a, b=b: lowrank_linear_triton(x, a, b, bias) for a, b in lrs])
+            ours_ms = graph_time_ms([lambda a=a, b=b: lowrank_linear(x, a, b, bias) for a, b in lrs])
             lr = {"op": "lowrank_linear", "shape": shape, "M": M, "rank": rank,
                   "path": "fused_triton" if M <= 16 else "two_cublas_linears",
                   "ours_ms": ours_ms, "peer": "two_cublas_linears", "peer_ms": two_ms, "ratio": two_ms / ours_ms,

@@ -9,7 +9,7 @@ import torch  # noqa: E402
 pytest.importorskip("triton")
 
 from rewriter.kernels.binary_linear import binary_linear_triton  # noqa: E402
-from rewriter.kernels.lowrank_linear import FUSED_MAX_M, lowrank_linear_fused, lowrank_linear_triton  # noqa: E402
+from rewriter.kernels.lowrank_linear import FUSED_MAX_M, lowrank_linear_fused  # noqa: E402
 from rewriter.ops.binary_linear import binarize_weight, binary_linear  # noqa: E402
 
 f64 = torch.float64
@@ -71,13 +71,10 @@ def test_fused_lowrank_kernel_matches_float64(M, shares, with_bias):
     assert rel(y, ref) < 1e-5
 
 
-def test_lowrank_dispatch_and_limits():
+def test_fused_lowrank_rejects_bad_args():
     A = torch.randn(8, 24, generator=gen(1))
     B = torch.randn(40, 8, generator=gen(2))
-    x = torch.randn(2, FUSED_MAX_M + 1, 24, generator=gen(3))  # too many rows for the fused kernel
-    ref = (x.to(f64) @ A.to(f64).T) @ B.to(f64).T
-    assert rel(lowrank_linear_triton(x, A, B), ref) < 1e-5
     with pytest.raises(ValueError, match="at most"):
-        lowrank_linear_fused(x, A, B)
+        lowrank_linear_fused(torch.randn(2, FUSED_MAX_M, 24), A, B)
     with pytest.raises(ValueError, match="need x"):
         lowrank_linear_fused(torch.randn(1, 23), A, B)

@@ -210,3 +210,32 @@ def test_sparse_lowrank_bytes_counts_index_overhead():
     assert info["bytes_ratio"] == pytest.approx(info["bytes"] / info["dense_bytes"])
     with pytest.raises(ValueError):
         sparse_lowrank_bytes(0, 4, 1, 1)
+
+
+def test_sparse_lowrank_apply_exports_to_onnx(tmp_path):
+    ort = pytest.importorskip("onnxruntime")
+    pytest.importorskip("onnxscript")
+    W = torch.randn(20, 24, generator=gen(13))
+    bias = torch.randn(20, generator=gen(14))
+    A, B, rows, cols, vals = sparse_plus_lowrank(W, 5, 40)
+
+    class Layer(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            for name, t in zip(("A", "B", "rows", "cols", "vals", "bias"), (A, B, rows, cols, vals, bias)):
+                self.register_buffer(name, t)
+
+        def forward(self, x):
+            return sparse_lowrank_apply(x, self.A, self.B, self.rows, self.cols, self.vals, self.bias)
+
+    batch, seq = torch.export.Dim("batch", min=1, max=64), torch.export.Dim("seq", min=2, max=128)
+    program = torch.onnx.export(Layer(), (torch.randn(2, 7, 24),), dynamo=True,
+                                dynamic_shapes=({0: batch, 1: seq},), verbose=False)
+    path = tmp_path / "sparse_lowrank.onnx"
+    program.save(str(path))
+    assert "ScatterElements" in {n.op_type for n in program.model_proto.graph.node}
+    session = ort.InferenceSession(str(path))
+    x = torch.randn(3, 11, 24, generator=gen(15))
+    (y,) = session.run(None, {session.get_inputs()[0].name: x.numpy()})
+    dense = B.double() @ A.double() + dense_sparse(rows, cols, vals.double(), W.shape)
+    assert torch.allclose(torch.from_numpy(y).double(), x.double() @ dense.T + bias.double(), atol=1e-4)

@@ -13,7 +13,8 @@ H200 (benchmarks/results/linear_h200_*.json):
                         M <= 16, "prefill" tiles (128 x 128, 64 columns a step) above.
 Neither is bound by the packed bytes: on an H200 they read 80-170 GB/s of packed weights, 0.2-0.9x the speed
 of cuBLAS bf16 (benchmarks/results/linear_h200.json). The expanded bits reach tl.dot through shared memory,
-so each weight still crosses shared memory as a 16-bit value; see the report for the next steps.
+so each weight still crosses shared memory as a 16-bit value. Next steps: a register-only reduction for
+M = 1 (no tl.dot, no shared memory) and split-K where out_features gives fewer programs than multiprocessors.
 """
 from __future__ import annotations
 

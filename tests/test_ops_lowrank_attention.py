@@ -270,7 +270,8 @@ def test_linear_core_num_den(chunk, Lq, Lk):
 
 def test_taylor2_features_match_closed_form():
     gen = torch.Generator().manual_seed(0)
-    q, k = torch.randn(1, 1, 7, 48, generator=gen, dtype=torch.float64), torch.randn(1, 1, 9, 48, generator=gen, dtype=torch.float64)
+    q = torch.randn(1, 1, 7, 48, generator=gen, dtype=torch.float64)
+    k = torch.randn(1, 1, 9, 48, generator=gen, dtype=torch.float64)
     scale = 0.3
     phi_q, off_q = feature_map("taylor2", q, scale, role="query")
     phi_k, off_k = feature_map("taylor2", k, scale, role="key")
@@ -294,7 +295,8 @@ def test_performer_feature_offsets_recover_unstabilised_features():
 def test_performer_projection_is_seeded_orthogonal_blocks():
     W = performer_projection(80, 32, seed=11)
     assert W.shape == (80, 32)
-    assert torch.equal(W, performer_projection(80, 32, seed=11)) and not torch.equal(W, performer_projection(80, 32, 12))
+    assert torch.equal(W, performer_projection(80, 32, seed=11))
+    assert not torch.equal(W, performer_projection(80, 32, seed=12))
     for start in (0, 32, 64):
         rows = W[start:start + 32]
         gram = rows @ rows.T
@@ -358,7 +360,7 @@ def test_scatterbrain_beats_window_alone_and_performer_alone():
         assert hybrid < 0.9 * min(local, performer), (causal, hybrid, local, performer)
 
 
-# ---------------------------------------------------------------------------------------------------- export, errors, cost
+# -------------------------------------------------------------------------------------------- export, errors, cost
 
 class _AllThree(torch.nn.Module):
     def forward(self, q, k, v, key_mask):

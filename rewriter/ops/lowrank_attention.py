@@ -21,6 +21,7 @@ per (batch, kv head) (B, Hkv), because only a constant shared by every key facto
 
 Op conventions (shapes, GQA, key_mask, causal alignment) are those of ``_common.py``.
 """
+import functools
 import math
 from typing import Optional
 
@@ -55,6 +56,12 @@ def performer_projection(features: int, dim: int, seed: int) -> Tensor:
     """
     if features < 1:
         raise ValueError(f"features must be >= 1; got {features}")
+    return _cached_projection(features, dim, seed).clone()
+
+
+@functools.lru_cache(maxsize=64)
+def _cached_projection(features: int, dim: int, seed: int) -> Tensor:
+    # Drawing W (QRs on the CPU) takes milliseconds, more than a GPU reference call; callers must copy it.
     gen = torch.Generator(device="cpu").manual_seed(seed)
     blocks = []
     for _ in range(num_blocks(features, dim)):
@@ -337,7 +344,8 @@ def _check_scatterbrain_budget(features: int, window: int, sinks: int) -> None:
 
 def _performer_features(q: Tensor, k: Tensor, key_mask: Optional[Tensor], scale: float, features: int, seed: int):
     acc = _acc_dtype(q)
-    projection = performer_projection(features, q.shape[-1], seed).to(device=q.device, dtype=acc)
+    # .to(copy=True): the cached tensor itself never leaves this module.
+    projection = _cached_projection(features, q.shape[-1], seed).to(device=q.device, dtype=acc, copy=True)
     phi_q, log_q = feature_map("performer", q.to(acc), scale, role="query", projection=projection)
     phi_k, log_k = feature_map("performer", k.to(acc), scale, role="key", projection=projection, key_mask=key_mask)
     return phi_q, phi_k, log_q, log_k

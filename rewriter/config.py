@@ -109,6 +109,9 @@ def parse_scalar(text: str) -> Any:
     try:
         return yaml.safe_load(text)
     except yaml.YAMLError:
+        # globs such as [*intermediate*] are not YAML (a '*' starts an alias): split the brackets by hand
+        if text.startswith("[") and text.endswith("]"):
+            return [t.strip() for t in split_top_level(text[1:-1])]
         return text
 
 

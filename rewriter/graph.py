@@ -92,7 +92,9 @@ def erase_dead(gm: fx.GraphModule) -> None:
 
 def unused_attributes(gm: fx.GraphModule) -> list[str]:
     used = {n.target for n in gm.graph.nodes if n.op == "get_attr"}
-    return [name for name, _ in list(gm.named_parameters()) + list(gm.named_buffers()) if name not in used]
+    called = tuple(n.target + "." for n in gm.graph.nodes if n.op == "call_module")
+    return [name for name, _ in list(gm.named_parameters()) + list(gm.named_buffers())
+            if name not in used and not name.startswith(called)]
 
 
 def drop_unused_attributes(gm: fx.GraphModule) -> None:

@@ -2,7 +2,7 @@
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
 
@@ -52,6 +52,7 @@ def inspect(src: str | Path | nn.Module | Program) -> dict:
 class OptimizeResult:
     program: Program
     report: dict
+    artifacts: dict = field(default_factory=dict)
 
 
 def optimize(src, passes: list[Pass], *, out: str | Path | None = None, force: bool = False,
@@ -75,12 +76,12 @@ def optimize(src, passes: list[Pass], *, out: str | Path | None = None, force: b
     report["capture_seconds"] = round(capture_s, 3)
     if out is not None:
         report["outputs"] = write_outputs(run.program, report, Path(out), force=force, export_onnx=export_onnx,
-                                          progress=progress)
-    return OptimizeResult(run.program, report)
+                                          progress=progress, artifacts=run.artifacts)
+    return OptimizeResult(run.program, report, run.artifacts)
 
 
 def write_outputs(program: Program, report: dict, out: Path, *, force: bool, export_onnx: bool = False,
-                  progress: Callable[[str], None] = lambda m: None) -> list[str]:
+                  progress: Callable[[str], None] = lambda m: None, artifacts: dict | None = None) -> list[str]:
     from .backends.torch_backend import staged_output, write_hf_folder, write_program
     written = ["model.pt2", "report.json"]
     with staged_output(out, force) as tmp:
@@ -95,6 +96,9 @@ def write_outputs(program: Program, report: dict, out: Path, *, force: bool, exp
             progress("exporting ONNX")
             report["onnx"] = onnx_backend.export_program(program, tmp / "model.onnx")
             written.append("model.onnx")
+        for name, data in (artifacts or {}).items():
+            (tmp / name).write_bytes(data)
+            written.append(name)
         report["outputs"] = [str(out / w) for w in written]
         write_json(report, tmp / "report.json")
     return report["outputs"]

@@ -29,6 +29,7 @@ class PassResult:
     changes: list[SiteChange] = field(default_factory=list)
     notes: list[str] = field(default_factory=list)
     summary: dict = field(default_factory=dict)
+    artifacts: dict[str, bytes] = field(default_factory=dict)   # files written beside report.json (plots)
 
     @property
     def changed(self) -> bool:
@@ -117,6 +118,7 @@ class ErrorBudgetExceeded(RewriterError):
 class PipelineRun:
     program: Program
     report: dict
+    artifacts: dict[str, bytes] = field(default_factory=dict)
 
 
 class Pipeline:
@@ -146,6 +148,7 @@ class Pipeline:
             "passes": [],
         }
         current = program
+        artifacts: dict[str, bytes] = {}
         for p in self.passes:
             self.progress(f"{p.name}: rewriting")
             t0 = time.perf_counter()
@@ -171,6 +174,9 @@ class Pipeline:
                      "sites_changed": len(result.changes), "metrics": metrics,
                      "sites": [{"module_path": c.module_path, "kind": c.kind, **c.details} for c in result.changes],
                      "notes": result.notes, **({"summary": result.summary} if result.summary else {})}
+            if result.artifacts:
+                entry["artifacts"] = sorted(result.artifacts)
+                artifacts.update(result.artifacts)
             report["passes"].append(entry)
             if self.max_error is not None and (metrics["relative_error"] > self.max_error or metrics.get("non_finite")):
                 raise ErrorBudgetExceeded(
@@ -181,4 +187,4 @@ class Pipeline:
         report["final"] = report["passes"][-1]["metrics"] if report["passes"] else \
             compare_outputs(reference, reference, program.output_names, calib_inputs)
         report["weight_only"] = all(p.weight_only for p in self.passes)
-        return PipelineRun(program=current, report=report)
+        return PipelineRun(program=current, report=report, artifacts=artifacts)

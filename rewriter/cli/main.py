@@ -98,21 +98,25 @@ def optimize(
         cal = dict(rec.calibration)
         if calib is not None:
             cal["file"] = str(calib)
-        if dry_run:
+        if src is None:
+            from ..load import default_checkpoint
+            src = str(default_checkpoint())
+        planning = [p for p in rec.passes if getattr(p, "plans", False) and not p.config.plan]
+        if dry_run and not planning:
             out.print(rec.to_yaml(), end="", highlight=False)
             return
         if not rec.passes:
             raise RewriterError("no passes given", "add --pass NAME, --adapter DIR or --recipe FILE (see `rewriter passes`)")
-        if src is None:
-            from ..load import default_checkpoint
-            src = str(default_checkpoint())
         if export not in (None, "onnx"):
             raise RewriterError(f"unknown export format {export!r}", "use --export onnx")
-        result = run_optimize(src, rec.passes, out=output, force=force, calib_file=cal.get("file"),
+        result = run_optimize(src, rec.passes, out=None if dry_run else output, force=force, calib_file=cal.get("file"),
                               samples=int(cal.get("samples", samples)), seq_len=int(cal.get("seq_len", seq_len)),
                               seed=int(cal.get("seed", seed)), max_error=rec.max_error,
                               export_onnx=export == "onnx", progress=steps)
         steps.close()
+        if dry_run:   # planning passes have filled in their plans: the recipe replays them without analysis
+            out.print(rec.to_yaml(), end="", highlight=False)
+            return
         if json_out:
             print(json.dumps(result.report, indent=1, default=str))
         else:
@@ -163,6 +167,60 @@ def inspect(src: Optional[str] = typer.Argument(None, help="HF model folder or r
               f"attention chain(s), {c['gqa']} GQA repeat_kv")
     if c["unmatched_softmax"]:
         out.print(f"[yellow]softmax nodes that look like attention but did not match: {c['unmatched_softmax']}[/yellow]")
+
+
+@app.command()
+def analyze(src: Optional[str] = typer.Argument(None, help="HF model folder or rewriter output (default: MiniLM)"),
+            output: Optional[Path] = typer.Option(None, "-o", "--output", help="folder for analysis.json and PNGs"),
+            calib: Optional[Path] = typer.Option(None, "--calib", help="calibration text file"),
+            samples: int = typer.Option(4, "--samples"), seq_len: int = typer.Option(512, "--seq-len"),
+            seed: int = typer.Option(0, "--seed"), force: bool = typer.Option(False, "--force"),
+            json_out: bool = typer.Option(False, "--json")):
+    """Per layer and head: entropy, recall of top-k / window / sinks, rank, and every method's error at a few budgets."""
+    from rich.table import Table
+    from ..analysis import analyze as run_analyze, candidate_label, heatmaps
+    from ..api import load_program
+    from ..calibration import calibration_inputs, read_texts
+    steps = Steps(quiet=json_out)
+    try:
+        if src is None:
+            from ..load import default_checkpoint
+            src = str(default_checkpoint())
+        if output is not None:
+            from ..backends.torch_backend import check_output_dir
+            check_output_dir(output, force)
+        steps("loading and capturing")
+        program = load_program(src)
+        steps("building calibration inputs")
+        inputs, desc = calibration_inputs(program, texts=read_texts(calib) if calib else None, samples=samples,
+                                          seq_len=seq_len, seed=seed)
+        result = run_analyze(program, inputs, progress=steps)
+        data = {"source": program.source, "calibration": desc, **result.to_json()}
+        if output is not None:
+            from ..backends.torch_backend import staged_output
+            steps("writing analysis.json and heatmaps")
+            with staged_output(output, force) as tmp:
+                (tmp / "analysis.json").write_text(json.dumps(data, indent=1, default=str))
+                data["pictures"] = heatmaps(result, tmp)
+        steps.close()
+    except RewriterError as e:
+        steps.close()
+        _fail(e)
+    if json_out:
+        print(json.dumps(data, indent=1, default=str))
+        return
+    t = Table(title=f"attention heads ({desc})")
+    for col in ("layer", "head", "norm. entropy", "top16", "window64", "sink4", "stable rank", "best method (error)"):
+        t.add_column(col, justify="right")
+    for h in result.heads:
+        cands = result.candidates[h["module_path"]]
+        best = min(cands, key=lambda c: c.errors[h["head"]]) if cands else None
+        t.add_row(str(h["layer"]), str(h["head"]), f"{h['normalized_entropy']:.3f}", f"{h['top16_recall']:.3f}",
+                  f"{h['window64_recall']:.3f}", f"{h['sink4_recall']:.3f}", f"{h['stable_rank']:.1f}",
+                  f"{candidate_label(best.method, best.options)} ({best.errors[h['head']]:.3f})" if best else "-")
+    out.print(t)
+    if output is not None:
+        out.print(f"wrote {output / 'analysis.json'} and {len(data['pictures'])} heatmaps")
 
 
 @app.command("passes")

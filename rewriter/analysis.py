@@ -1,0 +1,212 @@
+"""Per-head attention analysis: how each head of each layer distributes its attention on calibration data,
+and what every approximation method costs and how wrong it is, head by head.
+
+The numbers feed `rewriter analyze` (table, JSON, heatmaps) and the `auto-attention` pass, which picks a
+method and budget per head."""
+from __future__ import annotations
+
+import dataclasses
+import math
+from dataclasses import dataclass, field
+from typing import Any, Callable
+
+import torch
+
+from .canonical import canonicalize
+from .graph import record_node_inputs
+from .ops import _common
+from .program import Program
+from .sites import AttentionSite
+
+TOPK = (1, 4, 16, 64)
+WINDOWS = (16, 64, 128, 256)
+SINKS = (1, 4)
+
+# (method, options) pairs measured per head. Budgets span cheap to generous; exact attention is always a candidate.
+DEFAULT_CANDIDATES: list[tuple[str, dict]] = [
+    ("window", {"density": 0.05, "sinks": 4}), ("window", {"density": 0.1, "sinks": 4}),
+    ("window", {"density": 0.25, "sinks": 4}), ("window", {"density": 0.5, "sinks": 4}),
+    ("block-topk", {"density": 0.1, "block": 32}), ("block-topk", {"density": 0.25, "block": 32}),
+    ("block-topk", {"density": 0.5, "block": 32}),
+    ("strided", {"stride": 8, "block": 32}), ("strided", {"stride": 4, "block": 32}),
+    ("lsh", {"n_hashes": 2, "bucket_size": 32}), ("lsh", {"n_hashes": 4, "bucket_size": 32}),
+    ("performer", {"features": 32}), ("performer", {"features": 128}),
+    ("linear", {"feature_map": "elu"}), ("linear", {"feature_map": "elu", "density": 0.1, "sinks": 4}),
+    ("scatterbrain", {"density": 0.05, "features": 32}), ("scatterbrain", {"density": 0.1, "features": 32}),
+    ("scatterbrain", {"density": 0.25, "features": 64}),
+]
+
+
+@dataclass
+class SiteRecord:
+    site: AttentionSite
+    q: torch.Tensor
+    k: torch.Tensor
+    v: torch.Tensor
+    key_mask: torch.Tensor | None
+
+
+def record_attention(program: Program, inputs: dict[str, torch.Tensor]) -> list[SiteRecord]:
+    """Run the canonical program on `inputs` and keep every attention site's q, k, v and key mask."""
+    from .passes.attention import key_mask_value
+    from .sites import attention_sites
+    gm = program.module()
+    canonicalize(gm)
+    sites = attention_sites(gm, program.causal_modules)
+    seen = record_node_inputs(gm, inputs, {s.node for s in sites})
+    out = []
+    for s in sites:
+        args, kwargs = seen[s.node]
+        q, k, v = args[:3]
+        mask = args[3] if len(args) > 3 else kwargs.get("attn_mask")
+        out.append(SiteRecord(s, q, k, v, key_mask_value(mask, q.shape[0])))
+    return out
+
+
+def _valid_rows(rec: SiteRecord) -> torch.Tensor:
+    """(B, Lq) bool: query rows that are real tokens (bidirectional padding rows carry nothing)."""
+    B, Lq = rec.q.shape[0], rec.q.shape[2]
+    if rec.key_mask is None or rec.q.shape[2] != rec.k.shape[2]:
+        return torch.ones(B, Lq, dtype=torch.bool)
+    return rec.key_mask.bool()
+
+
+def head_statistics(rec: SiteRecord) -> list[dict]:
+    """Entropy, logit spread, recall of top-k / local window / sinks, and the spectrum of each head's attention."""
+    s = rec.site
+    q, k = rec.q.double(), _common.expand_kv(rec.k.double(), s.heads)
+    B, H, L, _ = q.shape
+    Lk = k.shape[2]
+    allowed = _common.allowed_mask(L, Lk, s.causal, rec.key_mask, q.device)          # (B|1, 1, L, Lk)
+    logits = torch.matmul(q, k.transpose(-1, -2)) * s.scale
+    logits = logits.masked_fill(~allowed, float("-inf"))
+    p = torch.softmax(logits, dim=-1).nan_to_num(0.0)                                # (B, H, L, Lk)
+    rows = _valid_rows(rec)[:, None, :].expand(B, H, L)
+    n_keys = allowed.expand(B, H, L, Lk).sum(-1).clamp_min(1).double()
+    ent = -(p * p.clamp_min(1e-30).log()).sum(-1)
+    finite = torch.where(allowed.expand_as(logits), logits, torch.zeros_like(logits))
+    mean = finite.sum(-1) / n_keys
+    std = (((finite - mean[..., None]) ** 2) * allowed).sum(-1).div(n_keys).sqrt()
+    sorted_p = p.sort(dim=-1, descending=True).values.cumsum(-1)
+    i = torch.arange(L)[:, None] + (Lk - L)
+    j = torch.arange(Lk)[None, :]
+
+    def row_mean(x):   # (B, H, L) -> (H,) over real rows
+        x = torch.where(rows, x, torch.zeros_like(x))
+        return (x.sum((0, 2)) / rows.sum((0, 2)).clamp_min(1)).tolist()
+
+    stats = {
+        "entropy": row_mean(ent), "normalized_entropy": row_mean(ent / n_keys.log().clamp_min(1e-9)),
+        "logit_std": row_mean(std),
+        **{f"top{kk}_recall": row_mean(sorted_p[..., min(kk, Lk) - 1]) for kk in TOPK},
+        **{f"window{w}_recall": row_mean((p * ((j - i).abs() <= w // 2)).sum(-1)) for w in WINDOWS},
+        **{f"sink{sk}_recall": row_mean(p[..., :sk].sum(-1)) for sk in SINKS},
+    }
+    # spectrum of each head's attention matrix (first batch element with its real tokens)
+    n = int(rows[0, 0].sum())
+    sv = torch.linalg.svdvals(p[0, :, :n, :n] if not s.causal or n == L else p[0, :, -n:, -n:])
+    energy = (sv ** 2).cumsum(-1) / (sv ** 2).sum(-1, keepdim=True)
+    stats["stable_rank"] = ((sv ** 2).sum(-1) / sv[:, 0] ** 2).tolist()
+    stats["rank90"] = ((energy < 0.90).sum(-1) + 1).tolist()
+    stats["rank99"] = ((energy < 0.99).sum(-1) + 1).tolist()
+    return [{"layer": s.layer, "head": h, "module_path": s.module_path, **{k_: v[h] for k_, v in stats.items()}}
+            for h in range(H)]
+
+
+def candidate_label(method: str, options: dict) -> str:
+    return method + "(" + ",".join(f"{k}={v}" for k, v in options.items()) + ")"
+
+
+@dataclass
+class CandidateResult:
+    method: str
+    options: dict
+    budget: dict                 # integer budget at this length (window, stride, ...)
+    errors: list[float]          # per head relative error of the attention output
+    flops: float                 # per head attention FLOPs
+    dense_flops: float           # per head exact attention FLOPs
+    memory: float
+    dense_memory: float
+
+
+def method_errors(rec: SiteRecord, candidates: list[tuple[str, dict]],
+                  progress: Callable[[str], None] = lambda m: None) -> list[CandidateResult]:
+    """Every candidate on all heads of one site at once; errors split per head."""
+    from .pipeline import make_pass
+    s = rec.site
+    q, k, v, km = rec.q, rec.k, rec.v, rec.key_mask
+    B, H, L = q.shape[0], q.shape[1], k.shape[2]
+    exact = _common.masked_softmax_attention(q.double(), k.double(), v.double(),
+                                             _common.allowed_mask(q.shape[2], L, s.causal, km, q.device), s.scale)
+    rows = _valid_rows(rec)[:, None, :, None]
+    one_head = dataclasses.replace(s, heads=1, kv_heads=1)
+    out = []
+    for method, options in candidates:
+        p = make_pass(method, dict(options))
+        args, budget = p.method_args(s, L)
+        approx = p.op(q, k, v, km, s.causal, s.scale, *args).double()
+        d = torch.where(rows, approx - exact, torch.zeros_like(exact))
+        ref = torch.where(rows, exact, torch.zeros_like(exact))
+        errs = (d.pow(2).sum((0, 2, 3)).sqrt() / ref.pow(2).sum((0, 2, 3)).sqrt().clamp_min(1e-30)).tolist()
+        c = p.cost(one_head, B, L, budget)
+        out.append(CandidateResult(method, dict(options), budget, errs, c.flops / B, c.dense_flops / B,
+                                   c.memory_bytes / B, c.dense_memory_bytes / B))
+    return out
+
+
+@dataclass
+class Analysis:
+    heads: list[dict] = field(default_factory=list)                      # head_statistics rows
+    candidates: dict[str, list[CandidateResult]] = field(default_factory=dict)   # site module path -> results
+    sites: list[AttentionSite] = field(default_factory=list)
+    seq_len: int = 0
+
+    def to_json(self) -> dict[str, Any]:
+        return {"seq_len": self.seq_len, "heads": self.heads,
+                "sites": [s.describe() for s in self.sites],
+                "candidates": {path: [dataclasses.asdict(c) for c in cs] for path, cs in self.candidates.items()}}
+
+
+def analyze(program: Program, inputs: dict[str, torch.Tensor], candidates: list[tuple[str, dict]] | None = None,
+            progress: Callable[[str], None] = lambda m: None) -> Analysis:
+    candidates = DEFAULT_CANDIDATES if candidates is None else candidates
+    with torch.no_grad():
+        progress("recording attention inputs")
+        records = record_attention(program, inputs)
+        result = Analysis(sites=[r.site for r in records], seq_len=records[0].k.shape[2] if records else 0)
+        for i, rec in enumerate(records):
+            progress(f"analysing {rec.site.module_path} ({i + 1}/{len(records)})")
+            result.heads.extend(head_statistics(rec))
+            result.candidates[rec.site.module_path] = method_errors(rec, candidates)
+    return result
+
+
+def heatmaps(analysis: Analysis, folder, keys=("normalized_entropy", "top16_recall", "window64_recall",
+                                                "sink4_recall", "stable_rank")) -> list[str]:
+    """Layer x head heatmaps as PNG files; returns their names."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    from pathlib import Path
+    folder = Path(folder)
+    layers = sorted({h["layer"] for h in analysis.heads if h["layer"] is not None})
+    n_heads = max(h["head"] for h in analysis.heads) + 1
+    written = []
+    for key in keys:
+        grid = torch.full((len(layers), n_heads), float("nan"))
+        for h in analysis.heads:
+            if h["layer"] is not None:
+                grid[layers.index(h["layer"]), h["head"]] = h[key]
+        fig, ax = plt.subplots(figsize=(1 + 0.45 * n_heads, 1 + 0.4 * len(layers)))
+        im = ax.imshow(grid.numpy(), aspect="auto", cmap="viridis")
+        ax.set_xlabel("head")
+        ax.set_ylabel("layer")
+        ax.set_yticks(range(len(layers)), [str(x) for x in layers])
+        ax.set_title(key.replace("_", " "))
+        fig.colorbar(im, ax=ax)
+        fig.tight_layout()
+        name = f"heads_{key}.png"
+        fig.savefig(folder / name, dpi=110)
+        plt.close(fig)
+        written.append(name)
+    return written

@@ -1,0 +1,331 @@
+"""auto-attention: measure every head, then choose a method and budget per head.
+
+Heads differ: spiky heads suit sparse methods, flat ones low-rank methods, and heads need very different numbers
+of keys. This pass analyses each head on one split of the calibration data (rewriter.analysis), then allocates
+by a Lagrangian over the measured per-head error curves: each head takes the candidate minimising
+err^2 + lambda * cost (cost = its attention FLOPs relative to exact), with lambda searched so that the plan meets
+the target - an average attention-FLOPs `density`, or a model-output `max_error` / `min_cosine` (checked by running
+the rewritten model). The plan is then verified on the held-out split and written into the recipe, so `--recipe`
+replays it without analysing again.
+"""
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass, field
+
+import torch
+from torch import fx
+
+from ..analysis import analyze, candidate_label
+from ..calibration import compare_outputs
+from ..canonical import canonicalize
+from ..config import PassConfig, parse_scalar, split_top_level
+from ..errors import RewriterError
+from ..graph import aten, erase_dead
+from ..pipeline import PassResult, Pass, SiteChange, make_pass, register_pass
+from .attention import key_mask_node
+
+EXACT = "exact"
+
+
+def parse_label(label: str) -> tuple[str, dict]:
+    """'window(window=51,sinks=4)' -> ('window', {'window': 51, 'sinks': 4}); 'exact' -> ('exact', {})."""
+    m = re.fullmatch(r"\s*([\w-]+)\s*(?:\((.*)\))?\s*", label)
+    if not m:
+        raise RewriterError(f"cannot read plan entry {label!r}", "write method(key=value,...) or exact")
+    opts = {}
+    for item in split_top_level(m.group(2) or ""):
+        key, _, val = item.partition("=")
+        opts[key.strip()] = parse_scalar(val.strip())
+    return m.group(1), opts
+
+
+def concrete_options(method: str, options: dict, budget: dict) -> dict:
+    """Replace a density by the integer budget it became at the calibration length, so replays need no length."""
+    opts = dict(options)
+    if "window" in budget and "density" in opts and method in ("window", "scatterbrain", "linear"):
+        opts.pop("density")
+        opts["window"] = budget["window"]
+    if "stride" in budget and "density" in opts and method == "strided":
+        opts.pop("density")
+        opts["stride"] = budget["stride"]
+    return opts
+
+
+@dataclass
+class AutoAttentionConfig(PassConfig):
+    density: float = field(default=0.0, metadata={"help": "target average attention FLOPs / exact (0: unused)"})
+    max_error: float = field(default=0.0, metadata={"help": "target relative error of the model output (0: unused)"})
+    min_cosine: float = field(default=0.0, metadata={"help": "target mean-pooled embedding (or output) cosine"})
+    holdout: float = field(default=0.5, metadata={"help": "share of calibration samples kept for verification"})
+    candidates: list[str] = field(default_factory=list, metadata={"help": "override: method(key=val,...) labels"})
+    plan: list[dict] = field(default_factory=list, metadata={"help": "per site: {site, heads: [label per head]}"})
+
+    def validate(self):
+        targets = [t for t in (self.density, self.max_error, self.min_cosine) if t]
+        if not self.plan and len(targets) != 1:
+            raise ValueError("give exactly one target: density, max_error or min_cosine (or a plan to replay)")
+        if not 0 <= self.density <= 1 or not 0 <= self.min_cosine <= 1 or self.max_error < 0:
+            raise ValueError("density and min_cosine in [0, 1], max_error >= 0")
+        if not 0 < self.holdout < 1:
+            raise ValueError(f"holdout must be in (0, 1); got {self.holdout}")
+        for entry in self.plan:
+            if not isinstance(entry, dict) or "site" not in entry or "heads" not in entry:
+                raise ValueError("each plan entry needs 'site' and 'heads'")
+
+
+def apply_plan(gm: fx.GraphModule, sites: dict, plan: dict[str, list[str]]) -> int:
+    """Rewrite each planned site: heads grouped by label, one op (or exact SDPA) per group, outputs reassembled
+    in the original head order. Returns the number of sites changed."""
+    graph = gm.graph
+    nodes = {n.name: n for n in graph.nodes}
+    changed = 0
+    for path, labels in plan.items():
+        site = sites.get(path)
+        if site is None:
+            raise RewriterError(f"plan names site {path}, which this model does not have")
+        if len(labels) != site.heads:
+            raise RewriterError(f"plan for {path} has {len(labels)} heads; the site has {site.heads}")
+        if all(lab == EXACT for lab in labels):
+            continue
+        node = nodes[site.node]
+        q, k, v = node.args[:3]
+        mask = node.args[3] if len(node.args) > 3 else node.kwargs.get("attn_mask")
+        groups: dict[str, list[int]] = {}
+        for h, lab in enumerate(labels):
+            groups.setdefault(lab, []).append(h)
+        rep = site.heads // site.kv_heads
+        order: list[int] = []
+        outs = []
+        with graph.inserting_before(node):
+            km = key_mask_node(graph, mask, q)
+            for g, (lab, heads) in enumerate(groups.items()):
+                prefix = f"auto_{site.node}_{g}"
+                qi = _index_buffer(gm, f"{prefix}_q", heads)
+                ki = _index_buffer(gm, f"{prefix}_kv", [h // rep for h in heads])
+                qg = graph.call_function(aten.index_select.default, (q, 1, graph.get_attr(qi)))
+                kg = graph.call_function(aten.index_select.default, (k, 1, graph.get_attr(ki)))
+                vg = graph.call_function(aten.index_select.default, (v, 1, graph.get_attr(ki)))
+                method, opts = parse_label(lab)
+                if method == EXACT:
+                    out = graph.call_function(aten.scaled_dot_product_attention.default, (qg, kg, vg, mask),
+                                              {"scale": site.scale, "is_causal": site.causal and mask is None})
+                else:
+                    p = make_pass(method, opts)
+                    args, _ = p.method_args(site, 0)
+                    out = graph.call_function(p.op, (qg, kg, vg, km, site.causal, site.scale, *args))
+                outs.append(out)
+                order.extend(heads)
+            cat = graph.call_function(aten.cat.default, (outs, 1))
+            inverse = [order.index(h) for h in range(site.heads)]
+            inv = _index_buffer(gm, f"auto_{site.node}_inverse", inverse)
+            new = graph.call_function(aten.index_select.default, (cat, 1, graph.get_attr(inv)))
+        new.meta = dict(node.meta)
+        node.replace_all_uses_with(new)
+        graph.erase_node(node)
+        changed += 1
+    erase_dead(gm)
+    return changed
+
+
+METHOD_COLOURS = {"exact": "#d9d9d9", "window": "#4e79a7", "block-topk": "#59a14f", "strided": "#8cd17d",
+                  "lsh": "#b07aa1", "performer": "#f28e2b", "linear": "#e15759", "scatterbrain": "#76b7b2"}
+
+
+def plan_picture(plan: dict[str, list[str]], sites: dict) -> bytes:
+    """Layer x head grid coloured by method, each cell labelled with its budget; PNG bytes."""
+    import io
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    from matplotlib.patches import Patch
+    rows = sorted(plan, key=lambda p: (sites[p].layer if sites[p].layer is not None else -1, p))
+    n_heads = max(len(v) for v in plan.values())
+    fig, ax = plt.subplots(figsize=(1.5 + 1.1 * n_heads, 1 + 0.55 * len(rows)))
+    for r, path in enumerate(rows):
+        for h, lab in enumerate(plan[path]):
+            method, opts = parse_label(lab)
+            ax.add_patch(plt.Rectangle((h, r), 1, 1, color=METHOD_COLOURS.get(method, "#999999")))
+            short = ",".join(f"{k[:1]}{v}" for k, v in opts.items() if k in ("window", "features", "density", "stride",
+                                                                                  "n_hashes"))
+            ax.text(h + 0.5, r + 0.5, short, ha="center", va="center", fontsize=6)
+    ax.set_xlim(0, n_heads)
+    ax.set_ylim(len(rows), 0)
+    ax.set_xticks([h + 0.5 for h in range(n_heads)], [str(h) for h in range(n_heads)])
+    ax.set_yticks([r + 0.5 for r in range(len(rows))], [str(sites[p].layer) for p in rows])
+    ax.set_xlabel("head")
+    ax.set_ylabel("layer")
+    used = sorted({parse_label(lab)[0] for v in plan.values() for lab in v})
+    ax.legend(handles=[Patch(color=METHOD_COLOURS.get(m, "#999999"), label=m) for m in used],
+              loc="upper left", bbox_to_anchor=(1.01, 1), fontsize=7)
+    ax.set_title("auto-attention plan (w: window, f: features, d: density, s: stride, n: hashes)", fontsize=8)
+    fig.tight_layout()
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=110)
+    plt.close(fig)
+    return buf.getvalue()
+
+
+def _index_buffer(gm, name: str, values: list[int]) -> str:
+    gm.register_buffer(name, torch.tensor(values, dtype=torch.long), persistent=True)
+    return name
+
+
+@register_pass
+class AutoAttention(Pass):
+    name = "auto-attention"
+    config_class = AutoAttentionConfig
+    plans = True   # --dry-run runs the analysis so the printed recipe holds the plan
+    summary = "per-head choice of attention method and budget under a FLOPs or error target"
+
+    def run(self, gm, ctx) -> PassResult:
+        cfg: AutoAttentionConfig = self.config
+        keep = cfg.site_filter()
+        all_sites = ctx.attention_sites(gm)
+        sites = {s.module_path: s for s in all_sites if keep(s)}
+        result = PassResult()
+        if cfg.plan:
+            plan = {e["site"]: list(e["heads"]) for e in cfg.plan}
+            n = apply_plan(gm, {s.module_path: s for s in all_sites}, plan)
+            result.summary = {"replayed_plan": True, "sites": n}
+            for path, labels in plan.items():
+                result.changes.append(SiteChange(path, "attention", {"heads": labels}))
+            return result
+        plan, summary = self.make_plan(ctx, sites)
+        apply_plan(gm, sites, plan)
+        if cfg.density and summary["attention_flops_ratio"] > cfg.density + 1e-9:
+            result.notes.append(f"density {cfg.density} is below the cheapest candidates at this length; the plan "
+                                f"uses {summary['attention_flops_ratio']:.3f} of exact attention FLOPs")
+        result.artifacts["auto_attention_plan.png"] = plan_picture(plan, sites)
+        cfg.plan = [{"site": p, "heads": labels} for p, labels in plan.items()]   # the recipe now replays it
+        result.summary = summary
+        for path, labels in plan.items():
+            result.changes.append(SiteChange(path, "attention", {"heads": labels, **summary["per_site"][path]}))
+        return result
+
+    # --- planning -------------------------------------------------------------------------------------------
+    def make_plan(self, ctx, sites: dict) -> tuple[dict[str, list[str]], dict]:
+        cfg: AutoAttentionConfig = self.config
+        inputs = ctx.calib_inputs
+        n = next(iter(inputs.values())).shape[0]
+        n_hold = max(1, int(round(n * cfg.holdout)))
+        if n - n_hold < 1:
+            raise RewriterError(f"auto-attention needs at least 2 calibration samples; got {n}", "raise --samples")
+        fit = {k: v[: n - n_hold] for k, v in inputs.items()}
+        hold = {k: v[n - n_hold:] for k, v in inputs.items()}
+        candidates = [parse_label(c) for c in cfg.candidates] if cfg.candidates else None
+        ctx.progress(f"{self.name}: analysing {len(sites)} sites on {n - n_hold} samples")
+        analysis = analyze(ctx.program, fit, candidates, progress=lambda m: ctx.progress(f"{self.name}: {m}"))
+        table = self._options(analysis, sites)
+
+        def plan_for(lam: float):
+            plan, flops, dense = {}, 0.0, 0.0
+            for path, heads in table.items():
+                labels = []
+                for opts in heads:
+                    best = min(opts, key=lambda o: o["err"] ** 2 + lam * o["flops"] / o["dense"])
+                    labels.append(best["label"])
+                    flops += best["flops"]
+                    dense += best["dense"]
+                plan[path] = labels
+            return plan, flops / dense
+
+        reference_fit = ctx.program.run(**fit)
+
+        def model_metric(plan) -> dict:
+            g = ctx.program.module()
+            canonicalize(g)
+            from ..sites import attention_sites
+            apply_plan(g, {s.module_path: s for s in attention_sites(g, ctx.program.causal_modules)}, plan)
+            with torch.no_grad():
+                out = g(**{k: fit[k] for k in ctx.program.input_names})
+            return compare_outputs(reference_fit, tuple(out), ctx.program.output_names, fit)
+
+        def meets(m: dict) -> bool:
+            if cfg.max_error:
+                return m["relative_error"] <= cfg.max_error
+            return m.get("embedding_cosine", m["cosine"]) >= cfg.min_cosine
+
+        if cfg.density:
+            # cost falls as lambda grows: bracket the smallest lambda within the FLOPs budget, then bisect
+            lo, hi = 0.0, 1e-6
+            while plan_for(hi)[1] > cfg.density and hi < 1e9:
+                lo, hi = hi, hi * 4
+            for _ in range(50):
+                mid = (lo + hi) / 2
+                if plan_for(mid)[1] <= cfg.density:
+                    hi = mid
+                else:
+                    lo = mid
+            plan, ratio = plan_for(hi)
+            predicted = model_metric(plan)
+        else:
+            # error target: the cheapest plan (largest lambda) whose model output still meets it, on a log grid
+            best = None
+            for lam in [0.0] + [10 ** e for e in torch.linspace(-6, 2, 17).tolist()]:
+                plan, ratio = plan_for(lam)
+                ctx.progress(f"{self.name}: lambda={lam:.2g} flops={ratio:.3f}")
+                m = model_metric(plan)
+                if meets(m):
+                    best = (plan, ratio, m)
+                else:
+                    break
+            if best is None:
+                plan = {p: [EXACT] * sites[p].heads for p in sites}
+                ratio, predicted = 1.0, model_metric(plan)
+            else:
+                plan, ratio, predicted = best
+        ctx.progress(f"{self.name}: verifying on {n_hold} held-out samples")
+        measured = self._holdout_metric(ctx, plan, hold)
+        per_site = {}
+        for path, labels in plan.items():
+            opts = {o["label"]: o for o in sum(table[path], [])}
+            heads = [next(o for o in table[path][h] if o["label"] == lab) for h, lab in enumerate(labels)]
+            per_site[path] = {"flops_ratio": sum(o["flops"] for o in heads) / sum(o["dense"] for o in heads),
+                              "predicted_head_errors": [round(o["err"], 5) for o in heads],
+                              "methods": sorted({parse_label(lab)[0] for lab in labels})}
+        counts: dict[str, int] = {}
+        for labels in plan.values():
+            for lab in labels:
+                counts[parse_label(lab)[0]] = counts.get(parse_label(lab)[0], 0) + 1
+        summary = {
+            "target": {"density": cfg.density or None, "max_error": cfg.max_error or None,
+                       "min_cosine": cfg.min_cosine or None},
+            "attention_flops_ratio": ratio, "heads_by_method": counts,
+            "predicted": {k: predicted[k] for k in ("relative_error", "cosine", "embedding_cosine") if k in predicted},
+            "measured_holdout": {k: measured[k] for k in ("relative_error", "cosine", "embedding_cosine") if k in measured},
+            "fit_samples": n - n_hold, "holdout_samples": n_hold, "seq_len": analysis.seq_len,
+            "per_site": per_site,
+        }
+        self.analysis = analysis
+        return plan, summary
+
+    @staticmethod
+    def _options(analysis, sites) -> dict[str, list[list[dict]]]:
+        """site -> head -> candidate dicts (label, err, flops, dense), exact included."""
+        table = {}
+        for path, results in analysis.candidates.items():
+            if path not in sites:
+                continue
+            H = sites[path].heads
+            heads = []
+            for h in range(H):
+                dense = results[0].dense_flops if results else 1.0
+                opts = [{"label": EXACT, "err": 0.0, "flops": dense, "dense": dense}]
+                for r in results:
+                    label = candidate_label(r.method, concrete_options(r.method, r.options, r.budget))
+                    opts.append({"label": label, "err": r.errors[h], "flops": r.flops, "dense": r.dense_flops})
+                heads.append(opts)
+            table[path] = heads
+        return table
+
+    @staticmethod
+    def _holdout_metric(ctx, plan, hold) -> dict:
+        g = ctx.program.module()
+        canonicalize(g)
+        from ..sites import attention_sites
+        apply_plan(g, {s.module_path: s for s in attention_sites(g, ctx.program.causal_modules)}, plan)
+        with torch.no_grad():
+            out = g(**{k: hold[k] for k in ctx.program.input_names})
+        ref = ctx.program.run(**hold)
+        return compare_outputs(ref, tuple(out), ctx.program.output_names, hold)

@@ -105,14 +105,16 @@ def config_from_dict(cls: type[PassConfig], data: dict, pass_name: str) -> PassC
 
 
 def parse_scalar(text: str) -> Any:
-    """CLI values: YAML scalars (0.1 -> float, true -> bool, [a, b] -> list)."""
+    """CLI values: YAML scalars (0.1 -> float, true -> bool); [a, b(x=1,y=2)] -> a list split at top-level commas
+    (by hand: globs like *mlp* and labels with parentheses are not YAML)."""
+    text = text.strip()
+    if text.startswith("[") and text.endswith("]"):
+        return [parse_scalar(t) for t in split_top_level(text[1:-1])]
     try:
-        return yaml.safe_load(text)
+        value = yaml.safe_load(text)
     except yaml.YAMLError:
-        # globs such as [*intermediate*] are not YAML (a '*' starts an alias): split the brackets by hand
-        if text.startswith("[") and text.endswith("]"):
-            return [t.strip() for t in split_top_level(text[1:-1])]
         return text
+    return value if isinstance(value, (int, float, bool, str)) or value is None else text
 
 
 def split_top_level(text: str, sep: str = ",") -> list[str]:

@@ -193,10 +193,7 @@ def load(src: str | Path | nn.Module, attn_implementation: str | None = None) ->
             raise RewriterError(f"{path} is a bare weights file with no config", "pass the HF model folder it belongs to")
         return load_file_checkpoint(path)  # always raises
     if is_adapter_folder(path) and not is_hf_folder(path):
-        cfg = read_adapter_config(path)
-        base = cfg.get("base_model_name_or_path")
-        if base and Path(base).is_dir():
-            return load_hf(base, attn_implementation)
-        raise RewriterError(f"{path} is a PEFT adapter, not a model",
-                            "pass the base model folder as SRC and the adapter with --adapter")
+        base = read_adapter_config(path).get("base_model_name_or_path")
+        hint = f"e.g. rewriter optimize {base} --adapter {path}" if base else "pass the base model folder as SRC"
+        raise RewriterError(f"{path} is a PEFT adapter, not a model", f"merge it with --adapter: {hint}")
     return load_hf(path, attn_implementation)

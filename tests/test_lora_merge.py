@@ -125,3 +125,22 @@ def test_input_is_never_modified(tiny_folders, tmp_path):
     ad = make_adapter(base, tmp_path / "ad")
     optimize(base, [make_pass("lora-merge", {"adapters": [str(ad)]})], out=tmp_path / "o", samples=2, seq_len=8)
     assert {p.name: p.read_bytes() for p in base.iterdir()} == before
+
+
+@pytest.mark.parametrize("arch", ["bert", "gpt2"])
+def test_randlora_matches_peft(arch, tiny_folders, tmp_path):
+    from peft import RandLoraConfig
+    base = tiny_folders[arch]
+    torch.manual_seed(0)
+    targets = ["query", "intermediate.dense"] if arch == "bert" else ["c_attn", "mlp.c_fc"]
+    pm = get_peft_model(_base(base), RandLoraConfig(r=8, target_modules=targets, fan_in_fan_out=arch == "gpt2"))
+    with torch.no_grad():
+        for name, p in pm.named_parameters():
+            if "randlora_gamma" in name:
+                p.normal_()
+    pm.save_pretrained(str(tmp_path / "ad"))
+    out = tmp_path / "out"
+    res = optimize(base, [make_pass("lora-merge", {"adapters": [str(tmp_path / "ad")]})], out=out, samples=2, seq_len=12)
+    assert res.report["passes"][0]["sites_changed"] == 4
+    merged = PeftModel.from_pretrained(_base(base), str(tmp_path / "ad")).merge_and_unload().eval()
+    check_against_peft(base, out, merged, arch)

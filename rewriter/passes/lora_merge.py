@@ -57,8 +57,11 @@ def _pattern_value(patterns: dict, path: str, default):
 def _read_adapter(folder: str) -> tuple[dict[str, _ModuleLora], dict[str, torch.Tensor], dict]:
     cfg = read_adapter_config(folder)
     peft_type = cfg.get("peft_type", "LORA")
+    if peft_type == "RANDLORA":
+        return _read_randlora(folder, cfg), {}, cfg
     if peft_type != "LORA":
-        raise RewriterError(f"{folder} is a {peft_type} adapter", "lora-merge reads LoRA adapters (peft_type LORA)")
+        raise RewriterError(f"{folder} is a {peft_type} adapter",
+                            "lora-merge reads LoRA (incl. rsLoRA, DoRA) and RandLoRA adapters")
     tensors = read_adapter_weights(folder)
     modules: dict[str, dict[str, torch.Tensor]] = {}
     saved: dict[str, torch.Tensor] = {}
@@ -90,6 +93,58 @@ def _read_adapter(folder: str) -> tuple[dict[str, _ModuleLora], dict[str, torch.
     return out, saved, cfg
 
 
+def _read_randlora(folder: str, cfg: dict) -> dict[str, _ModuleLora]:
+    """RandLoRA (PEFT format): shared random bases A (r, 1, min_dim), B (max_dim, bases, r), per-layer trainable
+    lambda (r, bases) and gamma (bases, min_dim); the update is a product of full-rank-spanning scaled bases.
+    Written as two factors so it merges like LoRA: delta = scaling * second @ first."""
+    tensors = read_adapter_weights(folder)
+    shared_a, shared_b = tensors.get(PEFT_PREFIX[:-6] + "randlora_A"), tensors.get(PEFT_PREFIX[:-6] + "randlora_B")
+    parts: dict[str, dict[str, torch.Tensor]] = {}
+    for key, t in tensors.items():
+        name = key[len(PEFT_PREFIX):] if key.startswith(PEFT_PREFIX) else key
+        for part in ("randlora_lambda", "randlora_gamma", "randlora_A", "randlora_B"):
+            if name.endswith("." + part):
+                parts.setdefault(name[: -len(part) - 1], {})[part] = t
+    r = cfg.get("r")
+    scaling = cfg.get("randlora_alpha", r) / r
+    out = {}
+    for path, p in parts.items():
+        if "randlora_lambda" not in p:   # the shared bases themselves ("base_model.randlora_A")
+            continue
+        A = p.get("randlora_A", shared_a)
+        B = p.get("randlora_B", shared_b)
+        if A is None or B is None:
+            raise RewriterError(f"{folder} was saved without its random bases (save_projection=False)",
+                                "re-save the adapter with save_projection=True")
+        lam, gamma = p["randlora_lambda"].double(), p["randlora_gamma"].double()
+        n_bases, min_dim = gamma.shape
+        out[path] = _RandLoraFactors(A.double(), B.double(), lam, gamma, n_bases, min_dim, scaling)
+    return out
+
+
+@dataclass
+class _RandLoraFactors:
+    """Deferred: the factors depend on the layer's (in, out), known only once the site is resolved."""
+    A: torch.Tensor
+    B: torch.Tensor
+    lam: torch.Tensor
+    gamma: torch.Tensor
+    n_bases: int
+    min_dim: int
+    scaling: float
+    magnitude = None
+    bias = None
+
+    def for_layer(self, out_features: int, in_features: int) -> _ModuleLora:
+        min_dim, max_dim = min(out_features, in_features), max(out_features, in_features)
+        a = self.A[:, : self.n_bases, :min_dim]
+        b = self.B[:max_dim, : self.n_bases, :]
+        update_b = b.flatten(start_dim=1)
+        update_a = (self.lam[:, :, None] * a * self.gamma[None]).flatten(end_dim=1)
+        first, second = (update_a, update_b) if min_dim == in_features else (update_b.T, update_a.T)
+        return _ModuleLora(A=first, B=second, scaling=self.scaling)
+
+
 def _resolve(path: str, known: dict[str, object], folder: str):
     if path in known:
         return known[path]
@@ -102,7 +157,7 @@ class LoraMerge(Pass):
     name = "lora-merge"
     config_class = LoraMergeConfig
     weight_only = True
-    summary = "merge PEFT LoRA adapters (LoRA, rsLoRA, DoRA, several at once) into the base weights"
+    summary = "merge PEFT LoRA adapters (LoRA, rsLoRA, DoRA, RandLoRA, several at once) into the base weights"
 
     def run(self, gm, ctx) -> PassResult:
         cfg: LoraMergeConfig = self.config
@@ -124,6 +179,11 @@ class LoraMerge(Pass):
                 site = _resolve(path, sites, folder)
                 if not keep(site):
                     continue
+                if isinstance(lora, _RandLoraFactors):
+                    if lora.min_dim != min(site.in_features, site.out_features):
+                        raise RewriterError(f"adapter {folder} does not fit {site.module_path}: RandLoRA gamma is for "
+                                            f"dimension {lora.min_dim}", "the adapter was made for another base model")
+                    lora = lora.for_layer(site.out_features, site.in_features)
                 if lora.A.shape[1] != site.in_features or lora.B.shape[0] != site.out_features:
                     raise RewriterError(
                         f"adapter {folder} does not fit {site.module_path}: LoRA is "

@@ -71,6 +71,8 @@ def optimize(src, passes: list[Pass], *, out: str | Path | None = None, force: b
     capture_s = time.perf_counter() - t0
     progress("building calibration inputs")
     inputs, desc = calibration_inputs(program, texts=texts, samples=samples, seq_len=seq_len, seed=seed)
+    device = program.device()
+    inputs = {k: v.to(device) for k, v in inputs.items()}
     run = Pipeline(passes, max_error=max_error, seed=seed, progress=progress).run(program, inputs, desc)
     report = run.report
     report["capture_seconds"] = round(capture_s, 3)

@@ -61,6 +61,12 @@ class Program:
         return new
 
     # --- description ---------------------------------------------------------------------------------
+    def device(self) -> torch.device:
+        """Where the program's weights live (the calibration inputs follow them)."""
+        for t in self.ep.state_dict.values():
+            return t.device
+        return torch.device("cpu")
+
     def num_parameters(self) -> int:
         return sum(t.numel() for t in self.ep.state_dict.values())
 

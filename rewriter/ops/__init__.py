@@ -17,3 +17,4 @@ token-level predicate); the Triton kernels in ``rewriter.kernels`` implement the
 
 from . import lowrank_attention  # noqa: E402,F401
 from . import binary_linear  # noqa: E402,F401
+from . import sparse_attention  # noqa: E402,F401

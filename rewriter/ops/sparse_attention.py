@@ -1,0 +1,526 @@
+"""Sparse attention: sliding window + sinks, block top-k routing, strided heads (S2-Attention) and angular LSH.
+
+Each method computes exact softmax attention on a subset of the (query, key) pairs. Window, block-topk and
+strided choose whole key blocks per query block and lower to ``block_sparse.block_sparse_attention_reference``
+(layout kv_index/kv_count plus the token-level predicate); LSH permutes tokens by hash bucket, attends within
+aligned chunks of the sorted orders and merges its rounds by log-sum-exp.
+
+Block positions: query i sits at key position i + (Lk - Lq) (``_common``). The "local" blocks of a query block
+are the key blocks overlapping its positions (the diagonal block when Lq == Lk and the blocks align), plus the
+`local_blocks - 1` key blocks before them; `local_blocks = 0` keeps none. "Sink" blocks are the first
+`sink_blocks` key blocks. Under causal masking a key block is eligible only if its first key is visible to the
+query block's last query.
+
+Op conventions (shapes, GQA, key_mask, causal alignment) are those of ``_common.py``.
+"""
+import math
+from typing import Optional
+
+import torch
+from torch import Tensor
+
+from ._common import AttentionCost, allowed_mask, check_qkv, exact_attention_cost, expand_kv, window_extents
+from .block_sparse import _pad_to, block_sparse_attention_reference, num_blocks
+
+POOLS = ("mean", "maxmin")
+METHODS = ("window", "block_topk", "strided", "lsh")
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Budget checks (shared by ops, fakes, layouts and costs)
+# --------------------------------------------------------------------------------------------------------------
+
+def _check_block(block: int) -> None:
+    if block < 1:
+        raise ValueError(f"block must be >= 1 token; got {block}")
+
+
+def _check_window_budget(window: int, sinks: int, block: int) -> None:
+    if window < 1:
+        raise ValueError(f"window must be >= 1 token; got {window}")
+    if sinks < 0:
+        raise ValueError(f"sinks must be >= 0 tokens; got {sinks}")
+    _check_block(block)
+
+
+def _check_local_sink(local_blocks: int, sink_blocks: int) -> None:
+    if local_blocks < 0 or sink_blocks < 0:
+        raise ValueError(f"local_blocks and sink_blocks must be >= 0; got {local_blocks}, {sink_blocks}")
+
+
+def _check_topk_budget(density: float, block: int, pool: str, sink_blocks: int, local_blocks: int) -> None:
+    if not 0.0 < density <= 1.0:
+        raise ValueError(f"density must be in (0, 1]; got {density}")
+    if pool not in POOLS:
+        raise ValueError(f"unknown pool {pool!r}; allowed: {', '.join(POOLS)}")
+    _check_block(block)
+    _check_local_sink(local_blocks, sink_blocks)
+
+
+def _check_strided_budget(stride: int, local_blocks: int, sink_blocks: int, block: int) -> None:
+    if stride < 1:
+        raise ValueError(f"stride must be >= 1 block; got {stride}")
+    _check_block(block)
+    _check_local_sink(local_blocks, sink_blocks)
+
+
+def _check_lsh_budget(n_hashes: int, bucket_size: int) -> None:
+    if n_hashes < 1:
+        raise ValueError(f"n_hashes must be >= 1; got {n_hashes}")
+    if bucket_size < 1:
+        raise ValueError(f"bucket_size must be >= 1 token; got {bucket_size}")
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Block layouts
+# --------------------------------------------------------------------------------------------------------------
+
+def _query_block_span(Lq: int, Lk: int, block: int, device) -> tuple[Tensor, Tensor]:
+    """(first, last) key position of each query block's queries, (nqb,) long each."""
+    start = torch.arange(num_blocks(Lq, block), device=device) * block
+    return start + (Lk - Lq), torch.clamp(start + block, max=Lq) - 1 + (Lk - Lq)
+
+
+def _base_block_mask(Lq: int, Lk: int, block: int, causal: bool, local_blocks: int, sink_blocks: int, device):
+    """(causal-eligible blocks, local | sink blocks), both (nqb, nkb) bool."""
+    first, last = _query_block_span(Lq, Lk, block, device)
+    kb = torch.arange(num_blocks(Lk, block), device=device)[None, :]
+    eligible = (kb * block <= last[:, None]) if causal else torch.ones_like(kb, dtype=torch.bool).expand(len(first), -1)
+    first_b, last_b = (first // block)[:, None], (torch.clamp(last, max=Lk - 1) // block)[:, None]
+    local = (kb >= first_b - (local_blocks - 1)) & (kb <= last_b) if local_blocks > 0 else torch.zeros_like(eligible)
+    forced = (local | (kb < sink_blocks)) & eligible
+    return eligible, forced
+
+
+def layout_from_block_mask(mask: Tensor) -> tuple[Tensor, Tensor]:
+    """(..., nqb, nkb) bool -> (kv_index (..., nqb, K) int32 ascending, kv_count (..., nqb) int32), K = max count."""
+    count = mask.sum(dim=-1)
+    width = max(1, int(count.max())) if count.numel() else 1
+    # A stable sort of "not chosen" puts the chosen blocks first, in ascending block order.
+    order = torch.sort((~mask).to(torch.int8), dim=-1, stable=True).indices[..., :width]
+    return order.to(torch.int32), count.to(torch.int32)
+
+
+def window_layout(Lq: int, Lk: int, block: int, window: int, sinks: int, causal: bool, device=None):
+    """Key blocks overlapping each query block's band (window_extents) plus the blocks holding the `sinks` first
+    keys. Returns (kv_index (1, 1, nQB, K) int32, kv_count (1, 1, nQB) int32)."""
+    _check_window_budget(window, sinks, block)
+    left, right = window_extents(window, causal)
+    first, last = _query_block_span(Lq, Lk, block, device)
+    kb = torch.arange(num_blocks(Lk, block), device=device)[None, :]
+    band = (kb * block <= (last + right)[:, None]) & ((kb + 1) * block - 1 >= (first - left)[:, None])
+    sink = kb * block < sinks
+    if causal:
+        sink = sink & (kb * block <= last[:, None])
+    kv_index, kv_count = layout_from_block_mask(band | sink)
+    return kv_index[None, None], kv_count[None, None]
+
+
+def _pooled_block_scores(q: Tensor, k: Tensor, key_mask: Optional[Tensor], scale: float, block: int,
+                         pool: str) -> tuple[Tensor, Tensor]:
+    """(scores (B, H, nqb, nkb), key block has a real key (B, 1, 1, nkb)), pooled in fp32 (fp64 for fp64 q)."""
+    B, H, Lq, D = q.shape
+    Hkv, Lk = k.shape[1], k.shape[2]
+    acc = torch.float64 if q.dtype == torch.float64 else torch.float32
+    nqb, nkb = num_blocks(Lq, block), num_blocks(Lk, block)
+    rows = torch.clamp(Lq - torch.arange(nqb, device=q.device) * block, max=block).to(acc)
+    q_mean = _pad_to(q.to(acc), 2, nqb * block).view(B, H, nqb, block, D).sum(3) / rows[:, None]
+
+    valid = torch.ones(B, Lk, dtype=torch.bool, device=q.device) if key_mask is None else key_mask.to(torch.bool)
+    valid = _pad_to(valid, 1, nkb * block, False).view(B, 1, nkb, block, 1)
+    kb = _pad_to(k.to(acc), 2, nkb * block).view(B, Hkv, nkb, block, D)
+    n_valid = valid.sum(3)                                                   # (B, 1, nkb, 1)
+    k_mean = torch.where(valid, kb, torch.zeros_like(kb)).sum(3) / n_valid.clamp_min(1)
+    pooled_k = k_mean
+    pooled_q = q_mean
+    if pool == "maxmin":
+        # SeerAttention's gate input: [mean, max, min] of the block's keys, against the pooled query repeated.
+        k_max = torch.where(valid, kb, torch.full_like(kb, float("-inf"))).amax(3)
+        k_min = torch.where(valid, kb, torch.full_like(kb, float("inf"))).amin(3)
+        empty = n_valid == 0
+        k_max, k_min = k_max.masked_fill(empty, 0.0), k_min.masked_fill(empty, 0.0)
+        pooled_k = torch.cat([k_mean, k_max, k_min], dim=-1)
+        pooled_q = q_mean.repeat(1, 1, 1, 3)
+    scores = torch.matmul(pooled_q, expand_kv(pooled_k, H).transpose(-1, -2)) * scale
+    return scores, (n_valid[..., 0] > 0)[:, :, None, :]
+
+
+def block_topk_layout(q: Tensor, k: Tensor, key_mask: Optional[Tensor], causal: bool, scale: float, density: float,
+                      block: int = 64, pool: str = "mean", sink_blocks: int = 1, local_blocks: int = 1):
+    """Per (batch, query head, query block): the local and sink blocks plus the best-scoring key blocks, in all
+    max(ceil(density x n_eligible), n_forced) blocks; n_eligible counts the causal-eligible key blocks holding at
+    least one real key (others are never chosen). Returns (kv_index (B, H, nQB, K) int32, kv_count (B, H, nQB))."""
+    _check_topk_budget(density, block, pool, sink_blocks, local_blocks)
+    check_qkv(q, k, q.new_empty(k.shape[:3] + (1,)), key_mask)
+    Lq, Lk = q.shape[2], k.shape[2]
+    scores, has_key = _pooled_block_scores(q, k, key_mask, scale, block, pool)
+    eligible, forced = _base_block_mask(Lq, Lk, block, causal, local_blocks, sink_blocks, q.device)
+    eligible, forced = eligible & has_key, forced & has_key                  # (B, 1, nqb, nkb)
+    n_eligible, n_forced = eligible.sum(-1), forced.sum(-1)
+    # The slack keeps ceil exact where density x n is an integer that floats land just above (0.3 x 10).
+    keep = torch.ceil(n_eligible.to(torch.float64) * density - 1e-9).to(torch.long)
+    keep = torch.maximum(keep, n_forced)
+    ranked = scores.masked_fill(forced, float("inf")).masked_fill(~eligible, float("-inf"))
+    order = torch.sort(ranked, dim=-1, descending=True, stable=True).indices
+    rank = torch.empty_like(order).scatter_(-1, order, torch.arange(order.shape[-1], device=q.device).expand_as(order))
+    chosen = (rank < keep[..., None]) & eligible
+    return layout_from_block_mask(chosen)
+
+
+def strided_layout(Lq: int, Lk: int, H: int, block: int, stride: int, local_blocks: int = 1, sink_blocks: int = 1,
+                   causal: bool = False, device=None):
+    """Query head h keeps the key blocks kb with (kb + h) % stride == 0, plus local and sink blocks (causal-
+    eligible only), so any `stride` consecutive heads together cover every key block.
+    Returns (kv_index (1, H, nQB, K) int32, kv_count (1, H, nQB) int32)."""
+    _check_strided_budget(stride, local_blocks, sink_blocks, block)
+    eligible, forced = _base_block_mask(Lq, Lk, block, causal, local_blocks, sink_blocks, device)
+    kb = torch.arange(eligible.shape[-1], device=device)
+    heads = torch.arange(H, device=device)
+    strided = ((kb[None, :] + heads[:, None]) % stride == 0)[:, None, :]     # (H, 1, nkb)
+    kv_index, kv_count = layout_from_block_mask((strided & eligible) | forced)
+    return kv_index[None], kv_count[None]
+
+
+def _layout_entries(kv_index: Tensor, kv_count: Tensor, Lq: int, Lk: int, block: int) -> Tensor:
+    """Score entries the block layout evaluates, per (B', H') (short last blocks counted at their length)."""
+    nqb, nkb = num_blocks(Lq, block), num_blocks(Lk, block)
+    rows = torch.clamp(Lq - torch.arange(nqb) * block, max=block)
+    cols = torch.clamp(Lk - torch.arange(nkb) * block, max=block)
+    used = torch.arange(kv_index.shape[-1]) < kv_count[..., None].cpu()
+    keys = torch.where(used, cols[kv_index.cpu().long()], torch.zeros_like(cols[kv_index.cpu().long()])).sum(-1)
+    return (keys * rows).sum(-1)
+
+
+# --------------------------------------------------------------------------------------------------------------
+# LSH
+# --------------------------------------------------------------------------------------------------------------
+
+def lsh_chunks(Lq: int, Lk: int, bucket_size: int) -> tuple[int, int, int]:
+    """(n_chunks, key_chunk, bits): queries sorted by bucket split into n_chunks = ceil(Lq / bucket_size) chunks
+    of bucket_size; keys into as many chunks of key_chunk = ceil(Lk / n_chunks); 2^bits >= n_chunks buckets."""
+    n_chunks = num_blocks(Lq, bucket_size)
+    return n_chunks, num_blocks(Lk, n_chunks), max(0, math.ceil(math.log2(n_chunks)))
+
+
+def lsh_hyperplanes(n_hashes: int, dim: int, bits: int, seed: int) -> Tensor:
+    """(n_hashes, dim, bits) float64 Gaussian hyperplanes from a CPU generator seeded by `seed` (same on all
+    devices)."""
+    gen = torch.Generator(device="cpu").manual_seed(seed)
+    return torch.randn(n_hashes, dim, bits, generator=gen, dtype=torch.float64)
+
+
+def _angular_buckets(x: Tensor, planes: Tensor) -> Tensor:
+    """Bucket id in [0, 2^bits): bit b is the sign of x . plane_b (the sign of x/|x| . plane_b: angular LSH)."""
+    bits = planes.shape[-1]
+    weights = 2 ** torch.arange(bits, device=x.device)
+    return ((torch.matmul(x, planes) > 0).to(torch.long) * weights).sum(-1)
+
+
+def _sorted_chunk_of(buckets: Tensor, chunk: int) -> tuple[Tensor, Tensor]:
+    """Sort positions by (bucket, position): returns (order (..., L), chunk id of each position (..., L))."""
+    L = buckets.shape[-1]
+    order = torch.argsort(buckets * L + torch.arange(L, device=buckets.device))
+    rank = torch.empty_like(order).scatter_(-1, order, torch.arange(L, device=buckets.device).expand_as(order))
+    return order, rank // chunk
+
+
+def _lsh_rounds(q: Tensor, k: Tensor, key_mask: Optional[Tensor], n_hashes: int, bucket_size: int, seed: int):
+    """Per round: (q order (B, H, Lq), q chunk ids (B, H, Lq), k order (B, Hkv, Lk), k chunk ids (B, Hkv, Lk)).
+    Padding keys get a bucket past every real one, so they sort last and take no real key's slot."""
+    Lq, Lk, D = q.shape[2], k.shape[2], q.shape[3]
+    n_chunks, key_chunk, bits = lsh_chunks(Lq, Lk, bucket_size)
+    acc = torch.float64 if q.dtype == torch.float64 else torch.float32
+    planes = lsh_hyperplanes(n_hashes, D, bits, seed).to(device=q.device, dtype=acc)
+    rounds = []
+    for r in range(n_hashes):
+        bq = _angular_buckets(q.to(acc), planes[r])
+        bk = _angular_buckets(k.to(acc), planes[r])
+        if key_mask is not None:
+            bk = torch.where(key_mask[:, None, :].to(torch.bool), bk, torch.full_like(bk, 2 ** bits))
+        rounds.append(_sorted_chunk_of(bq, bucket_size) + _sorted_chunk_of(bk, key_chunk))
+    return rounds
+
+
+def _gather_rows(x: Tensor, order: Tensor) -> Tensor:
+    return torch.gather(x, 2, order[..., None].expand(*order.shape, x.shape[-1]))
+
+
+def _lsh_attention(q: Tensor, k: Tensor, v: Tensor, key_mask: Optional[Tensor], causal: bool, scale: float,
+                   n_hashes: int, bucket_size: int, seed: int) -> Tensor:
+    B, H, Hkv, Lq, Lk, D = check_qkv(q, k, v, key_mask)
+    Dv, group, dev = v.shape[-1], H // Hkv, q.device
+    acc = torch.float64 if q.dtype == torch.float64 else torch.float32
+    n_chunks, kc, _ = lsh_chunks(Lq, Lk, bucket_size)
+    qc = bucket_size
+    rounds = _lsh_rounds(q, k, key_mask, n_hashes, bucket_size, seed)
+    k_valid = torch.ones(B, Lk, dtype=torch.bool, device=dev) if key_mask is None else key_mask.to(torch.bool)
+
+    def previous_and_own(x: Tensor) -> Tensor:
+        """(B, Hkv, n_chunks, kc, *) -> (B, Hkv, n_chunks, 2 kc, *): key chunk i-1 (padding for i = 0), then i."""
+        before = torch.cat([torch.zeros_like(x[:, :, :1]), x[:, :, :-1]], dim=2)   # zeros: masked by `slot`
+        return torch.cat([before, x], dim=3)
+
+    outs, lses = [], []
+    for q_order, _, k_order, _ in rounds:
+        qs = _pad_to(_gather_rows(q.to(acc), q_order), 2, n_chunks * qc).view(B, Hkv, group, n_chunks, qc, D)
+        q_pos = _pad_to(q_order, 2, n_chunks * qc).view(B, Hkv, group, n_chunks, qc, 1)
+        ks = previous_and_own(_pad_to(_gather_rows(k.to(acc), k_order), 2, n_chunks * kc).view(B, Hkv, n_chunks, kc, D))
+        vs = previous_and_own(_pad_to(_gather_rows(v.to(acc), k_order), 2, n_chunks * kc).view(B, Hkv, n_chunks, kc, Dv))
+        k_pos = previous_and_own(_pad_to(k_order, 2, n_chunks * kc).view(B, Hkv, n_chunks, kc, 1))[..., 0]
+        slot = previous_and_own((torch.arange(n_chunks * kc, device=dev) < Lk).view(1, 1, n_chunks, kc))
+        ok = slot & torch.gather(k_valid[:, None].expand(B, Hkv, Lk), 2, k_pos.flatten(2)).view_as(k_pos)
+        ok = ok[:, :, None, :, None, :]                                      # (B, Hkv, 1, n, 1, 2kc)
+        kp = k_pos[:, :, None, :, None, :]
+        if causal:
+            ok = ok & (kp <= q_pos + (Lk - Lq))
+        # A pair seen in c rounds must count once: every round adds it with weight exp(s) / c.
+        seen = torch.zeros((), dtype=acc, device=dev)
+        for _, q_chunk, _, k_chunk in rounds:
+            qch = torch.gather(q_chunk, 2, q_pos.reshape(B, H, -1)).view(B, Hkv, group, n_chunks, qc, 1)
+            kch = torch.gather(k_chunk, 2, k_pos.flatten(2)).view_as(k_pos)[:, :, None, :, None, :]
+            seen = seen + ((kch == qch) | (kch == qch - 1)).to(acc)
+        s = torch.matmul(qs, ks[:, :, None].transpose(-1, -2)) * scale - torch.log(seen.clamp_min(1))
+        s = s.masked_fill(~ok, float("-inf"))
+        m = s.amax(-1, keepdim=True)
+        m = torch.where(torch.isfinite(m), m, torch.zeros_like(m))
+        p = torch.exp(s - m)
+        den = p.sum(-1, keepdim=True)
+        out = torch.matmul(p, vs[:, :, None]) / den.clamp_min(torch.finfo(acc).tiny)
+        lse = (m + torch.log(den))[..., 0]
+        # Back from sorted order to positions.
+        out = out.reshape(B, H, n_chunks * qc, Dv)[:, :, :Lq]
+        lse = lse.reshape(B, H, n_chunks * qc)[:, :, :Lq]
+        outs.append(torch.empty_like(out).scatter_(2, q_order[..., None].expand_as(out), out))
+        lses.append(torch.empty_like(lse).scatter_(2, q_order, lse))
+    lse_all = torch.stack(lses)                                              # (R, B, H, Lq)
+    total = torch.logsumexp(lse_all, dim=0)
+    saw_key = torch.isfinite(total)
+    weights = torch.where(saw_key, torch.exp(lse_all - torch.where(saw_key, total, torch.zeros_like(total))),
+                          torch.zeros_like(lse_all))
+    out = (weights[..., None] * torch.stack(outs)).sum(0)
+    # Fallback, so that every query sees a key when one is visible: rows that no round gave a key attend their
+    # own position's block(s) of bucket_size keys (the local blocks of the block layouts).
+    _, forced = _base_block_mask(Lq, Lk, bucket_size, causal, 1, 0, dev)
+    kv_index, kv_count = layout_from_block_mask(forced)
+    local, _ = block_sparse_attention_reference(q, k, v, kv_index[None, None], kv_count[None, None], bucket_size,
+                                                key_mask, causal, scale)
+    return torch.where(saw_key[..., None], out, local.to(acc)).to(q.dtype)
+
+
+def lsh_pair_mask(q: Tensor, k: Tensor, key_mask: Optional[Tensor], causal: bool, n_hashes: int, bucket_size: int,
+                  seed: int = 0) -> Tensor:
+    """Dense (B, H, Lq, Lk) bool of the pairs lsh_attention computes exactly (rounds' union + fallback), restricted
+    to allowed pairs. For reports (measured_density) only: O(Lq x Lk)."""
+    B, H, Lq, _ = q.shape
+    Hkv, Lk = k.shape[1], k.shape[2]
+    rounds = _lsh_rounds(q, k, key_mask, n_hashes, bucket_size, seed)
+    seen = torch.zeros(B, H, Lq, Lk, dtype=torch.bool, device=q.device)
+    for _, q_chunk, _, k_chunk in rounds:
+        kch = expand_kv(k_chunk[..., None], H)[..., 0][:, :, None, :]
+        seen |= (kch == q_chunk[..., None]) | (kch == q_chunk[..., None] - 1)
+    allowed = allowed_mask(Lq, Lk, causal, key_mask, q.device)
+    seen &= allowed
+    _, forced = _base_block_mask(Lq, Lk, bucket_size, causal, 1, 0, q.device)
+    q_block = torch.arange(Lq, device=q.device) // bucket_size
+    k_block = torch.arange(Lk, device=q.device) // bucket_size
+    local = forced[q_block][:, k_block][None, None] & allowed
+    return torch.where(seen.any(-1, keepdim=True), seen, local)
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Ops (explicit schemas: budgets are plain ints, not SymInts)
+# --------------------------------------------------------------------------------------------------------------
+
+def _empty_output(q: Tensor, v: Tensor) -> Tensor:
+    return q.new_empty(q.shape[0], q.shape[1], q.shape[2], v.shape[-1])
+
+
+@torch.library.custom_op("rewriter::window_attention", mutates_args=(), schema=(
+    "(Tensor q, Tensor k, Tensor v, Tensor? key_mask, bool causal, float scale, int window, int sinks, "
+    "int block=64) -> Tensor"))
+def window_attention(q: Tensor, k: Tensor, v: Tensor, key_mask: Optional[Tensor], causal: bool, scale: float,
+                     window: int, sinks: int, block: int = 64) -> Tensor:
+    """Sliding window of `window` keys per query (window_extents) plus the first `sinks` keys (StreamingLLM)."""
+    check_qkv(q, k, v, key_mask)
+    Lq, Lk = q.shape[2], k.shape[2]
+    kv_index, kv_count = window_layout(Lq, Lk, block, window, sinks, causal, q.device)
+    left, right = window_extents(window, causal)
+    out, _ = block_sparse_attention_reference(q, k, v, kv_index, kv_count, block, key_mask, causal, scale,
+                                              window_left=left, window_right=right, sinks=sinks)
+    return out
+
+
+@window_attention.register_fake
+def _window_attention_fake(q, k, v, key_mask, causal, scale, window, sinks, block=64):
+    _check_window_budget(window, sinks, block)
+    return _empty_output(q, v)
+
+
+@torch.library.custom_op("rewriter::block_topk_attention", mutates_args=(), schema=(
+    "(Tensor q, Tensor k, Tensor v, Tensor? key_mask, bool causal, float scale, float density, int block=64, "
+    "str pool=\"mean\", int sink_blocks=1, int local_blocks=1) -> Tensor"))
+def block_topk_attention(q: Tensor, k: Tensor, v: Tensor, key_mask: Optional[Tensor], causal: bool, scale: float,
+                         density: float, block: int = 64, pool: str = "mean", sink_blocks: int = 1,
+                         local_blocks: int = 1) -> Tensor:
+    """Training-free block routing (SeerAttention / Quest / BiFormer): pooled query . pooled key block scores pick
+    the top key blocks per query block (block_topk_layout); exact attention inside them."""
+    check_qkv(q, k, v, key_mask)
+    kv_index, kv_count = block_topk_layout(q, k, key_mask, causal, scale, density, block, pool, sink_blocks,
+                                           local_blocks)
+    out, _ = block_sparse_attention_reference(q, k, v, kv_index, kv_count, block, key_mask, causal, scale)
+    return out
+
+
+@block_topk_attention.register_fake
+def _block_topk_attention_fake(q, k, v, key_mask, causal, scale, density, block=64, pool="mean", sink_blocks=1,
+                               local_blocks=1):
+    _check_topk_budget(density, block, pool, sink_blocks, local_blocks)
+    return _empty_output(q, v)
+
+
+@torch.library.custom_op("rewriter::strided_attention", mutates_args=(), schema=(
+    "(Tensor q, Tensor k, Tensor v, Tensor? key_mask, bool causal, float scale, int stride, int local_blocks=1, "
+    "int sink_blocks=1, int block=64) -> Tensor"))
+def strided_attention(q: Tensor, k: Tensor, v: Tensor, key_mask: Optional[Tensor], causal: bool, scale: float,
+                      stride: int, local_blocks: int = 1, sink_blocks: int = 1, block: int = 64) -> Tensor:
+    """S2-Attention heterogeneous sharding: each head visits a different 1/stride of the key blocks."""
+    _, H, _, Lq, Lk, _ = check_qkv(q, k, v, key_mask)
+    kv_index, kv_count = strided_layout(Lq, Lk, H, block, stride, local_blocks, sink_blocks, causal, q.device)
+    out, _ = block_sparse_attention_reference(q, k, v, kv_index, kv_count, block, key_mask, causal, scale)
+    return out
+
+
+@strided_attention.register_fake
+def _strided_attention_fake(q, k, v, key_mask, causal, scale, stride, local_blocks=1, sink_blocks=1, block=64):
+    _check_strided_budget(stride, local_blocks, sink_blocks, block)
+    return _empty_output(q, v)
+
+
+@torch.library.custom_op("rewriter::lsh_attention", mutates_args=(), schema=(
+    "(Tensor q, Tensor k, Tensor v, Tensor? key_mask, bool causal, float scale, int n_hashes, int bucket_size=64, "
+    "int seed=0) -> Tensor"))
+def lsh_attention(q: Tensor, k: Tensor, v: Tensor, key_mask: Optional[Tensor], causal: bool, scale: float,
+                  n_hashes: int, bucket_size: int = 64, seed: int = 0) -> Tensor:
+    """Angular LSH attention (Reformer / HyperAttention sortLSH) for q != k.
+
+    Per round, random hyperplanes (lsh_hyperplanes) hash q and k into 2^bits buckets (lsh_chunks); q and k are
+    sorted separately by (bucket, position); sorted query chunk i (bucket_size queries) attends sorted key chunks
+    i-1 and i (Lk / n_chunks keys each). Rounds merge by log-sum-exp, each pair weighted 1/c where c counts the
+    rounds that see it (so it counts once). Causal and padding apply by original position. A query that no round
+    gives a visible key attends the key block(s) at its own position instead (blocks of bucket_size).
+    """
+    check_qkv(q, k, v, key_mask)
+    _check_lsh_budget(n_hashes, bucket_size)
+    return _lsh_attention(q, k, v, key_mask, causal, scale, n_hashes, bucket_size, seed)
+
+
+@lsh_attention.register_fake
+def _lsh_attention_fake(q, k, v, key_mask, causal, scale, n_hashes, bucket_size=64, seed=0):
+    _check_lsh_budget(n_hashes, bucket_size)
+    return _empty_output(q, v)
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Costs (counted, not timed) and measured density
+# --------------------------------------------------------------------------------------------------------------
+
+def _block_cost(B: int, H: int, Lq: int, Lk: int, D: int, Dv: int, causal: bool, elem_bytes: int,
+                entries: float, gathered: float, extra_flops: float = 0.0) -> AttentionCost:
+    """entries: score entries evaluated; gathered: the largest score buffer held (entries incl. block padding)."""
+    dense = exact_attention_cost(B, H, Lq, Lk, D, Dv, causal, elem_bytes)
+    return AttentionCost(float(entries), dense.dense_score_entries, 2.0 * entries * (D + Dv) + extra_flops,
+                         dense.dense_flops, float(gathered * elem_bytes), dense.dense_memory_bytes)
+
+
+def _layout_cost(B, H, Lq, Lk, D, Dv, causal, elem_bytes, kv_index, kv_count, block, extra_flops=0.0):
+    per_head = _layout_entries(kv_index, kv_count, Lq, Lk, block).to(torch.float64)
+    entries = float(per_head.sum()) * (B // kv_index.shape[0]) * (H // kv_index.shape[1])
+    gathered = B * H * num_blocks(Lq, block) * block * kv_index.shape[-1] * block
+    return _block_cost(B, H, Lq, Lk, D, Dv, causal, elem_bytes, entries, gathered, extra_flops)
+
+
+def window_cost(B: int, H: int, Hkv: int, Lq: int, Lk: int, D: int, Dv: int, causal: bool, elem_bytes: int = 4,
+                *, window: int, sinks: int = 0, block: int = 64) -> AttentionCost:
+    """Cost of window_attention: every entry of the visited blocks (the token predicate masks, not skips)."""
+    kv_index, kv_count = window_layout(Lq, Lk, block, window, sinks, causal)
+    return _layout_cost(B, H, Lq, Lk, D, Dv, causal, elem_bytes, kv_index, kv_count, block)
+
+
+def block_topk_cost(B: int, H: int, Hkv: int, Lq: int, Lk: int, D: int, Dv: int, causal: bool, elem_bytes: int = 4,
+                    *, density: float, block: int = 64, pool: str = "mean", sink_blocks: int = 1,
+                    local_blocks: int = 1) -> AttentionCost:
+    """Cost of block_topk_attention from its density (no padding): max(ceil(density x eligible), forced) whole
+    blocks per query block, plus pooling every token and scoring every (query block, key block) pair."""
+    _check_topk_budget(density, block, pool, sink_blocks, local_blocks)
+    eligible, forced = _base_block_mask(Lq, Lk, block, causal, local_blocks, sink_blocks, None)
+    keep = torch.maximum(torch.ceil(eligible.sum(-1).to(torch.float64) * density - 1e-9).long(), forced.sum(-1))
+    rows = torch.clamp(Lq - torch.arange(len(keep)) * block, max=block)
+    entries = float((rows * keep * block).sum()) * B * H
+    gathered = B * H * len(keep) * block * int(keep.max()) * block
+    pooled_dim = D * (3 if pool == "maxmin" else 1)
+    extra = float(B * (H * Lq + Hkv * Lk * (3 if pool == "maxmin" else 1)) * D)
+    extra += 2.0 * B * H * eligible.numel() * pooled_dim
+    return _block_cost(B, H, Lq, Lk, D, Dv, causal, elem_bytes, entries, gathered, extra)
+
+
+def strided_cost(B: int, H: int, Hkv: int, Lq: int, Lk: int, D: int, Dv: int, causal: bool, elem_bytes: int = 4,
+                 *, stride: int, local_blocks: int = 1, sink_blocks: int = 1, block: int = 64) -> AttentionCost:
+    """Cost of strided_attention, counted from its layout."""
+    kv_index, kv_count = strided_layout(Lq, Lk, H, block, stride, local_blocks, sink_blocks, causal)
+    return _layout_cost(B, H, Lq, Lk, D, Dv, causal, elem_bytes, kv_index, kv_count, block)
+
+
+def lsh_cost(B: int, H: int, Hkv: int, Lq: int, Lk: int, D: int, Dv: int, causal: bool, elem_bytes: int = 4,
+             *, n_hashes: int, bucket_size: int = 64, seed: int = 0) -> AttentionCost:
+    """Cost of lsh_attention: per round, each query chunk against two key chunks (one for the first), plus hashing
+    (D x bits per token), the duplicate counts (n_hashes per entry) and the fallback's local blocks."""
+    _check_lsh_budget(n_hashes, bucket_size)
+    n_chunks, kc, bits = lsh_chunks(Lq, Lk, bucket_size)
+    rows = torch.clamp(Lq - torch.arange(n_chunks) * bucket_size, max=bucket_size)
+    keys = torch.full((n_chunks,), 2 * kc)
+    keys[0] = kc
+    per_round = float((rows * keys).sum())
+    entries = n_hashes * per_round * B * H
+    extra = 2.0 * n_hashes * B * (H * Lq + Hkv * Lk) * D * bits + entries * n_hashes
+    gathered = B * H * n_chunks * bucket_size * 2 * kc
+    return _block_cost(B, H, Lq, Lk, D, Dv, causal, elem_bytes, entries, gathered, extra)
+
+
+def _method_pairs(method: str, q: Tensor, k: Tensor, key_mask: Optional[Tensor], causal: bool, scale: float,
+                  **budget) -> Tensor:
+    """Dense (B or 1, H or 1, Lq, Lk) bool of the pairs a method computes exactly (token predicates applied)."""
+    B, H, Lq, _ = q.shape
+    Lk = k.shape[2]
+    q_pos = torch.arange(Lq, device=q.device)[:, None] + (Lk - Lq)
+    k_pos = torch.arange(Lk, device=q.device)[None, :]
+    if method == "lsh":
+        return lsh_pair_mask(q, k, key_mask, causal, **budget)
+    block = budget.get("block", 64)
+    if method == "window":
+        kv_index, kv_count = window_layout(Lq, Lk, block, budget["window"], budget.get("sinks", 0), causal, q.device)
+    elif method == "block_topk":
+        kv_index, kv_count = block_topk_layout(q, k, key_mask, causal, scale, **budget)
+    elif method == "strided":
+        kv_index, kv_count = strided_layout(Lq, Lk, H, causal=causal, device=q.device, **budget)
+    else:
+        raise ValueError(f"unknown sparse method {method!r}; allowed: {', '.join(METHODS)}")
+    nkb = num_blocks(Lk, block)
+    used = torch.arange(kv_index.shape[-1], device=q.device) < kv_count[..., None]
+    block_mask = torch.zeros(kv_index.shape[:-1] + (nkb + 1,), dtype=torch.bool, device=q.device)
+    block_mask.scatter_(-1, torch.where(used, kv_index.long(), torch.full_like(kv_index.long(), nkb)), True)
+    pairs = block_mask[..., :nkb].repeat_interleave(block, -2)[..., :Lq, :].repeat_interleave(block, -1)[..., :Lk]
+    if method == "window":
+        left, right = window_extents(budget["window"], causal)
+        pairs = pairs & (((k_pos >= q_pos - left) & (k_pos <= q_pos + right)) | (k_pos < budget.get("sinks", 0)))
+    return pairs
+
+
+def measured_density(method: str, q: Tensor, k: Tensor, key_mask: Optional[Tensor], causal: bool, scale: float,
+                     **budget) -> float:
+    """Fraction of the allowed (causal + padding) score entries, over all batches and query heads, that `method`
+    ("window", "block_topk", "strided", "lsh"; budget as the op's keyword arguments) computes exactly."""
+    B, H, Lq, _ = q.shape
+    allowed = allowed_mask(Lq, k.shape[2], causal, key_mask, q.device).expand(B, H, -1, -1)
+    kept = _method_pairs(method, q, k, key_mask, causal, scale, **budget) & allowed
+    total = int(allowed.sum())
+    return float(kept.sum()) / total if total else 0.0

@@ -95,6 +95,18 @@ class AttentionPass(Pass):
     def cost(self, site: AttentionSite, B: int, L: int, budget: dict) -> _common.AttentionCost:
         raise NotImplementedError
 
+    sparse_method: ClassVar[str] = ""      # name in ops.sparse_attention.measured_density, for sparse methods
+    sparse_args: ClassVar[tuple[str, ...]] = ()   # the op's budget argument names, in order
+
+    def measured_density(self, q, k, km, site: AttentionSite, method_args: tuple) -> float | None:
+        """Share of the allowed score entries the method computes exactly on these inputs (sparse methods; the
+        dense check is skipped past 4096 tokens, where the counted layout density stands in)."""
+        if not self.sparse_method or k.shape[2] > 4096:
+            return None
+        from ..ops.sparse_attention import measured_density
+        return measured_density(self.sparse_method, q, k, km, site.causal, site.scale,
+                                **dict(zip(self.sparse_args, method_args)))
+
     @property
     def op(self):
         from .. import ops  # noqa: F401  (registers the ops)
@@ -126,18 +138,21 @@ class AttentionPass(Pass):
             valid = km[:, None, rows, None] if (km is not None and not site.causal) else None
             err = _rel_error(exact, approx, valid)
             cost = self.cost(site, B, L, budget)
+            density = self.measured_density(q, k, km, site, method_args)
             errors.append(err)
             costs.append(cost)
             result.changes.append(SiteChange(site.module_path, "attention", {
                 "method": self.name, "layer": site.layer, "seq_len": L, **budget,
-                "density": round(cost.density, 5), "attention_rel_error": err,
+                "density": round(density if density is not None else min(1.0, cost.density), 5),
+                "computed_entries_ratio": round(cost.density, 5), "attention_rel_error": err,
                 "flops_ratio": cost.flops / cost.dense_flops, "memory_ratio": cost.memory_bytes / cost.dense_memory_bytes}))
         erase_dead(gm)
         result.summary = {
             "sites": len(sites), "mean_attention_rel_error": sum(errors) / len(errors),
             "attention_flops_ratio": sum(c.flops for c in costs) / sum(c.dense_flops for c in costs),
             "attention_memory_ratio": sum(c.memory_bytes for c in costs) / sum(c.dense_memory_bytes for c in costs),
-            "density": sum(c.score_entries for c in costs) / sum(c.dense_score_entries for c in costs)}
+            "computed_entries_ratio": sum(c.score_entries for c in costs) / sum(c.dense_score_entries for c in costs),
+            "density": sum(c.details["density"] for c in result.changes) / len(result.changes)}
         return result
 
     @staticmethod
@@ -191,6 +206,7 @@ class WindowAttention(AttentionPass):
     name = "window"
     config_class = WindowConfig
     op_name = "window_attention"
+    sparse_method, sparse_args = "window", ("window", "sinks", "block")
     summary = "sliding-window attention plus sink tokens (StreamingLLM / neighbourhood)"
 
     def method_args(self, site, L):
@@ -225,6 +241,7 @@ class BlockTopkAttention(AttentionPass):
     name = "block-topk"
     config_class = BlockTopkConfig
     op_name = "block_topk_attention"
+    sparse_method, sparse_args = "block_topk", ("density", "block", "pool", "sink_blocks", "local_blocks")
     summary = "training-free block-sparse attention: top-k key blocks by pooled scores (SeerAttention/Quest)"
 
     def method_args(self, site, L):
@@ -258,6 +275,7 @@ class StridedAttention(AttentionPass):
     name = "strided"
     config_class = StridedConfig
     op_name = "strided_attention"
+    sparse_method, sparse_args = "strided", ("stride", "local_blocks", "sink_blocks", "block")
     summary = "S2-Attention heterogeneous sharding: local blocks plus a per-head strided set of blocks"
 
     def method_args(self, site, L):
@@ -289,6 +307,7 @@ class LshAttention(AttentionPass):
     name = "lsh"
     config_class = LshConfig
     op_name = "lsh_attention"
+    sparse_method, sparse_args = "lsh", ("n_hashes", "bucket_size", "seed")
     summary = "angular LSH attention (Reformer / HyperAttention sortLSH), rounds merged by log-sum-exp"
 
     def method_args(self, site, L):

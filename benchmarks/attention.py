@@ -170,6 +170,7 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", required=True)
     parser.add_argument("--lengths", type=int, nargs="+", default=[4096, 16384, 32768, 65536])
+    parser.add_argument("--ops", nargs="+", choices=["window", "linear"], default=["window", "linear"])
     parser.add_argument("--budget-s", type=float, default=400.0, help="stop starting new shapes after this long")
     args = parser.parse_args()
     start = time.time()
@@ -204,8 +205,10 @@ def main() -> int:
                 if time.time() - start > args.budget_s:
                     result.setdefault("skipped", []).append(dict(L=L, D=D, causal=causal))
                     continue
-                bench_window(L, D, causal, result["records"], flex)
-                bench_linear(L, D, causal, result["records"], fla_ops)
+                if "window" in args.ops:
+                    bench_window(L, D, causal, result["records"], flex)
+                if "linear" in args.ops:
+                    bench_linear(L, D, causal, result["records"], fla_ops)
                 save()
                 torch.cuda.empty_cache()
     result["elapsed_s"] = time.time() - start

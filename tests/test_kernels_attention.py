@@ -140,13 +140,13 @@ def dense_linear_oracle(phi_q, phi_k, v, causal, key_mask):
     return w @ vv, w.sum(-1)
 
 
-@pytest.mark.parametrize("causal,Lq,Lk,F,chunk,masked", [
-    (True, 45, 45, 24, 16, True),      # F < block_f: one program stores directly
-    (True, 37, 70, 80, 16, False),     # Lk > Lq: earlier keys seed the state; F split over two programs (atomics)
-    (False, 30, 53, 40, 32, True),
+@pytest.mark.parametrize("causal,Lq,Lk,F,Dv,chunk,masked", [
+    (True, 45, 45, 24, 20, 16, True),     # F fits one block: programs store directly
+    (True, 37, 70, 160, 20, 16, False),   # Lk > Lq: earlier keys seed the state; F split in two blocks (atomics)
+    (False, 30, 53, 40, 40, 32, True),    # Dv split over two programs
 ])
-def test_chunked_linear_matches_dense_oracle(causal, Lq, Lk, F, chunk, masked):
-    B, H, Hkv, Dv = 2, 4, 2, 20
+def test_chunked_linear_matches_dense_oracle(causal, Lq, Lk, F, Dv, chunk, masked):
+    B, H, Hkv = 2, 4, 2
     g = gen(8)
     phi_q, phi_k = torch.rand(B, H, Lq, F, generator=g), torch.rand(B, Hkv, Lk, F, generator=g)
     v = torch.randn(B, Hkv, Lk, Dv, generator=g)

@@ -116,8 +116,10 @@ def chunked_linear_attention(phi_q: Tensor, phi_k: Tensor, v: Tensor, causal: bo
     v = v.to(phi_q.dtype)
     phi_k = phi_k.to(phi_q.dtype)
     phi_q, phi_k, v = (x if x.stride(-1) == 1 else x.contiguous() for x in (phi_q, phi_k, v))
-    block_f = block_f or min(64, max(16, triton.next_power_of_2(F)))
-    block_dv = block_dv or min(128, max(16, triton.next_power_of_2(Dv)))
+    # Measured on an H200 (B=1, H=32, L=16K, bf16): F unsplit up to 128 (no atomics) and thin Dv slices (more
+    # programs, a smaller register state) were fastest; 0.58 ms against 3.9 ms for F=64 x Dv=128 blocks at D=128.
+    block_f = block_f or min(128, max(16, triton.next_power_of_2(F)))
+    block_dv = block_dv or min(32, max(16, triton.next_power_of_2(Dv)))
     n_f, n_dv = triton.cdiv(F, block_f), triton.cdiv(Dv, block_dv)
     atomic = n_f > 1
     alloc = torch.zeros if atomic else torch.empty

@@ -12,7 +12,7 @@ from rewriter.kernels import triton_available, use_reference  # noqa: E402
 from rewriter.kernels.block_sparse_attention import block_sparse_attention, window_layout  # noqa: E402
 from rewriter.kernels.linear_attention import chunked_linear_attention  # noqa: E402
 from rewriter.kernels.registry import (linear_attention_cuda, performer_attention_cuda,  # noqa: E402
-                                       register_cuda_kernels, sparse_attention_cuda)
+                                       register_cuda_kernels, scatterbrain_attention_cuda, sparse_attention_cuda)
 from rewriter.ops._common import window_extents  # noqa: E402
 from rewriter.ops.block_sparse import block_sparse_attention_reference, num_blocks  # noqa: E402
 
@@ -176,6 +176,9 @@ def test_registered_functions_match_reference_ops():
         ref = torch.ops.rewriter.linear_attention(q, k, v, key_mask, False, D ** -0.5, "elu", window, sinks)
         got = linear_attention_cuda(q, k, v, key_mask, False, D ** -0.5, "elu", window, sinks)
         torch.testing.assert_close(got, ref, atol=1e-5, rtol=1e-4)
+    ref = torch.ops.rewriter.scatterbrain_attention(q, k, v, key_mask, True, D ** -0.5, 32, 10, 2, 1)
+    got = scatterbrain_attention_cuda(q, k, v, key_mask, True, D ** -0.5, 32, 10, 2, 1)
+    torch.testing.assert_close(got, ref, atol=1e-5, rtol=1e-4)
     left, right = window_extents(12, True)
     index, count = window_layout(L, L, 16, left, right, 2, "cpu")
     ref = block_sparse_attention_reference(q, k, v, index, count, 16, key_mask, True, None, left, right, 2)[0]
@@ -189,4 +192,35 @@ def test_registration_switches(monkeypatch):
     assert use_reference() and register_cuda_kernels() == []
     monkeypatch.delenv("REWRITER_ATTENTION_REFERENCE")
     assert not use_reference()
-    assert register_cuda_kernels() == ["rewriter::performer_attention", "rewriter::linear_attention"]
+    names = ["rewriter::performer_attention", "rewriter::linear_attention", "rewriter::scatterbrain_attention"]
+    assert register_cuda_kernels() == names
+    assert register_cuda_kernels() == names          # idempotent
+
+
+@pytest.mark.parametrize("causal,Lq,Lk,window,sinks,masked", [(True, 45, 60, 9, 3, True), (False, 40, 40, 12, 0, False)])
+def test_scatterbrain_matches_dense_oracle(causal, Lq, Lk, window, sinks, masked):
+    """w_ij = exp(scale q.k) on the band + sinks, true performer features phi.phi elsewhere; float64, dense."""
+    from rewriter.kernels.scatterbrain import scatterbrain_attention_triton
+    from rewriter.ops.lowrank_attention import _performer_features
+    B, H, Hkv, D = 2, 4, 2, 32
+    scale = D ** -0.5
+    q, k, v = qkv(11, B, H, Hkv, Lq, Lk, D)
+    key_mask = (torch.rand(B, Lk, generator=gen(12)) > 0.25) if masked else None
+    phi_q, phi_k, log_q, log_k = _performer_features(q, k, key_mask, scale, 24, 5)
+    out = scatterbrain_attention_triton(q, k, v, key_mask, causal, scale, phi_q, phi_k, window, sinks,
+                                        log_phi_q=log_q, log_phi_k=log_k, block=16)
+
+    group = H // Hkv
+    kk, vv = k.to(f64).repeat_interleave(group, 1), v.to(f64).repeat_interleave(group, 1)
+    true_q = phi_q.to(f64) * log_q.to(f64).exp()[..., None]
+    true_k = (phi_k.to(f64) * log_k.to(f64).exp()[:, :, None, None]).repeat_interleave(group, 1)
+    i = torch.arange(Lq)[:, None] + (Lk - Lq)
+    j = torch.arange(Lk)[None, :]
+    left, right = window_extents(window, causal)
+    support = ((j >= i - left) & (j <= i + right)) | (j < sinks)
+    allowed = (j <= i) if causal else torch.ones(Lq, Lk, dtype=torch.bool)
+    allowed = allowed[None, None] & (key_mask[:, None, None, :] if masked else True)
+    w = torch.where(support, (q.to(f64) @ kk.transpose(-1, -2) * scale).exp(), true_q @ true_k.transpose(-1, -2))
+    w = w * allowed
+    ref = (w @ vv) / w.sum(-1, keepdim=True)
+    torch.testing.assert_close(out.to(f64), ref, atol=1e-4, rtol=1e-4)

@@ -55,6 +55,19 @@ def linear_attention_cuda(q: Tensor, k: Tensor, v: Tensor, key_mask: Optional[Te
     return _normalise(num, den).to(q.dtype)
 
 
+def scatterbrain_attention_cuda(q: Tensor, k: Tensor, v: Tensor, key_mask: Optional[Tensor], causal: bool,
+                                scale: float, features: int, window: int, sinks: int = 0, seed: int = 0) -> Tensor:
+    from ..ops._common import check_qkv
+    from ..ops.lowrank_attention import _check_scatterbrain_budget, _performer_features
+    from .scatterbrain import scatterbrain_attention_triton
+    check_qkv(q, k, v, key_mask)
+    _check_scatterbrain_budget(features, window, sinks)
+    phi_q, phi_k, log_q, log_k = _performer_features(q, k, key_mask, scale, features, seed)
+    dt = _kernel_dtype(q)
+    return scatterbrain_attention_triton(q.to(dt), k.to(dt), v.to(dt), key_mask, causal, scale, phi_q.to(dt),
+                                         phi_k.to(dt), window, sinks, log_phi_q=log_q, log_phi_k=log_k).to(q.dtype)
+
+
 def sparse_attention_cuda(q: Tensor, k: Tensor, v: Tensor, kv_index: Tensor, kv_count: Tensor, block: int,
                           key_mask: Optional[Tensor] = None, causal: bool = False, scale: Optional[float] = None,
                           window_left: int = -1, window_right: int = -1, sinks: int = 0,
@@ -72,7 +85,9 @@ def sparse_attention_cuda(q: Tensor, k: Tensor, v: Tensor, kv_index: Tensor, kv_
 CUDA_KERNELS = {
     "rewriter::performer_attention": performer_attention_cuda,
     "rewriter::linear_attention": linear_attention_cuda,
+    "rewriter::scatterbrain_attention": scatterbrain_attention_cuda,
 }
+_registered: set[str] = set()
 
 
 def register_cuda_kernels() -> list[str]:
@@ -82,5 +97,7 @@ def register_cuda_kernels() -> list[str]:
         return []
     import rewriter.ops  # noqa: F401  (defines the ops)
     for name, fn in CUDA_KERNELS.items():
-        torch.library.register_kernel(name, "cuda", fn)
+        if name not in _registered:                 # registering twice would stack a second kernel
+            torch.library.register_kernel(name, "cuda", fn)
+            _registered.add(name)
     return list(CUDA_KERNELS)

@@ -13,6 +13,11 @@ Both terms are linear in the feature dimension, so the grid splits F (and Dv) ac
 (f, d) computes the contribution of features f to outputs d, and several F blocks add their partial sums
 with fp32 atomics into zeroed outputs (one block stores directly). The state of one program is
 BLOCK_F x BLOCK_DV fp32 in registers.
+
+Each program walks its sequence serially, so parallelism is B x H x (F / BLOCK_F) x (Dv / BLOCK_DV) programs.
+Measured on an H200 (bf16, B=1, H=32, elu features F = D, causal): 3.5x faster than fla's normalised
+chunk_linear_attn and 1.7x faster than chunk_simple_gla at L=4K; at L=16K (kernel only) 0.58 ms against
+1.07 / 0.38 ms at D=128: simple_gla, which computes the chunk states in parallel, wins at long L.
 """
 from __future__ import annotations
 

@@ -125,7 +125,7 @@ def test_block_sparse_rejects_bad_block():
 
 
 def dense_linear_oracle(phi_q, phi_k, v, causal, key_mask):
-    """float64 definition: num_i = sum_{allowed j} (phi_q_i . phi_k_j) v_j, den_i = sum_{allowed j} phi_q_i . phi_k_j."""
+    """float64 definition: num_i = sum_{allowed j} (phi_q_i . phi_k_j) v_j; den_i the same without v_j."""
     H, Hkv, Lq, Lk = phi_q.shape[1], phi_k.shape[1], phi_q.shape[2], phi_k.shape[2]
     pk = phi_k.to(f64).repeat_interleave(H // Hkv, dim=1)
     vv = v.to(f64).repeat_interleave(H // Hkv, dim=1)
@@ -197,7 +197,8 @@ def test_registration_switches(monkeypatch):
     assert register_cuda_kernels() == names          # idempotent
 
 
-@pytest.mark.parametrize("causal,Lq,Lk,window,sinks,masked", [(True, 45, 60, 9, 3, True), (False, 40, 40, 12, 0, False)])
+@pytest.mark.parametrize("causal,Lq,Lk,window,sinks,masked", [(True, 45, 60, 9, 3, True),
+                                                              (False, 40, 40, 12, 0, False)])
 def test_scatterbrain_matches_dense_oracle(causal, Lq, Lk, window, sinks, masked):
     """w_ij = exp(scale q.k) on the band + sinks, true performer features phi.phi elsewhere; float64, dense."""
     from rewriter.kernels.scatterbrain import scatterbrain_attention_triton

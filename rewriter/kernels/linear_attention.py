@@ -106,7 +106,8 @@ def chunked_linear_attention(phi_q: Tensor, phi_k: Tensor, v: Tensor, causal: bo
     """(num (B, H, Lq, Dv) fp32, den (B, H, Lq) fp32) of linear attention; phi_q (B, H, Lq, F), phi_k (B, Hkv, Lk, F),
     v (B, Hkv, Lk, Dv); query head h reads kv head h // (H // Hkv). The caller divides (den <= 0 -> 0)."""
     if phi_q.dim() != 4 or phi_k.dim() != 4 or v.dim() != 4:
-        raise ValueError(f"phi_q, phi_k, v must be 4-D; got {tuple(phi_q.shape)}, {tuple(phi_k.shape)}, {tuple(v.shape)}")
+        raise ValueError(f"phi_q, phi_k, v must be 4-D; got {tuple(phi_q.shape)}, {tuple(phi_k.shape)}, "
+                         f"{tuple(v.shape)}")
     B, H, Lq, F = phi_q.shape
     Hkv, Lk, Dv = phi_k.shape[1], phi_k.shape[2], v.shape[-1]
     if phi_k.shape[0] != B or phi_k.shape[3] != F or tuple(v.shape[:3]) != (B, Hkv, Lk) or H % Hkv:

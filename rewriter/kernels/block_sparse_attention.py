@@ -17,7 +17,6 @@ loads positions, and that K/V loads are not pipelined across the data-dependent 
 """
 from __future__ import annotations
 
-
 import torch
 import triton
 import triton.language as tl

@@ -1,0 +1,20 @@
+"""Triton kernels (CUDA; on CPU tensors only under TRITON_INTERPRET=1) for the ops in ``rewriter.ops``."""
+from __future__ import annotations
+
+import importlib.util
+import os
+
+
+def triton_available() -> bool:
+    """Triton is importable and can run: a CUDA device is present, or TRITON_INTERPRET=1 (CPU interpreter)."""
+    if importlib.util.find_spec("triton") is None:
+        return False
+    if os.environ.get("TRITON_INTERPRET") == "1":
+        return True
+    import torch
+    return torch.cuda.is_available()
+
+
+def use_reference() -> bool:
+    """REWRITER_ATTENTION_REFERENCE=1 forces the PyTorch reference implementations of the attention ops."""
+    return os.environ.get("REWRITER_ATTENTION_REFERENCE") == "1"

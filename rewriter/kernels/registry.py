@@ -1,0 +1,103 @@
+"""CUDA implementations of the attention ops, registered with ``torch.library.register_kernel``.
+
+Feature maps come from the reference code in ``rewriter.ops.lowrank_attention``; only the cores run in Triton.
+The sparse ops (window, block top-k, strided, LSH) build a layout (kv_index/kv_count) and a token predicate and
+call ``sparse_attention_cuda`` with them; the lead wires those once the ops land.
+"""
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+from torch import Tensor
+
+from . import triton_available, use_reference
+
+
+def _normalise(num: Tensor, den: Tensor) -> Tensor:
+    positive = den > 0
+    safe = torch.where(positive, den, torch.ones_like(den))
+    return torch.where(positive[..., None], num / safe[..., None], torch.zeros_like(num))
+
+
+def _kernel_dtype(q: Tensor) -> torch.dtype:
+    # Half-precision inputs run the tensor-core products in that precision (fp32 accumulation); fp32 inputs in
+    # fp32 (tf32 products on CUDA).
+    return q.dtype if q.dtype in (torch.bfloat16, torch.float16) else torch.float32
+
+
+def performer_attention_cuda(q: Tensor, k: Tensor, v: Tensor, key_mask: Optional[Tensor], causal: bool, scale: float,
+                             features: int, seed: int = 0) -> Tensor:
+    from ..ops._common import check_qkv
+    from ..ops.lowrank_attention import _check_features, _performer_features
+    from .linear_attention import chunked_linear_attention
+    check_qkv(q, k, v, key_mask)
+    _check_features(features)
+    phi_q, phi_k, _, _ = _performer_features(q, k, key_mask, scale, features, seed)
+    dt = _kernel_dtype(q)
+    num, den = chunked_linear_attention(phi_q.to(dt), phi_k.to(dt), v.to(dt), causal, key_mask)
+    return _normalise(num, den).to(q.dtype)
+
+
+def linear_attention_cuda(q: Tensor, k: Tensor, v: Tensor, key_mask: Optional[Tensor], causal: bool, scale: float,
+                          feature_map: str, window: int = 0, sinks: int = 0) -> Tensor:
+    from ..ops._common import check_qkv
+    from ..ops.lowrank_attention import _check_linear_budget, _fixed_features, sparse_plus_lowrank_attention
+    from .linear_attention import chunked_linear_attention
+    check_qkv(q, k, v, key_mask)
+    _check_linear_budget(feature_map, window, sinks)
+    phi_q, phi_k = _fixed_features(feature_map, q, k, scale)
+    if window or sinks:
+        # the hybrid (band + low rank) has no kernel yet: its reference
+        return sparse_plus_lowrank_attention(q, k, v, key_mask, causal, scale, phi_q, phi_k, window, sinks)
+    dt = _kernel_dtype(q)
+    num, den = chunked_linear_attention(phi_q.to(dt), phi_k.to(dt), v.to(dt), causal, key_mask)
+    return _normalise(num, den).to(q.dtype)
+
+
+def scatterbrain_attention_cuda(q: Tensor, k: Tensor, v: Tensor, key_mask: Optional[Tensor], causal: bool,
+                                scale: float, features: int, window: int, sinks: int = 0, seed: int = 0) -> Tensor:
+    from ..ops._common import check_qkv
+    from ..ops.lowrank_attention import _check_scatterbrain_budget, _performer_features
+    from .scatterbrain import scatterbrain_attention_triton
+    check_qkv(q, k, v, key_mask)
+    _check_scatterbrain_budget(features, window, sinks)
+    phi_q, phi_k, log_q, log_k = _performer_features(q, k, key_mask, scale, features, seed)
+    dt = _kernel_dtype(q)
+    return scatterbrain_attention_triton(q.to(dt), k.to(dt), v.to(dt), key_mask, causal, scale, phi_q.to(dt),
+                                         phi_k.to(dt), window, sinks, log_phi_q=log_q, log_phi_k=log_k).to(q.dtype)
+
+
+def sparse_attention_cuda(q: Tensor, k: Tensor, v: Tensor, kv_index: Tensor, kv_count: Tensor, block: int,
+                          key_mask: Optional[Tensor] = None, causal: bool = False, scale: Optional[float] = None,
+                          window_left: int = -1, window_right: int = -1, sinks: int = 0,
+                          q_pos: Optional[Tensor] = None, k_pos: Optional[Tensor] = None) -> Tensor:
+    """The sparse ops' core: same arguments as ``block_sparse_attention_reference``; returns out only.
+    Falls back to the reference when REWRITER_ATTENTION_REFERENCE=1 or Triton cannot run."""
+    from ..ops.block_sparse import block_sparse_attention_reference
+    args = (q, k, v, kv_index, kv_count, block, key_mask, causal, scale, window_left, window_right, sinks, q_pos, k_pos)
+    if use_reference() or not triton_available() or block < 16 or block > 128 or block & (block - 1):
+        return block_sparse_attention_reference(*args)[0]
+    from .block_sparse_attention import block_sparse_attention
+    return block_sparse_attention(*args)[0]
+
+
+CUDA_KERNELS = {
+    "rewriter::performer_attention": performer_attention_cuda,
+    "rewriter::linear_attention": linear_attention_cuda,
+    "rewriter::scatterbrain_attention": scatterbrain_attention_cuda,
+}
+_registered: set[str] = set()
+
+
+def register_cuda_kernels() -> list[str]:
+    """Register the Triton implementations for the CUDA dispatch key; returns the op names registered
+    (none when Triton cannot run or REWRITER_ATTENTION_REFERENCE=1)."""
+    if not triton_available() or use_reference():
+        return []
+    import rewriter.ops  # noqa: F401  (defines the ops)
+    for name, fn in CUDA_KERNELS.items():
+        if name not in _registered:                 # registering twice would stack a second kernel
+            torch.library.register_kernel(name, "cuda", fn)
+            _registered.add(name)
+    return list(CUDA_KERNELS)

@@ -1,0 +1,227 @@
+"""Triton attention kernels, run by the Triton interpreter on CPU tensors (small shapes)."""
+import os
+
+os.environ["TRITON_INTERPRET"] = "1"  # must be set before triton is first imported
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
+
+pytest.importorskip("triton", reason="triton is not importable: the attention kernels cannot run")
+
+from rewriter.kernels import triton_available, use_reference  # noqa: E402
+from rewriter.kernels.block_sparse_attention import block_sparse_attention, window_layout  # noqa: E402
+from rewriter.kernels.linear_attention import chunked_linear_attention  # noqa: E402
+from rewriter.kernels.registry import (linear_attention_cuda, performer_attention_cuda,  # noqa: E402
+                                       register_cuda_kernels, scatterbrain_attention_cuda, sparse_attention_cuda)
+from rewriter.ops._common import window_extents  # noqa: E402
+from rewriter.ops.block_sparse import block_sparse_attention_reference, num_blocks  # noqa: E402
+
+f64 = torch.float64
+
+
+def gen(seed):
+    return torch.Generator().manual_seed(seed)
+
+
+def qkv(seed, B, H, Hkv, Lq, Lk, D, Dv=None, dtype=torch.float32):
+    g = gen(seed)
+    Dv = Dv or D
+    return (torch.randn(B, H, Lq, D, generator=g).to(dtype), torch.randn(B, Hkv, Lk, D, generator=g).to(dtype),
+            torch.randn(B, Hkv, Lk, Dv, generator=g).to(dtype))
+
+
+def random_layout(seed, Bl, Hl, nqb, nkb, K):
+    """Ascending distinct key blocks per query block, counts in 0..K (0 = a query block that sees nothing);
+    unused slots hold garbage that the kernel must ignore."""
+    g = gen(seed)
+    index = torch.full((Bl, Hl, nqb, K), 10**6, dtype=torch.int32)
+    count = torch.randint(0, K + 1, (Bl, Hl, nqb), generator=g, dtype=torch.int32)
+    count[..., 0] = 0
+    for b in range(Bl):
+        for h in range(Hl):
+            for i in range(nqb):
+                c = int(count[b, h, i])
+                index[b, h, i, :c] = torch.randperm(nkb, generator=g)[:c].sort().values.to(torch.int32)
+    return index, count
+
+
+def assert_matches_reference(q, k, v, index, count, block, atol, **kw):
+    out, lse = block_sparse_attention(q, k, v, index, count, block, **kw)
+    ref, ref_lse = block_sparse_attention_reference(q.to(f64), k.to(f64), v.to(f64), index, count, block, **kw)
+    assert out.dtype == q.dtype and lse.dtype == torch.float32
+    torch.testing.assert_close(out.to(f64), ref, atol=atol, rtol=0)
+    empty = torch.isinf(ref_lse)
+    assert torch.equal(torch.isinf(lse), empty)
+    assert lse[empty].eq(float("-inf")).all() and out[empty].eq(0).all()
+    torch.testing.assert_close(lse[~empty].to(f64), ref_lse[~empty].to(f64), atol=atol, rtol=0)
+    return ref, ref_lse
+
+
+@pytest.mark.parametrize("causal", [True, False])
+def test_window_sinks_gqa_padding_odd_lengths(causal):
+    B, H, Hkv, Lq, Lk, D, block = 2, 4, 2, 37, 53, 40, 16   # D padded to 64, tails masked, Lq < Lk
+    q, k, v = qkv(0, B, H, Hkv, Lq, Lk, D)
+    key_mask = torch.rand(B, Lk, generator=gen(1)) > 0.25
+    key_mask[1, :] = False                                   # batch 1 sees no key at all
+    left, right = window_extents(9, causal)
+    index, count = window_layout(Lq, Lk, block, left, right, 3, "cpu")
+    ref, ref_lse = assert_matches_reference(q, k, v, index, count, block, 2e-5, key_mask=key_mask, causal=causal,
+                                            window_left=left, window_right=right, sinks=3)
+    assert torch.isinf(ref_lse[1]).all() and torch.isfinite(ref_lse[0]).any()
+
+
+def test_window_layout_lists_every_block_the_band_touches():
+    """The layout must hold every key the dense band + sinks allow (an oracle built token by token)."""
+    Lq, Lk, block, left, right, sinks = 45, 70, 16, 11, 4, 5
+    index, count = window_layout(Lq, Lk, block, left, right, sinks, "cpu")
+    for i in range(Lq):
+        p = i + Lk - Lq
+        needed = {j // block for j in range(Lk) if (p - left <= j <= p + right) or j < sinks}
+        listed = set(index[0, 0, i // block, :count[0, 0, i // block]].tolist())
+        assert needed <= listed
+    for qb in range(index.shape[2]):
+        assert (index[0, 0, qb, :count[0, 0, qb]].diff() > 0).all()      # ascending, no block twice
+
+
+@pytest.mark.parametrize("Bl,Hl", [(1, 1), (2, 1), (1, 4), (2, 4)])
+def test_random_layouts_with_broadcast_dims(Bl, Hl):
+    B, H, Hkv, Lq, Lk, D, block = 2, 4, 1, 50, 67, 32, 16
+    q, k, v = qkv(2, B, H, Hkv, Lq, Lk, D, Dv=24)
+    index, count = random_layout(3, Bl, Hl, num_blocks(Lq, block), num_blocks(Lk, block), 3)
+    key_mask = torch.rand(B, Lk, generator=gen(4)) > 0.2
+    assert_matches_reference(q, k, v, index, count, block, 2e-5, key_mask=key_mask, scale=0.3)
+
+
+def test_permuted_positions_causal_window():
+    """LSH-style: tokens sorted by bucket, the predicate reads their original positions."""
+    B, H, Hkv, L, D, block = 1, 2, 2, 48, 32, 16
+    q, k, v = qkv(5, B, H, Hkv, L, L, D)
+    g = gen(6)
+    q_pos = torch.stack([torch.randperm(L, generator=g) for _ in range(B * H)]).view(B, H, L)
+    k_pos = torch.stack([torch.randperm(L, generator=g) for _ in range(B * H)]).view(B, H, L)
+    nb = num_blocks(L, block)
+    index = torch.arange(nb, dtype=torch.int32).expand(1, 1, nb, nb)
+    count = torch.full((1, 1, nb), nb, dtype=torch.int32)
+    assert_matches_reference(q, k, v, index, count, block, 2e-5, causal=True, window_left=10, window_right=-1,
+                             sinks=2, q_pos=q_pos, k_pos=k_pos)
+
+
+def test_fp16_block32_matches_reference():
+    # fp16, not bf16: the CPU interpreter's bf16 tl.dot returns garbage (triton 3.8); bf16 is checked on the GPU
+    # by benchmarks/attention.py
+    B, H, Hkv, L, D, block = 1, 2, 1, 70, 64, 32
+    q, k, v = qkv(7, B, H, Hkv, L, L, D, dtype=torch.float16)
+    left, right = window_extents(20, True)
+    index, count = window_layout(L, L, block, left, right, 4, "cpu")
+    assert_matches_reference(q, k, v, index, count, block, 2e-2, causal=True, window_left=left, window_right=right,
+                             sinks=4)
+
+
+def test_block_sparse_rejects_bad_block():
+    q, k, v = qkv(0, 1, 1, 1, 8, 8, 32)
+    index, count = window_layout(8, 8, 16, 3, 0, 0, "cpu")
+    with pytest.raises(ValueError, match="power of two"):
+        block_sparse_attention(q, k, v, index, count, 24)
+
+
+def dense_linear_oracle(phi_q, phi_k, v, causal, key_mask):
+    """float64 definition: num_i = sum_{allowed j} (phi_q_i . phi_k_j) v_j; den_i the same without v_j."""
+    H, Hkv, Lq, Lk = phi_q.shape[1], phi_k.shape[1], phi_q.shape[2], phi_k.shape[2]
+    pk = phi_k.to(f64).repeat_interleave(H // Hkv, dim=1)
+    vv = v.to(f64).repeat_interleave(H // Hkv, dim=1)
+    w = phi_q.to(f64) @ pk.transpose(-1, -2)
+    allowed = torch.ones(Lq, Lk, dtype=torch.bool)
+    if causal:
+        allowed = torch.arange(Lk)[None, :] <= torch.arange(Lq)[:, None] + (Lk - Lq)
+    allowed = allowed[None, None]
+    if key_mask is not None:
+        allowed = allowed & key_mask[:, None, None, :]
+    w = w * allowed
+    return w @ vv, w.sum(-1)
+
+
+@pytest.mark.parametrize("causal,Lq,Lk,F,Dv,chunk,masked", [
+    (True, 45, 45, 24, 20, 16, True),     # F fits one block: programs store directly
+    (True, 37, 70, 160, 20, 16, False),   # Lk > Lq: earlier keys seed the state; F split in two blocks (atomics)
+    (False, 30, 53, 40, 40, 32, True),    # Dv split over two programs
+])
+def test_chunked_linear_matches_dense_oracle(causal, Lq, Lk, F, Dv, chunk, masked):
+    B, H, Hkv = 2, 4, 2
+    g = gen(8)
+    phi_q, phi_k = torch.rand(B, H, Lq, F, generator=g), torch.rand(B, Hkv, Lk, F, generator=g)
+    v = torch.randn(B, Hkv, Lk, Dv, generator=g)
+    key_mask = (torch.rand(B, Lk, generator=g) > 0.3) if masked else None
+    num, den = chunked_linear_attention(phi_q, phi_k, v, causal, key_mask, chunk=chunk)
+    ref_num, ref_den = dense_linear_oracle(phi_q, phi_k, v, causal, key_mask)
+    assert num.dtype == den.dtype == torch.float32
+    torch.testing.assert_close(num.to(f64), ref_num, atol=1e-4 * ref_num.abs().max().item(), rtol=0)
+    torch.testing.assert_close(den.to(f64), ref_den, atol=1e-5 * ref_den.abs().max().item(), rtol=0)
+
+
+def test_chunked_linear_rejects_bad_chunk():
+    x = torch.rand(1, 1, 8, 4)
+    with pytest.raises(ValueError, match="chunk"):
+        chunked_linear_attention(x, x, x, True, chunk=24)
+
+
+def test_registered_functions_match_reference_ops():
+    B, H, Hkv, L, D = 1, 4, 2, 40, 32
+    q, k, v = qkv(9, B, H, Hkv, L, L, D)
+    key_mask = torch.rand(B, L, generator=gen(10)) > 0.2
+    # On CPU tensors the ops dispatch to their references; the CUDA functions run the kernels.
+    ref = torch.ops.rewriter.performer_attention(q, k, v, key_mask, True, D ** -0.5, 48, 3)
+    torch.testing.assert_close(performer_attention_cuda(q, k, v, key_mask, True, D ** -0.5, 48, 3), ref,
+                               atol=1e-5, rtol=1e-4)
+    for window, sinks in [(0, 0), (8, 2)]:
+        ref = torch.ops.rewriter.linear_attention(q, k, v, key_mask, False, D ** -0.5, "elu", window, sinks)
+        got = linear_attention_cuda(q, k, v, key_mask, False, D ** -0.5, "elu", window, sinks)
+        torch.testing.assert_close(got, ref, atol=1e-5, rtol=1e-4)
+    ref = torch.ops.rewriter.scatterbrain_attention(q, k, v, key_mask, True, D ** -0.5, 32, 10, 2, 1)
+    got = scatterbrain_attention_cuda(q, k, v, key_mask, True, D ** -0.5, 32, 10, 2, 1)
+    torch.testing.assert_close(got, ref, atol=1e-5, rtol=1e-4)
+    left, right = window_extents(12, True)
+    index, count = window_layout(L, L, 16, left, right, 2, "cpu")
+    ref = block_sparse_attention_reference(q, k, v, index, count, 16, key_mask, True, None, left, right, 2)[0]
+    got = sparse_attention_cuda(q, k, v, index, count, 16, key_mask, True, None, left, right, 2)
+    torch.testing.assert_close(got, ref, atol=1e-5, rtol=1e-4)
+
+
+def test_registration_switches(monkeypatch):
+    assert triton_available()
+    monkeypatch.setenv("REWRITER_ATTENTION_REFERENCE", "1")
+    assert use_reference() and register_cuda_kernels() == []
+    monkeypatch.delenv("REWRITER_ATTENTION_REFERENCE")
+    assert not use_reference()
+    names = ["rewriter::performer_attention", "rewriter::linear_attention", "rewriter::scatterbrain_attention"]
+    assert register_cuda_kernels() == names
+    assert register_cuda_kernels() == names          # idempotent
+
+
+@pytest.mark.parametrize("causal,Lq,Lk,window,sinks,masked", [(True, 45, 60, 9, 3, True),
+                                                              (False, 40, 40, 12, 0, False)])
+def test_scatterbrain_matches_dense_oracle(causal, Lq, Lk, window, sinks, masked):
+    """w_ij = exp(scale q.k) on the band + sinks, true performer features phi.phi elsewhere; float64, dense."""
+    from rewriter.kernels.scatterbrain import scatterbrain_attention_triton
+    from rewriter.ops.lowrank_attention import _performer_features
+    B, H, Hkv, D = 2, 4, 2, 32
+    scale = D ** -0.5
+    q, k, v = qkv(11, B, H, Hkv, Lq, Lk, D)
+    key_mask = (torch.rand(B, Lk, generator=gen(12)) > 0.25) if masked else None
+    phi_q, phi_k, log_q, log_k = _performer_features(q, k, key_mask, scale, 24, 5)
+    out = scatterbrain_attention_triton(q, k, v, key_mask, causal, scale, phi_q, phi_k, window, sinks,
+                                        log_phi_q=log_q, log_phi_k=log_k, block=16)
+
+    group = H // Hkv
+    kk, vv = k.to(f64).repeat_interleave(group, 1), v.to(f64).repeat_interleave(group, 1)
+    true_q = phi_q.to(f64) * log_q.to(f64).exp()[..., None]
+    true_k = (phi_k.to(f64) * log_k.to(f64).exp()[:, :, None, None]).repeat_interleave(group, 1)
+    i = torch.arange(Lq)[:, None] + (Lk - Lq)
+    j = torch.arange(Lk)[None, :]
+    left, right = window_extents(window, causal)
+    support = ((j >= i - left) & (j <= i + right)) | (j < sinks)
+    allowed = (j <= i) if causal else torch.ones(Lq, Lk, dtype=torch.bool)
+    allowed = allowed[None, None] & (key_mask[:, None, None, :] if masked else True)
+    w = torch.where(support, (q.to(f64) @ kk.transpose(-1, -2) * scale).exp(), true_q @ true_k.transpose(-1, -2))
+    w = w * allowed
+    ref = (w @ vv) / w.sum(-1, keepdim=True)
+    torch.testing.assert_close(out.to(f64), ref, atol=1e-4, rtol=1e-4)

@@ -11,8 +11,8 @@ pytest.importorskip("triton", reason="triton is not importable: the attention ke
 from rewriter.kernels import triton_available, use_reference  # noqa: E402
 from rewriter.kernels.block_sparse_attention import block_sparse_attention, window_layout  # noqa: E402
 from rewriter.kernels.linear_attention import chunked_linear_attention  # noqa: E402
-from rewriter.kernels.registry import (linear_attention_cuda, performer_attention_cuda,  # noqa: E402
-                                       register_cuda_kernels, scatterbrain_attention_cuda, sparse_attention_cuda)
+from rewriter.kernels.registry import (CUDA_KERNELS, linear_attention_cuda, performer_attention_cuda,  # noqa: E402
+                                       register_cuda_kernels, scatterbrain_attention_cuda, sparse_attention_core)
 from rewriter.ops._common import window_extents  # noqa: E402
 from rewriter.ops.block_sparse import block_sparse_attention_reference, num_blocks  # noqa: E402
 
@@ -182,8 +182,15 @@ def test_registered_functions_match_reference_ops():
     left, right = window_extents(12, True)
     index, count = window_layout(L, L, 16, left, right, 2, "cpu")
     ref = block_sparse_attention_reference(q, k, v, index, count, 16, key_mask, True, None, left, right, 2)[0]
-    got = sparse_attention_cuda(q, k, v, index, count, 16, key_mask, True, None, left, right, 2)
+    got = sparse_attention_core(q, k, v, index, count, 16, key_mask, True, None, left, right, 2)[0]
     torch.testing.assert_close(got, ref, atol=1e-5, rtol=1e-4)
+    # the sparse ops' CUDA registrations: the op's own layout with the Triton core, against the op (reference)
+    s = D ** -0.5
+    for name, args in [("window_attention", (12, 2, 16)), ("block_topk_attention", (0.5, 16)),
+                       ("strided_attention", (2, 1, 1, 16))]:
+        ref = getattr(torch.ops.rewriter, name)(q, k, v, key_mask, True, s, *args)
+        got = CUDA_KERNELS[f"rewriter::{name}"](q, k, v, key_mask, True, s, *args)
+        torch.testing.assert_close(got, ref, atol=1e-5, rtol=1e-4)
 
 
 def test_registration_switches(monkeypatch):
@@ -192,7 +199,9 @@ def test_registration_switches(monkeypatch):
     assert use_reference() and register_cuda_kernels() == []
     monkeypatch.delenv("REWRITER_ATTENTION_REFERENCE")
     assert not use_reference()
-    names = ["rewriter::performer_attention", "rewriter::linear_attention", "rewriter::scatterbrain_attention"]
+    names = ["rewriter::performer_attention", "rewriter::linear_attention", "rewriter::scatterbrain_attention",
+             "rewriter::window_attention", "rewriter::block_topk_attention", "rewriter::strided_attention",
+             "rewriter::binary_linear"]
     assert register_cuda_kernels() == names
     assert register_cuda_kernels() == names          # idempotent
 

@@ -1,21 +1,13 @@
-"""Block-sparse flash attention (forward): the CUDA core of every sparse attention op.
+"""Block-sparse flash attention forward in Triton: the CUDA core of every sparse attention op.
 
-Same contract as ``rewriter.ops.block_sparse.block_sparse_attention_reference``: layout kv_index/kv_count
-(broadcastable batch/head dims), token-level predicate (padding, causal on positions, window band, sinks),
-returns (out in q's dtype, lse float32 with -inf for rows that saw no key).
-
-One program per (query block, batch x head). It iterates only the key blocks listed for its query block with
-an online softmax (FlashAttention-2: running row max m, running sum l, fp32 accumulator rescaled by
-exp(m_old - m_new)); exponentials are base 2 with log2(e) folded into the scale. Head dims are padded to a
-power of two with masked loads; the kernel block equals the layout block.
-
-Measured on an H200 (benchmarks/results/attention_h200.json; B=1, H=32, bf16, window 1024 + 64 sinks): block 64
-with 4 warps is the fastest setting tried; it runs at 0.66-0.68x FlexAttention's speed at D=128 and 0.42-0.48x
-at D=64 (L = 4K..64K), and beats dense SDPA flash/cuDNN from L=16K on. Not profiled yet; the likely costs
-against Flex are that every visited block evaluates the token predicate (Flex skips it on full blocks) and
-loads positions, and that K/V loads are not pipelined across the data-dependent block list.
+Same contract as ``rewriter.ops.block_sparse.block_sparse_attention_reference`` (layout kv_index/kv_count with
+broadcastable batch/head dims, token-level predicate: padding, causal on positions, window band, sinks).
+One program per (query block, batch x head) runs an online softmax (FlashAttention-2) over the key blocks its
+query block lists, accumulating in fp32. The kernel block is the layout block.
 """
 from __future__ import annotations
+
+import math
 
 import torch
 import triton
@@ -25,148 +17,180 @@ from torch import Tensor
 from ..ops._common import check_qkv
 from ..ops.block_sparse import num_blocks
 
-_LOG2E = 1.4426950408889634
+_LOG2E = 1.0 / math.log(2.0)
+
+
+@triton.jit
+def pair_allowed(q_pos, k_pos, key_ok, window_left, window_right, sinks,
+                 CAUSAL: tl.constexpr, WINDOW_LEFT: tl.constexpr, WINDOW_RIGHT: tl.constexpr, HAS_SINKS: tl.constexpr):
+    """The layout's token-level predicate on a (query rows, key columns) tile: padding, causal, window, sinks."""
+    qp = q_pos[:, None]
+    kp = k_pos[None, :]
+    allowed = key_ok[None, :] & (qp == qp)
+    if CAUSAL:
+        allowed = allowed & (kp <= qp)
+    if WINDOW_LEFT or WINDOW_RIGHT:
+        in_window = kp == kp
+        if WINDOW_LEFT:
+            in_window = in_window & (kp >= qp - window_left)
+        if WINDOW_RIGHT:
+            in_window = in_window & (kp <= qp + window_right)
+        if HAS_SINKS:
+            in_window = in_window | (kp < sinks)
+        allowed = allowed & in_window
+    return allowed
 
 
 @triton.jit
 def _block_sparse_fwd(
-    q_ptr, k_ptr, v_ptr, o_ptr, lse_ptr, idx_ptr, cnt_ptr, qpos_ptr, kpos_ptr, kmask_ptr,
-    H, GROUP, Lq, Lk, D, DV, qk_scale, window_left, window_right, sinks,
-    sq_b, sq_h, sq_l, sk_b, sk_h, sk_l, sv_b, sv_h, sv_l, so_b, so_h, so_l, slse_b, slse_h,
-    si_b, si_h, si_q, sc_b, sc_h, sqp_b, sqp_h, skp_b, skp_h, skm_b,
-    BLOCK: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
-    CAUSAL: tl.constexpr, HAS_KEY_MASK: tl.constexpr, HAS_WINDOW: tl.constexpr,
+    Q, K, V, Out, Lse, KvIndex, KvCount, KeyMask, QPos, KPos,
+    s_qb, s_qh, s_qm, s_kb, s_kh, s_kn, s_vb, s_vh, s_vn, s_ob, s_oh, s_om, s_lb, s_lh,
+    s_ib, s_ih, s_iq, s_cb, s_ch, s_mb, s_qpb, s_qph, s_kpb, s_kph,
+    H, group, Lq, Lk, qk_scale, window_left, window_right, sinks,
+    CAUSAL: tl.constexpr, HAS_MASK: tl.constexpr, HAS_POS: tl.constexpr,
+    WINDOW_LEFT: tl.constexpr, WINDOW_RIGHT: tl.constexpr, HAS_SINKS: tl.constexpr,
+    BLOCK: tl.constexpr, HEAD_D: tl.constexpr, HEAD_DV: tl.constexpr,
+    PAD_D: tl.constexpr, PAD_DV: tl.constexpr, DOT_PRECISION: tl.constexpr,
 ):
-    qb = tl.program_id(0)
+    qblock = tl.program_id(0)
     bh = tl.program_id(1)
     b = bh // H
     h = bh % H
-    hk = h // GROUP
-    offs_m = qb * BLOCK + tl.arange(0, BLOCK)
-    offs_n = tl.arange(0, BLOCK)
-    offs_d = tl.arange(0, BLOCK_D)
-    offs_dv = tl.arange(0, BLOCK_DV)
-    m_valid = offs_m < Lq
+    hkv = h // group
 
-    q = tl.load(q_ptr + b * sq_b + h * sq_h + offs_m[:, None] * sq_l + offs_d[None, :],
-                mask=m_valid[:, None] & (offs_d[None, :] < D), other=0.0)
-    q_pos = tl.load(qpos_ptr + b * sqp_b + h * sqp_h + offs_m, mask=m_valid, other=0)
+    offs_m = qblock * BLOCK + tl.arange(0, BLOCK)
+    offs_d = tl.arange(0, PAD_D)
+    offs_dv = tl.arange(0, PAD_DV)
+    row_ok = offs_m < Lq
+    q = tl.load(Q + b * s_qb + h * s_qh + offs_m[:, None] * s_qm + offs_d[None, :],
+                mask=row_ok[:, None] & (offs_d[None, :] < HEAD_D), other=0.0)
+    if HAS_POS:
+        q_pos = tl.load(QPos + b * s_qpb + h * s_qph + offs_m, mask=row_ok, other=0)
+    else:
+        q_pos = offs_m + (Lk - Lq)
 
-    k_base = k_ptr + b * sk_b + hk * sk_h
-    v_base = v_ptr + b * sv_b + hk * sv_h
-    idx_base = idx_ptr + b * si_b + h * si_h + qb * si_q
-    count = tl.load(cnt_ptr + b * sc_b + h * sc_h + qb)
-
+    q_first = qblock * BLOCK + (Lk - Lq)
+    q_last = tl.minimum(qblock * BLOCK + BLOCK, Lq) - 1 + (Lk - Lq)
     m_i = tl.full([BLOCK], float("-inf"), tl.float32)
     l_i = tl.zeros([BLOCK], tl.float32)
-    acc = tl.zeros([BLOCK, BLOCK_DV], tl.float32)
-    for t in range(0, count):
-        kb = tl.load(idx_base + t)
-        offs_k = kb * BLOCK + offs_n
-        k_valid = offs_k < Lk
-        k = tl.load(k_base + offs_k[:, None] * sk_l + offs_d[None, :],
-                    mask=k_valid[:, None] & (offs_d[None, :] < D), other=0.0)
-        s = tl.dot(q, tl.trans(k)) * qk_scale
-        if HAS_KEY_MASK:
-            k_valid = k_valid & (tl.load(kmask_ptr + b * skm_b + offs_k, mask=k_valid, other=0) != 0)
-        allowed = k_valid[None, :] & m_valid[:, None]
-        if CAUSAL or HAS_WINDOW:
-            k_pos = tl.load(kpos_ptr + b * skp_b + h * skp_h + offs_k, mask=k_valid, other=0)
-            if CAUSAL:
-                allowed = allowed & (k_pos[None, :] <= q_pos[:, None])
-            if HAS_WINDOW:
-                band = tl.full([BLOCK, BLOCK], 1, tl.int1)
-                if window_left >= 0:
-                    band = band & (k_pos[None, :] >= q_pos[:, None] - window_left)
-                if window_right >= 0:
-                    band = band & (k_pos[None, :] <= q_pos[:, None] + window_right)
-                allowed = allowed & (band | (k_pos[None, :] < sinks))
-        s = tl.where(allowed, s, float("-inf"))
+    acc = tl.zeros([BLOCK, PAD_DV], tl.float32)
+
+    count = tl.load(KvCount + b * s_cb + h * s_ch + qblock)
+    index_row = KvIndex + b * s_ib + h * s_ih + qblock * s_iq
+    k_base = K + b * s_kb + hkv * s_kh
+    v_base = V + b * s_vb + hkv * s_vh
+    for slot in range(0, count):
+        kblock = tl.load(index_row + slot)
+        offs_n = kblock * BLOCK + tl.arange(0, BLOCK)
+        key_ok = offs_n < Lk
+        if HAS_MASK:
+            key_ok = key_ok & (tl.load(KeyMask + b * s_mb + offs_n, mask=key_ok, other=0) != 0)
+        k = tl.load(k_base + offs_n[:, None] * s_kn + offs_d[None, :],
+                    mask=(offs_n[:, None] < Lk) & (offs_d[None, :] < HEAD_D), other=0.0)
+        v = tl.load(v_base + offs_n[:, None] * s_vn + offs_dv[None, :],
+                    mask=(offs_n[:, None] < Lk) & (offs_dv[None, :] < HEAD_DV), other=0.0)
+        s = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION) * qk_scale
+
+        # Interior blocks (every pair allowed) skip the predicate; known only with default positions, no padding
+        k_first = kblock * BLOCK
+        k_last = k_first + BLOCK - 1
+        interior = k_last < Lk
+        if HAS_POS or HAS_MASK:
+            interior = k_last < 0
+        if CAUSAL:
+            interior = interior & (k_last <= q_first)
+        if WINDOW_LEFT:
+            interior = interior & ((k_first >= q_last - window_left) | (k_last < sinks))
+        if WINDOW_RIGHT:
+            interior = interior & (k_last <= q_first + window_right)
+        if not interior:
+            if HAS_POS:
+                k_pos = tl.load(KPos + b * s_kpb + h * s_kph + offs_n, mask=offs_n < Lk, other=0)
+            else:
+                k_pos = offs_n
+            allowed = pair_allowed(q_pos, k_pos, key_ok, window_left, window_right, sinks,
+                                   CAUSAL, WINDOW_LEFT, WINDOW_RIGHT, HAS_SINKS)
+            s = tl.where(allowed, s, float("-inf"))
+
         m_new = tl.maximum(m_i, tl.max(s, 1))
-        # a row that has seen no key yet keeps m = -inf; subtract 0 there so exp2 gives 0, never NaN
+        # rows that have seen no key yet keep m = -inf; subtract 0 instead so exp2 gives 0, not NaN
         m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
-        p = tl.math.exp2(s - m_safe[:, None])
-        alpha = tl.math.exp2(m_i - m_safe)
+        p = tl.exp2(s - m_safe[:, None])
+        alpha = tl.exp2(m_i - m_safe)
         l_i = l_i * alpha + tl.sum(p, 1)
-        v = tl.load(v_base + offs_k[:, None] * sv_l + offs_dv[None, :],
-                    mask=k_valid[:, None] & (offs_dv[None, :] < DV), other=0.0)
-        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
+        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=DOT_PRECISION)
         m_i = m_new
 
-    seen = l_i > 0
+    seen = l_i > 0.0
     out = acc / tl.where(seen, l_i, 1.0)[:, None]
-    tl.store(o_ptr + b * so_b + h * so_h + offs_m[:, None] * so_l + offs_dv[None, :],
-             out.to(o_ptr.dtype.element_ty), mask=m_valid[:, None] & (offs_dv[None, :] < DV))
-    lse = tl.where(seen, (m_i + tl.math.log2(tl.where(seen, l_i, 1.0))) * 0.6931471805599453, float("-inf"))
-    tl.store(lse_ptr + b * slse_b + h * slse_h + offs_m, lse, mask=m_valid)
+    # m_i is in log2 units scaled by log2(e); lse is natural log of sum exp(scale q.k)
+    lse = tl.where(seen, (m_i + tl.log2(tl.where(seen, l_i, 1.0))) * 0.6931471805599453, float("-inf"))
+    tl.store(Out + b * s_ob + h * s_oh + offs_m[:, None] * s_om + offs_dv[None, :], out.to(Out.dtype.element_ty),
+             mask=row_ok[:, None] & (offs_dv[None, :] < HEAD_DV))
+    tl.store(Lse + b * s_lb + h * s_lh + offs_m, lse, mask=row_ok)
 
 
-def _head_strides(x: Tensor, B: int, H: int) -> tuple[int, int]:
-    """Strides of a layout tensor's first two dims, 0 where it broadcasts (size 1)."""
-    if x.shape[0] not in (1, B) or x.shape[1] not in (1, H):
-        raise ValueError(f"layout batch/head dims must be 1 or ({B}, {H}); got {tuple(x.shape[:2])}")
-    return (x.stride(0) if x.shape[0] == B and B > 1 else 0), (x.stride(1) if x.shape[1] == H and H > 1 else 0)
-
-
-def _positions(pos: Tensor | None, default: Tensor, B: int, H: int) -> tuple[Tensor, int, int]:
-    if pos is None:
-        return default, 0, 0
-    pos = pos.to(torch.int32)
-    if pos.dim() != 3 or pos.shape[0] not in (1, B) or pos.shape[1] not in (1, H):
-        raise ValueError(f"q_pos/k_pos must be (B, H, L) with B, H broadcastable to ({B}, {H}); got {tuple(pos.shape)}")
-    pos = pos.contiguous()
-    return pos, (pos.stride(0) if pos.shape[0] == B else 0), (pos.stride(1) if pos.shape[1] == H else 0)
+def _broadcast_strides(x: Tensor, shape: tuple[int, ...], name: str) -> Tensor:
+    if x.dim() != len(shape) or any(s not in (1, t) for s, t in zip(x.shape, shape)):
+        raise ValueError(f"{name} must broadcast to {shape}; got {tuple(x.shape)}")
+    return x.expand(shape)
 
 
 def block_sparse_attention(
     q: Tensor, k: Tensor, v: Tensor, kv_index: Tensor, kv_count: Tensor, block: int,
     key_mask: Tensor | None = None, causal: bool = False, scale: float | None = None,
     window_left: int = -1, window_right: int = -1, sinks: int = 0,
-    q_pos: Tensor | None = None, k_pos: Tensor | None = None, num_warps: int | None = None, num_stages: int = 2,
+    q_pos: Tensor | None = None, k_pos: Tensor | None = None,
 ) -> tuple[Tensor, Tensor]:
-    """Triton block-sparse attention; (out (B, H, Lq, Dv) in q's dtype, lse (B, H, Lq) float32)."""
+    """Returns (out (B, H, Lq, Dv) in q's dtype, lse (B, H, Lq) float32; -inf and zeros where a row saw no key)."""
     B, H, Hkv, Lq, Lk, D = check_qkv(q, k, v, key_mask)
     Dv = v.shape[-1]
-    if block < 16 or block > 128 or block & (block - 1):
-        raise ValueError(f"block must be a power of two in 16..128; got {block}")
-    if D > 256 or Dv > 256:
+    if block < 16 or block & (block - 1):
+        raise ValueError(f"block must be a power of two >= 16 for the Triton kernel; got {block}")
+    if max(D, Dv) > 256:
         raise ValueError(f"head dims up to 256 are supported; got D={D}, Dv={Dv}")
-    nqb, nkb = num_blocks(Lq, block), num_blocks(Lk, block)
-    if kv_index.dim() != 4 or kv_index.shape[2] != nqb or kv_count.dim() != 3 or kv_count.shape[2] != nqb:
-        raise ValueError(f"kv_index must be (B', H', {nqb}, K) and kv_count (B', H', {nqb}); "
-                         f"got {tuple(kv_index.shape)}, {tuple(kv_count.shape)}")
+    if (q_pos is None) != (k_pos is None):
+        raise ValueError("q_pos and k_pos must be given together (or neither)")
     scale = D ** -0.5 if scale is None else scale
-    dev = q.device
-    q, k, v = (x if x.stride(-1) == 1 else x.contiguous() for x in (q, k, v))
-    # Slots past kv_count are never read, so an index there may hold anything; clamping keeps listed ones safe.
-    kv_index = kv_index.to(torch.int32).clamp(0, max(nkb - 1, 0)).contiguous()
-    kv_count = kv_count.to(torch.int32).clamp(0, kv_index.shape[-1]).contiguous()
-    si_b, si_h = _head_strides(kv_index, B, H)
-    sc_b, sc_h = _head_strides(kv_count, B, H)
-    q_pos, sqp_b, sqp_h = _positions(q_pos, torch.arange(Lq, device=dev, dtype=torch.int32) + (Lk - Lq), B, H)
-    k_pos, skp_b, skp_h = _positions(k_pos, torch.arange(Lk, device=dev, dtype=torch.int32), B, H)
-    if key_mask is not None:
-        kmask = key_mask.to(torch.int8).contiguous()
-        skm_b = kmask.stride(0)
-    else:
-        kmask, skm_b = q_pos, 0
+    nqb = num_blocks(Lq, block)
+    if kv_index.dim() != 4 or kv_index.shape[2] != nqb:
+        raise ValueError(f"kv_index must be (B or 1, H or 1, {nqb}, K); got {tuple(kv_index.shape)}")
+    K_slots = kv_index.shape[-1]
+    kv_index = _broadcast_strides(kv_index.to(torch.int32), (B, H, nqb, K_slots), "kv_index")
+    kv_count = _broadcast_strides(kv_count.to(torch.int32), (B, H, nqb), "kv_count")
+    if kv_index.stride(3) != 1:
+        kv_index = kv_index.contiguous()
+    if kv_count.stride(2) != 1:
+        kv_count = kv_count.contiguous()
 
-    out = torch.empty(B, H, Lq, Dv, dtype=q.dtype, device=dev)
-    lse = torch.empty(B, H, Lq, dtype=torch.float32, device=dev)
-    if B * H * Lq == 0:
-        return out, lse
-    block_d = max(16, triton.next_power_of_2(D))
-    block_dv = max(16, triton.next_power_of_2(Dv))
-    if num_warps is None:
-        num_warps = 4 if block <= 64 else 8
-    _block_sparse_fwd[(nqb, B * H)](
-        q, k, v, out, lse, kv_index, kv_count, q_pos, k_pos, kmask,
-        H, H // Hkv, Lq, Lk, D, Dv, scale * _LOG2E, window_left, window_right, sinks,
+    q, k, v = (x if x.stride(-1) == 1 else x.contiguous() for x in (q, k, v))
+    out = torch.empty(B, H, Lq, Dv, dtype=q.dtype, device=q.device)
+    lse = torch.empty(B, H, Lq, dtype=torch.float32, device=q.device)
+    mask = key_mask.to(torch.int8).contiguous() if key_mask is not None else out  # dummy pointer when absent
+    if q_pos is not None:
+        qp = _broadcast_strides(q_pos.to(torch.int32), (B, H, Lq), "q_pos")
+        kp = _broadcast_strides(k_pos.to(torch.int32), (B, H, Lk), "k_pos")
+        qp = qp if qp.stride(2) == 1 else qp.contiguous()
+        kp = kp if kp.stride(2) == 1 else kp.contiguous()
+    else:
+        qp = kp = lse
+    grid = (nqb, B * H)
+    _block_sparse_fwd[grid](
+        q, k, v, out, lse, kv_index, kv_count, mask, qp, kp,
         q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
         v.stride(0), v.stride(1), v.stride(2), out.stride(0), out.stride(1), out.stride(2),
-        lse.stride(0), lse.stride(1), si_b, si_h, kv_index.stride(2), sc_b, sc_h, sqp_b, sqp_h, skp_b, skp_h, skm_b,
-        BLOCK=block, BLOCK_D=block_d, BLOCK_DV=block_dv, CAUSAL=causal, HAS_KEY_MASK=key_mask is not None,
-        HAS_WINDOW=window_left >= 0 or window_right >= 0, num_warps=num_warps, num_stages=num_stages,
+        lse.stride(0), lse.stride(1),
+        kv_index.stride(0), kv_index.stride(1), kv_index.stride(2), kv_count.stride(0), kv_count.stride(1),
+        mask.stride(0) if key_mask is not None else 0,
+        qp.stride(0) if q_pos is not None else 0, qp.stride(1) if q_pos is not None else 0,
+        kp.stride(0) if q_pos is not None else 0, kp.stride(1) if q_pos is not None else 0,
+        H, H // Hkv, Lq, Lk, scale * _LOG2E, window_left, window_right, sinks,
+        CAUSAL=causal, HAS_MASK=key_mask is not None, HAS_POS=q_pos is not None,
+        WINDOW_LEFT=window_left >= 0, WINDOW_RIGHT=window_right >= 0, HAS_SINKS=sinks > 0,
+        BLOCK=block, HEAD_D=D, HEAD_DV=Dv,
+        PAD_D=max(16, triton.next_power_of_2(D)), PAD_DV=max(16, triton.next_power_of_2(Dv)),
+        DOT_PRECISION="ieee" if q.dtype in (torch.float32, torch.float64) else "tf32",
+        num_warps=4 if block <= 64 else 8, num_stages=2,
     )
     return out, lse
 

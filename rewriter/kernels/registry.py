@@ -1,8 +1,9 @@
 """CUDA implementations of the attention ops, registered with ``torch.library.register_kernel``.
 
 Feature maps come from the reference code in ``rewriter.ops.lowrank_attention``; only the cores run in Triton.
-The sparse ops (window, block top-k, strided, LSH) build a layout (kv_index/kv_count) and a token predicate and
-call ``sparse_attention_cuda`` with them; the lead wires those once the ops land.
+The sparse ops (window, block top-k, strided) run their own layout code with ``sparse_attention_core`` (the Triton
+block-sparse kernel) as their core. LSH keeps its reference on CUDA: its rounds subtract a per-pair duplicate
+count inside the softmax, which the block-sparse kernel does not take.
 """
 from __future__ import annotations
 
@@ -68,24 +69,44 @@ def scatterbrain_attention_cuda(q: Tensor, k: Tensor, v: Tensor, key_mask: Optio
                                          phi_k.to(dt), window, sinks, log_phi_q=log_q, log_phi_k=log_k).to(q.dtype)
 
 
-def sparse_attention_cuda(q: Tensor, k: Tensor, v: Tensor, kv_index: Tensor, kv_count: Tensor, block: int,
+def sparse_attention_core(q: Tensor, k: Tensor, v: Tensor, kv_index: Tensor, kv_count: Tensor, block: int,
                           key_mask: Optional[Tensor] = None, causal: bool = False, scale: Optional[float] = None,
                           window_left: int = -1, window_right: int = -1, sinks: int = 0,
-                          q_pos: Optional[Tensor] = None, k_pos: Optional[Tensor] = None) -> Tensor:
-    """The sparse ops' core: same arguments as ``block_sparse_attention_reference``; returns out only.
-    Falls back to the reference when REWRITER_ATTENTION_REFERENCE=1 or Triton cannot run."""
+                          q_pos: Optional[Tensor] = None, k_pos: Optional[Tensor] = None) -> tuple[Tensor, Tensor]:
+    """The sparse ops' core on CUDA: same arguments and (out, lse) as ``block_sparse_attention_reference``.
+    Falls back to the reference when REWRITER_ATTENTION_REFERENCE=1, Triton cannot run, or the block is not a
+    power of two in 16..128."""
     from ..ops.block_sparse import block_sparse_attention_reference
     args = (q, k, v, kv_index, kv_count, block, key_mask, causal, scale, window_left, window_right, sinks, q_pos, k_pos)
     if use_reference() or not triton_available() or block < 16 or block > 128 or block & (block - 1):
-        return block_sparse_attention_reference(*args)[0]
+        return block_sparse_attention_reference(*args)
     from .block_sparse_attention import block_sparse_attention
-    return block_sparse_attention(*args)[0]
+    return block_sparse_attention(*args)
+
+
+def _sparse_op(impl_name: str):
+    """The sparse op's own body (layout + predicate) with the Triton core."""
+    def run(*args, **kwargs):
+        from ..ops import sparse_attention
+        return getattr(sparse_attention, impl_name)(*args, **kwargs, core=sparse_attention_core)
+    run.__name__ = impl_name.replace("_impl", "_cuda")
+    return run
+
+
+def binary_linear_cuda(x: Tensor, packed: Tensor, alpha: Tensor, mu: Tensor, bias: Optional[Tensor],
+                       in_features: int) -> Tensor:
+    from .binary_linear import binary_linear_triton
+    return binary_linear_triton(x, packed, alpha, mu, bias, in_features)
 
 
 CUDA_KERNELS = {
     "rewriter::performer_attention": performer_attention_cuda,
     "rewriter::linear_attention": linear_attention_cuda,
     "rewriter::scatterbrain_attention": scatterbrain_attention_cuda,
+    "rewriter::window_attention": _sparse_op("window_attention_impl"),
+    "rewriter::block_topk_attention": _sparse_op("block_topk_attention_impl"),
+    "rewriter::strided_attention": _sparse_op("strided_attention_impl"),
+    "rewriter::binary_linear": binary_linear_cuda,
 }
 _registered: set[str] = set()
 

@@ -18,3 +18,7 @@ token-level predicate); the Triton kernels in ``rewriter.kernels`` implement the
 from . import lowrank_attention  # noqa: E402,F401
 from . import binary_linear  # noqa: E402,F401
 from . import sparse_attention  # noqa: E402,F401
+
+from ..kernels.registry import register_cuda_kernels  # noqa: E402
+
+register_cuda_kernels()   # Triton implementations for CUDA tensors; a no-op without CUDA (or with the reference forced)

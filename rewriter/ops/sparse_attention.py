@@ -341,12 +341,18 @@ def _empty_output(q: Tensor, v: Tensor) -> Tensor:
 def window_attention(q: Tensor, k: Tensor, v: Tensor, key_mask: Optional[Tensor], causal: bool, scale: float,
                      window: int, sinks: int, block: int = 64) -> Tensor:
     """Sliding window of `window` keys per query (window_extents) plus the first `sinks` keys (StreamingLLM)."""
+    return window_attention_impl(q, k, v, key_mask, causal, scale, window, sinks, block)
+
+
+def window_attention_impl(q, k, v, key_mask, causal, scale, window, sinks, block=64,
+                          core=block_sparse_attention_reference) -> Tensor:
+    """The op's body with its block-sparse core as a parameter (the CUDA registration passes the Triton one)."""
     check_qkv(q, k, v, key_mask)
     Lq, Lk = q.shape[2], k.shape[2]
     kv_index, kv_count = window_layout(Lq, Lk, block, window, sinks, causal, q.device)
     left, right = window_extents(window, causal)
-    out, _ = block_sparse_attention_reference(q, k, v, kv_index, kv_count, block, key_mask, causal, scale,
-                                              window_left=left, window_right=right, sinks=sinks)
+    out, _ = core(q, k, v, kv_index, kv_count, block, key_mask, causal, scale,
+                  window_left=left, window_right=right, sinks=sinks)
     return out
 
 
@@ -364,10 +370,15 @@ def block_topk_attention(q: Tensor, k: Tensor, v: Tensor, key_mask: Optional[Ten
                          local_blocks: int = 1) -> Tensor:
     """Training-free block routing (SeerAttention / Quest / BiFormer): pooled query . pooled key block scores pick
     the top key blocks per query block (block_topk_layout); exact attention inside them."""
+    return block_topk_attention_impl(q, k, v, key_mask, causal, scale, density, block, pool, sink_blocks, local_blocks)
+
+
+def block_topk_attention_impl(q, k, v, key_mask, causal, scale, density, block=64, pool="mean", sink_blocks=1,
+                              local_blocks=1, core=block_sparse_attention_reference) -> Tensor:
     check_qkv(q, k, v, key_mask)
     kv_index, kv_count = block_topk_layout(q, k, key_mask, causal, scale, density, block, pool, sink_blocks,
                                            local_blocks)
-    out, _ = block_sparse_attention_reference(q, k, v, kv_index, kv_count, block, key_mask, causal, scale)
+    out, _ = core(q, k, v, kv_index, kv_count, block, key_mask, causal, scale)
     return out
 
 
@@ -384,9 +395,14 @@ def _block_topk_attention_fake(q, k, v, key_mask, causal, scale, density, block=
 def strided_attention(q: Tensor, k: Tensor, v: Tensor, key_mask: Optional[Tensor], causal: bool, scale: float,
                       stride: int, local_blocks: int = 1, sink_blocks: int = 1, block: int = 64) -> Tensor:
     """S2-Attention heterogeneous sharding: each head visits a different 1/stride of the key blocks."""
+    return strided_attention_impl(q, k, v, key_mask, causal, scale, stride, local_blocks, sink_blocks, block)
+
+
+def strided_attention_impl(q, k, v, key_mask, causal, scale, stride, local_blocks=1, sink_blocks=1, block=64,
+                           core=block_sparse_attention_reference) -> Tensor:
     _, H, _, Lq, Lk, _ = check_qkv(q, k, v, key_mask)
     kv_index, kv_count = strided_layout(Lq, Lk, H, block, stride, local_blocks, sink_blocks, causal, q.device)
-    out, _ = block_sparse_attention_reference(q, k, v, kv_index, kv_count, block, key_mask, causal, scale)
+    out, _ = core(q, k, v, kv_index, kv_count, block, key_mask, causal, scale)
     return out
 
 

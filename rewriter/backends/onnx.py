@@ -92,10 +92,12 @@ def _pad_axis(x, axis: int, multiple: int, value=None):
     return op.Pad(x, pads, value, _ints([axis])) if value is not None else op.Pad(x, pads, None, _ints([axis]))
 
 
-def _expand_heads(x, heads: int):
-    """(B, Hkv, L, E) -> (B, H, L, E): query head h reads kv head h // (H // Hkv)."""
+def _expand_heads(x, kv_heads: int, heads: int, width: int):
+    """(B, Hkv, L, E) -> (B, H, L, E): query head h reads kv head h // (H // Hkv).
+
+    Static sizes come from the op's own inputs: values built inside a translation carry no shape."""
     op = _op()
-    hkv, e = x.shape[1], x.shape[3]
+    hkv, e = kv_heads, width
     if hkv == heads:
         return x
     x = op.Unsqueeze(x, _ints([2]))
@@ -134,7 +136,7 @@ def _normalise(out, dv: int):
 # Feature maps (mirror ``lowrank_attention.feature_map``)
 # --------------------------------------------------------------------------------------------------------------
 
-def _fixed_feature_map(name: str, x, scale: float):
+def _fixed_feature_map(name: str, x, scale: float, d: int):
     op = _op()
     xs = op.Mul(x, _float(math.sqrt(scale)))
     if name == "elu":
@@ -142,7 +144,6 @@ def _fixed_feature_map(name: str, x, scale: float):
     if name == "relu":
         return op.Relu(xs)
     if name == "taylor2":
-        d = x.shape[3]
         outer = op.Mul(op.Unsqueeze(xs, _ints([4])), op.Unsqueeze(xs, _ints([3])))
         second = op.Mul(op.Reshape(outer, _ints([0, 0, 0, d * d])), _float(1.0 / math.sqrt(2.0)))
         ones = op.Expand(_float(1.0), op.Concat(op.Shape(x, start=0, end=3), _ints([1]), axis=0))
@@ -150,12 +151,11 @@ def _fixed_feature_map(name: str, x, scale: float):
     raise ValueError(f"unknown feature map {name!r}; allowed: elu, relu, taylor2")
 
 
-def _performer_features(q, k, key_mask, scale: float, features: int, seed: int):
+def _performer_features(q, k, key_mask, scale: float, features: int, seed: int, d: int):
     """(phi_q, phi_k, log_q (B, H, Lq), log_k (B, H, 1)) with the same offsets as the reference."""
     import onnx_ir as ir
     from ..ops.lowrank_attention import performer_projection
     op = _op()
-    d = q.shape[3]
     w_t = performer_projection(features, d, seed).T.contiguous().to(torch.float32).numpy()
     proj = op.Constant(value=ir.tensor(w_t, name="performer_projection"))
     norm = _float(1.0 / math.sqrt(features))
@@ -183,13 +183,12 @@ def _performer_features(q, k, key_mask, scale: float, features: int, seed: int):
 # Linear attention core: [num, den] (B, H, Lq, Dv+1) without Lq x Lk
 # --------------------------------------------------------------------------------------------------------------
 
-def _linear_core(phi_q, phi_k, va, causal: bool):
+def _linear_core(phi_q, phi_k, va, causal: bool, f: int, e: int):
     """phi_q (B, H, Lq, F), phi_k (B, H, Lk, F) (zero at padding), va = [v, 1] (B, H, Lk, E)."""
     op = _op()
     if not causal:
         state = op.MatMul(op.Transpose(phi_k, perm=[0, 1, 3, 2]), va)            # (B, H, F, E)
         return op.MatMul(phi_q, state)
-    f, e = phi_q.shape[3], va.shape[3]
     lq, lk = _dim(phi_q, 2), _dim(phi_k, 2)
     offset = op.Sub(lk, lq)
     # keys before the first query position (Lk > Lq) form the initial state
@@ -220,9 +219,9 @@ def _linear_core(phi_q, phi_k, va, causal: bool):
 @dataclass
 class _Support:
     allowed: object      # (B or 1, 1, nqb, block, K*block) bool: pair in S, causal, padding, real slot
-    gather: Callable     # x (B, H, Lk, E) -> (B, H, nqb, K*block, E)
-    blocks: Callable     # x (B, H, Lq, E) -> (B, H, nqb, block, E)
-    rows: Callable       # y (B, H, nqb, block, E) -> (B, H, Lq, E)
+    gather: Callable     # (x (B, H, Lk, E), E) -> (B, H, nqb, K*block, E)
+    blocks: Callable     # (x (B, H, Lq, E), E) -> (B, H, nqb, block, E)
+    rows: Callable       # (y (B, H, nqb, block, E), E) -> (B, H, Lq, E)
 
 
 def _support(q, k, key_mask, causal: bool, window: int, sinks: int, block: int) -> _Support:
@@ -275,16 +274,15 @@ def _support(q, k, key_mask, causal: bool, window: int, sinks: int, block: int) 
         real = op.Reshape(op.Gather(real, kv_index, axis=1), _ints([0, 0, 1, -1]))   # (B, nqb, 1, K*block)
         allowed = op.And(allowed, op.Unsqueeze(real, _ints([1])))
 
-    def gather(x):
-        e = x.shape[3]
+    def gather(x, e: int):
         xb = op.Reshape(_pad_axis(x, 2, block), _ints([0, 0, -1, block, e]))
         return op.Reshape(op.Gather(xb, kv_index, axis=2), _ints([0, 0, 0, -1, e]))
 
-    def blocks(x):
-        return op.Reshape(_pad_axis(x, 2, block), _ints([0, 0, -1, block, x.shape[3]]))
+    def blocks(x, e: int):
+        return op.Reshape(_pad_axis(x, 2, block), _ints([0, 0, -1, block, e]))
 
-    def rows(y):
-        flat = op.Reshape(y, _ints([0, 0, -1, y.shape[4]]))
+    def rows(y, e: int):
+        flat = op.Reshape(y, _ints([0, 0, -1, e]))
         return op.Slice(flat, _ints([0]), lq, _ints([2]))
 
     return _Support(allowed, gather, blocks, rows)
@@ -316,70 +314,80 @@ def _acc(x):
 # Translations
 # --------------------------------------------------------------------------------------------------------------
 
+def _heads_fp32(q, k, v):
+    """q, k, v in fp32 with kv heads expanded to the query heads; (q, k, v, (H, D, Dv))."""
+    heads, d, dv = q.shape[1], q.shape[3], v.shape[3]
+    kv_heads = k.shape[1]
+    return (_acc(q), _expand_heads(_acc(k), kv_heads, heads, d), _expand_heads(_acc(v), kv_heads, heads, dv),
+            (heads, d, dv))
+
+
 def translate_window_attention(q, k, v, key_mask=None, causal=False, scale=1.0, window=1, sinks=0, block=64):
     """Exact softmax over the band of ``window_extents(window, causal)`` plus the first `sinks` keys."""
     op = _op()
-    heads, dv = q.shape[1], v.shape[3]
-    qa, ka, va = _acc(q), _expand_heads(_acc(k), heads), _expand_heads(_acc(v), heads)
+    qa, ka, va, (_, d, dv) = _heads_fp32(q, k, v)
     sup = _support(qa, ka, key_mask, causal, window, sinks, block)
-    s = _masked_scores(sup.blocks(qa), sup.gather(ka), sup.allowed, scale)
+    s = _masked_scores(sup.blocks(qa, d), sup.gather(ka, d), sup.allowed, scale)
     p = op.Exp(op.Sub(s, _finite_row_max(s)))                    # exp(-inf) = 0 off the support
-    out = op.MatMul(p, sup.gather(_with_ones(va)))
-    return op.CastLike(_normalise(sup.rows(out), dv), q)
+    out = op.MatMul(p, sup.gather(_with_ones(va), dv + 1))
+    return op.CastLike(_normalise(sup.rows(out, dv + 1), dv), q)
 
 
 onnx_translation("rewriter::window_attention")(translate_window_attention)
 
 
-def _lowrank_attention(q, k, v, key_mask, causal, scale, phi_q, phi_k, window, sinks, log_q=None, log_k=None,
+def _lowrank_attention(q, k, v, key_mask, causal, scale, phi_q, phi_k, dims, window, sinks, log_q=None, log_k=None,
                        block=64):
     """Mirror of ``sparse_plus_lowrank_attention`` on (B, H, ...) fp32 tensors; window == sinks == 0 is plain
-    linear attention."""
+    linear attention. dims = (D, Dv, F)."""
     op = _op()
-    dv = v.shape[3]
+    d, dv, f = dims
     va = _with_ones(v)
-    lowrank = _linear_core(phi_q, _masked_keys(phi_k, key_mask), _masked_keys(va, key_mask), causal)
+    lowrank = _linear_core(phi_q, _masked_keys(phi_k, key_mask), _masked_keys(va, key_mask), causal, f, dv + 1)
     if window == 0 and sinks == 0:
         return _normalise(lowrank, dv)
     sup = _support(q, k, key_mask, causal, window, sinks, block)
-    row_log = op.Add(log_q, log_k) if log_q is not None else op.Mul(op.ReduceSum(q, _ints([-1]), keepdims=0),
-                                                                    _float(0.0))
-    rowb = op.Squeeze(sup.blocks(op.Unsqueeze(row_log, _ints([3]))), _ints([4]))    # (B, H, nqb, block)
-    s = _masked_scores(sup.blocks(q), sup.gather(k), sup.allowed, scale)
-    stabiliser = op.Unsqueeze(op.Max(rowb, op.ReduceMax(s, _ints([-1]), keepdims=0)), _ints([4]))
-    lowrank_weight = op.Exp(op.Sub(op.Unsqueeze(rowb, _ints([4])), stabiliser))      # (B, H, nqb, block, 1)
-    phi_dot = op.MatMul(sup.blocks(phi_q), op.Transpose(sup.gather(phi_k), perm=[0, 1, 2, 4, 3]))
+    s = _masked_scores(sup.blocks(q, d), sup.gather(k, d), sup.allowed, scale)
+    row_max = op.ReduceMax(s, _ints([-1]), keepdims=1)                             # (B, H, nqb, block, 1)
+    if log_q is None:   # fixed feature maps carry no offset
+        rowb = op.Mul(row_max, _float(0.0))
+        rowb = op.Where(op.IsNaN(rowb), _float(0.0), rowb)
+    else:
+        rowb = sup.blocks(op.Unsqueeze(op.Add(log_q, log_k), _ints([3])), 1)
+    stabiliser = op.Max(rowb, row_max)
+    lowrank_weight = op.Exp(op.Sub(rowb, stabiliser))                              # (B, H, nqb, block, 1)
+    phi_dot = op.MatMul(sup.blocks(phi_q, f), op.Transpose(sup.gather(phi_k, f), perm=[0, 1, 2, 4, 3]))
     correction = op.Sub(op.Exp(op.Sub(s, stabiliser)), op.Mul(lowrank_weight, phi_dot))
     correction = op.Where(sup.allowed, correction, _float(0.0))
-    corrected = sup.rows(op.MatMul(correction, sup.gather(va)))
-    out = op.Add(op.Mul(sup.rows(lowrank_weight), lowrank), corrected)
+    corrected = sup.rows(op.MatMul(correction, sup.gather(va, dv + 1)), dv + 1)
+    out = op.Add(op.Mul(sup.rows(lowrank_weight, 1), lowrank), corrected)
     return _normalise(out, dv)
 
 
 @onnx_translation("rewriter::linear_attention")
 def translate_linear_attention(q, k, v, key_mask=None, causal=False, scale=1.0, feature_map="elu", window=0, sinks=0):
-    heads = q.shape[1]
-    qa, ka, va = _acc(q), _expand_heads(_acc(k), heads), _expand_heads(_acc(v), heads)
-    phi_q, phi_k = _fixed_feature_map(feature_map, qa, scale), _fixed_feature_map(feature_map, ka, scale)
-    out = _lowrank_attention(qa, ka, va, key_mask, causal, scale, phi_q, phi_k, window, sinks)
-    return _op().CastLike(out, q)
+    from ..ops.lowrank_attention import feature_dim
+    qa, ka, va, (_, d, dv) = _heads_fp32(q, k, v)
+    phi_q, phi_k = _fixed_feature_map(feature_map, qa, scale, d), _fixed_feature_map(feature_map, ka, scale, d)
+    dims = (d, dv, feature_dim(feature_map, d))
+    return _op().CastLike(_lowrank_attention(qa, ka, va, key_mask, causal, scale, phi_q, phi_k, dims, window, sinks), q)
 
 
 @onnx_translation("rewriter::performer_attention")
 def translate_performer_attention(q, k, v, key_mask=None, causal=False, scale=1.0, features=1, seed=0):
-    heads = q.shape[1]
-    qa, ka, va = _acc(q), _expand_heads(_acc(k), heads), _expand_heads(_acc(v), heads)
-    phi_q, phi_k, _, _ = _performer_features(qa, ka, key_mask, scale, features, seed)   # offsets cancel
-    return _op().CastLike(_lowrank_attention(qa, ka, va, key_mask, causal, scale, phi_q, phi_k, 0, 0), q)
+    qa, ka, va, (_, d, dv) = _heads_fp32(q, k, v)
+    phi_q, phi_k, _, _ = _performer_features(qa, ka, key_mask, scale, features, seed, d)   # offsets cancel
+    out = _lowrank_attention(qa, ka, va, key_mask, causal, scale, phi_q, phi_k, (d, dv, features), 0, 0)
+    return _op().CastLike(out, q)
 
 
 @onnx_translation("rewriter::scatterbrain_attention")
 def translate_scatterbrain_attention(q, k, v, key_mask=None, causal=False, scale=1.0, features=1, window=1, sinks=0,
                                      seed=0):
-    heads = q.shape[1]
-    qa, ka, va = _acc(q), _expand_heads(_acc(k), heads), _expand_heads(_acc(v), heads)
-    phi_q, phi_k, log_q, log_k = _performer_features(qa, ka, key_mask, scale, features, seed)
-    out = _lowrank_attention(qa, ka, va, key_mask, causal, scale, phi_q, phi_k, window, sinks, log_q, log_k)
+    qa, ka, va, (_, d, dv) = _heads_fp32(q, k, v)
+    phi_q, phi_k, log_q, log_k = _performer_features(qa, ka, key_mask, scale, features, seed, d)
+    out = _lowrank_attention(qa, ka, va, key_mask, causal, scale, phi_q, phi_k, (d, dv, features), window, sinks,
+                             log_q, log_k)
     return _op().CastLike(out, q)
 
 

@@ -502,9 +502,13 @@ def export_onnx(ep: torch.export.ExportedProgram, path: str | Path, *, input_nam
         external_data = _state_bytes(ep) > EXTERNAL_DATA_BYTES
     tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.tmp-", dir=path.parent))
     try:
-        program = torch.onnx.export(ep, (), dynamo=True, input_names=list(input_names),
-                                    output_names=list(output_names), opset_version=opset,
-                                    custom_translation_table=table, optimize=True, verbose=False)
+        try:
+            program = torch.onnx.export(ep, (), dynamo=True, input_names=list(input_names),
+                                        output_names=list(output_names), opset_version=opset,
+                                        custom_translation_table=table, optimize=True, verbose=False)
+        except torch.onnx.errors.OnnxExporterError as e:
+            cause = next((ln for ln in str(e).splitlines() if "Error" in ln and "<class" in ln), str(e).splitlines()[0])
+            raise RewriterError(f"torch.onnx could not convert the program: {cause.strip()}") from e
         if dim_names:
             _rename_dims(program.model, list(input_names), dim_names)
         staged = tmp / path.name

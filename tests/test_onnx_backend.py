@@ -184,48 +184,53 @@ def test_original_minilm(minilm_program, tmp_path):
     _exported(minilm_program, tmp_path / "minilm.onnx")
 
 
-# One exporting option per pass: (arch, config). Attention passes run where their method is interesting
-# (GQA + causal on Llama, causal on GPT-2, padded bidirectional on BERT).
-EXPORT_OPTIONS = {
-    "performer": ("llama", {"features": 16}),
-    "linear": ("gpt2", {"feature_map": "elu", "window": 4, "sinks": 1}),
-    "scatterbrain": ("bert", {"features": 16, "window": 6, "sinks": 1}),
-    "window": ("llama", {"window": 8, "sinks": 2, "block": 8}),
-    "block-topk": ("bert", {"density": 0.5, "block": 8}),
-    "strided": ("gpt2", {"stride": 2, "block": 8}),
-    "lsh": ("bert", {"n_hashes": 2, "bucket_size": 8}),
-    "lowrank": ("gpt2", {"ratio": 0.5}),
-    "sparse-lowrank": ("llama", {"ratio": 0.3, "sparsity": 0.9}),
-    "binarize": ("bert", {"residual_rank": 4}),
-    "lora-merge": ("bert", None),    # the config names an adapter made in the test
+# Every pass in a program that is exported and validated. Passes share a program where they can (attention
+# methods split by layer), to keep the file fast: GQA + causal on Llama, causal on GPT-2, padded bidirectional
+# on BERT. "ADAPTER" is replaced by an adapter made in the test.
+EXPORT_CASES = {
+    "llama-lowrank-attention": ("llama", [("performer", {"features": 16, "layers": "0"}),
+                                          ("linear", {"feature_map": "relu", "layers": "1"}),
+                                          ("sparse-lowrank", {"ratio": 0.3, "sparsity": 0.9})]),
+    "gpt2-hybrids": ("gpt2", [("linear", {"feature_map": "elu", "window": 4, "sinks": 1, "layers": "0"}),
+                              ("scatterbrain", {"features": 16, "window": 6, "sinks": 1, "layers": "1"}),
+                              ("lowrank", {"ratio": 0.5})]),
+    "bert-merged-binarized": ("bert", [("lora-merge", {"adapters": "ADAPTER"}),
+                                       ("scatterbrain", {"features": 8, "window": 5}),
+                                       ("binarize", {"residual_rank": 4})]),
+    "llama-window": ("llama", [("window", {"window": 8, "sinks": 2, "block": 8})]),
+    "bert-block-topk": ("bert", [("block-topk", {"density": 0.5, "block": 8})]),
+    "gpt2-strided": ("gpt2", [("strided", {"stride": 2, "block": 8})]),
+    "bert-lsh": ("bert", [("lsh", {"n_hashes": 2, "bucket_size": 8})]),
 }
 
 
 def test_every_pass_has_an_exporting_test():
-    assert set(PASSES) <= set(EXPORT_OPTIONS), sorted(set(PASSES) - set(EXPORT_OPTIONS))
+    covered = {name for _, passes in EXPORT_CASES.values() for name, _ in passes}
+    assert set(PASSES) <= covered, sorted(set(PASSES) - covered)
 
 
-@pytest.mark.parametrize("name", sorted(EXPORT_OPTIONS))
-def test_pass_exports(name, tiny_folders, tmp_path):
-    if name not in PASSES:
-        pytest.skip(f"pass {name} is not on this branch")
-    arch, options = EXPORT_OPTIONS[name]
-    cls = PASSES[name]
-    op_name = getattr(cls, "op_name", "")
-    if op_name and not hasattr(torch.ops.rewriter, op_name):
-        from rewriter import ops  # noqa: F401
-        if not hasattr(torch.ops.rewriter, op_name):
-            pytest.skip(f"rewriter::{op_name} is not on this branch yet")
-    if name == "lora-merge":
-        from test_lora_merge import make_adapter
-        options = {"adapters": [str(make_adapter(tiny_folders[arch], tmp_path / "adapter"))]}
-    res = optimize(tiny_folders[arch], [make_pass(name, options)], samples=2, seq_len=16)
-    assert res.report["passes"][0]["sites_changed"] > 0
+@pytest.mark.parametrize("case", sorted(EXPORT_CASES))
+def test_passes_export(case, tiny_folders, tmp_path):
+    from rewriter import ops  # noqa: F401  (registers the ops that exist)
+    arch, specs = EXPORT_CASES[case]
+    expected_ops = set()
+    for name, _ in specs:
+        op_name = getattr(PASSES[name], "op_name", "") if name in PASSES else ""
+        if name not in PASSES or (op_name and not hasattr(torch.ops.rewriter, op_name)):
+            pytest.skip(f"pass {name} or its op is not on this branch yet")
+        expected_ops |= {f"rewriter::{op_name}"} if op_name else set()
+    passes = []
+    for name, options in specs:
+        if options.get("adapters") == "ADAPTER":
+            from test_lora_merge import make_adapter
+            options = {"adapters": [str(make_adapter(tiny_folders[arch], tmp_path / "adapter"))]}
+        passes.append(make_pass(name, options))
+    res = optimize(tiny_folders[arch], passes, samples=2, seq_len=16)
+    assert all(p["sites_changed"] > 0 for p in res.report["passes"]), [p["sites_changed"] for p in res.report["passes"]]
     info = _exported(res.program, tmp_path / "p.onnx")
-    if op_name:
-        assert info["custom_ops"] == [f"rewriter::{op_name}"]
-    if name == "binarize":
-        assert info["custom_ops"] == ["rewriter::binary_linear"]
+    if any(name == "binarize" for name, _ in specs):
+        expected_ops.add("rewriter::binary_linear")
+    assert set(info["custom_ops"]) == expected_ops
 
 
 # --- bad input ----------------------------------------------------------------------------------------------------

@@ -223,6 +223,32 @@ def analyze(src: Optional[str] = typer.Argument(None, help="HF model folder or r
         out.print(f"wrote {output / 'analysis.json'} and {len(data['pictures'])} heatmaps")
 
 
+@app.command("export")
+def export_cmd(src: str = typer.Argument(..., help="HF model folder or rewriter output"),
+               onnx: Path = typer.Option(..., "--onnx", help="output .onnx file"),
+               atol: float = typer.Option(1e-4, "--atol", help="max abs difference onnxruntime vs PyTorch"),
+               json_out: bool = typer.Option(False, "--json", help="print the validation record")):
+    """Export SRC to ONNX (batch and sequence stay dynamic), validated in onnxruntime at three shapes."""
+    from ..api import load_program
+    from ..backends.onnx import export_program
+    steps = Steps(quiet=json_out)
+    try:
+        steps("loading and capturing")
+        program = load_program(src)
+        steps("exporting and validating ONNX")
+        info = export_program(program, onnx, atol=atol)
+        steps.close()
+    except RewriterError as e:
+        steps.close()
+        _fail(e)
+    if json_out:
+        print(json.dumps(info, indent=1))
+        return
+    out.print(f"wrote {info['path']}: onnxruntime matches PyTorch within {atol:g} at {len(info['checks'])} shapes "
+              f"(max abs diff {info['max_abs_diff']:.3g})" + ("; quadratic ops: " + ", ".join(info["quadratic_ops"])
+                                                              if info["quadratic"] else ""))
+
+
 @app.command("passes")
 def list_passes(json_out: bool = typer.Option(False, "--json")):
     """Every pass with its config fields, types and defaults."""

@@ -1,0 +1,629 @@
+"""ONNX backend: dynamo export of a captured program, onnxscript translations of the `rewriter::*` ops in
+standard ONNX ops (opset 18, so onnxruntime's CPU provider runs the file with no custom-op library), and
+validation against PyTorch in onnxruntime.
+
+Translations are traced Python functions: tensor arguments arrive as symbolic ONNX values (static dims are
+ints, batch/sequence are symbols) and the op's scalar arguments (causal, scale, window, ...) as Python values,
+so each call emits only the branch its arguments select. None of them builds an Lq x Lk tensor:
+  * linear / performer attention: phi_q (phi_k^T [v, 1]) bidirectionally; causal by chunks of CHUNK tokens
+    (masked CHUNK x CHUNK products inside a chunk, an exclusive CumSum of per-chunk states across chunks);
+  * window attention and the exact band of the hybrids (linear with window/sinks, scatterbrain): key blocks
+    of `block` tokens gathered per query block (the same layout as ``lowrank_attention._support_layout``), so
+    scores are (L/block) x block x (K block) with K fixed by the window.
+A translation that cannot avoid L x L registers with quadratic=True and the export report says so.
+"""
+from __future__ import annotations
+
+import math
+import shutil
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+import torch
+from torch import Tensor
+
+from ..errors import RewriterError
+
+CHUNK = 64                 # causal linear attention: tokens per chunk (intra-chunk products are CHUNK x CHUNK)
+EXTERNAL_DATA_BYTES = 1_800_000_000   # below protobuf's 2 GiB limit, with room for the graph itself
+PROVIDER = "CPUExecutionProvider"
+
+
+class OnnxValidationError(RewriterError):
+    """onnxruntime's output differs from PyTorch's by more than the tolerance."""
+
+
+@dataclass(frozen=True)
+class Translation:
+    fn: Callable
+    quadratic: bool = False    # True when the ONNX form holds an Lq x Lk tensor
+
+
+TRANSLATIONS: dict[str, Translation] = {}
+
+
+def onnx_translation(op_name: str, *, quadratic: bool = False):
+    """Register `fn` as the ONNX translation of the custom op `op_name` ("namespace::name")."""
+    if "::" not in op_name:
+        raise ValueError(f"op_name must be 'namespace::name'; got {op_name!r}")
+
+    def register(fn: Callable) -> Callable:
+        TRANSLATIONS[op_name] = Translation(fn, quadratic)
+        return fn
+    return register
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Small ONNX helpers (the `op` namespace is onnxscript's opset 18)
+# --------------------------------------------------------------------------------------------------------------
+
+def _op():
+    from onnxscript import opset18
+    return opset18
+
+
+def _ints(values) -> object:
+    return _op().Constant(value_ints=[int(v) for v in values])
+
+
+def _int(value: int) -> object:
+    """A 0-D int64 constant (Range bounds, CumSum axis)."""
+    return _op().Constant(value_int=int(value))
+
+
+def _float(value: float) -> object:
+    return _op().Constant(value_float=float(value))
+
+
+def _dim(x, axis: int):
+    """x.shape[axis] as a 1-D int64 tensor of one element."""
+    return _op().Shape(x, start=axis, end=axis + 1)
+
+
+def _pad_axis(x, axis: int, multiple: int, value=None):
+    """Pad x at the end of `axis` up to a multiple of `multiple` (zeros, or `value`, a scalar tensor)."""
+    op = _op()
+    n = _dim(x, axis)
+    m = _ints([multiple])
+    extra = op.Mod(op.Sub(m, op.Mod(n, m)), m)
+    pads = op.Concat(_ints([0]), extra, axis=0)
+    return op.Pad(x, pads, value, _ints([axis])) if value is not None else op.Pad(x, pads, None, _ints([axis]))
+
+
+def _expand_heads(x, kv_heads: int, heads: int, width: int):
+    """(B, Hkv, L, E) -> (B, H, L, E): query head h reads kv head h // (H // Hkv).
+
+    Static sizes come from the op's own inputs: values built inside a translation carry no shape."""
+    op = _op()
+    hkv, e = kv_heads, width
+    if hkv == heads:
+        return x
+    x = op.Unsqueeze(x, _ints([2]))
+    x = op.Expand(x, _ints([1, 1, heads // hkv, 1, 1]))
+    return op.Reshape(x, _ints([0, heads, -1, e]))
+
+
+def _masked_keys(x, key_mask):
+    """Zero x (B, H, Lk, E) at padding keys."""
+    if key_mask is None:
+        return x
+    op = _op()
+    keep = op.Unsqueeze(key_mask, _ints([1, 3]))
+    return op.Where(keep, x, op.CastLike(_float(0.0), x))
+
+
+def _with_ones(v):
+    """[v, 1]: one product gives numerator and denominator."""
+    op = _op()
+    ones = op.CastLike(op.Expand(_float(1.0), op.Concat(op.Shape(v, start=0, end=3), _ints([1]), axis=0)), v)
+    return op.Concat(v, ones, axis=3)
+
+
+def _normalise(out, dv: int):
+    """out (.., Dv+1) = [num, den] -> num / den where den > 0, else 0."""
+    op = _op()
+    num = op.Slice(out, _ints([0]), _ints([dv]), _ints([-1]))
+    den = op.Slice(out, _ints([dv]), _ints([dv + 1]), _ints([-1]))
+    zero = op.CastLike(_float(0.0), den)
+    positive = op.Greater(den, zero)
+    safe = op.Where(positive, den, op.CastLike(_float(1.0), den))
+    return op.Where(positive, op.Div(num, safe), op.CastLike(_float(0.0), num))
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Feature maps (mirror ``lowrank_attention.feature_map``)
+# --------------------------------------------------------------------------------------------------------------
+
+def _fixed_feature_map(name: str, x, scale: float, d: int):
+    op = _op()
+    xs = op.Mul(x, _float(math.sqrt(scale)))
+    if name == "elu":
+        return op.Add(op.Elu(xs), _float(1.0))
+    if name == "relu":
+        return op.Relu(xs)
+    if name == "taylor2":
+        outer = op.Mul(op.Unsqueeze(xs, _ints([4])), op.Unsqueeze(xs, _ints([3])))
+        second = op.Mul(op.Reshape(outer, _ints([0, 0, 0, d * d])), _float(1.0 / math.sqrt(2.0)))
+        ones = op.Expand(_float(1.0), op.Concat(op.Shape(x, start=0, end=3), _ints([1]), axis=0))
+        return op.Concat(ones, xs, second, axis=3)
+    raise ValueError(f"unknown feature map {name!r}; allowed: elu, relu, taylor2")
+
+
+def _performer_features(q, k, key_mask, scale: float, features: int, seed: int, d: int):
+    """(phi_q, phi_k, log_q (B, H, Lq), log_k (B, H, 1)) with the same offsets as the reference."""
+    import onnx_ir as ir
+    from ..ops.lowrank_attention import performer_projection
+    op = _op()
+    w_t = performer_projection(features, d, seed).T.contiguous().to(torch.float32).numpy()
+    proj = op.Constant(value=ir.tensor(w_t, name="performer_projection"))
+    norm = _float(1.0 / math.sqrt(features))
+
+    def logits(x):
+        xs = op.Mul(x, _float(math.sqrt(scale)))
+        sq = op.ReduceSum(op.Mul(xs, xs), _ints([-1]), keepdims=1)
+        return op.Sub(op.MatMul(xs, proj), op.Mul(sq, _float(0.5)))
+
+    lq = logits(q)
+    log_q = op.ReduceMax(lq, _ints([-1]), keepdims=1)
+    phi_q = op.Mul(op.Exp(op.Sub(lq, log_q)), norm)
+    lk = logits(k)
+    per_key = op.ReduceMax(lk, _ints([-1]), keepdims=1)                          # (B, H, Lk, 1)
+    if key_mask is not None:
+        keep = op.Unsqueeze(key_mask, _ints([1, 3]))
+        per_key = op.Where(keep, per_key, _float(-math.inf))
+    log_k = op.ReduceMax(per_key, _ints([2]), keepdims=1)                         # (B, H, 1, 1)
+    log_k = op.Where(op.IsInf(log_k), _float(0.0), log_k)
+    phi_k = _masked_keys(op.Mul(op.Exp(op.Sub(lk, log_k)), norm), key_mask)
+    return phi_q, phi_k, op.Squeeze(log_q, _ints([3])), op.Squeeze(log_k, _ints([3]))
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Linear attention core: [num, den] (B, H, Lq, Dv+1) without Lq x Lk
+# --------------------------------------------------------------------------------------------------------------
+
+def _linear_core(phi_q, phi_k, va, causal: bool, f: int, e: int):
+    """phi_q (B, H, Lq, F), phi_k (B, H, Lk, F) (zero at padding), va = [v, 1] (B, H, Lk, E)."""
+    op = _op()
+    if not causal:
+        state = op.MatMul(op.Transpose(phi_k, perm=[0, 1, 3, 2]), va)            # (B, H, F, E)
+        return op.MatMul(phi_q, state)
+    lq, lk = _dim(phi_q, 2), _dim(phi_k, 2)
+    offset = op.Sub(lk, lq)
+    # keys before the first query position (Lk > Lq) form the initial state
+    early_k = op.Slice(phi_k, _ints([0]), offset, _ints([2]))
+    early_v = op.Slice(va, _ints([0]), offset, _ints([2]))
+    init = op.Unsqueeze(op.MatMul(op.Transpose(early_k, perm=[0, 1, 3, 2]), early_v), _ints([2]))  # (B,H,1,F,E)
+    big = _ints([2**62])
+    pk = op.Slice(phi_k, offset, big, _ints([2]))
+    pv = op.Slice(va, offset, big, _ints([2]))
+    qc = op.Reshape(_pad_axis(phi_q, 2, CHUNK), _ints([0, 0, -1, CHUNK, f]))      # (B, H, n, C, F)
+    kc = op.Reshape(_pad_axis(pk, 2, CHUNK), _ints([0, 0, -1, CHUNK, f]))
+    vc = op.Reshape(_pad_axis(pv, 2, CHUNK), _ints([0, 0, -1, CHUNK, e]))
+    lower = op.Constant(value_floats=torch.ones(CHUNK, CHUNK).tril().flatten().tolist())
+    lower = op.CastLike(op.Reshape(lower, _ints([CHUNK, CHUNK])), qc)
+    scores = op.Mul(op.MatMul(qc, op.Transpose(kc, perm=[0, 1, 2, 4, 3])), lower)
+    intra = op.MatMul(scores, vc)
+    chunk_states = op.MatMul(op.Transpose(kc, perm=[0, 1, 2, 4, 3]), vc)           # (B, H, n, F, E)
+    before = op.Add(op.CumSum(chunk_states, _int(2), exclusive=1), init)
+    inter = op.MatMul(qc, before)
+    out = op.Reshape(op.Add(intra, inter), _ints([0, 0, -1, e]))
+    return op.Slice(out, _ints([0]), lq, _ints([2]))
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Block-gathered support: the window band + sinks (mirrors ``_support_layout`` / ``_support_mask``)
+# --------------------------------------------------------------------------------------------------------------
+
+@dataclass
+class _Support:
+    allowed: object      # (B or 1, 1, nqb, block, K*block) bool: pair in S, causal, padding, real slot
+    gather: Callable     # (x (B, H, Lk, E), E) -> (B, H, nqb, K*block, E)
+    blocks: Callable     # (x (B, H, Lq, E), E) -> (B, H, nqb, block, E)
+    rows: Callable       # (y (B, H, nqb, block, E), E) -> (B, H, Lq, E)
+
+
+def _support(q, k, key_mask, causal: bool, window: int, sinks: int, block: int) -> _Support:
+    from ..ops._common import window_extents
+    op = _op()
+    lq, lk = _dim(q, 2), _dim(k, 2)
+    offset = op.Sub(lk, lq)
+    bs = _ints([block])
+    nqb = op.Div(op.Add(lq, _ints([block - 1])), bs)
+    nkb = op.Div(op.Add(lk, _ints([block - 1])), bs)
+    last_block = op.Sub(nkb, _ints([1]))
+    qb = op.Unsqueeze(op.Range(_int(0), op.Squeeze(nqb, _ints([0])), _int(1)), _ints([1]))  # (nqb, 1)
+    sink_blocks = (sinks + block - 1) // block
+    index, valid = [], []
+    if sink_blocks:
+        slots = _ints(range(sink_blocks))
+        index.append(op.Expand(op.Min(slots, last_block), op.Concat(nqb, _ints([sink_blocks]), axis=0)))
+        valid.append(op.Expand(op.Less(slots, nkb), op.Concat(nqb, _ints([sink_blocks]), axis=0)))
+    left = right = 0
+    if window > 0:
+        left, right = window_extents(window, causal)
+        start = op.Mul(qb, bs)
+        first_pos = op.Max(op.Sub(op.Add(start, offset), _ints([left])), _ints([0]))
+        last_q = op.Min(op.Add(start, _ints([block - 1])), op.Sub(lq, _ints([1])))
+        last_pos = op.Min(op.Add(op.Add(last_q, offset), _ints([right])), op.Sub(lk, _ints([1])))
+        span = (block + left + right - 2) // block + 2
+        band = op.Add(op.Div(first_pos, bs), _ints(range(span)))                   # (nqb, span)
+        index.append(op.Min(band, last_block))
+        valid.append(op.And(op.LessOrEqual(band, op.Div(last_pos, bs)),
+                            op.GreaterOrEqual(band, _ints([sink_blocks]))))
+    kv_index = op.Concat(*index, axis=1)                                           # (nqb, K)
+    slot_valid = op.Concat(*valid, axis=1)
+    # token positions; keys of unused slots get a position no predicate accepts
+    k_pos = op.Add(op.Mul(op.Unsqueeze(kv_index, _ints([2])), bs), _ints(range(block)))   # (nqb, K, block)
+    k_pos = op.Where(op.Unsqueeze(slot_valid, _ints([2])), k_pos, _ints([2**60]))
+    k_pos = op.Unsqueeze(op.Reshape(k_pos, _ints([0, -1])), _ints([1]))            # (nqb, 1, K*block)
+    q_pos = op.Add(op.Range(_int(0), op.Squeeze(op.Mul(nqb, bs), _ints([0])), _int(1)), offset)
+    q_pos = op.Unsqueeze(op.Reshape(q_pos, _ints([-1, block])), _ints([2]))         # (nqb, block, 1)
+    allowed = op.Less(k_pos, _ints([sinks]))
+    if window > 0:
+        band_ok = op.And(op.GreaterOrEqual(k_pos, op.Sub(q_pos, _ints([left]))),
+                         op.LessOrEqual(k_pos, op.Add(q_pos, _ints([right]))))
+        allowed = op.Or(allowed, band_ok)
+    allowed = op.And(allowed, op.Less(k_pos, lk))
+    if causal:
+        allowed = op.And(allowed, op.LessOrEqual(k_pos, q_pos))
+    allowed = op.Unsqueeze(allowed, _ints([0, 1]))                                 # (1, 1, nqb, block, K*block)
+    if key_mask is not None:
+        real = op.Reshape(_pad_axis(key_mask, 1, block, op.Constant(value=_bool_false())), _ints([0, -1, block]))
+        real = op.Reshape(op.Gather(real, kv_index, axis=1), _ints([0, 0, 1, -1]))   # (B, nqb, 1, K*block)
+        allowed = op.And(allowed, op.Unsqueeze(real, _ints([1])))
+
+    def gather(x, e: int):
+        xb = op.Reshape(_pad_axis(x, 2, block), _ints([0, 0, -1, block, e]))
+        return op.Reshape(op.Gather(xb, kv_index, axis=2), _ints([0, 0, 0, -1, e]))
+
+    def blocks(x, e: int):
+        return op.Reshape(_pad_axis(x, 2, block), _ints([0, 0, -1, block, e]))
+
+    def rows(y, e: int):
+        flat = op.Reshape(y, _ints([0, 0, -1, e]))
+        return op.Slice(flat, _ints([0]), lq, _ints([2]))
+
+    return _Support(allowed, gather, blocks, rows)
+
+
+def _bool_false():
+    import onnx_ir as ir
+    import numpy as np
+    return ir.tensor(np.array(False))
+
+
+def _masked_scores(q_blocks, k_gathered, allowed, scale: float):
+    op = _op()
+    s = op.Mul(op.MatMul(q_blocks, op.Transpose(k_gathered, perm=[0, 1, 2, 4, 3])), _float(scale))
+    return op.Where(allowed, s, _float(-math.inf))
+
+
+def _finite_row_max(s):
+    op = _op()
+    m = op.ReduceMax(s, _ints([-1]), keepdims=1)
+    return op.Where(op.IsInf(m), _float(0.0), m)
+
+
+def _acc(x):
+    return _op().Cast(x, to=1)   # FLOAT: every translation accumulates in fp32, as the references do
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Translations
+# --------------------------------------------------------------------------------------------------------------
+
+def _heads_fp32(q, k, v):
+    """q, k, v in fp32 with kv heads expanded to the query heads; (q, k, v, (H, D, Dv))."""
+    heads, d, dv = q.shape[1], q.shape[3], v.shape[3]
+    kv_heads = k.shape[1]
+    return (_acc(q), _expand_heads(_acc(k), kv_heads, heads, d), _expand_heads(_acc(v), kv_heads, heads, dv),
+            (heads, d, dv))
+
+
+def translate_window_attention(q, k, v, key_mask=None, causal=False, scale=1.0, window=1, sinks=0, block=64):
+    """Exact softmax over the band of ``window_extents(window, causal)`` plus the first `sinks` keys."""
+    op = _op()
+    qa, ka, va, (_, d, dv) = _heads_fp32(q, k, v)
+    sup = _support(qa, ka, key_mask, causal, window, sinks, block)
+    s = _masked_scores(sup.blocks(qa, d), sup.gather(ka, d), sup.allowed, scale)
+    p = op.Exp(op.Sub(s, _finite_row_max(s)))                    # exp(-inf) = 0 off the support
+    out = op.MatMul(p, sup.gather(_with_ones(va), dv + 1))
+    return op.CastLike(_normalise(sup.rows(out, dv + 1), dv), q)
+
+
+onnx_translation("rewriter::window_attention")(translate_window_attention)
+
+
+def _lowrank_attention(q, k, v, key_mask, causal, scale, phi_q, phi_k, dims, window, sinks, log_q=None, log_k=None,
+                       block=64):
+    """Mirror of ``sparse_plus_lowrank_attention`` on (B, H, ...) fp32 tensors; window == sinks == 0 is plain
+    linear attention. dims = (D, Dv, F)."""
+    op = _op()
+    d, dv, f = dims
+    va = _with_ones(v)
+    lowrank = _linear_core(phi_q, _masked_keys(phi_k, key_mask), _masked_keys(va, key_mask), causal, f, dv + 1)
+    if window == 0 and sinks == 0:
+        return _normalise(lowrank, dv)
+    sup = _support(q, k, key_mask, causal, window, sinks, block)
+    s = _masked_scores(sup.blocks(q, d), sup.gather(k, d), sup.allowed, scale)
+    row_max = op.ReduceMax(s, _ints([-1]), keepdims=1)                             # (B, H, nqb, block, 1)
+    if log_q is None:   # fixed feature maps carry no offset
+        rowb = op.Mul(row_max, _float(0.0))
+        rowb = op.Where(op.IsNaN(rowb), _float(0.0), rowb)
+    else:
+        rowb = sup.blocks(op.Unsqueeze(op.Add(log_q, log_k), _ints([3])), 1)
+    stabiliser = op.Max(rowb, row_max)
+    lowrank_weight = op.Exp(op.Sub(rowb, stabiliser))                              # (B, H, nqb, block, 1)
+    phi_dot = op.MatMul(sup.blocks(phi_q, f), op.Transpose(sup.gather(phi_k, f), perm=[0, 1, 2, 4, 3]))
+    correction = op.Sub(op.Exp(op.Sub(s, stabiliser)), op.Mul(lowrank_weight, phi_dot))
+    correction = op.Where(sup.allowed, correction, _float(0.0))
+    corrected = sup.rows(op.MatMul(correction, sup.gather(va, dv + 1)), dv + 1)
+    out = op.Add(op.Mul(sup.rows(lowrank_weight, 1), lowrank), corrected)
+    return _normalise(out, dv)
+
+
+@onnx_translation("rewriter::linear_attention")
+def translate_linear_attention(q, k, v, key_mask=None, causal=False, scale=1.0, feature_map="elu", window=0, sinks=0):
+    from ..ops.lowrank_attention import feature_dim
+    qa, ka, va, (_, d, dv) = _heads_fp32(q, k, v)
+    phi_q, phi_k = _fixed_feature_map(feature_map, qa, scale, d), _fixed_feature_map(feature_map, ka, scale, d)
+    dims = (d, dv, feature_dim(feature_map, d))
+    return _op().CastLike(_lowrank_attention(qa, ka, va, key_mask, causal, scale, phi_q, phi_k, dims, window, sinks), q)
+
+
+@onnx_translation("rewriter::performer_attention")
+def translate_performer_attention(q, k, v, key_mask=None, causal=False, scale=1.0, features=1, seed=0):
+    qa, ka, va, (_, d, dv) = _heads_fp32(q, k, v)
+    phi_q, phi_k, _, _ = _performer_features(qa, ka, key_mask, scale, features, seed, d)   # offsets cancel
+    out = _lowrank_attention(qa, ka, va, key_mask, causal, scale, phi_q, phi_k, (d, dv, features), 0, 0)
+    return _op().CastLike(out, q)
+
+
+@onnx_translation("rewriter::scatterbrain_attention")
+def translate_scatterbrain_attention(q, k, v, key_mask=None, causal=False, scale=1.0, features=1, window=1, sinks=0,
+                                     seed=0):
+    qa, ka, va, (_, d, dv) = _heads_fp32(q, k, v)
+    phi_q, phi_k, log_q, log_k = _performer_features(qa, ka, key_mask, scale, features, seed, d)
+    out = _lowrank_attention(qa, ka, va, key_mask, causal, scale, phi_q, phi_k, (d, dv, features), window, sinks,
+                             log_q, log_k)
+    return _op().CastLike(out, q)
+
+
+@onnx_translation("rewriter::binary_linear")
+def translate_binary_linear(x, packed, alpha, mu, bias=None, in_features=1):
+    """Signs unpacked with BitShift + BitwiseAnd on uint8 (bit j of byte k is column 8k + j)."""
+    import onnx_ir as ir
+    import numpy as np
+    op = _op()
+    shifts = op.Constant(value=ir.tensor(np.arange(8, dtype=np.uint8)))
+    bits = op.BitwiseAnd(op.BitShift(op.Unsqueeze(packed, _ints([2])), shifts, direction="RIGHT"),
+                         op.Constant(value=ir.tensor(np.array(1, dtype=np.uint8))))
+    bits = op.Slice(op.Reshape(bits, _ints([0, -1])), _ints([0]), _ints([in_features]), _ints([1]))
+    signs = op.Sub(op.Mul(op.Cast(bits, to=1), _float(2.0)), _float(1.0))          # (out, in) +-1
+    xa = _acc(x)
+    y = op.Add(op.Mul(op.MatMul(xa, op.Transpose(signs, perm=[1, 0])), _acc(alpha)),
+               op.Mul(op.ReduceSum(xa, _ints([-1]), keepdims=1), _acc(mu)))
+    if bias is not None:
+        y = op.Add(y, _acc(bias))
+    return op.CastLike(y, x)
+
+
+def translation_table(ep: torch.export.ExportedProgram) -> tuple[dict, list[str]]:
+    """The custom_translation_table for `ep` and the custom ops it uses; a custom op without a translation is
+    an error that names it."""
+    table, used, missing = {}, [], []
+    for node in ep.graph.nodes:
+        target = node.target
+        if node.op != "call_function" or not isinstance(target, torch._ops.OpOverload):
+            continue
+        namespace = target.namespace
+        if namespace in ("aten", "prims", "_assert", "higher_order"):
+            continue
+        name = f"{namespace}::{target._opname}"
+        if name in TRANSLATIONS:
+            table[target] = TRANSLATIONS[name].fn
+            if name not in used:
+                used.append(name)
+        elif name.split("::")[0] in {n.split("::")[0] for n in TRANSLATIONS} and name not in missing:
+            missing.append(name)
+    if missing:
+        raise RewriterError(f"no ONNX translation for {', '.join(missing)}",
+                            f"ops with one: {', '.join(sorted(TRANSLATIONS))}")
+    return table, used
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Export, validation
+# --------------------------------------------------------------------------------------------------------------
+
+def _state_bytes(ep: torch.export.ExportedProgram) -> int:
+    tensors = list(ep.state_dict.values()) + [t for t in ep.constants.values() if isinstance(t, Tensor)]
+    return sum(t.numel() * t.element_size() for t in tensors)
+
+
+def _rename_dims(model, input_names: list[str], dim_names: dict[str, dict[int, str]]) -> None:
+    """Give the symbolic dims the Program's names (batch, seq) everywhere in the graph."""
+    import onnx_ir as ir
+    inputs = {v.name: v for v in model.graph.inputs}
+    rename = {}
+    for name, dims in dim_names.items():
+        value = inputs.get(name)
+        if value is None or value.shape is None:
+            continue
+        for axis, label in dims.items():
+            sym = value.shape[axis]
+            if isinstance(sym, ir.SymbolicDim) and sym.value is not None:
+                rename[sym.value] = label
+    if not rename:
+        return
+    values = list(model.graph.inputs) + [o for node in model.graph.all_nodes() for o in node.outputs]
+    for value in values:
+        if value.shape is None:
+            continue
+        dims = [ir.SymbolicDim(rename.get(d.value, d.value)) if isinstance(d, ir.SymbolicDim) else d
+                for d in value.shape]
+        value.shape = ir.Shape(dims)
+
+
+def _check_target(path: Path) -> Path:
+    path = Path(path)
+    if path.suffix != ".onnx":
+        raise RewriterError(f"ONNX output {path} must end in .onnx")
+    parent = path.parent if str(path.parent) else Path(".")
+    if not parent.is_dir():
+        raise RewriterError(f"cannot write {path}: folder {parent} does not exist", "create it first")
+    if path.exists() and path.is_dir():
+        raise RewriterError(f"cannot write {path}: it is a folder")
+    try:
+        probe = tempfile.NamedTemporaryFile(dir=parent, prefix=f".{path.name}.probe-")
+        probe.close()
+    except OSError as e:
+        raise RewriterError(f"cannot write to {parent}: {e.strerror}", "choose a writable folder") from None
+    return path
+
+
+def export_onnx(ep: torch.export.ExportedProgram, path: str | Path, *, input_names: list[str],
+                output_names: list[str], dim_names: dict[str, dict[int, str]] | None = None, opset: int = 18,
+                external_data: bool | None = None,
+                validate: Callable[[Path], dict] | None = None) -> tuple[Path, dict]:
+    """Export `ep` (dynamic dims stay symbolic, named by `dim_names`: input -> {axis: name}) to `path`.
+
+    Weights go to `<name>.data` beside the file when `external_data` is True, or when None and they exceed
+    ~1.8 GB. The file is written into a temp folder beside `path` and moved into place only after
+    `validate(temp_path)` returned (its dict is returned with the path); on any failure nothing is left.
+    """
+    if opset < 18:
+        raise ValueError(f"opset must be >= 18 (BitwiseAnd, Pad axes); got {opset}")
+    path = _check_target(path)
+    table, used = translation_table(ep)
+    if external_data is None:
+        external_data = _state_bytes(ep) > EXTERNAL_DATA_BYTES
+    tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.tmp-", dir=path.parent))
+    try:
+        try:
+            program = torch.onnx.export(ep, (), dynamo=True, input_names=list(input_names),
+                                        output_names=list(output_names), opset_version=opset,
+                                        custom_translation_table=table, optimize=True, verbose=False)
+        except torch.onnx.errors.OnnxExporterError as e:
+            cause = next((ln for ln in str(e).splitlines() if "Error" in ln and "<class" in ln), str(e).splitlines()[0])
+            raise RewriterError(f"torch.onnx could not convert the program: {cause.strip()}") from e
+        if dim_names:
+            _rename_dims(program.model, list(input_names), dim_names)
+        staged = tmp / path.name
+        program.save(str(staged), external_data=external_data)
+        info = dict(validate(staged)) if validate is not None else {}
+        info.update({"opset": opset, "external_data": bool(external_data), "custom_ops": used,
+                     "quadratic_ops": [n for n in used if TRANSLATIONS[n].quadratic]})
+        info["quadratic"] = bool(info["quadratic_ops"])
+        data = tmp / f"{path.name}.data"
+        if data.exists():
+            data.replace(path.parent / data.name)
+        staged.replace(path)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return path, info
+
+
+def validate_onnx(path: str | Path, reference_fn: Callable[..., tuple[Tensor, ...]], inputs: dict[str, Tensor], *,
+                  atol: float = 1e-4, rtol: float = 0.0, token_mask: Tensor | None = None) -> dict:
+    """Run `path` in onnxruntime (CPU) on `inputs` and compare each output with `reference_fn(**inputs)`.
+
+    token_mask (B, L) bool, optional: outputs whose leading dims are (B, L) are compared only at True
+    positions (padding tokens: a query that sees no key is 0 in ONNX and undefined in eager SDPA).
+    Raises OnnxValidationError naming the first output beyond atol + rtol * |reference|.
+    """
+    import onnxruntime as ort
+    session = ort.InferenceSession(str(path), providers=[PROVIDER])
+    feed_names = [i.name for i in session.get_inputs()]
+    missing = [n for n in feed_names if n not in inputs]
+    if missing:
+        raise ValueError(f"inputs lack {missing}; the ONNX file takes {feed_names}")
+    got = session.run(None, {n: inputs[n].detach().cpu().numpy() for n in feed_names})
+    with torch.no_grad():
+        ref = reference_fn(**inputs)
+    ref = tuple(ref) if isinstance(ref, (tuple, list)) else (ref,)
+    names = [o.name for o in session.get_outputs()]
+    if len(ref) != len(got):
+        raise OnnxValidationError(f"ONNX gives {len(got)} outputs, PyTorch {len(ref)}")
+    result = {"provider": PROVIDER, "atol": atol, "rtol": rtol,
+              "input_shapes": {n: list(inputs[n].shape) for n in feed_names}, "outputs": {}}
+    failure = None
+    for name, g, r in zip(names, got, ref):
+        g = torch.from_numpy(g).to(torch.float64)
+        r = r.detach().cpu().to(torch.float64)
+        if tuple(g.shape) != tuple(r.shape):
+            raise OnnxValidationError(f"output {name}: ONNX shape {tuple(g.shape)} != PyTorch {tuple(r.shape)}")
+        diff, bound = (g - r).abs(), atol + rtol * r.abs()
+        if token_mask is not None and r.dim() >= 2 and tuple(r.shape[:2]) == tuple(token_mask.shape):
+            keep = token_mask.to(torch.bool)
+            diff, bound = diff[keep], bound.expand_as(r)[keep]
+        worst = float(diff.max()) if diff.numel() else 0.0
+        finite = bool(torch.isfinite(diff).all())
+        result["outputs"][name] = {"shape": list(r.shape), "max_abs_diff": worst}
+        if failure is None and (not finite or bool((diff > bound).any())):
+            failure = f"output {name}: max abs diff {worst:.3g} exceeds atol {atol:g}" + (f" + rtol {rtol:g}" if rtol else "")
+    result["passed"] = failure is None
+    if failure:
+        raise OnnxValidationError(f"ONNX validation failed at input shapes {result['input_shapes']}: {failure}")
+    return result
+
+
+def _resized(x: Tensor, axis: int, size: int) -> Tensor:
+    """x with `size` entries along `axis`, repeating its own entries (keeps dtype and value ranges)."""
+    index = torch.arange(size) % x.shape[axis]
+    return x.index_select(axis, index)
+
+
+def shape_variants(program) -> list[dict[str, Tensor]]:
+    """Inputs at two shapes other than the example's: one more batch row and a longer sequence, then batch 1
+    and a shorter one (sequence lengths odd; bounds respected; vision inputs change batch only)."""
+    example = program.example_inputs
+    sizes = {}
+    for name, dims in program.dynamic_dims.items():
+        for axis, label in dims.items():
+            sizes[label] = example[name].shape[axis]
+    variants, seen = [], [sizes]
+    for db, ds in ((1, 5), (None, -5)):
+        target = {}
+        if "batch" in sizes:
+            lo, hi = program.dim_bounds["batch"]
+            target["batch"] = min(hi, sizes["batch"] + db) if db else max(lo, 1)
+        if "seq" in sizes:
+            lo, hi = program.dim_bounds["seq"]
+            target["seq"] = min(hi, max(lo, sizes["seq"] + ds))
+        if target in seen:
+            continue
+        seen.append(target)
+        inputs = {}
+        for name in program.input_names:
+            x = example[name]
+            for axis, label in program.dynamic_dims.get(name, {}).items():
+                x = _resized(x, axis, target[label])
+            inputs[name] = x
+        variants.append(inputs)
+    return variants
+
+
+def export_program(program, path: str | Path, *, atol: float = 1e-4, opset: int = 18,
+                   external_data: bool | None = None) -> dict:
+    """Export a Program to ONNX, validated in onnxruntime on its example inputs and two other shapes."""
+    checks = [dict(program.example_inputs)] + shape_variants(program)
+
+    def validate(staged: Path) -> dict:
+        runs = []
+        for inputs in checks:
+            mask = inputs.get("attention_mask")
+            runs.append(validate_onnx(staged, program.run, inputs, atol=atol,
+                                      token_mask=None if mask is None else mask != 0))
+        return {"provider": PROVIDER, "atol": atol, "rtol": 0.0, "passed": True,
+                "max_abs_diff": max(o["max_abs_diff"] for r in runs for o in r["outputs"].values()),
+                "checks": runs, "compared": "real tokens only (attention_mask != 0)"
+                if "attention_mask" in program.input_names else "every element"}
+
+    path, info = export_onnx(program.ep, path, input_names=program.input_names, output_names=program.output_names,
+                             dim_names=program.dynamic_dims, opset=opset, external_data=external_data,
+                             validate=validate)
+    info["path"] = str(path)
+    return info

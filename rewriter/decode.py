@@ -191,8 +191,10 @@ class Decoder:
         s = self.policy.sinks
         drop = length - keep
         recent_k = self._rerotate(k[..., s + drop:length, :], drop)
-        k = torch.cat([k[..., :s, :], recent_k, k[..., length:, :]], dim=-2)
-        v = torch.cat([v[..., :s, :], v[..., s + drop:length, :], v[..., length:, :]], dim=-2)
+        # the freed slots go to the end, so the cache keeps its shape
+        k = torch.cat([k[..., :s, :], recent_k, k[..., length:, :], torch.zeros_like(k[..., :drop, :])], dim=-2)
+        v = torch.cat([v[..., :s, :], v[..., s + drop:length, :], v[..., length:, :],
+                       torch.zeros_like(v[..., :drop, :])], dim=-2)
         return k, v, keep
 
     # --- running ------------------------------------------------------------------------------------------------
@@ -323,3 +325,91 @@ def _rope_inv_freq(model: nn.Module) -> torch.Tensor:
                 raise RewriterError(f"StreamingLLM re-rotation needs plain RoPE; {name} scales attention by {scaling}")
             return m.inv_freq.detach().float().cpu()
     raise RewriterError("no rotary embedding module (…rotary_emb with inv_freq) found for StreamingLLM re-rotation")
+
+
+DECODE_PASSES = ("think", "kv-window")
+
+
+@dataclass
+class GenerateResult:
+    ids: torch.Tensor              # (B, T + new)
+    new_ids: torch.Tensor          # (B, new)
+    text: list[str] | None         # decoded new text when the folder has a tokenizer
+    kv: dict                       # cache bytes per token / per sequence, before and after thinning
+    report: dict | None            # the pipeline report of the KV passes (None without passes)
+
+
+def decoder_from(src, passes: list | None = None, *, max_len: int = 256, calib_texts: list[str] | None = None,
+                 samples: int = 8, seq_len: int = 128, seed: int = 0) -> tuple[Decoder, Any, dict | None]:
+    """Load SRC (HF folder or module), run the KV passes (think, kv-window) verified on the full-sequence program,
+    and capture the decode programs with the resulting cache policy. Returns (decoder, loaded, pipeline report)."""
+    from .calibration import calibration_inputs
+    from .capture import capture
+    from .load import LoadedModel, load
+    from .passes.kv_thin import decode_key_channels
+    from .pipeline import Pipeline
+    loaded = src if isinstance(src, LoadedModel) else load(src) if not isinstance(src, nn.Module) \
+        else LoadedModel(module=src, config=getattr(src, "config", None))
+    dims = decoder_dims(loaded.config)
+    passes = list(passes or [])
+    other = [p.name for p in passes if p.name not in DECODE_PASSES]
+    if other:
+        raise ValueError(f"generate runs only the KV passes {', '.join(DECODE_PASSES)}; got {', '.join(other)}")
+    report = None
+    meta: dict = {}
+    if passes:
+        program = capture(loaded, seq=16)
+        inputs, desc = calibration_inputs(program, texts=calib_texts, samples=samples, seq_len=seq_len, seed=seed)
+        run = Pipeline(passes, seed=seed).run(program, inputs, desc)
+        report, meta = run.report, run.program.meta
+    window = meta.get("kv_window") or {}
+    policy = KVPolicy(sinks=window.get("sinks", 0), window=window.get("window", 0),
+                      key_channels=decode_key_channels(meta, dims["layers"]))
+    decoder = build_decoder(loaded.module, max_len=max_len, policy=policy, source=loaded.source)
+    return decoder, loaded, report
+
+
+def kv_bytes(decoder: Decoder, tokens: int) -> dict:
+    d = decoder.dims
+    dense_token = d["layers"] * d["kv_heads"] * 2 * d["head_dim"] * torch.finfo(decoder.dtype).bits // 8
+    return {"tokens": tokens, "dtype": str(decoder.dtype).replace("torch.", ""),
+            "before": {"bytes_per_token": dense_token, "bytes_per_sequence": dense_token * tokens},
+            "after": {"bytes_per_token": decoder.kv_bytes_per_token(),
+                      "bytes_per_sequence": decoder.kv_bytes_per_sequence(tokens)}}
+
+
+def generate(src, *, prompt: str | None = None, prompt_ids: list[int] | None = None, max_new_tokens: int = 20,
+             passes: list | None = None, max_len: int | None = None, **calib) -> GenerateResult:
+    """Greedy generation through the captured prefill/decode programs, optionally with think / kv-window."""
+    if (prompt is None) == (prompt_ids is None):
+        raise ValueError("give exactly one of prompt (text) or prompt_ids (token ids)")
+    from .load import LoadedModel, load
+    loaded = src if isinstance(src, LoadedModel) else load(src) if not isinstance(src, nn.Module) \
+        else LoadedModel(module=src, config=getattr(src, "config", None))
+    tokenizer = None
+    if prompt is not None:
+        tokenizer = _tokenizer(loaded)
+        ids = tokenizer(prompt, return_tensors="pt")["input_ids"]
+    else:
+        if not prompt_ids:
+            raise ValueError("prompt_ids is empty; give at least one token id")
+        ids = torch.tensor([list(prompt_ids)], dtype=torch.long)
+    vocab = loaded.config.vocab_size
+    if int(ids.min()) < 0 or int(ids.max()) >= vocab:
+        raise ValueError(f"prompt ids must be in [0, {vocab}); got {ids.tolist()[0]}")
+    total = ids.shape[1] + max_new_tokens
+    decoder, loaded, report = decoder_from(loaded, passes, max_len=max_len or max(total, 2), **calib)
+    out = decoder.generate(ids, max_new_tokens, eos_token_id=getattr(loaded.config, "eos_token_id", None)
+                           if tokenizer is not None else None)
+    new = out[:, ids.shape[1]:]
+    text = tokenizer.batch_decode(new, skip_special_tokens=True) if tokenizer is not None else None
+    return GenerateResult(ids=out, new_ids=new, text=text, kv=kv_bytes(decoder, total), report=report)
+
+
+def _tokenizer(loaded):
+    from .load import TOKENIZER_FILES
+    folder = loaded.folder
+    if folder is None or not any((folder / f).exists() for f in TOKENIZER_FILES):
+        raise RewriterError(f"{loaded.source} has no tokenizer", "pass token ids with --prompt-ids 1,2,3")
+    from transformers import AutoTokenizer
+    return AutoTokenizer.from_pretrained(str(folder))

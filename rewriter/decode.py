@@ -301,8 +301,11 @@ def build_decoder(model: nn.Module, *, max_len: int = 256, policy: KVPolicy | No
     hd = dims["head_dim"]
     B, T = 2, min(8, max_len)
     ids = torch.randint(0, config.vocab_size, (B, T), generator=torch.Generator().manual_seed(0))
+    # an evicting cache still prefills whole prompts (then keeps sinks + recent), up to the model's positions
+    from .capture import max_positions
+    prefill_len = max(max_len, max_positions(config)) if policy.evicts else max_len
     prefill = _export(_PrefillModule(model, hd, kc).eval(), {"input_ids": ids}, {"input_ids": {0: "batch", 1: "seq"}},
-                      {"batch": (1, max_batch), "seq": (2, max_len)}, config, source, ["logits", "keys", "values"])
+                      {"batch": (1, max_batch), "seq": (2, prefill_len)}, config, source, ["logits", "keys", "values"])
     dk = hd if kc is None else int(kc.shape[-1])
     step_inputs = {"input_ids": ids[:, :1], "cache_position": torch.tensor([T - 1]),
                    "k_cache": torch.zeros(dims["layers"], B, dims["kv_heads"], max_len, dk, dtype=dtype),

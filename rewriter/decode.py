@@ -198,7 +198,8 @@ class Decoder:
         return k, v, keep
 
     # --- running ------------------------------------------------------------------------------------------------
-    def generate(self, input_ids: torch.Tensor, max_new_tokens: int, eos_token_id: int | None = None) -> torch.Tensor:
+    def generate(self, input_ids: torch.Tensor, max_new_tokens: int,
+                 eos_token_id: int | list[int] | None = None) -> torch.Tensor:
         """Greedy decoding; returns (B, T + new) ids. Rows are equal-length prompts (no padding)."""
         if input_ids.dim() != 2 or input_ids.shape[1] < 1:
             raise ValueError(f"input_ids must be (batch, tokens) with at least one token; got {tuple(input_ids.shape)}")
@@ -213,11 +214,12 @@ class Decoder:
             return ids
         logits, k, v, length = self._prefill(input_ids)
         done = torch.zeros(B, dtype=torch.bool)
+        eos = [] if eos_token_id is None else [eos_token_id] if isinstance(eos_token_id, int) else list(eos_token_id)
         for i in range(max_new_tokens):
             nxt = logits[:, -1].argmax(-1)
-            if eos_token_id is not None:
-                nxt = torch.where(done, torch.full_like(nxt, eos_token_id), nxt)
-                done |= nxt == eos_token_id
+            if eos:
+                nxt = torch.where(done, torch.full_like(nxt, eos[0]), nxt)   # finished rows repeat eos
+                done |= torch.isin(nxt, torch.tensor(eos))
             ids = torch.cat([ids, nxt[:, None]], dim=1)
             if i == max_new_tokens - 1 or bool(done.all()):
                 break

@@ -89,3 +89,21 @@ def test_generate_api_from_folder_with_prompt_ids(tiny_folders):
         generate(tiny_folders["llama"], prompt_ids=[5, 500], max_new_tokens=2)
     with pytest.raises(ValueError, match="exactly one"):
         generate(tiny_folders["llama"], max_new_tokens=2)
+
+
+def test_cli_generate_prints_the_greedy_ids(tiny_folders):
+    import transformers as tf
+    from typer.testing import CliRunner
+    from rewriter.cli import app
+    r = CliRunner().invoke(app, ["generate", str(tiny_folders["gpt2"]), "--prompt-ids", "9,8,7", "--max-new-tokens",
+                                 "5", "--json"])
+    assert r.exit_code == 0, r.output
+    import json
+    got = json.loads(r.stdout.strip().splitlines()[-1])
+    model = tf.AutoModelForCausalLM.from_pretrained(str(tiny_folders["gpt2"])).eval()
+    ids = torch.tensor([[9, 8, 7]])
+    ref = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=5, do_sample=False,
+                         pad_token_id=0, eos_token_id=None)
+    assert got["ids"] == ref.tolist()
+    bad = CliRunner().invoke(app, ["generate", str(tiny_folders["gpt2"]), "--prompt-ids", "1,x"])
+    assert bad.exit_code == 2 and "comma-separated integers" in bad.output

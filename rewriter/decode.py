@@ -78,7 +78,9 @@ class _ExplicitCache:
         return k, v
 
 
-class _PrefillModule(nn.Module):
+class _CacheModule(nn.Module):
+    """The HF model plus the ThinK channel index (a buffer, so export sees it as a constant input)."""
+
     def __init__(self, model: nn.Module, head_dim: int, key_channels: torch.Tensor | None):
         super().__init__()
         self.model = model
@@ -88,6 +90,8 @@ class _PrefillModule(nn.Module):
             del self.key_channels
             self.register_buffer("key_channels", key_channels, persistent=False)
 
+
+class _PrefillModule(_CacheModule):
     def forward(self, input_ids):
         B, T = input_ids.shape
         pos = torch.arange(T, device=input_ids.device)
@@ -98,16 +102,7 @@ class _PrefillModule(nn.Module):
         return out.logits, torch.stack(cache.keys), torch.stack(cache.values)
 
 
-class _StepModule(nn.Module):
-    def __init__(self, model: nn.Module, head_dim: int, key_channels: torch.Tensor | None):
-        super().__init__()
-        self.model = model
-        self.head_dim = head_dim
-        self.key_channels = None
-        if key_channels is not None:
-            del self.key_channels
-            self.register_buffer("key_channels", key_channels, persistent=False)
-
+class _StepModule(_CacheModule):
     def forward(self, input_ids, cache_position, k_cache, v_cache):
         B, T = input_ids.shape
         L = k_cache.shape[3]

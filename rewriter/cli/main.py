@@ -249,6 +249,47 @@ def export_cmd(src: str = typer.Argument(..., help="HF model folder or rewriter 
                                                               if info["quadratic"] else ""))
 
 
+@app.command()
+def generate(
+    src: str = typer.Argument(..., help="HF decoder LM folder (llama, mistral, qwen2, gpt2)"),
+    prompt: Optional[str] = typer.Option(None, "--prompt", help="prompt text (needs a tokenizer in SRC)"),
+    prompt_ids: Optional[str] = typer.Option(None, "--prompt-ids", help="prompt token ids, e.g. 1,2,3"),
+    max_new_tokens: int = typer.Option(20, "--max-new-tokens"),
+    pass_: list[str] = typer.Option([], "--pass", help="think[:ratio=..] and/or kv-window[:sinks=..,window=..]"),
+    max_len: Optional[int] = typer.Option(None, "--max-len", help="decode cache slots (default: prompt + new)"),
+    json_out: bool = typer.Option(False, "--json", help="print ids, text and KV bytes as JSON"),
+):
+    """Greedy generation with the captured prefill/decode programs and their explicit KV cache."""
+    from ..decode import generate as run_generate
+    from ..recipe import parse_pass_flag
+    try:
+        ids = None
+        if prompt_ids is not None:
+            try:
+                ids = [int(t) for t in prompt_ids.split(",") if t.strip()]
+            except ValueError:
+                raise RewriterError(f"--prompt-ids must be comma-separated integers; got {prompt_ids!r}") from None
+        passes = [parse_pass_flag(s) for s in pass_]
+        try:
+            res = run_generate(src, prompt=prompt, prompt_ids=ids, max_new_tokens=max_new_tokens, passes=passes,
+                               max_len=max_len)
+        except ValueError as e:
+            raise RewriterError(str(e)) from None
+    except RewriterError as e:
+        _fail(e)
+    if json_out:
+        print(json.dumps({"ids": res.ids.tolist(), "new_ids": res.new_ids.tolist(), "text": res.text, "kv": res.kv}))
+        return
+    if res.text is not None:
+        out.print(res.text[0], highlight=False)
+    else:
+        out.print(",".join(str(t) for t in res.new_ids[0].tolist()), highlight=False)
+    kv = res.kv
+    err.print(f"KV cache: {kv['before']['bytes_per_token']} -> {kv['after']['bytes_per_token']} bytes/token, "
+              f"{kv['before']['bytes_per_sequence']} -> {kv['after']['bytes_per_sequence']} bytes/sequence "
+              f"({kv['tokens']} tokens, {kv['dtype']})")
+
+
 @app.command("passes")
 def list_passes(json_out: bool = typer.Option(False, "--json")):
     """Every pass with its config fields, types and defaults."""

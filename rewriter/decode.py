@@ -1,0 +1,415 @@
+"""KV-cache decoding for captured decoder LMs (Llama, Qwen2, Mistral, GPT-2): a prefill program and a one-token
+decode program, both captured with torch.export, with the cache as explicit tensors the programs take and return.
+
+    prefill(input_ids (B, T))                                  -> logits (B, T, V), keys, values (N, B, Hkv, T, Dk|Dv)
+    step(input_ids (B, 1), cache_position (1,), k_cache, v_cache (N, B, Hkv, Lmax, Dk|Dv))
+                                                               -> logits (B, 1, V), updated k_cache, v_cache
+
+The cache is functional (index_copy into the input, returned as an output), so both programs export and lower like
+any other. The HF model runs unmodified: a duck-typed cache object receives each layer's post-RoPE keys/values
+through the `cache.update` hook every HF decoder calls, and the attention mask is given as a 4D bool tensor so HF
+never asks the cache for lengths. The attention itself stays HF's SDPA call, so the canonical attention sites exist
+in both programs and the graph passes act on them.
+
+KV thinning hooks in at the cache:
+- ThinK channels (`key_channels`, per layer a (Hkv, Dk) index of kept key channels): the cache stores only those
+  channels; attention sees keys with the pruned channels zero, which is q.k over the kept channels.
+- StreamingLLM (`sinks`, `window`): the decode cache holds sinks + window slots; when it is full the oldest
+  non-sink token is evicted and the later ones move down one slot. Positions are cache slots, as in StreamingLLM:
+  a key moved from slot s to s-1 is re-rotated by one RoPE step (RoPE is a rotation, so this equals re-applying
+  RoPE at the new slot); the new token's position is its slot. Without RoPE (GPT-2) positions are baked into
+  the hidden states, so only the query's position follows the slot.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import nn
+
+from .errors import RewriterError
+from .program import Program
+
+DECODER_TYPES = ("llama", "mistral", "qwen2", "gpt2")
+
+
+def decoder_dims(config: Any) -> dict:
+    """layers, kv heads, head dim of an HF decoder config."""
+    model_type = getattr(config, "model_type", "")
+    if model_type not in DECODER_TYPES:
+        raise RewriterError(f"KV-cache decoding supports {', '.join(DECODER_TYPES)}; got model_type '{model_type}'")
+    if model_type == "gpt2":
+        heads = config.n_head
+        return {"layers": config.n_layer, "heads": heads, "kv_heads": heads, "head_dim": config.n_embd // heads,
+                "rope": False}
+    heads = config.num_attention_heads
+    head_dim = getattr(config, "head_dim", None) or config.hidden_size // heads
+    return {"layers": config.num_hidden_layers, "heads": heads,
+            "kv_heads": getattr(config, "num_key_value_heads", None) or heads, "head_dim": head_dim, "rope": True}
+
+
+class _ExplicitCache:
+    """What HF's attention layers call `update` on. Collects each layer's cache tensor (functional writes)."""
+
+    def __init__(self, k_cache: torch.Tensor | None, v_cache: torch.Tensor | None,
+                 cache_position: torch.Tensor | None, key_channels: torch.Tensor | None, head_dim: int):
+        self.k_cache, self.v_cache = k_cache, v_cache
+        self.cache_position = cache_position
+        self.key_channels = key_channels      # (N, Hkv, Dk) long or None
+        self.head_dim = head_dim
+        self.keys: list[torch.Tensor] = []
+        self.values: list[torch.Tensor] = []
+
+    def update(self, key_states, value_states, layer_idx, *args, **kwargs):
+        k = key_states
+        if self.key_channels is not None:
+            idx = self.key_channels[layer_idx][None, :, None, :]
+            k = torch.gather(k, -1, idx.expand(k.shape[0], -1, k.shape[2], -1))
+        v = value_states
+        if self.k_cache is not None:
+            k = self.k_cache[layer_idx].index_copy(2, self.cache_position, k)
+            v = self.v_cache[layer_idx].index_copy(2, self.cache_position, v)
+        self.keys.append(k)
+        self.values.append(v)
+        if self.key_channels is not None:   # pruned channels read as zero: q.k over the kept channels only
+            idx = self.key_channels[layer_idx][None, :, None, :].expand(k.shape[0], -1, k.shape[2], -1)
+            k = torch.zeros(*k.shape[:-1], self.head_dim, dtype=k.dtype, device=k.device).scatter(-1, idx, k)
+        return k, v
+
+
+class _CacheModule(nn.Module):
+    """The HF model plus the ThinK channel index (a buffer, so export sees it as a constant input)."""
+
+    def __init__(self, model: nn.Module, head_dim: int, key_channels: torch.Tensor | None):
+        super().__init__()
+        self.model = model
+        self.head_dim = head_dim
+        self.key_channels = None
+        if key_channels is not None:
+            del self.key_channels
+            self.register_buffer("key_channels", key_channels, persistent=False)
+
+
+class _PrefillModule(_CacheModule):
+    def forward(self, input_ids):
+        B, T = input_ids.shape
+        pos = torch.arange(T, device=input_ids.device)
+        mask = (pos[None, :] <= pos[:, None])[None, None].expand(B, 1, T, T)
+        cache = _ExplicitCache(None, None, None, self.key_channels, self.head_dim)
+        out = self.model(input_ids=input_ids, position_ids=pos[None].expand(B, T), attention_mask=mask,
+                         cache=cache, use_cache=True)
+        return out.logits, torch.stack(cache.keys), torch.stack(cache.values)
+
+
+class _StepModule(_CacheModule):
+    def forward(self, input_ids, cache_position, k_cache, v_cache):
+        B, T = input_ids.shape
+        L = k_cache.shape[3]
+        slots = torch.arange(L, device=input_ids.device)
+        mask = (slots[None, :] <= cache_position[:, None])[None, None].expand(B, 1, T, L)
+        cache = _ExplicitCache(k_cache, v_cache, cache_position, self.key_channels, self.head_dim)
+        out = self.model(input_ids=input_ids, position_ids=cache_position[None].expand(B, T), attention_mask=mask,
+                         cache=cache, use_cache=True)
+        return out.logits, torch.stack(cache.keys), torch.stack(cache.values)
+
+
+@dataclass
+class KVPolicy:
+    """How the decode cache is thinned. sinks/window 0: no eviction. key_channels: ThinK static channels."""
+    sinks: int = 0
+    window: int = 0
+    key_channels: torch.Tensor | None = None      # (N, Hkv, Dk) long
+
+    def validate(self, rope: bool) -> None:
+        if self.sinks < 0 or self.window < 0:
+            raise ValueError(f"kv-window needs sinks >= 0 and window >= 0; got sinks={self.sinks}, window={self.window}")
+        if self.window and self.window < self.sinks:
+            raise ValueError(f"kv-window: window ({self.window}) must be at least sinks ({self.sinks})")
+        if self.window and self.key_channels is not None and rope:
+            raise ValueError("kv-window with think on a RoPE model is not supported: re-rotating evicted-shifted "
+                             "keys needs both channels of each RoPE pair; use one of the two")
+
+    @property
+    def evicts(self) -> bool:
+        return self.window > 0
+
+
+@dataclass
+class Decoder:
+    """A prefill program and a decode-step program sharing one explicit KV cache layout."""
+    prefill: Program
+    step: Program
+    max_len: int                   # cache slots of the decode program
+    dims: dict
+    policy: KVPolicy
+    inv_freq: torch.Tensor | None  # RoPE frequencies (for StreamingLLM re-rotation)
+    dtype: torch.dtype = torch.float32
+    meta: dict = field(default_factory=dict)
+
+    @property
+    def key_dim(self) -> int:
+        kc = self.policy.key_channels
+        return self.dims["head_dim"] if kc is None else int(kc.shape[-1])
+
+    def kv_bytes_per_token(self) -> int:
+        d = self.dims
+        return d["layers"] * d["kv_heads"] * (self.key_dim + d["head_dim"]) * torch.finfo(self.dtype).bits // 8
+
+    def kv_bytes_per_sequence(self, tokens: int) -> int:
+        """Cache bytes a sequence of `tokens` tokens holds (capped by the window when evicting)."""
+        held = min(tokens, self.policy.sinks + self.policy.window) if self.policy.evicts else tokens
+        return held * self.kv_bytes_per_token()
+
+    def empty_cache(self, batch: int) -> tuple[torch.Tensor, torch.Tensor]:
+        d = self.dims
+        k = torch.zeros(d["layers"], batch, d["kv_heads"], self.max_len, self.key_dim, dtype=self.dtype)
+        v = torch.zeros(d["layers"], batch, d["kv_heads"], self.max_len, d["head_dim"], dtype=self.dtype)
+        return k, v
+
+    # --- StreamingLLM -------------------------------------------------------------------------------------------
+    def _rerotate(self, k: torch.Tensor, shift: int) -> torch.Tensor:
+        """Keys rotated at position p -> rotated at p - shift (HF's rotate_half RoPE layout)."""
+        if self.inv_freq is None or shift == 0:
+            return k
+        ang = -shift * self.inv_freq.to(torch.float64)
+        ang = torch.cat([ang, ang])
+        cos, sin = ang.cos().to(k.dtype), ang.sin().to(k.dtype)
+        half = k.shape[-1] // 2
+        rot = torch.cat([-k[..., half:], k[..., :half]], dim=-1)
+        return k * cos + rot * sin
+
+    def _evict(self, k: torch.Tensor, v: torch.Tensor, length: int, keep: int) -> tuple[torch.Tensor, torch.Tensor, int]:
+        """Keep the sinks and the most recent tokens so that `keep` tokens remain; positions move to slots."""
+        if length <= keep:
+            return k, v, length
+        s = self.policy.sinks
+        drop = length - keep
+        recent_k = self._rerotate(k[..., s + drop:length, :], drop)
+        # the freed slots go to the end, so the cache keeps its shape
+        k = torch.cat([k[..., :s, :], recent_k, k[..., length:, :], torch.zeros_like(k[..., :drop, :])], dim=-2)
+        v = torch.cat([v[..., :s, :], v[..., s + drop:length, :], v[..., length:, :],
+                       torch.zeros_like(v[..., :drop, :])], dim=-2)
+        return k, v, keep
+
+    # --- running ------------------------------------------------------------------------------------------------
+    def generate(self, input_ids: torch.Tensor, max_new_tokens: int,
+                 eos_token_id: int | list[int] | None = None) -> torch.Tensor:
+        """Greedy decoding; returns (B, T + new) ids. Rows are equal-length prompts (no padding)."""
+        if input_ids.dim() != 2 or input_ids.shape[1] < 1:
+            raise ValueError(f"input_ids must be (batch, tokens) with at least one token; got {tuple(input_ids.shape)}")
+        if max_new_tokens < 0:
+            raise ValueError(f"max_new_tokens must be >= 0; got {max_new_tokens}")
+        B, T = input_ids.shape
+        if not self.policy.evicts and T + max_new_tokens > self.max_len:
+            raise ValueError(f"prompt ({T}) + max_new_tokens ({max_new_tokens}) exceeds the cache ({self.max_len} "
+                             "tokens); build the decoder with a larger max_len")
+        ids = input_ids
+        if max_new_tokens == 0:
+            return ids
+        logits, k, v, length = self._prefill(input_ids)
+        done = torch.zeros(B, dtype=torch.bool)
+        eos = [] if eos_token_id is None else [eos_token_id] if isinstance(eos_token_id, int) else list(eos_token_id)
+        for i in range(max_new_tokens):
+            nxt = logits[:, -1].argmax(-1)
+            if eos:
+                nxt = torch.where(done, torch.full_like(nxt, eos[0]), nxt)   # finished rows repeat eos
+                done |= torch.isin(nxt, torch.tensor(eos))
+            ids = torch.cat([ids, nxt[:, None]], dim=1)
+            if i == max_new_tokens - 1 or bool(done.all()):
+                break
+            if self.policy.evicts:
+                k, v, length = self._evict(k, v, length, self.max_len - 1)
+            logits, k, v = self.step.run(input_ids=nxt[:, None], cache_position=torch.tensor([length]),
+                                         k_cache=k, v_cache=v)
+            length += 1
+        return ids
+
+    def _prefill(self, input_ids):
+        B, T = input_ids.shape
+        k, v = self.empty_cache(B)
+        if T == 1:   # the prefill program is captured for T >= 2
+            logits, k, v = self.step.run(input_ids=input_ids, cache_position=torch.tensor([0]), k_cache=k, v_cache=v)
+            return logits, k, v, 1
+        logits, pk, pv = self.prefill.run(input_ids=input_ids)
+        if self.policy.evicts and T > self.max_len - 1:
+            pk, pv, _ = self._evict(pk, pv, T, self.max_len - 1)
+            n = self.max_len - 1
+        else:
+            n = T
+        k[..., :n, :] = pk[..., :n, :]
+        v[..., :n, :] = pv[..., :n, :]
+        return logits, k, v, n
+
+    def teacher_forced_logits(self, input_ids: torch.Tensor, prefix: int) -> torch.Tensor:
+        """Logits for positions prefix-1 .. T-1 when the prefix is prefilled and the rest fed one token at a time
+        through the decode cache (eviction and thinning as configured). (B, T - prefix + 1, V)."""
+        B, T = input_ids.shape
+        if not 1 <= prefix <= T:
+            raise ValueError(f"prefix must be in [1, {T}]; got {prefix}")
+        logits, k, v, length = self._prefill(input_ids[:, :prefix])
+        out = [logits[:, -1]]
+        for t in range(prefix, T):
+            if self.policy.evicts:
+                k, v, length = self._evict(k, v, length, self.max_len - 1)
+            elif length >= self.max_len:
+                raise ValueError(f"sequence ({T}) exceeds the cache ({self.max_len} tokens)")
+            logits, k, v = self.step.run(input_ids=input_ids[:, t:t + 1], cache_position=torch.tensor([length]),
+                                         k_cache=k, v_cache=v)
+            length += 1
+            out.append(logits[:, -1])
+        return torch.stack(out, dim=1)
+
+
+def _export(module: nn.Module, inputs: dict, dynamic_dims: dict, dim_bounds: dict, config, source: str,
+            output_names: list[str]) -> Program:
+    program = Program(ep=None, input_names=list(inputs), output_names=output_names, example_inputs=inputs,  # type: ignore[arg-type]
+                      dynamic_dims=dynamic_dims, dim_bounds=dim_bounds,
+                      config=config.to_dict() if hasattr(config, "to_dict") else {}, source=source)
+    try:
+        with torch.no_grad():
+            program.ep = torch.export.export(module, (), inputs, dynamic_shapes=program.dynamic_shapes(), strict=False)
+    except Exception as e:
+        msg = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise RewriterError(f"torch.export could not capture the KV-cache program: {msg[:300]}") from e
+    program.causal_modules = {}
+    return program
+
+
+def build_decoder(model: nn.Module, *, max_len: int = 256, policy: KVPolicy | None = None,
+                  source: str = "<module>", max_batch: int = 64) -> Decoder:
+    """Capture the prefill and decode-step programs of an HF causal LM (eager module, sdpa or eager attention)."""
+    config = model.config
+    dims = decoder_dims(config)
+    policy = policy or KVPolicy()
+    policy.validate(dims["rope"])
+    if policy.evicts:
+        max_len = policy.sinks + policy.window
+    if max_len < 2:
+        raise ValueError(f"max_len must be >= 2; got {max_len}")
+    kc = policy.key_channels
+    if kc is not None:
+        expect = (dims["layers"], dims["kv_heads"])
+        if kc.dim() != 3 or tuple(kc.shape[:2]) != expect:
+            raise ValueError(f"key_channels must be (layers, kv_heads, kept) = {expect} + (kept,); got {tuple(kc.shape)}")
+        kc = kc.long()
+    model = model.eval()
+    dtype = next(model.parameters()).dtype
+    hd = dims["head_dim"]
+    B, T = 2, min(8, max_len)
+    ids = torch.randint(0, config.vocab_size, (B, T), generator=torch.Generator().manual_seed(0))
+    # an evicting cache still prefills whole prompts (then keeps sinks + recent), up to the model's positions
+    from .capture import max_positions
+    prefill_len = max(max_len, max_positions(config)) if policy.evicts else max_len
+    prefill = _export(_PrefillModule(model, hd, kc).eval(), {"input_ids": ids}, {"input_ids": {0: "batch", 1: "seq"}},
+                      {"batch": (1, max_batch), "seq": (2, prefill_len)}, config, source, ["logits", "keys", "values"])
+    dk = hd if kc is None else int(kc.shape[-1])
+    step_inputs = {"input_ids": ids[:, :1], "cache_position": torch.tensor([T - 1]),
+                   "k_cache": torch.zeros(dims["layers"], B, dims["kv_heads"], max_len, dk, dtype=dtype),
+                   "v_cache": torch.zeros(dims["layers"], B, dims["kv_heads"], max_len, hd, dtype=dtype)}
+    step = _export(_StepModule(model, hd, kc).eval(), step_inputs,
+                   {"input_ids": {0: "batch"}, "k_cache": {1: "batch"}, "v_cache": {1: "batch"}},
+                   {"batch": (1, max_batch)}, config, source, ["logits", "k_cache", "v_cache"])
+    inv_freq = None
+    if dims["rope"] and policy.evicts:
+        inv_freq = _rope_inv_freq(model)
+    return Decoder(prefill=prefill, step=step, max_len=max_len, dims=dims, policy=policy, inv_freq=inv_freq,
+                   dtype=dtype, meta={"model_type": config.model_type})
+
+
+def _rope_inv_freq(model: nn.Module) -> torch.Tensor:
+    for name, m in model.named_modules():
+        if name.endswith("rotary_emb") and hasattr(m, "inv_freq"):
+            scaling = float(getattr(m, "attention_scaling", 1.0))
+            if scaling != 1.0:
+                raise RewriterError(f"StreamingLLM re-rotation needs plain RoPE; {name} scales attention by {scaling}")
+            return m.inv_freq.detach().float().cpu()
+    raise RewriterError("no rotary embedding module (…rotary_emb with inv_freq) found for StreamingLLM re-rotation")
+
+
+DECODE_PASSES = ("think", "kv-window")
+
+
+@dataclass
+class GenerateResult:
+    ids: torch.Tensor              # (B, T + new)
+    new_ids: torch.Tensor          # (B, new)
+    text: list[str] | None         # decoded new text when the folder has a tokenizer
+    kv: dict                       # cache bytes per token / per sequence, before and after thinning
+    report: dict | None            # the pipeline report of the KV passes (None without passes)
+
+
+def decoder_from(src, passes: list | None = None, *, max_len: int = 256, calib_texts: list[str] | None = None,
+                 samples: int = 8, seq_len: int = 128, seed: int = 0) -> tuple[Decoder, Any, dict | None]:
+    """Load SRC (HF folder or module), run the KV passes (think, kv-window) verified on the full-sequence program,
+    and capture the decode programs with the resulting cache policy. Returns (decoder, loaded, pipeline report)."""
+    from .calibration import calibration_inputs
+    from .capture import capture
+    from .load import LoadedModel, load
+    from .passes.kv_thin import decode_key_channels
+    from .pipeline import Pipeline
+    loaded = src if isinstance(src, LoadedModel) else load(src) if not isinstance(src, nn.Module) \
+        else LoadedModel(module=src, config=getattr(src, "config", None))
+    dims = decoder_dims(loaded.config)
+    passes = list(passes or [])
+    other = [p.name for p in passes if p.name not in DECODE_PASSES]
+    if other:
+        raise ValueError(f"generate runs only the KV passes {', '.join(DECODE_PASSES)}; got {', '.join(other)}")
+    report = None
+    meta: dict = {}
+    if passes:
+        program = capture(loaded, seq=16)
+        inputs, desc = calibration_inputs(program, texts=calib_texts, samples=samples, seq_len=seq_len, seed=seed)
+        run = Pipeline(passes, seed=seed).run(program, inputs, desc)
+        report, meta = run.report, run.program.meta
+    window = meta.get("kv_window") or {}
+    policy = KVPolicy(sinks=window.get("sinks", 0), window=window.get("window", 0),
+                      key_channels=decode_key_channels(meta, dims["layers"]))
+    decoder = build_decoder(loaded.module, max_len=max_len, policy=policy, source=loaded.source)
+    return decoder, loaded, report
+
+
+def kv_bytes(decoder: Decoder, tokens: int) -> dict:
+    d = decoder.dims
+    dense_token = d["layers"] * d["kv_heads"] * 2 * d["head_dim"] * torch.finfo(decoder.dtype).bits // 8
+    return {"tokens": tokens, "dtype": str(decoder.dtype).replace("torch.", ""),
+            "before": {"bytes_per_token": dense_token, "bytes_per_sequence": dense_token * tokens},
+            "after": {"bytes_per_token": decoder.kv_bytes_per_token(),
+                      "bytes_per_sequence": decoder.kv_bytes_per_sequence(tokens)}}
+
+
+def generate(src, *, prompt: str | None = None, prompt_ids: list[int] | None = None, max_new_tokens: int = 20,
+             passes: list | None = None, max_len: int | None = None, **calib) -> GenerateResult:
+    """Greedy generation through the captured prefill/decode programs, optionally with think / kv-window."""
+    if (prompt is None) == (prompt_ids is None):
+        raise ValueError("give exactly one of prompt (text) or prompt_ids (token ids)")
+    from .load import LoadedModel, load
+    loaded = src if isinstance(src, LoadedModel) else load(src) if not isinstance(src, nn.Module) \
+        else LoadedModel(module=src, config=getattr(src, "config", None))
+    tokenizer = None
+    if prompt is not None:
+        tokenizer = _tokenizer(loaded)
+        ids = tokenizer(prompt, return_tensors="pt")["input_ids"]
+    else:
+        if not prompt_ids:
+            raise ValueError("prompt_ids is empty; give at least one token id")
+        ids = torch.tensor([list(prompt_ids)], dtype=torch.long)
+    vocab = loaded.config.vocab_size
+    if int(ids.min()) < 0 or int(ids.max()) >= vocab:
+        raise ValueError(f"prompt ids must be in [0, {vocab}); got {ids.tolist()[0]}")
+    total = ids.shape[1] + max_new_tokens
+    decoder, loaded, report = decoder_from(loaded, passes, max_len=max_len or max(total, 2), **calib)
+    out = decoder.generate(ids, max_new_tokens, eos_token_id=getattr(loaded.config, "eos_token_id", None)
+                           if tokenizer is not None else None)
+    new = out[:, ids.shape[1]:]
+    text = tokenizer.batch_decode(new, skip_special_tokens=True) if tokenizer is not None else None
+    return GenerateResult(ids=out, new_ids=new, text=text, kv=kv_bytes(decoder, total), report=report)
+
+
+def _tokenizer(loaded):
+    from .load import TOKENIZER_FILES
+    folder = loaded.folder
+    if folder is None or not any((folder / f).exists() for f in TOKENIZER_FILES):
+        raise RewriterError(f"{loaded.source} has no tokenizer", "pass token ids with --prompt-ids 1,2,3")
+    from transformers import AutoTokenizer
+    return AutoTokenizer.from_pretrained(str(folder))

@@ -1,0 +1,165 @@
+"""KV thinning: `think` (ThinK query-driven key-channel pruning, static mode) and `kv-window` (StreamingLLM
+eviction in the decode cache).
+
+ThinK score of key channel c for query head h: s[h, c] = mean over observed queries of q[h, :, c]^2 times mean over
+keys of k[kv(h), :, c]^2 (post-RoPE q and k, real tokens only). The cache is shared by the query heads of a KV head,
+so channels are chosen per layer and KV head from the group mean of s (for MHA that is per query head); the lowest
+int(ratio * head_dim) channels are pruned (the same count rule as NVIDIA kvpress' ThinKPress).
+
+`think` on a program rewrites each selected SDPA site to SDPA(q[..., kept], k[..., kept], v, scale) with the
+original scale; the chosen channels are kept in `program.meta["think_key_channels"]` (layer -> (Hkv, kept)) and
+`rewriter.decode` stores only those channels of the post-RoPE keys in its cache. Only static mode exists (channels
+chosen once on calibration prompts); dynamic per-prompt selection is not implemented.
+
+`kv-window` does not change the full-sequence program (it has no cache); it records the StreamingLLM policy in
+`program.meta["kv_window"]`, which `rewriter.decode.build_decoder` / `rewriter generate` apply to the decode cache.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+from torch import fx
+
+from ..config import PassConfig
+from ..graph import add_tensor, aten, erase_dead, record_node_inputs
+from ..pipeline import Pass, PassResult, SiteChange, register_pass
+from .attention import key_mask_value, _sdpa_mask
+
+
+def think_scores(q: torch.Tensor, k: torch.Tensor, token_mask: torch.Tensor | None = None) -> torch.Tensor:
+    """Per-KV-head channel scores (Hkv, D) from queries (B, H, Lq, D) and keys (B, Hkv, Lk, D).
+
+    token_mask (B, L) marks real tokens (queries and keys of self-attention over the same L); None: all real."""
+    B, H, Lq, D = q.shape
+    Hkv, Lk = k.shape[1], k.shape[2]
+    if H % Hkv:
+        raise ValueError(f"query heads ({H}) must be a multiple of key heads ({Hkv})")
+    q2, k2 = q.double() ** 2, k.double() ** 2
+    if token_mask is None:
+        q_mean = q2.mean(dim=(0, 2))
+        k_mean = k2.mean(dim=(0, 2))
+    else:
+        mq = token_mask[:, -Lq:].double()[:, None, :, None]
+        mk = token_mask[:, -Lk:].double()[:, None, :, None]
+        q_mean = (q2 * mq).sum(dim=(0, 2)) / mq.sum().clamp_min(1)
+        k_mean = (k2 * mk).sum(dim=(0, 2)) / mk.sum().clamp_min(1)
+    per_query_head = q_mean * k_mean.repeat_interleave(H // Hkv, dim=0)        # (H, D)
+    return per_query_head.view(Hkv, H // Hkv, D).mean(dim=1)
+
+
+def kept_channels(scores: torch.Tensor, ratio: float) -> torch.Tensor:
+    """(Hkv, D) scores -> (Hkv, D - int(ratio * D)) kept channel indices, ascending."""
+    if not 0 <= ratio < 1:
+        raise ValueError(f"think ratio must be in [0, 1); got {ratio}")
+    D = scores.shape[-1]
+    keep = D - int(ratio * D)
+    return scores.topk(keep, dim=-1).indices.sort(dim=-1).values
+
+
+@dataclass
+class ThinkConfig(PassConfig):
+    ratio: float = field(default=0.4, metadata={"help": "fraction of key channels pruned, in [0, 1)"})
+
+    def validate(self):
+        if not 0 <= self.ratio < 1:
+            raise ValueError(f"think ratio must be in [0, 1); got {self.ratio}")
+
+
+def _gather_channels(graph: fx.Graph, x: fx.Node, index_attr: str) -> fx.Node:
+    idx = graph.get_attr(index_attr)
+    b = graph.call_function(aten.sym_size.int, (x, 0))
+    n = graph.call_function(aten.sym_size.int, (x, 2))
+    idx = graph.call_function(aten.expand.default, (idx, [b, -1, n, -1]))
+    return graph.call_function(aten.gather.default, (x, -1, idx))
+
+
+@register_pass
+class ThinkPass(Pass):
+    name = "think"
+    config_class = ThinkConfig
+    summary = "ThinK: prune the least query-relevant key channels (static, calibrated); cache keeps only the rest"
+
+    def run(self, gm, ctx) -> PassResult:
+        keep = self.config.site_filter()
+        sites = [s for s in ctx.attention_sites(gm) if keep(s)]
+        result = PassResult()
+        if not sites:
+            result.notes.append("no attention site matched the filter")
+            return result
+        ctx.progress("think: recording post-RoPE queries and keys on calibration data")
+        recorded = record_node_inputs(gm, ctx.calib_inputs, {s.node for s in sites})
+        nodes = {n.name: n for n in gm.graph.nodes}
+        channels: dict[int, list[list[int]]] = {}
+        for site in sites:
+            args, kwargs = recorded[site.node]
+            q, k = args[0], args[1]
+            mask = args[3] if len(args) > 3 else kwargs.get("attn_mask")
+            km = key_mask_value(mask, q.shape[0])
+            if km is None and "attention_mask" in ctx.calib_inputs:
+                km = ctx.calib_inputs["attention_mask"].bool()
+            kept = kept_channels(think_scores(q, k, km), self.config.ratio)     # (Hk, kept)
+            node = nodes[site.node]
+            group = q.shape[1] // k.shape[1]
+            base = f"think_{site.node}"
+            add_tensor(gm, f"{base}_k", kept[None, :, None, :].clone(), parameter=False)
+            add_tensor(gm, f"{base}_q", kept.repeat_interleave(group, dim=0)[None, :, None, :].clone(),
+                       parameter=False)
+            with gm.graph.inserting_before(node):
+                qn = _gather_channels(gm.graph, node.args[0], f"{base}_q")
+                kn = _gather_channels(gm.graph, node.args[1], f"{base}_k")
+            node.args = (qn, kn, *node.args[2:])
+            node.kwargs = {**node.kwargs, "scale": site.scale}
+            if site.layer is not None:
+                channels[site.layer] = kept.tolist()
+            D = site.head_dim
+            result.changes.append(SiteChange(site.module_path, "attention", {
+                "method": "think", "layer": site.layer, "key_channels_kept": int(kept.shape[-1]), "head_dim": D,
+                "key_cache_ratio": kept.shape[-1] / D,
+                "kv_cache_ratio": (kept.shape[-1] + site.value_dim) / (D + site.value_dim)}))
+        erase_dead(gm)
+        ctx.program.meta["think_key_channels"] = channels
+        ctx.program.meta["think_ratio"] = self.config.ratio
+        kept_total = sum(c.details["key_channels_kept"] for c in result.changes)
+        full = sum(c.details["head_dim"] for c in result.changes)
+        result.summary = {"sites": len(sites), "key_channels_kept_fraction": kept_total / full}
+        return result
+
+
+@dataclass
+class KVWindowConfig(PassConfig):
+    sinks: int = field(default=4, metadata={"help": "first tokens always kept in the cache"})
+    window: int = field(default=252, metadata={"help": "most recent tokens kept in the cache (>= sinks)"})
+
+    def validate(self):
+        if self.sinks < 0 or self.window < 1:
+            raise ValueError(f"kv-window needs sinks >= 0 and window >= 1; got sinks={self.sinks}, window={self.window}")
+        if self.window < self.sinks:
+            raise ValueError(f"kv-window: window ({self.window}) must be at least sinks ({self.sinks})")
+
+
+@register_pass
+class KVWindowPass(Pass):
+    name = "kv-window"
+    config_class = KVWindowConfig
+    weight_only = True
+    summary = "StreamingLLM: the decode cache keeps `sinks` first + `window` most recent tokens (decode only)"
+
+    def run(self, gm, ctx) -> PassResult:
+        ctx.program.meta["kv_window"] = {"sinks": self.config.sinks, "window": self.config.window}
+        result = PassResult()
+        result.notes.append(f"kv-window sinks={self.config.sinks} window={self.config.window} applies to the decode "
+                            "cache (rewriter generate); the full-sequence program is unchanged")
+        return result
+
+
+def decode_key_channels(meta: dict, layers: int) -> torch.Tensor | None:
+    """program.meta['think_key_channels'] -> (layers, Hkv, kept) for rewriter.decode; None when absent."""
+    ch = meta.get("think_key_channels")
+    if not ch:
+        return None
+    missing = [i for i in range(layers) if i not in ch]
+    if missing:
+        raise ValueError(f"think must cover every layer for the decode cache (one cache tensor); layers {missing} "
+                         "were filtered out")
+    return torch.tensor([ch[i] for i in range(layers)], dtype=torch.long)

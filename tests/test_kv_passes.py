@@ -1,0 +1,202 @@
+"""think (ThinK static key-channel pruning) and kv-window (StreamingLLM eviction) against independent oracles."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+from conftest import model_inputs, tiny_model
+from rewriter.capture import capture
+from rewriter.decode import KVPolicy, build_decoder
+from rewriter.errors import RewriterError
+from rewriter.load import LoadedModel
+from rewriter.passes.kv_thin import decode_key_channels, kept_channels, think_scores
+from rewriter.pipeline import Pipeline, make_pass
+
+
+def _ids(batch, T, seed):
+    return torch.randint(1, 120, (batch, T), generator=torch.Generator().manual_seed(seed))
+
+
+# --- ThinK scoring ------------------------------------------------------------------------------------------------
+
+def _oracle_channels(q, k, ratio):
+    """ThinK by its definition, float64 loops: per query head s_c = mean_t q_c^2 * mean_j k_c^2; a KV head's
+    channels ranked by the mean of its query heads' scores; the lowest int(ratio * D) pruned."""
+    B, H, L, D = q.shape
+    Hkv = k.shape[1]
+    g = H // Hkv
+    kept = []
+    for j in range(Hkv):
+        s = torch.zeros(D, dtype=torch.float64)
+        for h in range(j * g, (j + 1) * g):
+            for c in range(D):
+                s[c] += (q[:, h, :, c].double() ** 2).mean() * (k[:, j, :, c].double() ** 2).mean() / g
+        order = sorted(range(D), key=lambda c: -float(s[c]))
+        kept.append(sorted(order[: D - int(ratio * D)]))
+    return torch.tensor(kept)
+
+
+@pytest.mark.parametrize("heads,kv_heads", [(4, 2), (4, 4)])
+def test_think_channels_match_definition(heads, kv_heads):
+    g = torch.Generator().manual_seed(0)
+    q = torch.randn(2, heads, 9, 16, generator=g) * torch.linspace(0.1, 3, 16)
+    k = torch.randn(2, kv_heads, 9, 16, generator=g) * torch.linspace(3, 0.1, 16).roll(5)
+    for ratio in (0.0, 0.25, 0.5, 0.9):
+        assert torch.equal(kept_channels(think_scores(q, k), ratio), _oracle_channels(q, k, ratio))
+
+
+def test_think_scores_ignore_padding():
+    g = torch.Generator().manual_seed(1)
+    q, k = torch.randn(2, 2, 6, 8, generator=g), torch.randn(2, 2, 6, 8, generator=g)
+    mask = torch.ones(2, 6, dtype=torch.bool)
+    mask[1, :2] = False
+    q2, k2 = q.clone(), k.clone()
+    q2[1, :, :2], k2[1, :, :2] = 1e3, 1e3        # garbage on padded positions must not matter
+    torch.testing.assert_close(think_scores(q, k, mask), think_scores(q2, k2, mask))
+
+
+# --- think pass on programs and the decode cache ----------------------------------------------------------------
+
+@pytest.fixture(scope="module", params=["llama", "gpt2"])
+def thought(request):
+    arch = request.param
+    model = tiny_model(arch)
+    program = capture(LoadedModel(model, model.config))
+    calib = model_inputs(arch, 4, 24)
+    run = Pipeline([make_pass("think", {"ratio": 0.5})]).run(program, calib)
+    return arch, model, run
+
+
+def test_think_gpt2_equals_key_projection_with_pruned_channels_zeroed(thought):
+    """GPT-2 has no RoPE: pruning key channels is zeroing those rows of the key projection - an eager oracle."""
+    arch, model, run = thought
+    if arch != "gpt2":
+        pytest.skip("RoPE models have no such oracle (RoPE mixes channel pairs)")
+    import copy
+    oracle = copy.deepcopy(model)
+    E = model.config.n_embd
+    D = E // model.config.n_head
+    channels = run.program.meta["think_key_channels"]
+    for layer, kept in channels.items():
+        attn = oracle.transformer.h[layer].attn
+        for head, ch in enumerate(kept):
+            pruned = sorted(set(range(D)) - set(ch))
+            cols = [E + head * D + c for c in pruned]     # c_attn output = [q | k | v]
+            attn.c_attn.weight.data[:, cols] = 0
+            attn.c_attn.bias.data[cols] = 0
+    ids = _ids(2, 16, 7)
+    with torch.no_grad():
+        ref = oracle(input_ids=ids).logits
+    got = run.program.run(input_ids=ids, attention_mask=torch.ones_like(ids))[0]
+    torch.testing.assert_close(got, ref, atol=2e-5, rtol=1e-4)
+
+
+def test_think_decode_cache_is_narrow_and_equals_rewritten_program(thought):
+    arch, model, run = thought
+    kc = decode_key_channels(run.program.meta, model.config.num_hidden_layers)
+    dec = build_decoder(model, max_len=24, policy=KVPolicy(key_channels=kc))
+    k, _ = dec.empty_cache(1)
+    D = dec.dims["head_dim"]
+    assert k.shape[-1] == D // 2
+    assert dec.kv_bytes_per_token() == 2 * dec.dims["kv_heads"] * (D // 2 + D) * 4
+    ids = _ids(2, 20, 5)
+    tf = dec.teacher_forced_logits(ids, prefix=5)
+    full = run.program.run(input_ids=ids, attention_mask=torch.ones_like(ids))[0][:, 4:]
+    torch.testing.assert_close(tf, full, atol=2e-5, rtol=1e-4)
+    assert run.report["passes"][0]["summary"]["key_channels_kept_fraction"] == 0.5
+
+
+@pytest.mark.parametrize("arch", ["llama", "gpt2"])
+def test_think_ratio_zero_equals_original(arch):
+    model = tiny_model(arch)
+    program = capture(LoadedModel(model, model.config))
+    run = Pipeline([make_pass("think", {"ratio": 0.0})]).run(program, model_inputs(arch, 2, 16))
+    assert run.report["passes"][0]["metrics"]["max_abs_error"] < 1e-5
+    kc = decode_key_channels(run.program.meta, model.config.num_hidden_layers)
+    dec = build_decoder(model, max_len=20, policy=KVPolicy(key_channels=kc))
+    ids = _ids(1, 6, 2)
+    ref = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=10, do_sample=False,
+                         pad_token_id=0, eos_token_id=None)
+    assert torch.equal(dec.generate(ids, 10), ref)
+
+
+@pytest.mark.parametrize("ratio", [1.0, -0.1, 1.5])
+def test_think_rejects_ratio_outside_unit_interval(ratio):
+    with pytest.raises(RewriterError, match=r"ratio must be in \[0, 1\)"):
+        make_pass("think", {"ratio": ratio})
+
+
+# --- kv-window (StreamingLLM) -------------------------------------------------------------------------------------
+
+SINKS, WINDOW = 2, 6
+
+
+@pytest.fixture(scope="module")
+def llama():
+    model = tiny_model("llama")
+    return model, build_decoder(model, max_len=40), build_decoder(model, policy=KVPolicy(sinks=SINKS, window=WINDOW))
+
+
+def test_window_covering_the_sequence_equals_no_eviction(llama):
+    model, dense, _ = llama
+    windowed = build_decoder(model, policy=KVPolicy(sinks=4, window=36))     # 40 slots >= 6 + 30 tokens
+    ids = _ids(2, 6, 9)
+    assert torch.equal(windowed.generate(ids, 30), dense.generate(ids, 30))
+    torch.testing.assert_close(windowed.teacher_forced_logits(_ids(1, 30, 1), 3),
+                               dense.teacher_forced_logits(_ids(1, 30, 1), 3), atol=1e-6, rtol=0)
+
+
+def test_eviction_keeps_sinks_and_recent_keys_rerotated_to_their_slots(llama):
+    """Oracle: HF's own RoPE. A key computed at position p and kept in slot p - drop must equal the pre-RoPE key
+    rotated at p - drop, i.e. HF's apply_rotary_pos_emb(k_unrotated, position p - drop)."""
+    from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
+    model, dense, dec = llama
+    ids = _ids(1, 15, 4)
+    _, pk, pv = dense.prefill.run(input_ids=ids)                       # (N, 1, Hkv, 15, D), positions 0..14
+    _, k, v, n = dec._prefill(ids)
+    assert n == SINKS + WINDOW - 1 and k.shape[-2] == SINKS + WINDOW
+    drop = 15 - n
+    torch.testing.assert_close(k[..., :SINKS, :], pk[..., :SINKS, :])
+    torch.testing.assert_close(v[..., :n, :], torch.cat([pv[..., :SINKS, :], pv[..., SINKS + drop:, :]], -2))
+    rot = model.model.rotary_emb
+    recent = pk[..., SINKS + drop:, :].double()
+    old_pos = torch.arange(SINKS + drop, 15)[None]
+    cos, sin = rot(recent[0], old_pos)
+    unrot, _ = apply_rotary_pos_emb(recent[0], recent[0], cos.double(), -sin.double())   # inverse rotation
+    cos, sin = rot(recent[0], old_pos - drop)
+    expect, _ = apply_rotary_pos_emb(unrot, unrot, cos.double(), sin.double())
+    torch.testing.assert_close(k[0, ..., SINKS:n, :].double(), expect, atol=1e-5, rtol=1e-5)
+    assert dec.kv_bytes_per_sequence(100) == (SINKS + WINDOW) * dec.kv_bytes_per_token()
+
+
+def test_evicting_decode_equals_dense_until_the_cache_fills(llama):
+    """Teacher-forced logits from position 1 on: the first SINKS + WINDOW - 1 positions see at most SINKS + WINDOW
+    tokens (no eviction yet) and must equal the dense cache; later ones attend to fewer tokens and differ."""
+    _, dense, dec = llama
+    a = _ids(1, 20, 8)
+    out = dec.teacher_forced_logits(a, prefix=2)
+    ref = dense.teacher_forced_logits(a, prefix=2)
+    assert out.shape == (1, 19, 120) and torch.isfinite(out).all()
+    filled = SINKS + WINDOW - 1
+    torch.testing.assert_close(out[:, :filled], ref[:, :filled], atol=1e-5, rtol=1e-4)
+    assert (out[:, filled:] - ref[:, filled:]).abs().amax(-1).min() > 1e-4
+
+
+def test_kv_window_bad_configs_rejected(llama):
+    model = llama[0]
+    with pytest.raises(RewriterError, match=r"window \(2\) must be at least sinks \(4\)"):
+        make_pass("kv-window", {"sinks": 4, "window": 2})
+    with pytest.raises(ValueError, match="must be at least sinks"):
+        build_decoder(model, policy=KVPolicy(sinks=4, window=2))
+    kc = torch.arange(16).repeat(2, 2, 1)
+    with pytest.raises(ValueError, match="not supported"):
+        build_decoder(model, policy=KVPolicy(sinks=2, window=4, key_channels=kc))
+
+
+def test_kv_window_pass_reaches_generate(tiny_folders):
+    from rewriter.decode import generate
+    res = generate(tiny_folders["gpt2"], prompt_ids=[3, 4, 5], max_new_tokens=20,
+                   passes=[make_pass("kv-window", {"sinks": 2, "window": 6})], samples=2, seq_len=16)
+    assert res.new_ids.shape == (1, 20)
+    assert res.kv["after"]["bytes_per_sequence"] == 8 * res.kv["after"]["bytes_per_token"]
+    assert res.kv["before"]["bytes_per_sequence"] == 23 * res.kv["before"]["bytes_per_token"]

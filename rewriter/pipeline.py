@@ -59,6 +59,7 @@ class Pass:
     name: ClassVar[str] = ""
     config_class: ClassVar[type[PassConfig]] = PassConfig
     weight_only: ClassVar[bool] = False     # True: only weight values change, shapes and graph stay
+    decode_only: ClassVar[bool] = False     # True: acts on the decode-time KV cache only (the program is unchanged)
     summary: ClassVar[str] = ""
 
     def __init__(self, config: PassConfig | None = None, **kwargs):

@@ -137,8 +137,8 @@ def test_window_translation_matches_dense(causal, tmp_path):
     assert max(diffs) < 1e-5 and not info["quadratic"]
 
 
-@pytest.mark.parametrize("feature_map,window,sinks", [("elu", 0, 0), ("relu", 0, 0), ("elu", 6, 1)])
-@pytest.mark.parametrize("causal", [False, True])
+@pytest.mark.parametrize("causal,feature_map,window,sinks", [(False, "elu", 0, 0), (True, "relu", 0, 0),
+                                                             (True, "elu", 6, 1), (False, "elu", 6, 1)])
 def test_linear_translation_matches_dense(causal, feature_map, window, sinks, tmp_path):
     # lengths past one causal chunk (64) so the cross-chunk CumSum path runs
     args = (causal, 8 ** -0.5, feature_map, window, sinks)
@@ -197,11 +197,11 @@ EXPORT_CASES = {
     "bert-merged-binarized": ("bert", [("lora-merge", {"adapters": "ADAPTER"}),
                                        ("scatterbrain", {"features": 8, "window": 5}),
                                        ("binarize", {"residual_rank": 4})]),
-    "llama-window": ("llama", [("window", {"window": 8, "sinks": 2, "block": 8})]),
-    "bert-block-topk": ("bert", [("block-topk", {"density": 0.5, "block": 8})]),
+    "llama-window-think": ("llama", [("window", {"window": 8, "sinks": 2, "block": 8, "layers": "0"}),
+                                     ("think", {"ratio": 0.5, "layers": "1"})]),
+    "bert-block-topk-lsh": ("bert", [("block-topk", {"density": 0.5, "block": 8, "layers": "0"}),
+                                     ("lsh", {"n_hashes": 2, "bucket_size": 8, "layers": "1"})]),
     "gpt2-strided": ("gpt2", [("strided", {"stride": 2, "block": 8})]),
-    "bert-lsh": ("bert", [("lsh", {"n_hashes": 2, "bucket_size": 8})]),
-    "llama-think": ("llama", [("think", {"ratio": 0.5})]),
     "bert-auto-attention-plan": ("bert", [("auto-attention", {"plan": [
         {"site": "encoder.layer.0.attention.self",
          "heads": ["exact", "window(window=6,sinks=1,block=8)", "performer(features=8)", "exact"]},

@@ -1,4 +1,4 @@
-"""rewriter optimize | inspect | passes | export."""
+"""rewriter optimize | inspect | analyze | export | generate | passes."""
 from __future__ import annotations
 
 import json

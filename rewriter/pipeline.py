@@ -1,6 +1,7 @@
 """Passes, the registry, and the verified pipeline: canonicalise, rewrite, lint, re-capture, compare."""
 from __future__ import annotations
 
+import copy
 import time
 from dataclasses import dataclass, field
 from typing import Any, Callable, ClassVar
@@ -30,6 +31,7 @@ class PassResult:
     notes: list[str] = field(default_factory=list)
     summary: dict = field(default_factory=dict)
     artifacts: dict[str, bytes] = field(default_factory=dict)   # files written beside report.json (plots)
+    meta: dict = field(default_factory=dict)    # set on the resulting program (e.g. decode-cache settings)
 
     @property
     def changed(self) -> bool:
@@ -168,6 +170,9 @@ class Pipeline:
                                         f"{str(e).strip().splitlines()[0][:300]}") from e
                 if not p.weight_only:
                     current.meta["weight_only"] = False
+            if result.meta:
+                current = copy.copy(current)          # never touch the caller's program
+                current.meta = {**current.meta, **result.meta}
             seconds = time.perf_counter() - t0
             out = current.run(**calib_inputs)
             metrics = compare_outputs(reference, out, current.output_names, calib_inputs)

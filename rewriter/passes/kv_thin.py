@@ -118,8 +118,8 @@ class ThinkPass(Pass):
                 "key_cache_ratio": kept.shape[-1] / D,
                 "kv_cache_ratio": (kept.shape[-1] + site.value_dim) / (D + site.value_dim)}))
         erase_dead(gm)
-        ctx.program.meta["think_key_channels"] = channels
-        ctx.program.meta["think_ratio"] = self.config.ratio
+        result.meta["think_key_channels"] = channels
+        result.meta["think_ratio"] = self.config.ratio
         kept_total = sum(c.details["key_channels_kept"] for c in result.changes)
         full = sum(c.details["head_dim"] for c in result.changes)
         result.summary = {"sites": len(sites), "key_channels_kept_fraction": kept_total / full}
@@ -147,8 +147,8 @@ class KVWindowPass(Pass):
     summary = "StreamingLLM: the decode cache keeps `sinks` first + `window` most recent tokens (decode only)"
 
     def run(self, gm, ctx) -> PassResult:
-        ctx.program.meta["kv_window"] = {"sinks": self.config.sinks, "window": self.config.window}
         result = PassResult()
+        result.meta["kv_window"] = {"sinks": self.config.sinks, "window": self.config.window}
         result.notes.append(f"kv-window sinks={self.config.sinks} window={self.config.window} applies to the decode "
                             "cache (rewriter generate); the full-sequence program is unchanged")
         return result

@@ -391,6 +391,182 @@ def translate_scatterbrain_attention(q, k, v, key_mask=None, causal=False, scale
     return _op().CastLike(out, q)
 
 
+# --------------------------------------------------------------------------------------------------------------
+# Block layouts chosen in the graph (block-topk, strided): kv_index (B, H, nqb, K) + slot_valid, then the gathered
+# key blocks only, as ``block_sparse_attention_reference`` does (K grows with the density, never with L x L)
+# --------------------------------------------------------------------------------------------------------------
+
+def _block_grid(q, k, block: int):
+    """(nqb, nkb) as 1-D int64 tensors, and the (first, last) key position of each query block, (nqb, 1) each."""
+    op = _op()
+    lq, lk = _dim(q, 2), _dim(k, 2)
+    bs = _ints([block])
+    nqb = op.Div(op.Add(lq, _ints([block - 1])), bs)
+    nkb = op.Div(op.Add(lk, _ints([block - 1])), bs)
+    start = op.Mul(op.Unsqueeze(op.Range(_int(0), op.Squeeze(nqb, _ints([0])), _int(1)), _ints([1])), bs)
+    offset = op.Sub(lk, lq)
+    first = op.Add(start, offset)
+    last = op.Add(op.Sub(op.Min(op.Add(start, bs), lq), _ints([1])), offset)
+    return nqb, nkb, first, last
+
+
+def _base_blocks(q, k, block: int, causal: bool, local_blocks: int, sink_blocks: int):
+    """(causal-eligible, forced = (local | sink) & eligible), both (nqb, nkb) bool: mirrors ``_base_block_mask``."""
+    op = _op()
+    nqb, nkb, first, last = _block_grid(q, k, block)
+    bs = _ints([block])
+    kb = op.Unsqueeze(op.Range(_int(0), op.Squeeze(nkb, _ints([0])), _int(1)), _ints([0]))   # (1, nkb)
+    grid = op.Concat(nqb, nkb, axis=0)
+    eligible = op.Expand(op.LessOrEqual(op.Mul(kb, bs), last) if causal else op.Constant(value=_bool_true()), grid)
+    if local_blocks > 0:
+        first_b = op.Div(first, bs)
+        last_b = op.Div(op.Min(last, op.Sub(_dim(k, 2), _ints([1]))), bs)
+        forced = op.And(op.GreaterOrEqual(kb, op.Sub(first_b, _ints([local_blocks - 1]))), op.LessOrEqual(kb, last_b))
+        forced = op.Or(forced, op.Less(kb, _ints([sink_blocks])))
+    else:
+        forced = op.Expand(op.Less(kb, _ints([sink_blocks])), grid)
+    return eligible, op.And(forced, eligible)
+
+
+def _double(value: float):
+    import onnx_ir as ir
+    import numpy as np
+    return _op().Constant(value=ir.tensor(np.array(value, dtype=np.float64)))
+
+
+def _bool_true():
+    import onnx_ir as ir
+    import numpy as np
+    return ir.tensor(np.array(True))
+
+
+def _key_valid(k, key_mask):
+    """(B, Lk) bool: key_mask, or all True."""
+    op = _op()
+    if key_mask is not None:
+        return key_mask
+    return op.Expand(op.Constant(value=_bool_true()), op.Concat(_dim(k, 0), _dim(k, 2), axis=0))
+
+
+def _top_blocks(ranked, n_keep):
+    """kv_index (.., nqb, K) int64 and slot_valid (.., nqb, K) bool: the n_keep (.., nqb) best blocks of ranked
+    (.., nqb, nkb); K = max(1, max n_keep)."""
+    op = _op()
+    width = op.Max(op.Reshape(op.ReduceMax(n_keep, keepdims=0), _ints([1])), _ints([1]))
+    width = op.Min(width, op.Shape(ranked, start=-1))
+    _, kv_index = op.TopK(ranked, width, axis=-1, largest=1, sorted=1)
+    slot = op.Range(_int(0), op.Squeeze(width, _ints([0])), _int(1))
+    return kv_index, op.Less(slot, op.Unsqueeze(n_keep, _ints([-1])))
+
+
+def _gathered_block_attention(qa, ka, va, key_mask, causal: bool, scale: float, kv_index, slot_valid, block: int,
+                              d: int, dv: int):
+    """Exact softmax over the chosen key blocks (kv_index (B' , H', nqb, K), broadcast to (B, H, ..)) with the
+    token-level predicate (padding, causal, real key); qa/ka/va (B, H, L, *) fp32. Returns (B, H, Lq, Dv) fp32."""
+    op = _op()
+    lq, lk = _dim(qa, 2), _dim(ka, 2)
+    bs = _ints([block])
+    full = op.Concat(_dim(qa, 0), _dim(qa, 1), _ints([1, 1]), axis=0)
+    kv_index = op.Expand(kv_index, full)                                           # (B, H, nqb, K)
+    slot_valid = op.Expand(slot_valid, full)
+    flat_index = op.Unsqueeze(op.Reshape(kv_index, _ints([0, 0, -1])), _ints([3]))  # (B, H, nqb*K, 1)
+    per_query_block = op.Concat(op.Shape(kv_index, start=0, end=3), _ints([-1]), axis=0)
+
+    def gather(x, e: int):
+        xb = op.Reshape(_pad_axis(x, 2, block), _ints([0, 0, -1, block, e]))       # (B, H, nkb, block, e)
+        g = op.GatherND(xb, flat_index, batch_dims=2)                              # (B, H, nqb*K, block, e)
+        return op.Reshape(g, op.Concat(per_query_block, _ints([e]), axis=0))        # (B, H, nqb, K*block, e)
+
+    real = op.Reshape(_pad_axis(_key_valid(ka, key_mask), 1, block, op.Constant(value=_bool_false())),
+                      _ints([0, 1, -1, block]))                                    # (B, 1, nkb, block)
+    real = op.Expand(real, op.Concat(_dim(qa, 0), _dim(qa, 1), _ints([1, 1]), axis=0))
+    real = op.Reshape(op.GatherND(real, flat_index, batch_dims=2), per_query_block)  # (B, H, nqb, K*block)
+    k_pos = op.Add(op.Mul(op.Unsqueeze(kv_index, _ints([4])), bs), _ints(range(block)))   # (B, H, nqb, K, block)
+    k_pos = op.Where(op.Unsqueeze(slot_valid, _ints([4])), k_pos, _ints([2**60]))
+    k_pos = op.Reshape(k_pos, per_query_block)
+    allowed = op.Unsqueeze(op.And(real, op.Less(k_pos, lk)), _ints([3]))           # (B, H, nqb, 1, K*block)
+    if causal:
+        nqb = op.Div(op.Add(lq, _ints([block - 1])), bs)
+        q_pos = op.Add(op.Range(_int(0), op.Squeeze(op.Mul(nqb, bs), _ints([0])), _int(1)), op.Sub(lk, lq))
+        q_pos = op.Unsqueeze(op.Reshape(q_pos, _ints([-1, block])), _ints([2]))     # (nqb, block, 1)
+        allowed = op.And(allowed, op.LessOrEqual(op.Unsqueeze(k_pos, _ints([3])), q_pos))
+    q_blocks = op.Reshape(_pad_axis(qa, 2, block), _ints([0, 0, -1, block, d]))
+    s = _masked_scores(q_blocks, gather(ka, d), allowed, scale)
+    p = op.Exp(op.Sub(s, _finite_row_max(s)))
+    out = op.Reshape(op.MatMul(p, gather(_with_ones(va), dv + 1)), _ints([0, 0, -1, dv + 1]))
+    return _normalise(op.Slice(out, _ints([0]), lq, _ints([2])), dv)
+
+
+def _pooled_block_scores(qa, ka, key_mask, scale: float, block: int, pool: str, d: int):
+    """(scores (B, H, nqb, nkb), key block holds a real key (B, 1, 1, nkb)): mirrors ``_pooled_block_scores``."""
+    op = _op()
+    lq = _dim(qa, 2)
+    nqb, _, _, _ = _block_grid(qa, ka, block)
+    bs = _ints([block])
+    starts = op.Mul(op.Range(_int(0), op.Squeeze(nqb, _ints([0])), _int(1)), bs)
+    rows = op.Cast(op.Min(op.Sub(lq, starts), bs), to=1)                          # (nqb,)
+    q_sum = op.ReduceSum(op.Reshape(_pad_axis(qa, 2, block), _ints([0, 0, -1, block, d])), _ints([3]), keepdims=0)
+    q_mean = op.Div(q_sum, op.Unsqueeze(rows, _ints([1])))                        # (B, H, nqb, D)
+    valid = op.Reshape(_pad_axis(_key_valid(ka, key_mask), 1, block, op.Constant(value=_bool_false())),
+                       _ints([0, 1, -1, block, 1]))                                # (B, 1, nkb, block, 1)
+    kb = op.Reshape(_pad_axis(ka, 2, block), _ints([0, 0, -1, block, d]))        # (B, H, nkb, block, D)
+    n_valid = op.ReduceSum(op.Cast(valid, to=1), _ints([3]), keepdims=0)          # (B, 1, nkb, 1)
+    zero = _float(0.0)
+    k_mean = op.Div(op.ReduceSum(op.Where(valid, kb, zero), _ints([3]), keepdims=0), op.Max(n_valid, _float(1.0)))
+    pooled_q, pooled_k = q_mean, k_mean
+    if pool == "maxmin":
+        empty = op.Equal(n_valid, zero)
+        k_max = op.Where(empty, zero, op.ReduceMax(op.Where(valid, kb, _float(-math.inf)), _ints([3]), keepdims=0))
+        k_min = op.Where(empty, zero, op.ReduceMin(op.Where(valid, kb, _float(math.inf)), _ints([3]), keepdims=0))
+        pooled_k = op.Concat(k_mean, k_max, k_min, axis=3)
+        pooled_q = op.Concat(q_mean, q_mean, q_mean, axis=3)
+    scores = op.Mul(op.MatMul(pooled_q, op.Transpose(pooled_k, perm=[0, 1, 3, 2])), _float(scale))
+    has_key = op.Unsqueeze(op.Greater(op.Squeeze(n_valid, _ints([3])), zero), _ints([2]))   # (B, 1, 1, nkb)
+    return scores, has_key
+
+
+@onnx_translation("rewriter::block_topk_attention")
+def translate_block_topk_attention(q, k, v, key_mask=None, causal=False, scale=1.0, density=1.0, block=64,
+                                   pool="mean", sink_blocks=1, local_blocks=1):
+    """Pooled block scores, TopK per query block of max(ceil(density x n_eligible), n_forced) blocks (forced ones
+    ranked +inf, ineligible ones -inf, as ``block_topk_layout``), then the gathered blocks. Blocks whose pooled
+    scores tie may be chosen differently from torch.sort (TopK breaks ties its own way)."""
+    op = _op()
+    qa, ka, va, (_, d, dv) = _heads_fp32(q, k, v)
+    scores, has_key = _pooled_block_scores(qa, ka, key_mask, scale, block, pool, d)
+    eligible, forced = _base_blocks(qa, ka, block, causal, local_blocks, sink_blocks)
+    eligible, forced = op.And(eligible, has_key), op.And(forced, has_key)        # (B, 1, nqb, nkb)
+    n_eligible = op.ReduceSum(op.Cast(eligible, to=11), _ints([-1]), keepdims=0)  # float64, as the reference
+    n_forced = op.ReduceSum(op.Cast(forced, to=7), _ints([-1]), keepdims=0)
+    # the slack keeps ceil exact where density x n is an integer that floats land just above (as the reference)
+    keep = op.Cast(op.Ceil(op.Sub(op.Mul(n_eligible, _double(density)), _double(1e-9))), to=7)
+    keep = op.Max(keep, n_forced)                                                 # (B, 1, nqb)
+    ranked = op.Where(forced, _float(math.inf), op.Where(eligible, scores, _float(-math.inf)))
+    kv_index, slot_valid = _top_blocks(ranked, op.Expand(keep, op.Shape(ranked, start=0, end=3)))
+    out = _gathered_block_attention(qa, ka, va, key_mask, causal, scale, kv_index, slot_valid, block, d, dv)
+    return op.CastLike(out, q)
+
+
+@onnx_translation("rewriter::strided_attention")
+def translate_strided_attention(q, k, v, key_mask=None, causal=False, scale=1.0, stride=1, local_blocks=1,
+                                sink_blocks=1, block=64):
+    """Head h keeps key blocks kb with (kb + h) % stride == 0 plus local and sink blocks (causal-eligible only):
+    the layout of ``strided_layout``, built from the lengths, then the gathered blocks."""
+    op = _op()
+    qa, ka, va, (heads, d, dv) = _heads_fp32(q, k, v)
+    eligible, forced = _base_blocks(qa, ka, block, causal, local_blocks, sink_blocks)   # (nqb, nkb)
+    _, nkb, _, _ = _block_grid(qa, ka, block)
+    kb = op.Range(_int(0), op.Squeeze(nkb, _ints([0])), _int(1))
+    head = op.Unsqueeze(_ints(range(heads)), _ints([1]))                          # (H, 1)
+    strided = op.Equal(op.Mod(op.Add(op.Unsqueeze(kb, _ints([0])), head), _ints([stride])), _ints([0]))
+    chosen = op.Or(op.And(op.Unsqueeze(strided, _ints([1])), eligible), forced)   # (H, nqb, nkb)
+    count = op.ReduceSum(op.Cast(chosen, to=7), _ints([-1]), keepdims=0)
+    kv_index, slot_valid = _top_blocks(op.Cast(chosen, to=1), count)
+    out = _gathered_block_attention(qa, ka, va, key_mask, causal, scale, op.Unsqueeze(kv_index, _ints([0])),
+                                    op.Unsqueeze(slot_valid, _ints([0])), block, d, dv)
+    return op.CastLike(out, q)
+
+
 @onnx_translation("rewriter::binary_linear")
 def translate_binary_linear(x, packed, alpha, mu, bias=None, in_features=1):
     """Signs unpacked with BitShift + BitwiseAnd on uint8 (bit j of byte k is column 8k + j)."""

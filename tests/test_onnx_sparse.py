@@ -101,3 +101,12 @@ def test_strided_translation_matches_op(causal, tmp_path):
 def test_registered_without_quadratic():
     for name in ("rewriter::block_topk_attention", "rewriter::strided_attention"):
         assert name in TRANSLATIONS and not TRANSLATIONS[name].quadratic
+
+
+@pytest.mark.parametrize("causal", [False, True])
+def test_lsh_translation_matches_op(causal, tmp_path):
+    op = torch.ops.rewriter.lsh_attention.default
+    # buckets of 4: 5-8 chunks (3 bits) at 17-29 tokens, 2 rounds (the duplicate correction and the merge run)
+    args = (causal, 8 ** -0.5, 2, 4, 3)
+    diffs = export_and_check(tmp_path, op, args, 13, (19, 29))
+    assert max(diffs) < 1e-4, diffs

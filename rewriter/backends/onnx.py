@@ -567,6 +567,131 @@ def translate_strided_attention(q, k, v, key_mask=None, causal=False, scale=1.0,
     return op.CastLike(out, q)
 
 
+# --------------------------------------------------------------------------------------------------------------
+# LSH (mirrors ``_lsh_attention``): per round, sort q and k by (bucket, position), attend sorted query chunk i to
+# sorted key chunks i-1 and i, count each pair once across rounds, merge rounds by log-sum-exp, fall back to the
+# local blocks where no round saw a key
+# --------------------------------------------------------------------------------------------------------------
+
+LSH_MAX_BITS = 16   # hyperplane sets are exported for 2^0 .. 2^16 query chunks (Lq up to 65536 x bucket_size)
+
+
+def _pad_to_length(x, axis: int, length):
+    """Pad x with zeros at the end of `axis` to `length` (1-D int64 tensor)."""
+    op = _op()
+    return op.Pad(x, op.Concat(_ints([0]), op.Sub(length, _dim(x, axis)), axis=0), None, _ints([axis]))
+
+
+def _sort_by_bucket(buckets, chunk):
+    """(order (B, H, L), chunk id of each position (B, H, L)) sorting positions by (bucket, position)."""
+    op = _op()
+    length = _dim(buckets, 2)
+    positions = op.Range(_int(0), op.Squeeze(length, _ints([0])), _int(1))
+    key = op.Add(op.Mul(buckets, length), positions)
+    _, order = op.TopK(key, length, axis=-1, largest=0, sorted=1)
+    rank = op.ScatterElements(op.Mul(order, _ints([0])), order, op.Expand(positions, op.Shape(order)), axis=2)
+    return order, op.Div(rank, chunk)
+
+
+def _previous_and_own(x):
+    """(B, H, n, c, *) -> (B, H, n, 2c, *): chunk i-1 (zeros for i = 0), then chunk i."""
+    op = _op()
+    zeros = op.Mul(op.Slice(x, _ints([0]), _ints([1]), _ints([2])), op.CastLike(_int(0), x))
+    before = op.Concat(zeros, op.Slice(x, _ints([0]), _ints([-1]), _ints([2])), axis=2)
+    return op.Concat(before, x, axis=3)
+
+
+@onnx_translation("rewriter::lsh_attention")
+def translate_lsh_attention(q, k, v, key_mask=None, causal=False, scale=1.0, n_hashes=1, bucket_size=64, seed=0):
+    """The hyperplanes of every possible bit count (``lsh_hyperplanes``, zero-padded to LSH_MAX_BITS columns)
+    are one initializer; the graph picks the set for ceil(log2(n_chunks)) bits. Sorting is TopK on the unique
+    key bucket x L + position. Dot products within float rounding of 0 may hash differently from PyTorch."""
+    import onnx_ir as ir
+    import numpy as np
+    from ..ops.sparse_attention import lsh_hyperplanes
+    op = _op()
+    qa, ka, va, (_, d, dv) = _heads_fp32(q, k, v)
+    lq, lk = _dim(qa, 2), _dim(ka, 2)
+    n_chunks = op.Div(op.Add(lq, _ints([bucket_size - 1])), _ints([bucket_size]))
+    key_chunk = op.Div(op.Add(lk, op.Sub(n_chunks, _ints([1]))), n_chunks)
+    bits = op.ReduceSum(op.Cast(op.Less(_ints([2**b for b in range(LSH_MAX_BITS)]), n_chunks), to=7), keepdims=0)
+    planes = np.zeros((LSH_MAX_BITS + 1, n_hashes, d, LSH_MAX_BITS), dtype=np.float32)
+    for b in range(LSH_MAX_BITS + 1):
+        planes[b, :, :, :b] = lsh_hyperplanes(n_hashes, d, b, seed).to(torch.float32).numpy()
+    planes = op.Gather(op.Constant(value=ir.tensor(planes, name="lsh_hyperplanes")), bits, axis=0)   # (R, D, bits)
+    weights = _ints([2**b for b in range(LSH_MAX_BITS)])
+    padding_bucket = op.Gather(_ints([2**b for b in range(LSH_MAX_BITS + 1)]), bits, axis=0)
+    k_valid = _key_valid(ka, key_mask)                                            # (B, Lk)
+    k_valid_h = op.Expand(op.Unsqueeze(k_valid, _ints([1])), op.Shape(ka, start=0, end=3))   # (B, H, Lk)
+
+    def buckets(x, r):
+        signs = op.Cast(op.Greater(op.MatMul(x, op.Gather(planes, _int(r), axis=0)), _float(0.0)), to=7)
+        return op.ReduceSum(op.Mul(signs, weights), _ints([-1]), keepdims=0)     # (B, H, L)
+
+    rounds = []
+    for r in range(n_hashes):
+        bk = op.Where(k_valid_h, buckets(ka, r), padding_bucket)                  # padding keys sort last
+        rounds.append(_sort_by_bucket(buckets(qa, r), _ints([bucket_size])) + _sort_by_bucket(bk, key_chunk))
+
+    q_len, k_len = op.Mul(n_chunks, _ints([bucket_size])), op.Mul(n_chunks, key_chunk)
+    chunked = lambda x, e: op.Reshape(x, op.Concat(_ints([0, 0]), n_chunks, _ints([-1, e]), axis=0))   # noqa: E731
+    va1 = _with_ones(va)
+    offset = op.Sub(lk, lq)
+    outs, lses = [], []
+    for q_order, _, k_order, _ in rounds:
+        qs = chunked(_pad_to_length(op.GatherND(qa, op.Unsqueeze(q_order, _ints([3])), batch_dims=2), 2, q_len), d)
+        q_pos = chunked(_pad_to_length(op.Unsqueeze(q_order, _ints([3])), 2, q_len), 1)          # (B, H, n, qc, 1)
+        k_index = op.Unsqueeze(k_order, _ints([3]))
+        ks = _previous_and_own(chunked(_pad_to_length(op.GatherND(ka, k_index, batch_dims=2), 2, k_len), d))
+        vs = _previous_and_own(chunked(_pad_to_length(op.GatherND(va1, k_index, batch_dims=2), 2, k_len), dv + 1))
+        k_pos = _previous_and_own(chunked(_pad_to_length(k_index, 2, k_len), 1))                  # (B, H, n, 2kc, 1)
+        k_pos = op.Squeeze(k_pos, _ints([4]))
+        slot = op.Less(op.Range(_int(0), op.Squeeze(k_len, _ints([0])), _int(1)), lk)
+        slot = op.Cast(_previous_and_own(chunked(op.Cast(op.Unsqueeze(slot, _ints([0, 1])), to=7), 1)), to=9)
+        flat_k_pos = op.Reshape(k_pos, _ints([0, 0, -1]))
+        ok = op.And(op.Squeeze(slot, _ints([4])), op.Reshape(op.GatherElements(k_valid_h, flat_k_pos, axis=2),
+                                                             op.Shape(k_pos)))
+        ok = op.Unsqueeze(ok, _ints([3]))                                         # (B, H, n, 1, 2kc)
+        kp = op.Unsqueeze(k_pos, _ints([3]))
+        if causal:
+            ok = op.And(ok, op.LessOrEqual(kp, op.Add(q_pos, offset)))
+        flat_q_pos = op.Reshape(q_pos, _ints([0, 0, -1]))
+        seen = None
+        for _, q_chunk, _, k_chunk in rounds:
+            qch = op.Reshape(op.GatherElements(q_chunk, flat_q_pos, axis=2), op.Shape(q_pos))
+            kch = op.Reshape(op.GatherElements(k_chunk, flat_k_pos, axis=2), op.Shape(kp))
+            hit = op.Cast(op.Or(op.Equal(kch, qch), op.Equal(kch, op.Sub(qch, _ints([1])))), to=1)
+            seen = hit if seen is None else op.Add(seen, hit)
+        s = op.Mul(op.MatMul(qs, op.Transpose(ks, perm=[0, 1, 2, 4, 3])), _float(scale))
+        s = op.Where(ok, op.Sub(s, op.Log(op.Max(seen, _float(1.0)))), _float(-math.inf))
+        m = _finite_row_max(s)
+        acc = op.MatMul(op.Exp(op.Sub(s, m)), vs)                                 # (B, H, n, qc, Dv + 1)
+        acc = op.Slice(op.Reshape(acc, _ints([0, 0, -1, dv + 1])), _ints([0]), lq, _ints([2]))
+        m = op.Slice(op.Reshape(m, _ints([0, 0, -1, 1])), _ints([0]), lq, _ints([2]))
+        rank = op.Unsqueeze(op.ScatterElements(op.Mul(q_order, _ints([0])), q_order,
+                                               op.Expand(op.Range(_int(0), op.Squeeze(lq, _ints([0])), _int(1)),
+                                                         op.Shape(q_order)), axis=2), _ints([3]))
+        acc = op.GatherND(acc, rank, batch_dims=2)                               # back to positions
+        m = op.GatherND(m, rank, batch_dims=2)
+        den = op.Slice(acc, _ints([dv]), _ints([dv + 1]), _ints([-1]))
+        outs.append(op.Div(op.Slice(acc, _ints([0]), _ints([dv]), _ints([-1])), op.Max(den, _float(1.1754944e-38))))
+        lses.append(op.Unsqueeze(op.Add(m, op.Log(den)), _ints([0])))            # (1, B, H, Lq, 1); -inf: no key
+    lse_all = op.Concat(*lses, axis=0)
+    top = _op().ReduceMax(lse_all, _ints([0]), keepdims=1)
+    top = op.Where(op.IsInf(top), _float(0.0), top)
+    total = op.Add(top, op.Log(op.ReduceSum(op.Exp(op.Sub(lse_all, top)), _ints([0]), keepdims=1)))
+    saw_key = op.Not(op.IsInf(total))
+    weights_r = op.Where(saw_key, op.Exp(op.Sub(lse_all, op.Where(saw_key, total, _float(0.0)))), _float(0.0))
+    out = op.ReduceSum(op.Mul(weights_r, op.Concat(*[op.Unsqueeze(o, _ints([0])) for o in outs], axis=0)),
+                       _ints([0]), keepdims=0)
+    _, forced = _base_blocks(qa, ka, bucket_size, causal, 1, 0)
+    count = op.ReduceSum(op.Cast(forced, to=7), _ints([-1]), keepdims=0)
+    kv_index, slot_valid = _top_blocks(op.Cast(forced, to=1), count)
+    local = _gathered_block_attention(qa, ka, va, key_mask, causal, scale, op.Unsqueeze(kv_index, _ints([0, 1])),
+                                      op.Unsqueeze(slot_valid, _ints([0, 1])), bucket_size, d, dv)
+    return op.CastLike(op.Where(op.Squeeze(saw_key, _ints([0])), out, local), q)
+
+
 @onnx_translation("rewriter::binary_linear")
 def translate_binary_linear(x, packed, alpha, mu, bias=None, in_features=1):
     """Signs unpacked with BitShift + BitwiseAnd on uint8 (bit j of byte k is column 8k + j)."""

@@ -1,7 +1,8 @@
-"""ONNX translations of the routed sparse attention ops (block-topk, strided) against the PyTorch ops: exported
+"""ONNX translations of the routed sparse attention ops (block-topk, strided, LSH) against the PyTorch ops: exported
 with dynamic batch and sequence, run in onnxruntime at two odd lengths other than the export length, causal and
 bidirectional, with padding and GQA. Inputs are random normals, so pooled block scores have no ties (TopK and
-torch.sort may order tied blocks differently)."""
+torch.sort may order tied blocks differently) and LSH hash products are not within rounding of 0 (such a sign
+may hash differently in ONNX)."""
 import pytest
 import torch
 
@@ -12,7 +13,7 @@ from rewriter import ops  # noqa: E402,F401  (registers the ops)
 from rewriter.backends.onnx import TRANSLATIONS, export_onnx, validate_onnx  # noqa: E402
 from rewriter.ops import _common  # noqa: E402
 from rewriter.ops.block_sparse import num_blocks  # noqa: E402
-from rewriter.ops.sparse_attention import block_topk_layout, strided_layout  # noqa: E402
+from rewriter.ops.sparse_attention import _lsh_rounds, block_topk_layout, strided_layout  # noqa: E402
 
 
 class OpModule(torch.nn.Module):
@@ -91,6 +92,20 @@ def test_strided_translation_matches_op(causal, tmp_path):
     args = (causal, 8 ** -0.5, 3, 1, 1, 4)          # stride 3 blocks, 1 local + 1 sink block, blocks of 4
     diffs = export_and_check(tmp_path, op, args, 13, (19, 29))
     assert max(diffs) < 1e-4, diffs
+    # the checked inputs reach the duplicate correction (pairs seen in both rounds) and, causal, the fallback
+    # (real queries that no round gave a visible key)
+    seen, both, fallback = 0, 0, 0
+    for i, n in enumerate((19, 29)):
+        x = _qkv(n, i + 1, B=3 if i else 1)
+        hits = torch.zeros(x["q"].shape[0], 4, n, n)
+        for _, q_chunk, _, k_chunk in _lsh_rounds(x["q"], x["k"], x["key_mask"], 2, 4, 3):
+            kch = _common.expand_kv(k_chunk[..., None], 4)[..., 0][:, :, None, :]
+            hits += ((kch == q_chunk[..., None]) | (kch == q_chunk[..., None] - 1)).float()
+        allowed = _common.allowed_mask(n, n, causal, x["key_mask"], "cpu")
+        hits = hits * allowed
+        both += int((hits == 2).sum())
+        fallback += int(((hits.sum(-1) == 0) & allowed.any(-1)).sum())
+    assert both > 0 and (fallback > 0 or not causal), (both, fallback)
     x = _qkv(29, 2, B=3)
     kv_index, kv_count = strided_layout(29, 29, 4, 4, 3, 1, 1, causal)
     ref = _layout_oracle(*x.values(), causal, 8 ** -0.5, kv_index, kv_count, 4)
@@ -99,7 +114,7 @@ def test_strided_translation_matches_op(causal, tmp_path):
 
 
 def test_registered_without_quadratic():
-    for name in ("rewriter::block_topk_attention", "rewriter::strided_attention"):
+    for name in ("rewriter::block_topk_attention", "rewriter::strided_attention", "rewriter::lsh_attention"):
         assert name in TRANSLATIONS and not TRANSLATIONS[name].quadratic
 
 
@@ -110,3 +125,17 @@ def test_lsh_translation_matches_op(causal, tmp_path):
     args = (causal, 8 ** -0.5, 2, 4, 3)
     diffs = export_and_check(tmp_path, op, args, 13, (19, 29))
     assert max(diffs) < 1e-4, diffs
+    # the checked inputs reach the duplicate correction (pairs seen in both rounds) and, causal, the fallback
+    # (real queries that no round gave a visible key)
+    seen, both, fallback = 0, 0, 0
+    for i, n in enumerate((19, 29)):
+        x = _qkv(n, i + 1, B=3 if i else 1)
+        hits = torch.zeros(x["q"].shape[0], 4, n, n)
+        for _, q_chunk, _, k_chunk in _lsh_rounds(x["q"], x["k"], x["key_mask"], 2, 4, 3):
+            kch = _common.expand_kv(k_chunk[..., None], 4)[..., 0][:, :, None, :]
+            hits += ((kch == q_chunk[..., None]) | (kch == q_chunk[..., None] - 1)).float()
+        allowed = _common.allowed_mask(n, n, causal, x["key_mask"], "cpu")
+        hits = hits * allowed
+        both += int((hits == 2).sum())
+        fallback += int(((hits.sum(-1) == 0) & allowed.any(-1)).sum())
+    assert both > 0 and (fallback > 0 or not causal), (both, fallback)

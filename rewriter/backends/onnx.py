@@ -461,7 +461,7 @@ def _top_blocks(ranked, n_keep):
 
 def _gathered_block_attention(qa, ka, va, key_mask, causal: bool, scale: float, kv_index, slot_valid, block: int,
                               d: int, dv: int):
-    """Exact softmax over the chosen key blocks (kv_index (B' , H', nqb, K), broadcast to (B, H, ..)) with the
+    """Exact softmax over the chosen key blocks (kv_index (B', H', nqb, K), broadcast to (B, H, ..)) with the
     token-level predicate (padding, causal, real key); qa/ka/va (B, H, L, *) fp32. Returns (B, H, Lq, Dv) fp32."""
     op = _op()
     lq, lk = _dim(qa, 2), _dim(ka, 2)
@@ -634,7 +634,11 @@ def translate_lsh_attention(q, k, v, key_mask=None, causal=False, scale=1.0, n_h
         rounds.append(_sort_by_bucket(buckets(qa, r), _ints([bucket_size])) + _sort_by_bucket(bk, key_chunk))
 
     q_len, k_len = op.Mul(n_chunks, _ints([bucket_size])), op.Mul(n_chunks, key_chunk)
-    chunked = lambda x, e: op.Reshape(x, op.Concat(_ints([0, 0]), n_chunks, _ints([-1, e]), axis=0))   # noqa: E731
+
+    def chunked(x, e: int):
+        """(B, H, n x c, e) -> (B, H, n, c, e)."""
+        return op.Reshape(x, op.Concat(_ints([0, 0]), n_chunks, _ints([-1, e]), axis=0))
+
     va1 = _with_ones(va)
     offset = op.Sub(lk, lq)
     outs, lses = [], []
@@ -677,7 +681,7 @@ def translate_lsh_attention(q, k, v, key_mask=None, causal=False, scale=1.0, n_h
         outs.append(op.Div(op.Slice(acc, _ints([0]), _ints([dv]), _ints([-1])), op.Max(den, _float(1.1754944e-38))))
         lses.append(op.Unsqueeze(op.Add(m, op.Log(den)), _ints([0])))            # (1, B, H, Lq, 1); -inf: no key
     lse_all = op.Concat(*lses, axis=0)
-    top = _op().ReduceMax(lse_all, _ints([0]), keepdims=1)
+    top = op.ReduceMax(lse_all, _ints([0]), keepdims=1)
     top = op.Where(op.IsInf(top), _float(0.0), top)
     total = op.Add(top, op.Log(op.ReduceSum(op.Exp(op.Sub(lse_all, top)), _ints([0]), keepdims=1)))
     saw_key = op.Not(op.IsInf(total))

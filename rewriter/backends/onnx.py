@@ -9,7 +9,10 @@ so each call emits only the branch its arguments select. None of them builds an 
     (masked CHUNK x CHUNK products inside a chunk, an exclusive CumSum of per-chunk states across chunks);
   * window attention and the exact band of the hybrids (linear with window/sinks, scatterbrain): key blocks
     of `block` tokens gathered per query block (the same layout as ``lowrank_attention._support_layout``), so
-    scores are (L/block) x block x (K block) with K fixed by the window.
+    scores are (L/block) x block x (K block) with K fixed by the window;
+  * block-topk, strided: a block layout chosen in the graph (TopK of pooled block scores; a static function of
+    the lengths and head), then the same gathered key blocks, K = the most blocks any query block keeps;
+  * LSH: per round, (L/bucket) sorted query chunks x two sorted key chunks.
 A translation that cannot avoid L x L registers with quadratic=True and the export report says so.
 """
 from __future__ import annotations

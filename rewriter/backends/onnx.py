@@ -9,7 +9,10 @@ so each call emits only the branch its arguments select. None of them builds an 
     (masked CHUNK x CHUNK products inside a chunk, an exclusive CumSum of per-chunk states across chunks);
   * window attention and the exact band of the hybrids (linear with window/sinks, scatterbrain): key blocks
     of `block` tokens gathered per query block (the same layout as ``lowrank_attention._support_layout``), so
-    scores are (L/block) x block x (K block) with K fixed by the window.
+    scores are (L/block) x block x (K block) with K fixed by the window;
+  * block-topk, strided: a block layout chosen in the graph (TopK of pooled block scores; a static function of
+    the lengths and head), then the same gathered key blocks, K = the most blocks any query block keeps;
+  * LSH: per round, (L/bucket) sorted query chunks x two sorted key chunks.
 A translation that cannot avoid L x L registers with quadratic=True and the export report says so.
 """
 from __future__ import annotations
@@ -389,6 +392,311 @@ def translate_scatterbrain_attention(q, k, v, key_mask=None, causal=False, scale
     out = _lowrank_attention(qa, ka, va, key_mask, causal, scale, phi_q, phi_k, (d, dv, features), window, sinks,
                              log_q, log_k)
     return _op().CastLike(out, q)
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Block layouts chosen in the graph (block-topk, strided): kv_index (B, H, nqb, K) + slot_valid, then the gathered
+# key blocks only, as ``block_sparse_attention_reference`` does (K grows with the density, never with L x L)
+# --------------------------------------------------------------------------------------------------------------
+
+def _block_grid(q, k, block: int):
+    """(nqb, nkb) as 1-D int64 tensors, and the (first, last) key position of each query block, (nqb, 1) each."""
+    op = _op()
+    lq, lk = _dim(q, 2), _dim(k, 2)
+    bs = _ints([block])
+    nqb = op.Div(op.Add(lq, _ints([block - 1])), bs)
+    nkb = op.Div(op.Add(lk, _ints([block - 1])), bs)
+    start = op.Mul(op.Unsqueeze(op.Range(_int(0), op.Squeeze(nqb, _ints([0])), _int(1)), _ints([1])), bs)
+    offset = op.Sub(lk, lq)
+    first = op.Add(start, offset)
+    last = op.Add(op.Sub(op.Min(op.Add(start, bs), lq), _ints([1])), offset)
+    return nqb, nkb, first, last
+
+
+def _base_blocks(q, k, block: int, causal: bool, local_blocks: int, sink_blocks: int):
+    """(causal-eligible, forced = (local | sink) & eligible), both (nqb, nkb) bool: mirrors ``_base_block_mask``."""
+    op = _op()
+    nqb, nkb, first, last = _block_grid(q, k, block)
+    bs = _ints([block])
+    kb = op.Unsqueeze(op.Range(_int(0), op.Squeeze(nkb, _ints([0])), _int(1)), _ints([0]))   # (1, nkb)
+    grid = op.Concat(nqb, nkb, axis=0)
+    eligible = op.Expand(op.LessOrEqual(op.Mul(kb, bs), last) if causal else op.Constant(value=_bool_true()), grid)
+    if local_blocks > 0:
+        first_b = op.Div(first, bs)
+        last_b = op.Div(op.Min(last, op.Sub(_dim(k, 2), _ints([1]))), bs)
+        forced = op.And(op.GreaterOrEqual(kb, op.Sub(first_b, _ints([local_blocks - 1]))), op.LessOrEqual(kb, last_b))
+        forced = op.Or(forced, op.Less(kb, _ints([sink_blocks])))
+    else:
+        forced = op.Expand(op.Less(kb, _ints([sink_blocks])), grid)
+    return eligible, op.And(forced, eligible)
+
+
+def _double(value: float):
+    import onnx_ir as ir
+    import numpy as np
+    return _op().Constant(value=ir.tensor(np.array(value, dtype=np.float64)))
+
+
+def _bool_true():
+    import onnx_ir as ir
+    import numpy as np
+    return ir.tensor(np.array(True))
+
+
+def _key_valid(k, key_mask):
+    """(B, Lk) bool: key_mask, or all True."""
+    op = _op()
+    if key_mask is not None:
+        return key_mask
+    return op.Expand(op.Constant(value=_bool_true()), op.Concat(_dim(k, 0), _dim(k, 2), axis=0))
+
+
+def _top_blocks(ranked, n_keep):
+    """kv_index (.., nqb, K) int64 and slot_valid (.., nqb, K) bool: the n_keep (.., nqb) best blocks of ranked
+    (.., nqb, nkb); K = max(1, max n_keep)."""
+    op = _op()
+    width = op.Max(op.Reshape(op.ReduceMax(n_keep, keepdims=0), _ints([1])), _ints([1]))
+    width = op.Min(width, op.Shape(ranked, start=-1))
+    _, kv_index = op.TopK(ranked, width, axis=-1, largest=1, sorted=1)
+    slot = op.Range(_int(0), op.Squeeze(width, _ints([0])), _int(1))
+    return kv_index, op.Less(slot, op.Unsqueeze(n_keep, _ints([-1])))
+
+
+def _gathered_block_attention(qa, ka, va, key_mask, causal: bool, scale: float, kv_index, slot_valid, block: int,
+                              d: int, dv: int):
+    """Exact softmax over the chosen key blocks (kv_index (B', H', nqb, K), broadcast to (B, H, ..)) with the
+    token-level predicate (padding, causal, real key); qa/ka/va (B, H, L, *) fp32. Returns (B, H, Lq, Dv) fp32."""
+    op = _op()
+    lq, lk = _dim(qa, 2), _dim(ka, 2)
+    bs = _ints([block])
+    full = op.Concat(_dim(qa, 0), _dim(qa, 1), _ints([1, 1]), axis=0)
+    kv_index = op.Expand(kv_index, full)                                           # (B, H, nqb, K)
+    slot_valid = op.Expand(slot_valid, full)
+    flat_index = op.Unsqueeze(op.Reshape(kv_index, _ints([0, 0, -1])), _ints([3]))  # (B, H, nqb*K, 1)
+    per_query_block = op.Concat(op.Shape(kv_index, start=0, end=3), _ints([-1]), axis=0)
+
+    def gather(x, e: int):
+        xb = op.Reshape(_pad_axis(x, 2, block), _ints([0, 0, -1, block, e]))       # (B, H, nkb, block, e)
+        g = op.GatherND(xb, flat_index, batch_dims=2)                              # (B, H, nqb*K, block, e)
+        return op.Reshape(g, op.Concat(per_query_block, _ints([e]), axis=0))        # (B, H, nqb, K*block, e)
+
+    real = op.Reshape(_pad_axis(_key_valid(ka, key_mask), 1, block, op.Constant(value=_bool_false())),
+                      _ints([0, 1, -1, block]))                                    # (B, 1, nkb, block)
+    real = op.Expand(real, op.Concat(_dim(qa, 0), _dim(qa, 1), _ints([1, 1]), axis=0))
+    real = op.Reshape(op.GatherND(real, flat_index, batch_dims=2), per_query_block)  # (B, H, nqb, K*block)
+    k_pos = op.Add(op.Mul(op.Unsqueeze(kv_index, _ints([4])), bs), _ints(range(block)))   # (B, H, nqb, K, block)
+    k_pos = op.Where(op.Unsqueeze(slot_valid, _ints([4])), k_pos, _ints([2**60]))
+    k_pos = op.Reshape(k_pos, per_query_block)
+    allowed = op.Unsqueeze(op.And(real, op.Less(k_pos, lk)), _ints([3]))           # (B, H, nqb, 1, K*block)
+    if causal:
+        nqb = op.Div(op.Add(lq, _ints([block - 1])), bs)
+        q_pos = op.Add(op.Range(_int(0), op.Squeeze(op.Mul(nqb, bs), _ints([0])), _int(1)), op.Sub(lk, lq))
+        q_pos = op.Unsqueeze(op.Reshape(q_pos, _ints([-1, block])), _ints([2]))     # (nqb, block, 1)
+        allowed = op.And(allowed, op.LessOrEqual(op.Unsqueeze(k_pos, _ints([3])), q_pos))
+    q_blocks = op.Reshape(_pad_axis(qa, 2, block), _ints([0, 0, -1, block, d]))
+    s = _masked_scores(q_blocks, gather(ka, d), allowed, scale)
+    p = op.Exp(op.Sub(s, _finite_row_max(s)))
+    out = op.Reshape(op.MatMul(p, gather(_with_ones(va), dv + 1)), _ints([0, 0, -1, dv + 1]))
+    return _normalise(op.Slice(out, _ints([0]), lq, _ints([2])), dv)
+
+
+def _pooled_block_scores(qa, ka, key_mask, scale: float, block: int, pool: str, d: int):
+    """(scores (B, H, nqb, nkb), key block holds a real key (B, 1, 1, nkb)): mirrors ``_pooled_block_scores``."""
+    op = _op()
+    lq = _dim(qa, 2)
+    nqb, _, _, _ = _block_grid(qa, ka, block)
+    bs = _ints([block])
+    starts = op.Mul(op.Range(_int(0), op.Squeeze(nqb, _ints([0])), _int(1)), bs)
+    rows = op.Cast(op.Min(op.Sub(lq, starts), bs), to=1)                          # (nqb,)
+    q_sum = op.ReduceSum(op.Reshape(_pad_axis(qa, 2, block), _ints([0, 0, -1, block, d])), _ints([3]), keepdims=0)
+    q_mean = op.Div(q_sum, op.Unsqueeze(rows, _ints([1])))                        # (B, H, nqb, D)
+    valid = op.Reshape(_pad_axis(_key_valid(ka, key_mask), 1, block, op.Constant(value=_bool_false())),
+                       _ints([0, 1, -1, block, 1]))                                # (B, 1, nkb, block, 1)
+    kb = op.Reshape(_pad_axis(ka, 2, block), _ints([0, 0, -1, block, d]))        # (B, H, nkb, block, D)
+    n_valid = op.ReduceSum(op.Cast(valid, to=1), _ints([3]), keepdims=0)          # (B, 1, nkb, 1)
+    zero = _float(0.0)
+    k_mean = op.Div(op.ReduceSum(op.Where(valid, kb, zero), _ints([3]), keepdims=0), op.Max(n_valid, _float(1.0)))
+    pooled_q, pooled_k = q_mean, k_mean
+    if pool == "maxmin":
+        empty = op.Equal(n_valid, zero)
+        k_max = op.Where(empty, zero, op.ReduceMax(op.Where(valid, kb, _float(-math.inf)), _ints([3]), keepdims=0))
+        k_min = op.Where(empty, zero, op.ReduceMin(op.Where(valid, kb, _float(math.inf)), _ints([3]), keepdims=0))
+        pooled_k = op.Concat(k_mean, k_max, k_min, axis=3)
+        pooled_q = op.Concat(q_mean, q_mean, q_mean, axis=3)
+    scores = op.Mul(op.MatMul(pooled_q, op.Transpose(pooled_k, perm=[0, 1, 3, 2])), _float(scale))
+    has_key = op.Unsqueeze(op.Greater(op.Squeeze(n_valid, _ints([3])), zero), _ints([2]))   # (B, 1, 1, nkb)
+    return scores, has_key
+
+
+@onnx_translation("rewriter::block_topk_attention")
+def translate_block_topk_attention(q, k, v, key_mask=None, causal=False, scale=1.0, density=1.0, block=64,
+                                   pool="mean", sink_blocks=1, local_blocks=1):
+    """Pooled block scores, TopK per query block of max(ceil(density x n_eligible), n_forced) blocks (forced ones
+    ranked +inf, ineligible ones -inf, as ``block_topk_layout``), then the gathered blocks. Blocks whose pooled
+    scores tie may be chosen differently from torch.sort (TopK breaks ties its own way)."""
+    op = _op()
+    qa, ka, va, (_, d, dv) = _heads_fp32(q, k, v)
+    scores, has_key = _pooled_block_scores(qa, ka, key_mask, scale, block, pool, d)
+    eligible, forced = _base_blocks(qa, ka, block, causal, local_blocks, sink_blocks)
+    eligible, forced = op.And(eligible, has_key), op.And(forced, has_key)        # (B, 1, nqb, nkb)
+    n_eligible = op.ReduceSum(op.Cast(eligible, to=11), _ints([-1]), keepdims=0)  # float64, as the reference
+    n_forced = op.ReduceSum(op.Cast(forced, to=7), _ints([-1]), keepdims=0)
+    # the slack keeps ceil exact where density x n is an integer that floats land just above (as the reference)
+    keep = op.Cast(op.Ceil(op.Sub(op.Mul(n_eligible, _double(density)), _double(1e-9))), to=7)
+    keep = op.Max(keep, n_forced)                                                 # (B, 1, nqb)
+    ranked = op.Where(forced, _float(math.inf), op.Where(eligible, scores, _float(-math.inf)))
+    kv_index, slot_valid = _top_blocks(ranked, op.Expand(keep, op.Shape(ranked, start=0, end=3)))
+    out = _gathered_block_attention(qa, ka, va, key_mask, causal, scale, kv_index, slot_valid, block, d, dv)
+    return op.CastLike(out, q)
+
+
+@onnx_translation("rewriter::strided_attention")
+def translate_strided_attention(q, k, v, key_mask=None, causal=False, scale=1.0, stride=1, local_blocks=1,
+                                sink_blocks=1, block=64):
+    """Head h keeps key blocks kb with (kb + h) % stride == 0 plus local and sink blocks (causal-eligible only):
+    the layout of ``strided_layout``, built from the lengths, then the gathered blocks."""
+    op = _op()
+    qa, ka, va, (heads, d, dv) = _heads_fp32(q, k, v)
+    eligible, forced = _base_blocks(qa, ka, block, causal, local_blocks, sink_blocks)   # (nqb, nkb)
+    _, nkb, _, _ = _block_grid(qa, ka, block)
+    kb = op.Range(_int(0), op.Squeeze(nkb, _ints([0])), _int(1))
+    head = op.Unsqueeze(_ints(range(heads)), _ints([1]))                          # (H, 1)
+    strided = op.Equal(op.Mod(op.Add(op.Unsqueeze(kb, _ints([0])), head), _ints([stride])), _ints([0]))
+    chosen = op.Or(op.And(op.Unsqueeze(strided, _ints([1])), eligible), forced)   # (H, nqb, nkb)
+    count = op.ReduceSum(op.Cast(chosen, to=7), _ints([-1]), keepdims=0)
+    kv_index, slot_valid = _top_blocks(op.Cast(chosen, to=1), count)
+    out = _gathered_block_attention(qa, ka, va, key_mask, causal, scale, op.Unsqueeze(kv_index, _ints([0])),
+                                    op.Unsqueeze(slot_valid, _ints([0])), block, d, dv)
+    return op.CastLike(out, q)
+
+
+# --------------------------------------------------------------------------------------------------------------
+# LSH (mirrors ``_lsh_attention``): per round, sort q and k by (bucket, position), attend sorted query chunk i to
+# sorted key chunks i-1 and i, count each pair once across rounds, merge rounds by log-sum-exp, fall back to the
+# local blocks where no round saw a key
+# --------------------------------------------------------------------------------------------------------------
+
+LSH_MAX_BITS = 16   # hyperplane sets are exported for 2^0 .. 2^16 query chunks (Lq up to 65536 x bucket_size)
+
+
+def _pad_to_length(x, axis: int, length):
+    """Pad x with zeros at the end of `axis` to `length` (1-D int64 tensor)."""
+    op = _op()
+    return op.Pad(x, op.Concat(_ints([0]), op.Sub(length, _dim(x, axis)), axis=0), None, _ints([axis]))
+
+
+def _sort_by_bucket(buckets, chunk):
+    """(order (B, H, L), chunk id of each position (B, H, L)) sorting positions by (bucket, position)."""
+    op = _op()
+    length = _dim(buckets, 2)
+    positions = op.Range(_int(0), op.Squeeze(length, _ints([0])), _int(1))
+    key = op.Add(op.Mul(buckets, length), positions)
+    _, order = op.TopK(key, length, axis=-1, largest=0, sorted=1)
+    rank = op.ScatterElements(op.Mul(order, _ints([0])), order, op.Expand(positions, op.Shape(order)), axis=2)
+    return order, op.Div(rank, chunk)
+
+
+def _previous_and_own(x):
+    """(B, H, n, c, *) -> (B, H, n, 2c, *): chunk i-1 (zeros for i = 0), then chunk i."""
+    op = _op()
+    zeros = op.Mul(op.Slice(x, _ints([0]), _ints([1]), _ints([2])), op.CastLike(_int(0), x))
+    before = op.Concat(zeros, op.Slice(x, _ints([0]), _ints([-1]), _ints([2])), axis=2)
+    return op.Concat(before, x, axis=3)
+
+
+@onnx_translation("rewriter::lsh_attention")
+def translate_lsh_attention(q, k, v, key_mask=None, causal=False, scale=1.0, n_hashes=1, bucket_size=64, seed=0):
+    """The hyperplanes of every possible bit count (``lsh_hyperplanes``, zero-padded to LSH_MAX_BITS columns)
+    are one initializer; the graph picks the set for ceil(log2(n_chunks)) bits. Sorting is TopK on the unique
+    key bucket x L + position. Dot products within float rounding of 0 may hash differently from PyTorch."""
+    import onnx_ir as ir
+    import numpy as np
+    from ..ops.sparse_attention import lsh_hyperplanes
+    op = _op()
+    qa, ka, va, (_, d, dv) = _heads_fp32(q, k, v)
+    lq, lk = _dim(qa, 2), _dim(ka, 2)
+    n_chunks = op.Div(op.Add(lq, _ints([bucket_size - 1])), _ints([bucket_size]))
+    key_chunk = op.Div(op.Add(lk, op.Sub(n_chunks, _ints([1]))), n_chunks)
+    bits = op.ReduceSum(op.Cast(op.Less(_ints([2**b for b in range(LSH_MAX_BITS)]), n_chunks), to=7), keepdims=0)
+    planes = np.zeros((LSH_MAX_BITS + 1, n_hashes, d, LSH_MAX_BITS), dtype=np.float32)
+    for b in range(LSH_MAX_BITS + 1):
+        planes[b, :, :, :b] = lsh_hyperplanes(n_hashes, d, b, seed).to(torch.float32).numpy()
+    planes = op.Gather(op.Constant(value=ir.tensor(planes, name="lsh_hyperplanes")), bits, axis=0)   # (R, D, bits)
+    weights = _ints([2**b for b in range(LSH_MAX_BITS)])
+    padding_bucket = op.Gather(_ints([2**b for b in range(LSH_MAX_BITS + 1)]), bits, axis=0)
+    k_valid = _key_valid(ka, key_mask)                                            # (B, Lk)
+    k_valid_h = op.Expand(op.Unsqueeze(k_valid, _ints([1])), op.Shape(ka, start=0, end=3))   # (B, H, Lk)
+
+    def buckets(x, r):
+        signs = op.Cast(op.Greater(op.MatMul(x, op.Gather(planes, _int(r), axis=0)), _float(0.0)), to=7)
+        return op.ReduceSum(op.Mul(signs, weights), _ints([-1]), keepdims=0)     # (B, H, L)
+
+    rounds = []
+    for r in range(n_hashes):
+        bk = op.Where(k_valid_h, buckets(ka, r), padding_bucket)                  # padding keys sort last
+        rounds.append(_sort_by_bucket(buckets(qa, r), _ints([bucket_size])) + _sort_by_bucket(bk, key_chunk))
+
+    q_len, k_len = op.Mul(n_chunks, _ints([bucket_size])), op.Mul(n_chunks, key_chunk)
+
+    def chunked(x, e: int):
+        """(B, H, n x c, e) -> (B, H, n, c, e)."""
+        return op.Reshape(x, op.Concat(_ints([0, 0]), n_chunks, _ints([-1, e]), axis=0))
+
+    va1 = _with_ones(va)
+    offset = op.Sub(lk, lq)
+    outs, lses = [], []
+    for q_order, _, k_order, _ in rounds:
+        qs = chunked(_pad_to_length(op.GatherND(qa, op.Unsqueeze(q_order, _ints([3])), batch_dims=2), 2, q_len), d)
+        q_pos = chunked(_pad_to_length(op.Unsqueeze(q_order, _ints([3])), 2, q_len), 1)          # (B, H, n, qc, 1)
+        k_index = op.Unsqueeze(k_order, _ints([3]))
+        ks = _previous_and_own(chunked(_pad_to_length(op.GatherND(ka, k_index, batch_dims=2), 2, k_len), d))
+        vs = _previous_and_own(chunked(_pad_to_length(op.GatherND(va1, k_index, batch_dims=2), 2, k_len), dv + 1))
+        k_pos = _previous_and_own(chunked(_pad_to_length(k_index, 2, k_len), 1))                  # (B, H, n, 2kc, 1)
+        k_pos = op.Squeeze(k_pos, _ints([4]))
+        slot = op.Less(op.Range(_int(0), op.Squeeze(k_len, _ints([0])), _int(1)), lk)
+        slot = op.Cast(_previous_and_own(chunked(op.Cast(op.Unsqueeze(slot, _ints([0, 1])), to=7), 1)), to=9)
+        flat_k_pos = op.Reshape(k_pos, _ints([0, 0, -1]))
+        ok = op.And(op.Squeeze(slot, _ints([4])), op.Reshape(op.GatherElements(k_valid_h, flat_k_pos, axis=2),
+                                                             op.Shape(k_pos)))
+        ok = op.Unsqueeze(ok, _ints([3]))                                         # (B, H, n, 1, 2kc)
+        kp = op.Unsqueeze(k_pos, _ints([3]))
+        if causal:
+            ok = op.And(ok, op.LessOrEqual(kp, op.Add(q_pos, offset)))
+        flat_q_pos = op.Reshape(q_pos, _ints([0, 0, -1]))
+        seen = None
+        for _, q_chunk, _, k_chunk in rounds:
+            qch = op.Reshape(op.GatherElements(q_chunk, flat_q_pos, axis=2), op.Shape(q_pos))
+            kch = op.Reshape(op.GatherElements(k_chunk, flat_k_pos, axis=2), op.Shape(kp))
+            hit = op.Cast(op.Or(op.Equal(kch, qch), op.Equal(kch, op.Sub(qch, _ints([1])))), to=1)
+            seen = hit if seen is None else op.Add(seen, hit)
+        s = op.Mul(op.MatMul(qs, op.Transpose(ks, perm=[0, 1, 2, 4, 3])), _float(scale))
+        s = op.Where(ok, op.Sub(s, op.Log(op.Max(seen, _float(1.0)))), _float(-math.inf))
+        m = _finite_row_max(s)
+        acc = op.MatMul(op.Exp(op.Sub(s, m)), vs)                                 # (B, H, n, qc, Dv + 1)
+        acc = op.Slice(op.Reshape(acc, _ints([0, 0, -1, dv + 1])), _ints([0]), lq, _ints([2]))
+        m = op.Slice(op.Reshape(m, _ints([0, 0, -1, 1])), _ints([0]), lq, _ints([2]))
+        rank = op.Unsqueeze(op.ScatterElements(op.Mul(q_order, _ints([0])), q_order,
+                                               op.Expand(op.Range(_int(0), op.Squeeze(lq, _ints([0])), _int(1)),
+                                                         op.Shape(q_order)), axis=2), _ints([3]))
+        acc = op.GatherND(acc, rank, batch_dims=2)                               # back to positions
+        m = op.GatherND(m, rank, batch_dims=2)
+        den = op.Slice(acc, _ints([dv]), _ints([dv + 1]), _ints([-1]))
+        outs.append(op.Div(op.Slice(acc, _ints([0]), _ints([dv]), _ints([-1])), op.Max(den, _float(1.1754944e-38))))
+        lses.append(op.Unsqueeze(op.Add(m, op.Log(den)), _ints([0])))            # (1, B, H, Lq, 1); -inf: no key
+    lse_all = op.Concat(*lses, axis=0)
+    top = op.ReduceMax(lse_all, _ints([0]), keepdims=1)
+    top = op.Where(op.IsInf(top), _float(0.0), top)
+    total = op.Add(top, op.Log(op.ReduceSum(op.Exp(op.Sub(lse_all, top)), _ints([0]), keepdims=1)))
+    saw_key = op.Not(op.IsInf(total))
+    weights_r = op.Where(saw_key, op.Exp(op.Sub(lse_all, op.Where(saw_key, total, _float(0.0)))), _float(0.0))
+    out = op.ReduceSum(op.Mul(weights_r, op.Concat(*[op.Unsqueeze(o, _ints([0])) for o in outs], axis=0)),
+                       _ints([0]), keepdims=0)
+    _, forced = _base_blocks(qa, ka, bucket_size, causal, 1, 0)
+    count = op.ReduceSum(op.Cast(forced, to=7), _ints([-1]), keepdims=0)
+    kv_index, slot_valid = _top_blocks(op.Cast(forced, to=1), count)
+    local = _gathered_block_attention(qa, ka, va, key_mask, causal, scale, op.Unsqueeze(kv_index, _ints([0, 1])),
+                                      op.Unsqueeze(slot_valid, _ints([0, 1])), bucket_size, d, dv)
+    return op.CastLike(op.Where(op.Squeeze(saw_key, _ints([0])), out, local), q)
 
 
 @onnx_translation("rewriter::binary_linear")

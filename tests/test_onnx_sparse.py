@@ -14,23 +14,7 @@ from rewriter.backends.onnx import TRANSLATIONS, export_onnx, validate_onnx  # n
 from rewriter.ops import _common  # noqa: E402
 from rewriter.ops.block_sparse import num_blocks  # noqa: E402
 from rewriter.ops.sparse_attention import _lsh_rounds, block_topk_layout, strided_layout  # noqa: E402
-
-
-class OpModule(torch.nn.Module):
-    def __init__(self, op, *args):
-        super().__init__()
-        self.op, self.args = op, args
-
-    def forward(self, q, k, v, key_mask):
-        return (self.op(q, k, v, key_mask, *self.args),)
-
-
-def _qkv(L, seed, B=2, H=4, Hkv=2, D=8):
-    g = torch.Generator().manual_seed(seed)
-    q, k, v = (torch.randn(B, h, L, D, generator=g) for h in (H, Hkv, Hkv))
-    key_mask = torch.ones(B, L, dtype=torch.bool)
-    key_mask[-1, L - L // 3:] = False
-    return {"q": q, "k": k, "v": v, "key_mask": key_mask}
+from test_onnx_backend import OpModule, _qkv  # noqa: E402  (shared export helpers)
 
 
 def export_and_check(tmp_path, op, args, export_len, check_lens):

@@ -15,6 +15,7 @@ import time
 from pathlib import Path
 
 import rewriter
+from rewriter.load import default_checkpoint
 from rewriter import make_pass, optimize
 from rewriter.calibration import calibration_inputs, compare_outputs, default_texts
 
@@ -34,7 +35,7 @@ def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--out", default="benchmarks/results/minilm_linear.json")
     args = ap.parse_args()
-    program = rewriter.load_program(rewriter.load.default_checkpoint())
+    program = rewriter.load_program(default_checkpoint())
     texts = default_texts()
     order = list(range(len(texts)))
     random.Random(0).shuffle(order)

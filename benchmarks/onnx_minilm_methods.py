@@ -14,6 +14,7 @@ from pathlib import Path
 import torch
 
 import rewriter
+from rewriter.load import default_checkpoint
 from rewriter import make_pass, optimize
 from rewriter.backends.onnx import OnnxValidationError, export_program, validate_onnx
 from rewriter.calibration import calibration_inputs
@@ -28,7 +29,7 @@ def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--out", default="benchmarks/results/onnx_minilm_methods.json")
     args = ap.parse_args()
-    program = rewriter.load_program(rewriter.load.default_checkpoint())
+    program = rewriter.load_program(default_checkpoint())
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
@@ -37,7 +38,7 @@ def main():
                 import sys
                 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
                 from test_lora_merge import make_adapter
-                opts = {"adapters": [str(make_adapter(rewriter.load.default_checkpoint(), tmp / "adapter",
+                opts = {"adapters": [str(make_adapter(default_checkpoint(), tmp / "adapter",
                                                       target_modules=["query", "value"]))]}
             t0 = time.perf_counter()
             res = optimize(program, [make_pass(name, opts)], samples=4, seq_len=128)

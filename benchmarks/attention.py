@@ -6,7 +6,8 @@
 2. Timings (medians of triton.testing.do_bench), bf16, B=1, H=32:
    window 1024 + 64 sinks: ours (block 64 and 128) vs FlexAttention (compiled, same mask, block 128) and dense
    SDPA (flash, cuDNN); linear (elu+1 features, F = D): ours (kernel + division) vs fla chunk_linear_attn
-   (normalize=True) and chunk_simple_gla (causal only), and dense SDPA flash.
+   (normalize=True) and chunk_simple_gla (causal only), and dense SDPA flash; Scatterbrain (window 1024 + 64
+   features): the registered op vs the window op alone and the Performer op.
 Each record: op, shape, dtype, causal, ours_ms, peer, peer_ms, ratio (= peer_ms / ours_ms; > 1 means ours is faster).
 
     python benchmarks/attention.py --out benchmarks/results/attention_h200.json [--lengths 4096 16384 32768]
@@ -165,11 +166,29 @@ def bench_linear(L: int, D: int, causal: bool, records: list, fla_ops) -> None:
     print(f"linear L={L} D={D} causal={causal} ours={ours:.3f} peers={peers}", flush=True)
 
 
+def bench_scatterbrain(L: int, D: int, causal: bool, records: list) -> None:
+    """The registered ops end to end (features, layout and kernels): Scatterbrain (window 1024 + 64 features,
+    64 sinks) against the window op alone (same window and sinks) and the Performer op (64 features)."""
+    H = 32
+    q, k, v = (torch.randn(1, H, L, D, device="cuda", dtype=torch.bfloat16) for _ in range(3))
+    scale = D ** -0.5
+    ops = torch.ops.rewriter
+    sb = bench(lambda: ops.scatterbrain_attention(q, k, v, None, causal, scale, 64, WINDOW, SINKS, 0))
+    peers = {"window_op": bench(lambda: ops.window_attention(q, k, v, None, causal, scale, WINDOW, SINKS, 64)),
+             "performer_op_64": bench(lambda: ops.performer_attention(q, k, v, None, causal, scale, 64, 0))}
+    for peer, peer_ms in peers.items():
+        records.append(dict(op=f"scatterbrain_window{WINDOW}+sinks{SINKS}+features64", shape=[1, H, L, D],
+                            dtype="bfloat16", causal=causal, ours_ms=sb, peer=peer, peer_ms=peer_ms,
+                            ratio=peer_ms / sb))
+    print(f"scatterbrain L={L} D={D} causal={causal} ours={sb:.3f} peers={peers}", flush=True)
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", required=True)
     parser.add_argument("--lengths", type=int, nargs="+", default=[4096, 16384, 32768, 65536])
-    parser.add_argument("--ops", nargs="+", choices=["window", "linear"], default=["window", "linear"])
+    parser.add_argument("--ops", nargs="+", choices=["window", "linear", "scatterbrain"],
+                        default=["window", "linear", "scatterbrain"])
     parser.add_argument("--budget-s", type=float, default=400.0, help="stop starting new shapes after this long")
     args = parser.parse_args()
     start = time.time()
@@ -208,6 +227,8 @@ def main() -> int:
                     bench_window(L, D, causal, result["records"], flex)
                 if "linear" in args.ops:
                     bench_linear(L, D, causal, result["records"], fla_ops)
+                if "scatterbrain" in args.ops:
+                    bench_scatterbrain(L, D, causal, result["records"])
                 save()
                 torch.cuda.empty_cache()
     result["elapsed_s"] = time.time() - start

@@ -92,6 +92,8 @@ def capture(src: LoadedModel | nn.Module, inputs: dict[str, torch.Tensor] | None
     loaded = src if isinstance(src, LoadedModel) else LoadedModel(module=src, config=getattr(src, "config", None))
     model, config = loaded.module.eval(), loaded.config
     inputs = dict(inputs) if inputs is not None else example_inputs(config, batch, seq)
+    device = next(model.parameters(), torch.empty(0)).device    # capture where the weights are (CPU or CUDA)
+    inputs = {k: v.to(device) for k, v in inputs.items()}
     unknown = set(inputs) - CAPTURE_INPUTS
     if unknown:
         raise RewriterError(f"cannot capture with inputs {sorted(unknown)}", f"use some of {sorted(CAPTURE_INPUTS)}")

@@ -22,6 +22,7 @@ KV thinning hooks in at the cache:
 """
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -146,11 +147,21 @@ class Decoder:
     inv_freq: torch.Tensor | None  # RoPE frequencies (for StreamingLLM re-rotation)
     dtype: torch.dtype = torch.float32
     meta: dict = field(default_factory=dict)
+    device: torch.device = field(default_factory=lambda: torch.device("cpu"))   # where the weights and cache live
 
     @property
     def key_dim(self) -> int:
         kc = self.policy.key_channels
         return self.dims["head_dim"] if kc is None else int(kc.shape[-1])
+
+    def resized(self, max_len: int) -> "Decoder":
+        """The same programs with a cache of `max_len` slots (the step program's slot dim is dynamic)."""
+        lo, hi = self.step.dim_bounds["slots"]
+        if self.policy.evicts:
+            raise ValueError("an evicting cache has sinks + window slots; its size is set by kv-window")
+        if not lo <= max_len <= hi:
+            raise ValueError(f"max_len must be in [{lo}, {hi}] (the model's positions); got {max_len}")
+        return dataclasses.replace(self, max_len=max_len)
 
     def kv_bytes_per_token(self) -> int:
         d = self.dims
@@ -163,8 +174,10 @@ class Decoder:
 
     def empty_cache(self, batch: int) -> tuple[torch.Tensor, torch.Tensor]:
         d = self.dims
-        k = torch.zeros(d["layers"], batch, d["kv_heads"], self.max_len, self.key_dim, dtype=self.dtype)
-        v = torch.zeros(d["layers"], batch, d["kv_heads"], self.max_len, d["head_dim"], dtype=self.dtype)
+        k = torch.zeros(d["layers"], batch, d["kv_heads"], self.max_len, self.key_dim, dtype=self.dtype,
+                        device=self.device)
+        v = torch.zeros(d["layers"], batch, d["kv_heads"], self.max_len, d["head_dim"], dtype=self.dtype,
+                        device=self.device)
         return k, v
 
     # --- StreamingLLM -------------------------------------------------------------------------------------------
@@ -174,7 +187,7 @@ class Decoder:
             return k
         ang = -shift * self.inv_freq.to(torch.float64)
         ang = torch.cat([ang, ang])
-        cos, sin = ang.cos().to(k.dtype), ang.sin().to(k.dtype)
+        cos, sin = ang.cos().to(k.device, k.dtype), ang.sin().to(k.device, k.dtype)
         half = k.shape[-1] // 2
         rot = torch.cat([-k[..., half:], k[..., :half]], dim=-1)
         return k * cos + rot * sin
@@ -204,32 +217,35 @@ class Decoder:
         if not self.policy.evicts and T + max_new_tokens > self.max_len:
             raise ValueError(f"prompt ({T}) + max_new_tokens ({max_new_tokens}) exceeds the cache ({self.max_len} "
                              "tokens); build the decoder with a larger max_len")
-        ids = input_ids
+        ids = input_ids = input_ids.to(self.device)
         if max_new_tokens == 0:
             return ids
         logits, k, v, length = self._prefill(input_ids)
-        done = torch.zeros(B, dtype=torch.bool)
+        done = torch.zeros(B, dtype=torch.bool, device=self.device)
         eos = [] if eos_token_id is None else [eos_token_id] if isinstance(eos_token_id, int) else list(eos_token_id)
         for i in range(max_new_tokens):
             nxt = logits[:, -1].argmax(-1)
             if eos:
                 nxt = torch.where(done, torch.full_like(nxt, eos[0]), nxt)   # finished rows repeat eos
-                done |= torch.isin(nxt, torch.tensor(eos))
+                done |= torch.isin(nxt, torch.tensor(eos, device=self.device))
             ids = torch.cat([ids, nxt[:, None]], dim=1)
             if i == max_new_tokens - 1 or bool(done.all()):
                 break
             if self.policy.evicts:
                 k, v, length = self._evict(k, v, length, self.max_len - 1)
-            logits, k, v = self.step.run(input_ids=nxt[:, None], cache_position=torch.tensor([length]),
+            logits, k, v = self.step.run(input_ids=nxt[:, None], cache_position=self._position(length),
                                          k_cache=k, v_cache=v)
             length += 1
         return ids
+
+    def _position(self, length: int) -> torch.Tensor:
+        return torch.tensor([length], device=self.device)
 
     def _prefill(self, input_ids):
         B, T = input_ids.shape
         k, v = self.empty_cache(B)
         if T == 1:   # the prefill program is captured for T >= 2
-            logits, k, v = self.step.run(input_ids=input_ids, cache_position=torch.tensor([0]), k_cache=k, v_cache=v)
+            logits, k, v = self.step.run(input_ids=input_ids, cache_position=self._position(0), k_cache=k, v_cache=v)
             return logits, k, v, 1
         logits, pk, pv = self.prefill.run(input_ids=input_ids)
         if self.policy.evicts and T > self.max_len - 1:
@@ -245,6 +261,7 @@ class Decoder:
         """Logits for positions prefix-1 .. T-1 when the prefix is prefilled and the rest fed one token at a time
         through the decode cache (eviction and thinning as configured). (B, T - prefix + 1, V)."""
         B, T = input_ids.shape
+        input_ids = input_ids.to(self.device)
         if not 1 <= prefix <= T:
             raise ValueError(f"prefix must be in [1, {T}]; got {prefix}")
         logits, k, v, length = self._prefill(input_ids[:, :prefix])
@@ -254,7 +271,7 @@ class Decoder:
                 k, v, length = self._evict(k, v, length, self.max_len - 1)
             elif length >= self.max_len:
                 raise ValueError(f"sequence ({T}) exceeds the cache ({self.max_len} tokens)")
-            logits, k, v = self.step.run(input_ids=input_ids[:, t:t + 1], cache_position=torch.tensor([length]),
+            logits, k, v = self.step.run(input_ids=input_ids[:, t:t + 1], cache_position=self._position(length),
                                          k_cache=k, v_cache=v)
             length += 1
             out.append(logits[:, -1])
@@ -292,29 +309,33 @@ def build_decoder(model: nn.Module, *, max_len: int = 256, policy: KVPolicy | No
         expect = (dims["layers"], dims["kv_heads"])
         if kc.dim() != 3 or tuple(kc.shape[:2]) != expect:
             raise ValueError(f"key_channels must be (layers, kv_heads, kept) = {expect} + (kept,); got {tuple(kc.shape)}")
-        kc = kc.long()
     model = model.eval()
     dtype = next(model.parameters()).dtype
+    device = next(model.parameters()).device
+    if kc is not None:
+        kc = kc.long().to(device)
     hd = dims["head_dim"]
     B, T = 2, min(8, max_len)
-    ids = torch.randint(0, config.vocab_size, (B, T), generator=torch.Generator().manual_seed(0))
+    ids = torch.randint(0, config.vocab_size, (B, T), generator=torch.Generator().manual_seed(0)).to(device)
     # an evicting cache still prefills whole prompts (then keeps sinks + recent), up to the model's positions
     from .capture import max_positions
     prefill_len = max(max_len, max_positions(config)) if policy.evicts else max_len
     prefill = _export(_PrefillModule(model, hd, kc).eval(), {"input_ids": ids}, {"input_ids": {0: "batch", 1: "seq"}},
                       {"batch": (1, max_batch), "seq": (2, prefill_len)}, config, source, ["logits", "keys", "values"])
     dk = hd if kc is None else int(kc.shape[-1])
-    step_inputs = {"input_ids": ids[:, :1], "cache_position": torch.tensor([T - 1]),
-                   "k_cache": torch.zeros(dims["layers"], B, dims["kv_heads"], max_len, dk, dtype=dtype),
-                   "v_cache": torch.zeros(dims["layers"], B, dims["kv_heads"], max_len, hd, dtype=dtype)}
+    step_inputs = {"input_ids": ids[:, :1], "cache_position": torch.tensor([T - 1], device=device),
+                   "k_cache": torch.zeros(dims["layers"], B, dims["kv_heads"], max_len, dk, dtype=dtype, device=device),
+                   "v_cache": torch.zeros(dims["layers"], B, dims["kv_heads"], max_len, hd, dtype=dtype, device=device)}
+    # cache slots are a dynamic dim: one step program serves any cache length up to the model's positions
+    slot_bound = max(max_len, max_positions(config))
     step = _export(_StepModule(model, hd, kc).eval(), step_inputs,
-                   {"input_ids": {0: "batch"}, "k_cache": {1: "batch"}, "v_cache": {1: "batch"}},
-                   {"batch": (1, max_batch)}, config, source, ["logits", "k_cache", "v_cache"])
+                   {"input_ids": {0: "batch"}, "k_cache": {1: "batch", 3: "slots"}, "v_cache": {1: "batch", 3: "slots"}},
+                   {"batch": (1, max_batch), "slots": (2, slot_bound)}, config, source, ["logits", "k_cache", "v_cache"])
     inv_freq = None
     if dims["rope"] and policy.evicts:
         inv_freq = _rope_inv_freq(model)
     return Decoder(prefill=prefill, step=step, max_len=max_len, dims=dims, policy=policy, inv_freq=inv_freq,
-                   dtype=dtype, meta={"model_type": config.model_type})
+                   dtype=dtype, meta={"model_type": config.model_type}, device=device)
 
 
 def _rope_inv_freq(model: nn.Module) -> torch.Tensor:

@@ -23,6 +23,7 @@ KV thinning hooks in at the cache:
 from __future__ import annotations
 
 import dataclasses
+import inspect
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -86,6 +87,9 @@ class _CacheModule(nn.Module):
         super().__init__()
         self.model = model
         self.head_dim = head_dim
+        # transformers 5.24 names the cache argument `cache`; earlier 5.x releases `past_key_values`
+        params = inspect.signature(model.forward).parameters
+        self.cache_kwarg = "cache" if "cache" in params else "past_key_values"
         self.key_channels = None
         if key_channels is not None:
             del self.key_channels
@@ -99,7 +103,7 @@ class _PrefillModule(_CacheModule):
         mask = (pos[None, :] <= pos[:, None])[None, None].expand(B, 1, T, T)
         cache = _ExplicitCache(None, None, None, self.key_channels, self.head_dim)
         out = self.model(input_ids=input_ids, position_ids=pos[None].expand(B, T), attention_mask=mask,
-                         cache=cache, use_cache=True)
+                         **{self.cache_kwarg: cache}, use_cache=True)
         return out.logits, torch.stack(cache.keys), torch.stack(cache.values)
 
 
@@ -111,7 +115,7 @@ class _StepModule(_CacheModule):
         mask = (slots[None, :] <= cache_position[:, None])[None, None].expand(B, 1, T, L)
         cache = _ExplicitCache(k_cache, v_cache, cache_position, self.key_channels, self.head_dim)
         out = self.model(input_ids=input_ids, position_ids=cache_position[None].expand(B, T), attention_mask=mask,
-                         cache=cache, use_cache=True)
+                         **{self.cache_kwarg: cache}, use_cache=True)
         return out.logits, torch.stack(cache.keys), torch.stack(cache.values)
 
 
@@ -162,6 +166,11 @@ class Decoder:
         if not lo <= max_len <= hi:
             raise ValueError(f"max_len must be in [{lo}, {hi}] (the model's positions); got {max_len}")
         return dataclasses.replace(self, max_len=max_len)
+
+    def to(self, device: str | torch.device) -> "Decoder":
+        """The same decoder running on `device` (capture on CPU, then move: see Program.to)."""
+        device = torch.device(device)
+        return dataclasses.replace(self, prefill=self.prefill.to(device), step=self.step.to(device), device=device)
 
     def kv_bytes_per_token(self) -> int:
         d = self.dims

@@ -61,6 +61,16 @@ class Program:
         return new
 
     # --- description ---------------------------------------------------------------------------------
+    def to(self, device: str | torch.device) -> "Program":
+        """The same program with its weights, constants and device arguments on `device` (capture on CPU, run on
+        CUDA: torch.export's CUDA fake kernels can add guards a dynamic sequence dim cannot satisfy)."""
+        from torch.export.passes import move_to_device_pass
+        moved = copy.copy(self)
+        moved.ep = move_to_device_pass(self.ep, torch.device(device))
+        moved.example_inputs = {k: v.to(device) for k, v in self.example_inputs.items()}
+        moved._runner = None
+        return moved
+
     def device(self) -> torch.device:
         """Where the program's weights live (the calibration inputs follow them)."""
         for t in self.ep.state_dict.values():

@@ -10,7 +10,7 @@ from torch import nn
 
 from .errors import RewriterError
 from .load import LoadedModel
-from .program import Program, strip_prefix
+from .program import Program, export, strip_prefix
 
 
 CAPTURE_INPUTS = {"input_ids", "attention_mask", "token_type_ids", "position_ids", "pixel_values", "inputs_embeds"}
@@ -124,7 +124,7 @@ def capture(src: LoadedModel | nn.Module, inputs: dict[str, torch.Tensor] | None
                       causal_modules=_causal_modules(model), source=loaded.source)
     try:
         with torch.no_grad():
-            program.ep = torch.export.export(wrapper, (), inputs, dynamic_shapes=program.dynamic_shapes(), strict=False)
+            program.ep = export(wrapper, inputs, program.dynamic_shapes())
     except Exception as e:
         msg = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise RewriterError(f"torch.export could not capture {type(model).__name__}: {msg[:300]}",

@@ -31,7 +31,7 @@ import torch
 from torch import nn
 
 from .errors import RewriterError
-from .program import Program
+from .program import Program, export
 
 DECODER_TYPES = ("llama", "mistral", "qwen2", "gpt2")
 
@@ -294,7 +294,7 @@ def _export(module: nn.Module, inputs: dict, dynamic_dims: dict, dim_bounds: dic
                       config=config.to_dict() if hasattr(config, "to_dict") else {}, source=source)
     try:
         with torch.no_grad():
-            program.ep = torch.export.export(module, (), inputs, dynamic_shapes=program.dynamic_shapes(), strict=False)
+            program.ep = export(module, inputs, program.dynamic_shapes())
     except Exception as e:
         msg = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise RewriterError(f"torch.export could not capture the KV-cache program: {msg[:300]}") from e

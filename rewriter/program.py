@@ -13,6 +13,20 @@ from torch import nn
 WRAPPER_PREFIX = "model."
 
 
+def export(module: nn.Module, inputs: dict[str, torch.Tensor], dynamic_shapes: dict) -> torch.export.ExportedProgram:
+    """torch.export (non-strict, keyword inputs). Older torch (2.11) cannot prove some shape facts that hold for every
+    sequence length (e.g. Min(64*s, 256*s) == 64*s in a contiguity check) and reports a constraint violation; such a
+    capture is retried with those guards turned into runtime asserts, which is what they are."""
+    from torch._dynamo.exc import UserError
+    try:
+        return torch.export.export(module, (), inputs, dynamic_shapes=dynamic_shapes, strict=False)
+    except UserError as err:
+        if "Constraints violated" not in str(err):
+            raise
+        return torch.export.export(module, (), inputs, dynamic_shapes=dynamic_shapes, strict=False,
+                                   prefer_deferred_runtime_asserts_over_guards=True)
+
+
 @dataclass
 class Program:
     ep: torch.export.ExportedProgram
@@ -53,7 +67,7 @@ class Program:
 
     def recapture(self, gm: nn.Module) -> "Program":
         """Export a rewritten module again with the same inputs and dynamic dims."""
-        ep = torch.export.export(gm, (), dict(self.example_inputs), dynamic_shapes=self.dynamic_shapes(), strict=False)
+        ep = export(gm, dict(self.example_inputs), self.dynamic_shapes())
         new = copy.copy(self)
         new.ep = ep
         new._runner = None
@@ -63,7 +77,7 @@ class Program:
     # --- description ---------------------------------------------------------------------------------
     def to(self, device: str | torch.device) -> "Program":
         """The same program with its weights, constants and device arguments on `device` (capture on CPU, run on
-        CUDA: torch.export's CUDA fake kernels can add guards a dynamic sequence dim cannot satisfy)."""
+        CUDA)."""
         from torch.export.passes import move_to_device_pass
         moved = copy.copy(self)
         moved.ep = move_to_device_pass(self.ep, torch.device(device))

@@ -193,6 +193,32 @@ def test_registered_functions_match_reference_ops():
         torch.testing.assert_close(got, ref, atol=1e-5, rtol=1e-4)
 
 
+@pytest.mark.parametrize("D,m,L,masked", [(32, 48, 40, True), (24, 40, 67, False), (64, 16, 3, True)])
+def test_performer_features_match_reference_feature_map(D, m, L, masked):
+    """The Triton FAVOR+ features (query row offsets, key per-head offsets, padding keys zero) against the
+    reference feature map, fp32; and bf16 inputs within bf16 rounding of the fp32 features."""
+    from rewriter.kernels.performer_features import performer_features_triton
+    from rewriter.ops.lowrank_attention import feature_map, performer_projection
+    B, H = 2, 3
+    x = torch.randn(B, H, L, D, generator=gen(20 + L))
+    key_mask = (torch.rand(B, L, generator=gen(21)) > 0.3) if masked else None
+    W = performer_projection(m, D, 7).float()
+    scale = D ** -0.5
+    for role in ("query", "key"):
+        ref_phi, ref_off = feature_map("performer", x, scale, role=role, projection=W,
+                                       key_mask=key_mask if role == "key" else None)
+        phi, off = performer_features_triton(x, W, scale, role, key_mask=key_mask if role == "key" else None)
+        assert off.shape == ref_off.shape and phi.shape == ref_phi.shape
+        torch.testing.assert_close(off, ref_off, atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(phi, ref_phi, atol=1e-6, rtol=1e-5)
+        phi16, _ = performer_features_triton(x.bfloat16(), W, scale, role,
+                                             key_mask=key_mask if role == "key" else None)
+        assert phi16.dtype == torch.bfloat16
+        ref16, _ = feature_map("performer", x.bfloat16().float(), scale, role=role, projection=W,
+                               key_mask=key_mask if role == "key" else None)
+        torch.testing.assert_close(phi16.float(), ref16, atol=4e-3, rtol=1e-2)
+
+
 def test_registration_switches(monkeypatch):
     assert triton_available()
     monkeypatch.setenv("REWRITER_ATTENTION_REFERENCE", "1")
@@ -207,7 +233,10 @@ def test_registration_switches(monkeypatch):
 
 
 @pytest.mark.parametrize("causal,Lq,Lk,window,sinks,masked", [(True, 45, 60, 9, 3, True),
-                                                              (False, 40, 40, 12, 0, False)])
+                                                              (False, 40, 40, 12, 0, False),
+                                                              # windows wide enough for interior blocks
+                                                              (True, 100, 100, 40, 4, False),
+                                                              (False, 97, 97, 50, 16, False)])
 def test_scatterbrain_matches_dense_oracle(causal, Lq, Lk, window, sinks, masked):
     """w_ij = exp(scale q.k) on the band + sinks, true performer features phi.phi elsewhere; float64, dense."""
     from rewriter.kernels.scatterbrain import scatterbrain_attention_triton

@@ -1,6 +1,7 @@
 """CUDA implementations of the attention ops, registered with ``torch.library.register_kernel``.
 
-Feature maps come from the reference code in ``rewriter.ops.lowrank_attention``; only the cores run in Triton.
+The fixed feature maps (elu, relu, taylor2) come from the reference code in ``rewriter.ops.lowrank_attention``;
+the FAVOR+ (performer) features and the cores run in Triton.
 The sparse ops (window, block top-k, strided) run their own layout code with ``sparse_attention_core`` (the Triton
 block-sparse kernel) as their core. LSH keeps its reference on CUDA: its rounds subtract a per-pair duplicate
 count inside the softmax, which the block-sparse kernel does not take.
@@ -27,16 +28,27 @@ def _kernel_dtype(q: Tensor) -> torch.dtype:
     return q.dtype if q.dtype in (torch.bfloat16, torch.float16) else torch.float32
 
 
+def _performer_features_cuda(q: Tensor, k: Tensor, key_mask: Optional[Tensor], scale: float, features: int,
+                             seed: int, dt: torch.dtype):
+    """FAVOR+ features of q and k from the Triton feature-map kernel, phi in the kernels' dtype `dt`."""
+    from ..ops.lowrank_attention import _cached_projection
+    from .performer_features import performer_features_triton
+    projection = _cached_projection(features, q.shape[-1], seed)
+    phi_q, log_q = performer_features_triton(q, projection, scale, "query", out_dtype=dt)
+    phi_k, log_k = performer_features_triton(k, projection, scale, "key", key_mask=key_mask, out_dtype=dt)
+    return phi_q, phi_k, log_q, log_k
+
+
 def performer_attention_cuda(q: Tensor, k: Tensor, v: Tensor, key_mask: Optional[Tensor], causal: bool, scale: float,
                              features: int, seed: int = 0) -> Tensor:
     from ..ops._common import check_qkv
-    from ..ops.lowrank_attention import _check_features, _performer_features
+    from ..ops.lowrank_attention import _check_features
     from .linear_attention import chunked_linear_attention
     check_qkv(q, k, v, key_mask)
     _check_features(features)
-    phi_q, phi_k, _, _ = _performer_features(q, k, key_mask, scale, features, seed)
     dt = _kernel_dtype(q)
-    num, den = chunked_linear_attention(phi_q.to(dt), phi_k.to(dt), v.to(dt), causal, key_mask)
+    phi_q, phi_k, _, _ = _performer_features_cuda(q, k, key_mask, scale, features, seed, dt)
+    num, den = chunked_linear_attention(phi_q, phi_k, v.to(dt), causal, key_mask)
     return _normalise(num, den).to(q.dtype)
 
 
@@ -59,14 +71,14 @@ def linear_attention_cuda(q: Tensor, k: Tensor, v: Tensor, key_mask: Optional[Te
 def scatterbrain_attention_cuda(q: Tensor, k: Tensor, v: Tensor, key_mask: Optional[Tensor], causal: bool,
                                 scale: float, features: int, window: int, sinks: int = 0, seed: int = 0) -> Tensor:
     from ..ops._common import check_qkv
-    from ..ops.lowrank_attention import _check_scatterbrain_budget, _performer_features
+    from ..ops.lowrank_attention import _check_scatterbrain_budget
     from .scatterbrain import scatterbrain_attention_triton
     check_qkv(q, k, v, key_mask)
     _check_scatterbrain_budget(features, window, sinks)
-    phi_q, phi_k, log_q, log_k = _performer_features(q, k, key_mask, scale, features, seed)
     dt = _kernel_dtype(q)
-    return scatterbrain_attention_triton(q.to(dt), k.to(dt), v.to(dt), key_mask, causal, scale, phi_q.to(dt),
-                                         phi_k.to(dt), window, sinks, log_phi_q=log_q, log_phi_k=log_k).to(q.dtype)
+    phi_q, phi_k, log_q, log_k = _performer_features_cuda(q, k, key_mask, scale, features, seed, dt)
+    return scatterbrain_attention_triton(q.to(dt), k.to(dt), v.to(dt), key_mask, causal, scale, phi_q, phi_k,
+                                         window, sinks, log_phi_q=log_q, log_phi_k=log_k).to(q.dtype)
 
 
 def sparse_attention_core(q: Tensor, k: Tensor, v: Tensor, kv_index: Tensor, kv_count: Tensor, block: int,

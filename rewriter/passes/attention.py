@@ -32,6 +32,9 @@ def key_mask_node(graph: fx.Graph, mask: fx.Node | None, q: fx.Node) -> fx.Node 
     causal masks, so it is the key-padding mask."""
     if mask is None:
         return None
+    padding = _padding_mask_input(mask)
+    if padding is not None:   # read the (B, L) padding mask directly: HF's (B, 1, L, L) mask then goes dead
+        return graph.call_function(aten.ne.Scalar, (padding, 0))
     m = graph.call_function(aten.select.int, (mask, 1, 0))
     m = graph.call_function(aten.select.int, (m, 1, -1))
     dtype = mask.meta["val"].dtype if "val" in mask.meta else torch.bool
@@ -39,6 +42,30 @@ def key_mask_node(graph: fx.Graph, mask: fx.Node | None, q: fx.Node) -> fx.Node 
         m = graph.call_function(aten.gt.Scalar, (m, -1.0e4))   # additive masks: 0 keep, ~-3e38 drop
     b = graph.call_function(aten.sym_size.int, (q, 0))
     return graph.call_function(aten.expand.default, (m, [b, -1]))
+
+
+def _padding_mask_input(mask: fx.Node) -> fx.Node | None:
+    """The program's `attention_mask` input (B, Lk) when the SDPA mask is built from it with the same batch and key
+    length (HF text models: padding & causal/bidirectional); None otherwise (the decode programs' explicit 4D masks,
+    vision models, cached keys). The last query row of an HF mask is exactly this padding mask."""
+    seen, stack, found = set(), [mask], None
+    while stack:
+        n = stack.pop()
+        if n in seen or not isinstance(n, fx.Node):
+            continue
+        seen.add(n)
+        if n.op == "placeholder":
+            if n.target == "attention_mask":
+                found = n
+            continue
+        stack.extend(n.all_input_nodes)
+    if found is None:
+        return None
+    pv, mv = found.meta.get("val"), mask.meta.get("val")
+    if pv is None or mv is None or pv.dim() != 2 or mv.dim() != 4:
+        return None
+    same = str(pv.shape[-1]) == str(mv.shape[-1]) and (str(pv.shape[0]) == str(mv.shape[0]) or mv.shape[0] == 1)
+    return found if same else None
 
 
 def _sdpa_mask(node: fx.Node):

@@ -202,7 +202,7 @@ def write_adapter(folder, config, tensors):
     from safetensors.torch import save_file
     folder.mkdir(parents=True)
     (folder / "adapter_config.json").write_text(json.dumps(config))
-    save_file({f"base_model.model.{k}": v.contiguous() for k, v in tensors.items()}, str(folder / "adapter_model.safetensors"))
+    save_file({f"base_model.model.{k}": v.clone() for k, v in tensors.items()}, str(folder / "adapter_model.safetensors"))
     return folder
 
 
@@ -252,3 +252,142 @@ def test_hydra_matches_unmerged_forward(arch, tiny_folders, tmp_path):
     check_unmerged(res.program, oracle, base, arch)
     if out is not None:   # the written .pt2 and HF folder reproduce it too
         check_against_peft(base, out, oracle, arch)
+
+
+def _lora_branch(A, B, s):
+    return lambda x, y0: s * (x @ A.double().T @ B.double().T)
+
+
+def test_block_lora_matches_unmerged_forward(tiny_folders, tmp_path):
+    """q/k/v of a layer share one down-projection, gate/up another; o_proj and down_proj keep their own A;
+    alpha_pattern gives k_proj its own scaling."""
+    base, g = tiny_folders["llama"], torch.Generator().manual_seed(4)
+    r, alpha, k_alpha = 4, 8.0, 2.0
+    dims = layer_dims(base, _module_paths("llama"))
+    tensors, branches, groups = {}, {}, {}
+    for i in range(2):
+        for group, members in ((f"model.layers.{i}.self_attn.qkv", ("self_attn.q_proj", "self_attn.k_proj",
+                                                                    "self_attn.v_proj")),
+                               (f"model.layers.{i}.mlp.gate_up", ("mlp.gate_proj", "mlp.up_proj"))):
+            A = _randn(r, 64, gen=g, scale=0.3)
+            tensors[f"{group}.lora_A.weight"] = A
+            groups[group] = [f"model.layers.{i}.{m}" for m in members]
+            for path in groups[group]:
+                B = _randn(dims[path][0], r, gen=g, scale=0.3)
+                tensors[f"{path}.lora_B.weight"] = B
+                branches[path] = _lora_branch(A, B, (k_alpha if path.endswith("k_proj") else alpha) / r)
+        for path in (f"model.layers.{i}.self_attn.o_proj", f"model.layers.{i}.mlp.down_proj"):
+            A, B = _randn(r, dims[path][1], gen=g, scale=0.3), _randn(dims[path][0], r, gen=g, scale=0.3)
+            tensors.update({f"{path}.lora_A.weight": A, f"{path}.lora_B.weight": B})
+            branches[path] = _lora_branch(A, B, alpha / r)
+    ad = write_adapter(tmp_path / "block", {"peft_type": "BLOCK_LORA", "r": r, "lora_alpha": alpha,
+                                            "alpha_pattern": {"k_proj": k_alpha}, "shared_a": groups}, tensors)
+    res = _merge(base, ad)
+    assert merged_sites(res) == {p: "block-lora" for p in branches}
+    shared = {s["module_path"]: s.get("shared_a") for s in res.report["passes"][0]["sites"]}
+    assert shared["model.layers.1.self_attn.k_proj"] == ["model.layers.1.self_attn.qkv"]
+    assert shared["model.layers.1.mlp.down_proj"] is None
+    check_unmerged(res.program, unmerged_model(base, branches), base, "llama")
+
+
+def test_mole_matches_unmerged_forward(tiny_folders, tmp_path):
+    """Two LoRA experts (different ranks and targets) under frozen gates: a module gate, a layer-wise gate vector
+    for layer 1, and the global gate elsewhere; W' = W0 + sum_i g_i s_i B_i A_i."""
+    base, g = tiny_folders["llama"], torch.Generator().manual_seed(5)
+    dims = layer_dims(base, _module_paths("llama"))
+    experts = [(4, 8.0, ("q_proj", "v_proj", "down_proj")), (2, 3.0, ("q_proj", "k_proj", "o_proj", "down_proj"))]
+    gates = {"global": [0.7, 0.3], "layer 1": [0.2, 0.9], "model.layers.0.self_attn.q_proj": [1.5, -0.4]}
+    updates: dict[str, list] = {}
+    for e, (r, alpha, targets) in enumerate(experts):
+        tensors = {}
+        for path in (p for p in dims if p.endswith(targets)):
+            A, B = _randn(r, dims[path][1], gen=g, scale=0.3), _randn(dims[path][0], r, gen=g, scale=0.3)
+            tensors.update({f"{path}.lora_A.weight": A, f"{path}.lora_B.weight": B})
+            updates.setdefault(path, []).append((e, A, B, alpha / r))
+        write_adapter(tmp_path / "mole" / f"expert{e}", {"peft_type": "LORA", "r": r, "lora_alpha": alpha}, tensors)
+
+    def gate(path, e):   # the oracle's own reading of the gate precedence
+        key = path if path in gates else "layer 1" if path.startswith("model.layers.1.") else "global"
+        return gates[key][e]
+
+    def mixture(path):
+        terms = [(gate(path, e), A, B, s) for e, A, B, s in updates[path]]
+        return lambda x, y0: sum(gv * s * (x @ A.double().T @ B.double().T) for gv, A, B, s in terms)
+
+    branches = {path: mixture(path) for path in updates}
+    (tmp_path / "mole" / "adapter_config.json").write_text(json.dumps({
+        "peft_type": "MOLE", "adapters": ["expert0", "expert1"], "gates": gates["global"],
+        "layer_gates": {"1": gates["layer 1"]}, "module_gates": {"layers.0.self_attn.q_proj": gates[
+            "model.layers.0.self_attn.q_proj"]}}))
+    res = _merge(base, tmp_path / "mole")
+    assert merged_sites(res) == {p: "mole" for p in branches}
+    reported = {s["module_path"]: s["gates"][0] for s in res.report["passes"][0]["sites"]}
+    assert reported["model.layers.0.self_attn.q_proj"] == [1.5, -0.4]
+    assert reported["model.layers.1.self_attn.k_proj"] == [0.9]          # expert 1 only, layer-1 gate
+    assert reported["model.layers.0.mlp.down_proj"] == [0.7, 0.3]
+    check_unmerged(res.program, unmerged_model(base, branches), base, "llama")
+
+
+def test_sora_drops_zero_gated_ranks(tiny_folders, tmp_path):
+    """GPT-2 (Conv1D): W' = W0 + s B diag(g) A; zero gates drop their ranks (one module loses all of them)."""
+    base, g = tiny_folders["gpt2"], torch.Generator().manual_seed(6)
+    r, alpha = 4, 8.0
+    dims = layer_dims(base, _module_paths("gpt2"))
+    zeros = {"transformer.h.0.attn.c_attn": [1], "transformer.h.1.mlp.c_fc": [0, 3],
+             "transformer.h.1.attn.c_proj": [0, 1, 2, 3]}
+    tensors, branches = {}, {}
+    for path, (out_f, in_f) in dims.items():
+        A, B = _randn(r, in_f, gen=g, scale=0.3), _randn(out_f, r, gen=g, scale=0.3)
+        gate = torch.randn(r, generator=g)
+        gate[zeros.get(path, [])] = 0.0
+        tensors.update({f"{path}.lora_A.weight": A, f"{path}.lora_B.weight": B, f"{path}.lora_gate": gate})
+        branches[path] = (lambda A, B, gate: lambda x, y0: (alpha / r) * ((x @ A.double().T) * gate.double())
+                          @ B.double().T)(A, B, gate)
+    ad = write_adapter(tmp_path / "sora", {"peft_type": "SORA", "r": r, "lora_alpha": alpha}, tensors)
+    res = _merge(base, ad)
+    entry = res.report["passes"][0]
+    assert merged_sites(res) == {p: "sora" for p in branches}
+    assert {s["module_path"]: s["ranks_dropped"][0] for s in entry["sites"]} == {p: len(zeros.get(p, [])) for p in dims}
+    assert entry["summary"]["sora_ranks_dropped"] == 7 and "dropped 7 zero-gated rank(s)" in entry["notes"][0]
+    check_unmerged(res.program, unmerged_model(base, branches), base, "gpt2")
+
+
+@pytest.fixture(scope="module")
+def llama_program(tiny_folders):
+    return load_program(tiny_folders["llama"])
+
+
+@pytest.mark.parametrize("case", ["missing", "shape", "rank", "gates", "peft_type", "shared_a"])
+def test_variant_errors_are_one_line(case, llama_program, tmp_path):
+    from rewriter.errors import RewriterError
+    q = "model.layers.0.self_attn.q_proj"
+    A, B = torch.ones(4, 64), torch.ones(64, 4)
+    if case == "missing":
+        ad = write_adapter(tmp_path / "a", {"peft_type": "HYDRA_LORA", "r": 4},
+                           {f"{q}.lora_A.weight": A, f"{q}.lora_B.weight": B, f"{q}.lora_seq_A.weight": A})
+        expect = f"module {q} lacks lora_seq_B"
+    elif case == "shape":
+        ad = write_adapter(tmp_path / "a", {"peft_type": "SORA", "r": 4},
+                           {f"{q}.lora_A.weight": torch.ones(4, 48), f"{q}.lora_B.weight": B, f"{q}.lora_gate": torch.ones(4)})
+        expect = "does not fit .*q_proj: LoRA is 64x48, the layer is 64x64"
+    elif case == "rank":
+        ad = write_adapter(tmp_path / "a", {"peft_type": "SORA", "r": 4},
+                           {f"{q}.lora_A.weight": A, f"{q}.lora_B.weight": B, f"{q}.lora_gate": torch.ones(3)})
+        expect = "has 3 gates for rank 4"
+    elif case == "gates":
+        write_adapter(tmp_path / "a" / "e0", {"peft_type": "LORA", "r": 4}, {f"{q}.lora_A.weight": A, f"{q}.lora_B.weight": B})
+        write_adapter(tmp_path / "a" / "e1", {"peft_type": "LORA", "r": 4}, {f"{q}.lora_A.weight": A, f"{q}.lora_B.weight": B})
+        (tmp_path / "a" / "adapter_config.json").write_text(json.dumps(
+            {"peft_type": "MOLE", "adapters": ["e0", "e1"], "gates": [0.5, 0.5], "layer_gates": {"0": [1.0, 0.2, 0.1]}}))
+        ad = tmp_path / "a"
+        expect = r"MOLE layer_gates\['0'\] is \[1.0, 0.2, 0.1\] for 2 adapters; give a list of 2 numbers"
+    elif case == "peft_type":
+        ad = write_adapter(tmp_path / "a", {"peft_type": "VERA", "r": 4}, {f"{q}.lora_A.weight": A})
+        expect = "is a VERA adapter; lora-merge reads peft_type LORA, RANDLORA, HYDRA_LORA, BLOCK_LORA, MOLE, SORA"
+    else:
+        ad = write_adapter(tmp_path / "a", {"peft_type": "BLOCK_LORA", "r": 4, "shared_a": {"model.layers.0.qk": [q]}},
+                           {f"{q}.lora_B.weight": B})
+        expect = r"shared down-projection base_model.model.model.layers.0.qk.lora_A.weight is missing"
+    with pytest.raises(RewriterError, match=expect) as err:
+        optimize(llama_program, [make_pass("lora-merge", {"adapters": [str(ad)]})], samples=1, seq_len=8)
+    assert "\n" not in str(err.value)

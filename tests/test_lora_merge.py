@@ -348,7 +348,7 @@ def test_sora_drops_zero_gated_ranks(tiny_folders, tmp_path):
     entry = res.report["passes"][0]
     assert merged_sites(res) == {p: "sora" for p in branches}
     assert {s["module_path"]: s["ranks_dropped"][0] for s in entry["sites"]} == {p: len(zeros.get(p, [])) for p in dims}
-    assert entry["summary"]["sora_ranks_dropped"] == 7 and "dropped 7 zero-gated rank(s)" in entry["notes"][0]
+    assert entry["summary"]["sora_ranks_dropped"] == 7 and "dropped 7 zero-gated rank(s) in 3 of 8 gated module(s)" in entry["notes"][0]
     check_unmerged(res.program, unmerged_model(base, branches), base, "gpt2")
 
 

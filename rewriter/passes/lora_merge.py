@@ -440,8 +440,8 @@ class LoraMerge(Pass):
         if gated:
             dropped = sum(n for _, n in gated)
             result.summary["sora_ranks_dropped"] = dropped
-            result.notes.append(f"SoRA: dropped {dropped} zero-gated rank(s) over {len(gated)} module(s): "
-                                + ", ".join(f"{path} {n}" for path, n in gated if n))
+            result.notes.append(f"SoRA: dropped {dropped} zero-gated rank(s) in {sum(n > 0 for _, n in gated)} of "
+                                f"{len(gated)} gated module(s) (per site: ranks_dropped)")
         return result
 
     @staticmethod

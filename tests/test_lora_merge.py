@@ -157,10 +157,10 @@ LLAMA_LINEARS = ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "se
 GPT2_CONV1DS = ("attn.c_attn", "attn.c_proj", "mlp.c_fc", "mlp.c_proj")
 
 
-def _module_paths(arch, layers=2):
+def _module_paths(arch):
     if arch == "llama":
-        return [f"model.layers.{i}.{m}" for i in range(layers) for m in LLAMA_LINEARS]
-    return [f"transformer.h.{i}.{m}" for i in range(layers) for m in GPT2_CONV1DS]
+        return [f"model.layers.{i}.{m}" for i in range(2) for m in LLAMA_LINEARS]
+    return [f"transformer.h.{i}.{m}" for i in range(2) for m in GPT2_CONV1DS]
 
 
 def _base_weight(layer):
@@ -229,20 +229,31 @@ def _randn(*shape, gen, scale=0.1):
     return scale * torch.randn(*shape, generator=gen)
 
 
+# each variant's own branch, (x, base output) -> added output, in float64
+def _lora_branch(A, B, s):
+    return lambda x, y0: s * (x @ A.double().T @ B.double().T)
+
+
+def _hydra_branch(Ap, Bp, As, Bs, s):
+    return lambda x, y0: s * (x @ Ap.double().T @ Bp.double().T + y0 @ As.double().T @ Bs.double().T)
+
+
+def _sora_branch(A, B, gate, s):
+    return lambda x, y0: s * ((x @ A.double().T) * gate.double()) @ B.double().T
+
+
 @pytest.mark.parametrize("arch", ["llama", "gpt2"])
 def test_hydra_matches_unmerged_forward(arch, tiny_folders, tmp_path):
     """Parallel + sequential branches; GPT-2's Conv1D layers have biases, folded as b0 + s Bs As b0."""
     base, g = tiny_folders[arch], torch.Generator().manual_seed(3)
     r, r_seq, alpha = 4, 3, 6.0
-    s = alpha / r
     tensors, branches = {}, {}
     for path, (out_f, in_f) in layer_dims(base, _module_paths(arch)).items():
         Ap, Bp = _randn(r, in_f, gen=g), _randn(out_f, r, gen=g)
         As, Bs = _randn(r_seq, out_f, gen=g, scale=0.3), _randn(out_f, r_seq, gen=g, scale=0.3)
         tensors.update({f"{path}.lora_A.weight": Ap, f"{path}.lora_B.weight": Bp,
                         f"{path}.lora_seq_A.weight": As, f"{path}.lora_seq_B.weight": Bs})
-        branches[path] = (lambda Ap, Bp, As, Bs: lambda x, y0: s * (x @ Ap.double().T @ Bp.double().T
-                                                                   + y0 @ As.double().T @ Bs.double().T))(Ap, Bp, As, Bs)
+        branches[path] = _hydra_branch(Ap, Bp, As, Bs, alpha / r)
     ad = write_adapter(tmp_path / "hydra", {"peft_type": "HYDRA_LORA", "r": r, "lora_alpha": alpha}, tensors)
     out = tmp_path / "out" if arch == "gpt2" else None
     res = _merge(base, ad, out)
@@ -252,10 +263,6 @@ def test_hydra_matches_unmerged_forward(arch, tiny_folders, tmp_path):
     check_unmerged(res.program, oracle, base, arch)
     if out is not None:   # the written .pt2 and HF folder reproduce it too
         check_against_peft(base, out, oracle, arch)
-
-
-def _lora_branch(A, B, s):
-    return lambda x, y0: s * (x @ A.double().T @ B.double().T)
 
 
 def test_block_lora_matches_unmerged_forward(tiny_folders, tmp_path):
@@ -341,8 +348,7 @@ def test_sora_drops_zero_gated_ranks(tiny_folders, tmp_path):
         gate = torch.randn(r, generator=g)
         gate[zeros.get(path, [])] = 0.0
         tensors.update({f"{path}.lora_A.weight": A, f"{path}.lora_B.weight": B, f"{path}.lora_gate": gate})
-        branches[path] = (lambda A, B, gate: lambda x, y0: (alpha / r) * ((x @ A.double().T) * gate.double())
-                          @ B.double().T)(A, B, gate)
+        branches[path] = _sora_branch(A, B, gate, alpha / r)
     ad = write_adapter(tmp_path / "sora", {"peft_type": "SORA", "r": r, "lora_alpha": alpha}, tensors)
     res = _merge(base, ad)
     entry = res.report["passes"][0]

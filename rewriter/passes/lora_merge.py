@@ -285,7 +285,7 @@ def _read_mole(folder: str, cfg: dict):
     W' = W0 + sum_i g_i s_i B_i A_i. The gate vector of a module is the first of: `module_gates` (key matches the
     end of the module path, like PEFT's rank_pattern), `layer_gates` (key: layer index), `gates` (global)."""
     experts = cfg.get("adapters")
-    if not isinstance(experts, list) or not experts:
+    if not isinstance(experts, list) or not experts or not all(isinstance(e, str) for e in experts):
         raise RewriterError(f"{folder}: MOLE needs adapters, a list of adapter folders")
     n = len(experts)
     global_gates = cfg.get("gates")

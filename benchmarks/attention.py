@@ -75,20 +75,31 @@ def check_correctness(log: list) -> bool:
         ok &= good
         log.append(dict(check="chunked_linear", causal=causal, F=F_, L=L, rel_err_out=e_out, rel_err_den=e_den,
                         ok=good))
-    # The registered CUDA implementations against the reference ops (computed before registering).
+    # The registered CUDA implementations against the reference ops, which run on CPU copies of the inputs
+    # (`import rewriter` has already registered the kernels for CUDA tensors).
     from rewriter.kernels.registry import register_cuda_kernels
+    registered = register_cuda_kernels()
     q = torch.randn(1, 8, 1000, 64, device="cuda", dtype=torch.bfloat16)
     k = torch.randn(1, 2, 1000, 64, device="cuda", dtype=torch.bfloat16)
     v = torch.randn(1, 2, 1000, 64, device="cuda", dtype=torch.bfloat16)
-    calls = {"performer": lambda: torch.ops.rewriter.performer_attention(q, k, v, None, True, 0.125, 128, 3),
-             "linear_elu": lambda: torch.ops.rewriter.linear_attention(q, k, v, None, True, 0.125, "elu")}
-    refs = {name: fn().float() for name, fn in calls.items()}
-    registered = register_cuda_kernels()
+    key_mask = torch.rand(1, 1000, device="cuda") > 0.1
+    ops = torch.ops.rewriter
+    calls = {"performer": lambda q, k, v, m: ops.performer_attention(q, k, v, m, True, 0.125, 128, 3),
+             "linear_elu": lambda q, k, v, m: ops.linear_attention(q, k, v, m, True, 0.125, "elu"),
+             "scatterbrain": lambda q, k, v, m: ops.scatterbrain_attention(q, k, v, m, True, 0.125, 64, 256, 16, 1),
+             "scatterbrain_bidirectional": lambda q, k, v, m: ops.scatterbrain_attention(q, k, v, m, False, 0.125,
+                                                                                          64, 256, 16, 1),
+             "window": lambda q, k, v, m: ops.window_attention(q, k, v, m, True, 0.125, 256, 16, 64)}
     for name, fn in calls.items():
-        e = rel_err(fn(), refs[name])
-        good = e < 3e-2
-        ok &= good
-        log.append(dict(check=f"registered_{name}", registered=registered, rel_err=e, ok=good))
+        for masked in (False, True):
+            m = key_mask if masked else None
+            ref = fn(q.float().cpu(), k.float().cpu(), v.float().cpu(), None if m is None else m.cpu())
+            poison_cache()
+            got = fn(q, k, v, m)
+            e = rel_err(got.float().cpu(), ref)
+            good = bool(torch.isfinite(got).all()) and e < 3e-2
+            ok &= good
+            log.append(dict(check=f"registered_{name}", masked=masked, registered=registered, rel_err=e, ok=good))
     return ok
 
 

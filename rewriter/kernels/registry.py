@@ -22,6 +22,14 @@ def _normalise(num: Tensor, den: Tensor) -> Tensor:
     return torch.where(positive[..., None], num / safe[..., None], torch.zeros_like(num))
 
 
+def _drop_full_mask(key_mask: Optional[Tensor]) -> Optional[Tensor]:
+    """None for a key mask with every key real (an unpadded batch): the kernels then skip the per-key loads and
+    the block-sparse kernel its predicate on interior blocks. Costs one device sync per call."""
+    if key_mask is not None and bool(key_mask.all()):
+        return None
+    return key_mask
+
+
 def _kernel_dtype(q: Tensor) -> torch.dtype:
     # Half-precision inputs run the tensor-core products in that precision (fp32 accumulation); fp32 inputs in
     # fp32 (tf32 products on CUDA).
@@ -45,6 +53,7 @@ def performer_attention_cuda(q: Tensor, k: Tensor, v: Tensor, key_mask: Optional
     from ..ops.lowrank_attention import _check_features
     from .linear_attention import chunked_linear_attention
     check_qkv(q, k, v, key_mask)
+    key_mask = _drop_full_mask(key_mask)
     _check_features(features)
     dt = _kernel_dtype(q)
     phi_q, phi_k, _, _ = _performer_features_cuda(q, k, key_mask, scale, features, seed, dt)
@@ -58,6 +67,7 @@ def linear_attention_cuda(q: Tensor, k: Tensor, v: Tensor, key_mask: Optional[Te
     from ..ops.lowrank_attention import _check_linear_budget, _fixed_features, sparse_plus_lowrank_attention
     from .linear_attention import chunked_linear_attention
     check_qkv(q, k, v, key_mask)
+    key_mask = _drop_full_mask(key_mask)
     _check_linear_budget(feature_map, window, sinks)
     phi_q, phi_k = _fixed_features(feature_map, q, k, scale)
     if window or sinks:
@@ -74,6 +84,7 @@ def scatterbrain_attention_cuda(q: Tensor, k: Tensor, v: Tensor, key_mask: Optio
     from ..ops.lowrank_attention import _check_scatterbrain_budget
     from .scatterbrain import scatterbrain_attention_triton
     check_qkv(q, k, v, key_mask)
+    key_mask = _drop_full_mask(key_mask)
     _check_scatterbrain_budget(features, window, sinks)
     dt = _kernel_dtype(q)
     phi_q, phi_k, log_q, log_k = _performer_features_cuda(q, k, key_mask, scale, features, seed, dt)
@@ -89,7 +100,8 @@ def sparse_attention_core(q: Tensor, k: Tensor, v: Tensor, kv_index: Tensor, kv_
     Falls back to the reference when REWRITER_ATTENTION_REFERENCE=1, Triton cannot run, or the block is not a
     power of two in 16..128."""
     from ..ops.block_sparse import block_sparse_attention_reference
-    args = (q, k, v, kv_index, kv_count, block, key_mask, causal, scale, window_left, window_right, sinks, q_pos, k_pos)
+    args = (q, k, v, kv_index, kv_count, block, _drop_full_mask(key_mask), causal, scale, window_left, window_right,
+            sinks, q_pos, k_pos)
     if use_reference() or not triton_available() or block < 16 or block > 128 or block & (block - 1):
         return block_sparse_attention_reference(*args)
     from .block_sparse_attention import block_sparse_attention

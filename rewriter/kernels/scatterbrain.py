@@ -81,7 +81,10 @@ def _scatterbrain_fwd(
             interior = interior & (k_last <= q_first)
         interior = interior & ((k_first >= q_last - window_left) | (k_last < sinks))
         interior = interior & (k_last <= q_first + window_right)
-        if not interior:
+        if interior:
+            m_new = tl.maximum(m_i, tl.max(s, 1))
+            p = tl.exp2(s - m_new[:, None]) - tl.exp2(r - m_new)[:, None] * phi_dot
+        else:
             in_s = k_valid[None, :] & m_valid[:, None]
             band = (offs_k[None, :] >= q_pos[:, None] - window_left) & \
                 (offs_k[None, :] <= q_pos[:, None] + window_right)
@@ -89,11 +92,10 @@ def _scatterbrain_fwd(
             if CAUSAL:
                 in_s = in_s & (offs_k[None, :] <= q_pos[:, None])
             s = tl.where(in_s, s, float("-inf"))
-        m_new = tl.maximum(m_i, tl.max(s, 1))
-        rescale = tl.exp2(m_i - m_new)
-        p = tl.exp2(s - m_new[:, None]) - tl.exp2(r - m_new)[:, None] * phi_dot
-        if not interior:
+            m_new = tl.maximum(m_i, tl.max(s, 1))
+            p = tl.exp2(s - m_new[:, None]) - tl.exp2(r - m_new)[:, None] * phi_dot
             p = tl.where(in_s, p, 0.0)
+        rescale = tl.exp2(m_i - m_new)
         v = tl.load(v_ptr + b * sv_b + hk * sv_h + offs_k[:, None] * sv_l + offs_dv[None, :],
                     mask=k_valid[:, None] & (offs_dv[None, :] < DV), other=0.0)
         acc = acc * rescale[:, None] + tl.dot(p.to(v.dtype), v)

@@ -20,13 +20,18 @@ from rewriter.kernels import (binary_linear, block_sparse_attention, linear_atte
 SM90 = GPUTarget("cuda", 90, 32)
 
 
-def compile_for_sm90(jit_fn, types: dict[str, str], constexprs: dict, num_warps: int = 4):
-    """Arguments not named in `types` or `constexprs` are i32 scalars."""
+def compile_for_sm90(jit_fn, types: dict[str, str], constexprs: dict, num_warps: int = 4, aligned: bool = False):
+    """Arguments not named in `types` or `constexprs` are i32 scalars. aligned: every pointer and integer argument
+    carries the 16-divisibility hint that a launch with long, aligned tensors gets (other code paths)."""
     names = list(inspect.signature(jit_fn.fn).parameters)
     unknown = (set(types) | set(constexprs)) - set(names)
     assert not unknown, f"not arguments of {jit_fn.fn.__name__}: {unknown}"
     signature = {n: "constexpr" if n in constexprs else types.get(n, "i32") for n in names}
-    src = ASTSource(fn=jit_fn, signature=signature,
+    attrs = None
+    if aligned:
+        attrs = {(i,): [["tt.divisibility", 16]] for i, n in enumerate(names)
+                 if signature[n] != "constexpr" and (signature[n].startswith("*") or signature[n] == "i32")}
+    src = ASTSource(fn=jit_fn, signature=signature, attrs=attrs,
                     constexprs={(names.index(k),): v for k, v in constexprs.items()})
     compiled = triton.compile(src, target=SM90, options={"num_warps": num_warps})
     assert compiled.asm.get("cubin"), "no machine code produced"
@@ -56,7 +61,7 @@ def test_scatterbrain_compiles(causal, masked):
             "rlog_ptr": "*fp32", "lnum_ptr": "*fp32", "lden_ptr": "*fp32", "o_ptr": "*bf16", "idx_ptr": "*i32",
             "cnt_ptr": "*i32", "kmask_ptr": "*i8", "scale": "fp32"}
     compile_for_sm90(scatterbrain._scatterbrain_fwd, ptrs, dict(
-        BLOCK=64, BLOCK_D=128, BLOCK_DV=128, BLOCK_F=64, CAUSAL=causal, HAS_KEY_MASK=masked))
+        BLOCK=64, BLOCK_D=128, BLOCK_DV=128, BLOCK_F=64, CAUSAL=causal, HAS_KEY_MASK=masked), aligned=True)
 
 
 @pytest.mark.parametrize("mode", [0, 1, 2])
@@ -64,7 +69,7 @@ def test_performer_features_compile(mode):
     ptrs = {"x_ptr": "*bf16", "w_ptr": "*fp32", "c_ptr": "*fp32", "phi_ptr": "*bf16", "rowmax_ptr": "*fp32",
             "kmask_ptr": "*i8", "xscale": "fp32", "norm": "fp32"}
     compile_for_sm90(performer_features._performer_features_fwd, ptrs, dict(
-        BLOCK_L=64, BLOCK_D=128, BLOCK_M=64, MODE=mode, HAS_KEY_MASK=True))
+        BLOCK_L=64, BLOCK_D=128, BLOCK_M=64, MODE=mode, HAS_KEY_MASK=True), aligned=True)
 
 
 def test_lowrank_linear_compiles():

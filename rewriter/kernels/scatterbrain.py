@@ -49,11 +49,6 @@ def _scatterbrain_fwd(
                  mask=m_valid[:, None] & (offs_f[None, :] < F), other=0.0)
     r = tl.load(rlog_ptr + b * sr_b + h * sr_h + offs_m, mask=m_valid, other=0.0)
     q_pos = offs_m + (Lk - Lq)
-    q_first = qb * BLOCK + (Lk - Lq)
-    q_last = tl.minimum(qb * BLOCK + BLOCK, Lq) - 1 + (Lk - Lq)
-    # base-2 exponents throughout: s2 = s log2(e), r2 = r log2(e)
-    qk_scale = scale * 1.4426950408889634
-    r = r * 1.4426950408889634
 
     m_i = r
     acc = tl.zeros([BLOCK, BLOCK_DV], tl.float32)
@@ -69,40 +64,25 @@ def _scatterbrain_fwd(
                     mask=k_valid[:, None] & (offs_d[None, :] < D), other=0.0)
         pk = tl.load(pk_ptr + b * spk_b + hk * spk_h + offs_k[:, None] * spk_l + offs_f[None, :],
                      mask=k_valid[:, None] & (offs_f[None, :] < F), other=0.0)
-        s = tl.dot(q, tl.trans(k)) * qk_scale
+        s = tl.dot(q, tl.trans(k)) * scale
         phi_dot = tl.dot(pq, tl.trans(pk))
-        # interior blocks (every pair in the support S) skip the token-level predicate
-        k_first = kb * BLOCK
-        k_last = k_first + BLOCK - 1
-        interior = k_last < Lk
-        if HAS_KEY_MASK:
-            interior = k_last < 0
+        in_s = k_valid[None, :] & m_valid[:, None]
+        band = (offs_k[None, :] >= q_pos[:, None] - window_left) & (offs_k[None, :] <= q_pos[:, None] + window_right)
+        in_s = in_s & (band | (offs_k[None, :] < sinks))
         if CAUSAL:
-            interior = interior & (k_last <= q_first)
-        interior = interior & ((k_first >= q_last - window_left) | (k_last < sinks))
-        interior = interior & (k_last <= q_first + window_right)
-        if interior:
-            m_new = tl.maximum(m_i, tl.max(s, 1))
-            p = tl.exp2(s - m_new[:, None]) - tl.exp2(r - m_new)[:, None] * phi_dot
-        else:
-            in_s = k_valid[None, :] & m_valid[:, None]
-            band = (offs_k[None, :] >= q_pos[:, None] - window_left) & \
-                (offs_k[None, :] <= q_pos[:, None] + window_right)
-            in_s = in_s & (band | (offs_k[None, :] < sinks))
-            if CAUSAL:
-                in_s = in_s & (offs_k[None, :] <= q_pos[:, None])
-            s = tl.where(in_s, s, float("-inf"))
-            m_new = tl.maximum(m_i, tl.max(s, 1))
-            p = tl.exp2(s - m_new[:, None]) - tl.exp2(r - m_new)[:, None] * phi_dot
-            p = tl.where(in_s, p, 0.0)
-        rescale = tl.exp2(m_i - m_new)
+            in_s = in_s & (offs_k[None, :] <= q_pos[:, None])
+        s = tl.where(in_s, s, float("-inf"))
+        m_new = tl.maximum(m_i, tl.max(s, 1))
+        rescale = tl.exp(m_i - m_new)
+        p = tl.exp(s - m_new[:, None]) - tl.exp(r - m_new)[:, None] * phi_dot
+        p = tl.where(in_s, p, 0.0)
         v = tl.load(v_ptr + b * sv_b + hk * sv_h + offs_k[:, None] * sv_l + offs_dv[None, :],
                     mask=k_valid[:, None] & (offs_dv[None, :] < DV), other=0.0)
         acc = acc * rescale[:, None] + tl.dot(p.to(v.dtype), v)
         den = den * rescale + tl.sum(p, 1)
         m_i = m_new
 
-    lowrank_weight = tl.exp2(r - m_i)
+    lowrank_weight = tl.exp(r - m_i)
     lnum = tl.load(lnum_ptr + b * sn_b + h * sn_h + offs_m[:, None] * sn_l + offs_dv[None, :],
                    mask=m_valid[:, None] & (offs_dv[None, :] < DV), other=0.0)
     lden = tl.load(lden_ptr + b * sd_b + h * sd_h + offs_m, mask=m_valid, other=0.0)

@@ -24,6 +24,7 @@ import time
 
 import torch
 
+from kv import build_model  # the same 1.1B Llama-shaped model as the decode benchmark
 from rewriter.api import load_program, optimize
 from rewriter.pipeline import make_pass
 
@@ -32,23 +33,6 @@ PASSES = {
     "linear": ("linear", {"feature_map": "elu"}),
     "scatterbrain": ("scatterbrain", {"window": 1024, "features": 64}),
 }
-
-
-def build_model(tiny: bool, device: str):
-    import transformers as tf
-    if tiny:
-        cfg = tf.LlamaConfig(hidden_size=128, num_hidden_layers=2, num_attention_heads=8, num_key_value_heads=2,
-                             intermediate_size=256, vocab_size=1000, max_position_embeddings=4096)
-        dtype = torch.float32
-    else:
-        cfg = tf.LlamaConfig(hidden_size=2048, num_hidden_layers=16, num_attention_heads=32, num_key_value_heads=8,
-                             intermediate_size=5632, vocab_size=32000, max_position_embeddings=65536,
-                             rope_theta=500000.0)
-        dtype = torch.bfloat16
-    cfg._attn_implementation = "sdpa"
-    torch.manual_seed(0)
-    with torch.device(device):
-        return tf.LlamaForCausalLM(cfg).to(dtype).eval()
 
 
 def timed(fn, reps: int, device: str) -> float:

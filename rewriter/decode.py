@@ -213,6 +213,19 @@ class KVPolicy:
     def evicts(self) -> bool:
         return self.window > 0
 
+    def to_json(self) -> dict:
+        return {"sinks": self.sinks, "window": self.window,
+                "key_channels": None if self.key_channels is None else self.key_channels.tolist(),
+                "think_dynamic": None if self.think_dynamic is None else
+                {"ratio": self.think_dynamic.ratio, "n_obs": self.think_dynamic.n_obs}}
+
+    @classmethod
+    def from_json(cls, data: dict) -> "KVPolicy":
+        kc, dyn = data.get("key_channels"), data.get("think_dynamic")
+        return cls(sinks=int(data.get("sinks", 0)), window=int(data.get("window", 0)),
+                   key_channels=None if kc is None else torch.tensor(kc, dtype=torch.long),
+                   think_dynamic=None if dyn is None else ThinkDynamic(float(dyn["ratio"]), int(dyn["n_obs"])))
+
 
 @dataclass
 class Decoder:
@@ -433,17 +446,23 @@ class GenerateResult:
 
 
 def decoder_from(src, passes: list | None = None, *, max_len: int = 256, calib_texts: list[str] | None = None,
-                 samples: int = 8, seq_len: int = 128, seed: int = 0) -> tuple[Decoder, Any, dict | None]:
+                 samples: int = 8, seq_len: int = 128, seed: int = 0,
+                 policy: KVPolicy | None = None) -> tuple[Decoder, Any, dict | None]:
     """Load SRC (HF folder or module), run the KV passes (think, kv-window) verified on the full-sequence program,
-    and capture the decode programs with the resulting cache policy. Returns (decoder, loaded, pipeline report)."""
+    and capture the decode programs with the resulting cache policy. Returns (decoder, loaded, pipeline report).
+    A rewriter output folder brings its own weights and policy (written by `rewriter optimize`); so does `policy`."""
     from .calibration import calibration_inputs
     from .capture import capture
     from .load import LoadedModel, load
     from .pipeline import Pipeline
+    passes = list(passes or [])
+    if _is_output_folder(src):
+        src, policy = _output_decoder(src, passes)
     loaded = src if isinstance(src, LoadedModel) else load(src) if not isinstance(src, nn.Module) \
         else LoadedModel(module=src, config=getattr(src, "config", None))
     dims = decoder_dims(loaded.config)
-    passes = list(passes or [])
+    if policy is not None:
+        return build_decoder(loaded.module, max_len=max_len, policy=policy, source=loaded.source), loaded, None
     other = [p.name for p in passes if p.name not in DECODE_PASSES]
     if other:
         raise ValueError(f"generate runs only the KV passes {', '.join(DECODE_PASSES)}; got {', '.join(other)}")
@@ -457,6 +476,21 @@ def decoder_from(src, passes: list | None = None, *, max_len: int = 256, calib_t
     policy = policy_from_meta(meta, dims["layers"])
     decoder = build_decoder(loaded.module, max_len=max_len, policy=policy, source=loaded.source)
     return decoder, loaded, report
+
+
+def _is_output_folder(src) -> bool:
+    from pathlib import Path
+    from .load import is_rewriter_output
+    return isinstance(src, (str, Path)) and is_rewriter_output(Path(src))
+
+
+def _output_decoder(folder, passes: list):
+    """A rewriter output -> (its decoder weights as a LoadedModel, its KV policy)."""
+    if passes:
+        raise ValueError(f"{folder} is a rewriter output whose KV policy `rewriter optimize` already fixed; --pass "
+                         "applies to HF folders only")
+    from .backends.torch_backend import load_decoder
+    return load_decoder(folder)
 
 
 def policy_from_meta(meta: dict, layers: int) -> KVPolicy:
@@ -479,10 +513,14 @@ def kv_bytes(decoder: Decoder, tokens: int) -> dict:
 
 def generate(src, *, prompt: str | None = None, prompt_ids: list[int] | None = None, max_new_tokens: int = 20,
              passes: list | None = None, max_len: int | None = None, **calib) -> GenerateResult:
-    """Greedy generation through the captured prefill/decode programs, optionally with think / kv-window."""
+    """Greedy generation through the captured prefill/decode programs, optionally with think / kv-window.
+    SRC: an HF decoder folder (with `passes`) or a rewriter output written from one (its KV policy applies)."""
     if (prompt is None) == (prompt_ids is None):
         raise ValueError("give exactly one of prompt (text) or prompt_ids (token ids)")
     from .load import LoadedModel, load
+    policy = None
+    if _is_output_folder(src):
+        src, policy = _output_decoder(src, passes)
     loaded = src if isinstance(src, LoadedModel) else load(src) if not isinstance(src, nn.Module) \
         else LoadedModel(module=src, config=getattr(src, "config", None))
     tokenizer = None
@@ -497,7 +535,7 @@ def generate(src, *, prompt: str | None = None, prompt_ids: list[int] | None = N
     if int(ids.min()) < 0 or int(ids.max()) >= vocab:
         raise ValueError(f"prompt ids must be in [0, {vocab}); got {ids.tolist()[0]}")
     total = ids.shape[1] + max_new_tokens
-    decoder, loaded, report = decoder_from(loaded, passes, max_len=max_len or max(total, 2), **calib)
+    decoder, loaded, report = decoder_from(loaded, passes, max_len=max_len or max(total, 2), policy=policy, **calib)
     out = decoder.generate(ids, max_new_tokens, eos_token_id=getattr(loaded.config, "eos_token_id", None)
                            if tokenizer is not None else None)
     new = out[:, ids.shape[1]:]

@@ -13,14 +13,16 @@ in both programs and the graph passes act on them.
 
 KV thinning hooks in at the cache:
 - ThinK channels (`key_channels`, per layer a (Hkv, Dk) index of kept key channels): the cache stores only those
-  channels; attention sees keys with the pruned channels zero, which is q.k over the kept channels.
+  channels, and attention computes q.k over them only: the query's kept channels are gathered (per KV-head group)
+  and SDPA runs at width Dk with the original 1/sqrt(D) scale.
 - ThinK dynamic (`think_dynamic`): the prefill program also scores channels per batch row, layer and KV head from
   the prompt's post-RoPE queries and keys and returns the index (N, B, Hkv, Dk) with the compact keys; the decode
-  program takes that index as an input and applies it as above. The queries are read in an attention function
-  registered through transformers' AttentionInterface that wraps the model's own one: it is the one place every
-  HF decoder hands over post-RoPE queries and keys together (cache.update gets keys only, and a q_proj hook would
-  have to redo each architecture's RoPE), and it still calls the model's SDPA, so the attention sites stay
-  canonical. The prompt itself is attended with all channels, as in ThinK.
+  program takes that index as an input and applies it as above. The prompt itself is attended with all channels,
+  as in ThinK.
+Both read the post-RoPE queries in an attention function registered through transformers' AttentionInterface that
+wraps the model's own one: it is the one place every HF decoder hands over post-RoPE queries and keys together
+(cache.update gets keys only, and a q_proj hook would have to redo each architecture's RoPE), and it still calls
+the model's SDPA, so the attention sites stay canonical.
 - StreamingLLM (`sinks`, `window`): the decode cache holds sinks + window slots; when it is full the oldest
   non-sink token is evicted and the later ones move down one slot. Positions are cache slots, as in StreamingLLM:
   a key moved from slot s to s-1 is re-rotated by one RoPE step (RoPE is a rotation, so this equals re-applying
@@ -67,12 +69,11 @@ class _ExplicitCache:
     """What HF's attention layers call `update` on. Collects each layer's cache tensor (functional writes)."""
 
     def __init__(self, k_cache: torch.Tensor | None, v_cache: torch.Tensor | None,
-                 cache_position: torch.Tensor | None, key_channels: torch.Tensor | None, head_dim: int,
+                 cache_position: torch.Tensor | None, key_channels: torch.Tensor | None,
                  think_dynamic: "ThinkDynamic | None" = None):
         self.k_cache, self.v_cache = k_cache, v_cache
         self.cache_position = cache_position
         self.key_channels = key_channels      # (N, Hkv, Dk), per batch row (N, B, Hkv, Dk), or None
-        self.head_dim = head_dim
         self.think_dynamic = think_dynamic    # prefill only: choose channels from the prompt (observe)
         self.keys: list[torch.Tensor] = []
         self.values: list[torch.Tensor] = []
@@ -88,26 +89,29 @@ class _ExplicitCache:
             v = self.v_cache[layer_idx].index_copy(2, self.cache_position, v)
         self.keys.append(k)
         self.values.append(v)
-        if self.key_channels is not None:   # pruned channels read as zero: q.k over the kept channels only
-            idx = _channel_index(self.key_channels[layer_idx], k)
-            k = torch.zeros(*k.shape[:-1], self.head_dim, dtype=k.dtype, device=k.device).scatter(-1, idx, k)
-        return k, v
+        return k, v       # with key_channels: compact keys; the attention function narrows the query to match
 
-    def observe(self, layer_idx: int, query: torch.Tensor, key: torch.Tensor) -> None:
-        """Dynamic ThinK at prefill: choose this layer's channels from the prompt; the cache keeps only those."""
-        from .passes.kv_thin import prompt_key_channels
-        kept = prompt_key_channels(query, key, self.think_dynamic.ratio, self.think_dynamic.n_obs)
-        self.keys[layer_idx] = torch.gather(self.keys[layer_idx], -1, _channel_index(kept, self.keys[layer_idx]))
-        self.channels.append(kept)
+    def attention_inputs(self, layer_idx: int, query: torch.Tensor, key: torch.Tensor):
+        """(query, key) for the layer's attention. Dynamic prefill: choose the channels from the prompt (the prompt
+        attends with all of them). Kept channels: the query's kept channels, so q.k runs over those only."""
+        if self.think_dynamic is not None:
+            from .passes.kv_thin import prompt_key_channels
+            kept = prompt_key_channels(query, key, self.think_dynamic.ratio, self.think_dynamic.n_obs)
+            self.keys[layer_idx] = torch.gather(self.keys[layer_idx], -1, _channel_index(kept, self.keys[layer_idx]))
+            self.channels.append(kept)
+            return query, key
+        kept = self.key_channels[layer_idx]                       # (Hkv, Dk) or (B, Hkv, Dk)
+        group = query.shape[1] // kept.shape[-2]
+        return torch.gather(query, -1, _channel_index(kept.repeat_interleave(group, dim=-2), query)), key
 
 
-THINK_ATTENTION = "rewriter_think_observe"
+THINK_ATTENTION = "rewriter_think"
 
 
-def _think_observe_attention(module, query, key, value, attention_mask, *, think_cache: _ExplicitCache,
-                             think_inner: str, **kwargs):
-    """The model's own attention, after handing the post-RoPE queries and keys to the cache (dynamic ThinK)."""
-    think_cache.observe(module.layer_idx, query, key)
+def _think_attention(module, query, key, value, attention_mask, *, think_cache: _ExplicitCache, think_inner: str,
+                     **kwargs):
+    """The model's own attention on the ThinK-narrowed query and key (kwargs carry the model's scale)."""
+    query, key = think_cache.attention_inputs(module.layer_idx, query, key)
     return _attention_function(module, think_inner)(module, query, key, value, attention_mask, **kwargs)
 
 
@@ -120,10 +124,10 @@ def _attention_function(module: nn.Module, name: str):
 
 
 @contextmanager
-def _observing_attention(model: nn.Module):
-    """Route the model's attention through _think_observe_attention for one forward; yields the inner name."""
+def _think_attention_active(model: nn.Module):
+    """Route the model's attention through _think_attention for one forward; yields the inner name."""
     from transformers import AttentionInterface
-    AttentionInterface.register(THINK_ATTENTION, _think_observe_attention)
+    AttentionInterface.register(THINK_ATTENTION, _think_attention)
     inner = model.config._attn_implementation
     model.config._attn_implementation = THINK_ATTENTION
     try:
@@ -132,14 +136,20 @@ def _observing_attention(model: nn.Module):
         model.config._attn_implementation = inner
 
 
+def _run_model(model: nn.Module, cache: _ExplicitCache, **kwargs):
+    """The HF forward; through _think_attention when the cache thins key channels."""
+    if cache.key_channels is None and cache.think_dynamic is None:
+        return model(cache=cache, use_cache=True, **kwargs)
+    with _think_attention_active(model) as inner:
+        return model(cache=cache, use_cache=True, think_cache=cache, think_inner=inner, **kwargs)
+
+
 class _CacheModule(nn.Module):
     """The HF model plus the ThinK channel index (a buffer, so export sees it as a constant input)."""
 
-    def __init__(self, model: nn.Module, head_dim: int, key_channels: torch.Tensor | None,
-                 think_dynamic: "ThinkDynamic | None" = None):
+    def __init__(self, model: nn.Module, key_channels: torch.Tensor | None, think_dynamic: "ThinkDynamic | None" = None):
         super().__init__()
         self.model = model
-        self.head_dim = head_dim
         self.think_dynamic = think_dynamic
         self.key_channels = None
         if key_channels is not None:
@@ -152,14 +162,11 @@ class _PrefillModule(_CacheModule):
         B, T = input_ids.shape
         pos = torch.arange(T, device=input_ids.device)
         mask = (pos[None, :] <= pos[:, None])[None, None].expand(B, 1, T, T)
-        cache = _ExplicitCache(None, None, None, self.key_channels, self.head_dim, self.think_dynamic)
-        kwargs = dict(input_ids=input_ids, position_ids=pos[None].expand(B, T), attention_mask=mask, cache=cache,
-                      use_cache=True)
+        cache = _ExplicitCache(None, None, None, self.key_channels, self.think_dynamic)
+        out = _run_model(self.model, cache, input_ids=input_ids, position_ids=pos[None].expand(B, T),
+                         attention_mask=mask)
         if self.think_dynamic is None:
-            out = self.model(**kwargs)
             return out.logits, torch.stack(cache.keys), torch.stack(cache.values)
-        with _observing_attention(self.model) as inner:
-            out = self.model(**kwargs, think_cache=cache, think_inner=inner)
         return out.logits, torch.stack(cache.keys), torch.stack(cache.values), torch.stack(cache.channels)
 
 
@@ -170,9 +177,9 @@ class _StepModule(_CacheModule):
         slots = torch.arange(L, device=input_ids.device)
         mask = (slots[None, :] <= cache_position[:, None])[None, None].expand(B, 1, T, L)
         channels = self.key_channels if key_channels is None else key_channels   # dynamic: (N, B, Hkv, Dk) input
-        cache = _ExplicitCache(k_cache, v_cache, cache_position, channels, self.head_dim)
-        out = self.model(input_ids=input_ids, position_ids=cache_position[None].expand(B, T), attention_mask=mask,
-                         cache=cache, use_cache=True)
+        cache = _ExplicitCache(k_cache, v_cache, cache_position, channels)
+        out = _run_model(self.model, cache, input_ids=input_ids, position_ids=cache_position[None].expand(B, T),
+                         attention_mask=mask)
         return out.logits, torch.stack(cache.keys), torch.stack(cache.values)
 
 
@@ -403,7 +410,7 @@ def build_decoder(model: nn.Module, *, max_len: int = 256, policy: KVPolicy | No
     from .capture import max_positions
     prefill_len = max(max_len, max_positions(config)) if policy.evicts else max_len
     dyn = policy.think_dynamic
-    prefill = _export(_PrefillModule(model, hd, kc, dyn).eval(), {"input_ids": ids},
+    prefill = _export(_PrefillModule(model, kc, dyn).eval(), {"input_ids": ids},
                       {"input_ids": {0: "batch", 1: "seq"}}, {"batch": (1, max_batch), "seq": (2, prefill_len)}, config,
                       source, ["logits", "keys", "values"] + (["key_channels"] if dyn else []))
     dk = dyn.kept(hd) if dyn else hd if kc is None else int(kc.shape[-1])
@@ -414,7 +421,7 @@ def build_decoder(model: nn.Module, *, max_len: int = 256, policy: KVPolicy | No
     if dyn:
         step_inputs["key_channels"] = torch.arange(dk).expand(dims["layers"], B, dims["kv_heads"], dk).clone()
         step_dims["key_channels"] = {1: "batch"}
-    step = _export(_StepModule(model, hd, kc).eval(), step_inputs, step_dims, {"batch": (1, max_batch)}, config,
+    step = _export(_StepModule(model, kc).eval(), step_inputs, step_dims, {"batch": (1, max_batch)}, config,
                    source, ["logits", "k_cache", "v_cache"])
     inv_freq = None
     if dims["rope"] and policy.evicts:

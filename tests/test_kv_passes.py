@@ -103,6 +103,10 @@ def test_think_decode_cache_is_narrow_and_equals_rewritten_program(thought):
     k, _ = dec.empty_cache(1)
     D = dec.dims["head_dim"]
     assert k.shape[-1] == D // 2
+    for program in (dec.prefill, dec.step):      # q.k runs over the kept channels only: SDPA at width D/2
+        gm = program.module()
+        canonicalize(gm)
+        assert [(s.head_dim, s.scale) for s in attention_sites(gm)] == [(D // 2, D ** -0.5)] * 2
     assert dec.kv_bytes_per_token() == 2 * dec.dims["kv_heads"] * (D // 2 + D) * 4
     ids = _ids(2, 20, 5)
     tf = dec.teacher_forced_logits(ids, prefix=5)

@@ -135,7 +135,8 @@ def peer_check(model, prompts: torch.Tensor, ratio: float = 0.5, window: int = N
                 total += 1
                 same += ours == kept
                 if ours != kept:
-                    differences.append({"prompt": b, "layer": layer, "kv_head": j, "ours_only": sorted(set(ours) - set(kept)),
+                    differences.append({"prompt": b, "layer": layer, "kv_head": j,
+                                        "ours_only": sorted(set(ours) - set(kept)),
                                         "kvpress_only": sorted(set(kept) - set(ours))})
     return {"mode": "dynamic", "ratio": ratio, "window": window, "prompts": int(prompts.shape[0]),
             "prompt_tokens": int(prompts.shape[1]), "heads_compared": total, "heads_identical": same,

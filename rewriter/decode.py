@@ -74,7 +74,7 @@ class _ExplicitCache:
         self.k_cache, self.v_cache = k_cache, v_cache
         self.cache_position = cache_position
         self.key_channels = key_channels      # (N, Hkv, Dk), per batch row (N, B, Hkv, Dk), or None
-        self.think_dynamic = think_dynamic    # prefill only: choose channels from the prompt (observe)
+        self.think_dynamic = think_dynamic    # prefill only: choose channels from the prompt (attention_inputs)
         self.keys: list[torch.Tensor] = []
         self.values: list[torch.Tensor] = []
         self.channels: list[torch.Tensor] = []
@@ -147,7 +147,8 @@ def _run_model(model: nn.Module, cache: _ExplicitCache, **kwargs):
 class _CacheModule(nn.Module):
     """The HF model plus the ThinK channel index (a buffer, so export sees it as a constant input)."""
 
-    def __init__(self, model: nn.Module, key_channels: torch.Tensor | None, think_dynamic: "ThinkDynamic | None" = None):
+    def __init__(self, model: nn.Module, key_channels: torch.Tensor | None,
+                 think_dynamic: "ThinkDynamic | None" = None):
         super().__init__()
         self.model = model
         self.think_dynamic = think_dynamic

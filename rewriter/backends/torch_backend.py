@@ -1,7 +1,7 @@
 """Outputs in PyTorch formats: model.pt2 (always), an HF folder (when every pass was weight-only), the
 metadata that lets `load_program` rebuild a Program, and for decoder LMs with KV passes (think, kv-window) what
-`rewriter generate` needs: the weights as an HF folder `decoder/` and the decode-cache policy in rewriter.json. Everything is written to a temporary folder beside the
-target and moved into place only when complete."""
+`rewriter generate` needs: the weights as an HF folder `decoder/` and the decode-cache policy in rewriter.json.
+Everything is written to a temporary folder beside the target and moved into place only when complete."""
 from __future__ import annotations
 
 import copy

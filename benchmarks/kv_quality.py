@@ -1,4 +1,5 @@
-"""KV thinning on CPU: KV bytes, teacher-forced agreement with the original model, and the kvpress ThinK peer check.
+"""KV thinning on CPU: KV bytes, teacher-forced agreement with the original model, and the kvpress ThinK peer check
+(kvpress' ThinK chooses channels per prompt, so it is compared with our dynamic mode's prefill choice).
 
 No pretrained decoder ships here, so the models are random-weight Llama (GQA) and GPT-2 (MHA) configurations with
 BERT's WordPiece vocabulary (the all-MiniLM-L6-v2 tokenizer, the one tokenizer available), fed real English text
@@ -17,16 +18,13 @@ from unittest import mock
 import torch
 
 from rewriter.calibration import default_texts
-from rewriter.canonical import canonicalize
 from rewriter.capture import capture
-from rewriter.decode import KVPolicy, build_decoder, kv_bytes
-from rewriter.graph import record_node_inputs
+from rewriter.decode import KVPolicy, ThinkDynamic, build_decoder, kv_bytes, policy_from_meta
 from rewriter.load import LoadedModel
-from rewriter.passes.kv_thin import decode_key_channels, kept_channels, think_scores
 from rewriter.pipeline import Pipeline, make_pass
-from rewriter.sites import attention_sites
 
 SEQ, PREFIX, EVAL, CALIB = 128, 16, 4, 8
+N_OBS = 32     # dynamic ThinK's observed queries (kvpress' default window)
 
 
 def models(vocab: int):
@@ -66,19 +64,17 @@ def quality(model, calib, evals) -> list[dict]:
     program = capture(LoadedModel(model, model.config), seq=16)
     rows = []
     configs = [("think", {"ratio": r}) for r in (0.25, 0.5, 0.75)] + \
+              [("think", {"mode": "dynamic", "ratio": r, "n_obs": N_OBS}) for r in (0.25, 0.5, 0.75)] + \
               [("kv-window", {"sinks": 4, "window": w}) for w in (28, 60)]
     for name, opts in configs:
         run = Pipeline([make_pass(name, opts)]).run(program, {"input_ids": calib,
                                                               "attention_mask": torch.ones_like(calib)})
-        meta = run.program.meta
-        window = meta.get("kv_window") or {}
-        policy = KVPolicy(sinks=window.get("sinks", 0), window=window.get("window", 0),
-                          key_channels=decode_key_channels(meta, model.config.num_hidden_layers))
-        dec = build_decoder(model, max_len=SEQ, policy=policy)
+        dec = build_decoder(model, max_len=SEQ, policy=policy_from_meta(run.program.meta,
+                                                                        model.config.num_hidden_layers))
         cand = dec.teacher_forced_logits(evals, PREFIX)
         rows.append({"pass": name, **opts, "kv": kv_bytes(dec, SEQ), **agreement(ref, cand)})
-        program.meta.pop("think_key_channels", None)
-        program.meta.pop("kv_window", None)
+        for key in ("think_key_channels", "think_dynamic", "kv_window"):
+            program.meta.pop(key, None)
     return rows
 
 
@@ -96,10 +92,10 @@ def _import_kvpress():
     raise RuntimeError("kvpress does not import")
 
 
-def peer_check(model, prompt: torch.Tensor, ratio: float = 0.5, window: int = 32) -> dict:
-    """Same model, same prompt, same ratio: kvpress ThinKPress.compress (its scoring code, called directly: its
-    forward hook reads `past_key_values`/`cache_position` kwargs that transformers 5.24 no longer passes) against
-    our think scores over the prompt's last `window` queries (kvpress' observation window)."""
+def kvpress_channels(model, prompt: torch.Tensor, ratio: float, window: int) -> list[list[list[int]]]:
+    """kvpress ThinKPress.compress on one prompt (its scoring code, called directly: its forward hook reads
+    `past_key_values`/`cache_position` kwargs that transformers 5.24 no longer passes): per layer and KV head, the
+    key channels it keeps (the ones it does not zero)."""
     from transformers import DynamicCache
     ThinKPress = _import_kvpress()
     press = ThinKPress(key_channel_compression_ratio=ratio, window_size=window)
@@ -122,22 +118,29 @@ def peer_check(model, prompt: torch.Tensor, ratio: float = 0.5, window: int = 32
                                             {"hidden_states": hs, "position_embeddings": pe})
         zero = (pruned_keys == 0).all(dim=2)[0]                      # (Hkv, D): channel pruned
         theirs.append([sorted(torch.nonzero(~zero[j]).flatten().tolist()) for j in range(zero.shape[0])])
-    program = capture(LoadedModel(model, model.config), seq=16)
-    gm = program.module()
-    canonicalize(gm)
-    sites = attention_sites(gm)
-    rec = record_node_inputs(gm, {"input_ids": prompt, "attention_mask": torch.ones_like(prompt)},
-                             {s.node for s in sites})
-    ours = []
-    for s in sites:
-        q, k = rec[s.node][0][:2]
-        ours.append(kept_channels(think_scores(q[:, :, -window:], k), ratio).tolist())
-    same = sum(a == b for la, lb in zip(ours, theirs) for a, b in zip(la, lb))
-    total = sum(len(la) for la in ours)
-    return {"ratio": ratio, "window": window, "prompt_tokens": int(prompt.shape[1]), "heads_compared": total,
-            "heads_identical": same, "differences": [
-                {"layer": li, "kv_head": j, "ours_only": sorted(set(a) - set(b)), "kvpress_only": sorted(set(b) - set(a))}
-                for li, (la, lb) in enumerate(zip(ours, theirs)) for j, (a, b) in enumerate(zip(la, lb)) if a != b]}
+    return theirs
+
+
+def peer_check(model, prompts: torch.Tensor, ratio: float = 0.5, window: int = N_OBS) -> dict:
+    """Same model, prompts, ratio and observation window: the channels our dynamic-mode prefill program chooses
+    (all prompts in one batch, each row choosing its own) against kvpress ThinKPress run on each prompt alone."""
+    dec = build_decoder(model, max_len=prompts.shape[1], policy=KVPolicy(think_dynamic=ThinkDynamic(ratio, window)))
+    channels = dec.prefill.run(input_ids=prompts)[3]                 # (N, B, Hkv, kept)
+    same, total, differences = 0, 0, []
+    for b in range(prompts.shape[0]):
+        theirs = kvpress_channels(model, prompts[b:b + 1], ratio, window)
+        for layer, heads in enumerate(theirs):
+            for j, kept in enumerate(heads):
+                ours = channels[layer, b, j].tolist()
+                total += 1
+                same += ours == kept
+                if ours != kept:
+                    differences.append({"prompt": b, "layer": layer, "kv_head": j,
+                                        "ours_only": sorted(set(ours) - set(kept)),
+                                        "kvpress_only": sorted(set(kept) - set(ours))})
+    return {"mode": "dynamic", "ratio": ratio, "window": window, "prompts": int(prompts.shape[0]),
+            "prompt_tokens": int(prompts.shape[1]), "heads_compared": total, "heads_identical": same,
+            "differences": differences}
 
 
 def main():
@@ -147,12 +150,14 @@ def main():
     calib, evals = token_batches(tokenizer)
     result = {"note": "random-weight models, real text (pydoc topics) tokenised with the MiniLM WordPiece tokenizer; "
                       f"teacher-forced: {PREFIX}-token prefill then {SEQ - PREFIX} tokens through the decode cache; "
-                      f"{EVAL} eval / {CALIB} calibration sequences of {SEQ} tokens",
+                      f"{EVAL} eval / {CALIB} calibration sequences of {SEQ} tokens; think static calibrates "
+                      f"its channels once on the calibration sequences, think dynamic chooses them per eval sequence "
+                      f"from its {PREFIX}-token prefill (last min({PREFIX}, n_obs) queries)",
               "quality": {}, "peer_check": None}
     ms = models(tokenizer.vocab_size)
     for name, model in ms.items():
         result["quality"][name] = quality(model, calib, evals)
-    result["peer_check"] = peer_check(ms["llama-gqa"], evals[:1, :64])
+    result["peer_check"] = peer_check(ms["llama-gqa"], evals[:2, :64])
     print(json.dumps(result, indent=1))
 
 

@@ -13,7 +13,16 @@ in both programs and the graph passes act on them.
 
 KV thinning hooks in at the cache:
 - ThinK channels (`key_channels`, per layer a (Hkv, Dk) index of kept key channels): the cache stores only those
-  channels; attention sees keys with the pruned channels zero, which is q.k over the kept channels.
+  channels, and attention computes q.k over them only: the query's kept channels are gathered (per KV-head group)
+  and SDPA runs at width Dk with the original 1/sqrt(D) scale.
+- ThinK dynamic (`think_dynamic`): the prefill program also scores channels per batch row, layer and KV head from
+  the prompt's post-RoPE queries and keys and returns the index (N, B, Hkv, Dk) with the compact keys; the decode
+  program takes that index as an input and applies it as above. The prompt itself is attended with all channels,
+  as in ThinK.
+Both read the post-RoPE queries in an attention function registered through transformers' AttentionInterface that
+wraps the model's own one: it is the one place every HF decoder hands over post-RoPE queries and keys together
+(cache.update gets keys only, and a q_proj hook would have to redo each architecture's RoPE), and it still calls
+the model's SDPA, so the attention sites stay canonical.
 - StreamingLLM (`sinks`, `window`): the decode cache holds sinks + window slots; when it is full the oldest
   non-sink token is evicted and the later ones move down one slot. Positions are cache slots, as in StreamingLLM:
   a key moved from slot s to s-1 is re-rotated by one RoPE step (RoPE is a rotation, so this equals re-applying
@@ -24,6 +33,7 @@ from __future__ import annotations
 
 import dataclasses
 import inspect
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -51,45 +61,101 @@ def decoder_dims(config: Any) -> dict:
             "kv_heads": getattr(config, "num_key_value_heads", None) or heads, "head_dim": head_dim, "rope": True}
 
 
+def _channel_index(channels: torch.Tensor, k: torch.Tensor) -> torch.Tensor:
+    """A layer's kept channels, (Hkv, Dk) or per batch row (B, Hkv, Dk), expanded to index keys (B, Hkv, L, .)."""
+    idx = channels[:, :, None, :] if channels.dim() == 3 else channels[None, :, None, :]
+    return idx.expand(k.shape[0], -1, k.shape[2], -1)
+
+
 class _ExplicitCache:
     """What HF's attention layers call `update` on. Collects each layer's cache tensor (functional writes)."""
 
     def __init__(self, k_cache: torch.Tensor | None, v_cache: torch.Tensor | None,
-                 cache_position: torch.Tensor | None, key_channels: torch.Tensor | None, head_dim: int):
+                 cache_position: torch.Tensor | None, key_channels: torch.Tensor | None,
+                 think_dynamic: "ThinkDynamic | None" = None):
         self.k_cache, self.v_cache = k_cache, v_cache
         self.cache_position = cache_position
-        self.key_channels = key_channels      # (N, Hkv, Dk) long or None
-        self.head_dim = head_dim
+        self.key_channels = key_channels      # (N, Hkv, Dk), per batch row (N, B, Hkv, Dk), or None
+        self.think_dynamic = think_dynamic    # prefill only: choose channels from the prompt (attention_inputs)
         self.keys: list[torch.Tensor] = []
         self.values: list[torch.Tensor] = []
+        self.channels: list[torch.Tensor] = []
 
     def update(self, key_states, value_states, layer_idx, *args, **kwargs):
         k = key_states
         if self.key_channels is not None:
-            idx = self.key_channels[layer_idx][None, :, None, :]
-            k = torch.gather(k, -1, idx.expand(k.shape[0], -1, k.shape[2], -1))
+            k = torch.gather(k, -1, _channel_index(self.key_channels[layer_idx], k))
         v = value_states
         if self.k_cache is not None:
             k = self.k_cache[layer_idx].index_copy(2, self.cache_position, k)
             v = self.v_cache[layer_idx].index_copy(2, self.cache_position, v)
         self.keys.append(k)
         self.values.append(v)
-        if self.key_channels is not None:   # pruned channels read as zero: q.k over the kept channels only
-            idx = self.key_channels[layer_idx][None, :, None, :].expand(k.shape[0], -1, k.shape[2], -1)
-            k = torch.zeros(*k.shape[:-1], self.head_dim, dtype=k.dtype, device=k.device).scatter(-1, idx, k)
-        return k, v
+        return k, v       # with key_channels: compact keys; the attention function narrows the query to match
+
+    def attention_inputs(self, layer_idx: int, query: torch.Tensor, key: torch.Tensor):
+        """(query, key) for the layer's attention. Dynamic prefill: choose the channels from the prompt (the prompt
+        attends with all of them). Kept channels: the query's kept channels, so q.k runs over those only."""
+        if self.think_dynamic is not None:
+            from .passes.kv_thin import prompt_key_channels
+            kept = prompt_key_channels(query, key, self.think_dynamic.ratio, self.think_dynamic.n_obs)
+            self.keys[layer_idx] = torch.gather(self.keys[layer_idx], -1, _channel_index(kept, self.keys[layer_idx]))
+            self.channels.append(kept)
+            return query, key
+        kept = self.key_channels[layer_idx]                       # (Hkv, Dk) or (B, Hkv, Dk)
+        group = query.shape[1] // kept.shape[-2]
+        return torch.gather(query, -1, _channel_index(kept.repeat_interleave(group, dim=-2), query)), key
+
+
+THINK_ATTENTION = "rewriter_think"
+
+
+def _think_attention(module, query, key, value, attention_mask, *, think_cache: _ExplicitCache, think_inner: str,
+                     **kwargs):
+    """The model's own attention on the ThinK-narrowed query and key (kwargs carry the model's scale)."""
+    query, key = think_cache.attention_inputs(module.layer_idx, query, key)
+    return _attention_function(module, think_inner)(module, query, key, value, attention_mask, **kwargs)
+
+
+def _attention_function(module: nn.Module, name: str):
+    from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
+    if name == "eager":   # each modeling file has its own eager function
+        import sys
+        return sys.modules[type(module).__module__].eager_attention_forward
+    return ALL_ATTENTION_FUNCTIONS[name]
+
+
+@contextmanager
+def _think_attention_active(model: nn.Module):
+    """Route the model's attention through _think_attention for one forward; yields the inner name."""
+    from transformers import AttentionInterface
+    AttentionInterface.register(THINK_ATTENTION, _think_attention)
+    inner = model.config._attn_implementation
+    model.config._attn_implementation = THINK_ATTENTION
+    try:
+        yield inner
+    finally:
+        model.config._attn_implementation = inner
+
+
+def _run_model(model: nn.Module, cache: _ExplicitCache, **kwargs):
+    """The HF forward; through _think_attention when the cache thins key channels."""
+    # transformers 5.24 names the cache argument `cache`; earlier 5.x releases `past_key_values`
+    kwargs["cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"] = cache
+    if cache.key_channels is None and cache.think_dynamic is None:
+        return model(use_cache=True, **kwargs)
+    with _think_attention_active(model) as inner:
+        return model(use_cache=True, think_cache=cache, think_inner=inner, **kwargs)
 
 
 class _CacheModule(nn.Module):
     """The HF model plus the ThinK channel index (a buffer, so export sees it as a constant input)."""
 
-    def __init__(self, model: nn.Module, head_dim: int, key_channels: torch.Tensor | None):
+    def __init__(self, model: nn.Module, key_channels: torch.Tensor | None,
+                 think_dynamic: "ThinkDynamic | None" = None):
         super().__init__()
         self.model = model
-        self.head_dim = head_dim
-        # transformers 5.24 names the cache argument `cache`; earlier 5.x releases `past_key_values`
-        params = inspect.signature(model.forward).parameters
-        self.cache_kwarg = "cache" if "cache" in params else "past_key_values"
+        self.think_dynamic = think_dynamic
         self.key_channels = None
         if key_channels is not None:
             del self.key_channels
@@ -101,43 +167,76 @@ class _PrefillModule(_CacheModule):
         B, T = input_ids.shape
         pos = torch.arange(T, device=input_ids.device)
         mask = (pos[None, :] <= pos[:, None])[None, None].expand(B, 1, T, T)
-        cache = _ExplicitCache(None, None, None, self.key_channels, self.head_dim)
-        out = self.model(input_ids=input_ids, position_ids=pos[None].expand(B, T), attention_mask=mask,
-                         **{self.cache_kwarg: cache}, use_cache=True)
-        return out.logits, torch.stack(cache.keys), torch.stack(cache.values)
+        cache = _ExplicitCache(None, None, None, self.key_channels, self.think_dynamic)
+        out = _run_model(self.model, cache, input_ids=input_ids, position_ids=pos[None].expand(B, T),
+                         attention_mask=mask)
+        if self.think_dynamic is None:
+            return out.logits, torch.stack(cache.keys), torch.stack(cache.values)
+        return out.logits, torch.stack(cache.keys), torch.stack(cache.values), torch.stack(cache.channels)
 
 
 class _StepModule(_CacheModule):
-    def forward(self, input_ids, cache_position, k_cache, v_cache):
+    def forward(self, input_ids, cache_position, k_cache, v_cache, key_channels=None):
         B, T = input_ids.shape
         L = k_cache.shape[3]
         slots = torch.arange(L, device=input_ids.device)
         mask = (slots[None, :] <= cache_position[:, None])[None, None].expand(B, 1, T, L)
-        cache = _ExplicitCache(k_cache, v_cache, cache_position, self.key_channels, self.head_dim)
-        out = self.model(input_ids=input_ids, position_ids=cache_position[None].expand(B, T), attention_mask=mask,
-                         **{self.cache_kwarg: cache}, use_cache=True)
+        channels = self.key_channels if key_channels is None else key_channels   # dynamic: (N, B, Hkv, Dk) input
+        cache = _ExplicitCache(k_cache, v_cache, cache_position, channels)
+        out = _run_model(self.model, cache, input_ids=input_ids, position_ids=cache_position[None].expand(B, T),
+                         attention_mask=mask)
         return out.logits, torch.stack(cache.keys), torch.stack(cache.values)
 
 
 @dataclass
+class ThinkDynamic:
+    """ThinK dynamic mode: per prompt, keep D - int(ratio * D) key channels scored by its last n_obs queries."""
+    ratio: float
+    n_obs: int
+
+    def kept(self, head_dim: int) -> int:
+        return head_dim - int(self.ratio * head_dim)
+
+
+@dataclass
 class KVPolicy:
-    """How the decode cache is thinned. sinks/window 0: no eviction. key_channels: ThinK static channels."""
+    """How the decode cache is thinned. sinks/window 0: no eviction. key_channels: ThinK static channels;
+    think_dynamic: ThinK channels chosen per prompt at prefill."""
     sinks: int = 0
     window: int = 0
     key_channels: torch.Tensor | None = None      # (N, Hkv, Dk) long
+    think_dynamic: ThinkDynamic | None = None
 
     def validate(self, rope: bool) -> None:
         if self.sinks < 0 or self.window < 0:
             raise ValueError(f"kv-window needs sinks >= 0 and window >= 0; got sinks={self.sinks}, window={self.window}")
         if self.window and self.window < self.sinks:
             raise ValueError(f"kv-window: window ({self.window}) must be at least sinks ({self.sinks})")
-        if self.window and self.key_channels is not None and rope:
+        if self.think_dynamic is not None:
+            if self.key_channels is not None:
+                raise ValueError("think: give static key_channels or think_dynamic, not both")
+            if not 0 <= self.think_dynamic.ratio < 1 or self.think_dynamic.n_obs < 1:
+                raise ValueError(f"think dynamic needs ratio in [0, 1) and n_obs >= 1; got {self.think_dynamic}")
+        if self.window and (self.key_channels is not None or self.think_dynamic is not None) and rope:
             raise ValueError("kv-window with think on a RoPE model is not supported: re-rotating evicted-shifted "
                              "keys needs both channels of each RoPE pair; use one of the two")
 
     @property
     def evicts(self) -> bool:
         return self.window > 0
+
+    def to_json(self) -> dict:
+        return {"sinks": self.sinks, "window": self.window,
+                "key_channels": None if self.key_channels is None else self.key_channels.tolist(),
+                "think_dynamic": None if self.think_dynamic is None else
+                {"ratio": self.think_dynamic.ratio, "n_obs": self.think_dynamic.n_obs}}
+
+    @classmethod
+    def from_json(cls, data: dict) -> "KVPolicy":
+        kc, dyn = data.get("key_channels"), data.get("think_dynamic")
+        return cls(sinks=int(data.get("sinks", 0)), window=int(data.get("window", 0)),
+                   key_channels=None if kc is None else torch.tensor(kc, dtype=torch.long),
+                   think_dynamic=None if dyn is None else ThinkDynamic(float(dyn["ratio"]), int(dyn["n_obs"])))
 
 
 @dataclass
@@ -155,7 +254,9 @@ class Decoder:
 
     @property
     def key_dim(self) -> int:
-        kc = self.policy.key_channels
+        kc, dyn = self.policy.key_channels, self.policy.think_dynamic
+        if dyn is not None:
+            return dyn.kept(self.dims["head_dim"])
         return self.dims["head_dim"] if kc is None else int(kc.shape[-1])
 
     def resized(self, max_len: int) -> "Decoder":
@@ -229,7 +330,7 @@ class Decoder:
         ids = input_ids = input_ids.to(self.device)
         if max_new_tokens == 0:
             return ids
-        logits, k, v, length = self._prefill(input_ids)
+        logits, k, v, length, extra = self._prefill(input_ids)
         done = torch.zeros(B, dtype=torch.bool, device=self.device)
         eos = [] if eos_token_id is None else [eos_token_id] if isinstance(eos_token_id, int) else list(eos_token_id)
         for i in range(max_new_tokens):
@@ -243,7 +344,7 @@ class Decoder:
             if self.policy.evicts:
                 k, v, length = self._evict(k, v, length, self.max_len - 1)
             logits, k, v = self.step.run(input_ids=nxt[:, None], cache_position=self._position(length),
-                                         k_cache=k, v_cache=v)
+                                         k_cache=k, v_cache=v, **extra)
             length += 1
         return ids
 
@@ -251,12 +352,19 @@ class Decoder:
         return torch.tensor([length], device=self.device)
 
     def _prefill(self, input_ids):
+        """-> logits, k cache, v cache, tokens held, extra decode-step inputs (dynamic ThinK's channel index)."""
         B, T = input_ids.shape
         k, v = self.empty_cache(B)
+        extra = {}
         if T == 1:   # the prefill program is captured for T >= 2
+            if self.policy.think_dynamic is not None:
+                raise ValueError("think dynamic mode chooses key channels from the prompt at prefill; give a prompt "
+                                 "of at least 2 tokens")
             logits, k, v = self.step.run(input_ids=input_ids, cache_position=self._position(0), k_cache=k, v_cache=v)
-            return logits, k, v, 1
-        logits, pk, pv = self.prefill.run(input_ids=input_ids)
+            return logits, k, v, 1, extra
+        logits, pk, pv, *channels = self.prefill.run(input_ids=input_ids)
+        if channels:
+            extra["key_channels"] = channels[0]
         if self.policy.evicts and T > self.max_len - 1:
             pk, pv, _ = self._evict(pk, pv, T, self.max_len - 1)
             n = self.max_len - 1
@@ -264,7 +372,7 @@ class Decoder:
             n = T
         k[..., :n, :] = pk[..., :n, :]
         v[..., :n, :] = pv[..., :n, :]
-        return logits, k, v, n
+        return logits, k, v, n, extra
 
     def teacher_forced_logits(self, input_ids: torch.Tensor, prefix: int) -> torch.Tensor:
         """Logits for positions prefix-1 .. T-1 when the prefix is prefilled and the rest fed one token at a time
@@ -273,7 +381,7 @@ class Decoder:
         input_ids = input_ids.to(self.device)
         if not 1 <= prefix <= T:
             raise ValueError(f"prefix must be in [1, {T}]; got {prefix}")
-        logits, k, v, length = self._prefill(input_ids[:, :prefix])
+        logits, k, v, length, extra = self._prefill(input_ids[:, :prefix])
         out = [logits[:, -1]]
         for t in range(prefix, T):
             if self.policy.evicts:
@@ -281,7 +389,7 @@ class Decoder:
             elif length >= self.max_len:
                 raise ValueError(f"sequence ({T}) exceeds the cache ({self.max_len} tokens)")
             logits, k, v = self.step.run(input_ids=input_ids[:, t:t + 1], cache_position=self._position(length),
-                                         k_cache=k, v_cache=v)
+                                         k_cache=k, v_cache=v, **extra)
             length += 1
             out.append(logits[:, -1])
         return torch.stack(out, dim=1)
@@ -329,17 +437,23 @@ def build_decoder(model: nn.Module, *, max_len: int = 256, policy: KVPolicy | No
     # an evicting cache still prefills whole prompts (then keeps sinks + recent), up to the model's positions
     from .capture import max_positions
     prefill_len = max(max_len, max_positions(config)) if policy.evicts else max_len
-    prefill = _export(_PrefillModule(model, hd, kc).eval(), {"input_ids": ids}, {"input_ids": {0: "batch", 1: "seq"}},
-                      {"batch": (1, max_batch), "seq": (2, prefill_len)}, config, source, ["logits", "keys", "values"])
-    dk = hd if kc is None else int(kc.shape[-1])
+    dyn = policy.think_dynamic
+    prefill = _export(_PrefillModule(model, kc, dyn).eval(), {"input_ids": ids},
+                      {"input_ids": {0: "batch", 1: "seq"}}, {"batch": (1, max_batch), "seq": (2, prefill_len)}, config,
+                      source, ["logits", "keys", "values"] + (["key_channels"] if dyn else []))
+    dk = dyn.kept(hd) if dyn else hd if kc is None else int(kc.shape[-1])
     step_inputs = {"input_ids": ids[:, :1], "cache_position": torch.tensor([T - 1], device=device),
                    "k_cache": torch.zeros(dims["layers"], B, dims["kv_heads"], max_len, dk, dtype=dtype, device=device),
                    "v_cache": torch.zeros(dims["layers"], B, dims["kv_heads"], max_len, hd, dtype=dtype, device=device)}
     # cache slots are a dynamic dim: one step program serves any cache length up to the model's positions
     slot_bound = max(max_len, max_positions(config))
-    step = _export(_StepModule(model, hd, kc).eval(), step_inputs,
-                   {"input_ids": {0: "batch"}, "k_cache": {1: "batch", 3: "slots"}, "v_cache": {1: "batch", 3: "slots"}},
-                   {"batch": (1, max_batch), "slots": (2, slot_bound)}, config, source, ["logits", "k_cache", "v_cache"])
+    step_dims = {"input_ids": {0: "batch"}, "k_cache": {1: "batch", 3: "slots"}, "v_cache": {1: "batch", 3: "slots"}}
+    if dyn:
+        step_inputs["key_channels"] = torch.arange(dk, device=device).expand(dims["layers"], B, dims["kv_heads"], dk).clone()
+        step_dims["key_channels"] = {1: "batch"}
+    step = _export(_StepModule(model, kc).eval(), step_inputs, step_dims, {"batch": (1, max_batch), "slots": (2, slot_bound)},
+                   config,
+                   source, ["logits", "k_cache", "v_cache"])
     inv_freq = None
     if dims["rope"] and policy.evicts:
         inv_freq = _rope_inv_freq(model)
@@ -370,18 +484,23 @@ class GenerateResult:
 
 
 def decoder_from(src, passes: list | None = None, *, max_len: int = 256, calib_texts: list[str] | None = None,
-                 samples: int = 8, seq_len: int = 128, seed: int = 0) -> tuple[Decoder, Any, dict | None]:
+                 samples: int = 8, seq_len: int = 128, seed: int = 0,
+                 policy: KVPolicy | None = None) -> tuple[Decoder, Any, dict | None]:
     """Load SRC (HF folder or module), run the KV passes (think, kv-window) verified on the full-sequence program,
-    and capture the decode programs with the resulting cache policy. Returns (decoder, loaded, pipeline report)."""
+    and capture the decode programs with the resulting cache policy. Returns (decoder, loaded, pipeline report).
+    A rewriter output folder brings its own weights and policy (written by `rewriter optimize`); so does `policy`."""
     from .calibration import calibration_inputs
     from .capture import capture
     from .load import LoadedModel, load
-    from .passes.kv_thin import decode_key_channels
     from .pipeline import Pipeline
+    passes = list(passes or [])
+    if _is_output_folder(src):
+        src, policy = _output_decoder(src, passes)
     loaded = src if isinstance(src, LoadedModel) else load(src) if not isinstance(src, nn.Module) \
         else LoadedModel(module=src, config=getattr(src, "config", None))
     dims = decoder_dims(loaded.config)
-    passes = list(passes or [])
+    if policy is not None:
+        return build_decoder(loaded.module, max_len=max_len, policy=policy, source=loaded.source), loaded, None
     other = [p.name for p in passes if p.name not in DECODE_PASSES]
     if other:
         raise ValueError(f"generate runs only the KV passes {', '.join(DECODE_PASSES)}; got {', '.join(other)}")
@@ -392,11 +511,33 @@ def decoder_from(src, passes: list | None = None, *, max_len: int = 256, calib_t
         inputs, desc = calibration_inputs(program, texts=calib_texts, samples=samples, seq_len=seq_len, seed=seed)
         run = Pipeline(passes, seed=seed).run(program, inputs, desc)
         report, meta = run.report, run.program.meta
-    window = meta.get("kv_window") or {}
-    policy = KVPolicy(sinks=window.get("sinks", 0), window=window.get("window", 0),
-                      key_channels=decode_key_channels(meta, dims["layers"]))
+    policy = policy_from_meta(meta, dims["layers"])
     decoder = build_decoder(loaded.module, max_len=max_len, policy=policy, source=loaded.source)
     return decoder, loaded, report
+
+
+def _is_output_folder(src) -> bool:
+    from pathlib import Path
+    from .load import is_rewriter_output
+    return isinstance(src, (str, Path)) and is_rewriter_output(Path(src))
+
+
+def _output_decoder(folder, passes: list):
+    """A rewriter output -> (its decoder weights as a LoadedModel, its KV policy)."""
+    if passes:
+        raise ValueError(f"{folder} is a rewriter output whose KV policy `rewriter optimize` already fixed; --pass "
+                         "applies to HF folders only")
+    from .backends.torch_backend import load_decoder
+    return load_decoder(folder)
+
+
+def policy_from_meta(meta: dict, layers: int) -> KVPolicy:
+    """The decode-cache policy the KV passes recorded in program.meta (think static/dynamic, kv-window)."""
+    from .passes.kv_thin import decode_dynamic_think, decode_key_channels
+    window = meta.get("kv_window") or {}
+    dyn = decode_dynamic_think(meta, layers)
+    return KVPolicy(sinks=window.get("sinks", 0), window=window.get("window", 0),
+                    key_channels=decode_key_channels(meta, layers), think_dynamic=ThinkDynamic(**dyn) if dyn else None)
 
 
 def kv_bytes(decoder: Decoder, tokens: int) -> dict:
@@ -410,10 +551,14 @@ def kv_bytes(decoder: Decoder, tokens: int) -> dict:
 
 def generate(src, *, prompt: str | None = None, prompt_ids: list[int] | None = None, max_new_tokens: int = 20,
              passes: list | None = None, max_len: int | None = None, **calib) -> GenerateResult:
-    """Greedy generation through the captured prefill/decode programs, optionally with think / kv-window."""
+    """Greedy generation through the captured prefill/decode programs, optionally with think / kv-window.
+    SRC: an HF decoder folder (with `passes`) or a rewriter output written from one (its KV policy applies)."""
     if (prompt is None) == (prompt_ids is None):
         raise ValueError("give exactly one of prompt (text) or prompt_ids (token ids)")
     from .load import LoadedModel, load
+    policy = None
+    if _is_output_folder(src):
+        src, policy = _output_decoder(src, passes)
     loaded = src if isinstance(src, LoadedModel) else load(src) if not isinstance(src, nn.Module) \
         else LoadedModel(module=src, config=getattr(src, "config", None))
     tokenizer = None
@@ -428,7 +573,7 @@ def generate(src, *, prompt: str | None = None, prompt_ids: list[int] | None = N
     if int(ids.min()) < 0 or int(ids.max()) >= vocab:
         raise ValueError(f"prompt ids must be in [0, {vocab}); got {ids.tolist()[0]}")
     total = ids.shape[1] + max_new_tokens
-    decoder, loaded, report = decoder_from(loaded, passes, max_len=max_len or max(total, 2), **calib)
+    decoder, loaded, report = decoder_from(loaded, passes, max_len=max_len or max(total, 2), policy=policy, **calib)
     out = decoder.generate(ids, max_new_tokens, eos_token_id=getattr(loaded.config, "eos_token_id", None)
                            if tokenizer is not None else None)
     new = out[:, ids.shape[1]:]

@@ -107,3 +107,48 @@ def test_cli_generate_prints_the_greedy_ids(tiny_folders):
     assert got["ids"] == ref.tolist()
     bad = CliRunner().invoke(app, ["generate", str(tiny_folders["gpt2"]), "--prompt-ids", "1,x"])
     assert bad.exit_code == 2 and "comma-separated integers" in bad.output
+
+
+# --- rewriter outputs carry what decode needs ---------------------------------------------------------------------
+
+@pytest.mark.parametrize("spec", ["think:ratio=0.5", "kv-window:sinks=2,window=6"])
+def test_optimize_output_generates_like_the_hf_folder_with_the_same_passes(tiny_folders, tmp_path, spec):
+    import json
+    from typer.testing import CliRunner
+    from rewriter.api import optimize
+    from rewriter.cli import app
+    from rewriter.recipe import parse_pass_flag
+    out = tmp_path / "out"
+    run = optimize(tiny_folders["llama"], [parse_pass_flag(spec)], out=out, samples=2, seq_len=16)
+    decode = json.loads((out / "rewriter.json").read_text())["decode"]
+    assert (out / decode["weights"] / "config.json").exists()
+    meta = run.program.meta
+    if "think_key_channels" in meta:
+        assert decode["kv_policy"]["key_channels"] == [meta["think_key_channels"][i] for i in range(2)]
+    else:
+        assert (decode["kv_policy"]["sinks"], decode["kv_policy"]["window"]) == (2, 6)
+    ours = generate(out, prompt_ids=[5, 6, 7], max_new_tokens=16)        # 19 tokens: a 2 + 6 window evicts
+    ref = generate(tiny_folders["llama"], prompt_ids=[5, 6, 7], max_new_tokens=16, passes=[parse_pass_flag(spec)],
+                   samples=2, seq_len=16)
+    assert torch.equal(ours.ids, ref.ids)
+    assert ours.kv == ref.kv and ours.kv["after"] != ours.kv["before"]
+    r = CliRunner().invoke(app, ["generate", str(out), "--prompt-ids", "5,6,7", "--max-new-tokens", "16", "--json"])
+    assert r.exit_code == 0, r.output
+    assert json.loads(r.stdout.strip().splitlines()[-1])["ids"] == ref.ids.tolist()
+
+
+def test_generate_refuses_outputs_it_cannot_decode(tiny_folders, tmp_path):
+    from rewriter.api import optimize
+    from rewriter.decode import KVPolicy, ThinkDynamic
+    from rewriter.errors import RewriterError
+    from rewriter.pipeline import make_pass
+    optimize(tiny_folders["bert"], [make_pass("kv-window", {"sinks": 2, "window": 6})], out=tmp_path / "bert",
+             samples=2, seq_len=16)
+    with pytest.raises(RewriterError, match="holds a 'bert' program, not a decoder LM"):
+        generate(tmp_path / "bert", prompt_ids=[1, 2], max_new_tokens=2)
+    optimize(tiny_folders["llama"], [make_pass("kv-window", {"sinks": 2, "window": 6})], out=tmp_path / "llama",
+             samples=2, seq_len=16)
+    with pytest.raises(ValueError, match="--pass applies to HF folders only"):
+        generate(tmp_path / "llama", prompt_ids=[1, 2], max_new_tokens=2, passes=[make_pass("think", {})])
+    dyn = KVPolicy(sinks=1, window=3, think_dynamic=ThinkDynamic(0.25, 7))
+    assert KVPolicy.from_json(dyn.to_json()) == dyn

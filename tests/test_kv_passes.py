@@ -1,12 +1,17 @@
-"""think (ThinK static key-channel pruning) and kv-window (StreamingLLM eviction) against independent oracles."""
+"""think (ThinK key-channel pruning, static and dynamic) and kv-window (StreamingLLM eviction) against independent
+oracles."""
 from __future__ import annotations
 
 import pytest
 import torch
+from transformers import DynamicCache
 
 from conftest import model_inputs, tiny_model
 from rewriter.capture import capture
-from rewriter.decode import KVPolicy, build_decoder
+from rewriter.canonical import canonicalize
+from rewriter.decode import KVPolicy, ThinkDynamic, build_decoder
+from rewriter.graph import record_node_inputs
+from rewriter.sites import attention_sites
 from rewriter.errors import RewriterError
 from rewriter.load import LoadedModel
 from rewriter.passes.kv_thin import decode_key_channels, kept_channels, think_scores
@@ -98,6 +103,10 @@ def test_think_decode_cache_is_narrow_and_equals_rewritten_program(thought):
     k, _ = dec.empty_cache(1)
     D = dec.dims["head_dim"]
     assert k.shape[-1] == D // 2
+    for program in (dec.prefill, dec.step):      # q.k runs over the kept channels only: SDPA at width D/2
+        gm = program.module()
+        canonicalize(gm)
+        assert [(s.head_dim, s.scale) for s in attention_sites(gm)] == [(D // 2, D ** -0.5)] * 2
     assert dec.kv_bytes_per_token() == 2 * dec.dims["kv_heads"] * (D // 2 + D) * 4
     ids = _ids(2, 20, 5)
     tf = dec.teacher_forced_logits(ids, prefix=5)
@@ -124,6 +133,132 @@ def test_think_ratio_zero_equals_original(arch):
 def test_think_rejects_ratio_outside_unit_interval(ratio):
     with pytest.raises(RewriterError, match=r"ratio must be in \[0, 1\)"):
         make_pass("think", {"ratio": ratio})
+
+
+# --- think dynamic (per prompt, chosen at prefill) ------------------------------------------------------------------
+
+N_OBS, RATIO = 5, 0.5
+
+
+@pytest.fixture(scope="module", params=["llama", "gpt2"])    # GQA (4 heads, 2 KV heads) and MHA
+def dynamic(request):
+    model = tiny_model(request.param)
+    return model, build_decoder(model, max_len=24, policy=KVPolicy(think_dynamic=ThinkDynamic(RATIO, N_OBS)))
+
+
+def _prompt_qk(model, ids):
+    """Post-RoPE q, k of every layer on the prompt, from the full-sequence program (not the decode programs)."""
+    gm = capture(LoadedModel(model, model.config)).module()
+    canonicalize(gm)
+    sites = attention_sites(gm)
+    rec = record_node_inputs(gm, {"input_ids": ids, "attention_mask": torch.ones_like(ids)}, {s.node for s in sites})
+    return [rec[s.node][0][:2] for s in sites]
+
+
+def _oracle_prompt_channels(q, k, ratio, n_obs):
+    """ThinK dynamic by its definition, float64 loops, one batch row: (Hkv, kept)."""
+    _, H, T, D = q.shape
+    Hkv, g = k.shape[1], q.shape[1] // k.shape[1]
+    kept = []
+    for j in range(Hkv):
+        s = [0.0] * D
+        for h in range(j * g, (j + 1) * g):
+            for c in range(D):
+                q_mean = sum(float(q[0, h, t, c]) ** 2 for t in range(max(T - n_obs, 0), T)) / min(T, n_obs)
+                k_mean = sum(float(k[0, j, t, c]) ** 2 for t in range(T)) / T
+                s[c] += q_mean * k_mean / g
+        order = sorted(range(D), key=lambda c: -s[c])
+        kept.append(sorted(order[: D - int(ratio * D)]))
+    return torch.tensor(kept)
+
+
+def test_dynamic_channels_match_definition_per_row(dynamic):
+    model, dec = dynamic
+    ids = _ids(2, 12, 11)
+    _, keys, _, channels = dec.prefill.run(input_ids=ids)              # channels (N, B, Hkv, kept)
+    D = dec.dims["head_dim"]
+    assert channels.shape == (2, 2, dec.dims["kv_heads"], D - int(RATIO * D))
+    for layer, (q, k) in enumerate(_prompt_qk(model, ids)):
+        for b in range(2):
+            expect = _oracle_prompt_channels(q[b:b + 1].double(), k[b:b + 1].double(), RATIO, N_OBS)
+            assert torch.equal(channels[layer, b], expect)
+            # the cache holds exactly those channels of the post-RoPE keys
+            torch.testing.assert_close(keys[layer, b], torch.stack([k[b, j][:, expect[j]] for j in range(len(expect))]),
+                                       atol=1e-6, rtol=1e-5)
+
+
+def test_dynamic_choice_depends_on_the_prompt_and_rows_choose_independently(dynamic):
+    _, dec = dynamic
+    a, b = _ids(1, 10, 1), _ids(1, 10, 2)
+    ch_a, ch_b = dec.prefill.run(input_ids=a)[3], dec.prefill.run(input_ids=b)[3]
+    assert not torch.equal(ch_a, ch_b)
+    both = dec.prefill.run(input_ids=torch.cat([a, b]))[3]
+    assert torch.equal(both[:, :1], ch_a) and torch.equal(both[:, 1:], ch_b)
+
+
+class _ZeroPrunedCache(DynamicCache):
+    """Reference cache: transformers' DynamicCache whose returned keys have the pruned channels zeroed once a
+    mask is set (after the prompt, which ThinK attends with all channels)."""
+    keep_mask = None          # (N, B, Hkv, 1, D): 1.0 on kept channels
+
+    def update(self, key_states, value_states, layer_idx, *args, **kwargs):
+        k, v = super().update(key_states, value_states, layer_idx, *args, **kwargs)
+        return (k if self.keep_mask is None else k * self.keep_mask[layer_idx]), v
+
+
+def test_dynamic_decode_equals_float64_zeroed_channel_reference(dynamic):
+    import copy
+    model, dec = dynamic
+    ids, prefix = _ids(2, 18, 3), 6
+    got = dec.teacher_forced_logits(ids, prefix)
+    channels = dec.prefill.run(input_ids=ids[:, :prefix])[3]
+    ref_model = copy.deepcopy(model).double()
+    cache = _ZeroPrunedCache(config=ref_model.config)
+    ref = []
+    with torch.no_grad():
+        ref.append(ref_model(input_ids=ids[:, :prefix], cache=cache, use_cache=True).logits[:, -1])
+        mask = torch.zeros(*channels.shape[:-1], dec.dims["head_dim"], dtype=torch.float64)
+        cache.keep_mask = mask.scatter(-1, channels, 1.0)[:, :, :, None, :]
+        for t in range(prefix, ids.shape[1]):
+            ref.append(ref_model(input_ids=ids[:, t:t + 1], cache=cache, use_cache=True).logits[:, -1])
+    ref = torch.stack(ref, dim=1)
+    torch.testing.assert_close(got.double(), ref, atol=1e-5, rtol=0)
+    with torch.no_grad():          # and the pruning matters: the unpruned model differs
+        full = model(input_ids=ids).logits[:, prefix - 1:]
+    assert (got - full).abs().max() > 1e-3
+
+
+@pytest.mark.parametrize("arch", ["llama", "gpt2"])
+def test_dynamic_ratio_zero_equals_transformers_generate(arch):
+    model = tiny_model(arch)
+    dec = build_decoder(model, max_len=20, policy=KVPolicy(think_dynamic=ThinkDynamic(0.0, 3)))
+    ids = _ids(2, 6, 2)
+    ref = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=10, do_sample=False,
+                         pad_token_id=0, eos_token_id=None)
+    assert torch.equal(dec.generate(ids, 10), ref)
+
+
+def test_dynamic_pass_leaves_the_program_and_records_the_policy():
+    model = tiny_model("llama")
+    program = capture(LoadedModel(model, model.config))
+    run = Pipeline([make_pass("think", {"mode": "dynamic", "ratio": 0.25, "n_obs": 8})]).run(
+        program, model_inputs("llama", 2, 16))
+    assert run.report["passes"][0]["metrics"]["max_abs_error"] == 0
+    assert run.program.meta["think_dynamic"] == {"ratio": 0.25, "n_obs": 8, "layers": [0, 1]}
+    assert "think_key_channels" not in run.program.meta
+    assert run.report["passes"][0]["summary"]["key_channels_kept_fraction"] == 0.75
+
+
+def test_dynamic_bad_configs_rejected(dynamic):
+    with pytest.raises(RewriterError, match="n_obs must be >= 1"):
+        make_pass("think", {"mode": "dynamic", "n_obs": 0})
+    with pytest.raises(RewriterError, match="think mode must be one of static, dynamic; got 'perprompt'"):
+        make_pass("think", {"mode": "perprompt"})
+    model, dec = dynamic
+    with pytest.raises(ValueError, match="n_obs >= 1"):
+        build_decoder(model, policy=KVPolicy(think_dynamic=ThinkDynamic(0.5, 0)))
+    with pytest.raises(ValueError, match="at least 2 tokens"):
+        dec.generate(_ids(1, 1, 0), 3)
 
 
 # --- kv-window (StreamingLLM) -------------------------------------------------------------------------------------
@@ -153,7 +288,7 @@ def test_eviction_keeps_sinks_and_recent_keys_rerotated_to_their_slots(llama):
     model, dense, dec = llama
     ids = _ids(1, 15, 4)
     _, pk, pv = dense.prefill.run(input_ids=ids)                       # (N, 1, Hkv, 15, D), positions 0..14
-    _, k, v, n = dec._prefill(ids)
+    _, k, v, n, _ = dec._prefill(ids)
     assert n == SINKS + WINDOW - 1 and k.shape[-2] == SINKS + WINDOW
     drop = 15 - n
     torch.testing.assert_close(k[..., :SINKS, :], pk[..., :SINKS, :])

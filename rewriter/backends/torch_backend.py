@@ -1,6 +1,7 @@
-"""Outputs in PyTorch formats: model.pt2 (always), an HF folder (when every pass was weight-only), and the
-metadata that lets `load_program` rebuild a Program. Everything is written to a temporary folder beside the
-target and moved into place only when complete."""
+"""Outputs in PyTorch formats: model.pt2 (always), an HF folder (when every pass was weight-only), the
+metadata that lets `load_program` rebuild a Program, and for decoder LMs with KV passes (think, kv-window) what
+`rewriter generate` needs: the weights as an HF folder `decoder/` and the decode-cache policy in rewriter.json.
+Everything is written to a temporary folder beside the target and moved into place only when complete."""
 from __future__ import annotations
 
 import copy
@@ -20,6 +21,8 @@ from ..program import WRAPPER_PREFIX, Program
 META_FILE = "rewriter.json"
 PROGRAM_FILE = "model.pt2"
 INPUTS_FILE = "example_inputs.safetensors"
+DECODER_DIR = "decoder"
+KV_META_KEYS = ("think_key_channels", "think_dynamic", "kv_window")
 SENTENCE_TRANSFORMERS_FILES = ("modules.json", "sentence_bert_config.json", "config_sentence_transformers.json")
 
 
@@ -81,12 +84,56 @@ def write_program(program: Program, folder: Path) -> None:
         "source": program.source,
         "meta": {k: _jsonable(v) for k, v in program.meta.items() if k != "eager_model"},
     }
+    if any(k in program.meta for k in KV_META_KEYS):
+        meta["decode"] = write_decoder(program, folder)
     (folder / META_FILE).write_text(json.dumps(meta, indent=1))
     src = program.meta.get("hf_folder")
     if src:   # tokenizer travels with the program so calibration and generate keep working
         for name in TOKENIZER_FILES:
             if (Path(src) / name).exists():
                 shutil.copy2(Path(src) / name, folder / name)
+
+
+def write_decoder(program: Program, folder: Path) -> dict:
+    """The decode bundle of a decoder LM: its weights (HF folder) and KV policy; or why there is none."""
+    from ..decode import DECODER_TYPES, decoder_dims, policy_from_meta
+    model_type = program.config.get("model_type", "")
+    if model_type not in DECODER_TYPES:
+        return {"unavailable": f"model_type '{model_type}' is not a decoder LM ({', '.join(DECODER_TYPES)})"}
+    custom = sorted({str(n.target) for n in program.ep.graph.nodes
+                     if isinstance(n.target, torch._ops.OpOverload) and n.target.namespace == "rewriter"})
+    if custom:   # the decode programs re-capture the HF model, which knows nothing of these rewrites
+        return {"unavailable": f"the program holds rewrites the decode path does not reproduce ({', '.join(custom)})"}
+    eager = program.meta.get("eager_model")
+    if eager is None:
+        return {"unavailable": "no eager model (the program was loaded from .pt2)"}
+    try:
+        policy = policy_from_meta(program.meta, decoder_dims(eager.config)["layers"])
+        write_hf_folder(program, folder / DECODER_DIR)
+    except (RewriterError, ValueError) as e:
+        shutil.rmtree(folder / DECODER_DIR, ignore_errors=True)
+        return {"unavailable": str(e).splitlines()[0]}
+    return {"weights": DECODER_DIR, "kv_policy": policy.to_json()}
+
+
+def load_decoder(folder: str | Path):
+    """A rewriter output -> (LoadedModel of its decoder weights, KVPolicy) for rewriter.decode."""
+    from ..decode import DECODER_TYPES, KVPolicy
+    from ..load import load_hf
+    folder = Path(folder)
+    try:
+        meta = json.loads((folder / META_FILE).read_text())
+    except (OSError, json.JSONDecodeError) as e:
+        raise RewriterError(f"cannot read {folder / META_FILE}: {e}") from None
+    model_type = meta.get("config", {}).get("model_type", "")
+    if model_type not in DECODER_TYPES:
+        raise RewriterError(f"{folder} holds a '{model_type}' program, not a decoder LM",
+                            f"generate runs {', '.join(DECODER_TYPES)} models")
+    decode = meta.get("decode") or {"unavailable": "it was written without a think or kv-window pass"}
+    if "unavailable" in decode:
+        raise RewriterError(f"{folder} has no decode weights and KV policy: {decode['unavailable']}",
+                            "generate from the HF folder with --pass think:... / kv-window:...")
+    return load_hf(folder / decode["weights"]), KVPolicy.from_json(decode["kv_policy"])
 
 
 def write_hf_folder(program: Program, folder: Path) -> None:

@@ -1,4 +1,4 @@
-"""KV thinning: `think` (ThinK query-driven key-channel pruning, static mode) and `kv-window` (StreamingLLM
+"""KV thinning: `think` (ThinK query-driven key-channel pruning, static or dynamic) and `kv-window` (StreamingLLM
 eviction in the decode cache).
 
 ThinK score of key channel c for query head h: s[h, c] = mean over observed queries of q[h, :, c]^2 times mean over
@@ -8,8 +8,15 @@ int(ratio * head_dim) channels are pruned (the same count rule as NVIDIA kvpress
 
 `think` on a program rewrites each selected SDPA site to SDPA(q[..., kept], k[..., kept], v, scale) with the
 original scale; the chosen channels are kept in `program.meta["think_key_channels"]` (layer -> (Hkv, kept)) and
-`rewriter.decode` stores only those channels of the post-RoPE keys in its cache. Only static mode exists (channels
-chosen once on calibration prompts); dynamic per-prompt selection is not implemented.
+`rewriter.decode` stores only those channels of the post-RoPE keys in its cache (static mode: channels chosen once on
+calibration prompts).
+
+`think:mode=dynamic,ratio=R,n_obs=N` chooses the channels per prompt instead, as ThinK does: at prefill, for each
+batch row, layer and KV head, the same score from the prompt's last N queries and all its keys picks the kept
+channels; the decode cache stores those channels of the keys plus the channel index, and every later token's key and
+query use only them. The prompt itself is attended with all channels (pruning applies to the cache later tokens
+read), so the full-sequence program is unchanged in dynamic mode: the pass records the policy in
+`program.meta["think_dynamic"]` for `rewriter.decode`.
 
 `kv-window` does not change the full-sequence program (it has no cache); it records the StreamingLLM policy in
 `program.meta["kv_window"]`, which `rewriter.decode.build_decoder` / `rewriter generate` apply to the decode cache.
@@ -48,8 +55,23 @@ def think_scores(q: torch.Tensor, k: torch.Tensor, token_mask: torch.Tensor | No
     return per_query_head.view(Hkv, H // Hkv, D).mean(dim=1)
 
 
+def prompt_key_channels(q: torch.Tensor, k: torch.Tensor, ratio: float, n_obs: int) -> torch.Tensor:
+    """Dynamic ThinK: kept key channels per batch row and KV head, (B, Hkv, D - int(ratio * D)), from one prompt's
+    queries (B, H, T, D) (its last n_obs) and keys (B, Hkv, T, D), post-RoPE."""
+    B, H, _, D = q.shape
+    Hkv = k.shape[1]
+    T = q.shape[2]
+    # the last n_obs positions as weights rather than a slice, so a captured prefill stays valid for every length
+    observed = (torch.arange(T, device=q.device) >= T - n_obs).double()
+    q2 = torch.einsum("bhtd,t->bhd", q.double() ** 2, observed / observed.sum())     # (B, H, D)
+    k2 = (k.double() ** 2).mean(dim=2)                                    # (B, Hkv, D)
+    # group mean of per-query-head scores q2[h] * k2[kv(h)] = k2 times the group mean of q2
+    scores = q2.view(B, Hkv, H // Hkv, D).mean(dim=2) * k2
+    return kept_channels(scores, ratio)
+
+
 def kept_channels(scores: torch.Tensor, ratio: float) -> torch.Tensor:
-    """(Hkv, D) scores -> (Hkv, D - int(ratio * D)) kept channel indices, ascending."""
+    """(..., D) scores -> (..., D - int(ratio * D)) kept channel indices, ascending."""
     if not 0 <= ratio < 1:
         raise ValueError(f"think ratio must be in [0, 1); got {ratio}")
     D = scores.shape[-1]
@@ -57,13 +79,23 @@ def kept_channels(scores: torch.Tensor, ratio: float) -> torch.Tensor:
     return scores.topk(keep, dim=-1).indices.sort(dim=-1).values
 
 
+THINK_MODES = ("static", "dynamic")
+
+
 @dataclass
 class ThinkConfig(PassConfig):
     ratio: float = field(default=0.4, metadata={"help": "fraction of key channels pruned, in [0, 1)"})
+    mode: str = field(default="static", metadata={
+        "help": "static: channels chosen once on calibration prompts; dynamic: per prompt at prefill (decode only)"})
+    n_obs: int = field(default=32, metadata={"help": "dynamic mode: the prompt's last n_obs queries score channels"})
 
     def validate(self):
         if not 0 <= self.ratio < 1:
             raise ValueError(f"think ratio must be in [0, 1); got {self.ratio}")
+        if self.mode not in THINK_MODES:
+            raise ValueError(f"think mode must be one of {', '.join(THINK_MODES)}; got '{self.mode}'")
+        if self.n_obs < 1:
+            raise ValueError(f"think n_obs must be >= 1 (queries observed at prefill); got {self.n_obs}")
 
 
 def _gather_channels(graph: fx.Graph, x: fx.Node, index_attr: str) -> fx.Node:
@@ -78,7 +110,8 @@ def _gather_channels(graph: fx.Graph, x: fx.Node, index_attr: str) -> fx.Node:
 class ThinkPass(Pass):
     name = "think"
     config_class = ThinkConfig
-    summary = "ThinK: prune the least query-relevant key channels (static, calibrated); cache keeps only the rest"
+    summary = "ThinK: prune the least query-relevant key channels (static: calibrated; dynamic: per prompt at " \
+              "prefill); the decode cache keeps only the rest"
 
     def run(self, gm, ctx) -> PassResult:
         keep = self.config.site_filter()
@@ -87,6 +120,8 @@ class ThinkPass(Pass):
         if not sites:
             result.notes.append("no attention site matched the filter")
             return result
+        if self.config.mode == "dynamic":
+            return self._dynamic(sites, result)
         ctx.progress("think: recording post-RoPE queries and keys on calibration data")
         recorded = record_node_inputs(gm, ctx.calib_inputs, {s.node for s in sites})
         nodes = {n.name: n for n in gm.graph.nodes}
@@ -125,6 +160,17 @@ class ThinkPass(Pass):
         result.summary = {"sites": len(sites), "key_channels_kept_fraction": kept_total / full}
         return result
 
+    def _dynamic(self, sites, result: PassResult) -> PassResult:
+        """Record the policy only: the full-sequence program attends each prompt with all channels."""
+        D = sites[0].head_dim
+        kept = D - int(self.config.ratio * D)
+        result.meta["think_dynamic"] = {"ratio": self.config.ratio, "n_obs": self.config.n_obs,
+                                        "layers": sorted(s.layer for s in sites if s.layer is not None)}
+        result.notes.append(f"think dynamic ratio={self.config.ratio} n_obs={self.config.n_obs} applies to the decode "
+                            "cache (rewriter generate); the full-sequence program is unchanged")
+        result.summary = {"sites": len(sites), "mode": "dynamic", "key_channels_kept_fraction": kept / D}
+        return result
+
 
 @dataclass
 class KVWindowConfig(PassConfig):
@@ -152,6 +198,18 @@ class KVWindowPass(Pass):
         result.notes.append(f"kv-window sinks={self.config.sinks} window={self.config.window} applies to the decode "
                             "cache (rewriter generate); the full-sequence program is unchanged")
         return result
+
+
+def decode_dynamic_think(meta: dict, layers: int) -> dict | None:
+    """program.meta['think_dynamic'] -> {'ratio', 'n_obs'} for rewriter.decode; None when absent."""
+    dyn = meta.get("think_dynamic")
+    if not dyn:
+        return None
+    missing = sorted(set(range(layers)) - set(dyn["layers"]))
+    if missing:
+        raise ValueError(f"think must cover every layer for the decode cache (one cache tensor); layers {missing} "
+                         "were filtered out")
+    return {"ratio": float(dyn["ratio"]), "n_obs": int(dyn["n_obs"])}
 
 
 def decode_key_channels(meta: dict, layers: int) -> torch.Tensor | None:

@@ -6,6 +6,7 @@ whole front end and back end (TTIR -> TTGIR -> LLVM -> PTX -> cubin with the ptx
 """
 from __future__ import annotations
 
+import contextlib
 import inspect
 
 import pytest
@@ -20,6 +21,21 @@ from rewriter.kernels import (binary_linear, block_sparse_attention, linear_atte
 SM90 = GPUTarget("cuda", 90, 32)
 
 
+@contextlib.contextmanager
+def compilable(jit_fn):
+    """The kernel as a JITFunction, also when another test module imported triton under TRITON_INTERPRET=1 (then
+    `@triton.jit` made InterpretedFunctions, which triton.compile cannot take): the kernel and the jitted helpers in
+    its module are swapped for JITFunctions of the same Python functions while compiling."""
+    from triton.runtime.jit import JITFunction
+    scope = jit_fn.fn.__globals__
+    swapped = {name: obj for name, obj in scope.items() if type(obj).__name__ == "InterpretedFunction"}
+    try:
+        scope.update({name: JITFunction(obj.fn) for name, obj in swapped.items()})
+        yield jit_fn if isinstance(jit_fn, JITFunction) else JITFunction(jit_fn.fn)
+    finally:
+        scope.update(swapped)
+
+
 def compile_for_sm90(jit_fn, types: dict[str, str], constexprs: dict, num_warps: int = 4, aligned: bool = False):
     """Arguments not named in `types` or `constexprs` are i32 scalars. aligned: every pointer and integer argument
     carries the 16-divisibility hint that a launch with long, aligned tensors gets (other code paths)."""
@@ -31,9 +47,10 @@ def compile_for_sm90(jit_fn, types: dict[str, str], constexprs: dict, num_warps:
     if aligned:
         attrs = {(i,): [["tt.divisibility", 16]] for i, n in enumerate(names)
                  if signature[n] != "constexpr" and (signature[n].startswith("*") or signature[n] == "i32")}
-    src = ASTSource(fn=jit_fn, signature=signature, attrs=attrs,
-                    constexprs={(names.index(k),): v for k, v in constexprs.items()})
-    compiled = triton.compile(src, target=SM90, options={"num_warps": num_warps})
+    with compilable(jit_fn) as fn:
+        src = ASTSource(fn=fn, signature=signature, attrs=attrs,
+                        constexprs={(names.index(k),): v for k, v in constexprs.items()})
+        compiled = triton.compile(src, target=SM90, options={"num_warps": num_warps})
     assert compiled.asm.get("cubin"), "no machine code produced"
     return compiled
 

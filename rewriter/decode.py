@@ -77,6 +77,10 @@ class _ExplicitCache:
             k = torch.zeros(*k.shape[:-1], self.head_dim, dtype=k.dtype, device=k.device).scatter(-1, idx, k)
         return k, v
 
+    def outputs(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """The cache tensors the programs return (N, B, Hkv, slots, Dk|Dv)."""
+        return torch.stack(self.keys), torch.stack(self.values)
+
 
 class _CacheModule(nn.Module):
     """The HF model plus the ThinK channel index (a buffer, so export sees it as a constant input)."""
@@ -90,16 +94,20 @@ class _CacheModule(nn.Module):
             del self.key_channels
             self.register_buffer("key_channels", key_channels, persistent=False)
 
+    def new_cache(self, k_cache, v_cache, cache_position):
+        """The duck-typed cache HF's layers write to (a hook: the MLA decoder caches a latent instead)."""
+        return _ExplicitCache(k_cache, v_cache, cache_position, self.key_channels, self.head_dim)
+
 
 class _PrefillModule(_CacheModule):
     def forward(self, input_ids):
         B, T = input_ids.shape
         pos = torch.arange(T, device=input_ids.device)
         mask = (pos[None, :] <= pos[:, None])[None, None].expand(B, 1, T, T)
-        cache = _ExplicitCache(None, None, None, self.key_channels, self.head_dim)
+        cache = self.new_cache(None, None, None)
         out = self.model(input_ids=input_ids, position_ids=pos[None].expand(B, T), attention_mask=mask,
                          cache=cache, use_cache=True)
-        return out.logits, torch.stack(cache.keys), torch.stack(cache.values)
+        return (out.logits, *cache.outputs())
 
 
 class _StepModule(_CacheModule):
@@ -108,10 +116,10 @@ class _StepModule(_CacheModule):
         L = k_cache.shape[3]
         slots = torch.arange(L, device=input_ids.device)
         mask = (slots[None, :] <= cache_position[:, None])[None, None].expand(B, 1, T, L)
-        cache = _ExplicitCache(k_cache, v_cache, cache_position, self.key_channels, self.head_dim)
+        cache = self.new_cache(k_cache, v_cache, cache_position)
         out = self.model(input_ids=input_ids, position_ids=cache_position[None].expand(B, T), attention_mask=mask,
                          cache=cache, use_cache=True)
-        return out.logits, torch.stack(cache.keys), torch.stack(cache.values)
+        return (out.logits, *cache.outputs())
 
 
 @dataclass
@@ -327,7 +335,7 @@ def _rope_inv_freq(model: nn.Module) -> torch.Tensor:
     raise RewriterError("no rotary embedding module (…rotary_emb with inv_freq) found for StreamingLLM re-rotation")
 
 
-DECODE_PASSES = ("think", "kv-window")
+DECODE_PASSES = ("think", "kv-window", "mla")
 
 
 @dataclass
@@ -365,6 +373,11 @@ def decoder_from(src, passes: list | None = None, *, max_len: int = 256, calib_t
     window = meta.get("kv_window") or {}
     policy = KVPolicy(sinks=window.get("sinks", 0), window=window.get("window", 0),
                       key_channels=decode_key_channels(meta, dims["layers"]))
+    if meta.get("mla"):     # the cache holds the MLA latent instead of keys and values
+        from .passes.mla import build_latent_decoder
+        if policy.evicts or policy.key_channels is not None:
+            raise ValueError("mla cannot be combined with think or kv-window in one decode cache; use one of them")
+        return build_latent_decoder(loaded.module, meta["mla"], max_len=max_len, source=loaded.source), loaded, report
     decoder = build_decoder(loaded.module, max_len=max_len, policy=policy, source=loaded.source)
     return decoder, loaded, report
 

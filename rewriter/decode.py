@@ -363,6 +363,8 @@ def decoder_from(src, passes: list | None = None, *, max_len: int = 256, calib_t
     other = [p.name for p in passes if p.name not in DECODE_PASSES]
     if other:
         raise ValueError(f"generate runs only the KV passes {', '.join(DECODE_PASSES)}; got {', '.join(other)}")
+    if "mla" in {p.name for p in passes} and len(passes) > 1:
+        raise ValueError("mla cannot be combined with other KV passes in one decode cache; use one of them")
     report = None
     meta: dict = {}
     if passes:
@@ -375,8 +377,6 @@ def decoder_from(src, passes: list | None = None, *, max_len: int = 256, calib_t
                       key_channels=decode_key_channels(meta, dims["layers"]))
     if meta.get("mla"):     # the cache holds the MLA latent instead of keys and values
         from .passes.mla import build_latent_decoder
-        if policy.evicts or policy.key_channels is not None:
-            raise ValueError("mla cannot be combined with think or kv-window in one decode cache; use one of them")
         return build_latent_decoder(loaded.module, meta["mla"], max_len=max_len, source=loaded.source), loaded, report
     decoder = build_decoder(loaded.module, max_len=max_len, policy=policy, source=loaded.source)
     return decoder, loaded, report

@@ -24,26 +24,31 @@ PCA across KV heads, RoPE kept only on a few dimensions, the rest compressed wit
 """
 from __future__ import annotations
 
+import operator
 from dataclasses import dataclass, field
 
 import torch
-from torch import fx
+from torch import fx, nn
 
 from ..config import PassConfig
 from ..decode import Decoder, KVPolicy, _PrefillModule, _StepModule, _export, decoder_dims
 from ..errors import RewriterError
 from ..graph import add_tensor, aten, drop_unused_attributes, erase_dead, get_attr_tensor, record_node_inputs
 from ..pipeline import Pass, PassResult, SiteChange, register_pass
+from ..program import WRAPPER_PREFIX
 from .linear import _activations
 
 
 @dataclass
 class MLAConfig(PassConfig):
-    rank: int = field(default=0, metadata={"help": "latent values per token and layer (0: unset)"})
-    ratio: float = field(default=0.0, metadata={"help": "fraction of the KV cache kept: rank = ratio * 2 * kv_heads * "
-                                                         "head_dim (0: unset)"})
+    rank: int = field(default=0, metadata={"help": "latent values per token and layer, RoPE dims excluded (0: unset)"})
+    ratio: float = field(default=0.0, metadata={"help": "fraction of the KV cache kept, RoPE dims included: "
+                                                         "ratio * 2 * kv_heads * head_dim values (0: unset)"})
     energy: float = field(default=0.0, metadata={"help": "smallest rank keeping this share of the PCA energy of "
                                                           "[K | V] (0: unset); none of the three: full rank, exact"})
+    rope: str = field(default="exact", metadata={"help": "exact (RoPE re-applied to rebuilt keys) | decoupled "
+                                                          "(TransMLA: RoPE kept on rope_dims key dims, the rest NoPE)"})
+    rope_dims: int = field(default=0, metadata={"help": "decoupled: key dims that keep RoPE, even (0: head_dim)"})
 
     def validate(self):
         if self.rank < 0:
@@ -55,6 +60,12 @@ class MLAConfig(PassConfig):
         given = [name for name in ("rank", "ratio", "energy") if getattr(self, name)]
         if len(given) > 1:
             raise ValueError(f"mla takes at most one of rank, ratio, energy; got {', '.join(given)}")
+        if self.rope not in ("exact", "decoupled"):
+            raise ValueError(f"mla rope must be exact or decoupled; got {self.rope!r}")
+        if self.rope_dims < 0 or self.rope_dims % 2:
+            raise ValueError(f"mla rope_dims must be an even number >= 2 (0: head_dim); got {self.rope_dims}")
+        if self.rope_dims and self.rope != "decoupled":
+            raise ValueError("mla rope_dims applies to rope=decoupled only")
 
 
 @dataclass
@@ -84,21 +95,51 @@ def kv_pca(X: torch.Tensor, W: torch.Tensor, bias: torch.Tensor) -> KVPCA:
     return KVPCA(basis=basis, variance=variance, mean=mean, full_rank=full_rank)
 
 
-def latent_rank(cfg: MLAConfig, pca: KVPCA, where: str) -> int:
+def decoupled_rope_basis(K: torch.Tensor, kv_heads: int, head_dim: int, rope_dims: int
+                         ) -> tuple[torch.Tensor, float]:
+    """TransMLA's per-frequency PCA. K (tokens, Hkv * D) pre-RoPE keys. RoPE turns frequency i's pair
+    (k_h[i], k_h[i + D/2]) by the same angle in every KV head, so mixing that pair across heads with one orthogonal
+    Hkv x Hkv matrix commutes with RoPE. Per frequency, PCA across heads (second moment pooled over both pair
+    members); the rope_dims / 2 (frequency, component) pairs of most energy keep RoPE.
+    Returns E (Hkv * D, rope_dims), orthonormal columns (first the i, then the i + D/2 members, so they rotate in
+    rotate_half layout at frequencies E_freqs), and the share of key energy that keeps RoPE."""
+    n = K.shape[0]
+    half = head_dim // 2
+    Kh = K.double().reshape(n, kv_heads, head_dim)
+    a, b = Kh[..., :half], Kh[..., half:]                                    # (n, Hkv, D/2)
+    C = (torch.einsum("nhi,ngi->ihg", a, a) + torch.einsum("nhi,ngi->ihg", b, b)) / max(n, 1)   # (D/2, Hkv, Hkv)
+    evals, evecs = torch.linalg.eigh(C)                                      # ascending per frequency
+    top = evals.flatten().argsort(descending=True)[: rope_dims // 2]
+    freq, comp = top // kv_heads, top % kv_heads
+    order = torch.argsort(freq * kv_heads + comp)                            # stable layout: by frequency
+    freq, comp = freq[order], comp[order]
+    E = torch.zeros(kv_heads, head_dim, rope_dims, dtype=torch.float64)
+    cols = torch.arange(rope_dims // 2)
+    E[:, freq, cols] = evecs[freq, :, comp].T
+    E[:, freq + half, cols + rope_dims // 2] = evecs[freq, :, comp].T
+    share = float(evals.flatten()[top].sum() / evals.sum().clamp_min(1e-300))
+    return E.reshape(kv_heads * head_dim, rope_dims), share
+
+
+def latent_rank(cfg: MLAConfig, pca: KVPCA, where: str, reserved: int = 0) -> int:
+    """Latent rank for one layer; `reserved` cache values per token are already taken by the RoPE dims."""
     width = pca.basis.shape[0]
     if cfg.rank:
-        if cfg.rank > width:
-            raise RewriterError(f"mla rank {cfg.rank} exceeds the KV width 2 * kv_heads * head_dim = {width} of {where}",
-                                f"use rank <= {width}, or ratio/energy")
+        if cfg.rank + reserved > width:
+            raise RewriterError(f"mla rank {cfg.rank} (+ {reserved} RoPE dims) exceeds the KV width "
+                                f"2 * kv_heads * head_dim = {width} of {where}", f"use rank <= {width - reserved}")
         r = cfg.rank
     elif cfg.ratio:
-        r = max(1, int(cfg.ratio * width))
+        r = int(cfg.ratio * width) - reserved
+        if r < 1:
+            raise RewriterError(f"mla ratio {cfg.ratio} keeps {int(cfg.ratio * width)} of {width} cache values of "
+                                f"{where}, not more than the {reserved} RoPE dims", "raise ratio or lower rope_dims")
     elif cfg.energy:
         share = pca.variance.cumsum(0) / pca.variance.sum().clamp_min(1e-300)
         r = int((share < cfg.energy - 1e-12).sum()) + 1
     else:
         r = pca.full_rank
-    return min(r, pca.full_rank)
+    return max(1, min(r, pca.full_rank))
 
 
 def _kv_sites(ctx, gm, keep) -> list[tuple]:
@@ -128,6 +169,67 @@ def _linear_node(gm: fx.GraphModule, x: fx.Node, weight: str, bias: str, like: f
     return node
 
 
+def _split_rope(k_flat: torch.Tensor, rope_basis: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(..., Hkv * D) pre-RoPE keys -> (part that keeps RoPE, NoPE part); they sum to k_flat."""
+    rope = (k_flat @ rope_basis) @ rope_basis.T
+    return rope, k_flat - rope
+
+
+def _heads(flat: torch.Tensor, heads: int) -> torch.Tensor:
+    """(B, L, H * D) -> (B, H, L, D)."""
+    B, L, _ = flat.shape
+    return flat.reshape(B, L, heads, -1).transpose(1, 2)
+
+
+def _flat(x: torch.Tensor) -> torch.Tensor:
+    """(B, H, L, D) -> (B, L, H * D)."""
+    B, H, L, D = x.shape
+    return x.transpose(1, 2).reshape(B, L, H * D)
+
+
+class DecoupledRoPE(nn.Module):
+    """At an SDPA site of post-RoPE q (positions Lk-Lq .. Lk-1) and k (positions 0 .. Lk-1): q' = [q | q_pre] and
+    k' = [RoPE(k_rope) | k_nope] (head dim 2D), so q'.k' = q.RoPE(k_rope) + q_pre.k_nope: RoPE on the kept
+    components, none on the rest (MLA's NoPE part). The caller keeps the original softmax scale."""
+
+    def __init__(self, rope_basis: torch.Tensor, inv_freq: torch.Tensor):
+        super().__init__()
+        self.register_buffer("rope_basis", rope_basis)
+        self.register_buffer("inv_freq", inv_freq)
+
+    def forward(self, q, k):
+        Lq, Lk = q.shape[2], k.shape[2]
+        cos, sin = _rope_tables(self.inv_freq, torch.arange(Lk, device=k.device), k.dtype)
+        k_pre = k * cos - _rotate_half(k) * sin
+        rope, nope = _split_rope(_flat(k_pre), self.rope_basis)
+        rope, nope = _heads(rope, k.shape[1]), _heads(nope, k.shape[1])
+        cq, sq = cos[Lk - Lq:], sin[Lk - Lq:]
+        q_pre = q * cq - _rotate_half(q) * sq
+        return torch.cat([q, q_pre], dim=-1), torch.cat([rope * cos + _rotate_half(rope) * sin, nope], dim=-1)
+
+
+def _install_decoupled_rope(gm: fx.GraphModule, sdpa: fx.Node, site, rope_basis: torch.Tensor,
+                            inv_freq: torch.Tensor) -> None:
+    target = f"{WRAPPER_PREFIX}{site.module_path}.mla_decoupled_rope"
+    gm.add_submodule(target, DecoupledRoPE(rope_basis, inv_freq))
+    with gm.graph.inserting_before(sdpa):
+        pair = gm.graph.call_module(target, (sdpa.args[0], sdpa.args[1]))
+        q = gm.graph.call_function(operator.getitem, (pair, 0))
+        k = gm.graph.call_function(operator.getitem, (pair, 1))
+    for n in (pair, q, k):
+        n.meta = {key: v for key, v in sdpa.meta.items() if key in ("nn_module_stack", "stack_trace")}
+    sdpa.args = (q, k, *sdpa.args[2:])
+    sdpa.kwargs = {**sdpa.kwargs, "scale": site.scale}     # head dim is 2D now; the scale stays 1/sqrt(D)
+
+
+def _program_inv_freq(program, head_dim: int) -> torch.Tensor:
+    model = program.meta.get("eager_model")
+    if model is None:
+        raise RewriterError("mla rope=decoupled needs the eager model's rotary embedding (capture from a module or "
+                            "an HF folder)")
+    return _plain_rope_inv_freq(model, head_dim)
+
+
 @register_pass
 class MLAPass(Pass):
     name = "mla"
@@ -150,6 +252,7 @@ class MLAPass(Pass):
         ctx.progress(f"mla: recording k/v projection inputs of {len(pairs)} layers")
         recorded = record_node_inputs(gm, ctx.calib_inputs, {k.node for _, _, k, _, _ in pairs})
         mask = ctx.calib_inputs.get("attention_mask")
+        inv_freq = _program_inv_freq(ctx.program, pairs[0][4].head_dim) if cfg.rope == "decoupled" else None
         layers = {}
         for layer, parent, k, v, attn in pairs:
             X = _activations(recorded[k.node][0][0], k, mask)
@@ -157,14 +260,27 @@ class MLAPass(Pass):
             bk = get_attr_tensor(gm, k.bias).detach() if k.bias else torch.zeros(Wk.shape[0], dtype=Wk.dtype)
             bv = get_attr_tensor(gm, v.bias).detach() if v.bias else torch.zeros(Wv.shape[0], dtype=Wv.dtype)
             W, b = torch.cat([Wk, Wv]).double(), torch.cat([bk, bv]).double()
-            pca = kv_pca(X, W, b)
-            r = latent_rank(cfg, pca, parent)
-            P = pca.basis[:, :r]
+            kw, width = Wk.shape[0], W.shape[0]
+            # decoupled: E spans the key components that keep RoPE (stored as they are); the latent is the PCA of
+            # the rest, N z with N = I - E E^T. exact: E is empty. P = [E | latent basis] is orthonormal.
+            rope_dims, rope_share = 0, 1.0
+            E = torch.zeros(width, 0, dtype=torch.float64)
+            if cfg.rope == "decoupled":
+                rope_dims = cfg.rope_dims or attn.head_dim
+                if rope_dims > kw:
+                    raise RewriterError(f"mla rope_dims {rope_dims} exceeds the key width kv_heads * head_dim = {kw} "
+                                        f"of {parent}", f"use rope_dims <= {kw}")
+                Ek, rope_share = decoupled_rope_basis(X @ Wk.T.double() + bk.double(), attn.kv_heads,
+                                                      attn.head_dim, rope_dims)
+                E = torch.cat([Ek, torch.zeros(width - kw, rope_dims, dtype=torch.float64)])
+            N = torch.eye(width, dtype=torch.float64) - E @ E.T
+            pca = kv_pca(X, N @ W, N @ b)
+            r = latent_rank(cfg, pca, parent, rope_dims)
+            P = torch.cat([E, pca.basis[:, :r]], dim=1)
             offset = pca.mean - P @ (P.T @ pca.mean)
-            kw = Wk.shape[0]
             # calibration error of K (pre-RoPE) and V: (I - P P^T)(z - mu)
             Z = X @ W.T + b
-            Z_hat = (Z - pca.mean) @ P @ P.T + pca.mean
+            Z_hat = (Z - Z.mean(0)) @ P @ P.T + Z.mean(0)
             err = [float((Z_hat[:, s] - Z[:, s]).norm() / Z[:, s].norm().clamp_min(1e-30))
                    for s in (slice(0, kw), slice(kw, None))]
             dtype = Wk.dtype
@@ -184,17 +300,21 @@ class MLAPass(Pass):
                     new = _linear_node(gm, latent, f"{base}_{up}_weight", f"{base}_{up}_bias", node)
                 node.replace_all_uses_with(new)
                 gm.graph.erase_node(node)
-            width = W.shape[0]
+            if rope_dims:
+                _install_decoupled_rope(gm, nodes[attn.node], attn, E[:kw].to(dtype), inv_freq)
             esize = torch.finfo(dtype).bits // 8
             nb = int(k.bias is not None) * kw + int(v.bias is not None) * (width - kw)
+            latent = rope_dims + r
             result.changes.append(SiteChange(parent, "attention", {
-                "method": "mla", "layer": layer, "rank": r, "kv_width": width, "full_rank": pca.full_rank,
+                "method": "mla", "layer": layer, "rope": cfg.rope, "rope_dims": rope_dims, "rank": r,
+                "kv_width": width, "full_rank": pca.full_rank,
                 "pca_energy_kept": float(pca.variance[:r].sum() / pca.variance.sum().clamp_min(1e-300)),
+                **({"rope_key_energy_share": rope_share} if rope_dims else {}),
                 "key_rel_error": err[0], "value_rel_error": err[1],
-                "kv_bytes_per_token_before": width * esize, "kv_bytes_per_token_after": r * esize,
-                "params_before": W.numel() + nb, "params_after": r * W.shape[1] + r + P.numel() + width}))
-            layers[layer] = {"basis": P.to(dtype), "offset": offset.to(dtype), "key_width": kw,
-                             "kv_heads": attn.kv_heads, "head_dim": attn.head_dim, "value_dim": attn.value_dim}
+                "kv_bytes_per_token_before": width * esize, "kv_bytes_per_token_after": latent * esize,
+                "params_before": W.numel() + nb, "params_after": latent * (W.shape[1] + 1) + P.numel() + width}))
+            layers[layer] = {"basis": P.to(dtype), "offset": offset.to(dtype), "rope_basis": E[:kw].to(dtype),
+                             "kv_heads": attn.kv_heads, "head_dim": attn.head_dim}
         erase_dead(gm)
         drop_unused_attributes(gm)
         result.meta["mla"] = {"layers": layers}
@@ -221,8 +341,9 @@ def _rope_tables(inv_freq: torch.Tensor, positions: torch.Tensor, dtype: torch.d
 
 
 class _LatentCache:
-    """What HF's attention layers call `update` on: keeps c = P^T [k_pre | v] per token and returns keys and values
-    rebuilt from every cached latent, keys rotated at their slots."""
+    """What HF's attention layers call `update` on: keeps the latent P^T [k_pre | v] per token and returns keys and
+    values rebuilt from every cached latent. Keys get RoPE at their slots; in decoupled mode only their RoPE part
+    does, and the NoPE part is rotated at the query's position (q_rot . R(p) k_nope = q_pre . k_nope)."""
 
     def __init__(self, owner, latent: torch.Tensor | None, positions: torch.Tensor | None):
         self.owner = owner
@@ -236,7 +357,7 @@ class _LatentCache:
         positions = torch.arange(T, device=key_states.device) if self.positions is None else self.positions
         cos, sin = _rope_tables(o.inv_freq, positions, key_states.dtype)
         k_pre = key_states * cos - _rotate_half(key_states) * sin          # RoPE undone (a rotation)
-        z = torch.cat([k_pre.transpose(1, 2).reshape(B, T, -1), value_states.transpose(1, 2).reshape(B, T, -1)], -1)
+        z = torch.cat([_flat(k_pre), _flat(value_states)], -1)
         basis = o.basis[layer_idx]                                          # (2 Hkv D, r)
         c = (z @ basis)[:, None]                                            # (B, 1, T, r)
         if self.latent is not None:
@@ -244,13 +365,18 @@ class _LatentCache:
         self.latents.append(c)
         L = c.shape[2]
         z_hat = c[:, 0] @ basis.T + o.offset[layer_idx]
-        k = z_hat[..., : H * D].reshape(B, L, H, D).transpose(1, 2)
-        v = z_hat[..., H * D:].reshape(B, L, H, -1).transpose(1, 2)
-        cos, sin = _rope_tables(o.inv_freq, torch.arange(L, device=k.device), k.dtype)
-        return k * cos + _rotate_half(k) * sin, v
+        k_flat = z_hat[..., : H * D]
+        v = _heads(z_hat[..., H * D:], H)
+        cos_s, sin_s = _rope_tables(o.inv_freq, torch.arange(L, device=k_pre.device), k_pre.dtype)
+        if o.rope_basis.shape[-1] == 0:
+            k = _heads(k_flat, H)
+            return k * cos_s + _rotate_half(k) * sin_s, v
+        rope, nope = _split_rope(k_flat, o.rope_basis[layer_idx])
+        rope, nope = _heads(rope, H), _heads(nope, H)
+        return rope * cos_s + _rotate_half(rope) * sin_s + nope * cos + _rotate_half(nope) * sin, v
 
     def outputs(self) -> tuple[torch.Tensor, torch.Tensor]:
-        """(rope keys, latent): no decoupled-RoPE keys are kept (width 0); the latent (N, B, 1, slots, r)."""
+        """(rope keys, latent): RoPE parts live inside the latent, so the first is empty (width 0)."""
         latent = torch.stack(self.latents)
         return latent.new_zeros(*latent.shape[:-1], 0), latent
 
@@ -258,9 +384,10 @@ class _LatentCache:
 class _LatentModule:
     """Mixin for decode's prefill/step modules: the latent basis as buffers and the latent cache hook."""
 
-    def attach(self, basis: torch.Tensor, offset: torch.Tensor, inv_freq: torch.Tensor):
+    def attach(self, basis: torch.Tensor, offset: torch.Tensor, rope_basis: torch.Tensor, inv_freq: torch.Tensor):
         self.register_buffer("basis", basis, persistent=False)      # (N, 2 Hkv D, r)
         self.register_buffer("offset", offset, persistent=False)    # (N, 2 Hkv D)
+        self.register_buffer("rope_basis", rope_basis, persistent=False)   # (N, Hkv D, rope_dims)
         self.register_buffer("inv_freq", inv_freq, persistent=False)
         return self
 
@@ -280,6 +407,18 @@ class _LatentStep(_LatentModule, _StepModule):
 class LatentDecoder(Decoder):
     """Decoder whose cache is (rope keys, latent): k_cache (N, B, 1, slots, 0), v_cache (N, B, 1, slots, r)."""
     rank: int = 0
+    decoupled: bool = False
+
+    def _prefill(self, input_ids):
+        """Decoupled RoPE rotates NoPE keys at the query's position, one query at a time: the prompt goes through
+        the decode step token by token (no prefill program)."""
+        if not self.decoupled:
+            return super()._prefill(input_ids)
+        k, v = self.empty_cache(input_ids.shape[0])
+        for t in range(input_ids.shape[1]):
+            logits, k, v = self.step.run(input_ids=input_ids[:, t:t + 1], cache_position=torch.tensor([t]),
+                                         k_cache=k, v_cache=v)
+        return logits, k, v, input_ids.shape[1]
 
     def empty_cache(self, batch: int) -> tuple[torch.Tensor, torch.Tensor]:
         N = self.dims["layers"]
@@ -290,8 +429,9 @@ class LatentDecoder(Decoder):
         return self.dims["layers"] * self.rank * torch.finfo(self.dtype).bits // 8
 
 
-def latent_tensors(mla: dict, layers: int) -> tuple[torch.Tensor, torch.Tensor, int]:
-    """program.meta['mla'] -> basis (N, 2 Hkv D, r_max) zero-padded, offset (N, 2 Hkv D), r_max."""
+def latent_tensors(mla: dict, layers: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, int]:
+    """program.meta['mla'] -> basis (N, 2 Hkv D, r_max) zero-padded, offset (N, 2 Hkv D), rope basis
+    (N, Hkv D, rope_dims), r_max."""
     per_layer = mla["layers"]
     missing = [i for i in range(layers) if i not in per_layer]
     if missing:
@@ -301,7 +441,8 @@ def latent_tensors(mla: dict, layers: int) -> tuple[torch.Tensor, torch.Tensor, 
     basis = torch.stack([torch.nn.functional.pad(per_layer[i]["basis"], (0, r - per_layer[i]["basis"].shape[1]))
                          for i in range(layers)])
     offset = torch.stack([per_layer[i]["offset"] for i in range(layers)])
-    return basis, offset, r
+    rope_basis = torch.stack([per_layer[i]["rope_basis"] for i in range(layers)])
+    return basis, offset, rope_basis, r
 
 
 def build_latent_decoder(model: torch.nn.Module, mla: dict, *, max_len: int = 256, source: str = "<module>",
@@ -314,25 +455,27 @@ def build_latent_decoder(model: torch.nn.Module, mla: dict, *, max_len: int = 25
                             f"{config.model_type}")
     if max_len < 2:
         raise ValueError(f"max_len must be >= 2; got {max_len}")
-    basis, offset, r = latent_tensors(mla, dims["layers"])
+    basis, offset, rope_basis, r = latent_tensors(mla, dims["layers"])
+    decoupled = rope_basis.shape[-1] > 0
     inv_freq = _plain_rope_inv_freq(model, dims["head_dim"])
     model = model.eval()
     dtype = next(model.parameters()).dtype
     hd = dims["head_dim"]
     B, T = 2, min(8, max_len)
     ids = torch.randint(0, config.vocab_size, (B, T), generator=torch.Generator().manual_seed(0))
-    names = ["logits", "k_cache", "v_cache"]
-    prefill = _export(_LatentPrefill(model, hd, None).attach(basis, offset, inv_freq).eval(), {"input_ids": ids},
-                      {"input_ids": {0: "batch", 1: "seq"}}, {"batch": (1, max_batch), "seq": (2, max_len)}, config,
-                      source, ["logits", "keys", "values"])
+    buffers = (basis, offset, rope_basis, inv_freq)
+    prefill = None if decoupled else _export(
+        _LatentPrefill(model, hd, None).attach(*buffers).eval(), {"input_ids": ids}, {"input_ids": {0: "batch", 1: "seq"}},
+        {"batch": (1, max_batch), "seq": (2, max_len)}, config, source, ["logits", "keys", "values"])
     step_inputs = {"input_ids": ids[:, :1], "cache_position": torch.tensor([T - 1]),
                    "k_cache": torch.zeros(dims["layers"], B, 1, max_len, 0, dtype=dtype),
                    "v_cache": torch.zeros(dims["layers"], B, 1, max_len, r, dtype=dtype)}
-    step = _export(_LatentStep(model, hd, None).attach(basis, offset, inv_freq).eval(), step_inputs,
+    step = _export(_LatentStep(model, hd, None).attach(*buffers).eval(), step_inputs,
                    {"input_ids": {0: "batch"}, "k_cache": {1: "batch"}, "v_cache": {1: "batch"}},
-                   {"batch": (1, max_batch)}, config, source, names)
-    return LatentDecoder(prefill=prefill, step=step, max_len=max_len, dims=dims, policy=KVPolicy(), inv_freq=inv_freq,
-                         dtype=dtype, meta={"model_type": config.model_type, "mla_rank": r}, rank=r)
+                   {"batch": (1, max_batch)}, config, source, ["logits", "k_cache", "v_cache"])
+    return LatentDecoder(prefill=prefill, step=step, max_len=max_len, dims=dims, policy=KVPolicy(),  # type: ignore[arg-type]
+                         inv_freq=inv_freq, dtype=dtype, meta={"model_type": config.model_type, "mla_rank": r},
+                         rank=r, decoupled=decoupled)
 
 
 def _plain_rope_inv_freq(model: torch.nn.Module, head_dim: int) -> torch.Tensor:

@@ -151,11 +151,101 @@ def test_ratio_and_energy_pick_ranks():
     assert latent_rank(MLAConfig(energy=0.9), pca, "x") == int((share < 0.9).sum()) + 1
 
 
+def _rotation(x, pos, inv_freq):
+    """Oracle RoPE: rotate each (i, i + D/2) pair of x (..., D) by pos * inv_freq[i], with explicit 2x2 matrices."""
+    half = x.shape[-1] // 2
+    out = torch.empty_like(x)
+    for i in range(half):
+        a = pos * float(inv_freq[i])
+        c, s_ = torch.cos(torch.tensor(a, dtype=torch.float64)), torch.sin(torch.tensor(a, dtype=torch.float64))
+        out[..., i] = c * x[..., i] - s_ * x[..., i + half]
+        out[..., i + half] = s_ * x[..., i] + c * x[..., i + half]
+    return out
+
+
+def test_decoupled_rope_basis_commutes_with_rope_and_keeps_top_energy():
+    from rewriter.passes.mla import decoupled_rope_basis
+    g = torch.Generator().manual_seed(3)
+    Hkv, D, n = 3, 8, 400
+    K = torch.randn(n, Hkv * D, generator=g, dtype=torch.float64) @ torch.randn(Hkv * D, Hkv * D, generator=g,
+                                                                                  dtype=torch.float64)
+    E, share = decoupled_rope_basis(K, Hkv, D, 6)
+    torch.testing.assert_close(E.T @ E, torch.eye(6, dtype=torch.float64))
+    # oracle energy: per frequency i, eigenvalues of the pair-pooled Hkv x Hkv second moment; keep the top 3
+    Kh = K.reshape(n, Hkv, D)
+    pair = [(Kh[:, :, i], Kh[:, :, i + D // 2]) for i in range(D // 2)]
+    lams = torch.cat([torch.linalg.eigvalsh((a.T @ a + b.T @ b) / n) for a, b in pair])
+    assert share == pytest.approx(float(lams.sort(descending=True).values[:3].sum() / lams.sum()), rel=1e-10)
+    assert share == pytest.approx(float(((K @ E) ** 2).sum() / (K ** 2).sum()), rel=1e-10)
+    # projecting onto E commutes with RoPE at any position (each head's pair turns by the same angle)
+    inv_freq = 1.0 / (10000 ** (torch.arange(0, D, 2, dtype=torch.float64) / D))
+    proj = E @ E.T
+    k = torch.randn(Hkv * D, generator=g, dtype=torch.float64)
+    for pos in (0, 3, 17):
+        rot = _rotation(k.reshape(Hkv, D), pos, inv_freq).reshape(-1)
+        torch.testing.assert_close(proj @ rot, _rotation((proj @ k).reshape(Hkv, D), pos, inv_freq).reshape(-1))
+
+
+def test_decoupled_rope_scores_match_definition():
+    """q'.k' from DecoupledRoPE = q_rot(p).RoPE_s(k_rope) + q_pre(p).k_nope, by explicit rotations (float64)."""
+    from rewriter.passes.mla import DecoupledRoPE, decoupled_rope_basis
+    g = torch.Generator().manual_seed(4)
+    Hkv, D, L = 2, 8, 6
+    inv_freq = 1.0 / (10000 ** (torch.arange(0, D, 2, dtype=torch.float64) / D))
+    E, _ = decoupled_rope_basis(torch.randn(50, Hkv * D, generator=g, dtype=torch.float64), Hkv, D, 4)
+    q_pre = torch.randn(1, Hkv, L, D, generator=g, dtype=torch.float64)
+    k_pre = torch.randn(1, Hkv, L, D, generator=g, dtype=torch.float64)
+    q_rot = torch.stack([_rotation(q_pre[:, :, p], p, inv_freq) for p in range(L)], dim=2)
+    k_rot = torch.stack([_rotation(k_pre[:, :, p], p, inv_freq) for p in range(L)], dim=2)
+    q2, k2 = DecoupledRoPE(E, inv_freq.float()).double()(q_rot, k_rot)
+    got = q2 @ k2.transpose(-1, -2)
+    flat = k_pre.transpose(1, 2).reshape(L, Hkv * D)
+    k_rope = (flat @ E @ E.T).reshape(L, Hkv, D).transpose(0, 1)[None]
+    k_nope = k_pre - k_rope
+    expect = torch.empty(1, Hkv, L, L, dtype=torch.float64)
+    for p in range(L):
+        for s_ in range(L):
+            expect[..., p, s_] = (q_rot[:, :, p] * _rotation(k_rope[:, :, s_], s_, inv_freq)).sum(-1) + \
+                (q_pre[:, :, p] * k_nope[:, :, s_]).sum(-1)
+    torch.testing.assert_close(got, expect, atol=1e-5, rtol=1e-5)
+
+
+def test_decoupled_all_key_dims_with_rope_equals_original(converted):
+    kind, model, program, _ = converted
+    if kind != "gqa":
+        pytest.skip("one architecture is enough (slow)")
+    run = Pipeline([make_pass("mla", {"rope": "decoupled", "rope_dims": 32})]).run(program, CALIB)   # Hkv * D = 32
+    ids = _ids(2, 18, 6)
+    with torch.no_grad():
+        ref = model(input_ids=ids).logits
+    torch.testing.assert_close(run.program.run(input_ids=ids, attention_mask=torch.ones_like(ids))[0], ref,
+                               atol=1e-5, rtol=0)
+    assert all(s["rope_key_energy_share"] == pytest.approx(1.0) for s in run.report["passes"][0]["sites"])
+
+
+def test_decoupled_latent_cache_is_the_same_model(converted):
+    kind, model, program, _ = converted
+    if kind != "mha":
+        pytest.skip("one architecture is enough (slow)")
+    run = Pipeline([make_pass("mla", {"rope": "decoupled", "rope_dims": 16, "rank": 16})]).run(program, CALIB)
+    ids = _ids(2, 16, 7)
+    got = run.program.run(input_ids=ids, attention_mask=torch.ones_like(ids))[0]
+    with torch.no_grad():
+        assert (got - model(input_ids=ids).logits).abs().max() > 1e-3       # NoPE on 112 of 128 key dims changes it
+    dec = build_latent_decoder(model, run.program.meta["mla"], max_len=20)
+    assert dec.prefill is None and dec.empty_cache(1)[1].shape[-1] == 32   # rope_dims + rank
+    assert dec.kv_bytes_per_token() == 2 * 32 * 4
+    torch.testing.assert_close(dec.teacher_forced_logits(ids, prefix=4), got[:, 3:], atol=2e-5, rtol=1e-4)
+
+
 @pytest.mark.parametrize("opts,message", [
     ({"rank": -1}, "rank must be >= 1"),
     ({"ratio": 1.5}, r"ratio must be in \(0, 1\]"),
     ({"energy": -0.2}, r"energy must be in \(0, 1\]"),
     ({"rank": 8, "ratio": 0.5}, "at most one of rank, ratio, energy"),
+    ({"rope": "none"}, "rope must be exact or decoupled"),
+    ({"rope": "decoupled", "rope_dims": 5}, "rope_dims must be an even number"),
+    ({"rope_dims": 8}, "rope_dims applies to rope=decoupled only"),
 ])
 def test_bad_configs_rejected(opts, message):
     with pytest.raises(RewriterError, match=message):
@@ -168,6 +258,10 @@ def test_bad_models_and_layouts_rejected(converted):
         pytest.skip("checked once")
     with pytest.raises(RewriterError, match="exceeds the KV width 2 \\* kv_heads \\* head_dim = 64"):
         Pipeline([make_pass("mla", {"rank": 65})]).run(program, CALIB)
+    with pytest.raises(RewriterError, match="rope_dims 34 exceeds the key width kv_heads \\* head_dim = 32"):
+        Pipeline([make_pass("mla", {"rope": "decoupled", "rope_dims": 34})]).run(program, CALIB)
+    with pytest.raises(RewriterError, match="not more than the 16 RoPE dims"):
+        Pipeline([make_pass("mla", {"rope": "decoupled", "ratio": 0.25})]).run(program, CALIB)
     partial = Pipeline([make_pass("mla", {"rank": 16, "layers": "1"})]).run(program, CALIB)
     with pytest.raises(ValueError, match=r"layers \[0\] were filtered out"):
         build_latent_decoder(model, partial.program.meta["mla"], max_len=16)

@@ -19,8 +19,19 @@ the cache hook receives HF's post-RoPE keys, undoes RoPE at their positions, pro
 the program's down-projection computes), and rebuilds every cached key (RoPE applied at read time, at its slot) and
 value from the latent. This is MLA without weight absorption: the cache shrinks, the attention compute does not.
 
-RoPE is kept exactly (applied to the rebuilt keys at read time). TransMLA's decoupled-RoPE construction (per-frequency
-PCA across KV heads, RoPE kept only on a few dimensions, the rest compressed with V as NoPE) is not implemented.
+RoPE (`rope`):
+- `exact` (default): the whole key is rebuilt from the latent and rotated at its slot; nothing about attention
+  changes except the low-rank latent, and at full rank the model is unchanged (tests: 1e-5).
+- `decoupled` (TransMLA's construction, training-free): RoPE turns each frequency pair by the same angle in every
+  KV head, so an orthogonal mixing of one frequency pair across KV heads commutes with RoPE. A per-frequency PCA
+  across heads ranks the (frequency, mixed component) pairs by key energy; the top `rope_dims` / 2 pairs (E) keep
+  RoPE and are stored exactly inside the latent; the rest of the key loses RoPE (NoPE, as MLA's compressed part) and
+  is compressed with V by the PCA. Scores become q_rot(p) . RoPE_s(E E^T k) + q_pre(p) . (I - E E^T) k: the program
+  computes them as one SDPA over [q | q_pre] and [RoPE(k_rope) | k_nope] (head dim 2D, original scale); the decode
+  cache rotates the NoPE part of every cached key at the query's position (q_rot(p) . R(p) x = q_pre(p) . x), which
+  is exact for one query at a time, so the decoupled decoder prefills the prompt token by token. TransMLA fine-tunes
+  after dropping RoPE; rewriter does not, so this changes the model (measured in benchmarks/kv_quality.py --mla).
+  With rope_dims = Hkv * D every key dimension keeps RoPE and full rank is exact again (tests).
 """
 from __future__ import annotations
 
@@ -101,8 +112,8 @@ def decoupled_rope_basis(K: torch.Tensor, kv_heads: int, head_dim: int, rope_dim
     (k_h[i], k_h[i + D/2]) by the same angle in every KV head, so mixing that pair across heads with one orthogonal
     Hkv x Hkv matrix commutes with RoPE. Per frequency, PCA across heads (second moment pooled over both pair
     members); the rope_dims / 2 (frequency, component) pairs of most energy keep RoPE.
-    Returns E (Hkv * D, rope_dims), orthonormal columns (first the i, then the i + D/2 members, so they rotate in
-    rotate_half layout at frequencies E_freqs), and the share of key energy that keeps RoPE."""
+    Returns E (Hkv * D, rope_dims), orthonormal columns (the i members of the kept pairs, then their i + D/2
+    partners), and the share of key energy (second moment) on those columns."""
     n = K.shape[0]
     half = head_dim // 2
     Kh = K.double().reshape(n, kv_heads, head_dim)
@@ -304,17 +315,16 @@ class MLAPass(Pass):
                 _install_decoupled_rope(gm, nodes[attn.node], attn, E[:kw].to(dtype), inv_freq)
             esize = torch.finfo(dtype).bits // 8
             nb = int(k.bias is not None) * kw + int(v.bias is not None) * (width - kw)
-            latent = rope_dims + r
+            cache_width = rope_dims + r
             result.changes.append(SiteChange(parent, "attention", {
                 "method": "mla", "layer": layer, "rope": cfg.rope, "rope_dims": rope_dims, "rank": r,
                 "kv_width": width, "full_rank": pca.full_rank,
                 "pca_energy_kept": float(pca.variance[:r].sum() / pca.variance.sum().clamp_min(1e-300)),
                 **({"rope_key_energy_share": rope_share} if rope_dims else {}),
                 "key_rel_error": err[0], "value_rel_error": err[1],
-                "kv_bytes_per_token_before": width * esize, "kv_bytes_per_token_after": latent * esize,
-                "params_before": W.numel() + nb, "params_after": latent * (W.shape[1] + 1) + P.numel() + width}))
-            layers[layer] = {"basis": P.to(dtype), "offset": offset.to(dtype), "rope_basis": E[:kw].to(dtype),
-                             "kv_heads": attn.kv_heads, "head_dim": attn.head_dim}
+                "kv_bytes_per_token_before": width * esize, "kv_bytes_per_token_after": cache_width * esize,
+                "params_before": W.numel() + nb, "params_after": cache_width * (W.shape[1] + 1) + P.numel() + width}))
+            layers[layer] = {"basis": P.to(dtype), "offset": offset.to(dtype), "rope_basis": E[:kw].to(dtype)}
         erase_dead(gm)
         drop_unused_attributes(gm)
         result.meta["mla"] = {"layers": layers}
@@ -465,16 +475,17 @@ def build_latent_decoder(model: torch.nn.Module, mla: dict, *, max_len: int = 25
     ids = torch.randint(0, config.vocab_size, (B, T), generator=torch.Generator().manual_seed(0))
     buffers = (basis, offset, rope_basis, inv_freq)
     prefill = None if decoupled else _export(
-        _LatentPrefill(model, hd, None).attach(*buffers).eval(), {"input_ids": ids}, {"input_ids": {0: "batch", 1: "seq"}},
-        {"batch": (1, max_batch), "seq": (2, max_len)}, config, source, ["logits", "keys", "values"])
+        _LatentPrefill(model, hd, None).attach(*buffers).eval(), {"input_ids": ids},
+        {"input_ids": {0: "batch", 1: "seq"}}, {"batch": (1, max_batch), "seq": (2, max_len)}, config, source,
+        ["logits", "keys", "values"])
     step_inputs = {"input_ids": ids[:, :1], "cache_position": torch.tensor([T - 1]),
                    "k_cache": torch.zeros(dims["layers"], B, 1, max_len, 0, dtype=dtype),
                    "v_cache": torch.zeros(dims["layers"], B, 1, max_len, r, dtype=dtype)}
     step = _export(_LatentStep(model, hd, None).attach(*buffers).eval(), step_inputs,
                    {"input_ids": {0: "batch"}, "k_cache": {1: "batch"}, "v_cache": {1: "batch"}},
                    {"batch": (1, max_batch)}, config, source, ["logits", "k_cache", "v_cache"])
-    return LatentDecoder(prefill=prefill, step=step, max_len=max_len, dims=dims, policy=KVPolicy(),  # type: ignore[arg-type]
-                         inv_freq=inv_freq, dtype=dtype, meta={"model_type": config.model_type, "mla_rank": r},
+    return LatentDecoder(prefill=prefill, step=step, max_len=max_len, dims=dims,  # type: ignore[arg-type]
+                         policy=KVPolicy(), inv_freq=inv_freq, dtype=dtype, meta={"model_type": config.model_type, "mla_rank": r},
                          rank=r, decoupled=decoupled)
 
 

@@ -485,8 +485,8 @@ def build_latent_decoder(model: torch.nn.Module, mla: dict, *, max_len: int = 25
                    {"input_ids": {0: "batch"}, "k_cache": {1: "batch"}, "v_cache": {1: "batch"}},
                    {"batch": (1, max_batch)}, config, source, ["logits", "k_cache", "v_cache"])
     return LatentDecoder(prefill=prefill, step=step, max_len=max_len, dims=dims,  # type: ignore[arg-type]
-                         policy=KVPolicy(), inv_freq=inv_freq, dtype=dtype, meta={"model_type": config.model_type, "mla_rank": r},
-                         rank=r, decoupled=decoupled)
+                         policy=KVPolicy(), inv_freq=inv_freq, dtype=dtype,
+                         meta={"model_type": config.model_type, "mla_rank": r}, rank=r, decoupled=decoupled)
 
 
 def _plain_rope_inv_freq(model: torch.nn.Module, head_dim: int) -> torch.Tensor:

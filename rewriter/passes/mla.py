@@ -174,6 +174,14 @@ def _kv_sites(ctx, gm, keep) -> list[tuple]:
     return pairs
 
 
+def _fresh_name(gm: fx.GraphModule, base: str) -> str:
+    """An attribute prefix not taken yet (mla may run again on an already converted program)."""
+    name, i = base, 1
+    while hasattr(gm, f"{name}_down_weight"):
+        name, i = f"{base}_{i}", i + 1
+    return name
+
+
 def _linear_node(gm: fx.GraphModule, x: fx.Node, weight: str, bias: str, like: fx.Node) -> fx.Node:
     node = gm.graph.call_function(aten.linear.default, (x, gm.graph.get_attr(weight), gm.graph.get_attr(bias)))
     node.meta = {k: v for k, v in like.meta.items() if k in ("nn_module_stack", "stack_trace")}
@@ -295,7 +303,7 @@ class MLAPass(Pass):
             err = [float((Z_hat[:, s] - Z[:, s]).norm() / Z[:, s].norm().clamp_min(1e-30))
                    for s in (slice(0, kw), slice(kw, None))]
             dtype = Wk.dtype
-            base = f"mla_layer{layer}"
+            base = _fresh_name(gm, f"mla_layer{layer}")
             add_tensor(gm, f"{base}_down_weight", (P.T @ W).to(dtype))
             add_tensor(gm, f"{base}_down_bias", (P.T @ b).to(dtype))
             add_tensor(gm, f"{base}_k_up_weight", P[:kw].contiguous().to(dtype))

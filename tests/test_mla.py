@@ -262,9 +262,9 @@ def test_bad_models_and_layouts_rejected(converted):
         Pipeline([make_pass("mla", {"rope": "decoupled", "rope_dims": 34})]).run(program, CALIB)
     with pytest.raises(RewriterError, match="not more than the 16 RoPE dims"):
         Pipeline([make_pass("mla", {"rope": "decoupled", "ratio": 0.25})]).run(program, CALIB)
-    partial = Pipeline([make_pass("mla", {"rank": 16, "layers": "1"})]).run(program, CALIB)
-    with pytest.raises(ValueError, match=r"layers \[0\] were filtered out"):
-        build_latent_decoder(model, partial.program.meta["mla"], max_len=16)
+    layer = {"basis": torch.zeros(64, 16), "offset": torch.zeros(64), "rope_basis": torch.zeros(32, 0)}
+    with pytest.raises(ValueError, match=r"layers \[0\] were filtered out"):       # mla with layers="1"
+        build_latent_decoder(model, {"layers": {1: layer}}, max_len=16)
     gpt2 = tiny_model("gpt2")
     with pytest.raises(RewriterError, match="fused c_attn"):
         Pipeline([make_pass("mla")]).run(capture(LoadedModel(gpt2, gpt2.config)), model_inputs("gpt2", 2, 8))

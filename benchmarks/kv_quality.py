@@ -103,7 +103,7 @@ def mla_quality(model, calib, evals) -> list[dict]:
     program = capture(LoadedModel(model, model.config), seq=16)
     rows = []
     configs = [{}, {"ratio": 0.5}, {"ratio": 0.25}, {"ratio": 0.125}] + \
-        [{"rope": "decoupled", **o} for o in ({}, {"ratio": 0.5}, {"ratio": 0.25})]   # rope_dims = head_dim
+        [{"rope": "decoupled", **o} for o in ({}, {"ratio": 0.5}, {"ratio": 0.375})]   # rope_dims = head_dim
     for opts in configs:
         run = Pipeline([make_pass("mla", opts)]).run(program, {"input_ids": calib,
                                                                "attention_mask": torch.ones_like(calib)})
@@ -115,6 +115,7 @@ def mla_quality(model, calib, evals) -> list[dict]:
                      "layers": [{k: site[k] for k in ("layer", "rope_dims", "rank", "kv_width", "full_rank",
                                                       "pca_energy_kept", "rope_key_energy_share", "key_rel_error",
                                                       "value_rel_error") if k in site} for site in entry["sites"]]})
+        print(json.dumps(rows[-1]), file=sys.stderr)     # progress
     return rows
 
 

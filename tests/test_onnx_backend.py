@@ -202,6 +202,8 @@ EXPORT_CASES = {
     "bert-block-topk-lsh": ("bert", [("block-topk", {"density": 0.5, "block": 8, "layers": "0"}),
                                      ("lsh", {"n_hashes": 2, "bucket_size": 8, "layers": "1"})]),
     "gpt2-strided": ("gpt2", [("strided", {"stride": 2, "block": 8})]),
+    "llama-mla-exact-decoupled": ("llama", [("mla", {"rank": 24, "layers": "0"}),
+                                            ("mla", {"rope": "decoupled", "rank": 16, "layers": "1"})]),
     "bert-auto-attention-plan": ("bert", [("auto-attention", {"plan": [
         {"site": "encoder.layer.0.attention.self",
          "heads": ["exact", "window(window=6,sinks=1,block=8)", "performer(features=8)", "exact"]},

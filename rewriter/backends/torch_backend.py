@@ -129,10 +129,12 @@ def load_decoder(folder: str | Path):
     if model_type not in DECODER_TYPES:
         raise RewriterError(f"{folder} holds a '{model_type}' program, not a decoder LM",
                             f"generate runs {', '.join(DECODER_TYPES)} models")
-    decode = meta.get("decode") or {"unavailable": "it was written without a think or kv-window pass"}
+    why = ("the mla latent cache is not written to outputs" if "mla" in meta.get("meta", {})
+           else "it was written without a think or kv-window pass")
+    decode = meta.get("decode") or {"unavailable": why}
     if "unavailable" in decode:
         raise RewriterError(f"{folder} has no decode weights and KV policy: {decode['unavailable']}",
-                            "generate from the HF folder with --pass think:... / kv-window:...")
+                            "generate from the HF folder with --pass think:... / kv-window:... / mla:...")
     return load_hf(folder / decode["weights"]), KVPolicy.from_json(decode["kv_policy"])
 
 

@@ -1,0 +1,510 @@
+"""`mla`: GQA / MHA attention -> multi-head latent attention (TransMLA's conversion, training-free), and the decode
+cache that stores the latent.
+
+Per layer, the keys before RoPE and the values of all KV heads form one vector per token,
+z = [k | v] = x [Wk; Wv]^T + [bk; bv], of width 2 Hkv D. PCA of z over calibration tokens (mean mu) gives an
+orthonormal basis P (2 Hkv D x r). The layer becomes
+
+    c = P^T z = x (P^T [Wk; Wv])^T + P^T b         (the shared down-projection: r latent values per token)
+    [k | v] ~ P c + (I - P P^T) mu                 (two up-projections; the constant keeps the mean exact)
+
+so the error on a token is (I - P P^T)(z - mu). At r = rank [Wk; Wv] (<= min(hidden, 2 Hkv D)) P spans the range of
+[Wk; Wv] and the layer is exact for every input. The PCA covariance gets a tiny multiple of [Wk; Wv][Wk; Wv]^T added
+so that directions of that range the calibration tokens never excite still rank above its null space.
+
+In the full-sequence program this is a graph rewrite of the k_proj and v_proj linear sites into one down-projection
+and two up-projections (Llama, Mistral, Qwen2; GPT-2's fused c_attn Conv1D is not supported). The decode cache
+(`build_latent_decoder`, used by `rewriter generate`) stores c, r values per token and layer instead of 2 Hkv D:
+the cache hook receives HF's post-RoPE keys, undoes RoPE at their positions, projects [k | v] onto P (the same c as
+the program's down-projection computes), and rebuilds every cached key (RoPE applied at read time, at its slot) and
+value from the latent. This is MLA without weight absorption: the cache shrinks, the attention compute does not.
+
+RoPE (`rope`):
+- `exact` (default): the whole key is rebuilt from the latent and rotated at its slot; nothing about attention
+  changes except the low-rank latent, and at full rank the model is unchanged (tests: 1e-5).
+- `decoupled` (TransMLA's construction, training-free): RoPE turns each frequency pair by the same angle in every
+  KV head, so an orthogonal mixing of one frequency pair across KV heads commutes with RoPE. A per-frequency PCA
+  across heads ranks the (frequency, mixed component) pairs by key energy; the top `rope_dims` / 2 pairs (E) keep
+  RoPE and are stored exactly inside the latent; the rest of the key loses RoPE (NoPE, as MLA's compressed part) and
+  is compressed with V by the PCA. Scores become q_rot(p) . RoPE_s(E E^T k) + q_pre(p) . (I - E E^T) k: the program
+  computes them as one SDPA over [q | q_pre] and [RoPE(k_rope) | k_nope] (head dim 2D, original scale); the decode
+  cache rotates the NoPE part of every cached key at the query's position (q_rot(p) . R(p) x = q_pre(p) . x), which
+  is exact for one query at a time, so the decoupled decoder prefills the prompt token by token. TransMLA fine-tunes
+  after dropping RoPE; rewriter does not, so this changes the model (measured in benchmarks/kv_quality.py --mla).
+  With rope_dims = Hkv * D every key dimension keeps RoPE and full rank is exact again (tests).
+"""
+from __future__ import annotations
+
+import operator
+from dataclasses import dataclass, field
+
+import torch
+from torch import fx, nn
+
+from ..config import PassConfig
+from ..decode import Decoder, KVPolicy, _PrefillModule, _StepModule, _export, decoder_dims
+from ..errors import RewriterError
+from ..graph import add_tensor, aten, drop_unused_attributes, erase_dead, get_attr_tensor, record_node_inputs
+from ..pipeline import Pass, PassResult, SiteChange, register_pass
+from ..program import WRAPPER_PREFIX
+from .linear import _activations
+
+
+@dataclass
+class MLAConfig(PassConfig):
+    rank: int = field(default=0, metadata={"help": "latent values per token and layer, RoPE dims excluded (0: unset)"})
+    ratio: float = field(default=0.0, metadata={"help": "fraction of the KV cache kept, RoPE dims included: "
+                                                         "ratio * 2 * kv_heads * head_dim values (0: unset)"})
+    energy: float = field(default=0.0, metadata={"help": "smallest rank keeping this share of the PCA energy of "
+                                                          "[K | V] (0: unset); none of the three: full rank, exact"})
+    rope: str = field(default="exact", metadata={"help": "exact (RoPE re-applied to rebuilt keys) | decoupled "
+                                                          "(TransMLA: RoPE kept on rope_dims key dims, the rest NoPE)"})
+    rope_dims: int = field(default=0, metadata={"help": "decoupled: key dims that keep RoPE, even (0: head_dim)"})
+
+    def validate(self):
+        if self.rank < 0:
+            raise ValueError(f"mla rank must be >= 1 (0: unset); got {self.rank}")
+        if not 0 <= self.ratio <= 1:
+            raise ValueError(f"mla ratio must be in (0, 1] (0: unset); got {self.ratio}")
+        if not 0 <= self.energy <= 1:
+            raise ValueError(f"mla energy must be in (0, 1] (0: unset); got {self.energy}")
+        given = [name for name in ("rank", "ratio", "energy") if getattr(self, name)]
+        if len(given) > 1:
+            raise ValueError(f"mla takes at most one of rank, ratio, energy; got {', '.join(given)}")
+        if self.rope not in ("exact", "decoupled"):
+            raise ValueError(f"mla rope must be exact or decoupled; got {self.rope!r}")
+        if self.rope_dims < 0 or self.rope_dims % 2:
+            raise ValueError(f"mla rope_dims must be an even number >= 2 (0: head_dim); got {self.rope_dims}")
+        if self.rope_dims and self.rope != "decoupled":
+            raise ValueError("mla rope_dims applies to rope=decoupled only")
+
+
+@dataclass
+class KVPCA:
+    """PCA of z = x W^T + b over calibration tokens."""
+    basis: torch.Tensor       # (width, width) orthonormal columns, most data variance first
+    variance: torch.Tensor    # (width,) calibration variance along each column
+    mean: torch.Tensor        # (width,)
+    full_rank: int            # numerical rank of W: the rank at which the latent is exact
+
+
+def kv_pca(X: torch.Tensor, W: torch.Tensor, bias: torch.Tensor) -> KVPCA:
+    """X (tokens, hidden), W (width, hidden), bias (width,); float64 throughout."""
+    X, W, bias = X.double(), W.double(), bias.double()
+    Z = X @ W.T + bias
+    mean = Z.mean(0)
+    Zc = Z - mean
+    C = Zc.T @ Zc / max(Z.shape[0], 1)
+    s = torch.linalg.svdvals(W)
+    full_rank = int((s > s[0] * max(W.shape) * torch.finfo(torch.float32).eps).sum())
+    G = W @ W.T
+    # tie-breaker only: ranks W's range above its null space where calibration is blind, never reorders real variance
+    lam = 1e-9 * float(C.trace().clamp_min(1e-300)) / float(G.trace().clamp_min(1e-300))
+    evals, evecs = torch.linalg.eigh(C + lam * G)
+    basis = evecs[:, evals.argsort(descending=True)]
+    variance = ((Zc @ basis) ** 2).mean(0)
+    return KVPCA(basis=basis, variance=variance, mean=mean, full_rank=full_rank)
+
+
+def decoupled_rope_basis(K: torch.Tensor, kv_heads: int, head_dim: int, rope_dims: int
+                         ) -> tuple[torch.Tensor, float]:
+    """TransMLA's per-frequency PCA. K (tokens, Hkv * D) pre-RoPE keys. RoPE turns frequency i's pair
+    (k_h[i], k_h[i + D/2]) by the same angle in every KV head, so mixing that pair across heads with one orthogonal
+    Hkv x Hkv matrix commutes with RoPE. Per frequency, PCA across heads (second moment pooled over both pair
+    members); the rope_dims / 2 (frequency, component) pairs of most energy keep RoPE.
+    Returns E (Hkv * D, rope_dims), orthonormal columns (the i members of the kept pairs, then their i + D/2
+    partners), and the share of key energy (second moment) on those columns."""
+    n = K.shape[0]
+    half = head_dim // 2
+    Kh = K.double().reshape(n, kv_heads, head_dim)
+    a, b = Kh[..., :half], Kh[..., half:]                                    # (n, Hkv, D/2)
+    C = (torch.einsum("nhi,ngi->ihg", a, a) + torch.einsum("nhi,ngi->ihg", b, b)) / max(n, 1)   # (D/2, Hkv, Hkv)
+    evals, evecs = torch.linalg.eigh(C)                                      # ascending per frequency
+    top = evals.flatten().argsort(descending=True)[: rope_dims // 2]
+    freq, comp = top // kv_heads, top % kv_heads
+    order = torch.argsort(freq * kv_heads + comp)                            # stable layout: by frequency
+    freq, comp = freq[order], comp[order]
+    E = torch.zeros(kv_heads, head_dim, rope_dims, dtype=torch.float64)
+    cols = torch.arange(rope_dims // 2)
+    E[:, freq, cols] = evecs[freq, :, comp].T
+    E[:, freq + half, cols + rope_dims // 2] = evecs[freq, :, comp].T
+    share = float(evals.flatten()[top].sum() / evals.sum().clamp_min(1e-300))
+    return E.reshape(kv_heads * head_dim, rope_dims), share
+
+
+def latent_rank(cfg: MLAConfig, pca: KVPCA, where: str, reserved: int = 0) -> int:
+    """Latent rank for one layer; `reserved` cache values per token are already taken by the RoPE dims."""
+    width = pca.basis.shape[0]
+    if cfg.rank:
+        if cfg.rank + reserved > width:
+            raise RewriterError(f"mla rank {cfg.rank} (+ {reserved} RoPE dims) exceeds the KV width "
+                                f"2 * kv_heads * head_dim = {width} of {where}", f"use rank <= {width - reserved}")
+        r = cfg.rank
+    elif cfg.ratio:
+        r = int(cfg.ratio * width) - reserved
+        if r < 1:
+            raise RewriterError(f"mla ratio {cfg.ratio} keeps {int(cfg.ratio * width)} of {width} cache values of "
+                                f"{where}, not more than the {reserved} RoPE dims", "raise ratio or lower rope_dims")
+    elif cfg.energy:
+        share = pca.variance.cumsum(0) / pca.variance.sum().clamp_min(1e-300)
+        r = int((share < cfg.energy - 1e-12).sum()) + 1
+    else:
+        r = pca.full_rank
+    return max(1, min(r, pca.full_rank))
+
+
+def _kv_sites(ctx, gm, keep) -> list[tuple]:
+    """Per layer (layer, attention path, k site, v site, attention site); k_proj and v_proj must read one input."""
+    linears = {s.module_path: s for s in ctx.linear_sites(gm)}
+    attention = {s.layer: s for s in ctx.attention_sites(gm)}
+    nodes = {n.name: n for n in gm.graph.nodes}
+    pairs = []
+    for path, k in linears.items():
+        if not path.endswith(".k_proj"):
+            continue
+        parent = path[: -len(".k_proj")]
+        v = linears.get(parent + ".v_proj")
+        if v is None or k.transposed or k.layer not in attention:
+            continue
+        if not keep(attention[k.layer]):
+            continue
+        if nodes[k.node].args[0] is not nodes[v.node].args[0]:
+            raise RewriterError(f"mla: {path} and {parent}.v_proj read different inputs; a shared latent needs one")
+        pairs.append((k.layer, parent, k, v, attention[k.layer]))
+    return pairs
+
+
+def _fresh_name(gm: fx.GraphModule, base: str) -> str:
+    """An attribute prefix not taken yet (mla may run again on an already converted program)."""
+    name, i = base, 1
+    while hasattr(gm, f"{name}_down_weight"):
+        name, i = f"{base}_{i}", i + 1
+    return name
+
+
+def _linear_node(gm: fx.GraphModule, x: fx.Node, weight: str, bias: str, like: fx.Node) -> fx.Node:
+    node = gm.graph.call_function(aten.linear.default, (x, gm.graph.get_attr(weight), gm.graph.get_attr(bias)))
+    node.meta = {k: v for k, v in like.meta.items() if k in ("nn_module_stack", "stack_trace")}
+    return node
+
+
+def _split_rope(k_flat: torch.Tensor, rope_basis: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(..., Hkv * D) pre-RoPE keys -> (part that keeps RoPE, NoPE part); they sum to k_flat."""
+    rope = (k_flat @ rope_basis) @ rope_basis.T
+    return rope, k_flat - rope
+
+
+def _heads(flat: torch.Tensor, heads: int) -> torch.Tensor:
+    """(B, L, H * D) -> (B, H, L, D)."""
+    B, L, _ = flat.shape
+    return flat.reshape(B, L, heads, -1).transpose(1, 2)
+
+
+def _flat(x: torch.Tensor) -> torch.Tensor:
+    """(B, H, L, D) -> (B, L, H * D)."""
+    B, H, L, D = x.shape
+    return x.transpose(1, 2).reshape(B, L, H * D)
+
+
+class DecoupledRoPE(nn.Module):
+    """At an SDPA site of post-RoPE q (positions Lk-Lq .. Lk-1) and k (positions 0 .. Lk-1): q' = [q | q_pre] and
+    k' = [RoPE(k_rope) | k_nope] (head dim 2D), so q'.k' = q.RoPE(k_rope) + q_pre.k_nope: RoPE on the kept
+    components, none on the rest (MLA's NoPE part). The caller keeps the original softmax scale."""
+
+    def __init__(self, rope_basis: torch.Tensor, inv_freq: torch.Tensor):
+        super().__init__()
+        self.register_buffer("rope_basis", rope_basis)
+        self.register_buffer("inv_freq", inv_freq)
+
+    def forward(self, q, k):
+        Lq, Lk = q.shape[2], k.shape[2]
+        cos, sin = _rope_tables(self.inv_freq, torch.arange(Lk, device=k.device), k.dtype)
+        k_pre = k * cos - _rotate_half(k) * sin
+        rope, nope = _split_rope(_flat(k_pre), self.rope_basis)
+        rope, nope = _heads(rope, k.shape[1]), _heads(nope, k.shape[1])
+        cq, sq = cos[Lk - Lq:], sin[Lk - Lq:]
+        q_pre = q * cq - _rotate_half(q) * sq
+        return torch.cat([q, q_pre], dim=-1), torch.cat([rope * cos + _rotate_half(rope) * sin, nope], dim=-1)
+
+
+def _install_decoupled_rope(gm: fx.GraphModule, sdpa: fx.Node, site, rope_basis: torch.Tensor,
+                            inv_freq: torch.Tensor) -> None:
+    target = f"{WRAPPER_PREFIX}{site.module_path}.mla_decoupled_rope"
+    gm.add_submodule(target, DecoupledRoPE(rope_basis, inv_freq))
+    with gm.graph.inserting_before(sdpa):
+        pair = gm.graph.call_module(target, (sdpa.args[0], sdpa.args[1]))
+        q = gm.graph.call_function(operator.getitem, (pair, 0))
+        k = gm.graph.call_function(operator.getitem, (pair, 1))
+    for n in (pair, q, k):
+        n.meta = {key: v for key, v in sdpa.meta.items() if key in ("nn_module_stack", "stack_trace")}
+    sdpa.args = (q, k, *sdpa.args[2:])
+    sdpa.kwargs = {**sdpa.kwargs, "scale": site.scale}     # head dim is 2D now; the scale stays 1/sqrt(D)
+
+
+def _program_inv_freq(program, head_dim: int) -> torch.Tensor:
+    model = program.meta.get("eager_model")
+    if model is None:
+        raise RewriterError("mla rope=decoupled needs the eager model's rotary embedding (capture from a module or "
+                            "an HF folder)")
+    return _plain_rope_inv_freq(model, head_dim)
+
+
+@register_pass
+class MLAPass(Pass):
+    name = "mla"
+    config_class = MLAConfig
+    summary = "GQA/MHA -> multi-head latent attention (TransMLA, no fine-tuning): K and V from one PCA latent per " \
+              "layer; the decode cache stores the latent"
+
+    def run(self, gm, ctx) -> PassResult:
+        cfg: MLAConfig = self.config
+        pairs = _kv_sites(ctx, gm, cfg.site_filter())
+        result = PassResult()
+        if not pairs:
+            if not any(s.module_path.endswith(".k_proj") for s in ctx.linear_sites(gm)):
+                raise RewriterError("mla needs separate k_proj and v_proj linears (Llama, Mistral, Qwen2); none found",
+                                    "GPT-2's fused c_attn (one Conv1D for q, k and v) is not supported")
+            result.notes.append("no attention layer matched the filter")
+            return result
+        nodes = {n.name: n for n in gm.graph.nodes}
+        order = {n.name: i for i, n in enumerate(gm.graph.nodes)}
+        ctx.progress(f"mla: recording k/v projection inputs of {len(pairs)} layers")
+        recorded = record_node_inputs(gm, ctx.calib_inputs, {k.node for _, _, k, _, _ in pairs})
+        mask = ctx.calib_inputs.get("attention_mask")
+        inv_freq = _program_inv_freq(ctx.program, pairs[0][4].head_dim) if cfg.rope == "decoupled" else None
+        layers = {}
+        for layer, parent, k, v, attn in pairs:
+            X = _activations(recorded[k.node][0][0], k, mask)
+            Wk, Wv = k.weight_matrix(gm).detach(), v.weight_matrix(gm).detach()
+            bk = get_attr_tensor(gm, k.bias).detach() if k.bias else torch.zeros(Wk.shape[0], dtype=Wk.dtype)
+            bv = get_attr_tensor(gm, v.bias).detach() if v.bias else torch.zeros(Wv.shape[0], dtype=Wv.dtype)
+            W, b = torch.cat([Wk, Wv]).double(), torch.cat([bk, bv]).double()
+            kw, width = Wk.shape[0], W.shape[0]
+            # decoupled: E spans the key components that keep RoPE (stored as they are); the latent is the PCA of
+            # the rest, N z with N = I - E E^T. exact: E is empty. P = [E | latent basis] is orthonormal.
+            rope_dims, rope_share = 0, 1.0
+            E = torch.zeros(width, 0, dtype=torch.float64)
+            if cfg.rope == "decoupled":
+                rope_dims = cfg.rope_dims or attn.head_dim
+                if rope_dims > kw:
+                    raise RewriterError(f"mla rope_dims {rope_dims} exceeds the key width kv_heads * head_dim = {kw} "
+                                        f"of {parent}", f"use rope_dims <= {kw}")
+                Ek, rope_share = decoupled_rope_basis(X @ Wk.T.double() + bk.double(), attn.kv_heads,
+                                                      attn.head_dim, rope_dims)
+                E = torch.cat([Ek, torch.zeros(width - kw, rope_dims, dtype=torch.float64)])
+            N = torch.eye(width, dtype=torch.float64) - E @ E.T
+            pca = kv_pca(X, N @ W, N @ b)
+            r = latent_rank(cfg, pca, parent, rope_dims)
+            P = torch.cat([E, pca.basis[:, :r]], dim=1)
+            offset = pca.mean - P @ (P.T @ pca.mean)
+            # calibration error of K (pre-RoPE) and V: (I - P P^T)(z - mu)
+            Z = X @ W.T + b
+            Z_hat = (Z - Z.mean(0)) @ P @ P.T + Z.mean(0)
+            err = [float((Z_hat[:, s] - Z[:, s]).norm() / Z[:, s].norm().clamp_min(1e-30))
+                   for s in (slice(0, kw), slice(kw, None))]
+            dtype = Wk.dtype
+            base = _fresh_name(gm, f"mla_layer{layer}")
+            add_tensor(gm, f"{base}_down_weight", (P.T @ W).to(dtype))
+            add_tensor(gm, f"{base}_down_bias", (P.T @ b).to(dtype))
+            add_tensor(gm, f"{base}_k_up_weight", P[:kw].contiguous().to(dtype))
+            add_tensor(gm, f"{base}_k_up_bias", offset[:kw].to(dtype))
+            add_tensor(gm, f"{base}_v_up_weight", P[kw:].contiguous().to(dtype))
+            add_tensor(gm, f"{base}_v_up_bias", offset[kw:].to(dtype))
+            k_node, v_node = nodes[k.node], nodes[v.node]
+            first = k_node if order[k.node] < order[v.node] else v_node
+            with gm.graph.inserting_before(first):
+                latent = _linear_node(gm, k_node.args[0], f"{base}_down_weight", f"{base}_down_bias", k_node)
+            for node, up in ((k_node, "k_up"), (v_node, "v_up")):
+                with gm.graph.inserting_before(node):
+                    new = _linear_node(gm, latent, f"{base}_{up}_weight", f"{base}_{up}_bias", node)
+                node.replace_all_uses_with(new)
+                gm.graph.erase_node(node)
+            if rope_dims:
+                _install_decoupled_rope(gm, nodes[attn.node], attn, E[:kw].to(dtype), inv_freq)
+            esize = torch.finfo(dtype).bits // 8
+            nb = int(k.bias is not None) * kw + int(v.bias is not None) * (width - kw)
+            cache_width = rope_dims + r
+            result.changes.append(SiteChange(parent, "attention", {
+                "method": "mla", "layer": layer, "rope": cfg.rope, "rope_dims": rope_dims, "rank": r,
+                "kv_width": width, "full_rank": pca.full_rank,
+                "pca_energy_kept": float(pca.variance[:r].sum() / pca.variance.sum().clamp_min(1e-300)),
+                **({"rope_key_energy_share": rope_share} if rope_dims else {}),
+                "key_rel_error": err[0], "value_rel_error": err[1],
+                "kv_bytes_per_token_before": width * esize, "kv_bytes_per_token_after": cache_width * esize,
+                "params_before": W.numel() + nb, "params_after": cache_width * (W.shape[1] + 1) + P.numel() + width}))
+            layers[layer] = {"basis": P.to(dtype), "offset": offset.to(dtype), "rope_basis": E[:kw].to(dtype)}
+        erase_dead(gm)
+        drop_unused_attributes(gm)
+        result.meta["mla"] = {"layers": layers}
+        before = sum(c.details["kv_bytes_per_token_before"] for c in result.changes)
+        after = sum(c.details["kv_bytes_per_token_after"] for c in result.changes)
+        result.summary = {"sites": len(result.changes), "kv_bytes_per_token_before": before,
+                          "kv_bytes_per_token_after": after, "kv_cache_ratio": after / before,
+                          "ranks": [c.details["rank"] for c in result.changes]}
+        return result
+
+
+# --- decode: the cache stores the latent ----------------------------------------------------------------------------
+
+def _rotate_half(x: torch.Tensor) -> torch.Tensor:
+    half = x.shape[-1] // 2
+    return torch.cat([-x[..., half:], x[..., :half]], dim=-1)
+
+
+def _rope_tables(inv_freq: torch.Tensor, positions: torch.Tensor, dtype: torch.dtype):
+    """cos, sin (T, D) for HF's rotate_half RoPE, computed as HF computes them (float32 angles)."""
+    ang = positions.float()[:, None] * inv_freq.float()[None, :]
+    emb = torch.cat([ang, ang], dim=-1)
+    return emb.cos().to(dtype), emb.sin().to(dtype)
+
+
+class _LatentCache:
+    """What HF's attention layers call `update` on: keeps the latent P^T [k_pre | v] per token and returns keys and
+    values rebuilt from every cached latent. Keys get RoPE at their slots; in decoupled mode only their RoPE part
+    does, and the NoPE part is rotated at the query's position (q_rot . R(p) k_nope = q_pre . k_nope)."""
+
+    def __init__(self, owner, latent: torch.Tensor | None, positions: torch.Tensor | None):
+        self.owner = owner
+        self.latent = latent              # (N, B, 1, slots, r), or None in prefill
+        self.positions = positions        # positions of the incoming tokens; None in prefill: 0 .. T-1
+        self.latents: list[torch.Tensor] = []
+
+    def update(self, key_states, value_states, layer_idx, *args, **kwargs):
+        o = self.owner
+        B, H, T, D = key_states.shape
+        positions = torch.arange(T, device=key_states.device) if self.positions is None else self.positions
+        cos, sin = _rope_tables(o.inv_freq, positions, key_states.dtype)
+        k_pre = key_states * cos - _rotate_half(key_states) * sin          # RoPE undone (a rotation)
+        z = torch.cat([_flat(k_pre), _flat(value_states)], -1)
+        basis = o.basis[layer_idx]                                          # (2 Hkv D, r)
+        c = (z @ basis)[:, None]                                            # (B, 1, T, r)
+        if self.latent is not None:
+            c = self.latent[layer_idx].index_copy(2, positions, c)
+        self.latents.append(c)
+        L = c.shape[2]
+        z_hat = c[:, 0] @ basis.T + o.offset[layer_idx]
+        k_flat = z_hat[..., : H * D]
+        v = _heads(z_hat[..., H * D:], H)
+        cos_s, sin_s = _rope_tables(o.inv_freq, torch.arange(L, device=k_pre.device), k_pre.dtype)
+        if o.rope_basis.shape[-1] == 0:
+            k = _heads(k_flat, H)
+            return k * cos_s + _rotate_half(k) * sin_s, v
+        rope, nope = _split_rope(k_flat, o.rope_basis[layer_idx])
+        rope, nope = _heads(rope, H), _heads(nope, H)
+        return rope * cos_s + _rotate_half(rope) * sin_s + nope * cos + _rotate_half(nope) * sin, v
+
+    def outputs(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """(rope keys, latent): RoPE parts live inside the latent, so the first is empty (width 0)."""
+        latent = torch.stack(self.latents)
+        return latent.new_zeros(*latent.shape[:-1], 0), latent
+
+
+class _LatentModule:
+    """Mixin for decode's prefill/step modules: the latent basis as buffers and the latent cache hook."""
+
+    def attach(self, basis: torch.Tensor, offset: torch.Tensor, rope_basis: torch.Tensor, inv_freq: torch.Tensor):
+        self.register_buffer("basis", basis, persistent=False)      # (N, 2 Hkv D, r)
+        self.register_buffer("offset", offset, persistent=False)    # (N, 2 Hkv D)
+        self.register_buffer("rope_basis", rope_basis, persistent=False)   # (N, Hkv D, rope_dims)
+        self.register_buffer("inv_freq", inv_freq, persistent=False)
+        return self
+
+    def new_cache(self, k_cache, v_cache, cache_position, key_channels=None):
+        return _LatentCache(self, v_cache, cache_position)
+
+
+class _LatentPrefill(_LatentModule, _PrefillModule):
+    pass
+
+
+class _LatentStep(_LatentModule, _StepModule):
+    pass
+
+
+@dataclass
+class LatentDecoder(Decoder):
+    """Decoder whose cache is (rope keys, latent): k_cache (N, B, 1, slots, 0), v_cache (N, B, 1, slots, r)."""
+    rank: int = 0
+    decoupled: bool = False
+
+    def _prefill(self, input_ids):
+        """Decoupled RoPE rotates NoPE keys at the query's position, one query at a time: the prompt goes through
+        the decode step token by token (no prefill program)."""
+        if not self.decoupled:
+            return super()._prefill(input_ids)
+        k, v = self.empty_cache(input_ids.shape[0])
+        for t in range(input_ids.shape[1]):
+            logits, k, v = self.step.run(input_ids=input_ids[:, t:t + 1], cache_position=self._position(t),
+                                         k_cache=k, v_cache=v)
+        return logits, k, v, input_ids.shape[1], {}
+
+    def empty_cache(self, batch: int) -> tuple[torch.Tensor, torch.Tensor]:
+        N = self.dims["layers"]
+        return (torch.zeros(N, batch, 1, self.max_len, 0, dtype=self.dtype, device=self.device),
+                torch.zeros(N, batch, 1, self.max_len, self.rank, dtype=self.dtype, device=self.device))
+
+    def kv_bytes_per_token(self) -> int:
+        return self.dims["layers"] * self.rank * torch.finfo(self.dtype).bits // 8
+
+
+def latent_tensors(mla: dict, layers: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, int]:
+    """program.meta['mla'] -> basis (N, 2 Hkv D, r_max) zero-padded, offset (N, 2 Hkv D), rope basis
+    (N, Hkv D, rope_dims), r_max."""
+    per_layer = mla["layers"]
+    missing = [i for i in range(layers) if i not in per_layer]
+    if missing:
+        raise ValueError(f"mla must cover every layer for the decode cache (one latent tensor); layers {missing} "
+                         "were filtered out")
+    r = max(per_layer[i]["basis"].shape[1] for i in range(layers))
+    basis = torch.stack([torch.nn.functional.pad(per_layer[i]["basis"], (0, r - per_layer[i]["basis"].shape[1]))
+                         for i in range(layers)])
+    offset = torch.stack([per_layer[i]["offset"] for i in range(layers)])
+    rope_basis = torch.stack([per_layer[i]["rope_basis"] for i in range(layers)])
+    return basis, offset, rope_basis, r
+
+
+def build_latent_decoder(model: torch.nn.Module, mla: dict, *, max_len: int = 256, source: str = "<module>",
+                         max_batch: int = 64) -> LatentDecoder:
+    """Capture prefill and decode-step programs whose cache holds the MLA latent (from program.meta['mla'])."""
+    config = model.config
+    dims = decoder_dims(config)
+    if not dims["rope"]:
+        raise RewriterError(f"the MLA decode cache supports RoPE decoders (Llama, Mistral, Qwen2); got "
+                            f"{config.model_type}")
+    if max_len < 2:
+        raise ValueError(f"max_len must be >= 2; got {max_len}")
+    basis, offset, rope_basis, r = latent_tensors(mla, dims["layers"])
+    decoupled = rope_basis.shape[-1] > 0
+    inv_freq = _plain_rope_inv_freq(model, dims["head_dim"])
+    model = model.eval()
+    dtype = next(model.parameters()).dtype
+    device = next(model.parameters()).device
+    B, T = 2, min(8, max_len)
+    ids = torch.randint(0, config.vocab_size, (B, T), generator=torch.Generator().manual_seed(0)).to(device)
+    buffers = tuple(t.to(device) for t in (basis, offset, rope_basis, inv_freq))
+    prefill = None if decoupled else _export(
+        _LatentPrefill(model, None).attach(*buffers).eval(), {"input_ids": ids},
+        {"input_ids": {0: "batch", 1: "seq"}}, {"batch": (1, max_batch), "seq": (2, max_len)}, config, source,
+        ["logits", "keys", "values"])
+    step_inputs = {"input_ids": ids[:, :1], "cache_position": torch.tensor([T - 1], device=device),
+                   "k_cache": torch.zeros(dims["layers"], B, 1, max_len, 0, dtype=dtype, device=device),
+                   "v_cache": torch.zeros(dims["layers"], B, 1, max_len, r, dtype=dtype, device=device)}
+    step = _export(_LatentStep(model, None).attach(*buffers).eval(), step_inputs,
+                   {"input_ids": {0: "batch"}, "k_cache": {1: "batch"}, "v_cache": {1: "batch"}},
+                   {"batch": (1, max_batch)}, config, source, ["logits", "k_cache", "v_cache"])
+    return LatentDecoder(prefill=prefill, step=step, max_len=max_len, dims=dims,  # type: ignore[arg-type]
+                         policy=KVPolicy(), inv_freq=inv_freq, dtype=dtype,
+                         meta={"model_type": config.model_type, "mla_rank": r}, rank=r, decoupled=decoupled,
+                         device=device)
+
+
+def _plain_rope_inv_freq(model: torch.nn.Module, head_dim: int) -> torch.Tensor:
+    for name, m in model.named_modules():
+        if name.endswith("rotary_emb") and hasattr(m, "inv_freq"):
+            scaling = float(getattr(m, "attention_scaling", 1.0))
+            if scaling != 1.0 or 2 * m.inv_freq.numel() != head_dim:
+                raise RewriterError(f"the MLA decode cache re-applies plain RoPE over the whole head; {name} has "
+                                    f"attention scaling {scaling} and {2 * m.inv_freq.numel()} of {head_dim} "
+                                    "dimensions rotated")
+            return m.inv_freq.detach().float().cpu()
+    raise RewriterError("no rotary embedding module (…rotary_emb with inv_freq) found for the MLA decode cache")

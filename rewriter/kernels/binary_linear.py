@@ -139,16 +139,17 @@ def _gemv_words(acc, xsum, x_ptr, w_ptr, m3, n3, q, N, K, KB, KW, stride_xm, str
     return acc, xsum
 
 
-@triton.jit
+# sizes vary per shape and split; specialising on them would recompile for each (only the strides matter)
+@triton.jit(do_not_specialize=["M", "N", "K", "KB", "KW", "words_per_split", "split_k"])
 def _binary_splitk_gemv_kernel(
     x_ptr, w_ptr, alpha_ptr, mu_ptr, bias_ptr, y_ptr, part_ptr, count_ptr,
-    M, N, K, KB, KW, words_per_split,
+    M, N, K, KB, KW, words_per_split, split_k,
     stride_xm, stride_wn, stride_ym,
     HAS_BIAS: tl.constexpr, WORD_LOADS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-    BLOCK_W: tl.constexpr, SPLIT_K: tl.constexpr,
+    BLOCK_W: tl.constexpr, SPLIT: tl.constexpr,
 ):
     """Program (n, s): outputs n BLOCK_N.. for all M <= BLOCK_M rows of x, over words s words_per_split..
-    (words_per_split is a multiple of BLOCK_W). With SPLIT_K > 1 each program stores its partial outputs and
+    (words_per_split is a multiple of BLOCK_W). With SPLIT (split_k > 1) each program stores its partial outputs and
     the last program of an output block to arrive adds them up."""
     pid_n = tl.program_id(0)
     pid_k = tl.program_id(1)
@@ -182,7 +183,7 @@ def _binary_splitk_gemv_kernel(
     y = alpha * (2.0 * s - sx) + mu * sx
     ymask = mmask[:, None] & nmask[None, :]
     y_ptrs = y_ptr + offs_m[:, None] * stride_ym + offs_n[None, :]
-    if SPLIT_K == 1:
+    if not SPLIT:
         if HAS_BIAS:
             y += tl.load(bias_ptr + offs_n, mask=nmask, other=0.0).to(tl.float32)[None, :]
         tl.store(y_ptrs, y.to(y_ptr.dtype.element_ty), mask=ymask)
@@ -193,10 +194,10 @@ def _binary_splitk_gemv_kernel(
         # pattern of a barrier then a release by one thread); the last arriver reads them through L2
         tl.debug_barrier()
         arrived = tl.atomic_add(count_ptr + pid_n, 1, sem="acq_rel")
-        if arrived == SPLIT_K - 1:
+        if arrived == split_k - 1:
             # summed in split order, so the result does not depend on the order of arrival
             total = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-            for split in range(SPLIT_K):
+            for split in range(split_k):
                 total += tl.load(part_ptrs + split * M * N, mask=ymask, other=0.0, cache_modifier=".cg")
             if HAS_BIAS:
                 total += tl.load(bias_ptr + offs_n, mask=nmask, other=0.0).to(tl.float32)[None, :]
@@ -254,15 +255,18 @@ def gemv_split(N: int, K: int, block_n: int, block_w: int, programs_per_sm: floa
 
 def _split_counters(device: torch.device, n: int) -> Tensor:
     """int32 arrival counters, zero between launches (the last program of each output block resets its
-    counter). One buffer per (device, stream), as launches on one stream never overlap; while a CUDA graph
-    is being captured a fresh zeroed buffer is used, since cached memory could be in use at replay."""
-    if device.type != "cuda" or torch.cuda.is_current_stream_capturing():
+    counter), shared by the launches on one device: concurrent split-K GEMVs on two streams of a device are
+    not supported. Buffers are never freed, as a captured CUDA graph may hold one. A first use inside a graph
+    capture gets a fresh zeroed buffer for that call (cached memory would be zeroed only when replayed)."""
+    if device.type != "cuda":
         return torch.zeros(n, dtype=torch.int32, device=device)
-    key = (device, torch.cuda.current_stream(device).cuda_stream)
-    buf = _counters.get(key)
-    if buf is None or buf.numel() < n:
-        buf = _counters[key] = torch.zeros(max(n, 1024), dtype=torch.int32, device=device)
-    return buf
+    buffers = _counters.setdefault(device, [])
+    if buffers and buffers[-1].numel() >= n:
+        return buffers[-1]
+    if torch.cuda.is_current_stream_capturing():
+        return torch.zeros(n, dtype=torch.int32, device=device)
+    buffers.append(torch.zeros(max(n, 1 << 16), dtype=torch.int32, device=device))
+    return buffers[-1]
 
 
 def launch_binary_gemv(x2: Tensor, packed: Tensor, alpha: Tensor, mu: Tensor, bias: Tensor | None, out: Tensor,
@@ -294,10 +298,10 @@ def launch_binary_gemv(x2: Tensor, packed: Tensor, alpha: Tensor, mu: Tensor, bi
     counters = _split_counters(x2.device, n_blocks) if split_k > 1 else out
     _binary_splitk_gemv_kernel[(n_blocks, split_k)](
         x2, w, alpha, mu, bias if bias is not None else alpha, out, parts, counters,
-        M, N, K, KB, KW, words_per_split,
+        M, N, K, KB, KW, words_per_split, split_k,
         x2.stride(0), w.stride(0), out.stride(0),
         HAS_BIAS=bias is not None, WORD_LOADS=word_loads, BLOCK_M=triton.next_power_of_2(M), BLOCK_N=block_n,
-        BLOCK_W=block_w, SPLIT_K=split_k, num_warps=num_warps, num_stages=num_stages,
+        BLOCK_W=block_w, SPLIT=split_k > 1, num_warps=num_warps, num_stages=num_stages,
     )
     return out
 

@@ -29,29 +29,43 @@ import torch
 import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from rewriter.kernels.binary_linear import (GEMV_DEFAULTS, GEMV_MAX_M, _sm_count, binary_linear_triton,  # noqa: E402
-                                           gemv_split, launch_binary_gemv, launch_binary_linear)
+from rewriter.kernels.binary_linear import (GEMV_DISPATCH_MAX_M, GEMV_MAX_M, _sm_count,  # noqa: E402
+                                           binary_linear_triton, gemv_defaults, gemv_split, launch_binary_gemv,
+                                           launch_binary_linear)
 from rewriter.kernels.lowrank_linear import FUSED_MAX_M, lowrank_linear_fused  # noqa: E402
 from rewriter.ops.binary_linear import binarize_weight, binary_linear  # noqa: E402
 
 SHAPES = [(4096, 4096), (4096, 14336), (14336, 4096)]  # W (out, in)
-MS = [1, 16, 256]
+MS = [1, 4, 16, 256]
 DTYPE = torch.bfloat16
-# split-K GEMV configurations (launch_binary_gemv keywords); the first is GEMV_DEFAULTS. M = 1 runs all,
-# M = 16 the first GEMV_SWEEP_M16. Compiles are per (block_n, block_w, num_warps, num_stages, rows of x).
-GEMV_SWEEP = [
-    GEMV_DEFAULTS,
-    dict(block_n=64, block_w=8, programs_per_sm=4, num_warps=4, num_stages=3),
-    dict(block_n=256, block_w=8, programs_per_sm=4, num_warps=4, num_stages=3),
-    dict(block_n=128, block_w=16, programs_per_sm=4, num_warps=4, num_stages=3),
-    dict(block_n=256, block_w=4, programs_per_sm=4, num_warps=4, num_stages=3),
-    dict(block_n=256, block_w=8, programs_per_sm=4, num_warps=8, num_stages=3),
-    dict(block_n=128, block_w=8, programs_per_sm=8, num_warps=4, num_stages=3),
-    dict(block_n=128, block_w=8, programs_per_sm=2, num_warps=4, num_stages=3),
-    dict(block_n=512, block_w=8, programs_per_sm=4, num_warps=8, num_stages=3),
-    dict(block_n=128, block_w=8, split_k=1, num_warps=4, num_stages=3),
-]
-GEMV_SWEEP_M16 = 5
+# split-K GEMV configurations (launch_binary_gemv keywords), at most 10 per (shape, M); the first of each
+# list is gemv_defaults(M). Compiles are per (block_n, block_w, num_warps, num_stages, rows of x, split or not).
+GEMV_SWEEP = {
+    1: [
+        gemv_defaults(1),
+        dict(block_n=64, block_w=8, programs_per_sm=4, num_warps=4, num_stages=3),
+        dict(block_n=256, block_w=8, programs_per_sm=4, num_warps=4, num_stages=3),
+        dict(block_n=128, block_w=16, programs_per_sm=4, num_warps=4, num_stages=3),
+        dict(block_n=512, block_w=4, programs_per_sm=4, num_warps=4, num_stages=3),
+        dict(block_n=256, block_w=8, programs_per_sm=4, num_warps=8, num_stages=3),
+        dict(block_n=128, block_w=8, programs_per_sm=8, num_warps=4, num_stages=3),
+        dict(block_n=128, block_w=8, programs_per_sm=2, num_warps=4, num_stages=3),
+        dict(block_n=512, block_w=8, programs_per_sm=4, num_warps=8, num_stages=3),
+        dict(block_n=128, block_w=8, split_k=1, num_warps=4, num_stages=3),
+    ],
+    4: [
+        gemv_defaults(4),
+        dict(block_n=64, block_w=8, programs_per_sm=4, num_warps=4, num_stages=3),
+        dict(block_n=256, block_w=4, programs_per_sm=4, num_warps=4, num_stages=3),
+        dict(block_n=256, block_w=8, programs_per_sm=4, num_warps=8, num_stages=3),
+    ],
+    16: [
+        gemv_defaults(16),
+        dict(block_n=32, block_w=8, programs_per_sm=4, num_warps=4, num_stages=3),
+        dict(block_n=128, block_w=4, programs_per_sm=4, num_warps=4, num_stages=3),
+        dict(block_n=64, block_w=8, programs_per_sm=8, num_warps=4, num_stages=3),
+    ],
+}
 # the dot-based kernels at M <= 16, for comparison: (kernel, BLOCK_M, BLOCK_N, BLOCK_KB, warps, stages)
 DOT_DECODE = [("bitplane", 16, 32, 128, 4, 3), ("tile", 16, 32, 64, 4, 3)]
 PREFILL_SWEEP = [("tile", 128, 128, 8, 8, 3), ("tile", 128, 64, 16, 8, 3)]
@@ -112,7 +126,7 @@ def gemv_rows(x, packs, alpha, mu, bias, in_f, ybuf, ref, dense_us, copy_us, nby
     x2 = x.contiguous()
     sms = _sm_count(x.device)
     sweep, worst = [], 0.0
-    for cfg in GEMV_SWEEP[:None if M == 1 else GEMV_SWEEP_M16]:
+    for cfg in GEMV_SWEEP.get(M, [gemv_defaults(M)]):
         t = graph_time_ms([lambda p=p, cfg=cfg: launch_binary_gemv(x2, p, alpha, mu, bias, ybuf, **cfg) for p in packs]) * 1e3
         y = torch.full_like(ybuf, float("nan"))
         launch_binary_gemv(x2, packs[0], alpha, mu, bias, y, **cfg)
@@ -186,7 +200,8 @@ def main() -> None:
             bin_ms = graph_time_ms([lambda p=p: binary_linear_triton(x, p, alpha, mu, bias, in_f, out=ybuf) for p in packs])
             row = {"op": "binary_linear", "shape": shape, "M": M, "ours_us": bin_ms * 1e3, "peer": "cublas_bf16_linear",
                    "peer_us": dense_ms * 1e3, "ratio": dense_ms / bin_ms,
-                   "path": "splitk_gemv" if M <= GEMV_MAX_M else "prefill"}
+                   "path": "splitk" if M <= GEMV_DISPATCH_MAX_M else "decode" if M <= GEMV_MAX_M else "prefill",
+                   "splitk_defaults": gemv_defaults(M) if M <= GEMV_MAX_M else None}
             if M <= GEMV_MAX_M:
                 ref = binary_linear(x.double(), packed, alpha.double(), mu.double(), bias.double(), in_f)
                 row["packed_bytes"] = packed.numel()

@@ -213,8 +213,17 @@ _TILINGS = {
     "prefill": ("tile", 128, 128, 8, 8, 3),
 }
 _KERNELS = {"bitplane": _binary_bitplane_kernel, "tile": _binary_tile_kernel}
-# split-K GEMV defaults; benchmarks/linear.py sweeps these knobs on the GPU
-GEMV_DEFAULTS = {"block_n": 128, "block_w": 8, "programs_per_sm": 4, "num_warps": 4, "num_stages": 3}
+# split-K GEMV defaults by rows of x (the first entry whose bound >= M); benchmarks/linear.py sweeps these
+# knobs on the GPU. Registers hold M x (words per thread) accumulators: at sm_90, M = 16 with block_n = 128
+# (4 warps) spills, block_n = 64 fits (255 registers).
+GEMV_DEFAULTS = {
+    1: {"block_n": 128, "block_w": 8, "programs_per_sm": 4, "num_warps": 4, "num_stages": 3},
+    4: {"block_n": 128, "block_w": 8, "programs_per_sm": 4, "num_warps": 4, "num_stages": 3},
+    16: {"block_n": 64, "block_w": 8, "programs_per_sm": 4, "num_warps": 4, "num_stages": 3},
+}
+# M up to which binary_linear_triton (tiling None) takes the split-K GEMV; the "decode" tile kernel above it
+# (up to 16), then "prefill"
+GEMV_DISPATCH_MAX_M = 16
 _INTERPRETER_SMS = 4  # pretend multiprocessor count on CPU (Triton interpreter), so split-K is exercised
 _sm_counts: dict = {}
 _counters: dict = {}
@@ -269,6 +278,11 @@ def _split_counters(device: torch.device, n: int) -> Tensor:
     return buffers[-1]
 
 
+def gemv_defaults(M: int) -> dict:
+    """launch_binary_gemv keywords for M rows of x (1 <= M <= GEMV_MAX_M)."""
+    return GEMV_DEFAULTS[min(bound for bound in GEMV_DEFAULTS if bound >= M)]
+
+
 def launch_binary_gemv(x2: Tensor, packed: Tensor, alpha: Tensor, mu: Tensor, bias: Tensor | None, out: Tensor,
                        block_n: int = 128, block_w: int = 8, programs_per_sm: float = 4, split_k: int | None = None,
                        num_warps: int = 4, num_stages: int = 3) -> Tensor:
@@ -309,7 +323,8 @@ def launch_binary_gemv(x2: Tensor, packed: Tensor, alpha: Tensor, mu: Tensor, bi
 def binary_linear_triton(x: Tensor, packed: Tensor, alpha: Tensor, mu: Tensor, bias: Tensor | None,
                          in_features: int, tiling: str | None = None, out: Tensor | None = None) -> Tensor:
     """Same contract as rewriter::binary_linear. tiling: "splitk" (the split-K GEMV, M <= GEMV_MAX_M),
-    "bitplane", "decode", "prefill" or None (splitk for M <= GEMV_MAX_M, prefill above). out: optional
+    "bitplane", "decode", "prefill" or None (splitk for M <= GEMV_DISPATCH_MAX_M, decode up to GEMV_MAX_M,
+    prefill above; splitk with gemv_defaults(M)). out: optional
     (M, out_features) buffer in x's dtype to write into."""
     if x.shape[-1] != in_features or packed.dim() != 2 or packed.shape[1] != (in_features + 7) // 8:
         raise ValueError(f"x (..., {in_features}) and packed (out, {(in_features + 7) // 8}) expected; "
@@ -329,10 +344,10 @@ def binary_linear_triton(x: Tensor, packed: Tensor, alpha: Tensor, mu: Tensor, b
         raise ValueError(f"tiling 'splitk' takes at most {GEMV_MAX_M} rows of x; got {M}")
     if M > 0:
         if tiling is None:
-            tiling = "splitk" if M <= GEMV_MAX_M else "prefill"
+            tiling = "splitk" if M <= GEMV_DISPATCH_MAX_M else "decode" if M <= GEMV_MAX_M else "prefill"
         args = (x2, packed.contiguous(), alpha.contiguous(), mu.contiguous(), bias, out)
         if tiling == "splitk":
-            launch_binary_gemv(*args, **GEMV_DEFAULTS)
+            launch_binary_gemv(*args, **gemv_defaults(M))
         else:
             launch_binary_linear(*args, *_TILINGS[tiling])
     return out.reshape(*x.shape[:-1], N)

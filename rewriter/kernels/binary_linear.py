@@ -1,20 +1,25 @@
 """Triton kernels for rewriter::binary_linear: y = alpha * (x sign^T) + mu * sum(x) + bias.
 
-The weight stays bit-packed in memory (uint8 (out, ceil(in/8)), bit j of byte k = column 8k + j, 1 = +1);
-programs load tiles of packed bytes, expand bits in registers to x's dtype (exact for any float type) and
-feed tl.dot, accumulating in fp32. The row sum of x for the mu term is accumulated in the same loop, so
-alpha, mu and bias are applied once in the epilogue. Two kernels, each used where it measured faster on an
-H200 (benchmarks/results/linear_h200_*.json):
+The weight stays bit-packed in memory (uint8 (out, ceil(in/8)), bit j of byte k = column 8k + j, 1 = +1).
+Three kernels:
 
-    bit-plane (M = 1):  per packed tile, one dot per bit position j with the columns 8 kb + j of x (strided
-                        loads of the tiny x); bits stay 0/1 and x . sign = 2 (x . bit) - sum(x). No reshape.
-    tile (M > 1):       the (BLOCK_N, BLOCK_KB, 8) bits are reshaped to a (BLOCK_N, 8 BLOCK_KB) +-1 tile and
-                        multiplied with one tl.dot; "decode" tiles (16 x 32 outputs, 512 columns a step) for
-                        M <= 16, "prefill" tiles (128 x 128, 64 columns a step) above.
-Neither is bound by the packed bytes: on an H200 they read 80-170 GB/s of packed weights, 0.2-0.9x the speed
-of cuBLAS bf16 (benchmarks/results/linear_h200.json). The expanded bits reach tl.dot through shared memory,
-so each weight still crosses shared memory as a 16-bit value. Next steps: a register-only reduction for
-M = 1 (no tl.dot, no shared memory) and split-K where out_features gives fewer programs than multiprocessors.
+    split-K GEMV (M <= 16, the default there): register-only. Rows whose byte count is a multiple of 4 are
+        read through an int32 view of the same bytes (bit b of word q = column 32 q + b, little-endian; no
+        repacking); others assemble words from bytes. Each program takes BLOCK_N output rows and one K slice;
+        for each of the 32 bit positions (unrolled, constant shifts) it adds x where the bit is set
+        (x . sign = 2 (x . bit) - sum(x)): on sm_90 one LOP3 into a predicate and one predicated FADD per
+        weight, the test shared by every row of x. A 2-D grid (output blocks x K slices, about 4 programs per
+        multiprocessor) keeps out = 4096 busy; each slice applies the (linear) epilogue to its partial sums,
+        stores them in fp32, and the last program of an output block to arrive (an atomic counter per block,
+        reset by that program) adds them up in slice order and writes y. One launch, deterministic.
+    bit-plane (dot-based, M <= 16): per packed tile, one tl.dot per bit position j with the columns 8 kb + j
+        of x; bits stay 0/1.
+    tile (M > 16, "prefill"; also "decode" tiles for M <= 16): the (BLOCK_N, BLOCK_KB, 8) bits are reshaped
+        to a (BLOCK_N, 8 BLOCK_KB) +-1 tile and multiplied with one tl.dot, accumulating in fp32.
+The dot-based kernels read 80-170 GB/s of packed weights on an H200, 0.2-0.9x cuBLAS bf16
+(benchmarks/results/linear_h200.json): their expanded bits cross shared memory as 16-bit values.
+benchmarks/linear.py sweeps the split-K GEMV's knobs (block_n, block_w, programs per SM, num_warps) against
+cuBLAS and a device-to-device copy of the packed bytes.
 """
 from __future__ import annotations
 
@@ -288,8 +293,10 @@ def launch_binary_gemv(x2: Tensor, packed: Tensor, alpha: Tensor, mu: Tensor, bi
                        num_warps: int = 4, num_stages: int = 3) -> Tensor:
     """Split-K GEMV for x2 (M <= GEMV_MAX_M, in) into out (M, out_features). block_n: output rows per program;
     block_w: 32-bit words (32 columns each) per step; split_k: K slices (None: about programs_per_sm programs
-    per multiprocessor). Rows whose packed bytes are a multiple of 4 are read as int32 words (a view, no copy);
-    other rows are assembled from bytes."""
+    per multiprocessor). alpha, mu (and bias) contiguous (out_features,), out row-contiguous in x's dtype. Rows
+    whose packed bytes are a multiple of 4 are read as int32 words (a view, no copy); others from bytes."""
+    if x2.stride(-1) != 1:
+        x2 = x2.contiguous()
     M, K = x2.shape
     N, KB = packed.shape
     if not 1 <= M <= GEMV_MAX_M:
@@ -305,7 +312,7 @@ def launch_binary_gemv(x2: Tensor, packed: Tensor, alpha: Tensor, mu: Tensor, bi
             raise ValueError(f"split_k must be in [1, {KW}] (the 32-column words of in_features); got {split_k}")
         words_per_split = triton.cdiv(triton.cdiv(KW, split_k), block_w) * block_w
         split_k = triton.cdiv(KW, words_per_split)
-    word_loads = KB % 4 == 0 and packed.stride(1) == 1 and packed.data_ptr() % 4 == 0
+    word_loads = KB % 4 == 0 and packed.stride(1) == 1 and packed.stride(0) % 4 == 0 and packed.data_ptr() % 4 == 0
     w = packed.view(torch.int32) if word_loads else packed
     n_blocks = triton.cdiv(N, block_n)
     parts = torch.empty((split_k, M, N), dtype=torch.float32, device=x2.device) if split_k > 1 else out

@@ -219,11 +219,12 @@ _TILINGS = {
 }
 _KERNELS = {"bitplane": _binary_bitplane_kernel, "tile": _binary_tile_kernel}
 # split-K GEMV defaults by rows of x (the first entry whose bound >= M); benchmarks/linear.py sweeps these
-# knobs on the GPU. Registers hold M x (words per thread) accumulators: at sm_90, M = 16 with block_n = 128
-# (4 warps) spills, block_n = 64 fits (255 registers).
+# knobs on the GPU. Chosen from sm_90 SASS of the main loop (no H200 timing yet): 2.7 instructions per weight
+# at M = 1 with 64 registers for (512, 4); 2.4 per weight and row at M = 4 for (256, 4); M = 16 keeps
+# M x (words per thread) accumulators in registers, so it needs small tiles (64, 8: 255 registers, no spill).
 GEMV_DEFAULTS = {
-    1: {"block_n": 128, "block_w": 8, "programs_per_sm": 4, "num_warps": 4, "num_stages": 3},
-    4: {"block_n": 128, "block_w": 8, "programs_per_sm": 4, "num_warps": 4, "num_stages": 3},
+    1: {"block_n": 512, "block_w": 4, "programs_per_sm": 4, "num_warps": 4, "num_stages": 3},
+    4: {"block_n": 256, "block_w": 4, "programs_per_sm": 4, "num_warps": 4, "num_stages": 3},
     16: {"block_n": 64, "block_w": 8, "programs_per_sm": 4, "num_warps": 4, "num_stages": 3},
 }
 # M up to which binary_linear_triton (tiling None) takes the split-K GEMV; the "decode" tile kernel above it
@@ -289,7 +290,7 @@ def gemv_defaults(M: int) -> dict:
 
 
 def launch_binary_gemv(x2: Tensor, packed: Tensor, alpha: Tensor, mu: Tensor, bias: Tensor | None, out: Tensor,
-                       block_n: int = 128, block_w: int = 8, programs_per_sm: float = 4, split_k: int | None = None,
+                       block_n: int = 512, block_w: int = 4, programs_per_sm: float = 4, split_k: int | None = None,
                        num_warps: int = 4, num_stages: int = 3) -> Tensor:
     """Split-K GEMV for x2 (M <= GEMV_MAX_M, in) into out (M, out_features). block_n: output rows per program;
     block_w: 32-bit words (32 columns each) per step; split_k: K slices (None: about programs_per_sm programs

@@ -67,9 +67,10 @@ def binary_oracle(x, packed, alpha, mu, bias, in_f):
 
 
 # in_f: 203 (bytes not a multiple of 4: word assembly from bytes, padding bits), 224 (int32 words, 7 words:
-# not a multiple of block_w), 1000 (bytes path, several K slices), 1056 (33 words, masked last block)
+# not a multiple of block_w), 250 (int32 words, the last one part padding), 1000 (bytes path, several K
+# slices), 1056 (33 words, masked last block)
 @pytest.mark.parametrize("M,in_f,split_k,block_n,block_w", [
-    (1, 203, None, 16, 2), (1, 224, 3, 16, 4), (1, 1056, 5, 32, 4), (3, 224, 2, 16, 2),
+    (1, 203, None, 16, 2), (1, 224, 3, 16, 4), (2, 250, 2, 16, 2), (1, 1056, 5, 32, 4), (3, 224, 2, 16, 2),
     (3, 1000, None, 32, 4), (16, 203, 1, 16, 8), (16, 1056, 3, 16, 8), (5, 64, 2, 64, 1),
 ])
 def test_splitk_gemv_matches_float64_oracle(M, in_f, split_k, block_n, block_w):

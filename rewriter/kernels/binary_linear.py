@@ -109,7 +109,7 @@ def _binary_bitplane_kernel(
 
 
 @triton.jit
-def _gemv_words(acc, xsum, x_ptr, w_ptr, m3, n3, q, N, K, KB, KW, stride_xm, stride_wn,
+def _gemv_words(acc, xsum, x_ptr, w_ptr, m3, n3, q, K, KB, KW, stride_xm, stride_wn,
                 MASKED: tl.constexpr, WORD_LOADS: tl.constexpr):
     """Adds x . bit for the words q (1, 1, BLOCK_W) of rows n3 to acc and the x of those columns to xsum.
     Unmasked blocks (all 32 q + 31 < K) load without predicates; rows past N and M were clamped to real rows
@@ -131,7 +131,8 @@ def _gemv_words(acc, xsum, x_ptr, w_ptr, m3, n3, q, N, K, KB, KW, stride_xm, str
                 byte = tl.load(w_ptr + n3 * stride_wn + kb)
             words |= byte.to(tl.int32) << (8 * i)
     # one unrolled step per bit position: the shifts are constants, so each bit test is one LOP3 into a
-    # predicate and the select-add a predicated FADD; the test is shared by every row of x
+    # predicate and the select-add a predicated FADD (sm_90 SASS); up to M = 4 the test is shared in registers
+    # by the rows of x, at M = 16 Triton hands the bits to the accumulator's layout through shared memory
     for b in tl.static_range(32):
         k = 32 * q + b
         if MASKED:
@@ -175,10 +176,10 @@ def _binary_splitk_gemv_kernel(
     # blocks whose columns are all < K run unmasked; the rest (at most one block per split) masked
     full_end = w_start + tl.maximum(tl.minimum(w_end, K // 32) - w_start, 0) // BLOCK_W * BLOCK_W
     for q0 in range(w_start, full_end, BLOCK_W):
-        acc, xsum = _gemv_words(acc, xsum, x_ptr, w_ptr, m3, n3, q0 + w3, N, K, KB, KW, stride_xm, stride_wn,
+        acc, xsum = _gemv_words(acc, xsum, x_ptr, w_ptr, m3, n3, q0 + w3, K, KB, KW, stride_xm, stride_wn,
                                 False, WORD_LOADS)
     for q0 in range(full_end, w_end, BLOCK_W):
-        acc, xsum = _gemv_words(acc, xsum, x_ptr, w_ptr, m3, n3, q0 + w3, N, K, KB, KW, stride_xm, stride_wn,
+        acc, xsum = _gemv_words(acc, xsum, x_ptr, w_ptr, m3, n3, q0 + w3, K, KB, KW, stride_xm, stride_wn,
                                 True, WORD_LOADS)
     s = tl.sum(acc, axis=2)
     sx = tl.sum(xsum, axis=2)

@@ -61,9 +61,9 @@ GEMV_SWEEP = {
     ],
     16: [
         gemv_defaults(16),
-        dict(block_n=32, block_w=8, programs_per_sm=4, num_warps=4, num_stages=3),
+        dict(block_n=64, block_w=8, programs_per_sm=4, num_warps=4, num_stages=3),
         dict(block_n=64, block_w=4, programs_per_sm=4, num_warps=4, num_stages=3),
-        dict(block_n=64, block_w=8, programs_per_sm=8, num_warps=4, num_stages=3),
+        dict(block_n=32, block_w=8, programs_per_sm=8, num_warps=4, num_stages=3),
     ],
 }
 # the dot-based kernels at M <= 16, for comparison: (kernel, BLOCK_M, BLOCK_N, BLOCK_KB, warps, stages)

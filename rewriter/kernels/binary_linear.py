@@ -221,12 +221,13 @@ _TILINGS = {
 _KERNELS = {"bitplane": _binary_bitplane_kernel, "tile": _binary_tile_kernel}
 # split-K GEMV defaults by rows of x (the first entry whose bound >= M); benchmarks/linear.py sweeps these
 # knobs on the GPU. Chosen from sm_90 SASS of the main loop (no H200 timing yet): 2.7 instructions per weight
-# at M = 1 with 64 registers for (512, 4); 2.4 per weight and row at M = 4 for (256, 4); M = 16 keeps
-# M x (words per thread) accumulators in registers, so it needs small tiles (64, 8: 255 registers, no spill).
+# at M = 1 with 64 registers for (512, 4); 2.4 per weight and row at M = 4 for (256, 4) (72 registers); M = 16
+# keeps M x (words per thread) accumulators in registers, so it needs small tiles: 2.7 per weight and row
+# with 128 registers for (32, 8) ((64, 8) needs 254, (128, 8) spills).
 GEMV_DEFAULTS = {
     1: {"block_n": 512, "block_w": 4, "programs_per_sm": 4, "num_warps": 4, "num_stages": 3},
     4: {"block_n": 256, "block_w": 4, "programs_per_sm": 4, "num_warps": 4, "num_stages": 3},
-    16: {"block_n": 64, "block_w": 8, "programs_per_sm": 4, "num_warps": 4, "num_stages": 3},
+    16: {"block_n": 32, "block_w": 8, "programs_per_sm": 4, "num_warps": 4, "num_stages": 3},
 }
 # M up to which binary_linear_triton (tiling None) takes the split-K GEMV; the "decode" tile kernel above it
 # (up to 16), then "prefill"

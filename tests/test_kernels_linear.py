@@ -8,7 +8,8 @@ import torch  # noqa: E402
 
 pytest.importorskip("triton")
 
-from rewriter.kernels.binary_linear import binary_linear_triton  # noqa: E402
+import rewriter.kernels.binary_linear as binary_kernels  # noqa: E402
+from rewriter.kernels.binary_linear import GEMV_MAX_M, binary_linear_triton, launch_binary_gemv  # noqa: E402
 from rewriter.kernels.lowrank_linear import FUSED_MAX_M, lowrank_linear_fused  # noqa: E402
 from rewriter.ops.binary_linear import binarize_weight, binary_linear  # noqa: E402
 
@@ -23,8 +24,8 @@ def rel(a, b):
     return ((a.to(f64) - b).norm() / b.norm()).item()
 
 
-@pytest.mark.parametrize("tiling,M", [("gemv", 1), ("decode", 1), ("decode", 5), ("prefill", 3), ("prefill", 130),
-                                      (None, 1), (None, 16), (None, 17)])
+@pytest.mark.parametrize("tiling,M", [("bitplane", 1), ("decode", 1), ("decode", 5), ("prefill", 3), ("prefill", 130),
+                                      ("splitk", 2), (None, 1), (None, 16), (None, 17)])
 @pytest.mark.parametrize("with_bias", [True, False])
 def test_binary_kernel_matches_reference_op(tiling, M, with_bias):
     out_f, in_f = 45, 203  # in not a multiple of 8, out not a multiple of any tile
@@ -54,6 +55,61 @@ def test_binary_kernel_keeps_leading_dims_and_rejects_bad_args():
     with pytest.raises(ValueError, match="out must be"):
         binary_linear_triton(x, d["packed"], d["alpha"], d["mu"], None, 16, out=torch.empty(6, 21))
 
+
+
+def binary_oracle(x, packed, alpha, mu, bias, in_f):
+    """float64 y = alpha * (x sign^T) + mu * sum(x) + bias from the bits, independent of the op's code."""
+    cols = torch.arange(in_f)
+    bits = (packed.to(torch.int64)[:, cols // 8] >> (cols % 8)) & 1
+    signs = (2 * bits - 1).to(f64)
+    y = (x.to(f64) @ signs.T) * alpha.to(f64) + x.to(f64).sum(-1, keepdim=True) * mu.to(f64)
+    return y if bias is None else y + bias.to(f64)
+
+
+# in_f: 203 (bytes not a multiple of 4: word assembly from bytes, padding bits), 224 (int32 words, 7 words:
+# not a multiple of block_w), 250 (int32 words, the last one part padding), 1000 (bytes path, several K
+# slices), 1056 (33 words, masked last block)
+@pytest.mark.parametrize("M,in_f,split_k,block_n,block_w", [
+    (1, 203, None, 16, 2), (1, 224, 3, 16, 4), (2, 250, 2, 16, 2), (1, 1056, 5, 32, 4), (3, 224, 2, 16, 2),
+    (3, 1000, None, 32, 4), (16, 203, 1, 16, 8), (16, 1056, 3, 16, 8), (5, 64, 2, 64, 1),
+])
+def test_splitk_gemv_matches_float64_oracle(M, in_f, split_k, block_n, block_w):
+    out_f = 45  # not a multiple of block_n
+    W = torch.randn(out_f, in_f, generator=gen(in_f + M))
+    d = binarize_weight(W)
+    bias = torch.randn(out_f, generator=gen(7 + M)) if M != 3 else None
+    x = torch.randn(M, in_f, generator=gen(300 + M))
+    ref = binary_oracle(x, d["packed"], d["alpha"], d["mu"], bias, in_f)
+    out = torch.full((M, out_f), float("nan"))  # poisoned: every element must be written
+    y = launch_binary_gemv(x, d["packed"], d["alpha"], d["mu"], bias, out, block_n=block_n, block_w=block_w,
+                           split_k=split_k)
+    assert torch.isfinite(y).all()
+    assert rel(y, ref) < 1e-5
+
+
+def test_splitk_gemv_resets_its_counters(monkeypatch):
+    # the last program of each output block must leave its arrival counter at 0 for the next launch
+    counters = torch.zeros(8, dtype=torch.int32)
+    monkeypatch.setattr(binary_kernels, "_split_counters", lambda device, n: counters)
+    d = binarize_weight(torch.randn(40, 128, generator=gen(3)))
+    x = torch.randn(2, 128, generator=gen(4))
+    ref = binary_oracle(x, d["packed"], d["alpha"], d["mu"], None, 128)
+    for _ in range(2):
+        y = launch_binary_gemv(x, d["packed"], d["alpha"], d["mu"], None, torch.full((2, 40), float("nan")),
+                               block_n=16, block_w=1, split_k=4)
+        assert rel(y, ref) < 1e-5
+        assert counters.tolist() == [0] * 8
+
+
+def test_splitk_gemv_rejects_bad_args():
+    d = binarize_weight(torch.randn(20, 64, generator=gen(1)))
+    args = (d["packed"], d["alpha"], d["mu"], None)
+    with pytest.raises(ValueError, match="split_k"):
+        launch_binary_gemv(torch.randn(1, 64), *args, torch.empty(1, 20), split_k=3)  # 64 columns = 2 words
+    with pytest.raises(ValueError, match="power of two"):
+        launch_binary_gemv(torch.randn(1, 64), *args, torch.empty(1, 20), block_n=24)
+    with pytest.raises(ValueError, match="at most"):
+        binary_linear_triton(torch.randn(GEMV_MAX_M + 1, 64), *args, 64, tiling="splitk")
 
 @pytest.mark.parametrize("M,shares", [(1, None), (4, 1), (16, 3)])
 @pytest.mark.parametrize("with_bias", [True, False])

@@ -95,7 +95,8 @@ def test_lowrank_linear_compiles():
                                                                        BLOCK_N=64))
 
 
-@pytest.mark.parametrize("name", [n for n in dir(binary_linear) if n.startswith("_binary") and n.endswith("kernel")])
+@pytest.mark.parametrize("name", [n for n in dir(binary_linear) if n.startswith("_binary") and n.endswith("kernel")
+                                  and n != "_binary_splitk_gemv_kernel"])
 def test_binary_linear_kernels_compile(name):
     kernel = getattr(binary_linear, name)
     names = list(inspect.signature(kernel.fn).parameters)
@@ -104,3 +105,14 @@ def test_binary_linear_kernels_compile(name):
     constexprs = {n: 1 if n.startswith("HAS_") else 16 if n == "BLOCK_M" else 64 for n in names
                   if n.isupper() or n.startswith(("BLOCK_", "HAS_"))}
     compile_for_sm90(kernel, types, constexprs)
+
+
+@pytest.mark.parametrize("M", sorted(binary_linear.GEMV_DEFAULTS))
+def test_binary_splitk_gemv_compiles(M):
+    """The split-K GEMV with the per-M defaults the dispatcher launches (int32 word loads, split, bias), aligned."""
+    cfg = binary_linear.GEMV_DEFAULTS[M]
+    types = {"x_ptr": "*bf16", "w_ptr": "*i32", "alpha_ptr": "*fp32", "mu_ptr": "*fp32", "bias_ptr": "*fp32",
+             "y_ptr": "*bf16", "part_ptr": "*fp32", "count_ptr": "*i32"}
+    compile_for_sm90(binary_linear._binary_splitk_gemv_kernel, types, dict(
+        HAS_BIAS=True, WORD_LOADS=True, BLOCK_M=M, BLOCK_N=cfg["block_n"], BLOCK_W=cfg["block_w"], SPLIT=True),
+        num_warps=cfg["num_warps"], aligned=True)

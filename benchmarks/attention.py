@@ -187,11 +187,19 @@ def bench_scatterbrain(L: int, D: int, causal: bool, records: list) -> None:
     sb = bench(lambda: ops.scatterbrain_attention(q, k, v, None, causal, scale, 64, WINDOW, SINKS, 0))
     peers = {"window_op": bench(lambda: ops.window_attention(q, k, v, None, causal, scale, WINDOW, SINKS, 64)),
              "performer_op_64": bench(lambda: ops.performer_attention(q, k, v, None, causal, scale, 64, 0))}
+    # where the time goes: the FAVOR+ feature kernel (q and k) and the fused Scatterbrain kernel, timed alone
+    from rewriter.kernels.registry import _performer_features_cuda
+    from rewriter.kernels.scatterbrain import scatterbrain_attention_triton
+    feats = _performer_features_cuda(q, k, None, scale, 64, 0, torch.bfloat16)
+    parts = {"features_ms": bench(lambda: _performer_features_cuda(q, k, None, scale, 64, 0, torch.bfloat16)),
+             "fused_kernel_ms": bench(lambda: scatterbrain_attention_triton(
+                 q, k, v, None, causal, scale, feats[0], feats[1], WINDOW, SINKS, log_phi_q=feats[2],
+                 log_phi_k=feats[3]))}
     for peer, peer_ms in peers.items():
-        records.append(dict(op=f"scatterbrain_window{WINDOW}+sinks{SINKS}+features64", shape=[1, H, L, D],
+        records.append(dict(op=f"scatterbrain_window{WINDOW}+sinks{SINKS}+features64", shape=[1, H, L, D], **parts,
                             dtype="bfloat16", causal=causal, ours_ms=sb, peer=peer, peer_ms=peer_ms,
                             ratio=peer_ms / sb))
-    print(f"scatterbrain L={L} D={D} causal={causal} ours={sb:.3f} peers={peers}", flush=True)
+    print(f"scatterbrain L={L} D={D} causal={causal} ours={sb:.3f} parts={parts} peers={peers}", flush=True)
 
 
 def main() -> int:

@@ -1,5 +1,6 @@
-"""KV-cache decode on the GPU: tokens/s, peak memory and cache bytes of a Llama-shaped ~1.1B model (random bf16
-weights; hidden 2048, 16 layers, 32 query / 8 KV heads, head dim 64) at 4K, 16K and 32K tokens of context,
+"""KV-cache decode on the GPU: tokens/s, peak memory and cache bytes of a Llama-shaped 1.1B model (random bf16
+weights; hidden 2048, 16 layers, 32 query / 8 KV heads, head dim 64, intermediate 8192, vocab 32000: 1.104e9
+parameters) at 4K, 16K and 32K tokens of context,
 original vs each KV pass, with transformers' own generate (DynamicCache, SDPA) as the peer in the same run.
 
 Each variant's prefill and decode programs are captured once (rewriter.decode.decoder_from: KV passes verified on
@@ -30,7 +31,9 @@ from rewriter.pipeline import make_pass
 VARIANTS = {
     "original": [],
     "think0.5": [("think", {"ratio": 0.5})],
+    "think-dynamic0.5": [("think", {"ratio": 0.5, "mode": "dynamic"})],
     "kv-window4+1020": [("kv-window", {"sinks": 4, "window": 1020})],
+    "mla0.5": [("mla", {"ratio": 0.5})],
 }
 
 
@@ -42,7 +45,7 @@ def build_model(tiny: bool, device: str):
         dtype = torch.float32
     else:
         cfg = tf.LlamaConfig(hidden_size=2048, num_hidden_layers=16, num_attention_heads=32, num_key_value_heads=8,
-                             intermediate_size=5632, vocab_size=32000, max_position_embeddings=65536,
+                             intermediate_size=8192, vocab_size=32000, max_position_embeddings=65536,
                              rope_theta=500000.0)
         dtype = torch.bfloat16
     cfg._attn_implementation = "sdpa"
@@ -70,7 +73,7 @@ def run_decoder(decoder, ids: torch.Tensor, new: int, device: str) -> dict:
     """Prefill + `new` greedy steps, each timed (synchronised)."""
     sync(device)
     t0 = time.perf_counter()
-    logits, k, v, length = decoder._prefill(ids)
+    logits, k, v, length, extra = decoder._prefill(ids)   # extra: dynamic ThinK's per-prompt channel index
     sync(device)
     prefill_ms = (time.perf_counter() - t0) * 1e3
     reset_peak(device)
@@ -82,7 +85,7 @@ def run_decoder(decoder, ids: torch.Tensor, new: int, device: str) -> dict:
         if decoder.policy.evicts:
             k, v, length = decoder._evict(k, v, length, decoder.max_len - 1)
         logits, k, v = decoder.step.run(input_ids=nxt[:, None], cache_position=decoder._position(length),
-                                        k_cache=k, v_cache=v)
+                                        k_cache=k, v_cache=v, **extra)
         sync(device)
         steps.append((time.perf_counter() - t0) * 1e3)
         length += 1

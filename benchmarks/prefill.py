@@ -1,5 +1,5 @@
 """End-to-end prefill of a Llama-shaped 1.1B model (random bf16 weights; hidden 2048, 16 layers, 32 query / 8 KV
-heads, intermediate 5632), original vs rewritten, at 16K and 32K tokens on the GPU.
+heads, intermediate 8192, vocab 32000: 1.104e9 parameters, the issue's anchor shape), original vs rewritten, at 16K and 32K tokens on the GPU.
 
 Variants, all in one run:
 - transformers: the HF model itself (SDPA, no mask: causal flash/cuDNN attention): the original as users run it;

@@ -16,7 +16,7 @@ from triton.backends.compiler import GPUTarget  # noqa: E402
 from triton.compiler import ASTSource  # noqa: E402
 
 from rewriter.kernels import (binary_linear, block_sparse_attention, linear_attention, lowrank_linear,  # noqa: E402
-                              performer_features, scatterbrain)
+                              scatterbrain)
 
 SM90 = GPUTarget("cuda", 90, 32)
 
@@ -79,14 +79,6 @@ def test_scatterbrain_compiles(causal, masked):
             "cnt_ptr": "*i32", "kmask_ptr": "*i8", "scale": "fp32"}
     compile_for_sm90(scatterbrain._scatterbrain_fwd, ptrs, dict(
         BLOCK=64, BLOCK_D=128, BLOCK_DV=128, BLOCK_F=64, CAUSAL=causal, HAS_KEY_MASK=masked), aligned=True)
-
-
-@pytest.mark.parametrize("mode", [0, 1, 2])
-def test_performer_features_compile(mode):
-    ptrs = {"x_ptr": "*bf16", "w_ptr": "*fp32", "c_ptr": "*fp32", "phi_ptr": "*bf16", "rowmax_ptr": "*fp32",
-            "kmask_ptr": "*i8", "xscale": "fp32", "norm": "fp32"}
-    compile_for_sm90(performer_features._performer_features_fwd, ptrs, dict(
-        BLOCK_L=64, BLOCK_D=128, BLOCK_M=64, MODE=mode, HAS_KEY_MASK=True), aligned=True)
 
 
 def test_lowrank_linear_compiles():

@@ -220,18 +220,20 @@ _TILINGS = {
 }
 _KERNELS = {"bitplane": _binary_bitplane_kernel, "tile": _binary_tile_kernel}
 # split-K GEMV defaults by rows of x (the first entry whose bound >= M); benchmarks/linear.py sweeps these
-# knobs on the GPU. Chosen from sm_90 SASS of the main loop (no H200 timing yet): 2.7 instructions per weight
-# at M = 1 with 64 registers for (512, 4); 2.4 per weight and row at M = 4 for (256, 4) (72 registers); M = 16
-# keeps M x (words per thread) accumulators in registers, so it needs small tiles: 2.7 per weight and row
-# with 128 registers for (32, 8) ((64, 8) needs 254, (128, 8) spills).
+# knobs on the GPU. M = 1: the sweep's best on the H200 at 4096 x 4096 (128 x 16 words, split 8: 6.7 us against
+# cuBLAS bf16's 14.5 us; 512 x 4 took 9.1 us; benchmarks/results/linear_h200_v4_splitk_partial.json). M = 4 and
+# 16 were chosen from sm_90 SASS (2.4 and 2.7 instructions per weight and row; (64, 8) needs 254 registers at
+# M = 16, (128, 8) spills) and measured slower than cuBLAS (0.74x and 0.29x at 4096 x 4096).
 GEMV_DEFAULTS = {
-    1: {"block_n": 512, "block_w": 4, "programs_per_sm": 4, "num_warps": 4, "num_stages": 3},
+    1: {"block_n": 128, "block_w": 16, "programs_per_sm": 4, "num_warps": 4, "num_stages": 3},
     4: {"block_n": 256, "block_w": 4, "programs_per_sm": 4, "num_warps": 4, "num_stages": 3},
     16: {"block_n": 32, "block_w": 8, "programs_per_sm": 4, "num_warps": 4, "num_stages": 3},
 }
 # M up to which binary_linear_triton (tiling None) takes the split-K GEMV; the "decode" tile kernel above it
-# (up to 16), then "prefill"
-GEMV_DISPATCH_MAX_M = 16
+# (up to 16), then "prefill". At 4096 x 4096 on the H200 the split-K GEMV took 50 us at M = 16 where the decode
+# tile kernel took about 26 us (linear_h200.json: 0.56x cuBLAS) and a memory-bound tile costs about the same at
+# M = 4 (untimed there), so the GEMV serves M <= 4.
+GEMV_DISPATCH_MAX_M = 4
 _INTERPRETER_SMS = 4  # pretend multiprocessor count on CPU (Triton interpreter), so split-K is exercised
 _sm_counts: dict = {}
 _counters: dict = {}

@@ -1,7 +1,7 @@
 """CUDA implementations of the attention ops, registered with ``torch.library.register_kernel``.
 
-The fixed feature maps (elu, relu, taylor2) come from the reference code in ``rewriter.ops.lowrank_attention``;
-the FAVOR+ (performer) features and the cores run in Triton.
+The feature maps (elu, relu, taylor2 and FAVOR+) come from the reference code in ``rewriter.ops.lowrank_attention``;
+the cores run in Triton.
 The sparse ops (window, block top-k, strided) run their own layout code with ``sparse_attention_core`` (the Triton
 block-sparse kernel) as their core. LSH keeps its reference on CUDA: its rounds subtract a per-pair duplicate
 count inside the softmax, which the block-sparse kernel does not take.
@@ -38,13 +38,12 @@ def _kernel_dtype(q: Tensor) -> torch.dtype:
 
 def _performer_features_cuda(q: Tensor, k: Tensor, key_mask: Optional[Tensor], scale: float, features: int,
                              seed: int, dt: torch.dtype):
-    """FAVOR+ features of q and k from the Triton feature-map kernel, phi in the kernels' dtype `dt`."""
-    from ..ops.lowrank_attention import _cached_projection
-    from .performer_features import performer_features_triton
-    projection = _cached_projection(features, q.shape[-1], seed)
-    phi_q, log_q = performer_features_triton(q, projection, scale, "query", out_dtype=dt)
-    phi_k, log_k = performer_features_triton(k, projection, scale, "key", key_mask=key_mask, out_dtype=dt)
-    return phi_q, phi_k, log_q, log_k
+    """FAVOR+ features of q and k (PyTorch), phi in the kernels' dtype `dt`. A Triton feature-map kernel (branch
+    features-kernel) measured 44 ms against about 5 ms for this at L = 32K, D = 128 on the H200
+    (benchmarks/results/attention_h200_v3.json, features_ms), so the PyTorch feature map stays."""
+    from ..ops.lowrank_attention import _performer_features
+    phi_q, phi_k, log_q, log_k = _performer_features(q, k, key_mask, scale, features, seed)
+    return phi_q.to(dt), phi_k.to(dt), log_q, log_k
 
 
 def performer_attention_cuda(q: Tensor, k: Tensor, v: Tensor, key_mask: Optional[Tensor], causal: bool, scale: float,
@@ -119,6 +118,11 @@ def _sparse_op(impl_name: str):
 
 def binary_linear_cuda(x: Tensor, packed: Tensor, alpha: Tensor, mu: Tensor, bias: Optional[Tensor],
                        in_features: int) -> Tensor:
+    """The Triton kernels for half and single precision; float64 (e.g. an oracle computed on the GPU) takes the
+    reference, which Triton's dots cannot run."""
+    if x.dtype not in (torch.float16, torch.bfloat16, torch.float32) or use_reference():
+        from ..ops.binary_linear import binary_linear_reference
+        return binary_linear_reference(x, packed, alpha, mu, bias, in_features)
     from .binary_linear import binary_linear_triton
     return binary_linear_triton(x, packed, alpha, mu, bias, in_features)
 

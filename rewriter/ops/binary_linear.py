@@ -94,6 +94,12 @@ def _check_binary_args(x: Tensor, packed: Tensor, alpha: Tensor, mu: Tensor, bia
 @torch.library.custom_op("rewriter::binary_linear", mutates_args=())
 def binary_linear(x: Tensor, packed: Tensor, alpha: Tensor, mu: Tensor, bias: Tensor | None, in_features: int) -> Tensor:
     """y = alpha * (x sign^T) + mu * sum(x) + bias, in x's dtype; accumulates in fp32 (fp64 for fp64 x)."""
+    return binary_linear_reference(x, packed, alpha, mu, bias, in_features)
+
+
+def binary_linear_reference(x: Tensor, packed: Tensor, alpha: Tensor, mu: Tensor, bias: Tensor | None,
+                            in_features: int) -> Tensor:
+    """The op's reference body (any device; the CUDA kernel's fallback)."""
     _check_binary_args(x, packed, alpha, mu, bias, in_features)
     acc = torch.float64 if x.dtype == torch.float64 else torch.float32
     xa = x.to(acc)

@@ -1,0 +1,25 @@
+#!/usr/bin/env bash
+# The H200 runs behind benchmarks/results/*_h200*.json, batched for the device tool (each call <= 10 minutes):
+#   bash benchmarks/h200.sh kernels   # binary GEMV sweep + attention kernels vs SDPA / FlexAttention / fla
+#   bash benchmarks/h200.sh models    # 1.1B Llama prefill (16K, 32K) + KV-cache decode (4K, 16K, 32K)
+# Results go to $OUT (default ./out). fla-core comes from a wheel carried in .gpu_kernels2/.whl (no network there).
+set -u
+OUT=${OUT:-out}
+mkdir -p "$OUT"
+export PYTHONPATH=$PWD:$PWD/benchmarks
+pip install -q --no-deps .gpu_kernels2/.whl/*.whl 2>/dev/null || echo "fla-core wheel not installed: fla peers skipped"
+nvidia-smi --query-gpu=name,clocks.sm,clocks.mem,temperature.gpu --format=csv,noheader
+git log -1 --format="commit %H" 2>/dev/null || true
+case "${1:-}" in
+kernels)
+  timeout 170 python benchmarks/linear.py --binary-only --out "$OUT/linear_h200_v4_splitk.json" > "$OUT/linear.log" 2>&1
+  echo "linear rc=$?"; tail -5 "$OUT/linear.log"
+  timeout 380 python benchmarks/attention.py --budget-s 330 --out "$OUT/attention_h200_v3.json" > "$OUT/attention.log" 2>&1
+  echo "attention rc=$?"; tail -5 "$OUT/attention.log";;
+models)
+  timeout 250 python benchmarks/prefill.py --out "$OUT/prefill_h200.json" > "$OUT/prefill.log" 2>&1
+  echo "prefill rc=$?"; tail -12 "$OUT/prefill.log"
+  timeout 320 python benchmarks/kv.py --out "$OUT/kv_h200.json" ${KV_VARIANTS:+--variants $KV_VARIANTS} > "$OUT/kv.log" 2>&1
+  echo "kv rc=$?"; tail -3 "$OUT/kv.log";;
+*) echo "usage: $0 kernels|models"; exit 2;;
+esac

@@ -251,11 +251,13 @@ def export_cmd(src: str = typer.Argument(..., help="HF model folder or rewriter 
 
 @app.command()
 def generate(
-    src: str = typer.Argument(..., help="HF decoder LM folder (llama, mistral, qwen2, gpt2)"),
+    src: str = typer.Argument(..., help="HF decoder LM folder (llama, mistral, qwen2, gpt2), or a `rewriter optimize` "
+                                        "output of one written with think / kv-window (its KV policy applies)"),
     prompt: Optional[str] = typer.Option(None, "--prompt", help="prompt text (needs a tokenizer in SRC)"),
     prompt_ids: Optional[str] = typer.Option(None, "--prompt-ids", help="prompt token ids, e.g. 1,2,3"),
     max_new_tokens: int = typer.Option(20, "--max-new-tokens"),
-    pass_: list[str] = typer.Option([], "--pass", help="think[:ratio=..] and/or kv-window[:sinks=..,window=..]"),
+    pass_: list[str] = typer.Option([], "--pass", help="think[:ratio=..,mode=static|dynamic] and/or "
+                                  "kv-window[:sinks=..,window=..], or mla[:ratio=..] alone (HF folders only)"),
     max_len: Optional[int] = typer.Option(None, "--max-len", help="decode cache slots (default: prompt + new)"),
     json_out: bool = typer.Option(False, "--json", help="print ids, text and KV bytes as JSON"),
 ):

@@ -1,0 +1,44 @@
+"""The GPU benchmarks' CPU smoke modes run end to end (they broke silently before when decode's API moved), and
+their records say what they should on a tiny fp32 model: our greedy decode equals transformers' generate, the
+thinned caches are smaller, the prefill variants are timed."""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def run_benchmark(script: str, out: Path, *args: str) -> dict:
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT), str(ROOT / "benchmarks")])}
+    proc = subprocess.run([sys.executable, str(ROOT / "benchmarks" / script), "--tiny", "--out", str(out), *args],
+                          env=env, capture_output=True, text=True, timeout=900)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return json.loads(out.read_text())
+
+
+def test_kv_benchmark_tiny(tmp_path):
+    d = run_benchmark("kv.py", tmp_path / "kv.json", "--contexts", "48", "--new-tokens", "6",
+                      "--variants", "original", "think-dynamic0.5", "mla0.5")
+    recs = {r["variant"]: r for r in d["records"]}
+    assert set(recs) == {"transformers_generate", "original", "think-dynamic0.5", "mla0.5"}
+    assert recs["original"]["agreement_with_transformers"]["equal_fraction"] == 1.0
+    assert len(recs["original"]["tokens"]) == 6
+    dense = recs["original"]["kv"]["after"]["bytes_per_token"]
+    assert recs["original"]["kv"]["before"]["bytes_per_token"] == dense
+    assert recs["think-dynamic0.5"]["kv"]["after"]["bytes_per_token"] == dense * 3 // 4   # keys halved
+    assert recs["mla0.5"]["kv"]["after"]["bytes_per_token"] == dense // 2
+    assert recs["mla0.5"]["cache_tensor_bytes"] < recs["original"]["cache_tensor_bytes"]
+
+
+def test_prefill_benchmark_tiny(tmp_path):
+    d = run_benchmark("prefill.py", tmp_path / "prefill.json", "--lengths", "64", "--variants", "window",
+                      "--reps", "1")
+    recs = {r["variant"]: r for r in d["records"]}
+    assert set(recs) == {"transformers", "captured", "window"}
+    assert all(r["ms"] > 0 and r["L"] == 64 for r in recs.values())
+    assert recs["transformers"]["speedup"] == 1.0
+    assert d["builds"]["window"]["calibration_metrics"]["cosine"] > 0.5

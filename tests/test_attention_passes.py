@@ -71,6 +71,22 @@ def test_window_covering_sequence_is_exact(arch, tiny_folders):
         assert site["attention_rel_error"] < 1e-6
 
 
+def test_sites_share_one_key_mask(tiny_folders):
+    """Every rewritten layer reads the same `attention_mask != 0` tensor (so the CUDA ops' all-real check is made
+    once per forward), and it is computed before the first layer."""
+    res = optimize(tiny_folders["llama"], [make_pass("window", {"window": 8, "sinks": 2, "block": 16})],
+                   samples=2, seq_len=24)
+    graph = res.program.module().graph
+    ops = [n for n in graph.nodes if n.op == "call_function" and "window_attention" in str(n.target)]
+    assert len(ops) >= 2
+    masks = {n.args[3] for n in ops}
+    assert len(masks) == 1
+    (mask,) = masks
+    assert mask.target is torch.ops.aten.ne.Scalar and mask.args[0].target == "attention_mask"
+    order = {n: i for i, n in enumerate(graph.nodes)}
+    assert order[mask] < min(order[n] for n in ops)
+
+
 def test_scatterbrain_covering_window_is_exact(tiny_folders):
     res = optimize(tiny_folders["gpt2"], [make_pass("scatterbrain", {"features": 8, "window": 200})],
                    samples=2, seq_len=24)

@@ -208,6 +208,38 @@ def test_binary_linear_cuda_impl_takes_float64_through_the_reference():
                                atol=1e-4, rtol=1e-4)
 
 
+def test_full_mask_check_is_remembered_per_tensor(monkeypatch):
+    """_drop_full_mask drops an all-real mask, keeps a padded one, and checks a given tensor once (until it is
+    written to): counted through Tensor.all."""
+    from rewriter.kernels import registry
+    calls = []
+    real_all = torch.Tensor.all
+    monkeypatch.setattr(torch.Tensor, "all", lambda self, *a, **k: calls.append(1) or real_all(self, *a, **k))
+    mask = torch.ones(2, 9, dtype=torch.bool)
+    assert registry._drop_full_mask(mask) is None and registry._drop_full_mask(mask) is None
+    assert len(calls) == 1
+    mask[1, 3] = False                                 # in-place write: new version, checked again
+    assert registry._drop_full_mask(mask) is mask and len(calls) == 2
+    other = torch.ones(2, 9, dtype=torch.bool)
+    assert registry._drop_full_mask(other) is None and len(calls) == 3
+    assert registry._drop_full_mask(None) is None
+
+
+def test_window_layouts_are_cached_per_shape():
+    """Both window layouts are computed once per shape (CPU, no device sync) and equal a fresh computation."""
+    from rewriter.kernels import block_sparse_attention as bsa
+    from rewriter.ops import sparse_attention as sa
+    a = sa.window_layout(70, 70, 16, 20, 3, True)
+    assert all(x is y for x, y in zip(a, sa.window_layout(70, 70, 16, 20, 3, True)))
+    for x, y in zip(a, sa._window_layout_cpu(70, 70, 16, 20, 3, True)):
+        assert torch.equal(x, y)
+    b = bsa.window_layout(50, 70, 16, 20, 0, 3, "cpu")
+    assert all(x is y for x, y in zip(b, bsa.window_layout(50, 70, 16, 20, 0, 3, torch.device("cpu"))))
+    for x, y in zip(b, bsa._window_layout_cpu(50, 70, 16, 20, 0, 3)):
+        assert torch.equal(x, y)
+    assert sa.window_layout(71, 71, 16, 20, 3, True)[0] is not a[0]
+
+
 def test_registration_switches(monkeypatch):
     assert triton_available()
     monkeypatch.setenv("REWRITER_ATTENTION_REFERENCE", "1")

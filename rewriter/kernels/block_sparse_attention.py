@@ -198,7 +198,15 @@ def block_sparse_attention(
 def window_layout(Lq: int, Lk: int, block: int, window_left: int, window_right: int, sinks: int,
                   device) -> tuple[Tensor, Tensor]:
     """(kv_index (1, 1, nqb, K) int32, kv_count (1, 1, nqb) int32): sink blocks then the band's blocks, ascending,
-    for queries at positions arange(Lq) + Lk - Lq. window_left / window_right -1 = unlimited on that side."""
+    for queries at positions arange(Lq) + Lk - Lq. window_left / window_right -1 = unlimited on that side.
+    Computed on the CPU once per shape and kept per device (read-only), so calls make no device sync."""
+    from ..ops.sparse_attention import _device_copy
+    return _device_copy(("kernel_window", Lq, Lk, block, window_left, window_right, sinks), device,
+                        lambda: _window_layout_cpu(Lq, Lk, block, window_left, window_right, sinks))
+
+
+def _window_layout_cpu(Lq: int, Lk: int, block: int, window_left: int, window_right: int, sinks: int):
+    device = None
     nqb, nkb = num_blocks(Lq, block), num_blocks(Lk, block)
     offset = Lk - Lq
     first_q = torch.arange(nqb, device=device) * block + offset

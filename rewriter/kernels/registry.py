@@ -8,6 +8,7 @@ count inside the softmax, which the block-sparse kernel does not take.
 """
 from __future__ import annotations
 
+import weakref
 from typing import Optional
 
 import torch
@@ -22,12 +23,22 @@ def _normalise(num: Tensor, den: Tensor) -> Tensor:
     return torch.where(positive[..., None], num / safe[..., None], torch.zeros_like(num))
 
 
+_last_mask_check: tuple = (None, -1, False)   # (weakref to the mask last checked, its version, all real)
+
+
 def _drop_full_mask(key_mask: Optional[Tensor]) -> Optional[Tensor]:
     """None for a key mask with every key real (an unpadded batch): the kernels then skip the per-key loads and
-    the block-sparse kernel its predicate on interior blocks. Costs one device sync per call."""
-    if key_mask is not None and bool(key_mask.all()):
+    the block-sparse kernel its predicate on interior blocks. The check costs a device sync; it is remembered for
+    the mask tensor last checked (the attention passes give every layer the same mask tensor), so a forward pays
+    it once."""
+    global _last_mask_check
+    if key_mask is None:
         return None
-    return key_mask
+    ref, version, full = _last_mask_check
+    if ref is None or ref() is not key_mask or version != key_mask._version:
+        full = bool(key_mask.all())
+        _last_mask_check = (weakref.ref(key_mask), key_mask._version, full)
+    return None if full else key_mask
 
 
 def _kernel_dtype(q: Tensor) -> torch.dtype:

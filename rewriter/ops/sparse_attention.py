@@ -103,8 +103,42 @@ def layout_from_block_mask(mask: Tensor) -> tuple[Tensor, Tensor]:
 
 def window_layout(Lq: int, Lk: int, block: int, window: int, sinks: int, causal: bool, device=None):
     """Key blocks overlapping each query block's band (window_extents) plus the blocks holding the `sinks` first
-    keys. Returns (kv_index (1, 1, nQB, K) int32, kv_count (1, 1, nQB) int32)."""
+    keys. Returns (kv_index (1, 1, nQB, K) int32, kv_count (1, 1, nQB) int32).
+
+    The layout depends on the shape alone, so it is computed on the CPU and kept per device (read-only: callers
+    must not write to it): every layer of a forward, and later forwards of that length, reuse it with no device
+    sync (computing it on the GPU took a sync per call for K)."""
     _check_window_budget(window, sinks, block)
+    return _device_copy(("window", Lq, Lk, block, window, sinks, causal), device,
+                        lambda: _window_layout_cpu(Lq, Lk, block, window, sinks, causal))
+
+
+_LAYOUTS: dict = {}
+_LAYOUT_CACHE_SIZE = 256
+
+
+def _device_copy(key: tuple, device, build):
+    """build() (CPU tensors) once per key, and once per key and device for its copies there (bounded cache)."""
+    if not all(type(v) in (int, bool, str) for v in key):   # symbolic sizes (tracing): no cache
+        return tuple(t.to(device) for t in build()) if device is not None else build()
+    device = torch.device("cpu") if device is None else torch.device(device)
+    if device.type == "cuda" and device.index is None:
+        device = torch.device("cuda", torch.cuda.current_device())
+    full = (key, str(device))
+    hit = _LAYOUTS.get(full)
+    if hit is None:
+        cpu = _LAYOUTS.get((key, "cpu"))
+        if cpu is None:
+            cpu = build()
+        if len(_LAYOUTS) >= _LAYOUT_CACHE_SIZE:
+            _LAYOUTS.clear()
+        _LAYOUTS[(key, "cpu")] = cpu
+        hit = _LAYOUTS[full] = tuple(t.to(device) for t in cpu)
+    return hit
+
+
+def _window_layout_cpu(Lq: int, Lk: int, block: int, window: int, sinks: int, causal: bool):
+    device = None
     left, right = window_extents(window, causal)
     first, last = _query_block_span(Lq, Lk, block, device)
     kb = torch.arange(num_blocks(Lk, block), device=device)[None, :]

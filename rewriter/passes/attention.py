@@ -34,7 +34,7 @@ def key_mask_node(graph: fx.Graph, mask: fx.Node | None, q: fx.Node) -> fx.Node 
         return None
     padding = _padding_mask_input(mask)
     if padding is not None:   # read the (B, L) padding mask directly: HF's (B, 1, L, L) mask then goes dead
-        return graph.call_function(aten.ne.Scalar, (padding, 0))
+        return _shared_key_mask(graph, padding)
     m = graph.call_function(aten.select.int, (mask, 1, 0))
     m = graph.call_function(aten.select.int, (m, 1, -1))
     dtype = mask.meta["val"].dtype if "val" in mask.meta else torch.bool
@@ -42,6 +42,20 @@ def key_mask_node(graph: fx.Graph, mask: fx.Node | None, q: fx.Node) -> fx.Node 
         m = graph.call_function(aten.gt.Scalar, (m, -1.0e4))   # additive masks: 0 keep, ~-3e38 drop
     b = graph.call_function(aten.sym_size.int, (q, 0))
     return graph.call_function(aten.expand.default, (m, [b, -1]))
+
+
+def _shared_key_mask(graph: fx.Graph, padding: fx.Node) -> fx.Node:
+    """One `attention_mask != 0` node for every site (right after the inputs): all layers then get the same tensor,
+    so the CUDA kernels' all-keys-real check (one device sync) runs once per forward, not once per layer."""
+    for user in padding.users:
+        if user.op == "call_function" and user.target is aten.ne.Scalar and user.args == (padding, 0):
+            return user
+    last_input = [n for n in graph.nodes if n.op == "placeholder"][-1]
+    with graph.inserting_after(last_input):
+        node = graph.call_function(aten.ne.Scalar, (padding, 0))
+    if "val" in padding.meta:
+        node.meta["val"] = padding.meta["val"] != 0
+    return node
 
 
 def _padding_mask_input(mask: fx.Node) -> fx.Node | None:

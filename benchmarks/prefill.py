@@ -4,6 +4,8 @@ heads, intermediate 8192, vocab 32000: 1.104e9 parameters, the issue's anchor sh
 Variants, all in one run:
 - transformers: the HF model itself (SDPA, no mask: causal flash/cuDNN attention): the original as users run it;
 - captured: the rewriter program with no pass (what capture alone costs);
+- exact: `exact-attention` (attention unchanged; the key-padding mask replaces HF's materialised L x L mask, so
+  SDPA runs its causal flash path again);
 - window: `window:window=1024,sinks=64` (Triton block-sparse kernel); linear: `linear:feature_map=elu` (Triton
   chunked kernel); scatterbrain: `scatterbrain:window=1024,features=64`.
 Capture and passes run on the CPU through rewriter.api.optimize (verified on seeded random ids, 2 x 256 tokens),
@@ -29,6 +31,7 @@ from rewriter.api import load_program, optimize
 from rewriter.pipeline import make_pass
 
 PASSES = {
+    "exact": ("exact-attention", {}),
     "window": ("window", {"window": 1024, "sinks": 64}),
     "linear": ("linear", {"feature_map": "elu"}),
     "scatterbrain": ("scatterbrain", {"window": 1024, "features": 64}),

@@ -21,6 +21,7 @@ OPTIONS = {
     "performer": {"features": 16},
     "linear": {"feature_map": "elu", "window": 4},
     "scatterbrain": {"features": 16, "window": 6, "sinks": 1},
+    "exact-attention": {},
 }
 
 
@@ -30,7 +31,8 @@ def test_every_attention_pass_has_test_options():
 
 # Two methods per program (layer 0 and layer 1 of the tiny models), so every method meets every architecture in
 # half the captures.
-PAIRS = [("window", "block-topk"), ("strided", "lsh"), ("performer", "linear"), ("scatterbrain", "window")]
+PAIRS = [("window", "block-topk"), ("strided", "lsh"), ("performer", "linear"), ("scatterbrain", "window"),
+         ("exact-attention", "strided")]
 
 
 def test_pairs_cover_every_method():

@@ -201,7 +201,8 @@ EXPORT_CASES = {
                                      ("think", {"ratio": 0.5, "layers": "1"})]),
     "bert-block-topk-lsh": ("bert", [("block-topk", {"density": 0.5, "block": 8, "layers": "0"}),
                                      ("lsh", {"n_hashes": 2, "bucket_size": 8, "layers": "1"})]),
-    "gpt2-strided": ("gpt2", [("strided", {"stride": 2, "block": 8})]),
+    "gpt2-strided-exact": ("gpt2", [("strided", {"stride": 2, "block": 8, "layers": "0"}),
+                                    ("exact-attention", {"layers": "1"})]),
     "llama-mla-exact-decoupled": ("llama", [("mla", {"rank": 24, "layers": "0"}),
                                             ("mla", {"rope": "decoupled", "rank": 16, "layers": "1"})]),
     "bert-auto-attention-plan": ("bert", [("auto-attention", {"plan": [

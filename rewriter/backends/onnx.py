@@ -339,6 +339,27 @@ def translate_window_attention(q, k, v, key_mask=None, causal=False, scale=1.0, 
 onnx_translation("rewriter::window_attention")(translate_window_attention)
 
 
+@onnx_translation("rewriter::exact_attention", quadratic=True)
+def translate_exact_attention(q, k, v, key_mask=None, causal=False, scale=1.0):
+    """Dense softmax attention over the real keys (and, if causal, positions <= the query's); rows with no key: 0."""
+    op = _op()
+    qa, ka, va, (_, d, dv) = _heads_fp32(q, k, v)
+    s = op.Mul(op.MatMul(qa, op.Transpose(ka, perm=[0, 1, 3, 2])), _float(scale))     # (B, H, Lq, Lk)
+    allowed = None
+    if causal:
+        lq, lk = _dim(qa, 2), _dim(ka, 2)
+        q_pos = op.Add(op.Range(_int(0), op.Squeeze(lq, _ints([0])), _int(1)), op.Sub(lk, lq))
+        k_pos = op.Range(_int(0), op.Squeeze(lk, _ints([0])), _int(1))
+        allowed = op.LessOrEqual(op.Unsqueeze(k_pos, _ints([0])), op.Unsqueeze(q_pos, _ints([1])))   # (Lq, Lk)
+    if key_mask is not None:
+        real = op.Unsqueeze(key_mask, _ints([1, 2]))                                      # (B, 1, 1, Lk)
+        allowed = real if allowed is None else op.And(allowed, real)
+    if allowed is not None:
+        s = op.Where(allowed, s, _float(-math.inf))
+    p = op.Exp(op.Sub(s, _finite_row_max(s)))
+    return op.CastLike(_normalise(op.MatMul(p, _with_ones(va)), dv), q)
+
+
 def _lowrank_attention(q, k, v, key_mask, causal, scale, phi_q, phi_k, dims, window, sinks, log_q=None, log_k=None,
                        block=64):
     """Mirror of ``sparse_plus_lowrank_attention`` on (B, H, ...) fp32 tensors; window == sinks == 0 is plain

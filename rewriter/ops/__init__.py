@@ -11,6 +11,10 @@ Attention approximations (conventions in ``_common.py``; every one returns (B, H
     rewriter::linear_attention(q, k, v, key_mask?, causal, scale, feature_map, window=0, sinks=0)
     rewriter::scatterbrain_attention(q, k, v, key_mask?, causal, scale, features, window, sinks=0, seed=0)
 
+Exact attention on the key-padding mask (SDPA's causal flash path instead of a dense L x L mask):
+
+    rewriter::exact_attention(q, k, v, key_mask?, causal, scale)
+
 Sparse methods lower to ``block_sparse.block_sparse_attention_reference`` (layout: kv_index/kv_count plus a
 token-level predicate); the Triton kernels in ``rewriter.kernels`` implement the same layout on CUDA.
 """
@@ -18,6 +22,7 @@ token-level predicate); the Triton kernels in ``rewriter.kernels`` implement the
 from . import lowrank_attention  # noqa: E402,F401
 from . import binary_linear  # noqa: E402,F401
 from . import sparse_attention  # noqa: E402,F401
+from . import exact_attention  # noqa: E402,F401
 
 from ..kernels.registry import register_cuda_kernels  # noqa: E402
 

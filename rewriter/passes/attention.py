@@ -227,6 +227,29 @@ def _cost_fn(module: str, name: str) -> Callable:
     return getattr(importlib.import_module(f"rewriter.ops.{module}"), name)
 
 
+# Exact --------------------------------------------------------------------------------------------------------------
+
+@dataclass
+class ExactAttentionConfig(AttentionConfig):
+    pass
+
+
+@register_pass
+class ExactAttention(AttentionPass):
+    name = "exact-attention"
+    config_class = ExactAttentionConfig
+    op_name = "exact_attention"
+    summary = ("attention stays exact; HF's dense L x L mask becomes the key-padding mask, so SDPA takes its "
+               "causal flash / cuDNN path on unpadded batches")
+
+    def method_args(self, site, L):
+        return (), {}
+
+    def cost(self, site, B, L, budget):
+        return _cost_fn("exact_attention", "exact_cost")(B, site.heads, site.kv_heads, L, L, site.head_dim,
+                                                         site.value_dim, site.causal)
+
+
 # Sparse -------------------------------------------------------------------------------------------------------------
 
 @dataclass

@@ -213,7 +213,7 @@ EXPORT_CASES = {
                    "linear(feature_map=elu)", "exact"]}]})]),
 }
 AUTO_OPS = {"rewriter::window_attention", "rewriter::performer_attention", "rewriter::scatterbrain_attention",
-            "rewriter::linear_attention"}
+            "rewriter::linear_attention", "rewriter::exact_attention"}
 
 
 def test_every_pass_has_an_exporting_test():

@@ -75,8 +75,9 @@ class AutoAttentionConfig(PassConfig):
 
 
 def apply_plan(gm: fx.GraphModule, sites: dict, plan: dict[str, list[str]]) -> int:
-    """Rewrite each planned site: heads grouped by label, one op (or exact SDPA) per group, outputs reassembled
-    in the original head order. Returns the number of sites changed."""
+    """Rewrite each planned site: heads grouped by label, one op per group (exact_attention for exact heads),
+    outputs reassembled in the original head order. Returns the number of sites changed."""
+    from .. import ops  # noqa: F401  (registers rewriter::exact_attention)
     graph = gm.graph
     nodes = {n.name: n for n in graph.nodes}
     changed = 0
@@ -107,9 +108,9 @@ def apply_plan(gm: fx.GraphModule, sites: dict, plan: dict[str, list[str]]) -> i
                 kg = graph.call_function(aten.index_select.default, (k, 1, graph.get_attr(ki)))
                 vg = graph.call_function(aten.index_select.default, (v, 1, graph.get_attr(ki)))
                 method, opts = parse_label(lab)
-                if method == EXACT:
-                    out = graph.call_function(aten.scaled_dot_product_attention.default, (qg, kg, vg, mask),
-                                              {"scale": site.scale, "is_causal": site.causal and mask is None})
+                if method == EXACT:   # exact on the key mask: SDPA's flash path, not HF's dense mask
+                    out = graph.call_function(torch.ops.rewriter.exact_attention.default,
+                                              (qg, kg, vg, km, site.causal, site.scale))
                 else:
                     p = make_pass(method, opts)
                     args, _ = p.method_args(site, 0)

@@ -2,12 +2,13 @@
 # The H200 runs behind benchmarks/results/*_h200*.json, batched for the device tool (each call <= 10 minutes):
 #   bash benchmarks/h200.sh kernels   # binary GEMV sweep + attention kernels vs SDPA / FlexAttention / fla
 #   bash benchmarks/h200.sh models    # 1.1B Llama prefill (16K, 32K) + KV-cache decode (4K, 16K, 32K)
-# Results go to $OUT (default ./out). fla-core comes from a wheel carried in .gpu_kernels2/.whl (no network there).
+# Results go to $OUT (default ./out). fla-core comes from a wheel carried in .gpu_kernels2/.whl (no network there):
+#   pip download fla-core==0.6.0 --no-deps -d .gpu_kernels2/.whl   (then carry .gpu_kernels2/.whl with the run)
 set -u
 OUT=${OUT:-out}
 mkdir -p "$OUT"
 export PYTHONPATH=$PWD:$PWD/benchmarks
-pip install -q --no-deps .gpu_kernels2/.whl/*.whl 2>/dev/null || echo "fla-core wheel not installed: fla peers skipped"
+python -m pip install -q --no-deps .gpu_kernels2/.whl/*.whl 2>/dev/null && python -c "import fla" || echo "fla-core not importable: fla peers skipped"
 nvidia-smi --query-gpu=name,clocks.sm,clocks.mem,temperature.gpu --format=csv,noheader
 git log -1 --format="commit %H" 2>/dev/null || true
 case "${1:-}" in

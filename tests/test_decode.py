@@ -111,7 +111,8 @@ def test_cli_generate_prints_the_greedy_ids(tiny_folders):
 
 # --- rewriter outputs carry what decode needs ---------------------------------------------------------------------
 
-@pytest.mark.parametrize("spec", ["think:ratio=0.5", "kv-window:sinks=2,window=6"])
+@pytest.mark.parametrize("spec", ["think:ratio=0.5", "kv-window:sinks=2,window=6",
+                                  "think:ratio=0.5+exact-attention"])   # exact attention keeps the decode bundle
 def test_optimize_output_generates_like_the_hf_folder_with_the_same_passes(tiny_folders, tmp_path, spec):
     import json
     from typer.testing import CliRunner
@@ -119,7 +120,9 @@ def test_optimize_output_generates_like_the_hf_folder_with_the_same_passes(tiny_
     from rewriter.cli import app
     from rewriter.recipe import parse_pass_flag
     out = tmp_path / "out"
-    run = optimize(tiny_folders["llama"], [parse_pass_flag(spec)], out=out, samples=2, seq_len=16)
+    spec, *others = spec.split("+")
+    run = optimize(tiny_folders["llama"], [parse_pass_flag(s) for s in [spec, *others]], out=out, samples=2,
+                   seq_len=16)
     decode = json.loads((out / "rewriter.json").read_text())["decode"]
     assert (out / decode["weights"] / "config.json").exists()
     meta = run.program.meta

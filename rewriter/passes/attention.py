@@ -240,7 +240,8 @@ class ExactAttention(AttentionPass):
     config_class = ExactAttentionConfig
     op_name = "exact_attention"
     summary = ("attention stays exact; HF's dense L x L mask becomes the key-padding mask, so SDPA takes its "
-               "causal flash / cuDNN path on unpadded batches")
+               "causal flash / cuDNN path on unpadded batches (put it last: it leaves no SDPA site for the "
+               "attention and KV passes)")
 
     def method_args(self, site, L):
         return (), {}

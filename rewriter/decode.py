@@ -455,20 +455,25 @@ def build_decoder(model: nn.Module, *, max_len: int = 256, policy: KVPolicy | No
     step_inputs = {"input_ids": ids[:, :1], "cache_position": torch.tensor([T - 1], device=device),
                    "k_cache": torch.zeros(dims["layers"], B, dims["kv_heads"], max_len, dk, dtype=dtype, device=device),
                    "v_cache": torch.zeros(dims["layers"], B, dims["kv_heads"], max_len, hd, dtype=dtype, device=device)}
-    # cache slots are a dynamic dim: one step program serves any cache length up to the model's positions
-    slot_bound = max(max_len, max_positions(config))
-    step_dims = {"input_ids": {0: "batch"}, "k_cache": {1: "batch", 3: "slots"}, "v_cache": {1: "batch", 3: "slots"}}
+    step_dims, step_bounds = step_shapes(config, max_len, max_batch)
     if dyn:
         step_inputs["key_channels"] = torch.arange(dk, device=device).expand(dims["layers"], B, dims["kv_heads"], dk).clone()
         step_dims["key_channels"] = {1: "batch"}
-    step = _export(_StepModule(model, kc).eval(), step_inputs, step_dims, {"batch": (1, max_batch), "slots": (2, slot_bound)},
-                   config,
-                   source, ["logits", "k_cache", "v_cache"])
+    step = _export(_StepModule(model, kc).eval(), step_inputs, step_dims, step_bounds, config, source,
+                   ["logits", "k_cache", "v_cache"])
     inv_freq = None
     if dims["rope"] and policy.evicts:
         inv_freq = _rope_inv_freq(model)
     return Decoder(prefill=prefill, step=step, max_len=max_len, dims=dims, policy=policy, inv_freq=inv_freq,
                    dtype=dtype, meta={"model_type": config.model_type}, device=device)
+
+
+def step_shapes(config, max_len: int, max_batch: int) -> tuple[dict, dict]:
+    """Dynamic dims and bounds of a decode-step program's inputs: batch, and cache slots up to the model's
+    positions (one step program serves any cache length: Decoder.resized)."""
+    from .capture import max_positions
+    dims = {"input_ids": {0: "batch"}, "k_cache": {1: "batch", 3: "slots"}, "v_cache": {1: "batch", 3: "slots"}}
+    return dims, {"batch": (1, max_batch), "slots": (2, max(max_len, max_positions(config)))}
 
 
 def _rope_inv_freq(model: nn.Module) -> torch.Tensor:

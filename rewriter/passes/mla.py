@@ -42,7 +42,7 @@ import torch
 from torch import fx, nn
 
 from ..config import PassConfig
-from ..decode import Decoder, KVPolicy, _PrefillModule, _StepModule, _export, decoder_dims
+from ..decode import Decoder, KVPolicy, _PrefillModule, _StepModule, _export, decoder_dims, step_shapes
 from ..errors import RewriterError
 from ..graph import add_tensor, aten, drop_unused_attributes, erase_dead, get_attr_tensor, record_node_inputs
 from ..pipeline import Pass, PassResult, SiteChange, register_pass
@@ -489,11 +489,8 @@ def build_latent_decoder(model: torch.nn.Module, mla: dict, *, max_len: int = 25
     step_inputs = {"input_ids": ids[:, :1], "cache_position": torch.tensor([T - 1], device=device),
                    "k_cache": torch.zeros(dims["layers"], B, 1, max_len, 0, dtype=dtype, device=device),
                    "v_cache": torch.zeros(dims["layers"], B, 1, max_len, r, dtype=dtype, device=device)}
-    from ..capture import max_positions
-    slot_bound = max(max_len, max_positions(config))   # dynamic slots: Decoder.resized serves any cache length
     step = _export(_LatentStep(model, None).attach(*buffers).eval(), step_inputs,
-                   {"input_ids": {0: "batch"}, "k_cache": {1: "batch", 3: "slots"}, "v_cache": {1: "batch", 3: "slots"}},
-                   {"batch": (1, max_batch), "slots": (2, slot_bound)}, config, source, ["logits", "k_cache", "v_cache"])
+                   *step_shapes(config, max_len, max_batch), config, source, ["logits", "k_cache", "v_cache"])
     return LatentDecoder(prefill=prefill, step=step, max_len=max_len, dims=dims,  # type: ignore[arg-type]
                          policy=KVPolicy(), inv_freq=inv_freq, dtype=dtype,
                          meta={"model_type": config.model_type, "mla_rank": r}, rank=r, decoupled=decoupled,

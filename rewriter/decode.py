@@ -281,7 +281,8 @@ class Decoder:
     def to(self, device: str | torch.device) -> "Decoder":
         """The same decoder running on `device` (capture on CPU, then move: see Program.to)."""
         device = torch.device(device)
-        return dataclasses.replace(self, prefill=self.prefill.to(device), step=self.step.to(device), device=device)
+        prefill = None if self.prefill is None else self.prefill.to(device)   # decoupled MLA has no prefill program
+        return dataclasses.replace(self, prefill=prefill, step=self.step.to(device), device=device)
 
     def kv_bytes_per_token(self) -> int:
         d = self.dims

@@ -234,6 +234,7 @@ def test_decoupled_latent_cache_is_the_same_model(converted):
         assert (got - model(input_ids=ids).logits).abs().max() > 1e-3       # NoPE on 112 of 128 key dims changes it
     dec = build_latent_decoder(model, run.program.meta["mla"], max_len=20)
     assert dec.prefill is None and dec.empty_cache(1)[1].shape[-1] == 32   # rope_dims + rank
+    dec = dec.to("cpu")                                     # moving a decoder without a prefill program works
     assert dec.kv_bytes_per_token() == 2 * 32 * 4
     torch.testing.assert_close(dec.teacher_forced_logits(ids, prefix=4), got[:, 3:], atol=2e-5, rtol=1e-4)
 

@@ -248,7 +248,7 @@ def test_registration_switches(monkeypatch):
     assert not use_reference()
     names = ["rewriter::performer_attention", "rewriter::linear_attention", "rewriter::scatterbrain_attention",
              "rewriter::window_attention", "rewriter::block_topk_attention", "rewriter::strided_attention",
-             "rewriter::binary_linear", "rewriter::exact_attention"]
+             "rewriter::binary_linear"]
     assert register_cuda_kernels() == names
     assert register_cuda_kernels() == names          # idempotent
 

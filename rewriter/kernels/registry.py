@@ -138,13 +138,6 @@ def binary_linear_cuda(x: Tensor, packed: Tensor, alpha: Tensor, mu: Tensor, bia
     return binary_linear_triton(x, packed, alpha, mu, bias, in_features)
 
 
-def exact_attention_cuda(q: Tensor, k: Tensor, v: Tensor, key_mask: Optional[Tensor], causal: bool,
-                         scale: float) -> Tensor:
-    """SDPA (flash / cuDNN when no key is padding); the all-real check remembered per mask tensor."""
-    from ..ops.exact_attention import exact_attention_impl
-    return exact_attention_impl(q, k, v, key_mask, causal, scale, all_real=_drop_full_mask)
-
-
 CUDA_KERNELS = {
     "rewriter::performer_attention": performer_attention_cuda,
     "rewriter::linear_attention": linear_attention_cuda,
@@ -153,7 +146,6 @@ CUDA_KERNELS = {
     "rewriter::block_topk_attention": _sparse_op("block_topk_attention_impl"),
     "rewriter::strided_attention": _sparse_op("strided_attention_impl"),
     "rewriter::binary_linear": binary_linear_cuda,
-    "rewriter::exact_attention": exact_attention_cuda,
 }
 _registered: set[str] = set()
 

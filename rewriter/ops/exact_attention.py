@@ -28,14 +28,14 @@ def exact_attention(q: Tensor, k: Tensor, v: Tensor, key_mask: Optional[Tensor],
     return exact_attention_impl(q, k, v, key_mask, causal, scale)
 
 
-def exact_attention_impl(q: Tensor, k: Tensor, v: Tensor, key_mask: Optional[Tensor], causal: bool, scale: float,
-                         all_real=None) -> Tensor:
-    """all_real(key_mask) -> the mask or None when every key is real (the CUDA registration passes one that
-    remembers its answer per mask tensor); default: check here."""
+def exact_attention_impl(q: Tensor, k: Tensor, v: Tensor, key_mask: Optional[Tensor], causal: bool,
+                         scale: float) -> Tensor:
+    """The op's body on every device (SDPA picks flash / cuDNN on CUDA). The all-real check is the kernels' own,
+    remembered per mask tensor, so a forward through many layers checks its shared mask once."""
+    from ..kernels.registry import _drop_full_mask
     check_qkv(q, k, v, key_mask)
     H, Lq, Lk = q.shape[1], q.shape[2], k.shape[2]
-    if key_mask is not None:
-        key_mask = all_real(key_mask) if all_real is not None else (None if bool(key_mask.all()) else key_mask)
+    key_mask = _drop_full_mask(key_mask)
     k, v = expand_kv(k, H), expand_kv(v, H)
     if key_mask is None and (not causal or Lq == Lk):
         return F.scaled_dot_product_attention(q, k, v, is_causal=causal and Lq > 0, scale=scale)

@@ -188,7 +188,7 @@ def analyze(src: Optional[str] = typer.Argument(None, help="HF model folder or r
             src = str(default_checkpoint())
         if output is not None:
             from ..backends.torch_backend import check_output_dir
-            check_output_dir(output, force)
+            check_output_dir(output, force, [src] + ([calib] if calib else []))
         steps("loading and capturing")
         program = load_program(src)
         steps("building calibration inputs")
@@ -199,7 +199,7 @@ def analyze(src: Optional[str] = typer.Argument(None, help="HF model folder or r
         if output is not None:
             from ..backends.torch_backend import staged_output
             steps("writing analysis.json and heatmaps")
-            with staged_output(output, force) as tmp:
+            with staged_output(output, force, [src] + ([calib] if calib else [])) as tmp:
                 (tmp / "analysis.json").write_text(json.dumps(data, indent=1, default=str))
                 data["pictures"] = heatmaps(result, tmp)
         steps.close()

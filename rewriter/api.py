@@ -68,9 +68,14 @@ class OptimizeResult:
 def optimize(src, passes: list[Pass], *, out: str | Path | None = None, force: bool = False,
              calib_file: str | Path | None = None, calib_texts: list[str] | None = None, samples: int = 8,
              seq_len: int = 128, seed: int = 0, max_error: float | None = None, export_onnx: bool = False,
-             progress: Callable[[str], None] | None = None) -> OptimizeResult:
+             progress: Callable[[str], None] | None = None, allow_unused: bool = False) -> OptimizeResult:
     """Load + capture `src`, run the passes verified against the original, and (with `out`) write the result."""
     progress = progress or (lambda msg: None)
+    from .calibration import check_calibration_args
+    from .safety import check_number
+    check_calibration_args(samples, seq_len, seed)
+    if max_error is not None:
+        check_number("--max-error", max_error, minimum=0)
     srcs = input_paths(src, passes, calib_file)
     if out is not None:   # refuse a bad output location before spending minutes on the passes
         from .backends.torch_backend import check_output_dir
@@ -78,7 +83,7 @@ def optimize(src, passes: list[Pass], *, out: str | Path | None = None, force: b
     texts = read_texts(calib_file) if calib_file else calib_texts
     t0 = time.perf_counter()
     progress("loading and capturing")
-    program = load_program(src)
+    program = load_program(src, allow_unused=allow_unused)
     capture_s = time.perf_counter() - t0
     progress("building calibration inputs")
     inputs, desc = calibration_inputs(program, texts=texts, samples=samples, seq_len=seq_len, seed=seed)

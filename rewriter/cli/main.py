@@ -71,6 +71,8 @@ def optimize(
     force: bool = typer.Option(False, "--force", help="replace a non-empty output folder"),
     dry_run: bool = typer.Option(False, "--dry-run", help="print the recipe the flags build, then stop"),
     json_out: bool = typer.Option(False, "--json", help="print report.json to stdout"),
+    allow_unused: bool = typer.Option(False, "--allow-unused-weights",
+                                      help="accept a checkpoint with tensors the model does not use"),
 ):
     """Run passes on SRC, verify against the original, write OUT/ (model.pt2, report.json, hf/ when weight-only)."""
     from ..api import optimize as run_optimize
@@ -112,13 +114,14 @@ def optimize(
         result = run_optimize(src, rec.passes, out=None if dry_run else output, force=force, calib_file=cal.get("file"),
                               samples=int(cal.get("samples", samples)), seq_len=int(cal.get("seq_len", seq_len)),
                               seed=int(cal.get("seed", seed)), max_error=rec.max_error,
-                              export_onnx=export == "onnx", progress=steps)
+                              export_onnx=export == "onnx", progress=steps, allow_unused=allow_unused)
         steps.close()
         if dry_run:   # planning passes have filled in their plans: the recipe replays them without analysis
             out.print(rec.to_yaml(), end="", highlight=False)
             return
         if json_out:
-            print(json.dumps(result.report, indent=1, default=str))
+            from ..report import dumps
+            print(dumps(result.report))
         else:
             render(result.report, err)
     except RewriterError as e:
@@ -309,9 +312,29 @@ def list_passes(json_out: bool = typer.Option(False, "--json")):
             out.print(f"    {f['name']}: {f['type']} = {f['default']!r}  {f['help']}", highlight=False)
 
 
+class Stopped(BaseException):
+    """SIGINT / SIGTERM, raised in the main thread: staging folders are removed on the way out (`staged_output`
+    cleans up on any BaseException). Not a KeyboardInterrupt, which typer turns into a silent exit 130."""
+
+    def __init__(self, signum: int):
+        super().__init__(signum)
+        self.signum = signum
+
+
+def _on_signal(signum, frame):
+    raise Stopped(signum)
+
+
 def main() -> None:
+    import signal
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        try:
+            signal.signal(sig, _on_signal)
+        except (ValueError, OSError):   # not the main thread
+            pass
     try:
         app()
-    except KeyboardInterrupt:
-        err.print("interrupted; nothing was written")
-        sys.exit(130)
+    except (KeyboardInterrupt, Stopped) as e:
+        name = "terminated (SIGTERM)" if getattr(e, "signum", signal.SIGINT) == signal.SIGTERM else "interrupted (Ctrl-C)"
+        err.print(f"{name}; nothing was written", highlight=False)
+        sys.exit(128 + int(getattr(e, "signum", signal.SIGINT)))

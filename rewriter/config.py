@@ -147,8 +147,7 @@ def check_bounds(cfg: PassConfig, pass_name: str, config: dict) -> None:
     defaults = {f.name: f.default for f in dataclasses.fields(cfg)}
 
     def fail(key, value, limit, what):
-        raise RewriterError(f"pass '{pass_name}': {key}={value} is larger than {what} ({limit})",
-                            f"use {key} <= {limit}")
+        raise RewriterError(f"pass '{pass_name}': {key}={value} exceeds {limit} ({what})", f"use {key} <= {limit}")
 
     for key, value in cfg.to_dict().items():
         if isinstance(value, bool) or not isinstance(value, int):
@@ -160,7 +159,7 @@ def check_bounds(cfg: PassConfig, pass_name: str, config: dict) -> None:
         if key in FEATURE_FIELDS and dims["head_dim"]:
             limit = max(1024, 16 * dims["head_dim"], default)
             if value > limit:
-                fail(key, value, limit, f"16 x the head dim {dims['head_dim']} (or 1024)")
+                fail(key, value, limit, f"the larger of 1024 and 16 x the head dim {dims['head_dim']}")
         elif key in RANK_FIELDS and dims["hidden"]:
             limit = max(2 * dims["hidden"], dims["intermediate"] or 0, default)
             if value > limit:

@@ -44,8 +44,11 @@ def check_output_dir(out: Path, force: bool, srcs: Iterable = ()) -> None:
     anchor = _existing_ancestor(real.parent)
     if not anchor.is_dir():
         raise RewriterError(f"cannot create {out}: {anchor} is not a folder")
-    if not os.access(anchor, os.W_OK | os.X_OK):
-        raise RewriterError(f"cannot write to {anchor}", "choose an output folder you can write to")
+    try:   # a probe folder, removed at once: permissions, read-only mounts, /proc
+        Path(tempfile.mkdtemp(prefix=".rewriter-write-test-", dir=anchor)).rmdir()
+    except OSError as e:
+        raise RewriterError(f"cannot write to {anchor}: {e.strerror}", "choose an output folder you can write to") \
+            from None
 
 
 def _umask() -> int:

@@ -237,7 +237,36 @@ def read_adapter_config(folder: str | Path) -> dict:
     if not isinstance(data, dict):
         raise RewriterError(f"{folder / ADAPTER_CONFIG} must be a JSON object (PEFT's adapter config); "
                             f"got a {type(data).__name__}")
+    _check_adapter_numbers(data, folder / ADAPTER_CONFIG)
     return data
+
+
+def _check_adapter_numbers(cfg: dict, where: Path) -> None:
+    """Ranks and scalings are numbers (a string alpha would fail three layers down)."""
+    import math
+
+    def number(key, value, positive_int=False):
+        ok = not isinstance(value, bool) and isinstance(value, (int, float)) and math.isfinite(value)
+        if ok and positive_int:
+            ok = float(value).is_integer() and value >= 1
+        if not ok:
+            want = "a positive integer" if positive_int else "a finite number"
+            raise RewriterError(f"{where}: {key} must be {want}; got {value!r}"[:200])
+
+    for key in ("r", "randlora_r"):
+        if cfg.get(key) is not None:
+            number(key, cfg[key], positive_int=True)
+    for key in ("lora_alpha", "randlora_alpha"):
+        if cfg.get(key) is not None:
+            number(key, cfg[key])
+    for key, positive in (("rank_pattern", True), ("alpha_pattern", False)):
+        pattern = cfg.get(key)
+        if pattern is None:
+            continue
+        if not isinstance(pattern, dict):
+            raise RewriterError(f"{where}: {key} must be a mapping of module pattern -> number")
+        for k, v in pattern.items():
+            number(f"{key}[{k!r}]", v, positive_int=positive)
 
 
 def read_adapter_weights(folder: str | Path) -> dict[str, torch.Tensor]:

@@ -26,6 +26,11 @@ from .safety import check_number, safe_yaml_load
 RECIPE_KEYS = ("rewriter", "max_error", "calibration", "passes")
 
 
+class _NoAliasDumper(yaml.SafeDumper):
+    def ignore_aliases(self, data):
+        return True
+
+
 @dataclass
 class Recipe:
     passes: list[Pass] = field(default_factory=list)
@@ -42,7 +47,8 @@ class Recipe:
         return d
 
     def to_yaml(self) -> str:
-        return yaml.safe_dump(self.to_dict(), sort_keys=False)
+        # no anchors/aliases even where a value is shared: recipes are read back with aliases refused
+        return yaml.dump(self.to_dict(), Dumper=_NoAliasDumper, sort_keys=False)
 
     @classmethod
     def from_dict(cls, data: dict, where: str = "recipe") -> "Recipe":

@@ -232,6 +232,11 @@ def c_out_is_adapter(c: Ctx):
     return ["optimize", c.material["bert"], "--adapter", ad, "-o", ad, "--force"], ["is the input"]
 
 
+def c_onnx_into_src(c: Ctx):
+    q = c.copy("bert", "q")
+    return ["export", q, "--onnx", q / "model.onnx"], ["lies inside the input"]
+
+
 def c_force_on_foreign_folder(c: Ctx):
     other = c.tmp / "foreign"
     other.mkdir()
@@ -602,6 +607,18 @@ def test_force_replaces_previous_output(material, tmp_path):
     assert r.exit_code == 0, r.output
     assert not (out / "stale.txt").exists() and (out / "model.pt2").exists()
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]
+
+
+def test_symlinked_out_is_replaced_at_its_target(material, tmp_path):
+    target = tmp_path / "real"
+    shutil.copytree(material["rw"], target)
+    (tmp_path / "link").symlink_to(target, target_is_directory=True)
+    r = runner.invoke(app, ["optimize", str(material["bert"]), "--pass", "window:window=4", *OPT,
+                            "-o", str(tmp_path / "link"), "--force"])
+    assert r.exit_code == 0, r.output
+    assert (tmp_path / "link").is_symlink() and (target / "model.pt2").exists()
+    assert json.loads((target / "report.json").read_text())["passes"][0]["config"]["window"] == 4
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["link", "real"]   # no .real.old-* / .tmp-* left
 
 
 def test_staging_removed_on_signal(tmp_path):

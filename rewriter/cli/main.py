@@ -234,8 +234,10 @@ def export_cmd(src: str = typer.Argument(..., help="HF model folder or rewriter 
     """Export SRC to ONNX (batch and sequence stay dynamic), validated in onnxruntime at three shapes."""
     from ..api import load_program
     from ..backends.onnx import export_program
+    from ..safety import check_src_out
     steps = Steps(quiet=json_out)
     try:
+        check_src_out([src], onnx)   # the .onnx (and its external data) may not land inside the input
         steps("loading and capturing")
         program = load_program(src)
         steps("exporting and validating ONNX")

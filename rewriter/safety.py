@@ -52,6 +52,19 @@ def _restricted_load(data: bytes, path, member: str) -> None:
         raise _refuse(path, member, f"is not a plain-tensor pickle ({why[:120]})") from None
 
 
+# torch.export.load's pre-2.8 format hands these members to torch.load (unrestricted on fallback), .json ones too
+LEGACY_PICKLED = ("serialized_state_dict.pt", "serialized_constants.pt", "serialized_example_inputs.pt",
+                  "serialized_state_dict.json", "serialized_constants.json")
+PICKLE_SUFFIXES = (".pt", ".pkl", ".pth", ".bin", ".pickle")
+
+
+def _is_json(data: bytes) -> bool:
+    try:
+        return isinstance(json.loads(data), (dict, list))
+    except (ValueError, UnicodeDecodeError):
+        return False
+
+
 def check_pt2_bytes(data: bytes, path: Path | str = "model.pt2") -> None:
     """Refuse an archive that would make torch.export.load unpickle anything but plain tensors."""
     try:
@@ -67,11 +80,9 @@ def check_pt2_bytes(data: bytes, path: Path | str = "model.pt2") -> None:
     if total > 64 * len(data) + (1 << 30):
         raise _refuse(path, infos[0].filename if infos else "?", "expands far beyond the archive size")
     raw: set[str] = set()    # members torch reads as raw tensor bytes (never unpickled)
+    configs = {n for n in names if n.endswith(("_weights_config.json", "_constants_config.json"))}
     try:
-        for name in names:
-            base = name.rsplit("/", 1)[-1]
-            if not (name.endswith("_weights_config.json") or name.endswith("_constants_config.json")):
-                continue
+        for name in sorted(configs):
             folder = name.rsplit("/", 1)[0]
             try:
                 config = json.loads(z.read(name)).get("config", {})
@@ -91,18 +102,18 @@ def check_pt2_bytes(data: bytes, path: Path | str = "model.pt2") -> None:
                     raise _refuse(path, member, f"({fqn}) is a custom Python object, which torch unpickles without "
                                                 "restriction")
                 raw.add(member)
-            del base
         for info in infos:
             name = info.filename
-            if name in raw or name.endswith(".json") or info.is_dir():
+            if name in raw or info.is_dir():
                 continue
-            head = z.open(name).read(4)
-            pickled = (name.endswith((".pt", ".pkl", ".pth", ".bin")) or head.startswith(b"PK\x03\x04")
-                       or head[:1] == b"\x80" or "/sample_inputs/" in name)
-            if "/data/weights/" in name or "/data/constants/" in name:
-                pickled = True    # a member there that no config declares raw can only be a (legacy) pickle
-            if pickled:
-                _restricted_load(z.read(name), path, name)
+            base = name.rsplit("/", 1)[-1]
+            blob = z.read(name)
+            if name in configs:
+                continue   # parsed above as JSON
+            if (base in LEGACY_PICKLED or name.endswith(PICKLE_SUFFIXES) or "/sample_inputs/" in f"/{name}"
+                    or any(f"/{d}/" in f"/{name}" for d in ("data/weights", "data/constants"))
+                    or (blob[:4] == b"PK\x03\x04" or blob[:1] == b"\x80") and not _is_json(blob)):
+                _restricted_load(blob, path, name)
     except RewriterError:
         raise
     except (zipfile.BadZipFile, OSError, ValueError, EOFError) as e:

@@ -145,7 +145,7 @@ def c_pt2_sample_inputs_payload(c: Ctx):
     rw = c.copy("rw")
     m = c.marker()
     rezip(rw / "model.pt2", {"sample_inputs/model.pt": lambda _: payload_bytes(m)})
-    return ["inspect", rw, "--json"], ["refusing", "sample_inputs/model.pt", "posix.system"]
+    return ["inspect", rw, "--json"], ["refusing", "sample_inputs/model.pt", ".system"]
 
 
 def c_pt2_weight_marked_pickled(c: Ctx):
@@ -180,6 +180,14 @@ def c_pt2_legacy_weights_pickle(c: Ctx):
     m = c.marker()
     rezip(rw / "model.pt2", {}, extra=[("model/data/weights/model.pt", payload_bytes(m))])
     return ["inspect", rw], ["refusing", "data/weights/model.pt"]
+
+
+def c_pt2_legacy_json_named_pickle(c: Ctx):
+    import pickle
+    rw = c.copy("rw")
+    m = c.marker()   # torch's pre-2.8 reader hands serialized_state_dict.json to torch.load; protocol 0 has no magic
+    rezip(rw / "model.pt2", {}, extra=[("serialized_state_dict.json", pickle.dumps(Payload(m), protocol=0))])
+    return ["inspect", rw], ["refusing", "serialized_state_dict.json", ".system"]
 
 
 def c_pt2_duplicate_member(c: Ctx):
@@ -660,8 +668,9 @@ def test_nan_output_after_a_pass_is_an_error(tiny_folders):
         Pipeline([Poison()]).run(program, inputs, desc)
 
 
-def test_sigterm_says_nothing_was_written(tiny_folders, tmp_path):
-    """A real process: SIGTERM mid-run exits 143 with one line, no OUT, no staging folder."""
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT], ids=["SIGTERM", "SIGINT"])
+def test_signal_says_nothing_was_written(sig, tiny_folders, tmp_path):
+    """A real process: SIGTERM / SIGINT mid-run exits 128 + signal with one line, no OUT, no staging folder."""
     out = tmp_path / "o" / "out"
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(Path(__file__).parents[1]), os.environ.get("PYTHONPATH", "")])}
     proc = subprocess.Popen([sys.executable, "-m", "rewriter", "optimize", str(tiny_folders["bert"]), "--pass",
@@ -674,10 +683,10 @@ def test_sigterm_says_nothing_was_written(tiny_folders, tmp_path):
         seen += line
         if "loading and capturing" in line or not line:
             break
-    proc.send_signal(signal.SIGTERM)
+    proc.send_signal(sig)
     _, rest = proc.communicate(timeout=120)
     seen += rest
-    assert proc.returncode == 143, seen
+    assert proc.returncode == 128 + sig, seen
     assert "nothing was written" in seen and "Traceback" not in seen, seen
     assert not (tmp_path / "o").exists()
     assert not [p for p in tmp_path.rglob(".*tmp-*")]

@@ -533,6 +533,16 @@ def c_generate_past_positions(c: Ctx):
     return ["generate", c.material["llama"], "--prompt-ids", "1,2", "--max-new-tokens", "500"], ["positions"]
 
 
+def c_generate_output_decode_path_escapes(c: Ctx):
+    rw = c.copy("rw")
+
+    def tamper(d):
+        d["config"]["model_type"] = "llama"
+        d["decode"] = {"weights": "../../elsewhere", "kv_policy": {}}
+    edit_json(rw / "rewriter.json", tamper)
+    return ["generate", rw, "--prompt-ids", "1,2"], ["not a folder inside"]
+
+
 def c_generate_nan_model(c: Ctx):
     q = c.copy("llama", "q")
     edit_safetensors(q, lambda sd: sd[next(iter(sd))].__setitem__(0, float("nan")))

@@ -153,8 +153,11 @@ def load_decoder(folder: str | Path):
     folder = Path(folder)
     try:
         meta = json.loads((folder / META_FILE).read_text())
-    except (OSError, json.JSONDecodeError) as e:
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
         raise RewriterError(f"cannot read {folder / META_FILE}: {e}") from None
+    if not isinstance(meta, dict) or not isinstance(meta.get("config", {}), dict) \
+            or not isinstance(meta.get("decode") or {}, dict):
+        raise RewriterError(f"{folder / META_FILE} is not a rewriter output's metadata")
     model_type = meta.get("config", {}).get("model_type", "")
     if model_type not in DECODER_TYPES:
         raise RewriterError(f"{folder} holds a '{model_type}' program, not a decoder LM",
@@ -165,7 +168,15 @@ def load_decoder(folder: str | Path):
     if "unavailable" in decode:
         raise RewriterError(f"{folder} has no decode weights and KV policy: {decode['unavailable']}",
                             "generate from the HF folder with --pass think:... / kv-window:... / mla:...")
-    return load_hf(folder / decode["weights"]), KVPolicy.from_json(decode["kv_policy"])
+    weights = decode.get("weights")
+    if not isinstance(weights, str) or weights in ("", ".", "..") or "/" in weights or "\\" in weights:
+        raise RewriterError(f"{folder / META_FILE}: decode weights {weights!r} is not a folder inside {folder}")
+    try:
+        policy = KVPolicy.from_json(decode["kv_policy"])
+    except (KeyError, TypeError, ValueError, AttributeError) as e:
+        raise RewriterError(f"{folder / META_FILE}: malformed kv_policy ({type(e).__name__}: {e})"[:300],
+                            "re-create the output with `rewriter optimize`") from None
+    return load_hf(folder / weights), policy
 
 
 def write_hf_folder(program: Program, folder: Path) -> None:

@@ -627,6 +627,17 @@ def test_force_replaces_previous_output(material, tmp_path):
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]
 
 
+def test_allow_unused_weights_flag(material, tmp_path):
+    """The explicit flag accepts (only) unused tensors; the same checkpoint fails without it (corpus case above)."""
+    q = tmp_path / "q"
+    shutil.copytree(material["bert"], q)
+    edit_safetensors(q, lambda sd: sd.update({"stowaway.weight": torch.zeros(3)}))
+    r = runner.invoke(app, ["optimize", str(q), "--pass", "window:window=4", *OPT, "-o", str(tmp_path / "out"),
+                            "--allow-unused-weights"])
+    assert r.exit_code == 0, r.output
+    assert (tmp_path / "out" / "model.pt2").exists()
+
+
 def test_symlinked_out_is_replaced_at_its_target(material, tmp_path):
     target = tmp_path / "real"
     shutil.copytree(material["rw"], target)

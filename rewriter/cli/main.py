@@ -203,7 +203,8 @@ def analyze(src: Optional[str] = typer.Argument(None, help="HF model folder or r
             from ..backends.torch_backend import staged_output
             steps("writing analysis.json and heatmaps")
             with staged_output(output, force, [src] + ([calib] if calib else [])) as tmp:
-                (tmp / "analysis.json").write_text(json.dumps(data, indent=1, default=str))
+                from ..report import dumps
+                (tmp / "analysis.json").write_text(dumps(data))   # valid JSON: NaN/Inf become null
                 data["pictures"] = heatmaps(result, tmp)
         steps.close()
     except RewriterError as e:

@@ -553,7 +553,7 @@ CASES = {name[2:]: fn for name, fn in sorted(globals().items()) if name.startswi
 
 
 @pytest.mark.parametrize("case", sorted(CASES))
-def test_bad_input(case, material, tmp_path, monkeypatch):
+def test_bad_input(case, material, tmp_path, monkeypatch, capfd):
     c = Ctx(tmp=tmp_path / "case", material=material)
     c.tmp.mkdir()
     cwd = os.getcwd()
@@ -565,11 +565,14 @@ def test_bad_input(case, material, tmp_path, monkeypatch):
     r = runner.invoke(app, [str(a) for a in argv])
     seconds = time.perf_counter() - t0
     os.chdir(cwd)
+    leaked = capfd.readouterr().err   # what bypassed the CLI's streams (library logging handlers, warnings)
+    assert "Traceback" not in leaked and "LOAD REPORT" not in leaked, leaked
     stderr = r.stderr
     lines = [ln for ln in stderr.splitlines() if ln.strip()]
     errors = [i for i, ln in enumerate(lines) if ln.startswith("error: ")]
     assert len(errors) == 1, stderr
-    lines = lines[errors[0]:]   # progress lines ("✓ step (time)") come before it; nothing may follow it
+    assert all(ln.startswith("✓ ") for ln in lines[:errors[0]]), stderr   # only progress lines before it
+    lines = lines[errors[0]:]   # and nothing after it
     assert r.exit_code == 2, (r.exit_code, r.output, r.exception)
     assert r.exception is None or isinstance(r.exception, SystemExit), (r.output, r.exception)
     assert "Traceback" not in r.output, r.output

@@ -40,7 +40,8 @@ class Steps:
 
     def _finish(self) -> None:
         if self.current is not None:
-            err.print(f"[green]✓[/green] {self.current} [dim]({time.perf_counter() - self.t0:.1f}s)[/dim]")
+            err.print(f"[green]✓[/green] {self.current} [dim]({time.perf_counter() - self.t0:.1f}s)[/dim]",
+                      soft_wrap=True)   # one line per step, whatever the width
             self.current = None
 
     def close(self) -> None:

@@ -2,7 +2,8 @@
 outputs (.pt2 + rewriter.json) and plain nn.Modules.
 
 Weights are read from safetensors, or with ``torch.load(weights_only=True)``; a pickled module is refused,
-since unpickling runs arbitrary code.
+since unpickling runs arbitrary code. A loaded checkpoint must match its model: no missing, unused (unless
+allowed), wrong-shape or integer-for-float tensors, no NaN/Inf (adapters too); see `check_loaded`.
 """
 from __future__ import annotations
 

@@ -26,7 +26,6 @@ from typer.testing import CliRunner
 
 from rewriter.cli import app
 
-from conftest import tiny_model
 
 CASE_SECONDS = 60
 runner = CliRunner()

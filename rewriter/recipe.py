@@ -20,9 +20,15 @@ import yaml
 
 from .config import parse_scalar, split_top_level
 from .errors import RewriterError
-from .pipeline import Pass, make_pass
+from .pipeline import MAX_PASSES, Pass, make_pass
+from .safety import check_number, safe_yaml_load
 
 RECIPE_KEYS = ("rewriter", "max_error", "calibration", "passes")
+
+
+class _NoAliasDumper(yaml.SafeDumper):
+    def ignore_aliases(self, data):
+        return True
 
 
 @dataclass
@@ -41,7 +47,8 @@ class Recipe:
         return d
 
     def to_yaml(self) -> str:
-        return yaml.safe_dump(self.to_dict(), sort_keys=False)
+        # no anchors/aliases even where a value is shared: recipes are read back with aliases refused
+        return yaml.dump(self.to_dict(), Dumper=_NoAliasDumper, sort_keys=False)
 
     @classmethod
     def from_dict(cls, data: dict, where: str = "recipe") -> "Recipe":
@@ -53,6 +60,8 @@ class Recipe:
         entries = data.get("passes") or []
         if not isinstance(entries, list):
             raise RewriterError(f"{where}: 'passes' must be a list")
+        if len(entries) > MAX_PASSES:
+            raise RewriterError(f"{where} has {len(entries)} passes; at most {MAX_PASSES} per pipeline")
         passes = []
         for i, entry in enumerate(entries):
             if isinstance(entry, str):
@@ -62,10 +71,21 @@ class Recipe:
             options = {k: v for k, v in entry.items() if k != "pass"}
             passes.append(make_pass(str(entry["pass"]), options))
         max_error = data.get("max_error")
+        if max_error is not None:
+            check_number(f"{where}: max_error", max_error, minimum=0)
         calibration = data.get("calibration") or {}
+        if not isinstance(calibration, dict):
+            raise RewriterError(f"{where}: 'calibration' must be a mapping (samples, seq_len, seed, file); "
+                                f"got {calibration!r}"[:200])
         bad = [k for k in calibration if k not in ("samples", "seq_len", "seed", "file")]
         if bad:
             raise RewriterError(f"{where}: unknown calibration key(s) {bad}", "valid keys: samples, seq_len, seed, file")
+        for key in ("samples", "seq_len", "seed"):
+            if key in calibration:
+                check_number(f"{where}: calibration.{key}", calibration[key], integer=True,
+                             minimum=0 if key == "seed" else 1)
+        if "file" in calibration and not isinstance(calibration["file"], str):
+            raise RewriterError(f"{where}: calibration.file must be a path; got {calibration['file']!r}"[:200])
         return cls(passes, float(max_error) if max_error is not None else None, dict(calibration))
 
     @classmethod
@@ -73,12 +93,23 @@ class Recipe:
         p = Path(path)
         if not p.is_file():
             raise RewriterError(f"recipe file not found: {p}")
-        text = p.read_text()
         try:
-            data = tomllib.loads(text) if p.suffix == ".toml" else yaml.safe_load(text)
-        except (yaml.YAMLError, tomllib.TOMLDecodeError) as e:
-            raise RewriterError(f"recipe {p} is not valid {'TOML' if p.suffix == '.toml' else 'YAML'}: "
-                                f"{str(e).splitlines()[0]}") from None
+            text = p.read_text(encoding="utf-8")
+        except UnicodeDecodeError:
+            raise RewriterError(f"recipe {p} is not UTF-8 text", "pass a YAML or TOML recipe") from None
+        except OSError as e:
+            raise RewriterError(f"cannot read recipe {p}: {e.strerror}") from None
+        if "\x00" in text:
+            raise RewriterError(f"recipe {p} is a binary file, not YAML or TOML")
+        if p.suffix == ".toml":
+            try:
+                data = tomllib.loads(text)
+            except tomllib.TOMLDecodeError as e:
+                raise RewriterError(f"recipe {p} is not valid TOML: {str(e).splitlines()[0]}") from None
+            except RecursionError:
+                raise RewriterError(f"recipe {p} is nested too deeply") from None
+        else:
+            data = safe_yaml_load(text, f"recipe {p}")
         return cls.from_dict(data, str(p))
 
 

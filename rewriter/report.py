@@ -2,12 +2,29 @@
 from __future__ import annotations
 
 import json
+import math
 from pathlib import Path
 from typing import Any
 
 
+def _finite(obj: Any) -> Any:
+    """NaN/Inf are not JSON: written as null (a run with them fails before writing; this keeps the file valid)."""
+    if isinstance(obj, float) and not math.isfinite(obj):
+        return None
+    if isinstance(obj, dict):
+        return {k: _finite(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [_finite(v) for v in obj]
+    return obj
+
+
+def dumps(report: dict) -> str:
+    """report.json text: always valid JSON (allow_nan=False; non-finite numbers become null)."""
+    return json.dumps(_finite(json.loads(json.dumps(report, default=str))), indent=1, allow_nan=False)
+
+
 def write_json(report: dict, path: Path) -> None:
-    path.write_text(json.dumps(report, indent=1, default=str))
+    path.write_text(dumps(report))
 
 
 def _fmt(x: Any) -> str:

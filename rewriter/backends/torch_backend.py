@@ -6,11 +6,12 @@ from __future__ import annotations
 
 import copy
 import json
+import os
 import shutil
 import tempfile
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Iterator
+from typing import Iterable, Iterator
 
 import torch
 
@@ -26,39 +27,67 @@ KV_META_KEYS = ("think_key_channels", "think_dynamic", "kv_window")
 SENTENCE_TRANSFORMERS_FILES = ("modules.json", "sentence_bert_config.json", "config_sentence_transformers.json")
 
 
-def check_output_dir(out: Path, force: bool) -> None:
-    if out.exists() and not out.is_dir():
-        raise RewriterError(f"output {out} exists and is not a folder")
-    if out.exists() and any(out.iterdir()) and not force:
-        raise RewriterError(f"output folder {out} is not empty", "pass --force to replace it")
-    parent = out.parent if out.parent != Path("") else Path(".")
-    parent.mkdir(parents=True, exist_ok=True)
-    probe = parent / f".rewriter-write-test-{id(out)}"
-    try:
-        probe.write_text("")
-        probe.unlink()
+def _existing_ancestor(path: Path) -> Path:
+    p = path
+    while not p.exists() and not p.is_symlink() and p != p.parent:
+        p = p.parent
+    return p
+
+
+def check_output_dir(out: Path, force: bool, srcs: Iterable = ()) -> None:
+    """Refuse a bad OUT before any work: equal to / nested with an input, not a folder, not empty without --force,
+    not a previous rewriter output with --force, or not writable. Creates nothing."""
+    from ..safety import check_force, check_src_out, resolve
+    check_src_out(srcs, out)
+    real = resolve(out)
+    check_force(real, force)
+    anchor = _existing_ancestor(real.parent)
+    if not anchor.is_dir():
+        raise RewriterError(f"cannot create {out}: {anchor} is not a folder")
+    try:   # a probe folder, removed at once: permissions, read-only mounts, /proc
+        Path(tempfile.mkdtemp(prefix=".rewriter-write-test-", dir=anchor)).rmdir()
     except OSError as e:
-        raise RewriterError(f"cannot write to {parent}: {e.strerror}") from None
+        raise RewriterError(f"cannot write to {anchor}: {e.strerror}", "choose an output folder you can write to") \
+            from None
+
+
+def _umask() -> int:
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
 
 
 @contextmanager
-def staged_output(out: Path, force: bool) -> Iterator[Path]:
-    """Yield a temp folder beside `out`; on success it replaces `out`, on any error it is removed."""
-    out = Path(out)
-    check_output_dir(out, force)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent if str(out.parent) else "."))
+def staged_output(out: Path, force: bool, srcs: Iterable = ()) -> Iterator[Path]:
+    """Yield a temp folder; on success it replaces `out` (symlinks resolved), on any error or signal it is removed.
+    The temp folder lives in the nearest existing ancestor of `out`, so a failed run creates no parent folders."""
+    check_output_dir(Path(out), force, srcs)
+    from ..safety import resolve
+    real = resolve(out)
+    anchor = _existing_ancestor(real.parent)
+    try:
+        tmp = Path(tempfile.mkdtemp(prefix=f".{real.name}.tmp-", dir=anchor))
+    except OSError as e:
+        raise RewriterError(f"cannot write to {anchor}: {e.strerror}") from None
     try:
         yield tmp
+        os.chmod(tmp, 0o777 & ~_umask())   # mkdtemp makes 0700; the output gets the user's normal mode
+        real.parent.mkdir(parents=True, exist_ok=True)
+        if real.exists():
+            check_output_dir(real, force, srcs)   # still empty or a previous output
+            old = real.with_name(f".{real.name}.old-{tmp.name[-8:]}")
+            real.rename(old)
+            try:
+                tmp.rename(real)
+            except BaseException:
+                old.rename(real)
+                raise
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            tmp.rename(real)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
-    if out.exists():
-        old = out.with_name(f".{out.name}.old-{tmp.name[-8:]}")
-        out.rename(old)
-        tmp.rename(out)
-        shutil.rmtree(old, ignore_errors=True)
-    else:
-        tmp.rename(out)
 
 
 def _jsonable(obj):
@@ -124,8 +153,11 @@ def load_decoder(folder: str | Path):
     folder = Path(folder)
     try:
         meta = json.loads((folder / META_FILE).read_text())
-    except (OSError, json.JSONDecodeError) as e:
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
         raise RewriterError(f"cannot read {folder / META_FILE}: {e}") from None
+    if not isinstance(meta, dict) or not isinstance(meta.get("config", {}), dict) \
+            or not isinstance(meta.get("decode") or {}, dict):
+        raise RewriterError(f"{folder / META_FILE} is not a rewriter output's metadata")
     model_type = meta.get("config", {}).get("model_type", "")
     if model_type not in DECODER_TYPES:
         raise RewriterError(f"{folder} holds a '{model_type}' program, not a decoder LM",
@@ -136,7 +168,15 @@ def load_decoder(folder: str | Path):
     if "unavailable" in decode:
         raise RewriterError(f"{folder} has no decode weights and KV policy: {decode['unavailable']}",
                             "generate from the HF folder with --pass think:... / kv-window:... / mla:...")
-    return load_hf(folder / decode["weights"]), KVPolicy.from_json(decode["kv_policy"])
+    weights = decode.get("weights")
+    if not isinstance(weights, str) or weights in ("", ".", "..") or "/" in weights or "\\" in weights:
+        raise RewriterError(f"{folder / META_FILE}: decode weights {weights!r} is not a folder inside {folder}")
+    try:
+        policy = KVPolicy.from_json(decode["kv_policy"])
+    except (KeyError, TypeError, ValueError, AttributeError) as e:
+        raise RewriterError(f"{folder / META_FILE}: malformed kv_policy ({type(e).__name__}: {e})"[:300],
+                            "re-create the output with `rewriter optimize`") from None
+    return load_hf(folder / weights), policy
 
 
 def write_hf_folder(program: Program, folder: Path) -> None:
@@ -175,19 +215,26 @@ def load_program(folder: str | Path) -> Program:
     folder = Path(folder)
     if not (folder / PROGRAM_FILE).exists() or not (folder / META_FILE).exists():
         raise RewriterError(f"{folder} is not a rewriter output (needs {PROGRAM_FILE} and {META_FILE})")
+    from ..safety import load_pt2
     try:
         meta = json.loads((folder / META_FILE).read_text())
-        ep = torch.export.load(str(folder / PROGRAM_FILE))
+        ep = load_pt2(folder / PROGRAM_FILE)
+    except RewriterError:
+        raise
     except Exception as e:
         raise RewriterError(f"cannot load {folder / PROGRAM_FILE}: {str(e).splitlines()[0][:200]}") from None
-    inputs = load_file(str(folder / INPUTS_FILE)) if (folder / INPUTS_FILE).exists() else {}
-    program = Program(
-        ep=ep, input_names=meta["input_names"], output_names=meta["output_names"],
-        example_inputs={n: inputs[n] for n in meta["input_names"] if n in inputs},
-        dynamic_dims={k: {int(d): v for d, v in dims.items()} for k, dims in meta["dynamic_dims"].items()},
-        dim_bounds={k: tuple(v) for k, v in meta["dim_bounds"].items()},
-        config=meta.get("config", {}), causal_modules=meta.get("causal_modules", {}),
-        source=str(folder), meta=meta.get("meta", {}))
+    try:
+        inputs = load_file(str(folder / INPUTS_FILE)) if (folder / INPUTS_FILE).exists() else {}
+        program = Program(
+            ep=ep, input_names=meta["input_names"], output_names=meta["output_names"],
+            example_inputs={n: inputs[n] for n in meta["input_names"] if n in inputs},
+            dynamic_dims={k: {int(d): v for d, v in dims.items()} for k, dims in meta["dynamic_dims"].items()},
+            dim_bounds={k: tuple(v) for k, v in meta["dim_bounds"].items()},
+            config=meta.get("config", {}), causal_modules=meta.get("causal_modules", {}),
+            source=str(folder), meta=meta.get("meta", {}))
+    except Exception as e:
+        raise RewriterError(f"{folder / META_FILE} does not describe {PROGRAM_FILE}: {type(e).__name__} {e}"[:300],
+                            "re-create the output with `rewriter optimize`") from None
     if any((folder / f).exists() for f in TOKENIZER_FILES):
         program.meta["hf_folder"] = str(folder)
     return program

@@ -40,7 +40,8 @@ class Steps:
 
     def _finish(self) -> None:
         if self.current is not None:
-            err.print(f"[green]✓[/green] {self.current} [dim]({time.perf_counter() - self.t0:.1f}s)[/dim]")
+            err.print(f"[green]✓[/green] {self.current} [dim]({time.perf_counter() - self.t0:.1f}s)[/dim]",
+                      soft_wrap=True)   # one line per step, whatever the width
             self.current = None
 
     def close(self) -> None:
@@ -71,6 +72,8 @@ def optimize(
     force: bool = typer.Option(False, "--force", help="replace a non-empty output folder"),
     dry_run: bool = typer.Option(False, "--dry-run", help="print the recipe the flags build, then stop"),
     json_out: bool = typer.Option(False, "--json", help="print report.json to stdout"),
+    allow_unused: bool = typer.Option(False, "--allow-unused-weights",
+                                      help="accept a checkpoint with tensors the model does not use"),
 ):
     """Run passes on SRC, verify against the original, write OUT/ (model.pt2, report.json, hf/ when weight-only)."""
     from ..api import optimize as run_optimize
@@ -112,13 +115,14 @@ def optimize(
         result = run_optimize(src, rec.passes, out=None if dry_run else output, force=force, calib_file=cal.get("file"),
                               samples=int(cal.get("samples", samples)), seq_len=int(cal.get("seq_len", seq_len)),
                               seed=int(cal.get("seed", seed)), max_error=rec.max_error,
-                              export_onnx=export == "onnx", progress=steps)
+                              export_onnx=export == "onnx", progress=steps, allow_unused=allow_unused)
         steps.close()
         if dry_run:   # planning passes have filled in their plans: the recipe replays them without analysis
             out.print(rec.to_yaml(), end="", highlight=False)
             return
         if json_out:
-            print(json.dumps(result.report, indent=1, default=str))
+            from ..report import dumps
+            print(dumps(result.report))
         else:
             render(result.report, err)
     except RewriterError as e:
@@ -188,7 +192,7 @@ def analyze(src: Optional[str] = typer.Argument(None, help="HF model folder or r
             src = str(default_checkpoint())
         if output is not None:
             from ..backends.torch_backend import check_output_dir
-            check_output_dir(output, force)
+            check_output_dir(output, force, [src] + ([calib] if calib else []))
         steps("loading and capturing")
         program = load_program(src)
         steps("building calibration inputs")
@@ -199,8 +203,9 @@ def analyze(src: Optional[str] = typer.Argument(None, help="HF model folder or r
         if output is not None:
             from ..backends.torch_backend import staged_output
             steps("writing analysis.json and heatmaps")
-            with staged_output(output, force) as tmp:
-                (tmp / "analysis.json").write_text(json.dumps(data, indent=1, default=str))
+            with staged_output(output, force, [src] + ([calib] if calib else [])) as tmp:
+                from ..report import dumps
+                (tmp / "analysis.json").write_text(dumps(data))   # valid JSON: NaN/Inf become null
                 data["pictures"] = heatmaps(result, tmp)
         steps.close()
     except RewriterError as e:
@@ -231,8 +236,10 @@ def export_cmd(src: str = typer.Argument(..., help="HF model folder or rewriter 
     """Export SRC to ONNX (batch and sequence stay dynamic), validated in onnxruntime at three shapes."""
     from ..api import load_program
     from ..backends.onnx import export_program
+    from ..safety import check_src_out
     steps = Steps(quiet=json_out)
     try:
+        check_src_out([src], onnx)   # the .onnx (and its external data) may not land inside the input
         steps("loading and capturing")
         program = load_program(src)
         steps("exporting and validating ONNX")
@@ -309,9 +316,29 @@ def list_passes(json_out: bool = typer.Option(False, "--json")):
             out.print(f"    {f['name']}: {f['type']} = {f['default']!r}  {f['help']}", highlight=False)
 
 
+class Stopped(BaseException):
+    """SIGINT / SIGTERM, raised in the main thread: staging folders are removed on the way out (`staged_output`
+    cleans up on any BaseException). Not a KeyboardInterrupt, which typer turns into a silent exit 130."""
+
+    def __init__(self, signum: int):
+        super().__init__(signum)
+        self.signum = signum
+
+
+def _on_signal(signum, frame):
+    raise Stopped(signum)
+
+
 def main() -> None:
+    import signal
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        try:
+            signal.signal(sig, _on_signal)
+        except (ValueError, OSError):   # not the main thread
+            pass
     try:
         app()
-    except KeyboardInterrupt:
-        err.print("interrupted; nothing was written")
-        sys.exit(130)
+    except (KeyboardInterrupt, Stopped) as e:
+        name = "terminated (SIGTERM)" if getattr(e, "signum", signal.SIGINT) == signal.SIGTERM else "interrupted (Ctrl-C)"
+        err.print(f"{name}; nothing was written", highlight=False)
+        sys.exit(128 + int(getattr(e, "signum", signal.SIGINT)))

@@ -77,6 +77,8 @@ class Batches:
         self.train, self.t, self.a, self.device = train, templates, a, device
         self.g = torch.Generator(device=device)
         self.g.manual_seed(a.seed + 1)
+        self.gc = torch.Generator()           # task distances and keys on the CPU: no device sync per step
+        self.gc.manual_seed(a.seed + 2)
         self.ar = torch.arange(a.seq, device=device)
         self.lo = templates.min_distance()
         self.hi = min(a.max_distance, templates.max_distance(a.seq))
@@ -90,8 +92,8 @@ class Batches:
         x = self.windows(a.batch)
         n_r = int(round(a.batch * a.retrieval_frac))
         if n_r:
-            dist = torch.randint(self.lo, self.hi + 1, (n_r,), generator=self.g, device=self.device).tolist()
-            keys = torch.randint(0, 10, (n_r, N_DIGITS), generator=self.g, device=self.device)
+            dist = torch.randint(self.lo, self.hi + 1, (n_r,), generator=self.gc).tolist()
+            keys = torch.randint(0, 10, (n_r, N_DIGITS), generator=self.gc)
             for i in range(n_r):
                 x[i], _ = retrieval_sequence(x[i], dist[i], keys[i], self.t, a.seq)
         return x

@@ -2,8 +2,9 @@
 
 Data: the packed token streams made on CPU by benchmarks/decoder_data.py (.gpu_decoder/, carried to the device).
 Each step draws `batch` windows of `seq` tokens at random offsets of the training stream; a `retrieval_frac` share of
-them become passkey sequences (benchmarks/decoder_common.py), with distances uniform over [min, max_distance].
-The loss is the plain next-token loss over every position (the answer digits included). bf16 autocast over fp32
+them become passkey sequences (benchmarks/decoder_common.py), with distances over [min, max_distance] (density
+growing linearly with the distance by default). The loss is the next-token loss over every position of the text
+windows and, by default, over the 5 answer digits only of the passkey sequences (--task-loss). bf16 autocast over fp32
 weights, fused AdamW, linear warm-up then cosine decay to 10%. Unless --steps is given, the step count is fixed after
 the first steps from the measured step time so that training ends within --budget seconds.
 
@@ -13,7 +14,7 @@ distance, for the final and the kept weights. Writes under --out: final/ and bes
 model.safetensors, bf16, embed_tokens only since lm_head is tied), log.jsonl, summary.json.
 
     # on the H200 (see README "The trained decoder"):
-    python benchmarks/train_decoder.py --out $OUT --budget 400
+    python benchmarks/train_decoder.py --out $OUT --budget 330
     # CPU dry run:
     python benchmarks/train_decoder.py --device cpu --out /tmp/dec --hidden 64 --layers 2 --inter 128 --seq 256 \
         --batch 4 --steps 4 --eval-every 2 --eval-trials 4
@@ -51,8 +52,14 @@ def parse():
     p.add_argument("--lr", type=float, default=2e-3)
     p.add_argument("--wd", type=float, default=0.1)
     p.add_argument("--warmup", type=int, default=150)
-    p.add_argument("--retrieval-frac", type=float, default=0.25)
+    p.add_argument("--retrieval-frac", type=float, default=0.75)
     p.add_argument("--max-distance", type=int, default=1900)
+    p.add_argument("--task-loss", choices=("all", "answer"), default="answer",
+                   help="passkey sequences: loss on every token, or on the 5 answer digits only (their filler then "
+                        "adds no language-model gradient, so the task share can grow without more passes over the "
+                        "small corpus)")
+    p.add_argument("--distance-skew", choices=("uniform", "sqrt"), default="sqrt",
+                   help="sqrt: density of distances grows linearly with the distance (long ones are the hard ones)")
     p.add_argument("--budget", type=float, default=400.0, help="seconds of training (from process start)")
     p.add_argument("--steps", type=int, default=0, help="fixed step count (0: from the budget)")
     p.add_argument("--eval-every", type=int, default=100)
@@ -88,15 +95,24 @@ class Batches:
         return self.train[off[:, None] + self.ar].long()
 
     def __call__(self):
+        """(input_ids, labels); labels are -100 where no loss is taken."""
         a = self.a
         x = self.windows(a.batch)
+        labels = x.clone()
         n_r = int(round(a.batch * a.retrieval_frac))
         if n_r:
-            dist = torch.randint(self.lo, self.hi + 1, (n_r,), generator=self.gc).tolist()
+            u = torch.rand(n_r, generator=self.gc)
+            if a.distance_skew == "sqrt":
+                u = u.sqrt()
+            dist = (self.lo + (u * (self.hi - self.lo + 1)).long().clamp(max=self.hi - self.lo)).tolist()
             keys = torch.randint(0, 10, (n_r, N_DIGITS), generator=self.gc)
             for i in range(n_r):
-                x[i], _ = retrieval_sequence(x[i], dist[i], keys[i], self.t, a.seq)
-        return x
+                x[i], a0 = retrieval_sequence(x[i], dist[i], keys[i], self.t, a.seq)
+                labels[i] = x[i]
+                if a.task_loss == "answer":
+                    labels[i, :a0] = -100
+                    labels[i, a0 + N_DIGITS:] = -100
+        return x, labels
 
 
 @torch.no_grad()
@@ -202,9 +218,9 @@ def main():
                 0.1 + 0.45 * (1 + math.cos(math.pi * min(1.0, (step - a.warmup) / max(1, total - a.warmup))))
             for gp in opt.param_groups:
                 gp["lr"] = a.lr * lr_scale
-            x = batches()
+            x, labels = batches()
             with torch.autocast(device_type=device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
-                loss = model(input_ids=x, labels=x).loss
+                loss = model(input_ids=x, labels=labels).loss
             loss.backward()
             gn = torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
             opt.step()

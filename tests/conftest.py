@@ -87,8 +87,8 @@ _JIT_MODULE_PREFIXES = ("rewriter", "triton.language")
 
 def _swap_triton_kernels(kind: str) -> list:
     """Every @triton.jit function held in a global of a loaded rewriter or triton.language module, or in a dict
-    there, and the jitted tensor methods such as `x.sum`, rebuilt from its Python function as `kind` ("InterpretedFunction" or
-    "JITFunction"). Returns what to hand to _restore_triton_kernels.
+    there, and the jitted tensor methods such as `x.sum`, rebuilt from its Python function as `kind`
+    ("InterpretedFunction" or "JITFunction"). Returns what to hand to _restore_triton_kernels.
 
     triton decides between the two when the decorator runs (it reads TRITON_INTERPRET then, at import), so a mode
     switched per test has to rebuild the jitted functions that the imported modules already hold."""
@@ -126,8 +126,9 @@ def _restore_triton_kernels(swapped: list) -> None:
 def _triton_language_state() -> list:
     """The attributes of every loaded triton.language module and of the classes defined there, to put back after the
     interpreter ran: a jitted helper called inside an interpreted kernel (tl.zeros, tl.sum, ...) patches
-    triton.language.core's builtins with the interpreter's semantic and never restores them (triton 3.8 and 3.9's
-    InterpretedFunction.__call__), so every later triton.compile in the process traced with the interpreter."""
+    triton.language.core's builtins with the interpreter's semantic and never restores them
+    (InterpretedFunction.__call__ in triton 3.6 to 3.9), so every later triton.compile in the process traced with
+    the interpreter ("'value' object has no attribute 'dtype'") unless a warm cache skipped the tracing."""
     state = []
     for name, module in list(sys.modules.items()):
         if module is None or not (name == "triton.language" or name.startswith("triton.language.")):

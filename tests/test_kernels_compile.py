@@ -20,12 +20,16 @@ from rewriter.kernels import (binary_linear, block_sparse_attention, linear_atte
 
 SM90 = GPUTarget("cuda", 90, 32)
 
+# Each test compiles with TRITON_INTERPRET unset and its own empty triton cache directory (tests/conftest.py).
+pytestmark = pytest.mark.usefixtures("triton_compiler")
+
 
 @contextlib.contextmanager
 def compilable(jit_fn):
-    """The kernel as a JITFunction, also when another test module imported triton under TRITON_INTERPRET=1 (then
+    """The kernel as a JITFunction, also when the kernel modules were imported under TRITON_INTERPRET=1 (then
     `@triton.jit` made InterpretedFunctions, which triton.compile cannot take): the kernel and the jitted helpers in
-    its module are swapped for JITFunctions of the same Python functions while compiling."""
+    its module are swapped for JITFunctions of the same Python functions while compiling. (The triton_compiler
+    fixture already does this for the globals of loaded rewriter modules; this also covers a kernel passed in.)"""
     from triton.runtime.jit import JITFunction
     scope = jit_fn.fn.__globals__
     swapped = {name: obj for name, obj in scope.items() if type(obj).__name__ == "InterpretedFunction"}

@@ -1,10 +1,9 @@
-"""Triton kernels for the linear ops, run by the Triton interpreter on CPU tensors (tiny shapes)."""
-import os
+"""Triton kernels for the linear ops, run by the Triton interpreter on CPU tensors (tiny shapes).
 
-os.environ["TRITON_INTERPRET"] = "1"  # must be set before triton is first imported
-
-import pytest  # noqa: E402
-import torch  # noqa: E402
+Every test runs under the triton_interpreter fixture (tests/conftest.py): the interpreter is switched on per test,
+never at import, so it cannot leak into the real compiles of tests/test_kernels_compile.py."""
+import pytest
+import torch
 
 pytest.importorskip("triton")
 
@@ -12,6 +11,8 @@ import rewriter.kernels.binary_linear as binary_kernels  # noqa: E402
 from rewriter.kernels.binary_linear import GEMV_MAX_M, binary_linear_triton, launch_binary_gemv  # noqa: E402
 from rewriter.kernels.lowrank_linear import FUSED_MAX_M, lowrank_linear_fused  # noqa: E402
 from rewriter.ops.binary_linear import binarize_weight, binary_linear  # noqa: E402
+
+pytestmark = pytest.mark.usefixtures("triton_interpreter")
 
 f64 = torch.float64
 

@@ -49,7 +49,6 @@ def _chunked_linear_fwd(
     pq_base = pq_ptr + b * sq_b + h * sq_h
     pk_base = pk_ptr + b * sk_b + hk * sk_h
     v_base = v_ptr + b * sv_b + hk * sv_h
-    write_den = db == 0
 
     state = tl.zeros([BLOCK_F, BLOCK_DV], tl.float32)
     z = tl.zeros([BLOCK_F], tl.float32)
@@ -94,10 +93,15 @@ def _chunked_linear_fwd(
         den_ptrs = den_ptr + b * sd_b + h * sd_h + rows
         if ATOMIC:
             tl.atomic_add(num_ptrs, num, mask=r_valid[:, None] & dv_valid[None, :])
-            tl.atomic_add(den_ptrs, den, mask=r_valid & write_den)
         else:
             tl.store(num_ptrs, num, mask=r_valid[:, None] & dv_valid[None, :])
-            tl.store(den_ptrs, den, mask=r_valid & write_den)
+        # Only the first value block writes den. A scalar `if`, not `r_valid & (db == 0)`: a scalar comparison folded
+        # into a block mask becomes an int32 mask in triton 3.9's interpreter, which loads and stores reject.
+        if db == 0:
+            if ATOMIC:
+                tl.atomic_add(den_ptrs, den, mask=r_valid)
+            else:
+                tl.store(den_ptrs, den, mask=r_valid)
 
 
 def chunked_linear_attention(phi_q: Tensor, phi_k: Tensor, v: Tensor, causal: bool, key_mask: Tensor | None = None,

@@ -13,7 +13,7 @@ from dataclasses import dataclass
 import torch
 from torch import fx
 
-from .graph import aten, erase_dead, is_call, val
+from .graph import aten, erase_dead, is_call, module_path, val
 
 SDPA = aten.scaled_dot_product_attention.default
 _PASS_THROUGH = (aten.to.dtype, aten.dropout.default, aten.clone.default, aten.contiguous.default,
@@ -25,6 +25,7 @@ class CanonicalReport:
     eager_attention: int = 0     # softmax chains turned into SDPA
     gqa: int = 0                 # repeat_kv removed in favour of enable_gqa
     unmatched_softmax: list[str] | None = None   # softmax nodes that looked like attention but did not match
+    unmatched_attention: list[dict] | None = None  # the same, with module path and what was seen (see below)
 
 
 def _is_last_two_transpose(node) -> bool:
@@ -81,6 +82,38 @@ def _match_eager(softmax: fx.Node):
         return None
 
 
+_SCORE_PRODUCERS = (aten.matmul.default, aten.bmm.default, aten.baddbmm.default, aten.einsum.default)
+
+
+def describe_unmatched(softmax: fx.Node, depth: int = 12) -> dict | None:
+    """What an attention-like softmax that did not match looks like: the ops between its scores (a matmul /
+    bmm / baddbmm) and the softmax, and the reason in words. None when no score product feeds the softmax."""
+    seen, node = [], softmax.args[0]
+    for _ in range(depth):
+        if not isinstance(node, fx.Node) or node.op != "call_function":
+            return None
+        name = getattr(node.target, "__name__", str(node.target)).split(".")[0]
+        seen.append(name)
+        if node.target in _SCORE_PRODUCERS:
+            break
+        node = next((a for a in node.args if isinstance(a, fx.Node) and a.op == "call_function"), None)
+    else:
+        return None
+    if not seen or node.target not in _SCORE_PRODUCERS:
+        return None
+    chain = list(reversed(seen))
+    if "tanh" in chain:
+        reason = "logit softcapping (tanh of the scores before softmax)"
+    elif chain[0] == "baddbmm":
+        reason = "an additive score bias through baddbmm on (batch * heads) scores (ALiBi-style)"
+    elif chain[0] == "bmm":
+        reason = "scores from bmm on (batch * heads) tensors with extra terms (e.g. relative-position attention)"
+    else:
+        reason = "a score computation the matcher does not know"
+    return {"node": softmax.name, "module_path": _path(softmax), "seen": " -> ".join(chain + ["softmax"]),
+            "reason": reason}
+
+
 def _leads_to_qk(node: fx.Node) -> bool:
     x = node
     if is_call(x, aten.mul.Tensor, aten.div.Tensor) and isinstance(x.args[1], (int, float)):
@@ -109,13 +142,17 @@ def _repeat_kv_source(node) -> tuple[fx.Node, int] | None:
 
 def canonicalize(gm: fx.GraphModule) -> CanonicalReport:
     """Rewrite gm in place to the canonical attention form."""
-    report = CanonicalReport(unmatched_softmax=[])
+    report = CanonicalReport(unmatched_softmax=[], unmatched_attention=[])
     graph = gm.graph
     for softmax in [n for n in graph.nodes if is_call(n, aten.softmax.int, aten._softmax.default)]:
         m = _match_eager(softmax)
         if m is None:
-            if _leads_to_qk(softmax.args[0]) or is_call(softmax.args[0], aten.add.Tensor):
+            unmatched = describe_unmatched(softmax)
+            if unmatched is not None or _leads_to_qk(softmax.args[0]) or is_call(softmax.args[0], aten.add.Tensor):
                 report.unmatched_softmax.append(softmax.name)
+                report.unmatched_attention.append(unmatched or {
+                    "node": softmax.name, "module_path": _path(softmax), "seen": "softmax",
+                    "reason": "a score computation the matcher does not know"})
             continue
         q, k, v, mask, scale, final = m
         with graph.inserting_before(final):
@@ -138,4 +175,9 @@ def canonicalize(gm: fx.GraphModule) -> CanonicalReport:
     erase_dead(gm)
     if not report.unmatched_softmax:
         report.unmatched_softmax = None
+        report.unmatched_attention = None
     return report
+
+
+def _path(node: fx.Node) -> str:
+    return module_path(node)

@@ -100,9 +100,9 @@ def attention_sites(gm: fx.GraphModule, causal_modules: dict[str, bool] | None =
         q, k, v = val(p["query"]), val(p["key"]), val(p["value"])
         path = module_path(node)
         heads, head_dim = int(q.shape[1]), int(q.shape[-1])
-        causal = bool(p.get("is_causal", False)) or causal_modules.get(path, False)
-        scale = p.get("scale")
         sem = semantics.get(path) or {}
+        causal = bool(p.get("is_causal", False)) or causal_modules.get(path, False) or bool(sem.get("causal"))
+        scale = p.get("scale")
         note = sem.get("note", "") if not sem.get("representable", True) else ""
         sites.append(AttentionSite(
             node=node.name, module_path=path, layer=layer_index(path), heads=heads, kv_heads=int(k.shape[1]),

@@ -37,7 +37,8 @@ def _tiny(name: str):
         m = tf.BloomForCausalLM(tf.BloomConfig(hidden_size=64, n_layer=2, n_head=4, vocab_size=120))
     elif name == "deberta-v2":
         m = tf.DebertaV2Model(tf.DebertaV2Config(hidden_size=64, num_hidden_layers=2, num_attention_heads=4,
-                                                 intermediate_size=128, vocab_size=120))
+                                                 intermediate_size=128, vocab_size=120, relative_attention=True,
+                                                 pos_att_type=["p2c", "c2p"], position_buckets=32))
     else:
         raise ValueError(name)
     return m.eval()
@@ -117,17 +118,21 @@ def test_sliding_windows_read_from_the_program(captured, name, windows):
     assert all(s["causal"] and s["alibi_slopes"] is None and not s["semantics_note"] for s in sites)
 
 
-def test_alibi_read_from_the_program(captured):
-    """Falcon with alibi=True (SDPA): the slopes are the ALiBi slopes 2^(-8h/H) in score units (/ sqrt(head_dim))."""
+@pytest.mark.parametrize("name,per_dim", [("falcon-alibi", True), ("bloom", False)])
+def test_alibi_read_from_the_program(captured, name, per_dim):
+    """Falcon with alibi=True (SDPA mask) and Bloom (eager baddbmm on merged heads, canonicalised to SDPA): the
+    ALiBi slopes 2^(-8(h+1)/H) in score units (Falcon adds them after the 1/sqrt(head_dim) scale, Bloom before)."""
     from rewriter.api import inspect
-    model, program = captured("falcon-alibi")
+    model, program = captured(name)
     H, D = 4, 16
-    want = [2 ** (-8 * (h + 1) / H) / math.sqrt(D) for h in range(H)]
-    for s in inspect(program)["attention"]:
-        assert s["alibi_slopes"] == pytest.approx(want, rel=1e-4)
+    want = [2 ** (-8 * (h + 1) / H) / (math.sqrt(D) if per_dim else 1.0) for h in range(H)]
+    sites = inspect(program)["attention"]
+    assert len(sites) == 2
+    for s in sites:
+        assert s["causal"] and s["window"] is None and s["alibi_slopes"] == pytest.approx(want, rel=1e-4)
 
 
-@pytest.mark.parametrize("name", ["mistral", "qwen2", "gemma3", "falcon-alibi"])
+@pytest.mark.parametrize("name", ["mistral", "qwen2", "gemma3", "falcon-alibi", "bloom"])
 def test_captured_program_equals_hf_beyond_the_window(captured, name):
     """Left padding, a length past the model's window: the captured program is the HF model (1e-5, fp32)."""
     model, program = captured(name)
@@ -151,8 +156,7 @@ def test_semantics_survive_save_and_load(captured, tmp_path):
     assert [s.window for s in attention_sites(gm, back.causal_modules)] == [None, 24]
 
 
-@pytest.mark.parametrize("name,reason", [("gemma2", "softcapping"), ("bloom", "baddbmm"),
-                                         ("deberta-v2", "relative-position")])
+@pytest.mark.parametrize("name,reason", [("gemma2", "softcapping"), ("deberta-v2", "relative-position attention")])
 def test_unmatched_attention_is_reported(captured, name, reason):
     from rewriter.api import inspect
     model, program = captured(name)

@@ -42,7 +42,8 @@ def inspect(src: str | Path | nn.Module | Program) -> dict:
         "inputs": program.input_names, "outputs": program.output_names,
         "parameters": program.num_parameters(),
         "canonicalized": {"eager_attention": canon.eager_attention, "gqa": canon.gqa,
-                          "unmatched_softmax": canon.unmatched_softmax or []},
+                          "unmatched_softmax": canon.unmatched_softmax or [],
+                          "unmatched_attention": canon.unmatched_attention or []},
         "attention": [s.describe() for s in att],
         "linear": [s.describe() for s in lin],
     }

@@ -13,7 +13,7 @@ from dataclasses import dataclass
 import torch
 from torch import fx
 
-from .graph import aten, erase_dead, is_call, val
+from .graph import aten, erase_dead, is_call, module_path, val
 
 SDPA = aten.scaled_dot_product_attention.default
 _PASS_THROUGH = (aten.to.dtype, aten.dropout.default, aten.clone.default, aten.contiguous.default,
@@ -25,6 +25,7 @@ class CanonicalReport:
     eager_attention: int = 0     # softmax chains turned into SDPA
     gqa: int = 0                 # repeat_kv removed in favour of enable_gqa
     unmatched_softmax: list[str] | None = None   # softmax nodes that looked like attention but did not match
+    unmatched_attention: list[dict] | None = None  # the same, with module path and what was seen (see below)
 
 
 def _is_last_two_transpose(node) -> bool:
@@ -81,6 +82,116 @@ def _match_eager(softmax: fx.Node):
         return None
 
 
+_SCORE_PRODUCERS = (aten.matmul.default, aten.bmm.default, aten.baddbmm.default, aten.einsum.default)
+
+
+def describe_unmatched(softmax: fx.Node, depth: int = 12) -> dict | None:
+    """What an attention-like softmax that did not match looks like: the ops between its scores (a matmul /
+    bmm / baddbmm) and the softmax, and the reason in words. None when no score product feeds the softmax."""
+    seen, node = [], softmax.args[0]
+    for _ in range(depth):
+        if not isinstance(node, fx.Node) or node.op != "call_function":
+            return None
+        name = getattr(node.target, "__name__", str(node.target)).split(".")[0]
+        seen.append(name)
+        if node.target in _SCORE_PRODUCERS:
+            break
+        node = next((a for a in node.args if isinstance(a, fx.Node) and a.op == "call_function"), None)
+    else:
+        return None
+    if not seen or node.target not in _SCORE_PRODUCERS:
+        return None
+    chain = list(reversed(seen))
+    if "tanh" in chain:
+        reason = "logit softcapping (tanh of the scores before softmax)"
+    elif chain[0] == "baddbmm":
+        reason = "an additive score bias through baddbmm on (batch * heads) scores (ALiBi-style)"
+    elif "add" in chain[1:]:
+        reason = "extra additive score terms beside the mask (e.g. relative-position attention)"
+    else:
+        reason = "a score computation the matcher does not know"
+    return {"node": softmax.name, "module_path": _path(softmax), "seen": " -> ".join(chain + ["softmax"]),
+            "reason": reason}
+
+
+def _merged_heads_source(node) -> fx.Node | None:
+    """x (B, H, L, D) when node is reshape(x, [B * H, L, D]) (Bloom keeps batch and heads merged)."""
+    if not is_call(node, aten.reshape.default, aten.view.default) or not isinstance(node.args[0], fx.Node):
+        return None
+    src = node.args[0]
+    s, o = val(src).shape, val(node).shape
+    if len(s) != 4 or len(o) != 3 or str(o[0]) != str(s[0] * s[1]) or str(o[-1]) != str(s[-1]):
+        return None
+    return src
+
+
+def _match_merged_heads(softmax: fx.Node):
+    """Attention on (B * H)-merged tensors, the Bloom form:
+
+        softmax(view(baddbmm(bias, q3, k3^T, beta, alpha), [B, H, L, L]) + mask) -> view(B * H) -> bmm(., v3) -> view
+
+    Returns (q, k, v, bias, beta, mask, scale, scores_view, final_view) or None."""
+    x, mask = softmax.args[0], None
+    if is_call(x, aten.add.Tensor):
+        a, b = x.args
+        x, mask = (a, b) if is_call(a, aten.view.default, aten.reshape.default) else (b, a)
+    if not is_call(x, aten.view.default, aten.reshape.default) or len(val(x).shape) != 4:
+        return None
+    scores_view, scores = x, x.args[0]
+    if is_call(scores, aten.baddbmm.default):
+        bias, q3, kt3 = scores.args[:3]
+        beta, alpha = float(scores.kwargs.get("beta", 1.0)), float(scores.kwargs.get("alpha", 1.0))
+    elif is_call(scores, aten.bmm.default):
+        (q3, kt3), bias, beta, alpha = scores.args[:2], None, 1.0, 1.0
+    else:
+        return None
+    if not (is_call(kt3, aten.transpose.int) and sorted(d % 3 for d in kt3.args[1:3]) == [1, 2]):
+        return None
+    q, k = _merged_heads_source(q3), _merged_heads_source(kt3.args[0])
+    if q is None or k is None:
+        return None
+    node = softmax
+    while True:
+        users = _real_users(node)
+        if len(users) != 1:
+            return None
+        (u,) = users
+        if is_call(u, *_PASS_THROUGH):
+            if is_call(u, aten.dropout.default) and len(u.args) > 2 and u.args[2]:
+                return None
+            node = u
+            continue
+        break
+    if not (is_call(u, aten.view.default, aten.reshape.default) and len(val(u).shape) == 3):
+        return None
+    users = _real_users(u)
+    if len(users) != 1 or not is_call(users[0], aten.bmm.default) or users[0].args[0] is not u:
+        return None
+    pv = users[0]
+    v = _merged_heads_source(pv.args[1])
+    finals = _real_users(pv)
+    if v is None or len(finals) != 1 or not is_call(finals[0], aten.view.default, aten.reshape.default) \
+            or len(val(finals[0]).shape) != 4:
+        return None
+    return q, k, v, bias, beta, mask, alpha, scores_view, finals[0]
+
+
+def _replace_merged_heads(graph: fx.Graph, q, k, v, bias, beta, mask, scale, scores_view, final) -> None:
+    """SDPA on the (B, H, L, D) sources; an additive (B * H, 1|L, L) bias joins the mask as (B, H, 1|L, L)."""
+    with graph.inserting_before(final):
+        attn_mask = mask
+        if bias is not None:
+            B, H = scores_view.args[1][:2]
+            b = graph.call_function(aten.view.default, (bias, [B, H, int(val(bias).shape[1]), -1]))
+            if beta != 1.0:
+                b = graph.call_function(aten.mul.Tensor, (b, beta))
+            attn_mask = b if mask is None else graph.call_function(aten.add.Tensor, (b, mask))
+        sdpa = graph.call_function(SDPA, (q, k, v, attn_mask), {"scale": scale})
+    sdpa.meta = dict(final.meta)
+    final.replace_all_uses_with(sdpa)
+    graph.erase_node(final)
+
+
 def _leads_to_qk(node: fx.Node) -> bool:
     x = node
     if is_call(x, aten.mul.Tensor, aten.div.Tensor) and isinstance(x.args[1], (int, float)):
@@ -109,13 +220,22 @@ def _repeat_kv_source(node) -> tuple[fx.Node, int] | None:
 
 def canonicalize(gm: fx.GraphModule) -> CanonicalReport:
     """Rewrite gm in place to the canonical attention form."""
-    report = CanonicalReport(unmatched_softmax=[])
+    report = CanonicalReport(unmatched_softmax=[], unmatched_attention=[])
     graph = gm.graph
     for softmax in [n for n in graph.nodes if is_call(n, aten.softmax.int, aten._softmax.default)]:
         m = _match_eager(softmax)
+        merged = _match_merged_heads(softmax) if m is None else None
+        if merged is not None:
+            _replace_merged_heads(graph, *merged)
+            report.eager_attention += 1
+            continue
         if m is None:
-            if _leads_to_qk(softmax.args[0]) or is_call(softmax.args[0], aten.add.Tensor):
+            unmatched = describe_unmatched(softmax)
+            if unmatched is not None or _leads_to_qk(softmax.args[0]) or is_call(softmax.args[0], aten.add.Tensor):
                 report.unmatched_softmax.append(softmax.name)
+                report.unmatched_attention.append(unmatched or {
+                    "node": softmax.name, "module_path": _path(softmax), "seen": "softmax",
+                    "reason": "a score computation the matcher does not know"})
             continue
         q, k, v, mask, scale, final = m
         with graph.inserting_before(final):
@@ -138,4 +258,9 @@ def canonicalize(gm: fx.GraphModule) -> CanonicalReport:
     erase_dead(gm)
     if not report.unmatched_softmax:
         report.unmatched_softmax = None
+        report.unmatched_attention = None
     return report
+
+
+def _path(node: fx.Node) -> str:
+    return module_path(node)

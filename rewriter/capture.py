@@ -8,9 +8,12 @@ from typing import Any
 import torch
 from torch import nn
 
+from .canonical import canonicalize
 from .errors import RewriterError
+from .graph import module_path
 from .load import LoadedModel
 from .program import Program, export, strip_prefix
+from .semantics import probe_sites
 
 
 CAPTURE_INPUTS = {"input_ids", "attention_mask", "token_type_ids", "position_ids", "pixel_values", "inputs_embeds"}
@@ -132,8 +135,18 @@ def capture(src: LoadedModel | nn.Module, inputs: dict[str, torch.Tensor] | None
     if loaded.folder is not None:
         program.meta["hf_folder"] = str(loaded.folder)
     program.meta["model_class"] = type(model).__name__
+    program.meta["attention_semantics"] = attention_semantics(program, seq_max)
     program.meta["eager_model"] = model        # kept in memory only (for HF-format output); never serialised
     return program
+
+
+def attention_semantics(program: Program, max_positions: int) -> dict[str, dict]:
+    """Module path -> the probed semantics of its attention mask (see rewriter.semantics)."""
+    gm = program.ep.module()
+    canonicalize(gm)
+    probed = probe_sites(gm, program.input_names, program.example_inputs, program.config, max_positions)
+    nodes = {n.name: n for n in gm.graph.nodes}
+    return {module_path(nodes[name]): sem.describe() for name, sem in probed.items()}
 
 
 def layer_index(path: str) -> int | None:

@@ -43,8 +43,12 @@ class Program:
 
     # --- running -------------------------------------------------------------------------------------
     def module(self) -> torch.fx.GraphModule:
-        """A fresh unlifted GraphModule (parameters as attributes): what passes rewrite."""
-        return self.ep.module()
+        """A fresh unlifted GraphModule (parameters as attributes): what passes rewrite. Its `meta` carries the
+        attention semantics probed at capture, so every site lookup on it sees the model's own windows and biases."""
+        gm = self.ep.module()
+        if self.meta.get("attention_semantics"):
+            gm.meta["attention_semantics"] = self.meta["attention_semantics"]
+        return gm
 
     def __call__(self, **inputs) -> tuple[torch.Tensor, ...]:
         return self.run(**inputs)

@@ -26,9 +26,35 @@ class AttentionSite:
     has_mask: bool
     scale: float
     kind: str = "attention"
+    # the model's own attention semantics, probed from its mask (rewriter.semantics); None = plain attention
+    window: int | None = None            # HF sliding window: keys with i - j < window
+    window_right: int | None = None      # bidirectional local attention: keys with j - i <= window_right
+    alibi_slopes: list[float] | None = None   # additive bias slope_h * (j - i) in score units
+    softcap: float | None = None         # logit softcapping: softcap * tanh(scores / softcap)
+    semantics_note: str = ""             # what else the mask does, when it is more than the fields above
 
     def describe(self) -> dict:
         return asdict(self)
+
+    def plain(self) -> bool:
+        """Padding (+ causal) only: what every attention method can take over without changing the model."""
+        return (self.window is None and self.window_right is None and not self.alibi_slopes
+                and self.softcap is None and not self.semantics_note)
+
+    def semantics(self) -> str:
+        """One phrase for reports and refusals: 'sliding window 32', 'ALiBi bias', ..."""
+        parts = []
+        if self.window is not None:
+            parts.append(f"sliding window {self.window}")
+        if self.window_right is not None:
+            parts.append(f"right window {self.window_right}")
+        if self.alibi_slopes:
+            parts.append("ALiBi bias")
+        if self.softcap is not None:
+            parts.append(f"logit softcap {self.softcap:g}")
+        if self.semantics_note and not self.alibi_slopes:
+            parts.append(self.semantics_note)
+        return ", ".join(parts) or ("causal" if self.causal else "bidirectional")
 
 
 @dataclass
@@ -59,8 +85,13 @@ def _sdpa_parts(node: fx.Node):
     return bound
 
 
-def attention_sites(gm: fx.GraphModule, causal_modules: dict[str, bool] | None = None) -> list[AttentionSite]:
+def attention_sites(gm: fx.GraphModule, causal_modules: dict[str, bool] | None = None,
+                    semantics: dict[str, dict] | None = None) -> list[AttentionSite]:
+    """Canonical SDPA sites. `semantics` (module path -> MaskSemantics.describe(), recorded at capture in
+    program.meta["attention_semantics"]; read from gm.meta when not given) fills the model's own window / bias."""
     causal_modules = causal_modules or {}
+    if semantics is None:
+        semantics = getattr(gm, "meta", {}).get("attention_semantics") or {}
     sites = []
     for node in gm.graph.nodes:
         if not is_call(node, SDPA):
@@ -69,12 +100,16 @@ def attention_sites(gm: fx.GraphModule, causal_modules: dict[str, bool] | None =
         q, k, v = val(p["query"]), val(p["key"]), val(p["value"])
         path = module_path(node)
         heads, head_dim = int(q.shape[1]), int(q.shape[-1])
-        causal = bool(p.get("is_causal", False)) or causal_modules.get(path, False)
+        sem = semantics.get(path) or {}
+        causal = bool(p.get("is_causal", False)) or causal_modules.get(path, False) or bool(sem.get("causal"))
         scale = p.get("scale")
+        note = sem.get("note", "") if not sem.get("representable", True) else ""
         sites.append(AttentionSite(
             node=node.name, module_path=path, layer=layer_index(path), heads=heads, kv_heads=int(k.shape[1]),
             head_dim=head_dim, value_dim=int(v.shape[-1]), causal=causal, has_mask=p.get("attn_mask") is not None,
-            scale=float(scale) if scale is not None else head_dim ** -0.5))
+            scale=float(scale) if scale is not None else head_dim ** -0.5,
+            window=sem.get("window"), window_right=sem.get("window_right"), alibi_slopes=sem.get("alibi_slopes"),
+            softcap=sem.get("softcap"), semantics_note=note))
     return sites
 
 
@@ -86,6 +121,13 @@ def linear_sites(gm: fx.GraphModule) -> list[LinearSite]:
             b = node.args[2] if len(node.args) > 2 else node.kwargs.get("bias")
             if not (isinstance(w, fx.Node) and w.op == "get_attr"):
                 continue
+            out_f, in_f = (int(s) for s in val(w).shape)
+            transposed = False
+        elif is_call(node, aten.matmul.default, aten.mm.default) and _transposed_weight(node.args[1]) is not None:
+            w = _transposed_weight(node.args[1])      # x @ W.T (Falcon's linear subclass): W stored (out, in)
+            if len(val(node.args[0]).shape) < 2:
+                continue
+            b = None                                  # a bias, if any, stays as the add that follows
             out_f, in_f = (int(s) for s in val(w).shape)
             transposed = False
         elif is_call(node, aten.addmm.default):
@@ -102,6 +144,19 @@ def linear_sites(gm: fx.GraphModule) -> list[LinearSite]:
         sites.append(LinearSite(node=node.name, module_path=path, layer=layer_index(path), in_features=in_f,
                                 out_features=out_f, weight=w.target, bias=bias, transposed=transposed))
     return sites
+
+
+def _transposed_weight(node) -> fx.Node | None:
+    """W when node is W.T of a 2-D weight attribute (numpy_T / t / transpose(0, 1) / permute([1, 0]))."""
+    if not isinstance(node, fx.Node):
+        return None
+    if is_call(node, aten.numpy_T.default, aten.t.default) or \
+            (is_call(node, aten.transpose.int) and sorted(d % 2 for d in node.args[1:3]) == [0, 1]) or \
+            (is_call(node, aten.permute.default) and list(node.args[1]) == [1, 0]):
+        w = node.args[0]
+        if isinstance(w, fx.Node) and w.op == "get_attr" and len(val(w).shape) == 2:
+            return w
+    return None
 
 
 @dataclass

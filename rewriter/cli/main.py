@@ -153,11 +153,15 @@ def inspect(src: Optional[str] = typer.Argument(None, help="HF model folder or r
         print(json.dumps(info, indent=1))
         return
     t = Table(title=f"{len(info['attention'])} attention sites")
-    for col in ("module", "layer", "heads", "kv heads", "head dim", "causal", "mask", "scale"):
+    for col in ("module", "layer", "heads", "kv heads", "head dim", "causal", "mask", "scale", "model's own"):
         t.add_column(col, overflow="fold")
     for s in info["attention"]:
+        own = [f"window {s['window']}" if s.get("window") is not None else "",
+               f"right window {s['window_right']}" if s.get("window_right") is not None else "",
+               "ALiBi" if s.get("alibi_slopes") else "", f"softcap {s['softcap']:g}" if s.get("softcap") else "",
+               s.get("semantics_note", "") if not s.get("alibi_slopes") else ""]
         t.add_row(s["module_path"], str(s["layer"]), str(s["heads"]), str(s["kv_heads"]), str(s["head_dim"]),
-                  str(s["causal"]), str(s["has_mask"]), f"{s['scale']:.4g}")
+                  str(s["causal"]), str(s["has_mask"]), f"{s['scale']:.4g}", ", ".join(p for p in own if p) or "-")
     out.print(t)
     t = Table(title=f"{len(info['linear'])} linear sites")
     for col in ("module", "layer", "in", "out", "bias", "stored"):
@@ -169,8 +173,9 @@ def inspect(src: Optional[str] = typer.Argument(None, help="HF model folder or r
     c = info["canonicalized"]
     out.print(f"{info['model_class']}: {info['parameters']:,} parameters; canonicalised {c['eager_attention']} eager "
               f"attention chain(s), {c['gqa']} GQA repeat_kv")
-    if c["unmatched_softmax"]:
-        out.print(f"[yellow]softmax nodes that look like attention but did not match: {c['unmatched_softmax']}[/yellow]")
+    for u in c.get("unmatched_attention") or []:
+        out.print(f"[yellow]attention-like subgraph not matched at {u['module_path'] or u['node']}: {u['reason']} "
+                  f"(seen: {u['seen']}); no pass can rewrite it[/yellow]")
 
 
 @app.command()

@@ -14,7 +14,7 @@ import torch
 
 from .canonical import canonicalize
 from .graph import record_node_inputs
-from .ops import _common
+from .attention import _contract as _common
 from .program import Program
 from .sites import AttentionSite
 

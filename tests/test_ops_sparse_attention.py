@@ -10,7 +10,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from rewriter.ops.sparse_attention import (
+from rewriter.attention.sparse import (
     block_topk_cost, lsh_cost, measured_density, strided_cost, strided_layout, window_cost, window_layout,
 )
 

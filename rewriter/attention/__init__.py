@@ -16,14 +16,9 @@ Exact attention on the key-padding mask (SDPA's causal flash path instead of a d
     rewriter::exact_attention(q, k, v, key_mask?, causal, scale)
 
 Sparse methods lower to ``block_sparse.block_sparse_attention_reference`` (layout: kv_index/kv_count plus a
-token-level predicate); the Triton kernels in ``rewriter.kernels`` implement the same layout on CUDA.
+token-level predicate); the Triton kernels in ``rewriter.attention.triton`` implement the same layout on CUDA.
 """
 
-from . import lowrank_attention  # noqa: E402,F401
-from . import binary_linear  # noqa: E402,F401
-from . import sparse_attention  # noqa: E402,F401
-from . import exact_attention  # noqa: E402,F401
-
-from ..kernels.registry import register_cuda_kernels  # noqa: E402
-
-register_cuda_kernels()   # Triton implementations for CUDA tensors; a no-op without CUDA (or with the reference forced)
+from . import feature_map  # noqa: E402,F401
+from . import sparse  # noqa: E402,F401
+from . import exact  # noqa: E402,F401

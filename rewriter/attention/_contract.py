@@ -1,4 +1,4 @@
-"""Conventions shared by every attention op in ``rewriter.ops``.
+"""Conventions shared by every attention op in ``rewriter.attention``.
 
 Every attention approximation is a ``torch.library.custom_op`` named ``rewriter::<method>_attention`` with
 the leading arguments
@@ -15,7 +15,9 @@ sees no key at all returns zeros (never NaN).
 """
 from __future__ import annotations
 
+import weakref
 from dataclasses import dataclass
+from typing import Optional
 
 import torch
 from torch import Tensor
@@ -123,3 +125,21 @@ def exact_attention_cost(B: int, H: int, Lq: int, Lk: int, D: int, Dv: int, caus
     flops = 2.0 * entries * (D + Dv)
     mem = float(B * H * Lq * Lk * elem_bytes)
     return AttentionCost(entries, entries, flops, flops, mem, mem)
+
+
+_last_mask_check: tuple = (None, -1, False)   # (weakref to the mask last checked, its version, all real)
+
+
+def drop_full_mask(key_mask: Optional[Tensor]) -> Optional[Tensor]:
+    """None for a key mask with every key real (an unpadded batch): the kernels then skip the per-key loads and
+    the block-sparse kernel its predicate on interior blocks. The check costs a device sync; it is remembered for
+    the mask tensor last checked (the attention passes give every layer the same mask tensor), so a forward pays
+    it once."""
+    global _last_mask_check
+    if key_mask is None:
+        return None
+    ref, version, full = _last_mask_check
+    if ref is None or ref() is not key_mask or version != key_mask._version:
+        full = bool(key_mask.all())
+        _last_mask_check = (weakref.ref(key_mask), key_mask._version, full)
+    return None if full else key_mask

@@ -17,7 +17,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from ._common import AttentionCost, allowed_mask, check_qkv, exact_attention_cost, expand_kv
+from ._contract import AttentionCost, allowed_mask, check_qkv, drop_full_mask, exact_attention_cost, expand_kv
 
 
 @torch.library.custom_op("rewriter::exact_attention", mutates_args=(), schema=(
@@ -30,12 +30,11 @@ def exact_attention(q: Tensor, k: Tensor, v: Tensor, key_mask: Optional[Tensor],
 
 def exact_attention_impl(q: Tensor, k: Tensor, v: Tensor, key_mask: Optional[Tensor], causal: bool,
                          scale: float) -> Tensor:
-    """The op's body on every device (SDPA picks flash / cuDNN on CUDA). The all-real check is the kernels' own,
+    """The op's body on every device (SDPA picks flash / cuDNN on CUDA). The all-real check is the contract's (the kernels use it too),
     remembered per mask tensor, so a forward through many layers checks its shared mask once."""
-    from ..kernels.registry import _drop_full_mask
     check_qkv(q, k, v, key_mask)
     H, Lq, Lk = q.shape[1], q.shape[2], k.shape[2]
-    key_mask = _drop_full_mask(key_mask)
+    key_mask = drop_full_mask(key_mask)
     k, v = expand_kv(k, H), expand_kv(v, H)
     if key_mask is None and (not causal or Lq == Lk):
         return F.scaled_dot_product_attention(q, k, v, is_causal=causal and Lq > 0, scale=scale)

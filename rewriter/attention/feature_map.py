@@ -29,7 +29,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from ._common import AttentionCost, check_qkv, exact_attention_cost, window_extents
+from ._contract import AttentionCost, check_qkv, exact_attention_cost, window_extents
 from .block_sparse import _pad_to, num_blocks
 
 FEATURE_MAPS = ("elu", "relu", "taylor2", "performer")

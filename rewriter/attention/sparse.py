@@ -19,7 +19,7 @@ from typing import Optional
 import torch
 from torch import Tensor
 
-from ._common import AttentionCost, allowed_mask, check_qkv, exact_attention_cost, expand_kv, window_extents
+from ._contract import AttentionCost, allowed_mask, check_qkv, exact_attention_cost, expand_kv, window_extents
 from .block_sparse import _pad_to, block_sparse_attention_reference, num_blocks
 
 POOLS = ("mean", "maxmin")

@@ -157,7 +157,7 @@ def _fixed_feature_map(name: str, x, scale: float, d: int):
 def _performer_features(q, k, key_mask, scale: float, features: int, seed: int, d: int):
     """(phi_q, phi_k, log_q (B, H, Lq), log_k (B, H, 1)) with the same offsets as the reference."""
     import onnx_ir as ir
-    from ..ops.lowrank_attention import performer_projection
+    from ..attention.feature_map import performer_projection
     op = _op()
     w_t = performer_projection(features, d, seed).T.contiguous().to(torch.float32).numpy()
     proj = op.Constant(value=ir.tensor(w_t, name="performer_projection"))
@@ -228,7 +228,7 @@ class _Support:
 
 
 def _support(q, k, key_mask, causal: bool, window: int, sinks: int, block: int) -> _Support:
-    from ..ops._common import window_extents
+    from ..attention._contract import window_extents
     op = _op()
     lq, lk = _dim(q, 2), _dim(k, 2)
     offset = op.Sub(lk, lq)
@@ -390,7 +390,7 @@ def _lowrank_attention(q, k, v, key_mask, causal, scale, phi_q, phi_k, dims, win
 
 @onnx_translation("rewriter::linear_attention")
 def translate_linear_attention(q, k, v, key_mask=None, causal=False, scale=1.0, feature_map="elu", window=0, sinks=0):
-    from ..ops.lowrank_attention import feature_dim
+    from ..attention.feature_map import feature_dim
     qa, ka, va, (_, d, dv) = _heads_fp32(q, k, v)
     phi_q, phi_k = _fixed_feature_map(feature_map, qa, scale, d), _fixed_feature_map(feature_map, ka, scale, d)
     dims = (d, dv, feature_dim(feature_map, d))
@@ -632,7 +632,7 @@ def translate_lsh_attention(q, k, v, key_mask=None, causal=False, scale=1.0, n_h
     key bucket x L + position. Dot products within float rounding of 0 may hash differently from PyTorch."""
     import onnx_ir as ir
     import numpy as np
-    from ..ops.sparse_attention import lsh_hyperplanes
+    from ..attention.sparse import lsh_hyperplanes
     op = _op()
     qa, ka, va, (_, d, dv) = _heads_fp32(q, k, v)
     lq, lk = _dim(qa, 2), _dim(ka, 2)

@@ -40,8 +40,8 @@ from typing import Any
 import torch
 from torch import nn
 
-from .errors import RewriterError
-from .program import Program, export
+from ..errors import RewriterError
+from ..program import Program, export
 
 DECODER_TYPES = ("llama", "mistral", "qwen2", "gpt2")
 
@@ -103,7 +103,7 @@ class _ExplicitCache:
         """(query, key) for the layer's attention. Dynamic prefill: choose the channels from the prompt (the prompt
         attends with all of them). Kept channels: the query's kept channels, so q.k runs over those only."""
         if self.think_dynamic is not None:
-            from .passes.kv_thin import prompt_key_channels
+            from ..passes.kv_thin import prompt_key_channels
             kept = prompt_key_channels(query, key, self.think_dynamic.ratio, self.think_dynamic.n_obs)
             self.keys[layer_idx] = torch.gather(self.keys[layer_idx], -1, _channel_index(kept, self.keys[layer_idx]))
             self.channels.append(kept)
@@ -446,7 +446,7 @@ def build_decoder(model: nn.Module, *, max_len: int = 256, policy: KVPolicy | No
     B, T = 2, min(8, max_len)
     ids = torch.randint(0, config.vocab_size, (B, T), generator=torch.Generator().manual_seed(0)).to(device)
     # an evicting cache still prefills whole prompts (then keeps sinks + recent), up to the model's positions
-    from .capture import max_positions
+    from ..capture import max_positions
     prefill_len = max(max_len, max_positions(config)) if policy.evicts else max_len
     dyn = policy.think_dynamic
     prefill = _export(_PrefillModule(model, kc, dyn).eval(), {"input_ids": ids},
@@ -472,7 +472,7 @@ def build_decoder(model: nn.Module, *, max_len: int = 256, policy: KVPolicy | No
 def step_shapes(config, max_len: int, max_batch: int) -> tuple[dict, dict]:
     """Dynamic dims and bounds of a decode-step program's inputs: batch, and cache slots up to the model's
     positions (one step program serves any cache length: Decoder.resized)."""
-    from .capture import max_positions
+    from ..capture import max_positions
     dims = {"input_ids": {0: "batch"}, "k_cache": {1: "batch", 3: "slots"}, "v_cache": {1: "batch", 3: "slots"}}
     return dims, {"batch": (1, max_batch), "slots": (2, max(max_len, max_positions(config)))}
 
@@ -505,10 +505,10 @@ def decoder_from(src, passes: list | None = None, *, max_len: int = 256, calib_t
     """Load SRC (HF folder or module), run the KV passes (think, kv-window) verified on the full-sequence program,
     and capture the decode programs with the resulting cache policy. Returns (decoder, loaded, pipeline report).
     A rewriter output folder brings its own weights and policy (written by `rewriter optimize`); so does `policy`."""
-    from .calibration import calibration_inputs
-    from .capture import capture
-    from .load import LoadedModel, load
-    from .pipeline import Pipeline
+    from ..calibration import calibration_inputs
+    from ..capture import capture
+    from ..load import LoadedModel, load
+    from ..pipeline import Pipeline
     passes = list(passes or [])
     if _is_output_folder(src):
         src, policy = _output_decoder(src, passes)
@@ -531,7 +531,7 @@ def decoder_from(src, passes: list | None = None, *, max_len: int = 256, calib_t
         report, meta = run.report, run.program.meta
     policy = policy_from_meta(meta, dims["layers"])
     if meta.get("mla"):     # the cache holds the MLA latent instead of keys and values
-        from .passes.mla import build_latent_decoder
+        from ..passes.mla import build_latent_decoder
         return build_latent_decoder(loaded.module, meta["mla"], max_len=max_len, source=loaded.source), loaded, report
     decoder = build_decoder(loaded.module, max_len=max_len, policy=policy, source=loaded.source)
     return decoder, loaded, report
@@ -539,7 +539,7 @@ def decoder_from(src, passes: list | None = None, *, max_len: int = 256, calib_t
 
 def _is_output_folder(src) -> bool:
     from pathlib import Path
-    from .load import is_rewriter_output
+    from ..load import is_rewriter_output
     return isinstance(src, (str, Path)) and is_rewriter_output(Path(src))
 
 
@@ -548,13 +548,13 @@ def _output_decoder(folder, passes: list):
     if passes:
         raise ValueError(f"{folder} is a rewriter output whose KV policy `rewriter optimize` already fixed; --pass "
                          "applies to HF folders only")
-    from .backends.torch_backend import load_decoder
+    from ..backends.torch_backend import load_decoder
     return load_decoder(folder)
 
 
 def policy_from_meta(meta: dict, layers: int) -> KVPolicy:
     """The decode-cache policy the KV passes recorded in program.meta (think static/dynamic, kv-window)."""
-    from .passes.kv_thin import decode_dynamic_think, decode_key_channels
+    from ..passes.kv_thin import decode_dynamic_think, decode_key_channels
     window = meta.get("kv_window") or {}
     dyn = decode_dynamic_think(meta, layers)
     return KVPolicy(sinks=window.get("sinks", 0), window=window.get("window", 0),
@@ -576,7 +576,7 @@ def generate(src, *, prompt: str | None = None, prompt_ids: list[int] | None = N
     SRC: an HF decoder folder (with `passes`) or a rewriter output written from one (its KV policy applies)."""
     if (prompt is None) == (prompt_ids is None):
         raise ValueError("give exactly one of prompt (text) or prompt_ids (token ids)")
-    from .load import LoadedModel, load
+    from ..load import LoadedModel, load
     policy = None
     if _is_output_folder(src):
         src, policy = _output_decoder(src, passes)
@@ -603,7 +603,7 @@ def generate(src, *, prompt: str | None = None, prompt_ids: list[int] | None = N
 
 
 def _tokenizer(loaded):
-    from .load import TOKENIZER_FILES
+    from ..load import TOKENIZER_FILES
     folder = loaded.folder
     if folder is None or not any((folder / f).exists() for f in TOKENIZER_FILES):
         raise RewriterError(f"{loaded.source} has no tokenizer", "pass token ids with --prompt-ids 1,2,3")

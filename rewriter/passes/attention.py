@@ -20,7 +20,7 @@ from ..config import PassConfig
 from ..graph import aten, erase_dead, record_node_inputs
 from ..pipeline import Pass, PassResult, SiteChange, register_pass
 from ..sites import AttentionSite
-from ..ops import _common
+from ..attention import _contract as _common
 
 
 # --- the graph side: mask -> key_mask, SDPA -> op ---------------------------------------------------------------
@@ -144,13 +144,13 @@ class AttentionPass(Pass):
         dense check is skipped past 4096 tokens, where the counted layout density stands in)."""
         if not self.sparse_method or k.shape[2] > 4096:
             return None
-        from ..ops.sparse_attention import measured_density
+        from ..attention.sparse import measured_density
         return measured_density(self.sparse_method, q, k, km, site.causal, site.scale,
                                 **dict(zip(self.sparse_args, method_args)))
 
     @property
     def op(self):
-        from .. import ops  # noqa: F401  (registers the ops)
+        from .. import attention  # noqa: F401  (registers the ops)
         return getattr(torch.ops.rewriter, self.op_name).default
 
     def run(self, gm, ctx) -> PassResult:
@@ -224,7 +224,7 @@ def _rel_error(exact: torch.Tensor, approx: torch.Tensor, valid: torch.Tensor | 
 
 def _cost_fn(module: str, name: str) -> Callable:
     import importlib
-    return getattr(importlib.import_module(f"rewriter.ops.{module}"), name)
+    return getattr(importlib.import_module(f"rewriter.attention.{module}"), name)
 
 
 # Exact --------------------------------------------------------------------------------------------------------------
@@ -247,7 +247,7 @@ class ExactAttention(AttentionPass):
         return (), {}
 
     def cost(self, site, B, L, budget):
-        return _cost_fn("exact_attention", "exact_cost")(B, site.heads, site.kv_heads, L, L, site.head_dim,
+        return _cost_fn("exact", "exact_cost")(B, site.heads, site.kv_heads, L, L, site.head_dim,
                                                          site.value_dim, site.causal)
 
 
@@ -280,7 +280,7 @@ class WindowAttention(AttentionPass):
         return (w, c.sinks, c.block), {"window": w, "sinks": c.sinks}
 
     def cost(self, site, B, L, budget):
-        return _cost_fn("sparse_attention", "window_cost")(B, site.heads, site.kv_heads, L, L, site.head_dim,
+        return _cost_fn("sparse", "window_cost")(B, site.heads, site.kv_heads, L, L, site.head_dim,
                                                            site.value_dim, site.causal, window=budget["window"],
                                                            sinks=budget["sinks"], block=self.config.block)
 
@@ -315,7 +315,7 @@ class BlockTopkAttention(AttentionPass):
 
     def cost(self, site, B, L, budget):
         c = self.config
-        return _cost_fn("sparse_attention", "block_topk_cost")(B, site.heads, site.kv_heads, L, L, site.head_dim,
+        return _cost_fn("sparse", "block_topk_cost")(B, site.heads, site.kv_heads, L, L, site.head_dim,
                                                                site.value_dim, site.causal, density=c.density,
                                                                block=c.block, sink_blocks=c.sink_blocks,
                                                                local_blocks=c.local_blocks)
@@ -350,7 +350,7 @@ class StridedAttention(AttentionPass):
 
     def cost(self, site, B, L, budget):
         c = self.config
-        return _cost_fn("sparse_attention", "strided_cost")(B, site.heads, site.kv_heads, L, L, site.head_dim,
+        return _cost_fn("sparse", "strided_cost")(B, site.heads, site.kv_heads, L, L, site.head_dim,
                                                             site.value_dim, site.causal, stride=budget["stride"],
                                                             local_blocks=c.local_blocks, sink_blocks=c.sink_blocks,
                                                             block=c.block)
@@ -381,7 +381,7 @@ class LshAttention(AttentionPass):
 
     def cost(self, site, B, L, budget):
         c = self.config
-        return _cost_fn("sparse_attention", "lsh_cost")(B, site.heads, site.kv_heads, L, L, site.head_dim,
+        return _cost_fn("sparse", "lsh_cost")(B, site.heads, site.kv_heads, L, L, site.head_dim,
                                                         site.value_dim, site.causal, n_hashes=c.n_hashes,
                                                         bucket_size=c.bucket_size)
 
@@ -410,7 +410,7 @@ class PerformerAttention(AttentionPass):
         return (c.features, c.seed), {"features": c.features}
 
     def cost(self, site, B, L, budget):
-        return _cost_fn("lowrank_attention", "performer_cost")(B, site.heads, site.kv_heads, L, L, site.head_dim,
+        return _cost_fn("feature_map", "performer_cost")(B, site.heads, site.kv_heads, L, L, site.head_dim,
                                                                site.value_dim, site.causal, features=self.config.features)
 
 
@@ -442,7 +442,7 @@ class LinearAttention(AttentionPass):
         return (c.feature_map, w, c.sinks), {"feature_map": c.feature_map, "window": w, "sinks": c.sinks}
 
     def cost(self, site, B, L, budget):
-        return _cost_fn("lowrank_attention", "linear_cost")(B, site.heads, site.kv_heads, L, L, site.head_dim,
+        return _cost_fn("feature_map", "linear_cost")(B, site.heads, site.kv_heads, L, L, site.head_dim,
                                                             site.value_dim, site.causal,
                                                             feature_map=budget["feature_map"], window=budget["window"],
                                                             sinks=budget["sinks"])
@@ -475,7 +475,7 @@ class ScatterbrainAttention(AttentionPass):
         return (c.features, w, c.sinks, c.seed), {"features": c.features, "window": w, "sinks": c.sinks}
 
     def cost(self, site, B, L, budget):
-        return _cost_fn("lowrank_attention", "scatterbrain_cost")(B, site.heads, site.kv_heads, L, L, site.head_dim,
+        return _cost_fn("feature_map", "scatterbrain_cost")(B, site.heads, site.kv_heads, L, L, site.head_dim,
                                                                   site.value_dim, site.causal,
                                                                   features=budget["features"], window=budget["window"],
                                                                   sinks=budget["sinks"])

@@ -77,7 +77,7 @@ class AutoAttentionConfig(PassConfig):
 def apply_plan(gm: fx.GraphModule, sites: dict, plan: dict[str, list[str]]) -> int:
     """Rewrite each planned site: heads grouped by label, one op per group (exact_attention for exact heads),
     outputs reassembled in the original head order. Returns the number of sites changed."""
-    from .. import ops  # noqa: F401  (registers rewriter::exact_attention)
+    from .. import attention  # noqa: F401  (registers rewriter::exact_attention)
     graph = gm.graph
     nodes = {n.name: n for n in graph.nodes}
     changed = 0

@@ -13,8 +13,8 @@ from torch import fx, nn
 
 from ..config import PassConfig
 from ..graph import drop_unused_attributes, erase_dead, get_attr_tensor, record_node_inputs
-from ..ops import lowrank_linear as lr
-from ..ops.binary_linear import binarize_weight, binary_linear_bytes
+from ..linear import lowrank as lr
+from ..linear.binary import binarize_weight, binary_linear_bytes
 from ..pipeline import Pass, PassResult, SiteChange, register_pass
 from ..program import WRAPPER_PREFIX
 from ..sites import LinearSite

@@ -42,7 +42,7 @@ import torch
 from torch import fx, nn
 
 from ..config import PassConfig
-from ..decode import Decoder, KVPolicy, _PrefillModule, _StepModule, _export, decoder_dims, step_shapes
+from ..decode.decoder import Decoder, KVPolicy, _PrefillModule, _StepModule, _export, decoder_dims, step_shapes
 from ..errors import RewriterError
 from ..graph import add_tensor, aten, drop_unused_attributes, erase_dead, get_attr_tensor, record_node_inputs
 from ..pipeline import Pass, PassResult, SiteChange, register_pass

@@ -13,8 +13,10 @@ pytest.importorskip("onnxscript")
 
 from rewriter import load_program, make_pass, optimize  # noqa: E402
 from rewriter.backends import onnx as onnx_backend  # noqa: E402
+from rewriter.attention.feature_map import translate_linear_attention  # noqa: E402
+from rewriter.attention.sparse import translate_window_attention  # noqa: E402
 from rewriter.backends.onnx import (OnnxValidationError, export_onnx, export_program, onnx_translation,  # noqa: E402
-                                    translate_linear_attention, translate_window_attention, validate_onnx)
+                                    validate_onnx)
 from rewriter.errors import RewriterError  # noqa: E402
 from rewriter.attention import _contract as _common  # noqa: E402
 from rewriter.pipeline import PASSES, get_pass  # noqa: E402

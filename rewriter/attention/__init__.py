@@ -1,24 +1,29 @@
-"""Custom ops (``torch.library.custom_op`` in the ``rewriter`` namespace) with readable reference implementations.
+"""Attention methods: each one a ``torch.library.custom_op`` (``rewriter::...``) with a readable PyTorch reference, a
+fake, a counted cost, an ONNX translation and (optionally) a Triton kernel, registered as one ``AttentionMethod``
+in ``METHODS`` (``_contract.py``: the q/k/v/mask conventions and the registry). The generic attention pass,
+analysis, auto-attention, the ONNX exporter and the CUDA registration all read ``METHODS``.
 
-Attention approximations (conventions in ``_common.py``; every one returns (B, H, Lq, Dv) in q's dtype):
-
-    rewriter::window_attention(q, k, v, key_mask?, causal, scale, window, sinks, block=64)
-    rewriter::block_topk_attention(q, k, v, key_mask?, causal, scale, density, block=64, pool="mean",
-                                   sink_blocks=1, local_blocks=1)
-    rewriter::strided_attention(q, k, v, key_mask?, causal, scale, stride, local_blocks=1, sink_blocks=1, block=64)
-    rewriter::lsh_attention(q, k, v, key_mask?, causal, scale, n_hashes, bucket_size=64, seed=0)
-    rewriter::performer_attention(q, k, v, key_mask?, causal, scale, features, seed=0)
-    rewriter::linear_attention(q, k, v, key_mask?, causal, scale, feature_map, window=0, sinks=0)
-    rewriter::scatterbrain_attention(q, k, v, key_mask?, causal, scale, features, window, sinks=0, seed=0)
-
-Exact attention on the key-padding mask (SDPA's causal flash path instead of a dense L x L mask):
-
-    rewriter::exact_attention(q, k, v, key_mask?, causal, scale)
-
-Sparse methods lower to ``block_sparse.block_sparse_attention_reference`` (layout: kv_index/kv_count plus a
-token-level predicate); the Triton kernels in ``rewriter.attention.triton`` implement the same layout on CUDA.
+Modules: ``exact.py`` (exact attention on the key-padding mask), ``sparse.py`` (window, block-topk, strided, lsh
+over the block-sparse core in ``block_sparse.py``), ``feature_map.py`` (performer, linear, scatterbrain over the
+feature-map core); ``_onnx.py`` holds the onnxscript helpers; ``triton/`` the CUDA kernels, which register onto
+the ops from ``rewriter/__init__`` (these modules never import them). A new method is one more module here: it is
+imported below with the others (see README, "Adding an attention method").
 """
 
-from . import feature_map  # noqa: E402,F401
-from . import sparse  # noqa: E402,F401
+from ._contract import METHODS, AttentionConfig, AttentionMethod, register_method  # noqa: E402,F401
 from . import exact  # noqa: E402,F401
+from . import sparse  # noqa: E402,F401
+from . import feature_map  # noqa: E402,F401
+
+
+def _import_method_modules() -> None:
+    """Every other module of this package registers its method(s) on import (the three above come first: their
+    order is the order of analysis' candidates and of `rewriter passes`)."""
+    import importlib
+    import pkgutil
+    for module in pkgutil.iter_modules(__path__):
+        if not module.name.startswith("_") and module.name != "triton":
+            importlib.import_module(f"{__name__}.{module.name}")
+
+
+_import_method_modules()

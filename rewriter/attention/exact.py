@@ -6,18 +6,22 @@ Captured HF programs attend through SDPA with the mask HF materialised from `att
 a (B, 1, L, L) bool that SDPA cannot hand to its flash / cuDNN kernels (and that costs L^2 bytes to build).
 The op keeps attention exact and takes the (B, Lk) key mask: when every key is real (an unpadded batch) it calls
 SDPA with is_causal (the flash path, on CUDA and on the CPU), otherwise SDPA with the mask built from the key
-mask. Conventions of ``_common.py``: queries sit at key positions Lk - Lq .., GQA by kv-head groups, rows with
+mask. Conventions of ``_contract.py``: queries sit at key positions Lk - Lq .., GQA by kv-head groups, rows with
 no real key give 0.
 """
 from __future__ import annotations
 
+import math
+from dataclasses import dataclass
 from typing import Optional
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from ._contract import AttentionCost, allowed_mask, check_qkv, drop_full_mask, exact_attention_cost, expand_kv
+from . import _onnx as ox
+from ._contract import (AttentionConfig, AttentionCost, AttentionMethod, allowed_mask, check_qkv, drop_full_mask,
+                        empty_output, exact_attention_cost, expand_kv, register_method)
 
 
 @torch.library.custom_op("rewriter::exact_attention", mutates_args=(), schema=(
@@ -45,10 +49,48 @@ def exact_attention_impl(q: Tensor, k: Tensor, v: Tensor, key_mask: Optional[Ten
 
 @exact_attention.register_fake
 def _exact_attention_fake(q, k, v, key_mask, causal, scale):
-    return q.new_empty(*q.shape[:-1], v.shape[-1])
+    return empty_output(q, v)
 
 
 def exact_cost(B: int, H: int, Hkv: int, Lq: int, Lk: int, D: int, Dv: int, causal: bool,
                elem_bytes: int = 4) -> AttentionCost:
     """Exact attention's cost (the dense score entries; causal halves them)."""
     return exact_attention_cost(B, H, Lq, Lk, D, Dv, causal, elem_bytes)
+
+
+# --------------------------------------------------------------------------------------------------------------
+# ONNX translations (onnxscript, opset 18; helpers in _onnx.py)
+# --------------------------------------------------------------------------------------------------------------
+
+def translate_exact_attention(q, k, v, key_mask=None, causal=False, scale=1.0):
+    """Dense softmax attention over the real keys (and, if causal, positions <= the query's); rows with no key: 0."""
+    op = ox._op()
+    qa, ka, va, (_, d, dv) = ox._heads_fp32(q, k, v)
+    s = op.Mul(op.MatMul(qa, op.Transpose(ka, perm=[0, 1, 3, 2])), ox._float(scale))     # (B, H, Lq, Lk)
+    allowed = None
+    if causal:
+        lq, lk = ox._dim(qa, 2), ox._dim(ka, 2)
+        q_pos = op.Add(op.Range(ox._int(0), op.Squeeze(lq, ox._ints([0])), ox._int(1)), op.Sub(lk, lq))
+        k_pos = op.Range(ox._int(0), op.Squeeze(lk, ox._ints([0])), ox._int(1))
+        allowed = op.LessOrEqual(op.Unsqueeze(k_pos, ox._ints([0])), op.Unsqueeze(q_pos, ox._ints([1])))   # (Lq, Lk)
+    if key_mask is not None:
+        real = op.Unsqueeze(key_mask, ox._ints([1, 2]))                                      # (B, 1, 1, Lk)
+        allowed = real if allowed is None else op.And(allowed, real)
+    if allowed is not None:
+        s = op.Where(allowed, s, ox._float(-math.inf))
+    p = op.Exp(op.Sub(s, ox._finite_row_max(s)))
+    return op.CastLike(ox._normalise(op.MatMul(p, ox._with_ones(va)), dv), q)
+
+
+@dataclass
+class ExactAttentionConfig(AttentionConfig):
+    pass
+
+
+register_method(AttentionMethod(
+    name="exact-attention", config=ExactAttentionConfig, op=torch.ops.rewriter.exact_attention.default,
+    budget=lambda c, L: ({}, {}), cost=exact_cost, reference=exact_attention_impl, onnx=translate_exact_attention,
+    onnx_quadratic=True, colour="#d9d9d9",
+    summary=("attention stays exact; HF's dense L x L mask becomes the key-padding mask, so SDPA takes its "
+             "causal flash / cuDNN path on unpadded batches (put it last: it leaves no SDPA site for the "
+             "attention and KV passes)")))

@@ -17,7 +17,7 @@ from ..linear import lowrank as lr
 from ..linear.binary import binarize_weight, binary_linear_bytes
 from ..pipeline import Pass, PassResult, SiteChange, register_pass
 from ..program import WRAPPER_PREFIX
-from ..sites import LinearSite
+from ..sites import LinearSite, select
 
 
 class LowRankLinear(nn.Module):
@@ -98,8 +98,7 @@ class LinearPass(Pass):
         raise NotImplementedError
 
     def run(self, gm, ctx) -> PassResult:
-        keep = self.config.site_filter()
-        sites = [s for s in ctx.linear_sites(gm) if keep(s)]
+        sites = select(ctx.linear_sites(gm), self.config)
         result = PassResult()
         if not sites:
             result.notes.append("no linear site matched the filter")

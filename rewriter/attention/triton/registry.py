@@ -14,13 +14,8 @@ import torch
 from torch import Tensor
 
 from .._contract import drop_full_mask as _drop_full_mask
+from ..feature_map import _normalise
 from . import triton_available, use_reference
-
-
-def _normalise(num: Tensor, den: Tensor) -> Tensor:
-    positive = den > 0
-    safe = torch.where(positive, den, torch.ones_like(den))
-    return torch.where(positive[..., None], num / safe[..., None], torch.zeros_like(num))
 
 
 CUDA_KERNELS: dict = {}     # op name -> CUDA implementation, filled by @cuda_kernel in registration order

@@ -57,6 +57,7 @@ class Pass:
     name: ClassVar[str] = ""
     config_class: ClassVar[type[PassConfig]] = PassConfig
     weight_only: ClassVar[bool] = False     # True: only weight values change, shapes and graph stay
+    decode_only: ClassVar[bool] = False     # True: acts on the decode-time KV cache only (the program is unchanged)
     plans: ClassVar[bool] = False           # True: a --dry-run runs it, so the printed recipe holds its plan
     summary: ClassVar[str] = ""
 

@@ -132,6 +132,7 @@ class KVWindowConfig(PassConfig):
 @register_pass
 class KVWindowPass(Pass):
     name = "kv-window"
+    decode_only = True
     config_class = KVWindowConfig
     weight_only = True
     summary = "StreamingLLM: the decode cache keeps `sinks` first + `window` most recent tokens (decode only)"

@@ -22,11 +22,11 @@ import time
 import torch
 import torch.nn.functional as F
 
-from rewriter.kernels.block_sparse_attention import block_sparse_attention, window_layout
-from rewriter.kernels.linear_attention import chunked_linear_attention
-from rewriter.ops._common import window_extents
-from rewriter.ops.block_sparse import block_sparse_attention_reference
-from rewriter.ops.lowrank_attention import linear_attention_core
+from rewriter.attention.triton.block_sparse_attention import block_sparse_attention, window_layout
+from rewriter.attention.triton.linear_attention import chunked_linear_attention
+from rewriter.attention._contract import window_extents
+from rewriter.attention.block_sparse import block_sparse_attention_reference
+from rewriter.attention.feature_map import linear_attention_core
 
 WINDOW, SINKS = 1024, 64
 
@@ -77,7 +77,7 @@ def check_correctness(log: list) -> bool:
                         ok=good))
     # The registered CUDA implementations against the reference ops, which run on CPU copies of the inputs
     # (`import rewriter` has already registered the kernels for CUDA tensors).
-    from rewriter.kernels.registry import register_cuda_kernels
+    from rewriter.attention.triton.registry import register_cuda_kernels
     registered = register_cuda_kernels()
     q = torch.randn(1, 8, 1000, 64, device="cuda", dtype=torch.bfloat16)
     k = torch.randn(1, 2, 1000, 64, device="cuda", dtype=torch.bfloat16)
@@ -188,8 +188,8 @@ def bench_scatterbrain(L: int, D: int, causal: bool, records: list) -> None:
     peers = {"window_op": bench(lambda: ops.window_attention(q, k, v, None, causal, scale, WINDOW, SINKS, 64)),
              "performer_op_64": bench(lambda: ops.performer_attention(q, k, v, None, causal, scale, 64, 0))}
     # where the time goes: the FAVOR+ feature kernel (q and k) and the fused Scatterbrain kernel, timed alone
-    from rewriter.kernels.registry import _performer_features_cuda
-    from rewriter.kernels.scatterbrain import scatterbrain_attention_triton
+    from rewriter.attention.triton.registry import _performer_features_cuda
+    from rewriter.attention.triton.scatterbrain import scatterbrain_attention_triton
     feats = _performer_features_cuda(q, k, None, scale, 64, 0, torch.bfloat16)
     parts = {"features_ms": bench(lambda: _performer_features_cuda(q, k, None, scale, 64, 0, torch.bfloat16)),
              "fused_kernel_ms": bench(lambda: scatterbrain_attention_triton(

@@ -3,7 +3,7 @@ weights; hidden 2048, 16 layers, 32 query / 8 KV heads, head dim 64, intermediat
 parameters) at 4K, 16K and 32K tokens of context,
 original vs each KV pass, with transformers' own generate (DynamicCache, SDPA) as the peer in the same run.
 
-Each variant's prefill and decode programs are captured once (rewriter.decode.decoder_from: KV passes verified on
+Each variant's prefill and decode programs are captured once (rewriter.api.decoder_from: KV passes verified on
 the full-sequence program, calibration on seeded random ids since the model has no tokenizer); the decode step's
 cache-slot dim is dynamic, so one step program serves every context (cache of context + new tokens slots; the
 StreamingLLM cache always has sinks + window slots). Per (variant, context): prefill ms (one prompt of random ids),
@@ -25,7 +25,8 @@ import time
 
 import torch
 
-from rewriter.decode import decoder_from, kv_bytes
+from rewriter.api import decoder_from
+from rewriter.decode import kv_bytes
 from rewriter.pipeline import make_pass
 
 VARIANTS = {

@@ -22,7 +22,7 @@ from rewriter.calibration import default_texts
 from rewriter.capture import capture
 from rewriter.decode import KVPolicy, ThinkDynamic, build_decoder, kv_bytes, policy_from_meta
 from rewriter.load import LoadedModel
-from rewriter.passes.mla import build_latent_decoder
+from rewriter.decode import build_latent_decoder
 from rewriter.pipeline import Pipeline, make_pass
 
 SEQ, PREFIX, EVAL, CALIB = 128, 16, 4, 8

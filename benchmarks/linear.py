@@ -29,11 +29,11 @@ import torch
 import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from rewriter.kernels.binary_linear import (GEMV_DISPATCH_MAX_M, GEMV_MAX_M, _sm_count,  # noqa: E402
+from rewriter.linear.triton.binary_linear import (GEMV_DISPATCH_MAX_M, GEMV_MAX_M, _sm_count,  # noqa: E402
                                            binary_linear_triton, gemv_defaults, gemv_split, launch_binary_gemv,
                                            launch_binary_linear)
-from rewriter.kernels.lowrank_linear import FUSED_MAX_M, lowrank_linear_fused  # noqa: E402
-from rewriter.ops.binary_linear import binarize_weight, binary_linear  # noqa: E402
+from rewriter.linear.triton.lowrank_linear import FUSED_MAX_M, lowrank_linear_fused  # noqa: E402
+from rewriter.linear.binary import binarize_weight, binary_linear  # noqa: E402
 
 SHAPES = [(4096, 4096), (4096, 14336), (14336, 4096)]  # W (out, in)
 MS = [1, 4, 16, 256]

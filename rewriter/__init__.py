@@ -1,7 +1,10 @@
 """rewriter: capture a pretrained transformer with torch.export, rewrite its attention and linear sites, verify, export."""
 __version__ = "0.1.0"
 
-from . import ops  # noqa: F401,E402  (registers the rewriter:: custom ops)
+from . import attention, linear  # noqa: F401,E402  (define the rewriter:: custom ops)
+from .attention.triton.registry import register_cuda_kernels  # noqa: E402
+
+register_cuda_kernels()   # the one place kernels register onto the ops; a no-op without CUDA (or with the reference forced)
 from .api import inspect, load_program, optimize  # noqa: E402
 from .capture import capture  # noqa: E402
 from .errors import RewriterError  # noqa: E402

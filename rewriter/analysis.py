@@ -6,15 +6,15 @@ method and budget per head."""
 from __future__ import annotations
 
 import dataclasses
-import math
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
 import torch
 
 from .canonical import canonicalize
-from .graph import record_node_inputs
-from .ops import _common
+from .graph import key_mask_value, record_node_inputs
+from .attention import METHODS
+from .attention import _contract as _common
 from .program import Program
 from .sites import AttentionSite
 
@@ -22,19 +22,9 @@ TOPK = (1, 4, 16, 64)
 WINDOWS = (16, 64, 128, 256)
 SINKS = (1, 4)
 
-# (method, options) pairs measured per head. Budgets span cheap to generous; exact attention is always a candidate.
-DEFAULT_CANDIDATES: list[tuple[str, dict]] = [
-    ("window", {"density": 0.05, "sinks": 4}), ("window", {"density": 0.1, "sinks": 4}),
-    ("window", {"density": 0.25, "sinks": 4}), ("window", {"density": 0.5, "sinks": 4}),
-    ("block-topk", {"density": 0.1, "block": 32}), ("block-topk", {"density": 0.25, "block": 32}),
-    ("block-topk", {"density": 0.5, "block": 32}),
-    ("strided", {"stride": 8, "block": 32}), ("strided", {"stride": 4, "block": 32}),
-    ("lsh", {"n_hashes": 2, "bucket_size": 32}), ("lsh", {"n_hashes": 4, "bucket_size": 32}),
-    ("performer", {"features": 32}), ("performer", {"features": 128}),
-    ("linear", {"feature_map": "elu"}), ("linear", {"feature_map": "elu", "density": 0.1, "sinks": 4}),
-    ("scatterbrain", {"density": 0.05, "features": 32}), ("scatterbrain", {"density": 0.1, "features": 32}),
-    ("scatterbrain", {"density": 0.25, "features": 64}),
-]
+# (method, options) pairs measured per head, from the registry (each method's `candidates`). Budgets span cheap to
+# generous; exact attention is always a candidate.
+DEFAULT_CANDIDATES: list[tuple[str, dict]] = [(m.name, dict(c)) for m in METHODS.values() for c in m.candidates]
 
 
 @dataclass
@@ -48,7 +38,6 @@ class SiteRecord:
 
 def record_attention(program: Program, inputs: dict[str, torch.Tensor]) -> list[SiteRecord]:
     """Run the canonical program on `inputs` and keep every attention site's q, k, v and key mask."""
-    from .passes.attention import key_mask_value
     from .sites import attention_sites
     gm = program.module()
     canonicalize(gm)
@@ -148,7 +137,7 @@ def method_errors(rec: SiteRecord, candidates: list[tuple[str, dict]],
         d = torch.where(rows, approx - exact, torch.zeros_like(exact))
         ref = torch.where(rows, exact, torch.zeros_like(exact))
         errs = (d.pow(2).sum((0, 2, 3)).sqrt() / ref.pow(2).sum((0, 2, 3)).sqrt().clamp_min(1e-30)).tolist()
-        c = p.cost(one_head, B, L, budget)
+        c = p.cost(one_head, B, L, args)
         out.append(CandidateResult(method, dict(options), budget, errs, c.flops / B, c.dense_flops / B,
                                    c.memory_bytes / B, c.dense_memory_bytes / B))
     return out
@@ -179,34 +168,3 @@ def analyze(program: Program, inputs: dict[str, torch.Tensor], candidates: list[
             result.heads.extend(head_statistics(rec))
             result.candidates[rec.site.module_path] = method_errors(rec, candidates)
     return result
-
-
-def heatmaps(analysis: Analysis, folder, keys=("normalized_entropy", "top16_recall", "window64_recall",
-                                                "sink4_recall", "stable_rank")) -> list[str]:
-    """Layer x head heatmaps as PNG files; returns their names."""
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-    from pathlib import Path
-    folder = Path(folder)
-    layers = sorted({h["layer"] for h in analysis.heads if h["layer"] is not None})
-    n_heads = max(h["head"] for h in analysis.heads) + 1
-    written = []
-    for key in keys:
-        grid = torch.full((len(layers), n_heads), float("nan"))
-        for h in analysis.heads:
-            if h["layer"] is not None:
-                grid[layers.index(h["layer"]), h["head"]] = h[key]
-        fig, ax = plt.subplots(figsize=(1 + 0.45 * n_heads, 1 + 0.4 * len(layers)))
-        im = ax.imshow(grid.numpy(), aspect="auto", cmap="viridis")
-        ax.set_xlabel("head")
-        ax.set_ylabel("layer")
-        ax.set_yticks(range(len(layers)), [str(x) for x in layers])
-        ax.set_title(key.replace("_", " "))
-        fig.colorbar(im, ax=ax)
-        fig.tight_layout()
-        name = f"heads_{key}.png"
-        fig.savefig(folder / name, dpi=110)
-        plt.close(fig)
-        written.append(name)
-    return written

@@ -52,12 +52,19 @@ def is_vision(config: Any) -> bool:
     return config is not None and hasattr(config, "image_size") and not hasattr(config, "vocab_size")
 
 
-def max_positions(config: Any) -> int:
+def max_length(config: dict) -> int | None:
+    """The longest sequence a captured model takes, from its config dict (None when the config does not say: vision
+    models, whose length is fixed by the image)."""
     for key in ("max_position_embeddings", "n_positions", "n_ctx"):
-        v = getattr(config, key, None)
+        v = config.get(key)
         if isinstance(v, int) and v > 0:
             return v
-    return 2048
+    return None
+
+
+def max_positions(config: Any) -> int:
+    """max_length of an HF config object (2048 when it does not say)."""
+    return max_length(config if isinstance(config, dict) else vars(config)) or 2048
 
 
 def example_inputs(config: Any, batch: int = 2, seq: int = 16, seed: int = 0) -> dict[str, torch.Tensor]:

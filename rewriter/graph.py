@@ -125,3 +125,118 @@ def record_node_inputs(gm: fx.GraphModule, inputs: dict[str, torch.Tensor], name
     with torch.no_grad():
         Recorder(gm).run(*[inputs.get(p) for p in placeholders])
     return seen
+
+
+# --- attention sites: mask -> key mask, SDPA -> an attention op, head groups, key channels ------------------------
+
+def key_mask_node(graph: fx.Graph, mask: fx.Node | None, q: fx.Node) -> fx.Node | None:
+    """(B, Lk) bool 'key is real' from an SDPA mask (B|1, 1|H, Lq, Lk), bool or additive float.
+
+    HF builds masks as padding & causal; the last query row sees every real key under both bidirectional and
+    causal masks, so it is the key-padding mask."""
+    if mask is None:
+        return None
+    padding = _padding_mask_input(mask)
+    if padding is not None:   # read the (B, L) padding mask directly: HF's (B, 1, L, L) mask then goes dead
+        return _shared_key_mask(graph, padding)
+    m = graph.call_function(aten.select.int, (mask, 1, 0))
+    m = graph.call_function(aten.select.int, (m, 1, -1))
+    dtype = mask.meta["val"].dtype if "val" in mask.meta else torch.bool
+    if dtype != torch.bool:
+        m = graph.call_function(aten.gt.Scalar, (m, -1.0e4))   # additive masks: 0 keep, ~-3e38 drop
+    b = graph.call_function(aten.sym_size.int, (q, 0))
+    return graph.call_function(aten.expand.default, (m, [b, -1]))
+
+
+def _shared_key_mask(graph: fx.Graph, padding: fx.Node) -> fx.Node:
+    """One `attention_mask != 0` node for every site (right after the inputs): all layers then get the same tensor,
+    so the CUDA kernels' all-keys-real check (one device sync) runs once per forward, not once per layer."""
+    for user in padding.users:
+        if user.op == "call_function" and user.target is aten.ne.Scalar and user.args == (padding, 0):
+            return user
+    last_input = [n for n in graph.nodes if n.op == "placeholder"][-1]
+    with graph.inserting_after(last_input):
+        node = graph.call_function(aten.ne.Scalar, (padding, 0))
+    if "val" in padding.meta:
+        node.meta["val"] = padding.meta["val"] != 0
+    return node
+
+
+def _padding_mask_input(mask: fx.Node) -> fx.Node | None:
+    """The program's `attention_mask` input (B, Lk) when the SDPA mask is built from it with the same batch and key
+    length (HF text models: padding & causal/bidirectional); None otherwise (the decode programs' explicit 4D masks,
+    vision models, cached keys). The last query row of an HF mask is exactly this padding mask."""
+    seen, stack, found = set(), [mask], None
+    while stack:
+        n = stack.pop()
+        if n in seen or not isinstance(n, fx.Node):
+            continue
+        seen.add(n)
+        if n.op == "placeholder":
+            if n.target == "attention_mask":
+                found = n
+            continue
+        stack.extend(n.all_input_nodes)
+    if found is None:
+        return None
+    pv, mv = found.meta.get("val"), mask.meta.get("val")
+    if pv is None or mv is None or pv.dim() != 2 or mv.dim() != 4:
+        return None
+    same = str(pv.shape[-1]) == str(mv.shape[-1]) and (str(pv.shape[0]) == str(mv.shape[0]) or mv.shape[0] == 1)
+    return found if same else None
+
+
+def sdpa_mask(node: fx.Node):
+    """The attention mask argument of an SDPA node (None when it has none)."""
+    if len(node.args) > 3:
+        return node.args[3]
+    return node.kwargs.get("attn_mask")
+
+
+def replace_attention(gm: fx.GraphModule, node: fx.Node, op, causal: bool, scale: float, method_args: tuple) -> fx.Node:
+    graph = gm.graph
+    q, k, v = node.args[:3]
+    with graph.inserting_before(node):
+        km = key_mask_node(graph, sdpa_mask(node), q)
+        new = graph.call_function(op, (q, k, v, km, causal, scale, *method_args))
+    new.meta = dict(node.meta)
+    node.replace_all_uses_with(new)
+    graph.erase_node(node)
+    return new
+
+
+def key_mask_value(mask: torch.Tensor | None, batch: int) -> torch.Tensor | None:
+    """The same reduction on concrete tensors (for per-site error measurement)."""
+    if mask is None:
+        return None
+    m = mask[:, 0, -1, :]
+    if m.dtype != torch.bool:
+        m = m > -1.0e4
+    return m.expand(batch, -1)
+
+
+def head_group_inputs(gm: fx.GraphModule, name: str, q: fx.Node, k: fx.Node, v: fx.Node, heads: list[int],
+                      heads_per_kv: int) -> tuple[fx.Node, fx.Node, fx.Node]:
+    """q, k, v restricted to query heads `heads` (and the kv heads they read), as index_select nodes over index
+    buffers `name`_q / `name`_kv. Insert where the graph's insertion point is."""
+    graph = gm.graph
+    qi = index_buffer(gm, f"{name}_q", heads)
+    ki = index_buffer(gm, f"{name}_kv", [h // heads_per_kv for h in heads])
+    return (graph.call_function(aten.index_select.default, (q, 1, graph.get_attr(qi))),
+            graph.call_function(aten.index_select.default, (k, 1, graph.get_attr(ki))),
+            graph.call_function(aten.index_select.default, (v, 1, graph.get_attr(ki))))
+
+
+def index_buffer(gm: fx.GraphModule, name: str, values: list[int]) -> str:
+    """Register a persistent long buffer `name` holding `values`; returns its name."""
+    gm.register_buffer(name, torch.tensor(values, dtype=torch.long), persistent=True)
+    return name
+
+
+def gather_channels(graph: fx.Graph, x: fx.Node, index_attr: str) -> fx.Node:
+    """x (B, H, N, D) gathered along its last dim by the (1, H, 1, K) index attribute `index_attr`."""
+    idx = graph.get_attr(index_attr)
+    b = graph.call_function(aten.sym_size.int, (x, 0))
+    n = graph.call_function(aten.sym_size.int, (x, 2))
+    idx = graph.call_function(aten.expand.default, (idx, [b, -1, n, -1]))
+    return graph.call_function(aten.gather.default, (x, -1, idx))

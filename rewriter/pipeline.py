@@ -44,11 +44,7 @@ class PassContext:
     """What a pass may read: the program before it, calibration inputs, and the sites of its graph."""
     program: Program
     calib_inputs: dict[str, torch.Tensor]
-    seed: int = 0
-    device: str = "cpu"
     progress: Callable[[str], None] = lambda msg: None
-    _attention: list[AttentionSite] | None = None
-    _linear: list[LinearSite] | None = None
 
     def attention_sites(self, gm: fx.GraphModule) -> list[AttentionSite]:
         return attention_sites(gm, self.program.causal_modules)
@@ -63,6 +59,7 @@ class Pass:
     config_class: ClassVar[type[PassConfig]] = PassConfig
     weight_only: ClassVar[bool] = False     # True: only weight values change, shapes and graph stay
     decode_only: ClassVar[bool] = False     # True: acts on the decode-time KV cache only (the program is unchanged)
+    plans: ClassVar[bool] = False           # True: a --dry-run runs it, so the printed recipe holds its plan
     summary: ClassVar[str] = ""
 
     def __init__(self, config: PassConfig | None = None, **kwargs):
@@ -103,7 +100,6 @@ def register_pass(cls: type[Pass]) -> type[Pass]:
 
 
 def get_pass(name: str) -> type[Pass]:
-    from . import passes as _  # noqa: F401  (registers the built-in passes)
     if name not in PASSES:
         raise RewriterError(f"unknown pass '{name}'", f"known passes: {', '.join(sorted(PASSES))}")
     return PASSES[name]
@@ -174,7 +170,7 @@ class Pipeline:
             t0 = time.perf_counter()
             gm = current.module()
             canonicalize(gm)
-            ctx = PassContext(program=current, calib_inputs=calib_inputs, seed=self.seed, progress=self.progress)
+            ctx = PassContext(program=current, calib_inputs=calib_inputs, progress=self.progress)
             result = p.run(gm, ctx)
             gm.graph.lint()
             gm.recompile()

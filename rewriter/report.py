@@ -1,10 +1,10 @@
-"""The Report: JSON for machines, a rich table for people."""
+"""The Report: JSON for machines, a rich table for people, plots where people would rather look."""
 from __future__ import annotations
 
 import json
 import math
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 
 def _finite(obj: Any) -> Any:
@@ -54,3 +54,69 @@ def render(report: dict, console=None) -> None:
             console.print(f"[yellow]{p['pass']}[/yellow]: {note}")
     if report.get("outputs"):
         console.print("wrote " + ", ".join(report["outputs"]))
+
+
+def plan_picture(plan: dict[str, list[tuple[str, dict]]], layers: dict[str, int | None],
+                 colour: Callable[[str], str]) -> bytes:
+    """auto-attention's plan as a layer x head grid coloured by method (colour(method)), each cell labelled with its
+    budget; plan: per site path, (method, options) per head. PNG bytes."""
+    import io
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    from matplotlib.patches import Patch
+    rows = sorted(plan, key=lambda p: (layers[p] if layers[p] is not None else -1, p))
+    n_heads = max(len(v) for v in plan.values())
+    fig, ax = plt.subplots(figsize=(1.5 + 1.1 * n_heads, 1 + 0.55 * len(rows)))
+    for r, path in enumerate(rows):
+        for h, (method, opts) in enumerate(plan[path]):
+            ax.add_patch(plt.Rectangle((h, r), 1, 1, color=colour(method)))
+            short = ",".join(f"{k[:1]}{v}" for k, v in opts.items() if k in ("window", "features", "density", "stride",
+                                                                                  "n_hashes"))
+            ax.text(h + 0.5, r + 0.5, short, ha="center", va="center", fontsize=6)
+    ax.set_xlim(0, n_heads)
+    ax.set_ylim(len(rows), 0)
+    ax.set_xticks([h + 0.5 for h in range(n_heads)], [str(h) for h in range(n_heads)])
+    ax.set_yticks([r + 0.5 for r in range(len(rows))], [str(layers[p]) for p in rows])
+    ax.set_xlabel("head")
+    ax.set_ylabel("layer")
+    used = sorted({method for v in plan.values() for method, _ in v})
+    ax.legend(handles=[Patch(color=colour(m), label=m) for m in used],
+              loc="upper left", bbox_to_anchor=(1.01, 1), fontsize=7)
+    ax.set_title("auto-attention plan (w: window, f: features, d: density, s: stride, n: hashes)", fontsize=8)
+    fig.tight_layout()
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=110)
+    plt.close(fig)
+    return buf.getvalue()
+
+
+def heatmaps(analysis, folder, keys=("normalized_entropy", "top16_recall", "window64_recall",
+                                                "sink4_recall", "stable_rank")) -> list[str]:
+    """Layer x head heatmaps of an Analysis (rewriter.analysis) as PNG files in `folder`; returns their names."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    import torch
+    folder = Path(folder)
+    layers = sorted({h["layer"] for h in analysis.heads if h["layer"] is not None})
+    n_heads = max(h["head"] for h in analysis.heads) + 1
+    written = []
+    for key in keys:
+        grid = torch.full((len(layers), n_heads), float("nan"))
+        for h in analysis.heads:
+            if h["layer"] is not None:
+                grid[layers.index(h["layer"]), h["head"]] = h[key]
+        fig, ax = plt.subplots(figsize=(1 + 0.45 * n_heads, 1 + 0.4 * len(layers)))
+        im = ax.imshow(grid.numpy(), aspect="auto", cmap="viridis")
+        ax.set_xlabel("head")
+        ax.set_ylabel("layer")
+        ax.set_yticks(range(len(layers)), [str(x) for x in layers])
+        ax.set_title(key.replace("_", " "))
+        fig.colorbar(im, ax=ax)
+        fig.tight_layout()
+        name = f"heads_{key}.png"
+        fig.savefig(folder / name, dpi=110)
+        plt.close(fig)
+        written.append(name)
+    return written

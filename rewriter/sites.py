@@ -193,3 +193,9 @@ class SiteFilter:
         if layers is not None and (site.layer is None or site.layer not in layers):
             return False
         return True
+
+
+def select(sites: list, config) -> list:
+    """The sites a pass's config selects (its include / exclude globs and layer range), in graph order."""
+    keep = config.site_filter()
+    return [s for s in sites if keep(s)]

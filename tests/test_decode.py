@@ -6,7 +6,8 @@ import torch
 
 from conftest import tiny_model
 from rewriter.canonical import canonicalize
-from rewriter.decode import build_decoder, generate
+from rewriter.api import generate
+from rewriter.decode import build_decoder
 from rewriter.sites import attention_sites
 
 

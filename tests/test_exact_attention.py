@@ -3,8 +3,8 @@ remembered all-real check, its ONNX translation in onnxruntime, and the pass on 
 import pytest
 import torch
 
-from rewriter import ops  # noqa: F401  (registers the ops)
-from rewriter.ops import _common
+import rewriter  # noqa: F401  (registers the ops)
+from rewriter.attention import _contract as _common
 
 f64 = torch.float64
 op = torch.ops.rewriter.exact_attention

@@ -7,13 +7,13 @@ import torch
 
 pytest.importorskip("triton", reason="triton is not importable: the attention kernels cannot run")
 
-from rewriter.kernels import triton_available, use_reference  # noqa: E402
-from rewriter.kernels.block_sparse_attention import block_sparse_attention, window_layout  # noqa: E402
-from rewriter.kernels.linear_attention import chunked_linear_attention  # noqa: E402
-from rewriter.kernels.registry import (CUDA_KERNELS, linear_attention_cuda, performer_attention_cuda,  # noqa: E402
+from rewriter.attention.triton import triton_available, use_reference  # noqa: E402
+from rewriter.attention.triton.block_sparse_attention import block_sparse_attention, window_layout  # noqa: E402
+from rewriter.attention.triton.linear_attention import chunked_linear_attention  # noqa: E402
+from rewriter.attention.triton.registry import (CUDA_KERNELS, linear_attention_cuda, performer_attention_cuda,  # noqa: E402
                                        register_cuda_kernels, scatterbrain_attention_cuda, sparse_attention_core)
-from rewriter.ops._common import window_extents  # noqa: E402
-from rewriter.ops.block_sparse import block_sparse_attention_reference, num_blocks  # noqa: E402
+from rewriter.attention._contract import window_extents  # noqa: E402
+from rewriter.attention.block_sparse import block_sparse_attention_reference, num_blocks  # noqa: E402
 
 pytestmark = pytest.mark.usefixtures("triton_interpreter")
 
@@ -197,7 +197,7 @@ def test_registered_functions_match_reference_ops():
 def test_binary_linear_cuda_impl_takes_float64_through_the_reference():
     """Triton's dots have no float64: the CUDA implementation computes an fp64 input with the reference (the GPU
     benchmark's oracle crashed in the Triton kernel before); fp32 goes through the kernel, same numbers."""
-    from rewriter.ops.binary_linear import binarize_weight, binary_linear_reference
+    from rewriter.linear.binary import binarize_weight, binary_linear_reference
     W = torch.randn(24, 40, generator=gen(31))
     b = binarize_weight(W)
     x = torch.randn(3, 40, generator=gen(32), dtype=f64)
@@ -212,7 +212,7 @@ def test_binary_linear_cuda_impl_takes_float64_through_the_reference():
 def test_full_mask_check_is_remembered_per_tensor(monkeypatch):
     """_drop_full_mask drops an all-real mask, keeps a padded one, and checks a given tensor once (until it is
     written to): counted through Tensor.all."""
-    from rewriter.kernels import registry
+    from rewriter.attention.triton import registry
     calls = []
     real_all = torch.Tensor.all
     monkeypatch.setattr(torch.Tensor, "all", lambda self, *a, **k: calls.append(1) or real_all(self, *a, **k))
@@ -228,8 +228,8 @@ def test_full_mask_check_is_remembered_per_tensor(monkeypatch):
 
 def test_window_layouts_are_cached_per_shape():
     """Both window layouts are computed once per shape (CPU, no device sync) and equal a fresh computation."""
-    from rewriter.kernels import block_sparse_attention as bsa
-    from rewriter.ops import sparse_attention as sa
+    from rewriter.attention.triton import block_sparse_attention as bsa
+    from rewriter.attention import sparse as sa
     a = sa.window_layout(70, 70, 16, 20, 3, True)
     assert all(x is y for x, y in zip(a, sa.window_layout(70, 70, 16, 20, 3, True)))
     for x, y in zip(a, sa._window_layout_cpu(70, 70, 16, 20, 3, True)):
@@ -261,8 +261,8 @@ def test_registration_switches(monkeypatch):
                                                               (False, 97, 97, 50, 16, False)])
 def test_scatterbrain_matches_dense_oracle(causal, Lq, Lk, window, sinks, masked):
     """w_ij = exp(scale q.k) on the band + sinks, true performer features phi.phi elsewhere; float64, dense."""
-    from rewriter.kernels.scatterbrain import scatterbrain_attention_triton
-    from rewriter.ops.lowrank_attention import _performer_features
+    from rewriter.attention.triton.scatterbrain import scatterbrain_attention_triton
+    from rewriter.attention.feature_map import _performer_features
     B, H, Hkv, D = 2, 4, 2, 32
     scale = D ** -0.5
     q, k, v = qkv(11, B, H, Hkv, Lq, Lk, D)

@@ -15,8 +15,8 @@ triton = pytest.importorskip("triton")
 from triton.backends.compiler import GPUTarget  # noqa: E402
 from triton.compiler import ASTSource  # noqa: E402
 
-from rewriter.kernels import (binary_linear, block_sparse_attention, linear_attention, lowrank_linear,  # noqa: E402
-                              scatterbrain)
+from rewriter.attention.triton import block_sparse_attention, linear_attention, scatterbrain  # noqa: E402
+from rewriter.linear.triton import binary_linear, lowrank_linear  # noqa: E402
 
 SM90 = GPUTarget("cuda", 90, 32)
 

@@ -7,10 +7,10 @@ import torch
 
 pytest.importorskip("triton")
 
-import rewriter.kernels.binary_linear as binary_kernels  # noqa: E402
-from rewriter.kernels.binary_linear import GEMV_MAX_M, binary_linear_triton, launch_binary_gemv  # noqa: E402
-from rewriter.kernels.lowrank_linear import FUSED_MAX_M, lowrank_linear_fused  # noqa: E402
-from rewriter.ops.binary_linear import binarize_weight, binary_linear  # noqa: E402
+import rewriter.linear.triton.binary_linear as binary_kernels  # noqa: E402
+from rewriter.linear.triton.binary_linear import GEMV_MAX_M, binary_linear_triton, launch_binary_gemv  # noqa: E402
+from rewriter.linear.triton.lowrank_linear import FUSED_MAX_M, lowrank_linear_fused  # noqa: E402
+from rewriter.linear.binary import binarize_weight, binary_linear  # noqa: E402
 
 pytestmark = pytest.mark.usefixtures("triton_interpreter")
 

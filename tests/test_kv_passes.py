@@ -14,7 +14,8 @@ from rewriter.graph import record_node_inputs
 from rewriter.sites import attention_sites
 from rewriter.errors import RewriterError
 from rewriter.load import LoadedModel
-from rewriter.passes.kv_thin import decode_key_channels, kept_channels, think_scores
+from rewriter.decode.policy import decode_key_channels
+from rewriter.think import kept_channels, think_scores
 from rewriter.pipeline import Pipeline, make_pass
 
 
@@ -329,7 +330,7 @@ def test_kv_window_bad_configs_rejected(llama):
 
 
 def test_kv_window_pass_reaches_generate(tiny_folders):
-    from rewriter.decode import generate
+    from rewriter.api import generate
     res = generate(tiny_folders["gpt2"], prompt_ids=[3, 4, 5], max_new_tokens=20,
                    passes=[make_pass("kv-window", {"sinks": 2, "window": 6})], samples=2, seq_len=16)
     assert res.new_ids.shape == (1, 20)

@@ -40,7 +40,7 @@ def test_full_rank_is_exact(arch, tiny_folders):
     res = optimize(tiny_folders[arch], [make_pass("lowrank", {"rank": 10_000, "include": ["*mlp*"]})], samples=2, seq_len=16)
     # full rank is never smaller, so nothing may be rewritten and the output is untouched
     assert res.report["passes"][0]["sites_changed"] == 0
-    from rewriter.ops.lowrank_linear import svd_factors
+    from rewriter.linear.lowrank import svd_factors
     W = torch.randn(48, 40, dtype=torch.float64)
     A, B = svd_factors(W, 40)
     torch.testing.assert_close(B @ A, W)

@@ -11,7 +11,7 @@ from conftest import model_inputs, tiny_model
 from rewriter.capture import capture
 from rewriter.errors import RewriterError
 from rewriter.load import LoadedModel
-from rewriter.passes.mla import build_latent_decoder
+from rewriter.decode import build_latent_decoder
 from rewriter.pipeline import Pipeline, make_pass
 
 
@@ -274,7 +274,7 @@ def test_bad_models_and_layouts_rejected(converted):
 def test_generate_with_mla_pass_from_folder(tiny_folders):
     """rewriter generate's path: pass on the full-sequence program, then the latent decode cache."""
     import transformers as tf
-    from rewriter.decode import generate
+    from rewriter.api import generate
     res = generate(tiny_folders["llama"], prompt_ids=[5, 6, 7], max_new_tokens=8, passes=[make_pass("mla")],
                    samples=4, seq_len=24)
     model = tf.AutoModelForCausalLM.from_pretrained(str(tiny_folders["llama"])).eval()

@@ -13,10 +13,12 @@ pytest.importorskip("onnxscript")
 
 from rewriter import load_program, make_pass, optimize  # noqa: E402
 from rewriter.backends import onnx as onnx_backend  # noqa: E402
+from rewriter.attention.feature_map import translate_linear_attention  # noqa: E402
+from rewriter.attention.sparse import translate_window_attention  # noqa: E402
 from rewriter.backends.onnx import (OnnxValidationError, export_onnx, export_program, onnx_translation,  # noqa: E402
-                                    translate_linear_attention, translate_window_attention, validate_onnx)
+                                    validate_onnx)
 from rewriter.errors import RewriterError  # noqa: E402
-from rewriter.ops import _common  # noqa: E402
+from rewriter.attention import _contract as _common  # noqa: E402
 from rewriter.pipeline import PASSES, get_pass  # noqa: E402
 
 from conftest import ARCHS  # noqa: E402
@@ -148,7 +150,7 @@ def test_linear_translation_matches_dense(causal, feature_map, window, sinks, tm
 
 def test_real_lowrank_ops_match_at_long_odd_lengths(tmp_path):
     """The real ops (fp32 references) against their translations past one chunk, causal, GQA, padded."""
-    from rewriter import ops  # noqa: F401
+    import rewriter  # noqa: F401  (registers the ops)
     cases = [(torch.ops.rewriter.performer_attention.default, (True, 8 ** -0.5, 16, 3)),
              (torch.ops.rewriter.scatterbrain_attention.default, (False, 8 ** -0.5, 16, 7, 2, 1)),
              (torch.ops.rewriter.linear_attention.default, (True, 8 ** -0.5, "elu", 9, 1))]
@@ -224,7 +226,7 @@ def test_every_pass_has_an_exporting_test():
 
 @pytest.mark.parametrize("case", sorted(EXPORT_CASES))
 def test_passes_export(case, tiny_folders, tmp_path):
-    from rewriter import ops  # noqa: F401  (registers the ops that exist)
+    import rewriter  # noqa: F401  (registers the ops)
     arch, specs = EXPORT_CASES[case]
     expected_ops = set()
     for name, _ in specs:
@@ -287,7 +289,7 @@ def test_unwritable_output(tmp_path):
 
 
 def test_op_without_translation_is_named(tmp_path, monkeypatch):
-    from rewriter import ops  # noqa: F401
+    import rewriter  # noqa: F401  (registers the ops)
     monkeypatch.delitem(onnx_backend.TRANSLATIONS, "rewriter::performer_attention")
     inputs = _qkv(9, 0)
     ep = torch.export.export(OpModule(torch.ops.rewriter.performer_attention.default, False, 0.3, 8), (), inputs,

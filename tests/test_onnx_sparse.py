@@ -9,11 +9,11 @@ import torch
 pytest.importorskip("onnxruntime")
 pytest.importorskip("onnxscript")
 
-from rewriter import ops  # noqa: E402,F401  (registers the ops)
+import rewriter  # noqa: E402,F401  (registers the ops)
 from rewriter.backends.onnx import TRANSLATIONS, export_onnx, validate_onnx  # noqa: E402
-from rewriter.ops import _common  # noqa: E402
-from rewriter.ops.block_sparse import num_blocks  # noqa: E402
-from rewriter.ops.sparse_attention import _lsh_rounds, block_topk_layout, strided_layout  # noqa: E402
+from rewriter.attention import _contract as _common  # noqa: E402
+from rewriter.attention.block_sparse import num_blocks  # noqa: E402
+from rewriter.attention.sparse import _lsh_rounds, block_topk_layout, strided_layout  # noqa: E402
 from test_onnx_backend import OpModule, _qkv  # noqa: E402  (shared export helpers)
 
 

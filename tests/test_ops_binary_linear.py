@@ -1,7 +1,7 @@
 import pytest
 import torch
 
-from rewriter.ops.binary_linear import (
+from rewriter.linear.binary import (
     binarize_weight, binarized_weight, binary_linear, binary_linear_bytes, pack_signs, unpack_signs,
 )
 

@@ -9,7 +9,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from rewriter.ops.lowrank_attention import (
+from rewriter.attention.feature_map import (
     feature_map, linear_attention_core, linear_cost, performer_cost, performer_projection, scatterbrain_cost,
     support_entries,
 )

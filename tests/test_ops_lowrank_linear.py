@@ -3,7 +3,7 @@ import math
 import pytest
 import torch
 
-from rewriter.ops.lowrank_linear import (
+from rewriter.linear.lowrank import (
     asvd_factors, rank_for_energy, rank_for_error, rank_for_ratio, sparse_lowrank_apply, sparse_lowrank_bytes,
     sparse_plus_lowrank, svd_factors, whitened_svd_factors,
 )

@@ -10,7 +10,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from rewriter.ops.sparse_attention import (
+from rewriter.attention.sparse import (
     block_topk_cost, lsh_cost, measured_density, strided_cost, strided_layout, window_cost, window_layout,
 )
 
@@ -216,7 +216,7 @@ def test_block_topk_matches_dense_oracle(B, H, Hkv, Lq, Lk, D, pad, causal, bloc
     pairs = pairs & dense_allowed(B, Lq, Lk, causal, key_mask)
     out = ops.block_topk_attention(q, k, v, key_mask, causal, scale, density, block, pool, sink_blocks, local_blocks)
     torch.testing.assert_close(out.double(), attention_on(q, k, v, pairs, scale), atol=2e-5, rtol=1e-4)
-    assert measured_density("block_topk", q, k, key_mask, causal, scale, density=density, block=block, pool=pool,
+    assert measured_density("block-topk", q, k, key_mask, causal, scale, density=density, block=block, pool=pool,
                             sink_blocks=sink_blocks, local_blocks=local_blocks) == pytest.approx(
         float(pairs.sum()) / float(dense_allowed(B, Lq, Lk, causal, key_mask).expand(B, H, Lq, Lk).sum()))
 

@@ -211,7 +211,7 @@ def write_hf_folder(program: Program, folder: Path) -> None:
 def load_program(folder: str | Path) -> Program:
     """Rebuild a Program from a rewriter output folder (importing rewriter registers its custom ops)."""
     from safetensors.torch import load_file
-    from .. import ops  # noqa: F401  (custom ops must exist before the .pt2 is deserialised)
+    from .. import attention, linear  # noqa: F401  (custom ops must exist before the .pt2 is deserialised)
     folder = Path(folder)
     if not (folder / PROGRAM_FILE).exists() or not (folder / META_FILE).exists():
         raise RewriterError(f"{folder} is not a rewriter output (needs {PROGRAM_FILE} and {META_FILE})")

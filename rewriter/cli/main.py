@@ -77,8 +77,8 @@ def optimize(
 ):
     """Run passes on SRC, verify against the original, write OUT/ (model.pt2, report.json, hf/ when weight-only)."""
     from ..api import optimize as run_optimize
-    from ..recipe import Recipe, parse_pass_flag
-    from ..report import render
+    from ..api import Recipe, parse_pass_flag
+    from ..api import render
     steps = Steps(quiet=json_out)
     try:
         rec = Recipe.from_file(recipe) if recipe else Recipe()
@@ -91,7 +91,7 @@ def optimize(
                     if not p.config.adapters:
                         p.config.adapters = list(adapter)
             else:
-                from ..pipeline import make_pass
+                from ..api import make_pass
                 rec.passes.insert(0, make_pass("lora-merge", {"adapters": list(adapter)}))
         for p in rec.passes:
             if p.name == "lora-merge":
@@ -102,9 +102,9 @@ def optimize(
         if calib is not None:
             cal["file"] = str(calib)
         if src is None:
-            from ..load import default_checkpoint
+            from ..api import default_checkpoint
             src = str(default_checkpoint())
-        planning = [p for p in rec.passes if getattr(p, "plans", False) and not p.config.plan]
+        planning = [p for p in rec.passes if p.plans and not p.config.plan]
         if dry_run and not planning:
             out.print(rec.to_yaml(), end="", highlight=False)
             return
@@ -121,7 +121,7 @@ def optimize(
             out.print(rec.to_yaml(), end="", highlight=False)
             return
         if json_out:
-            from ..report import dumps
+            from ..api import dumps
             print(dumps(result.report))
         else:
             render(result.report, err)
@@ -141,7 +141,7 @@ def inspect(src: Optional[str] = typer.Argument(None, help="HF model folder or r
     steps = Steps(quiet=json_out)
     try:
         if src is None:
-            from ..load import default_checkpoint
+            from ..api import default_checkpoint
             src = str(default_checkpoint())
         steps("loading and capturing")
         info = run_inspect(src)
@@ -187,16 +187,16 @@ def analyze(src: Optional[str] = typer.Argument(None, help="HF model folder or r
             json_out: bool = typer.Option(False, "--json")):
     """Per layer and head: entropy, recall of top-k / window / sinks, rank, and every method's error at a few budgets."""
     from rich.table import Table
-    from ..analysis import analyze as run_analyze, candidate_label, heatmaps
+    from ..api import analyze as run_analyze, candidate_label, heatmaps
     from ..api import load_program
-    from ..calibration import calibration_inputs, read_texts
+    from ..api import calibration_inputs, read_texts
     steps = Steps(quiet=json_out)
     try:
         if src is None:
-            from ..load import default_checkpoint
+            from ..api import default_checkpoint
             src = str(default_checkpoint())
         if output is not None:
-            from ..backends.torch_backend import check_output_dir
+            from ..api import check_output_dir
             check_output_dir(output, force, [src] + ([calib] if calib else []))
         steps("loading and capturing")
         program = load_program(src)
@@ -206,10 +206,10 @@ def analyze(src: Optional[str] = typer.Argument(None, help="HF model folder or r
         result = run_analyze(program, inputs, progress=steps)
         data = {"source": program.source, "calibration": desc, **result.to_json()}
         if output is not None:
-            from ..backends.torch_backend import staged_output
+            from ..api import staged_output
             steps("writing analysis.json and heatmaps")
             with staged_output(output, force, [src] + ([calib] if calib else [])) as tmp:
-                from ..report import dumps
+                from ..api import dumps
                 (tmp / "analysis.json").write_text(dumps(data))   # valid JSON: NaN/Inf become null
                 data["pictures"] = heatmaps(result, tmp)
         steps.close()
@@ -240,8 +240,7 @@ def export_cmd(src: str = typer.Argument(..., help="HF model folder or rewriter 
                json_out: bool = typer.Option(False, "--json", help="print the validation record")):
     """Export SRC to ONNX (batch and sequence stay dynamic), validated in onnxruntime at three shapes."""
     from ..api import load_program
-    from ..backends.onnx import export_program
-    from ..safety import check_src_out
+    from ..api import check_src_out, export_program
     steps = Steps(quiet=json_out)
     try:
         check_src_out([src], onnx)   # the .onnx (and its external data) may not land inside the input
@@ -274,8 +273,8 @@ def generate(
     json_out: bool = typer.Option(False, "--json", help="print ids, text and KV bytes as JSON"),
 ):
     """Greedy generation with the captured prefill/decode programs and their explicit KV cache."""
-    from ..decode import generate as run_generate
-    from ..recipe import parse_pass_flag
+    from ..api import generate as run_generate
+    from ..api import parse_pass_flag
     try:
         ids = None
         if prompt_ids is not None:
@@ -307,8 +306,8 @@ def generate(
 @app.command("passes")
 def list_passes(json_out: bool = typer.Option(False, "--json")):
     """Every pass with its config fields, types and defaults."""
-    from ..config import describe_fields
-    from ..pipeline import PASSES, get_pass
+    from ..api import describe_fields
+    from ..api import PASSES, get_pass
     get_pass("lora-merge")  # registers built-ins
     info = {name: {"summary": cls.summary, "weight_only": cls.weight_only, "fields": describe_fields(cls.config_class)}
             for name, cls in sorted(PASSES.items())}

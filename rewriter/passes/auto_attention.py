@@ -17,13 +17,15 @@ import torch
 from torch import fx
 
 from ..analysis import analyze, candidate_label
+from ..attention import METHODS
 from ..calibration import compare_outputs
 from ..canonical import canonicalize
 from ..config import PassConfig, parse_scalar, split_top_level
 from ..errors import RewriterError
-from ..graph import aten, erase_dead
+from ..graph import aten, erase_dead, head_group_inputs, index_buffer, key_mask_node, sdpa_mask
 from ..pipeline import PassResult, Pass, SiteChange, make_pass, register_pass
-from .attention import key_mask_node
+from ..report import plan_picture
+from ..sites import attention_sites, select
 
 EXACT = "exact"
 
@@ -43,12 +45,10 @@ def parse_label(label: str) -> tuple[str, dict]:
 def concrete_options(method: str, options: dict, budget: dict) -> dict:
     """Replace a density by the integer budget it became at the calibration length, so replays need no length."""
     opts = dict(options)
-    if "window" in budget and "density" in opts and method in ("window", "scatterbrain", "linear"):
+    knob = METHODS[method].density_knob if method in METHODS else None
+    if knob and knob in budget and "density" in opts:
         opts.pop("density")
-        opts["window"] = budget["window"]
-    if "stride" in budget and "density" in opts and method == "strided":
-        opts.pop("density")
-        opts["stride"] = budget["stride"]
+        opts[knob] = budget[knob]
     return opts
 
 
@@ -77,7 +77,6 @@ class AutoAttentionConfig(PassConfig):
 def apply_plan(gm: fx.GraphModule, sites: dict, plan: dict[str, list[str]]) -> int:
     """Rewrite each planned site: heads grouped by label, one op per group (exact_attention for exact heads),
     outputs reassembled in the original head order. Returns the number of sites changed."""
-    from .. import ops  # noqa: F401  (registers rewriter::exact_attention)
     graph = gm.graph
     nodes = {n.name: n for n in graph.nodes}
     changed = 0
@@ -91,7 +90,7 @@ def apply_plan(gm: fx.GraphModule, sites: dict, plan: dict[str, list[str]]) -> i
             continue
         node = nodes[site.node]
         q, k, v = node.args[:3]
-        mask = node.args[3] if len(node.args) > 3 else node.kwargs.get("attn_mask")
+        mask = sdpa_mask(node)
         groups: dict[str, list[int]] = {}
         for h, lab in enumerate(labels):
             groups.setdefault(lab, []).append(h)
@@ -101,15 +100,10 @@ def apply_plan(gm: fx.GraphModule, sites: dict, plan: dict[str, list[str]]) -> i
         with graph.inserting_before(node):
             km = key_mask_node(graph, mask, q)
             for g, (lab, heads) in enumerate(groups.items()):
-                prefix = f"auto_{site.node}_{g}"
-                qi = _index_buffer(gm, f"{prefix}_q", heads)
-                ki = _index_buffer(gm, f"{prefix}_kv", [h // rep for h in heads])
-                qg = graph.call_function(aten.index_select.default, (q, 1, graph.get_attr(qi)))
-                kg = graph.call_function(aten.index_select.default, (k, 1, graph.get_attr(ki)))
-                vg = graph.call_function(aten.index_select.default, (v, 1, graph.get_attr(ki)))
+                qg, kg, vg = head_group_inputs(gm, f"auto_{site.node}_{g}", q, k, v, heads, rep)
                 method, opts = parse_label(lab)
                 if method == EXACT:   # exact on the key mask: SDPA's flash path, not HF's dense mask
-                    out = graph.call_function(torch.ops.rewriter.exact_attention.default,
+                    out = graph.call_function(METHODS["exact-attention"].op,
                                               (qg, kg, vg, km, site.causal, site.scale))
                 else:
                     p = make_pass(method, opts)
@@ -119,7 +113,7 @@ def apply_plan(gm: fx.GraphModule, sites: dict, plan: dict[str, list[str]]) -> i
                 order.extend(heads)
             cat = graph.call_function(aten.cat.default, (outs, 1))
             inverse = [order.index(h) for h in range(site.heads)]
-            inv = _index_buffer(gm, f"auto_{site.node}_inverse", inverse)
+            inv = index_buffer(gm, f"auto_{site.node}_inverse", inverse)
             new = graph.call_function(aten.index_select.default, (cat, 1, graph.get_attr(inv)))
         new.meta = dict(node.meta)
         node.replace_all_uses_with(new)
@@ -129,47 +123,10 @@ def apply_plan(gm: fx.GraphModule, sites: dict, plan: dict[str, list[str]]) -> i
     return changed
 
 
-METHOD_COLOURS = {"exact": "#d9d9d9", "window": "#4e79a7", "block-topk": "#59a14f", "strided": "#8cd17d",
-                  "lsh": "#b07aa1", "performer": "#f28e2b", "linear": "#e15759", "scatterbrain": "#76b7b2"}
-
-
-def plan_picture(plan: dict[str, list[str]], sites: dict) -> bytes:
-    """Layer x head grid coloured by method, each cell labelled with its budget; PNG bytes."""
-    import io
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-    from matplotlib.patches import Patch
-    rows = sorted(plan, key=lambda p: (sites[p].layer if sites[p].layer is not None else -1, p))
-    n_heads = max(len(v) for v in plan.values())
-    fig, ax = plt.subplots(figsize=(1.5 + 1.1 * n_heads, 1 + 0.55 * len(rows)))
-    for r, path in enumerate(rows):
-        for h, lab in enumerate(plan[path]):
-            method, opts = parse_label(lab)
-            ax.add_patch(plt.Rectangle((h, r), 1, 1, color=METHOD_COLOURS.get(method, "#999999")))
-            short = ",".join(f"{k[:1]}{v}" for k, v in opts.items() if k in ("window", "features", "density", "stride",
-                                                                                  "n_hashes"))
-            ax.text(h + 0.5, r + 0.5, short, ha="center", va="center", fontsize=6)
-    ax.set_xlim(0, n_heads)
-    ax.set_ylim(len(rows), 0)
-    ax.set_xticks([h + 0.5 for h in range(n_heads)], [str(h) for h in range(n_heads)])
-    ax.set_yticks([r + 0.5 for r in range(len(rows))], [str(sites[p].layer) for p in rows])
-    ax.set_xlabel("head")
-    ax.set_ylabel("layer")
-    used = sorted({parse_label(lab)[0] for v in plan.values() for lab in v})
-    ax.legend(handles=[Patch(color=METHOD_COLOURS.get(m, "#999999"), label=m) for m in used],
-              loc="upper left", bbox_to_anchor=(1.01, 1), fontsize=7)
-    ax.set_title("auto-attention plan (w: window, f: features, d: density, s: stride, n: hashes)", fontsize=8)
-    fig.tight_layout()
-    buf = io.BytesIO()
-    fig.savefig(buf, format="png", dpi=110)
-    plt.close(fig)
-    return buf.getvalue()
-
-
-def _index_buffer(gm, name: str, values: list[int]) -> str:
-    gm.register_buffer(name, torch.tensor(values, dtype=torch.long), persistent=True)
-    return name
+def method_colour(method: str) -> str:
+    """The plan picture's colour of a method (its registry entry's; exact heads in exact attention's)."""
+    entry = METHODS.get("exact-attention" if method == EXACT else method)
+    return entry.colour if entry is not None else "#999999"
 
 
 @register_pass
@@ -181,9 +138,8 @@ class AutoAttention(Pass):
 
     def run(self, gm, ctx) -> PassResult:
         cfg: AutoAttentionConfig = self.config
-        keep = cfg.site_filter()
         all_sites = ctx.attention_sites(gm)
-        sites = {s.module_path: s for s in all_sites if keep(s)}
+        sites = {s.module_path: s for s in select(all_sites, cfg)}
         result = PassResult()
         if cfg.plan:
             plan = {e["site"]: list(e["heads"]) for e in cfg.plan}
@@ -197,7 +153,9 @@ class AutoAttention(Pass):
         if cfg.density and summary["attention_flops_ratio"] > cfg.density + 1e-9:
             result.notes.append(f"density {cfg.density} is below the cheapest candidates at this length; the plan "
                                 f"uses {summary['attention_flops_ratio']:.3f} of exact attention FLOPs")
-        result.artifacts["auto_attention_plan.png"] = plan_picture(plan, sites)
+        result.artifacts["auto_attention_plan.png"] = plan_picture(
+            {p: [parse_label(lab) for lab in labels] for p, labels in plan.items()}, {p: sites[p].layer for p in plan},
+            method_colour)
         cfg.plan = [{"site": p, "heads": labels} for p, labels in plan.items()]   # the recipe now replays it
         result.summary = summary
         for path, labels in plan.items():
@@ -236,7 +194,6 @@ class AutoAttention(Pass):
         def model_metric(plan) -> dict:
             g = ctx.program.module()
             canonicalize(g)
-            from ..sites import attention_sites
             apply_plan(g, {s.module_path: s for s in attention_sites(g, ctx.program.causal_modules)}, plan)
             with torch.no_grad():
                 out = g(**{k: fit[k] for k in ctx.program.input_names})
@@ -324,7 +281,6 @@ class AutoAttention(Pass):
     def _holdout_metric(ctx, plan, hold) -> dict:
         g = ctx.program.module()
         canonicalize(g)
-        from ..sites import attention_sites
         apply_plan(g, {s.module_path: s for s in attention_sites(g, ctx.program.causal_modules)}, plan)
         with torch.no_grad():
             out = g(**{k: hold[k] for k in ctx.program.input_names})

@@ -25,58 +25,12 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-import torch
-from torch import fx
 
 from ..config import PassConfig
-from ..graph import add_tensor, aten, erase_dead, record_node_inputs
+from ..graph import add_tensor, erase_dead, gather_channels, key_mask_value, record_node_inputs
 from ..pipeline import Pass, PassResult, SiteChange, register_pass
-from .attention import key_mask_value, _sdpa_mask
-
-
-def think_scores(q: torch.Tensor, k: torch.Tensor, token_mask: torch.Tensor | None = None) -> torch.Tensor:
-    """Per-KV-head channel scores (Hkv, D) from queries (B, H, Lq, D) and keys (B, Hkv, Lk, D).
-
-    token_mask (B, L) marks real tokens (queries and keys of self-attention over the same L); None: all real."""
-    B, H, Lq, D = q.shape
-    Hkv, Lk = k.shape[1], k.shape[2]
-    if H % Hkv:
-        raise ValueError(f"query heads ({H}) must be a multiple of key heads ({Hkv})")
-    q2, k2 = q.double() ** 2, k.double() ** 2
-    if token_mask is None:
-        q_mean = q2.mean(dim=(0, 2))
-        k_mean = k2.mean(dim=(0, 2))
-    else:
-        mq = token_mask[:, -Lq:].double()[:, None, :, None]
-        mk = token_mask[:, -Lk:].double()[:, None, :, None]
-        q_mean = (q2 * mq).sum(dim=(0, 2)) / mq.sum().clamp_min(1)
-        k_mean = (k2 * mk).sum(dim=(0, 2)) / mk.sum().clamp_min(1)
-    per_query_head = q_mean * k_mean.repeat_interleave(H // Hkv, dim=0)        # (H, D)
-    return per_query_head.view(Hkv, H // Hkv, D).mean(dim=1)
-
-
-def prompt_key_channels(q: torch.Tensor, k: torch.Tensor, ratio: float, n_obs: int) -> torch.Tensor:
-    """Dynamic ThinK: kept key channels per batch row and KV head, (B, Hkv, D - int(ratio * D)), from one prompt's
-    queries (B, H, T, D) (its last n_obs) and keys (B, Hkv, T, D), post-RoPE."""
-    B, H, _, D = q.shape
-    Hkv = k.shape[1]
-    T = q.shape[2]
-    # the last n_obs positions as weights rather than a slice, so a captured prefill stays valid for every length
-    observed = (torch.arange(T, device=q.device) >= T - n_obs).double()
-    q2 = torch.einsum("bhtd,t->bhd", q.double() ** 2, observed / observed.sum())     # (B, H, D)
-    k2 = (k.double() ** 2).mean(dim=2)                                    # (B, Hkv, D)
-    # group mean of per-query-head scores q2[h] * k2[kv(h)] = k2 times the group mean of q2
-    scores = q2.view(B, Hkv, H // Hkv, D).mean(dim=2) * k2
-    return kept_channels(scores, ratio)
-
-
-def kept_channels(scores: torch.Tensor, ratio: float) -> torch.Tensor:
-    """(..., D) scores -> (..., D - int(ratio * D)) kept channel indices, ascending."""
-    if not 0 <= ratio < 1:
-        raise ValueError(f"think ratio must be in [0, 1); got {ratio}")
-    D = scores.shape[-1]
-    keep = D - int(ratio * D)
-    return scores.topk(keep, dim=-1).indices.sort(dim=-1).values
+from ..sites import select
+from ..think import kept_channels, think_scores
 
 
 THINK_MODES = ("static", "dynamic")
@@ -98,14 +52,6 @@ class ThinkConfig(PassConfig):
             raise ValueError(f"think n_obs must be >= 1 (queries observed at prefill); got {self.n_obs}")
 
 
-def _gather_channels(graph: fx.Graph, x: fx.Node, index_attr: str) -> fx.Node:
-    idx = graph.get_attr(index_attr)
-    b = graph.call_function(aten.sym_size.int, (x, 0))
-    n = graph.call_function(aten.sym_size.int, (x, 2))
-    idx = graph.call_function(aten.expand.default, (idx, [b, -1, n, -1]))
-    return graph.call_function(aten.gather.default, (x, -1, idx))
-
-
 @register_pass
 class ThinkPass(Pass):
     name = "think"
@@ -114,8 +60,7 @@ class ThinkPass(Pass):
               "prefill); the decode cache keeps only the rest"
 
     def run(self, gm, ctx) -> PassResult:
-        keep = self.config.site_filter()
-        sites = [s for s in ctx.attention_sites(gm) if keep(s)]
+        sites = select(ctx.attention_sites(gm), self.config)
         result = PassResult()
         if not sites:
             result.notes.append("no attention site matched the filter")
@@ -141,8 +86,8 @@ class ThinkPass(Pass):
             add_tensor(gm, f"{base}_q", kept.repeat_interleave(group, dim=0)[None, :, None, :].clone(),
                        parameter=False)
             with gm.graph.inserting_before(node):
-                qn = _gather_channels(gm.graph, node.args[0], f"{base}_q")
-                kn = _gather_channels(gm.graph, node.args[1], f"{base}_k")
+                qn = gather_channels(gm.graph, node.args[0], f"{base}_q")
+                kn = gather_channels(gm.graph, node.args[1], f"{base}_k")
             node.args = (qn, kn, *node.args[2:])
             node.kwargs = {**node.kwargs, "scale": site.scale}
             if site.layer is not None:
@@ -198,27 +143,3 @@ class KVWindowPass(Pass):
         result.notes.append(f"kv-window sinks={self.config.sinks} window={self.config.window} applies to the decode "
                             "cache (rewriter generate); the full-sequence program is unchanged")
         return result
-
-
-def decode_dynamic_think(meta: dict, layers: int) -> dict | None:
-    """program.meta['think_dynamic'] -> {'ratio', 'n_obs'} for rewriter.decode; None when absent."""
-    dyn = meta.get("think_dynamic")
-    if not dyn:
-        return None
-    missing = sorted(set(range(layers)) - set(dyn["layers"]))
-    if missing:
-        raise ValueError(f"think must cover every layer for the decode cache (one cache tensor); layers {missing} "
-                         "were filtered out")
-    return {"ratio": float(dyn["ratio"]), "n_obs": int(dyn["n_obs"])}
-
-
-def decode_key_channels(meta: dict, layers: int) -> torch.Tensor | None:
-    """program.meta['think_key_channels'] -> (layers, Hkv, kept) for rewriter.decode; None when absent."""
-    ch = meta.get("think_key_channels")
-    if not ch:
-        return None
-    missing = [i for i in range(layers) if i not in ch]
-    if missing:
-        raise ValueError(f"think must cover every layer for the decode cache (one cache tensor); layers {missing} "
-                         "were filtered out")
-    return torch.tensor([ch[i] for i in range(layers)], dtype=torch.long)

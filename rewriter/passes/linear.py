@@ -13,11 +13,11 @@ from torch import fx, nn
 
 from ..config import PassConfig
 from ..graph import drop_unused_attributes, erase_dead, get_attr_tensor, record_node_inputs
-from ..ops import lowrank_linear as lr
-from ..ops.binary_linear import binarize_weight, binary_linear_bytes
+from ..linear import lowrank as lr
+from ..linear.binary import binarize_weight, binary_linear_bytes
 from ..pipeline import Pass, PassResult, SiteChange, register_pass
 from ..program import WRAPPER_PREFIX
-from ..sites import LinearSite
+from ..sites import LinearSite, select
 
 
 class LowRankLinear(nn.Module):
@@ -98,8 +98,7 @@ class LinearPass(Pass):
         raise NotImplementedError
 
     def run(self, gm, ctx) -> PassResult:
-        keep = self.config.site_filter()
-        sites = [s for s in ctx.linear_sites(gm) if keep(s)]
+        sites = select(ctx.linear_sites(gm), self.config)
         result = PassResult()
         if not sites:
             result.notes.append("no linear site matched the filter")

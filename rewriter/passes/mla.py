@@ -42,11 +42,11 @@ import torch
 from torch import fx, nn
 
 from ..config import PassConfig
-from ..decode import Decoder, KVPolicy, _PrefillModule, _StepModule, _export, decoder_dims, step_shapes
 from ..errors import RewriterError
 from ..graph import add_tensor, aten, drop_unused_attributes, erase_dead, get_attr_tensor, record_node_inputs
 from ..pipeline import Pass, PassResult, SiteChange, register_pass
 from ..program import WRAPPER_PREFIX
+from ..rope import merge_heads, rope_inv_freq, rope_tables, rotate_half, split_heads, split_rope
 from .linear import _activations
 
 
@@ -188,24 +188,6 @@ def _linear_node(gm: fx.GraphModule, x: fx.Node, weight: str, bias: str, like: f
     return node
 
 
-def _split_rope(k_flat: torch.Tensor, rope_basis: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """(..., Hkv * D) pre-RoPE keys -> (part that keeps RoPE, NoPE part); they sum to k_flat."""
-    rope = (k_flat @ rope_basis) @ rope_basis.T
-    return rope, k_flat - rope
-
-
-def _heads(flat: torch.Tensor, heads: int) -> torch.Tensor:
-    """(B, L, H * D) -> (B, H, L, D)."""
-    B, L, _ = flat.shape
-    return flat.reshape(B, L, heads, -1).transpose(1, 2)
-
-
-def _flat(x: torch.Tensor) -> torch.Tensor:
-    """(B, H, L, D) -> (B, L, H * D)."""
-    B, H, L, D = x.shape
-    return x.transpose(1, 2).reshape(B, L, H * D)
-
-
 class DecoupledRoPE(nn.Module):
     """At an SDPA site of post-RoPE q (positions Lk-Lq .. Lk-1) and k (positions 0 .. Lk-1): q' = [q | q_pre] and
     k' = [RoPE(k_rope) | k_nope] (head dim 2D), so q'.k' = q.RoPE(k_rope) + q_pre.k_nope: RoPE on the kept
@@ -218,13 +200,13 @@ class DecoupledRoPE(nn.Module):
 
     def forward(self, q, k):
         Lq, Lk = q.shape[2], k.shape[2]
-        cos, sin = _rope_tables(self.inv_freq, torch.arange(Lk, device=k.device), k.dtype)
-        k_pre = k * cos - _rotate_half(k) * sin
-        rope, nope = _split_rope(_flat(k_pre), self.rope_basis)
-        rope, nope = _heads(rope, k.shape[1]), _heads(nope, k.shape[1])
+        cos, sin = rope_tables(self.inv_freq, torch.arange(Lk, device=k.device), k.dtype)
+        k_pre = k * cos - rotate_half(k) * sin
+        rope, nope = split_rope(merge_heads(k_pre), self.rope_basis)
+        rope, nope = split_heads(rope, k.shape[1]), split_heads(nope, k.shape[1])
         cq, sq = cos[Lk - Lq:], sin[Lk - Lq:]
-        q_pre = q * cq - _rotate_half(q) * sq
-        return torch.cat([q, q_pre], dim=-1), torch.cat([rope * cos + _rotate_half(rope) * sin, nope], dim=-1)
+        q_pre = q * cq - rotate_half(q) * sq
+        return torch.cat([q, q_pre], dim=-1), torch.cat([rope * cos + rotate_half(rope) * sin, nope], dim=-1)
 
 
 def _install_decoupled_rope(gm: fx.GraphModule, sdpa: fx.Node, site, rope_basis: torch.Tensor,
@@ -246,7 +228,7 @@ def _program_inv_freq(program, head_dim: int) -> torch.Tensor:
     if model is None:
         raise RewriterError("mla rope=decoupled needs the eager model's rotary embedding (capture from a module or "
                             "an HF folder)")
-    return _plain_rope_inv_freq(model, head_dim)
+    return rope_inv_freq(model, "the MLA decode cache", head_dim)
 
 
 @register_pass
@@ -345,165 +327,3 @@ class MLAPass(Pass):
 
 
 # --- decode: the cache stores the latent ----------------------------------------------------------------------------
-
-def _rotate_half(x: torch.Tensor) -> torch.Tensor:
-    half = x.shape[-1] // 2
-    return torch.cat([-x[..., half:], x[..., :half]], dim=-1)
-
-
-def _rope_tables(inv_freq: torch.Tensor, positions: torch.Tensor, dtype: torch.dtype):
-    """cos, sin (T, D) for HF's rotate_half RoPE, computed as HF computes them (float32 angles)."""
-    ang = positions.float()[:, None] * inv_freq.float()[None, :]
-    emb = torch.cat([ang, ang], dim=-1)
-    return emb.cos().to(dtype), emb.sin().to(dtype)
-
-
-class _LatentCache:
-    """What HF's attention layers call `update` on: keeps the latent P^T [k_pre | v] per token and returns keys and
-    values rebuilt from every cached latent. Keys get RoPE at their slots; in decoupled mode only their RoPE part
-    does, and the NoPE part is rotated at the query's position (q_rot . R(p) k_nope = q_pre . k_nope)."""
-
-    def __init__(self, owner, latent: torch.Tensor | None, positions: torch.Tensor | None):
-        self.owner = owner
-        self.latent = latent              # (N, B, 1, slots, r), or None in prefill
-        self.positions = positions        # positions of the incoming tokens; None in prefill: 0 .. T-1
-        self.latents: list[torch.Tensor] = []
-
-    def update(self, key_states, value_states, layer_idx, *args, **kwargs):
-        o = self.owner
-        B, H, T, D = key_states.shape
-        positions = torch.arange(T, device=key_states.device) if self.positions is None else self.positions
-        cos, sin = _rope_tables(o.inv_freq, positions, key_states.dtype)
-        k_pre = key_states * cos - _rotate_half(key_states) * sin          # RoPE undone (a rotation)
-        z = torch.cat([_flat(k_pre), _flat(value_states)], -1)
-        basis = o.basis[layer_idx]                                          # (2 Hkv D, r)
-        c = (z @ basis)[:, None]                                            # (B, 1, T, r)
-        if self.latent is not None:
-            c = self.latent[layer_idx].index_copy(2, positions, c)
-        self.latents.append(c)
-        L = c.shape[2]
-        z_hat = c[:, 0] @ basis.T + o.offset[layer_idx]
-        k_flat = z_hat[..., : H * D]
-        v = _heads(z_hat[..., H * D:], H)
-        cos_s, sin_s = _rope_tables(o.inv_freq, torch.arange(L, device=k_pre.device), k_pre.dtype)
-        if o.rope_basis.shape[-1] == 0:
-            k = _heads(k_flat, H)
-            return k * cos_s + _rotate_half(k) * sin_s, v
-        rope, nope = _split_rope(k_flat, o.rope_basis[layer_idx])
-        rope, nope = _heads(rope, H), _heads(nope, H)
-        return rope * cos_s + _rotate_half(rope) * sin_s + nope * cos + _rotate_half(nope) * sin, v
-
-    def outputs(self) -> tuple[torch.Tensor, torch.Tensor]:
-        """(rope keys, latent): RoPE parts live inside the latent, so the first is empty (width 0)."""
-        latent = torch.stack(self.latents)
-        return latent.new_zeros(*latent.shape[:-1], 0), latent
-
-
-class _LatentModule:
-    """Mixin for decode's prefill/step modules: the latent basis as buffers and the latent cache hook."""
-
-    def attach(self, basis: torch.Tensor, offset: torch.Tensor, rope_basis: torch.Tensor, inv_freq: torch.Tensor):
-        self.register_buffer("basis", basis, persistent=False)      # (N, 2 Hkv D, r)
-        self.register_buffer("offset", offset, persistent=False)    # (N, 2 Hkv D)
-        self.register_buffer("rope_basis", rope_basis, persistent=False)   # (N, Hkv D, rope_dims)
-        self.register_buffer("inv_freq", inv_freq, persistent=False)
-        return self
-
-    def new_cache(self, k_cache, v_cache, cache_position, key_channels=None):
-        return _LatentCache(self, v_cache, cache_position)
-
-
-class _LatentPrefill(_LatentModule, _PrefillModule):
-    pass
-
-
-class _LatentStep(_LatentModule, _StepModule):
-    pass
-
-
-@dataclass
-class LatentDecoder(Decoder):
-    """Decoder whose cache is (rope keys, latent): k_cache (N, B, 1, slots, 0), v_cache (N, B, 1, slots, r)."""
-    rank: int = 0
-    decoupled: bool = False
-
-    def _prefill(self, input_ids):
-        """Decoupled RoPE rotates NoPE keys at the query's position, one query at a time: the prompt goes through
-        the decode step token by token (no prefill program)."""
-        if not self.decoupled:
-            return super()._prefill(input_ids)
-        k, v = self.empty_cache(input_ids.shape[0])
-        for t in range(input_ids.shape[1]):
-            logits, k, v = self.step.run(input_ids=input_ids[:, t:t + 1], cache_position=self._position(t),
-                                         k_cache=k, v_cache=v)
-        return logits, k, v, input_ids.shape[1], {}
-
-    def empty_cache(self, batch: int) -> tuple[torch.Tensor, torch.Tensor]:
-        N = self.dims["layers"]
-        return (torch.zeros(N, batch, 1, self.max_len, 0, dtype=self.dtype, device=self.device),
-                torch.zeros(N, batch, 1, self.max_len, self.rank, dtype=self.dtype, device=self.device))
-
-    def kv_bytes_per_token(self) -> int:
-        return self.dims["layers"] * self.rank * torch.finfo(self.dtype).bits // 8
-
-
-def latent_tensors(mla: dict, layers: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, int]:
-    """program.meta['mla'] -> basis (N, 2 Hkv D, r_max) zero-padded, offset (N, 2 Hkv D), rope basis
-    (N, Hkv D, rope_dims), r_max."""
-    per_layer = mla["layers"]
-    missing = [i for i in range(layers) if i not in per_layer]
-    if missing:
-        raise ValueError(f"mla must cover every layer for the decode cache (one latent tensor); layers {missing} "
-                         "were filtered out")
-    r = max(per_layer[i]["basis"].shape[1] for i in range(layers))
-    basis = torch.stack([torch.nn.functional.pad(per_layer[i]["basis"], (0, r - per_layer[i]["basis"].shape[1]))
-                         for i in range(layers)])
-    offset = torch.stack([per_layer[i]["offset"] for i in range(layers)])
-    rope_basis = torch.stack([per_layer[i]["rope_basis"] for i in range(layers)])
-    return basis, offset, rope_basis, r
-
-
-def build_latent_decoder(model: torch.nn.Module, mla: dict, *, max_len: int = 256, source: str = "<module>",
-                         max_batch: int = 64) -> LatentDecoder:
-    """Capture prefill and decode-step programs whose cache holds the MLA latent (from program.meta['mla'])."""
-    config = model.config
-    dims = decoder_dims(config)
-    if not dims["rope"]:
-        raise RewriterError(f"the MLA decode cache supports RoPE decoders (Llama, Mistral, Qwen2); got "
-                            f"{config.model_type}")
-    if max_len < 2:
-        raise ValueError(f"max_len must be >= 2; got {max_len}")
-    basis, offset, rope_basis, r = latent_tensors(mla, dims["layers"])
-    decoupled = rope_basis.shape[-1] > 0
-    inv_freq = _plain_rope_inv_freq(model, dims["head_dim"])
-    model = model.eval()
-    dtype = next(model.parameters()).dtype
-    device = next(model.parameters()).device
-    B, T = 2, min(8, max_len)
-    ids = torch.randint(0, config.vocab_size, (B, T), generator=torch.Generator().manual_seed(0)).to(device)
-    buffers = tuple(t.to(device) for t in (basis, offset, rope_basis, inv_freq))
-    prefill = None if decoupled else _export(
-        _LatentPrefill(model, None).attach(*buffers).eval(), {"input_ids": ids},
-        {"input_ids": {0: "batch", 1: "seq"}}, {"batch": (1, max_batch), "seq": (2, max_len)}, config, source,
-        ["logits", "keys", "values"])
-    step_inputs = {"input_ids": ids[:, :1], "cache_position": torch.tensor([T - 1], device=device),
-                   "k_cache": torch.zeros(dims["layers"], B, 1, max_len, 0, dtype=dtype, device=device),
-                   "v_cache": torch.zeros(dims["layers"], B, 1, max_len, r, dtype=dtype, device=device)}
-    step = _export(_LatentStep(model, None).attach(*buffers).eval(), step_inputs,
-                   *step_shapes(config, max_len, max_batch), config, source, ["logits", "k_cache", "v_cache"])
-    return LatentDecoder(prefill=prefill, step=step, max_len=max_len, dims=dims,  # type: ignore[arg-type]
-                         policy=KVPolicy(), inv_freq=inv_freq, dtype=dtype,
-                         meta={"model_type": config.model_type, "mla_rank": r}, rank=r, decoupled=decoupled,
-                         device=device)
-
-
-def _plain_rope_inv_freq(model: torch.nn.Module, head_dim: int) -> torch.Tensor:
-    for name, m in model.named_modules():
-        if name.endswith("rotary_emb") and hasattr(m, "inv_freq"):
-            scaling = float(getattr(m, "attention_scaling", 1.0))
-            if scaling != 1.0 or 2 * m.inv_freq.numel() != head_dim:
-                raise RewriterError(f"the MLA decode cache re-applies plain RoPE over the whole head; {name} has "
-                                    f"attention scaling {scaling} and {2 * m.inv_freq.numel()} of {head_dim} "
-                                    "dimensions rotated")
-            return m.inv_freq.detach().float().cpu()
-    raise RewriterError("no rotary embedding module (…rotary_emb with inv_freq) found for the MLA decode cache")

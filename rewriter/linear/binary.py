@@ -20,7 +20,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from .lowrank_linear import svd_factors
+from .lowrank import svd_factors
 
 _BIT_WEIGHTS = (1, 2, 4, 8, 16, 32, 64, 128)
 

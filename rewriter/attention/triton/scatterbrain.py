@@ -17,8 +17,8 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from ..ops._common import check_qkv, window_extents
-from ..ops.block_sparse import num_blocks
+from .._contract import check_qkv, window_extents
+from ..block_sparse import num_blocks
 from .block_sparse_attention import window_layout
 from .linear_attention import chunked_linear_attention
 

@@ -1,4 +1,4 @@
-"""Conventions shared by every attention op in ``rewriter.ops``.
+"""Conventions shared by every attention op in ``rewriter.attention``.
 
 Every attention approximation is a ``torch.library.custom_op`` named ``rewriter::<method>_attention`` with
 the leading arguments
@@ -15,10 +15,14 @@ sees no key at all returns zeros (never NaN).
 """
 from __future__ import annotations
 
+import weakref
 from dataclasses import dataclass
+from typing import Any, Callable, Optional
 
 import torch
 from torch import Tensor
+
+from ..config import PassConfig
 
 
 def check_qkv(q: Tensor, k: Tensor, v: Tensor, key_mask: Tensor | None) -> tuple[int, int, int, int, int, int]:
@@ -123,3 +127,104 @@ def exact_attention_cost(B: int, H: int, Lq: int, Lk: int, D: int, Dv: int, caus
     flops = 2.0 * entries * (D + Dv)
     mem = float(B * H * Lq * Lk * elem_bytes)
     return AttentionCost(entries, entries, flops, flops, mem, mem)
+
+
+_last_mask_check: tuple = (None, -1, False)   # (weakref to the mask last checked, its version, all real)
+
+
+def drop_full_mask(key_mask: Optional[Tensor]) -> Optional[Tensor]:
+    """None for a key mask with every key real (an unpadded batch): the kernels then skip the per-key loads and
+    the block-sparse kernel its predicate on interior blocks. The check costs a device sync; it is remembered for
+    the mask tensor last checked (the attention passes give every layer the same mask tensor), so a forward pays
+    it once."""
+    global _last_mask_check
+    if key_mask is None:
+        return None
+    ref, version, full = _last_mask_check
+    if ref is None or ref() is not key_mask or version != key_mask._version:
+        full = bool(key_mask.all())
+        _last_mask_check = (weakref.ref(key_mask), key_mask._version, full)
+    return None if full else key_mask
+
+
+# --------------------------------------------------------------------------------------------------------------
+# The attention-method registry: one entry per method, read by the generic attention pass, analysis,
+# auto-attention, the ONNX exporter and the tests. A method module defines its op and registers one entry.
+# --------------------------------------------------------------------------------------------------------------
+
+@dataclass
+class AttentionConfig(PassConfig):
+    """Base of every method's config (site filters come from PassConfig)."""
+
+    def _density_ok(self, name: str, value: float, allow_zero: bool = True) -> None:
+        if not (0 < value <= 1) and not (allow_zero and value == 0):
+            raise ValueError(f"{name} must be in (0, 1]; got {value}")
+
+
+@dataclass
+class AttentionMethod:
+    """Everything the rest of rewriter needs to know about one attention method.
+
+    name       the one spelling: pass name in the CLI, recipes, reports and plots
+    config     the method's config dataclass (an AttentionConfig)
+    op         the custom op (an OpOverload, rewriter::...); its schema is the one place the argument order lives
+    budget     (config, L) -> (op arguments after `scale` by name, the budget as reported per site); L is the
+               length a density is resolved at
+    cost       (B, H, Hkv, Lq, Lk, D, Dv, causal, elem_bytes=4, **op arguments) -> AttentionCost, counted
+    reference  the readable PyTorch body, (q, k, v, key_mask, causal, scale, **op arguments) -> (B, H, Lq, Dv)
+    onnx       onnxscript translation, called with the op's arguments
+    summary, colour                      for `rewriter passes` and the auto-attention plan picture
+    candidates option dicts analysis and auto-attention try per head (empty: never a candidate)
+    pairs      (q, k, key_mask, causal, scale, **op arguments) -> bool (B|1, H|1, Lq, Lk) of the pairs computed
+               exactly (sparse methods; the report's measured density), or None
+    density_knob  the native knob a density resolves to (window, stride), replaced by its integer value when a
+               plan is written down so that replays need no length; None when density is itself the knob
+    onnx_quadratic  the ONNX form holds an Lq x Lk tensor
+    """
+    name: str
+    config: type
+    op: Any
+    budget: Callable
+    cost: Callable
+    reference: Callable
+    onnx: Callable
+    summary: str
+    colour: str = "#999999"
+    candidates: tuple = ()
+    pairs: Optional[Callable] = None
+    density_knob: Optional[str] = None
+    onnx_quadratic: bool = False
+
+    @property
+    def op_name(self) -> str:
+        """'rewriter::window_attention'."""
+        return self.op._schema.name
+
+    @property
+    def args(self) -> tuple[str, ...]:
+        """The op's budget arguments after (q, k, v, key_mask, causal, scale), in schema order."""
+        return tuple(a.name for a in self.op._schema.arguments[6:])
+
+    def positional(self, kwargs: dict) -> tuple:
+        """The op's arguments after `scale`, in schema order, from their names."""
+        return tuple(kwargs[a] for a in self.args)
+
+
+METHODS: dict[str, AttentionMethod] = {}
+
+
+def register_method(method: AttentionMethod) -> AttentionMethod:
+    if method.name in METHODS:
+        raise ValueError(f"attention method {method.name!r} is registered twice")
+    METHODS[method.name] = method
+    return method
+
+
+def empty_output(q: Tensor, v: Tensor) -> Tensor:
+    """The fake (meta) result of every attention op: (B, H, Lq, Dv) in q's dtype."""
+    return q.new_empty(q.shape[0], q.shape[1], q.shape[2], v.shape[-1])
+
+
+def window_from(window: int, density: float, L: int) -> int:
+    """Explicit window wins; else density x L (at least 1 token)."""
+    return window if window > 0 else max(1, int(round(density * L)))

@@ -1,6 +1,6 @@
 """CUDA implementations of the attention ops, registered with ``torch.library.register_kernel``.
 
-The feature maps (elu, relu, taylor2 and FAVOR+) come from the reference code in ``rewriter.ops.lowrank_attention``;
+The feature maps (elu, relu, taylor2 and FAVOR+) come from the reference code in ``rewriter.attention.feature_map``;
 the cores run in Triton.
 The sparse ops (window, block top-k, strided) run their own layout code with ``sparse_attention_core`` (the Triton
 block-sparse kernel) as their core. LSH keeps its reference on CUDA: its rounds subtract a per-pair duplicate
@@ -8,37 +8,26 @@ count inside the softmax, which the block-sparse kernel does not take.
 """
 from __future__ import annotations
 
-import weakref
 from typing import Optional
 
 import torch
 from torch import Tensor
 
+from .._contract import drop_full_mask as _drop_full_mask
+from ..feature_map import _normalise
 from . import triton_available, use_reference
 
 
-def _normalise(num: Tensor, den: Tensor) -> Tensor:
-    positive = den > 0
-    safe = torch.where(positive, den, torch.ones_like(den))
-    return torch.where(positive[..., None], num / safe[..., None], torch.zeros_like(num))
+CUDA_KERNELS: dict = {}     # op name -> CUDA implementation, filled by @cuda_kernel in registration order
 
 
-_last_mask_check: tuple = (None, -1, False)   # (weakref to the mask last checked, its version, all real)
-
-
-def _drop_full_mask(key_mask: Optional[Tensor]) -> Optional[Tensor]:
-    """None for a key mask with every key real (an unpadded batch): the kernels then skip the per-key loads and
-    the block-sparse kernel its predicate on interior blocks. The check costs a device sync; it is remembered for
-    the mask tensor last checked (the attention passes give every layer the same mask tensor), so a forward pays
-    it once."""
-    global _last_mask_check
-    if key_mask is None:
-        return None
-    ref, version, full = _last_mask_check
-    if ref is None or ref() is not key_mask or version != key_mask._version:
-        full = bool(key_mask.all())
-        _last_mask_check = (weakref.ref(key_mask), key_mask._version, full)
-    return None if full else key_mask
+def cuda_kernel(op_name: str, fn=None):
+    """Declare `fn` the CUDA implementation of the custom op `op_name` ("rewriter::..."). Kernel modules in
+    ``rewriter.attention.triton`` declare theirs with this; ``register_cuda_kernels`` registers them all."""
+    def declare(f):
+        CUDA_KERNELS[op_name] = f
+        return f
+    return declare(fn) if fn is not None else declare
 
 
 def _kernel_dtype(q: Tensor) -> torch.dtype:
@@ -52,15 +41,16 @@ def _performer_features_cuda(q: Tensor, k: Tensor, key_mask: Optional[Tensor], s
     """FAVOR+ features of q and k (PyTorch), phi in the kernels' dtype `dt`. A Triton feature-map kernel (branch
     features-kernel) measured 44 ms against about 5 ms for this at L = 32K, D = 128 on the H200
     (benchmarks/results/attention_h200_v3.json, features_ms), so the PyTorch feature map stays."""
-    from ..ops.lowrank_attention import _performer_features
+    from ..feature_map import _performer_features
     phi_q, phi_k, log_q, log_k = _performer_features(q, k, key_mask, scale, features, seed)
     return phi_q.to(dt), phi_k.to(dt), log_q, log_k
 
 
+@cuda_kernel("rewriter::performer_attention")
 def performer_attention_cuda(q: Tensor, k: Tensor, v: Tensor, key_mask: Optional[Tensor], causal: bool, scale: float,
                              features: int, seed: int = 0) -> Tensor:
-    from ..ops._common import check_qkv
-    from ..ops.lowrank_attention import _check_features
+    from .._contract import check_qkv
+    from ..feature_map import _check_features
     from .linear_attention import chunked_linear_attention
     check_qkv(q, k, v, key_mask)
     key_mask = _drop_full_mask(key_mask)
@@ -71,10 +61,11 @@ def performer_attention_cuda(q: Tensor, k: Tensor, v: Tensor, key_mask: Optional
     return _normalise(num, den).to(q.dtype)
 
 
+@cuda_kernel("rewriter::linear_attention")
 def linear_attention_cuda(q: Tensor, k: Tensor, v: Tensor, key_mask: Optional[Tensor], causal: bool, scale: float,
                           feature_map: str, window: int = 0, sinks: int = 0) -> Tensor:
-    from ..ops._common import check_qkv
-    from ..ops.lowrank_attention import _check_linear_budget, _fixed_features, sparse_plus_lowrank_attention
+    from .._contract import check_qkv
+    from ..feature_map import _check_linear_budget, _fixed_features, sparse_plus_lowrank_attention
     from .linear_attention import chunked_linear_attention
     check_qkv(q, k, v, key_mask)
     key_mask = _drop_full_mask(key_mask)
@@ -88,10 +79,11 @@ def linear_attention_cuda(q: Tensor, k: Tensor, v: Tensor, key_mask: Optional[Te
     return _normalise(num, den).to(q.dtype)
 
 
+@cuda_kernel("rewriter::scatterbrain_attention")
 def scatterbrain_attention_cuda(q: Tensor, k: Tensor, v: Tensor, key_mask: Optional[Tensor], causal: bool,
                                 scale: float, features: int, window: int, sinks: int = 0, seed: int = 0) -> Tensor:
-    from ..ops._common import check_qkv
-    from ..ops.lowrank_attention import _check_scatterbrain_budget
+    from .._contract import check_qkv
+    from ..feature_map import _check_scatterbrain_budget
     from .scatterbrain import scatterbrain_attention_triton
     check_qkv(q, k, v, key_mask)
     key_mask = _drop_full_mask(key_mask)
@@ -109,7 +101,7 @@ def sparse_attention_core(q: Tensor, k: Tensor, v: Tensor, kv_index: Tensor, kv_
     """The sparse ops' core on CUDA: same arguments and (out, lse) as ``block_sparse_attention_reference``.
     Falls back to the reference when REWRITER_ATTENTION_REFERENCE=1, Triton cannot run, or the block is not a
     power of two in 16..128."""
-    from ..ops.block_sparse import block_sparse_attention_reference
+    from ..block_sparse import block_sparse_attention_reference
     args = (q, k, v, kv_index, kv_count, block, _drop_full_mask(key_mask), causal, scale, window_left, window_right,
             sinks, q_pos, k_pos)
     if use_reference() or not triton_available() or block < 16 or block > 128 or block & (block - 1):
@@ -121,32 +113,28 @@ def sparse_attention_core(q: Tensor, k: Tensor, v: Tensor, kv_index: Tensor, kv_
 def _sparse_op(impl_name: str):
     """The sparse op's own body (layout + predicate) with the Triton core."""
     def run(*args, **kwargs):
-        from ..ops import sparse_attention
+        from .. import sparse as sparse_attention
         return getattr(sparse_attention, impl_name)(*args, **kwargs, core=sparse_attention_core)
     run.__name__ = impl_name.replace("_impl", "_cuda")
     return run
 
 
+for _op in ("window_attention", "block_topk_attention", "strided_attention"):
+    cuda_kernel(f"rewriter::{_op}", _sparse_op(f"{_op}_impl"))
+
+
+@cuda_kernel("rewriter::binary_linear")
 def binary_linear_cuda(x: Tensor, packed: Tensor, alpha: Tensor, mu: Tensor, bias: Optional[Tensor],
                        in_features: int) -> Tensor:
     """The Triton kernels for half and single precision; float64 (e.g. an oracle computed on the GPU) takes the
     reference, which Triton's dots cannot run."""
     if x.dtype not in (torch.float16, torch.bfloat16, torch.float32) or use_reference():
-        from ..ops.binary_linear import binary_linear_reference
+        from ...linear.binary import binary_linear_reference
         return binary_linear_reference(x, packed, alpha, mu, bias, in_features)
-    from .binary_linear import binary_linear_triton
+    from ...linear.triton.binary_linear import binary_linear_triton
     return binary_linear_triton(x, packed, alpha, mu, bias, in_features)
 
 
-CUDA_KERNELS = {
-    "rewriter::performer_attention": performer_attention_cuda,
-    "rewriter::linear_attention": linear_attention_cuda,
-    "rewriter::scatterbrain_attention": scatterbrain_attention_cuda,
-    "rewriter::window_attention": _sparse_op("window_attention_impl"),
-    "rewriter::block_topk_attention": _sparse_op("block_topk_attention_impl"),
-    "rewriter::strided_attention": _sparse_op("strided_attention_impl"),
-    "rewriter::binary_linear": binary_linear_cuda,
-}
 _registered: set[str] = set()
 
 
@@ -155,7 +143,12 @@ def register_cuda_kernels() -> list[str]:
     (none when Triton cannot run or REWRITER_ATTENTION_REFERENCE=1)."""
     if not triton_available() or use_reference():
         return []
-    import rewriter.ops  # noqa: F401  (defines the ops)
+    import importlib
+    import pkgutil
+    from ... import attention, linear  # noqa: F401  (define the ops)
+    from .. import triton as package
+    for module in pkgutil.iter_modules(package.__path__):   # kernel modules declare theirs with @cuda_kernel
+        importlib.import_module(f"{package.__name__}.{module.name}")
     for name, fn in CUDA_KERNELS.items():
         if name not in _registered:                 # registering twice would stack a second kernel
             torch.library.register_kernel(name, "cuda", fn)

@@ -19,17 +19,20 @@ Features carry a log offset so that large exponents never overflow: a feature ma
 with true features phi * exp(log_offset). Query offsets are per row (B, H, Lq); key offsets are one constant
 per (batch, kv head) (B, Hkv), because only a constant shared by every key factors out of the key sums.
 
-Op conventions (shapes, GQA, key_mask, causal alignment) are those of ``_common.py``.
+Op conventions (shapes, GQA, key_mask, causal alignment) are those of ``_contract.py``.
 """
 import functools
 import math
+from dataclasses import dataclass, field
 from typing import Optional
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from ._common import AttentionCost, check_qkv, exact_attention_cost, window_extents
+from . import _onnx as ox
+from ._contract import (AttentionConfig, AttentionCost, AttentionMethod, check_qkv, empty_output, exact_attention_cost,
+                        register_method, window_extents, window_from)
 from .block_sparse import _pad_to, num_blocks
 
 FEATURE_MAPS = ("elu", "relu", "taylor2", "performer")
@@ -307,13 +310,14 @@ def sparse_plus_lowrank_attention(
 
 
 def _normalise(num: Tensor, den: Tensor) -> Tensor:
+    """num / den where den > 0, else 0 (rows that saw no key); the CUDA implementations use it too."""
     positive = den > 0
     safe = torch.where(positive, den, torch.ones_like(den))
     return torch.where(positive[..., None], num / safe[..., None], torch.zeros_like(num))
 
 
 # --------------------------------------------------------------------------------------------------------------
-# Ops (explicit schemas: budgets are plain ints, as in ops/__init__.py, not SymInts)
+# Ops (explicit schemas: budgets are plain ints, not SymInts)
 # --------------------------------------------------------------------------------------------------------------
 
 def _check_features(features: int) -> None:
@@ -357,15 +361,17 @@ def _fixed_features(name: str, q: Tensor, k: Tensor, scale: float) -> tuple[Tens
     return feature_map(name, q.to(acc), scale, role="query")[0], feature_map(name, k.to(acc), scale, role="key")[0]
 
 
-def _empty_output(q: Tensor, v: Tensor) -> Tensor:
-    return q.new_empty(q.shape[0], q.shape[1], q.shape[2], v.shape[-1])
-
-
 @torch.library.custom_op("rewriter::performer_attention", mutates_args=(), schema=(
     "(Tensor q, Tensor k, Tensor v, Tensor? key_mask, bool causal, float scale, int features, int seed=0) -> Tensor"))
 def performer_attention(q: Tensor, k: Tensor, v: Tensor, key_mask: Optional[Tensor], causal: bool, scale: float,
                         features: int, seed: int = 0) -> Tensor:
     """Performer (FAVOR+): linear attention with `features` positive orthogonal random features (seeded)."""
+    return performer_reference(q, k, v, key_mask, causal, scale, features, seed)
+
+
+def performer_reference(q: Tensor, k: Tensor, v: Tensor, key_mask: Optional[Tensor], causal: bool, scale: float,
+                        features: int, seed: int = 0) -> Tensor:
+    """The op's readable PyTorch body (CPU, and CUDA without its kernel)."""
     check_qkv(q, k, v, key_mask)
     _check_features(features)
     phi_q, phi_k, _, _ = _performer_features(q, k, key_mask, scale, features, seed)
@@ -376,7 +382,7 @@ def performer_attention(q: Tensor, k: Tensor, v: Tensor, key_mask: Optional[Tens
 @performer_attention.register_fake
 def _performer_attention_fake(q, k, v, key_mask, causal, scale, features, seed=0):
     _check_features(features)
-    return _empty_output(q, v)
+    return empty_output(q, v)
 
 
 @torch.library.custom_op("rewriter::linear_attention", mutates_args=(), schema=(
@@ -386,6 +392,12 @@ def linear_attention(q: Tensor, k: Tensor, v: Tensor, key_mask: Optional[Tensor]
                      feature_map: str, window: int = 0, sinks: int = 0) -> Tensor:
     """Linear attention with a fixed feature map (elu, relu, taylor2); window/sinks > 0 make it the training-free
     BASED / LoLCATs hybrid: exact softmax weights on the window band and sinks, phi.phi elsewhere."""
+    return linear_reference(q, k, v, key_mask, causal, scale, feature_map, window, sinks)
+
+
+def linear_reference(q: Tensor, k: Tensor, v: Tensor, key_mask: Optional[Tensor], causal: bool, scale: float,
+                     feature_map: str, window: int = 0, sinks: int = 0) -> Tensor:
+    """The op's readable PyTorch body (CPU, and CUDA without its kernel)."""
     check_qkv(q, k, v, key_mask)
     _check_linear_budget(feature_map, window, sinks)
     phi_q, phi_k = _fixed_features(feature_map, q, k, scale)
@@ -398,7 +410,7 @@ def linear_attention(q: Tensor, k: Tensor, v: Tensor, key_mask: Optional[Tensor]
 @linear_attention.register_fake
 def _linear_attention_fake(q, k, v, key_mask, causal, scale, feature_map, window=0, sinks=0):
     _check_linear_budget(feature_map, window, sinks)
-    return _empty_output(q, v)
+    return empty_output(q, v)
 
 
 @torch.library.custom_op("rewriter::scatterbrain_attention", mutates_args=(), schema=(
@@ -407,6 +419,12 @@ def _linear_attention_fake(q, k, v, key_mask, causal, scale, feature_map, window
 def scatterbrain_attention(q: Tensor, k: Tensor, v: Tensor, key_mask: Optional[Tensor], causal: bool, scale: float,
                            features: int, window: int, sinks: int = 0, seed: int = 0) -> Tensor:
     """Scatterbrain: exact softmax weights on the window band and sinks, Performer features elsewhere."""
+    return scatterbrain_reference(q, k, v, key_mask, causal, scale, features, window, sinks, seed)
+
+
+def scatterbrain_reference(q: Tensor, k: Tensor, v: Tensor, key_mask: Optional[Tensor], causal: bool, scale: float,
+                           features: int, window: int, sinks: int = 0, seed: int = 0) -> Tensor:
+    """The op's readable PyTorch body (CPU, and CUDA without its kernel)."""
     check_qkv(q, k, v, key_mask)
     _check_scatterbrain_budget(features, window, sinks)
     phi_q, phi_k, log_q, log_k = _performer_features(q, k, key_mask, scale, features, seed)
@@ -417,7 +435,7 @@ def scatterbrain_attention(q: Tensor, k: Tensor, v: Tensor, key_mask: Optional[T
 @scatterbrain_attention.register_fake
 def _scatterbrain_attention_fake(q, k, v, key_mask, causal, scale, features, window, sinks=0, seed=0):
     _check_scatterbrain_budget(features, window, sinks)
-    return _empty_output(q, v)
+    return empty_output(q, v)
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -489,3 +507,118 @@ def scatterbrain_cost(B: int, H: int, Hkv: int, Lq: int, Lk: int, D: int, Dv: in
     _check_scatterbrain_budget(features, window, sinks)
     return _lowrank_cost(B, H, Hkv, Lq, Lk, D, Dv, causal, elem_bytes, features, 2 * features * (D + 1),
                          window, sinks)
+
+
+# --------------------------------------------------------------------------------------------------------------
+# ONNX translations (onnxscript, opset 18; helpers in _onnx.py)
+# --------------------------------------------------------------------------------------------------------------
+
+def translate_linear_attention(q, k, v, key_mask=None, causal=False, scale=1.0, feature_map="elu", window=0, sinks=0):
+    qa, ka, va, (_, d, dv) = ox._heads_fp32(q, k, v)
+    phi_q, phi_k = ox._fixed_feature_map(feature_map, qa, scale, d), ox._fixed_feature_map(feature_map, ka, scale, d)
+    dims = (d, dv, feature_dim(feature_map, d))
+    return ox._op().CastLike(ox._lowrank_attention(qa, ka, va, key_mask, causal, scale, phi_q, phi_k, dims, window, sinks), q)
+
+
+def translate_performer_attention(q, k, v, key_mask=None, causal=False, scale=1.0, features=1, seed=0):
+    qa, ka, va, (_, d, dv) = ox._heads_fp32(q, k, v)
+    phi_q, phi_k, _, _ = ox._performer_features(qa, ka, key_mask, scale, performer_projection(features, d, seed))   # offsets cancel
+    out = ox._lowrank_attention(qa, ka, va, key_mask, causal, scale, phi_q, phi_k, (d, dv, features), 0, 0)
+    return ox._op().CastLike(out, q)
+
+
+def translate_scatterbrain_attention(q, k, v, key_mask=None, causal=False, scale=1.0, features=1, window=1, sinks=0,
+                                     seed=0):
+    qa, ka, va, (_, d, dv) = ox._heads_fp32(q, k, v)
+    phi_q, phi_k, log_q, log_k = ox._performer_features(qa, ka, key_mask, scale, performer_projection(features, d, seed))
+    out = ox._lowrank_attention(qa, ka, va, key_mask, causal, scale, phi_q, phi_k, (d, dv, features), window, sinks,
+                             log_q, log_k)
+    return ox._op().CastLike(out, q)
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Configs and registry entries
+# --------------------------------------------------------------------------------------------------------------
+
+@dataclass
+class PerformerConfig(AttentionConfig):
+    features: int = field(default=64, metadata={"help": "random features m; overridden by density"})
+    density: float = field(default=0.0, metadata={"help": "features = density x L: m features cost about m / L of "
+                                                          "exact attention (0: features as given)"})
+    seed: int = 0
+
+    def validate(self):
+        if self.features < 1:
+            raise ValueError(f"features must be >= 1; got {self.features}")
+        self._density_ok("density", self.density)
+
+
+def _performer_budget(c: PerformerConfig, L: int) -> tuple[dict, dict]:
+    features = max(1, int(round(c.density * L))) if c.density > 0 else c.features
+    return {"features": features, "seed": c.seed}, {"features": features}
+
+
+register_method(AttentionMethod(
+    name="performer", config=PerformerConfig, op=torch.ops.rewriter.performer_attention.default,
+    budget=_performer_budget, cost=performer_cost, reference=performer_reference,
+    onnx=translate_performer_attention, colour="#f28e2b", density_knob="features",
+    summary="Performer FAVOR+ positive orthogonal random features (linear in length)",
+    candidates=({"features": 32}, {"features": 128})))
+
+
+@dataclass
+class LinearConfig(AttentionConfig):
+    feature_map: str = field(default="elu", metadata={"help": "elu | relu | taylor2"})
+    window: int = field(default=0, metadata={"help": "hybrid: exact softmax over a window of this many keys"})
+    density: float = field(default=0.0, metadata={"help": "hybrid window = density x L (the model's maximum length)"})
+    sinks: int = 0
+
+    def validate(self):
+        if self.feature_map not in LINEAR_FEATURE_MAPS:
+            raise ValueError(f"feature_map must be elu, relu or taylor2; got {self.feature_map!r}")
+        if self.window < 0 or self.sinks < 0:
+            raise ValueError("window and sinks must be >= 0")
+        self._density_ok("density", self.density)
+
+
+def _linear_budget(c: LinearConfig, L: int) -> tuple[dict, dict]:
+    w = c.window if c.window > 0 else (int(round(c.density * L)) if c.density > 0 else 0)
+    return ({"feature_map": c.feature_map, "window": w, "sinks": c.sinks},
+            {"feature_map": c.feature_map, "window": w, "sinks": c.sinks})
+
+
+register_method(AttentionMethod(
+    name="linear", config=LinearConfig, op=torch.ops.rewriter.linear_attention.default,
+    budget=_linear_budget, cost=linear_cost, reference=linear_reference, onnx=translate_linear_attention,
+    colour="#e15759", density_knob="window",
+    summary="kernel linear attention (elu+1, relu, Taylor-2), optionally hybrid with a sliding window (BASED/LoLCATs)",
+    candidates=({"feature_map": "elu"}, {"feature_map": "elu", "density": 0.1, "sinks": 4})))
+
+
+@dataclass
+class ScatterbrainConfig(AttentionConfig):
+    features: int = field(default=32, metadata={"help": "random features m of the low-rank part"})
+    density: float = field(default=0.1, metadata={"help": "sparse part: window = density x L (the model's maximum length)"})
+    window: int = field(default=0, metadata={"help": "sparse part window in tokens (overrides density)"})
+    sinks: int = 0
+    seed: int = 0
+
+    def validate(self):
+        if self.features < 1 or self.window < 0 or self.sinks < 0:
+            raise ValueError("features >= 1, window >= 0, sinks >= 0")
+        self._density_ok("density", self.density, allow_zero=self.window > 0)
+
+
+def _scatterbrain_budget(c: ScatterbrainConfig, L: int) -> tuple[dict, dict]:
+    w = window_from(c.window, c.density, L)
+    return ({"features": c.features, "window": w, "sinks": c.sinks, "seed": c.seed},
+            {"features": c.features, "window": w, "sinks": c.sinks})
+
+
+register_method(AttentionMethod(
+    name="scatterbrain", config=ScatterbrainConfig, op=torch.ops.rewriter.scatterbrain_attention.default,
+    budget=_scatterbrain_budget, cost=scatterbrain_cost, reference=scatterbrain_reference,
+    onnx=translate_scatterbrain_attention, colour="#76b7b2", density_knob="window",
+    summary="Scatterbrain: sliding-window sparse + Performer low-rank, combined unbiasedly",
+    candidates=({"density": 0.05, "features": 32}, {"density": 0.1, "features": 32},
+                {"density": 0.25, "features": 64})))

@@ -1,6 +1,6 @@
 """Block-sparse attention: the one reference that every sparse method lowers to.
 
-Layout (shared with the Triton kernel in ``rewriter.kernels``):
+Layout (shared with the Triton kernel in ``rewriter.attention.triton``):
     block     int: query blocks and key blocks are `block` tokens (the last one may be short)
     kv_index  (B', H', nQB, K) int32: for each query block the key blocks it visits, ascending;
               slots past kv_count are ignored. B' is B or 1 and H' is H or 1 (broadcast).
@@ -19,7 +19,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from ._common import check_qkv
+from ._contract import check_qkv
 
 
 def num_blocks(length: int, block: int) -> int:

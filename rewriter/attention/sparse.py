@@ -11,19 +11,22 @@ are the key blocks overlapping its positions (the diagonal block when Lq == Lk a
 `sink_blocks` key blocks. Under causal masking a key block is eligible only if its first key is visible to the
 query block's last query.
 
-Op conventions (shapes, GQA, key_mask, causal alignment) are those of ``_common.py``.
+Op conventions (shapes, GQA, key_mask, causal alignment) are those of ``_contract.py``.
 """
 import math
+from dataclasses import dataclass, field
 from typing import Optional
 
 import torch
 from torch import Tensor
 
-from ._common import AttentionCost, allowed_mask, check_qkv, exact_attention_cost, expand_kv, window_extents
+from . import _onnx as ox
+from ._contract import (METHODS, AttentionConfig, AttentionCost, AttentionMethod, allowed_mask, check_qkv,
+                        empty_output, exact_attention_cost, expand_kv, register_method, window_extents,
+                        window_from)
 from .block_sparse import _pad_to, block_sparse_attention_reference, num_blocks
 
 POOLS = ("mean", "maxmin")
-METHODS = ("window", "block_topk", "strided", "lsh")
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -365,10 +368,6 @@ def lsh_pair_mask(q: Tensor, k: Tensor, key_mask: Optional[Tensor], causal: bool
 # Ops (explicit schemas: budgets are plain ints, not SymInts)
 # --------------------------------------------------------------------------------------------------------------
 
-def _empty_output(q: Tensor, v: Tensor) -> Tensor:
-    return q.new_empty(q.shape[0], q.shape[1], q.shape[2], v.shape[-1])
-
-
 @torch.library.custom_op("rewriter::window_attention", mutates_args=(), schema=(
     "(Tensor q, Tensor k, Tensor v, Tensor? key_mask, bool causal, float scale, int window, int sinks, "
     "int block=64) -> Tensor"))
@@ -393,7 +392,7 @@ def window_attention_impl(q, k, v, key_mask, causal, scale, window, sinks, block
 @window_attention.register_fake
 def _window_attention_fake(q, k, v, key_mask, causal, scale, window, sinks, block=64):
     _check_window_budget(window, sinks, block)
-    return _empty_output(q, v)
+    return empty_output(q, v)
 
 
 @torch.library.custom_op("rewriter::block_topk_attention", mutates_args=(), schema=(
@@ -420,7 +419,7 @@ def block_topk_attention_impl(q, k, v, key_mask, causal, scale, density, block=6
 def _block_topk_attention_fake(q, k, v, key_mask, causal, scale, density, block=64, pool="mean", sink_blocks=1,
                                local_blocks=1):
     _check_topk_budget(density, block, pool, sink_blocks, local_blocks)
-    return _empty_output(q, v)
+    return empty_output(q, v)
 
 
 @torch.library.custom_op("rewriter::strided_attention", mutates_args=(), schema=(
@@ -443,7 +442,7 @@ def strided_attention_impl(q, k, v, key_mask, causal, scale, stride, local_block
 @strided_attention.register_fake
 def _strided_attention_fake(q, k, v, key_mask, causal, scale, stride, local_blocks=1, sink_blocks=1, block=64):
     _check_strided_budget(stride, local_blocks, sink_blocks, block)
-    return _empty_output(q, v)
+    return empty_output(q, v)
 
 
 @torch.library.custom_op("rewriter::lsh_attention", mutates_args=(), schema=(
@@ -459,6 +458,10 @@ def lsh_attention(q: Tensor, k: Tensor, v: Tensor, key_mask: Optional[Tensor], c
     rounds that see it (so it counts once). Causal and padding apply by original position. A query that no round
     gives a visible key attends the key block(s) at its own position instead (blocks of bucket_size).
     """
+    return lsh_attention_impl(q, k, v, key_mask, causal, scale, n_hashes, bucket_size, seed)
+
+
+def lsh_attention_impl(q, k, v, key_mask, causal, scale, n_hashes, bucket_size=64, seed=0) -> Tensor:
     check_qkv(q, k, v, key_mask)
     _check_lsh_budget(n_hashes, bucket_size)
     return _lsh_attention(q, k, v, key_mask, causal, scale, n_hashes, bucket_size, seed)
@@ -467,7 +470,7 @@ def lsh_attention(q: Tensor, k: Tensor, v: Tensor, key_mask: Optional[Tensor], c
 @lsh_attention.register_fake
 def _lsh_attention_fake(q, k, v, key_mask, causal, scale, n_hashes, bucket_size=64, seed=0):
     _check_lsh_budget(n_hashes, bucket_size)
-    return _empty_output(q, v)
+    return empty_output(q, v)
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -536,41 +539,312 @@ def lsh_cost(B: int, H: int, Hkv: int, Lq: int, Lk: int, D: int, Dv: int, causal
     return _block_cost(B, H, Lq, Lk, D, Dv, causal, elem_bytes, entries, gathered, extra)
 
 
-def _method_pairs(method: str, q: Tensor, k: Tensor, key_mask: Optional[Tensor], causal: bool, scale: float,
-                  **budget) -> Tensor:
-    """Dense (B or 1, H or 1, Lq, Lk) bool of the pairs a method computes exactly (token predicates applied)."""
-    B, H, Lq, _ = q.shape
-    Lk = k.shape[2]
+def _layout_pairs(kv_index: Tensor, kv_count: Tensor, Lq: int, Lk: int, block: int) -> Tensor:
+    """Dense (B', H', Lq, Lk) bool of the pairs a block layout visits (whole blocks)."""
+    nkb = num_blocks(Lk, block)
+    used = torch.arange(kv_index.shape[-1], device=kv_index.device) < kv_count[..., None]
+    block_mask = torch.zeros(kv_index.shape[:-1] + (nkb + 1,), dtype=torch.bool, device=kv_index.device)
+    block_mask.scatter_(-1, torch.where(used, kv_index.long(), torch.full_like(kv_index.long(), nkb)), True)
+    return block_mask[..., :nkb].repeat_interleave(block, -2)[..., :Lq, :].repeat_interleave(block, -1)[..., :Lk]
+
+
+def window_pairs(q: Tensor, k: Tensor, key_mask: Optional[Tensor], causal: bool, scale: float, window: int,
+                 sinks: int = 0, block: int = 64) -> Tensor:
+    """Dense (1, 1, Lq, Lk) bool of the pairs window_attention computes (its token predicate applied)."""
+    Lq, Lk = q.shape[2], k.shape[2]
+    kv_index, kv_count = window_layout(Lq, Lk, block, window, sinks, causal, q.device)
     q_pos = torch.arange(Lq, device=q.device)[:, None] + (Lk - Lq)
     k_pos = torch.arange(Lk, device=q.device)[None, :]
-    if method == "lsh":
-        return lsh_pair_mask(q, k, key_mask, causal, **budget)
-    block = budget.get("block", 64)
-    if method == "window":
-        kv_index, kv_count = window_layout(Lq, Lk, block, budget["window"], budget.get("sinks", 0), causal, q.device)
-    elif method == "block_topk":
-        kv_index, kv_count = block_topk_layout(q, k, key_mask, causal, scale, **budget)
-    elif method == "strided":
-        kv_index, kv_count = strided_layout(Lq, Lk, H, causal=causal, device=q.device, **budget)
-    else:
-        raise ValueError(f"unknown sparse method {method!r}; allowed: {', '.join(METHODS)}")
-    nkb = num_blocks(Lk, block)
-    used = torch.arange(kv_index.shape[-1], device=q.device) < kv_count[..., None]
-    block_mask = torch.zeros(kv_index.shape[:-1] + (nkb + 1,), dtype=torch.bool, device=q.device)
-    block_mask.scatter_(-1, torch.where(used, kv_index.long(), torch.full_like(kv_index.long(), nkb)), True)
-    pairs = block_mask[..., :nkb].repeat_interleave(block, -2)[..., :Lq, :].repeat_interleave(block, -1)[..., :Lk]
-    if method == "window":
-        left, right = window_extents(budget["window"], causal)
-        pairs = pairs & (((k_pos >= q_pos - left) & (k_pos <= q_pos + right)) | (k_pos < budget.get("sinks", 0)))
-    return pairs
+    left, right = window_extents(window, causal)
+    return _layout_pairs(kv_index, kv_count, Lq, Lk, block) & (
+        ((k_pos >= q_pos - left) & (k_pos <= q_pos + right)) | (k_pos < sinks))
+
+
+def block_topk_pairs(q: Tensor, k: Tensor, key_mask: Optional[Tensor], causal: bool, scale: float,
+                     **budget) -> Tensor:
+    kv_index, kv_count = block_topk_layout(q, k, key_mask, causal, scale, **budget)
+    return _layout_pairs(kv_index, kv_count, q.shape[2], k.shape[2], budget.get("block", 64))
+
+
+def strided_pairs(q: Tensor, k: Tensor, key_mask: Optional[Tensor], causal: bool, scale: float, **budget) -> Tensor:
+    kv_index, kv_count = strided_layout(q.shape[2], k.shape[2], q.shape[1], causal=causal, device=q.device, **budget)
+    return _layout_pairs(kv_index, kv_count, q.shape[2], k.shape[2], budget.get("block", 64))
+
+
+def lsh_pairs(q: Tensor, k: Tensor, key_mask: Optional[Tensor], causal: bool, scale: float, **budget) -> Tensor:
+    return lsh_pair_mask(q, k, key_mask, causal, **budget)
 
 
 def measured_density(method: str, q: Tensor, k: Tensor, key_mask: Optional[Tensor], causal: bool, scale: float,
                      **budget) -> float:
     """Fraction of the allowed (causal + padding) score entries, over all batches and query heads, that `method`
-    ("window", "block_topk", "strided", "lsh"; budget as the op's keyword arguments) computes exactly."""
+    (a registered method with `pairs`; budget as the op's keyword arguments) computes exactly."""
     B, H, Lq, _ = q.shape
     allowed = allowed_mask(Lq, k.shape[2], causal, key_mask, q.device).expand(B, H, -1, -1)
-    kept = _method_pairs(method, q, k, key_mask, causal, scale, **budget) & allowed
+    kept = METHODS[method].pairs(q, k, key_mask, causal, scale, **budget) & allowed
     total = int(allowed.sum())
     return float(kept.sum()) / total if total else 0.0
+
+
+# --------------------------------------------------------------------------------------------------------------
+# ONNX translations (onnxscript, opset 18; helpers in _onnx.py)
+# --------------------------------------------------------------------------------------------------------------
+
+def translate_window_attention(q, k, v, key_mask=None, causal=False, scale=1.0, window=1, sinks=0, block=64):
+    """Exact softmax over the band of ``window_extents(window, causal)`` plus the first `sinks` keys."""
+    op = ox._op()
+    qa, ka, va, (_, d, dv) = ox._heads_fp32(q, k, v)
+    sup = ox._support(qa, ka, key_mask, causal, window, sinks, block)
+    s = ox._masked_scores(sup.blocks(qa, d), sup.gather(ka, d), sup.allowed, scale)
+    p = op.Exp(op.Sub(s, ox._finite_row_max(s)))                    # exp(-inf) = 0 off the support
+    out = op.MatMul(p, sup.gather(ox._with_ones(va), dv + 1))
+    return op.CastLike(ox._normalise(sup.rows(out, dv + 1), dv), q)
+
+
+def translate_block_topk_attention(q, k, v, key_mask=None, causal=False, scale=1.0, density=1.0, block=64,
+                                   pool="mean", sink_blocks=1, local_blocks=1):
+    """Pooled block scores, TopK per query block of max(ceil(density x n_eligible), n_forced) blocks (forced ones
+    ranked +inf, ineligible ones -inf, as ``block_topk_layout``), then the gathered blocks. Blocks whose pooled
+    scores tie may be chosen differently from torch.sort (TopK breaks ties its own way)."""
+    op = ox._op()
+    qa, ka, va, (_, d, dv) = ox._heads_fp32(q, k, v)
+    scores, has_key = ox._pooled_block_scores(qa, ka, key_mask, scale, block, pool, d)
+    eligible, forced = ox._base_blocks(qa, ka, block, causal, local_blocks, sink_blocks)
+    eligible, forced = op.And(eligible, has_key), op.And(forced, has_key)        # (B, 1, nqb, nkb)
+    n_eligible = op.ReduceSum(op.Cast(eligible, to=11), ox._ints([-1]), keepdims=0)  # float64, as the reference
+    n_forced = op.ReduceSum(op.Cast(forced, to=7), ox._ints([-1]), keepdims=0)
+    # the slack keeps ceil exact where density x n is an integer that floats land just above (as the reference)
+    keep = op.Cast(op.Ceil(op.Sub(op.Mul(n_eligible, ox._double(density)), ox._double(1e-9))), to=7)
+    keep = op.Max(keep, n_forced)                                                 # (B, 1, nqb)
+    ranked = op.Where(forced, ox._float(math.inf), op.Where(eligible, scores, ox._float(-math.inf)))
+    kv_index, slot_valid = ox._top_blocks(ranked, op.Expand(keep, op.Shape(ranked, start=0, end=3)))
+    out = ox._gathered_block_attention(qa, ka, va, key_mask, causal, scale, kv_index, slot_valid, block, d, dv)
+    return op.CastLike(out, q)
+
+
+def translate_strided_attention(q, k, v, key_mask=None, causal=False, scale=1.0, stride=1, local_blocks=1,
+                                sink_blocks=1, block=64):
+    """Head h keeps key blocks kb with (kb + h) % stride == 0 plus local and sink blocks (causal-eligible only):
+    the layout of ``strided_layout``, built from the lengths, then the gathered blocks."""
+    op = ox._op()
+    qa, ka, va, (heads, d, dv) = ox._heads_fp32(q, k, v)
+    eligible, forced = ox._base_blocks(qa, ka, block, causal, local_blocks, sink_blocks)   # (nqb, nkb)
+    _, nkb, _, _ = ox._block_grid(qa, ka, block)
+    kb = op.Range(ox._int(0), op.Squeeze(nkb, ox._ints([0])), ox._int(1))
+    head = op.Unsqueeze(ox._ints(range(heads)), ox._ints([1]))                          # (H, 1)
+    strided = op.Equal(op.Mod(op.Add(op.Unsqueeze(kb, ox._ints([0])), head), ox._ints([stride])), ox._ints([0]))
+    chosen = op.Or(op.And(op.Unsqueeze(strided, ox._ints([1])), eligible), forced)   # (H, nqb, nkb)
+    count = op.ReduceSum(op.Cast(chosen, to=7), ox._ints([-1]), keepdims=0)
+    kv_index, slot_valid = ox._top_blocks(op.Cast(chosen, to=1), count)
+    out = ox._gathered_block_attention(qa, ka, va, key_mask, causal, scale, op.Unsqueeze(kv_index, ox._ints([0])),
+                                    op.Unsqueeze(slot_valid, ox._ints([0])), block, d, dv)
+    return op.CastLike(out, q)
+
+
+def translate_lsh_attention(q, k, v, key_mask=None, causal=False, scale=1.0, n_hashes=1, bucket_size=64, seed=0):
+    """The hyperplanes of every possible bit count (``lsh_hyperplanes``, zero-padded to LSH_MAX_BITS columns)
+    are one initializer; the graph picks the set for ceil(log2(n_chunks)) bits. Sorting is TopK on the unique
+    key bucket x L + position. Dot products within float rounding of 0 may hash differently from PyTorch."""
+    import onnx_ir as ir
+    import numpy as np
+    op = ox._op()
+    qa, ka, va, (_, d, dv) = ox._heads_fp32(q, k, v)
+    lq, lk = ox._dim(qa, 2), ox._dim(ka, 2)
+    n_chunks = op.Div(op.Add(lq, ox._ints([bucket_size - 1])), ox._ints([bucket_size]))
+    key_chunk = op.Div(op.Add(lk, op.Sub(n_chunks, ox._ints([1]))), n_chunks)
+    bits = op.ReduceSum(op.Cast(op.Less(ox._ints([2**b for b in range(ox.LSH_MAX_BITS)]), n_chunks), to=7), keepdims=0)
+    planes = np.zeros((ox.LSH_MAX_BITS + 1, n_hashes, d, ox.LSH_MAX_BITS), dtype=np.float32)
+    for b in range(ox.LSH_MAX_BITS + 1):
+        planes[b, :, :, :b] = lsh_hyperplanes(n_hashes, d, b, seed).to(torch.float32).numpy()
+    planes = op.Gather(op.Constant(value=ir.tensor(planes, name="lsh_hyperplanes")), bits, axis=0)   # (R, D, bits)
+    weights = ox._ints([2**b for b in range(ox.LSH_MAX_BITS)])
+    padding_bucket = op.Gather(ox._ints([2**b for b in range(ox.LSH_MAX_BITS + 1)]), bits, axis=0)
+    k_valid = ox._key_valid(ka, key_mask)                                            # (B, Lk)
+    k_valid_h = op.Expand(op.Unsqueeze(k_valid, ox._ints([1])), op.Shape(ka, start=0, end=3))   # (B, H, Lk)
+
+    def buckets(x, r):
+        signs = op.Cast(op.Greater(op.MatMul(x, op.Gather(planes, ox._int(r), axis=0)), ox._float(0.0)), to=7)
+        return op.ReduceSum(op.Mul(signs, weights), ox._ints([-1]), keepdims=0)     # (B, H, L)
+
+    rounds = []
+    for r in range(n_hashes):
+        bk = op.Where(k_valid_h, buckets(ka, r), padding_bucket)                  # padding keys sort last
+        rounds.append(ox._sort_by_bucket(buckets(qa, r), ox._ints([bucket_size])) + ox._sort_by_bucket(bk, key_chunk))
+
+    q_len, k_len = op.Mul(n_chunks, ox._ints([bucket_size])), op.Mul(n_chunks, key_chunk)
+
+    def chunked(x, e: int):
+        """(B, H, n x c, e) -> (B, H, n, c, e)."""
+        return op.Reshape(x, op.Concat(ox._ints([0, 0]), n_chunks, ox._ints([-1, e]), axis=0))
+
+    va1 = ox._with_ones(va)
+    offset = op.Sub(lk, lq)
+    outs, lses = [], []
+    for q_order, _, k_order, _ in rounds:
+        qs = chunked(ox._pad_to_length(op.GatherND(qa, op.Unsqueeze(q_order, ox._ints([3])), batch_dims=2), 2, q_len), d)
+        q_pos = chunked(ox._pad_to_length(op.Unsqueeze(q_order, ox._ints([3])), 2, q_len), 1)          # (B, H, n, qc, 1)
+        k_index = op.Unsqueeze(k_order, ox._ints([3]))
+        ks = ox._previous_and_own(chunked(ox._pad_to_length(op.GatherND(ka, k_index, batch_dims=2), 2, k_len), d))
+        vs = ox._previous_and_own(chunked(ox._pad_to_length(op.GatherND(va1, k_index, batch_dims=2), 2, k_len), dv + 1))
+        k_pos = ox._previous_and_own(chunked(ox._pad_to_length(k_index, 2, k_len), 1))                  # (B, H, n, 2kc, 1)
+        k_pos = op.Squeeze(k_pos, ox._ints([4]))
+        slot = op.Less(op.Range(ox._int(0), op.Squeeze(k_len, ox._ints([0])), ox._int(1)), lk)
+        slot = op.Cast(ox._previous_and_own(chunked(op.Cast(op.Unsqueeze(slot, ox._ints([0, 1])), to=7), 1)), to=9)
+        flat_k_pos = op.Reshape(k_pos, ox._ints([0, 0, -1]))
+        ok = op.And(op.Squeeze(slot, ox._ints([4])), op.Reshape(op.GatherElements(k_valid_h, flat_k_pos, axis=2),
+                                                             op.Shape(k_pos)))
+        ok = op.Unsqueeze(ok, ox._ints([3]))                                         # (B, H, n, 1, 2kc)
+        kp = op.Unsqueeze(k_pos, ox._ints([3]))
+        if causal:
+            ok = op.And(ok, op.LessOrEqual(kp, op.Add(q_pos, offset)))
+        flat_q_pos = op.Reshape(q_pos, ox._ints([0, 0, -1]))
+        seen = None
+        for _, q_chunk, _, k_chunk in rounds:
+            qch = op.Reshape(op.GatherElements(q_chunk, flat_q_pos, axis=2), op.Shape(q_pos))
+            kch = op.Reshape(op.GatherElements(k_chunk, flat_k_pos, axis=2), op.Shape(kp))
+            hit = op.Cast(op.Or(op.Equal(kch, qch), op.Equal(kch, op.Sub(qch, ox._ints([1])))), to=1)
+            seen = hit if seen is None else op.Add(seen, hit)
+        s = op.Mul(op.MatMul(qs, op.Transpose(ks, perm=[0, 1, 2, 4, 3])), ox._float(scale))
+        s = op.Where(ok, op.Sub(s, op.Log(op.Max(seen, ox._float(1.0)))), ox._float(-math.inf))
+        m = ox._finite_row_max(s)
+        acc = op.MatMul(op.Exp(op.Sub(s, m)), vs)                                 # (B, H, n, qc, Dv + 1)
+        acc = op.Slice(op.Reshape(acc, ox._ints([0, 0, -1, dv + 1])), ox._ints([0]), lq, ox._ints([2]))
+        m = op.Slice(op.Reshape(m, ox._ints([0, 0, -1, 1])), ox._ints([0]), lq, ox._ints([2]))
+        rank = op.Unsqueeze(op.ScatterElements(op.Mul(q_order, ox._ints([0])), q_order,
+                                               op.Expand(op.Range(ox._int(0), op.Squeeze(lq, ox._ints([0])), ox._int(1)),
+                                                         op.Shape(q_order)), axis=2), ox._ints([3]))
+        acc = op.GatherND(acc, rank, batch_dims=2)                               # back to positions
+        m = op.GatherND(m, rank, batch_dims=2)
+        den = op.Slice(acc, ox._ints([dv]), ox._ints([dv + 1]), ox._ints([-1]))
+        outs.append(op.Div(op.Slice(acc, ox._ints([0]), ox._ints([dv]), ox._ints([-1])), op.Max(den, ox._float(1.1754944e-38))))
+        lses.append(op.Unsqueeze(op.Add(m, op.Log(den)), ox._ints([0])))            # (1, B, H, Lq, 1); -inf: no key
+    lse_all = op.Concat(*lses, axis=0)
+    top = op.ReduceMax(lse_all, ox._ints([0]), keepdims=1)
+    top = op.Where(op.IsInf(top), ox._float(0.0), top)
+    total = op.Add(top, op.Log(op.ReduceSum(op.Exp(op.Sub(lse_all, top)), ox._ints([0]), keepdims=1)))
+    saw_key = op.Not(op.IsInf(total))
+    weights_r = op.Where(saw_key, op.Exp(op.Sub(lse_all, op.Where(saw_key, total, ox._float(0.0)))), ox._float(0.0))
+    out = op.ReduceSum(op.Mul(weights_r, op.Concat(*[op.Unsqueeze(o, ox._ints([0])) for o in outs], axis=0)),
+                       ox._ints([0]), keepdims=0)
+    _, forced = ox._base_blocks(qa, ka, bucket_size, causal, 1, 0)
+    count = op.ReduceSum(op.Cast(forced, to=7), ox._ints([-1]), keepdims=0)
+    kv_index, slot_valid = ox._top_blocks(op.Cast(forced, to=1), count)
+    local = ox._gathered_block_attention(qa, ka, va, key_mask, causal, scale, op.Unsqueeze(kv_index, ox._ints([0, 1])),
+                                      op.Unsqueeze(slot_valid, ox._ints([0, 1])), bucket_size, d, dv)
+    return op.CastLike(op.Where(op.Squeeze(saw_key, ox._ints([0])), out, local), q)
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Configs and registry entries
+# --------------------------------------------------------------------------------------------------------------
+
+@dataclass
+class WindowConfig(AttentionConfig):
+    window: int = field(default=0, metadata={"help": "keys per query (tokens); 0: from density"})
+    density: float = field(default=0.25, metadata={"help": "window = density x L (the model's maximum length)"})
+    sinks: int = field(default=4, metadata={"help": "first tokens always visible"})
+    block: int = 64
+
+    def validate(self):
+        if self.window < 0 or self.sinks < 0 or self.block < 1:
+            raise ValueError("window, sinks must be >= 0 and block >= 1")
+        self._density_ok("density", self.density, allow_zero=self.window > 0)
+
+
+def _window_budget(c: WindowConfig, L: int) -> tuple[dict, dict]:
+    w = window_from(c.window, c.density, L)
+    return {"window": w, "sinks": c.sinks, "block": c.block}, {"window": w, "sinks": c.sinks}
+
+
+register_method(AttentionMethod(
+    name="window", config=WindowConfig, op=torch.ops.rewriter.window_attention.default, budget=_window_budget,
+    cost=window_cost, reference=window_attention_impl, onnx=translate_window_attention, pairs=window_pairs,
+    colour="#4e79a7", density_knob="window",
+    summary="sliding-window attention plus sink tokens (StreamingLLM / neighbourhood)",
+    candidates=({"density": 0.05, "sinks": 4}, {"density": 0.1, "sinks": 4}, {"density": 0.25, "sinks": 4},
+                {"density": 0.5, "sinks": 4})))
+
+
+@dataclass
+class BlockTopkConfig(AttentionConfig):
+    density: float = field(default=0.25, metadata={"help": "fraction of key blocks kept per query block"})
+    block: int = 64
+    pool: str = field(default="mean", metadata={"help": "mean | maxmin"})
+    sink_blocks: int = 1
+    local_blocks: int = 1
+
+    def validate(self):
+        self._density_ok("density", self.density, allow_zero=False)
+        if self.pool not in POOLS:
+            raise ValueError(f"pool must be mean or maxmin; got {self.pool!r}")
+        if self.block < 1 or self.sink_blocks < 0 or self.local_blocks < 0:
+            raise ValueError("block >= 1, sink_blocks >= 0, local_blocks >= 0")
+
+
+def _block_topk_budget(c: BlockTopkConfig, L: int) -> tuple[dict, dict]:
+    return ({"density": c.density, "block": c.block, "pool": c.pool, "sink_blocks": c.sink_blocks,
+             "local_blocks": c.local_blocks}, {"block_density": c.density})
+
+
+register_method(AttentionMethod(
+    name="block-topk", config=BlockTopkConfig, op=torch.ops.rewriter.block_topk_attention.default,
+    budget=_block_topk_budget, cost=block_topk_cost, reference=block_topk_attention_impl,
+    onnx=translate_block_topk_attention, pairs=block_topk_pairs, colour="#59a14f",
+    summary="training-free block-sparse attention: top-k key blocks by pooled scores (SeerAttention/Quest)",
+    candidates=({"density": 0.1, "block": 32}, {"density": 0.25, "block": 32}, {"density": 0.5, "block": 32})))
+
+
+@dataclass
+class StridedConfig(AttentionConfig):
+    stride: int = field(default=0, metadata={"help": "every stride-th key block per head; 0: from density"})
+    density: float = 0.25
+    local_blocks: int = 1
+    sink_blocks: int = 1
+    block: int = 64
+
+    def validate(self):
+        if self.stride < 0 or self.block < 1:
+            raise ValueError("stride must be >= 0 and block >= 1")
+        self._density_ok("density", self.density, allow_zero=self.stride > 0)
+
+
+def _strided_budget(c: StridedConfig, L: int) -> tuple[dict, dict]:
+    stride = c.stride if c.stride > 0 else max(1, int(round(1.0 / c.density)))
+    return ({"stride": stride, "local_blocks": c.local_blocks, "sink_blocks": c.sink_blocks, "block": c.block},
+            {"stride": stride})
+
+
+register_method(AttentionMethod(
+    name="strided", config=StridedConfig, op=torch.ops.rewriter.strided_attention.default, budget=_strided_budget,
+    cost=strided_cost, reference=strided_attention_impl, onnx=translate_strided_attention, pairs=strided_pairs,
+    colour="#8cd17d", density_knob="stride",
+    summary="S2-Attention heterogeneous sharding: local blocks plus a per-head strided set of blocks",
+    candidates=({"stride": 8, "block": 32}, {"stride": 4, "block": 32})))
+
+
+@dataclass
+class LshConfig(AttentionConfig):
+    n_hashes: int = 2
+    bucket_size: int = field(default=64, metadata={"help": "queries per sorted chunk (tokens); overridden by density"})
+    density: float = field(default=0.0, metadata={"help": "bucket_size = density x L / (2 n_hashes): each query "
+                                                          "sees two chunks per round (0: bucket_size as given)"})
+    seed: int = 0
+
+    def validate(self):
+        if self.n_hashes < 1 or self.bucket_size < 1:
+            raise ValueError("n_hashes and bucket_size must be >= 1")
+        self._density_ok("density", self.density)
+
+
+def _lsh_budget(c: LshConfig, L: int) -> tuple[dict, dict]:
+    bucket = max(1, int(round(c.density * L / (2 * c.n_hashes)))) if c.density > 0 else c.bucket_size
+    return ({"n_hashes": c.n_hashes, "bucket_size": bucket, "seed": c.seed},
+            {"n_hashes": c.n_hashes, "bucket_size": bucket})
+
+
+register_method(AttentionMethod(
+    name="lsh", config=LshConfig, op=torch.ops.rewriter.lsh_attention.default, budget=_lsh_budget, cost=lsh_cost,
+    reference=lsh_attention_impl, onnx=translate_lsh_attention, pairs=lsh_pairs, colour="#b07aa1",
+    density_knob="bucket_size",
+    summary="angular LSH attention (Reformer / HyperAttention sortLSH), rounds merged by log-sum-exp",
+    candidates=({"n_hashes": 2, "bucket_size": 32}, {"n_hashes": 4, "bucket_size": 32})))

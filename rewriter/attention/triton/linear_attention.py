@@ -1,6 +1,6 @@
 """Chunked linear attention (forward): the CUDA core of performer / linear attention.
 
-Computes, like ``rewriter.ops.lowrank_attention.linear_attention_core``,
+Computes, like ``rewriter.attention.feature_map.linear_attention_core``,
     num_i = sum over allowed j of (phi_q_i . phi_k_j) v_j,   den_i = sum over allowed j of phi_q_i . phi_k_j
 in fp32, with allowed = causal (j <= i + Lk - Lq) and padding. Never builds Lq x Lk.
 

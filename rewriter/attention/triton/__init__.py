@@ -1,4 +1,4 @@
-"""Triton kernels (CUDA; on CPU tensors only under TRITON_INTERPRET=1) for the ops in ``rewriter.ops``."""
+"""Triton kernels (CUDA; on CPU tensors only under TRITON_INTERPRET=1) for the ops in ``rewriter.attention``."""
 from __future__ import annotations
 
 import importlib.util

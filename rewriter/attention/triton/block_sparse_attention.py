@@ -1,6 +1,6 @@
 """Block-sparse flash attention forward in Triton: the CUDA core of every sparse attention op.
 
-Same contract as ``rewriter.ops.block_sparse.block_sparse_attention_reference`` (layout kv_index/kv_count with
+Same contract as ``rewriter.attention.block_sparse.block_sparse_attention_reference`` (layout kv_index/kv_count with
 broadcastable batch/head dims, token-level predicate: padding, causal on positions, window band, sinks).
 One program per (query block, batch x head) runs an online softmax (FlashAttention-2) over the key blocks its
 query block lists, accumulating in fp32. The kernel block is the layout block.
@@ -14,8 +14,8 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from ..ops._common import check_qkv
-from ..ops.block_sparse import num_blocks
+from .._contract import check_qkv
+from ..block_sparse import num_blocks
 
 _LOG2E = 1.0 / math.log(2.0)
 
@@ -200,7 +200,7 @@ def window_layout(Lq: int, Lk: int, block: int, window_left: int, window_right: 
     """(kv_index (1, 1, nqb, K) int32, kv_count (1, 1, nqb) int32): sink blocks then the band's blocks, ascending,
     for queries at positions arange(Lq) + Lk - Lq. window_left / window_right -1 = unlimited on that side.
     Computed on the CPU once per shape and kept per device (read-only), so calls make no device sync."""
-    from ..ops.sparse_attention import _device_copy
+    from ..sparse import _device_copy
     return _device_copy(("kernel_window", Lq, Lk, block, window_left, window_right, sinks), device,
                         lambda: _window_layout_cpu(Lq, Lk, block, window_left, window_right, sinks))
 

@@ -1,0 +1,96 @@
+"""Exact attention with a key-padding mask instead of a dense (B, 1, Lq, Lk) one.
+
+    rewriter::exact_attention(q, k, v, key_mask?, causal, scale) -> (B, H, Lq, Dv)
+
+Captured HF programs attend through SDPA with the mask HF materialised from `attention_mask` (padding & causal):
+a (B, 1, L, L) bool that SDPA cannot hand to its flash / cuDNN kernels (and that costs L^2 bytes to build).
+The op keeps attention exact and takes the (B, Lk) key mask: when every key is real (an unpadded batch) it calls
+SDPA with is_causal (the flash path, on CUDA and on the CPU), otherwise SDPA with the mask built from the key
+mask. Conventions of ``_contract.py``: queries sit at key positions Lk - Lq .., GQA by kv-head groups, rows with
+no real key give 0.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from . import _onnx as ox
+from ._contract import (AttentionConfig, AttentionCost, AttentionMethod, allowed_mask, check_qkv, drop_full_mask,
+                        empty_output, exact_attention_cost, expand_kv, register_method)
+
+
+@torch.library.custom_op("rewriter::exact_attention", mutates_args=(), schema=(
+    "(Tensor q, Tensor k, Tensor v, Tensor? key_mask, bool causal, float scale) -> Tensor"))
+def exact_attention(q: Tensor, k: Tensor, v: Tensor, key_mask: Optional[Tensor], causal: bool,
+                    scale: float) -> Tensor:
+    """Exact softmax attention over the real keys (and, if causal, the earlier positions)."""
+    return exact_attention_impl(q, k, v, key_mask, causal, scale)
+
+
+def exact_attention_impl(q: Tensor, k: Tensor, v: Tensor, key_mask: Optional[Tensor], causal: bool,
+                         scale: float) -> Tensor:
+    """The op's body on every device (SDPA picks flash / cuDNN on CUDA). The all-real check is the contract's (the kernels use it too),
+    remembered per mask tensor, so a forward through many layers checks its shared mask once."""
+    check_qkv(q, k, v, key_mask)
+    H, Lq, Lk = q.shape[1], q.shape[2], k.shape[2]
+    key_mask = drop_full_mask(key_mask)
+    k, v = expand_kv(k, H), expand_kv(v, H)
+    if key_mask is None and (not causal or Lq == Lk):
+        return F.scaled_dot_product_attention(q, k, v, is_causal=causal and Lq > 0, scale=scale)
+    allowed = allowed_mask(Lq, Lk, causal, key_mask, q.device)
+    out = F.scaled_dot_product_attention(q, k, v, attn_mask=allowed, scale=scale)
+    return torch.where(allowed.any(-1, keepdim=True), out, torch.zeros_like(out))   # no real key: 0, not NaN
+
+
+@exact_attention.register_fake
+def _exact_attention_fake(q, k, v, key_mask, causal, scale):
+    return empty_output(q, v)
+
+
+def exact_cost(B: int, H: int, Hkv: int, Lq: int, Lk: int, D: int, Dv: int, causal: bool,
+               elem_bytes: int = 4) -> AttentionCost:
+    """Exact attention's cost (the dense score entries; causal halves them)."""
+    return exact_attention_cost(B, H, Lq, Lk, D, Dv, causal, elem_bytes)
+
+
+# --------------------------------------------------------------------------------------------------------------
+# ONNX translations (onnxscript, opset 18; helpers in _onnx.py)
+# --------------------------------------------------------------------------------------------------------------
+
+def translate_exact_attention(q, k, v, key_mask=None, causal=False, scale=1.0):
+    """Dense softmax attention over the real keys (and, if causal, positions <= the query's); rows with no key: 0."""
+    op = ox._op()
+    qa, ka, va, (_, d, dv) = ox._heads_fp32(q, k, v)
+    s = op.Mul(op.MatMul(qa, op.Transpose(ka, perm=[0, 1, 3, 2])), ox._float(scale))     # (B, H, Lq, Lk)
+    allowed = None
+    if causal:
+        lq, lk = ox._dim(qa, 2), ox._dim(ka, 2)
+        q_pos = op.Add(op.Range(ox._int(0), op.Squeeze(lq, ox._ints([0])), ox._int(1)), op.Sub(lk, lq))
+        k_pos = op.Range(ox._int(0), op.Squeeze(lk, ox._ints([0])), ox._int(1))
+        allowed = op.LessOrEqual(op.Unsqueeze(k_pos, ox._ints([0])), op.Unsqueeze(q_pos, ox._ints([1])))   # (Lq, Lk)
+    if key_mask is not None:
+        real = op.Unsqueeze(key_mask, ox._ints([1, 2]))                                      # (B, 1, 1, Lk)
+        allowed = real if allowed is None else op.And(allowed, real)
+    if allowed is not None:
+        s = op.Where(allowed, s, ox._float(-math.inf))
+    p = op.Exp(op.Sub(s, ox._finite_row_max(s)))
+    return op.CastLike(ox._normalise(op.MatMul(p, ox._with_ones(va)), dv), q)
+
+
+@dataclass
+class ExactAttentionConfig(AttentionConfig):
+    pass
+
+
+register_method(AttentionMethod(
+    name="exact-attention", config=ExactAttentionConfig, op=torch.ops.rewriter.exact_attention.default,
+    budget=lambda c, L: ({}, {}), cost=exact_cost, reference=exact_attention_impl, onnx=translate_exact_attention,
+    onnx_quadratic=True, colour="#d9d9d9",
+    summary=("attention stays exact; HF's dense L x L mask becomes the key-padding mask, so SDPA takes its "
+             "causal flash / cuDNN path on unpadded batches (put it last: it leaves no SDPA site for the "
+             "attention and KV passes)")))

@@ -1,0 +1,149 @@
+"""The explicit KV cache the captured programs take and return, the hooks through which HF's decoders fill it, and
+the prefill / step modules that are exported around the model."""
+from __future__ import annotations
+
+from contextlib import contextmanager
+
+import inspect
+
+import torch
+from torch import nn
+
+from ..think import prompt_key_channels
+from .policy import ThinkDynamic
+
+
+def _channel_index(channels: torch.Tensor, k: torch.Tensor) -> torch.Tensor:
+    """A layer's kept channels, (Hkv, Dk) or per batch row (B, Hkv, Dk), expanded to index keys (B, Hkv, L, .)."""
+    idx = channels[:, :, None, :] if channels.dim() == 3 else channels[None, :, None, :]
+    return idx.expand(k.shape[0], -1, k.shape[2], -1)
+
+
+class _ExplicitCache:
+    """What HF's attention layers call `update` on. Collects each layer's cache tensor (functional writes)."""
+
+    def __init__(self, k_cache: torch.Tensor | None, v_cache: torch.Tensor | None,
+                 cache_position: torch.Tensor | None, key_channels: torch.Tensor | None,
+                 think_dynamic: "ThinkDynamic | None" = None):
+        self.k_cache, self.v_cache = k_cache, v_cache
+        self.cache_position = cache_position
+        self.key_channels = key_channels      # (N, Hkv, Dk), per batch row (N, B, Hkv, Dk), or None
+        self.think_dynamic = think_dynamic    # prefill only: choose channels from the prompt (attention_inputs)
+        self.keys: list[torch.Tensor] = []
+        self.values: list[torch.Tensor] = []
+        self.channels: list[torch.Tensor] = []
+
+    def update(self, key_states, value_states, layer_idx, *args, **kwargs):
+        k = key_states
+        if self.key_channels is not None:
+            k = torch.gather(k, -1, _channel_index(self.key_channels[layer_idx], k))
+        v = value_states
+        if self.k_cache is not None:
+            k = self.k_cache[layer_idx].index_copy(2, self.cache_position, k)
+            v = self.v_cache[layer_idx].index_copy(2, self.cache_position, v)
+        self.keys.append(k)
+        self.values.append(v)
+        return k, v       # with key_channels: compact keys; the attention function narrows the query to match
+
+    def outputs(self) -> tuple[torch.Tensor, ...]:
+        """The tensors the programs return: keys and values (N, B, Hkv, slots, Dk|Dv); dynamic ThinK's prefill also
+        the chosen channels (N, B, Hkv, Dk)."""
+        extra = (torch.stack(self.channels),) if self.think_dynamic is not None else ()
+        return (torch.stack(self.keys), torch.stack(self.values), *extra)
+
+    def attention_inputs(self, layer_idx: int, query: torch.Tensor, key: torch.Tensor):
+        """(query, key) for the layer's attention. Dynamic prefill: choose the channels from the prompt (the prompt
+        attends with all of them). Kept channels: the query's kept channels, so q.k runs over those only."""
+        if self.think_dynamic is not None:
+            kept = prompt_key_channels(query, key, self.think_dynamic.ratio, self.think_dynamic.n_obs)
+            self.keys[layer_idx] = torch.gather(self.keys[layer_idx], -1, _channel_index(kept, self.keys[layer_idx]))
+            self.channels.append(kept)
+            return query, key
+        kept = self.key_channels[layer_idx]                       # (Hkv, Dk) or (B, Hkv, Dk)
+        group = query.shape[1] // kept.shape[-2]
+        return torch.gather(query, -1, _channel_index(kept.repeat_interleave(group, dim=-2), query)), key
+
+
+THINK_ATTENTION = "rewriter_think"
+
+
+def _think_attention(module, query, key, value, attention_mask, *, think_cache: _ExplicitCache, think_inner: str,
+                     **kwargs):
+    """The model's own attention on the ThinK-narrowed query and key (kwargs carry the model's scale)."""
+    query, key = think_cache.attention_inputs(module.layer_idx, query, key)
+    return _attention_function(module, think_inner)(module, query, key, value, attention_mask, **kwargs)
+
+
+def _attention_function(module: nn.Module, name: str):
+    from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
+    if name == "eager":   # each modeling file has its own eager function
+        import sys
+        return sys.modules[type(module).__module__].eager_attention_forward
+    return ALL_ATTENTION_FUNCTIONS[name]
+
+
+@contextmanager
+def _think_attention_active(model: nn.Module):
+    """Route the model's attention through _think_attention for one forward; yields the inner name."""
+    from transformers import AttentionInterface
+    AttentionInterface.register(THINK_ATTENTION, _think_attention)
+    inner = model.config._attn_implementation
+    model.config._attn_implementation = THINK_ATTENTION
+    try:
+        yield inner
+    finally:
+        model.config._attn_implementation = inner
+
+
+def _run_model(model: nn.Module, cache: _ExplicitCache, **kwargs):
+    """The HF forward; through _think_attention when the cache thins key channels."""
+    # transformers 5.24 names the cache argument `cache`; earlier 5.x releases `past_key_values`
+    kwargs["cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"] = cache
+    if getattr(cache, "key_channels", None) is None and getattr(cache, "think_dynamic", None) is None:
+        return model(use_cache=True, **kwargs)
+    with _think_attention_active(model) as inner:
+        return model(use_cache=True, think_cache=cache, think_inner=inner, **kwargs)
+
+
+class _CacheModule(nn.Module):
+    """The HF model plus the ThinK channel index (a buffer, so export sees it as a constant input)."""
+
+    def __init__(self, model: nn.Module, key_channels: torch.Tensor | None,
+                 think_dynamic: "ThinkDynamic | None" = None):
+        super().__init__()
+        self.model = model
+        self.think_dynamic = think_dynamic
+        self.key_channels = None
+        if key_channels is not None:
+            del self.key_channels
+            self.register_buffer("key_channels", key_channels, persistent=False)
+
+    def new_cache(self, k_cache, v_cache, cache_position, key_channels=None):
+        """The duck-typed cache HF's layers write to (a hook: the MLA decoder caches a latent instead). Prefill
+        (k_cache None) chooses dynamic ThinK channels; a step gets them as the key_channels input."""
+        channels = self.key_channels if key_channels is None else key_channels
+        return _ExplicitCache(k_cache, v_cache, cache_position, channels,
+                              self.think_dynamic if k_cache is None else None)
+
+
+class _PrefillModule(_CacheModule):
+    def forward(self, input_ids):
+        B, T = input_ids.shape
+        pos = torch.arange(T, device=input_ids.device)
+        mask = (pos[None, :] <= pos[:, None])[None, None].expand(B, 1, T, T)
+        cache = self.new_cache(None, None, None)
+        out = _run_model(self.model, cache, input_ids=input_ids, position_ids=pos[None].expand(B, T),
+                         attention_mask=mask)
+        return (out.logits, *cache.outputs())
+
+
+class _StepModule(_CacheModule):
+    def forward(self, input_ids, cache_position, k_cache, v_cache, key_channels=None):
+        B, T = input_ids.shape
+        L = k_cache.shape[3]
+        slots = torch.arange(L, device=input_ids.device)
+        mask = (slots[None, :] <= cache_position[:, None])[None, None].expand(B, 1, T, L)
+        cache = self.new_cache(k_cache, v_cache, cache_position, key_channels)
+        out = _run_model(self.model, cache, input_ids=input_ids, position_ids=cache_position[None].expand(B, T),
+                         attention_mask=mask)
+        return (out.logits, *cache.outputs())

@@ -1,0 +1,299 @@
+"""KV-cache decoding for captured decoder LMs (Llama, Qwen2, Mistral, GPT-2): a prefill program and a one-token
+decode program, both captured with torch.export, with the cache as explicit tensors the programs take and return.
+
+    prefill(input_ids (B, T))                                  -> logits (B, T, V), keys, values (N, B, Hkv, T, Dk|Dv)
+    step(input_ids (B, 1), cache_position (1,), k_cache, v_cache (N, B, Hkv, Lmax, Dk|Dv))
+                                                               -> logits (B, 1, V), updated k_cache, v_cache
+
+The cache is functional (index_copy into the input, returned as an output), so both programs export and lower like
+any other. The HF model runs unmodified: a duck-typed cache object receives each layer's post-RoPE keys/values
+through the `cache.update` hook every HF decoder calls, and the attention mask is given as a 4D bool tensor so HF
+never asks the cache for lengths. The attention itself stays HF's SDPA call, so the canonical attention sites exist
+in both programs and the graph passes act on them.
+
+KV thinning hooks in at the cache:
+- ThinK channels (`key_channels`, per layer a (Hkv, Dk) index of kept key channels): the cache stores only those
+  channels, and attention computes q.k over them only: the query's kept channels are gathered (per KV-head group)
+  and SDPA runs at width Dk with the original 1/sqrt(D) scale.
+- ThinK dynamic (`think_dynamic`): the prefill program also scores channels per batch row, layer and KV head from
+  the prompt's post-RoPE queries and keys and returns the index (N, B, Hkv, Dk) with the compact keys; the decode
+  program takes that index as an input and applies it as above. The prompt itself is attended with all channels,
+  as in ThinK.
+Both read the post-RoPE queries in an attention function registered through transformers' AttentionInterface that
+wraps the model's own one: it is the one place every HF decoder hands over post-RoPE queries and keys together
+(cache.update gets keys only, and a q_proj hook would have to redo each architecture's RoPE), and it still calls
+the model's SDPA, so the attention sites stay canonical.
+- StreamingLLM (`sinks`, `window`): the decode cache holds sinks + window slots; when it is full the oldest
+  non-sink token is evicted and the later ones move down one slot. Positions are cache slots, as in StreamingLLM:
+  a key moved from slot s to s-1 is re-rotated by one RoPE step (RoPE is a rotation, so this equals re-applying
+  RoPE at the new slot); the new token's position is its slot. Without RoPE (GPT-2) positions are baked into
+  the hidden states, so only the query's position follows the slot.
+"""
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import nn
+
+from ..errors import RewriterError
+from ..program import Program, export
+from ..rope import rope_inv_freq
+from .cache import _PrefillModule, _StepModule
+from .policy import KVPolicy
+
+DECODER_TYPES = ("llama", "mistral", "qwen2", "gpt2")
+
+
+def decoder_dims(config: Any) -> dict:
+    """layers, kv heads, head dim of an HF decoder config."""
+    model_type = getattr(config, "model_type", "")
+    if model_type not in DECODER_TYPES:
+        raise RewriterError(f"KV-cache decoding supports {', '.join(DECODER_TYPES)}; got model_type '{model_type}'")
+    if model_type == "gpt2":
+        heads = config.n_head
+        return {"layers": config.n_layer, "heads": heads, "kv_heads": heads, "head_dim": config.n_embd // heads,
+                "rope": False}
+    heads = config.num_attention_heads
+    head_dim = getattr(config, "head_dim", None) or config.hidden_size // heads
+    return {"layers": config.num_hidden_layers, "heads": heads,
+            "kv_heads": getattr(config, "num_key_value_heads", None) or heads, "head_dim": head_dim, "rope": True}
+
+
+@dataclass
+class Decoder:
+    """A prefill program and a decode-step program sharing one explicit KV cache layout."""
+    prefill: Program
+    step: Program
+    max_len: int                   # cache slots of the decode program
+    dims: dict
+    policy: KVPolicy
+    inv_freq: torch.Tensor | None  # RoPE frequencies (for StreamingLLM re-rotation)
+    dtype: torch.dtype = torch.float32
+    meta: dict = field(default_factory=dict)
+    device: torch.device = field(default_factory=lambda: torch.device("cpu"))   # where the weights and cache live
+
+    @property
+    def key_dim(self) -> int:
+        kc, dyn = self.policy.key_channels, self.policy.think_dynamic
+        if dyn is not None:
+            return dyn.kept(self.dims["head_dim"])
+        return self.dims["head_dim"] if kc is None else int(kc.shape[-1])
+
+    def resized(self, max_len: int) -> "Decoder":
+        """The same programs with a cache of `max_len` slots (the step program's slot dim is dynamic)."""
+        lo, hi = self.step.dim_bounds["slots"]
+        if self.policy.evicts:
+            raise ValueError("an evicting cache has sinks + window slots; its size is set by kv-window")
+        if not lo <= max_len <= hi:
+            raise ValueError(f"max_len must be in [{lo}, {hi}] (the model's positions); got {max_len}")
+        return dataclasses.replace(self, max_len=max_len)
+
+    def to(self, device: str | torch.device) -> "Decoder":
+        """The same decoder running on `device` (capture on CPU, then move: see Program.to)."""
+        device = torch.device(device)
+        prefill = None if self.prefill is None else self.prefill.to(device)   # decoupled MLA has no prefill program
+        return dataclasses.replace(self, prefill=prefill, step=self.step.to(device), device=device)
+
+    def kv_bytes_per_token(self) -> int:
+        d = self.dims
+        return d["layers"] * d["kv_heads"] * (self.key_dim + d["head_dim"]) * torch.finfo(self.dtype).bits // 8
+
+    def kv_bytes_per_sequence(self, tokens: int) -> int:
+        """Cache bytes a sequence of `tokens` tokens holds (capped by the window when evicting)."""
+        held = min(tokens, self.policy.sinks + self.policy.window) if self.policy.evicts else tokens
+        return held * self.kv_bytes_per_token()
+
+    def empty_cache(self, batch: int) -> tuple[torch.Tensor, torch.Tensor]:
+        d = self.dims
+        k = torch.zeros(d["layers"], batch, d["kv_heads"], self.max_len, self.key_dim, dtype=self.dtype,
+                        device=self.device)
+        v = torch.zeros(d["layers"], batch, d["kv_heads"], self.max_len, d["head_dim"], dtype=self.dtype,
+                        device=self.device)
+        return k, v
+
+    # --- StreamingLLM -------------------------------------------------------------------------------------------
+    def _rerotate(self, k: torch.Tensor, shift: int) -> torch.Tensor:
+        """Keys rotated at position p -> rotated at p - shift (HF's rotate_half RoPE layout)."""
+        if self.inv_freq is None or shift == 0:
+            return k
+        ang = -shift * self.inv_freq.to(torch.float64)
+        ang = torch.cat([ang, ang])
+        cos, sin = ang.cos().to(k.device, k.dtype), ang.sin().to(k.device, k.dtype)
+        half = k.shape[-1] // 2
+        rot = torch.cat([-k[..., half:], k[..., :half]], dim=-1)
+        return k * cos + rot * sin
+
+    def _evict(self, k: torch.Tensor, v: torch.Tensor, length: int, keep: int) -> tuple[torch.Tensor, torch.Tensor, int]:
+        """Keep the sinks and the most recent tokens so that `keep` tokens remain; positions move to slots."""
+        if length <= keep:
+            return k, v, length
+        s = self.policy.sinks
+        drop = length - keep
+        recent_k = self._rerotate(k[..., s + drop:length, :], drop)
+        # the freed slots go to the end, so the cache keeps its shape
+        k = torch.cat([k[..., :s, :], recent_k, k[..., length:, :], torch.zeros_like(k[..., :drop, :])], dim=-2)
+        v = torch.cat([v[..., :s, :], v[..., s + drop:length, :], v[..., length:, :],
+                       torch.zeros_like(v[..., :drop, :])], dim=-2)
+        return k, v, keep
+
+    # --- running ------------------------------------------------------------------------------------------------
+    def generate(self, input_ids: torch.Tensor, max_new_tokens: int,
+                 eos_token_id: int | list[int] | None = None) -> torch.Tensor:
+        """Greedy decoding; returns (B, T + new) ids. Rows are equal-length prompts (no padding)."""
+        if input_ids.dim() != 2 or input_ids.shape[1] < 1:
+            raise ValueError(f"input_ids must be (batch, tokens) with at least one token; got {tuple(input_ids.shape)}")
+        if max_new_tokens < 0:
+            raise ValueError(f"max_new_tokens must be >= 0; got {max_new_tokens}")
+        B, T = input_ids.shape
+        if not self.policy.evicts and T + max_new_tokens > self.max_len:
+            raise ValueError(f"prompt ({T}) + max_new_tokens ({max_new_tokens}) exceeds the cache ({self.max_len} "
+                             "tokens); build the decoder with a larger max_len")
+        ids = input_ids = input_ids.to(self.device)
+        if max_new_tokens == 0:
+            return ids
+        logits, k, v, length, extra = self._prefill(input_ids)
+        done = torch.zeros(B, dtype=torch.bool, device=self.device)
+        eos = [] if eos_token_id is None else [eos_token_id] if isinstance(eos_token_id, int) else list(eos_token_id)
+        for i in range(max_new_tokens):
+            nxt = logits[:, -1].argmax(-1)
+            if eos:
+                nxt = torch.where(done, torch.full_like(nxt, eos[0]), nxt)   # finished rows repeat eos
+                done |= torch.isin(nxt, torch.tensor(eos, device=self.device))
+            ids = torch.cat([ids, nxt[:, None]], dim=1)
+            if i == max_new_tokens - 1 or bool(done.all()):
+                break
+            if self.policy.evicts:
+                k, v, length = self._evict(k, v, length, self.max_len - 1)
+            logits, k, v = self.step.run(input_ids=nxt[:, None], cache_position=self._position(length),
+                                         k_cache=k, v_cache=v, **extra)
+            length += 1
+        return ids
+
+    def _position(self, length: int) -> torch.Tensor:
+        return torch.tensor([length], device=self.device)
+
+    def _prefill(self, input_ids):
+        """-> logits, k cache, v cache, tokens held, extra decode-step inputs (dynamic ThinK's channel index)."""
+        B, T = input_ids.shape
+        k, v = self.empty_cache(B)
+        extra = {}
+        if T == 1:   # the prefill program is captured for T >= 2
+            if self.policy.think_dynamic is not None:
+                raise ValueError("think dynamic mode chooses key channels from the prompt at prefill; give a prompt "
+                                 "of at least 2 tokens")
+            logits, k, v = self.step.run(input_ids=input_ids, cache_position=self._position(0), k_cache=k, v_cache=v)
+            return logits, k, v, 1, extra
+        logits, pk, pv, *channels = self.prefill.run(input_ids=input_ids)
+        if channels:
+            extra["key_channels"] = channels[0]
+        if self.policy.evicts and T > self.max_len - 1:
+            pk, pv, _ = self._evict(pk, pv, T, self.max_len - 1)
+            n = self.max_len - 1
+        else:
+            n = T
+        k[..., :n, :] = pk[..., :n, :]
+        v[..., :n, :] = pv[..., :n, :]
+        return logits, k, v, n, extra
+
+    def teacher_forced_logits(self, input_ids: torch.Tensor, prefix: int) -> torch.Tensor:
+        """Logits for positions prefix-1 .. T-1 when the prefix is prefilled and the rest fed one token at a time
+        through the decode cache (eviction and thinning as configured). (B, T - prefix + 1, V)."""
+        B, T = input_ids.shape
+        input_ids = input_ids.to(self.device)
+        if not 1 <= prefix <= T:
+            raise ValueError(f"prefix must be in [1, {T}]; got {prefix}")
+        logits, k, v, length, extra = self._prefill(input_ids[:, :prefix])
+        out = [logits[:, -1]]
+        for t in range(prefix, T):
+            if self.policy.evicts:
+                k, v, length = self._evict(k, v, length, self.max_len - 1)
+            elif length >= self.max_len:
+                raise ValueError(f"sequence ({T}) exceeds the cache ({self.max_len} tokens)")
+            logits, k, v = self.step.run(input_ids=input_ids[:, t:t + 1], cache_position=self._position(length),
+                                         k_cache=k, v_cache=v, **extra)
+            length += 1
+            out.append(logits[:, -1])
+        return torch.stack(out, dim=1)
+
+
+def _export(module: nn.Module, inputs: dict, dynamic_dims: dict, dim_bounds: dict, config, source: str,
+            output_names: list[str]) -> Program:
+    program = Program(ep=None, input_names=list(inputs), output_names=output_names, example_inputs=inputs,  # type: ignore[arg-type]
+                      dynamic_dims=dynamic_dims, dim_bounds=dim_bounds,
+                      config=config.to_dict() if hasattr(config, "to_dict") else {}, source=source)
+    try:
+        with torch.no_grad():
+            program.ep = export(module, inputs, program.dynamic_shapes())
+    except Exception as e:
+        msg = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise RewriterError(f"torch.export could not capture the KV-cache program: {msg[:300]}") from e
+    program.causal_modules = {}
+    return program
+
+
+def build_decoder(model: nn.Module, *, max_len: int = 256, policy: KVPolicy | None = None,
+                  source: str = "<module>", max_batch: int = 64) -> Decoder:
+    """Capture the prefill and decode-step programs of an HF causal LM (eager module, sdpa or eager attention)."""
+    config = model.config
+    dims = decoder_dims(config)
+    policy = policy or KVPolicy()
+    policy.validate(dims["rope"])
+    if policy.evicts:
+        max_len = policy.sinks + policy.window
+    if max_len < 2:
+        raise ValueError(f"max_len must be >= 2; got {max_len}")
+    kc = policy.key_channels
+    if kc is not None:
+        expect = (dims["layers"], dims["kv_heads"])
+        if kc.dim() != 3 or tuple(kc.shape[:2]) != expect:
+            raise ValueError(f"key_channels must be (layers, kv_heads, kept) = {expect} + (kept,); got {tuple(kc.shape)}")
+    model = model.eval()
+    dtype = next(model.parameters()).dtype
+    device = next(model.parameters()).device
+    if kc is not None:
+        kc = kc.long().to(device)
+    hd = dims["head_dim"]
+    B, T = 2, min(8, max_len)
+    ids = torch.randint(0, config.vocab_size, (B, T), generator=torch.Generator().manual_seed(0)).to(device)
+    # an evicting cache still prefills whole prompts (then keeps sinks + recent), up to the model's positions
+    from ..capture import max_positions
+    prefill_len = max(max_len, max_positions(config)) if policy.evicts else max_len
+    dyn = policy.think_dynamic
+    prefill = _export(_PrefillModule(model, kc, dyn).eval(), {"input_ids": ids},
+                      {"input_ids": {0: "batch", 1: "seq"}}, {"batch": (1, max_batch), "seq": (2, prefill_len)}, config,
+                      source, ["logits", "keys", "values"] + (["key_channels"] if dyn else []))
+    dk = dyn.kept(hd) if dyn else hd if kc is None else int(kc.shape[-1])
+    step_inputs = {"input_ids": ids[:, :1], "cache_position": torch.tensor([T - 1], device=device),
+                   "k_cache": torch.zeros(dims["layers"], B, dims["kv_heads"], max_len, dk, dtype=dtype, device=device),
+                   "v_cache": torch.zeros(dims["layers"], B, dims["kv_heads"], max_len, hd, dtype=dtype, device=device)}
+    step_dims, step_bounds = step_shapes(config, max_len, max_batch)
+    if dyn:
+        step_inputs["key_channels"] = torch.arange(dk, device=device).expand(dims["layers"], B, dims["kv_heads"], dk).clone()
+        step_dims["key_channels"] = {1: "batch"}
+    step = _export(_StepModule(model, kc).eval(), step_inputs, step_dims, step_bounds, config, source,
+                   ["logits", "k_cache", "v_cache"])
+    inv_freq = None
+    if dims["rope"] and policy.evicts:
+        inv_freq = rope_inv_freq(model, "StreamingLLM re-rotation")
+    return Decoder(prefill=prefill, step=step, max_len=max_len, dims=dims, policy=policy, inv_freq=inv_freq,
+                   dtype=dtype, meta={"model_type": config.model_type}, device=device)
+
+
+def step_shapes(config, max_len: int, max_batch: int) -> tuple[dict, dict]:
+    """Dynamic dims and bounds of a decode-step program's inputs: batch, and cache slots up to the model's
+    positions (one step program serves any cache length: Decoder.resized)."""
+    from ..capture import max_positions
+    dims = {"input_ids": {0: "batch"}, "k_cache": {1: "batch", 3: "slots"}, "v_cache": {1: "batch", 3: "slots"}}
+    return dims, {"batch": (1, max_batch), "slots": (2, max(max_len, max_positions(config)))}
+
+
+def kv_bytes(decoder: Decoder, tokens: int) -> dict:
+    d = decoder.dims
+    dense_token = d["layers"] * d["kv_heads"] * 2 * d["head_dim"] * torch.finfo(decoder.dtype).bits // 8
+    return {"tokens": tokens, "dtype": str(decoder.dtype).replace("torch.", ""),
+            "before": {"bytes_per_token": dense_token, "bytes_per_sequence": dense_token * tokens},
+            "after": {"bytes_per_token": decoder.kv_bytes_per_token(),
+                      "bytes_per_sequence": decoder.kv_bytes_per_sequence(tokens)}}

@@ -1,0 +1,70 @@
+"""Every registered attention method is complete: config, budget, op with a fake, reference, cost, ONNX translation,
+a pass, and an entry in the per-method test matrix below (a new method fails here until it has all of them)."""
+from __future__ import annotations
+
+import dataclasses
+from pathlib import Path
+
+import pytest
+import torch
+from torch._subclasses.fake_tensor import FakeTensorMode
+
+import rewriter  # noqa: F401  (registers the methods)
+from rewriter.attention import METHODS, AttentionConfig
+from rewriter.attention._contract import AttentionCost
+from rewriter.pipeline import PASSES
+
+TESTS = Path(__file__).resolve().parent
+
+# The per-method test matrix: options small enough for a 40-token check here, and the test file that compares the
+# method's op with an oracle written from its definition.
+MATRIX = {
+    "exact-attention": ({}, "test_exact_attention.py"),
+    "window": ({"window": 8, "sinks": 2, "block": 16}, "test_ops_sparse_attention.py"),
+    "block-topk": ({"density": 0.5, "block": 16}, "test_ops_sparse_attention.py"),
+    "strided": ({"stride": 2, "block": 16}, "test_ops_sparse_attention.py"),
+    "lsh": ({"n_hashes": 2, "bucket_size": 16}, "test_ops_sparse_attention.py"),
+    "performer": ({"features": 16}, "test_ops_lowrank_attention.py"),
+    "linear": ({"feature_map": "elu", "window": 8, "sinks": 2}, "test_ops_lowrank_attention.py"),
+    "scatterbrain": ({"features": 16, "window": 8}, "test_ops_lowrank_attention.py"),
+}
+
+
+def test_every_method_has_a_row_in_the_matrix():
+    assert set(METHODS) == set(MATRIX), "add the method to MATRIX (and its test file)"
+    for name, (_, test_file) in MATRIX.items():
+        assert (TESTS / test_file).exists(), f"{name}: {test_file} is missing"
+
+
+@pytest.mark.parametrize("name", sorted(MATRIX))
+def test_method_is_complete(name):
+    m = METHODS[name]
+    assert dataclasses.is_dataclass(m.config) and issubclass(m.config, AttentionConfig)
+    assert PASSES[name].method is m and PASSES[name].config_class is m.config
+    assert m.summary and m.colour.startswith("#") and callable(m.onnx)
+    cfg = m.config(**MATRIX[name][0])
+    cfg.validate()
+    for options in m.candidates:
+        m.config(**options).validate()
+    kwargs, reported = m.budget(cfg, 40)
+    assert set(kwargs) <= set(m.args) and isinstance(reported, dict)
+    if m.density_knob:
+        assert m.density_knob in kwargs and m.density_knob in reported
+
+    gen = torch.Generator().manual_seed(0)
+    B, H, Hkv, L, D = 2, 4, 2, 40, 8
+    q, k, v = (torch.randn(B, h, L, D, generator=gen) for h in (H, Hkv, Hkv))
+    key_mask = torch.ones(B, L, dtype=torch.bool)
+    key_mask[1, 33:] = False
+    args = m.positional(kwargs)
+    out = m.op(q, k, v, key_mask, True, D ** -0.5, *args)
+    assert out.shape == (B, H, L, D) and torch.isfinite(out).all()
+    torch.testing.assert_close(out, m.reference(q, k, v, key_mask, True, D ** -0.5, **kwargs), rtol=0, atol=0)
+    with FakeTensorMode() as mode:                       # the fake: programs holding the op still export
+        fq, fk, fv, fm = (mode.from_tensor(t) for t in (q, k, v, key_mask))
+        assert m.op(fq, fk, fv, fm, True, D ** -0.5, *args).shape == (B, H, L, D)
+    cost = m.cost(B, H, Hkv, L, L, D, D, True, **kwargs)
+    assert isinstance(cost, AttentionCost) and cost.flops > 0 and cost.dense_flops > 0
+    if m.pairs is not None:
+        pairs = m.pairs(q, k, key_mask, True, D ** -0.5, **kwargs)
+        assert pairs.dtype == torch.bool and pairs.shape[-2:] == (L, L)

@@ -66,7 +66,7 @@ def test_pass_end_to_end(pair, arch, tiny_folders, tmp_path):
 
 @pytest.mark.parametrize("arch", ["bert", "llama"])
 def test_window_covering_sequence_is_exact(arch, tiny_folders):
-    res = optimize(tiny_folders[arch], [make_pass("window", {"window": 200, "sinks": 0, "block": 16})],
+    res = optimize(tiny_folders[arch], [make_pass("window", {"window": 128, "sinks": 0, "block": 16})],
                    samples=2, seq_len=24)
     assert res.report["final"]["relative_error"] < 1e-5
     for site in res.report["passes"][0]["sites"]:
@@ -90,7 +90,7 @@ def test_sites_share_one_key_mask(tiny_folders):
 
 
 def test_scatterbrain_covering_window_is_exact(tiny_folders):
-    res = optimize(tiny_folders["gpt2"], [make_pass("scatterbrain", {"features": 8, "window": 200})],
+    res = optimize(tiny_folders["gpt2"], [make_pass("scatterbrain", {"features": 8, "window": 128})],
                    samples=2, seq_len=24)
     assert res.report["final"]["relative_error"] < 1e-5
 

@@ -37,7 +37,7 @@ def test_pass_end_to_end(name, arch, tiny_folders, tmp_path):
 
 @pytest.mark.parametrize("arch", ["gpt2", "llama"])
 def test_full_rank_is_exact(arch, tiny_folders):
-    res = optimize(tiny_folders[arch], [make_pass("lowrank", {"rank": 10_000, "include": ["*mlp*"]})], samples=2, seq_len=16)
+    res = optimize(tiny_folders[arch], [make_pass("lowrank", {"rank": 128, "include": ["*mlp*"]})], samples=2, seq_len=16)
     # full rank is never smaller, so nothing may be rewritten and the output is untouched
     assert res.report["passes"][0]["sites_changed"] == 0
     from rewriter.linear.lowrank import svd_factors

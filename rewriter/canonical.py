@@ -86,22 +86,35 @@ _SCORE_PRODUCERS = (aten.matmul.default, aten.bmm.default, aten.baddbmm.default,
 
 
 def describe_unmatched(softmax: fx.Node, depth: int = 12) -> dict | None:
-    """What an attention-like softmax that did not match looks like: the ops between its scores (a matmul /
-    bmm / baddbmm) and the softmax, and the reason in words. None when no score product feeds the softmax."""
-    seen, node = [], softmax.args[0]
+    """What an attention-like softmax that did not match looks like: the ops between its scores (the nearest matmul /
+    bmm / baddbmm upstream, searched breadth-first) and the softmax, and the reason in words. None when no score
+    product feeds the softmax within `depth` ops."""
+    start = softmax.args[0]
+    if not isinstance(start, fx.Node):
+        return None
+    parent: dict[fx.Node, fx.Node | None] = {start: None}
+    frontier, found = [start], None
     for _ in range(depth):
-        if not isinstance(node, fx.Node) or node.op != "call_function":
-            return None
-        name = getattr(node.target, "__name__", str(node.target)).split(".")[0]
-        seen.append(name)
-        if node.target in _SCORE_PRODUCERS:
+        nxt = []
+        for node in frontier:
+            if node.op != "call_function":
+                continue
+            if node.target in _SCORE_PRODUCERS:
+                found = node
+                break
+            for a in node.all_input_nodes:
+                if a not in parent:
+                    parent[a] = node
+                    nxt.append(a)
+        if found is not None or not nxt:
             break
-        node = next((a for a in node.args if isinstance(a, fx.Node) and a.op == "call_function"), None)
-    else:
+        frontier = nxt
+    if found is None:
         return None
-    if not seen or node.target not in _SCORE_PRODUCERS:
-        return None
-    chain = list(reversed(seen))
+    chain, node = [], found
+    while node is not None:
+        chain.append(getattr(node.target, "__name__", str(node.target)).split(".")[0])
+        node = parent[node]
     if "tanh" in chain:
         reason = "logit softcapping (tanh of the scores before softmax)"
     elif chain[0] == "baddbmm":
@@ -178,14 +191,21 @@ def _match_merged_heads(softmax: fx.Node):
 
 def _replace_merged_heads(graph: fx.Graph, q, k, v, bias, beta, mask, scale, scores_view, final) -> None:
     """SDPA on the (B, H, L, D) sources; an additive (B * H, 1|L, L) bias joins the mask as (B, H, 1|L, L)."""
+    scores = val(scores_view)          # (B, H, Lq, Lk): the new mask nodes get fake values of their shapes
     with graph.inserting_before(final):
         attn_mask = mask
         if bias is not None:
             B, H = scores_view.args[1][:2]
-            b = graph.call_function(aten.view.default, (bias, [B, H, int(val(bias).shape[1]), -1]))
+            rows = int(val(bias).shape[1])
+            b = graph.call_function(aten.view.default, (bias, [B, H, rows, -1]))
+            b.meta["val"] = scores[:, :, :1, :] if rows == 1 else scores
             if beta != 1.0:
                 b = graph.call_function(aten.mul.Tensor, (b, beta))
-            attn_mask = b if mask is None else graph.call_function(aten.add.Tensor, (b, mask))
+                b.meta["val"] = b.args[0].meta["val"]
+            attn_mask = b
+            if mask is not None:
+                attn_mask = graph.call_function(aten.add.Tensor, (b, mask))
+                attn_mask.meta["val"] = scores
         sdpa = graph.call_function(SDPA, (q, k, v, attn_mask), {"scale": scale})
     sdpa.meta = dict(final.meta)
     final.replace_all_uses_with(sdpa)

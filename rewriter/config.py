@@ -20,6 +20,7 @@ class PassConfig:
     include: list[str] = field(default_factory=list)   # module-path globs, or "re:<regex>"
     exclude: list[str] = field(default_factory=list)
     layers: str | None = None                          # "0-3", "1,4", "6-"
+    allow_empty: bool = False                          # selecting no site is not an error
 
     def validate(self) -> None:
         """Subclasses check ranges; raise ValueError with what is allowed."""

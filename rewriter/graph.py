@@ -132,18 +132,18 @@ def record_node_inputs(gm: fx.GraphModule, inputs: dict[str, torch.Tensor], name
 def key_mask_node(graph: fx.Graph, mask: fx.Node | None, q: fx.Node) -> fx.Node | None:
     """(B, Lk) bool 'key is real' from an SDPA mask (B|1, 1|H, Lq, Lk), bool or additive float.
 
-    HF builds masks as padding & causal; the last query row sees every real key under both bidirectional and
-    causal masks, so it is the key-padding mask."""
+    HF builds masks as padding & causal (& the model's window); a real key is seen by at least one query (its own
+    position, under every such mask), a padding key by none, so "any query sees it" is the key-padding mask."""
     if mask is None:
         return None
     padding = _padding_mask_input(mask)
     if padding is not None:   # read the (B, L) padding mask directly: HF's (B, 1, L, L) mask then goes dead
         return _shared_key_mask(graph, padding)
     m = graph.call_function(aten.select.int, (mask, 1, 0))
-    m = graph.call_function(aten.select.int, (m, 1, -1))
     dtype = mask.meta["val"].dtype if "val" in mask.meta else torch.bool
     if dtype != torch.bool:
         m = graph.call_function(aten.gt.Scalar, (m, -1.0e4))   # additive masks: 0 keep, ~-3e38 drop
+    m = graph.call_function(aten.any.dim, (m, 1))
     b = graph.call_function(aten.sym_size.int, (q, 0))
     return graph.call_function(aten.expand.default, (m, [b, -1]))
 
@@ -209,10 +209,10 @@ def key_mask_value(mask: torch.Tensor | None, batch: int) -> torch.Tensor | None
     """The same reduction on concrete tensors (for per-site error measurement)."""
     if mask is None:
         return None
-    m = mask[:, 0, -1, :]
+    m = mask[:, 0]
     if m.dtype != torch.bool:
         m = m > -1.0e4
-    return m.expand(batch, -1)
+    return m.any(dim=1).expand(batch, -1)
 
 
 def head_group_inputs(gm: fx.GraphModule, name: str, q: fx.Node, k: fx.Node, v: fx.Node, heads: list[int],

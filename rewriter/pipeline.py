@@ -62,6 +62,11 @@ class Pass:
     plans: ClassVar[bool] = False           # True: a --dry-run runs it, so the printed recipe holds its plan
     summary: ClassVar[str] = ""
 
+    def is_exact(self) -> bool:
+        """True when the pass, as configured, is documented to keep the model's outputs (up to rounding): a
+        pipeline of such passes gets a default error budget, so an exact pass that is not exact stops the run."""
+        return False
+
     def __init__(self, config: PassConfig | None = None, **kwargs):
         if config is None:
             config = config_from_dict(self.config_class, kwargs, self.name)
@@ -124,6 +129,12 @@ class PipelineRun:
     artifacts: dict[str, bytes] = field(default_factory=dict)
 
 
+def exact_tolerance(program: Program) -> float:
+    """Relative output error an exact rewrite may show from rounding alone: 1e-4 in fp32, 2e-2 in fp16 / bf16."""
+    dtypes = {t.dtype for t in program.ep.state_dict.values() if t.is_floating_point()}
+    return 2e-2 if dtypes & {torch.float16, torch.bfloat16} else 1e-4
+
+
 class Pipeline:
     """An ordered list of passes, verified after each one against the original model's outputs."""
 
@@ -136,6 +147,7 @@ class Pipeline:
             check_number("--max-error", max_error, minimum=0)
         self.passes = passes
         self.max_error = max_error
+        self.max_error_default = False
         self.seed = seed
         self.progress = progress or (lambda msg: None)
 
@@ -147,6 +159,8 @@ class Pipeline:
         from .config import check_bounds
         for p in self.passes:   # before any work: size-like values bounded by the model
             check_bounds(p.config, p.name, program.config)
+        if self.max_error is None and self.passes and all(p.is_exact() for p in self.passes):
+            self.max_error, self.max_error_default = exact_tolerance(program), True
         torch.manual_seed(self.seed)
         reference = program.run(**calib_inputs)
         bad = [n for n, t in zip(program.output_names, reference)
@@ -160,6 +174,8 @@ class Pipeline:
             "calibration": {"description": calib_desc,
                             "shapes": {k: list(v.shape) for k, v in calib_inputs.items()}},
             "max_error": self.max_error,
+            **({"max_error_default": "every pass is documented as exact, so the run stops if the output moves"}
+               if self.max_error_default else {}),
             "before": {"parameters": program.num_parameters(), "bytes": program.parameter_bytes()},
             "passes": [],
         }
@@ -205,7 +221,9 @@ class Pipeline:
             if self.max_error is not None and (metrics["relative_error"] > self.max_error or metrics.get("non_finite")):
                 raise ErrorBudgetExceeded(
                     f"after pass '{p.name}' the relative error of '{metrics['output']}' is "
-                    f"{metrics['relative_error']:.3g} > --max-error {self.max_error:g}; nothing was written",
+                    f"{metrics['relative_error']:.3g} > --max-error {self.max_error:g}"
+                    f"{' (the default for exact passes)' if self.max_error_default else ''}; nothing was written",
+                    "report it: this pass should be exact here" if self.max_error_default else
                     "raise --max-error, restrict the pass with include/exclude/layers, or lower its budget")
         report["after"] = {"parameters": current.num_parameters(), "bytes": current.parameter_bytes()}
         report["final"] = report["passes"][-1]["metrics"] if report["passes"] else \

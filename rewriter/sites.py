@@ -41,6 +41,11 @@ class AttentionSite:
         return (self.window is None and self.window_right is None and not self.alibi_slopes
                 and self.softcap is None and not self.semantics_note)
 
+    def plain_except_window(self) -> bool:
+        """A causal sliding window is all the site has beyond padding + causal."""
+        return (self.window_right is None and not self.alibi_slopes and self.softcap is None
+                and not self.semantics_note)
+
     def semantics(self) -> str:
         """One phrase for reports and refusals: 'sliding window 32', 'ALiBi bias', ..."""
         parts = []
@@ -195,7 +200,15 @@ class SiteFilter:
         return True
 
 
-def select(sites: list, config) -> list:
-    """The sites a pass's config selects (its include / exclude globs and layer range), in graph order."""
+def select(sites: list, config, what: str = "site", pass_name: str = "the pass") -> list:
+    """The sites a pass's config selects (its include / exclude globs and layer range), in graph order. Selecting
+    nothing is an error (a pass that silently does nothing reads as success) unless the config has allow_empty."""
     keep = config.site_filter()
-    return [s for s in sites if keep(s)]
+    chosen = [s for s in sites if keep(s)]
+    if not chosen and not getattr(config, "allow_empty", False):
+        from .errors import RewriterError
+        filters = ", ".join(f"{k}={v}" for k, v in (("include", config.include), ("exclude", config.exclude),
+                                                       ("layers", config.layers)) if v) or "no filter"
+        raise RewriterError(f"{pass_name}: no {what} matched ({filters}; the program has {len(sites)} {what}s)",
+                            f"check the filters, see `rewriter inspect`, or add allow_empty=true to the pass")
+    return chosen

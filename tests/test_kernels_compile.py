@@ -73,7 +73,8 @@ def test_chunked_linear_attention_compiles(causal):
     ptrs = {"pq_ptr": "*bf16", "pk_ptr": "*bf16", "v_ptr": "*bf16", "num_ptr": "*fp32", "den_ptr": "*fp32",
             "kmask_ptr": "*i8"}
     compile_for_sm90(linear_attention._chunked_linear_fwd, ptrs, dict(
-        CHUNK=64, BLOCK_F=64, BLOCK_DV=64, CAUSAL=causal, HAS_KEY_MASK=True, ATOMIC=not causal))
+        CHUNK=64, BLOCK_F=64, BLOCK_DV=64, CAUSAL=causal, HAS_KEY_MASK=True, ATOMIC=not causal,
+        DOT_PRECISION="tf32"))
 
 
 @pytest.mark.parametrize("causal,masked", [(True, True), (False, False)])
@@ -82,7 +83,8 @@ def test_scatterbrain_compiles(causal, masked):
             "rlog_ptr": "*fp32", "lnum_ptr": "*fp32", "lden_ptr": "*fp32", "o_ptr": "*bf16", "idx_ptr": "*i32",
             "cnt_ptr": "*i32", "kmask_ptr": "*i8", "scale": "fp32"}
     compile_for_sm90(scatterbrain._scatterbrain_fwd, ptrs, dict(
-        BLOCK=64, BLOCK_D=128, BLOCK_DV=128, BLOCK_F=64, CAUSAL=causal, HAS_KEY_MASK=masked), aligned=True)
+        BLOCK=64, BLOCK_D=128, BLOCK_DV=128, BLOCK_F=64, CAUSAL=causal, HAS_KEY_MASK=masked, DOT_PRECISION="tf32"),
+        aligned=True)
 
 
 def test_lowrank_linear_compiles():

@@ -31,8 +31,9 @@ def _tiny(name: str):
     elif name == "falcon":
         m = tf.FalconForCausalLM(tf.FalconConfig(hidden_size=64, num_hidden_layers=2, num_attention_heads=4,
                                                  vocab_size=120, alibi=False, bias=True))
-    elif name == "gemma2":
+    elif name == "gemma2":   # eager: the softcapped form (transformers 5.17 defaults to SDPA, which drops the softcap)
         m = tf.Gemma2ForCausalLM(tf.Gemma2Config(**common, num_key_value_heads=2, head_dim=16, sliding_window=24))
+        m.set_attn_implementation("eager")
     elif name == "bloom":
         m = tf.BloomForCausalLM(tf.BloomConfig(hidden_size=64, n_layer=2, n_head=4, vocab_size=120))
     elif name == "deberta-v2":
@@ -181,3 +182,111 @@ def test_falcon_linears_are_sites(captured):
                                samples=2, seq_len=24)
     assert result.report["passes"][0]["sites_changed"] == 8
     assert result.report["final"]["relative_error"] < 1e-5
+
+
+# --- passes keep (or refuse) the model's own attention -----------------------------------------------------------
+
+def _optimize(program, passes, **kw):
+    import rewriter
+    from rewriter import make_pass
+    return rewriter.optimize(program, [make_pass(n, c) for n, c in passes], samples=2, seq_len=40, **kw)
+
+
+def _max_real_diff(model, program, L=80):
+    inputs = _left_padded(2, L)
+    with torch.no_grad():
+        ref = model(**inputs, use_cache=False).logits
+    out = program.run(**inputs)[0]
+    return float((out - ref)[inputs["attention_mask"].bool()].abs().max())
+
+
+@pytest.mark.parametrize("name", ["mistral", "qwen2", "gemma3", "falcon-alibi", "bloom"])
+def test_exact_attention_keeps_windows_and_alibi(captured, name):
+    """The issue's case: exact-attention on a sliding-window / ALiBi model equals the HF model beyond the window with
+    left padding (it used to drop the window: 0.20 max abs logit on Mistral)."""
+    model, program = captured(name)
+    result = _optimize(program, [("exact-attention", {})])
+    assert result.report["max_error"] == pytest.approx(1e-4) and "max_error_default" in result.report
+    assert _max_real_diff(model, result.program) < 1e-5
+
+
+def test_exact_attention_that_drops_the_window_is_stopped(captured, monkeypatch):
+    """A pipeline of exact passes gets a default error budget: an exact-attention that forgot the model's window
+    (the old behaviour) stops the run instead of writing a different model."""
+    from rewriter.attention import METHODS
+    from rewriter.pipeline import ErrorBudgetExceeded
+    model, program = captured("mistral")
+    monkeypatch.setattr(METHODS["exact-attention"], "compose", lambda site, kwargs: (kwargs, ""))
+    with pytest.raises(ErrorBudgetExceeded, match="default for exact passes"):
+        _optimize(program, [("exact-attention", {})])
+
+
+def test_window_wider_than_the_model_window_is_the_model(captured):
+    model, program = captured("mistral")
+    result = _optimize(program, [("window", {"window": 200, "sinks": 4})])
+    sites = result.report["passes"][0]["sites"]
+    assert all(s["window"] == 24 and s["sinks"] == 0 and "narrower" in s["model_semantics"] for s in sites)
+    assert _max_real_diff(model, result.program) < 1e-5
+
+
+def test_window_inside_the_model_window_is_the_intersection():
+    """Oracle: transformers itself, the same weights with sliding_window=8 (the intersection of 8 and 24)."""
+    from rewriter.capture import capture
+    model = _tiny("mistral")
+    program = capture(model, seq=16)
+    result = _optimize(program, [("window", {"window": 8, "sinks": 0})])
+    assert [s["window"] for s in result.report["passes"][0]["sites"]] == [8, 8]
+    model.config.sliding_window = 8
+    assert _max_real_diff(model, result.program) < 1e-5
+
+
+def test_methods_refuse_what_they_cannot_keep(captured):
+    from rewriter.errors import RewriterError
+    model, program = captured("qwen2")          # layer 0 full attention, layer 1 sliding window 24
+    result = _optimize(program, [("window", {"window": 8, "sinks": 4})])
+    entry = result.report["passes"][0]
+    assert [s["module_path"] for s in entry["sites"]] == ["model.layers.0.self_attn"]
+    assert entry["summary"]["refused_sites"][0]["site"] == "model.layers.1.self_attn"
+    assert any("refused model.layers.1.self_attn" in n and "sinks" in n for n in entry["notes"])
+    model, program = captured("falcon-alibi")   # every site has ALiBi: nothing the pass can do is an error
+    with pytest.raises(RewriterError, match="refused.*ALiBi"):
+        _optimize(program, [("block-topk", {"density": 0.5})])
+
+
+def test_a_pass_that_selects_nothing_is_an_error(captured):
+    from rewriter.errors import RewriterError
+    model, program = captured("gemma2")          # softcapped attention: no canonical site
+    with pytest.raises(RewriterError, match="window: no attention site matched"):
+        _optimize(program, [("window", {"window": 8})])
+    result = _optimize(program, [("window", {"window": 8, "allow_empty": True})])
+    assert result.report["passes"][0]["sites_changed"] == 0
+    model, program = captured("mistral")
+    with pytest.raises(RewriterError, match="lowrank: no linear site matched .*include=.*nothing"):
+        _optimize(program, [("lowrank", {"include": ["*nothing*"]})])
+
+
+@pytest.mark.parametrize("name", ["mistral", "bloom"])
+def test_exact_attention_with_window_or_alibi_exports(captured, name, tmp_path):
+    """ONNX translation of the kept window / ALiBi, validated in onnxruntime against the program."""
+    pytest.importorskip("onnxruntime")
+    from rewriter.backends.onnx import export_program
+    model, program = captured(name)
+    result = _optimize(program, [("exact-attention", {})])
+    record = export_program(result.program, tmp_path / "m.onnx")
+    assert record["passed"] if "passed" in record else all(c["max_abs_diff"] < 1e-4 for c in record["checks"])
+
+
+def test_exact_op_window_and_alibi_against_float64():
+    from rewriter.attention._contract import alibi_bias, allowed_mask, masked_softmax_attention
+    g = torch.Generator().manual_seed(0)
+    B, H, Hkv, L, D = 2, 4, 2, 37, 16
+    q, k, v = (torch.randn(B, h, L, D, generator=g) for h in (H, Hkv, Hkv))
+    km = torch.ones(B, L, dtype=torch.bool)
+    km[1, :5] = False
+    slopes = [0.5, 0.25, 0.125, 0.0625]
+    got = torch.ops.rewriter.exact_attention(q, k, v, km, True, D ** -0.5, 9, slopes)
+    allowed = allowed_mask(L, L, True, km, "cpu", window=9)
+    want = masked_softmax_attention(q.double(), k.double(), v.double(), allowed, D ** -0.5,
+                                    alibi_bias(slopes, L, L, "cpu", torch.float64))
+    real = km[:, None, :, None].expand_as(want)
+    assert (got.double() - want)[real].abs().max() < 1e-5

@@ -48,27 +48,43 @@ def expand_kv(x: Tensor, heads: int) -> Tensor:
     return x.repeat_interleave(heads // hkv, dim=1)
 
 
-def allowed_mask(Lq: int, Lk: int, causal: bool, key_mask: Tensor | None, device) -> Tensor:
-    """Dense (B or 1, 1, Lq, Lk) bool of the pairs exact attention may use (causal + padding)."""
+def allowed_mask(Lq: int, Lk: int, causal: bool, key_mask: Tensor | None, device, window: int = 0) -> Tensor:
+    """Dense (B or 1, 1, Lq, Lk) bool of the pairs exact attention may use (causal + padding, and the model's own
+    sliding window when `window` > 0: key j is visible to query i when i - j < window, HF's convention)."""
     allowed = torch.ones(Lq, Lk, dtype=torch.bool, device=device)
+    i = torch.arange(Lq, device=device)[:, None] + (Lk - Lq)
+    j = torch.arange(Lk, device=device)[None, :]
     if causal:
-        i = torch.arange(Lq, device=device)[:, None] + (Lk - Lq)
-        j = torch.arange(Lk, device=device)[None, :]
         allowed = j <= i
+    if window > 0:
+        allowed = allowed & (i - j < window)
     allowed = allowed[None, None]
     if key_mask is not None:
         allowed = allowed & key_mask[:, None, None, :].to(torch.bool)
     return allowed
 
 
-def masked_softmax_attention(q: Tensor, k: Tensor, v: Tensor, allowed: Tensor, scale: float) -> Tensor:
-    """Exact attention restricted to `allowed` (broadcastable to (B, H, Lq, Lk)); rows with no key give 0.
+def alibi_bias(slopes, Lq: int, Lk: int, device, dtype=torch.float32) -> Tensor:
+    """(1, H, Lq, Lk) additive ALiBi bias slope_h * (j - i), queries at key positions Lk - Lq .. (score units:
+    added after the softmax scale)."""
+    s = torch.as_tensor(list(slopes), dtype=dtype, device=device)
+    i = torch.arange(Lq, device=device)[:, None] + (Lk - Lq)
+    j = torch.arange(Lk, device=device)[None, :]
+    return (s[:, None, None] * (j - i).to(dtype))[None]
+
+
+def masked_softmax_attention(q: Tensor, k: Tensor, v: Tensor, allowed: Tensor, scale: float,
+                             bias: Tensor | None = None) -> Tensor:
+    """Exact attention restricted to `allowed` (broadcastable to (B, H, Lq, Lk)), with an optional additive score
+    bias; rows with no key give 0.
 
     Dense: for references and tests only.
     """
     H = q.shape[1]
     k, v = expand_kv(k, H), expand_kv(v, H)
     s = torch.matmul(q, k.transpose(-1, -2)) * scale
+    if bias is not None:
+        s = s + bias.to(s.dtype)
     s = s.masked_fill(~allowed, float("-inf"))
     m = s.amax(dim=-1, keepdim=True)
     m = torch.where(torch.isfinite(m), m, torch.zeros_like(m))
@@ -177,6 +193,10 @@ class AttentionMethod:
     candidates option dicts analysis and auto-attention try per head (empty: never a candidate)
     pairs      (q, k, key_mask, causal, scale, **op arguments) -> bool (B|1, H|1, Lq, Lk) of the pairs computed
                exactly (sparse methods; the report's measured density), or None
+    compose    (site, op arguments) -> (op arguments that keep the model's own attention semantics, a note) or
+               (None, why not), for sites whose attention is more than padding + causal (AttentionSite.plain()):
+               a sliding window, an ALiBi bias, ... None: the method refuses every such site
+    exact      the method keeps the model's outputs (a pipeline of exact passes gets a default --max-error)
     density_knob  the native knob a density resolves to (window, stride), replaced by its integer value when a
                plan is written down so that replays need no length; None when density is itself the knob
     onnx_quadratic  the ONNX form holds an Lq x Lk tensor
@@ -194,6 +214,8 @@ class AttentionMethod:
     pairs: Optional[Callable] = None
     density_knob: Optional[str] = None
     onnx_quadratic: bool = False
+    compose: Optional[Callable] = None
+    exact: bool = False
 
     @property
     def op_name(self) -> str:
@@ -206,8 +228,24 @@ class AttentionMethod:
         return tuple(a.name for a in self.op._schema.arguments[6:])
 
     def positional(self, kwargs: dict) -> tuple:
-        """The op's arguments after `scale`, in schema order, from their names."""
-        return tuple(kwargs[a] for a in self.args)
+        """The op's arguments after `scale`, in schema order, from their names (schema defaults fill the rest)."""
+        out = []
+        for a in self.op._schema.arguments[6:]:
+            if a.name in kwargs:
+                out.append(kwargs[a.name])
+            elif a.has_default_value():
+                out.append(a.default_value)
+            else:
+                raise KeyError(f"{self.name}: no value for the op argument {a.name!r}")
+        return tuple(out)
+
+    def keep_semantics(self, site, kwargs: dict) -> tuple[dict | None, str]:
+        """Op arguments for `site` that keep the model's own attention, or (None, the reason it is refused)."""
+        if site.plain():
+            return kwargs, ""
+        if self.compose is None:
+            return None, f"{self.name} cannot keep the model's {site.semantics()}"
+        return self.compose(site, kwargs)
 
 
 METHODS: dict[str, AttentionMethod] = {}

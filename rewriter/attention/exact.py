@@ -1,6 +1,6 @@
 """Exact attention with a key-padding mask instead of a dense (B, 1, Lq, Lk) one.
 
-    rewriter::exact_attention(q, k, v, key_mask?, causal, scale) -> (B, H, Lq, Dv)
+    rewriter::exact_attention(q, k, v, key_mask?, causal, scale, window=0, alibi=None) -> (B, H, Lq, Dv)
 
 Captured HF programs attend through SDPA with the mask HF materialised from `attention_mask` (padding & causal):
 a (B, 1, L, L) bool that SDPA cannot hand to its flash / cuDNN kernels (and that costs L^2 bytes to build).
@@ -20,41 +20,63 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from . import _onnx as ox
-from ._contract import (AttentionConfig, AttentionCost, AttentionMethod, allowed_mask, check_qkv, drop_full_mask,
-                        empty_output, exact_attention_cost, expand_kv, register_method)
+from ._contract import (AttentionConfig, AttentionCost, AttentionMethod, alibi_bias, allowed_mask, check_qkv,
+                        drop_full_mask, empty_output, exact_attention_cost, expand_kv, register_method)
 
 
 @torch.library.custom_op("rewriter::exact_attention", mutates_args=(), schema=(
-    "(Tensor q, Tensor k, Tensor v, Tensor? key_mask, bool causal, float scale) -> Tensor"))
+    "(Tensor q, Tensor k, Tensor v, Tensor? key_mask, bool causal, float scale, int window=0, "
+    "float[]? alibi=None) -> Tensor"))
 def exact_attention(q: Tensor, k: Tensor, v: Tensor, key_mask: Optional[Tensor], causal: bool,
-                    scale: float) -> Tensor:
-    """Exact softmax attention over the real keys (and, if causal, the earlier positions)."""
-    return exact_attention_impl(q, k, v, key_mask, causal, scale)
+                    scale: float, window: int = 0, alibi: Optional[list[float]] = None) -> Tensor:
+    """Exact softmax attention over the real keys (and, if causal, the earlier positions), keeping the model's own
+    sliding window (`window` > 0: keys with i - j < window) and ALiBi bias (`alibi`: per-head slopes, score units)."""
+    return exact_attention_impl(q, k, v, key_mask, causal, scale, window, alibi)
 
 
 def exact_attention_impl(q: Tensor, k: Tensor, v: Tensor, key_mask: Optional[Tensor], causal: bool,
-                         scale: float) -> Tensor:
-    """The op's body on every device (SDPA picks flash / cuDNN on CUDA). The all-real check is the contract's (the kernels use it too),
-    remembered per mask tensor, so a forward through many layers checks its shared mask once."""
+                         scale: float, window: int = 0, alibi: Optional[list[float]] = None) -> Tensor:
+    """The op's body on every device (SDPA picks flash / cuDNN on CUDA). The all-real check is the contract's (the
+    kernels use it too), remembered per mask tensor, so a forward through many layers checks its shared mask once.
+    A window or ALiBi bias goes into SDPA as an additive float mask (no flash path for those sites)."""
     check_qkv(q, k, v, key_mask)
     H, Lq, Lk = q.shape[1], q.shape[2], k.shape[2]
     key_mask = drop_full_mask(key_mask)
     k, v = expand_kv(k, H), expand_kv(v, H)
-    if key_mask is None and (not causal or Lq == Lk):
+    plain = window <= 0 and not alibi
+    if plain and key_mask is None and (not causal or Lq == Lk):
         return F.scaled_dot_product_attention(q, k, v, is_causal=causal and Lq > 0, scale=scale)
-    allowed = allowed_mask(Lq, Lk, causal, key_mask, q.device)
-    out = F.scaled_dot_product_attention(q, k, v, attn_mask=allowed, scale=scale)
+    allowed = allowed_mask(Lq, Lk, causal, key_mask, q.device, window=max(window, 0))
+    if alibi:
+        if len(alibi) != H:
+            raise ValueError(f"alibi has {len(alibi)} slopes for {H} query heads")
+        bias = alibi_bias(alibi, Lq, Lk, q.device, torch.float32)
+        attn_mask = torch.where(allowed, bias, torch.full((), float("-inf"), device=q.device)).to(q.dtype)
+    else:
+        attn_mask = allowed
+    out = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, scale=scale)
     return torch.where(allowed.any(-1, keepdim=True), out, torch.zeros_like(out))   # no real key: 0, not NaN
 
 
 @exact_attention.register_fake
-def _exact_attention_fake(q, k, v, key_mask, causal, scale):
+def _exact_attention_fake(q, k, v, key_mask, causal, scale, window=0, alibi=None):
     return empty_output(q, v)
 
 
+def _keep_semantics(site, kwargs: dict) -> tuple[dict | None, str]:
+    """Exact attention keeps a causal sliding window and an ALiBi bias; anything else is refused."""
+    if site.window_right is not None or site.softcap is not None or (site.semantics_note and not site.alibi_slopes):
+        return None, f"exact-attention cannot keep the model's {site.semantics()}"
+    if site.window is not None and not site.causal:
+        return None, f"exact-attention keeps causal sliding windows only; the model has a bidirectional {site.semantics()}"
+    return {**kwargs, "window": int(site.window or 0), "alibi": list(site.alibi_slopes) if site.alibi_slopes else None}, \
+        f"keeps the model's {site.semantics()}"
+
+
 def exact_cost(B: int, H: int, Hkv: int, Lq: int, Lk: int, D: int, Dv: int, causal: bool,
-               elem_bytes: int = 4) -> AttentionCost:
-    """Exact attention's cost (the dense score entries; causal halves them)."""
+               elem_bytes: int = 4, window: int = 0, alibi=None) -> AttentionCost:
+    """Exact attention's cost (the dense score entries; causal halves them). The model's own window is the model's
+    cost too, so it is counted as what it replaces: the same SDPA over the dense mask."""
     return exact_attention_cost(B, H, Lq, Lk, D, Dv, causal, elem_bytes)
 
 
@@ -62,17 +84,27 @@ def exact_cost(B: int, H: int, Hkv: int, Lq: int, Lk: int, D: int, Dv: int, caus
 # ONNX translations (onnxscript, opset 18; helpers in _onnx.py)
 # --------------------------------------------------------------------------------------------------------------
 
-def translate_exact_attention(q, k, v, key_mask=None, causal=False, scale=1.0):
-    """Dense softmax attention over the real keys (and, if causal, positions <= the query's); rows with no key: 0."""
+def translate_exact_attention(q, k, v, key_mask=None, causal=False, scale=1.0, window=0, alibi=None):
+    """Dense softmax attention over the real keys (and, if causal, positions <= the query's; with the model's
+    window, keys with i - j < window; with ALiBi, + slope_h * (j - i)); rows with no key: 0."""
     op = ox._op()
     qa, ka, va, (_, d, dv) = ox._heads_fp32(q, k, v)
     s = op.Mul(op.MatMul(qa, op.Transpose(ka, perm=[0, 1, 3, 2])), ox._float(scale))     # (B, H, Lq, Lk)
     allowed = None
-    if causal:
+    if causal or window > 0 or alibi:
         lq, lk = ox._dim(qa, 2), ox._dim(ka, 2)
         q_pos = op.Add(op.Range(ox._int(0), op.Squeeze(lq, ox._ints([0])), ox._int(1)), op.Sub(lk, lq))
         k_pos = op.Range(ox._int(0), op.Squeeze(lk, ox._ints([0])), ox._int(1))
+        dist = op.Sub(op.Unsqueeze(q_pos, ox._ints([1])), op.Unsqueeze(k_pos, ox._ints([0])))   # (Lq, Lk): i - j
+    if causal:
         allowed = op.LessOrEqual(op.Unsqueeze(k_pos, ox._ints([0])), op.Unsqueeze(q_pos, ox._ints([1])))   # (Lq, Lk)
+    if window > 0:
+        inside = op.Less(dist, ox._int(window))
+        allowed = inside if allowed is None else op.And(allowed, inside)
+    if alibi:
+        slopes = op.Constant(value_floats=[float(a) for a in alibi])                        # (H,)
+        bias = op.Mul(op.Reshape(slopes, ox._ints([-1, 1, 1])), op.Neg(op.Cast(dist, to=1)))   # (H, Lq, Lk)
+        s = op.Add(s, bias)
     if key_mask is not None:
         real = op.Unsqueeze(key_mask, ox._ints([1, 2]))                                      # (B, 1, 1, Lk)
         allowed = real if allowed is None else op.And(allowed, real)
@@ -90,7 +122,7 @@ class ExactAttentionConfig(AttentionConfig):
 register_method(AttentionMethod(
     name="exact-attention", config=ExactAttentionConfig, op=torch.ops.rewriter.exact_attention.default,
     budget=lambda c, L: ({}, {}), cost=exact_cost, reference=exact_attention_impl, onnx=translate_exact_attention,
-    onnx_quadratic=True, colour="#d9d9d9",
+    onnx_quadratic=True, colour="#d9d9d9", compose=_keep_semantics, exact=True,
     summary=("attention stays exact; HF's dense L x L mask becomes the key-padding mask, so SDPA takes its "
              "causal flash / cuDNN path on unpadded batches (put it last: it leaves no SDPA site for the "
              "attention and KV passes)")))

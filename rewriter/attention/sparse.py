@@ -756,10 +756,26 @@ def _window_budget(c: WindowConfig, L: int) -> tuple[dict, dict]:
     return {"window": w, "sinks": c.sinks, "block": c.block}, {"window": w, "sinks": c.sinks}
 
 
+def _window_keep_semantics(site, kwargs: dict) -> tuple[dict | None, str]:
+    """A causal model window W and the pass's window w + s sinks: the pairs both allow are exactly a window of
+    min(w, W) keys when w >= W (the sinks then lie inside W or nowhere) or when there are no sinks; with sinks and
+    w < W, the sinks would be seen only by queries within W of them, which this op cannot say."""
+    if site.window is None or not site.causal or not site.plain_except_window():
+        return None, f"window cannot keep the model's {site.semantics()}"
+    w, model = kwargs["window"], site.window
+    if w >= model:
+        return {**kwargs, "window": model, "sinks": 0}, \
+            f"the model's own sliding window ({model}) is narrower than window={w}: kept the model's, no sinks"
+    if kwargs["sinks"] == 0:
+        return kwargs, f"window={w} inside the model's sliding window ({model})"
+    return None, (f"window={w} with {kwargs['sinks']} sinks inside the model's sliding window ({model}) would show "
+                  "the sinks to some queries only; use sinks=0 on this layer")
+
+
 register_method(AttentionMethod(
     name="window", config=WindowConfig, op=torch.ops.rewriter.window_attention.default, budget=_window_budget,
     cost=window_cost, reference=window_attention_impl, onnx=translate_window_attention, pairs=window_pairs,
-    colour="#4e79a7", density_knob="window",
+    colour="#4e79a7", density_knob="window", compose=_window_keep_semantics,
     summary="sliding-window attention plus sink tokens (StreamingLLM / neighbourhood)",
     candidates=({"density": 0.05, "sinks": 4}, {"density": 0.1, "sinks": 4}, {"density": 0.25, "sinks": 4},
                 {"density": 0.5, "sinks": 4})))

@@ -18,6 +18,7 @@ from typing import ClassVar
 import torch
 
 from ..capture import max_length
+from ..errors import RewriterError
 from ..graph import erase_dead, key_mask_value, record_node_inputs, replace_attention
 from ..pipeline import Pass, PassResult, SiteChange, register_pass
 from ..sites import AttentionSite, select
@@ -32,10 +33,16 @@ class AttentionPass(Pass):
     method: ClassVar[AttentionMethod]
     op_name: ClassVar[str] = ""          # the op's name in torch.ops.rewriter
 
-    def method_args(self, site: AttentionSite, L: int) -> tuple[tuple, dict]:
-        """(the op's arguments after `scale`, in schema order; the budget as reported). A density resolves at L."""
+    def method_args(self, site: AttentionSite, L: int) -> tuple[tuple | None, dict, str]:
+        """(the op's arguments after `scale`, in schema order; the budget as reported; a note). A density resolves at
+        L. Sites whose attention has the model's own semantics (a sliding window, ALiBi) get arguments that keep
+        them, or None and the reason the method refuses the site."""
         kwargs, reported = self.method.budget(self.config, L)
-        return self.method.positional(kwargs), reported
+        kept, note = self.method.keep_semantics(site, kwargs)
+        if kept is None:
+            return None, reported, note
+        reported = {k: kept.get(k, v) for k, v in reported.items()}
+        return self.method.positional(kept), reported, note
 
     def cost(self, site: AttentionSite, B: int, L: int, args: tuple) -> _common.AttentionCost:
         """Counted cost of one call at batch B and length L with the op arguments `args`."""
@@ -55,8 +62,11 @@ class AttentionPass(Pass):
     def op(self):
         return self.method.op
 
+    def is_exact(self) -> bool:
+        return self.method.exact
+
     def run(self, gm, ctx) -> PassResult:
-        sites = select(ctx.attention_sites(gm), self.config)
+        sites = select(ctx.attention_sites(gm), self.config, "attention site", self.name)
         result = PassResult()
         if not sites:
             result.notes.append("no attention site matched the filter")
@@ -64,14 +74,17 @@ class AttentionPass(Pass):
         nodes = {n.name: n for n in gm.graph.nodes}
         ctx.progress(f"{self.name}: recording attention inputs on calibration data")
         recorded = record_node_inputs(gm, ctx.calib_inputs, {s.node for s in sites})
-        errors, costs, at_max = [], [], []
+        errors, costs, at_max, refused = [], [], [], []
         for site in sites:
             args, kwargs = recorded[site.node]
             q, k, v = args[:3]
             mask = args[3] if len(args) > 3 else kwargs.get("attn_mask")
             B, L = q.shape[0], k.shape[2]
             L_max = max(L, max_length(ctx.program.config) or L)
-            method_args, budget = self.method_args(site, L_max)
+            method_args, budget, note = self.method_args(site, L_max)
+            if method_args is None:
+                refused.append({"site": site.module_path, "reason": note})
+                continue
             replace_attention(gm, nodes[site.node], self.op, site.causal, site.scale, method_args)
             # error of this site alone, on its own recorded inputs (exact attention as the reference)
             km = key_mask_value(mask, B)
@@ -88,12 +101,18 @@ class AttentionPass(Pass):
             at_max.append(long)
             result.changes.append(SiteChange(site.module_path, "attention", {
                 "method": self.name, "layer": site.layer, "seq_len": L, **budget,
+                **({"model_semantics": note} if note else {}),
                 "density": round(density if density is not None else min(1.0, cost.density), 5),
                 "computed_entries_ratio": round(cost.density, 5), "attention_rel_error": err,
                 "flops_ratio": cost.flops / cost.dense_flops, "memory_ratio": cost.memory_bytes / cost.dense_memory_bytes,
                 "max_length": L_max, "computed_entries_ratio_at_max_length": round(long.density, 5),
                 "flops_ratio_at_max_length": long.flops / long.dense_flops}))
         erase_dead(gm)
+        for r in refused:
+            result.notes.append(f"refused {r['site']}: {r['reason']} (left exact)")
+        if not result.changes:
+            raise RewriterError(f"{self.name}: every selected attention site was refused: {refused[0]['reason']}",
+                                "select other layers (layers=..., exclude=...), or use exact-attention there")
         result.summary = {
             "sites": len(sites), "mean_attention_rel_error": sum(errors) / len(errors),
             "attention_flops_ratio": sum(c.flops for c in costs) / sum(c.dense_flops for c in costs),
@@ -101,7 +120,8 @@ class AttentionPass(Pass):
             "computed_entries_ratio": sum(c.score_entries for c in costs) / sum(c.dense_score_entries for c in costs),
             "density": sum(c.details["density"] for c in result.changes) / len(result.changes),
             "max_length": L_max,
-            "attention_flops_ratio_at_max_length": sum(c.flops for c in at_max) / sum(c.dense_flops for c in at_max)}
+            "attention_flops_ratio_at_max_length": sum(c.flops for c in at_max) / sum(c.dense_flops for c in at_max),
+            **({"refused_sites": refused} if refused else {})}
         first = result.changes[0].details
         shown = {k: first[k] for k in self.method.budget(self.config, L_max)[1]}
         if shown:
@@ -113,9 +133,13 @@ class AttentionPass(Pass):
 
     @staticmethod
     def _exact(q, k, v, km, site: AttentionSite, rows: torch.Tensor) -> torch.Tensor:
-        """Exact attention (float64) for the given query rows only."""
-        allowed = _common.allowed_mask(q.shape[2], k.shape[2], site.causal, km, q.device)[:, :, rows]
-        return _common.masked_softmax_attention(q[:, :, rows].double(), k.double(), v.double(), allowed, site.scale)
+        """The model's own attention (float64, its window and ALiBi bias included) for the given query rows only."""
+        Lq, Lk = q.shape[2], k.shape[2]
+        allowed = _common.allowed_mask(Lq, Lk, site.causal, km, q.device, window=site.window or 0)[:, :, rows]
+        bias = _common.alibi_bias(site.alibi_slopes, Lq, Lk, q.device, torch.float64)[:, :, rows] \
+            if site.alibi_slopes else None
+        return _common.masked_softmax_attention(q[:, :, rows].double(), k.double(), v.double(), allowed, site.scale,
+                                                bias)
 
 
 def _pass_for(method: AttentionMethod) -> type[AttentionPass]:

@@ -139,8 +139,20 @@ class AutoAttention(Pass):
     def run(self, gm, ctx) -> PassResult:
         cfg: AutoAttentionConfig = self.config
         all_sites = ctx.attention_sites(gm)
-        sites = {s.module_path: s for s in select(all_sites, cfg)}
+        sites = {s.module_path: s for s in select(all_sites, cfg, "attention site", self.name)}
         result = PassResult()
+        refused = [s for s in sites.values() if not s.plain()]
+        if refused and not cfg.plan:
+            sites = {p: s for p, s in sites.items() if s.plain()}
+            result.summary["refused_sites"] = [{"site": s.module_path, "reason": f"keeps the model's {s.semantics()}"}
+                                               for s in refused]
+            result.notes.append(f"{len(refused)} site(s) left exact: their attention has the model's own "
+                                f"{refused[0].semantics()} (first: {refused[0].module_path}), which the per-head "
+                                "methods do not compose with yet")
+            if not sites:
+                raise RewriterError(f"{self.name}: every selected attention site has the model's own "
+                                    f"{refused[0].semantics()}; no per-head method keeps it",
+                                    "use exact-attention, or window with sinks=0, on these layers")
         if cfg.plan:
             plan = {e["site"]: list(e["heads"]) for e in cfg.plan}
             n = apply_plan(gm, {s.module_path: s for s in all_sites}, plan)
@@ -157,7 +169,7 @@ class AutoAttention(Pass):
             {p: [parse_label(lab) for lab in labels] for p, labels in plan.items()}, {p: sites[p].layer for p in plan},
             method_colour)
         cfg.plan = [{"site": p, "heads": labels} for p, labels in plan.items()]   # the recipe now replays it
-        result.summary = summary
+        result.summary = {**summary, **result.summary}
         for path, labels in plan.items():
             result.changes.append(SiteChange(path, "attention", {"heads": labels, **summary["per_site"][path]}))
         return result

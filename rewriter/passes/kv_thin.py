@@ -60,7 +60,7 @@ class ThinkPass(Pass):
               "prefill); the decode cache keeps only the rest"
 
     def run(self, gm, ctx) -> PassResult:
-        sites = select(ctx.attention_sites(gm), self.config)
+        sites = select(ctx.attention_sites(gm), self.config, "attention site", self.name)
         result = PassResult()
         if not sites:
             result.notes.append("no attention site matched the filter")

@@ -98,7 +98,7 @@ class LinearPass(Pass):
         raise NotImplementedError
 
     def run(self, gm, ctx) -> PassResult:
-        sites = select(ctx.linear_sites(gm), self.config)
+        sites = select(ctx.linear_sites(gm), self.config, "linear site", self.name)
         result = PassResult()
         if not sites:
             result.notes.append("no linear site matched the filter")

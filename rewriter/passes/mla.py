@@ -238,6 +238,10 @@ class MLAPass(Pass):
     summary = "GQA/MHA -> multi-head latent attention (TransMLA, no fine-tuning): K and V from one PCA latent per " \
               "layer; the decode cache stores the latent"
 
+    def is_exact(self) -> bool:
+        cfg: MLAConfig = self.config
+        return cfg.rank == 0 and cfg.ratio == 0 and cfg.energy == 0 and cfg.rope == "exact"
+
     def run(self, gm, ctx) -> PassResult:
         cfg: MLAConfig = self.config
         pairs = _kv_sites(ctx, gm, cfg.site_filter())

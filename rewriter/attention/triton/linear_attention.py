@@ -33,7 +33,7 @@ def _chunked_linear_fwd(
     H, GROUP, Lq, Lk, F, DV,
     sq_b, sq_h, sq_l, sk_b, sk_h, sk_l, sv_b, sv_h, sv_l, sn_b, sn_h, sn_l, sd_b, sd_h, skm_b,
     CHUNK: tl.constexpr, BLOCK_F: tl.constexpr, BLOCK_DV: tl.constexpr,
-    CAUSAL: tl.constexpr, HAS_KEY_MASK: tl.constexpr, ATOMIC: tl.constexpr,
+    CAUSAL: tl.constexpr, HAS_KEY_MASK: tl.constexpr, ATOMIC: tl.constexpr, DOT_PRECISION: tl.constexpr,
 ):
     bh = tl.program_id(0)
     fb = tl.program_id(1)
@@ -63,7 +63,7 @@ def _chunked_linear_fwd(
                      other=0.0)
         v = tl.load(v_base + keys[:, None] * sv_l + offs_dv[None, :], mask=k_valid[:, None] & dv_valid[None, :],
                     other=0.0)
-        state += tl.dot(tl.trans(pk), v)
+        state += tl.dot(tl.trans(pk), v, input_precision=DOT_PRECISION)
         z += tl.sum(pk.to(tl.float32), 0)
 
     offset = Lk - Lq
@@ -72,7 +72,7 @@ def _chunked_linear_fwd(
         r_valid = rows < Lq
         pq = tl.load(pq_base + rows[:, None] * sq_l + offs_f[None, :], mask=r_valid[:, None] & f_valid[None, :],
                      other=0.0)
-        num = tl.dot(pq, state.to(pq.dtype))
+        num = tl.dot(pq, state.to(pq.dtype), input_precision=DOT_PRECISION)
         den = tl.sum(pq.to(tl.float32) * z[None, :], 1)
         if CAUSAL:
             keys = offset + rows
@@ -83,11 +83,11 @@ def _chunked_linear_fwd(
                          other=0.0)
             v = tl.load(v_base + keys[:, None] * sv_l + offs_dv[None, :], mask=k_valid[:, None] & dv_valid[None, :],
                         other=0.0)
-            scores = tl.dot(pq, tl.trans(pk))
+            scores = tl.dot(pq, tl.trans(pk), input_precision=DOT_PRECISION)
             scores = tl.where(offs_c[None, :] <= offs_c[:, None], scores, 0.0)
-            num += tl.dot(scores.to(pq.dtype), v)
+            num += tl.dot(scores.to(pq.dtype), v, input_precision=DOT_PRECISION)
             den += tl.sum(scores, 1)
-            state += tl.dot(tl.trans(pk), v)
+            state += tl.dot(tl.trans(pk), v, input_precision=DOT_PRECISION)
             z += tl.sum(pk.to(tl.float32), 0)
         num_ptrs = num_ptr + b * sn_b + h * sn_h + rows[:, None] * sn_l + offs_dv[None, :]
         den_ptrs = den_ptr + b * sd_b + h * sd_h + rows
@@ -148,6 +148,7 @@ def chunked_linear_attention(phi_q: Tensor, phi_k: Tensor, v: Tensor, causal: bo
         v.stride(0), v.stride(1), v.stride(2), num.stride(0), num.stride(1), num.stride(2),
         den.stride(0), den.stride(1), skm_b,
         CHUNK=chunk, BLOCK_F=block_f, BLOCK_DV=block_dv, CAUSAL=causal, HAS_KEY_MASK=key_mask is not None,
-        ATOMIC=atomic, num_warps=num_warps,
+        ATOMIC=atomic, DOT_PRECISION="ieee" if phi_q.dtype in (torch.float32, torch.float64) else "tf32",
+        num_warps=num_warps,
     )
     return num, den

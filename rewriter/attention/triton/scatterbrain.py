@@ -30,7 +30,7 @@ def _scatterbrain_fwd(
     sq_b, sq_h, sq_l, sk_b, sk_h, sk_l, sv_b, sv_h, sv_l, spq_b, spq_h, spq_l, spk_b, spk_h, spk_l,
     sr_b, sr_h, sn_b, sn_h, sn_l, sd_b, sd_h, so_b, so_h, so_l, si_q, skm_b,
     BLOCK: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr, BLOCK_F: tl.constexpr,
-    CAUSAL: tl.constexpr, HAS_KEY_MASK: tl.constexpr,
+    CAUSAL: tl.constexpr, HAS_KEY_MASK: tl.constexpr, DOT_PRECISION: tl.constexpr,
 ):
     qb = tl.program_id(0)
     bh = tl.program_id(1)
@@ -64,8 +64,8 @@ def _scatterbrain_fwd(
                     mask=k_valid[:, None] & (offs_d[None, :] < D), other=0.0)
         pk = tl.load(pk_ptr + b * spk_b + hk * spk_h + offs_k[:, None] * spk_l + offs_f[None, :],
                      mask=k_valid[:, None] & (offs_f[None, :] < F), other=0.0)
-        s = tl.dot(q, tl.trans(k)) * scale
-        phi_dot = tl.dot(pq, tl.trans(pk))
+        s = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION) * scale
+        phi_dot = tl.dot(pq, tl.trans(pk), input_precision=DOT_PRECISION)
         in_s = k_valid[None, :] & m_valid[:, None]
         band = (offs_k[None, :] >= q_pos[:, None] - window_left) & (offs_k[None, :] <= q_pos[:, None] + window_right)
         in_s = in_s & (band | (offs_k[None, :] < sinks))
@@ -78,7 +78,7 @@ def _scatterbrain_fwd(
         p = tl.where(in_s, p, 0.0)
         v = tl.load(v_ptr + b * sv_b + hk * sv_h + offs_k[:, None] * sv_l + offs_dv[None, :],
                     mask=k_valid[:, None] & (offs_dv[None, :] < DV), other=0.0)
-        acc = acc * rescale[:, None] + tl.dot(p.to(v.dtype), v)
+        acc = acc * rescale[:, None] + tl.dot(p.to(v.dtype), v, input_precision=DOT_PRECISION)
         den = den * rescale + tl.sum(p, 1)
         m_i = m_new
 
@@ -139,6 +139,6 @@ def scatterbrain_attention_triton(
         out.stride(0), out.stride(1), out.stride(2), kv_index.stride(0), skm_b,
         BLOCK=block, BLOCK_D=max(16, triton.next_power_of_2(D)), BLOCK_DV=max(16, triton.next_power_of_2(Dv)),
         BLOCK_F=max(16, triton.next_power_of_2(Fdim)), CAUSAL=causal, HAS_KEY_MASK=key_mask is not None,
-        num_warps=num_warps,
+        DOT_PRECISION="ieee" if q.dtype in (torch.float32, torch.float64) else "tf32", num_warps=num_warps,
     )
     return out

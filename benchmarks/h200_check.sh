@@ -1,0 +1,21 @@
+#!/usr/bin/env bash
+# One device call that checks the package where it deploys (torch 2.11, triton 3.6, transformers 5.17 on the H200):
+# the Triton kernels compile for sm_90 and match their references on CUDA, the CUDA registrations load, the
+# import graph and registry hold, the attention-semantics probe reads the same windows / ALiBi there, and the
+# attention kernels still time against SDPA / FlexAttention (4K, 16K).
+#   bash benchmarks/h200_check.sh      (results in $OUT, default ./out; CHECK_ONLY=1 skips the timings)
+set -u
+OUT=${OUT:-out}
+mkdir -p "$OUT"
+export PYTHONPATH=$PWD:$PWD/benchmarks
+python -c "import torch, triton, transformers, numpy; print('torch', torch.__version__, 'triton', triton.__version__, 'transformers', transformers.__version__, 'numpy', numpy.__version__, 'gpus', torch.cuda.device_count())"
+nvidia-smi --query-gpu=name,clocks.sm,clocks.mem,temperature.gpu --format=csv,noheader
+git log -1 --format="commit %H" 2>/dev/null || true
+timeout 280 python -m pytest -q -p no:cacheprovider tests/test_kernels_compile.py tests/test_ops_lowrank_attention.py \
+  tests/test_import_graph.py tests/test_attention_registry.py tests/test_semantics.py tests/test_exact_attention.py \
+  > "$OUT/pytest.log" 2>&1
+echo "pytest rc=$?"; tail -8 "$OUT/pytest.log"
+[ -n "${CHECK_ONLY:-}" ] && exit 0
+timeout 200 python benchmarks/attention.py --lengths 4096 16384 --budget-s 150 --out "$OUT/attention_h200_check.json" \
+  > "$OUT/attention.log" 2>&1
+echo "attention rc=$?"; tail -25 "$OUT/attention.log"

@@ -33,10 +33,15 @@ class AttentionPass(Pass):
     method: ClassVar[AttentionMethod]
     op_name: ClassVar[str] = ""          # the op's name in torch.ops.rewriter
 
-    def method_args(self, site: AttentionSite, L: int) -> tuple[tuple | None, dict, str]:
-        """(the op's arguments after `scale`, in schema order; the budget as reported; a note). A density resolves at
-        L. Sites whose attention has the model's own semantics (a sliding window, ALiBi) get arguments that keep
-        them, or None and the reason the method refuses the site."""
+    def method_args(self, site: AttentionSite, L: int) -> tuple[tuple, dict]:
+        """(the op's arguments after `scale`, in schema order; the budget as reported). A density resolves at L.
+        The method's own budget only: what analysis compares per head."""
+        kwargs, reported = self.method.budget(self.config, L)
+        return self.method.positional(kwargs), reported
+
+    def site_args(self, site: AttentionSite, L: int) -> tuple[tuple | None, dict, str]:
+        """method_args for rewriting `site`: sites whose attention has the model's own semantics (a sliding window,
+        ALiBi) get arguments that keep them, with a note, or None and the reason the method refuses the site."""
         kwargs, reported = self.method.budget(self.config, L)
         kept, note = self.method.keep_semantics(site, kwargs)
         if kept is None:
@@ -81,7 +86,7 @@ class AttentionPass(Pass):
             mask = args[3] if len(args) > 3 else kwargs.get("attn_mask")
             B, L = q.shape[0], k.shape[2]
             L_max = max(L, max_length(ctx.program.config) or L)
-            method_args, budget, note = self.method_args(site, L_max)
+            method_args, budget, note = self.site_args(site, L_max)
             if method_args is None:
                 refused.append({"site": site.module_path, "reason": note})
                 continue

@@ -63,23 +63,32 @@ def _match_eager(softmax: fx.Node):
     q, k = x.args[0], x.args[1].args[0]
     if len(val(q).shape) != 4 or len(val(k).shape) != 4:
         return None
+    walked = _after_softmax(softmax)
+    if walked is None:
+        return None
+    node, u = walked
+    if is_call(u, aten.matmul.default) and u.args[0] is node:
+        v = u.args[1]
+        if not isinstance(v, fx.Node) or len(val(v).shape) != 4:
+            return None
+        return q, k, v, mask, scale, u
+    return None
+
+
+def _after_softmax(softmax: fx.Node) -> tuple[fx.Node, fx.Node] | None:
+    """(the last of softmax's single-user pass-through chain (casts, inference dropout), its one real user), or
+    None when the probabilities fan out or go through training-mode dropout."""
     node = softmax
     while True:
         users = _real_users(node)
         if len(users) != 1:
             return None
         (u,) = users
-        if is_call(u, *_PASS_THROUGH):
-            if is_call(u, aten.dropout.default) and len(u.args) > 2 and u.args[2]:
-                return None  # training-mode dropout is not attention inference
-            node = u
-            continue
-        if is_call(u, aten.matmul.default) and u.args[0] is node:
-            v = u.args[1]
-            if not isinstance(v, fx.Node) or len(val(v).shape) != 4:
-                return None
-            return q, k, v, mask, scale, u
-        return None
+        if not is_call(u, *_PASS_THROUGH):
+            return node, u
+        if is_call(u, aten.dropout.default) and len(u.args) > 2 and u.args[2]:
+            return None  # training-mode dropout is not attention inference
+        node = u
 
 
 _SCORE_PRODUCERS = (aten.matmul.default, aten.bmm.default, aten.baddbmm.default, aten.einsum.default)
@@ -163,18 +172,10 @@ def _match_merged_heads(softmax: fx.Node):
     q, k = _merged_heads_source(q3), _merged_heads_source(kt3.args[0])
     if q is None or k is None:
         return None
-    node = softmax
-    while True:
-        users = _real_users(node)
-        if len(users) != 1:
-            return None
-        (u,) = users
-        if is_call(u, *_PASS_THROUGH):
-            if is_call(u, aten.dropout.default) and len(u.args) > 2 and u.args[2]:
-                return None
-            node = u
-            continue
-        break
+    walked = _after_softmax(softmax)
+    if walked is None:
+        return None
+    u = walked[1]
     if not (is_call(u, aten.view.default, aten.reshape.default) and len(val(u).shape) == 3):
         return None
     users = _real_users(u)

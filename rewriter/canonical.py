@@ -10,7 +10,6 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-import torch
 from torch import fx
 
 from .graph import aten, erase_dead, is_call, module_path, val
@@ -132,7 +131,7 @@ def describe_unmatched(softmax: fx.Node, depth: int = 12) -> dict | None:
         reason = "extra additive score terms beside the mask (e.g. relative-position attention)"
     else:
         reason = "a score computation the matcher does not know"
-    return {"node": softmax.name, "module_path": _path(softmax), "seen": " -> ".join(chain + ["softmax"]),
+    return {"node": softmax.name, "module_path": module_path(softmax), "seen": " -> ".join(chain + ["softmax"]),
             "reason": reason}
 
 
@@ -255,7 +254,7 @@ def canonicalize(gm: fx.GraphModule) -> CanonicalReport:
             if unmatched is not None or _leads_to_qk(softmax.args[0]) or is_call(softmax.args[0], aten.add.Tensor):
                 report.unmatched_softmax.append(softmax.name)
                 report.unmatched_attention.append(unmatched or {
-                    "node": softmax.name, "module_path": _path(softmax), "seen": "softmax",
+                    "node": softmax.name, "module_path": module_path(softmax), "seen": "softmax",
                     "reason": "a score computation the matcher does not know"})
             continue
         q, k, v, mask, scale, final = m
@@ -282,6 +281,3 @@ def canonicalize(gm: fx.GraphModule) -> CanonicalReport:
         report.unmatched_attention = None
     return report
 
-
-def _path(node: fx.Node) -> str:
-    return module_path(node)

@@ -165,7 +165,7 @@ def _shared_key_mask(graph: fx.Graph, padding: fx.Node) -> fx.Node:
 def _padding_mask_input(mask: fx.Node) -> fx.Node | None:
     """The program's `attention_mask` input (B, Lk) when the SDPA mask is built from it with the same batch and key
     length (HF text models: padding & causal/bidirectional); None otherwise (the decode programs' explicit 4D masks,
-    vision models, cached keys). The last query row of an HF mask is exactly this padding mask."""
+    vision models, cached keys)."""
     seen, stack, found = set(), [mask], None
     while stack:
         n = stack.pop()

@@ -147,7 +147,6 @@ class Pipeline:
             check_number("--max-error", max_error, minimum=0)
         self.passes = passes
         self.max_error = max_error
-        self.max_error_default = False
         self.seed = seed
         self.progress = progress or (lambda msg: None)
 
@@ -159,8 +158,9 @@ class Pipeline:
         from .config import check_bounds
         for p in self.passes:   # before any work: size-like values bounded by the model
             check_bounds(p.config, p.name, program.config)
-        if self.max_error is None and self.passes and all(p.is_exact() for p in self.passes):
-            self.max_error, self.max_error_default = exact_tolerance(program), True
+        max_error, defaulted = self.max_error, False
+        if max_error is None and self.passes and all(p.is_exact() for p in self.passes):
+            max_error, defaulted = exact_tolerance(program), True
         torch.manual_seed(self.seed)
         reference = program.run(**calib_inputs)
         bad = [n for n, t in zip(program.output_names, reference)
@@ -173,9 +173,9 @@ class Pipeline:
             "model_class": program.meta.get("model_class"),
             "calibration": {"description": calib_desc,
                             "shapes": {k: list(v.shape) for k, v in calib_inputs.items()}},
-            "max_error": self.max_error,
+            "max_error": max_error,
             **({"max_error_default": "every pass is documented as exact, so the run stops if the output moves"}
-               if self.max_error_default else {}),
+               if defaulted else {}),
             "before": {"parameters": program.num_parameters(), "bytes": program.parameter_bytes()},
             "passes": [],
         }
@@ -218,12 +218,12 @@ class Pipeline:
                 raise RewriterError(f"after pass '{p.name}' the output '{metrics['output']}' holds NaN/Inf; "
                                     "nothing was written",
                                     "restrict the pass with include/exclude/layers or change its settings")
-            if self.max_error is not None and (metrics["relative_error"] > self.max_error or metrics.get("non_finite")):
+            if max_error is not None and metrics["relative_error"] > max_error:
                 raise ErrorBudgetExceeded(
                     f"after pass '{p.name}' the relative error of '{metrics['output']}' is "
-                    f"{metrics['relative_error']:.3g} > --max-error {self.max_error:g}"
-                    f"{' (the default for exact passes)' if self.max_error_default else ''}; nothing was written",
-                    "report it: this pass should be exact here" if self.max_error_default else
+                    f"{metrics['relative_error']:.3g} > --max-error {max_error:g}"
+                    f"{' (the default for exact passes)' if defaulted else ''}; nothing was written",
+                    "report it: this pass should be exact here" if defaulted else
                     "raise --max-error, restrict the pass with include/exclude/layers, or lower its budget")
         report["after"] = {"parameters": current.num_parameters(), "bytes": current.parameter_bytes()}
         report["final"] = report["passes"][-1]["metrics"] if report["passes"] else \

@@ -16,6 +16,7 @@ seen; the config is only a hint for that length, never the source of the pattern
 """
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import asdict, dataclass
 
 import torch
@@ -51,7 +52,7 @@ def probe_length(config: dict, max_positions: int) -> int:
     return max(2, min(max_positions, want))
 
 
-def read_pattern(mask: torch.Tensor, heads: int | None = None) -> MaskSemantics:
+def read_pattern(mask: torch.Tensor) -> MaskSemantics:
     """The semantics of one probed mask (unpadded batch): (B|1, 1|H, L, L) bool or additive float."""
     m = mask[0]                                        # (1|H, L, L): an unpadded batch has one row pattern
     L = m.shape[-1]
@@ -75,13 +76,13 @@ def read_pattern(mask: torch.Tensor, heads: int | None = None) -> MaskSemantics:
     if m.dtype != torch.bool:
         bias = torch.where(allowed, m.double(), torch.zeros((), dtype=torch.float64))
         if bias.abs().max() > 0:
-            slopes, ok = _alibi_slopes(bias, allowed, heads)
+            slopes, ok = _alibi_slopes(bias, allowed)
             note = "additive bias linear in the key position (ALiBi)" if ok else \
                 "an additive bias that is not linear in the key position"
     return MaskSemantics(causal, window, window_right, slopes, ok, note, L)
 
 
-def _alibi_slopes(bias: torch.Tensor, allowed: torch.Tensor, heads: int | None) -> tuple[tuple[float, ...] | None, bool]:
+def _alibi_slopes(bias: torch.Tensor, allowed: torch.Tensor) -> tuple[tuple[float, ...] | None, bool]:
     """Per head, bias[i, j] = slope * j + c_i on the allowed entries (softmax ignores c_i)."""
     pair = allowed[..., 1:] & allowed[..., :-1]
     step = bias[..., 1:] - bias[..., :-1]
@@ -95,8 +96,6 @@ def _alibi_slopes(bias: torch.Tensor, allowed: torch.Tensor, heads: int | None) 
         if (s - slope).abs().max() > 1e-3 * max(1.0, abs(slope)):
             return None, False
         slopes.append(slope)
-    if heads is not None and len(slopes) == 1:
-        slopes = slopes * heads
     return tuple(slopes), True
 
 
@@ -162,8 +161,7 @@ def probe_sites(gm: fx.GraphModule, input_names: list[str], example: dict[str, t
     for n in sites:
         sem = by_mask[_sdpa_mask(n)]
         heads = int(val(n.args[0]).shape[1])
-        if sem.alibi_slopes is not None and len(sem.alibi_slopes) == 1:
-            sem = MaskSemantics(sem.causal, sem.window, sem.window_right, sem.alibi_slopes * heads,
-                                sem.representable, sem.note, sem.probe_length)
+        if sem.alibi_slopes is not None and len(sem.alibi_slopes) == 1:   # one slope for every head
+            sem = dataclasses.replace(sem, alibi_slopes=sem.alibi_slopes * heads)
         out[n.name] = sem
     return out

@@ -30,21 +30,18 @@ class AttentionSite:
     window: int | None = None            # HF sliding window: keys with i - j < window
     window_right: int | None = None      # bidirectional local attention: keys with j - i <= window_right
     alibi_slopes: list[float] | None = None   # additive bias slope_h * (j - i) in score units
-    softcap: float | None = None         # logit softcapping: softcap * tanh(scores / softcap)
-    semantics_note: str = ""             # what else the mask does, when it is more than the fields above
+    semantics_note: str = ""             # set when the mask is more than the fields above: what was seen
 
     def describe(self) -> dict:
         return asdict(self)
 
     def plain(self) -> bool:
         """Padding (+ causal) only: what every attention method can take over without changing the model."""
-        return (self.window is None and self.window_right is None and not self.alibi_slopes
-                and self.softcap is None and not self.semantics_note)
+        return self.window is None and self.plain_except_window()
 
     def plain_except_window(self) -> bool:
-        """A causal sliding window is all the site has beyond padding + causal."""
-        return (self.window_right is None and not self.alibi_slopes and self.softcap is None
-                and not self.semantics_note)
+        """A (left) sliding window is all the site has beyond padding + causal."""
+        return self.window_right is None and not self.alibi_slopes and not self.semantics_note
 
     def semantics(self) -> str:
         """One phrase for reports and refusals: 'sliding window 32', 'ALiBi bias', ..."""
@@ -55,9 +52,7 @@ class AttentionSite:
             parts.append(f"right window {self.window_right}")
         if self.alibi_slopes:
             parts.append("ALiBi bias")
-        if self.softcap is not None:
-            parts.append(f"logit softcap {self.softcap:g}")
-        if self.semantics_note and not self.alibi_slopes:
+        if self.semantics_note:
             parts.append(self.semantics_note)
         return ", ".join(parts) or ("causal" if self.causal else "bidirectional")
 
@@ -90,13 +85,11 @@ def _sdpa_parts(node: fx.Node):
     return bound
 
 
-def attention_sites(gm: fx.GraphModule, causal_modules: dict[str, bool] | None = None,
-                    semantics: dict[str, dict] | None = None) -> list[AttentionSite]:
-    """Canonical SDPA sites. `semantics` (module path -> MaskSemantics.describe(), recorded at capture in
-    program.meta["attention_semantics"]; read from gm.meta when not given) fills the model's own window / bias."""
+def attention_sites(gm: fx.GraphModule, causal_modules: dict[str, bool] | None = None) -> list[AttentionSite]:
+    """Canonical SDPA sites. The model's own window / bias come from gm.meta["attention_semantics"] (module path ->
+    MaskSemantics.describe(), recorded at capture; Program.module() puts it there)."""
     causal_modules = causal_modules or {}
-    if semantics is None:
-        semantics = getattr(gm, "meta", {}).get("attention_semantics") or {}
+    semantics = gm.meta.get("attention_semantics") or {}
     sites = []
     for node in gm.graph.nodes:
         if not is_call(node, SDPA):
@@ -114,7 +107,7 @@ def attention_sites(gm: fx.GraphModule, causal_modules: dict[str, bool] | None =
             head_dim=head_dim, value_dim=int(v.shape[-1]), causal=causal, has_mask=p.get("attn_mask") is not None,
             scale=float(scale) if scale is not None else head_dim ** -0.5,
             window=sem.get("window"), window_right=sem.get("window_right"), alibi_slopes=sem.get("alibi_slopes"),
-            softcap=sem.get("softcap"), semantics_note=note))
+            semantics_note=note))
     return sites
 
 
@@ -128,8 +121,8 @@ def linear_sites(gm: fx.GraphModule) -> list[LinearSite]:
                 continue
             out_f, in_f = (int(s) for s in val(w).shape)
             transposed = False
-        elif is_call(node, aten.matmul.default, aten.mm.default) and _transposed_weight(node.args[1]) is not None:
-            w = _transposed_weight(node.args[1])      # x @ W.T (Falcon's linear subclass): W stored (out, in)
+        elif is_call(node, aten.matmul.default, aten.mm.default) and \
+                (w := _transposed_weight(node.args[1])) is not None:   # x @ W.T (Falcon's linear): W is (out, in)
             if len(val(node.args[0]).shape) < 2:
                 continue
             b = None                                  # a bias, if any, stays as the add that follows
@@ -210,5 +203,5 @@ def select(sites: list, config, what: str = "site", pass_name: str = "the pass")
         filters = ", ".join(f"{k}={v}" for k, v in (("include", config.include), ("exclude", config.exclude),
                                                        ("layers", config.layers)) if v) or "no filter"
         raise RewriterError(f"{pass_name}: no {what} matched ({filters}; the program has {len(sites)} {what}s)",
-                            f"check the filters, see `rewriter inspect`, or add allow_empty=true to the pass")
+                            "check the filters, see `rewriter inspect`, or add allow_empty=true to the pass")
     return chosen

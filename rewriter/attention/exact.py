@@ -65,7 +65,7 @@ def _exact_attention_fake(q, k, v, key_mask, causal, scale, window=0, alibi=None
 
 def _keep_semantics(site, kwargs: dict) -> tuple[dict | None, str]:
     """Exact attention keeps a causal sliding window and an ALiBi bias; anything else is refused."""
-    if site.window_right is not None or site.softcap is not None or (site.semantics_note and not site.alibi_slopes):
+    if site.window_right is not None or site.semantics_note:
         return None, f"exact-attention cannot keep the model's {site.semantics()}"
     if site.window is not None and not site.causal:
         return None, f"exact-attention keeps causal sliding windows only; the model has a bidirectional {site.semantics()}"

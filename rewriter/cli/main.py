@@ -158,8 +158,7 @@ def inspect(src: Optional[str] = typer.Argument(None, help="HF model folder or r
     for s in info["attention"]:
         own = [f"window {s['window']}" if s.get("window") is not None else "",
                f"right window {s['window_right']}" if s.get("window_right") is not None else "",
-               "ALiBi" if s.get("alibi_slopes") else "", f"softcap {s['softcap']:g}" if s.get("softcap") else "",
-               s.get("semantics_note", "") if not s.get("alibi_slopes") else ""]
+               "ALiBi" if s.get("alibi_slopes") else "", s.get("semantics_note", "")]
         t.add_row(s["module_path"], str(s["layer"]), str(s["heads"]), str(s["kv_heads"]), str(s["head_dim"]),
                   str(s["causal"]), str(s["has_mask"]), f"{s['scale']:.4g}", ", ".join(p for p in own if p) or "-")
     out.print(t)

@@ -12,7 +12,7 @@ from .canonical import canonicalize
 from .errors import RewriterError
 from .graph import module_path
 from .load import LoadedModel
-from .program import Program, export, strip_prefix
+from .program import Program, export, max_length, strip_prefix
 from .semantics import probe_sites
 
 
@@ -50,16 +50,6 @@ def _output_fields(out: Any) -> dict[str, torch.Tensor]:
 
 def is_vision(config: Any) -> bool:
     return config is not None and hasattr(config, "image_size") and not hasattr(config, "vocab_size")
-
-
-def max_length(config: dict) -> int | None:
-    """The longest sequence a captured model takes, from its config dict (None when the config does not say: vision
-    models, whose length is fixed by the image)."""
-    for key in ("max_position_embeddings", "n_positions", "n_ctx"):
-        v = config.get(key)
-        if isinstance(v, int) and v > 0:
-            return v
-    return None
 
 
 def max_positions(config: Any) -> int:

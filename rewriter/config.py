@@ -9,9 +9,9 @@ import typing
 from dataclasses import dataclass, field
 from typing import Any
 
-import yaml
 
 from .errors import RewriterError
+from .program import max_length
 
 
 @dataclass
@@ -138,7 +138,7 @@ def model_dims(config: dict) -> dict:
     heads = first("num_attention_heads", "n_head", "num_heads")
     head_dim = first("head_dim") or (hidden // heads if hidden and heads else None)
     return {"hidden": hidden, "head_dim": head_dim, "intermediate": first("intermediate_size", "n_inner", "ffn_dim"),
-            "max_positions": first("max_position_embeddings", "n_positions", "max_seq_len")}
+            "max_positions": max_length(config)}
 
 
 def check_bounds(cfg: PassConfig, pass_name: str, config: dict) -> None:

@@ -103,5 +103,18 @@ class Program:
         return sum(t.numel() * t.element_size() for t in tensors)
 
 
+POSITION_KEYS = ("max_position_embeddings", "n_positions", "n_ctx", "max_seq_len")
+
+
+def max_length(config: dict) -> int | None:
+    """The longest sequence a model takes, from its HF config dict (None when the config does not say: vision
+    models, whose length is fixed by the image)."""
+    for key in POSITION_KEYS:
+        v = config.get(key)
+        if isinstance(v, int) and not isinstance(v, bool) and v > 0:
+            return v
+    return None
+
+
 def strip_prefix(path: str) -> str:
     return path[len(WRAPPER_PREFIX):] if path.startswith(WRAPPER_PREFIX) else path

@@ -17,7 +17,7 @@ from typing import ClassVar
 
 import torch
 
-from ..capture import max_length
+from ..program import max_length
 from ..errors import RewriterError
 from ..graph import erase_dead, key_mask_value, record_node_inputs, replace_attention
 from ..pipeline import Pass, PassResult, SiteChange, register_pass

@@ -84,12 +84,12 @@ def check_correctness(log: list) -> bool:
     v = torch.randn(1, 2, 1000, 64, device="cuda", dtype=torch.bfloat16)
     key_mask = torch.rand(1, 1000, device="cuda") > 0.1
     ops = torch.ops.rewriter
-    calls = {"performer": lambda q, k, v, m: ops.performer_attention(q, k, v, m, True, 0.125, 128, 3),
-             "linear_elu": lambda q, k, v, m: ops.linear_attention(q, k, v, m, True, 0.125, "elu"),
-             "scatterbrain": lambda q, k, v, m: ops.scatterbrain_attention(q, k, v, m, True, 0.125, 64, 256, 16, 1),
-             "scatterbrain_bidirectional": lambda q, k, v, m: ops.scatterbrain_attention(q, k, v, m, False, 0.125,
+    calls = {"performer": lambda q, k, v, m: ops.performer(q, k, v, m, True, 0.125, 128, 3),
+             "linear_elu": lambda q, k, v, m: ops.linear(q, k, v, m, True, 0.125, "elu"),
+             "scatterbrain": lambda q, k, v, m: ops.scatterbrain(q, k, v, m, True, 0.125, 64, 256, 16, 1),
+             "scatterbrain_bidirectional": lambda q, k, v, m: ops.scatterbrain(q, k, v, m, False, 0.125,
                                                                                           64, 256, 16, 1),
-             "window": lambda q, k, v, m: ops.window_attention(q, k, v, m, True, 0.125, 256, 16, 64)}
+             "window": lambda q, k, v, m: ops.window(q, k, v, m, True, 0.125, 256, 16, 64)}
     for name, fn in calls.items():
         for masked in (False, True):
             m = key_mask if masked else None
@@ -184,9 +184,9 @@ def bench_scatterbrain(L: int, D: int, causal: bool, records: list) -> None:
     q, k, v = (torch.randn(1, H, L, D, device="cuda", dtype=torch.bfloat16) for _ in range(3))
     scale = D ** -0.5
     ops = torch.ops.rewriter
-    sb = bench(lambda: ops.scatterbrain_attention(q, k, v, None, causal, scale, 64, WINDOW, SINKS, 0))
-    peers = {"window_op": bench(lambda: ops.window_attention(q, k, v, None, causal, scale, WINDOW, SINKS, 64)),
-             "performer_op_64": bench(lambda: ops.performer_attention(q, k, v, None, causal, scale, 64, 0))}
+    sb = bench(lambda: ops.scatterbrain(q, k, v, None, causal, scale, 64, WINDOW, SINKS, 0))
+    peers = {"window_op": bench(lambda: ops.window(q, k, v, None, causal, scale, WINDOW, SINKS, 64)),
+             "performer_op_64": bench(lambda: ops.performer(q, k, v, None, causal, scale, 64, 0))}
     # where the time goes: the FAVOR+ feature kernel (q and k) and the fused Scatterbrain kernel, timed alone
     from rewriter.attention.triton.registry import _performer_features_cuda
     from rewriter.attention.triton.scatterbrain import scatterbrain_attention_triton

@@ -5,6 +5,7 @@ Everything here raises RewriterError (one line, exit 2 in the CLI). Nothing here
 from __future__ import annotations
 
 import io
+import re
 import json
 import math
 import os
@@ -127,7 +128,28 @@ def load_pt2(path: Path):
     except OSError as e:
         raise RewriterError(f"cannot read {path}: {e.strerror}") from None
     check_pt2_bytes(data, path)
+    _check_known_ops(data, path)
     return torch.export.load(io.BytesIO(data))
+
+
+_REWRITER_OP = re.compile(rb"torch\.ops\.rewriter\.([A-Za-z_][A-Za-z0-9_]*)\.")
+
+
+def _check_known_ops(data: bytes, path) -> None:
+    """Name the operator a program needs that this rewriter does not define (torch.export.load would print a
+    deserialisation traceback instead). Programs written before the ops took their pass names (rewriter::window,
+    was rewriter::window_attention) are the common case."""
+    with zipfile.ZipFile(io.BytesIO(data)) as z:
+        names = {m.decode() for info in z.infolist() if info.filename.endswith(".json")
+                 for m in _REWRITER_OP.findall(z.read(info))}
+    missing = sorted(n for n in names if not hasattr(torch.ops.rewriter, n))
+    if missing:
+        old = [n for n in missing if n.endswith("_attention")]
+        hint = (f"; it was written by an earlier rewriter, whose attention ops were named <method>_attention (now "
+                f"rewriter::{old[0][:-len('_attention')]}): run `rewriter optimize` on the original checkpoint again"
+                if old else "")
+        raise RewriterError(f"{path} uses the operator rewriter::{missing[0]}, which this rewriter does not "
+                            f"define{hint}")
 
 
 # ---------------------------------------------------------------------------------------------------------------

@@ -79,7 +79,7 @@ def test_sites_share_one_key_mask(tiny_folders):
     res = optimize(tiny_folders["llama"], [make_pass("window", {"window": 8, "sinks": 2, "block": 16})],
                    samples=2, seq_len=24)
     graph = res.program.module().graph
-    ops = [n for n in graph.nodes if n.op == "call_function" and "window_attention" in str(n.target)]
+    ops = [n for n in graph.nodes if n.op == "call_function" and "rewriter.window." in str(n.target)]
     assert len(ops) >= 2
     masks = {n.args[3] for n in ops}
     assert len(masks) == 1

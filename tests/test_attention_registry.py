@@ -68,3 +68,37 @@ def test_method_is_complete(name):
     if m.pairs is not None:
         pairs = m.pairs(q, k, key_mask, True, D ** -0.5, **kwargs)
         assert pairs.dtype == torch.bool and pairs.shape[-2:] == (L, L)
+
+
+def test_one_spelling_per_method():
+    """The pass name is the method's only spelling: its op is rewriter::<name with - -> _>, and registering a method
+    whose op is named otherwise is refused."""
+    from rewriter.attention._contract import register_method
+    for name, m in METHODS.items():
+        assert m.op_name == "rewriter::" + name.replace("-", "_")
+    with pytest.raises(ValueError, match="rewriter::my_method"):
+        register_method(dataclasses.replace(METHODS["window"], name="my-method"))
+    assert "my-method" not in METHODS
+
+
+def test_program_with_an_op_this_version_lacks_is_refused_by_name(tmp_path):
+    """A .pt2 written when the ops were named <method>_attention loads with an error naming the op and the fix,
+    not torch's deserialisation traceback."""
+    import subprocess
+    import sys
+    from rewriter.errors import RewriterError
+    from rewriter.safety import load_pt2
+
+    # saved in a process that defines the old op name (this one does not)
+    subprocess.run([sys.executable, "-c", f"""
+import torch
+lib = torch.library.Library("rewriter", "DEF")
+lib.define("strided_attention(Tensor x) -> Tensor")
+lib.impl("strided_attention", lambda x: x.clone(), "CompositeExplicitAutograd")
+class M(torch.nn.Module):
+    def forward(self, x):
+        return torch.ops.rewriter.strided_attention(x)
+torch.export.save(torch.export.export(M(), (torch.randn(3),)), {str(tmp_path / "old.pt2")!r})
+"""], check=True)
+    with pytest.raises(RewriterError, match=r"rewriter::strided_attention, .*earlier rewriter.*rewriter::strided\b"):
+        load_pt2(tmp_path / "old.pt2")

@@ -170,14 +170,14 @@ def test_registered_functions_match_reference_ops():
     q, k, v = qkv(9, B, H, Hkv, L, L, D)
     key_mask = torch.rand(B, L, generator=gen(10)) > 0.2
     # On CPU tensors the ops dispatch to their references; the CUDA functions run the kernels.
-    ref = torch.ops.rewriter.performer_attention(q, k, v, key_mask, True, D ** -0.5, 48, 3)
+    ref = torch.ops.rewriter.performer(q, k, v, key_mask, True, D ** -0.5, 48, 3)
     torch.testing.assert_close(performer_attention_cuda(q, k, v, key_mask, True, D ** -0.5, 48, 3), ref,
                                atol=1e-5, rtol=1e-4)
     for window, sinks in [(0, 0), (8, 2)]:
-        ref = torch.ops.rewriter.linear_attention(q, k, v, key_mask, False, D ** -0.5, "elu", window, sinks)
+        ref = torch.ops.rewriter.linear(q, k, v, key_mask, False, D ** -0.5, "elu", window, sinks)
         got = linear_attention_cuda(q, k, v, key_mask, False, D ** -0.5, "elu", window, sinks)
         torch.testing.assert_close(got, ref, atol=1e-5, rtol=1e-4)
-    ref = torch.ops.rewriter.scatterbrain_attention(q, k, v, key_mask, True, D ** -0.5, 32, 10, 2, 1)
+    ref = torch.ops.rewriter.scatterbrain(q, k, v, key_mask, True, D ** -0.5, 32, 10, 2, 1)
     got = scatterbrain_attention_cuda(q, k, v, key_mask, True, D ** -0.5, 32, 10, 2, 1)
     torch.testing.assert_close(got, ref, atol=1e-5, rtol=1e-4)
     left, right = window_extents(12, True)
@@ -187,8 +187,7 @@ def test_registered_functions_match_reference_ops():
     torch.testing.assert_close(got, ref, atol=1e-5, rtol=1e-4)
     # the sparse ops' CUDA registrations: the op's own layout with the Triton core, against the op (reference)
     s = D ** -0.5
-    for name, args in [("window_attention", (12, 2, 16)), ("block_topk_attention", (0.5, 16)),
-                       ("strided_attention", (2, 1, 1, 16))]:
+    for name, args in [("window", (12, 2, 16)), ("block_topk", (0.5, 16)), ("strided", (2, 1, 1, 16))]:
         ref = getattr(torch.ops.rewriter, name)(q, k, v, key_mask, True, s, *args)
         got = CUDA_KERNELS[f"rewriter::{name}"](q, k, v, key_mask, True, s, *args)
         torch.testing.assert_close(got, ref, atol=1e-5, rtol=1e-4)
@@ -247,8 +246,8 @@ def test_registration_switches(monkeypatch):
     assert use_reference() and register_cuda_kernels() == []
     monkeypatch.delenv("REWRITER_ATTENTION_REFERENCE")
     assert not use_reference()
-    names = ["rewriter::performer_attention", "rewriter::linear_attention", "rewriter::scatterbrain_attention",
-             "rewriter::window_attention", "rewriter::block_topk_attention", "rewriter::strided_attention",
+    names = ["rewriter::performer", "rewriter::linear", "rewriter::scatterbrain",
+             "rewriter::window", "rewriter::block_topk", "rewriter::strided",
              "rewriter::binary_linear"]
     assert register_cuda_kernels() == names
     assert register_cuda_kernels() == names          # idempotent

@@ -151,9 +151,9 @@ def test_linear_translation_matches_dense(causal, feature_map, window, sinks, tm
 def test_real_lowrank_ops_match_at_long_odd_lengths(tmp_path):
     """The real ops (fp32 references) against their translations past one chunk, causal, GQA, padded."""
     import rewriter  # noqa: F401  (registers the ops)
-    cases = [(torch.ops.rewriter.performer_attention.default, (True, 8 ** -0.5, 16, 3)),
-             (torch.ops.rewriter.scatterbrain_attention.default, (False, 8 ** -0.5, 16, 7, 2, 1)),
-             (torch.ops.rewriter.linear_attention.default, (True, 8 ** -0.5, "elu", 9, 1))]
+    cases = [(torch.ops.rewriter.performer.default, (True, 8 ** -0.5, 16, 3)),
+             (torch.ops.rewriter.scatterbrain.default, (False, 8 ** -0.5, 16, 7, 2, 1)),
+             (torch.ops.rewriter.linear.default, (True, 8 ** -0.5, "elu", 9, 1))]
     for i, (op, args) in enumerate(cases):
         (tmp_path / str(i)).mkdir()
         diffs, _ = export_op(tmp_path / str(i), op, args, 13, (67, 133), lambda *a: op(*a))
@@ -214,8 +214,8 @@ EXPORT_CASES = {
          "heads": ["scatterbrain(window=4,features=8)", "scatterbrain(window=4,features=8)",
                    "linear(feature_map=elu)", "exact"]}]})]),
 }
-AUTO_OPS = {"rewriter::window_attention", "rewriter::performer_attention", "rewriter::scatterbrain_attention",
-            "rewriter::linear_attention", "rewriter::exact_attention"}
+AUTO_OPS = {"rewriter::window", "rewriter::performer", "rewriter::scatterbrain",
+            "rewriter::linear", "rewriter::exact_attention"}
 
 
 def test_every_pass_has_an_exporting_test():
@@ -290,11 +290,11 @@ def test_unwritable_output(tmp_path):
 
 def test_op_without_translation_is_named(tmp_path, monkeypatch):
     import rewriter  # noqa: F401  (registers the ops)
-    monkeypatch.delitem(onnx_backend.TRANSLATIONS, "rewriter::performer_attention")
+    monkeypatch.delitem(onnx_backend.TRANSLATIONS, "rewriter::performer")
     inputs = _qkv(9, 0)
-    ep = torch.export.export(OpModule(torch.ops.rewriter.performer_attention.default, False, 0.3, 8), (), inputs,
+    ep = torch.export.export(OpModule(torch.ops.rewriter.performer.default, False, 0.3, 8), (), inputs,
                              strict=False)
-    with pytest.raises(RewriterError, match="no ONNX translation for rewriter::performer_attention"):
+    with pytest.raises(RewriterError, match="no ONNX translation for rewriter::performer"):
         export_onnx(ep, tmp_path / "m.onnx", input_names=list(inputs), output_names=["out"])
     assert list(tmp_path.iterdir()) == []
 

@@ -54,7 +54,7 @@ def _layout_oracle(q, k, v, key_mask, causal, scale, kv_index, kv_count, block):
 
 @pytest.mark.parametrize("causal", [False, True])
 def test_block_topk_translation_matches_op(causal, tmp_path):
-    op = torch.ops.rewriter.block_topk_attention.default
+    op = torch.ops.rewriter.block_topk.default
     # density 0.4 over ~4-6 key blocks of 4 tokens: real choices (neither everything nor only the forced blocks)
     for pool, sink_blocks, local_blocks in (("mean", 1, 1), ("maxmin", 0, 2)):
         args = (causal, 8 ** -0.5, 0.4, 4, pool, sink_blocks, local_blocks)
@@ -72,7 +72,7 @@ def test_block_topk_translation_matches_op(causal, tmp_path):
 
 @pytest.mark.parametrize("causal", [False, True])
 def test_strided_translation_matches_op(causal, tmp_path):
-    op = torch.ops.rewriter.strided_attention.default
+    op = torch.ops.rewriter.strided.default
     args = (causal, 8 ** -0.5, 3, 1, 1, 4)          # stride 3 blocks, 1 local + 1 sink block, blocks of 4
     diffs = export_and_check(tmp_path, op, args, 13, (19, 29))
     assert max(diffs) < 1e-4, diffs
@@ -98,13 +98,13 @@ def test_strided_translation_matches_op(causal, tmp_path):
 
 
 def test_registered_without_quadratic():
-    for name in ("rewriter::block_topk_attention", "rewriter::strided_attention", "rewriter::lsh_attention"):
+    for name in ("rewriter::block_topk", "rewriter::strided", "rewriter::lsh"):
         assert name in TRANSLATIONS and not TRANSLATIONS[name].quadratic
 
 
 @pytest.mark.parametrize("causal", [False, True])
 def test_lsh_translation_matches_op(causal, tmp_path):
-    op = torch.ops.rewriter.lsh_attention.default
+    op = torch.ops.rewriter.lsh.default
     # buckets of 4: 5-8 chunks (3 bits) at 17-29 tokens, 2 rounds (the duplicate correction and the merge run)
     args = (causal, 8 ** -0.5, 2, 4, 3)
     diffs = export_and_check(tmp_path, op, args, 13, (19, 29))

@@ -126,7 +126,7 @@ def test_performer_matches_dense_oracle(shape):
     B, H, Hkv, Lq, Lk, D, Dv, causal, padded = shape
     q, k, v, key_mask = make_inputs(B, H, Hkv, Lq, Lk, D, Dv, padded, seed=Lq)
     scale, features = D ** -0.5, 48
-    out = ops.performer_attention(q, k, v, key_mask, causal, scale, features, 3)
+    out = ops.performer(q, k, v, key_mask, causal, scale, features, 3)
     expected = oracle(q, k, v, key_mask, causal, scale, "performer", projection=performer_projection(features, D, 3))
     assert out.dtype == q.dtype and out.shape == (B, H, Lq, Dv)
     torch.testing.assert_close(out.double(), expected, atol=2e-5, rtol=1e-4)
@@ -138,7 +138,7 @@ def test_linear_matches_dense_oracle(shape, name):
     B, H, Hkv, Lq, Lk, D, Dv, causal, padded = shape
     q, k, v, key_mask = make_inputs(B, H, Hkv, Lq, Lk, D, Dv, padded, seed=Lk)
     scale = D ** -0.5
-    out = ops.linear_attention(q, k, v, key_mask, causal, scale, name)
+    out = ops.linear(q, k, v, key_mask, causal, scale, name)
     torch.testing.assert_close(out.double(), oracle(q, k, v, key_mask, causal, scale, name), atol=2e-5, rtol=1e-4)
 
 
@@ -148,7 +148,7 @@ def test_linear_window_hybrid_matches_dense_oracle(shape, name, window, sinks):
     B, H, Hkv, Lq, Lk, D, Dv, causal, padded = shape
     q, k, v, key_mask = make_inputs(B, H, Hkv, Lq, Lk, D, Dv, padded, seed=window)
     scale = D ** -0.5
-    out = ops.linear_attention(q, k, v, key_mask, causal, scale, name, window, sinks)
+    out = ops.linear(q, k, v, key_mask, causal, scale, name, window, sinks)
     expected = oracle(q, k, v, key_mask, causal, scale, name, window, sinks)
     torch.testing.assert_close(out.double(), expected, atol=2e-5, rtol=1e-4)
 
@@ -159,7 +159,7 @@ def test_scatterbrain_matches_dense_oracle(shape, window, sinks):
     B, H, Hkv, Lq, Lk, D, Dv, causal, padded = shape
     q, k, v, key_mask = make_inputs(B, H, Hkv, Lq, Lk, D, Dv, padded, seed=window + sinks)
     scale, features, seed = D ** -0.5, 40, 7
-    out = ops.scatterbrain_attention(q, k, v, key_mask, causal, scale, features, window, sinks, seed)
+    out = ops.scatterbrain(q, k, v, key_mask, causal, scale, features, window, sinks, seed)
     expected = oracle(q, k, v, key_mask, causal, scale, "performer", window, sinks,
                       projection=performer_projection(features, D, seed))
     torch.testing.assert_close(out.double(), expected, atol=2e-5, rtol=1e-4)
@@ -168,7 +168,7 @@ def test_scatterbrain_matches_dense_oracle(shape, window, sinks):
 def test_float64_inputs_are_computed_in_float64():
     q, k, v, key_mask = make_inputs(2, 4, 2, 45, 53, 32, 32, True, seed=1, dtype=torch.float64)
     scale, projection = 32 ** -0.5, performer_projection(32, 32, 0)
-    out = ops.scatterbrain_attention(q, k, v, key_mask, True, scale, 32, 8, 2, 0)
+    out = ops.scatterbrain(q, k, v, key_mask, True, scale, 32, 8, 2, 0)
     assert out.dtype == torch.float64
     expected = oracle(q, k, v, key_mask, True, scale, "performer", 8, 2, projection=projection)
     torch.testing.assert_close(out, expected, atol=1e-11, rtol=1e-10)
@@ -182,11 +182,11 @@ def test_half_precision_inputs_accumulate_in_float32(dtype):
     q, k, v, key_mask = make_inputs(2, 4, 2, 67, 80, 64, 32, True, seed=5, dtype=dtype)
     scale, D = 64 ** -0.5, 64
     cases = [
-        (ops.performer_attention(q, k, v, key_mask, True, scale, 64, 1),
+        (ops.performer(q, k, v, key_mask, True, scale, 64, 1),
          oracle(q, k, v, key_mask, True, scale, "performer", projection=performer_projection(64, D, 1))),
-        (ops.linear_attention(q, k, v, key_mask, False, scale, "taylor2", 12, 2),
+        (ops.linear(q, k, v, key_mask, False, scale, "taylor2", 12, 2),
          oracle(q, k, v, key_mask, False, scale, "taylor2", 12, 2)),
-        (ops.scatterbrain_attention(q, k, v, key_mask, True, scale, 64, 20, 1, 2),
+        (ops.scatterbrain(q, k, v, key_mask, True, scale, 64, 20, 1, 2),
          oracle(q, k, v, key_mask, True, scale, "performer", 20, 1, projection=performer_projection(64, D, 2))),
     ]
     for out, expected in cases:
@@ -202,9 +202,9 @@ def test_large_logits_stay_finite_and_exact():
     assert torch.isinf(torch.exp(scale * q @ k.transpose(-1, -2))).any()
     assert (performer_phi(q, projection, scale).float() == 0).float().mean() > 0.3
     for out, expected in [
-        (ops.performer_attention(q, k, v, key_mask, False, scale, 64, 0),
+        (ops.performer(q, k, v, key_mask, False, scale, 64, 0),
          oracle(q, k, v, key_mask, False, scale, "performer", projection=projection)),
-        (ops.scatterbrain_attention(q, k, v, key_mask, True, scale, 64, 8, 1, 0),
+        (ops.scatterbrain(q, k, v, key_mask, True, scale, 64, 8, 1, 0),
          oracle(q, k, v, key_mask, True, scale, "performer", 8, 1, projection=projection)),
     ]:
         assert torch.isfinite(out).all()
@@ -215,9 +215,9 @@ def test_large_logits_stay_finite_and_exact():
 def test_cuda_matches_cpu_with_the_same_seed():
     q, k, v, key_mask = make_inputs(2, 4, 2, 70, 90, 64, 32, True, seed=6)
     calls = [
-        lambda *t: ops.performer_attention(*t, True, 0.125, 64, 5),
-        lambda *t: ops.linear_attention(*t, False, 0.125, "taylor2", 10, 2),
-        lambda *t: ops.scatterbrain_attention(*t, True, 0.125, 64, 10, 2, 5),
+        lambda *t: ops.performer(*t, True, 0.125, 64, 5),
+        lambda *t: ops.linear(*t, False, 0.125, "taylor2", 10, 2),
+        lambda *t: ops.scatterbrain(*t, True, 0.125, 64, 10, 2, 5),
     ]
     for call in calls:
         cpu = call(q, k, v, key_mask)
@@ -234,9 +234,9 @@ def test_padding_keys_never_poison_the_sums():
     k = make_inputs(2, 2, 2, 33, 33, 32, 16, True, seed=10, spread=10.0)[1] * key_mask[:, None, :, None]
     projection = performer_projection(32, 32, 4)
     for out, expected in [
-        (ops.performer_attention(q, k, v, key_mask, False, 32 ** -0.5, 32, 4),
+        (ops.performer(q, k, v, key_mask, False, 32 ** -0.5, 32, 4),
          oracle(q, k, v, key_mask, False, 32 ** -0.5, "performer", projection=projection)),
-        (ops.scatterbrain_attention(q, k, v, key_mask, False, 32 ** -0.5, 32, 6, 0, 4),
+        (ops.scatterbrain(q, k, v, key_mask, False, 32 ** -0.5, 32, 6, 0, 4),
          oracle(q, k, v, key_mask, False, 32 ** -0.5, "performer", 6, 0, projection=projection)),
     ]:
         torch.testing.assert_close(out.double(), expected, atol=1e-4, rtol=1e-4)
@@ -246,9 +246,9 @@ def test_rows_without_keys_are_zero():
     q, k, v, _ = make_inputs(2, 2, 2, 9, 9, 32, 32, False, seed=0)
     key_mask = torch.ones(2, 9, dtype=torch.bool)
     key_mask[1] = False
-    for out in [ops.performer_attention(q, k, v, key_mask, False, 0.2, 16, 0),
-                ops.linear_attention(q, k, v, key_mask, True, 0.2, "elu", 3, 1),
-                ops.scatterbrain_attention(q, k, v, key_mask, True, 0.2, 16, 3, 1, 0)]:
+    for out in [ops.performer(q, k, v, key_mask, False, 0.2, 16, 0),
+                ops.linear(q, k, v, key_mask, True, 0.2, "elu", 3, 1),
+                ops.scatterbrain(q, k, v, key_mask, True, 0.2, 16, 3, 1, 0)]:
         assert torch.isfinite(out).all() and out[1].abs().max() == 0 and out[0].abs().max() > 0
 
 
@@ -310,7 +310,7 @@ def test_performer_projection_is_seeded_orthogonal_blocks():
 @pytest.mark.parametrize("causal", [False, True])
 def test_scatterbrain_with_covering_window_is_exact_softmax(causal):
     q, k, v, key_mask = make_inputs(2, 4, 2, 50, 61, 32, 32, True, seed=3)
-    out = ops.scatterbrain_attention(q, k, v, key_mask, causal, 32 ** -0.5, 8, 2 * 61 + 1, 0, 0)
+    out = ops.scatterbrain(q, k, v, key_mask, causal, 32 ** -0.5, 8, 2 * 61 + 1, 0, 0)
     mask = dense_allowed(50, 61, causal, key_mask)
     expected = F.scaled_dot_product_attention(q, repeat_heads(k, 4).float(), repeat_heads(v, 4).float(), attn_mask=mask)
     torch.testing.assert_close(out, expected, atol=2e-5, rtol=1e-4)
@@ -325,7 +325,7 @@ def test_performer_error_falls_as_features_grow():
     N(0, 1) the estimate is still noisy at m = 256 (relative error ~1.3). Measured: 0.57 (m=16) -> 0.22 (m=256)."""
     q, k, v, _ = make_inputs(2, 4, 4, 64, 64, 32, 32, False, seed=8, spread=0.5)
     exact = softmax_oracle(q, k, v, None, False, 32 ** -0.5)
-    error = {m: sum(_relative_error(ops.performer_attention(q, k, v, None, False, 32 ** -0.5, m, s), exact)
+    error = {m: sum(_relative_error(ops.performer(q, k, v, None, False, 32 ** -0.5, m, s), exact)
                     for s in range(4)) / 4 for m in (16, 256)}
     assert error[256] < 0.5 * error[16], error
 
@@ -353,9 +353,9 @@ def test_scatterbrain_beats_window_alone_and_performer_alone():
         assert 0.25 < band_mass < 0.75
         exact = weighted_average(weights, v)
         local = _relative_error(weighted_average(weights * support, v), exact)
-        performer = sum(_relative_error(ops.performer_attention(q, k, v, None, causal, scale, features, s), exact)
+        performer = sum(_relative_error(ops.performer(q, k, v, None, causal, scale, features, s), exact)
                         for s in range(3)) / 3
-        hybrid = sum(_relative_error(ops.scatterbrain_attention(q, k, v, None, causal, scale, features, window, 0, s),
+        hybrid = sum(_relative_error(ops.scatterbrain(q, k, v, None, causal, scale, features, window, 0, s),
                                      exact) for s in range(3)) / 3
         assert hybrid < 0.9 * min(local, performer), (causal, hybrid, local, performer)
 
@@ -365,9 +365,9 @@ def test_scatterbrain_beats_window_alone_and_performer_alone():
 class _AllThree(torch.nn.Module):
     def forward(self, q, k, v, key_mask):
         scale = q.shape[-1] ** -0.5
-        return (ops.performer_attention(q, k, v, key_mask, True, scale, 16, 1)
-                + ops.linear_attention(q, k, v, key_mask, False, scale, "elu", 5, 1)
-                + ops.scatterbrain_attention(q, k, v, key_mask, True, scale, 16, 5, 1, 2))
+        return (ops.performer(q, k, v, key_mask, True, scale, 16, 1)
+                + ops.linear(q, k, v, key_mask, False, scale, "elu", 5, 1)
+                + ops.scatterbrain(q, k, v, key_mask, True, scale, 16, 5, 1, 2))
 
 
 def test_ops_survive_export_with_dynamic_sequence():
@@ -377,27 +377,27 @@ def test_ops_survive_export_with_dynamic_sequence():
     program = torch.export.export(module, (q, k, v, key_mask), strict=False,
                                   dynamic_shapes=({2: seq}, {2: seq}, {2: seq}, {1: seq}))
     targets = {str(n.target) for n in program.graph.nodes if n.op == "call_function"}
-    assert {"rewriter.performer_attention.default", "rewriter.linear_attention.default",
-            "rewriter.scatterbrain_attention.default"} <= targets
+    assert {"rewriter.performer.default", "rewriter.linear.default",
+            "rewriter.scatterbrain.default"} <= targets
     q2, k2, v2, mask2 = make_inputs(1, 2, 1, 75, 75, 32, 16, True, seed=1)
     torch.testing.assert_close(program.module()(q2, k2, v2, mask2), module(q2, k2, v2, mask2))
 
 
 def test_opcheck_schema_and_fake_implementations():
     q, k, v, key_mask = make_inputs(2, 4, 2, 19, 23, 32, 16, True, seed=0)
-    for op, args in [(ops.performer_attention.default, (q, k, v, key_mask, True, 0.2, 16, 1)),
-                     (ops.linear_attention.default, (q, k, v, key_mask, False, 0.2, "elu", 5, 1)),
-                     (ops.scatterbrain_attention.default, (q, k, v, None, True, 0.2, 16, 5, 1, 2))]:
+    for op, args in [(ops.performer.default, (q, k, v, key_mask, True, 0.2, 16, 1)),
+                     (ops.linear.default, (q, k, v, key_mask, False, 0.2, "elu", 5, 1)),
+                     (ops.scatterbrain.default, (q, k, v, None, True, 0.2, 16, 5, 1, 2))]:
         torch.library.opcheck(op, args, test_utils=("test_schema", "test_faketensor", "test_aot_dispatch_static"))
 
 
 @pytest.mark.parametrize("call,message", [
-    (lambda q, k, v: ops.performer_attention(q, k, v, None, False, 0.1, 0), "features must be >= 1"),
-    (lambda q, k, v: ops.linear_attention(q, k, v, None, False, 0.1, "softmax"), "unknown feature map 'softmax'"),
-    (lambda q, k, v: ops.linear_attention(q, k, v, None, False, 0.1, "elu", -1), "window must be >= 0"),
-    (lambda q, k, v: ops.linear_attention(q, k, v, None, False, 0.1, "elu", 4, -2), "sinks must be >= 0"),
-    (lambda q, k, v: ops.scatterbrain_attention(q, k, v, None, False, 0.1, 8, 0), "scatterbrain window must be >= 1"),
-    (lambda q, k, v: ops.scatterbrain_attention(q, k, v, None, False, 0.1, 0, 4), "features must be >= 1"),
+    (lambda q, k, v: ops.performer(q, k, v, None, False, 0.1, 0), "features must be >= 1"),
+    (lambda q, k, v: ops.linear(q, k, v, None, False, 0.1, "softmax"), "unknown feature map 'softmax'"),
+    (lambda q, k, v: ops.linear(q, k, v, None, False, 0.1, "elu", -1), "window must be >= 0"),
+    (lambda q, k, v: ops.linear(q, k, v, None, False, 0.1, "elu", 4, -2), "sinks must be >= 0"),
+    (lambda q, k, v: ops.scatterbrain(q, k, v, None, False, 0.1, 8, 0), "scatterbrain window must be >= 1"),
+    (lambda q, k, v: ops.scatterbrain(q, k, v, None, False, 0.1, 0, 4), "features must be >= 1"),
 ])
 def test_bad_budgets_raise_value_error(call, message):
     q, k, v, _ = make_inputs(1, 2, 2, 5, 5, 32, 32, False, seed=0)

@@ -183,7 +183,7 @@ def test_window_matches_dense_oracle(B, H, Hkv, Lq, Lk, D, pad, causal, block, w
     q, k, v, key_mask = random_qkv(B, H, Hkv, Lq, Lk, D, pad)
     scale = D ** -0.5
     pairs = window_pairs(Lq, Lk, causal, window, sinks)[None, None] & dense_allowed(B, Lq, Lk, causal, key_mask)
-    out = ops.window_attention(q, k, v, key_mask, causal, scale, window, sinks, block)
+    out = ops.window(q, k, v, key_mask, causal, scale, window, sinks, block)
     assert out.shape == (B, H, Lq, D) and out.dtype == q.dtype
     torch.testing.assert_close(out.double(), attention_on(q, k, v, pairs, scale), atol=2e-5, rtol=1e-4)
 
@@ -191,7 +191,7 @@ def test_window_matches_dense_oracle(B, H, Hkv, Lq, Lk, D, pad, causal, block, w
 @pytest.mark.parametrize("causal", [False, True])
 def test_window_covering_everything_is_exact_sdpa(causal):
     q, k, v, _ = random_qkv(2, 4, 2, 53, 53, 32, False)
-    out = ops.window_attention(q, k, v, None, causal, 0.2, 2 * 53 + 1, 0, 16)
+    out = ops.window(q, k, v, None, causal, 0.2, 2 * 53 + 1, 0, 16)
     expected = F.scaled_dot_product_attention(q, k.repeat_interleave(2, 1), v.repeat_interleave(2, 1),
                                               is_causal=causal, scale=0.2)
     torch.testing.assert_close(out, expected, atol=2e-5, rtol=1e-4)
@@ -214,7 +214,7 @@ def test_block_topk_matches_dense_oracle(B, H, Hkv, Lq, Lk, D, pad, causal, bloc
     scale = D ** -0.5
     pairs = block_topk_pairs(q, k, key_mask, causal, scale, density, block, pool, sink_blocks, local_blocks)
     pairs = pairs & dense_allowed(B, Lq, Lk, causal, key_mask)
-    out = ops.block_topk_attention(q, k, v, key_mask, causal, scale, density, block, pool, sink_blocks, local_blocks)
+    out = ops.block_topk(q, k, v, key_mask, causal, scale, density, block, pool, sink_blocks, local_blocks)
     torch.testing.assert_close(out.double(), attention_on(q, k, v, pairs, scale), atol=2e-5, rtol=1e-4)
     assert measured_density("block-topk", q, k, key_mask, causal, scale, density=density, block=block, pool=pool,
                             sink_blocks=sink_blocks, local_blocks=local_blocks) == pytest.approx(
@@ -225,7 +225,7 @@ def test_block_topk_matches_dense_oracle(B, H, Hkv, Lq, Lk, D, pad, causal, bloc
 @pytest.mark.parametrize("pool", ["mean", "maxmin"])
 def test_block_topk_density_one_is_exact(causal, pool):
     q, k, v, key_mask = random_qkv(2, 4, 2, 70, 70, 32, True)
-    out = ops.block_topk_attention(q, k, v, key_mask, causal, 0.2, 1.0, 16, pool, 0, 0)
+    out = ops.block_topk(q, k, v, key_mask, causal, 0.2, 1.0, 16, pool, 0, 0)
     torch.testing.assert_close(out.double(), attention_on(q, k, v, dense_allowed(2, 70, 70, causal, key_mask), 0.2),
                                atol=2e-5, rtol=1e-4)
 
@@ -239,13 +239,13 @@ def test_strided_matches_dense_oracle(B, H, Hkv, Lq, Lk, D, pad, causal, block, 
     scale = D ** -0.5
     pairs = strided_pairs(Lq, Lk, H, block, stride, local_blocks, sink_blocks, causal)
     pairs = pairs & dense_allowed(B, Lq, Lk, causal, key_mask)
-    out = ops.strided_attention(q, k, v, key_mask, causal, scale, stride, local_blocks, sink_blocks, block)
+    out = ops.strided(q, k, v, key_mask, causal, scale, stride, local_blocks, sink_blocks, block)
     torch.testing.assert_close(out.double(), attention_on(q, k, v, pairs, scale), atol=2e-5, rtol=1e-4)
 
 
 def test_strided_stride_one_is_exact_and_heads_cover_all_blocks():
     q, k, v, key_mask = random_qkv(2, 4, 2, 45, 45, 32, True)
-    out = ops.strided_attention(q, k, v, key_mask, True, 0.2, 1, 0, 0, 16)
+    out = ops.strided(q, k, v, key_mask, True, 0.2, 1, 0, 0, 16)
     torch.testing.assert_close(out.double(), attention_on(q, k, v, dense_allowed(2, 45, 45, True, key_mask), 0.2),
                                atol=2e-5, rtol=1e-4)
     kv_index, kv_count = strided_layout(200, 200, 8, 16, 4, 0, 0, False)
@@ -265,7 +265,7 @@ def test_lsh_matches_dense_oracle(B, H, Hkv, Lq, Lk, D, pad, causal, block, n_ha
     q, k, v, key_mask = random_qkv(B, H, Hkv, Lq, Lk, D, pad, seed=3)
     scale = D ** -0.5
     pairs = lsh_pairs(q, k, key_mask, causal, n_hashes, block, seed=5)
-    out = ops.lsh_attention(q, k, v, key_mask, causal, scale, n_hashes, block, 5)
+    out = ops.lsh(q, k, v, key_mask, causal, scale, n_hashes, block, 5)
     # Pairs seen in several rounds count once: the oracle is plain softmax over the union.
     torch.testing.assert_close(out.double(), attention_on(q, k, v, pairs, scale), atol=2e-5, rtol=1e-4)
     density = measured_density("lsh", q, k, key_mask, causal, scale, n_hashes=n_hashes, bucket_size=block, seed=5)
@@ -277,7 +277,7 @@ def test_lsh_matches_dense_oracle(B, H, Hkv, Lq, Lk, D, pad, causal, block, n_ha
 @pytest.mark.parametrize("causal", [False, True])
 def test_lsh_one_bucket_is_exact(causal):
     q, k, v, key_mask = random_qkv(2, 4, 2, 37, 37, 32, True)
-    out = ops.lsh_attention(q, k, v, key_mask, causal, 0.2, 2, 64, 0)
+    out = ops.lsh(q, k, v, key_mask, causal, 0.2, 2, 64, 0)
     torch.testing.assert_close(out.double(), attention_on(q, k, v, dense_allowed(2, 37, 37, causal, key_mask), 0.2),
                                atol=2e-5, rtol=1e-4)
 
@@ -285,10 +285,10 @@ def test_lsh_one_bucket_is_exact(causal):
 # ---------------------------------------------------------------------------------------------------- dtypes, edges
 
 CALLS = {
-    "window": lambda q, k, v, m, c: ops.window_attention(q, k, v, m, c, 0.15, 12, 2, 16),
-    "block_topk": lambda q, k, v, m, c: ops.block_topk_attention(q, k, v, m, c, 0.15, 1.0, 16, "mean", 1, 1),
-    "strided": lambda q, k, v, m, c: ops.strided_attention(q, k, v, m, c, 0.15, 1, 1, 1, 16),
-    "lsh": lambda q, k, v, m, c: ops.lsh_attention(q, k, v, m, c, 0.15, 2, 64, 0),
+    "window": lambda q, k, v, m, c: ops.window(q, k, v, m, c, 0.15, 12, 2, 16),
+    "block_topk": lambda q, k, v, m, c: ops.block_topk(q, k, v, m, c, 0.15, 1.0, 16, "mean", 1, 1),
+    "strided": lambda q, k, v, m, c: ops.strided(q, k, v, m, c, 0.15, 1, 1, 1, 16),
+    "lsh": lambda q, k, v, m, c: ops.lsh(q, k, v, m, c, 0.15, 2, 64, 0),
 }
 
 
@@ -314,10 +314,10 @@ def test_rows_without_keys_give_zero(method):
 
 class _AllSparse(torch.nn.Module):
     def forward(self, q, k, v, key_mask):
-        return (ops.window_attention(q, k, v, key_mask, True, 0.2, 8, 2, 16)
-                + ops.block_topk_attention(q, k, v, key_mask, True, 0.2, 0.5, 16, "maxmin", 1, 1)
-                + ops.strided_attention(q, k, v, key_mask, True, 0.2, 2, 1, 1, 16)
-                + ops.lsh_attention(q, k, v, key_mask, True, 0.2, 2, 16, 0))
+        return (ops.window(q, k, v, key_mask, True, 0.2, 8, 2, 16)
+                + ops.block_topk(q, k, v, key_mask, True, 0.2, 0.5, 16, "maxmin", 1, 1)
+                + ops.strided(q, k, v, key_mask, True, 0.2, 2, 1, 1, 16)
+                + ops.lsh(q, k, v, key_mask, True, 0.2, 2, 16, 0))
 
 
 def test_ops_survive_export_with_dynamic_sequence(tmp_path):
@@ -333,14 +333,14 @@ def test_ops_survive_export_with_dynamic_sequence(tmp_path):
 
 
 @pytest.mark.parametrize("call,message", [
-    (lambda a: ops.window_attention(*a, 0, 0, 16), "window"),
-    (lambda a: ops.window_attention(*a, 4, -1, 16), "sinks"),
-    (lambda a: ops.block_topk_attention(*a, 0.0, 16, "mean", 1, 1), "density"),
-    (lambda a: ops.block_topk_attention(*a, 1.5, 16, "mean", 1, 1), "density"),
-    (lambda a: ops.block_topk_attention(*a, 0.5, 16, "max", 1, 1), "pool"),
-    (lambda a: ops.strided_attention(*a, 0, 1, 1, 16), "stride"),
-    (lambda a: ops.lsh_attention(*a, 0, 16, 0), "n_hashes"),
-    (lambda a: ops.lsh_attention(*a, 1, 0, 0), "bucket_size"),
+    (lambda a: ops.window(*a, 0, 0, 16), "window"),
+    (lambda a: ops.window(*a, 4, -1, 16), "sinks"),
+    (lambda a: ops.block_topk(*a, 0.0, 16, "mean", 1, 1), "density"),
+    (lambda a: ops.block_topk(*a, 1.5, 16, "mean", 1, 1), "density"),
+    (lambda a: ops.block_topk(*a, 0.5, 16, "max", 1, 1), "pool"),
+    (lambda a: ops.strided(*a, 0, 1, 1, 16), "stride"),
+    (lambda a: ops.lsh(*a, 0, 16, 0), "n_hashes"),
+    (lambda a: ops.lsh(*a, 1, 0, 0), "bucket_size"),
 ])
 def test_bad_budgets_raise(call, message):
     q, k, v, key_mask = random_qkv(1, 2, 2, 8, 8, 32, False)

@@ -1,6 +1,6 @@
 """Conventions shared by every attention op in ``rewriter.attention``.
 
-Every attention approximation is a ``torch.library.custom_op`` named ``rewriter::<method>_attention`` with
+Every attention approximation is a ``torch.library.custom_op`` named ``rewriter::<method>`` (the pass name, ``-`` -> ``_``) with
 the leading arguments
 
     q        (B, H,   Lq, D)   queries
@@ -219,7 +219,7 @@ class AttentionMethod:
 
     @property
     def op_name(self) -> str:
-        """'rewriter::window_attention'."""
+        """'rewriter::window'."""
         return self.op._schema.name
 
     @property
@@ -254,6 +254,9 @@ METHODS: dict[str, AttentionMethod] = {}
 def register_method(method: AttentionMethod) -> AttentionMethod:
     if method.name in METHODS:
         raise ValueError(f"attention method {method.name!r} is registered twice")
+    if method.op_name != "rewriter::" + method.name.replace("-", "_"):
+        raise ValueError(f"attention method {method.name!r}: its op must be named "
+                         f"'rewriter::{method.name.replace('-', '_')}', not {method.op_name!r}")
     METHODS[method.name] = method
     return method
 

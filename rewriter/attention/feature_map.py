@@ -361,7 +361,7 @@ def _fixed_features(name: str, q: Tensor, k: Tensor, scale: float) -> tuple[Tens
     return feature_map(name, q.to(acc), scale, role="query")[0], feature_map(name, k.to(acc), scale, role="key")[0]
 
 
-@torch.library.custom_op("rewriter::performer_attention", mutates_args=(), schema=(
+@torch.library.custom_op("rewriter::performer", mutates_args=(), schema=(
     "(Tensor q, Tensor k, Tensor v, Tensor? key_mask, bool causal, float scale, int features, int seed=0) -> Tensor"))
 def performer_attention(q: Tensor, k: Tensor, v: Tensor, key_mask: Optional[Tensor], causal: bool, scale: float,
                         features: int, seed: int = 0) -> Tensor:
@@ -385,7 +385,7 @@ def _performer_attention_fake(q, k, v, key_mask, causal, scale, features, seed=0
     return empty_output(q, v)
 
 
-@torch.library.custom_op("rewriter::linear_attention", mutates_args=(), schema=(
+@torch.library.custom_op("rewriter::linear", mutates_args=(), schema=(
     "(Tensor q, Tensor k, Tensor v, Tensor? key_mask, bool causal, float scale, str feature_map, int window=0, "
     "int sinks=0) -> Tensor"))
 def linear_attention(q: Tensor, k: Tensor, v: Tensor, key_mask: Optional[Tensor], causal: bool, scale: float,
@@ -413,7 +413,7 @@ def _linear_attention_fake(q, k, v, key_mask, causal, scale, feature_map, window
     return empty_output(q, v)
 
 
-@torch.library.custom_op("rewriter::scatterbrain_attention", mutates_args=(), schema=(
+@torch.library.custom_op("rewriter::scatterbrain", mutates_args=(), schema=(
     "(Tensor q, Tensor k, Tensor v, Tensor? key_mask, bool causal, float scale, int features, int window, "
     "int sinks=0, int seed=0) -> Tensor"))
 def scatterbrain_attention(q: Tensor, k: Tensor, v: Tensor, key_mask: Optional[Tensor], causal: bool, scale: float,
@@ -559,7 +559,7 @@ def _performer_budget(c: PerformerConfig, L: int) -> tuple[dict, dict]:
 
 
 register_method(AttentionMethod(
-    name="performer", config=PerformerConfig, op=torch.ops.rewriter.performer_attention.default,
+    name="performer", config=PerformerConfig, op=torch.ops.rewriter.performer.default,
     budget=_performer_budget, cost=performer_cost, reference=performer_reference,
     onnx=translate_performer_attention, colour="#f28e2b", density_knob="features",
     summary="Performer FAVOR+ positive orthogonal random features (linear in length)",
@@ -588,7 +588,7 @@ def _linear_budget(c: LinearConfig, L: int) -> tuple[dict, dict]:
 
 
 register_method(AttentionMethod(
-    name="linear", config=LinearConfig, op=torch.ops.rewriter.linear_attention.default,
+    name="linear", config=LinearConfig, op=torch.ops.rewriter.linear.default,
     budget=_linear_budget, cost=linear_cost, reference=linear_reference, onnx=translate_linear_attention,
     colour="#e15759", density_knob="window",
     summary="kernel linear attention (elu+1, relu, Taylor-2), optionally hybrid with a sliding window (BASED/LoLCATs)",
@@ -616,7 +616,7 @@ def _scatterbrain_budget(c: ScatterbrainConfig, L: int) -> tuple[dict, dict]:
 
 
 register_method(AttentionMethod(
-    name="scatterbrain", config=ScatterbrainConfig, op=torch.ops.rewriter.scatterbrain_attention.default,
+    name="scatterbrain", config=ScatterbrainConfig, op=torch.ops.rewriter.scatterbrain.default,
     budget=_scatterbrain_budget, cost=scatterbrain_cost, reference=scatterbrain_reference,
     onnx=translate_scatterbrain_attention, colour="#76b7b2", density_knob="window",
     summary="Scatterbrain: sliding-window sparse + Performer low-rank, combined unbiasedly",

@@ -368,7 +368,7 @@ def lsh_pair_mask(q: Tensor, k: Tensor, key_mask: Optional[Tensor], causal: bool
 # Ops (explicit schemas: budgets are plain ints, not SymInts)
 # --------------------------------------------------------------------------------------------------------------
 
-@torch.library.custom_op("rewriter::window_attention", mutates_args=(), schema=(
+@torch.library.custom_op("rewriter::window", mutates_args=(), schema=(
     "(Tensor q, Tensor k, Tensor v, Tensor? key_mask, bool causal, float scale, int window, int sinks, "
     "int block=64) -> Tensor"))
 def window_attention(q: Tensor, k: Tensor, v: Tensor, key_mask: Optional[Tensor], causal: bool, scale: float,
@@ -395,7 +395,7 @@ def _window_attention_fake(q, k, v, key_mask, causal, scale, window, sinks, bloc
     return empty_output(q, v)
 
 
-@torch.library.custom_op("rewriter::block_topk_attention", mutates_args=(), schema=(
+@torch.library.custom_op("rewriter::block_topk", mutates_args=(), schema=(
     "(Tensor q, Tensor k, Tensor v, Tensor? key_mask, bool causal, float scale, float density, int block=64, "
     "str pool=\"mean\", int sink_blocks=1, int local_blocks=1) -> Tensor"))
 def block_topk_attention(q: Tensor, k: Tensor, v: Tensor, key_mask: Optional[Tensor], causal: bool, scale: float,
@@ -422,7 +422,7 @@ def _block_topk_attention_fake(q, k, v, key_mask, causal, scale, density, block=
     return empty_output(q, v)
 
 
-@torch.library.custom_op("rewriter::strided_attention", mutates_args=(), schema=(
+@torch.library.custom_op("rewriter::strided", mutates_args=(), schema=(
     "(Tensor q, Tensor k, Tensor v, Tensor? key_mask, bool causal, float scale, int stride, int local_blocks=1, "
     "int sink_blocks=1, int block=64) -> Tensor"))
 def strided_attention(q: Tensor, k: Tensor, v: Tensor, key_mask: Optional[Tensor], causal: bool, scale: float,
@@ -445,7 +445,7 @@ def _strided_attention_fake(q, k, v, key_mask, causal, scale, stride, local_bloc
     return empty_output(q, v)
 
 
-@torch.library.custom_op("rewriter::lsh_attention", mutates_args=(), schema=(
+@torch.library.custom_op("rewriter::lsh", mutates_args=(), schema=(
     "(Tensor q, Tensor k, Tensor v, Tensor? key_mask, bool causal, float scale, int n_hashes, int bucket_size=64, "
     "int seed=0) -> Tensor"))
 def lsh_attention(q: Tensor, k: Tensor, v: Tensor, key_mask: Optional[Tensor], causal: bool, scale: float,
@@ -773,7 +773,7 @@ def _window_keep_semantics(site, kwargs: dict) -> tuple[dict | None, str]:
 
 
 register_method(AttentionMethod(
-    name="window", config=WindowConfig, op=torch.ops.rewriter.window_attention.default, budget=_window_budget,
+    name="window", config=WindowConfig, op=torch.ops.rewriter.window.default, budget=_window_budget,
     cost=window_cost, reference=window_attention_impl, onnx=translate_window_attention, pairs=window_pairs,
     colour="#4e79a7", density_knob="window", compose=_window_keep_semantics,
     summary="sliding-window attention plus sink tokens (StreamingLLM / neighbourhood)",
@@ -803,7 +803,7 @@ def _block_topk_budget(c: BlockTopkConfig, L: int) -> tuple[dict, dict]:
 
 
 register_method(AttentionMethod(
-    name="block-topk", config=BlockTopkConfig, op=torch.ops.rewriter.block_topk_attention.default,
+    name="block-topk", config=BlockTopkConfig, op=torch.ops.rewriter.block_topk.default,
     budget=_block_topk_budget, cost=block_topk_cost, reference=block_topk_attention_impl,
     onnx=translate_block_topk_attention, pairs=block_topk_pairs, colour="#59a14f",
     summary="training-free block-sparse attention: top-k key blocks by pooled scores (SeerAttention/Quest)",
@@ -831,7 +831,7 @@ def _strided_budget(c: StridedConfig, L: int) -> tuple[dict, dict]:
 
 
 register_method(AttentionMethod(
-    name="strided", config=StridedConfig, op=torch.ops.rewriter.strided_attention.default, budget=_strided_budget,
+    name="strided", config=StridedConfig, op=torch.ops.rewriter.strided.default, budget=_strided_budget,
     cost=strided_cost, reference=strided_attention_impl, onnx=translate_strided_attention, pairs=strided_pairs,
     colour="#8cd17d", density_knob="stride",
     summary="S2-Attention heterogeneous sharding: local blocks plus a per-head strided set of blocks",
@@ -859,7 +859,7 @@ def _lsh_budget(c: LshConfig, L: int) -> tuple[dict, dict]:
 
 
 register_method(AttentionMethod(
-    name="lsh", config=LshConfig, op=torch.ops.rewriter.lsh_attention.default, budget=_lsh_budget, cost=lsh_cost,
+    name="lsh", config=LshConfig, op=torch.ops.rewriter.lsh.default, budget=_lsh_budget, cost=lsh_cost,
     reference=lsh_attention_impl, onnx=translate_lsh_attention, pairs=lsh_pairs, colour="#b07aa1",
     density_knob="bucket_size",
     summary="angular LSH attention (Reformer / HyperAttention sortLSH), rounds merged by log-sum-exp",

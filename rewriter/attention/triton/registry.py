@@ -46,7 +46,7 @@ def _performer_features_cuda(q: Tensor, k: Tensor, key_mask: Optional[Tensor], s
     return phi_q.to(dt), phi_k.to(dt), log_q, log_k
 
 
-@cuda_kernel("rewriter::performer_attention")
+@cuda_kernel("rewriter::performer")
 def performer_attention_cuda(q: Tensor, k: Tensor, v: Tensor, key_mask: Optional[Tensor], causal: bool, scale: float,
                              features: int, seed: int = 0) -> Tensor:
     from .._contract import check_qkv
@@ -61,7 +61,7 @@ def performer_attention_cuda(q: Tensor, k: Tensor, v: Tensor, key_mask: Optional
     return _normalise(num, den).to(q.dtype)
 
 
-@cuda_kernel("rewriter::linear_attention")
+@cuda_kernel("rewriter::linear")
 def linear_attention_cuda(q: Tensor, k: Tensor, v: Tensor, key_mask: Optional[Tensor], causal: bool, scale: float,
                           feature_map: str, window: int = 0, sinks: int = 0) -> Tensor:
     from .._contract import check_qkv
@@ -79,7 +79,7 @@ def linear_attention_cuda(q: Tensor, k: Tensor, v: Tensor, key_mask: Optional[Te
     return _normalise(num, den).to(q.dtype)
 
 
-@cuda_kernel("rewriter::scatterbrain_attention")
+@cuda_kernel("rewriter::scatterbrain")
 def scatterbrain_attention_cuda(q: Tensor, k: Tensor, v: Tensor, key_mask: Optional[Tensor], causal: bool,
                                 scale: float, features: int, window: int, sinks: int = 0, seed: int = 0) -> Tensor:
     from .._contract import check_qkv
@@ -119,8 +119,8 @@ def _sparse_op(impl_name: str):
     return run
 
 
-for _op in ("window_attention", "block_topk_attention", "strided_attention"):
-    cuda_kernel(f"rewriter::{_op}", _sparse_op(f"{_op}_impl"))
+for _op in ("window", "block_topk", "strided"):
+    cuda_kernel(f"rewriter::{_op}", _sparse_op(f"{_op}_attention_impl"))
 
 
 @cuda_kernel("rewriter::binary_linear")

@@ -22,7 +22,8 @@ import time
 import torch
 import torch.nn.functional as F
 
-from rewriter.attention.triton.block_sparse_attention import block_sparse_attention, window_layout
+from rewriter.attention.block_sparse import band_layout
+from rewriter.attention.triton.block_sparse_attention import block_sparse_attention
 from rewriter.attention.triton.linear_attention import chunked_linear_attention
 from rewriter.attention._contract import window_extents
 from rewriter.attention.block_sparse import block_sparse_attention_reference
@@ -51,7 +52,7 @@ def check_correctness(log: list) -> bool:
         v = torch.randn(1, Hkv, L, D, device="cuda", dtype=torch.bfloat16)
         key_mask = torch.rand(1, L, device="cuda") > 0.1
         left, right = window_extents(WINDOW, causal)
-        idx, cnt = window_layout(L, L, block, left, right, SINKS, "cuda")
+        idx, cnt = band_layout(L, L, block, left, right, SINKS, causal, "cuda")
         args = dict(key_mask=key_mask, causal=causal, window_left=left, window_right=right, sinks=SINKS)
         poison_cache()
         out, lse = block_sparse_attention(q, k, v, idx, cnt, block, **args)
@@ -126,7 +127,7 @@ def bench_window(L: int, D: int, causal: bool, records: list, flex) -> None:
     shape = [1, H, L, D]
     ours = {}
     for block in (64, 128):
-        idx, cnt = window_layout(L, L, block, left, right, SINKS, "cuda")
+        idx, cnt = band_layout(L, L, block, left, right, SINKS, causal, "cuda")
         ours[block] = bench(lambda: block_sparse_attention(q, k, v, idx, cnt, block, causal=causal, window_left=left,
                                                            window_right=right, sinks=SINKS))
     best_block = min(ours, key=ours.get)

@@ -8,7 +8,8 @@ import torch
 pytest.importorskip("triton", reason="triton is not importable: the attention kernels cannot run")
 
 from rewriter.attention.triton import triton_available, use_reference  # noqa: E402
-from rewriter.attention.triton.block_sparse_attention import block_sparse_attention, window_layout  # noqa: E402
+from rewriter.attention.block_sparse import band_layout  # noqa: E402
+from rewriter.attention.triton.block_sparse_attention import block_sparse_attention  # noqa: E402
 from rewriter.attention.triton.linear_attention import chunked_linear_attention  # noqa: E402
 from rewriter.attention.triton.registry import (CUDA_KERNELS, linear_attention_cuda, performer_attention_cuda,  # noqa: E402
                                        register_cuda_kernels, scatterbrain_attention_cuda, sparse_attention_core)
@@ -65,7 +66,7 @@ def test_window_sinks_gqa_padding_odd_lengths(causal):
     key_mask = torch.rand(B, Lk, generator=gen(1)) > 0.25
     key_mask[1, :] = False                                   # batch 1 sees no key at all
     left, right = window_extents(9, causal)
-    index, count = window_layout(Lq, Lk, block, left, right, 3, "cpu")
+    index, count = band_layout(Lq, Lk, block, left, right, 3, causal, "cpu")
     ref, ref_lse = assert_matches_reference(q, k, v, index, count, block, 2e-5, key_mask=key_mask, causal=causal,
                                             window_left=left, window_right=right, sinks=3)
     assert torch.isinf(ref_lse[1]).all() and torch.isfinite(ref_lse[0]).any()
@@ -74,7 +75,7 @@ def test_window_sinks_gqa_padding_odd_lengths(causal):
 def test_window_layout_lists_every_block_the_band_touches():
     """The layout must hold every key the dense band + sinks allow (an oracle built token by token)."""
     Lq, Lk, block, left, right, sinks = 45, 70, 16, 11, 4, 5
-    index, count = window_layout(Lq, Lk, block, left, right, sinks, "cpu")
+    index, count = band_layout(Lq, Lk, block, left, right, sinks, device="cpu")
     for i in range(Lq):
         p = i + Lk - Lq
         needed = {j // block for j in range(Lk) if (p - left <= j <= p + right) or j < sinks}
@@ -113,14 +114,14 @@ def test_fp16_block32_matches_reference():
     B, H, Hkv, L, D, block = 1, 2, 1, 70, 64, 32
     q, k, v = qkv(7, B, H, Hkv, L, L, D, dtype=torch.float16)
     left, right = window_extents(20, True)
-    index, count = window_layout(L, L, block, left, right, 4, "cpu")
+    index, count = band_layout(L, L, block, left, right, 4, True, "cpu")
     assert_matches_reference(q, k, v, index, count, block, 2e-2, causal=True, window_left=left, window_right=right,
                              sinks=4)
 
 
 def test_block_sparse_rejects_bad_block():
     q, k, v = qkv(0, 1, 1, 1, 8, 8, 32)
-    index, count = window_layout(8, 8, 16, 3, 0, 0, "cpu")
+    index, count = band_layout(8, 8, 16, 3, 0, 0, device="cpu")
     with pytest.raises(ValueError, match="power of two"):
         block_sparse_attention(q, k, v, index, count, 24)
 
@@ -181,7 +182,7 @@ def test_registered_functions_match_reference_ops():
     got = scatterbrain_attention_cuda(q, k, v, key_mask, True, D ** -0.5, 32, 10, 2, 1)
     torch.testing.assert_close(got, ref, atol=1e-5, rtol=1e-4)
     left, right = window_extents(12, True)
-    index, count = window_layout(L, L, 16, left, right, 2, "cpu")
+    index, count = band_layout(L, L, 16, left, right, 2, True, "cpu")
     ref = block_sparse_attention_reference(q, k, v, index, count, 16, key_mask, True, None, left, right, 2)[0]
     got = sparse_attention_core(q, k, v, index, count, 16, key_mask, True, None, left, right, 2)[0]
     torch.testing.assert_close(got, ref, atol=1e-5, rtol=1e-4)
@@ -225,18 +226,18 @@ def test_full_mask_check_is_remembered_per_tensor(monkeypatch):
     assert registry._drop_full_mask(None) is None
 
 
-def test_window_layouts_are_cached_per_shape():
-    """Both window layouts are computed once per shape (CPU, no device sync) and equal a fresh computation."""
-    from rewriter.attention.triton import block_sparse_attention as bsa
+def test_band_layout_is_cached_per_shape_and_is_the_window_layout():
+    """One band layout: computed once per shape (CPU, no device sync), equal to a fresh computation, and the window
+    op's layout is it at window_extents."""
+    from rewriter.attention import block_sparse as bs
     from rewriter.attention import sparse as sa
     a = sa.window_layout(70, 70, 16, 20, 3, True)
     assert all(x is y for x, y in zip(a, sa.window_layout(70, 70, 16, 20, 3, True)))
-    for x, y in zip(a, sa._window_layout_cpu(70, 70, 16, 20, 3, True)):
+    assert all(x is y for x, y in zip(a, bs.band_layout(70, 70, 16, *window_extents(20, True), 3, True)))
+    for x, y in zip(a, bs._band_layout_cpu(70, 70, 16, *window_extents(20, True), 3, True)):
         assert torch.equal(x, y)
-    b = bsa.window_layout(50, 70, 16, 20, 0, 3, "cpu")
-    assert all(x is y for x, y in zip(b, bsa.window_layout(50, 70, 16, 20, 0, 3, torch.device("cpu"))))
-    for x, y in zip(b, bsa._window_layout_cpu(50, 70, 16, 20, 0, 3)):
-        assert torch.equal(x, y)
+    b = bs.band_layout(50, 70, 16, 20, 0, 3, device="cpu")
+    assert all(x is y for x, y in zip(b, bs.band_layout(50, 70, 16, 20, 0, 3, False, torch.device("cpu"))))
     assert sa.window_layout(71, 71, 16, 20, 3, True)[0] is not a[0]
 
 

@@ -173,6 +173,8 @@ class _Support:
 
 
 def _support(q, k, key_mask, causal: bool, window: int, sinks: int, block: int) -> _Support:
+    """``block_sparse.band_layout`` built inside the ONNX graph (the lengths are dynamic there): sink blocks, then a
+    fixed number of band slots per query block with a validity flag, and the token predicate on them."""
     op = _op()
     lq, lk = _dim(q, 2), _dim(k, 2)
     offset = op.Sub(lk, lq)

@@ -35,6 +35,79 @@ def _pad_to(x: Tensor, dim: int, size: int, value=0) -> Tensor:
     return torch.cat([x, x.new_full(pad_shape, value)], dim=dim)
 
 
+# --------------------------------------------------------------------------------------------------------------
+# Layouts built from the shape alone (the window band and sinks), shared by the ops, the kernels and the hybrids
+# --------------------------------------------------------------------------------------------------------------
+
+def _query_block_span(Lq: int, Lk: int, block: int, device) -> tuple[Tensor, Tensor]:
+    """(first, last) key position of each query block's queries, (nqb,) long each."""
+    start = torch.arange(num_blocks(Lq, block), device=device) * block
+    return start + (Lk - Lq), torch.clamp(start + block, max=Lq) - 1 + (Lk - Lq)
+
+
+def layout_from_block_mask(mask: Tensor) -> tuple[Tensor, Tensor]:
+    """(..., nqb, nkb) bool -> (kv_index (..., nqb, K) int32 ascending, kv_count (..., nqb) int32), K = max count."""
+    count = mask.sum(dim=-1)
+    width = max(1, int(count.max())) if count.numel() else 1
+    # A stable sort of "not chosen" puts the chosen blocks first, in ascending block order.
+    order = torch.sort((~mask).to(torch.int8), dim=-1, stable=True).indices[..., :width]
+    return order.to(torch.int32), count.to(torch.int32)
+
+
+def band_layout(Lq: int, Lk: int, block: int, window_left: int | None, window_right: int | None, sinks: int,
+                causal: bool = False, device=None) -> tuple[Tensor, Tensor]:
+    """Key blocks overlapping each query block's band [q - window_left, q + window_right] (-1: unlimited on that
+    side; None for both: no band, sinks only) plus the blocks holding the `sinks` first keys (under causal, only those at or before the query block's
+    last query). Returns (kv_index (1, 1, nqb, K) int32 ascending, kv_count (1, 1, nqb) int32), for queries at
+    arange(Lq) + Lk - Lq. The one band layout: the window op, exact attention with a model window, the
+    window + feature-map hybrids and the Triton kernels all use it.
+
+    The layout depends on the shape alone, so it is computed on the CPU and kept per device (read-only: callers
+    must not write to it): every layer of a forward, and later forwards of that length, reuse it with no device
+    sync (computing it on the GPU took a sync per call for K)."""
+    return _device_copy(("band", Lq, Lk, block, window_left, window_right, sinks, causal), device,
+                        lambda: _band_layout_cpu(Lq, Lk, block, window_left, window_right, sinks, causal))
+
+
+_LAYOUTS: dict = {}
+_LAYOUT_CACHE_SIZE = 256
+
+
+def _device_copy(key: tuple, device, build):
+    """build() (CPU tensors) once per key, and once per key and device for its copies there (bounded cache)."""
+    if not all(type(v) in (int, bool, str) for v in key):   # symbolic sizes (tracing): no cache
+        return tuple(t.to(device) for t in build()) if device is not None else build()
+    device = torch.device("cpu") if device is None else torch.device(device)
+    if device.type == "cuda" and device.index is None:
+        device = torch.device("cuda", torch.cuda.current_device())
+    full = (key, str(device))
+    hit = _LAYOUTS.get(full)
+    if hit is None:
+        cpu = _LAYOUTS.get((key, "cpu"))
+        if cpu is None:
+            cpu = build()
+        if len(_LAYOUTS) >= _LAYOUT_CACHE_SIZE:
+            _LAYOUTS.clear()
+        _LAYOUTS[(key, "cpu")] = cpu
+        hit = _LAYOUTS[full] = tuple(t.to(device) for t in cpu)
+    return hit
+
+
+def _band_layout_cpu(Lq: int, Lk: int, block: int, window_left: int, window_right: int, sinks: int, causal: bool):
+    first, last = _query_block_span(Lq, Lk, block, None)
+    kb = torch.arange(num_blocks(Lk, block))[None, :]
+    band = torch.full((len(first), kb.shape[1]), window_left is not None)
+    if window_right is not None and window_right >= 0:
+        band = band & (kb * block <= (last + window_right)[:, None])
+    if window_left is not None and window_left >= 0:
+        band = band & ((kb + 1) * block - 1 >= (first - window_left)[:, None])
+    sink = kb * block < sinks
+    if causal:
+        sink = sink & (kb * block <= last[:, None])
+    kv_index, kv_count = layout_from_block_mask(band | sink)
+    return kv_index[None, None].contiguous(), kv_count[None, None].contiguous()
+
+
 def block_sparse_attention_reference(
     q: Tensor, k: Tensor, v: Tensor, kv_index: Tensor, kv_count: Tensor, block: int,
     key_mask: Tensor | None = None, causal: bool = False, scale: float | None = None,

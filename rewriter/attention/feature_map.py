@@ -33,7 +33,7 @@ from torch import Tensor
 from . import _onnx as ox
 from ._contract import (AttentionConfig, AttentionCost, AttentionMethod, check_qkv, empty_output, exact_attention_cost,
                         register_method, window_extents, window_from)
-from .block_sparse import _pad_to, num_blocks
+from .block_sparse import _pad_to, band_layout, num_blocks
 
 FEATURE_MAPS = ("elu", "relu", "taylor2", "performer")
 LINEAR_FEATURE_MAPS = ("elu", "relu", "taylor2")
@@ -194,32 +194,6 @@ def linear_attention_core(phi_q: Tensor, phi_k: Tensor, v: Tensor, causal: bool,
     return out[..., :Dv], out[..., Dv]
 
 
-def _support_layout(Lq: int, Lk: int, causal: bool, window: int, sinks: int, block: int, device):
-    """Key blocks holding the support S of each query block.
-
-    Returns (kv_index (nqb, K) long, clamped into range; slot_valid (nqb, K) bool). Sink blocks come first;
-    the band's blocks follow, one slot per block that the query block's band can touch, dropped when out of
-    range or already a sink block (so no block is counted twice).
-    """
-    offset = Lk - Lq
-    nqb, nkb = num_blocks(Lq, block), num_blocks(Lk, block)
-    sink_blocks = min(num_blocks(sinks, block), nkb)
-    qb = torch.arange(nqb, device=device)
-    index, valid = [], []
-    if sink_blocks:
-        index.append(torch.arange(sink_blocks, device=device).expand(nqb, sink_blocks))
-        valid.append(torch.ones(nqb, sink_blocks, dtype=torch.bool, device=device))
-    if window > 0:
-        left, right = window_extents(window, causal)
-        first_pos = (qb * block + offset - left).clamp_min(0)
-        last_pos = ((qb * block + block - 1).clamp_max(Lq - 1) + offset + right).clamp_max(Lk - 1)
-        span = min(nkb, (block + left + right - 2) // block + 2)
-        band = (first_pos // block)[:, None] + torch.arange(span, device=device)
-        index.append(band.clamp_max(nkb - 1))
-        valid.append((band <= (last_pos // block)[:, None]) & (band >= sink_blocks))
-    return torch.cat(index, dim=1), torch.cat(valid, dim=1)
-
-
 def _support_mask(kv_index: Tensor, slot_valid: Tensor, Lq: int, Lk: int, causal: bool, window: int, sinks: int,
                   block: int, key_mask: Optional[Tensor]) -> Tensor:
     """Token-level predicate on the gathered blocks, (B or 1, nqb, block, K * block) bool: the pair is in S,
@@ -277,8 +251,11 @@ def sparse_plus_lowrank_attention(
         out = lowrank
     else:
         nqb, nkb = num_blocks(Lq, block), num_blocks(Lk, block)
-        kv_index, slot_valid = _support_layout(Lq, Lk, causal, window, sinks, block, dev)
+        left, right = window_extents(window, causal) if window > 0 else (None, None)
+        kv_index, kv_count = band_layout(Lq, Lk, block, left, right, sinks, causal, dev)
+        kv_index, kv_count = kv_index[0, 0].long(), kv_count[0, 0]
         K = kv_index.shape[1]
+        slot_valid = torch.arange(K, device=dev) < kv_count[:, None]
         Fdim = phi_q.shape[-1]
 
         def key_blocks(x: Tensor) -> Tensor:

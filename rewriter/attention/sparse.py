@@ -24,7 +24,8 @@ from . import _onnx as ox
 from ._contract import (METHODS, AttentionConfig, AttentionCost, AttentionMethod, allowed_mask, check_qkv,
                         empty_output, exact_attention_cost, expand_kv, register_method, window_extents,
                         window_from)
-from .block_sparse import _pad_to, block_sparse_attention_reference, num_blocks
+from .block_sparse import (_device_copy, _pad_to, _query_block_span, band_layout, block_sparse_attention_reference,
+                           layout_from_block_mask, num_blocks)
 
 POOLS = ("mean", "maxmin")
 
@@ -78,12 +79,6 @@ def _check_lsh_budget(n_hashes: int, bucket_size: int) -> None:
 # Block layouts
 # --------------------------------------------------------------------------------------------------------------
 
-def _query_block_span(Lq: int, Lk: int, block: int, device) -> tuple[Tensor, Tensor]:
-    """(first, last) key position of each query block's queries, (nqb,) long each."""
-    start = torch.arange(num_blocks(Lq, block), device=device) * block
-    return start + (Lk - Lq), torch.clamp(start + block, max=Lq) - 1 + (Lk - Lq)
-
-
 def _base_block_mask(Lq: int, Lk: int, block: int, causal: bool, local_blocks: int, sink_blocks: int, device):
     """(causal-eligible blocks, local | sink blocks), both (nqb, nkb) bool."""
     first, last = _query_block_span(Lq, Lk, block, device)
@@ -95,62 +90,11 @@ def _base_block_mask(Lq: int, Lk: int, block: int, causal: bool, local_blocks: i
     return eligible, forced
 
 
-def layout_from_block_mask(mask: Tensor) -> tuple[Tensor, Tensor]:
-    """(..., nqb, nkb) bool -> (kv_index (..., nqb, K) int32 ascending, kv_count (..., nqb) int32), K = max count."""
-    count = mask.sum(dim=-1)
-    width = max(1, int(count.max())) if count.numel() else 1
-    # A stable sort of "not chosen" puts the chosen blocks first, in ascending block order.
-    order = torch.sort((~mask).to(torch.int8), dim=-1, stable=True).indices[..., :width]
-    return order.to(torch.int32), count.to(torch.int32)
-
-
 def window_layout(Lq: int, Lk: int, block: int, window: int, sinks: int, causal: bool, device=None):
-    """Key blocks overlapping each query block's band (window_extents) plus the blocks holding the `sinks` first
-    keys. Returns (kv_index (1, 1, nQB, K) int32, kv_count (1, 1, nQB) int32).
-
-    The layout depends on the shape alone, so it is computed on the CPU and kept per device (read-only: callers
-    must not write to it): every layer of a forward, and later forwards of that length, reuse it with no device
-    sync (computing it on the GPU took a sync per call for K)."""
+    """The window method's layout: ``band_layout`` of ``window_extents(window, causal)`` plus `sinks`."""
     _check_window_budget(window, sinks, block)
-    return _device_copy(("window", Lq, Lk, block, window, sinks, causal), device,
-                        lambda: _window_layout_cpu(Lq, Lk, block, window, sinks, causal))
-
-
-_LAYOUTS: dict = {}
-_LAYOUT_CACHE_SIZE = 256
-
-
-def _device_copy(key: tuple, device, build):
-    """build() (CPU tensors) once per key, and once per key and device for its copies there (bounded cache)."""
-    if not all(type(v) in (int, bool, str) for v in key):   # symbolic sizes (tracing): no cache
-        return tuple(t.to(device) for t in build()) if device is not None else build()
-    device = torch.device("cpu") if device is None else torch.device(device)
-    if device.type == "cuda" and device.index is None:
-        device = torch.device("cuda", torch.cuda.current_device())
-    full = (key, str(device))
-    hit = _LAYOUTS.get(full)
-    if hit is None:
-        cpu = _LAYOUTS.get((key, "cpu"))
-        if cpu is None:
-            cpu = build()
-        if len(_LAYOUTS) >= _LAYOUT_CACHE_SIZE:
-            _LAYOUTS.clear()
-        _LAYOUTS[(key, "cpu")] = cpu
-        hit = _LAYOUTS[full] = tuple(t.to(device) for t in cpu)
-    return hit
-
-
-def _window_layout_cpu(Lq: int, Lk: int, block: int, window: int, sinks: int, causal: bool):
-    device = None
     left, right = window_extents(window, causal)
-    first, last = _query_block_span(Lq, Lk, block, device)
-    kb = torch.arange(num_blocks(Lk, block), device=device)[None, :]
-    band = (kb * block <= (last + right)[:, None]) & ((kb + 1) * block - 1 >= (first - left)[:, None])
-    sink = kb * block < sinks
-    if causal:
-        sink = sink & (kb * block <= last[:, None])
-    kv_index, kv_count = layout_from_block_mask(band | sink)
-    return kv_index[None, None], kv_count[None, None]
+    return band_layout(Lq, Lk, block, left, right, sinks, causal, device)
 
 
 def _pooled_block_scores(q: Tensor, k: Tensor, key_mask: Optional[Tensor], scale: float, block: int,

@@ -10,8 +10,8 @@ select. None of them builds an Lq x Lk tensor:
   * linear / performer attention: phi_q (phi_k^T [v, 1]) bidirectionally; causal by chunks of CHUNK tokens
     (masked CHUNK x CHUNK products inside a chunk, an exclusive CumSum of per-chunk states across chunks);
   * window attention and the exact band of the hybrids (linear with window/sinks, scatterbrain): key blocks
-    of `block` tokens gathered per query block (the same layout as ``feature_map._support_layout``), so
-    scores are (L/block) x block x (K block) with K fixed by the window;
+    of `block` tokens gathered per query block (``block_sparse.band_layout`` built in the graph at a fixed
+    width, so one graph serves every length), so scores are (L/block) x block x (K block) with K fixed by the window;
   * block-topk, strided: a block layout chosen in the graph (TopK of pooled block scores; a static function of
     the lengths and head), then the same gathered key blocks, K = the most blocks any query block keeps;
   * LSH: per round, (L/bucket) sorted query chunks x two sorted key chunks.

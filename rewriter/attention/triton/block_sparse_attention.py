@@ -193,33 +193,3 @@ def block_sparse_attention(
         num_warps=4 if block <= 64 else 8, num_stages=2,
     )
     return out, lse
-
-
-def window_layout(Lq: int, Lk: int, block: int, window_left: int, window_right: int, sinks: int,
-                  device) -> tuple[Tensor, Tensor]:
-    """(kv_index (1, 1, nqb, K) int32, kv_count (1, 1, nqb) int32): sink blocks then the band's blocks, ascending,
-    for queries at positions arange(Lq) + Lk - Lq. window_left / window_right -1 = unlimited on that side.
-    Computed on the CPU once per shape and kept per device (read-only), so calls make no device sync."""
-    from ..sparse import _device_copy
-    return _device_copy(("kernel_window", Lq, Lk, block, window_left, window_right, sinks), device,
-                        lambda: _window_layout_cpu(Lq, Lk, block, window_left, window_right, sinks))
-
-
-def _window_layout_cpu(Lq: int, Lk: int, block: int, window_left: int, window_right: int, sinks: int):
-    device = None
-    nqb, nkb = num_blocks(Lq, block), num_blocks(Lk, block)
-    offset = Lk - Lq
-    first_q = torch.arange(nqb, device=device) * block + offset
-    last_q = (first_q + block - 1).clamp_max(Lk - 1 if Lq else 0)
-    lo = (first_q - window_left).clamp_min(0) if window_left >= 0 else torch.zeros_like(first_q)
-    hi = (last_q + window_right).clamp_max(Lk - 1) if window_right >= 0 else torch.full_like(first_q, Lk - 1)
-    lo_b, hi_b = lo // block, hi // block
-    sink_blocks = min(num_blocks(sinks, block), nkb)
-    keys = torch.arange(nkb, device=device)
-    visited = ((keys[None, :] >= lo_b[:, None]) & (keys[None, :] <= hi_b[:, None])) | (keys[None, :] < sink_blocks)
-    count = visited.sum(dim=1)
-    K = max(int(count.max().item()) if nqb else 0, 1)
-    # ascending visited block ids first: sort key puts unvisited blocks after every visited one
-    order = torch.where(visited, keys[None, :], keys[None, :] + nkb).argsort(dim=1)[:, :K]
-    index = torch.where(torch.arange(K, device=device)[None, :] < count[:, None], order, torch.zeros_like(order))
-    return index.to(torch.int32)[None, None].contiguous(), count.to(torch.int32)[None, None].contiguous()

@@ -19,7 +19,7 @@ from torch import Tensor
 
 from .._contract import check_qkv, window_extents
 from ..block_sparse import num_blocks
-from .block_sparse_attention import window_layout
+from ..block_sparse import band_layout
 from .linear_attention import chunked_linear_attention
 
 
@@ -117,7 +117,7 @@ def scatterbrain_attention_triton(
         rlog = rlog + log_phi_k.float().repeat_interleave(H // Hkv, dim=1)[:, :, None]
     rlog = rlog.contiguous()
     left, right = window_extents(window, causal)
-    kv_index, kv_count = window_layout(Lq, Lk, block, left, right, sinks, dev)
+    kv_index, kv_count = band_layout(Lq, Lk, block, left, right, sinks, causal, dev)
     kv_index, kv_count = kv_index[0, 0], kv_count[0, 0]
     phi_q, phi_k = phi_q.to(q.dtype), phi_k.to(q.dtype)
     q, k, v, phi_q, phi_k = (x if x.stride(-1) == 1 else x.contiguous() for x in (q, k, v, phi_q, phi_k))

@@ -248,7 +248,7 @@ def test_methods_refuse_what_they_cannot_keep(captured):
     assert [s["module_path"] for s in entry["sites"]] == ["model.layers.0.self_attn"]
     assert entry["summary"]["refused_sites"][0]["site"] == "model.layers.1.self_attn"
     assert any("refused model.layers.1.self_attn" in n and "sinks" in n for n in entry["notes"])
-    model, program = captured("falcon-alibi")   # every site has ALiBi: nothing the pass can do is an error
+    model, program = captured("falcon-alibi")   # every site has ALiBi, which block-topk cannot keep: an error
     with pytest.raises(RewriterError, match="refused.*ALiBi"):
         _optimize(program, [("block-topk", {"density": 0.5})])
 
@@ -290,3 +290,50 @@ def test_exact_op_window_and_alibi_against_float64():
                                     alibi_bias(slopes, L, L, "cpu", torch.float64))
     real = km[:, None, :, None].expand_as(want)
     assert (got.double() - want)[real].abs().max() < 1e-5
+
+
+# --- ALiBi kept by the window method -------------------------------------------------------------------------------
+
+def test_window_op_with_alibi_against_float64():
+    """The window op with ALiBi slopes: float64 oracle (band + sinks, bias slope_h * (j - i)), GQA, padding."""
+    from rewriter.attention._contract import alibi_bias, allowed_mask, masked_softmax_attention, window_extents
+    g = torch.Generator().manual_seed(1)
+    B, H, Hkv, L, D = 2, 4, 2, 53, 16
+    q, k, v = (torch.randn(B, h, L, D, generator=g) for h in (H, Hkv, Hkv))
+    km = torch.ones(B, L, dtype=torch.bool)
+    km[1, :6] = False
+    slopes = [0.5, 0.25, 0.125, 0.0625]
+    for causal in (True, False):
+        got = torch.ops.rewriter.window(q, k, v, km, causal, D ** -0.5, 11, 2, 16, slopes)
+        left, right = window_extents(11, causal)
+        i, j = torch.arange(L)[:, None], torch.arange(L)[None, :]
+        band = ((j >= i - left) & (j <= i + right)) | (j < 2)
+        allowed = allowed_mask(L, L, causal, km, "cpu") & band
+        want = masked_softmax_attention(q.double(), k.double(), v.double(), allowed, D ** -0.5,
+                                        alibi_bias(slopes, L, L, "cpu", torch.float64))
+        real = km[:, None, :, None].expand_as(want)
+        assert (got.double() - want)[real].abs().max() < 1e-5
+    with pytest.raises(ValueError, match="alibi must be"):
+        torch.ops.rewriter.window(q, k, v, km, True, D ** -0.5, 11, 2, 16, slopes[:3])
+
+
+@pytest.mark.parametrize("name", ["falcon-alibi", "bloom"])
+def test_window_keeps_alibi(captured, name):
+    """window on an ALiBi model keeps the bias: a window covering the sequence equals the HF model (left padding),
+    a narrower one differs from it but equals exact attention restricted to the band (transformers cannot say)."""
+    model, program = captured(name)
+    result = _optimize(program, [("window", {"window": 200, "sinks": 0})])
+    sites = result.report["passes"][0]["sites"]
+    assert sites and all("ALiBi" in s["model_semantics"] for s in sites)
+    assert _max_real_diff(model, result.program) < 1e-5
+    narrow = _optimize(program, [("window", {"window": 8, "sinks": 2})], max_error=10.0)
+    assert _max_real_diff(model, narrow.program) > 1e-3
+
+
+def test_window_with_alibi_exports(captured, tmp_path):
+    pytest.importorskip("onnxruntime")
+    from rewriter.backends.onnx import export_program
+    model, program = captured("bloom")
+    result = _optimize(program, [("window", {"window": 8, "sinks": 2})], max_error=10.0)
+    record = export_program(result.program, tmp_path / "m.onnx")
+    assert record["passed"] if "passed" in record else all(c["max_abs_diff"] < 1e-4 for c in record["checks"])

@@ -170,6 +170,7 @@ class _Support:
     gather: Callable     # (x (B, H, Lk, E), E) -> (B, H, nqb, K*block, E)
     blocks: Callable     # (x (B, H, Lq, E), E) -> (B, H, nqb, block, E)
     rows: Callable       # (y (B, H, nqb, block, E), E) -> (B, H, Lq, E)
+    alibi: Callable      # (slopes list or None) -> (1, H, nqb, block, K*block) bias slope_h * (j - i), or None
 
 
 def _support(q, k, key_mask, causal: bool, window: int, sinks: int, block: int) -> _Support:
@@ -234,7 +235,14 @@ def _support(q, k, key_mask, causal: bool, window: int, sinks: int, block: int) 
         flat = op.Reshape(y, _ints([0, 0, -1, e]))
         return op.Slice(flat, _ints([0]), lq, _ints([2]))
 
-    return _Support(allowed, gather, blocks, rows)
+    def alibi(slopes):
+        if not slopes:
+            return None
+        dist = op.Cast(op.Sub(k_pos, q_pos), to=1)                              # (nqb, block, K*block): j - i
+        return op.Mul(op.Reshape(op.Constant(value_floats=[float(a) for a in slopes]), _ints([1, -1, 1, 1, 1])),
+                      op.Unsqueeze(dist, _ints([0, 1])))
+
+    return _Support(allowed, gather, blocks, rows, alibi)
 
 
 def _bool_false():
@@ -243,9 +251,11 @@ def _bool_false():
     return ir.tensor(np.array(False))
 
 
-def _masked_scores(q_blocks, k_gathered, allowed, scale: float):
+def _masked_scores(q_blocks, k_gathered, allowed, scale: float, bias=None):
     op = _op()
     s = op.Mul(op.MatMul(q_blocks, op.Transpose(k_gathered, perm=[0, 1, 2, 4, 3])), _float(scale))
+    if bias is not None:
+        s = op.Add(s, bias)
     return op.Where(allowed, s, _float(-math.inf))
 
 

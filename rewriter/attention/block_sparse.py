@@ -108,14 +108,21 @@ def _band_layout_cpu(Lq: int, Lk: int, block: int, window_left: int, window_righ
     return kv_index[None, None].contiguous(), kv_count[None, None].contiguous()
 
 
+def check_alibi(alibi: Tensor | None, H: int) -> None:
+    if alibi is not None and (alibi.dim() != 1 or alibi.shape[0] != H or alibi.is_complex()):
+        raise ValueError(f"alibi must be ({H},) real slopes, one per query head; got {tuple(alibi.shape)}")
+
+
 def block_sparse_attention_reference(
     q: Tensor, k: Tensor, v: Tensor, kv_index: Tensor, kv_count: Tensor, block: int,
     key_mask: Tensor | None = None, causal: bool = False, scale: float | None = None,
     window_left: int = -1, window_right: int = -1, sinks: int = 0,
-    q_pos: Tensor | None = None, k_pos: Tensor | None = None,
+    q_pos: Tensor | None = None, k_pos: Tensor | None = None, alibi: Tensor | None = None,
 ) -> tuple[Tensor, Tensor]:
-    """Returns (out (B, H, Lq, Dv) in q's dtype, lse (B, H, Lq) float32; -inf where a row saw no key)."""
+    """Returns (out (B, H, Lq, Dv) in q's dtype, lse (B, H, Lq) float32; -inf where a row saw no key).
+    alibi (H,) float: the score of pair (i, j) gets + alibi[h] * (k_pos - q_pos) after the scale (ALiBi)."""
     B, H, Hkv, Lq, Lk, D = check_qkv(q, k, v, key_mask)
+    check_alibi(alibi, H)
     Dv = v.shape[-1]
     scale = D ** -0.5 if scale is None else scale
     acc = torch.float64 if q.dtype == torch.float64 else torch.float32
@@ -154,6 +161,8 @@ def block_sparse_attention_reference(
     s = torch.matmul(qb, kg.transpose(-1, -2)) * scale            # (B, H, nqb, block, K*block)
     allowed = ok[..., None, :].expand(B, H, nqb, block, K * block)
     qpe, kpe = qp[..., :, None], kp[..., None, :]
+    if alibi is not None:
+        s = s + alibi.to(device=dev, dtype=acc).view(1, H, 1, 1, 1) * (kpe - qpe).to(acc)
     if causal:
         allowed = allowed & (kpe <= qpe)
     in_window = torch.ones_like(allowed)

@@ -25,7 +25,7 @@ from ._contract import (METHODS, AttentionConfig, AttentionCost, AttentionMethod
                         empty_output, exact_attention_cost, expand_kv, register_method, window_extents,
                         window_from)
 from .block_sparse import (_device_copy, _pad_to, _query_block_span, band_layout, block_sparse_attention_reference,
-                           layout_from_block_mask, num_blocks)
+                           check_alibi, layout_from_block_mask, num_blocks)
 
 POOLS = ("mean", "maxmin")
 
@@ -314,28 +314,31 @@ def lsh_pair_mask(q: Tensor, k: Tensor, key_mask: Optional[Tensor], causal: bool
 
 @torch.library.custom_op("rewriter::window", mutates_args=(), schema=(
     "(Tensor q, Tensor k, Tensor v, Tensor? key_mask, bool causal, float scale, int window, int sinks, "
-    "int block=64) -> Tensor"))
+    "int block=64, float[]? alibi=None) -> Tensor"))
 def window_attention(q: Tensor, k: Tensor, v: Tensor, key_mask: Optional[Tensor], causal: bool, scale: float,
-                     window: int, sinks: int, block: int = 64) -> Tensor:
-    """Sliding window of `window` keys per query (window_extents) plus the first `sinks` keys (StreamingLLM)."""
-    return window_attention_impl(q, k, v, key_mask, causal, scale, window, sinks, block)
+                     window: int, sinks: int, block: int = 64, alibi: Optional[list[float]] = None) -> Tensor:
+    """Sliding window of `window` keys per query (window_extents) plus the first `sinks` keys (StreamingLLM);
+    `alibi` (one slope per query head) keeps a model's ALiBi bias slope_h * (j - i) on the pairs it computes."""
+    return window_attention_impl(q, k, v, key_mask, causal, scale, window, sinks, block, alibi)
 
 
-def window_attention_impl(q, k, v, key_mask, causal, scale, window, sinks, block=64,
+def window_attention_impl(q, k, v, key_mask, causal, scale, window, sinks, block=64, alibi=None,
                           core=block_sparse_attention_reference) -> Tensor:
     """The op's body with its block-sparse core as a parameter (the CUDA registration passes the Triton one)."""
     check_qkv(q, k, v, key_mask)
     Lq, Lk = q.shape[2], k.shape[2]
     kv_index, kv_count = window_layout(Lq, Lk, block, window, sinks, causal, q.device)
     left, right = window_extents(window, causal)
+    slopes = torch.tensor(alibi, dtype=torch.float32, device=q.device) if alibi else None
     out, _ = core(q, k, v, kv_index, kv_count, block, key_mask, causal, scale,
-                  window_left=left, window_right=right, sinks=sinks)
+                  window_left=left, window_right=right, sinks=sinks, alibi=slopes)
     return out
 
 
 @window_attention.register_fake
-def _window_attention_fake(q, k, v, key_mask, causal, scale, window, sinks, block=64):
+def _window_attention_fake(q, k, v, key_mask, causal, scale, window, sinks, block=64, alibi=None):
     _check_window_budget(window, sinks, block)
+    check_alibi(None if not alibi else torch.empty(len(alibi)), q.shape[1])
     return empty_output(q, v)
 
 
@@ -437,8 +440,9 @@ def _layout_cost(B, H, Lq, Lk, D, Dv, causal, elem_bytes, kv_index, kv_count, bl
 
 
 def window_cost(B: int, H: int, Hkv: int, Lq: int, Lk: int, D: int, Dv: int, causal: bool, elem_bytes: int = 4,
-                *, window: int, sinks: int = 0, block: int = 64) -> AttentionCost:
-    """Cost of window_attention: every entry of the visited blocks (the token predicate masks, not skips)."""
+                *, window: int, sinks: int = 0, block: int = 64, alibi=None) -> AttentionCost:
+    """Cost of window_attention: every entry of the visited blocks (the token predicate masks, not skips); an ALiBi
+    bias adds one multiply-add per entry, not counted."""
     kv_index, kv_count = window_layout(Lq, Lk, block, window, sinks, causal)
     return _layout_cost(B, H, Lq, Lk, D, Dv, causal, elem_bytes, kv_index, kv_count, block)
 
@@ -493,7 +497,7 @@ def _layout_pairs(kv_index: Tensor, kv_count: Tensor, Lq: int, Lk: int, block: i
 
 
 def window_pairs(q: Tensor, k: Tensor, key_mask: Optional[Tensor], causal: bool, scale: float, window: int,
-                 sinks: int = 0, block: int = 64) -> Tensor:
+                 sinks: int = 0, block: int = 64, alibi=None) -> Tensor:
     """Dense (1, 1, Lq, Lk) bool of the pairs window_attention computes (its token predicate applied)."""
     Lq, Lk = q.shape[2], k.shape[2]
     kv_index, kv_count = window_layout(Lq, Lk, block, window, sinks, causal, q.device)
@@ -534,12 +538,14 @@ def measured_density(method: str, q: Tensor, k: Tensor, key_mask: Optional[Tenso
 # ONNX translations (onnxscript, opset 18; helpers in _onnx.py)
 # --------------------------------------------------------------------------------------------------------------
 
-def translate_window_attention(q, k, v, key_mask=None, causal=False, scale=1.0, window=1, sinks=0, block=64):
-    """Exact softmax over the band of ``window_extents(window, causal)`` plus the first `sinks` keys."""
+def translate_window_attention(q, k, v, key_mask=None, causal=False, scale=1.0, window=1, sinks=0, block=64,
+                               alibi=None):
+    """Exact softmax over the band of ``window_extents(window, causal)`` plus the first `sinks` keys (+ the ALiBi
+    bias slope_h * (j - i) when given)."""
     op = ox._op()
     qa, ka, va, (_, d, dv) = ox._heads_fp32(q, k, v)
     sup = ox._support(qa, ka, key_mask, causal, window, sinks, block)
-    s = ox._masked_scores(sup.blocks(qa, d), sup.gather(ka, d), sup.allowed, scale)
+    s = ox._masked_scores(sup.blocks(qa, d), sup.gather(ka, d), sup.allowed, scale, sup.alibi(alibi))
     p = op.Exp(op.Sub(s, ox._finite_row_max(s)))                    # exp(-inf) = 0 off the support
     out = op.MatMul(p, sup.gather(ox._with_ones(va), dv + 1))
     return op.CastLike(ox._normalise(sup.rows(out, dv + 1), dv), q)
@@ -701,17 +707,22 @@ def _window_budget(c: WindowConfig, L: int) -> tuple[dict, dict]:
 
 
 def _window_keep_semantics(site, kwargs: dict) -> tuple[dict | None, str]:
-    """A causal model window W and the pass's window w + s sinks: the pairs both allow are exactly a window of
-    min(w, W) keys when w >= W (the sinks then lie inside W or nowhere) or when there are no sinks; with sinks and
-    w < W, the sinks would be seen only by queries within W of them, which this op cannot say."""
-    if site.window is None or not site.causal or not site.plain_except_window():
+    """The model's ALiBi bias is kept as it is (the op adds it on the pairs it computes). A causal model window W
+    and the pass's window w + s sinks: the pairs both allow are exactly a window of min(w, W) keys when w >= W (the
+    sinks then lie inside W or nowhere) or when there are no sinks; with sinks and w < W, the sinks would be seen
+    only by queries within W of them, which this op cannot say."""
+    if site.window_right is not None or site.semantics_note or (site.window is not None and not site.causal):
         return None, f"window cannot keep the model's {site.semantics()}"
+    alibi = {"alibi": [float(a) for a in site.alibi_slopes]} if site.alibi_slopes else {}
+    kept = " and its ALiBi bias" if alibi else ""
+    if site.window is None:
+        return {**kwargs, **alibi}, f"window={kwargs['window']} keeps the model's ALiBi bias"
     w, model = kwargs["window"], site.window
     if w >= model:
-        return {**kwargs, "window": model, "sinks": 0}, \
-            f"the model's own sliding window ({model}) is narrower than window={w}: kept the model's, no sinks"
+        return {**kwargs, **alibi, "window": model, "sinks": 0}, \
+            f"the model's own sliding window ({model}) is narrower than window={w}: kept the model's{kept}, no sinks"
     if kwargs["sinks"] == 0:
-        return kwargs, f"window={w} inside the model's sliding window ({model})"
+        return {**kwargs, **alibi}, f"window={w} inside the model's sliding window ({model}){kept}"
     return None, (f"window={w} with {kwargs['sinks']} sinks inside the model's sliding window ({model}) would show "
                   "the sinks to some queries only; use sinks=0 on this layer")
 

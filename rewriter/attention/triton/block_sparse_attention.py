@@ -15,7 +15,7 @@ import triton.language as tl
 from torch import Tensor
 
 from .._contract import check_qkv
-from ..block_sparse import num_blocks
+from ..block_sparse import check_alibi, num_blocks
 
 _LOG2E = 1.0 / math.log(2.0)
 
@@ -43,11 +43,11 @@ def pair_allowed(q_pos, k_pos, key_ok, window_left, window_right, sinks,
 
 @triton.jit
 def _block_sparse_fwd(
-    Q, K, V, Out, Lse, KvIndex, KvCount, KeyMask, QPos, KPos,
+    Q, K, V, Out, Lse, KvIndex, KvCount, KeyMask, QPos, KPos, Alibi,
     s_qb, s_qh, s_qm, s_kb, s_kh, s_kn, s_vb, s_vh, s_vn, s_ob, s_oh, s_om, s_lb, s_lh,
     s_ib, s_ih, s_iq, s_cb, s_ch, s_mb, s_qpb, s_qph, s_kpb, s_kph,
     H, group, Lq, Lk, qk_scale, window_left, window_right, sinks,
-    CAUSAL: tl.constexpr, HAS_MASK: tl.constexpr, HAS_POS: tl.constexpr,
+    CAUSAL: tl.constexpr, HAS_MASK: tl.constexpr, HAS_POS: tl.constexpr, HAS_ALIBI: tl.constexpr,
     WINDOW_LEFT: tl.constexpr, WINDOW_RIGHT: tl.constexpr, HAS_SINKS: tl.constexpr,
     BLOCK: tl.constexpr, HEAD_D: tl.constexpr, HEAD_DV: tl.constexpr,
     PAD_D: tl.constexpr, PAD_DV: tl.constexpr, DOT_PRECISION: tl.constexpr,
@@ -75,6 +75,8 @@ def _block_sparse_fwd(
     l_i = tl.zeros([BLOCK], tl.float32)
     acc = tl.zeros([BLOCK, PAD_DV], tl.float32)
 
+    if HAS_ALIBI:
+        slope = tl.load(Alibi + h) * 1.4426950408889634      # score units -> the kernel's log2 units
     count = tl.load(KvCount + b * s_cb + h * s_ch + qblock)
     index_row = KvIndex + b * s_ib + h * s_ih + qblock * s_iq
     k_base = K + b * s_kb + hkv * s_kh
@@ -90,6 +92,12 @@ def _block_sparse_fwd(
         v = tl.load(v_base + offs_n[:, None] * s_vn + offs_dv[None, :],
                     mask=(offs_n[:, None] < Lk) & (offs_dv[None, :] < HEAD_DV), other=0.0)
         s = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION) * qk_scale
+        if HAS_ALIBI:
+            if HAS_POS:
+                bias_k = tl.load(KPos + b * s_kpb + h * s_kph + offs_n, mask=offs_n < Lk, other=0)
+            else:
+                bias_k = offs_n
+            s = s + slope * (bias_k[None, :] - q_pos[:, None]).to(tl.float32)
 
         # Interior blocks (every pair allowed) skip the predicate; known only with default positions, no padding
         k_first = kblock * BLOCK
@@ -140,10 +148,11 @@ def block_sparse_attention(
     q: Tensor, k: Tensor, v: Tensor, kv_index: Tensor, kv_count: Tensor, block: int,
     key_mask: Tensor | None = None, causal: bool = False, scale: float | None = None,
     window_left: int = -1, window_right: int = -1, sinks: int = 0,
-    q_pos: Tensor | None = None, k_pos: Tensor | None = None,
+    q_pos: Tensor | None = None, k_pos: Tensor | None = None, alibi: Tensor | None = None,
 ) -> tuple[Tensor, Tensor]:
     """Returns (out (B, H, Lq, Dv) in q's dtype, lse (B, H, Lq) float32; -inf and zeros where a row saw no key)."""
     B, H, Hkv, Lq, Lk, D = check_qkv(q, k, v, key_mask)
+    check_alibi(alibi, H)
     Dv = v.shape[-1]
     if block < 16 or block & (block - 1):
         raise ValueError(f"block must be a power of two >= 16 for the Triton kernel; got {block}")
@@ -174,9 +183,10 @@ def block_sparse_attention(
         kp = kp if kp.stride(2) == 1 else kp.contiguous()
     else:
         qp = kp = lse
+    slopes = alibi.to(device=q.device, dtype=torch.float32).contiguous() if alibi is not None else lse
     grid = (nqb, B * H)
     _block_sparse_fwd[grid](
-        q, k, v, out, lse, kv_index, kv_count, mask, qp, kp,
+        q, k, v, out, lse, kv_index, kv_count, mask, qp, kp, slopes,
         q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
         v.stride(0), v.stride(1), v.stride(2), out.stride(0), out.stride(1), out.stride(2),
         lse.stride(0), lse.stride(1),
@@ -185,7 +195,7 @@ def block_sparse_attention(
         qp.stride(0) if q_pos is not None else 0, qp.stride(1) if q_pos is not None else 0,
         kp.stride(0) if q_pos is not None else 0, kp.stride(1) if q_pos is not None else 0,
         H, H // Hkv, Lq, Lk, scale * _LOG2E, window_left, window_right, sinks,
-        CAUSAL=causal, HAS_MASK=key_mask is not None, HAS_POS=q_pos is not None,
+        CAUSAL=causal, HAS_MASK=key_mask is not None, HAS_POS=q_pos is not None, HAS_ALIBI=alibi is not None,
         WINDOW_LEFT=window_left >= 0, WINDOW_RIGHT=window_right >= 0, HAS_SINKS=sinks > 0,
         BLOCK=block, HEAD_D=D, HEAD_DV=Dv,
         PAD_D=max(16, triton.next_power_of_2(D)), PAD_DV=max(16, triton.next_power_of_2(Dv)),

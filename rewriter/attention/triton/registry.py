@@ -97,13 +97,14 @@ def scatterbrain_attention_cuda(q: Tensor, k: Tensor, v: Tensor, key_mask: Optio
 def sparse_attention_core(q: Tensor, k: Tensor, v: Tensor, kv_index: Tensor, kv_count: Tensor, block: int,
                           key_mask: Optional[Tensor] = None, causal: bool = False, scale: Optional[float] = None,
                           window_left: int = -1, window_right: int = -1, sinks: int = 0,
-                          q_pos: Optional[Tensor] = None, k_pos: Optional[Tensor] = None) -> tuple[Tensor, Tensor]:
+                          q_pos: Optional[Tensor] = None, k_pos: Optional[Tensor] = None,
+                          alibi: Optional[Tensor] = None) -> tuple[Tensor, Tensor]:
     """The sparse ops' core on CUDA: same arguments and (out, lse) as ``block_sparse_attention_reference``.
     Falls back to the reference when REWRITER_ATTENTION_REFERENCE=1, Triton cannot run, or the block is not a
     power of two in 16..128."""
     from ..block_sparse import block_sparse_attention_reference
     args = (q, k, v, kv_index, kv_count, block, _drop_full_mask(key_mask), causal, scale, window_left, window_right,
-            sinks, q_pos, k_pos)
+            sinks, q_pos, k_pos, alibi)
     if use_reference() or not triton_available() or block < 16 or block > 128 or block & (block - 1):
         return block_sparse_attention_reference(*args)
     from .block_sparse_attention import block_sparse_attention

@@ -337,3 +337,20 @@ def test_window_with_alibi_exports(captured, tmp_path):
     result = _optimize(program, [("window", {"window": 8, "sinks": 2})], max_error=10.0)
     record = export_program(result.program, tmp_path / "m.onnx")
     assert record["passed"] if "passed" in record else all(c["max_abs_diff"] < 1e-4 for c in record["checks"])
+
+
+def test_analyze_measures_against_the_models_own_attention(captured):
+    """analyze on a windowed site (Mistral, window 24, at 60 tokens): exact-attention (which keeps the window) has
+    error 0 against the reference, so the reference is the model's windowed attention, not full attention; window
+    wider than the model's is the model (0 too); block-topk, which cannot keep the window, is left out there."""
+    from rewriter.analysis import analyze
+    model, program = captured("mistral")
+    inputs = _left_padded(2, 60)
+    result = analyze(program, inputs, [("exact-attention", {}), ("window", {"window": 100, "sinks": 0}),
+                                       ("window", {"window": 8, "sinks": 0}), ("block-topk", {"density": 0.5})])
+    for path, cands in result.candidates.items():
+        by = {(c.method, c.options.get("window")): c for c in cands}
+        assert ("block-topk", None) not in by
+        assert max(by[("exact-attention", None)].errors) < 1e-6
+        assert max(by[("window", 100)].errors) < 1e-6
+        assert min(by[("window", 8)].errors) > 1e-3

@@ -94,6 +94,17 @@ def masked_softmax_attention(q: Tensor, k: Tensor, v: Tensor, allowed: Tensor, s
     return out
 
 
+def model_attention_float64(q: Tensor, k: Tensor, v: Tensor, key_mask: Tensor | None, causal: bool, scale: float,
+                            window: int | None = None, alibi=None, rows: Tensor | None = None) -> Tensor:
+    """A model's own exact attention in float64 (padding, causal, its sliding window and ALiBi bias), for the query
+    rows `rows` only (all when None): the reference every pass and analysis measures an approximation against."""
+    Lq, Lk = q.shape[2], k.shape[2]
+    rows = torch.arange(Lq, device=q.device) if rows is None else rows
+    allowed = allowed_mask(Lq, Lk, causal, key_mask, q.device, window=window or 0)[:, :, rows]
+    bias = alibi_bias(alibi, Lq, Lk, q.device, torch.float64)[:, :, rows] if alibi else None
+    return masked_softmax_attention(q[:, :, rows].double(), k.double(), v.double(), allowed, scale, bias)
+
+
 def window_extents(window: int, causal: bool) -> tuple[int, int]:
     """(window_left, window_right) so that every query row sees exactly `window` keys (fewer at the edges).
 

@@ -139,12 +139,8 @@ class AttentionPass(Pass):
     @staticmethod
     def _exact(q, k, v, km, site: AttentionSite, rows: torch.Tensor) -> torch.Tensor:
         """The model's own attention (float64, its window and ALiBi bias included) for the given query rows only."""
-        Lq, Lk = q.shape[2], k.shape[2]
-        allowed = _common.allowed_mask(Lq, Lk, site.causal, km, q.device, window=site.window or 0)[:, :, rows]
-        bias = _common.alibi_bias(site.alibi_slopes, Lq, Lk, q.device, torch.float64)[:, :, rows] \
-            if site.alibi_slopes else None
-        return _common.masked_softmax_attention(q[:, :, rows].double(), k.double(), v.double(), allowed, site.scale,
-                                                bias)
+        return _common.model_attention_float64(q, k, v, km, site.causal, site.scale, site.window, site.alibi_slopes,
+                                               rows)
 
 
 def _pass_for(method: AttentionMethod) -> type[AttentionPass]:

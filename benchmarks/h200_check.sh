@@ -11,7 +11,7 @@ export PYTHONPATH=$PWD:$PWD/benchmarks
 python -c "import torch, triton, transformers, numpy; print('torch', torch.__version__, 'triton', triton.__version__, 'transformers', transformers.__version__, 'numpy', numpy.__version__, 'gpus', torch.cuda.device_count())"
 nvidia-smi --query-gpu=name,clocks.sm,clocks.mem,temperature.gpu --format=csv,noheader
 git log -1 --format="commit %H" 2>/dev/null || true
-timeout 280 python -m pytest -q -p no:cacheprovider tests/test_kernels_compile.py tests/test_ops_lowrank_attention.py \
+timeout 280 python -m pytest -q -o addopts=-ra -p no:cacheprovider tests/test_kernels_compile.py tests/test_ops_lowrank_attention.py \
   tests/test_import_graph.py tests/test_attention_registry.py tests/test_semantics.py tests/test_exact_attention.py \
   > "$OUT/pytest.log" 2>&1
 echo "pytest rc=$?"; tail -8 "$OUT/pytest.log"

@@ -10,6 +10,10 @@ import pytest
 import torch
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
+# pytest-xdist workers share the machine's cores: each takes its share for torch's intra-op threads
+_workers = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))
+if _workers > 1:
+    torch.set_num_threads(max(1, (os.cpu_count() or 1) // _workers))
 os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 
 ARCHS = ("bert", "gpt2", "llama", "vit")

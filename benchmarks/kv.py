@@ -116,10 +116,14 @@ def graph_check(session) -> dict:
             "same_argmax": bool(torch.equal(graphed.argmax(-1), eager.argmax(-1)))}
 
 
-def run_decoder(decoder, ids: torch.Tensor, new: int, device: str) -> dict:
-    """Prefill + `new` greedy steps through the runtime's static session, timed as one block (CUDA events)."""
+def run_decoder(decoder, ids: torch.Tensor, new: int, device: str, sdpa_backend: str | None = None) -> dict:
+    """Prefill + `new` greedy steps through the runtime's static session, timed as one block (synchronised at the
+    ends only). sdpa_backend: the step's SDPA kernels (e.g. MATH), default torch's choice."""
     B, T = ids.shape
     session = decoder.session(B, T + new + 2)
+    if sdpa_backend is not None:
+        from torch.nn.attention import SDPBackend
+        session.sdpa_backends = [getattr(SDPBackend, sdpa_backend.upper())]
     sync(device)
     t0 = time.perf_counter()
     session.prefill(ids, torch.zeros(B, dtype=torch.long))
@@ -129,8 +133,11 @@ def run_decoder(decoder, ids: torch.Tensor, new: int, device: str) -> dict:
     session.ids.copy_(session.next)
     session.step()                            # first step: eager, then the capture on CUDA
     tokens.append(int(session.next[0, 0]))
-    check = graph_check(session) if device == "cuda" else None
-    tokens.append(int(session.next[0, 0]))
+    check = None
+    if device == "cuda":                      # one more step, replayed and eager from the same state
+        session.ids.copy_(session.next)
+        check = graph_check(session)
+        tokens.append(int(session.next[0, 0]))
     reset_peak(device)
     steps = new - len(tokens)
     out = torch.empty(B, steps, dtype=torch.long, device=ids.device)
@@ -145,7 +152,7 @@ def run_decoder(decoder, ids: torch.Tensor, new: int, device: str) -> dict:
     tokens += out[0].tolist()
     cache = session.k.numel() * session.k.element_size() + session.v.numel() * session.v.element_size()
     return {"batch": B, "prefill_ms": prefill_ms, "decode_ms_per_token": step_ms, "tokens_per_s": B * 1e3 / step_ms,
-            "graph_check": check, "decode_peak_allocated_bytes": peak_bytes(device), "cache_tensor_bytes": cache,
+            "sdpa_backend": sdpa_backend or "default", "graph_check": check, "decode_peak_allocated_bytes": peak_bytes(device), "cache_tensor_bytes": cache,
             "tokens": tokens[:new]}
 
 
@@ -173,12 +180,20 @@ def main() -> int:
     parser.add_argument("--out", required=True)
     parser.add_argument("--contexts", type=int, nargs="+", default=[4096, 32768])
     parser.add_argument("--batches", type=int, nargs="+", default=[1])
+    parser.add_argument("--batch-variants", nargs="*", default=["original"],
+                        help="variants also timed at the batches > 1 (with transformers' generate beside them)")
+    parser.add_argument("--batch-contexts", type=int, nargs="*", default=[4096],
+                        help="contexts timed at the batches > 1")
     parser.add_argument("--new-tokens", type=int, default=64)
     parser.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=list(VARIANTS))
     parser.add_argument("--static-peer-contexts", type=int, nargs="*", default=None,
                         help="contexts at which transformers' static-cache generate is timed (default: the first; "
                              "it compiles per shape)")
+    parser.add_argument("--sdpa-backends", nargs="*", default=[], help="also time the original's step with these "
+                        "SDPA kernels forced (math, efficient_attention, flash_attention, cudnn_attention)")
     parser.add_argument("--budget-s", type=float, default=1e9, help="skip what would start after this many seconds")
+    parser.add_argument("--static-budget-s", type=float, default=1e9,
+                        help="skip transformers' static-cache generate if it would start after this many seconds")
     parser.add_argument("--tiny", action="store_true", help="tiny model on CPU (smoke test)")
     args = parser.parse_args()
     began = time.perf_counter()
@@ -221,7 +236,7 @@ def main() -> int:
     def roofline(kv_bytes_per_row: int, batch: int) -> float | None:
         return None if bandwidth is None else batch * bandwidth / (weights + batch * kv_bytes_per_row)
 
-    max_len = max(args.contexts) + args.new_tokens + 3
+    max_len = -(-(max(args.contexts) + args.new_tokens + 3) // 64) * 64
     g = torch.Generator().manual_seed(0)
     prompts = {(c, b): torch.randint(0, model.config.vocab_size, (b, c), generator=g).to(device)
                for b in args.batches for c in args.contexts}
@@ -232,40 +247,70 @@ def main() -> int:
             continue
         t0 = time.perf_counter()
         passes = [make_pass(p, o) for p, o in VARIANTS[name]]
-        decoder, _, report = decoder_from(model, passes, max_len=max_len, samples=4, seq_len=128)
-        decoder = decoder.to(device)
+        try:
+            decoder, _, report = decoder_from(model, passes, max_len=max_len, samples=4, seq_len=128)
+            decoder = decoder.to(device)
+        except Exception as e:
+            result.setdefault("errors", []).append({"variant": name, "error": f"{type(e).__name__}: {e}"[:2000]})
+            print(f"error building {name}: {type(e).__name__}: {str(e)[:500]}", flush=True)
+            continue
         result["builds"][name] = {"build_s": time.perf_counter() - t0,
                                   "verification": None if report is None else report.get("verification")}
         for b in args.batches:
             for c in args.contexts:
+                if b > 1 and (name not in args.batch_variants or c not in args.batch_contexts):
+                    continue
                 if over_budget(f"{name} context {c} batch {b}"):
                     continue
-                if name == "original" and (c, b) not in peers:    # the peers next to the first variant
-                    peers[(c, b)] = record({"variant": "transformers_generate", "context": c,
-                                            **hf_generate(gpu_model, prompts[(c, b)], args.new_tokens, device)})
-                    if c in static_contexts and not over_budget(f"transformers_generate_static {c} batch {b}"):
-                        record({"variant": "transformers_generate_static", "context": c,
-                                **hf_generate(gpu_model, prompts[(c, b)], args.new_tokens, device, static=True)})
-                    if bandwidth is not None:
-                        dense = kv_bytes(decoder, c)["before"]["bytes_per_sequence"]
-                        record({"variant": "roofline", "context": c, "batch": b, "tokens_per_s": roofline(dense, b),
-                                "kv_bytes_per_row": dense, "weight_bytes": weights})
-                dec = decoder if decoder.policy.evicts else decoder.resized(c + args.new_tokens + 3)
-                torch.cuda.empty_cache() if device == "cuda" else None
-                rec = {"variant": name, "context": c, **run_decoder(dec, prompts[(c, b)], args.new_tokens, device),
-                       "kv": kv_bytes(dec, c + args.new_tokens)}
-                dec._runtime.clear()                                    # free the session's cache and graph
-                held = rec["kv"]["after"]["bytes_per_sequence"]
-                rec["roofline_tokens_per_s"] = roofline(held, b)
-                rec["roofline_fraction"] = None if bandwidth is None else rec["tokens_per_s"] / roofline(held, b)
-                if name == "original":
-                    reference_tokens[(c, b)] = rec["tokens"]
-                    if (c, b) in peers:
-                        rec["agreement_with_transformers"] = _agree(rec["tokens"], peers[(c, b)]["tokens"])
-                elif (c, b) in reference_tokens:
-                    rec["agreement_with_original"] = _agree(rec["tokens"], reference_tokens[(c, b)])
-                record(rec)
+                try:
+                    if name == "original" and (c, b) not in peers:    # the peers next to the first variant
+                        peers[(c, b)] = record({"variant": "transformers_generate", "context": c,
+                                                **hf_generate(gpu_model, prompts[(c, b)], args.new_tokens, device)})
+                        if bandwidth is not None:
+                            dense = kv_bytes(decoder, c)["before"]["bytes_per_sequence"]
+                            record({"variant": "roofline", "context": c, "batch": b, "tokens_per_s": roofline(dense, b),
+                                    "kv_bytes_per_row": dense, "weight_bytes": weights})
+                    # cache slots a multiple of 64 (aligned rows for the attention kernels' masks)
+                    dec = decoder if decoder.policy.evicts else decoder.resized(-(-(c + args.new_tokens + 3) // 64) * 64)
+                    torch.cuda.empty_cache() if device == "cuda" else None
+                    rec = {"variant": name, "context": c,
+                           **run_decoder(dec, prompts[(c, b)], args.new_tokens, device),
+                           "kv": kv_bytes(dec, c + args.new_tokens)}
+                    dec._runtime.clear()                                    # free the session's cache and graph
+                    held = rec["kv"]["after"]["bytes_per_sequence"]
+                    rec["roofline_tokens_per_s"] = roofline(held, b)
+                    rec["roofline_fraction"] = None if bandwidth is None else rec["tokens_per_s"] / roofline(held, b)
+                    if name == "original":
+                        reference_tokens[(c, b)] = rec["tokens"]
+                        if (c, b) in peers:
+                            rec["agreement_with_transformers"] = _agree(rec["tokens"], peers[(c, b)]["tokens"])
+                    elif (c, b) in reference_tokens:
+                        rec["agreement_with_original"] = _agree(rec["tokens"], reference_tokens[(c, b)])
+                    record(rec)
+                    for backend in args.sdpa_backends if name == "original" and b == 1 else ():
+                        rec = {"variant": f"original_sdpa_{backend}", "context": c,
+                               **run_decoder(dec, prompts[(c, b)], args.new_tokens, device, backend)}
+                        dec._runtime.clear()
+                        rec["roofline_fraction"] = None if bandwidth is None else rec["tokens_per_s"] / roofline(held, b)
+                        rec["agreement_with_original"] = _agree(rec["tokens"], reference_tokens[(c, b)])
+                        record(rec)
+                except Exception as e:       # one failing run must not cost the others
+                    result.setdefault("errors", []).append({"variant": name, "context": c, "batch": b,
+                                                            "error": f"{type(e).__name__}: {e}"[:2000]})
+                    print(f"error in {name} context {c} batch {b}: {type(e).__name__}: {str(e)[:500]}", flush=True)
+                    save()
         del decoder
+    # transformers' static cache compiles its step (a minute or more per shape): last, with its own time limit
+    args.budget_s = args.static_budget_s
+    for c in static_contexts:
+        if (c, 1) in prompts and not over_budget(f"transformers_generate_static {c}"):
+            try:
+                record({"variant": "transformers_generate_static", "context": c,
+                        **hf_generate(gpu_model, prompts[(c, 1)], args.new_tokens, device, static=True)})
+            except Exception as e:
+                result.setdefault("errors", []).append({"variant": "transformers_generate_static", "context": c,
+                                                        "error": f"{type(e).__name__}: {e}"[:2000]})
+                print(f"error in transformers_generate_static {c}: {type(e).__name__}: {str(e)[:500]}", flush=True)
     result["elapsed_s"] = time.perf_counter() - began
     save()
     return 0

@@ -23,6 +23,7 @@ position follows the slot as in the functional path.
 """
 from __future__ import annotations
 
+import contextlib
 from typing import Callable
 
 import torch
@@ -60,6 +61,13 @@ def inplace_step(program) -> torch.fx.GraphModule:
     graph.eliminate_dead_code()
     gm.recompile()
     return gm
+
+
+def _sdpa_kernels(backends):
+    if backends is None:
+        return contextlib.nullcontext()
+    from torch.nn.attention import sdpa_kernel
+    return sdpa_kernel(backends)
 
 
 def batch_bucket(batch: int) -> int:
@@ -109,6 +117,7 @@ class Session:
             self.sinks = self.k[..., :d.policy.sinks, :].clone()
             self.inv_freq = d.inv_freq.to(dev)
         self.graphs = dev.type == "cuda" if graphs is None else graphs
+        self.sdpa_backends = None          # e.g. [SDPBackend.MATH]: the step's attention kernels (set before a step)
         self.graph = None
         self.graph_error: str | None = None
         self.logits: torch.Tensor | None = None          # (B, V), allocated at the first prefill
@@ -131,8 +140,9 @@ class Session:
             self.position.copy_((t - self.start)[:, None])
         self.slot.copy_(slot)
         self.valid.index_fill_(1, self.slot, True)
-        logits = self.step_fn(input_ids=self.ids, position_ids=self.position, cache_position=self.slot,
-                              valid=self.valid, k_cache=self.k, v_cache=self.v, **self.extra)[0][:, -1]
+        with _sdpa_kernels(self.sdpa_backends):
+            logits = self.step_fn(input_ids=self.ids, position_ids=self.position, cache_position=self.slot,
+                                  valid=self.valid, k_cache=self.k, v_cache=self.v, **self.extra)[0][:, -1]
         if self.sinks is not None:       # a sink written by this step (the cache not yet full) joins the copy
             self.sinks.copy_(torch.where(offset == 0, self.k[..., :s, :], self.sinks))
         self.next.copy_(logits.argmax(-1, keepdim=True))

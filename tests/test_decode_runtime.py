@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from conftest import model_inputs, tiny_model
+from conftest import model_inputs
 from rewriter.capture import capture
 from rewriter.decode import KVPolicy, ThinkDynamic, build_decoder, build_latent_decoder
 from rewriter.decode import runtime
@@ -34,14 +34,25 @@ def _tiny(arch: str):
     return model.eval()
 
 
+_BUILT: dict = {}
+
+
+def _decoder(arch: str, **kw):
+    """One captured decoder per (architecture, options) for the whole module (captures dominate the cost)."""
+    key = (arch, tuple(sorted((k, repr(v)) for k, v in kw.items())))
+    if key not in _BUILT:
+        model = _BUILT.setdefault(arch, _tiny(arch))
+        _BUILT[key] = build_decoder(model, **kw)
+    return _BUILT[arch], _BUILT[key]
+
+
 def _hf(model, ids, mask, new):
     return model.generate(ids, attention_mask=mask, max_new_tokens=new, do_sample=False, pad_token_id=0,
                           eos_token_id=None)
 
 
 def test_step_updates_the_cache_in_place():
-    model = tiny_model("llama")
-    dec = build_decoder(model, max_len=32)
+    model, dec = _decoder("llama", max_len=40)
     gm = dec.inplace_step()
     targets = [n.target for n in gm.graph.nodes if n.op == "call_function"]
     assert torch.ops.aten.index_copy.default not in targets and torch.ops.aten.stack.default not in targets
@@ -64,8 +75,7 @@ def test_step_updates_the_cache_in_place():
 
 @pytest.mark.parametrize("arch", ["llama", "qwen2", "mistral", "gpt2"])
 def test_ragged_batch_greedy_equals_transformers_generate(arch):
-    model = _tiny(arch)
-    dec = build_decoder(model, max_len=40)
+    model, dec = _decoder(arch, max_len=40)
     ids = _ids(3, 9, 4)
     mask = torch.ones_like(ids)
     mask[1, :3] = 0
@@ -79,8 +89,7 @@ def test_ragged_batch_greedy_equals_transformers_generate(arch):
 
 
 def test_eos_stream_and_bad_masks():
-    model = _tiny("llama")
-    dec = build_decoder(model, max_len=40)
+    model, dec = _decoder("llama", max_len=40)
     ids = _ids(2, 4, 8)
     free = dec.generate(ids, 30)
     new = free[:, 4:]
@@ -98,7 +107,7 @@ def test_eos_stream_and_bad_masks():
     right[0, -1] = 0
     with pytest.raises(ValueError, match="left padding"):
         dec.generate(ids, 3, attention_mask=right)
-    windowed = build_decoder(model, policy=KVPolicy(sinks=2, window=6))
+    _, windowed = _decoder("llama", policy=KVPolicy(sinks=2, window=6))
     left = torch.ones_like(ids)
     left[0, 0] = 0
     with pytest.raises(ValueError, match="equal-length prompts"):
@@ -118,15 +127,14 @@ def _same_logits(dec, ids, prefix):
 @pytest.mark.parametrize("arch", ["llama", "gpt2"])
 @pytest.mark.parametrize("prefix", [2, 13])          # 13 > sinks + window - 1: the prompt itself is evicted
 def test_kv_window_ring_equals_eviction(arch, prefix):
-    model = tiny_model(arch)
-    dec = build_decoder(model, policy=KVPolicy(sinks=2, window=6))
+    _, dec = _decoder(arch, policy=KVPolicy(sinks=2, window=6))
     got = _same_logits(dec, _ids(2, 30, 3), prefix)
-    dense = build_decoder(model, max_len=32).teacher_forced_logits(_ids(2, 30, 3), prefix)
+    dense = _decoder(arch, max_len=40)[1].teacher_forced_logits(_ids(2, 30, 3), prefix)
     assert (got[:, -1] - dense[:, -1]).abs().max() > 1e-4         # eviction did change what is attended
 
 
 def test_think_static_and_dynamic_equal_functional_path():
-    model = tiny_model("llama")
+    model = _tiny("llama")
     kc = torch.stack([torch.randperm(16, generator=torch.Generator().manual_seed(i))[:8].sort().values
                       for i in range(4)]).reshape(2, 2, 8)
     _same_logits(build_decoder(model, max_len=24, policy=KVPolicy(key_channels=kc)), _ids(2, 20, 5), 5)
@@ -141,7 +149,7 @@ def test_think_static_and_dynamic_equal_functional_path():
 
 
 def test_mla_latent_cache_equals_functional_path():
-    model = tiny_model("llama")
+    model = _tiny("llama")
     run = Pipeline([make_pass("mla", {"rank": 16})]).run(capture(LoadedModel(model, model.config)),
                                                          model_inputs("llama", 2, 16))
     dec = build_latent_decoder(model, run.program.meta["mla"], max_len=24)

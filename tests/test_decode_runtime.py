@@ -154,3 +154,16 @@ def test_mla_latent_cache_equals_functional_path():
                                                          model_inputs("llama", 2, 16))
     dec = build_latent_decoder(model, run.program.meta["mla"], max_len=24)
     _same_logits(dec, _ids(2, 20, 5), 5)
+
+
+def test_cli_stream_prints_the_tokens_as_they_come(tiny_folders):
+    import transformers as tf
+    from typer.testing import CliRunner
+    from rewriter.cli import app
+    r = CliRunner().invoke(app, ["generate", str(tiny_folders["gpt2"]), "--prompt-ids", "9,8,7", "--max-new-tokens",
+                                 "5", "--stream"])
+    assert r.exit_code == 0, r.output
+    model = tf.AutoModelForCausalLM.from_pretrained(str(tiny_folders["gpt2"])).eval()
+    ids = torch.tensor([[9, 8, 7]])
+    ref = _hf(model, ids, torch.ones_like(ids), 5)
+    assert r.stdout.splitlines()[0] == "".join(f"{t}," for t in ref[0, 3:].tolist())

@@ -160,9 +160,10 @@ def hf_generate(model, ids: torch.Tensor, new: int, device: str, static: bool = 
     """transformers' generate, dynamic or static cache (the static one compiles its step: a warm-up call first);
     prefill time = generate of 1 token; decode = the rest per token."""
     kw = dict(do_sample=False, pad_token_id=0)
-    if static:
+    if static:      # the static cache's length is prompt + max_new_tokens: compile both timed shapes first
         kw["cache_implementation"] = "static"
-        model.generate(ids, max_new_tokens=4, min_new_tokens=4, **kw)      # compiles
+        for n in (1, new):
+            model.generate(ids, max_new_tokens=n, min_new_tokens=n, **kw)
     times = {}
     for n in (1, new):
         sync(device)

@@ -152,12 +152,12 @@ def run_decoder(decoder, ids: torch.Tensor, new: int, device: str, sdpa_backend:
     tokens += out[0].tolist()
     cache = session.k.numel() * session.k.element_size() + session.v.numel() * session.v.element_size()
     return {"batch": B, "prefill_ms": prefill_ms, "decode_ms_per_token": step_ms, "tokens_per_s": B * 1e3 / step_ms,
-            "sdpa_backend": sdpa_backend or "default", "graph_check": check, "decode_peak_allocated_bytes": peak_bytes(device), "cache_tensor_bytes": cache,
-            "tokens": tokens[:new]}
+            "sdpa_backend": sdpa_backend or "default", "graph_check": check,
+            "decode_peak_allocated_bytes": peak_bytes(device), "cache_tensor_bytes": cache, "tokens": tokens[:new]}
 
 
 def hf_generate(model, ids: torch.Tensor, new: int, device: str, static: bool = False) -> dict:
-    """transformers' generate, dynamic or static cache (the static one compiles its step: a warm-up call first);
+    """transformers' generate, dynamic or static cache (the static one compiles its step: warm-up calls first);
     prefill time = generate of 1 token; decode = the rest per token."""
     kw = dict(do_sample=False, pad_token_id=0)
     if static:      # the static cache's length is prompt + max_new_tokens: compile both timed shapes first
@@ -287,7 +287,8 @@ def main() -> int:
                             record({"variant": "roofline", "context": c, "batch": b, "tokens_per_s": roofline(dense, b),
                                     "kv_bytes_per_row": dense, "weight_bytes": weights})
                     # cache slots a multiple of 64 (aligned rows for the attention kernels' masks)
-                    dec = decoder if decoder.policy.evicts else decoder.resized(-(-(c + args.new_tokens + 3) // 64) * 64)
+                    slots = -(-(c + args.new_tokens + 3) // 64) * 64
+                    dec = decoder if decoder.policy.evicts else decoder.resized(slots)
                     torch.cuda.empty_cache() if device == "cuda" else None
                     rec = {"variant": name, "context": c,
                            **run_decoder(dec, prompts[(c, b)], args.new_tokens, device),
@@ -307,7 +308,7 @@ def main() -> int:
                         rec = {"variant": f"original_sdpa_{backend}", "context": c,
                                **run_decoder(dec, prompts[(c, b)], args.new_tokens, device, backend)}
                         dec._runtime.clear()
-                        rec["roofline_fraction"] = None if bandwidth is None else rec["tokens_per_s"] / roofline(held, b)
+                        rec["roofline_fraction"] = rec["tokens_per_s"] / roofline(held, b) if bandwidth else None
                         rec["agreement_with_original"] = _agree(rec["tokens"], reference_tokens[(c, b)])
                         record(rec)
                 except Exception as e:       # one failing run must not cost the others

@@ -7,10 +7,12 @@ decode program, both captured with torch.export, with the cache as explicit tens
 
 The captured cache is functional (index_copy into the input, returned as an output), so both programs export and
 lower like any other; the runtime (runtime.py) turns the step's writes in place and replays it as a CUDA graph, and
-the functional path here (teacher_forced_logits, _prefill, _evict) is the reference it is checked against. The HF model runs unmodified: a duck-typed cache object receives each layer's post-RoPE keys/values
-through the `cache.update` hook every HF decoder calls, and the attention mask is given as a 4D bool tensor so HF
-never asks the cache for lengths. The attention itself stays HF's SDPA call, so the canonical attention sites exist
-in both programs and the graph passes act on them.
+the functional path here (teacher_forced_logits, _prefill, _evict) is the reference it is checked against. The HF
+model runs unmodified: a duck-typed cache object receives each layer's post-RoPE keys/values through the
+`cache.update` hook every HF decoder calls, and the attention mask is given as a 4D bool tensor so HF never asks the
+cache for lengths. The attention stays an SDPA call, so the canonical attention sites exist in both programs and the
+graph passes act on them; in the step it runs with each KV head's query heads folded into the query-length dim
+(cache._decode_attention), so the cache is read once per KV head rather than through repeat_kv's copies.
 
 KV thinning hooks in at the cache:
 - ThinK channels (`key_channels`, per layer a (Hkv, Dk) index of kept key channels): the cache stores only those
@@ -281,9 +283,9 @@ def build_decoder(model: nn.Module, *, max_len: int = 256, policy: KVPolicy | No
                       {"input_ids": {0: "batch", 1: "seq"}}, {"batch": (1, max_batch), "seq": (2, prefill_len)}, config,
                       source, ["logits", "keys", "values"] + (["key_channels"] if dyn else []))
     dk = dyn.kept(hd) if dyn else hd if kc is None else int(kc.shape[-1])
-    step_inputs = step_inputs_at(ids[:, :1], T - 1,
-                                 torch.zeros(dims["layers"], B, dims["kv_heads"], max_len, dk, dtype=dtype, device=device),
-                                 torch.zeros(dims["layers"], B, dims["kv_heads"], max_len, hd, dtype=dtype, device=device))
+    shape = (dims["layers"], B, dims["kv_heads"], max_len)
+    step_inputs = step_inputs_at(ids[:, :1], T - 1, torch.zeros(*shape, dk, dtype=dtype, device=device),
+                                 torch.zeros(*shape, hd, dtype=dtype, device=device))
     step_dims, step_bounds = step_shapes(config, max_len, max_batch)
     if dyn:
         step_inputs["key_channels"] = torch.arange(dk, device=device).expand(dims["layers"], B, dims["kv_heads"], dk).clone()

@@ -133,8 +133,9 @@ def build_latent_decoder(model: torch.nn.Module, mla: dict, *, max_len: int = 25
         _LatentPrefill(model, None).attach(*buffers).eval(), {"input_ids": ids},
         {"input_ids": {0: "batch", 1: "seq"}}, {"batch": (1, max_batch), "seq": (2, max_len)}, config, source,
         ["logits", "keys", "values"])
-    step_inputs = step_inputs_at(ids[:, :1], T - 1, torch.zeros(dims["layers"], B, 1, max_len, 0, dtype=dtype, device=device),
-                                 torch.zeros(dims["layers"], B, 1, max_len, r, dtype=dtype, device=device))
+    shape = (dims["layers"], B, 1, max_len)
+    step_inputs = step_inputs_at(ids[:, :1], T - 1, torch.zeros(*shape, 0, dtype=dtype, device=device),
+                                 torch.zeros(*shape, r, dtype=dtype, device=device))
     step = _export(_LatentStep(model, None).attach(*buffers).eval(), step_inputs,
                    *step_shapes(config, max_len, max_batch), config, source, ["logits", "k_cache", "v_cache"])
     return LatentDecoder(prefill=prefill, step=step, max_len=max_len, dims=dims,  # type: ignore[arg-type]

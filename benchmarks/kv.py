@@ -1,18 +1,21 @@
 """KV-cache decode on the GPU: tokens/s, peak memory and cache bytes of a Llama-shaped 1.1B model (random bf16
 weights; hidden 2048, 16 layers, 32 query / 8 KV heads, head dim 64, intermediate 8192, vocab 32000: 1.104e9
-parameters) at 4K, 16K and 32K tokens of context,
-original vs each KV pass, with transformers' own generate (DynamicCache, SDPA) as the peer in the same run.
+parameters) at 4K and 32K tokens of context (16K on request), batch 1 (and 8 with --batches 1 8), original vs each
+KV pass, with transformers' own generate (dynamic cache; static cache, which compiles its step) as peers in the same
+run and the HBM roofline computed in the run: (weight bytes + KV bytes read per step) / measured copy bandwidth.
 
-Each variant's prefill and decode programs are captured once (rewriter.api.decoder_from: KV passes verified on
-the full-sequence program, calibration on seeded random ids since the model has no tokenizer); the decode step's
-cache-slot dim is dynamic, so one step program serves every context (cache of context + new tokens slots; the
-StreamingLLM cache always has sinks + window slots). Per (variant, context): prefill ms (one prompt of random ids),
-decode ms per token (median of the per-token times over `--new-tokens` greedy steps, each step synchronised),
-tokens/s, peak allocated memory during decode, and the cache bytes held. Tokens are compared with the original
-decoder's (agreement of greedy continuations: random weights, so only a sanity signal).
+Each variant's prefill and decode programs are captured once on the CPU (rewriter.api.decoder_from: KV passes
+verified on the full-sequence program, calibration on seeded random ids since the model has no tokenizer) and moved
+to the GPU. Decoding goes through the runtime (rewriter.decode.runtime): a static session per (batch, cache length),
+the cache written in place, the step replayed as one CUDA graph. Before timing, the graph-replayed logits are checked
+against the same step run eagerly from the same state (`graph_check`). Per (variant, context, batch): prefill ms (one
+prompt of random ids per row), decode ms per step (CUDA events around `--new-tokens` replays, no host sync between
+them), tokens/s (batch / step time), the fraction of the roofline at the variant's own KV bytes, peak allocated memory
+during decode, and the cache bytes held. Tokens are compared with the original decoder's (agreement of greedy
+continuations: random weights, so only a sanity signal).
 
-    python benchmarks/kv.py --out benchmarks/results/kv_h200.json            # on the H200
-    python benchmarks/kv.py --tiny --out /tmp/kv_tiny.json                   # CPU smoke test, tiny model
+    python benchmarks/kv.py --out benchmarks/results/kv_h200_v2.json            # on the H200
+    python benchmarks/kv.py --tiny --out /tmp/kv_tiny.json                      # CPU smoke test, tiny model
 """
 from __future__ import annotations
 
@@ -70,35 +73,97 @@ def reset_peak(device: str) -> None:
         torch.cuda.reset_peak_memory_stats()
 
 
-def run_decoder(decoder, ids: torch.Tensor, new: int, device: str) -> dict:
-    """Prefill + `new` greedy steps, each timed (synchronised)."""
+def copy_bandwidth() -> float:
+    """Device-to-device copy bandwidth, bytes read + written per second (median of 20 copies of 2 GiB)."""
+    src = torch.randn(1 << 29, device="cuda")
+    dst = torch.empty_like(src)
+    times = []
+    for i in range(23):
+        a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        a.record()
+        dst.copy_(src)
+        b.record()
+        b.synchronize()
+        if i >= 3:
+            times.append(a.elapsed_time(b) / 1e3)
+    return 2 * src.numel() * src.element_size() / statistics.median(times)
+
+
+def weight_bytes_per_step(model) -> int:
+    """Bytes a decode step must read: every weight but the embedding table (one row of it per token)."""
+    emb = model.get_input_embeddings().weight
+    total = sum(p.numel() * p.element_size() for p in model.parameters())
+    return total - emb.numel() * emb.element_size() + emb.shape[1] * emb.element_size()
+
+
+def _state(session) -> list[torch.Tensor]:
+    return [t for t in (session.k, session.v, session.ids, session.next, session.position, session.slot, session.t,
+                        session.valid, session.sinks, *session.extra.values()) if t is not None]
+
+
+def graph_check(session) -> dict:
+    """Graph-replayed logits vs the same step run eagerly from the same state (then the state of the eager run)."""
+    saved = [t.clone() for t in _state(session)]
+    graphed = session.step().clone()
+    for t, s in zip(_state(session), saved):
+        t.copy_(s)
+    eager = session.eager_step()
+    sync("cuda" if eager.is_cuda else "cpu")
+    diff = float((graphed.float() - eager.float()).abs().max())
+    scale = float(eager.float().abs().max())
+    return {"graph": session.graph is not None, "graph_error": session.graph_error, "max_abs_diff": diff,
+            "max_abs_logit": scale, "ok": diff <= 1e-2 * max(scale, 1.0),
+            "same_argmax": bool(torch.equal(graphed.argmax(-1), eager.argmax(-1)))}
+
+
+def run_decoder(decoder, ids: torch.Tensor, new: int, device: str, sdpa_backend: str | None = None) -> dict:
+    """Prefill + `new` greedy steps through the runtime's static session, timed as one block (synchronised at the
+    ends only). sdpa_backend: the step's SDPA kernels (e.g. MATH), default torch's choice."""
+    B, T = ids.shape
+    session = decoder.session(B, T + new + 2)
+    if sdpa_backend is not None:
+        from torch.nn.attention import SDPBackend
+        session.sdpa_backends = [getattr(SDPBackend, sdpa_backend.upper())]
     sync(device)
     t0 = time.perf_counter()
-    logits, k, v, length, extra = decoder._prefill(ids)   # extra: dynamic ThinK's per-prompt channel index
+    session.prefill(ids, torch.zeros(B, dtype=torch.long))
     sync(device)
     prefill_ms = (time.perf_counter() - t0) * 1e3
+    tokens = [int(session.next[0, 0])]
+    session.ids.copy_(session.next)
+    session.step()                            # first step: eager, then the capture on CUDA
+    tokens.append(int(session.next[0, 0]))
+    check = None
+    if device == "cuda":                      # one more step, replayed and eager from the same state
+        session.ids.copy_(session.next)
+        check = graph_check(session)
+        tokens.append(int(session.next[0, 0]))
     reset_peak(device)
-    steps, tokens = [], []
-    for _ in range(new):
-        nxt = logits[:, -1].argmax(-1)
-        tokens.append(int(nxt[0]))
-        t0 = time.perf_counter()
-        if decoder.policy.evicts:
-            k, v, length = decoder._evict(k, v, length, decoder.max_len - 1)
-        logits, k, v = decoder.step.run(input_ids=nxt[:, None], cache_position=decoder._position(length),
-                                        k_cache=k, v_cache=v, **extra)
-        sync(device)
-        steps.append((time.perf_counter() - t0) * 1e3)
-        length += 1
-    step_ms = statistics.median(steps[2:] if len(steps) > 4 else steps)   # first steps warm up allocators
-    return {"prefill_ms": prefill_ms, "decode_ms_per_token": step_ms, "tokens_per_s": 1e3 / step_ms,
-            "decode_peak_allocated_bytes": peak_bytes(device),
-            "cache_tensor_bytes": k.numel() * k.element_size() + v.numel() * v.element_size(), "tokens": tokens}
+    steps = new - len(tokens)
+    out = torch.empty(B, steps, dtype=torch.long, device=ids.device)
+    sync(device)
+    t0 = time.perf_counter()
+    for i in range(steps):
+        session.ids.copy_(session.next)
+        session.step()
+        out[:, i] = session.next[:, 0]
+    sync(device)
+    step_ms = (time.perf_counter() - t0) * 1e3 / steps
+    tokens += out[0].tolist()
+    cache = session.k.numel() * session.k.element_size() + session.v.numel() * session.v.element_size()
+    return {"batch": B, "prefill_ms": prefill_ms, "decode_ms_per_token": step_ms, "tokens_per_s": B * 1e3 / step_ms,
+            "sdpa_backend": sdpa_backend or "default", "graph_check": check,
+            "decode_peak_allocated_bytes": peak_bytes(device), "cache_tensor_bytes": cache, "tokens": tokens[:new]}
 
 
-def hf_generate(model, ids: torch.Tensor, new: int, device: str) -> dict:
-    """transformers' generate (DynamicCache): prefill time = generate of 1 token; decode = the rest per token."""
+def hf_generate(model, ids: torch.Tensor, new: int, device: str, static: bool = False) -> dict:
+    """transformers' generate, dynamic or static cache (the static one compiles its step: warm-up calls first);
+    prefill time = generate of 1 token; decode = the rest per token."""
     kw = dict(do_sample=False, pad_token_id=0)
+    if static:      # the static cache's length is prompt + max_new_tokens: compile both timed shapes first
+        kw["cache_implementation"] = "static"
+        for n in (1, new):
+            model.generate(ids, max_new_tokens=n, min_new_tokens=n, **kw)
     times = {}
     for n in (1, new):
         sync(device)
@@ -107,21 +172,37 @@ def hf_generate(model, ids: torch.Tensor, new: int, device: str) -> dict:
         sync(device)
         times[n] = (time.perf_counter() - t0) * 1e3
     step_ms = (times[new] - times[1]) / (new - 1)
-    return {"prefill_ms": times[1], "decode_ms_per_token": step_ms, "tokens_per_s": 1e3 / step_ms,
-            "tokens": out[0, ids.shape[1]:].tolist()}
+    return {"batch": ids.shape[0], "prefill_ms": times[1], "decode_ms_per_token": step_ms,
+            "tokens_per_s": ids.shape[0] * 1e3 / step_ms, "tokens": out[0, ids.shape[1]:].tolist()}
 
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", required=True)
-    parser.add_argument("--contexts", type=int, nargs="+", default=[4096, 16384, 32768])
-    parser.add_argument("--new-tokens", type=int, default=32)
+    parser.add_argument("--contexts", type=int, nargs="+", default=[4096, 32768])
+    parser.add_argument("--batches", type=int, nargs="+", default=[1])
+    parser.add_argument("--batch-variants", nargs="*", default=["original"],
+                        help="variants also timed at the batches > 1 (with transformers' generate beside them)")
+    parser.add_argument("--batch-contexts", type=int, nargs="*", default=[4096],
+                        help="contexts timed at the batches > 1")
+    parser.add_argument("--new-tokens", type=int, default=64)
     parser.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=list(VARIANTS))
+    parser.add_argument("--static-peer-contexts", type=int, nargs="*", default=None,
+                        help="contexts at which transformers' static-cache generate is timed (default: the first; "
+                             "it compiles per shape)")
+    parser.add_argument("--sdpa-backends", nargs="*", default=[], help="also time the original's step with these "
+                        "SDPA kernels forced (math, efficient_attention, flash_attention, cudnn_attention)")
+    parser.add_argument("--budget-s", type=float, default=1e9, help="skip what would start after this many seconds")
+    parser.add_argument("--static-budget-s", type=float, default=1e9,
+                        help="skip transformers' static-cache generate if it would start after this many seconds")
     parser.add_argument("--tiny", action="store_true", help="tiny model on CPU (smoke test)")
     args = parser.parse_args()
+    began = time.perf_counter()
     device = "cpu" if args.tiny else "cuda"
     if args.tiny:
         args.contexts = [c for c in args.contexts if c <= 256] or [64, 128]
+    static_contexts = ([] if args.tiny else args.contexts[:1]) if args.static_peer_contexts is None \
+        else args.static_peer_contexts
     # capture on the CPU, run on the GPU (Decoder.to): torch.export's CUDA fake kernels add guards that a dynamic
     # sequence dim cannot satisfy
     model = build_model(args.tiny, "cpu")
@@ -130,43 +211,115 @@ def main() -> int:
               "model": {"params": sum(p.numel() for p in model.parameters()), "dtype": str(model.dtype),
                         **{k: getattr(model.config, k) for k in ("hidden_size", "num_hidden_layers",
                                                                  "num_attention_heads", "num_key_value_heads")}},
-              "new_tokens": args.new_tokens, "records": [], "builds": {}}
+              "new_tokens": args.new_tokens, "records": [], "builds": {}, "skipped": []}
 
     def save():
         with open(args.out, "w") as f:
             json.dump(result, f, indent=1)
 
-    max_len = max(args.contexts) + args.new_tokens + 1
-    g = torch.Generator().manual_seed(0)
-    prompts = {c: torch.randint(0, model.config.vocab_size, (1, c), generator=g).to(device) for c in args.contexts}
-    for c in args.contexts:
-        rec = {"variant": "transformers_generate", "context": c, **hf_generate(gpu_model, prompts[c], args.new_tokens, device)}
+    def over_budget(what: str) -> bool:
+        if time.perf_counter() - began > args.budget_s:
+            result["skipped"].append(what)
+            print(f"skipped (budget): {what}", flush=True)
+            return True
+        return False
+
+    def record(rec):
         result["records"].append(rec)
-        print(json.dumps({k: v for k, v in rec.items() if k != "tokens"}), flush=True)
+        print(json.dumps({k: v for k, v in rec.items() if k not in ("tokens", "kv")}), flush=True)
         save()
+        return rec
+
+    bandwidth = copy_bandwidth() if device == "cuda" else None
+    weights = weight_bytes_per_step(model)
+    result["copy_bandwidth_bytes_per_s"], result["weight_bytes_per_step"] = bandwidth, weights
+
+    def roofline(kv_bytes_per_row: int, batch: int) -> float | None:
+        return None if bandwidth is None else batch * bandwidth / (weights + batch * kv_bytes_per_row)
+
+    def static_peers():
+        """transformers' static cache compiles its step (a minute or more per shape): after the original's runs,
+        with its own time limit."""
+        for c in static_contexts:
+            if (c, 1) not in prompts or time.perf_counter() - began > args.static_budget_s:
+                result["skipped"].append(f"transformers_generate_static {c}")
+                continue
+            try:
+                record({"variant": "transformers_generate_static", "context": c,
+                        **hf_generate(gpu_model, prompts[(c, 1)], args.new_tokens, device, static=True)})
+            except Exception as e:
+                result.setdefault("errors", []).append({"variant": "transformers_generate_static", "context": c,
+                                                        "error": f"{type(e).__name__}: {e}"[:2000]})
+                print(f"error in transformers_generate_static {c}: {type(e).__name__}: {str(e)[:500]}", flush=True)
+
+    max_len = -(-(max(args.contexts) + args.new_tokens + 3) // 64) * 64
+    g = torch.Generator().manual_seed(0)
+    prompts = {(c, b): torch.randint(0, model.config.vocab_size, (b, c), generator=g).to(device)
+               for b in args.batches for c in args.contexts}
+    peers = {}
     reference_tokens = {}
     for name in args.variants:
+        if over_budget(f"variant {name}"):
+            continue
         t0 = time.perf_counter()
         passes = [make_pass(p, o) for p, o in VARIANTS[name]]
-        decoder, _, report = decoder_from(model, passes, max_len=max_len, samples=4, seq_len=128)
-        decoder = decoder.to(device)
+        try:
+            decoder, _, report = decoder_from(model, passes, max_len=max_len, samples=4, seq_len=128)
+            decoder = decoder.to(device)
+        except Exception as e:
+            result.setdefault("errors", []).append({"variant": name, "error": f"{type(e).__name__}: {e}"[:2000]})
+            print(f"error building {name}: {type(e).__name__}: {str(e)[:500]}", flush=True)
+            continue
         result["builds"][name] = {"build_s": time.perf_counter() - t0,
                                   "verification": None if report is None else report.get("verification")}
-        for c in args.contexts:
-            dec = decoder if decoder.policy.evicts else decoder.resized(c + args.new_tokens + 1)
-            torch.cuda.empty_cache() if device == "cuda" else None
-            rec = {"variant": name, "context": c, **run_decoder(dec, prompts[c], args.new_tokens, device),
-                   "kv": kv_bytes(dec, c + args.new_tokens)}
-            if name == "original":
-                reference_tokens[c] = rec["tokens"]
-                hf = next(r for r in result["records"] if r["variant"] == "transformers_generate" and r["context"] == c)
-                rec["agreement_with_transformers"] = _agree(rec["tokens"], hf["tokens"])
-            elif c in reference_tokens:
-                rec["agreement_with_original"] = _agree(rec["tokens"], reference_tokens[c])
-            result["records"].append(rec)
-            print(json.dumps({k: v for k, v in rec.items() if k != "tokens"}), flush=True)
-            save()
+        for b in args.batches:
+            for c in args.contexts:
+                if b > 1 and (name not in args.batch_variants or c not in args.batch_contexts):
+                    continue
+                if over_budget(f"{name} context {c} batch {b}"):
+                    continue
+                try:
+                    if name == "original" and (c, b) not in peers:    # the peers next to the first variant
+                        peers[(c, b)] = record({"variant": "transformers_generate", "context": c,
+                                                **hf_generate(gpu_model, prompts[(c, b)], args.new_tokens, device)})
+                        if bandwidth is not None:
+                            dense = kv_bytes(decoder, c)["before"]["bytes_per_sequence"]
+                            record({"variant": "roofline", "context": c, "batch": b, "tokens_per_s": roofline(dense, b),
+                                    "kv_bytes_per_row": dense, "weight_bytes": weights})
+                    # cache slots a multiple of 64 (aligned rows for the attention kernels' masks)
+                    slots = -(-(c + args.new_tokens + 3) // 64) * 64
+                    dec = decoder if decoder.policy.evicts else decoder.resized(slots)
+                    torch.cuda.empty_cache() if device == "cuda" else None
+                    rec = {"variant": name, "context": c,
+                           **run_decoder(dec, prompts[(c, b)], args.new_tokens, device),
+                           "kv": kv_bytes(dec, c + args.new_tokens)}
+                    dec._runtime.clear()                                    # free the session's cache and graph
+                    held = rec["kv"]["after"]["bytes_per_sequence"]
+                    rec["roofline_tokens_per_s"] = roofline(held, b)
+                    rec["roofline_fraction"] = None if bandwidth is None else rec["tokens_per_s"] / roofline(held, b)
+                    if name == "original":
+                        reference_tokens[(c, b)] = rec["tokens"]
+                        if (c, b) in peers:
+                            rec["agreement_with_transformers"] = _agree(rec["tokens"], peers[(c, b)]["tokens"])
+                    elif (c, b) in reference_tokens:
+                        rec["agreement_with_original"] = _agree(rec["tokens"], reference_tokens[(c, b)])
+                    record(rec)
+                    for backend in args.sdpa_backends if name == "original" and b == 1 else ():
+                        rec = {"variant": f"original_sdpa_{backend}", "context": c,
+                               **run_decoder(dec, prompts[(c, b)], args.new_tokens, device, backend)}
+                        dec._runtime.clear()
+                        rec["roofline_fraction"] = rec["tokens_per_s"] / roofline(held, b) if bandwidth else None
+                        rec["agreement_with_original"] = _agree(rec["tokens"], reference_tokens[(c, b)])
+                        record(rec)
+                except Exception as e:       # one failing run must not cost the others
+                    result.setdefault("errors", []).append({"variant": name, "context": c, "batch": b,
+                                                            "error": f"{type(e).__name__}: {e}"[:2000]})
+                    print(f"error in {name} context {c} batch {b}: {type(e).__name__}: {str(e)[:500]}", flush=True)
+                    save()
         del decoder
+        if name == "original":
+            static_peers()
+    result["elapsed_s"] = time.perf_counter() - began
     save()
     return 0
 

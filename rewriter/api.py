@@ -198,9 +198,11 @@ def _output_decoder(folder, passes: list):
 
 
 def generate(src, *, prompt: str | None = None, prompt_ids: list[int] | None = None, max_new_tokens: int = 20,
-             passes: list | None = None, max_len: int | None = None, **calib) -> GenerateResult:
-    """Greedy generation through the captured prefill/decode programs, optionally with think / kv-window.
-    SRC: an HF decoder folder (with `passes`) or a rewriter output written from one (its KV policy applies)."""
+             passes: list | None = None, max_len: int | None = None, stream=None, **calib) -> GenerateResult:
+    """Greedy generation through the decode runtime (static in-place cache; the step one CUDA graph replay on CUDA),
+    optionally with think / kv-window / mla. SRC: an HF decoder folder (with `passes`) or a rewriter output written
+    from one (its KV policy applies). `stream(piece: str)` gets the new text (or `id,` without a tokenizer) as each
+    token comes."""
     if (prompt is None) == (prompt_ids is None):
         raise ValueError("give exactly one of prompt (text) or prompt_ids (token ids)")
     _check_generate_args(prompt_ids, max_new_tokens, max_len)
@@ -232,10 +234,29 @@ def generate(src, *, prompt: str | None = None, prompt_ids: list[int] | None = N
                          "positions the model takes")
     decoder, loaded, report = decoder_from(loaded, passes, max_len=max_len or max(total, 2), policy=policy, **calib)
     out = decoder.generate(ids, max_new_tokens, eos_token_id=getattr(loaded.config, "eos_token_id", None)
-                           if tokenizer is not None else None)
+                           if tokenizer is not None else None, stream=_text_stream(stream, tokenizer))
     new = out[:, ids.shape[1]:]
     text = tokenizer.batch_decode(new, skip_special_tokens=True) if tokenizer is not None else None
     return GenerateResult(ids=out, new_ids=new, text=text, kv=kv_bytes(decoder, total), report=report)
+
+
+def _text_stream(stream, tokenizer):
+    """A runtime token callback ((B,) ids per step) that hands `stream` the new text of row 0."""
+    if stream is None:
+        return None
+    new: list[int] = []
+    shown = [""]
+
+    def on_tokens(tokens: torch.Tensor) -> None:
+        new.append(int(tokens[0]))
+        if tokenizer is None:
+            stream(f"{new[-1]},")
+            return
+        text = tokenizer.decode(new, skip_special_tokens=True)
+        if not text.endswith("\ufffd"):          # wait for the rest of a multi-byte character
+            stream(text[len(shown[0]):])
+            shown[0] = text
+    return on_tokens
 
 
 MAX_NEW_TOKENS = 1 << 20

@@ -270,6 +270,7 @@ def generate(
                                   "kv-window[:sinks=..,window=..], or mla[:ratio=..] alone (HF folders only)"),
     max_len: Optional[int] = typer.Option(None, "--max-len", help="decode cache slots (default: prompt + new)"),
     json_out: bool = typer.Option(False, "--json", help="print ids, text and KV bytes as JSON"),
+    stream: bool = typer.Option(False, "--stream", help="print the new tokens (text, or ids) as they come"),
 ):
     """Greedy generation with the captured prefill/decode programs and their explicit KV cache."""
     from ..api import generate as run_generate
@@ -284,18 +285,19 @@ def generate(
         passes = [parse_pass_flag(s) for s in pass_]
         try:
             res = run_generate(src, prompt=prompt, prompt_ids=ids, max_new_tokens=max_new_tokens, passes=passes,
-                               max_len=max_len)
+                               max_len=max_len, stream=(lambda s: print(s, end="", flush=True)) if stream else None)
         except ValueError as e:
             raise RewriterError(str(e)) from None
     except RewriterError as e:
         _fail(e)
+    if stream:
+        print()
     if json_out:
         print(json.dumps({"ids": res.ids.tolist(), "new_ids": res.new_ids.tolist(), "text": res.text, "kv": res.kv}))
         return
-    if res.text is not None:
-        out.print(res.text[0], highlight=False)
-    else:
-        out.print(",".join(str(t) for t in res.new_ids[0].tolist()), highlight=False)
+    if not stream:
+        out.print(res.text[0] if res.text is not None else ",".join(str(t) for t in res.new_ids[0].tolist()),
+                  highlight=False)
     kv = res.kv
     err.print(f"KV cache: {kv['before']['bytes_per_token']} -> {kv['after']['bytes_per_token']} bytes/token, "
               f"{kv['before']['bytes_per_sequence']} -> {kv['after']['bytes_per_sequence']} bytes/sequence "

@@ -74,6 +74,21 @@ def _think_attention(module, query, key, value, attention_mask, *, think_cache: 
     return _attention_function(module, think_inner)(module, query, key, value, attention_mask, **kwargs)
 
 
+DECODE_ATTENTION = "rewriter_decode"
+
+
+def _decode_attention(module, query, key, value, attention_mask, *, scaling=None, dropout=0.0, **kwargs):
+    """The decode step's attention: one query token per row against the cache, the query heads of each KV head
+    folded into the query-length dim (B, Hkv, H/Hkv, D), so SDPA reads each cached key/value once per KV head
+    instead of through repeat_kv's H/Hkv copies. The (B, 1, 1, slots) mask broadcasts over the folded dim; the scale
+    is the model's (SDPA's 1/sqrt(D) when the model gives none)."""
+    B, H, T, D = query.shape
+    Hkv = key.shape[1]
+    q = query.reshape(B, Hkv, H // Hkv * T, D)          # T == 1: head h = kv head h // (H / Hkv), as repeat_kv pairs
+    out = torch.nn.functional.scaled_dot_product_attention(q, key, value, attn_mask=attention_mask, scale=scaling)
+    return out.reshape(B, H, T, value.shape[-1]).transpose(1, 2).contiguous(), None
+
+
 def _attention_function(module: nn.Module, name: str):
     from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
     if name == "eager":   # each modeling file has its own eager function
@@ -83,26 +98,31 @@ def _attention_function(module: nn.Module, name: str):
 
 
 @contextmanager
-def _think_attention_active(model: nn.Module):
-    """Route the model's attention through _think_attention for one forward; yields the inner name."""
+def _attention_active(model: nn.Module, name: str):
+    """Route the model's attention through the registered function `name` for one forward; yields the model's own."""
     from transformers import AttentionInterface
     AttentionInterface.register(THINK_ATTENTION, _think_attention)
+    AttentionInterface.register(DECODE_ATTENTION, _decode_attention)
     inner = model.config._attn_implementation
-    model.config._attn_implementation = THINK_ATTENTION
+    model.config._attn_implementation = name
     try:
         yield inner
     finally:
         model.config._attn_implementation = inner
 
 
-def _run_model(model: nn.Module, cache: _ExplicitCache, **kwargs):
-    """The HF forward; through _think_attention when the cache thins key channels."""
+def _run_model(model: nn.Module, cache: _ExplicitCache, decode: bool = False, **kwargs):
+    """The HF forward; through _think_attention when the cache thins key channels, and through _decode_attention
+    (after the ThinK narrowing) in the one-token decode step."""
     # transformers 5.24 names the cache argument `cache`; earlier 5.x releases `past_key_values`
     kwargs["cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"] = cache
-    if getattr(cache, "key_channels", None) is None and getattr(cache, "think_dynamic", None) is None:
+    think = getattr(cache, "key_channels", None) is not None or getattr(cache, "think_dynamic", None) is not None
+    if not think and not decode:
         return model(use_cache=True, **kwargs)
-    with _think_attention_active(model) as inner:
-        return model(use_cache=True, think_cache=cache, think_inner=inner, **kwargs)
+    with _attention_active(model, THINK_ATTENTION if think else DECODE_ATTENTION) as inner:
+        if think:
+            kwargs.update(think_cache=cache, think_inner=DECODE_ATTENTION if decode else inner)
+        return model(use_cache=True, **kwargs)
 
 
 class _CacheModule(nn.Module):
@@ -138,12 +158,14 @@ class _PrefillModule(_CacheModule):
 
 
 class _StepModule(_CacheModule):
-    def forward(self, input_ids, cache_position, k_cache, v_cache, key_channels=None):
+    """One token per row: writes its keys/values at slot `cache_position` (one slot for the whole batch), RoPE at
+    `position_ids` (per row: left-padded rows start later, an evicting cache's slots are not positions), attends to
+    the slots `valid` marks (B, slots) bool."""
+
+    def forward(self, input_ids, position_ids, cache_position, valid, k_cache, v_cache, key_channels=None):
         B, T = input_ids.shape
-        L = k_cache.shape[3]
-        slots = torch.arange(L, device=input_ids.device)
-        mask = (slots[None, :] <= cache_position[:, None])[None, None].expand(B, 1, T, L)
+        mask = valid[:, None, None, :].expand(B, 1, T, valid.shape[1])
         cache = self.new_cache(k_cache, v_cache, cache_position, key_channels)
-        out = _run_model(self.model, cache, input_ids=input_ids, position_ids=cache_position[None].expand(B, T),
+        out = _run_model(self.model, cache, decode=True, input_ids=input_ids, position_ids=position_ids,
                          attention_mask=mask)
         return (out.logits, *cache.outputs())

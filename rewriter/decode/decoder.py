@@ -2,14 +2,17 @@
 decode program, both captured with torch.export, with the cache as explicit tensors the programs take and return.
 
     prefill(input_ids (B, T))                                  -> logits (B, T, V), keys, values (N, B, Hkv, T, Dk|Dv)
-    step(input_ids (B, 1), cache_position (1,), k_cache, v_cache (N, B, Hkv, Lmax, Dk|Dv))
-                                                               -> logits (B, 1, V), updated k_cache, v_cache
+    step(input_ids (B, 1), position_ids (B, 1), cache_position (1,) the slot written, valid (B, Lmax) slots attended,
+         k_cache, v_cache (N, B, Hkv, Lmax, Dk|Dv))              -> logits (B, 1, V), updated k_cache, v_cache
 
-The cache is functional (index_copy into the input, returned as an output), so both programs export and lower like
-any other. The HF model runs unmodified: a duck-typed cache object receives each layer's post-RoPE keys/values
-through the `cache.update` hook every HF decoder calls, and the attention mask is given as a 4D bool tensor so HF
-never asks the cache for lengths. The attention itself stays HF's SDPA call, so the canonical attention sites exist
-in both programs and the graph passes act on them.
+The captured cache is functional (index_copy into the input, returned as an output), so both programs export and
+lower like any other; the runtime (runtime.py) turns the step's writes in place and replays it as a CUDA graph, and
+the functional path here (teacher_forced_logits, _prefill, _evict) is the reference it is checked against. The HF
+model runs unmodified: a duck-typed cache object receives each layer's post-RoPE keys/values through the
+`cache.update` hook every HF decoder calls, and the attention mask is given as a 4D bool tensor so HF never asks the
+cache for lengths. The attention stays an SDPA call, so the canonical attention sites exist in both programs and the
+graph passes act on them; in the step it runs with each KV head's query heads folded into the query-length dim
+(cache._decode_attention), so the cache is read once per KV head rather than through repeat_kv's copies.
 
 KV thinning hooks in at the cache:
 - ThinK channels (`key_channels`, per layer a (Hkv, Dk) index of kept key channels): the cache stores only those
@@ -42,6 +45,7 @@ from ..errors import RewriterError
 from ..program import Program, export
 from ..rope import rope_inv_freq
 from .cache import _PrefillModule, _StepModule
+from . import runtime
 from .policy import KVPolicy
 
 DECODER_TYPES = ("llama", "mistral", "qwen2", "gpt2")
@@ -74,6 +78,9 @@ class Decoder:
     dtype: torch.dtype = torch.float32
     meta: dict = field(default_factory=dict)
     device: torch.device = field(default_factory=lambda: torch.device("cpu"))   # where the weights and cache live
+    ragged = True     # left-padded rows decode (their positions need not be their slots)
+    # the runtime's state (rewriter.decode.runtime): the in-place step and the last static session
+    _runtime: dict = field(default_factory=dict, repr=False, compare=False)
 
     @property
     def key_dim(self) -> int:
@@ -89,13 +96,13 @@ class Decoder:
             raise ValueError("an evicting cache has sinks + window slots; its size is set by kv-window")
         if not lo <= max_len <= hi:
             raise ValueError(f"max_len must be in [{lo}, {hi}] (the model's positions); got {max_len}")
-        return dataclasses.replace(self, max_len=max_len)
+        return dataclasses.replace(self, max_len=max_len, _runtime={"step": self._runtime.get("step")})
 
     def to(self, device: str | torch.device) -> "Decoder":
         """The same decoder running on `device` (capture on CPU, then move: see Program.to)."""
         device = torch.device(device)
         prefill = None if self.prefill is None else self.prefill.to(device)   # decoupled MLA has no prefill program
-        return dataclasses.replace(self, prefill=prefill, step=self.step.to(device), device=device)
+        return dataclasses.replace(self, prefill=prefill, step=self.step.to(device), device=device, _runtime={})
 
     def kv_bytes_per_token(self) -> int:
         d = self.dims
@@ -106,13 +113,32 @@ class Decoder:
         held = min(tokens, self.policy.sinks + self.policy.window) if self.policy.evicts else tokens
         return held * self.kv_bytes_per_token()
 
-    def empty_cache(self, batch: int) -> tuple[torch.Tensor, torch.Tensor]:
-        d = self.dims
-        k = torch.zeros(d["layers"], batch, d["kv_heads"], self.max_len, self.key_dim, dtype=self.dtype,
-                        device=self.device)
-        v = torch.zeros(d["layers"], batch, d["kv_heads"], self.max_len, d["head_dim"], dtype=self.dtype,
-                        device=self.device)
+    def empty_cache(self, batch: int, slots: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        d, slots = self.dims, slots or self.max_len
+        k = torch.zeros(d["layers"], batch, d["kv_heads"], slots, self.key_dim, dtype=self.dtype, device=self.device)
+        v = torch.zeros(d["layers"], batch, d["kv_heads"], slots, d["head_dim"], dtype=self.dtype, device=self.device)
         return k, v
+
+    # --- the runtime (static in-place cache, CUDA graphs) ---------------------------------------------------------
+    def inplace_step(self) -> torch.fx.GraphModule:
+        """The step program with in-place cache writes (built once per decoder and device)."""
+        if self._runtime.get("step") is None:
+            self._runtime["step"] = runtime.inplace_step(self.step)
+        return self._runtime["step"]
+
+    def session(self, batch: int, tokens: int, graphs: bool | None = None) -> "runtime.Session":
+        """The static session for `batch` rows of up to `tokens` tokens (batch and cache length bucketed; the last
+        one is kept and reused while its shape fits)."""
+        max_batch = self.step.dim_bounds["batch"][1]
+        if batch > max_batch:
+            raise ValueError(f"batch {batch} exceeds the {max_batch} rows the decode program was captured for")
+        shape = (min(runtime.batch_bucket(batch), max_batch),
+                 self.max_len if self.policy.evicts else runtime.slot_bucket(tokens, self.max_len))
+        held = self._runtime.get("session")
+        if held is None or (held.batch, held.slots) != shape or (graphs is not None and held.graphs != graphs):
+            self._runtime["session"] = None      # free the old cache first
+            held = self._runtime["session"] = runtime.Session(self, *shape, graphs=graphs)
+        return held
 
     # --- StreamingLLM -------------------------------------------------------------------------------------------
     def _rerotate(self, k: torch.Tensor, shift: int) -> torch.Tensor:
@@ -140,9 +166,11 @@ class Decoder:
         return k, v, keep
 
     # --- running ------------------------------------------------------------------------------------------------
-    def generate(self, input_ids: torch.Tensor, max_new_tokens: int,
-                 eos_token_id: int | list[int] | None = None) -> torch.Tensor:
-        """Greedy decoding; returns (B, T + new) ids. Rows are equal-length prompts (no padding)."""
+    def generate(self, input_ids: torch.Tensor, max_new_tokens: int, eos_token_id: int | list[int] | None = None,
+                 attention_mask: torch.Tensor | None = None, stream=None) -> torch.Tensor:
+        """Greedy decoding through the runtime (static in-place cache; one CUDA graph per step on CUDA); returns
+        (B, T + new) ids. Rows may be left-padded (attention_mask 0s then 1s); `stream` gets each step's (B,)
+        tokens on the host as they come."""
         if input_ids.dim() != 2 or input_ids.shape[1] < 1:
             raise ValueError(f"input_ids must be (batch, tokens) with at least one token; got {tuple(input_ids.shape)}")
         if max_new_tokens < 0:
@@ -151,44 +179,33 @@ class Decoder:
         if not self.policy.evicts and T + max_new_tokens > self.max_len:
             raise ValueError(f"prompt ({T}) + max_new_tokens ({max_new_tokens}) exceeds the cache ({self.max_len} "
                              "tokens); build the decoder with a larger max_len")
-        ids = input_ids = input_ids.to(self.device)
-        if max_new_tokens == 0:
-            return ids
-        logits, k, v, length, extra = self._prefill(input_ids)
-        done = torch.zeros(B, dtype=torch.bool, device=self.device)
-        eos = [] if eos_token_id is None else [eos_token_id] if isinstance(eos_token_id, int) else list(eos_token_id)
-        for i in range(max_new_tokens):
-            nxt = logits[:, -1].argmax(-1)
-            if eos:
-                nxt = torch.where(done, torch.full_like(nxt, eos[0]), nxt)   # finished rows repeat eos
-                done |= torch.isin(nxt, torch.tensor(eos, device=self.device))
-            ids = torch.cat([ids, nxt[:, None]], dim=1)
-            if i == max_new_tokens - 1 or bool(done.all()):
-                break
-            if self.policy.evicts:
-                k, v, length = self._evict(k, v, length, self.max_len - 1)
-            logits, k, v = self.step.run(input_ids=nxt[:, None], cache_position=self._position(length),
-                                         k_cache=k, v_cache=v, **extra)
-            length += 1
-        return ids
+        return runtime.generate(self, input_ids, max_new_tokens, eos_token_id, attention_mask, stream)
 
-    def _position(self, length: int) -> torch.Tensor:
-        return torch.tensor([length], device=self.device)
+    def _step(self, input_ids: torch.Tensor, slot: int, k: torch.Tensor, v: torch.Tensor, extra: dict):
+        """The functional step (a new cache returned): the reference path the runtime is checked against."""
+        return self.step.run(**step_inputs_at(input_ids, slot, k, v), **extra)
+
+    def _prompt(self, input_ids):
+        """Prompt keys and values without eviction: (last logits (B, V), keys, values (N, B, Hkv, T, Dk|Dv), extra
+        step inputs (dynamic ThinK's channel index)). The prefill program takes T >= 2; shorter prompts (and the
+        decoupled MLA cache, which has no prefill program) go through the step token by token."""
+        B, T = input_ids.shape
+        if T >= 2 and self.prefill is not None:
+            logits, k, v, *channels = self.prefill.run(input_ids=input_ids)
+            return logits[:, -1], k, v, ({"key_channels": channels[0]} if channels else {})
+        if self.policy.think_dynamic is not None:
+            raise ValueError("think dynamic mode chooses key channels from the prompt at prefill; give a prompt "
+                             "of at least 2 tokens")
+        k, v = self.empty_cache(B, max(T, 2))
+        for t in range(T):
+            logits, k, v = self._step(input_ids[:, t:t + 1], t, k, v, {})
+        return logits[:, -1], k[..., :T, :], v[..., :T, :], {}
 
     def _prefill(self, input_ids):
-        """-> logits, k cache, v cache, tokens held, extra decode-step inputs (dynamic ThinK's channel index)."""
+        """Functional path: -> logits (B, 1, V), k cache, v cache (max_len slots), tokens held, extra step inputs."""
         B, T = input_ids.shape
+        logits, pk, pv, extra = self._prompt(input_ids)
         k, v = self.empty_cache(B)
-        extra = {}
-        if T == 1:   # the prefill program is captured for T >= 2
-            if self.policy.think_dynamic is not None:
-                raise ValueError("think dynamic mode chooses key channels from the prompt at prefill; give a prompt "
-                                 "of at least 2 tokens")
-            logits, k, v = self.step.run(input_ids=input_ids, cache_position=self._position(0), k_cache=k, v_cache=v)
-            return logits, k, v, 1, extra
-        logits, pk, pv, *channels = self.prefill.run(input_ids=input_ids)
-        if channels:
-            extra["key_channels"] = channels[0]
         if self.policy.evicts and T > self.max_len - 1:
             pk, pv, _ = self._evict(pk, pv, T, self.max_len - 1)
             n = self.max_len - 1
@@ -196,11 +213,12 @@ class Decoder:
             n = T
         k[..., :n, :] = pk[..., :n, :]
         v[..., :n, :] = pv[..., :n, :]
-        return logits, k, v, n, extra
+        return logits[:, None], k, v, n, extra
 
     def teacher_forced_logits(self, input_ids: torch.Tensor, prefix: int) -> torch.Tensor:
         """Logits for positions prefix-1 .. T-1 when the prefix is prefilled and the rest fed one token at a time
-        through the decode cache (eviction and thinning as configured). (B, T - prefix + 1, V)."""
+        through the functional decode cache (eviction and thinning as configured; the reference for the runtime's
+        runtime.teacher_forced_logits). (B, T - prefix + 1, V)."""
         B, T = input_ids.shape
         input_ids = input_ids.to(self.device)
         if not 1 <= prefix <= T:
@@ -212,8 +230,7 @@ class Decoder:
                 k, v, length = self._evict(k, v, length, self.max_len - 1)
             elif length >= self.max_len:
                 raise ValueError(f"sequence ({T}) exceeds the cache ({self.max_len} tokens)")
-            logits, k, v = self.step.run(input_ids=input_ids[:, t:t + 1], cache_position=self._position(length),
-                                         k_cache=k, v_cache=v, **extra)
+            logits, k, v = self._step(input_ids[:, t:t + 1], length, k, v, extra)
             length += 1
             out.append(logits[:, -1])
         return torch.stack(out, dim=1)
@@ -266,9 +283,9 @@ def build_decoder(model: nn.Module, *, max_len: int = 256, policy: KVPolicy | No
                       {"input_ids": {0: "batch", 1: "seq"}}, {"batch": (1, max_batch), "seq": (2, prefill_len)}, config,
                       source, ["logits", "keys", "values"] + (["key_channels"] if dyn else []))
     dk = dyn.kept(hd) if dyn else hd if kc is None else int(kc.shape[-1])
-    step_inputs = {"input_ids": ids[:, :1], "cache_position": torch.tensor([T - 1], device=device),
-                   "k_cache": torch.zeros(dims["layers"], B, dims["kv_heads"], max_len, dk, dtype=dtype, device=device),
-                   "v_cache": torch.zeros(dims["layers"], B, dims["kv_heads"], max_len, hd, dtype=dtype, device=device)}
+    shape = (dims["layers"], B, dims["kv_heads"], max_len)
+    step_inputs = step_inputs_at(ids[:, :1], T - 1, torch.zeros(*shape, dk, dtype=dtype, device=device),
+                                 torch.zeros(*shape, hd, dtype=dtype, device=device))
     step_dims, step_bounds = step_shapes(config, max_len, max_batch)
     if dyn:
         step_inputs["key_channels"] = torch.arange(dk, device=device).expand(dims["layers"], B, dims["kv_heads"], dk).clone()
@@ -286,8 +303,19 @@ def step_shapes(config, max_len: int, max_batch: int) -> tuple[dict, dict]:
     """Dynamic dims and bounds of a decode-step program's inputs: batch, and cache slots up to the model's
     positions (one step program serves any cache length: Decoder.resized)."""
     from ..capture import max_positions
-    dims = {"input_ids": {0: "batch"}, "k_cache": {1: "batch", 3: "slots"}, "v_cache": {1: "batch", 3: "slots"}}
+    dims = {"input_ids": {0: "batch"}, "position_ids": {0: "batch"}, "valid": {0: "batch", 1: "slots"},
+            "k_cache": {1: "batch", 3: "slots"}, "v_cache": {1: "batch", 3: "slots"}}
     return dims, {"batch": (1, max_batch), "slots": (2, max(max_len, max_positions(config)))}
+
+
+def step_inputs_at(input_ids: torch.Tensor, slot: int, k_cache: torch.Tensor, v_cache: torch.Tensor) -> dict:
+    """The step program's inputs for one token per row written at `slot`, every row at position `slot` and
+    attending to slots 0..slot (an unpadded batch whose cache positions are its slots)."""
+    B, device = input_ids.shape[0], input_ids.device
+    valid = (torch.arange(k_cache.shape[3], device=device) <= slot).expand(B, -1).contiguous()
+    return {"input_ids": input_ids, "position_ids": torch.full((B, 1), slot, dtype=torch.long, device=device),
+            "cache_position": torch.tensor([slot], device=device), "valid": valid, "k_cache": k_cache,
+            "v_cache": v_cache}
 
 
 def kv_bytes(decoder: Decoder, tokens: int) -> dict:

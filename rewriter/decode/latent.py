@@ -9,7 +9,7 @@ import torch
 from ..errors import RewriterError
 from ..rope import merge_heads, rope_inv_freq, rope_tables, rotate_half, split_heads, split_rope
 from .cache import _PrefillModule, _StepModule
-from .decoder import Decoder, _export, decoder_dims, step_shapes
+from .decoder import Decoder, _export, decoder_dims, step_inputs_at, step_shapes
 from .policy import KVPolicy
 
 
@@ -78,25 +78,17 @@ class _LatentStep(_LatentModule, _StepModule):
 
 @dataclass
 class LatentDecoder(Decoder):
-    """Decoder whose cache is (rope keys, latent): k_cache (N, B, 1, slots, 0), v_cache (N, B, 1, slots, r)."""
+    """Decoder whose cache is (rope keys, latent): k_cache (N, B, 1, slots, 0), v_cache (N, B, 1, slots, r).
+    Decoupled RoPE rotates NoPE keys at the query's position, one query at a time, so it has no prefill program:
+    prompts go through the decode step token by token (Decoder._prompt)."""
     rank: int = 0
     decoupled: bool = False
+    ragged = False    # keys are rebuilt with RoPE at their slots: a row's positions must be its slots
 
-    def _prefill(self, input_ids):
-        """Decoupled RoPE rotates NoPE keys at the query's position, one query at a time: the prompt goes through
-        the decode step token by token (no prefill program)."""
-        if not self.decoupled:
-            return super()._prefill(input_ids)
-        k, v = self.empty_cache(input_ids.shape[0])
-        for t in range(input_ids.shape[1]):
-            logits, k, v = self.step.run(input_ids=input_ids[:, t:t + 1], cache_position=self._position(t),
-                                         k_cache=k, v_cache=v)
-        return logits, k, v, input_ids.shape[1], {}
-
-    def empty_cache(self, batch: int) -> tuple[torch.Tensor, torch.Tensor]:
-        N = self.dims["layers"]
-        return (torch.zeros(N, batch, 1, self.max_len, 0, dtype=self.dtype, device=self.device),
-                torch.zeros(N, batch, 1, self.max_len, self.rank, dtype=self.dtype, device=self.device))
+    def empty_cache(self, batch: int, slots: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        N, slots = self.dims["layers"], slots or self.max_len
+        return (torch.zeros(N, batch, 1, slots, 0, dtype=self.dtype, device=self.device),
+                torch.zeros(N, batch, 1, slots, self.rank, dtype=self.dtype, device=self.device))
 
     def kv_bytes_per_token(self) -> int:
         return self.dims["layers"] * self.rank * torch.finfo(self.dtype).bits // 8
@@ -141,9 +133,9 @@ def build_latent_decoder(model: torch.nn.Module, mla: dict, *, max_len: int = 25
         _LatentPrefill(model, None).attach(*buffers).eval(), {"input_ids": ids},
         {"input_ids": {0: "batch", 1: "seq"}}, {"batch": (1, max_batch), "seq": (2, max_len)}, config, source,
         ["logits", "keys", "values"])
-    step_inputs = {"input_ids": ids[:, :1], "cache_position": torch.tensor([T - 1], device=device),
-                   "k_cache": torch.zeros(dims["layers"], B, 1, max_len, 0, dtype=dtype, device=device),
-                   "v_cache": torch.zeros(dims["layers"], B, 1, max_len, r, dtype=dtype, device=device)}
+    shape = (dims["layers"], B, 1, max_len)
+    step_inputs = step_inputs_at(ids[:, :1], T - 1, torch.zeros(*shape, 0, dtype=dtype, device=device),
+                                 torch.zeros(*shape, r, dtype=dtype, device=device))
     step = _export(_LatentStep(model, None).attach(*buffers).eval(), step_inputs,
                    *step_shapes(config, max_len, max_batch), config, source, ["logits", "k_cache", "v_cache"])
     return LatentDecoder(prefill=prefill, step=step, max_len=max_len, dims=dims,  # type: ignore[arg-type]

@@ -63,8 +63,10 @@ class Steps:
 def _fail(e: RewriterError, steps: Steps | None = None) -> None:
     if steps is not None:
         steps.close(ok=False)
+    import re
     from rich.markup import escape
-    err.print(f"[red]error:[/red] {escape(str(e))}", highlight=False, soft_wrap=True)
+    text = re.sub(r"\x1b\[[0-9;]*[A-Za-z]", "", str(e))   # a library's terminal colour codes, never ours
+    err.print(f"[red]error:[/red] {escape(text)}", highlight=False, soft_wrap=True)
     raise typer.Exit(2)
 
 

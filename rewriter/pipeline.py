@@ -126,7 +126,8 @@ def exact_tolerance(program: Program) -> float:
 
 
 class Pipeline:
-    """An ordered list of passes, verified after each one against the original model's outputs."""
+    """An ordered list of passes, verified after each one against the original model's outputs (or, after a pass
+    whose change is intended, such as lora-merge, against the model after that pass)."""
 
     def __init__(self, passes: list[Pass], *, max_error: float | None = None, seed: int = 0,
                  progress: Callable[[str], None] | None = None, max_error_name: str = "max_error"):

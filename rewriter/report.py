@@ -76,14 +76,14 @@ def savings(report: dict) -> list[dict]:
         if p.get("intended_change") or p.get("exact") or row["kv"] is not None or saved_weights or not p["sites_changed"]:
             pass
         elif ratios and not saved_here and saved_long:
-            row["nothing"] = (f"{p['pass']} saved nothing at the calibration length {row['seq_len']} (its budget covers "
-                              f"the whole sequence; FLOPs {row['flops_max']:.3g} of exact at {row['max_length']}), so "
-                              f"its error was measured where it changes little: calibrate with --seq-len "
-                              f"{row['max_length']} or lower its budget")
+            row["nothing"] = (f"{p['pass']} saved nothing at the calibration length {row['seq_len']}: every attention "
+                              f"block is still computed (FLOPs and memory 1.0 of exact), while at {row['max_length']} "
+                              f"it computes {row['flops_max']:.3g} of exact FLOPs; calibrate with --seq-len "
+                              f"{row['max_length']} to measure it where it saves")
         elif not saved_here and not saved_long:
-            row["nothing"] = (f"{p['pass']} saved nothing: attention FLOPs, memory, parameters and bytes are unchanged"
-                              + (f" up to {row['max_length']} tokens (its budget covers the whole sequence)"
-                                 if ratios else ""))
+            row["nothing"] = (f"{p['pass']} saved nothing: "
+                              + (f"attention FLOPs and memory are 1.0 of exact up to {row['max_length']} tokens and "
+                                 if ratios else "") + "parameters and bytes are unchanged")
         rows.append(row)
     return rows
 
@@ -105,6 +105,8 @@ def render(report: dict, console=None) -> None:
     rows = savings(report)
     L = cal.get("seq_len") or "L"
     Lmax = next((r["max_length"] for r in rows if r["max_length"]), None)
+    if Lmax == L:      # calibrated at the maximum length: one number per cell
+        Lmax = None
     at = f"@{L}/{Lmax}" if Lmax else f"@{L}"
     t = Table(title=f"rewriter: {report.get('source', '')}", box=box.SIMPLE_HEAD, pad_edge=False,
               caption=f"saved: attention FLOPs and memory against exact at {L} tokens (calibration)"

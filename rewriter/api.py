@@ -136,9 +136,12 @@ def optimize(src, passes: list[Pass], *, out: str | Path | None = None, force: b
     report = run.report
     report["calibration"].update({"samples": samples, "seq_len": seq_len, "seed": seed})
     report["capture_seconds"] = round(capture_s, 3)
-    if out is not None:
+    if out is not None:   # the recipe that replays this run (plans filled in by planning passes) goes beside it
+        cal = {"samples": samples, "seq_len": seq_len, "seed": seed, **({"file": str(calib_file)} if calib_file else {})}
+        recipe = Recipe(list(passes), max_error, cal).to_yaml().encode()
         report["outputs"] = write_outputs(run.program, report, Path(out), force=force, export_onnx=export_onnx,
-                                          progress=progress, artifacts=run.artifacts, srcs=srcs)
+                                          progress=progress, artifacts={**run.artifacts, "recipe.yaml": recipe},
+                                          srcs=srcs)
     return OptimizeResult(run.program, report, run.artifacts)
 
 

@@ -128,8 +128,8 @@ def test_success_writes_outputs_and_dry_run_prints_recipe(tiny_folders, tmp_path
     out = tmp_path / "out"
     r = run("optimize", tiny_folders["bert"], "--recipe", tmp_path / "r.yaml", "-o", out, "--samples", 2, "--seq-len", 8)
     assert r.exit_code == 0, r.output
-    assert sorted(p.name for p in out.iterdir()) >= ["example_inputs.safetensors", "hf", "model.pt2", "report.json",
-                                                      "rewriter.json"]
+    assert {p.name for p in out.iterdir()} >= {"example_inputs.safetensors", "hf", "model.pt2", "recipe.yaml",
+                                               "report.json", "rewriter.json"}
     import json
     rep = json.loads((out / "report.json").read_text())
     assert rep["passes"][0]["pass"] == "lora-merge" and rep["passes"][0]["metrics"]["relative_error"] < 5

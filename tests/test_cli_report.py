@@ -122,6 +122,7 @@ def test_dry_run_recipe_replays_bit_for_bit(tiny_folders, tmp_path):
     assert run("optimize", tiny_folders["bert"], *flags, "-o", a).exit_code == 0
     r = run("optimize", tiny_folders["bert"], "--recipe", tmp_path / "r.yaml", "-o", b)
     assert r.exit_code == 0, r.output
+    assert yaml.safe_load((a / "recipe.yaml").read_text()) == rec      # the run leaves the same recipe beside it
     ra, rb = (json.loads((d / "report.json").read_text()) for d in (a, b))
     assert ra["calibration"] == rb["calibration"] and [p["config"] for p in ra["passes"]] == \
         [p["config"] for p in rb["passes"]]

@@ -99,7 +99,8 @@ def optimize(
     allow_unused: bool = typer.Option(False, "--allow-unused-weights",
                                       help="accept a checkpoint with tensors the model does not use"),
 ):
-    """Run passes on SRC, verify against the original, write OUT/ (model.pt2, report.json, hf/ when weight-only)."""
+    """Run passes on SRC, verify against the original, write OUT/ (model.pt2, report.json, recipe.yaml, hf/ when
+    weight-only)."""
     from ..api import optimize as run_optimize
     from ..api import Recipe, parse_pass_flag
     from ..api import render

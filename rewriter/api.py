@@ -29,7 +29,7 @@ from .backends.torch_backend import (check_output_dir, load_decoder, staged_outp
 from .config import describe_fields  # noqa: E402,F401
 from .load import default_checkpoint  # noqa: E402,F401
 from .pipeline import PASSES, get_pass, make_pass  # noqa: E402,F401
-from .recipe import Recipe, parse_pass_flag  # noqa: E402,F401
+from .recipe import CALIBRATION_DEFAULTS, Recipe, parse_pass_flag  # noqa: E402,F401
 from .report import dumps, render  # noqa: E402,F401
 from .safety import check_src_out  # noqa: E402,F401
 
@@ -61,7 +61,29 @@ def inspect(src: str | Path | nn.Module | Program) -> dict:
                           "unmatched_attention": canon.unmatched_attention or []},
         "attention": [s.describe() for s in att],
         "linear": [s.describe() for s in lin],
+        "rewritten": rewritten_sites(gm),
     }
+
+
+def rewritten_sites(gm) -> list[dict]:
+    """Every call of a rewriter:: op in the graph: module path, layer, method (the op's name, `_` -> `-`) and its
+    budget (the op's non-tensor arguments, by the schema's names)."""
+    from .capture import layer_index
+    from .graph import module_path
+    found = []
+    for node in gm.graph.nodes:
+        target = node.target
+        if node.op != "call_function" or getattr(target, "namespace", None) != "rewriter":
+            continue
+        schema = target._schema
+        values = dict(zip((a.name for a in schema.arguments), node.args))
+        values.update(node.kwargs)
+        budget = {k: v for k, v in values.items() if isinstance(v, (int, float, bool, str)) and k not in
+                  ("causal", "scale")}
+        path = module_path(node) or node.name
+        found.append({"module_path": path, "layer": layer_index(path), "method": schema.name.split("::")[-1]
+                      .replace("_", "-"), "budget": budget})
+    return found
 
 
 def input_paths(src, passes: list[Pass] = (), calib_file=None) -> list:
@@ -84,14 +106,18 @@ class OptimizeResult:
 def optimize(src, passes: list[Pass], *, out: str | Path | None = None, force: bool = False,
              calib_file: str | Path | None = None, calib_texts: list[str] | None = None, samples: int = 8,
              seq_len: int = 128, seed: int = 0, max_error: float | None = None, export_onnx: bool = False,
-             progress: Callable[[str], None] | None = None, allow_unused: bool = False) -> OptimizeResult:
-    """Load + capture `src`, run the passes verified against the original, and (with `out`) write the result."""
+             progress: Callable[[str], None] | None = None, allow_unused: bool = False,
+             max_error_name: str = "max_error") -> OptimizeResult:
+    """Load + capture `src`, run the passes verified against the original, and (with `out`) write the result.
+    `max_error` bounds the output's relative error after each approximation, measured against the original model or,
+    after a pass whose change is intended (lora-merge), against the model after it. (`max_error_name`: how errors
+    name the budget; the CLI says `--max-error`.)"""
     progress = progress or (lambda msg: None)
     from .calibration import check_calibration_args
     from .safety import check_number
     check_calibration_args(samples, seq_len, seed)
     if max_error is not None:
-        check_number("--max-error", max_error, minimum=0)
+        check_number(max_error_name, max_error, minimum=0)
     srcs = input_paths(src, passes, calib_file)
     if out is not None:   # refuse a bad output location before spending minutes on the passes
         check_output_dir(Path(out), force, srcs)
@@ -100,17 +126,32 @@ def optimize(src, passes: list[Pass], *, out: str | Path | None = None, force: b
     progress("loading and capturing")
     program = load_program(src, allow_unused=allow_unused)
     capture_s = time.perf_counter() - t0
+    check_seq_len(program, seq_len)
     progress("building calibration inputs")
     inputs, desc = calibration_inputs(program, texts=texts, samples=samples, seq_len=seq_len, seed=seed)
     device = program.device()
     inputs = {k: v.to(device) for k, v in inputs.items()}
-    run = Pipeline(passes, max_error=max_error, seed=seed, progress=progress).run(program, inputs, desc)
+    run = Pipeline(passes, max_error=max_error, seed=seed, progress=progress,
+                   max_error_name=max_error_name).run(program, inputs, desc)
     report = run.report
+    report["calibration"].update({"samples": samples, "seq_len": seq_len, "seed": seed})
     report["capture_seconds"] = round(capture_s, 3)
-    if out is not None:
+    if out is not None:   # the recipe that replays this run (plans filled in by planning passes) goes beside it
+        cal = {"samples": samples, "seq_len": seq_len, "seed": seed, **({"file": str(calib_file)} if calib_file else {})}
+        recipe = Recipe(list(passes), max_error, cal).to_yaml().encode()
         report["outputs"] = write_outputs(run.program, report, Path(out), force=force, export_onnx=export_onnx,
-                                          progress=progress, artifacts=run.artifacts, srcs=srcs)
+                                          progress=progress, artifacts={**run.artifacts, "recipe.yaml": recipe},
+                                          srcs=srcs)
     return OptimizeResult(run.program, report, run.artifacts)
+
+
+def check_seq_len(program: Program, seq_len: int) -> None:
+    """A calibration length over the model's positions is refused, not silently cut."""
+    from .program import max_length
+    limit = max_length(program.config)
+    if limit and seq_len > limit:
+        raise RewriterError(f"--seq-len {seq_len} exceeds the {limit} positions the model takes",
+                            f"use --seq-len {limit} or less")
 
 
 def write_outputs(program: Program, report: dict, out: Path, *, force: bool, export_onnx: bool = False,
@@ -120,6 +161,8 @@ def write_outputs(program: Program, report: dict, out: Path, *, force: bool, exp
     with staged_output(out, force, srcs) as tmp:
         progress("writing model.pt2")
         write_program(program, tmp)
+        if (tmp / "decoder").is_dir():
+            written.append("decoder/")       # the decode bundle `rewriter generate OUT` reads
         if report.get("weight_only") and program.meta.get("eager_model") is not None:
             progress("writing HF folder")
             write_hf_folder(program, tmp / "hf")
@@ -128,6 +171,7 @@ def write_outputs(program: Program, report: dict, out: Path, *, force: bool, exp
             from .backends import onnx as onnx_backend
             progress("exporting ONNX")
             report["onnx"] = onnx_backend.export_program(program, tmp / "model.onnx")
+            report["onnx"]["path"] = str(out / "model.onnx")    # where it lands, not the staging folder
             written.append("model.onnx")
         for name, data in (artifacts or {}).items():
             (tmp / name).write_bytes(data)
@@ -198,15 +242,18 @@ def _output_decoder(folder, passes: list):
 
 
 def generate(src, *, prompt: str | None = None, prompt_ids: list[int] | None = None, max_new_tokens: int = 20,
-             passes: list | None = None, max_len: int | None = None, stream=None, **calib) -> GenerateResult:
+             passes: list | None = None, max_len: int | None = None, stream=None,
+             progress: Callable[[str], None] | None = None, **calib) -> GenerateResult:
     """Greedy generation through the decode runtime (static in-place cache; the step one CUDA graph replay on CUDA),
     optionally with think / kv-window / mla. SRC: an HF decoder folder (with `passes`) or a rewriter output written
     from one (its KV policy applies). `stream(piece: str)` gets the new text (or `id,` without a tokenizer) as each
-    token comes."""
+    token comes; `progress(message)` hears each step."""
     if (prompt is None) == (prompt_ids is None):
         raise ValueError("give exactly one of prompt (text) or prompt_ids (token ids)")
     _check_generate_args(prompt_ids, max_new_tokens, max_len)
+    progress = progress or (lambda msg: None)
     from .load import LoadedModel
+    progress("loading")
     policy = None
     if _is_output_folder(src):
         src, policy = _output_decoder(src, passes)
@@ -232,7 +279,9 @@ def generate(src, *, prompt: str | None = None, prompt_ids: list[int] | None = N
             getattr(p, "name", "") == "kv-window" for p in (passes or [])):
         raise ValueError(f"prompt ({ids.shape[1]} tokens) + --max-new-tokens {max_new_tokens} exceeds the {positions} "
                          "positions the model takes")
+    progress("capturing the prefill and decode programs" + (" and running the KV passes" if passes else ""))
     decoder, loaded, report = decoder_from(loaded, passes, max_len=max_len or max(total, 2), policy=policy, **calib)
+    progress(f"generating {max_new_tokens} tokens")
     out = decoder.generate(ids, max_new_tokens, eos_token_id=getattr(loaded.config, "eos_token_id", None)
                            if tokenizer is not None else None, stream=_text_stream(stream, tokenizer))
     new = out[:, ids.shape[1]:]

@@ -210,8 +210,11 @@ def _check_state_dict_pickle(path: Path) -> dict:
     try:
         return torch.load(str(path), map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as e:
+        import re
+        found = re.search(r"Unsupported global: GLOBAL ([\w.]+)", str(e))
         raise RewriterError(
-            f"{path} is a pickled Python object, not a plain state dict ({str(e).splitlines()[0][:120]})",
+            f"{path} is a pickled Python object, not a plain state dict"
+            + (f" (it names {found.group(1)}, which loading would import and run)" if found else ""),
             "rewriter never unpickles code: save weights as safetensors (model.save_pretrained(safe_serialization=True))",
         ) from None
     except Exception as e:

@@ -1,14 +1,19 @@
 """Recipes: a pass pipeline as a YAML (or TOML) file, the same thing the CLI flags build.
 
-    rewriter: 1
-    max_error: 0.05          # optional
-    calibration: {samples: 8, seq_len: 128}   # optional
+    rewriter: 1                  # recipe format
+    rewriter_version: 0.1.0      # the version that wrote it (informational)
+    max_error: 0.05              # optional
+    calibration: {samples: 8, seq_len: 128, seed: 0}   # optional; file: path/to/text.txt
     passes:
       - pass: lora-merge
         adapters: [path/to/adapter]
       - pass: window
         window: 128
         layers: "2-"
+
+A written recipe (`--dry-run`) holds every config field, defaults included, and the calibration settings and seed,
+so replaying it builds the same program even where a later version changes a default. Keys left out of a
+hand-written recipe take their defaults.
 """
 from __future__ import annotations
 
@@ -23,7 +28,16 @@ from .errors import RewriterError
 from .pipeline import MAX_PASSES, Pass, make_pass
 from .safety import check_number, safe_yaml_load
 
-RECIPE_KEYS = ("rewriter", "max_error", "calibration", "passes")
+RECIPE_KEYS = ("rewriter", "rewriter_version", "max_error", "calibration", "passes")
+CALIBRATION_DEFAULTS = {"samples": 8, "seq_len": 128, "seed": 0}
+
+
+def rewriter_version() -> str:
+    from importlib.metadata import PackageNotFoundError, version
+    try:
+        return version("rewriter")
+    except PackageNotFoundError:
+        return "unknown"
 
 
 class _NoAliasDumper(yaml.SafeDumper):
@@ -38,11 +52,10 @@ class Recipe:
     calibration: dict = field(default_factory=dict)
 
     def to_dict(self) -> dict:
-        d: dict = {"rewriter": 1}
+        d: dict = {"rewriter": 1, "rewriter_version": rewriter_version()}
         if self.max_error is not None:
             d["max_error"] = self.max_error
-        if self.calibration:
-            d["calibration"] = dict(self.calibration)
+        d["calibration"] = {**CALIBRATION_DEFAULTS, **self.calibration}
         d["passes"] = [p.recipe_entry() for p in self.passes]
         return d
 
@@ -84,6 +97,9 @@ class Recipe:
             if key in calibration:
                 check_number(f"{where}: calibration.{key}", calibration[key], integer=True,
                              minimum=0 if key == "seed" else 1)
+        version = data.get("rewriter_version")
+        if version is not None and not isinstance(version, str):
+            raise RewriterError(f"{where}: rewriter_version must be a string; got {version!r}"[:200])
         if "file" in calibration and not isinstance(calibration["file"], str):
             raise RewriterError(f"{where}: calibration.file must be a path; got {calibration['file']!r}"[:200])
         return cls(passes, float(max_error) if max_error is not None else None, dict(calibration))

@@ -33,27 +33,114 @@ def _fmt(x: Any) -> str:
     return str(x)
 
 
+def _fmt3(x: Any) -> str:
+    return f"{x:.3g}" if isinstance(x, float) else str(x)
+
+
+def _change(before: int | None, after: int | None) -> str:
+    """'-25.0%' / 'same' / '-' for a count before and after a pass."""
+    if not before or after is None:
+        return "-"
+    if after == before:
+        return "same"
+    return f"{100 * (after - before) / before:+.1f}%"
+
+
+def savings(report: dict) -> list[dict]:
+    """Per pass, what it saved: attention FLOPs / memory ratios against exact at the calibration length and at the
+    model's maximum length, parameters and bytes before and after, KV-cache bytes per token (ratio) or kept tokens;
+    `nothing` holds a one-line warning when an approximation saved nothing measurable."""
+    rows = []
+    prev = report.get("before") or {}
+    for p in report.get("passes", []):
+        s = p.get("summary") or {}
+        row = {"pass": p["pass"], "seq_len": (report.get("calibration") or {}).get("seq_len"),
+               "max_length": s.get("max_length"),
+               "flops": s.get("attention_flops_ratio"), "flops_max": s.get("attention_flops_ratio_at_max_length"),
+               "memory": s.get("attention_memory_ratio"),
+               "memory_max": s.get("attention_memory_ratio_at_max_length"),
+               "params": (prev.get("parameters"), p.get("parameters")), "bytes": (prev.get("bytes"), p.get("bytes")),
+               "kv": None, "nothing": None}
+        if "kv_bytes_per_token_before" in s:
+            row["kv"] = f"{s['kv_bytes_per_token_before']:,} -> {s['kv_bytes_per_token_after']:,} B"
+        elif "key_channels_kept_fraction" in s:    # keys thinned, values kept
+            row["kv"] = f"x{(1 + s['key_channels_kept_fraction']) / 2:.3g}"
+        elif p.get("decode_only") and {"sinks", "window"} <= set(p.get("config", {})):
+            row["kv"] = f"<= {p['config']['sinks'] + p['config']['window']} tokens"
+        if p.get("parameters") is not None:
+            prev = {"parameters": p["parameters"], "bytes": p["bytes"]}
+        ratios = [r for r in (row["flops"], row["memory"], row["flops_max"], row["memory_max"]) if r is not None]
+        saved_here = any(r < 1 - 1e-9 for r in (row["flops"], row["memory"]) if r is not None)
+        saved_long = any(r < 1 - 1e-9 for r in (row["flops_max"], row["memory_max"]) if r is not None)
+        saved_weights = any(a is not None and b is not None and b < a for a, b in (row["params"], row["bytes"]))
+        if p.get("intended_change") or p.get("exact") or row["kv"] is not None or saved_weights or not p["sites_changed"]:
+            pass
+        elif ratios and not saved_here and saved_long:
+            row["nothing"] = (f"{p['pass']} saved nothing at the calibration length {row['seq_len']}: every attention "
+                              f"block is still computed (FLOPs and memory 1.0 of exact), while at {row['max_length']} "
+                              f"it computes {row['flops_max']:.3g} of exact FLOPs; calibrate with --seq-len "
+                              f"{row['max_length']} to measure it where it saves")
+        elif not saved_here and not saved_long:
+            row["nothing"] = (f"{p['pass']} saved nothing: "
+                              + (f"attention FLOPs and memory are 1.0 of exact up to {row['max_length']} tokens and "
+                                 if ratios else "") + "parameters and bytes are unchanged")
+        rows.append(row)
+    return rows
+
+
+def _pair(a: float | None, b: float | None) -> str:
+    if a is None:
+        return "-"
+    return f"{a:.3g}" if b is None else f"{a:.3g}/{b:.3g}"
+
+
 def render(report: dict, console=None) -> None:
+    from rich import box
     from rich.console import Console
     from rich.table import Table
     console = console or Console(stderr=True)
-    t = Table(title=f"rewriter: {report.get('source', '')}", show_lines=False)
-    for col in ("pass", "sites", "seconds", "rel. error", "cosine", "max abs", "emb. cosine"):
-        t.add_column(col, justify="right" if col != "pass" else "left")
-    for p in report.get("passes", []):
+    if not console.is_terminal and console.width < 132:   # a log or a pipe: no terminal to fit, keep rows whole
+        console = Console(file=console.file, width=132, force_terminal=False)
+    cal = report.get("calibration") or {}
+    rows = savings(report)
+    L = cal.get("seq_len") or "L"
+    Lmax = next((r["max_length"] for r in rows if r["max_length"]), None)
+    if Lmax == L:      # calibrated at the maximum length: one number per cell
+        Lmax = None
+    at = f"@{L}/{Lmax}" if Lmax else f"@{L}"
+    t = Table(title=f"rewriter: {report.get('source', '')}", box=box.SIMPLE_HEAD, pad_edge=False,
+              caption=f"saved: attention FLOPs and memory against exact at {L} tokens (calibration)"
+                      + (f" / {Lmax} (the model's maximum)" if Lmax else "") + ", parameters, bytes, KV cache per "
+                      "token; cost: the output's error against the model in `vs`", caption_justify="left")
+    cols = [("pass", "left"), ("sites", "right"), (f"attn FLOPs\n{at}", "right"), (f"attn mem\n{at}", "right"),
+            ("params", "right"), ("bytes", "right"), ("KV/token", "right"),
+            ("rel.err", "right"), ("cosine", "right"), ("emb.cos", "right"), ("vs", "left"), ("s", "right")]
+    for col, justify in cols:
+        t.add_column(col, justify=justify)
+    for p, r in zip(report.get("passes", []), rows):
         m = p["metrics"]
-        t.add_row(p["pass"], str(p["sites_changed"]), _fmt(p["seconds"]), _fmt(m["relative_error"]),
-                  _fmt(m["cosine"]), _fmt(m["max_abs_error"]), _fmt(m.get("embedding_cosine", "-")))
+        t.add_row(p["pass"], str(p["sites_changed"]), _pair(r["flops"], r["flops_max"] if Lmax else None),
+                  _pair(r["memory"], r["memory_max"] if Lmax else None), _change(*r["params"]), _change(*r["bytes"]),
+                  r["kv"] or "-", _fmt3(m["relative_error"]), _fmt3(m["cosine"]), _fmt3(m.get("embedding_cosine", "-")),
+                  p.get("reference", "original"), f"{p['seconds']:.1f}")
     console.print(t)
     before, after = report.get("before", {}), report.get("after", {})
     if before and after:
-        console.print(f"parameters {before['parameters']:,} -> {after['parameters']:,}; "
-                      f"bytes {before['bytes']:,} -> {after['bytes']:,}")
+        console.print(f"parameters {before['parameters']:,} -> {after['parameters']:,} "
+                      f"({_change(before['parameters'], after['parameters'])}); bytes {before['bytes']:,} -> "
+                      f"{after['bytes']:,} ({_change(before['bytes'], after['bytes'])})", highlight=False)
+    if report.get("final_vs_original"):
+        f = report["final_vs_original"]
+        console.print(f"against the original model (adapter change included): relative error "
+                      f"{_fmt(f['relative_error'])}, cosine {_fmt(f['cosine'])}", highlight=False)
+    for r in rows:
+        if r["nothing"]:
+            console.print(f"[yellow]warning:[/yellow] {r['nothing']}", highlight=False, soft_wrap=True)
     for p in report.get("passes", []):
         for note in p.get("notes", []):
-            console.print(f"[yellow]{p['pass']}[/yellow]: {note}")
+            console.print(f"[yellow]{p['pass']}[/yellow]: {note}", highlight=False)
     if report.get("outputs"):
-        console.print("wrote " + ", ".join(report["outputs"]))
+        console.print("wrote " + ", ".join(report["outputs"]), highlight=False, soft_wrap=True)
 
 
 def plan_picture(plan: dict[str, list[tuple[str, dict]]], layers: dict[str, int | None],

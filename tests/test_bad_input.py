@@ -570,7 +570,10 @@ def test_bad_input(case, material, tmp_path, monkeypatch, capfd):
     lines = [ln for ln in stderr.splitlines() if ln.strip()]
     errors = [i for i, ln in enumerate(lines) if ln.startswith("error: ")]
     assert len(errors) == 1, stderr
-    assert all(ln.startswith("✓ ") for ln in lines[:errors[0]]), stderr   # only progress lines before it
+    progress = lines[:errors[0]]    # only progress lines before it: "step ..." as it starts, ✓/✗ as it ends
+    assert all(ln.endswith(" ...") or ln[:2] in ("✓ ", "✗ ") for ln in progress), stderr
+    marks = [ln for ln in progress if ln[:2] in ("✓ ", "✗ ")]
+    assert all(ln.startswith("✓ ") for ln in marks[:-1]), stderr    # a cross only on the step that failed
     lines = lines[errors[0]:]   # and nothing after it
     assert r.exit_code == 2, (r.exit_code, r.output, r.exception)
     assert r.exception is None or isinstance(r.exception, SystemExit), (r.output, r.exception)

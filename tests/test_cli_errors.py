@@ -109,9 +109,11 @@ def test_nonempty_output_needs_force(tiny_folders, tmp_path, adapter):
 
 def test_error_budget_aborts_before_writing(tiny_folders, tmp_path, adapter):
     out = tmp_path / "out"
-    r = run("optimize", tiny_folders["bert"], "--adapter", adapter, "-o", out, "--max-error", "1e-9",
-            "--samples", 2, "--seq-len", 8)
-    assert_clean_failure(r, tmp_path, "relative error", "--max-error", "nothing was written")
+    r = run("optimize", tiny_folders["bert"], "--adapter", adapter, "--pass", "performer:features=4", "-o", out,
+            "--max-error", "1e-9", "--samples", 2, "--seq-len", 8)
+    assert_clean_failure(r, tmp_path, "relative error", "against the model after lora-merge", "--max-error",
+                         "nothing was written", "raise --max-error, or lower the pass's saving")
+    assert "lower its budget" not in r.output
     assert not out.exists()
 
 
@@ -120,13 +122,14 @@ def test_success_writes_outputs_and_dry_run_prints_recipe(tiny_folders, tmp_path
     r = run("optimize", tiny_folders["bert"], "--adapter", adapter, "--max-error", "5", "--dry-run")
     assert r.exit_code == 0, r.output
     recipe = yaml.safe_load(r.output)
-    assert recipe["max_error"] == 5 and recipe["passes"] == [{"pass": "lora-merge", "adapters": [str(adapter)]}]
+    assert recipe["max_error"] == 5 and recipe["passes"][0]["pass"] == "lora-merge"
+    assert recipe["passes"][0]["adapters"] == [str(adapter)] and recipe["passes"][0]["combination"] == "cat"
     (tmp_path / "r.yaml").write_text(r.output)
     out = tmp_path / "out"
     r = run("optimize", tiny_folders["bert"], "--recipe", tmp_path / "r.yaml", "-o", out, "--samples", 2, "--seq-len", 8)
     assert r.exit_code == 0, r.output
-    assert sorted(p.name for p in out.iterdir()) >= ["example_inputs.safetensors", "hf", "model.pt2", "report.json",
-                                                      "rewriter.json"]
+    assert {p.name for p in out.iterdir()} >= {"example_inputs.safetensors", "hf", "model.pt2", "recipe.yaml",
+                                               "report.json", "rewriter.json"}
     import json
     rep = json.loads((out / "report.json").read_text())
     assert rep["passes"][0]["pass"] == "lora-merge" and rep["passes"][0]["metrics"]["relative_error"] < 5

@@ -19,41 +19,65 @@ out = Console()
 
 
 class Steps:
-    """Progress for long work: a spinner on the current step, a line with its time when it ends."""
+    """Progress for long work: a spinner with the elapsed time on the current step, a line with its time when it
+    ends (a red cross, not a check, when it failed). Without a terminal each step prints a line as it starts."""
 
     def __init__(self, quiet: bool = False):
         self.quiet = quiet
-        self.status = None
+        self.live = None
+        self.task = None
         self.current = None
         self.t0 = 0.0
 
     def __call__(self, msg: str) -> None:
         if self.quiet:
             return
-        self._finish()
+        self._finish(ok=True)
         self.current, self.t0 = msg, time.perf_counter()
-        if self.status is None:
-            self.status = err.status(msg)
-            self.status.start()
+        if not err.is_terminal:
+            err.print(f"{msg} ...", highlight=False, soft_wrap=True)
+            return
+        if self.live is None:
+            from rich.progress import Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
+            self.live = Progress(SpinnerColumn(), TextColumn("{task.description}"), TimeElapsedColumn(),
+                                 console=err, transient=True)
+            self.live.start()
+            self.task = self.live.add_task(msg, total=None)
         else:
-            self.status.update(msg)
+            self.live.reset(self.task, description=msg)
 
-    def _finish(self) -> None:
+    def _finish(self, ok: bool) -> None:
         if self.current is not None:
-            err.print(f"[green]✓[/green] {self.current} [dim]({time.perf_counter() - self.t0:.1f}s)[/dim]",
-                      soft_wrap=True)   # one line per step, whatever the width
+            mark = "[green]✓[/green]" if ok else "[red]✗[/red]"
+            err.print(f"{mark} {self.current} [dim]({time.perf_counter() - self.t0:.1f}s)[/dim]",
+                      highlight=False, soft_wrap=True)   # one line per step, whatever the width
             self.current = None
 
-    def close(self) -> None:
-        self._finish()
-        if self.status is not None:
-            self.status.stop()
-            self.status = None
+    def close(self, ok: bool = True) -> None:
+        self._finish(ok)
+        if self.live is not None:
+            self.live.stop()
+            self.live = None
 
 
-def _fail(e: RewriterError) -> None:
-    err.print(f"[red]error:[/red] {e}", highlight=False, soft_wrap=True)
+def _fail(e: RewriterError, steps: Steps | None = None) -> None:
+    if steps is not None:
+        steps.close(ok=False)
+    import re
+    from rich.markup import escape
+    text = re.sub(r"\x1b\[[0-9;]*[A-Za-z]", "", str(e))   # a library's terminal colour codes, never ours
+    err.print(f"[red]error:[/red] {escape(text)}", highlight=False, soft_wrap=True)
     raise typer.Exit(2)
+
+
+def _default_src(src: Optional[str]) -> str:
+    """SRC as given (checked to exist, before anything else is said about the command), or the embedded MiniLM."""
+    if src is None:
+        from ..api import default_checkpoint
+        return str(default_checkpoint())
+    if not Path(src).exists():
+        raise RewriterError(f"no such file or folder: {src}")
+    return src
 
 
 @app.command()
@@ -65,9 +89,9 @@ def optimize(
     recipe: Optional[Path] = typer.Option(None, "--recipe", help="recipe file (YAML/TOML)"),
     max_error: Optional[float] = typer.Option(None, "--max-error", help="abort if the output's relative error exceeds this"),
     calib: Optional[Path] = typer.Option(None, "--calib", help="calibration text file (default: pydoc topics)"),
-    samples: int = typer.Option(8, "--samples", help="calibration sequences"),
-    seq_len: int = typer.Option(128, "--seq-len", help="calibration sequence length (tokens)"),
-    seed: int = typer.Option(0, "--seed"),
+    samples: Optional[int] = typer.Option(None, "--samples", help="calibration sequences [default: 8]"),
+    seq_len: Optional[int] = typer.Option(None, "--seq-len", help="calibration sequence length in tokens [default: 128]"),
+    seed: Optional[int] = typer.Option(None, "--seed", help="[default: 0]"),
     export: Optional[str] = typer.Option(None, "--export", help="also export: onnx"),
     force: bool = typer.Option(False, "--force", help="replace a non-empty output folder"),
     dry_run: bool = typer.Option(False, "--dry-run", help="print the recipe the flags build, then stop"),
@@ -75,12 +99,14 @@ def optimize(
     allow_unused: bool = typer.Option(False, "--allow-unused-weights",
                                       help="accept a checkpoint with tensors the model does not use"),
 ):
-    """Run passes on SRC, verify against the original, write OUT/ (model.pt2, report.json, hf/ when weight-only)."""
+    """Run passes on SRC, verify against the original, write OUT/ (model.pt2, report.json, recipe.yaml, hf/ when
+    weight-only)."""
     from ..api import optimize as run_optimize
     from ..api import Recipe, parse_pass_flag
     from ..api import render
     steps = Steps(quiet=json_out)
     try:
+        src = _default_src(src)
         rec = Recipe.from_file(recipe) if recipe else Recipe()
         flags = [parse_pass_flag(s) for s in pass_]
         rec.passes.extend(flags)
@@ -98,12 +124,11 @@ def optimize(
                 p.config.validate()
         if max_error is not None:
             rec.max_error = max_error
-        cal = dict(rec.calibration)
-        if calib is not None:
-            cal["file"] = str(calib)
-        if src is None:
-            from ..api import default_checkpoint
-            src = str(default_checkpoint())
+        # calibration: a flag given here, else the recipe's value, else the default; the recipe records all of them
+        from ..api import CALIBRATION_DEFAULTS
+        given = {"samples": samples, "seq_len": seq_len, "seed": seed, "file": str(calib) if calib else None}
+        cal = {**CALIBRATION_DEFAULTS, **rec.calibration, **{k: v for k, v in given.items() if v is not None}}
+        rec.calibration = cal
         planning = [p for p in rec.passes if p.plans and not p.config.plan]
         if dry_run and not planning:
             out.print(rec.to_yaml(), end="", highlight=False)
@@ -113,9 +138,9 @@ def optimize(
         if export not in (None, "onnx"):
             raise RewriterError(f"unknown export format {export!r}", "use --export onnx")
         result = run_optimize(src, rec.passes, out=None if dry_run else output, force=force, calib_file=cal.get("file"),
-                              samples=int(cal.get("samples", samples)), seq_len=int(cal.get("seq_len", seq_len)),
-                              seed=int(cal.get("seed", seed)), max_error=rec.max_error,
-                              export_onnx=export == "onnx", progress=steps, allow_unused=allow_unused)
+                              samples=int(cal["samples"]), seq_len=int(cal["seq_len"]), seed=int(cal["seed"]),
+                              max_error=rec.max_error, export_onnx=export == "onnx", progress=steps,
+                              allow_unused=allow_unused, max_error_name="--max-error")
         steps.close()
         if dry_run:   # planning passes have filled in their plans: the recipe replays them without analysis
             out.print(rec.to_yaml(), end="", highlight=False)
@@ -126,8 +151,7 @@ def optimize(
         else:
             render(result.report, err)
     except RewriterError as e:
-        steps.close()
-        _fail(e)
+        _fail(e, steps)
     finally:
         steps.close()
 
@@ -140,19 +164,25 @@ def inspect(src: Optional[str] = typer.Argument(None, help="HF model folder or r
     from ..api import inspect as run_inspect
     steps = Steps(quiet=json_out)
     try:
-        if src is None:
-            from ..api import default_checkpoint
-            src = str(default_checkpoint())
+        src = _default_src(src)
         steps("loading and capturing")
         info = run_inspect(src)
         steps.close()
     except RewriterError as e:
-        steps.close()
-        _fail(e)
+        _fail(e, steps)
     if json_out:
         print(json.dumps(info, indent=1))
         return
-    t = Table(title=f"{len(info['attention'])} attention sites")
+    rewritten = info.get("rewritten") or []
+    if rewritten:
+        t = Table(title=f"{len(rewritten)} rewritten sites")
+        for col in ("module", "layer", "method", "budget"):
+            t.add_column(col, overflow="fold")
+        for s in rewritten:
+            t.add_row(s["module_path"], str(s["layer"]), s["method"],
+                      ", ".join(f"{k}={v}" for k, v in s["budget"].items()) or "-")
+        out.print(t)
+    t = Table(title=f"{len(info['attention'])} attention sites" + (" left as SDPA" if rewritten else ""))
     for col in ("module", "layer", "heads", "kv heads", "head dim", "causal", "mask", "scale", "model's own"):
         t.add_column(col, overflow="fold")
     for s in info["attention"]:
@@ -191,14 +221,14 @@ def analyze(src: Optional[str] = typer.Argument(None, help="HF model folder or r
     from ..api import calibration_inputs, read_texts
     steps = Steps(quiet=json_out)
     try:
-        if src is None:
-            from ..api import default_checkpoint
-            src = str(default_checkpoint())
+        src = _default_src(src)
         if output is not None:
             from ..api import check_output_dir
             check_output_dir(output, force, [src] + ([calib] if calib else []))
         steps("loading and capturing")
         program = load_program(src)
+        from ..api import check_seq_len
+        check_seq_len(program, seq_len)
         steps("building calibration inputs")
         inputs, desc = calibration_inputs(program, texts=read_texts(calib) if calib else None, samples=samples,
                                           seq_len=seq_len, seed=seed)
@@ -213,8 +243,7 @@ def analyze(src: Optional[str] = typer.Argument(None, help="HF model folder or r
                 data["pictures"] = heatmaps(result, tmp)
         steps.close()
     except RewriterError as e:
-        steps.close()
-        _fail(e)
+        _fail(e, steps)
     if json_out:
         print(json.dumps(data, indent=1, default=str))
         return
@@ -233,24 +262,29 @@ def analyze(src: Optional[str] = typer.Argument(None, help="HF model folder or r
 
 
 @app.command("export")
-def export_cmd(src: str = typer.Argument(..., help="HF model folder or rewriter output"),
+def export_cmd(src: Optional[str] = typer.Argument(None, help="HF model folder or rewriter output (default: MiniLM)"),
                onnx: Path = typer.Option(..., "--onnx", help="output .onnx file"),
                atol: float = typer.Option(1e-4, "--atol", help="max abs difference onnxruntime vs PyTorch"),
+               force: bool = typer.Option(False, "--force", help="replace an existing .onnx file"),
                json_out: bool = typer.Option(False, "--json", help="print the validation record")):
     """Export SRC to ONNX (batch and sequence stay dynamic), validated in onnxruntime at three shapes."""
     from ..api import load_program
     from ..api import check_src_out, export_program
     steps = Steps(quiet=json_out)
     try:
+        src = _default_src(src)
         check_src_out([src], onnx)   # the .onnx (and its external data) may not land inside the input
+        if onnx.exists() and not force:
+            raise RewriterError(f"{onnx} already exists", "pass --force to replace it, or choose another path")
+        if onnx.exists() and not onnx.is_file():
+            raise RewriterError(f"{onnx} exists and is not a file", "choose another path")
         steps("loading and capturing")
         program = load_program(src)
         steps("exporting and validating ONNX")
         info = export_program(program, onnx, atol=atol)
         steps.close()
     except RewriterError as e:
-        steps.close()
-        _fail(e)
+        _fail(e, steps)
     if json_out:
         print(json.dumps(info, indent=1))
         return
@@ -275,7 +309,10 @@ def generate(
     """Greedy generation with the captured prefill/decode programs and their explicit KV cache."""
     from ..api import generate as run_generate
     from ..api import parse_pass_flag
+    steps = Steps(quiet=json_out)
     try:
+        if not Path(src).exists():
+            raise RewriterError(f"no such file or folder: {src}")
         ids = None
         if prompt_ids is not None:
             try:
@@ -285,11 +322,13 @@ def generate(
         passes = [parse_pass_flag(s) for s in pass_]
         try:
             res = run_generate(src, prompt=prompt, prompt_ids=ids, max_new_tokens=max_new_tokens, passes=passes,
-                               max_len=max_len, stream=(lambda s: print(s, end="", flush=True)) if stream else None)
+                               max_len=max_len, stream=(lambda s: print(s, end="", flush=True)) if stream else None,
+                               progress=None if stream else steps)   # streamed text and a spinner do not mix
         except ValueError as e:
             raise RewriterError(str(e)) from None
+        steps.close()
     except RewriterError as e:
-        _fail(e)
+        _fail(e, steps)
     if stream:
         print()
     if json_out:

@@ -111,7 +111,8 @@ class AttentionPass(Pass):
                 "computed_entries_ratio": round(cost.density, 5), "attention_rel_error": err,
                 "flops_ratio": cost.flops / cost.dense_flops, "memory_ratio": cost.memory_bytes / cost.dense_memory_bytes,
                 "max_length": L_max, "computed_entries_ratio_at_max_length": round(long.density, 5),
-                "flops_ratio_at_max_length": long.flops / long.dense_flops}))
+                "flops_ratio_at_max_length": long.flops / long.dense_flops,
+                "memory_ratio_at_max_length": long.memory_bytes / long.dense_memory_bytes}))
         erase_dead(gm)
         for r in refused:
             result.notes.append(f"refused {r['site']}: {r['reason']} (left exact)")
@@ -126,6 +127,8 @@ class AttentionPass(Pass):
             "density": sum(c.details["density"] for c in result.changes) / len(result.changes),
             "max_length": L_max,
             "attention_flops_ratio_at_max_length": sum(c.flops for c in at_max) / sum(c.dense_flops for c in at_max),
+            "attention_memory_ratio_at_max_length": sum(c.memory_bytes for c in at_max) /
+            sum(c.dense_memory_bytes for c in at_max),
             **({"refused_sites": refused} if refused else {})}
         first = result.changes[0].details
         shown = {k: first[k] for k in self.method.budget(self.config, L_max)[1]}

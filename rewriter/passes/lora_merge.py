@@ -364,6 +364,7 @@ class LoraMerge(Pass):
     name = "lora-merge"
     config_class = LoraMergeConfig
     weight_only = True
+    intended_change = True     # the adapter's change is the point: the error budget measures later passes only
     summary = ("merge LoRA adapters into the base weights: PEFT's LoRA, rsLoRA, DoRA, RandLoRA; Hydra, Block-LoRA, "
                "MoLE (frozen gates), SoRA; several at once")
 

@@ -227,10 +227,9 @@ def write_hf(program: Program, folder: Path, weight_only: bool) -> str | None:
             return "the think / mla KV rewrites run in `rewriter generate` (decoder/), not in transformers"
         from ..hf import attention_plan, write_attention_config
         plan, tensors = attention_plan(program)
-        if not plan["sites"]:
-            return "the passes changed the graph without rewriting an attention site transformers could run"
         write_hf_folder(program, folder)
-        write_attention_config(folder, plan, tensors)
+        if plan["sites"]:   # none: every site was left exact, the folder is the model itself (checked all the same)
+            write_attention_config(folder, plan, tensors)
         check_hf_folder(program, folder)
     except RewriterError as e:
         shutil.rmtree(folder, ignore_errors=True)
@@ -244,7 +243,12 @@ def check_hf_folder(program: Program, folder: Path) -> float:
     RewriterError when the HF model is not the program."""
     from ..load import load_hf
     inputs = {k: v for k, v in program.example_inputs.items() if k in program.input_names}
-    model = load_hf(folder).module
+    from ..hf import NAME
+    try:
+        model = load_hf(folder).module
+    except RewriterError as e:   # e.g. Falcon picks its attention class from a fixed table of names
+        raise RewriterError(f"this architecture does not take attention implementations registered in transformers' "
+                            f"AttentionInterface such as '{NAME}' ({str(e).splitlines()[0][-120:]})") from None
     dtype = next(iter(program.ep.state_dict.values())).dtype if program.ep.state_dict else torch.float32
     tol = HF_CHECK_TOLERANCE.get(dtype, 2e-2)
     with torch.no_grad():

@@ -20,6 +20,7 @@ from __future__ import annotations
 import json
 import sys
 from dataclasses import dataclass
+from functools import lru_cache
 from pathlib import Path
 
 import torch
@@ -217,8 +218,9 @@ def _plan_of(config) -> dict:
     return block
 
 
-def _calling_model_path(module) -> str | None:
-    """The module's path inside the outermost transformers model on the call stack (None when none holds it)."""
+def _calling_model(module):
+    """(the outermost transformers model on the call stack that holds `module`, the module's path in it), or
+    (None, None)."""
     from transformers import PreTrainedModel
     frame, roots = sys._getframe(2), []
     while frame is not None:
@@ -229,19 +231,31 @@ def _calling_model_path(module) -> str | None:
     for root in reversed(roots):
         for name, sub in root.named_modules():
             if sub is module:
-                return name
-    return None
+                return root, name
+    return None, None
 
 
-def _resolve(module, config) -> _Site | None:
+@lru_cache(maxsize=8)
+def _tensors(path: str) -> dict:
+    from safetensors.torch import load_file
+    return load_file(path)
+
+
+def _resolve(module) -> _Site | None:
+    """The plan entry of the attention module `module` (None: a site the plan leaves to transformers' SDPA)."""
+    config = getattr(module, "config", None)
+    root = path = None
+    if config is None or not isinstance(getattr(config, CONFIG_KEY, None), dict):
+        root, path = _calling_model(module)
+        config = root.config if root is not None else config
     block = _plan_of(config)
     entries = block["sites"]
-    entry = None
     layer = getattr(module, "layer_idx", None)
     if block.get("by_layer") and isinstance(layer, int):
         entry = next((e for e in entries if e.get("layer") == layer), None)
     else:
-        path = _calling_model_path(module)
+        if path is None:
+            root, path = _calling_model(module)
         if path is None:
             raise RewriterError(f"{type(module).__name__} has no layer_idx and runs outside a transformers model; "
                                 f"the '{NAME}' attention cannot tell which site it is")
@@ -252,13 +266,12 @@ def _resolve(module, config) -> _Site | None:
         entry = next((e for e in entries if match and e["path"] == match[0]), None)
     if entry is None:
         return None
-    folder = getattr(config, "_name_or_path", "")
+    folder = Path(getattr(config, "_name_or_path", "") or ".")
 
     def tensors():
-        from safetensors.torch import load_file
         if not block.get("parameters"):
             raise RewriterError("the HF folder's rewriter plan names tensors but no parameter file")
-        return load_file(str(Path(folder) / block["parameters"]))
+        return _tensors(str(folder / block["parameters"]))
     return _load_site(entry, tensors)
 
 
@@ -277,7 +290,7 @@ def attention(module, query, key, value, attention_mask, scaling=None, dropout: 
     """transformers' attention-function contract: q (B, H, Lq, D), k/v (B, Hkv, Lk, D) -> ((B, Lq, H, Dv), None)."""
     site = getattr(module, _SITE_ATTR, None)
     if site is None:
-        site = _resolve(module, module.config if hasattr(module, "config") else kwargs.get("config")) or _UNPLANNED
+        site = _resolve(module) or _UNPLANNED
         setattr(module, _SITE_ATTR, site)
     if site is _UNPLANNED:
         from transformers.integrations.sdpa_attention import sdpa_attention_forward

@@ -244,12 +244,14 @@ def check_hf_folder(program: Program, folder: Path) -> float:
     from ..load import load_hf
     inputs = {k: v for k, v in program.example_inputs.items() if k in program.input_names}
     from ..hf import NAME
+    dtype = next((t.dtype for t in program.ep.state_dict.values() if t.is_floating_point()), torch.float32)
+    device = program.device()
     try:
-        model = load_hf(folder).module
+        model = load_hf(folder, dtype=dtype).module.to(device)
     except RewriterError as e:   # e.g. Falcon picks its attention class from a fixed table of names
         raise RewriterError(f"this architecture does not take attention implementations registered in transformers' "
                             f"AttentionInterface such as '{NAME}' ({str(e).splitlines()[0][-120:]})") from None
-    dtype = next(iter(program.ep.state_dict.values())).dtype if program.ep.state_dict else torch.float32
+    inputs = {k: v.to(device) for k, v in inputs.items()}
     tol = HF_CHECK_TOLERANCE.get(dtype, 2e-2)
     with torch.no_grad():
         got = model(**inputs)

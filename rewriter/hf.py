@@ -88,14 +88,14 @@ def attention_plan(program) -> dict:
     from .canonical import SDPA, canonicalize
     from .capture import layer_index
     from .graph import get_attr_tensor, is_call, module_path, val
-    gm = program.module()
-    canonicalize(gm)
     by_op = {m.op: m for m in METHODS.values()}
-    others = sorted({str(n.target) for n in gm.graph.nodes if n.op == "call_function"
+    others = sorted({str(n.target) for n in program.ep.graph.nodes if n.op == "call_function"
                      and isinstance(n.target, torch._ops.OpOverload) and n.target.namespace == "rewriter"
                      and n.target not in by_op})
     if others:
         raise RewriterError(f"the program holds {', '.join(others)}, which transformers cannot run")
+    gm = program.module()
+    canonicalize(gm)
     sites: dict[str, dict] = {}
     tensors: dict[str, torch.Tensor] = {}
     for node in gm.graph.nodes:

@@ -241,9 +241,9 @@ def check_hf_folder(program: Program, folder: Path) -> float:
     """Load `folder` with transformers and run it on the program's example inputs: every output the program names
     must match on the real tokens (relative to the output's scale). Returns the largest relative difference; raises
     RewriterError when the HF model is not the program."""
+    from ..hf import NAME
     from ..load import load_hf
     inputs = {k: v for k, v in program.example_inputs.items() if k in program.input_names}
-    from ..hf import NAME
     dtype = next((t.dtype for t in program.ep.state_dict.values() if t.is_floating_point()), torch.float32)
     device = program.device()
     try:
@@ -257,11 +257,12 @@ def check_hf_folder(program: Program, folder: Path) -> float:
         got = model(**inputs)
     want = program.run(**inputs)
     valid = inputs.get("attention_mask")
-    worst = 0.0
+    worst, compared = 0.0, 0
     for name, ref in zip(program.output_names, want):
         out = got.get(name) if hasattr(got, "get") else None
         if not isinstance(ref, torch.Tensor) or not isinstance(out, torch.Tensor):
             continue
+        compared += 1
         if out.shape != ref.shape:
             raise RewriterError(f"the HF folder's {name} has shape {tuple(out.shape)}, model.pt2's {tuple(ref.shape)}")
         a, b = out.double(), ref.double()
@@ -275,6 +276,9 @@ def check_hf_folder(program: Program, folder: Path) -> float:
             raise RewriterError(f"transformers does not run the rewrite as model.pt2 does: {name} differs by "
                                 f"{rel:.2e} (relative; limit {tol:g}), so the model's attention does not go through "
                                 "transformers' attention interface where the plan needs it")
+    if not compared:
+        raise RewriterError(f"the HF model returns none of the program's outputs ({', '.join(program.output_names)})"
+                            " to check it against")
     return worst
 
 

@@ -257,6 +257,18 @@ def test_no_folder_where_transformers_cannot_run_the_plan(tmp_path):
     assert not any(o.endswith("hf") or o.endswith("hf/") for o in result.report["outputs"])
 
 
+def test_no_folder_for_linear_rewrites(tiny_programs, tmp_path):
+    """A window plus a low-rank linear pass (two factor weights per linear): transformers' Llama cannot hold them,
+    so no hf/ folder, and report.json says which weight."""
+    model, program = tiny_programs("llama")
+    out = tmp_path / "out"
+    _optimize(program, [("window", {"window": 6, "sinks": 1}), ("lowrank", {"ratio": 0.5})], out)
+    assert not (out / "hf").exists() and (out / "model.pt2").exists()
+    notes = json.loads((out / "report.json").read_text())["notes"]
+    assert any(n.startswith("no hf/ folder: the program has ") and "weight(s) the model lacks" in n
+               for n in notes), notes
+
+
 # --- generate from the folder: the trained decoder after a window pass ----------------------------------------------
 
 def test_generate_from_the_folder_matches_the_program(tmp_path):

@@ -227,6 +227,9 @@ def write_hf(program: Program, folder: Path, weight_only: bool) -> str | None:
             return "the think / mla KV rewrites run in `rewriter generate` (decoder/), not in transformers"
         from ..hf import attention_plan, write_attention_config
         plan, tensors = attention_plan(program)
+        why = _structure_change(program)
+        if why:
+            return why
         write_hf_folder(program, folder)
         if plan["sites"]:   # none: every site was left exact, the folder is the model itself (checked all the same)
             write_attention_config(folder, plan, tensors)
@@ -234,6 +237,19 @@ def write_hf(program: Program, folder: Path, weight_only: bool) -> str | None:
     except RewriterError as e:
         shutil.rmtree(folder, ignore_errors=True)
         return str(e).splitlines()[0]
+    return None
+
+
+def _structure_change(program: Program) -> str | None:
+    """Why the model's own modules cannot hold the program's weights (a pass replaced or added weights, e.g. a
+    low-rank factorisation), or None. Integer buffers (auto-attention's head indices) belong to the plan."""
+    own = set(program.meta["eager_model"].state_dict())
+    theirs = {(k[len(WRAPPER_PREFIX):] if k.startswith(WRAPPER_PREFIX) else k): t
+              for k, t in program.ep.state_dict.items()}
+    added = sorted(k for k, t in theirs.items() if k not in own and t.is_floating_point())
+    if added:
+        return (f"the program has {len(added)} weight(s) the model lacks (first: {added[0]}); a pass changed the "
+                "model's structure beyond its attention, which transformers' classes cannot hold")
     return None
 
 
@@ -274,8 +290,8 @@ def check_hf_folder(program: Program, folder: Path) -> float:
         worst = max(worst, rel)
         if rel > tol:
             raise RewriterError(f"transformers does not run the rewrite as model.pt2 does: {name} differs by "
-                                f"{rel:.2e} (relative; limit {tol:g}), so the model's attention does not go through "
-                                "transformers' attention interface where the plan needs it")
+                                f"{rel:.2e} (relative; limit {tol:g}): the architecture's attention does not go through "
+                                "transformers' attention interface everywhere, or a pass changed more than attention")
     if not compared:
         raise RewriterError(f"the HF model returns none of the program's outputs ({', '.join(program.output_names)})"
                             " to check it against")

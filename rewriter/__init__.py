@@ -13,6 +13,9 @@ from .pipeline import PASSES, Pass, Pipeline, get_pass, make_pass  # noqa: E402
 from .program import Program  # noqa: E402
 from .recipe import Recipe  # noqa: E402
 from . import passes  # noqa: F401,E402
+from .hf import register_when_imported  # noqa: E402
+
+register_when_imported()   # transformers runs rewritten attention (attn_implementation 'rewriter_attention')
 
 __all__ = ["capture", "inspect", "load", "load_program", "optimize", "Pass", "Pipeline", "PASSES", "Program",
            "Recipe", "RewriterError", "get_pass", "make_pass"]

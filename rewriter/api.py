@@ -24,8 +24,8 @@ from .sites import attention_sites, linear_sites
 # The rest of the CLI's door: the CLI imports this module only.
 from .analysis import analyze, candidate_label  # noqa: E402,F401
 from .backends.onnx import export_program  # noqa: E402,F401
-from .backends.torch_backend import (check_output_dir, load_decoder, staged_output, write_hf_folder,  # noqa: E402
-                                     write_program)
+from .backends.torch_backend import (check_output_dir, load_decoder, staged_output, write_hf,  # noqa: E402
+                                     write_hf_folder, write_program)
 from .config import describe_fields  # noqa: E402,F401
 from .load import default_checkpoint  # noqa: E402,F401
 from .pipeline import PASSES, get_pass, make_pass  # noqa: E402,F401
@@ -163,10 +163,13 @@ def write_outputs(program: Program, report: dict, out: Path, *, force: bool, exp
         write_program(program, tmp)
         if (tmp / "decoder").is_dir():
             written.append("decoder/")       # the decode bundle `rewriter generate OUT` reads
-        if report.get("weight_only") and program.meta.get("eager_model") is not None:
+        if program.meta.get("eager_model") is not None:
             progress("writing HF folder")
-            write_hf_folder(program, tmp / "hf")
-            written.append("hf/")
+            why = write_hf(program, tmp / "hf", weight_only=bool(report.get("weight_only")))
+            if why is None:
+                written.append("hf/")
+            else:
+                report.setdefault("notes", []).append(f"no hf/ folder: {why}")
         if export_onnx:
             from .backends import onnx as onnx_backend
             progress("exporting ONNX")

@@ -1,4 +1,5 @@
-"""Outputs in PyTorch formats: model.pt2 (always), an HF folder (when every pass was weight-only), the
+"""Outputs in PyTorch formats: model.pt2 (always), an HF folder (weight-only passes; attention rewrites too, run by
+transformers through rewriter's registered attention implementation, rewriter.hf), the
 metadata that lets `load_program` rebuild a Program, and for decoder LMs with KV passes (think, kv-window) what
 `rewriter generate` needs: the weights as an HF folder `decoder/` and the decode-cache policy in rewriter.json.
 Everything is written to a temporary folder beside the target and moved into place only when complete."""
@@ -180,7 +181,8 @@ def load_decoder(folder: str | Path):
 
 
 def write_hf_folder(program: Program, folder: Path) -> None:
-    """Weight-only rewrites: the eager model with the program's weights, saved by transformers itself."""
+    """The eager model with the program's weights, saved by transformers itself (weight-only rewrites, and the
+    weights under an attention rewrite, whose plan rewriter.hf adds)."""
     eager = program.meta.get("eager_model")
     if eager is None:
         raise RewriterError("no eager model to write an HF folder from (the program was loaded from .pt2)")
@@ -206,6 +208,94 @@ def write_hf_folder(program: Program, folder: Path) -> None:
         for sub in src.iterdir():   # sentence-transformers module folders (1_Pooling, 2_Normalize, ...)
             if sub.is_dir() and sub.name[:1].isdigit() and "_" in sub.name:
                 shutil.copytree(sub, folder / sub.name, dirs_exist_ok=True)
+
+
+HF_CHECK_TOLERANCE = {torch.float32: 1e-4, torch.float64: 1e-8}   # relative to the output's largest magnitude
+
+
+def write_hf(program: Program, folder: Path, weight_only: bool) -> str | None:
+    """The HF folder of a program: weight-only rewrites as the model itself; attention rewrites as the model with
+    attn_implementation 'rewriter_attention' and the program's per-site plan in config.json, loaded back and checked
+    against the program before it counts. Returns None when written, else why there is none (nothing left behind)."""
+    if program.meta.get("eager_model") is None:
+        return "no eager model to write an HF folder from (the program was loaded from .pt2)"
+    try:
+        if weight_only:
+            write_hf_folder(program, folder)
+            return None
+        if "think_key_channels" in program.meta or "mla" in program.meta:
+            return "the think / mla KV rewrites run in `rewriter generate` (decoder/), not in transformers"
+        from ..hf import attention_plan, write_attention_config
+        plan, tensors = attention_plan(program)
+        why = _structure_change(program)
+        if why:
+            return why
+        write_hf_folder(program, folder)
+        if plan["sites"]:   # none: every site was left exact, the folder is the model itself (checked all the same)
+            write_attention_config(folder, plan, tensors)
+        check_hf_folder(program, folder)
+    except RewriterError as e:
+        shutil.rmtree(folder, ignore_errors=True)
+        return str(e).splitlines()[0]
+    return None
+
+
+def _structure_change(program: Program) -> str | None:
+    """Why the model's own modules cannot hold the program's weights (a pass replaced or added weights, e.g. a
+    low-rank factorisation), or None. Integer buffers (auto-attention's head indices) belong to the plan."""
+    own = set(program.meta["eager_model"].state_dict())
+    theirs = {(k[len(WRAPPER_PREFIX):] if k.startswith(WRAPPER_PREFIX) else k): t
+              for k, t in program.ep.state_dict.items()}
+    added = sorted(k for k, t in theirs.items() if k not in own and t.is_floating_point())
+    if added:
+        return (f"the program has {len(added)} weight(s) the model lacks (first: {added[0]}); a pass changed the "
+                "model's structure beyond its attention, which transformers' classes cannot hold")
+    return None
+
+
+def check_hf_folder(program: Program, folder: Path) -> float:
+    """Load `folder` with transformers and run it on the program's example inputs: every output the program names
+    must match on the real tokens (relative to the output's scale). Returns the largest relative difference; raises
+    RewriterError when the HF model is not the program."""
+    from ..hf import NAME
+    from ..load import load_hf
+    inputs = {k: v for k, v in program.example_inputs.items() if k in program.input_names}
+    dtype = next((t.dtype for t in program.ep.state_dict.values() if t.is_floating_point()), torch.float32)
+    device = program.device()
+    try:
+        model = load_hf(folder, dtype=dtype).module.to(device)
+    except RewriterError as e:   # e.g. Falcon picks its attention class from a fixed table of names
+        raise RewriterError(f"this architecture does not take attention implementations registered in transformers' "
+                            f"AttentionInterface such as '{NAME}' ({str(e).splitlines()[0][-120:]})") from None
+    inputs = {k: v.to(device) for k, v in inputs.items()}
+    tol = HF_CHECK_TOLERANCE.get(dtype, 2e-2)
+    with torch.no_grad():
+        got = model(**inputs)
+    want = program.run(**inputs)
+    valid = inputs.get("attention_mask")
+    worst, compared = 0.0, 0
+    for name, ref in zip(program.output_names, want):
+        out = got.get(name) if hasattr(got, "get") else None
+        if not isinstance(ref, torch.Tensor) or not isinstance(out, torch.Tensor):
+            continue
+        compared += 1
+        if out.shape != ref.shape:
+            raise RewriterError(f"the HF folder's {name} has shape {tuple(out.shape)}, model.pt2's {tuple(ref.shape)}")
+        a, b = out.double(), ref.double()
+        if valid is not None and a.dim() >= 2 and tuple(a.shape[:2]) == tuple(valid.shape):
+            a, b = a[valid.bool()], b[valid.bool()]   # padded positions carry nothing
+        if not torch.isfinite(a).all():
+            raise RewriterError(f"the HF folder gives non-finite {name}")
+        rel = float((a - b).abs().max() / b.abs().max().clamp_min(1e-12)) if b.numel() else 0.0
+        worst = max(worst, rel)
+        if rel > tol:
+            raise RewriterError(f"transformers does not run the rewrite as model.pt2 does: {name} differs by "
+                                f"{rel:.2e} (relative; limit {tol:g}): the architecture's attention does not go through "
+                                "transformers' attention interface everywhere, or a pass changed more than attention")
+    if not compared:
+        raise RewriterError(f"the HF model returns none of the program's outputs ({', '.join(program.output_names)})"
+                            " to check it against")
+    return worst
 
 
 def load_program(folder: str | Path) -> Program:

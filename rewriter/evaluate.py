@@ -327,7 +327,7 @@ def run_eval(src: str | Path, baseline: str | Path | None = None, *, task: str =
             texts, text_desc = default_texts(), "pydoc topic pages"
         else:
             texts, text_desc = heldout_texts()
-    streams = [tok(t, add_special_tokens=False)["input_ids"] for t in texts]
+    streams = [tok(t, add_special_tokens=False, verbose=False)["input_ids"] for t in texts]
     res = dict(task=task, src=subjects[0].source, baseline=subjects[1].source if len(subjects) > 1 else None,
                text=text_desc or "", rows=[])
     names = ["src", "baseline"][:len(subjects)]

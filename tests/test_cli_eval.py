@@ -174,3 +174,21 @@ def test_cli_errors_models(tiny_folders, tmp_path):
     assert r.exit_code == 2 and "task perplexity needs a causal LM" in " ".join(r.output.split())
     r = run("eval", tiny_folders["llama"], "--text", __file__)
     assert r.exit_code == 2 and "no tokenizer in" in r.output
+
+
+def test_rewriter_output_beside_its_source(lm_folder, tmp_path):
+    """A rewriter output is measured through its program, with the folder it was made from as the default baseline:
+    the baseline column is the source's own perplexity, and a window of 8 keys changes the output's."""
+    out = tmp_path / "out"
+    r = run("optimize", lm_folder, "--pass", "window:window=8,sinks=1", "-o", out, "--samples", "2", "--seq-len", "32")
+    assert r.exit_code == 0, r.output
+    f = tmp_path / "code.py"
+    f.write_text(TEXT)
+    r = run("eval", out, "--text", f, "--lengths", "64", "--json")
+    assert r.exit_code == 0, r.output
+    res = json.loads(r.output)
+    assert res["baseline"] == str(lm_folder)
+    row = res["rows"][0]
+    nll, count = by_hand(lm_folder, TEXT, 64)
+    assert row["baseline"]["nll"] == pytest.approx(nll, abs=2e-5) and row["src"]["tokens"] == count
+    assert abs(row["src"]["nll"] - nll) > 1e-3

@@ -1,22 +1,29 @@
 """Quality of every attention and KV pass on the trained decoder (rewriter/data/decoder), CPU, fp32 from the bf16
-weights: held-out perplexity and passkey retrieval, original and rewritten on the same tokens.
+weights: held-out perplexity and passkey retrieval, original and rewritten on the same tokens (README "Quality on
+the trained decoder").
 
-A fixed, economical subset (2 shared CPU cores):
+A fixed, economical subset:
 - perplexity: 4 of the 167 non-overlapping 2048-token windows of the held-out stream (benchmarks/decoder_split.json,
-  tokenized as in decoder_eval.py), windows 0, 42, 84, 126. Attention passes run the rewritten full-sequence
-  program on each window and score all 2047 next-token predictions ("ppl_full") and the last 64 ("ppl_last64").
-  KV passes act on the decode cache, so they are measured through it: the first 1984 tokens are prefilled (the
-  cache is then thinned / evicted as the pass says) and the last 64 are fed one at a time through the decode
-  program, each scored ("ppl_last64", context 1984..2047 tokens; the decode step costs ~0.2 s here, so 64 of them).
+  tokenized as in decoder_eval.py), windows 0, 42, 84, 126. Attention passes (and mla, which rewrites the
+  full-sequence program too) run the rewritten full-sequence program on each window and score all 2047 next-token
+  predictions ("ppl_full") and the last 64 ("ppl_last64"). KV passes act on the decode cache, so they are measured
+  through it: the first 1984 tokens are prefilled (the cache is then thinned / evicted as the pass says) and the last
+  64 are fed one at a time through the decode program, each scored ("ppl_last64").
 - retrieval: passkey sequences of 2048 tokens over held-out filler (decoder_common.retrieval_sequence), distances
   256, 1024, 1536, 1900, 6 trials each, seed 1234; a trial counts when all 5 digits are right (teacher-forced
   argmax = greedy). Attention passes: one full forward. KV passes: the context up to the query line is prefilled,
   then the query line and the answer go through the (thinned) decode cache, as a KV-compression method is used.
+- peers (--peers, kvpress 0.5.5, which needs transformers < 5.3: run with /work/venv-kvpress/bin/python): the same
+  windows and batches through kvpress' presses, the way kvpress' pipeline uses them (run_peers).
 
-    python benchmarks/decoder_quality.py [--only NAME ...] [--out FILE]
-    /work/venv-kvpress/bin/python benchmarks/decoder_quality.py --peers      # kvpress presses (transformers < 5.3)
+    python benchmarks/decoder_quality.py --group attention      # -> results/decoder_quality.attention.json
+    python benchmarks/decoder_quality.py --group kv             # -> results/decoder_quality.kv.json
+    /work/venv-kvpress/bin/python benchmarks/decoder_quality.py --peers    # -> results/decoder_quality.peers.json
+    python benchmarks/decoder_quality.py --merge                # -> results/decoder_quality.json
+    python benchmarks/decoder_quality.py --write-data d.pt      # the token ids (Python 3.11.7's stdlib), for --data
+    python benchmarks/decoder_quality.py --group kv --data d.pt --out-dir DIR --threads 8 [--only LABEL ...]
 
-Writes benchmarks/results/decoder_quality.json (rows appended as they finish; --peers writes the "peers" key).
+Rows are saved as they finish. DECODER_QUALITY_SMOKE=1 shrinks everything to a quick check that the rows run.
 """
 from __future__ import annotations
 

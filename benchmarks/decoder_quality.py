@@ -219,6 +219,8 @@ def merge():
             out.setdefault("rows", {}).update(d.get("rows", {}))
             if "peers" in d:
                 out["peers"] = d["peers"]
+    if not out:
+        raise SystemExit(f"no {RESULT.stem}.{{attention,kv,peers}}.json beside {RESULT}: nothing to merge")
     RESULT.write_text(json.dumps(out, indent=1) + "\n")
 
 

@@ -158,10 +158,13 @@ PEERS = [("kvpress-no-compression", "ThinKPress", {"key_channel_compression_rati
          ("StreamingLLMPress-0.75", "StreamingLLMPress", {"compression_ratio": 0.75, "n_sink": 4}),
          ("SnapKVPress-0.75", "SnapKVPress", {"compression_ratio": 0.75}),
          ("ThinKPress-0.25", "ThinKPress", {"key_channel_compression_ratio": 0.25, "window_size": 32}),
-         ("ThinKPress-0.75", "ThinKPress", {"key_channel_compression_ratio": 0.75, "window_size": 32})]
+         ("ThinKPress-0.75", "ThinKPress", {"key_channel_compression_ratio": 0.75, "window_size": 32}),
+         # ablation (not kvpress' behaviour): its channels pruned in the keys after the context too, as our cache does
+         ("ThinKPress-0.5-prune-later", "ThinKPress", {"key_channel_compression_ratio": 0.5, "window_size": 32,
+                                                       "prune_later": True})]
 
 
-def run_peers(model, windows, retrieval, query_len, setup, path):
+def run_peers(model, windows, retrieval, query_len, setup, path, only=None):
     """kvpress presses the way kvpress' own pipeline uses them: the context is prefilled under `with press(model)`
     (its forward hooks compress each layer's cache once, at the end of prefill), then the rest goes through the
     compressed cache in one forward with position ids continuing from the context length (pipeline.generate_answer;
@@ -171,10 +174,15 @@ def run_peers(model, windows, retrieval, query_len, setup, path):
     from transformers import DynamicCache
     import transformers
 
-    def tf(press, ids, prefix):
+    def tf(press, ids, prefix, prune_later=False):
         cache = DynamicCache(config=model.config)
         with press(model):
             first = model(input_ids=ids[:, :prefix], past_key_values=cache).logits[:, -1:]
+        if prune_later:    # ablation: the channels ThinKPress zeroed in the context, zeroed in every later key too
+            for layer in cache.layers:
+                mask = (layer.keys == 0).all(dim=2, keepdim=True)           # (B, Hkv, 1, D)
+                layer.update = (lambda k, v, *a, _orig=layer.update, _m=mask, **kw:
+                                _orig(k.masked_fill(_m, 0), v, *a, **kw))
         kept = cache.get_seq_length()
         pos = torch.arange(prefix, ids.shape[1])[None].expand(ids.shape[0], -1)
         rest = model(input_ids=ids[:, prefix:], past_key_values=cache, position_ids=pos).logits
@@ -184,16 +192,21 @@ def run_peers(model, windows, retrieval, query_len, setup, path):
     out = dict(setup=dict(setup, kvpress=kvpress.__version__ if hasattr(kvpress, "__version__") else "0.5.5",
                           transformers=transformers.__version__), rows=rows)
     for label, cls, opts in PEERS:
+        if only and label not in only:
+            continue
         t0 = time.time()
+        opts = dict(opts)
+        prune_later = opts.pop("prune_later", False)
         press = getattr(kvpress, cls)(**opts)
         kept = []
 
         def fn(ids, prefix):
-            lg, k = tf(press, ids, prefix)
+            lg, k = tf(press, ids, prefix, prune_later)
             kept.append(k / prefix)
             return lg
         with torch.no_grad():
-            row = dict(press=cls, options=opts, **measure_decode(fn, windows, retrieval, query_len))
+            row = dict(press=cls, options=opts, prune_later=prune_later,
+                   **measure_decode(fn, windows, retrieval, query_len))
         row["kept_token_share"] = sum(kept) / len(kept)
         row["seconds"] = round(time.time() - t0, 1)
         rows[label] = row
@@ -268,7 +281,7 @@ def main():
                  kv_path="prefill 1984 tokens, decode the last 64 (perplexity); prefill up to the query line, decode "
                          "the query and answer (retrieval)")
     if a.peers:
-        run_peers(model, windows, retrieval, len(t.query_prefix), setup, RESULT.with_suffix(".peers.json"))
+        run_peers(model, windows, retrieval, len(t.query_prefix), setup, RESULT.with_suffix(".peers.json"), a.only)
         return
     path = RESULT.with_suffix(f".{a.group}.json")
     todo = (ATTENTION if a.group != "kv" else []) + (KV if a.group != "attention" else [])

@@ -333,3 +333,43 @@ def _tokenizer(loaded):
         raise RewriterError(f"{loaded.source} has no tokenizer", "pass token ids with --prompt-ids 1,2,3")
     from transformers import AutoTokenizer
     return AutoTokenizer.from_pretrained(str(folder))
+
+
+# --- evaluation: perplexity, passkey retrieval, embedding cosine ----------------------------------------------------
+
+def evaluate(src=None, baseline=None, *, task: str = "perplexity", text: str | Path | None = None,
+             lengths: list[int] | None = None, trials: int = 10, max_tokens: int | None = None, seed: int = 1234,
+             out: str | Path | None = None, progress: Callable[[str], None] | None = None) -> dict:
+    """SRC (and BASELINE, side by side) on one task: perplexity with sliding windows of each length (default text:
+    the shipped decoder's held-out files), passkey retrieval accuracy at each distance, or the cosine between SRC's
+    and BASELINE's mean-pooled embeddings (encoders). SRC / BASELINE: an HF folder or a rewriter output (whose
+    baseline defaults to the folder it was made from); SRC defaults to the shipped decoder (MiniLM for embedding).
+    With `out` (a .json path) writes the result there and the plot beside it (.png)."""
+    from .evaluate import plot_eval, read_eval_text, run_eval
+    from .safety import check_src_out
+    progress = progress or (lambda m: None)
+    if src is None:
+        if task == "embedding":
+            src = default_checkpoint()
+        else:
+            from .data import DECODER_DIR
+            src = DECODER_DIR
+    out = Path(out) if out is not None else None
+    if out is not None:
+        if out.is_dir():
+            raise RewriterError(f"--out {out} is a folder; give a .json file path")
+        if out.suffix != ".json":
+            raise RewriterError(f"--out {out}: give a .json file path (the plot goes beside it as .png)")
+        if not out.parent.is_dir():
+            raise RewriterError(f"--out {out}: folder {out.parent} does not exist")
+        check_src_out([p for p in (src, baseline, text) if p is not None], out)
+    texts = read_eval_text(text) if text is not None else None
+    res = run_eval(src, baseline, task=task, texts=texts, text_desc=str(text) if text is not None else None,
+                   lengths=lengths, trials=trials, max_tokens=max_tokens, seed=seed, progress=progress)
+    if out is not None:
+        png = out.with_suffix(".png")
+        res["plot"] = plot_eval(res, png)
+        if res["plot"] is None:
+            res["plot_note"] = "matplotlib is not installed: no plot written"
+        write_json(res, out)
+    return res

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Callable, Iterable, Sequence
 
 import torch
@@ -161,3 +162,255 @@ def retrieval_accuracy_by_distance(model, task, distances: Iterable[int], trials
             ok += (pred == x[:, a0:a0 + n]).all(-1).sum().item()
         out[int(d)] = ok / trials
     return out
+
+
+# --- `rewriter eval`: a model folder (HF or rewriter output) against its baseline -----------------------------------
+
+TASKS = ("perplexity", "retrieval", "embedding")
+MAX_EVAL_LENGTH = 1 << 20
+
+
+@dataclass
+class Subject:
+    """One model under evaluation: ids (B, T) -> logits (lm) or last hidden states (encoder)."""
+    source: str
+    kind: str                          # "lm" | "encoder"
+    fn: Callable[[torch.Tensor], torch.Tensor]
+    max_len: int
+    folder: Path | None                # where its tokenizer files are, if any
+    origin: str | None = None          # a rewriter output's source folder (its default baseline)
+
+
+def _max_positions(config) -> int | None:
+    get = (lambda k: config.get(k)) if isinstance(config, dict) else (lambda k: getattr(config, k, None))
+    for k in ("max_position_embeddings", "n_positions", "n_ctx", "max_seq_len"):
+        if isinstance(get(k), int):
+            return get(k)
+    return None
+
+
+def open_subject(src: str | Path) -> Subject:
+    """An HF folder or a rewriter output folder -> Subject (RewriterError for anything else)."""
+    from .errors import RewriterError
+    from .load import TOKENIZER_FILES, is_rewriter_output, load
+    path = Path(src)
+    if is_rewriter_output(path):
+        import json
+        from .backends.torch_backend import META_FILE, load_program
+        program = load_program(path)
+        names = program.output_names
+        out = "logits" if "logits" in names else "last_hidden_state" if "last_hidden_state" in names else None
+        if out is None:
+            raise RewriterError(f"{path}'s program outputs {', '.join(names)}; eval needs logits (causal LM) or "
+                                "last_hidden_state (encoder)")
+        index = names.index(out)
+        extra = [n for n in program.input_names if n not in ("input_ids", "attention_mask", "token_type_ids")]
+        if "input_ids" not in program.input_names or extra:
+            raise RewriterError(f"{path}'s program takes {', '.join(program.input_names)}; eval feeds token ids only")
+
+        def fn(ids):
+            feed = {"input_ids": ids.to(program.device())}
+            if "attention_mask" in program.input_names:
+                feed["attention_mask"] = torch.ones_like(feed["input_ids"])
+            if "token_type_ids" in program.input_names:
+                feed["token_type_ids"] = torch.zeros_like(feed["input_ids"])
+            return program.run(**feed)[index]
+        hi = program.dim_bounds.get("seq", (2, _max_positions(program.config) or 512))[1]
+        origin = json.loads((path / META_FILE).read_text()).get("source")
+        has_tok = any((path / f).exists() for f in TOKENIZER_FILES)
+        return Subject(str(path), "lm" if out == "logits" else "encoder", fn, int(hi), path if has_tok else None,
+                       origin if origin and Path(origin).is_dir() else None)
+    loaded = load(path)
+    module, config = loaded.module, loaded.config
+    archs = getattr(config, "architectures", None) or []
+    lm = any(a.endswith(("ForCausalLM", "LMHeadModel")) for a in archs)
+
+    @torch.no_grad()
+    def fn(ids):
+        ids = ids.to(next(module.parameters()).device)
+        out = module(input_ids=ids, attention_mask=torch.ones_like(ids))
+        return out.logits if lm else out.last_hidden_state
+    folder = loaded.folder if loaded.folder is not None and any((loaded.folder / f).exists()
+                                                                for f in TOKENIZER_FILES) else None
+    return Subject(str(path), "lm" if lm else "encoder", fn, _max_positions(config) or 512, folder)
+
+
+def heldout_texts() -> tuple[list[str], str]:
+    """The shipped decoder's held-out stdlib files (rewriter/data/decoder/heldout_files.json), read from the running
+    Python's stdlib; the files it lacks are left out (and the description says how many)."""
+    import json
+    import sysconfig
+    from .data import DECODER_DIR
+    info = json.loads((DECODER_DIR / "heldout_files.json").read_text())
+    root = Path(sysconfig.get_paths()["stdlib"])
+    texts, missing = [], 0
+    for rel in info["files"]:
+        try:
+            texts.append((root / rel).read_bytes().decode("utf-8"))
+        except (OSError, UnicodeDecodeError):
+            missing += 1
+    desc = f"the shipped decoder's {len(texts)} held-out stdlib files (Python {info['python']}'s split)"
+    if missing:
+        desc += f"; {missing} not in this Python's stdlib"
+    return texts, desc
+
+
+def read_eval_text(path: str | Path) -> list[str]:
+    """A UTF-8 text file (or a folder: its files, sorted) -> one text per file."""
+    from .errors import RewriterError
+    p = Path(path)
+    files = sorted(f for f in p.rglob("*") if f.is_file()) if p.is_dir() else [p]
+    if not p.exists():
+        raise RewriterError(f"--text: no such file or folder: {p}")
+    texts = []
+    for f in files:
+        try:
+            texts.append(f.read_bytes().decode("utf-8"))
+        except UnicodeDecodeError:
+            raise RewriterError(f"--text: {f} is not UTF-8 text") from None
+        except OSError as e:
+            raise RewriterError(f"--text: cannot read {f}: {e.strerror}") from None
+    if not any(t.strip() for t in texts):
+        raise RewriterError(f"--text: {p} holds no text")
+    return texts
+
+
+def _tokenizer(subjects: list[Subject]):
+    from .errors import RewriterError
+    folder = next((s.folder for s in subjects if s.folder is not None), None)
+    if folder is None:
+        raise RewriterError(f"no tokenizer in {' or '.join(s.source for s in subjects)}",
+                            "add the tokenizer files to the model folder")
+    from transformers import AutoTokenizer
+    return AutoTokenizer.from_pretrained(str(folder))
+
+
+def _check_lengths(lengths, lo: int, hi: int, what: str) -> list[int]:
+    from .errors import RewriterError
+    for n in lengths:
+        if isinstance(n, bool) or not isinstance(n, int) or not lo <= n <= hi:
+            raise RewriterError(f"--lengths: {what} {n!r} is outside [{lo}, {hi}]")
+    return sorted(set(lengths))
+
+
+def run_eval(src: str | Path, baseline: str | Path | None = None, *, task: str = "perplexity",
+             texts: list[str] | None = None, text_desc: str | None = None, lengths: list[int] | None = None,
+             trials: int = 10, max_tokens: int | None = None, seed: int = 1234,
+             progress: Callable[[str], None] = lambda m: None) -> dict:
+    """Measure SRC (and BASELINE beside it) on one task; see api.evaluate."""
+    from .errors import RewriterError
+    if task not in TASKS:
+        raise RewriterError(f"unknown task {task!r}", f"use one of {', '.join(TASKS)}")
+    if isinstance(trials, bool) or not isinstance(trials, int) or not 1 <= trials <= 10_000:
+        raise RewriterError(f"--trials must be an integer in [1, 10000]; got {trials!r}")
+    if max_tokens is not None and (isinstance(max_tokens, bool) or not isinstance(max_tokens, int) or max_tokens < 2):
+        raise RewriterError(f"--max-tokens must be an integer >= 2; got {max_tokens!r}")
+    progress(f"loading {src}")
+    subjects = [open_subject(src)]
+    if baseline is None and subjects[0].origin is not None:
+        baseline = subjects[0].origin
+    if baseline is not None:
+        progress(f"loading {baseline}")
+        subjects.append(open_subject(baseline))
+    want = "encoder" if task == "embedding" else "lm"
+    for s in subjects:
+        if s.kind != want:
+            raise RewriterError(f"{s.source} is {'a causal LM' if s.kind == 'lm' else 'an encoder (no LM head)'}; "
+                                f"task {task} needs {'an encoder' if want == 'encoder' else 'a causal LM'}")
+    if task == "embedding" and len(subjects) < 2:
+        raise RewriterError("the embedding task compares two models", "pass --baseline (the original folder)")
+    max_len = min(s.max_len for s in subjects)
+    tok = _tokenizer(subjects)
+    if texts is None:
+        if task == "embedding":
+            from .calibration import default_texts
+            texts, text_desc = default_texts(), "pydoc topic pages"
+        else:
+            texts, text_desc = heldout_texts()
+    streams = [tok(t, add_special_tokens=False, verbose=False)["input_ids"] for t in texts]
+    res = dict(task=task, src=subjects[0].source, baseline=subjects[1].source if len(subjects) > 1 else None,
+               text=text_desc or "", rows=[])
+    names = ["src", "baseline"][:len(subjects)]
+    if task == "perplexity":
+        lengths = _check_lengths(lengths or [min(max_len, 2048)], 2, max_len, "window")
+        kept, total = [], 0
+        for s in streams:
+            if max_tokens is not None and total >= max_tokens:
+                break
+            s = s[:max_tokens - total] if max_tokens is not None else s
+            if len(s) >= 2:
+                kept.append(s)
+                total += len(s)
+        if not kept:
+            raise RewriterError("the text has fewer than 2 tokens per file: nothing to score")
+        res.update(tokens=total, stride="window // 2: every token after a file's first is scored once, with at "
+                                        "least window // 2 tokens of context where the file allows")
+        for n in lengths:
+            row = {"length": n}
+            for name, s in zip(names, subjects):
+                progress(f"perplexity of {name} with {n}-token windows")
+                row[name] = perplexity(s.fn, kept, window=n, stride=max(1, n // 2))
+            res["rows"].append(row)
+    elif task == "retrieval":
+        filler = [t for s in streams for t in s][:max_tokens]
+        seq_len = min(max_len, 2048)
+        try:
+            ptask = PasskeyTask.from_tokenizer(tok, filler, seq_len=seq_len)
+        except ValueError as e:
+            raise RewriterError(f"retrieval: {e}") from None
+        if len(filler) < seq_len:
+            raise RewriterError(f"retrieval needs at least {seq_len} tokens of filler text; the text has "
+                                f"{len(filler)}")
+        lo, hi = ptask.distance_range()
+        lengths = _check_lengths(lengths or sorted({max(lo, seq_len // 8), seq_len // 4, seq_len // 2, hi}), lo, hi,
+                                 "distance")
+        res.update(seq_len=seq_len, trials=trials, seed=seed)
+        for name, s in zip(names, subjects):
+            progress(f"passkey retrieval of {name}")
+            acc = retrieval_accuracy_by_distance(s.fn, ptask, lengths, trials=trials, seed=seed)
+            for i, n in enumerate(lengths):
+                if name == "src":
+                    res["rows"].append({"length": n})
+                res["rows"][i][name] = {"accuracy": acc[n]}
+    else:
+        lengths = _check_lengths(lengths or [min(128, max_len)], 2, max_len, "length")
+        batch = [s for s in streams if s]
+        for n in lengths:
+            progress(f"embeddings at {n} tokens")
+            cos = []
+            for s in batch:
+                ids = torch.tensor([s[:n]])
+                a, b = (x.fn(ids).double().mean(dim=1)[0] for x in subjects)
+                cos.append(torch.nn.functional.cosine_similarity(a, b, dim=0).item())
+            res["rows"].append({"length": n, "texts": len(cos), "cosine_mean": sum(cos) / len(cos),
+                                "cosine_min": min(cos)})
+    return res
+
+
+def plot_eval(res: dict, path: Path) -> str | None:
+    """Accuracy / perplexity / cosine vs length, src and baseline as two lines. None when matplotlib is missing."""
+    try:
+        import matplotlib
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return None
+    x = [r["length"] for r in res["rows"]]
+    fig, ax = plt.subplots(figsize=(5, 3.5))
+    if res["task"] == "embedding":
+        ax.plot(x, [r["cosine_mean"] for r in res["rows"]], "o-", label="mean cosine src vs baseline")
+        ax.set_ylabel("cosine")
+    else:
+        key = "perplexity" if res["task"] == "perplexity" else "accuracy"
+        for name in ("src", "baseline"):
+            if res["rows"] and name in res["rows"][0]:
+                ax.plot(x, [r[name][key] for r in res["rows"]], "o-", label=f"{name}: {res[name]}")
+        ax.set_ylabel(key)
+    ax.set_xlabel("window (tokens)" if res["task"] == "perplexity" else
+                  "passkey distance (tokens)" if res["task"] == "retrieval" else "tokens")
+    ax.set_title(f"rewriter eval: {res['task']}")
+    ax.legend(fontsize=6)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return str(path)

@@ -1,4 +1,4 @@
-"""rewriter optimize | inspect | analyze | export | generate | passes."""
+"""rewriter optimize | inspect | analyze | export | generate | eval | passes."""
 from __future__ import annotations
 
 import json
@@ -341,6 +341,60 @@ def generate(
     err.print(f"KV cache: {kv['before']['bytes_per_token']} -> {kv['after']['bytes_per_token']} bytes/token, "
               f"{kv['before']['bytes_per_sequence']} -> {kv['after']['bytes_per_sequence']} bytes/sequence "
               f"({kv['tokens']} tokens, {kv['dtype']})")
+
+
+@app.command("eval")
+def eval_cmd(
+    src: Optional[str] = typer.Argument(None, help="HF folder or rewriter output (default: the shipped decoder; "
+                                                   "MiniLM for --task embedding)"),
+    baseline: Optional[str] = typer.Option(None, "--baseline", help="the model to compare with (default for a "
+                                           "rewriter output: the folder it was made from)"),
+    task: str = typer.Option("perplexity", "--task", help="perplexity | retrieval | embedding"),
+    text: Optional[Path] = typer.Option(None, "--text", help="UTF-8 text file or folder (default: the decoder's "
+                                        "held-out files; pydoc topics for embedding)"),
+    lengths: Optional[str] = typer.Option(None, "--lengths", help="comma-separated: perplexity windows, passkey "
+                                          "distances or embedding lengths (tokens)"),
+    trials: int = typer.Option(10, "--trials", help="passkey trials per distance"),
+    max_tokens: Optional[int] = typer.Option(None, "--max-tokens", help="score at most this many tokens of text"),
+    seed: int = typer.Option(1234, "--seed"),
+    out_file: Optional[Path] = typer.Option(None, "--out", help="write the result here (.json) and a plot beside it"),
+    json_out: bool = typer.Option(False, "--json", help="print the result as JSON"),
+):
+    """Perplexity, passkey retrieval or embedding cosine of SRC, beside its baseline."""
+    from ..api import evaluate as run_evaluate
+    steps = Steps(quiet=json_out)
+    try:
+        ns = None
+        if lengths is not None:
+            try:
+                ns = [int(t) for t in lengths.split(",") if t.strip()]
+            except ValueError:
+                raise RewriterError(f"--lengths must be comma-separated integers; got {lengths!r}") from None
+            if not ns:
+                raise RewriterError("--lengths is empty")
+        try:
+            res = run_evaluate(src, baseline, task=task, text=text, lengths=ns, trials=trials, max_tokens=max_tokens,
+                               seed=seed, out=out_file, progress=steps)
+        except ValueError as e:
+            raise RewriterError(str(e)) from None
+        steps.close()
+    except RewriterError as e:
+        steps.close()
+        _fail(e)
+    if json_out:
+        print(json.dumps(res, indent=1))
+        return
+    key = {"perplexity": "perplexity", "retrieval": "accuracy"}.get(res["task"])
+    for r in res["rows"]:
+        if key is None:
+            out.print(f"{r['length']} tokens: cosine mean {r['cosine_mean']:.5f}, min {r['cosine_min']:.5f} "
+                      f"({r['texts']} texts)", highlight=False)
+        else:
+            cols = [f"{name} {r[name][key]:.4g}" for name in ("src", "baseline") if name in r]
+            out.print(f"{r['length']}: " + ", ".join(cols), highlight=False)
+    if out_file is not None:
+        out.print(f"wrote {out_file}" + (f" and {res['plot']}" if res.get("plot") else f" ({res.get('plot_note')})"),
+                  highlight=False)
 
 
 @app.command("passes")

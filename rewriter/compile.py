@@ -148,6 +148,27 @@ def _strip_metadata_asserts(ep: torch.export.ExportedProgram) -> None:
     ep.graph_module.recompile()
 
 
+LONG_HINT = 509   # tokens (odd, several blocks of every block size the ops take)
+
+
+def _with_long_hints(program) -> torch.export.ExportedProgram:
+    """The program exported again with example inputs of batch 2 and LONG_HINT tokens (within its bounds). The
+    decompositions trace with the example's sizes as hints, and a size of 1 (one block, one row) is specialised:
+    a 16-token capture traced the window's block count as 1 and the lowered graph then asserted (63 + L) // 64 < 2."""
+    from .backends.onnx import _resized
+    target = {}
+    for label, (lo, hi) in program.dim_bounds.items():
+        target[label] = max(lo, min(hi, 2 if label == "batch" else LONG_HINT))
+    inputs = {}
+    for name in program.input_names:
+        x = program.example_inputs[name]
+        for axis, label in program.dynamic_dims.get(name, {}).items():
+            x = _resized(x, axis, target.get(label, x.shape[axis]))
+        inputs[name] = x
+    from .program import export
+    return export(program.module(), inputs, program.dynamic_shapes())
+
+
 def lower(program) -> torch.export.ExportedProgram:
     """The program's ExportedProgram with every rewriter op decomposed into aten ops (RewriterError naming the op
     when one does not trace)."""
@@ -157,7 +178,7 @@ def lower(program) -> torch.export.ExportedProgram:
     unknown = sorted(name for name, op in used.items() if op not in table)
     if unknown:
         raise RewriterError(f"no AOTInductor lowering for {', '.join(unknown)}")
-    ep = program.ep
+    ep = _with_long_hints(program) if used else program.ep
     for name, op in sorted(used.items()):   # one op at a time, so that a failure names its op
         try:
             ep = ep.run_decompositions({op: table[op]})

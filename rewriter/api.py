@@ -153,8 +153,8 @@ def write_outputs(program: Program, report: dict, out: Path, *, force: bool, exp
 def compile_output(out: str | Path, *, progress: Callable[[str], None] | None = None,
                    device: str | None = None) -> dict:
     """`rewriter compile OUT`: an AOTInductor package of the program in the rewriter output OUT, written as
-    OUT/model.aoti.pt2 (staged, renamed when complete) and checked against the program within 1e-4 at a length
-    other than the example's. device: compile for it (default: the program's). Returns the record also written
+    OUT/model.aoti.pt2 (staged, renamed when complete) and checked against the program within 1e-4 at the example,
+    two other shapes and a whole number of 64-token blocks. device: compile for it (default: the program's). Returns the record also written
     into OUT/report.json under "compile"."""
     from . import compile as aoti
     from .backends.onnx import shape_variants
@@ -173,7 +173,7 @@ def compile_output(out: str | Path, *, progress: Callable[[str], None] | None = 
     progress("checking the package against the program")
     target = out / aoti.PACKAGE_FILE
     try:
-        checks = [dict(program.example_inputs)] + shape_variants(program)
+        checks = [dict(program.example_inputs)] + shape_variants(program) + aoti.block_multiple_inputs(program)
         info["max_abs_diff"] = max(aoti.check_package(target, program, x) for x in checks)
         info["checked_shapes"] = [{n: list(x[n].shape) for n in program.input_names} for x in checks]
     except BaseException:

@@ -157,21 +157,34 @@ def _with_long_hints(program) -> torch.export.ExportedProgram:
     a 16-token capture traced the window's block count as 1 and the lowered graph then asserted (63 + L) // 64 < 2;
     a length that is a whole number of blocks drops the padding and the final slice (a package traced at 128 tokens
     returned 24 rows for 21 tokens). The sequence hint is odd for that reason."""
-    from .backends.onnx import _resized
+    from .program import export
     target = {}
     for label, (lo, hi) in program.dim_bounds.items():
         size = min(hi, 2 if label == "batch" else LONG_HINT)
         if label != "batch" and size % 2 == 0 and size - 1 >= lo:
             size -= 1
         target[label] = max(lo, size)
+    return export(program.module(), _inputs_at(program, target), program.dynamic_shapes())
+
+
+def _inputs_at(program, sizes: dict) -> dict:
+    """The program's example inputs resized to `sizes` ({"batch": n, "seq": n}), repeating their own entries."""
+    from .backends.onnx import _resized
     inputs = {}
     for name in program.input_names:
         x = program.example_inputs[name]
         for axis, label in program.dynamic_dims.get(name, {}).items():
-            x = _resized(x, axis, target.get(label, x.shape[axis]))
+            x = _resized(x, axis, sizes.get(label, x.shape[axis]))
         inputs[name] = x
-    from .program import export
-    return export(program.module(), inputs, program.dynamic_shapes())
+    return inputs
+
+
+def block_multiple_inputs(program, block: int = 64) -> list[dict]:
+    """Inputs of two whole blocks of `block` tokens (the length a block-padding bug shows at), when the bounds allow."""
+    lo, hi = program.dim_bounds.get("seq", (0, 0))
+    if not lo <= 2 * block <= hi:
+        return []
+    return [_inputs_at(program, {"seq": 2 * block})]
 
 
 def lower(program) -> torch.export.ExportedProgram:

@@ -196,7 +196,7 @@ def lower(program) -> torch.export.ExportedProgram:
     unknown = sorted(name for name, op in used.items() if op not in table)
     if unknown:
         raise RewriterError(f"no AOTInductor lowering for {', '.join(unknown)}")
-    ep = _with_long_hints(program) if used else program.ep
+    ep = _with_long_hints(program)   # a fresh ExportedProgram: the program itself is never changed
     for name, op in sorted(used.items()):   # one op at a time, so that a failure names its op
         try:
             ep = ep.run_decompositions({op: table[op]})

@@ -6,7 +6,9 @@ one is decomposed into aten ops (``ExportedProgram.run_decompositions`` with a t
 table holds, per op, a body that traces with the program's dynamic batch and sequence:
 - exact attention: its own body without the all-real-keys check (a data-dependent branch): SDPA on the dense mask;
 - window: the band layout built from the lengths alone (``_band_blocks``, the torch twin of the ONNX ``_support``)
-  and a gathered-block softmax, so the package keeps the window's O(L x window) cost;
+  and a gathered-block softmax, so the package keeps the window's O(L x window) cost; on CUDA the same layout
+  feeds the Triton block-sparse kernel through the ``rewriter::window_triton`` triton_op (``wrap_triton``), which
+  Inductor compiles into the package (untested here: no GPU; benchmarks/h200_check.sh AOTI_ONLY=1 checks it);
 - every other op: its reference (the definition of correct), when that traces; an op whose reference does not
   (a layout sized by the data: block top-k, strided, LSH) is refused with its name before anything is written.
 Inductor then fuses the aten graph (norms, activations, the window's gathers) into C++ (CPU) or Triton (CUDA) code.
@@ -77,6 +79,24 @@ def _band_blocks(Lq, Lk, block: int, left: int, right: int, sinks: int, device) 
     return torch.cat(index, 1), torch.cat(valid, 1)
 
 
+def traceable_window_layout(Lq, Lk, block: int, window: int, sinks: int, causal: bool, device):
+    """The window op's layout in the block-sparse kernel's form, traceable: (window_left, window_right, kv_index
+    (1, 1, nqb, K) int32 with the valid slots first in ascending block order, kv_count (1, 1, nqb) int32)."""
+    from .attention._contract import window_extents
+    left, right = window_extents(window, causal)
+    index, valid = _band_blocks(Lq, Lk, block, left, right, sinks, device)
+    order = torch.sort((~valid).to(torch.int8), dim=-1, stable=True).indices
+    kv_index = index.gather(-1, order).to(torch.int32)
+    return left, right, kv_index[None, None], valid.sum(-1).to(torch.int32)[None, None]
+
+
+def _window_triton(q: Tensor, k: Tensor, v: Tensor, key_mask: Optional[Tensor], causal: bool, scale: float,
+                   window: int, sinks: int, block: int = 64) -> Tensor:
+    """CUDA: the window op as the Triton triton_op (the kernel goes into the package; the op is defined by
+    ``rewriter.attention.triton.registry``, which ``import rewriter`` loads)."""
+    return torch.ops.rewriter.window_triton(q, k, v, key_mask, causal, scale, window, sinks, block)
+
+
 def _window_attention(q: Tensor, k: Tensor, v: Tensor, key_mask: Optional[Tensor], causal: bool, scale: float,
                       window: int, sinks: int, block: int = 64) -> Tensor:
     """The window op (``window_extents(window, causal)`` band + `sinks` first keys) on gathered key blocks: the same
@@ -117,13 +137,18 @@ def _window_attention(q: Tensor, k: Tensor, v: Tensor, key_mask: Optional[Tensor
     return out.reshape(B, H, nqb * block, Dv)[:, :, :Lq].to(q.dtype)
 
 
-def lowerings() -> dict:
-    """op -> the aten-only body the package is compiled from (see the module docstring)."""
+def lowerings(device: str = "cpu") -> dict:
+    """op -> the body the package is compiled from (see the module docstring): aten only, except that on CUDA (with
+    Triton usable) the window op becomes the ``rewriter::window_triton`` triton_op, which Inductor compiles in."""
     from .attention._contract import METHODS
     from .linear.binary import binary_linear_reference
     table = {m.op: m.reference for m in METHODS.values()}
     table[torch.ops.rewriter.exact_attention.default] = _exact_attention
     table[torch.ops.rewriter.window.default] = _window_attention
+    if torch.device(device).type == "cuda":
+        from .attention.triton import triton_available, use_reference
+        if triton_available() and not use_reference():
+            table[torch.ops.rewriter.window.default] = _window_triton
     table[torch.ops.rewriter.binary_linear.default] = binary_linear_reference
     return table
 
@@ -192,7 +217,7 @@ def lower(program) -> torch.export.ExportedProgram:
     when one does not trace)."""
     from . import attention, linear  # noqa: F401  (the ops and their registry)
     used = _rewriter_ops(program.ep)
-    table = lowerings()
+    table = lowerings(program.device().type)
     unknown = sorted(name for name, op in used.items() if op not in table)
     if unknown:
         raise RewriterError(f"no AOTInductor lowering for {', '.join(unknown)}")
@@ -205,7 +230,7 @@ def lower(program) -> torch.export.ExportedProgram:
             raise RewriterError(f"{name} cannot be compiled into an AOTInductor package: its reference does not "
                                 f"trace with dynamic lengths ({first})",
                                 "use `rewriter export --onnx` or the eager program for this method") from None
-    left = _rewriter_ops(ep)
+    left = {name for name in _rewriter_ops(ep) if name != "rewriter::window_triton"}   # Inductor compiles that in
     if left:
         raise RewriterError(f"rewriter ops left after lowering: {', '.join(sorted(left))}")
     _strip_metadata_asserts(ep)

@@ -121,3 +121,35 @@ def test_cli_errors(tmp_path):
     assert r.exit_code == 2 and "needs an output folder" in r.output
     r = runner.invoke(app, ["optimize", "--pass", "window", "--export", "onnx", "--onnx-target", "trt"])
     assert r.exit_code == 2 and "unknown ONNX target 'trt'" in r.output
+
+
+def test_window_triton_op_matches_the_window_op(triton_interpreter):
+    """The triton_op a CUDA package compiles in (layout from the lengths + the block-sparse kernel), run by triton's
+    interpreter, equals the window op (its reference) on lengths that are not whole blocks, padded, GQA."""
+    g = torch.Generator().manual_seed(0)
+    for causal in (False, True):
+        for L in (37, 70):
+            q, k, v = (torch.randn(2, h, L, 16, generator=g) for h in (4, 2, 2))
+            mask = torch.rand(2, L, generator=g) > 0.2
+            got = torch.ops.rewriter.window_triton(q, k, v, mask, causal, 0.3, 20, 3, 16)
+            want = torch.ops.rewriter.window(q, k, v, mask, causal, 0.3, 20, 3, 16)
+            assert (got - want).abs().max() < 1e-5, (causal, L)
+
+
+def test_window_triton_op_traces_with_dynamic_lengths(triton_compiler):
+    """On CUDA `lower` turns the window op into the triton_op; its body (layout and wrap_triton launch) traces with
+    a symbolic batch and length (fake tensors; compiling the kernel into a package needs the GPU: h200_check.sh)."""
+    from rewriter.compile import _window_triton
+
+    class Window(torch.nn.Module):
+        def forward(self, q, k, v, m):
+            return torch.ops.rewriter.window(q, k, v, m, True, 0.3, 20, 3, 16)
+
+    x = {"q": torch.randn(2, 4, 45, 16), "k": torch.randn(2, 2, 45, 16), "v": torch.randn(2, 2, 45, 16),
+         "m": torch.ones(2, 45, dtype=torch.bool)}
+    B, L = torch.export.Dim("b", min=1, max=8), torch.export.Dim("s", min=2, max=512)
+    dyn = {"q": {0: B, 2: L}, "k": {0: B, 2: L}, "v": {0: B, 2: L}, "m": {0: B, 1: L}}
+    ep = torch.export.export(Window(), (), x, dynamic_shapes=dyn, strict=False)
+    ep = ep.run_decompositions({torch.ops.rewriter.window.default: _window_triton})
+    ops = {str(n.target) for n in ep.graph.nodes if n.op == "call_function"}
+    assert "rewriter.window_triton.default" in ops and "rewriter.window.default" not in ops

@@ -1,5 +1,5 @@
 """Eager program vs its AOTInductor package (`rewriter compile`): MiniLM captured (no pass) and with window 128,
-batch 1 at 128 and 512 tokens, median of --repeats runs; every package checked against its program (1e-4).
+batch 1 at 128 and 512 tokens, median of --repeats runs (eager and package in turn); every package checked against its program (1e-4).
 Writes benchmarks/results/aoti_cpu.json (or --out).
 
     python benchmarks/aoti_cpu.py [--repeats N] [--threads N] [--device cpu|cuda] [--out FILE]
@@ -23,14 +23,17 @@ from rewriter.load import default_checkpoint
 VARIANTS = {"captured": None, "window128": ("window", {"window": 128})}
 
 
-def _median_ms(fn, repeats: int) -> float:
-    fn()
-    times = []
-    for _ in range(repeats):
-        t0 = time.perf_counter()
+def _interleaved_ms(fns: list, repeats: int) -> list[float]:
+    """Median ms of each fn, run in turn within every repeat, so that a busy machine slows them alike."""
+    for fn in fns:
         fn()
-        times.append((time.perf_counter() - t0) * 1e3)
-    return statistics.median(times)
+    times = [[] for _ in fns]
+    for _ in range(repeats):
+        for fn, t in zip(fns, times):
+            t0 = time.perf_counter()
+            fn()
+            t.append((time.perf_counter() - t0) * 1e3)
+    return [statistics.median(t) for t in times]
 
 
 def main() -> None:
@@ -60,8 +63,8 @@ def main() -> None:
                           for n in program.input_names}
                 diff = check_package(path, program, inputs)
                 with torch.no_grad():
-                    eager = _median_ms(lambda: (runner(**inputs), sync()), args.repeats)
-                    aoti = _median_ms(lambda: (package(**inputs), sync()), args.repeats)
+                    eager, aoti = _interleaved_ms([lambda: (runner(**inputs), sync()),
+                                                   lambda: (package(**inputs), sync())], args.repeats)
                 rows.append({"variant": name, "seq": seq, "batch": 1, "eager_ms": round(eager, 3),
                              "aoti_ms": round(aoti, 3), "speedup": round(eager / aoti, 3),
                              "compile_s": info["seconds"], "max_abs_diff": diff})

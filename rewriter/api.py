@@ -154,8 +154,8 @@ def compile_output(out: str | Path, *, progress: Callable[[str], None] | None = 
                    device: str | None = None) -> dict:
     """`rewriter compile OUT`: an AOTInductor package of the program in the rewriter output OUT, written as
     OUT/model.aoti.pt2 (staged, renamed when complete) and checked against the program within 1e-4 at the example,
-    two other shapes and a whole number of 64-token blocks. device: compile for it (default: the program's). Returns the record also written
-    into OUT/report.json under "compile"."""
+    two other shapes and two whole 64-token blocks (removed if it differs). device: compile for it (default: the
+    program's). Returns the record, also written into OUT/report.json under "compile"."""
     from . import compile as aoti
     from .backends.onnx import shape_variants
     progress = progress or (lambda msg: None)

@@ -119,7 +119,7 @@ def optimize(
                               samples=int(cal.get("samples", samples)), seq_len=int(cal.get("seq_len", seq_len)),
                               seed=int(cal.get("seed", seed)), max_error=rec.max_error,
                               export_onnx=export == "onnx", progress=steps, allow_unused=allow_unused,
-                              onnx_target=onnx_target, aoti_package=compile_)
+                              onnx_target=onnx_target, aoti_package=compile_ and not dry_run)
         steps.close()
         if dry_run:   # planning passes have filled in their plans: the recipe replays them without analysis
             out.print(rec.to_yaml(), end="", highlight=False)

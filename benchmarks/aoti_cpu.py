@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import platform
 import statistics
 import tempfile
@@ -72,6 +73,7 @@ def main() -> None:
     out = args.out
     out.write_text(json.dumps({"machine": platform.processor() or platform.machine(), "threads": args.threads,
                                "device": torch.cuda.get_device_name() if args.device.startswith("cuda") else "cpu",
+                               "load_average_1m": os.getloadavg()[0],
                                "torch": torch.__version__, "repeats": args.repeats, "results": rows}, indent=1))
     print(f"wrote {out}")
 

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import platform
 import statistics
 import tempfile
@@ -80,6 +81,7 @@ def targets(args) -> None:
                     print(rows[-1], flush=True)
     out = Path(__file__).parent / "results" / "onnx_cpu_targets.json"
     out.write_text(json.dumps({"machine": platform.processor() or platform.machine(), "threads": args.threads,
+                               "load_average_1m": os.getloadavg()[0],
                                "torch": torch.__version__, "onnxruntime": ort.__version__, "repeats": args.repeats,
                                "results": rows}, indent=1))
     print(f"wrote {out}")

@@ -9,8 +9,9 @@ table holds, per op, a body that traces with the program's dynamic batch and seq
   and a gathered-block softmax, so the package keeps the window's O(L x window) cost; on CUDA the same layout
   feeds the Triton block-sparse kernel through the ``rewriter::window_triton`` triton_op (``wrap_triton``), which
   Inductor compiles into the package (untested here: no GPU; benchmarks/h200_check.sh AOTI_ONLY=1 checks it);
-- every other op: its reference (the definition of correct), when that traces; an op whose reference does not
-  (a layout sized by the data: block top-k, strided, LSH) is refused with its name before anything is written.
+- every other op: its reference (the definition of correct), when that traces (linear attention without a band);
+  an op whose reference does not (a layout sized by the data: block top-k, strided, LSH, scatterbrain; performer's
+  cached projection) is refused with its name before anything is written.
 Inductor then fuses the aten graph (norms, activations, the window's gathers) into C++ (CPU) or Triton (CUDA) code.
 """
 from __future__ import annotations
@@ -164,8 +165,9 @@ def _rewriter_ops(ep: torch.export.ExportedProgram) -> dict:
 
 
 def _strip_metadata_asserts(ep: torch.export.ExportedProgram) -> None:
-    """Remove ``aten._assert_tensor_metadata`` nodes (dtype checks export records at ``.to`` calls): they check
-    nothing a compiled graph needs, and torch 2.11's Inductor has no lowering for some of their forms."""
+    """Remove ``aten._assert_tensor_metadata`` nodes (dtype checks export records at ``.to`` calls; torch.compile of
+    a program's module graph-breaks on them, issue 13). They check nothing a compiled graph needs. Whether
+    AOTInductor on torch 2.11-2.13 itself needs this was not checked; the removal is cheap and keeps it out."""
     graph = ep.graph_module.graph
     for node in list(graph.nodes):
         if node.op == "call_function" and node.target is torch.ops.aten._assert_tensor_metadata.default:

@@ -9,7 +9,7 @@ table holds, per op, a body that traces with the program's dynamic batch and seq
   and a gathered-block softmax, so the package keeps the window's O(L x window) cost; on CUDA the same layout
   feeds the Triton block-sparse kernel through the ``rewriter::window_triton`` triton_op (``wrap_triton``), which
   Inductor compiles into the package (untested here: no GPU; benchmarks/h200_check.sh AOTI_ONLY=1 checks it);
-- every other op: its reference (the definition of correct), when that traces (linear attention without a band);
+- every other op: its reference (the definition of correct), when that traces (linear attention without a band, binary_linear);
   an op whose reference does not (a layout sized by the data: block top-k, strided, LSH, scatterbrain; performer's
   cached projection) is refused with its name before anything is written.
 Inductor then fuses the aten graph (norms, activations, the window's gathers) into C++ (CPU) or Triton (CUDA) code.

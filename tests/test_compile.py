@@ -2,8 +2,9 @@
 rewriter cannot be imported and matches the program within 1e-4 at shapes other than the example's (padded rows);
 ops whose reference cannot be compiled are refused by name with nothing written; CLI errors are one line.
 
-One package per test run: an AOTInductor compile of even the tiny BERT takes about a minute on two CPU cores, so
-one pipeline carries both rewrites the package must hold (lora-merge folds weights, window adds a rewriter op)."""
+One package per test run: an AOTInductor compile of even the tiny BERT takes about a minute on two CPU cores (MiniLM:
+1.5 minutes and more), so one tiny-BERT pipeline carries the rewrites the package must hold (lora-merge folds weights,
+window adds an attention op, binarize a linear op on one layer)."""
 import json
 import subprocess
 import sys
@@ -46,7 +47,8 @@ def compiled(tiny_folders, tmp_path_factory):
     adapter = make_adapter(tiny_folders["bert"], tmp / "adapter")
     out = tmp / "out"
     passes = [make_pass("lora-merge", {"adapters": [str(adapter)]}),
-              make_pass("window", {"window": 6, "sinks": 1, "block": 4})]
+              make_pass("window", {"window": 6, "sinks": 1, "block": 4}),
+              make_pass("binarize", {"residual_rank": 4, "layers": "1"})]
     res = optimize(tiny_folders["bert"], passes, out=out, samples=2, seq_len=16, aoti_package=True)
     return out, res
 
@@ -58,8 +60,8 @@ def test_package_runs_without_rewriter(compiled, tmp_path):
     assert report["compile"]["max_abs_diff"] < 1e-4 and str(out / PACKAGE_FILE) in report["outputs"]
     program = load_program(out)
     ops = {str(n.target) for n in program.ep.graph.nodes if n.op == "call_function"}
-    assert "rewriter.window.default" in ops          # the package holds a rewritten attention and merged weights
-    assert [p["sites_changed"] > 0 for p in res.report["passes"]] == [True, True]
+    assert {"rewriter.window.default", "rewriter.binary_linear.default"} <= ops   # rewritten ops, merged weights
+    assert [p["sites_changed"] > 0 for p in res.report["passes"]] == [True, True, True]
     feeds = [model_inputs("bert", 3, 37, seed=3), model_inputs("bert", 1, 101, seed=4)]
     torch.save(feeds, tmp_path / "in.pt")
     proc = subprocess.run([sys.executable, "-c", NO_REWRITER, str(out / PACKAGE_FILE), str(tmp_path / "in.pt"),

@@ -109,3 +109,12 @@ def test_unknown_target(tiny_folders, tmp_path):
     with pytest.raises(RewriterError, match="unknown ONNX target 'trt'"):
         export_program(load_program(tiny_folders["bert"]), tmp_path / "m.onnx", target="trt")
     assert not list(tmp_path.iterdir())
+
+
+def test_cli_export_with_ort_target(tiny_folders, tmp_path):
+    from typer.testing import CliRunner
+    from rewriter.cli.main import app
+    r = CliRunner().invoke(app, ["export", str(tiny_folders["bert"]), "--onnx", str(tmp_path / "m.onnx"),
+                                 "--onnx-target", "ort"])
+    assert r.exit_code == 0, r.output
+    assert "onnxruntime contrib ops:" in r.output and (tmp_path / "m.onnx").exists()

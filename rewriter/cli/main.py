@@ -262,7 +262,9 @@ def export_cmd(src: str = typer.Argument(..., help="HF model folder or rewriter 
         return
     out.print(f"wrote {info['path']}: onnxruntime matches PyTorch within {atol:g} at {len(info['checks'])} shapes "
               f"(max abs diff {info['max_abs_diff']:.3g})" + ("; quadratic ops: " + ", ".join(info["quadratic_ops"])
-                                                              if info["quadratic"] else ""))
+                                                              if info["quadratic"] else "")
+              + ("" if onnx_target == "standard" else "; onnxruntime contrib ops: " + (", ".join(
+                  f"{n} x{c}" for n, c in info["contrib_ops"].items()) or "none (no site where one is exact)")))
 
 
 @app.command("compile")

@@ -5,8 +5,9 @@ the cores run in Triton.
 The sparse ops (window, block top-k, strided) run their own layout code with ``sparse_attention_core`` (the Triton
 block-sparse kernel) as their core. ``rewriter::window_triton`` is the window op as a ``torch.library.triton_op``:
 its layout traces with dynamic lengths and its launch goes through ``wrap_triton``, so an AOTInductor package of a
-CUDA program compiles the block-sparse kernel in (``rewriter.compile`` lowers ``rewriter::window`` to it on CUDA). LSH keeps its reference on CUDA: its rounds subtract a per-pair duplicate
-count inside the softmax, which the block-sparse kernel does not take.
+CUDA program compiles the block-sparse kernel in (``rewriter.compile`` lowers ``rewriter::window`` to it on CUDA).
+LSH keeps its reference on CUDA: its rounds subtract a per-pair duplicate count inside the softmax, which the
+block-sparse kernel does not take.
 """
 from __future__ import annotations
 

@@ -4,6 +4,9 @@
 # import graph and registry hold, the attention-semantics probe reads the same windows / ALiBi there, and the
 # attention kernels still time against SDPA / FlexAttention (4K, 16K).
 #   bash benchmarks/h200_check.sh      (results in $OUT, default ./out; CHECK_ONLY=1 skips the timings)
+# AOTI_ONLY=1 instead checks the deployable compiled forms (issue 13 items 3-4): the AOTInductor package tests on
+# torch 2.11, MiniLM packages compiled for CUDA and for the CPU (eager vs package latency, each package checked
+# against its program within 1e-4), and the two ONNX targets (standard vs ort) on 2 CPU threads.
 set -u
 OUT=${OUT:-out}
 mkdir -p "$OUT"
@@ -11,6 +14,19 @@ export PYTHONPATH=$PWD:$PWD/benchmarks
 python -c "import torch, triton, transformers, numpy; print('torch', torch.__version__, 'triton', triton.__version__, 'transformers', transformers.__version__, 'numpy', numpy.__version__, 'gpus', torch.cuda.device_count())"
 nvidia-smi --query-gpu=name,clocks.sm,clocks.mem,temperature.gpu --format=csv,noheader
 git log -1 --format="commit %H" 2>/dev/null || true
+if [ -n "${AOTI_ONLY:-}" ]; then
+  timeout 200 python -m pytest -q -o addopts=-ra -p no:cacheprovider tests/test_compile.py > "$OUT/pytest_compile.log" 2>&1
+  echo "pytest compile rc=$?"; tail -4 "$OUT/pytest_compile.log"
+  timeout 150 python benchmarks/aoti_cpu.py --device cuda --repeats 20 --out "$OUT/aoti_cuda.json" > "$OUT/aoti_cuda.log" 2>&1
+  echo "aoti cuda rc=$?"; grep "variant\|Error" "$OUT/aoti_cuda.log" | tail -6
+  timeout 120 taskset -c 0,1 python benchmarks/aoti_cpu.py --device cpu --threads 2 --repeats 10 \
+    --out "$OUT/aoti_cpu.json" > "$OUT/aoti_cpu.log" 2>&1
+  echo "aoti cpu rc=$?"; grep "variant\|Error" "$OUT/aoti_cpu.log" | tail -6
+  timeout 120 taskset -c 0,1 python benchmarks/onnx_cpu.py --targets --threads 2 --repeats 20 > "$OUT/onnx_targets.log" 2>&1
+  echo "onnx targets rc=$?"; grep "variant\|Error" "$OUT/onnx_targets.log" | tail -10
+  cp benchmarks/results/onnx_cpu_targets.json "$OUT/" 2>/dev/null
+  exit 0
+fi
 timeout 280 python -m pytest -q -o addopts=-ra -p no:cacheprovider tests/test_kernels_compile.py tests/test_ops_lowrank_attention.py \
   tests/test_import_graph.py tests/test_attention_registry.py tests/test_semantics.py tests/test_exact_attention.py \
   > "$OUT/pytest.log" 2>&1

@@ -107,11 +107,12 @@ def optimize(src, passes: list[Pass], *, out: str | Path | None = None, force: b
              calib_file: str | Path | None = None, calib_texts: list[str] | None = None, samples: int = 8,
              seq_len: int = 128, seed: int = 0, max_error: float | None = None, export_onnx: bool = False,
              progress: Callable[[str], None] | None = None, allow_unused: bool = False,
-             max_error_name: str = "max_error") -> OptimizeResult:
-    """Load + capture `src`, run the passes verified against the original, and (with `out`) write the result.
-    `max_error` bounds the output's relative error after each approximation, measured against the original model or,
-    after a pass whose change is intended (lora-merge), against the model after it. (`max_error_name`: how errors
-    name the budget; the CLI says `--max-error`.)"""
+             max_error_name: str = "max_error", onnx_target: str = "standard",
+             aoti_package: bool = False) -> OptimizeResult:
+    """Load + capture `src`, run the passes verified against the original, and (with `out`) write the result (with
+    `aoti_package`, also OUT/model.aoti.pt2: `compile_output`). `max_error` bounds the output's relative error after
+    each approximation, measured against the original model or, after a pass whose change is intended (lora-merge),
+    against the model after it. (`max_error_name`: how errors name the budget; the CLI says `--max-error`.)"""
     progress = progress or (lambda msg: None)
     from .calibration import check_calibration_args
     from .safety import check_number
@@ -119,6 +120,11 @@ def optimize(src, passes: list[Pass], *, out: str | Path | None = None, force: b
     if max_error is not None:
         check_number(max_error_name, max_error, minimum=0)
     srcs = input_paths(src, passes, calib_file)
+    from .backends.onnx import TARGETS
+    if onnx_target not in TARGETS:
+        raise RewriterError(f"unknown ONNX target {onnx_target!r}", f"use one of: {', '.join(TARGETS)}")
+    if aoti_package and out is None:
+        raise RewriterError("--compile writes OUT/model.aoti.pt2 and needs an output folder", "add -o OUT")
     if out is not None:   # refuse a bad output location before spending minutes on the passes
         check_output_dir(Path(out), force, srcs)
     texts = read_texts(calib_file) if calib_file else calib_texts
@@ -141,7 +147,10 @@ def optimize(src, passes: list[Pass], *, out: str | Path | None = None, force: b
         recipe = Recipe(list(passes), max_error, cal).to_yaml().encode()
         report["outputs"] = write_outputs(run.program, report, Path(out), force=force, export_onnx=export_onnx,
                                           progress=progress, artifacts={**run.artifacts, "recipe.yaml": recipe},
-                                          srcs=srcs)
+                                          srcs=srcs, onnx_target=onnx_target)
+        if aoti_package:
+            report["compile"] = compile_output(out, progress=progress)
+            report["outputs"].append(report["compile"]["path"])
     return OptimizeResult(run.program, report, run.artifacts)
 
 
@@ -156,7 +165,7 @@ def check_seq_len(program: Program, seq_len: int) -> None:
 
 def write_outputs(program: Program, report: dict, out: Path, *, force: bool, export_onnx: bool = False,
                   progress: Callable[[str], None] = lambda m: None, artifacts: dict | None = None,
-                  srcs: list = ()) -> list[str]:
+                  srcs: list = (), onnx_target: str = "standard") -> list[str]:
     written = ["model.pt2", "report.json"]
     with staged_output(out, force, srcs) as tmp:
         progress("writing model.pt2")
@@ -173,7 +182,7 @@ def write_outputs(program: Program, report: dict, out: Path, *, force: bool, exp
         if export_onnx:
             from .backends import onnx as onnx_backend
             progress("exporting ONNX")
-            report["onnx"] = onnx_backend.export_program(program, tmp / "model.onnx")
+            report["onnx"] = onnx_backend.export_program(program, tmp / "model.onnx", target=onnx_target)
             report["onnx"]["path"] = str(out / "model.onnx")    # where it lands, not the staging folder
             written.append("model.onnx")
         for name, data in (artifacts or {}).items():
@@ -182,6 +191,56 @@ def write_outputs(program: Program, report: dict, out: Path, *, force: bool, exp
         report["outputs"] = [str(out / w) for w in written]
         write_json(report, tmp / "report.json")
     return report["outputs"]
+
+
+# --- AOTInductor package -------------------------------------------------------------------------------------------
+
+def compile_output(out: str | Path, *, progress: Callable[[str], None] | None = None,
+                   device: str | None = None) -> dict:
+    """`rewriter compile OUT`: an AOTInductor package of the program in the rewriter output OUT, written as
+    OUT/model.aoti.pt2 (staged, renamed when complete) and checked against the program within 1e-4 at the example,
+    two other shapes and two whole 64-token blocks (removed if it differs). device: compile for it (default: the
+    program's). Returns the record, also written into OUT/report.json under "compile"."""
+    from . import compile as aoti
+    from .backends.onnx import shape_variants
+    progress = progress or (lambda msg: None)
+    out = Path(out)
+    if not out.exists():
+        raise RewriterError(f"no such folder: {out}", "pass the output folder of `rewriter optimize`")
+    if not is_rewriter_output(out):
+        raise RewriterError(f"{out} is not a rewriter output (needs model.pt2 and rewriter.json)",
+                            "run `rewriter optimize ... -o OUT` first")
+    progress("loading the program")
+    program = load_program(out)
+    if device is not None:
+        program = program.to(device)
+    info = aoti.compile_package(program, out / aoti.PACKAGE_FILE, progress=progress)
+    progress("checking the package against the program")
+    target = out / aoti.PACKAGE_FILE
+    try:
+        checks = [dict(program.example_inputs)] + shape_variants(program) + aoti.block_multiple_inputs(program)
+        info["max_abs_diff"] = max(aoti.check_package(target, program, x) for x in checks)
+        info["checked_shapes"] = [{n: list(x[n].shape) for n in program.input_names} for x in checks]
+    except BaseException:
+        target.unlink(missing_ok=True)     # a package that does not match is not left behind
+        raise
+    info["path"] = str(target)
+    _record(out, "compile", info)
+    return info
+
+
+def _record(out: Path, key: str, value: dict) -> None:
+    """Add `key` to OUT/report.json (written beside, then renamed)."""
+    import json
+    report_path = out / "report.json"
+    report = json.loads(report_path.read_text()) if report_path.exists() else {}
+    report[key] = value
+    outputs = report.setdefault("outputs", [])
+    if value.get("path") and value["path"] not in outputs:
+        outputs.append(value["path"])
+    tmp = report_path.with_name(".report.json.tmp")
+    write_json(report, tmp)
+    tmp.replace(report_path)
 
 
 # --- generation through the KV-cache decode runtime --------------------------------------------------------------

@@ -460,3 +460,113 @@ def _previous_and_own(x):
     zeros = op.Mul(op.Slice(x, _ints([0]), _ints([1]), _ints([2])), op.CastLike(_int(0), x))
     before = op.Concat(zeros, op.Slice(x, _ints([0]), _ints([-1]), _ints([2])), axis=2)
     return op.Concat(before, x, axis=3)
+
+
+# --------------------------------------------------------------------------------------------------------------
+# onnxruntime's contrib attention ops (export target "ort"): used only where they compute exactly what the op does;
+# each returns None where they would not, and the caller emits the standard translation instead.
+# --------------------------------------------------------------------------------------------------------------
+
+ORT_DOMAIN = "com.microsoft"
+_MASK_FILTER = -1e30      # MHA adds this to padding keys' scores (its default, -10000, is not -inf for large scores)
+
+
+def _contrib_op(name: str, inputs: list[tuple[str, str, bool]], outputs: int, attributes: dict[str, str]):
+    """An onnxscript op of onnxruntime's com.microsoft domain. The onnx package holds no schemas for that domain and
+    the exporter binds arguments through one, so the op's own (ORT's contrib-op documentation) is declared here:
+    inputs (name, type, optional), `outputs` outputs of type T, attributes name -> "INT" | "FLOAT"."""
+    import onnx
+    from onnxscript.values import Op, Opset
+    S = onnx.defs.OpSchema
+    option = {False: S.FormalParameterOption.Single, True: S.FormalParameterOption.Optional}
+    schema = S(name, ORT_DOMAIN, 1,
+               inputs=[S.FormalParameter(n, t, param_option=option[opt]) for n, t, opt in inputs],
+               outputs=[S.FormalParameter(f"output_{i}", "T") for i in range(outputs)],
+               type_constraints=[("T", ["tensor(float)", "tensor(float16)"], ""), ("M", ["tensor(int32)"], "")],
+               attributes=[S.Attribute(n, getattr(S.AttrType, t), "", required=False)
+                           for n, t in attributes.items()])
+    return Op(Opset(ORT_DOMAIN, 1), name, schema)
+
+
+def _multi_head_attention_op():
+    return _contrib_op("MultiHeadAttention",
+                       [("query", "T", False), ("key", "T", True), ("value", "T", True), ("bias", "T", True),
+                        ("key_padding_mask", "M", True), ("attention_bias", "T", True)], 1,
+                       {"num_heads": "INT", "scale": "FLOAT", "mask_filter_value": "FLOAT", "unidirectional": "INT"})
+
+
+def _group_query_attention_op():
+    return _contrib_op("GroupQueryAttention",
+                       [("query", "T", False), ("key", "T", True), ("value", "T", True), ("past_key", "T", True),
+                        ("past_value", "T", True), ("seqlens_k", "M", False), ("total_sequence_length", "M", False)],
+                       3, {"num_heads": "INT", "kv_num_heads": "INT", "local_window_size": "INT", "scale": "FLOAT"})
+
+
+def _same_dim(a, b) -> bool:
+    """Two dims of the traced values are provably equal (the same static int or the same symbol)."""
+    return a is not None and str(a) == str(b)
+
+
+def _to_bsd(x, width: int):
+    """(B, N, L, E) -> (B, L, N*E), the layout of the contrib ops' inputs."""
+    op = _op()
+    return op.Reshape(op.Transpose(x, perm=[0, 2, 1, 3]), _ints([0, 0, -1]))
+
+
+def _from_bsd(y, heads: int, width: int):
+    op = _op()
+    return op.Transpose(op.Reshape(y, _ints([0, 0, heads, width])), perm=[0, 2, 1, 3])
+
+
+def _rows_with_key(key_mask, causal: bool):
+    """(B, 1, L or 1, 1) bool: the query row sees at least one real key (self-attention, Lq == Lk)."""
+    op = _op()
+    real = op.Cast(key_mask, to=6)                                                  # int32
+    seen = op.CumSum(real, _int(1)) if causal else op.ReduceMax(real, _ints([1]), keepdims=1)
+    return op.Unsqueeze(op.Greater(seen, op.CastLike(_int(0), seen)), _ints([1, 3]))
+
+
+def ort_multi_head_attention(q, k, v, key_mask, causal: bool, scale: float):
+    """``com.microsoft.MultiHeadAttention`` for exact softmax attention over the real keys (and, if causal, the keys
+    at or before the query, Lq == Lk): q, k, v (B, N, L, E) float32, kv heads expanded to the query heads; rows that
+    see no key are 0 as the op's contract says. None where the op would not be exact (float16/64: the -1e30 mask
+    filter; Dv != D; causal with Lq and Lk not provably equal: `unidirectional` aligns queries top-left)."""
+    heads, d, dv, kv_heads = q.shape[1], q.shape[3], v.shape[3], k.shape[1]
+    if dv != d or getattr(q.dtype, "name", str(q.dtype)).upper() != "FLOAT":
+        return None
+    if causal and not _same_dim(q.shape[2], k.shape[2]):
+        return None
+    op = _op()
+    k, v = _expand_heads(k, kv_heads, heads, d), _expand_heads(v, kv_heads, heads, dv)
+    mask = None if key_mask is None else op.Cast(key_mask, to=6)
+    out = _multi_head_attention_op()(_to_bsd(q, d), _to_bsd(k, d), _to_bsd(v, dv), None, mask,
+                                     num_heads=heads, scale=float(scale), mask_filter_value=_MASK_FILTER,
+                                     unidirectional=int(causal))
+    out = _from_bsd(out, heads, dv)
+    if key_mask is not None:
+        out = op.Where(_rows_with_key(key_mask, causal), out, op.CastLike(_float(0.0), out))
+    return out
+
+
+def ort_group_query_attention(q, k, v, key_mask, causal: bool, scale: float, window: int, sinks: int):
+    """``com.microsoft.GroupQueryAttention`` with ``local_window_size`` for a causal sliding window of `window` keys
+    (the query's own included: key j with i - window < j <= i; local_window_size = window keeps exactly those,
+    checked against the dense oracle in tests/test_onnx_ort.py) and no sinks, over a
+    whole unpadded self-attention prompt (no past, seqlens_k = L - 1). The op is decoder-oriented: it takes
+    right-padding as sequence lengths, not a key mask, so a site with a key mask keeps the standard form."""
+    heads, d, dv, kv_heads = q.shape[1], q.shape[3], v.shape[3], k.shape[1]
+    if not causal or sinks or key_mask is not None or dv != d or not _same_dim(q.shape[2], k.shape[2]):
+        return None
+    dtype = getattr(q.dtype, "name", str(q.dtype)).upper()
+    if "DOUBLE" in dtype or "BFLOAT" in dtype:
+        return None
+    op = _op()
+    length = _dim(q, 2)                                                              # (1,) int64
+    seqlens_k = op.Cast(op.Expand(op.Sub(length, _ints([1])), _dim(q, 0)), to=6)     # (B,) int32: L - 1
+    total = op.Cast(op.Squeeze(length, _ints([0])), to=6)
+    out = _group_query_attention_op()(_to_bsd(q, d), _to_bsd(k, d), _to_bsd(v, dv), None, None, seqlens_k, total,
+                                      num_heads=heads, kv_num_heads=kv_heads, local_window_size=int(window),
+                                      scale=float(scale))
+    if isinstance(out, (tuple, list)):
+        out = out[0]
+    return _from_bsd(out, heads, dv)

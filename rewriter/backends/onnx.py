@@ -16,9 +16,19 @@ select. None of them builds an Lq x Lk tensor:
     the lengths and head), then the same gathered key blocks, K = the most blocks any query block keeps;
   * LSH: per round, (L/bucket) sorted query chunks x two sorted key chunks.
 A translation that cannot avoid L x L registers with quadratic=True and the export report says so.
+
+Targets: "standard" (the default) emits only standard ONNX ops. "ort" emits onnxruntime's contrib attention ops
+(domain com.microsoft) where they compute exactly what the op does, and the standard translation elsewhere:
+  * exact attention (no model window, no ALiBi) -> MultiHeadAttention with the key-padding mask (rows that see
+    no key zeroed as the op's contract says);
+  * a causal window without sinks on an unpadded self-attention prompt (no key mask) -> GroupQueryAttention with
+    local_window_size = window (the op takes padding only as right-aligned sequence lengths, so a site with a
+    key mask, a bidirectional window or sinks keeps the standard band form).
+Such a file runs in onnxruntime only (the contrib ops ship with every onnxruntime build, CPU included).
 """
 from __future__ import annotations
 
+import functools
 import shutil
 import tempfile
 from dataclasses import dataclass
@@ -29,7 +39,8 @@ import torch
 from torch import Tensor
 
 from ..attention import METHODS
-from ..attention._onnx import _acc, _float, _ints, _op
+from ..attention._onnx import (ORT_DOMAIN, _acc, _float, _ints, _op, ort_group_query_attention,
+                               ort_multi_head_attention)
 from ..errors import RewriterError
 
 EXTERNAL_DATA_BYTES = 1_800_000_000   # below protobuf's 2 GiB limit, with room for the graph itself
@@ -60,6 +71,31 @@ def onnx_translation(op_name: str, *, quadratic: bool = False):
     return register
 
 
+TARGETS = ("standard", "ort")
+
+
+def _ort_exact_attention(q, k, v, key_mask=None, causal=False, scale=1.0, window=0, alibi=None):
+    if window > 0 or alibi:
+        return None
+    return ort_multi_head_attention(q, k, v, key_mask, causal, scale)
+
+
+def _ort_window(q, k, v, key_mask=None, causal=False, scale=1.0, window=1, sinks=0, block=64):
+    return ort_group_query_attention(q, k, v, key_mask, causal, scale, window, sinks)
+
+
+# op -> the onnxruntime contrib form: returns None where it would not be exact (the standard form is emitted then)
+ORT_FORMS: dict[str, Callable] = {"rewriter::exact_attention": _ort_exact_attention, "rewriter::window": _ort_window}
+
+
+def _with_contrib_form(standard: Callable, contrib: Callable) -> Callable:
+    @functools.wraps(standard)   # the exporter binds the node's arguments by the standard form's signature
+    def translate(*args, **kwargs):
+        out = contrib(*args, **kwargs)
+        return standard(*args, **kwargs) if out is None else out
+    return translate
+
+
 @onnx_translation("rewriter::binary_linear")
 def translate_binary_linear(x, packed, alpha, mu, bias=None, in_features=1):
     """Signs unpacked with BitShift + BitwiseAnd on uint8 (bit j of byte k is column 8k + j)."""
@@ -79,20 +115,23 @@ def translate_binary_linear(x, packed, alpha, mu, bias=None, in_features=1):
     return op.CastLike(y, x)
 
 
-def translation_table(ep: torch.export.ExportedProgram) -> tuple[dict, list[str]]:
+def translation_table(ep: torch.export.ExportedProgram, target: str = "standard") -> tuple[dict, list[str]]:
     """The custom_translation_table for `ep` and the custom ops it uses; a custom op without a translation is
-    an error that names it."""
+    an error that names it. target "ort": onnxruntime's contrib forms where exact (module docstring)."""
+    if target not in TARGETS:
+        raise RewriterError(f"unknown ONNX target {target!r}", f"use one of: {', '.join(TARGETS)}")
     table, used, missing = {}, [], []
     for node in ep.graph.nodes:
-        target = node.target
-        if node.op != "call_function" or not isinstance(target, torch._ops.OpOverload):
+        overload = node.target
+        if node.op != "call_function" or not isinstance(overload, torch._ops.OpOverload):
             continue
-        namespace = target.namespace
+        namespace = overload.namespace
         if namespace in ("aten", "prims", "_assert", "higher_order"):
             continue
-        name = f"{namespace}::{target._opname}"
+        name = f"{namespace}::{overload._opname}"
         if name in TRANSLATIONS:
-            table[target] = TRANSLATIONS[name].fn
+            fn = TRANSLATIONS[name].fn
+            table[overload] = _with_contrib_form(fn, ORT_FORMS[name]) if target == "ort" and name in ORT_FORMS else fn
             if name not in used:
                 used.append(name)
         elif name.split("::")[0] in {n.split("::")[0] for n in TRANSLATIONS} and name not in missing:
@@ -155,18 +194,19 @@ def _check_target(path: Path) -> Path:
 
 def export_onnx(ep: torch.export.ExportedProgram, path: str | Path, *, input_names: list[str],
                 output_names: list[str], dim_names: dict[str, dict[int, str]] | None = None, opset: int = 18,
-                external_data: bool | None = None,
+                external_data: bool | None = None, target: str = "standard",
                 validate: Callable[[Path], dict] | None = None) -> tuple[Path, dict]:
     """Export `ep` (dynamic dims stay symbolic, named by `dim_names`: input -> {axis: name}) to `path`.
 
     Weights go to `<name>.data` beside the file when `external_data` is True, or when None and they exceed
     ~1.8 GB. The file is written into a temp folder beside `path` and moved into place only after
     `validate(temp_path)` returned (its dict is returned with the path); on any failure nothing is left.
+    target: "standard" or "ort" (module docstring).
     """
     if opset < 18:
         raise ValueError(f"opset must be >= 18 (BitwiseAnd, Pad axes); got {opset}")
     path = _check_target(path)
-    table, used = translation_table(ep)
+    table, used = translation_table(ep, target)
     if external_data is None:
         external_data = _state_bytes(ep) > EXTERNAL_DATA_BYTES
     tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.tmp-", dir=path.parent))
@@ -180,10 +220,15 @@ def export_onnx(ep: torch.export.ExportedProgram, path: str | Path, *, input_nam
             raise RewriterError(f"torch.onnx could not convert the program: {cause.strip()}") from e
         if dim_names:
             _rename_dims(program.model, list(input_names), dim_names)
+        contrib: dict[str, int] = {}
+        for node in program.model.graph.all_nodes():
+            if node.domain == ORT_DOMAIN:
+                contrib[node.op_type] = contrib.get(node.op_type, 0) + 1
         staged = tmp / path.name
         program.save(str(staged), external_data=external_data)
         info = dict(validate(staged)) if validate is not None else {}
-        info.update({"opset": opset, "external_data": bool(external_data), "custom_ops": used,
+        info.update({"opset": opset, "external_data": bool(external_data), "custom_ops": used, "target": target,
+                     "contrib_ops": contrib,
                      "quadratic_ops": [n for n in used if TRANSLATIONS[n].quadratic]})
         info["quadratic"] = bool(info["quadratic_ops"])
         data = tmp / f"{path.name}.data"
@@ -276,8 +321,11 @@ def shape_variants(program) -> list[dict[str, Tensor]]:
 
 
 def export_program(program, path: str | Path, *, atol: float = 1e-4, opset: int = 18,
-                   external_data: bool | None = None) -> dict:
-    """Export a Program to ONNX, validated in onnxruntime on its example inputs and two other shapes."""
+                   external_data: bool | None = None, target: str = "standard") -> dict:
+    """Export a Program to ONNX, validated in onnxruntime on its example inputs and two other shapes.
+    target "ort": onnxruntime's contrib attention ops where exact (module docstring)."""
+    if target not in TARGETS:
+        raise RewriterError(f"unknown ONNX target {target!r}", f"use one of: {', '.join(TARGETS)}")
     checks = [dict(program.example_inputs)] + shape_variants(program)
 
     def validate(staged: Path) -> dict:
@@ -293,6 +341,6 @@ def export_program(program, path: str | Path, *, atol: float = 1e-4, opset: int 
 
     path, info = export_onnx(program.ep, path, input_names=program.input_names, output_names=program.output_names,
                              dim_names=program.dynamic_dims, opset=opset, external_data=external_data,
-                             validate=validate)
+                             target=target, validate=validate)
     info["path"] = str(path)
     return info

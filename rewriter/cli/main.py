@@ -1,4 +1,4 @@
-"""rewriter optimize | inspect | analyze | export | generate | eval | passes."""
+"""rewriter optimize | inspect | analyze | export | compile | generate | eval | passes."""
 from __future__ import annotations
 
 import json
@@ -93,6 +93,9 @@ def optimize(
     seq_len: Optional[int] = typer.Option(None, "--seq-len", help="calibration sequence length in tokens [default: 128]"),
     seed: Optional[int] = typer.Option(None, "--seed", help="[default: 0]"),
     export: Optional[str] = typer.Option(None, "--export", help="also export: onnx"),
+    onnx_target: str = typer.Option("standard", "--onnx-target",
+                                    help="standard (ONNX ops only) or ort (onnxruntime's contrib attention ops where exact)"),
+    compile_: bool = typer.Option(False, "--compile", help="also write OUT/model.aoti.pt2 (AOTInductor package)"),
     force: bool = typer.Option(False, "--force", help="replace a non-empty output folder"),
     dry_run: bool = typer.Option(False, "--dry-run", help="print the recipe the flags build, then stop"),
     json_out: bool = typer.Option(False, "--json", help="print report.json to stdout"),
@@ -140,7 +143,8 @@ def optimize(
         result = run_optimize(src, rec.passes, out=None if dry_run else output, force=force, calib_file=cal.get("file"),
                               samples=int(cal["samples"]), seq_len=int(cal["seq_len"]), seed=int(cal["seed"]),
                               max_error=rec.max_error, export_onnx=export == "onnx", progress=steps,
-                              allow_unused=allow_unused, max_error_name="--max-error")
+                              allow_unused=allow_unused, max_error_name="--max-error",
+                              onnx_target=onnx_target, aoti_package=compile_ and not dry_run)
         steps.close()
         if dry_run:   # planning passes have filled in their plans: the recipe replays them without analysis
             out.print(rec.to_yaml(), end="", highlight=False)
@@ -266,6 +270,8 @@ def export_cmd(src: Optional[str] = typer.Argument(None, help="HF model folder o
                onnx: Path = typer.Option(..., "--onnx", help="output .onnx file"),
                atol: float = typer.Option(1e-4, "--atol", help="max abs difference onnxruntime vs PyTorch"),
                force: bool = typer.Option(False, "--force", help="replace an existing .onnx file"),
+               onnx_target: str = typer.Option("standard", "--onnx-target", help="standard (ONNX ops only) or ort "
+                                               "(onnxruntime's contrib attention ops where exact)"),
                json_out: bool = typer.Option(False, "--json", help="print the validation record")):
     """Export SRC to ONNX (batch and sequence stay dynamic), validated in onnxruntime at three shapes."""
     from ..api import load_program
@@ -281,7 +287,7 @@ def export_cmd(src: Optional[str] = typer.Argument(None, help="HF model folder o
         steps("loading and capturing")
         program = load_program(src)
         steps("exporting and validating ONNX")
-        info = export_program(program, onnx, atol=atol)
+        info = export_program(program, onnx, atol=atol, target=onnx_target)
         steps.close()
     except RewriterError as e:
         _fail(e, steps)
@@ -290,7 +296,31 @@ def export_cmd(src: Optional[str] = typer.Argument(None, help="HF model folder o
         return
     out.print(f"wrote {info['path']}: onnxruntime matches PyTorch within {atol:g} at {len(info['checks'])} shapes "
               f"(max abs diff {info['max_abs_diff']:.3g})" + ("; quadratic ops: " + ", ".join(info["quadratic_ops"])
-                                                              if info["quadratic"] else ""))
+                                                              if info["quadratic"] else "")
+              + ("" if onnx_target == "standard" else "; onnxruntime contrib ops: " + (", ".join(
+                  f"{n} x{c}" for n, c in info["contrib_ops"].items()) or "none (no site where one is exact)")))
+
+
+@app.command("compile")
+def compile_cmd(out_dir: Path = typer.Argument(..., metavar="OUT", help="a `rewriter optimize` output folder"),
+                device: Optional[str] = typer.Option(None, "--device", help="compile for this device (default: the "
+                                                     "program's; cuda for a GPU package)"),
+                json_out: bool = typer.Option(False, "--json", help="print the compile record")):
+    """Write OUT/model.aoti.pt2: an AOTInductor package of OUT's program that runs without rewriter
+    (torch._inductor.aoti_load_package), checked against the program within 1e-4."""
+    from ..api import compile_output
+    steps = Steps(quiet=json_out)
+    try:
+        info = compile_output(out_dir, progress=steps, device=device)
+        steps.close()
+    except RewriterError as e:
+        steps.close()
+        _fail(e)
+    if json_out:
+        print(json.dumps(info, indent=1))
+        return
+    out.print(f"wrote {info['path']} ({info['device']}, {info['bytes'] / 1e6:.1f} MB, {info['seconds']:.0f}s): matches "
+              f"the program within {info['max_abs_diff']:.2g} at {len(info['checked_shapes'])} shapes")
 
 
 @app.command()

@@ -138,6 +138,14 @@ def _block_sparse_fwd(
     tl.store(Lse + b * s_lb + h * s_lh + offs_m, lse, mask=row_ok)
 
 
+def launchable(kernel):
+    """`kernel` through ``torch.library.wrap_triton``, so that a ``torch.library.triton_op`` launching it is traced by
+    Inductor and compiled into an AOTInductor package (outside tracing it launches as usual); the interpreter's
+    kernels (TRITON_INTERPRET=1) are launched as they are."""
+    from triton.runtime.jit import JITFunction
+    return torch.library.wrap_triton(kernel) if isinstance(kernel, JITFunction) else kernel
+
+
 def _broadcast_strides(x: Tensor, shape: tuple[int, ...], name: str) -> Tensor:
     if x.dim() != len(shape) or any(s not in (1, t) for s, t in zip(x.shape, shape)):
         raise ValueError(f"{name} must broadcast to {shape}; got {tuple(x.shape)}")
@@ -185,7 +193,7 @@ def block_sparse_attention(
         qp = kp = lse
     slopes = alibi.to(device=q.device, dtype=torch.float32).contiguous() if alibi is not None else lse
     grid = (nqb, B * H)
-    _block_sparse_fwd[grid](
+    launchable(_block_sparse_fwd)[grid](
         q, k, v, out, lse, kv_index, kv_count, mask, qp, kp, slopes,
         q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
         v.stride(0), v.stride(1), v.stride(2), out.stride(0), out.stride(1), out.stride(2),

@@ -3,8 +3,11 @@
 The feature maps (elu, relu, taylor2 and FAVOR+) come from the reference code in ``rewriter.attention.feature_map``;
 the cores run in Triton.
 The sparse ops (window, block top-k, strided) run their own layout code with ``sparse_attention_core`` (the Triton
-block-sparse kernel) as their core. LSH keeps its reference on CUDA: its rounds subtract a per-pair duplicate
-count inside the softmax, which the block-sparse kernel does not take.
+block-sparse kernel) as their core. ``rewriter::window_triton`` is the window op as a ``torch.library.triton_op``:
+its layout traces with dynamic lengths and its launch goes through ``wrap_triton``, so an AOTInductor package of a
+CUDA program compiles the block-sparse kernel in (``rewriter.compile`` lowers ``rewriter::window`` to it on CUDA).
+LSH keeps its reference on CUDA: its rounds subtract a per-pair duplicate count inside the softmax, which the
+block-sparse kernel does not take.
 """
 from __future__ import annotations
 
@@ -122,6 +125,27 @@ def _sparse_op(impl_name: str):
 
 for _op in ("window", "block_topk", "strided"):
     cuda_kernel(f"rewriter::{_op}", _sparse_op(f"{_op}_attention_impl"))
+
+
+TRITON_BLOCKS = (16, 32, 64, 128)     # the block-sparse kernel's block sizes
+TRITON_MAX_HEAD_DIM = 256
+
+
+@torch.library.triton_op("rewriter::window_triton", mutates_args=())
+def window_triton(q: Tensor, k: Tensor, v: Tensor, key_mask: Optional[Tensor], causal: bool, scale: float,
+                  window: int, sinks: int, block: int) -> Tensor:
+    """The window op (rewriter::window) on the Triton block-sparse kernel, for compiled packages: the band layout
+    comes from the lengths (``rewriter.compile._band_blocks``, valid slots first, ascending), never from a cache or
+    the data. Blocks outside TRITON_BLOCKS or head dims over TRITON_MAX_HEAD_DIM take the aten form."""
+    from ...compile import _window_attention, traceable_window_layout
+    if block not in TRITON_BLOCKS or max(q.shape[-1], v.shape[-1]) > TRITON_MAX_HEAD_DIM:
+        return _window_attention(q, k, v, key_mask, causal, scale, window, sinks, block)
+    from .block_sparse_attention import block_sparse_attention
+    left, right, kv_index, kv_count = traceable_window_layout(q.shape[2], k.shape[2], block, window, sinks, causal,
+                                                              q.device)
+    out, _ = block_sparse_attention(q, k, v, kv_index, kv_count, block, key_mask, causal, scale,
+                                    window_left=left, window_right=right, sinks=sinks)
+    return out
 
 
 @cuda_kernel("rewriter::binary_linear")

@@ -1,0 +1,82 @@
+"""Eager program vs its AOTInductor package (`rewriter compile`): MiniLM captured (no pass) and with window 128,
+batch 1 at 128 and 512 tokens, median of --repeats runs (eager and package in turn); every package checked against its program (1e-4).
+Writes benchmarks/results/aoti_cpu.json (or --out).
+
+    python benchmarks/aoti_cpu.py [--repeats N] [--threads N] [--device cpu|cuda] [--out FILE]
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import statistics
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+from rewriter import load_program, make_pass, optimize
+from rewriter.compile import check_package, compile_package
+from rewriter.load import default_checkpoint
+
+VARIANTS = {"captured": None, "window128": ("window", {"window": 128})}
+
+
+def _interleaved_ms(fns: list, repeats: int) -> list[float]:
+    """Median ms of each fn, run in turn within every repeat, so that a busy machine slows them alike."""
+    for fn in fns:
+        fn()
+    times = [[] for _ in fns]
+    for _ in range(repeats):
+        for fn, t in zip(fns, times):
+            t0 = time.perf_counter()
+            fn()
+            t.append((time.perf_counter() - t0) * 1e3)
+    return [statistics.median(t) for t in times]
+
+
+def main() -> None:
+    from torch._inductor import aoti_load_package
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--repeats", type=int, default=5)
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--device", default="cpu")
+    ap.add_argument("--out", type=Path, default=Path(__file__).parent / "results" / "aoti_cpu.json")
+    args = ap.parse_args()
+    torch.set_num_threads(args.threads)
+    base = load_program(default_checkpoint())
+    sync = torch.cuda.synchronize if args.device.startswith("cuda") else (lambda: None)
+    rows = []
+    with tempfile.TemporaryDirectory() as tmp:
+        for name, spec in VARIANTS.items():
+            program = base if spec is None else optimize(base, [make_pass(*spec)], samples=2, seq_len=128).program
+            program = program.to(args.device)
+            path = Path(tmp) / f"{name}.aoti.pt2"
+            info = compile_package(program, path)
+            package = aoti_load_package(str(path))
+            runner = program.ep.module()
+            for seq in (128, 512):
+                inputs = {"input_ids": torch.randint(1000, 2000, (1, seq)),
+                          "attention_mask": torch.ones(1, seq, dtype=torch.long)}
+                inputs = {n: inputs.get(n, torch.zeros(1, seq, dtype=torch.long)).to(args.device)
+                          for n in program.input_names}
+                diff = check_package(path, program, inputs)
+                with torch.no_grad():
+                    eager, aoti = _interleaved_ms([lambda: (runner(**inputs), sync()),
+                                                   lambda: (package(**inputs), sync())], args.repeats)
+                rows.append({"variant": name, "seq": seq, "batch": 1, "eager_ms": round(eager, 3),
+                             "aoti_ms": round(aoti, 3), "speedup": round(eager / aoti, 3),
+                             "compile_s": info["seconds"], "max_abs_diff": diff})
+                print(rows[-1], flush=True)
+    out = args.out
+    out.write_text(json.dumps({"machine": platform.processor() or platform.machine(), "threads": args.threads,
+                               "device": torch.cuda.get_device_name() if args.device.startswith("cuda") else "cpu",
+                               "load_average_1m": os.getloadavg()[0],
+                               "torch": torch.__version__, "repeats": args.repeats, "results": rows}, indent=1))
+    print(f"wrote {out}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,157 @@
+"""AOTInductor packages (`rewriter compile OUT`, `optimize --compile`): the package runs in a Python process where
+rewriter cannot be imported and matches the program within 1e-4 at shapes other than the example's (padded rows);
+ops whose reference cannot be compiled are refused by name with nothing written; CLI errors are one line.
+
+One package per test run: an AOTInductor compile of even the tiny BERT takes about a minute on two CPU cores (MiniLM:
+1.5 minutes and more), so one tiny-BERT pipeline carries the rewrites the package must hold (lora-merge folds weights,
+window adds an attention op, binarize a linear op on one layer)."""
+import json
+import subprocess
+import sys
+import textwrap
+
+import pytest
+import torch
+from typer.testing import CliRunner
+
+from rewriter import make_pass, optimize
+from rewriter.api import compile_output, load_program
+from rewriter.cli.main import app
+from rewriter.compile import PACKAGE_FILE, _band_blocks, _window_attention, lower
+from rewriter.errors import RewriterError
+
+from conftest import model_inputs
+
+runner = CliRunner()
+
+# Runs the package with `rewriter` blocked from import (a None entry in sys.modules makes `import rewriter` fail).
+NO_REWRITER = textwrap.dedent("""
+    import sys
+    sys.modules["rewriter"] = None
+    import torch
+    from torch._inductor import aoti_load_package
+    package, inputs, outputs = sys.argv[1:4]
+    runner = aoti_load_package(package)
+    feeds = torch.load(inputs)
+    with torch.no_grad():
+        results = [runner(**feed) for feed in feeds]
+    torch.save([tuple(r) if isinstance(r, (tuple, list)) else (r,) for r in results], outputs)
+    assert not any(m == "rewriter" or m.startswith("rewriter.") for m in sys.modules if sys.modules[m] is not None)
+""")
+
+
+@pytest.fixture(scope="module")
+def compiled(tiny_folders, tmp_path_factory):
+    from test_lora_merge import make_adapter
+    tmp = tmp_path_factory.mktemp("compile")
+    adapter = make_adapter(tiny_folders["bert"], tmp / "adapter")
+    out = tmp / "out"
+    passes = [make_pass("lora-merge", {"adapters": [str(adapter)]}),
+              make_pass("window", {"window": 6, "sinks": 1, "block": 4}),
+              make_pass("binarize", {"residual_rank": 4, "layers": "1"})]
+    res = optimize(tiny_folders["bert"], passes, out=out, samples=2, seq_len=16, aoti_package=True)
+    return out, res
+
+
+def test_package_runs_without_rewriter(compiled, tmp_path):
+    out, res = compiled
+    assert (out / PACKAGE_FILE).exists()
+    report = json.loads((out / "report.json").read_text())
+    assert report["compile"]["max_abs_diff"] < 1e-4 and str(out / PACKAGE_FILE) in report["outputs"]
+    program = load_program(out)
+    ops = {str(n.target) for n in program.ep.graph.nodes if n.op == "call_function"}
+    assert {"rewriter.window.default", "rewriter.binary_linear.default"} <= ops   # rewritten ops, merged weights
+    assert [p["sites_changed"] > 0 for p in res.report["passes"]] == [True, True, True]
+    feeds = [model_inputs("bert", 3, 37, seed=3), model_inputs("bert", 1, 101, seed=4)]
+    torch.save(feeds, tmp_path / "in.pt")
+    proc = subprocess.run([sys.executable, "-c", NO_REWRITER, str(out / PACKAGE_FILE), str(tmp_path / "in.pt"),
+                           str(tmp_path / "out.pt")], capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    got = torch.load(tmp_path / "out.pt")
+    for feed, result in zip(feeds, got):
+        want = program.run(**feed)
+        assert len(result) == len(want)
+        for a, b in zip(result, want):
+            assert (a - b).abs().max() < 1e-4
+
+
+def test_window_lowering_matches_the_op_at_every_length():
+    """The lowered window (band layout from the lengths) equals the op at lengths around block multiples, causal
+    and not, GQA, with padding and sinks."""
+    g = torch.Generator().manual_seed(0)
+    for L in (1, 3, 8, 9, 17, 40):
+        for causal in (False, True):
+            q, k, v = (torch.randn(2, h, L, 8, generator=g, dtype=torch.float64) for h in (4, 2, 2))
+            mask = torch.rand(2, L, generator=g) > 0.3
+            for window, sinks, block in ((5, 0, 4), (6, 2, 4), (3, 5, 2), (20, 1, 8)):
+                want = torch.ops.rewriter.window(q, k, v, mask, causal, 0.3, window, sinks, block)
+                got = _window_attention(q, k, v, mask, causal, 0.3, window, sinks, block)
+                assert (got - want).abs().max() < 1e-12, (L, causal, window, sinks, block)
+
+
+def test_band_blocks_cover_the_band_once():
+    """Valid slots name each key block of the band (and the sinks) exactly once."""
+    for Lq, Lk, block, left, right, sinks in ((9, 9, 4, 2, 3, 5), (5, 12, 4, 3, 0, 0), (40, 40, 8, 7, 0, 1)):
+        index, valid = _band_blocks(Lq, Lk, block, left, right, sinks, "cpu")
+        nqb = (Lq + block - 1) // block
+        for qb in range(nqb):
+            chosen = index[qb][valid[qb]].tolist()
+            assert len(chosen) == len(set(chosen))
+            first = qb * block + Lk - Lq
+            last = min(qb * block + block, Lq) - 1 + Lk - Lq
+            keys = {j for j in range(Lk) if first - left <= j <= last + right or j < sinks}
+            assert set(chosen) == {j // block for j in keys}
+
+
+def test_op_without_a_traceable_reference_is_refused(tiny_folders, tmp_path):
+    res = optimize(tiny_folders["bert"], [make_pass("block-topk", {"density": 0.5, "block": 4})],
+                   out=tmp_path / "out", samples=2, seq_len=16)
+    with pytest.raises(RewriterError, match="rewriter::block_topk cannot be compiled"):
+        lower(res.program)
+    with pytest.raises(RewriterError, match="rewriter::block_topk"):
+        compile_output(tmp_path / "out")
+    assert not [p.name for p in (tmp_path / "out").iterdir() if "aoti" in p.name]
+
+
+def test_cli_errors(tmp_path):
+    r = runner.invoke(app, ["compile", str(tmp_path / "missing")])
+    assert r.exit_code == 2 and "no such folder" in r.output
+    (tmp_path / "plain").mkdir()
+    r = runner.invoke(app, ["compile", str(tmp_path / "plain")])
+    assert r.exit_code == 2 and "is not a rewriter output" in r.output
+    r = runner.invoke(app, ["optimize", "--pass", "window", "--compile"])
+    assert r.exit_code == 2 and "needs an output folder" in r.output
+    r = runner.invoke(app, ["optimize", "--pass", "window", "--export", "onnx", "--onnx-target", "trt"])
+    assert r.exit_code == 2 and "unknown ONNX target 'trt'" in r.output
+
+
+def test_window_triton_op_matches_the_window_op(triton_interpreter):
+    """The triton_op a CUDA package compiles in (layout from the lengths + the block-sparse kernel), run by triton's
+    interpreter, equals the window op (its reference) on lengths that are not whole blocks, padded, GQA."""
+    g = torch.Generator().manual_seed(0)
+    for causal in (False, True):
+        for L in (37, 70):
+            q, k, v = (torch.randn(2, h, L, 16, generator=g) for h in (4, 2, 2))
+            mask = torch.rand(2, L, generator=g) > 0.2
+            got = torch.ops.rewriter.window_triton(q, k, v, mask, causal, 0.3, 20, 3, 16)
+            want = torch.ops.rewriter.window(q, k, v, mask, causal, 0.3, 20, 3, 16)
+            assert (got - want).abs().max() < 1e-5, (causal, L)
+
+
+def test_window_triton_op_traces_with_dynamic_lengths(triton_compiler):
+    """On CUDA `lower` turns the window op into the triton_op; its body (layout and wrap_triton launch) traces with
+    a symbolic batch and length (fake tensors; compiling the kernel into a package needs the GPU: h200_check.sh)."""
+    from rewriter.compile import _window_triton
+
+    class Window(torch.nn.Module):
+        def forward(self, q, k, v, m):
+            return torch.ops.rewriter.window(q, k, v, m, True, 0.3, 20, 3, 16)
+
+    x = {"q": torch.randn(2, 4, 45, 16), "k": torch.randn(2, 2, 45, 16), "v": torch.randn(2, 2, 45, 16),
+         "m": torch.ones(2, 45, dtype=torch.bool)}
+    B, L = torch.export.Dim("b", min=1, max=8), torch.export.Dim("s", min=2, max=512)
+    dyn = {"q": {0: B, 2: L}, "k": {0: B, 2: L}, "v": {0: B, 2: L}, "m": {0: B, 1: L}}
+    ep = torch.export.export(Window(), (), x, dynamic_shapes=dyn, strict=False)
+    ep = ep.run_decompositions({torch.ops.rewriter.window.default: _window_triton})
+    ops = {str(n.target) for n in ep.graph.nodes if n.op == "call_function"}
+    assert "rewriter.window_triton.default" in ops and "rewriter.window.default" not in ops

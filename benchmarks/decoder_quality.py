@@ -13,12 +13,12 @@ A fixed, economical subset:
   256, 1024, 1536, 1900, 6 trials each, seed 1234; a trial counts when all 5 digits are right (teacher-forced
   argmax = greedy). Attention passes: one full forward. KV passes: the context up to the query line is prefilled,
   then the query line and the answer go through the (thinned) decode cache, as a KV-compression method is used.
-- peers (--peers, kvpress 0.5.5, which needs transformers < 5.3: run with /work/venv-kvpress/bin/python): the same
+- peers (--peers, kvpress 0.5.5, which needs transformers < 5.3: run from a separate venv that has it, $KVPRESS_VENV): the same
   windows and batches through kvpress' presses, the way kvpress' pipeline uses them (run_peers).
 
     python benchmarks/decoder_quality.py --group attention      # -> results/decoder_quality.attention.json
     python benchmarks/decoder_quality.py --group kv             # -> results/decoder_quality.kv.json
-    /work/venv-kvpress/bin/python benchmarks/decoder_quality.py --peers    # -> results/decoder_quality.peers.json
+    $KVPRESS_VENV/bin/python benchmarks/decoder_quality.py --peers    # -> results/decoder_quality.peers.json
     python benchmarks/decoder_quality.py --merge                # -> results/decoder_quality.json
     python benchmarks/decoder_quality.py --write-data d.pt      # the token ids (Python 3.11.7's stdlib), for --data
     python benchmarks/decoder_quality.py --group kv --data d.pt --out-dir DIR --threads 8 [--only LABEL ...]

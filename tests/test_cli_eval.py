@@ -164,7 +164,10 @@ def test_cli_errors(lm_folder, tmp_path, args, needle):
     assert r.exit_code == 2, r.output
     text = " ".join(r.output.split())
     assert needle in text and "Traceback" not in r.output
-    assert len(r.output.strip().splitlines()) <= 2       # one message (rich may wrap it once)
+    # one message (rich may wrap it once) after the progress lines ("step ..." as a step starts, ✓ as it ends)
+    lines = r.output.strip().splitlines()
+    first = next(i for i, ln in enumerate(lines) if ln.startswith("error"))
+    assert len(lines) - first <= 2 and all(ln.endswith(" ...") or ln.startswith("✓ ") for ln in lines[:first])
 
 
 def test_cli_errors_models(tiny_folders, tmp_path):

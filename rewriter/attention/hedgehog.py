@@ -77,20 +77,37 @@ def hedgehog_weights(q: Tensor, k: Tensor, key_mask: Optional[Tensor], causal: b
                      sinks: int = 0, rows: Optional[Tensor] = None) -> Tensor:
     """The method's normalised attention weights, dense (B, H, Lq, Lk) (or only the query rows `rows`), in q's
     dtype: what the fit trains and what the op computes without building them. Rows that see no key are 0."""
+    H = q.shape[1]
+    allowed, exact, band = _fixed_parts(q, k, key_mask, causal, scale, window, sinks, rows)
+    rows = torch.arange(q.shape[2], device=q.device) if rows is None else rows
+    phi_q = hedgehog_features(q[:, :, rows], q_weight, q_bias)
+    phi_k = expand_kv(hedgehog_features(k, k_weight, k_bias), H)
+    return _combine(phi_q, phi_k, allowed, exact, band, window_gain)
+
+
+def _fixed_parts(q: Tensor, k: Tensor, key_mask: Optional[Tensor], causal: bool, scale: float, window: int, sinks: int,
+                 rows: Optional[Tensor]) -> tuple[Tensor, Optional[Tensor], Optional[Tensor]]:
+    """What the weights of the query rows `rows` take from the model alone, not from the maps: the pairs allowed
+    (causal, padding), the pairs on the exact support S, and there exp(scale q.k - m) with m the row's largest
+    score on S (0 for a row with no key on S)."""
     H, Lq, Lk = q.shape[1], q.shape[2], k.shape[2]
     rows = torch.arange(Lq, device=q.device) if rows is None else rows
-    q = q[:, :, rows]
-    phi_q = hedgehog_features(q, q_weight, q_bias)
-    phi_k = expand_kv(hedgehog_features(k, k_weight, k_bias), H)
     allowed = allowed_mask(Lq, Lk, causal, key_mask, q.device)[:, :, rows]
+    if window == 0 and sinks == 0:
+        return allowed, None, None
+    exact = allowed & support_mask(Lq, Lk, causal, window, sinks, q.device)[rows]
+    s = (torch.matmul(q[:, :, rows], expand_kv(k, H).transpose(-1, -2)) * scale).masked_fill(~exact, float("-inf"))
+    m = s.amax(dim=-1, keepdim=True)
+    m = torch.where(torch.isfinite(m), m, torch.zeros_like(m))
+    return allowed, exact, torch.exp(s - m)
+
+
+def _combine(phi_q: Tensor, phi_k: Tensor, allowed: Tensor, exact: Optional[Tensor], band: Optional[Tensor],
+             window_gain: Tensor) -> Tensor:
+    """Normalised weights: the exact weights `band` on S, exp(g_h) phi_q.phi_k elsewhere, 0 where not allowed."""
     w = torch.matmul(phi_q, phi_k.transpose(-1, -2))
-    if window > 0 or sinks > 0:
-        exact = allowed & support_mask(Lq, Lk, causal, window, sinks, q.device)[rows]
-        s = (torch.matmul(q, expand_kv(k, H).transpose(-1, -2)) * scale).masked_fill(~exact, float("-inf"))
-        m = s.amax(dim=-1, keepdim=True)
-        m = torch.where(torch.isfinite(m), m, torch.zeros_like(m))
-        gain = torch.exp(window_gain.to(q.dtype))[None, :, None, None]
-        w = torch.where(exact, torch.exp(s - m), gain * w)
+    if exact is not None:
+        w = torch.where(exact, band, torch.exp(window_gain.to(w.dtype))[None, :, None, None] * w)
     w = w.masked_fill(~allowed, 0.0)
     den = w.sum(dim=-1, keepdim=True)
     return torch.where(den > 0, w / torch.where(den > 0, den, torch.ones_like(den)), torch.zeros_like(w))
@@ -196,34 +213,43 @@ def _exact_weights(q: Tensor, k: Tensor, key_mask: Optional[Tensor], causal: boo
 
 @dataclass
 class _Batch:
-    """Calibration activations of one site (some samples), with the exact targets of a set of query rows."""
-    q: Tensor
+    """Calibration activations of one site (some samples) at a fixed set of query rows, with everything the
+    weights of those rows take from the model alone (the maps are what the fit changes)."""
+    q: Tensor               # (N, H, r, D): the queries of the rows
     k: Tensor
-    v: Tensor
-    key_mask: Optional[Tensor]
-    rows: Tensor
-    target: Tensor          # exact weights of `rows`
-    real: Tensor            # (B, H, len(rows)) bool: rows of real queries (padding queries carry no information)
+    vv: Tensor              # values, expanded to the query heads
+    allowed: Tensor
+    exact: Optional[Tensor]
+    band: Optional[Tensor]
+    target: Tensor          # exact softmax weights of the rows
+    entropy: Tensor         # their entropy per row (KL = cross-entropy - entropy)
+    exact_out: Tensor       # exact attention output of the rows
+    real: Tensor            # (N, H, r) bool: rows of real queries (padding queries carry no information)
 
 
-def _batch(q, k, v, key_mask, causal, scale, rows) -> _Batch:
+def _batch(q, k, v, key_mask, causal, scale, window, sinks, rows) -> _Batch:
     H = q.shape[1]
     if key_mask is None or causal or q.shape[2] != k.shape[2]:
         real = torch.ones(q.shape[0], H, rows.numel(), dtype=torch.bool, device=q.device)
     else:
         real = key_mask[:, None, rows].to(torch.bool).expand(-1, H, -1)
-    return _Batch(q, k, v, key_mask, rows, _exact_weights(q, k, key_mask, causal, scale, rows), real)
+    allowed, exact, band = _fixed_parts(q, k, key_mask, causal, scale, window, sinks, rows)
+    target = _exact_weights(q, k, key_mask, causal, scale, rows)
+    vv = expand_kv(v, H)
+    entropy = -(target * torch.log(target.clamp_min(1e-30))).sum(-1)
+    return _Batch(q[:, :, rows], k, vv, allowed, exact, band, target, entropy, torch.matmul(target, vv), real)
 
 
-def _losses(maps: dict, b: _Batch, causal: bool, scale: float, window: int, sinks: int) -> tuple[Tensor, Tensor]:
-    """(KL(softmax weights || learned weights) per real row, squared attention-output error relative to the exact
-    output's square) on the batch's rows."""
-    approx = hedgehog_weights(b.q, b.k, b.key_mask, causal, scale, **maps, window=window, sinks=sinks, rows=b.rows)
-    vv = expand_kv(b.v, b.q.shape[1])
-    exact_out, approx_out = torch.matmul(b.target, vv)[b.real], torch.matmul(approx, vv)[b.real]
-    mse = (exact_out - approx_out).pow(2).sum() / exact_out.pow(2).sum().clamp_min(1e-30)
-    t = b.target[b.real]
-    kl = (t * (torch.log(t.clamp_min(1e-30)) - torch.log(approx[b.real].clamp_min(1e-30)))).sum(-1).mean()
+def _losses(maps: dict, b: _Batch) -> tuple[Tensor, Tensor]:
+    """(KL(softmax weights || learned weights) averaged over the real rows, squared attention-output error
+    relative to the exact output's square) on the batch's rows."""
+    phi_q = hedgehog_features(b.q, maps["q_weight"], maps["q_bias"])
+    phi_k = expand_kv(hedgehog_features(b.k, maps["k_weight"], maps["k_bias"]), b.q.shape[1])
+    approx = _combine(phi_q, phi_k, b.allowed, b.exact, b.band, maps["window_gain"])
+    real = b.real[..., None].to(approx.dtype)
+    mse = ((b.exact_out - torch.matmul(approx, b.vv)) * real).pow(2).sum() / (b.exact_out * real).pow(2).sum()
+    cross = -(b.target * torch.log(approx.clamp_min(1e-30))).sum(-1)
+    kl = ((cross - b.entropy) * b.real).sum() / b.real.sum()
     return kl, mse
 
 
@@ -244,6 +270,7 @@ def fit_maps(config: "HedgehogConfig", q: Tensor, k: Tensor, v: Tensor, key_mask
     (at least one, when there are two or more) is held out: the statistics report the KL divergence and the
     attention-output relative error on them before and after the fit, whichever loss trained the maps."""
     window, sinks = int(args.get("window", 0)), int(args.get("sinks", 0))
+    t0 = time.perf_counter()
     N, H, L, D = q.shape
     Fdim = config.features or D
     dev = q.device
@@ -252,23 +279,25 @@ def fit_maps(config: "HedgehogConfig", q: Tensor, k: Tensor, v: Tensor, key_mask
     train = slice(0, N - held)
     test = slice(N - held, N) if held else slice(0, N)
     km = (lambda s: None if key_mask is None else key_mask[s])
-    test_batch = _batch(q[test], k[test], v[test], km(test), causal, scale, _rows(L, config.rows_held_out, dev))
+    test_batch = _batch(q[test], k[test], v[test], km(test), causal, scale, window, sinks,
+                        _rows(L, config.rows_held_out, dev))
+    gen = torch.Generator().manual_seed(config.seed)
+    # one fixed set of training rows: their targets are computed once
+    train_batch = _batch(q[train], k[train], v[train], km(train), causal, scale, window, sinks,
+                         _rows(L, config.rows, dev, gen))
 
     def evaluate(m):
         with torch.no_grad():
-            kl, mse = _losses(m, test_batch, causal, scale, window, sinks)
+            kl, mse = _losses(m, test_batch)
         return float(kl), float(mse.sqrt())
 
-    t0 = time.perf_counter()
-    gen = torch.Generator().manual_seed(config.seed)
     maps = {name: t.requires_grad_(True) for name, t in identity_maps(H, k.shape[1], D, Fdim, dev).items()}
     kl0, err0 = evaluate(maps)
     trained = [t for name, t in maps.items() if name != "window_gain" or window or sinks]
     opt = torch.optim.Adam(trained, lr=config.lr)
     with torch.enable_grad():
         for step in range(config.steps):
-            b = _batch(q[train], k[train], v[train], km(train), causal, scale, _rows(L, config.rows, dev, gen))
-            kl, mse = _losses(maps, b, causal, scale, window, sinks)
+            kl, mse = _losses(maps, train_batch)
             loss = kl if config.loss == "xent" else mse
             opt.zero_grad()
             loss.backward()
@@ -300,7 +329,8 @@ class HedgehogConfig(AttentionConfig):
                                                         "mse (LoLCATs: attention outputs)"})
     steps: int = field(default=200, metadata={"help": "Adam steps per site"})
     lr: float = 0.01
-    rows: int = field(default=64, metadata={"help": "query rows per calibration sample in each step"})
+    rows: int = field(default=64, metadata={"help": "query rows per calibration sample the fit trains on (the "
+                                                    "targets hold rows x sequence length weights per head)"})
     rows_held_out: int = field(default=256, metadata={"help": "query rows per held-out sample in the fit report"})
     seed: int = 0
 

@@ -27,6 +27,7 @@ MATRIX = {
     "performer": ({"features": 16}, "test_ops_lowrank_attention.py"),
     "linear": ({"feature_map": "elu", "window": 8, "sinks": 2}, "test_ops_lowrank_attention.py"),
     "scatterbrain": ({"features": 16, "window": 8}, "test_ops_lowrank_attention.py"),
+    "hedgehog": ({"window": 8, "features": 4, "steps": 2}, "test_hedgehog.py"),
 }
 
 
@@ -56,6 +57,10 @@ def test_method_is_complete(name):
     q, k, v = (torch.randn(B, h, L, D, generator=gen) for h in (H, Hkv, Hkv))
     key_mask = torch.ones(B, L, dtype=torch.bool)
     key_mask[1, 33:] = False
+    if m.fit is not None:                                # learned methods: their tensors come from the fit hook
+        learned, info = m.fit(cfg, q, k, v, key_mask, True, D ** -0.5, kwargs)
+        assert all(isinstance(t, torch.Tensor) for t in learned.values()) and isinstance(info, dict)
+        kwargs = {**kwargs, **learned}
     args = m.positional(kwargs)
     out = m.op(q, k, v, key_mask, True, D ** -0.5, *args)
     assert out.shape == (B, H, L, D) and torch.isfinite(out).all()

@@ -67,7 +67,8 @@ def test_method_is_complete(name):
     torch.testing.assert_close(out, m.reference(q, k, v, key_mask, True, D ** -0.5, **kwargs), rtol=0, atol=0)
     with FakeTensorMode() as mode:                       # the fake: programs holding the op still export
         fq, fk, fv, fm = (mode.from_tensor(t) for t in (q, k, v, key_mask))
-        assert m.op(fq, fk, fv, fm, True, D ** -0.5, *args).shape == (B, H, L, D)
+        fargs = tuple(mode.from_tensor(a) if isinstance(a, torch.Tensor) else a for a in args)
+        assert m.op(fq, fk, fv, fm, True, D ** -0.5, *fargs).shape == (B, H, L, D)
     cost = m.cost(B, H, Hkv, L, L, D, D, True, **kwargs)
     assert isinstance(cost, AttentionCost) and cost.flops > 0 and cost.dense_flops > 0
     if m.pairs is not None:

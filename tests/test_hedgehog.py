@@ -130,21 +130,19 @@ def test_bad_maps_are_refused_by_name():
         HedgehogConfig(loss="l1").validate()
 
 
-@pytest.mark.parametrize("loss", ["xent", "mse"])
-def test_fit_reduces_held_out_loss(loss):
-    """The fit hook alone on structured activations (queries and keys with a shared low-rank part, so attention is
-    peaked): on held-out samples the trained loss falls by 5% or more, and the output error falls."""
+@pytest.mark.parametrize("loss,window,ratio", [("xent", 0, 0.9), ("xent", 4, 0.9), ("mse", 4, 0.97)])
+def test_fit_reduces_held_out_loss(loss, window, ratio):
+    """The fit hook alone (8 samples, 2 held out; GQA): on the held-out samples the trained loss falls (KL for
+    xent, the attention-output error for mse) and the output error falls."""
     g = torch.Generator().manual_seed(3)
-    basis = torch.randn(3, 8, generator=g) * 2
-    q = torch.randn(8, 2, 32, 3, generator=g) @ basis + 0.3 * torch.randn(8, 2, 32, 8, generator=g)
-    k = q[:, :1] + 0.3 * torch.randn(8, 1, 32, 8, generator=g)
-    v = torch.randn(8, 1, 32, 8, generator=g)
-    cfg = HedgehogConfig(loss=loss, steps=25, rows=16, lr=0.05)
+    q = torch.randn(8, 2, 32, 8, generator=g)
+    k, v = (torch.randn(8, 1, 32, 8, generator=g) for _ in range(2))
+    cfg = HedgehogConfig(loss=loss, steps=25, rows=32, lr=0.05)
     lines = []
-    maps, info = fit_maps(cfg, q, k, v, None, False, 8 ** -0.5, {"window": 4, "sinks": 0}, lines.append)
+    maps, info = fit_maps(cfg, q, k, v, None, False, 8 ** -0.5, {"window": window, "sinks": 0}, lines.append)
     assert info["held_out_samples"] == 2 and info["train_samples"] == 6
     trained = "held_out_kl" if loss == "xent" else "held_out_attention_rel_error"
-    assert info[trained] < 0.95 * info[trained + "_before"], info
+    assert info[trained] < ratio * info[trained + "_before"], info
     assert info["held_out_attention_rel_error"] < info["held_out_attention_rel_error_before"], info
     assert maps["k_weight"].shape == (1, 8, 8) and not maps["q_weight"].requires_grad
     assert any("fitted" in line for line in lines)

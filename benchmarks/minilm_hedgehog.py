@@ -24,6 +24,7 @@ from rewriter.calibration import calibration_inputs, compare_outputs
 
 ROWS = [
     {"window": 64, "features": 16, "steps": 100, "rows": 64, "lr": 0.05},   # LoLCATs hybrid, 0.28 of exact FLOPs
+    {"window": 64, "sinks": 4, "features": 16, "steps": 100, "rows": 64, "lr": 0.05},
     {"features": 32, "steps": 100, "rows": 128, "lr": 0.05},                # pure learned linear attention
     {"window": 64, "features": 16, "steps": 100, "rows": 64, "lr": 0.05, "loss": "mse"},
 ]

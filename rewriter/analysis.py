@@ -133,9 +133,11 @@ def method_errors(rec: SiteRecord, candidates: list[tuple[str, dict]],
     out = []
     for method, options in candidates:
         p = make_pass(method, dict(options))
-        args, budget, _ = p.site_args(s, L)
-        if args is None:
+        kwargs, budget, _ = p.site_kwargs(s, L)
+        if kwargs is None:
             continue
+        fitted, _ = p.fit(s, q, k, v, km, kwargs, progress)      # learned methods fit on this site's inputs
+        args = p.method.positional({**kwargs, **fitted})
         approx = p.op(q, k, v, km, s.causal, s.scale, *args).double()
         d = torch.where(rows, approx - exact, torch.zeros_like(exact))
         ref = torch.where(rows, exact, torch.zeros_like(exact))

@@ -193,12 +193,26 @@ def sdpa_mask(node: fx.Node):
     return node.kwargs.get("attn_mask")
 
 
-def replace_attention(gm: fx.GraphModule, node: fx.Node, op, causal: bool, scale: float, method_args: tuple) -> fx.Node:
+def replace_attention(gm: fx.GraphModule, node: fx.Node, op, causal: bool, scale: float, method_args: tuple,
+                      constant_prefix: str = "") -> fx.Node:
+    """Replace the SDPA `node` by op(q, k, v, key_mask, causal, scale, *method_args). Tensor arguments (a learned
+    method's fitted constants) become buffers `<constant_prefix>[_n]_<argument name>` (a prefix not taken yet: a
+    later pass may meet the same node names), read by get_attr nodes."""
     graph = gm.graph
     q, k, v = node.args[:3]
+    names = [a.name for a in op._schema.arguments[6:]]
+    tensors = [name for name, value in zip(names, method_args) if isinstance(value, torch.Tensor)]
+    prefix, n = constant_prefix or node.name, 1
+    while any(hasattr(gm, f"{prefix}_{name}") for name in tensors):
+        prefix, n = f"{constant_prefix or node.name}_{n}", n + 1
     with graph.inserting_before(node):
         km = key_mask_node(graph, sdpa_mask(node), q)
-        new = graph.call_function(op, (q, k, v, km, causal, scale, *method_args))
+        args = []
+        for name, value in zip(names, method_args):
+            if isinstance(value, torch.Tensor):
+                value = graph.get_attr(add_tensor(gm, f"{prefix}_{name}", value, parameter=False))
+            args.append(value)
+        new = graph.call_function(op, (q, k, v, km, causal, scale, *args))
     new.meta = dict(node.meta)
     node.replace_all_uses_with(new)
     graph.erase_node(node)

@@ -22,6 +22,7 @@ OPTIONS = {
     "linear": {"feature_map": "elu", "window": 4},
     "scatterbrain": {"features": 16, "window": 6, "sinks": 1},
     "exact-attention": {},
+    "hedgehog": {"window": 4, "features": 4, "steps": 5},
 }
 
 
@@ -32,7 +33,7 @@ def test_every_attention_pass_has_test_options():
 # Two methods per program (layer 0 and layer 1 of the tiny models), so every method meets every architecture in
 # half the captures.
 PAIRS = [("window", "block-topk"), ("strided", "lsh"), ("performer", "linear"), ("scatterbrain", "window"),
-         ("exact-attention", "strided")]
+         ("exact-attention", "hedgehog")]
 
 
 def test_pairs_cover_every_method():

@@ -27,6 +27,7 @@ MATRIX = {
     "performer": ({"features": 16}, "test_ops_lowrank_attention.py"),
     "linear": ({"feature_map": "elu", "window": 8, "sinks": 2}, "test_ops_lowrank_attention.py"),
     "scatterbrain": ({"features": 16, "window": 8}, "test_ops_lowrank_attention.py"),
+    "hedgehog": ({"window": 8, "features": 4, "steps": 2}, "test_hedgehog.py"),
 }
 
 
@@ -56,13 +57,18 @@ def test_method_is_complete(name):
     q, k, v = (torch.randn(B, h, L, D, generator=gen) for h in (H, Hkv, Hkv))
     key_mask = torch.ones(B, L, dtype=torch.bool)
     key_mask[1, 33:] = False
+    if m.fit is not None:                                # learned methods: their tensors come from the fit hook
+        learned, info = m.fit(cfg, q, k, v, key_mask, True, D ** -0.5, kwargs)
+        assert all(isinstance(t, torch.Tensor) for t in learned.values()) and isinstance(info, dict)
+        kwargs = {**kwargs, **learned}
     args = m.positional(kwargs)
     out = m.op(q, k, v, key_mask, True, D ** -0.5, *args)
     assert out.shape == (B, H, L, D) and torch.isfinite(out).all()
     torch.testing.assert_close(out, m.reference(q, k, v, key_mask, True, D ** -0.5, **kwargs), rtol=0, atol=0)
     with FakeTensorMode() as mode:                       # the fake: programs holding the op still export
         fq, fk, fv, fm = (mode.from_tensor(t) for t in (q, k, v, key_mask))
-        assert m.op(fq, fk, fv, fm, True, D ** -0.5, *args).shape == (B, H, L, D)
+        fargs = tuple(mode.from_tensor(a) if isinstance(a, torch.Tensor) else a for a in args)
+        assert m.op(fq, fk, fv, fm, True, D ** -0.5, *fargs).shape == (B, H, L, D)
     cost = m.cost(B, H, Hkv, L, L, D, D, True, **kwargs)
     assert isinstance(cost, AttentionCost) and cost.flops > 0 and cost.dense_flops > 0
     if m.pairs is not None:

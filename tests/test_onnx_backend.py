@@ -205,6 +205,8 @@ EXPORT_CASES = {
                                      ("lsh", {"n_hashes": 2, "bucket_size": 8, "layers": "1"})]),
     "gpt2-strided-exact": ("gpt2", [("strided", {"stride": 2, "block": 8, "layers": "0"}),
                                     ("exact-attention", {"layers": "1"})]),
+    "llama-hedgehog": ("llama", [("hedgehog", {"window": 4, "features": 4, "steps": 5, "layers": "0"}),
+                                 ("hedgehog", {"features": 4, "steps": 5, "layers": "1"})]),
     "llama-mla-exact-decoupled": ("llama", [("mla", {"rank": 24, "layers": "0"}),
                                             ("mla", {"rope": "decoupled", "rank": 16, "layers": "1"})]),
     "bert-auto-attention-plan": ("bert", [("auto-attention", {"plan": [

@@ -211,6 +211,10 @@ class AttentionMethod:
     density_knob  the native knob a density resolves to (window, stride), replaced by its integer value when a
                plan is written down so that replays need no length; None when density is itself the knob
     onnx_quadratic  the ONNX form holds an Lq x Lk tensor
+    fit        learned methods: (config, q, k, v, key_mask, causal, scale, op arguments, progress) ->
+               (tensor op arguments by name, a dict of fit statistics for the report), called by the attention pass
+               once per site with that site's recorded calibration inputs; the tensors become constants of the
+               program (buffers read by get_attr), the op's Tensor arguments. None: nothing is learned
     """
     name: str
     config: type
@@ -227,6 +231,7 @@ class AttentionMethod:
     onnx_quadratic: bool = False
     compose: Optional[Callable] = None
     exact: bool = False
+    fit: Optional[Callable] = None
 
     @property
     def op_name(self) -> str:

@@ -278,9 +278,9 @@ def _heads_fp32(q, k, v):
 
 
 def _lowrank_attention(q, k, v, key_mask, causal, scale, phi_q, phi_k, dims, window, sinks, log_q=None, log_k=None,
-                       block=64):
+                       block=64, support_max_offset=None):
     """Mirror of ``sparse_plus_lowrank_attention`` on (B, H, ...) fp32 tensors; window == sinks == 0 is plain
-    linear attention. dims = (D, Dv, F)."""
+    linear attention. dims = (D, Dv, F); support_max_offset: an fp32 (H,) value (learned maps' hybrid)."""
     op = _op()
     d, dv, f = dims
     va = _with_ones(v)
@@ -290,7 +290,10 @@ def _lowrank_attention(q, k, v, key_mask, causal, scale, phi_q, phi_k, dims, win
     sup = _support(q, k, key_mask, causal, window, sinks, block)
     s = _masked_scores(sup.blocks(q, d), sup.gather(k, d), sup.allowed, scale)
     row_max = op.ReduceMax(s, _ints([-1]), keepdims=1)                             # (B, H, nqb, block, 1)
-    if log_q is None:   # fixed feature maps carry no offset
+    if support_max_offset is not None:
+        rowb = op.Add(op.Where(op.IsInf(row_max), _float(0.0), row_max),
+                      op.Reshape(support_max_offset, _ints([1, -1, 1, 1, 1])))
+    elif log_q is None:   # fixed feature maps carry no offset
         rowb = op.Mul(row_max, _float(0.0))
         rowb = op.Where(op.IsNaN(rowb), _float(0.0), rowb)
     else:

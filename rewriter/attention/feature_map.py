@@ -222,7 +222,7 @@ def sparse_plus_lowrank_attention(
     q: Tensor, k: Tensor, v: Tensor, key_mask: Optional[Tensor], causal: bool, scale: float,
     phi_q: Tensor, phi_k: Tensor, window: int, sinks: int = 0,
     log_phi_q: Optional[Tensor] = None, log_phi_k: Optional[Tensor] = None,
-    block: int = DEFAULT_BLOCK, chunk: int = DEFAULT_CHUNK,
+    block: int = DEFAULT_BLOCK, chunk: int = DEFAULT_CHUNK, support_max_offset: Optional[Tensor] = None,
 ) -> Tensor:
     """Attention with weight exp(scale q.k) on the support S and phi(q).phi(k) off it; (B, H, Lq, Dv) in q's dtype.
 
@@ -234,6 +234,11 @@ def sparse_plus_lowrank_attention(
     (exp - phi.phi) over S, gathered by key blocks of `block` tokens. Both terms share one row stabiliser
     r_i = max(log_phi_q_i + log_phi_k, max over S of scale q_i.k_j), so no exponent is positive. Rows with
     den <= 0 (no key seen, or a non-positive feature map) give 0.
+
+    support_max_offset (H,) (learned maps, LoLCATs' hybrid): the true query features are instead
+    phi_q * exp(m_i + g_h), with m_i the row's largest exact score over S (0 for a row with no key in S): the
+    linear weights are measured against the row's largest softmax weight, scaled per head by exp(g_h)
+    (log_phi_q and log_phi_k must then be None).
     """
     B, H, Hkv, Lq, Lk, D = check_qkv(q, k, v, key_mask)
     Dv = v.shape[-1]
@@ -274,7 +279,11 @@ def sparse_plus_lowrank_attention(
         rowb = _pad_to(row_log, 3, nqb * block).view(B, Hkv, group, nqb, block)
         scores = torch.matmul(qb, kg[:, :, None].transpose(-1, -2)) * scale
         scores = scores.masked_fill(~in_support, float("-inf"))
-        stabiliser = torch.maximum(rowb, scores.amax(dim=-1))
+        support_max = scores.amax(dim=-1)
+        if support_max_offset is not None:
+            finite = torch.where(torch.isfinite(support_max), support_max, torch.zeros_like(support_max))
+            rowb = finite + support_max_offset.to(acc).view(1, Hkv, group, 1, 1)
+        stabiliser = torch.maximum(rowb, support_max)
         lowrank_weight = torch.exp(rowb - stabiliser)                             # (B, Hkv, G, nqb, block)
         phi_dot = torch.matmul(pqb, pkg[:, :, None].transpose(-1, -2))
         correction = torch.exp(scores - stabiliser[..., None]) - lowrank_weight[..., None] * phi_dot

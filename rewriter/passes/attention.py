@@ -39,15 +39,22 @@ class AttentionPass(Pass):
         kwargs, reported = self.method.budget(self.config, L)
         return self.method.positional(kwargs), reported
 
-    def site_args(self, site: AttentionSite, L: int) -> tuple[tuple | None, dict, str]:
-        """method_args for rewriting `site`: sites whose attention has the model's own semantics (a sliding window,
-        ALiBi) get arguments that keep them, with a note, or None and the reason the method refuses the site."""
+    def site_kwargs(self, site: AttentionSite, L: int) -> tuple[dict | None, dict, str]:
+        """The op arguments by name for rewriting `site`: sites whose attention has the model's own semantics (a
+        sliding window, ALiBi) get arguments that keep them, with a note, or None and the reason the method refuses
+        the site. A learned method's tensors are not among them yet (see `fit`)."""
         kwargs, reported = self.method.budget(self.config, L)
         kept, note = self.method.keep_semantics(site, kwargs)
         if kept is None:
             return None, reported, note
-        reported = {k: kept.get(k, v) for k, v in reported.items()}
-        return self.method.positional(kept), reported, note
+        return kept, {k: kept.get(k, v) for k, v in reported.items()}, note
+
+    def fit(self, site: AttentionSite, q, k, v, km, kwargs: dict, progress) -> tuple[dict, dict]:
+        """A learned method's tensors for `site`, fitted on its recorded calibration inputs, and the fit's
+        statistics; ({}, {}) for methods that learn nothing."""
+        if self.method.fit is None:
+            return {}, {}
+        return self.method.fit(self.config, q, k, v, km, site.causal, site.scale, kwargs, progress)
 
     def cost(self, site: AttentionSite, B: int, L: int, args: tuple) -> _common.AttentionCost:
         """Counted cost of one call at batch B and length L with the op arguments `args`."""
@@ -79,20 +86,26 @@ class AttentionPass(Pass):
         nodes = {n.name: n for n in gm.graph.nodes}
         ctx.progress(f"{self.name}: recording attention inputs on calibration data")
         recorded = record_node_inputs(gm, ctx.calib_inputs, {s.node for s in sites})
-        errors, costs, at_max, refused = [], [], [], []
-        for site in sites:
+        errors, costs, at_max, refused, fits = [], [], [], [], []
+        for i, site in enumerate(sites):
             args, kwargs = recorded[site.node]
             q, k, v = args[:3]
             mask = args[3] if len(args) > 3 else kwargs.get("attn_mask")
             B, L = q.shape[0], k.shape[2]
+            km = key_mask_value(mask, B)
             L_max = max(L, max_length(ctx.program.config) or L)
-            method_args, budget, note = self.site_args(site, L_max)
-            if method_args is None:
+            op_kwargs, budget, note = self.site_kwargs(site, L_max)
+            if op_kwargs is None:
                 refused.append({"site": site.module_path, "reason": note})
                 continue
-            replace_attention(gm, nodes[site.node], self.op, site.causal, site.scale, method_args)
+            where = f"{self.name}: site {i + 1}/{len(sites)} ({site.module_path})"
+            learned, fit_info = self.fit(site, q, k, v, km, op_kwargs, lambda msg: ctx.progress(f"{where}: {msg}"))
+            if fit_info:
+                fits.append({"site": site.module_path, "layer": site.layer, **fit_info})
+            method_args = self.method.positional({**op_kwargs, **learned})
+            replace_attention(gm, nodes[site.node], self.op, site.causal, site.scale, method_args,
+                              constant_prefix=f"{self.name.replace('-', '_')}_{site.node}")
             # error of this site alone, on its own recorded inputs (exact attention as the reference)
-            km = key_mask_value(mask, B)
             rows = _measured_rows(q.shape[2], q.device)
             exact = self._exact(q, k, v, km, site, rows)
             approx = self.op(q, k, v, km, site.causal, site.scale, *method_args)[:, :, rows]
@@ -129,7 +142,7 @@ class AttentionPass(Pass):
             "attention_flops_ratio_at_max_length": sum(c.flops for c in at_max) / sum(c.dense_flops for c in at_max),
             "attention_memory_ratio_at_max_length": sum(c.memory_bytes for c in at_max) /
             sum(c.dense_memory_bytes for c in at_max),
-            **({"refused_sites": refused} if refused else {})}
+            **({"refused_sites": refused} if refused else {}), **({"fit": fits} if fits else {})}
         first = result.changes[0].details
         shown = {k: first[k] for k in self.method.budget(self.config, L_max)[1]}
         if shown:

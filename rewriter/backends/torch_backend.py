@@ -243,10 +243,16 @@ def write_hf(program: Program, folder: Path, weight_only: bool) -> str | None:
 def _structure_change(program: Program) -> str | None:
     """Why the model's own modules cannot hold the program's weights (a pass replaced or added weights, e.g. a
     low-rank factorisation), or None. Integer buffers (auto-attention's head indices) belong to the plan."""
+    def strip(k: str) -> str:
+        return k[len(WRAPPER_PREFIX):] if k.startswith(WRAPPER_PREFIX) else k
+
     own = set(program.meta["eager_model"].state_dict())
-    theirs = {(k[len(WRAPPER_PREFIX):] if k.startswith(WRAPPER_PREFIX) else k): t
-              for k, t in program.ep.state_dict.items()}
-    added = sorted(k for k, t in theirs.items() if k not in own and t.is_floating_point())
+    theirs = {strip(k): t for k, t in program.ep.state_dict.items()}
+    # tensors a rewriter attention op takes as arguments (learned feature maps) travel in the plan's parameter file
+    gm = program.module()
+    plan = {strip(a.target) for n in gm.graph.nodes if n.op == "call_function" and str(n.target).startswith("rewriter.")
+            for a in n.args if isinstance(a, torch.fx.Node) and a.op == "get_attr"}
+    added = sorted(k for k, t in theirs.items() if k not in own and k not in plan and t.is_floating_point())
     if added:
         return (f"the program has {len(added)} weight(s) the model lacks (first: {added[0]}); a pass changed the "
                 "model's structure beyond its attention, which transformers' classes cannot hold")

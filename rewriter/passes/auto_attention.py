@@ -35,6 +35,9 @@ def parse_label(label: str) -> tuple[str, dict]:
     m = re.fullmatch(r"\s*([\w-]+)\s*(?:\((.*)\))?\s*", label)
     if not m:
         raise RewriterError(f"cannot read plan entry {label!r}", "write method(key=value,...) or exact")
+    if m.group(1) in METHODS and METHODS[m.group(1)].fit is not None:
+        raise RewriterError(f"plan entry {label!r}: {m.group(1)} learns its parameters per site, which auto-attention "
+                            "does not fit yet", f"run the {m.group(1)} pass on those layers instead")
     opts = {}
     for item in split_top_level(m.group(2) or ""):
         key, _, val = item.partition("=")

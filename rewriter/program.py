@@ -43,9 +43,12 @@ class Program:
 
     # --- running -------------------------------------------------------------------------------------
     def module(self) -> torch.fx.GraphModule:
-        """A fresh unlifted GraphModule (parameters as attributes): what passes rewrite. Its `meta` carries the
-        attention semantics probed at capture, so every site lookup on it sees the model's own windows and biases."""
-        gm = self.ep.module()
+        """A fresh unlifted GraphModule (parameters as attributes): what passes rewrite and what users run or
+        `torch.compile`. Its `meta` carries the attention semantics probed at capture, so every site lookup on it sees
+        the model's own windows and biases. torch.export's per-`.to()` metadata asserts are left out (they compute
+        nothing and torch.compile breaks the graph on them)."""
+        from .graph import strip_metadata_asserts
+        gm = strip_metadata_asserts(self.ep.module())
         if self.meta.get("attention_semantics"):
             gm.meta["attention_semantics"] = self.meta["attention_semantics"]
         return gm
@@ -58,7 +61,7 @@ class Program:
         if missing:
             raise ValueError(f"missing inputs {missing}; the program takes {self.input_names}")
         if self._runner is None:
-            self._runner = self.ep.module()
+            self._runner = self.module()
         with torch.no_grad():
             out = self._runner(**{n: inputs[n] for n in self.input_names})
         return tuple(out) if isinstance(out, (tuple, list)) else (out,)

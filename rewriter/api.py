@@ -18,7 +18,7 @@ from .errors import RewriterError
 from .load import is_rewriter_output, load
 from .pipeline import Pass, Pipeline
 from .program import Program
-from .report import heatmaps, write_json  # noqa: F401  (heatmaps: for the CLI)
+from .report import PLOTS_SKIPPED, heatmaps, write_json  # noqa: F401  (heatmaps, PLOTS_SKIPPED: for the CLI)
 from .sites import attention_sites, linear_sites
 
 # The rest of the CLI's door: the CLI imports this module only.

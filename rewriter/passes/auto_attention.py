@@ -24,7 +24,7 @@ from ..config import PassConfig, parse_scalar, split_top_level
 from ..errors import RewriterError
 from ..graph import aten, erase_dead, head_group_inputs, index_buffer, key_mask_node, sdpa_mask
 from ..pipeline import PassResult, Pass, SiteChange, make_pass, register_pass
-from ..report import plan_picture
+from ..report import PLOTS_SKIPPED, plan_picture
 from ..sites import attention_sites, select
 
 EXACT = "exact"
@@ -165,9 +165,12 @@ class AutoAttention(Pass):
         if cfg.density and summary["attention_flops_ratio"] > cfg.density + 1e-9:
             result.notes.append(f"density {cfg.density} is below the cheapest candidates at this length; the plan "
                                 f"uses {summary['attention_flops_ratio']:.3f} of exact attention FLOPs")
-        result.artifacts["auto_attention_plan.png"] = plan_picture(
-            {p: [parse_label(lab) for lab in labels] for p, labels in plan.items()}, {p: sites[p].layer for p in plan},
-            method_colour)
+        picture = plan_picture({p: [parse_label(lab) for lab in labels] for p, labels in plan.items()},
+                               {p: sites[p].layer for p in plan}, method_colour)
+        if picture is None:
+            result.notes.append("auto_attention_plan.png skipped: " + PLOTS_SKIPPED.format(what="the plan picture"))
+        else:
+            result.artifacts["auto_attention_plan.png"] = picture
         cfg.plan = [{"site": p, "heads": labels} for p, labels in plan.items()]   # the recipe now replays it
         result.summary = {**summary, **result.summary}
         for path, labels in plan.items():

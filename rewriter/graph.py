@@ -90,18 +90,6 @@ def erase_dead(gm: fx.GraphModule) -> None:
     gm.recompile()
 
 
-def strip_metadata_asserts(gm: fx.GraphModule) -> fx.GraphModule:
-    """Remove the `aten._assert_tensor_metadata` checks torch.export leaves after each `.to()` of the traced model
-    (dtype / device / layout of the value at capture time). They compute nothing, and they pin the capture's
-    device into the graph: torch.compile breaks the graph (or fails) on them. Returns gm, changed in place."""
-    asserts = [n for n in gm.graph.nodes if is_call(n, aten._assert_tensor_metadata.default)]
-    for node in asserts:
-        gm.graph.erase_node(node)
-    if asserts:
-        gm.recompile()
-    return gm
-
-
 def unused_attributes(gm: fx.GraphModule) -> list[str]:
     used = {n.target for n in gm.graph.nodes if n.op == "get_attr"}
     called = tuple(n.target + "." for n in gm.graph.nodes if n.op == "call_module")

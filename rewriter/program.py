@@ -27,6 +27,19 @@ def export(module: nn.Module, inputs: dict[str, torch.Tensor], dynamic_shapes: d
                                    prefer_deferred_runtime_asserts_over_guards=True)
 
 
+def strip_metadata_asserts(gm: torch.fx.GraphModule) -> torch.fx.GraphModule:
+    """Remove the `aten._assert_tensor_metadata` checks torch.export leaves after each `.to()` of the traced model
+    (dtype / device / layout of the value at capture). They compute nothing, and they pin the capture's device into
+    the graph: torch.compile breaks the graph on them. Returns gm, changed in place."""
+    target = torch.ops.aten._assert_tensor_metadata.default
+    asserts = [n for n in gm.graph.nodes if n.op == "call_function" and n.target is target]
+    for node in asserts:
+        gm.graph.erase_node(node)
+    if asserts:
+        gm.recompile()
+    return gm
+
+
 @dataclass
 class Program:
     ep: torch.export.ExportedProgram
@@ -47,7 +60,6 @@ class Program:
         `torch.compile`. Its `meta` carries the attention semantics probed at capture, so every site lookup on it sees
         the model's own windows and biases. torch.export's per-`.to()` metadata asserts are left out (they compute
         nothing and torch.compile breaks the graph on them)."""
-        from .graph import strip_metadata_asserts
         gm = strip_metadata_asserts(self.ep.module())
         if self.meta.get("attention_semantics"):
             gm.meta["attention_semantics"] = self.meta["attention_semantics"]

@@ -25,6 +25,13 @@ def test_capture_matches_eager_at_other_shapes(arch, attn):
         ref = _eager_first_output(model, inputs)
         got = program.run(**inputs)[0]
         assert got.shape == ref.shape
+        if attn == "eager" and arch in ("gpt2", "llama") and batch > 1:
+            # left padding: a padding query row sees no key. HF's eager softmax over an all-masked row averages
+            # every value (future ones too); SDPA and the canonical exact_attention give 0. The rows carry no
+            # information (no real token attends to them); every real token must match.
+            real = inputs["attention_mask"].bool()
+            torch.testing.assert_close(got[real], ref[real], atol=1e-5, rtol=1e-5)
+            continue
         torch.testing.assert_close(got, ref, atol=1e-5, rtol=1e-5)
 
 

@@ -22,7 +22,7 @@ from ..calibration import compare_outputs
 from ..canonical import canonicalize
 from ..config import PassConfig, parse_scalar, split_top_level
 from ..errors import RewriterError
-from ..graph import aten, erase_dead, head_group_inputs, index_buffer, key_mask_node, sdpa_mask
+from ..graph import attention_key_mask, aten, erase_dead, head_group_inputs, index_buffer
 from ..pipeline import PassResult, Pass, SiteChange, make_pass, register_pass
 from ..report import PLOTS_SKIPPED, plan_picture
 from ..sites import attention_sites, select
@@ -90,7 +90,6 @@ def apply_plan(gm: fx.GraphModule, sites: dict, plan: dict[str, list[str]]) -> i
             continue
         node = nodes[site.node]
         q, k, v = node.args[:3]
-        mask = sdpa_mask(node)
         groups: dict[str, list[int]] = {}
         for h, lab in enumerate(labels):
             groups.setdefault(lab, []).append(h)
@@ -98,13 +97,14 @@ def apply_plan(gm: fx.GraphModule, sites: dict, plan: dict[str, list[str]]) -> i
         order: list[int] = []
         outs = []
         with graph.inserting_before(node):
-            km = key_mask_node(graph, mask, q)
+            km = attention_key_mask(graph, node)
             for g, (lab, heads) in enumerate(groups.items()):
                 qg, kg, vg = head_group_inputs(gm, f"auto_{site.node}_{g}", q, k, v, heads, rep)
                 method, opts = parse_label(lab)
-                if method == EXACT:   # exact on the key mask: SDPA's flash path, not HF's dense mask
-                    out = graph.call_function(METHODS["exact-attention"].op,
-                                              (qg, kg, vg, km, site.causal, site.scale))
+                if method == EXACT:   # the canonical node for these heads (the model's window and ALiBi slopes kept)
+                    window, alibi = site.exact_arguments()[0] or (0, None)
+                    out = graph.call_function(METHODS["exact-attention"].op, (
+                        qg, kg, vg, km, site.causal, site.scale, window, [alibi[h] for h in heads] if alibi else None))
                 else:
                     p = make_pass(method, opts)
                     args, _ = p.method_args(site, 0)
@@ -152,7 +152,7 @@ class AutoAttention(Pass):
             if not sites:
                 raise RewriterError(f"{self.name}: every selected attention site has the model's own "
                                     f"{refused[0].semantics()}; no per-head method keeps it",
-                                    "use exact-attention, or window with sinks=0, on these layers")
+                                    "leave these layers exact (exclude them), or use window with sinks=0 there")
         if cfg.plan:
             plan = {e["site"]: list(e["heads"]) for e in cfg.plan}
             n = apply_plan(gm, {s.module_path: s for s in all_sites}, plan)

@@ -35,6 +35,24 @@ def test_capture_matches_eager_at_other_shapes(arch, attn):
         torch.testing.assert_close(got, ref, atol=1e-5, rtol=1e-5)
 
 
+def _assert_canonical(program, arch):
+    """Capture's canonical form: every site one exact_attention node on the key-padding mask, read straight from the
+    `attention_mask` input (one shared `!= 0` node); HF's materialised (B, 1, L, L) mask is gone from the graph."""
+    nodes = list(program.ep.graph.nodes)
+    exact = [n for n in nodes if n.target is torch.ops.rewriter.exact_attention.default]
+    assert len(exact) == 2 and not any("scaled_dot_product" in str(n.target) for n in nodes)
+    assert program.meta["canonical"]["exact_attention"] == 2 and program.meta["canonical"]["kept"] == []
+    masks = {n.args[3] for n in exact}
+    if arch == "vit":
+        assert masks == {None}
+    else:
+        (km,) = masks
+        assert km.target is torch.ops.aten.ne.Scalar and km.args[0].name == "attention_mask"
+    square = [n.name for n in nodes if isinstance(v := n.meta.get("val"), torch.Tensor) and v.dim() == 4
+              and not isinstance(v.shape[-1], int) and str(v.shape[-1]) == str(v.shape[-2])]
+    assert square == [], f"(.., L, L) tensors left in the canonical program: {square}"
+
+
 @pytest.mark.parametrize("arch", ARCHS)
 def test_eager_and_sdpa_canonicalise_to_the_same_sites(arch):
     found = {}
@@ -46,6 +64,7 @@ def test_eager_and_sdpa_canonicalise_to_the_same_sites(arch):
         lin = linear_sites(gm)
         found[attn] = ([(s.module_path, s.heads, s.kv_heads, s.head_dim, s.causal, s.scale) for s in att],
                        [(s.module_path, s.in_features, s.out_features, s.transposed) for s in lin])
+        _assert_canonical(program, arch)
         # the canonical graph still computes the same function
         inputs = model_inputs(arch, 2, 11)
         torch.testing.assert_close(gm(**inputs)[0], program.run(**inputs)[0], atol=1e-5, rtol=1e-5)

@@ -4,6 +4,7 @@ import torch
 
 from rewriter.canonical import canonicalize
 from rewriter.capture import capture
+from rewriter.graph import record_node_inputs
 from rewriter.sites import attention_sites, linear_sites
 
 from conftest import ARCHS, model_inputs, tiny_model
@@ -44,7 +45,11 @@ def _assert_canonical(program, arch):
     assert program.meta["canonical"]["exact_attention"] == 2 and program.meta["canonical"]["kept"] == []
     masks = {n.args[3] for n in exact}
     if arch == "vit":
-        assert masks == {None}
+        # transformers builds ViT an all-keys mask from the pixel batch (no attention_mask input): each site reduces
+        # it to a key mask, all real, so exact_attention takes SDPA's unmasked path
+        inputs = model_inputs(arch, 2, 0)
+        km = record_node_inputs(program.module(), inputs, {n.name for n in exact})
+        assert len(km) == 2 and all(args[3].shape == (2, 17) and bool(args[3].all()) for args, _ in km.values())
     else:
         (km,) = masks
         assert km.target is torch.ops.aten.ne.Scalar and km.args[0].name == "attention_mask"

@@ -18,7 +18,7 @@ from .errors import RewriterError
 from .load import is_rewriter_output, load
 from .pipeline import Pass, Pipeline
 from .program import Program
-from .report import heatmaps, write_json  # noqa: F401  (heatmaps: for the CLI)
+from .report import PLOTS_SKIPPED, heatmaps, write_json  # noqa: F401  (heatmaps, PLOTS_SKIPPED: for the CLI)
 from .sites import attention_sites, linear_sites
 
 # The rest of the CLI's door: the CLI imports this module only.
@@ -56,7 +56,10 @@ def inspect(src: str | Path | nn.Module | Program) -> dict:
         "model_class": program.meta.get("model_class"),
         "inputs": program.input_names, "outputs": program.output_names,
         "parameters": program.num_parameters(),
-        "canonicalized": {"eager_attention": canon.eager_attention, "gqa": canon.gqa,
+        # at capture (program.meta["canonical"]): eager chains and repeat_kv folded, sites made exact_attention,
+        # sites kept in the model's SDPA form and why; what is still unmatched is read from the graph now
+        "canonicalized": {"eager_attention": canon.eager_attention, "gqa": canon.gqa, "exact_attention": 0,
+                          "kept": [], **(program.meta.get("canonical") or {}),
                           "unmatched_softmax": canon.unmatched_softmax or [],
                           "unmatched_attention": canon.unmatched_attention or []},
         "attention": [s.describe() for s in att],

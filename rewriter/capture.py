@@ -1,8 +1,15 @@
-"""Capture an eager model as a Program with torch.export (non-strict), batch and sequence dynamic."""
+"""Capture an eager model as a Program with torch.export (non-strict), batch and sequence dynamic, in canonical form.
+
+Canonical form: every attention is one `rewriter::exact_attention(q, k, v, key_mask, causal, scale, window, alibi)`
+node on the (B, L) key-padding mask, with the model's own causal flag, sliding window and ALiBi slopes as read from
+its mask (rewriter.semantics). HF's materialised (B, 1, L, L) mask goes dead, so the captured program attends as
+fast as the model it came from (SDPA's flash path on unpadded batches), and every attention and KV pass matches this
+one node. An attention whose mask the op cannot state (a right or bidirectional window, a mask that depends on more
+than the query-key distance) keeps the model's SDPA form; `program.meta["canonical"]["kept"]` says which and why.
+"""
 from __future__ import annotations
 
 import inspect
-import re
 from typing import Any
 
 import torch
@@ -10,10 +17,11 @@ from torch import nn
 
 from .canonical import canonicalize
 from .errors import RewriterError
-from .graph import module_path
+from .graph import erase_dead, exact_attention_op, module_path, replace_attention
 from .load import LoadedModel
-from .program import Program, export, max_length, strip_prefix
+from .program import Program, export, max_length
 from .semantics import probe_sites
+from .sites import attention_sites, layer_index  # noqa: F401  (layer_index: capture's public name for it)
 
 
 CAPTURE_INPUTS = {"input_ids", "attention_mask", "token_type_ids", "position_ids", "pixel_values", "inputs_embeds"}
@@ -132,21 +140,49 @@ def capture(src: LoadedModel | nn.Module, inputs: dict[str, torch.Tensor] | None
     if loaded.folder is not None:
         program.meta["hf_folder"] = str(loaded.folder)
     program.meta["model_class"] = type(model).__name__
-    program.meta["attention_semantics"] = attention_semantics(program, seq_max)
+    program = canonical_program(program, seq_max)
     program.meta["eager_model"] = model        # kept in memory only (for HF-format output); never serialised
     return program
 
 
-def attention_semantics(program: Program, max_positions: int) -> dict[str, dict]:
-    """Module path -> the probed semantics of its attention mask (see rewriter.semantics)."""
-    gm = program.ep.module()
-    canonicalize(gm)
+def canonical_program(program: Program, max_positions: int) -> Program:
+    """The program with its attention in canonical form (see the module docstring), re-exported; its meta records the
+    probed mask semantics per module path and what canonicalisation did."""
+    gm = program.module()
+    report = canonicalize(gm)
     probed = probe_sites(gm, program.input_names, program.example_inputs, program.config, max_positions)
     nodes = {n.name: n for n in gm.graph.nodes}
-    return {module_path(nodes[name]): sem.describe() for name, sem in probed.items()}
+    program.meta["attention_semantics"] = gm.meta["attention_semantics"] = \
+        {module_path(nodes[name]): sem.describe() for name, sem in probed.items()}
+    exact, kept = to_exact_attention(gm, program.causal_modules)
+    program.meta["canonical"] = {"eager_attention": report.eager_attention, "gqa": report.gqa,
+                                 "exact_attention": exact, "kept": kept}
+    if not exact:
+        return program
+    try:
+        with torch.no_grad():
+            return program.recapture(gm)
+    except Exception as e:
+        msg = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise RewriterError(f"the canonical form of {program.meta.get('model_class', 'the model')} no longer exports: "
+                            f"{msg[:300]}", "report the architecture") from e
 
 
-def layer_index(path: str) -> int | None:
-    """The first integer component of a module path: encoder.layer.3.attention.self -> 3."""
-    m = re.search(r"(?:^|\.)(\d+)(?:\.|$)", strip_prefix(path))
-    return int(m.group(1)) if m else None
+def to_exact_attention(gm: torch.fx.GraphModule, causal_modules: dict[str, bool]) -> tuple[int, list[dict]]:
+    """Rewrite gm's SDPA sites (canonicalize() first) in place into exact_attention on the key-padding mask, keeping
+    the model's causal flag, window and ALiBi bias. Returns (sites rewritten, [{module_path, reason}] of the sites
+    whose mask the op cannot state, left as SDPA)."""
+    nodes = {n.name: n for n in gm.graph.nodes}
+    done, kept = 0, []
+    for site in attention_sites(gm, causal_modules):
+        if site.node not in nodes or nodes[site.node].target is exact_attention_op():
+            continue
+        args, why = site.exact_arguments()
+        if args is None:
+            kept.append({"module_path": site.module_path, "reason": why})
+            continue
+        replace_attention(gm, nodes[site.node], exact_attention_op(), site.causal, site.scale, args)
+        done += 1
+    erase_dead(gm)
+    return done, kept
+

@@ -127,7 +127,20 @@ def record_node_inputs(gm: fx.GraphModule, inputs: dict[str, torch.Tensor], name
     return seen
 
 
-# --- attention sites: mask -> key mask, SDPA -> an attention op, head groups, key channels ------------------------
+# --- attention sites: the canonical exact_attention node, the SDPA form it comes from, key masks, head groups ------
+
+def exact_attention_op():
+    """rewriter::exact_attention, the canonical attention node (registered when the rewriter package loads)."""
+    return torch.ops.rewriter.exact_attention.default
+
+
+def is_exact_attention(node) -> bool:
+    return is_call(node, exact_attention_op())
+
+
+def is_sdpa(node) -> bool:
+    return is_call(node, aten.scaled_dot_product_attention.default)
+
 
 def key_mask_node(graph: fx.Graph, mask: fx.Node | None, q: fx.Node) -> fx.Node | None:
     """(B, Lk) bool 'key is real' from an SDPA mask (B|1, 1|H, Lq, Lk), bool or additive float.
@@ -193,11 +206,20 @@ def sdpa_mask(node: fx.Node):
     return node.kwargs.get("attn_mask")
 
 
+def attention_key_mask(graph: fx.Graph, node: fx.Node) -> fx.Node | None:
+    """The (B, Lk) key-padding mask of an attention node: the canonical node's own argument, or the one an SDPA
+    node's dense mask reduces to (sites capture kept in the model's form, programs saved before canonical capture).
+    Insert where the graph's insertion point is."""
+    if is_exact_attention(node):
+        return node.args[3]
+    return key_mask_node(graph, sdpa_mask(node), node.args[0])
+
+
 def replace_attention(gm: fx.GraphModule, node: fx.Node, op, causal: bool, scale: float, method_args: tuple,
                       constant_prefix: str = "") -> fx.Node:
-    """Replace the SDPA `node` by op(q, k, v, key_mask, causal, scale, *method_args). Tensor arguments (a learned
-    method's fitted constants) become buffers `<constant_prefix>[_n]_<argument name>` (a prefix not taken yet: a
-    later pass may meet the same node names), read by get_attr nodes."""
+    """An attention node (canonical exact_attention, or SDPA) -> op(q, k, v, key_mask, causal, scale, *method_args).
+    Tensor arguments (a learned method's fitted constants) become buffers `<constant_prefix>[_n]_<argument name>`
+    (a prefix not taken yet: a later pass may meet the same node names), read by get_attr nodes."""
     graph = gm.graph
     q, k, v = node.args[:3]
     names = [a.name for a in op._schema.arguments[6:]]
@@ -206,7 +228,7 @@ def replace_attention(gm: fx.GraphModule, node: fx.Node, op, causal: bool, scale
     while any(hasattr(gm, f"{prefix}_{name}") for name in tensors):
         prefix, n = f"{constant_prefix or node.name}_{n}", n + 1
     with graph.inserting_before(node):
-        km = key_mask_node(graph, sdpa_mask(node), q)
+        km = attention_key_mask(graph, node)
         args = []
         for name, value in zip(names, method_args):
             if isinstance(value, torch.Tensor):
@@ -219,10 +241,24 @@ def replace_attention(gm: fx.GraphModule, node: fx.Node, op, causal: bool, scale
     return new
 
 
+def set_attention_qk(node: fx.Node, q: fx.Node, k: fx.Node, scale: float) -> None:
+    """Let an attention node read other queries and keys (e.g. fewer or more channels) with softmax scale `scale`."""
+    if is_exact_attention(node):
+        args = list(node.args)
+        args[0], args[1], args[5] = q, k, scale
+        node.args = tuple(args)
+    else:
+        node.args = (q, k, *node.args[2:])
+        node.kwargs = {**node.kwargs, "scale": scale}
+
+
 def key_mask_value(mask: torch.Tensor | None, batch: int) -> torch.Tensor | None:
-    """The same reduction on concrete tensors (for per-site error measurement)."""
+    """The key mask (B, Lk) bool of a recorded attention mask argument: the canonical node's own (B, Lk) key mask,
+    or the same reduction as key_mask_node on an SDPA mask (for per-site error measurement)."""
     if mask is None:
         return None
+    if mask.dim() == 2:
+        return mask.bool().expand(batch, -1)
     m = mask[:, 0]
     if m.dtype != torch.bool:
         m = m > -1.0e4

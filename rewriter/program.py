@@ -27,6 +27,19 @@ def export(module: nn.Module, inputs: dict[str, torch.Tensor], dynamic_shapes: d
                                    prefer_deferred_runtime_asserts_over_guards=True)
 
 
+def strip_metadata_asserts(gm: torch.fx.GraphModule) -> torch.fx.GraphModule:
+    """Remove the `aten._assert_tensor_metadata` checks torch.export leaves after each `.to()` of the traced model
+    (dtype / device / layout of the value at capture). They compute nothing, and they pin the capture's device into
+    the graph: torch.compile breaks the graph on them. Returns gm, changed in place."""
+    target = torch.ops.aten._assert_tensor_metadata.default
+    asserts = [n for n in gm.graph.nodes if n.op == "call_function" and n.target is target]
+    for node in asserts:
+        gm.graph.erase_node(node)
+    if asserts:
+        gm.recompile()
+    return gm
+
+
 @dataclass
 class Program:
     ep: torch.export.ExportedProgram
@@ -43,9 +56,11 @@ class Program:
 
     # --- running -------------------------------------------------------------------------------------
     def module(self) -> torch.fx.GraphModule:
-        """A fresh unlifted GraphModule (parameters as attributes): what passes rewrite. Its `meta` carries the
-        attention semantics probed at capture, so every site lookup on it sees the model's own windows and biases."""
-        gm = self.ep.module()
+        """A fresh unlifted GraphModule (parameters as attributes): what passes rewrite and what users run or
+        `torch.compile`. Its `meta` carries the attention semantics probed at capture, so every site lookup on it sees
+        the model's own windows and biases. torch.export's per-`.to()` metadata asserts are left out (they compute
+        nothing and torch.compile breaks the graph on them)."""
+        gm = strip_metadata_asserts(self.ep.module())
         if self.meta.get("attention_semantics"):
             gm.meta["attention_semantics"] = self.meta["attention_semantics"]
         return gm
@@ -58,7 +73,7 @@ class Program:
         if missing:
             raise ValueError(f"missing inputs {missing}; the program takes {self.input_names}")
         if self._runner is None:
-            self._runner = self.ep.module()
+            self._runner = self.module()
         with torch.no_grad():
             out = self._runner(**{n: inputs[n] for n in self.input_names})
         return tuple(out) if isinstance(out, (tuple, list)) else (out,)

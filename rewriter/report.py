@@ -143,14 +143,29 @@ def render(report: dict, console=None) -> None:
         console.print("wrote " + ", ".join(report["outputs"]), highlight=False, soft_wrap=True)
 
 
-def plan_picture(plan: dict[str, list[tuple[str, dict]]], layers: dict[str, int | None],
-                 colour: Callable[[str], str]) -> bytes:
-    """auto-attention's plan as a layer x head grid coloured by method (colour(method)), each cell labelled with its
-    budget; plan: per site path, (method, options) per head. PNG bytes."""
-    import io
-    import matplotlib
+PLOTS_SKIPPED = "matplotlib is not installed, so no picture was drawn (pip install matplotlib to get {what})"
+
+
+def _pyplot():
+    """matplotlib.pyplot on the Agg backend, or None when matplotlib is not installed (a plain install: plots are
+    optional, and a missing picture is noted in the report instead of failing the run)."""
+    try:
+        import matplotlib
+    except ImportError:
+        return None
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    return plt
+
+
+def plan_picture(plan: dict[str, list[tuple[str, dict]]], layers: dict[str, int | None],
+                 colour: Callable[[str], str]) -> bytes | None:
+    """auto-attention's plan as a layer x head grid coloured by method (colour(method)), each cell labelled with its
+    budget; plan: per site path, (method, options) per head. PNG bytes, or None without matplotlib."""
+    import io
+    plt = _pyplot()
+    if plt is None:
+        return None
     from matplotlib.patches import Patch
     rows = sorted(plan, key=lambda p: (layers[p] if layers[p] is not None else -1, p))
     n_heads = max(len(v) for v in plan.values())
@@ -180,11 +195,12 @@ def plan_picture(plan: dict[str, list[tuple[str, dict]]], layers: dict[str, int 
 
 def heatmaps(analysis, folder, keys=("normalized_entropy", "top16_recall", "window64_recall",
                                                 "sink4_recall", "stable_rank")) -> list[str]:
-    """Layer x head heatmaps of an Analysis (rewriter.analysis) as PNG files in `folder`; returns their names."""
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    """Layer x head heatmaps of an Analysis (rewriter.analysis) as PNG files in `folder`; returns their names (none
+    without matplotlib)."""
     import torch
+    plt = _pyplot()
+    if plt is None:
+        return []
     folder = Path(folder)
     layers = sorted({h["layer"] for h in analysis.heads if h["layer"] is not None})
     n_heads = max(h["head"] for h in analysis.heads) + 1

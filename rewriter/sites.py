@@ -1,4 +1,10 @@
-"""Site discovery on canonical graphs: where passes may act."""
+"""Site discovery on canonical graphs: where passes may act.
+
+An attention site is a `rewriter::exact_attention(q, k, v, key_mask, causal, scale, window, alibi)` node: capture
+turns every attention whose semantics that op states (padding, causal, a causal sliding window, ALiBi) into one, so
+the node itself says what the model computes. An attention whose mask is more than that (rewriter.semantics says
+why) stays in the model's SDPA form; it is still a site, with the reason in `semantics_note`, and passes that
+cannot keep it refuse it."""
 from __future__ import annotations
 
 import fnmatch
@@ -8,14 +14,20 @@ from dataclasses import asdict, dataclass, field
 import torch
 from torch import fx
 
-from .capture import layer_index
 from .canonical import SDPA
-from .graph import aten, get_attr_tensor, is_call, module_path, val
+from .program import strip_prefix
+from .graph import aten, get_attr_tensor, is_call, is_exact_attention, module_path, val
+
+
+def layer_index(path: str) -> int | None:
+    """The first integer component of a module path: encoder.layer.3.attention.self -> 3."""
+    m = re.search(r"(?:^|\.)(\d+)(?:\.|$)", strip_prefix(path))
+    return int(m.group(1)) if m else None
 
 
 @dataclass
 class AttentionSite:
-    node: str                 # name of the SDPA node
+    node: str                 # name of the attention node (exact_attention, or SDPA where capture kept the model's)
     module_path: str
     layer: int | None
     heads: int
@@ -56,6 +68,16 @@ class AttentionSite:
             parts.append(self.semantics_note)
         return ", ".join(parts) or ("causal" if self.causal else "bidirectional")
 
+    def exact_arguments(self) -> tuple[tuple[int, list[float] | None] | None, str]:
+        """(exact_attention's (window, alibi) for this site, "") when the op states the site's attention exactly, else
+        (None, why not): a right window, a bidirectional window or a mask the probe could not read are not its."""
+        if self.window_right is not None or self.semantics_note:
+            return None, f"exact_attention cannot state the model's {self.semantics()}"
+        if self.window is not None and not self.causal:
+            return None, f"exact_attention states causal sliding windows only; the model has a bidirectional " \
+                         f"{self.semantics()}"
+        return (int(self.window or 0), list(self.alibi_slopes) if self.alibi_slopes else None), ""
+
 
 @dataclass
 class LinearSite:
@@ -85,13 +107,31 @@ def _sdpa_parts(node: fx.Node):
     return bound
 
 
+def _exact_site(node: fx.Node) -> AttentionSite:
+    """The site of a canonical exact_attention node: everything is in its arguments."""
+    names = ("q", "k", "v", "key_mask", "causal", "scale", "window", "alibi")
+    p = {"window": 0, "alibi": None, **dict(zip(names, node.args)), **node.kwargs}
+    q, k, v = val(p["q"]), val(p["k"]), val(p["v"])
+    path = module_path(node)
+    return AttentionSite(
+        node=node.name, module_path=path, layer=layer_index(path), heads=int(q.shape[1]), kv_heads=int(k.shape[1]),
+        head_dim=int(q.shape[-1]), value_dim=int(v.shape[-1]), causal=bool(p["causal"]),
+        has_mask=p["key_mask"] is not None, scale=float(p["scale"]), window=int(p["window"]) or None,
+        alibi_slopes=list(p["alibi"]) if p["alibi"] else None)
+
+
 def attention_sites(gm: fx.GraphModule, causal_modules: dict[str, bool] | None = None) -> list[AttentionSite]:
-    """Canonical SDPA sites. The model's own window / bias come from gm.meta["attention_semantics"] (module path ->
-    MaskSemantics.describe(), recorded at capture; Program.module() puts it there)."""
+    """Attention sites in graph order: canonical exact_attention nodes, and SDPA nodes (the form capture leaves where
+    exact_attention cannot state the model's mask, or a graph not captured canonically). An SDPA site's window /
+    bias come from gm.meta["attention_semantics"] (module path -> MaskSemantics.describe(), recorded at capture;
+    Program.module() puts it there)."""
     causal_modules = causal_modules or {}
     semantics = gm.meta.get("attention_semantics") or {}
     sites = []
     for node in gm.graph.nodes:
+        if is_exact_attention(node):
+            sites.append(_exact_site(node))
+            continue
         if not is_call(node, SDPA):
             continue
         p = _sdpa_parts(node)

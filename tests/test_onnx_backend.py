@@ -179,7 +179,8 @@ def _exported(program, path, atol=1e-4):
 @pytest.mark.parametrize("arch", ARCHS)
 def test_original_tiny_models(arch, tiny_folders, tmp_path):
     info = _exported(load_program(tiny_folders[arch]), tmp_path / "m.onnx")
-    assert info["custom_ops"] == [] and not info["quadratic"]
+    # the captured program's attention is the canonical exact_attention (quadratic like the model's own attention)
+    assert info["custom_ops"] == ["rewriter::exact_attention"] and info["quadratic_ops"] == ["rewriter::exact_attention"]
 
 
 def test_original_minilm(minilm_program, tmp_path):
@@ -216,6 +217,8 @@ EXPORT_CASES = {
          "heads": ["scatterbrain(window=4,features=8)", "scatterbrain(window=4,features=8)",
                    "linear(feature_map=elu)", "exact"]}]})]),
 }
+# cases with attention sites no attention method replaces: those stay the canonical rewriter::exact_attention
+KEEP_EXACT = {"llama-window-think", "gpt2-strided-exact", "llama-mla-exact-decoupled"}
 AUTO_OPS = {"rewriter::window", "rewriter::performer", "rewriter::scatterbrain",
             "rewriter::linear", "rewriter::exact_attention"}
 
@@ -243,12 +246,15 @@ def test_passes_export(case, tiny_folders, tmp_path):
             options = {"adapters": [str(make_adapter(tiny_folders[arch], tmp_path / "adapter"))]}
         passes.append(make_pass(name, options))
     res = optimize(tiny_folders[arch], passes, samples=2, seq_len=16)
-    assert all(p["sites_changed"] > 0 for p in res.report["passes"]), [p["sites_changed"] for p in res.report["passes"]]
+    assert all(p["sites_changed"] > 0 for p in res.report["passes"] if p["pass"] != "exact-attention"), \
+        [p["sites_changed"] for p in res.report["passes"]]   # exact-attention: a no-op since capture
     info = _exported(res.program, tmp_path / "p.onnx")
     if any(name == "binarize" for name, _ in specs):
         expected_ops.add("rewriter::binary_linear")
     if any(name == "auto-attention" for name, _ in specs):
         expected_ops |= AUTO_OPS
+    if case in KEEP_EXACT:
+        expected_ops.add("rewriter::exact_attention")
     assert set(info["custom_ops"]) == expected_ops
 
 

@@ -202,23 +202,45 @@ def _max_real_diff(model, program, L=80):
 
 @pytest.mark.parametrize("name", ["mistral", "qwen2", "gemma3", "falcon-alibi", "bloom"])
 def test_exact_attention_keeps_windows_and_alibi(captured, name):
-    """The issue's case: exact-attention on a sliding-window / ALiBi model equals the HF model beyond the window with
-    left padding (it used to drop the window: 0.20 max abs logit on Mistral)."""
+    """The issue's case: exact attention on a sliding-window / ALiBi model equals the HF model beyond the window with
+    left padding (it used to drop the window: 0.20 max abs logit on Mistral). Capture makes every site exact_attention
+    with the model's window / slopes as arguments; the exact-attention pass is a no-op that says so."""
     model, program = captured(name)
+    nodes = [n for n in program.ep.graph.nodes if n.target is torch.ops.rewriter.exact_attention.default]
+    assert len(nodes) == 2 and not any("scaled_dot_product" in str(n.target) for n in program.ep.graph.nodes)
+    windows = [n.args[6] if len(n.args) > 6 else 0 for n in nodes]
+    slopes = [n.args[7] if len(n.args) > 7 else None for n in nodes]
+    if name in ("falcon-alibi", "bloom"):
+        assert all(s is not None and len(s) == 4 for s in slopes) and windows == [0, 0]
+    else:
+        assert {"mistral": [24, 24], "qwen2": [0, 24], "gemma3": [24, 0]}[name] == windows
+    assert _max_real_diff(model, program) < 1e-5
     result = _optimize(program, [("exact-attention", {})])
     assert result.report["max_error"] == pytest.approx(1e-4) and "max_error_default" in result.report
+    assert result.report["passes"][0]["sites_changed"] == 0
+    assert "already exact since capture" in result.report["passes"][0]["notes"][0]
     assert _max_real_diff(model, result.program) < 1e-5
 
 
-def test_exact_attention_that_drops_the_window_is_stopped(captured, monkeypatch):
-    """A pipeline of exact passes gets a default error budget: an exact-attention that forgot the model's window
-    (the old behaviour) stops the run instead of writing a different model."""
+def test_canonical_capture_that_drops_the_window_differs(monkeypatch):
+    """The window argument is what keeps the canonical form exact: a capture that forgot it (the old
+    exact-attention behaviour) is a different model beyond the window."""
+    from rewriter.capture import capture
+    from rewriter.sites import AttentionSite
+    model = _tiny("mistral")
+    monkeypatch.setattr(AttentionSite, "exact_arguments", lambda self: ((0, None), ""))
+    assert _max_real_diff(model, capture(model, seq=16)) > 1e-3
+
+
+def test_an_exact_pass_that_changes_the_output_is_stopped(captured, monkeypatch):
+    """A pipeline of exact passes gets a default error budget: a pass documented as exact that is not (here window
+    8 inside the model's 24, declared exact) stops the run instead of writing a different model."""
     from rewriter.attention import METHODS
     from rewriter.pipeline import ErrorBudgetExceeded
     model, program = captured("mistral")
-    monkeypatch.setattr(METHODS["exact-attention"], "compose", lambda site, kwargs: (kwargs, ""))
+    monkeypatch.setattr(METHODS["window"], "exact", True)
     with pytest.raises(ErrorBudgetExceeded, match="default for exact passes"):
-        _optimize(program, [("exact-attention", {})])
+        _optimize(program, [("window", {"window": 8, "sinks": 0})])
 
 
 def test_window_wider_than_the_model_window_is_the_model(captured):
@@ -271,8 +293,7 @@ def test_exact_attention_with_window_or_alibi_exports(captured, name, tmp_path):
     pytest.importorskip("onnxruntime")
     from rewriter.backends.onnx import export_program
     model, program = captured(name)
-    result = _optimize(program, [("exact-attention", {})])
-    record = export_program(result.program, tmp_path / "m.onnx")
+    record = export_program(program, tmp_path / "m.onnx")       # the captured program: already exact_attention
     assert record["passed"] if "passed" in record else all(c["max_abs_diff"] < 1e-4 for c in record["checks"])
 
 

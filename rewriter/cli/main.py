@@ -263,6 +263,9 @@ def analyze(src: Optional[str] = typer.Argument(None, help="HF model folder or r
     out.print(t)
     if output is not None:
         out.print(f"wrote {output / 'analysis.json'} and {len(data['pictures'])} heatmaps")
+        if not data["pictures"]:
+            from ..api import PLOTS_SKIPPED
+            out.print("heatmaps skipped: " + PLOTS_SKIPPED.format(what="them"))
 
 
 @app.command("export")

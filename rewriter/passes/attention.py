@@ -1,6 +1,7 @@
 """Attention approximation passes: one generic pass per method registered in ``rewriter.attention.METHODS``; each
-replaces the canonical SDPA node of the selected sites with the method's op, and reports per site the budget,
-counted cost and measured error.
+replaces the canonical attention node (exact_attention, see rewriter.capture) of the selected sites with the method's
+op, and reports per site the budget, counted cost and measured error. `exact-attention` itself is a no-op: capture
+already made every site exact attention on the key-padding mask; the name stays so that recipes naming it replay.
 
 Budgets speak one vocabulary: every approximation takes `density` besides its native knobs (window, stride,
 bucket_size, features), and a density is resolved at the model's maximum length (max_position_embeddings; the
@@ -19,7 +20,7 @@ import torch
 
 from ..program import max_length
 from ..errors import RewriterError
-from ..graph import erase_dead, key_mask_value, record_node_inputs, replace_attention
+from ..graph import erase_dead, is_exact_attention, key_mask_value, record_node_inputs, replace_attention
 from ..pipeline import Pass, PassResult, SiteChange, register_pass
 from ..sites import AttentionSite, select
 from ..attention import METHODS, AttentionMethod
@@ -131,7 +132,7 @@ class AttentionPass(Pass):
             result.notes.append(f"refused {r['site']}: {r['reason']} (left exact)")
         if not result.changes:
             raise RewriterError(f"{self.name}: every selected attention site was refused: {refused[0]['reason']}",
-                                "select other layers (layers=..., exclude=...), or use exact-attention there")
+                                "select other layers (layers=..., exclude=...); those sites stay exact")
         result.summary = {
             "sites": len(sites), "mean_attention_rel_error": sum(errors) / len(errors),
             "attention_flops_ratio": sum(c.flops for c in costs) / sum(c.dense_flops for c in costs),
@@ -159,9 +160,30 @@ class AttentionPass(Pass):
                                                rows)
 
 
+class ExactAttentionPass(AttentionPass):
+    """exact-attention: a no-op since capture makes every attention site exact attention on the key-padding mask
+    (kept so that recipes and command lines naming it replay). Its report says so, and names the sites capture kept
+    in the model's SDPA form because the op cannot state their mask."""
+
+    def run(self, gm, ctx) -> PassResult:
+        sites = select(ctx.attention_sites(gm), self.config, "attention site", self.name)
+        result = PassResult()
+        nodes = {n.name: n for n in gm.graph.nodes}
+        exact = [s for s in sites if is_exact_attention(nodes[s.node])]
+        result.notes.append(f"already exact since capture: {len(exact)} of {len(sites)} selected attention sites are "
+                            "exact_attention on the key-padding mask; nothing to do")
+        for s in sites:
+            if s not in exact:
+                result.notes.append(f"{s.module_path} keeps the model's attention form: "
+                                    f"{s.exact_arguments()[1] or 'not captured in canonical form'}")
+        result.summary = {"sites": len(sites), "already_exact": len(exact)}
+        return result
+
+
 def _pass_for(method: AttentionMethod) -> type[AttentionPass]:
     cls_name = "".join(part.capitalize() for part in method.name.split("-")) + "Pass"
-    return register_pass(type(cls_name, (AttentionPass,), {
+    base = ExactAttentionPass if method.name == "exact-attention" else AttentionPass
+    return register_pass(type(cls_name, (base,), {
         "name": method.name, "config_class": method.config, "method": method, "summary": method.summary,
         "op_name": method.op_name.split("::")[1], "__doc__": method.summary}))
 

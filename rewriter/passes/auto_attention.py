@@ -22,9 +22,9 @@ from ..calibration import compare_outputs
 from ..canonical import canonicalize
 from ..config import PassConfig, parse_scalar, split_top_level
 from ..errors import RewriterError
-from ..graph import aten, erase_dead, head_group_inputs, index_buffer, key_mask_node, sdpa_mask
+from ..graph import attention_key_mask, aten, erase_dead, head_group_inputs, index_buffer
 from ..pipeline import PassResult, Pass, SiteChange, make_pass, register_pass
-from ..report import plan_picture
+from ..report import PLOTS_SKIPPED, plan_picture
 from ..sites import attention_sites, select
 
 EXACT = "exact"
@@ -93,7 +93,6 @@ def apply_plan(gm: fx.GraphModule, sites: dict, plan: dict[str, list[str]]) -> i
             continue
         node = nodes[site.node]
         q, k, v = node.args[:3]
-        mask = sdpa_mask(node)
         groups: dict[str, list[int]] = {}
         for h, lab in enumerate(labels):
             groups.setdefault(lab, []).append(h)
@@ -101,13 +100,14 @@ def apply_plan(gm: fx.GraphModule, sites: dict, plan: dict[str, list[str]]) -> i
         order: list[int] = []
         outs = []
         with graph.inserting_before(node):
-            km = key_mask_node(graph, mask, q)
+            km = attention_key_mask(graph, node)
             for g, (lab, heads) in enumerate(groups.items()):
                 qg, kg, vg = head_group_inputs(gm, f"auto_{site.node}_{g}", q, k, v, heads, rep)
                 method, opts = parse_label(lab)
-                if method == EXACT:   # exact on the key mask: SDPA's flash path, not HF's dense mask
-                    out = graph.call_function(METHODS["exact-attention"].op,
-                                              (qg, kg, vg, km, site.causal, site.scale))
+                if method == EXACT:   # the canonical node for these heads (the model's window and ALiBi slopes kept)
+                    window, alibi = site.exact_arguments()[0] or (0, None)
+                    out = graph.call_function(METHODS["exact-attention"].op, (
+                        qg, kg, vg, km, site.causal, site.scale, window, [alibi[h] for h in heads] if alibi else None))
                 else:
                     p = make_pass(method, opts)
                     args, _ = p.method_args(site, 0)
@@ -155,7 +155,7 @@ class AutoAttention(Pass):
             if not sites:
                 raise RewriterError(f"{self.name}: every selected attention site has the model's own "
                                     f"{refused[0].semantics()}; no per-head method keeps it",
-                                    "use exact-attention, or window with sinks=0, on these layers")
+                                    "leave these layers exact (exclude them), or use window with sinks=0 there")
         if cfg.plan:
             plan = {e["site"]: list(e["heads"]) for e in cfg.plan}
             n = apply_plan(gm, {s.module_path: s for s in all_sites}, plan)
@@ -168,9 +168,12 @@ class AutoAttention(Pass):
         if cfg.density and summary["attention_flops_ratio"] > cfg.density + 1e-9:
             result.notes.append(f"density {cfg.density} is below the cheapest candidates at this length; the plan "
                                 f"uses {summary['attention_flops_ratio']:.3f} of exact attention FLOPs")
-        result.artifacts["auto_attention_plan.png"] = plan_picture(
-            {p: [parse_label(lab) for lab in labels] for p, labels in plan.items()}, {p: sites[p].layer for p in plan},
-            method_colour)
+        picture = plan_picture({p: [parse_label(lab) for lab in labels] for p, labels in plan.items()},
+                               {p: sites[p].layer for p in plan}, method_colour)
+        if picture is None:
+            result.notes.append("auto_attention_plan.png skipped: " + PLOTS_SKIPPED.format(what="the plan picture"))
+        else:
+            result.artifacts["auto_attention_plan.png"] = picture
         cfg.plan = [{"site": p, "heads": labels} for p, labels in plan.items()]   # the recipe now replays it
         result.summary = {**summary, **result.summary}
         for path, labels in plan.items():

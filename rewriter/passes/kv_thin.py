@@ -6,8 +6,7 @@ keys of k[kv(h), :, c]^2 (post-RoPE q and k, real tokens only). The cache is sha
 so channels are chosen per layer and KV head from the group mean of s (for MHA that is per query head); the lowest
 int(ratio * head_dim) channels are pruned (the same count rule as NVIDIA kvpress' ThinKPress).
 
-`think` on a program rewrites each selected SDPA site to SDPA(q[..., kept], k[..., kept], v, scale) with the
-original scale; the chosen channels are kept in `program.meta["think_key_channels"]` (layer -> (Hkv, kept)) and
+`think` on a program makes each selected attention site read q[..., kept] and k[..., kept] with the original scale; the chosen channels are kept in `program.meta["think_key_channels"]` (layer -> (Hkv, kept)) and
 `rewriter.decode` stores only those channels of the post-RoPE keys in its cache (static mode: channels chosen once on
 calibration prompts).
 
@@ -27,7 +26,7 @@ from dataclasses import dataclass, field
 
 
 from ..config import PassConfig
-from ..graph import add_tensor, erase_dead, gather_channels, key_mask_value, record_node_inputs
+from ..graph import add_tensor, erase_dead, gather_channels, key_mask_value, record_node_inputs, set_attention_qk
 from ..pipeline import Pass, PassResult, SiteChange, register_pass
 from ..sites import select
 from ..think import kept_channels, think_scores
@@ -88,8 +87,7 @@ class ThinkPass(Pass):
             with gm.graph.inserting_before(node):
                 qn = gather_channels(gm.graph, node.args[0], f"{base}_q")
                 kn = gather_channels(gm.graph, node.args[1], f"{base}_k")
-            node.args = (qn, kn, *node.args[2:])
-            node.kwargs = {**node.kwargs, "scale": site.scale}
+            set_attention_qk(node, qn, kn, site.scale)
             if site.layer is not None:
                 channels[site.layer] = kept.tolist()
             D = site.head_dim

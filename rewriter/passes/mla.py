@@ -27,7 +27,7 @@ RoPE (`rope`):
   across heads ranks the (frequency, mixed component) pairs by key energy; the top `rope_dims` / 2 pairs (E) keep
   RoPE and are stored exactly inside the latent; the rest of the key loses RoPE (NoPE, as MLA's compressed part) and
   is compressed with V by the PCA. Scores become q_rot(p) . RoPE_s(E E^T k) + q_pre(p) . (I - E E^T) k: the program
-  computes them as one SDPA over [q | q_pre] and [RoPE(k_rope) | k_nope] (head dim 2D, original scale); the decode
+  computes them as one attention over [q | q_pre] and [RoPE(k_rope) | k_nope] (head dim 2D, original scale); the decode
   cache rotates the NoPE part of every cached key at the query's position (q_rot(p) . R(p) x = q_pre(p) . x), which
   is exact for one query at a time, so the decoupled decoder prefills the prompt token by token. TransMLA fine-tunes
   after dropping RoPE; rewriter does not, so this changes the model (measured in benchmarks/kv_quality.py --mla).
@@ -43,7 +43,8 @@ from torch import fx, nn
 
 from ..config import PassConfig
 from ..errors import RewriterError
-from ..graph import add_tensor, aten, drop_unused_attributes, erase_dead, get_attr_tensor, record_node_inputs
+from ..graph import (add_tensor, aten, drop_unused_attributes, erase_dead, get_attr_tensor, record_node_inputs,
+                     set_attention_qk)
 from ..pipeline import Pass, PassResult, SiteChange, register_pass
 from ..program import WRAPPER_PREFIX
 from ..rope import merge_heads, rope_inv_freq, rope_tables, rotate_half, split_heads, split_rope
@@ -209,18 +210,17 @@ class DecoupledRoPE(nn.Module):
         return torch.cat([q, q_pre], dim=-1), torch.cat([rope * cos + rotate_half(rope) * sin, nope], dim=-1)
 
 
-def _install_decoupled_rope(gm: fx.GraphModule, sdpa: fx.Node, site, rope_basis: torch.Tensor,
+def _install_decoupled_rope(gm: fx.GraphModule, attention: fx.Node, site, rope_basis: torch.Tensor,
                             inv_freq: torch.Tensor) -> None:
     target = f"{WRAPPER_PREFIX}{site.module_path}.mla_decoupled_rope"
     gm.add_submodule(target, DecoupledRoPE(rope_basis, inv_freq))
-    with gm.graph.inserting_before(sdpa):
-        pair = gm.graph.call_module(target, (sdpa.args[0], sdpa.args[1]))
+    with gm.graph.inserting_before(attention):
+        pair = gm.graph.call_module(target, (attention.args[0], attention.args[1]))
         q = gm.graph.call_function(operator.getitem, (pair, 0))
         k = gm.graph.call_function(operator.getitem, (pair, 1))
     for n in (pair, q, k):
-        n.meta = {key: v for key, v in sdpa.meta.items() if key in ("nn_module_stack", "stack_trace")}
-    sdpa.args = (q, k, *sdpa.args[2:])
-    sdpa.kwargs = {**sdpa.kwargs, "scale": site.scale}     # head dim is 2D now; the scale stays 1/sqrt(D)
+        n.meta = {key: v for key, v in attention.meta.items() if key in ("nn_module_stack", "stack_trace")}
+    set_attention_qk(attention, q, k, site.scale)     # head dim is 2D now; the scale stays 1/sqrt(D)
 
 
 def _program_inv_freq(program, head_dim: int) -> torch.Tensor:

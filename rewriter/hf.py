@@ -139,6 +139,11 @@ def attention_plan(program) -> dict:
         if len(site["groups"]) == 1 and site["groups"][0]["heads"] == list(range(site["heads"])):
             site["groups"][0]["heads"] = None   # every head, in order: one op call on q/k/v as they come
     exact = [module_path(n) for n in gm.graph.nodes if is_call(n, SDPA)]
+    # a site whose one group is the canonical exact attention (capture's form: the model's own causal flag, window
+    # and ALiBi) is what transformers' SDPA on its own mask computes: left to transformers
+    for path in [p for p, s in sites.items() if len(s["groups"]) == 1 and s["groups"][0]["heads"] is None
+                 and s["groups"][0]["method"] == "exact-attention"]:
+        exact.append(sites.pop(path)["path"])
     layers = [s["layer"] for s in sites.values()] + [layer_index(p) for p in exact]
     return {"format": FORMAT, "sites": list(sites.values()), "exact_sites": exact,
             "by_layer": None not in layers and len(set(layers)) == len(layers)}, tensors

@@ -256,18 +256,37 @@ def test_import_rewriter_then_from_pretrained(llama_window_out, tmp_path):
 # --- what the folder cannot hold ------------------------------------------------------------------------------------
 
 def test_no_folder_where_transformers_cannot_run_the_plan(tmp_path):
-    """Bloom's attention does not go through transformers' attention interface: exact-attention (which keeps its
-    ALiBi in model.pt2) gets no hf/ folder, and report.json says why."""
+    """Bloom's attention does not go through transformers' attention interface: a window pass (which keeps its
+    ALiBi in model.pt2) gets no hf/ folder, and report.json says why. (Capture alone, every site exact, gets the
+    plain model folder: test_exact_sites_are_left_to_transformers.)"""
     import transformers as tf
     from rewriter import capture
     torch.manual_seed(0)
     model = tf.BloomForCausalLM(tf.BloomConfig(hidden_size=64, n_layer=2, n_head=4, vocab_size=120)).eval()
     out = tmp_path / "out"
-    result = _optimize(capture(model, seq=16), [("exact-attention", {})], out)
+    result = _optimize(capture(model, seq=16), [("window", {"window": 6, "sinks": 0})], out)
     assert not (out / "hf").exists()
     notes = json.loads((out / "report.json").read_text())["notes"]
     assert any(n.startswith("no hf/ folder: transformers does not run the rewrite") for n in notes), notes
     assert not any(o.endswith("hf") or o.endswith("hf/") for o in result.report["outputs"])
+
+
+def test_exact_sites_are_left_to_transformers(tmp_path):
+    """Capture's canonical exact attention (Bloom's ALiBi kept as op arguments) is what transformers computes on
+    its own: exact-attention (a no-op) writes the plain model folder, which loads without rewriter's plan and
+    equals the program."""
+    import transformers as tf
+    from rewriter import capture
+    from rewriter.backends.torch_backend import load_program
+    torch.manual_seed(0)
+    model = tf.BloomForCausalLM(tf.BloomConfig(hidden_size=64, n_layer=2, n_head=4, vocab_size=120)).eval()
+    out = tmp_path / "out"
+    _optimize(capture(model, seq=16), [("exact-attention", {})], out)
+    cfg = json.loads((out / "hf" / "config.json").read_text())
+    assert "rewriter" not in cfg and cfg.get("attn_implementation") != "rewriter_attention"
+    inputs = model_inputs("gpt2", 2, 29, seed=6)
+    hf = tf.AutoModelForCausalLM.from_pretrained(str(out / "hf"))
+    assert _max_diff(hf(**inputs), load_program(out).run(**inputs), ["logits"], inputs) < TOL
 
 
 def test_no_folder_for_linear_rewrites(tiny_programs, tmp_path):

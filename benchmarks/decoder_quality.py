@@ -40,6 +40,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from decoder_common import (DECODER_DIR, N_DIGITS, REPO, SEQ_LEN, SPLIT_JSON, Templates, read_text,  # noqa: E402
                             retrieval_sequence)
+from decoder_eval import held_out_stream  # noqa: E402  (the held-out token stream, one definition)
 
 RESULT = REPO / "benchmarks" / "results" / "decoder_quality.json"
 WINDOWS = (0, 42, 84, 126)
@@ -81,16 +82,6 @@ KV = [("think-dynamic-0.5", "think", {"mode": "dynamic", "ratio": 0.5}),
       ("mla-exact-0.25", "mla", {"ratio": 0.25}),
       ("kv-window-252", "kv-window", {"sinks": 4, "window": 252}),
       ("dense-decoder", None, {})]
-
-
-def held_out_stream(tok):
-    split = json.loads(SPLIT_JSON.read_text())
-    eos = tok.convert_tokens_to_ids("<|endoftext|>")
-    ids = []
-    for f in split["held_out"]:
-        ids.extend(tok(read_text(f), add_special_tokens=False)["input_ids"])
-        ids.append(eos)
-    return torch.tensor(ids, dtype=torch.long)
 
 
 def retrieval_batches(held, t):
@@ -268,7 +259,7 @@ def main():
         if python_version() != split["python"]:
             raise SystemExit(f"the held-out split is Python {split['python']}'s stdlib, this is {python_version()}: "
                              "pass --data (written by --write-data where that Python runs)")
-        held = held_out_stream(tok)
+        held = held_out_stream(tok, json.loads(SPLIT_JSON.read_text()))
         data = dict(windows=[held[i * SEQ_LEN:(i + 1) * SEQ_LEN] for i in WINDOWS],
                     retrieval=retrieval_batches(held, t))
         if a.write_data is not None:

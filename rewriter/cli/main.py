@@ -317,8 +317,7 @@ def compile_cmd(out_dir: Path = typer.Argument(..., metavar="OUT", help="a `rewr
         info = compile_output(out_dir, progress=steps, device=device)
         steps.close()
     except RewriterError as e:
-        steps.close()
-        _fail(e)
+        _fail(e, steps)
     if json_out:
         print(json.dumps(info, indent=1))
         return
@@ -412,8 +411,7 @@ def eval_cmd(
             raise RewriterError(str(e)) from None
         steps.close()
     except RewriterError as e:
-        steps.close()
-        _fail(e)
+        _fail(e, steps)
     if json_out:
         print(json.dumps(res, indent=1))
         return

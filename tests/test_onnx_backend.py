@@ -217,6 +217,10 @@ EXPORT_CASES = {
          "heads": ["scatterbrain(window=4,features=8)", "scatterbrain(window=4,features=8)",
                    "linear(feature_map=elu)", "exact"]}]})]),
 }
+# an attention method no case above names exports on its own, every layer, with its per-method matrix options
+from test_attention_registry import MATRIX  # noqa: E402
+EXPORT_CASES.update({f"llama-{name}": ("llama", [(name, dict(opts))]) for name, (opts, _) in MATRIX.items()
+                     if not any(name == n for _, specs in EXPORT_CASES.values() for n, _ in specs)})
 # cases with attention sites no attention method replaces: those stay the canonical rewriter::exact_attention
 KEEP_EXACT = {"llama-window-think", "gpt2-strided-exact", "llama-mla-exact-decoupled"}
 AUTO_OPS = {"rewriter::window", "rewriter::performer", "rewriter::scatterbrain",

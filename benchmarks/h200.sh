@@ -2,6 +2,7 @@
 # The H200 runs behind benchmarks/results/*_h200*.json, batched for the device tool (each call <= 10 minutes):
 #   bash benchmarks/h200.sh kernels   # binary GEMV sweep + attention kernels vs SDPA / FlexAttention / fla
 #   bash benchmarks/h200.sh models    # 1.1B Llama prefill (16K, 32K) + KV-cache decode (4K, 16K, 32K)
+#   bash benchmarks/h200.sh forms     # 1.1B prefill of captured + window as eager program, HF folder, AOTI package
 # Results go to $OUT (default ./out). fla-core comes from a wheel carried in .gpu_kernels2/.whl (no network there):
 #   pip download fla-core==0.6.0 --no-deps -d .gpu_kernels2/.whl   (then carry .gpu_kernels2/.whl with the run)
 set -u
@@ -22,5 +23,9 @@ models)
   echo "prefill rc=$?"; tail -12 "$OUT/prefill.log"
   timeout 320 python benchmarks/kv.py --out "$OUT/kv_h200.json" ${KV_VARIANTS:+--variants $KV_VARIANTS} > "$OUT/kv.log" 2>&1
   echo "kv rc=$?"; tail -3 "$OUT/kv.log";;
-*) echo "usage: $0 kernels|models"; exit 2;;
+forms)   # issue 13: every deployable form (eager program, HF folder in transformers, AOTInductor package)
+  timeout 560 python benchmarks/prefill.py --forms eager hf aoti --variants window --workdir /tmp/prefill_outputs \
+    --out "$OUT/prefill_h200_forms.json" > "$OUT/prefill_forms.log" 2>&1
+  echo "prefill forms rc=$?"; grep '"form"' "$OUT/prefill_forms.log" | tail -12;;
+*) echo "usage: $0 kernels|models|forms"; exit 2;;
 esac

@@ -36,9 +36,9 @@ def test_kv_benchmark_tiny(tmp_path):
 
 def test_prefill_benchmark_tiny(tmp_path):
     d = run_benchmark("prefill.py", tmp_path / "prefill.json", "--lengths", "64", "--variants", "window",
-                      "--reps", "1")
-    recs = {r["variant"]: r for r in d["records"]}
-    assert set(recs) == {"transformers", "captured", "window"}
+                      "--reps", "1", "--forms", "eager", "hf", "aoti", "--workdir", str(tmp_path / "outputs"))
+    recs = {(r["variant"], r["form"]): r for r in d["records"]}     # every deployable form of every variant is timed
+    assert set(recs) == {("transformers", "hf")} | {(v, f) for v in ("captured", "window") for f in ("eager", "hf", "aoti")}
     assert all(r["ms"] > 0 and r["L"] == 64 for r in recs.values())
-    assert recs["transformers"]["speedup"] == 1.0
+    assert recs[("transformers", "hf")]["speedup"] == 1.0
     assert d["builds"]["window"]["calibration_metrics"]["cosine"] > 0.5

@@ -276,6 +276,9 @@ def _resolve(module) -> _Site | None:
     def tensors():
         if not block.get("parameters"):
             raise RewriterError("the HF folder's rewriter plan names tensors but no parameter file")
+        if block["parameters"] != PARAMS_FILE:     # a file beside config.json, never a path elsewhere
+            raise RewriterError(f"the HF folder's rewriter plan names the parameter file {block['parameters']!r}; "
+                                f"expected {PARAMS_FILE!r} in the folder")
         return _tensors(str(folder / block["parameters"]))
     return _load_site(entry, tensors)
 

@@ -131,6 +131,15 @@ def test_learned_method_round_trip(tiny_programs, tmp_path):
     assert diff < TOL, diff
     assert (out / "hf" / block["parameters"]).exists()
     assert {g["method"] for s in block["sites"] for g in s["groups"]} == {"hedgehog"}
+    # a plan naming a parameter file anywhere but beside config.json is refused when the attention loads it
+    from rewriter.errors import RewriterError
+    cfg_path = out / "hf" / "config.json"
+    cfg = json.loads(cfg_path.read_text())
+    cfg["rewriter"]["parameters"] = "../elsewhere.safetensors"
+    cfg_path.write_text(json.dumps(cfg))
+    model = _auto_class("llama").from_pretrained(str(out / "hf"))
+    with pytest.raises(RewriterError, match="parameter file"), torch.no_grad():
+        model(**inputs)
 
 
 # --- the attention passes on each architecture; sites left exact stay exact -----------------------------------------

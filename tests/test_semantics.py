@@ -270,9 +270,9 @@ def test_methods_refuse_what_they_cannot_keep(captured):
     assert [s["module_path"] for s in entry["sites"]] == ["model.layers.0.self_attn"]
     assert entry["summary"]["refused_sites"][0]["site"] == "model.layers.1.self_attn"
     assert any("refused model.layers.1.self_attn" in n and "sinks" in n for n in entry["notes"])
-    model, program = captured("falcon-alibi")   # every site has ALiBi, which block-topk cannot keep: an error
+    model, program = captured("falcon-alibi")   # every site has ALiBi, which lsh cannot keep: an error
     with pytest.raises(RewriterError, match="refused.*ALiBi"):
-        _optimize(program, [("block-topk", {"density": 0.5})])
+        _optimize(program, [("lsh", {"n_hashes": 2, "bucket_size": 16})])
 
 
 def test_a_pass_that_selects_nothing_is_an_error(captured):
@@ -375,3 +375,49 @@ def test_analyze_measures_against_the_models_own_attention(captured):
         assert max(by[("exact-attention", None)].errors) < 1e-6
         assert max(by[("window", 100)].errors) < 1e-6
         assert min(by[("window", 8)].errors) > 1e-3
+
+
+@pytest.mark.parametrize("method,options", [("block-topk", {"density": 0.5, "block": 16}),
+                                            ("strided", {"stride": 2, "block": 16})])
+def test_block_methods_with_alibi_against_float64(method, options):
+    """block-topk and strided with ALiBi slopes: exact softmax + slope_h * (j - i) over the pairs the method computes
+    (its own pair mask), float64 oracle, GQA, padding."""
+    from rewriter.attention import METHODS
+    from rewriter.attention._contract import alibi_bias, allowed_mask, masked_softmax_attention
+    m = METHODS[method]
+    g = torch.Generator().manual_seed(2)
+    B, H, Hkv, L, D = 2, 4, 2, 61, 16
+    q, k, v = (torch.randn(B, h, L, D, generator=g) for h in (H, Hkv, Hkv))
+    km = torch.ones(B, L, dtype=torch.bool)
+    km[1, :9] = False
+    slopes = [0.5, 0.25, 0.125, 0.0625]
+    kwargs, _ = m.budget(m.config(**options), L)
+    for causal in (True, False):
+        got = m.op(q, k, v, km, causal, D ** -0.5, *m.positional({**kwargs, "alibi": slopes}))
+        pairs = m.pairs(q, k, km, causal, D ** -0.5, **kwargs)
+        allowed = allowed_mask(L, L, causal, km, "cpu") & pairs
+        want = masked_softmax_attention(q.double(), k.double(), v.double(), allowed, D ** -0.5,
+                                        alibi_bias(slopes, L, L, "cpu", torch.float64))
+        real = km[:, None, :, None].expand_as(want) & allowed.any(-1, keepdim=True)
+        assert (got.double() - want)[real].abs().max() < 1e-5
+        plain = m.op(q, k, v, km, causal, D ** -0.5, *m.positional(kwargs))
+        assert (plain - got)[real].abs().max() > 1e-2             # the bias is applied
+
+
+def test_block_methods_keep_alibi_on_the_model(captured, tmp_path):
+    """block-topk keeping every block is the Falcon-ALiBi model (1e-5); strided with ALiBi exports to ONNX and
+    matches in onnxruntime; neither keeps a model window (Mistral: refused)."""
+    pytest.importorskip("onnxruntime")
+    from rewriter.backends.onnx import export_program
+    from rewriter.errors import RewriterError
+    model, program = captured("falcon-alibi")
+    result = _optimize(program, [("block-topk", {"density": 1.0, "block": 16})])
+    assert all("ALiBi" in s["model_semantics"] for s in result.report["passes"][0]["sites"])
+    assert _max_real_diff(model, result.program) < 1e-5
+    model, program = captured("bloom")
+    result = _optimize(program, [("strided", {"stride": 2, "block": 16})], max_error=10.0)
+    record = export_program(result.program, tmp_path / "m.onnx")
+    assert record["passed"] if "passed" in record else all(c["max_abs_diff"] < 1e-4 for c in record["checks"])
+    model, program = captured("mistral")
+    with pytest.raises(RewriterError, match="refused.*sliding window"):
+        _optimize(program, [("strided", {"stride": 2, "block": 16})])

@@ -372,9 +372,10 @@ def _top_blocks(ranked, n_keep):
 
 
 def _gathered_block_attention(qa, ka, va, key_mask, causal: bool, scale: float, kv_index, slot_valid, block: int,
-                              d: int, dv: int):
+                              d: int, dv: int, alibi=None):
     """Exact softmax over the chosen key blocks (kv_index (B', H', nqb, K), broadcast to (B, H, ..)) with the
-    token-level predicate (padding, causal, real key); qa/ka/va (B, H, L, *) fp32. Returns (B, H, Lq, Dv) fp32."""
+    token-level predicate (padding, causal, real key) and, with `alibi` slopes, + slope_h * (j - i); qa/ka/va
+    (B, H, L, *) fp32. Returns (B, H, Lq, Dv) fp32."""
     op = _op()
     lq, lk = _dim(qa, 2), _dim(ka, 2)
     bs = _ints([block])
@@ -397,13 +398,17 @@ def _gathered_block_attention(qa, ka, va, key_mask, causal: bool, scale: float, 
     k_pos = op.Where(op.Unsqueeze(slot_valid, _ints([4])), k_pos, _ints([2**60]))
     k_pos = op.Reshape(k_pos, per_query_block)
     allowed = op.Unsqueeze(op.And(real, op.Less(k_pos, lk)), _ints([3]))           # (B, H, nqb, 1, K*block)
+    nqb = op.Div(op.Add(lq, _ints([block - 1])), bs)
+    q_pos = op.Add(op.Range(_int(0), op.Squeeze(op.Mul(nqb, bs), _ints([0])), _int(1)), op.Sub(lk, lq))
+    q_pos = op.Unsqueeze(op.Reshape(q_pos, _ints([-1, block])), _ints([2]))         # (nqb, block, 1)
     if causal:
-        nqb = op.Div(op.Add(lq, _ints([block - 1])), bs)
-        q_pos = op.Add(op.Range(_int(0), op.Squeeze(op.Mul(nqb, bs), _ints([0])), _int(1)), op.Sub(lk, lq))
-        q_pos = op.Unsqueeze(op.Reshape(q_pos, _ints([-1, block])), _ints([2]))     # (nqb, block, 1)
         allowed = op.And(allowed, op.LessOrEqual(op.Unsqueeze(k_pos, _ints([3])), q_pos))
+    bias = None
+    if alibi:
+        dist = op.Cast(op.Sub(op.Unsqueeze(k_pos, _ints([3])), q_pos), to=1)        # (B, H, nqb, block, K*block)
+        bias = op.Mul(op.Reshape(op.Constant(value_floats=[float(a) for a in alibi]), _ints([1, -1, 1, 1, 1])), dist)
     q_blocks = op.Reshape(_pad_axis(qa, 2, block), _ints([0, 0, -1, block, d]))
-    s = _masked_scores(q_blocks, gather(ka, d), allowed, scale)
+    s = _masked_scores(q_blocks, gather(ka, d), allowed, scale, bias)
     p = op.Exp(op.Sub(s, _finite_row_max(s)))
     out = op.Reshape(op.MatMul(p, gather(_with_ones(va), dv + 1)), _ints([0, 0, -1, dv + 1]))
     return _normalise(op.Slice(out, _ints([0]), lq, _ints([2])), dv)

@@ -329,9 +329,8 @@ def window_attention_impl(q, k, v, key_mask, causal, scale, window, sinks, block
     Lq, Lk = q.shape[2], k.shape[2]
     kv_index, kv_count = window_layout(Lq, Lk, block, window, sinks, causal, q.device)
     left, right = window_extents(window, causal)
-    slopes = torch.tensor(alibi, dtype=torch.float32, device=q.device) if alibi else None
     out, _ = core(q, k, v, kv_index, kv_count, block, key_mask, causal, scale,
-                  window_left=left, window_right=right, sinks=sinks, alibi=slopes)
+                  window_left=left, window_right=right, sinks=sinks, alibi=_slopes(alibi, q))
     return out
 
 
@@ -344,51 +343,62 @@ def _window_attention_fake(q, k, v, key_mask, causal, scale, window, sinks, bloc
 
 @torch.library.custom_op("rewriter::block_topk", mutates_args=(), schema=(
     "(Tensor q, Tensor k, Tensor v, Tensor? key_mask, bool causal, float scale, float density, int block=64, "
-    "str pool=\"mean\", int sink_blocks=1, int local_blocks=1) -> Tensor"))
+    "str pool=\"mean\", int sink_blocks=1, int local_blocks=1, float[]? alibi=None) -> Tensor"))
 def block_topk_attention(q: Tensor, k: Tensor, v: Tensor, key_mask: Optional[Tensor], causal: bool, scale: float,
                          density: float, block: int = 64, pool: str = "mean", sink_blocks: int = 1,
-                         local_blocks: int = 1) -> Tensor:
+                         local_blocks: int = 1, alibi: Optional[list[float]] = None) -> Tensor:
     """Training-free block routing (SeerAttention / Quest / BiFormer): pooled query . pooled key block scores pick
-    the top key blocks per query block (block_topk_layout); exact attention inside them."""
-    return block_topk_attention_impl(q, k, v, key_mask, causal, scale, density, block, pool, sink_blocks, local_blocks)
+    the top key blocks per query block (block_topk_layout); exact attention inside them (with a model's ALiBi bias
+    when `alibi` slopes are given: the routing reads content only, the computed pairs get the bias)."""
+    return block_topk_attention_impl(q, k, v, key_mask, causal, scale, density, block, pool, sink_blocks, local_blocks,
+                                     alibi)
 
 
 def block_topk_attention_impl(q, k, v, key_mask, causal, scale, density, block=64, pool="mean", sink_blocks=1,
-                              local_blocks=1, core=block_sparse_attention_reference) -> Tensor:
+                              local_blocks=1, alibi=None, core=block_sparse_attention_reference) -> Tensor:
     check_qkv(q, k, v, key_mask)
     kv_index, kv_count = block_topk_layout(q, k, key_mask, causal, scale, density, block, pool, sink_blocks,
                                            local_blocks)
-    out, _ = core(q, k, v, kv_index, kv_count, block, key_mask, causal, scale)
+    out, _ = core(q, k, v, kv_index, kv_count, block, key_mask, causal, scale, alibi=_slopes(alibi, q))
     return out
+
+
+def _slopes(alibi, q: Tensor) -> Optional[Tensor]:
+    return torch.tensor(alibi, dtype=torch.float32, device=q.device) if alibi else None
 
 
 @block_topk_attention.register_fake
 def _block_topk_attention_fake(q, k, v, key_mask, causal, scale, density, block=64, pool="mean", sink_blocks=1,
-                               local_blocks=1):
+                               local_blocks=1, alibi=None):
     _check_topk_budget(density, block, pool, sink_blocks, local_blocks)
+    check_alibi(None if not alibi else torch.empty(len(alibi)), q.shape[1])
     return empty_output(q, v)
 
 
 @torch.library.custom_op("rewriter::strided", mutates_args=(), schema=(
     "(Tensor q, Tensor k, Tensor v, Tensor? key_mask, bool causal, float scale, int stride, int local_blocks=1, "
-    "int sink_blocks=1, int block=64) -> Tensor"))
+    "int sink_blocks=1, int block=64, float[]? alibi=None) -> Tensor"))
 def strided_attention(q: Tensor, k: Tensor, v: Tensor, key_mask: Optional[Tensor], causal: bool, scale: float,
-                      stride: int, local_blocks: int = 1, sink_blocks: int = 1, block: int = 64) -> Tensor:
-    """S2-Attention heterogeneous sharding: each head visits a different 1/stride of the key blocks."""
-    return strided_attention_impl(q, k, v, key_mask, causal, scale, stride, local_blocks, sink_blocks, block)
+                      stride: int, local_blocks: int = 1, sink_blocks: int = 1, block: int = 64,
+                      alibi: Optional[list[float]] = None) -> Tensor:
+    """S2-Attention heterogeneous sharding: each head visits a different 1/stride of the key blocks (+ a model's
+    ALiBi bias on the computed pairs when `alibi` slopes are given)."""
+    return strided_attention_impl(q, k, v, key_mask, causal, scale, stride, local_blocks, sink_blocks, block, alibi)
 
 
 def strided_attention_impl(q, k, v, key_mask, causal, scale, stride, local_blocks=1, sink_blocks=1, block=64,
-                           core=block_sparse_attention_reference) -> Tensor:
+                           alibi=None, core=block_sparse_attention_reference) -> Tensor:
     _, H, _, Lq, Lk, _ = check_qkv(q, k, v, key_mask)
     kv_index, kv_count = strided_layout(Lq, Lk, H, block, stride, local_blocks, sink_blocks, causal, q.device)
-    out, _ = core(q, k, v, kv_index, kv_count, block, key_mask, causal, scale)
+    out, _ = core(q, k, v, kv_index, kv_count, block, key_mask, causal, scale, alibi=_slopes(alibi, q))
     return out
 
 
 @strided_attention.register_fake
-def _strided_attention_fake(q, k, v, key_mask, causal, scale, stride, local_blocks=1, sink_blocks=1, block=64):
+def _strided_attention_fake(q, k, v, key_mask, causal, scale, stride, local_blocks=1, sink_blocks=1, block=64,
+                            alibi=None):
     _check_strided_budget(stride, local_blocks, sink_blocks, block)
+    check_alibi(None if not alibi else torch.empty(len(alibi)), q.shape[1])
     return empty_output(q, v)
 
 
@@ -449,7 +459,7 @@ def window_cost(B: int, H: int, Hkv: int, Lq: int, Lk: int, D: int, Dv: int, cau
 
 def block_topk_cost(B: int, H: int, Hkv: int, Lq: int, Lk: int, D: int, Dv: int, causal: bool, elem_bytes: int = 4,
                     *, density: float, block: int = 64, pool: str = "mean", sink_blocks: int = 1,
-                    local_blocks: int = 1) -> AttentionCost:
+                    local_blocks: int = 1, alibi=None) -> AttentionCost:
     """Cost of block_topk_attention from its density (no padding): max(ceil(density x eligible), forced) whole
     blocks per query block, plus pooling every token and scoring every (query block, key block) pair."""
     _check_topk_budget(density, block, pool, sink_blocks, local_blocks)
@@ -465,7 +475,8 @@ def block_topk_cost(B: int, H: int, Hkv: int, Lq: int, Lk: int, D: int, Dv: int,
 
 
 def strided_cost(B: int, H: int, Hkv: int, Lq: int, Lk: int, D: int, Dv: int, causal: bool, elem_bytes: int = 4,
-                 *, stride: int, local_blocks: int = 1, sink_blocks: int = 1, block: int = 64) -> AttentionCost:
+                 *, stride: int, local_blocks: int = 1, sink_blocks: int = 1, block: int = 64,
+                 alibi=None) -> AttentionCost:
     """Cost of strided_attention, counted from its layout."""
     kv_index, kv_count = strided_layout(Lq, Lk, H, block, stride, local_blocks, sink_blocks, causal)
     return _layout_cost(B, H, Lq, Lk, D, Dv, causal, elem_bytes, kv_index, kv_count, block)
@@ -509,12 +520,13 @@ def window_pairs(q: Tensor, k: Tensor, key_mask: Optional[Tensor], causal: bool,
 
 
 def block_topk_pairs(q: Tensor, k: Tensor, key_mask: Optional[Tensor], causal: bool, scale: float,
-                     **budget) -> Tensor:
+                     alibi=None, **budget) -> Tensor:
     kv_index, kv_count = block_topk_layout(q, k, key_mask, causal, scale, **budget)
     return _layout_pairs(kv_index, kv_count, q.shape[2], k.shape[2], budget.get("block", 64))
 
 
-def strided_pairs(q: Tensor, k: Tensor, key_mask: Optional[Tensor], causal: bool, scale: float, **budget) -> Tensor:
+def strided_pairs(q: Tensor, k: Tensor, key_mask: Optional[Tensor], causal: bool, scale: float, alibi=None,
+                  **budget) -> Tensor:
     kv_index, kv_count = strided_layout(q.shape[2], k.shape[2], q.shape[1], causal=causal, device=q.device, **budget)
     return _layout_pairs(kv_index, kv_count, q.shape[2], k.shape[2], budget.get("block", 64))
 
@@ -552,7 +564,7 @@ def translate_window_attention(q, k, v, key_mask=None, causal=False, scale=1.0, 
 
 
 def translate_block_topk_attention(q, k, v, key_mask=None, causal=False, scale=1.0, density=1.0, block=64,
-                                   pool="mean", sink_blocks=1, local_blocks=1):
+                                   pool="mean", sink_blocks=1, local_blocks=1, alibi=None):
     """Pooled block scores, TopK per query block of max(ceil(density x n_eligible), n_forced) blocks (forced ones
     ranked +inf, ineligible ones -inf, as ``block_topk_layout``), then the gathered blocks. Blocks whose pooled
     scores tie may be chosen differently from torch.sort (TopK breaks ties its own way)."""
@@ -568,12 +580,12 @@ def translate_block_topk_attention(q, k, v, key_mask=None, causal=False, scale=1
     keep = op.Max(keep, n_forced)                                                 # (B, 1, nqb)
     ranked = op.Where(forced, ox._float(math.inf), op.Where(eligible, scores, ox._float(-math.inf)))
     kv_index, slot_valid = ox._top_blocks(ranked, op.Expand(keep, op.Shape(ranked, start=0, end=3)))
-    out = ox._gathered_block_attention(qa, ka, va, key_mask, causal, scale, kv_index, slot_valid, block, d, dv)
+    out = ox._gathered_block_attention(qa, ka, va, key_mask, causal, scale, kv_index, slot_valid, block, d, dv, alibi)
     return op.CastLike(out, q)
 
 
 def translate_strided_attention(q, k, v, key_mask=None, causal=False, scale=1.0, stride=1, local_blocks=1,
-                                sink_blocks=1, block=64):
+                                sink_blocks=1, block=64, alibi=None):
     """Head h keeps key blocks kb with (kb + h) % stride == 0 plus local and sink blocks (causal-eligible only):
     the layout of ``strided_layout``, built from the lengths, then the gathered blocks."""
     op = ox._op()
@@ -587,7 +599,7 @@ def translate_strided_attention(q, k, v, key_mask=None, causal=False, scale=1.0,
     count = op.ReduceSum(op.Cast(chosen, to=7), ox._ints([-1]), keepdims=0)
     kv_index, slot_valid = ox._top_blocks(op.Cast(chosen, to=1), count)
     out = ox._gathered_block_attention(qa, ka, va, key_mask, causal, scale, op.Unsqueeze(kv_index, ox._ints([0])),
-                                    op.Unsqueeze(slot_valid, ox._ints([0])), block, d, dv)
+                                    op.Unsqueeze(slot_valid, ox._ints([0])), block, d, dv, alibi)
     return op.CastLike(out, q)
 
 
@@ -757,10 +769,21 @@ def _block_topk_budget(c: BlockTopkConfig, L: int) -> tuple[dict, dict]:
              "local_blocks": c.local_blocks}, {"block_density": c.density})
 
 
+def _keep_alibi(method: str):
+    """compose for block methods that keep a model's ALiBi bias (on the pairs they compute) but no window: their
+    layouts would read blocks the model's window forbids."""
+    def compose(site, kwargs: dict) -> tuple[dict | None, str]:
+        if site.window is not None or site.window_right is not None or site.semantics_note:
+            return None, f"{method} cannot keep the model's {site.semantics()}"
+        return {**kwargs, "alibi": [float(a) for a in site.alibi_slopes]}, f"{method} keeps the model's ALiBi bias"
+    return compose
+
+
 register_method(AttentionMethod(
     name="block-topk", config=BlockTopkConfig, op=torch.ops.rewriter.block_topk.default,
     budget=_block_topk_budget, cost=block_topk_cost, reference=block_topk_attention_impl,
     onnx=translate_block_topk_attention, pairs=block_topk_pairs, colour="#59a14f",
+    compose=_keep_alibi("block-topk"),
     summary="training-free block-sparse attention: top-k key blocks by pooled scores (SeerAttention/Quest)",
     candidates=({"density": 0.1, "block": 32}, {"density": 0.25, "block": 32}, {"density": 0.5, "block": 32})))
 
@@ -788,7 +811,7 @@ def _strided_budget(c: StridedConfig, L: int) -> tuple[dict, dict]:
 register_method(AttentionMethod(
     name="strided", config=StridedConfig, op=torch.ops.rewriter.strided.default, budget=_strided_budget,
     cost=strided_cost, reference=strided_attention_impl, onnx=translate_strided_attention, pairs=strided_pairs,
-    colour="#8cd17d", density_knob="stride",
+    colour="#8cd17d", density_knob="stride", compose=_keep_alibi("strided"),
     summary="S2-Attention heterogeneous sharding: local blocks plus a per-head strided set of blocks",
     candidates=({"stride": 8, "block": 32}, {"stride": 4, "block": 32})))
 

@@ -108,8 +108,12 @@ def _band_layout_cpu(Lq: int, Lk: int, block: int, window_left: int, window_righ
     return kv_index[None, None].contiguous(), kv_count[None, None].contiguous()
 
 
-def check_alibi(alibi: Tensor | None, H: int) -> None:
-    if alibi is not None and (alibi.dim() != 1 or alibi.shape[0] != H or alibi.is_complex()):
+def check_alibi(alibi: Tensor | list | None, H: int) -> None:
+    """ALiBi slopes, a (H,) tensor (the core) or a list (the ops' argument): one real slope per query head."""
+    if isinstance(alibi, (list, tuple)):
+        if alibi and len(alibi) != H:
+            raise ValueError(f"alibi must be ({H},) real slopes, one per query head; got ({len(alibi)},)")
+    elif alibi is not None and (alibi.dim() != 1 or alibi.shape[0] != H or alibi.is_complex()):
         raise ValueError(f"alibi must be ({H},) real slopes, one per query head; got {tuple(alibi.shape)}")
 
 

@@ -337,7 +337,7 @@ def window_attention_impl(q, k, v, key_mask, causal, scale, window, sinks, block
 @window_attention.register_fake
 def _window_attention_fake(q, k, v, key_mask, causal, scale, window, sinks, block=64, alibi=None):
     _check_window_budget(window, sinks, block)
-    check_alibi(None if not alibi else torch.empty(len(alibi)), q.shape[1])
+    check_alibi(alibi, q.shape[1])
     return empty_output(q, v)
 
 
@@ -371,7 +371,7 @@ def _slopes(alibi, q: Tensor) -> Optional[Tensor]:
 def _block_topk_attention_fake(q, k, v, key_mask, causal, scale, density, block=64, pool="mean", sink_blocks=1,
                                local_blocks=1, alibi=None):
     _check_topk_budget(density, block, pool, sink_blocks, local_blocks)
-    check_alibi(None if not alibi else torch.empty(len(alibi)), q.shape[1])
+    check_alibi(alibi, q.shape[1])
     return empty_output(q, v)
 
 
@@ -398,7 +398,7 @@ def strided_attention_impl(q, k, v, key_mask, causal, scale, stride, local_block
 def _strided_attention_fake(q, k, v, key_mask, causal, scale, stride, local_blocks=1, sink_blocks=1, block=64,
                             alibi=None):
     _check_strided_budget(stride, local_blocks, sink_blocks, block)
-    check_alibi(None if not alibi else torch.empty(len(alibi)), q.shape[1])
+    check_alibi(alibi, q.shape[1])
     return empty_output(q, v)
 
 

@@ -15,6 +15,9 @@ python -c "import torch, triton, transformers, numpy; print('torch', torch.__ver
 nvidia-smi --query-gpu=name,clocks.sm,clocks.mem,temperature.gpu --format=csv,noheader
 git log -1 --format="commit %H" 2>/dev/null || true
 if [ -n "${AOTI_ONLY:-}" ]; then
+  for d in cpu cuda; do   # AOTInductor itself, no rewriter: on torch 2.11+cu130 there, loading any package segfaulted
+    timeout 90 python benchmarks/aoti_smoke.py --device $d > "$OUT/aoti_smoke_$d.log" 2>&1; echo "aoti smoke $d rc=$?"
+  done
   timeout 200 python -m pytest -q -o addopts=-ra -p no:cacheprovider tests/test_compile.py > "$OUT/pytest_compile.log" 2>&1
   echo "pytest compile rc=$?"; tail -4 "$OUT/pytest_compile.log"
   timeout 150 python benchmarks/aoti_cpu.py --device cuda --repeats 20 --out "$OUT/aoti_cuda.json" > "$OUT/aoti_cuda.log" 2>&1

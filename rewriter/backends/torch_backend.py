@@ -210,7 +210,10 @@ def write_hf_folder(program: Program, folder: Path) -> None:
                 shutil.copytree(sub, folder / sub.name, dirs_exist_ok=True)
 
 
-HF_CHECK_TOLERANCE = {torch.float32: 1e-4, torch.float64: 1e-8}   # relative to the output's largest magnitude
+# fp32/fp64: largest difference relative to the output's largest magnitude. 16-bit: the norm of the difference
+# relative to the output's norm, since two correct kernels in bf16 already differ by a few percent at single logits
+# after 22 layers (1.1B Llama, H200: max-relative 2.4e-2 between transformers' SDPA and the exact program)
+HF_CHECK_TOLERANCE = {torch.float32: 1e-4, torch.float64: 1e-8}
 
 
 def write_hf(program: Program, folder: Path, weight_only: bool) -> str | None:
@@ -292,7 +295,12 @@ def check_hf_folder(program: Program, folder: Path) -> float:
             a, b = a[valid.bool()], b[valid.bool()]   # padded positions carry nothing
         if not torch.isfinite(a).all():
             raise RewriterError(f"the HF folder gives non-finite {name}")
-        rel = float((a - b).abs().max() / b.abs().max().clamp_min(1e-12)) if b.numel() else 0.0
+        if not b.numel():
+            rel = 0.0
+        elif dtype in HF_CHECK_TOLERANCE:
+            rel = float((a - b).abs().max() / b.abs().max().clamp_min(1e-12))
+        else:
+            rel = float((a - b).norm() / b.norm().clamp_min(1e-12))
         worst = max(worst, rel)
         if rel > tol:
             raise RewriterError(f"transformers does not run the rewrite as model.pt2 does: {name} differs by "

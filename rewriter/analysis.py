@@ -121,13 +121,14 @@ class CandidateResult:
 def method_errors(rec: SiteRecord, candidates: list[tuple[str, dict]],
                   progress: Callable[[str], None] = lambda m: None) -> list[CandidateResult]:
     """Every candidate on all heads of one site at once; errors split per head, against the model's own attention
-    (its sliding window and ALiBi bias included). On such a site a candidate runs with the arguments that keep
+    (its sliding window, ALiBi bias and softcap included). On such a site a candidate runs with the arguments that keep
     them (as the pass would rewrite it); a candidate that cannot keep them is left out."""
     from .pipeline import make_pass
     s = rec.site
     q, k, v, km = rec.q, rec.k, rec.v, rec.key_mask
     B, H, L = q.shape[0], q.shape[1], k.shape[2]
-    exact = _common.model_attention_float64(q, k, v, km, s.causal, s.scale, s.window, s.alibi_slopes)
+    exact = _common.model_attention_float64(q, k, v, km, s.causal, s.scale, s.window, s.alibi_slopes,
+                                            softcap=s.softcap)
     rows = _valid_rows(rec)[:, None, :, None]
     one_head = dataclasses.replace(s, heads=1, kv_heads=1)
     out = []

@@ -4,6 +4,12 @@ passes see a single form.
     softmax(q @ k^T * scale + mask) [-> to(dtype)] [-> dropout] @ v    ==>  sdpa(q, k, v, mask, scale=scale)
     sdpa(q, repeat_kv(k), repeat_kv(v), ...)                             ==>  sdpa(q, k, v, ..., enable_gqa=True)
 
+Logit softcapping (Gemma2 eager: tanh(q @ k^T * scale / cap) * cap before the mask) has no SDPA form. Capture asks
+for it (`softcap=True`): the chain becomes an SDPA node with meta["softcap"] = cap, which capture turns into
+exact_attention(..., softcap=cap) at once, or back into the eager chain (rewriter.graph.expand_softcapped_sdpa) where
+exact_attention cannot state the mask. Every other caller leaves softcapped chains as they are (an SDPA node would
+drop the cap) and they are reported as unmatched.
+
 repeat_kv is the expand/reshape of HF's GQA helper: reshape(expand(unsqueeze(x, 2), [B, Hkv, rep, L, D]), [B, H, L, D]).
 """
 from __future__ import annotations
@@ -39,8 +45,27 @@ def _real_users(node: fx.Node) -> list[fx.Node]:
     return [u for u in node.users if not is_call(u, aten._assert_tensor_metadata.default)]
 
 
-def _match_eager(softmax: fx.Node):
-    """Return (q, k, v, mask, scale, final_matmul) or None."""
+def _softcap_source(node) -> tuple[fx.Node, float] | None:
+    """(s, cap) when node is cap * tanh(s / cap) (the division may be a multiplication by 1 / cap)."""
+    if not (is_call(node, aten.mul.Tensor) and isinstance(node.args[1], (int, float)) and node.args[1] > 0):
+        return None
+    cap, t = float(node.args[1]), node.args[0]
+    if not is_call(t, aten.tanh.default):
+        return None
+    d = t.args[0]
+    if is_call(d, aten.div.Tensor) and isinstance(d.args[1], (int, float)) and d.args[1]:
+        inner_cap = float(d.args[1])
+    elif is_call(d, aten.mul.Tensor) and isinstance(d.args[1], (int, float)) and d.args[1]:
+        inner_cap = 1.0 / float(d.args[1])
+    else:
+        return None
+    if abs(inner_cap - cap) > 1e-6 * cap or not isinstance(d.args[0], fx.Node):
+        return None
+    return d.args[0], cap
+
+
+def _match_eager(softmax: fx.Node, softcap: bool = False):
+    """Return (q, k, v, mask, scale, final_matmul, cap or None) or None; a softcapped chain only when `softcap`."""
     if len(softmax.args) > 1 and softmax.args[1] not in (-1, 3):
         return None
     x = softmax.args[0]
@@ -52,6 +77,12 @@ def _match_eager(softmax: fx.Node):
         if not isinstance(scores_side, fx.Node) or not _leads_to_qk(scores_side):
             return None
         x = scores_side
+    cap = None
+    capped = _softcap_source(x)
+    if capped is not None:
+        if not softcap:
+            return None
+        x, cap = capped
     scale = 1.0
     if is_call(x, aten.mul.Tensor) and isinstance(x.args[1], (int, float)):
         scale, x = float(x.args[1]), x.args[0]
@@ -70,7 +101,7 @@ def _match_eager(softmax: fx.Node):
         v = u.args[1]
         if not isinstance(v, fx.Node) or len(val(v).shape) != 4:
             return None
-        return q, k, v, mask, scale, u
+        return q, k, v, mask, scale, u, cap
     return None
 
 
@@ -214,6 +245,9 @@ def _replace_merged_heads(graph: fx.Graph, q, k, v, bias, beta, mask, scale, sco
 
 def _leads_to_qk(node: fx.Node) -> bool:
     x = node
+    capped = _softcap_source(x)
+    if capped is not None:
+        x = capped[0]
     if is_call(x, aten.mul.Tensor, aten.div.Tensor) and isinstance(x.args[1], (int, float)):
         x = x.args[0]
     return is_call(x, aten.matmul.default) and _is_last_two_transpose(x.args[1])
@@ -238,12 +272,13 @@ def _repeat_kv_source(node) -> tuple[fx.Node, int] | None:
     return src, out_shape[1] // s_shape[1]
 
 
-def canonicalize(gm: fx.GraphModule) -> CanonicalReport:
-    """Rewrite gm in place to the canonical attention form."""
+def canonicalize(gm: fx.GraphModule, softcap: bool = False) -> CanonicalReport:
+    """Rewrite gm in place to the canonical attention form (softcapped chains too when `softcap`: capture only, see
+    the module docstring)."""
     report = CanonicalReport(unmatched_softmax=[], unmatched_attention=[])
     graph = gm.graph
     for softmax in [n for n in graph.nodes if is_call(n, aten.softmax.int, aten._softmax.default)]:
-        m = _match_eager(softmax)
+        m = _match_eager(softmax, softcap)
         merged = _match_merged_heads(softmax) if m is None else None
         if merged is not None:
             _replace_merged_heads(graph, *merged)
@@ -257,10 +292,12 @@ def canonicalize(gm: fx.GraphModule) -> CanonicalReport:
                     "node": softmax.name, "module_path": module_path(softmax), "seen": "softmax",
                     "reason": "a score computation the matcher does not know"})
             continue
-        q, k, v, mask, scale, final = m
+        q, k, v, mask, scale, final, cap = m
         with graph.inserting_before(final):
             sdpa = graph.call_function(SDPA, (q, k, v, mask), {"scale": scale})
         sdpa.meta = dict(final.meta)
+        if cap is not None:
+            sdpa.meta["softcap"] = cap
         final.replace_all_uses_with(sdpa)
         graph.erase_node(final)
         report.eager_attention += 1

@@ -1,11 +1,12 @@
 """Capture an eager model as a Program with torch.export (non-strict), batch and sequence dynamic, in canonical form.
 
-Canonical form: every attention is one `rewriter::exact_attention(q, k, v, key_mask, causal, scale, window, alibi)`
-node on the (B, L) key-padding mask, with the model's own causal flag, sliding window and ALiBi slopes as read from
-its mask (rewriter.semantics). HF's materialised (B, 1, L, L) mask goes dead, so the captured program attends as
+Canonical form: every attention is one `rewriter::exact_attention(q, k, v, key_mask, causal, scale, window, alibi,
+softcap)` node on the (B, L) key-padding mask, with the model's own causal flag, sliding window and ALiBi slopes as
+read from its mask (rewriter.semantics) and its logit softcap as read from the eager chain (rewriter.canonical). HF's materialised (B, 1, L, L) mask goes dead, so the captured program attends as
 fast as the model it came from (SDPA's flash path on unpadded batches), and every attention and KV pass matches this
 one node. An attention whose mask the op cannot state (a right or bidirectional window, a mask that depends on more
-than the query-key distance) keeps the model's SDPA form; `program.meta["canonical"]["kept"]` says which and why.
+than the query-key distance) keeps the model's SDPA form (its eager form when softcapped);
+`program.meta["canonical"]["kept"]` says which and why.
 """
 from __future__ import annotations
 
@@ -17,7 +18,7 @@ from torch import nn
 
 from .canonical import canonicalize
 from .errors import RewriterError
-from .graph import erase_dead, exact_attention_op, module_path, replace_attention
+from .graph import erase_dead, exact_attention_op, expand_softcapped_sdpa, module_path, replace_attention
 from .load import LoadedModel
 from .program import Program, export, max_length
 from .semantics import probe_sites
@@ -149,7 +150,7 @@ def canonical_program(program: Program, max_positions: int) -> Program:
     """The program with its attention in canonical form (see the module docstring), re-exported; its meta records the
     probed mask semantics per module path and what canonicalisation did."""
     gm = program.module()
-    report = canonicalize(gm)
+    report = canonicalize(gm, softcap=True)
     probed = probe_sites(gm, program.input_names, program.example_inputs, program.config, max_positions)
     nodes = {n.name: n for n in gm.graph.nodes}
     program.meta["attention_semantics"] = gm.meta["attention_semantics"] = \
@@ -170,8 +171,8 @@ def canonical_program(program: Program, max_positions: int) -> Program:
 
 def to_exact_attention(gm: torch.fx.GraphModule, causal_modules: dict[str, bool]) -> tuple[int, list[dict]]:
     """Rewrite gm's SDPA sites (canonicalize() first) in place into exact_attention on the key-padding mask, keeping
-    the model's causal flag, window and ALiBi bias. Returns (sites rewritten, [{module_path, reason}] of the sites
-    whose mask the op cannot state, left as SDPA)."""
+    the model's causal flag, window, ALiBi bias and logit softcap. Returns (sites rewritten, [{module_path, reason}]
+    of the sites whose mask the op cannot state, left as SDPA, or as the eager chain when softcapped)."""
     nodes = {n.name: n for n in gm.graph.nodes}
     done, kept = 0, []
     for site in attention_sites(gm, causal_modules):
@@ -180,6 +181,8 @@ def to_exact_attention(gm: torch.fx.GraphModule, causal_modules: dict[str, bool]
         args, why = site.exact_arguments()
         if args is None:
             kept.append({"module_path": site.module_path, "reason": why})
+            if site.softcap:
+                expand_softcapped_sdpa(gm, nodes[site.node])
             continue
         replace_attention(gm, nodes[site.node], exact_attention_op(), site.causal, site.scale, args)
         done += 1

@@ -37,13 +37,14 @@ TOLERANCE = 1e-4
 # --------------------------------------------------------------------------------------------------------------
 
 def _exact_attention(q: Tensor, k: Tensor, v: Tensor, key_mask: Optional[Tensor], causal: bool, scale: float,
-                     window: int = 0, alibi: Optional[list[float]] = None) -> Tensor:
+                     window: int = 0, alibi: Optional[list[float]] = None, softcap: float = 0.0) -> Tensor:
     """``exact.exact_attention_impl`` with a key mask always applied (the op skips it when every key is real: a
-    check on the data that a compiled graph cannot branch on; the masked SDPA gives the same numbers)."""
+    check on the data that a compiled graph cannot branch on; the masked SDPA gives the same numbers). A softcap
+    takes the op's own dense form, which has no such check."""
     from .attention._contract import alibi_bias, allowed_mask, expand_kv
     from .attention.exact import exact_attention_impl
-    if key_mask is None:
-        return exact_attention_impl(q, k, v, None, causal, scale, window, alibi)
+    if key_mask is None or softcap > 0:
+        return exact_attention_impl(q, k, v, key_mask, causal, scale, window, alibi, softcap)
     H, Lq, Lk = q.shape[1], q.shape[2], k.shape[2]
     k, v = expand_kv(k, H), expand_kv(v, H)
     allowed = allowed_mask(Lq, Lk, causal, key_mask, q.device, window=max(window, 0))
@@ -92,17 +93,23 @@ def traceable_window_layout(Lq, Lk, block: int, window: int, sinks: int, causal:
 
 
 def _window_triton(q: Tensor, k: Tensor, v: Tensor, key_mask: Optional[Tensor], causal: bool, scale: float,
-                   window: int, sinks: int, block: int = 64) -> Tensor:
+                   window: int, sinks: int, block: int = 64, alibi: Optional[list[float]] = None,
+                   softcap: float = 0.0) -> Tensor:
     """CUDA: the window op as the Triton triton_op (the kernel goes into the package; the op is defined by
-    ``rewriter.attention.triton.registry``, which ``import rewriter`` loads)."""
+    ``rewriter.attention.triton.registry``, which ``import rewriter`` loads). The triton_op takes no ALiBi or softcap
+    yet: such a window takes the aten form."""
+    if alibi or softcap:
+        return _window_attention(q, k, v, key_mask, causal, scale, window, sinks, block, alibi, softcap)
     return torch.ops.rewriter.window_triton(q, k, v, key_mask, causal, scale, window, sinks, block)
 
 
 def _window_attention(q: Tensor, k: Tensor, v: Tensor, key_mask: Optional[Tensor], causal: bool, scale: float,
-                      window: int, sinks: int, block: int = 64) -> Tensor:
+                      window: int, sinks: int, block: int = 64, alibi: Optional[list[float]] = None,
+                      softcap: float = 0.0) -> Tensor:
     """The window op (``window_extents(window, causal)`` band + `sinks` first keys) on gathered key blocks: the same
-    pairs and softmax as the reference, written so that it traces with dynamic lengths."""
-    from .attention._contract import check_qkv, expand_kv, window_extents
+    pairs and softmax as the reference (the softcap, then the ALiBi bias, on the scores), written so that it traces
+    with dynamic lengths."""
+    from .attention._contract import check_qkv, expand_kv, softcapped, window_extents
     B, H, _, Lq, Lk, D = check_qkv(q, k, v, key_mask)
     Dv, dev = v.shape[-1], q.device
     left, right = window_extents(window, causal)
@@ -129,7 +136,10 @@ def _window_attention(q: Tensor, k: Tensor, v: Tensor, key_mask: Optional[Tensor
     if key_mask is not None:
         real = F.pad(key_mask.to(torch.bool), (0, nkb * block - Lk), value=False).view(B, nkb, block)
         allowed = allowed & real.index_select(1, flat).reshape(B, 1, nqb, 1, K * block)
-    s = torch.matmul(qb, kg.transpose(-1, -2)) * scale
+    s = softcapped(torch.matmul(qb, kg.transpose(-1, -2)) * scale, softcap)
+    if alibi:
+        slopes = torch.tensor(alibi, dtype=acc, device=dev).view(1, -1, 1, 1, 1)
+        s = s + slopes * (k_pos - q_pos).to(acc)[None, None]
     s = s.masked_fill(~allowed, float("-inf"))
     m = s.amax(-1, keepdim=True)
     m = torch.where(torch.isfinite(m), m, torch.zeros_like(m))

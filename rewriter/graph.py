@@ -241,6 +241,33 @@ def replace_attention(gm: fx.GraphModule, node: fx.Node, op, causal: bool, scale
     return new
 
 
+def expand_softcapped_sdpa(gm: fx.GraphModule, node: fx.Node) -> None:
+    """An SDPA node that canonicalize(softcap=True) made of a softcapped eager chain (meta["softcap"]: SDPA itself
+    would drop the cap) back into aten ops: softmax(cap * tanh(q @ k^T * scale / cap) + mask) @ v, kv heads repeated
+    where the node reads groups. For sites exact_attention cannot state (capture keeps them in the model's form)."""
+    graph, cap = gm.graph, float(node.meta["softcap"])
+    q, k, v = node.args[:3]
+    mask, scale = sdpa_mask(node), node.kwargs.get("scale")
+    heads, kv_heads = int(val(q).shape[1]), int(val(k).shape[1])
+
+    def call(target, *args):
+        return graph.call_function(target, args)
+    with graph.inserting_before(node):
+        if heads != kv_heads:
+            k = call(aten.repeat_interleave.self_int, k, heads // kv_heads, 1)
+            v = call(aten.repeat_interleave.self_int, v, heads // kv_heads, 1)
+        s = call(aten.matmul.default, q, call(aten.transpose.int, k, -2, -1))
+        s = call(aten.mul.Tensor, s, val(q).shape[-1] ** -0.5 if scale is None else scale)
+        s = call(aten.mul.Tensor, call(aten.tanh.default, call(aten.div.Tensor, s, cap)), cap)
+        if mask is not None:
+            s = call(aten.masked_fill.Scalar, s, call(aten.logical_not.default, mask), float("-inf")) \
+                if val(mask).dtype == torch.bool else call(aten.add.Tensor, s, mask)
+        out = call(aten.matmul.default, call(aten._softmax.default, s, -1, False), v)
+    out.meta = {key: value for key, value in node.meta.items() if key != "softcap"}
+    node.replace_all_uses_with(out)
+    graph.erase_node(node)
+
+
 def set_attention_qk(node: fx.Node, q: fx.Node, k: fx.Node, scale: float) -> None:
     """Let an attention node read other queries and keys (e.g. fewer or more channels) with softmax scale `scale`."""
     if is_exact_attention(node):

@@ -294,6 +294,12 @@ def key_mask_from_hf(mask, batch: int):
     return key_mask_value(mask, batch)
 
 
+def _op_argument(op, args: tuple, name: str, default):
+    """The value of the op argument `name` in `args` (the positional arguments after scale), or `default`."""
+    names = [a.name for a in op._schema.arguments[6:]]
+    return args[names.index(name)] if name in names[:len(args)] else default
+
+
 def attention(module, query, key, value, attention_mask, scaling=None, dropout: float = 0.0, **kwargs):
     """transformers' attention-function contract: q (B, H, Lq, D), k/v (B, Hkv, Lk, D) -> ((B, Lq, H, Dv), None)."""
     site = getattr(module, _SITE_ATTR, None)
@@ -304,7 +310,10 @@ def attention(module, query, key, value, attention_mask, scaling=None, dropout: 
         from transformers.integrations.sdpa_attention import sdpa_attention_forward
         return sdpa_attention_forward(module, query, key, value, attention_mask, scaling=scaling, dropout=dropout,
                                       **kwargs)
-    for extra in ("softcap", "s_aux", "position_bias", "sinks"):
+    cap = kwargs.get("softcap")
+    if cap is not None and any(_op_argument(op, args, "softcap", 0.0) != float(cap) for op, args, _ in site.groups):
+        raise RewriterError(f"{site.path}: the rewritten attention does not keep the model's softcap {cap}")
+    for extra in ("s_aux", "position_bias", "sinks"):
         if kwargs.get(extra) is not None:
             raise RewriterError(f"{site.path}: the rewritten attention does not take the model's {extra}")
     if dropout and module.training:

@@ -1,7 +1,8 @@
 """Site discovery on canonical graphs: where passes may act.
 
-An attention site is a `rewriter::exact_attention(q, k, v, key_mask, causal, scale, window, alibi)` node: capture
-turns every attention whose semantics that op states (padding, causal, a causal sliding window, ALiBi) into one, so
+An attention site is a `rewriter::exact_attention(q, k, v, key_mask, causal, scale, window, alibi, softcap)` node:
+capture turns every attention whose semantics that op states (padding, causal, a causal sliding window, ALiBi, a
+logit softcap) into one, so
 the node itself says what the model computes. An attention whose mask is more than that (rewriter.semantics says
 why) stays in the model's SDPA form; it is still a site, with the reason in `semantics_note`, and passes that
 cannot keep it refuse it."""
@@ -42,6 +43,7 @@ class AttentionSite:
     window: int | None = None            # HF sliding window: keys with i - j < window
     window_right: int | None = None      # bidirectional local attention: keys with j - i <= window_right
     alibi_slopes: list[float] | None = None   # additive bias slope_h * (j - i) in score units
+    softcap: float | None = None         # logit softcapping: scores cap * tanh(scores / cap) before bias and mask
     semantics_note: str = ""             # set when the mask is more than the fields above: what was seen
 
     def describe(self) -> dict:
@@ -53,7 +55,7 @@ class AttentionSite:
 
     def plain_except_window(self) -> bool:
         """A (left) sliding window is all the site has beyond padding + causal."""
-        return self.window_right is None and not self.alibi_slopes and not self.semantics_note
+        return self.window_right is None and not self.alibi_slopes and not self.softcap and not self.semantics_note
 
     def semantics(self) -> str:
         """One phrase for reports and refusals: 'sliding window 32', 'ALiBi bias', ..."""
@@ -64,19 +66,23 @@ class AttentionSite:
             parts.append(f"right window {self.window_right}")
         if self.alibi_slopes:
             parts.append("ALiBi bias")
+        if self.softcap:
+            parts.append(f"logit softcap {self.softcap:g}")
         if self.semantics_note:
             parts.append(self.semantics_note)
         return ", ".join(parts) or ("causal" if self.causal else "bidirectional")
 
-    def exact_arguments(self) -> tuple[tuple[int, list[float] | None] | None, str]:
-        """(exact_attention's (window, alibi) for this site, "") when the op states the site's attention exactly, else
+    def exact_arguments(self) -> tuple[tuple[int, list[float] | None, float] | None, str]:
+        """(exact_attention's (window, alibi, softcap) for this site, "") when the op states the site's attention
+        exactly, else
         (None, why not): a right window, a bidirectional window or a mask the probe could not read are not its."""
         if self.window_right is not None or self.semantics_note:
             return None, f"exact_attention cannot state the model's {self.semantics()}"
         if self.window is not None and not self.causal:
             return None, f"exact_attention states causal sliding windows only; the model has a bidirectional " \
                          f"{self.semantics()}"
-        return (int(self.window or 0), list(self.alibi_slopes) if self.alibi_slopes else None), ""
+        return (int(self.window or 0), list(self.alibi_slopes) if self.alibi_slopes else None,
+                float(self.softcap or 0.0)), ""
 
 
 @dataclass
@@ -109,22 +115,23 @@ def _sdpa_parts(node: fx.Node):
 
 def _exact_site(node: fx.Node) -> AttentionSite:
     """The site of a canonical exact_attention node: everything is in its arguments."""
-    names = ("q", "k", "v", "key_mask", "causal", "scale", "window", "alibi")
-    p = {"window": 0, "alibi": None, **dict(zip(names, node.args)), **node.kwargs}
+    names = ("q", "k", "v", "key_mask", "causal", "scale", "window", "alibi", "softcap")
+    p = {"window": 0, "alibi": None, "softcap": 0.0, **dict(zip(names, node.args)), **node.kwargs}
     q, k, v = val(p["q"]), val(p["k"]), val(p["v"])
     path = module_path(node)
     return AttentionSite(
         node=node.name, module_path=path, layer=layer_index(path), heads=int(q.shape[1]), kv_heads=int(k.shape[1]),
         head_dim=int(q.shape[-1]), value_dim=int(v.shape[-1]), causal=bool(p["causal"]),
         has_mask=p["key_mask"] is not None, scale=float(p["scale"]), window=int(p["window"]) or None,
-        alibi_slopes=list(p["alibi"]) if p["alibi"] else None)
+        alibi_slopes=list(p["alibi"]) if p["alibi"] else None, softcap=float(p["softcap"]) or None)
 
 
 def attention_sites(gm: fx.GraphModule, causal_modules: dict[str, bool] | None = None) -> list[AttentionSite]:
     """Attention sites in graph order: canonical exact_attention nodes, and SDPA nodes (the form capture leaves where
     exact_attention cannot state the model's mask, or a graph not captured canonically). An SDPA site's window /
     bias come from gm.meta["attention_semantics"] (module path -> MaskSemantics.describe(), recorded at capture;
-    Program.module() puts it there)."""
+    Program.module() puts it there), its logit softcap from the node's meta["softcap"] (canonicalize(softcap=True),
+    during capture only)."""
     causal_modules = causal_modules or {}
     semantics = gm.meta.get("attention_semantics") or {}
     sites = []
@@ -147,7 +154,7 @@ def attention_sites(gm: fx.GraphModule, causal_modules: dict[str, bool] | None =
             head_dim=head_dim, value_dim=int(v.shape[-1]), causal=causal, has_mask=p.get("attn_mask") is not None,
             scale=float(scale) if scale is not None else head_dim ** -0.5,
             window=sem.get("window"), window_right=sem.get("window_right"), alibi_slopes=sem.get("alibi_slopes"),
-            semantics_note=note))
+            softcap=node.meta.get("softcap"), semantics_note=note))
     return sites
 
 

@@ -89,6 +89,23 @@ def test_window_lowering_matches_the_op_at_every_length():
                 assert (got - want).abs().max() < 1e-12, (L, causal, window, sinks, block)
 
 
+def test_lowerings_keep_softcap_and_alibi():
+    """The package bodies of exact attention and the window keep a model's logit softcap and ALiBi bias (the op's
+    arguments), equal to the ops."""
+    from rewriter.compile import _exact_attention
+    g = torch.Generator().manual_seed(1)
+    L = 19
+    q, k, v = (torch.randn(2, h, L, 8, generator=g, dtype=torch.float64) * 3 for h in (4, 2, 2))
+    mask = torch.ones(2, L, dtype=torch.bool)
+    mask[1, :5] = False
+    slopes = [0.5, 0.25, 0.125, 0.0625]
+    for alibi in (None, slopes):
+        want = torch.ops.rewriter.exact_attention(q, k, v, mask, True, 0.3, 7, alibi, 2.0)
+        assert (_exact_attention(q, k, v, mask, True, 0.3, 7, alibi, 2.0) - want).abs().max() < 1e-12
+        want = torch.ops.rewriter.window(q, k, v, mask, True, 0.3, 6, 2, 4, alibi, 2.0)
+        assert (_window_attention(q, k, v, mask, True, 0.3, 6, 2, 4, alibi, 2.0) - want).abs().max() < 1e-12
+
+
 def test_band_blocks_cover_the_band_once():
     """Valid slots name each key block of the band (and the sinks) exactly once."""
     for Lq, Lk, block, left, right, sinks in ((9, 9, 4, 2, 3, 5), (5, 12, 4, 3, 0, 0), (40, 40, 8, 7, 0, 1)):

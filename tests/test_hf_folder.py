@@ -334,3 +334,21 @@ def test_generate_from_the_folder_matches_the_program(tmp_path):
         seq = torch.cat([seq, logits[:, -1:].argmax(-1)], 1)
     assert hf.shape[1] > ids.shape[1]                # (shorter than `new` only at an end-of-text token)
     assert hf[0].tolist() == seq[0, :hf.shape[1]].tolist()
+
+
+def test_softcapped_window_round_trip(tmp_path):
+    """Gemma2 (softcap as an op argument): a window pass's hf/ folder runs in transformers, which hands the model's
+    softcap to the rewritten attention; the folder accepts it because the op keeps that cap, and equals the program."""
+    import transformers as tf
+    from rewriter import capture
+    torch.manual_seed(0)
+    model = tf.Gemma2ForCausalLM(tf.Gemma2Config(
+        hidden_size=64, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2, head_dim=16,
+        intermediate_size=128, vocab_size=120, max_position_embeddings=256, sliding_window=24,
+        attn_logit_softcapping=2.0, initializer_range=0.2)).eval()
+    model.set_attn_implementation("eager")
+    out = tmp_path / "out"
+    _optimize(capture(model, seq=16), [("window", {"window": 8, "sinks": 0})], out, max_error=10.0)
+    diff, _, block = _roundtrip(out, "llama", model_inputs("llama", 2, 37, seed=4))
+    assert diff < TOL, diff
+    assert all(g["args"]["softcap"] == 2.0 for s in block["sites"] for g in s["groups"])

@@ -132,6 +132,49 @@ def test_alibi_bias_matches_reference(permuted):
     assert (without - block_sparse_attention(q, k, v, index, count, block, **kw)[0]).abs().max() > 1e-2
 
 
+@pytest.mark.parametrize("permuted", [False, True])
+def test_softcap_matches_reference(permuted):
+    """A logit softcap (cap * tanh(s / cap) of the scaled score, then the ALiBi bias) in the kernel's block loop;
+    a cap small enough to change the result. The reference's oracle is checked against float64 in test_semantics."""
+    B, H, Hkv, L, D, block = 2, 4, 2, 45, 32, 16
+    q, k, v = qkv(11, B, H, Hkv, L, L, D)
+    q = q * 3                                                # scores well past the cap
+    key_mask = torch.ones(B, L, dtype=torch.bool)
+    key_mask[1, :7] = False
+    kw = dict(key_mask=key_mask, causal=True, window_left=12, window_right=0, sinks=2, softcap=2.5,
+              alibi=torch.tensor([0.5, 0.25, 0.125, 0.0625]) if permuted else None)
+    if permuted:
+        g = gen(12)
+        kw["q_pos"] = torch.stack([torch.randperm(L, generator=g) for _ in range(B * H)]).view(B, H, L)
+        kw["k_pos"] = torch.stack([torch.randperm(L, generator=g) for _ in range(B * H)]).view(B, H, L)
+        nb = num_blocks(L, block)
+        index = torch.arange(nb, dtype=torch.int32).expand(1, 1, nb, nb)
+        count = torch.full((1, 1, nb), nb, dtype=torch.int32)
+    else:
+        index, count = band_layout(L, L, block, 12, 0, 2, True, "cpu")
+    assert_matches_reference(q, k, v, index, count, block, 2e-5, **kw)
+    without = block_sparse_attention(q, k, v, index, count, block, **{**kw, "softcap": 0.0})[0]
+    assert (without - block_sparse_attention(q, k, v, index, count, block, **kw)[0]).abs().max() > 1e-2
+
+
+def test_exact_attention_cuda_softcap_matches_the_op():
+    """exact_attention's CUDA implementation: a softcap site runs the block-sparse kernel over every visible block
+    (the model's causal window or all keys), against the op (its dense reference on CPU tensors); GQA, padding,
+    a length that is no whole number of blocks; without a softcap it is the op's own SDPA body."""
+    B, H, Hkv, L, D = 2, 4, 2, 75, 16
+    q, k, v = qkv(13, B, H, Hkv, L, L, D)
+    q = q * 3
+    key_mask = torch.ones(B, L, dtype=torch.bool)
+    key_mask[1, :9] = False
+    fn = CUDA_KERNELS["rewriter::exact_attention"]
+    for causal, window, alibi in [(True, 0, None), (True, 20, None), (False, 0, [0.5, 0.25, 0.125, 0.0625])]:
+        args = (q, k, v, key_mask, causal, D ** -0.5, window, alibi)
+        ref = torch.ops.rewriter.exact_attention(*args, 3.0)
+        torch.testing.assert_close(fn(*args, 3.0), ref, atol=2e-5, rtol=0)
+        assert (ref - torch.ops.rewriter.exact_attention(*args)).abs().max() > 1e-2     # the cap matters here
+        torch.testing.assert_close(fn(*args), torch.ops.rewriter.exact_attention(*args), atol=0, rtol=0)
+
+
 def test_fp16_block32_matches_reference():
     # fp16, not bf16: the CPU interpreter's bf16 tl.dot returns garbage (triton 3.8); bf16 is checked on the GPU
     # by benchmarks/attention.py
@@ -272,7 +315,8 @@ def test_registration_switches(monkeypatch):
     monkeypatch.delenv("REWRITER_ATTENTION_REFERENCE")
     assert not use_reference()
     names = ["rewriter::performer", "rewriter::linear", "rewriter::scatterbrain", "rewriter::hedgehog",
-             "rewriter::window", "rewriter::block_topk", "rewriter::strided", "rewriter::binary_linear"]
+             "rewriter::window", "rewriter::block_topk", "rewriter::strided", "rewriter::exact_attention",
+             "rewriter::binary_linear"]
     first = register_cuda_kernels()
     assert sorted(first) == sorted(names)
     assert register_cuda_kernels() == first          # idempotent

@@ -59,12 +59,14 @@ def compile_for_sm90(jit_fn, types: dict[str, str], constexprs: dict, num_warps:
     return compiled
 
 
-@pytest.mark.parametrize("causal,masked,alibi", [(True, True, True), (False, False, False)])
-def test_block_sparse_attention_compiles(causal, masked, alibi):
+@pytest.mark.parametrize("causal,masked,alibi,softcap", [(True, True, True, True), (False, False, False, False)])
+def test_block_sparse_attention_compiles(causal, masked, alibi, softcap):
     ptrs = {"Q": "*bf16", "K": "*bf16", "V": "*bf16", "Out": "*bf16", "Lse": "*fp32", "KvIndex": "*i32",
-            "KvCount": "*i32", "KeyMask": "*i8", "QPos": "*i64", "KPos": "*i64", "Alibi": "*fp32", "qk_scale": "fp32"}
+            "KvCount": "*i32", "KeyMask": "*i8", "QPos": "*i64", "KPos": "*i64", "Alibi": "*fp32", "qk_scale": "fp32",
+            "cap_log2": "fp32"}
     compile_for_sm90(block_sparse_attention._block_sparse_fwd, ptrs, dict(
-        CAUSAL=causal, HAS_MASK=masked, HAS_POS=False, HAS_ALIBI=alibi, WINDOW_LEFT=True, WINDOW_RIGHT=not causal, HAS_SINKS=True,
+        CAUSAL=causal, HAS_MASK=masked, HAS_POS=False, HAS_ALIBI=alibi, HAS_SOFTCAP=softcap, WINDOW_LEFT=True,
+        WINDOW_RIGHT=not causal, HAS_SINKS=True,
         BLOCK=64, HEAD_D=128, HEAD_DV=128, PAD_D=128, PAD_DV=128, DOT_PRECISION="tf32"))
 
 

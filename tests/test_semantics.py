@@ -1,5 +1,6 @@
-"""The model's own attention semantics: sliding windows and ALiBi read from the captured masks, attention-like
-subgraphs the matcher cannot map reported (not skipped), and linears that are not aten.linear found."""
+"""The model's own attention semantics: sliding windows and ALiBi read from the captured masks, Gemma2's logit
+softcap read from its eager chain, attention-like subgraphs the matcher cannot map reported (not skipped), and
+linears that are not aten.linear found."""
 from __future__ import annotations
 
 import math
@@ -10,6 +11,7 @@ import torch
 from rewriter.semantics import read_pattern
 
 L_PROBE = 40
+GEMMA2_CAP = 2.0
 
 
 def _tiny(name: str):
@@ -31,8 +33,10 @@ def _tiny(name: str):
     elif name == "falcon":
         m = tf.FalconForCausalLM(tf.FalconConfig(hidden_size=64, num_hidden_layers=2, num_attention_heads=4,
                                                  vocab_size=120, alibi=False, bias=True))
-    elif name == "gemma2":   # eager: the softcapped form (transformers 5.17 defaults to SDPA, which drops the softcap)
-        m = tf.Gemma2ForCausalLM(tf.Gemma2Config(**common, num_key_value_heads=2, head_dim=16, sliding_window=24))
+    elif name == "gemma2":   # eager, the softcapped form (transformers 5.24 refuses sdpa for Gemma2). Layers: sliding
+        # window 24, full. Weights 10x the default scale give scores up to ~3.5, so a cap of 2 changes the model.
+        m = tf.Gemma2ForCausalLM(tf.Gemma2Config(**common, num_key_value_heads=2, head_dim=16, sliding_window=24,
+                                                 attn_logit_softcapping=GEMMA2_CAP, initializer_range=0.2))
         m.set_attn_implementation("eager")
     elif name == "bloom":
         m = tf.BloomForCausalLM(tf.BloomConfig(hidden_size=64, n_layer=2, n_head=4, vocab_size=120))
@@ -133,7 +137,7 @@ def test_alibi_read_from_the_program(captured, name, per_dim):
         assert s["causal"] and s["window"] is None and s["alibi_slopes"] == pytest.approx(want, rel=1e-4)
 
 
-@pytest.mark.parametrize("name", ["mistral", "qwen2", "gemma3", "falcon-alibi", "bloom"])
+@pytest.mark.parametrize("name", ["mistral", "qwen2", "gemma3", "falcon-alibi", "bloom", "gemma2"])
 def test_captured_program_equals_hf_beyond_the_window(captured, name):
     """Left padding, a length past the model's window: the captured program is the HF model (1e-5, fp32)."""
     model, program = captured(name)
@@ -157,7 +161,7 @@ def test_semantics_survive_save_and_load(captured, tmp_path):
     assert [s.window for s in attention_sites(gm, back.causal_modules)] == [None, 24]
 
 
-@pytest.mark.parametrize("name,reason", [("gemma2", "softcapping"), ("deberta-v2", "relative-position attention")])
+@pytest.mark.parametrize("name,reason", [("deberta-v2", "relative-position attention")])
 def test_unmatched_attention_is_reported(captured, name, reason):
     from rewriter.api import inspect
     model, program = captured(name)
@@ -200,7 +204,7 @@ def _max_real_diff(model, program, L=80):
     return float((out - ref)[inputs["attention_mask"].bool()].abs().max())
 
 
-@pytest.mark.parametrize("name", ["mistral", "qwen2", "gemma3", "falcon-alibi", "bloom"])
+@pytest.mark.parametrize("name", ["mistral", "qwen2", "gemma3", "falcon-alibi", "bloom", "gemma2"])
 def test_exact_attention_keeps_windows_and_alibi(captured, name):
     """The issue's case: exact attention on a sliding-window / ALiBi model equals the HF model beyond the window with
     left padding (it used to drop the window: 0.20 max abs logit on Mistral). Capture makes every site exact_attention
@@ -210,10 +214,12 @@ def test_exact_attention_keeps_windows_and_alibi(captured, name):
     assert len(nodes) == 2 and not any("scaled_dot_product" in str(n.target) for n in program.ep.graph.nodes)
     windows = [n.args[6] if len(n.args) > 6 else 0 for n in nodes]
     slopes = [n.args[7] if len(n.args) > 7 else None for n in nodes]
+    caps = [n.args[8] if len(n.args) > 8 else 0.0 for n in nodes]
     if name in ("falcon-alibi", "bloom"):
         assert all(s is not None and len(s) == 4 for s in slopes) and windows == [0, 0]
     else:
-        assert {"mistral": [24, 24], "qwen2": [0, 24], "gemma3": [24, 0]}[name] == windows
+        assert {"mistral": [24, 24], "qwen2": [0, 24], "gemma3": [24, 0], "gemma2": [24, 0]}[name] == windows
+    assert caps == ([GEMMA2_CAP] * 2 if name == "gemma2" else [0.0, 0.0])
     assert _max_real_diff(model, program) < 1e-5
     result = _optimize(program, [("exact-attention", {})])
     assert result.report["max_error"] == pytest.approx(1e-4) and "max_error_default" in result.report
@@ -277,7 +283,7 @@ def test_methods_refuse_what_they_cannot_keep(captured):
 
 def test_a_pass_that_selects_nothing_is_an_error(captured):
     from rewriter.errors import RewriterError
-    model, program = captured("gemma2")          # softcapped attention: no canonical site
+    model, program = captured("deberta-v2")      # relative-position attention: no canonical site
     with pytest.raises(RewriterError, match="window: no attention site matched"):
         _optimize(program, [("window", {"window": 8})])
     result = _optimize(program, [("window", {"window": 8, "allow_empty": True})])
@@ -421,3 +427,176 @@ def test_block_methods_keep_alibi_on_the_model(captured, tmp_path):
     model, program = captured("mistral")
     with pytest.raises(RewriterError, match="refused.*sliding window"):
         _optimize(program, [("strided", {"stride": 2, "block": 16})])
+
+
+# --- logit softcapping (Gemma2): carried by the canonical form, kept by window / block-topk / strided -----------------
+
+def test_softcap_read_from_the_program(captured):
+    """Gemma2's eager chain (scores * scale / cap -> tanh -> * cap, before the mask) becomes exact_attention with the
+    cap as its argument: inspect reports both sites as exact attention with the cap (oracle: the config), nothing
+    kept or unmatched."""
+    from rewriter.api import inspect
+    model, program = captured("gemma2")
+    info = inspect(program)
+    assert info["canonicalized"]["exact_attention"] == 2 and info["canonicalized"]["kept"] == []
+    assert info["canonicalized"]["unmatched_attention"] == []
+    sites = info["attention"]
+    assert [s["window"] for s in sites] == [24, None]
+    assert all(s["causal"] and s["softcap"] == model.config.attn_logit_softcapping for s in sites)
+    assert [r["method"] for r in info["rewritten"]] == ["exact-attention"] * 2
+
+
+def test_capture_that_drops_the_softcap_differs(monkeypatch):
+    """The softcap argument is what keeps the canonical form exact: without it the program is another model."""
+    from rewriter.capture import capture
+    from rewriter.sites import AttentionSite
+    model = _tiny("gemma2")
+    real = AttentionSite.exact_arguments
+    monkeypatch.setattr(AttentionSite, "exact_arguments", lambda self: ((*real(self)[0][:2], 0.0), ""))
+    assert _max_real_diff(model, capture(model, seq=16)) > 1e-3
+
+
+def test_softcapped_site_the_op_cannot_state_keeps_the_eager_form(monkeypatch):
+    """A softcapped site exact_attention cannot state (forced here) goes back to the model's eager chain, not to an
+    SDPA node that would drop the cap: the program is still the HF model, and the site is reported as kept."""
+    from rewriter.api import inspect
+    from rewriter.capture import capture
+    from rewriter.sites import AttentionSite
+    model = _tiny("gemma2")
+    monkeypatch.setattr(AttentionSite, "exact_arguments", lambda self: (None, "forced by the test"))
+    program = capture(model, seq=16)
+    assert [k["reason"] for k in program.meta["canonical"]["kept"]] == ["forced by the test"] * 2
+    assert not any(n.target in (torch.ops.aten.scaled_dot_product_attention.default,
+                                torch.ops.rewriter.exact_attention.default) for n in program.ep.graph.nodes)
+    assert _max_real_diff(model, program) < 1e-5
+    assert all("softcapping" in u["reason"] for u in inspect(program)["canonicalized"]["unmatched_attention"])
+
+
+def test_exact_op_with_softcap_against_float64():
+    """The exact op with a softcap (and a window, ALiBi, GQA, padding): float64 oracle
+    softmax(cap * tanh(scale q.k / cap) + bias) over the allowed pairs."""
+    from rewriter.attention._contract import alibi_bias, allowed_mask, masked_softmax_attention
+    g = torch.Generator().manual_seed(4)
+    B, H, Hkv, L, D = 2, 4, 2, 37, 16
+    q, k, v = (torch.randn(B, h, L, D, generator=g) * 2 for h in (H, Hkv, Hkv))
+    km = torch.ones(B, L, dtype=torch.bool)
+    km[1, :5] = False
+    for window, slopes, causal in [(9, None, True), (0, [0.5, 0.25, 0.125, 0.0625], True), (0, None, False)]:
+        got = torch.ops.rewriter.exact_attention(q, k, v, km, causal, D ** -0.5, window, slopes, 1.5)
+        allowed = allowed_mask(L, L, causal, km, "cpu", window=window)
+        bias = alibi_bias(slopes, L, L, "cpu", torch.float64) if slopes else None
+        i, j = torch.arange(L)[:, None], torch.arange(L)[None, :]
+        s = torch.einsum("bhid,bhjd->bhij", q.double(), k.double().repeat_interleave(2, 1)) * D ** -0.5
+        s = 1.5 * torch.tanh(s / 1.5) + (bias if bias is not None else 0)
+        s = s.masked_fill(~allowed, float("-inf"))
+        want = torch.nan_to_num(torch.softmax(s, -1)) @ v.double().repeat_interleave(2, 1)
+        real = km[:, None, :, None].expand_as(want)
+        assert (got.double() - want)[real].abs().max() < 1e-5
+        assert (masked_softmax_attention(q.double(), k.double(), v.double(), allowed, D ** -0.5, bias, 1.5)
+                - want)[real].abs().max() < 1e-12
+        plain = torch.ops.rewriter.exact_attention(q, k, v, km, causal, D ** -0.5, window, slopes)
+        assert (plain - got)[real].abs().max() > 1e-2                  # the cap matters at these scores
+    with pytest.raises(ValueError, match="softcap must be"):
+        torch.ops.rewriter.exact_attention(q, k, v, km, True, D ** -0.5, 0, None, -1.0)
+
+
+@pytest.mark.parametrize("method,options", [("window", {"window": 11, "sinks": 2, "block": 16}),
+                                            ("block-topk", {"density": 0.5, "block": 16}),
+                                            ("strided", {"stride": 2, "block": 16})])
+def test_block_methods_with_softcap_against_float64(method, options):
+    """window, block-topk and strided with a softcap (+ ALiBi): exact softmax of the capped (+ biased) scores over the
+    pairs the method computes, float64 oracle (the model's attention restricted to them), GQA, padding."""
+    from rewriter.attention import METHODS
+    from rewriter.attention._contract import alibi_bias, allowed_mask, model_attention_float64
+    m = METHODS[method]
+    g = torch.Generator().manual_seed(5)
+    B, H, Hkv, L, D = 2, 4, 2, 61, 16
+    q, k, v = (torch.randn(B, h, L, D, generator=g) * 2 for h in (H, Hkv, Hkv))
+    km = torch.ones(B, L, dtype=torch.bool)
+    km[1, :9] = False
+    slopes = [0.5, 0.25, 0.125, 0.0625]
+    kwargs, _ = m.budget(m.config(**options), L)
+    for causal, alibi in [(True, None), (False, slopes)]:
+        got = m.op(q, k, v, km, causal, D ** -0.5, *m.positional({**kwargs, "alibi": alibi, "softcap": 1.5}))
+        pairs = m.pairs(q, k, km, causal, D ** -0.5, **kwargs)
+        allowed = allowed_mask(L, L, causal, km, "cpu") & pairs
+        from rewriter.attention._contract import masked_softmax_attention
+        want = masked_softmax_attention(q.double(), k.double(), v.double(), allowed, D ** -0.5,
+                                        alibi_bias(alibi, L, L, "cpu", torch.float64) if alibi else None, 1.5)
+        real = km[:, None, :, None].expand_as(want) & allowed.any(-1, keepdim=True)
+        assert (got.double() - want)[real].abs().max() < 1e-5
+        plain = m.op(q, k, v, km, causal, D ** -0.5, *m.positional({**kwargs, "alibi": alibi}))
+        assert (plain - got)[real].abs().max() > 1e-2
+    full = model_attention_float64(q, k, v, km, True, D ** -0.5, softcap=1.5)     # the oracle's softcap is the op's
+    assert (torch.ops.rewriter.exact_attention(q, k, v, km, True, D ** -0.5, 0, None, 1.5).double()
+            - full)[km[:, None, :, None].expand_as(full)].abs().max() < 1e-5
+
+
+def test_window_wider_than_the_sequence_keeps_the_softcapped_model(captured):
+    """window 200 on Gemma2 at 80 tokens: layer 0 keeps the model's window 24, layer 1 a window past the sequence,
+    both with the model's softcap: the HF model (1e-5, left padding)."""
+    model, program = captured("gemma2")
+    result = _optimize(program, [("window", {"window": 200, "sinks": 0})])
+    sites = result.report["passes"][0]["sites"]
+    assert len(sites) == 2 and all("softcap" in s["model_semantics"] for s in sites)
+    assert [s["window"] for s in sites] == [24, 200]
+    assert _max_real_diff(model, result.program) < 1e-5
+
+
+def test_window_inside_the_model_window_is_the_intersection_with_softcap(captured):
+    """window 8 on Gemma2 (layer 0: inside the model's 24; layer 1: full attention) is window 8 on both layers with
+    the softcap. Oracle: transformers itself, the same weights with sliding_window=8 on every layer: in float64 on
+    unpadded rows (transformers' float64 eager attention gives padded rows NaN values, which its zero probabilities
+    carry into real rows), in fp32 with left padding."""
+    import transformers as tf
+    model, program = captured("gemma2")
+    result = _optimize(program, [("window", {"window": 8, "sinks": 0})], max_error=10.0)
+    assert [s["window"] for s in result.report["passes"][0]["sites"]] == [8, 8]
+    cfg = tf.Gemma2Config(**{**model.config.to_dict(), "sliding_window": 8,
+                             "layer_types": ["sliding_attention", "sliding_attention"]})
+    oracle = tf.Gemma2ForCausalLM(cfg).eval()
+    oracle.load_state_dict(model.state_dict())
+    oracle.set_attn_implementation("eager")
+    assert _max_real_diff(oracle, result.program) < 1e-5
+    inputs = _left_padded(2, 80)
+    inputs["attention_mask"][:] = 1
+    with torch.no_grad():
+        want = oracle.double()(**inputs, use_cache=False).logits
+    assert (result.program.run(**inputs)[0].double() - want).abs().max() < 1e-5
+    assert _max_real_diff(model, result.program) > 1e-3             # and it is not the original model
+
+
+def test_methods_that_cannot_keep_a_softcap_refuse_it(captured):
+    """Every registered method either keeps the full-attention softcapped site (exact, window, block-topk, strided)
+    or refuses it with a reason naming the softcap; a pass whose every site is refused is an error."""
+    from rewriter.attention import METHODS
+    from rewriter.errors import RewriterError
+    from rewriter.sites import attention_sites
+    model, program = captured("gemma2")
+    gm = program.module()
+    site = attention_sites(gm, program.causal_modules)[1]          # layer 1: full attention + softcap
+    keeps = {"exact-attention", "window", "block-topk", "strided"}
+    for name, m in METHODS.items():
+        kwargs, _ = m.budget(m.config(), 64)
+        args, why = m.keep_semantics(site, kwargs)
+        if name in keeps:
+            assert args is not None and args["softcap"] == GEMMA2_CAP, (name, why)
+        else:
+            assert args is None and "softcap" in why, (name, why)
+    with pytest.raises(RewriterError, match="refused.*softcap"):
+        _optimize(program, [("lsh", {"n_hashes": 2, "bucket_size": 16})])
+
+
+@pytest.mark.parametrize("passes", [[], [("window", {"window": 8, "sinks": 2})], [("strided", {"stride": 2,
+                                                                                              "block": 16})]])
+def test_softcap_exports_to_onnx(captured, tmp_path, passes):
+    """The captured Gemma2 (exact attention with the softcap), window with sinks (layer 1, full attention: the band
+    form) and strided (layer 1; layer 0's window refused: the gathered-block form) in onnxruntime against the
+    program."""
+    pytest.importorskip("onnxruntime")
+    from rewriter.backends.onnx import export_program
+    model, program = captured("gemma2")
+    if passes:
+        program = _optimize(program, passes, max_error=10.0).program
+    record = export_program(program, tmp_path / "m.onnx")
+    assert record["passed"] if "passed" in record else all(c["max_abs_diff"] < 1e-4 for c in record["checks"])

@@ -73,16 +73,28 @@ def alibi_bias(slopes, Lq: int, Lk: int, device, dtype=torch.float32) -> Tensor:
     return (s[:, None, None] * (j - i).to(dtype))[None]
 
 
+def softcapped(scores: Tensor, softcap: float) -> Tensor:
+    """Logit softcapping (Gemma2): cap * tanh(scores / cap) on the scaled scores, before any bias or mask; a cap of 0
+    leaves the scores as they are."""
+    return softcap * torch.tanh(scores / softcap) if softcap else scores
+
+
+def check_softcap(softcap: float) -> None:
+    """A logit softcap is a cap > 0, or 0 for none (tanh of scores / cap: a negative or non-finite cap is no cap)."""
+    if not (softcap == 0 or 0 < softcap < float("inf")):
+        raise ValueError(f"softcap must be a positive cap, or 0 for none; got {softcap}")
+
+
 def masked_softmax_attention(q: Tensor, k: Tensor, v: Tensor, allowed: Tensor, scale: float,
-                             bias: Tensor | None = None) -> Tensor:
-    """Exact attention restricted to `allowed` (broadcastable to (B, H, Lq, Lk)), with an optional additive score
-    bias; rows with no key give 0.
+                             bias: Tensor | None = None, softcap: float = 0.0) -> Tensor:
+    """Exact attention restricted to `allowed` (broadcastable to (B, H, Lq, Lk)), with the scaled scores softcapped
+    (`softcap` > 0) and then an optional additive score bias; rows with no key give 0.
 
     Dense: for references and tests only.
     """
     H = q.shape[1]
     k, v = expand_kv(k, H), expand_kv(v, H)
-    s = torch.matmul(q, k.transpose(-1, -2)) * scale
+    s = softcapped(torch.matmul(q, k.transpose(-1, -2)) * scale, softcap)
     if bias is not None:
         s = s + bias.to(s.dtype)
     s = s.masked_fill(~allowed, float("-inf"))
@@ -95,14 +107,17 @@ def masked_softmax_attention(q: Tensor, k: Tensor, v: Tensor, allowed: Tensor, s
 
 
 def model_attention_float64(q: Tensor, k: Tensor, v: Tensor, key_mask: Tensor | None, causal: bool, scale: float,
-                            window: int | None = None, alibi=None, rows: Tensor | None = None) -> Tensor:
-    """A model's own exact attention in float64 (padding, causal, its sliding window and ALiBi bias), for the query
-    rows `rows` only (all when None): the reference every pass and analysis measures an approximation against."""
+                            window: int | None = None, alibi=None, rows: Tensor | None = None,
+                            softcap: float | None = None) -> Tensor:
+    """A model's own exact attention in float64 (padding, causal, its sliding window, logit softcap and ALiBi bias),
+    for the query rows `rows` only (all when None): the reference every pass and analysis measures an approximation
+    against."""
     Lq, Lk = q.shape[2], k.shape[2]
     rows = torch.arange(Lq, device=q.device) if rows is None else rows
     allowed = allowed_mask(Lq, Lk, causal, key_mask, q.device, window=window or 0)[:, :, rows]
     bias = alibi_bias(alibi, Lq, Lk, q.device, torch.float64)[:, :, rows] if alibi else None
-    return masked_softmax_attention(q[:, :, rows].double(), k.double(), v.double(), allowed, scale, bias)
+    return masked_softmax_attention(q[:, :, rows].double(), k.double(), v.double(), allowed, scale, bias,
+                                    softcap or 0.0)
 
 
 def window_extents(window: int, causal: bool) -> tuple[int, int]:

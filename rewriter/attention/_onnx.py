@@ -251,9 +251,18 @@ def _bool_false():
     return ir.tensor(np.array(False))
 
 
-def _masked_scores(q_blocks, k_gathered, allowed, scale: float, bias=None):
+def _softcapped(s, softcap: float):
+    """Logit softcapping on scaled scores, cap * tanh(s / cap) (``_contract.softcapped``); 0: none."""
+    if not softcap:
+        return s
     op = _op()
-    s = op.Mul(op.MatMul(q_blocks, op.Transpose(k_gathered, perm=[0, 1, 2, 4, 3])), _float(scale))
+    return op.Mul(op.Tanh(op.Div(s, _float(softcap))), _float(softcap))
+
+
+def _masked_scores(q_blocks, k_gathered, allowed, scale: float, bias=None, softcap: float = 0.0):
+    op = _op()
+    s = _softcapped(op.Mul(op.MatMul(q_blocks, op.Transpose(k_gathered, perm=[0, 1, 2, 4, 3])), _float(scale)),
+                    softcap)
     if bias is not None:
         s = op.Add(s, bias)
     return op.Where(allowed, s, _float(-math.inf))
@@ -372,10 +381,10 @@ def _top_blocks(ranked, n_keep):
 
 
 def _gathered_block_attention(qa, ka, va, key_mask, causal: bool, scale: float, kv_index, slot_valid, block: int,
-                              d: int, dv: int, alibi=None):
+                              d: int, dv: int, alibi=None, softcap: float = 0.0):
     """Exact softmax over the chosen key blocks (kv_index (B', H', nqb, K), broadcast to (B, H, ..)) with the
-    token-level predicate (padding, causal, real key) and, with `alibi` slopes, + slope_h * (j - i); qa/ka/va
-    (B, H, L, *) fp32. Returns (B, H, Lq, Dv) fp32."""
+    token-level predicate (padding, causal, real key), the scores softcapped when `softcap` > 0 and, with `alibi`
+    slopes, + slope_h * (j - i); qa/ka/va (B, H, L, *) fp32. Returns (B, H, Lq, Dv) fp32."""
     op = _op()
     lq, lk = _dim(qa, 2), _dim(ka, 2)
     bs = _ints([block])
@@ -408,7 +417,7 @@ def _gathered_block_attention(qa, ka, va, key_mask, causal: bool, scale: float, 
         dist = op.Cast(op.Sub(op.Unsqueeze(k_pos, _ints([3])), q_pos), to=1)        # (B, H, nqb, block, K*block)
         bias = op.Mul(op.Reshape(op.Constant(value_floats=[float(a) for a in alibi]), _ints([1, -1, 1, 1, 1])), dist)
     q_blocks = op.Reshape(_pad_axis(qa, 2, block), _ints([0, 0, -1, block, d]))
-    s = _masked_scores(q_blocks, gather(ka, d), allowed, scale, bias)
+    s = _masked_scores(q_blocks, gather(ka, d), allowed, scale, bias, softcap)
     p = op.Exp(op.Sub(s, _finite_row_max(s)))
     out = op.Reshape(op.MatMul(p, gather(_with_ones(va), dv + 1)), _ints([0, 0, -1, dv + 1]))
     return _normalise(op.Slice(out, _ints([0]), lq, _ints([2])), dv)

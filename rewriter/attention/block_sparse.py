@@ -11,6 +11,8 @@ Inside a visited block a token-level predicate still applies:
     the window test (never the causal or padding test).
 q_pos / k_pos (B, H, Lq) / (B, H, Lk) int64 give each token's original position when the sequence was
 permuted (LSH sorts tokens by bucket); by default q_pos = arange(Lq) + (Lk - Lq) and k_pos = arange(Lk).
+Score modifications, in this order, on the pairs computed (FlexAttention's score_mod): a logit softcap
+cap * tanh(s / cap) of the scaled score (Gemma2), then an ALiBi bias slope_h * (k_pos - q_pos).
 
 The reference gathers only the visited key blocks: memory and FLOPs scale with the density, never L x L.
 """
@@ -19,7 +21,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from ._contract import check_qkv
+from ._contract import check_qkv, softcapped
 
 
 def num_blocks(length: int, block: int) -> int:
@@ -121,10 +123,11 @@ def block_sparse_attention_reference(
     q: Tensor, k: Tensor, v: Tensor, kv_index: Tensor, kv_count: Tensor, block: int,
     key_mask: Tensor | None = None, causal: bool = False, scale: float | None = None,
     window_left: int = -1, window_right: int = -1, sinks: int = 0,
-    q_pos: Tensor | None = None, k_pos: Tensor | None = None, alibi: Tensor | None = None,
+    q_pos: Tensor | None = None, k_pos: Tensor | None = None, alibi: Tensor | None = None, softcap: float = 0.0,
 ) -> tuple[Tensor, Tensor]:
     """Returns (out (B, H, Lq, Dv) in q's dtype, lse (B, H, Lq) float32; -inf where a row saw no key).
-    alibi (H,) float: the score of pair (i, j) gets + alibi[h] * (k_pos - q_pos) after the scale (ALiBi)."""
+    softcap > 0: the scaled score s becomes softcap * tanh(s / softcap) (logit softcapping).
+    alibi (H,) float: the score of pair (i, j) gets + alibi[h] * (k_pos - q_pos) after the scale and softcap."""
     B, H, Hkv, Lq, Lk, D = check_qkv(q, k, v, key_mask)
     check_alibi(alibi, H)
     Dv = v.shape[-1]
@@ -162,7 +165,7 @@ def block_sparse_attention_reference(
     qb = _pad_to(q.to(acc), 2, nqb * block).view(B, H, nqb, block, D)
     qp = _pad_to(q_pos.expand(B, H, Lq), 2, nqb * block).view(B, H, nqb, block)
 
-    s = torch.matmul(qb, kg.transpose(-1, -2)) * scale            # (B, H, nqb, block, K*block)
+    s = softcapped(torch.matmul(qb, kg.transpose(-1, -2)) * scale, softcap)   # (B, H, nqb, block, K*block)
     allowed = ok[..., None, :].expand(B, H, nqb, block, K * block)
     qpe, kpe = qp[..., :, None], kp[..., None, :]
     if alibi is not None:

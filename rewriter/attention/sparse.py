@@ -21,7 +21,7 @@ import torch
 from torch import Tensor
 
 from . import _onnx as ox
-from ._contract import (METHODS, AttentionConfig, AttentionCost, AttentionMethod, allowed_mask, check_qkv,
+from ._contract import (METHODS, AttentionConfig, AttentionCost, AttentionMethod, allowed_mask, check_qkv, check_softcap,
                         empty_output, exact_attention_cost, expand_kv, register_method, window_extents,
                         window_from)
 from .block_sparse import (_device_copy, _pad_to, _query_block_span, band_layout, block_sparse_attention_reference,
@@ -314,15 +314,17 @@ def lsh_pair_mask(q: Tensor, k: Tensor, key_mask: Optional[Tensor], causal: bool
 
 @torch.library.custom_op("rewriter::window", mutates_args=(), schema=(
     "(Tensor q, Tensor k, Tensor v, Tensor? key_mask, bool causal, float scale, int window, int sinks, "
-    "int block=64, float[]? alibi=None) -> Tensor"))
+    "int block=64, float[]? alibi=None, float softcap=0.0) -> Tensor"))
 def window_attention(q: Tensor, k: Tensor, v: Tensor, key_mask: Optional[Tensor], causal: bool, scale: float,
-                     window: int, sinks: int, block: int = 64, alibi: Optional[list[float]] = None) -> Tensor:
+                     window: int, sinks: int, block: int = 64, alibi: Optional[list[float]] = None,
+                     softcap: float = 0.0) -> Tensor:
     """Sliding window of `window` keys per query (window_extents) plus the first `sinks` keys (StreamingLLM);
-    `alibi` (one slope per query head) keeps a model's ALiBi bias slope_h * (j - i) on the pairs it computes."""
-    return window_attention_impl(q, k, v, key_mask, causal, scale, window, sinks, block, alibi)
+    `alibi` (one slope per query head) keeps a model's ALiBi bias slope_h * (j - i) and `softcap` (> 0) its logit
+    softcap cap * tanh(s / cap) on the pairs it computes."""
+    return window_attention_impl(q, k, v, key_mask, causal, scale, window, sinks, block, alibi, softcap)
 
 
-def window_attention_impl(q, k, v, key_mask, causal, scale, window, sinks, block=64, alibi=None,
+def window_attention_impl(q, k, v, key_mask, causal, scale, window, sinks, block=64, alibi=None, softcap=0.0,
                           core=block_sparse_attention_reference) -> Tensor:
     """The op's body with its block-sparse core as a parameter (the CUDA registration passes the Triton one)."""
     check_qkv(q, k, v, key_mask)
@@ -330,36 +332,39 @@ def window_attention_impl(q, k, v, key_mask, causal, scale, window, sinks, block
     kv_index, kv_count = window_layout(Lq, Lk, block, window, sinks, causal, q.device)
     left, right = window_extents(window, causal)
     out, _ = core(q, k, v, kv_index, kv_count, block, key_mask, causal, scale,
-                  window_left=left, window_right=right, sinks=sinks, alibi=_slopes(alibi, q))
+                  window_left=left, window_right=right, sinks=sinks, alibi=_slopes(alibi, q), softcap=softcap)
     return out
 
 
 @window_attention.register_fake
-def _window_attention_fake(q, k, v, key_mask, causal, scale, window, sinks, block=64, alibi=None):
+def _window_attention_fake(q, k, v, key_mask, causal, scale, window, sinks, block=64, alibi=None, softcap=0.0):
     _check_window_budget(window, sinks, block)
     check_alibi(alibi, q.shape[1])
+    check_softcap(softcap)
     return empty_output(q, v)
 
 
 @torch.library.custom_op("rewriter::block_topk", mutates_args=(), schema=(
     "(Tensor q, Tensor k, Tensor v, Tensor? key_mask, bool causal, float scale, float density, int block=64, "
-    "str pool=\"mean\", int sink_blocks=1, int local_blocks=1, float[]? alibi=None) -> Tensor"))
+    "str pool=\"mean\", int sink_blocks=1, int local_blocks=1, float[]? alibi=None, float softcap=0.0) -> Tensor"))
 def block_topk_attention(q: Tensor, k: Tensor, v: Tensor, key_mask: Optional[Tensor], causal: bool, scale: float,
                          density: float, block: int = 64, pool: str = "mean", sink_blocks: int = 1,
-                         local_blocks: int = 1, alibi: Optional[list[float]] = None) -> Tensor:
+                         local_blocks: int = 1, alibi: Optional[list[float]] = None, softcap: float = 0.0) -> Tensor:
     """Training-free block routing (SeerAttention / Quest / BiFormer): pooled query . pooled key block scores pick
     the top key blocks per query block (block_topk_layout); exact attention inside them (with a model's ALiBi bias
-    when `alibi` slopes are given: the routing reads content only, the computed pairs get the bias)."""
+    when `alibi` slopes are given and its logit softcap when `softcap` > 0: the routing reads content only, the
+    computed pairs get the bias and the cap)."""
     return block_topk_attention_impl(q, k, v, key_mask, causal, scale, density, block, pool, sink_blocks, local_blocks,
-                                     alibi)
+                                     alibi, softcap)
 
 
 def block_topk_attention_impl(q, k, v, key_mask, causal, scale, density, block=64, pool="mean", sink_blocks=1,
-                              local_blocks=1, alibi=None, core=block_sparse_attention_reference) -> Tensor:
+                              local_blocks=1, alibi=None, softcap=0.0, core=block_sparse_attention_reference) -> Tensor:
     check_qkv(q, k, v, key_mask)
     kv_index, kv_count = block_topk_layout(q, k, key_mask, causal, scale, density, block, pool, sink_blocks,
                                            local_blocks)
-    out, _ = core(q, k, v, kv_index, kv_count, block, key_mask, causal, scale, alibi=_slopes(alibi, q))
+    out, _ = core(q, k, v, kv_index, kv_count, block, key_mask, causal, scale, alibi=_slopes(alibi, q),
+                  softcap=softcap)
     return out
 
 
@@ -369,36 +374,40 @@ def _slopes(alibi, q: Tensor) -> Optional[Tensor]:
 
 @block_topk_attention.register_fake
 def _block_topk_attention_fake(q, k, v, key_mask, causal, scale, density, block=64, pool="mean", sink_blocks=1,
-                               local_blocks=1, alibi=None):
+                               local_blocks=1, alibi=None, softcap=0.0):
     _check_topk_budget(density, block, pool, sink_blocks, local_blocks)
     check_alibi(alibi, q.shape[1])
+    check_softcap(softcap)
     return empty_output(q, v)
 
 
 @torch.library.custom_op("rewriter::strided", mutates_args=(), schema=(
     "(Tensor q, Tensor k, Tensor v, Tensor? key_mask, bool causal, float scale, int stride, int local_blocks=1, "
-    "int sink_blocks=1, int block=64, float[]? alibi=None) -> Tensor"))
+    "int sink_blocks=1, int block=64, float[]? alibi=None, float softcap=0.0) -> Tensor"))
 def strided_attention(q: Tensor, k: Tensor, v: Tensor, key_mask: Optional[Tensor], causal: bool, scale: float,
                       stride: int, local_blocks: int = 1, sink_blocks: int = 1, block: int = 64,
-                      alibi: Optional[list[float]] = None) -> Tensor:
+                      alibi: Optional[list[float]] = None, softcap: float = 0.0) -> Tensor:
     """S2-Attention heterogeneous sharding: each head visits a different 1/stride of the key blocks (+ a model's
-    ALiBi bias on the computed pairs when `alibi` slopes are given)."""
-    return strided_attention_impl(q, k, v, key_mask, causal, scale, stride, local_blocks, sink_blocks, block, alibi)
+    ALiBi bias and logit softcap on the computed pairs when `alibi` slopes / a `softcap` are given)."""
+    return strided_attention_impl(q, k, v, key_mask, causal, scale, stride, local_blocks, sink_blocks, block, alibi,
+                                  softcap)
 
 
 def strided_attention_impl(q, k, v, key_mask, causal, scale, stride, local_blocks=1, sink_blocks=1, block=64,
-                           alibi=None, core=block_sparse_attention_reference) -> Tensor:
+                           alibi=None, softcap=0.0, core=block_sparse_attention_reference) -> Tensor:
     _, H, _, Lq, Lk, _ = check_qkv(q, k, v, key_mask)
     kv_index, kv_count = strided_layout(Lq, Lk, H, block, stride, local_blocks, sink_blocks, causal, q.device)
-    out, _ = core(q, k, v, kv_index, kv_count, block, key_mask, causal, scale, alibi=_slopes(alibi, q))
+    out, _ = core(q, k, v, kv_index, kv_count, block, key_mask, causal, scale, alibi=_slopes(alibi, q),
+                  softcap=softcap)
     return out
 
 
 @strided_attention.register_fake
 def _strided_attention_fake(q, k, v, key_mask, causal, scale, stride, local_blocks=1, sink_blocks=1, block=64,
-                            alibi=None):
+                            alibi=None, softcap=0.0):
     _check_strided_budget(stride, local_blocks, sink_blocks, block)
     check_alibi(alibi, q.shape[1])
+    check_softcap(softcap)
     return empty_output(q, v)
 
 
@@ -450,16 +459,16 @@ def _layout_cost(B, H, Lq, Lk, D, Dv, causal, elem_bytes, kv_index, kv_count, bl
 
 
 def window_cost(B: int, H: int, Hkv: int, Lq: int, Lk: int, D: int, Dv: int, causal: bool, elem_bytes: int = 4,
-                *, window: int, sinks: int = 0, block: int = 64, alibi=None) -> AttentionCost:
+                *, window: int, sinks: int = 0, block: int = 64, alibi=None, softcap: float = 0.0) -> AttentionCost:
     """Cost of window_attention: every entry of the visited blocks (the token predicate masks, not skips); an ALiBi
-    bias adds one multiply-add per entry, not counted."""
+    bias (one multiply-add per entry) and a softcap (a tanh per entry) are not counted."""
     kv_index, kv_count = window_layout(Lq, Lk, block, window, sinks, causal)
     return _layout_cost(B, H, Lq, Lk, D, Dv, causal, elem_bytes, kv_index, kv_count, block)
 
 
 def block_topk_cost(B: int, H: int, Hkv: int, Lq: int, Lk: int, D: int, Dv: int, causal: bool, elem_bytes: int = 4,
                     *, density: float, block: int = 64, pool: str = "mean", sink_blocks: int = 1,
-                    local_blocks: int = 1, alibi=None) -> AttentionCost:
+                    local_blocks: int = 1, alibi=None, softcap: float = 0.0) -> AttentionCost:
     """Cost of block_topk_attention from its density (no padding): max(ceil(density x eligible), forced) whole
     blocks per query block, plus pooling every token and scoring every (query block, key block) pair."""
     _check_topk_budget(density, block, pool, sink_blocks, local_blocks)
@@ -476,7 +485,7 @@ def block_topk_cost(B: int, H: int, Hkv: int, Lq: int, Lk: int, D: int, Dv: int,
 
 def strided_cost(B: int, H: int, Hkv: int, Lq: int, Lk: int, D: int, Dv: int, causal: bool, elem_bytes: int = 4,
                  *, stride: int, local_blocks: int = 1, sink_blocks: int = 1, block: int = 64,
-                 alibi=None) -> AttentionCost:
+                 alibi=None, softcap: float = 0.0) -> AttentionCost:
     """Cost of strided_attention, counted from its layout."""
     kv_index, kv_count = strided_layout(Lq, Lk, H, block, stride, local_blocks, sink_blocks, causal)
     return _layout_cost(B, H, Lq, Lk, D, Dv, causal, elem_bytes, kv_index, kv_count, block)
@@ -508,7 +517,7 @@ def _layout_pairs(kv_index: Tensor, kv_count: Tensor, Lq: int, Lk: int, block: i
 
 
 def window_pairs(q: Tensor, k: Tensor, key_mask: Optional[Tensor], causal: bool, scale: float, window: int,
-                 sinks: int = 0, block: int = 64, alibi=None) -> Tensor:
+                 sinks: int = 0, block: int = 64, alibi=None, softcap: float = 0.0) -> Tensor:
     """Dense (1, 1, Lq, Lk) bool of the pairs window_attention computes (its token predicate applied)."""
     Lq, Lk = q.shape[2], k.shape[2]
     kv_index, kv_count = window_layout(Lq, Lk, block, window, sinks, causal, q.device)
@@ -520,13 +529,13 @@ def window_pairs(q: Tensor, k: Tensor, key_mask: Optional[Tensor], causal: bool,
 
 
 def block_topk_pairs(q: Tensor, k: Tensor, key_mask: Optional[Tensor], causal: bool, scale: float,
-                     alibi=None, **budget) -> Tensor:
+                     alibi=None, softcap: float = 0.0, **budget) -> Tensor:
     kv_index, kv_count = block_topk_layout(q, k, key_mask, causal, scale, **budget)
     return _layout_pairs(kv_index, kv_count, q.shape[2], k.shape[2], budget.get("block", 64))
 
 
 def strided_pairs(q: Tensor, k: Tensor, key_mask: Optional[Tensor], causal: bool, scale: float, alibi=None,
-                  **budget) -> Tensor:
+                  softcap: float = 0.0, **budget) -> Tensor:
     kv_index, kv_count = strided_layout(q.shape[2], k.shape[2], q.shape[1], causal=causal, device=q.device, **budget)
     return _layout_pairs(kv_index, kv_count, q.shape[2], k.shape[2], budget.get("block", 64))
 
@@ -551,20 +560,20 @@ def measured_density(method: str, q: Tensor, k: Tensor, key_mask: Optional[Tenso
 # --------------------------------------------------------------------------------------------------------------
 
 def translate_window_attention(q, k, v, key_mask=None, causal=False, scale=1.0, window=1, sinks=0, block=64,
-                               alibi=None):
-    """Exact softmax over the band of ``window_extents(window, causal)`` plus the first `sinks` keys (+ the ALiBi
-    bias slope_h * (j - i) when given)."""
+                               alibi=None, softcap=0.0):
+    """Exact softmax over the band of ``window_extents(window, causal)`` plus the first `sinks` keys (the scores
+    softcapped when `softcap` > 0, + the ALiBi bias slope_h * (j - i) when given)."""
     op = ox._op()
     qa, ka, va, (_, d, dv) = ox._heads_fp32(q, k, v)
     sup = ox._support(qa, ka, key_mask, causal, window, sinks, block)
-    s = ox._masked_scores(sup.blocks(qa, d), sup.gather(ka, d), sup.allowed, scale, sup.alibi(alibi))
+    s = ox._masked_scores(sup.blocks(qa, d), sup.gather(ka, d), sup.allowed, scale, sup.alibi(alibi), softcap)
     p = op.Exp(op.Sub(s, ox._finite_row_max(s)))                    # exp(-inf) = 0 off the support
     out = op.MatMul(p, sup.gather(ox._with_ones(va), dv + 1))
     return op.CastLike(ox._normalise(sup.rows(out, dv + 1), dv), q)
 
 
 def translate_block_topk_attention(q, k, v, key_mask=None, causal=False, scale=1.0, density=1.0, block=64,
-                                   pool="mean", sink_blocks=1, local_blocks=1, alibi=None):
+                                   pool="mean", sink_blocks=1, local_blocks=1, alibi=None, softcap=0.0):
     """Pooled block scores, TopK per query block of max(ceil(density x n_eligible), n_forced) blocks (forced ones
     ranked +inf, ineligible ones -inf, as ``block_topk_layout``), then the gathered blocks. Blocks whose pooled
     scores tie may be chosen differently from torch.sort (TopK breaks ties its own way)."""
@@ -580,12 +589,13 @@ def translate_block_topk_attention(q, k, v, key_mask=None, causal=False, scale=1
     keep = op.Max(keep, n_forced)                                                 # (B, 1, nqb)
     ranked = op.Where(forced, ox._float(math.inf), op.Where(eligible, scores, ox._float(-math.inf)))
     kv_index, slot_valid = ox._top_blocks(ranked, op.Expand(keep, op.Shape(ranked, start=0, end=3)))
-    out = ox._gathered_block_attention(qa, ka, va, key_mask, causal, scale, kv_index, slot_valid, block, d, dv, alibi)
+    out = ox._gathered_block_attention(qa, ka, va, key_mask, causal, scale, kv_index, slot_valid, block, d, dv, alibi,
+                                       softcap)
     return op.CastLike(out, q)
 
 
 def translate_strided_attention(q, k, v, key_mask=None, causal=False, scale=1.0, stride=1, local_blocks=1,
-                                sink_blocks=1, block=64, alibi=None):
+                                sink_blocks=1, block=64, alibi=None, softcap=0.0):
     """Head h keeps key blocks kb with (kb + h) % stride == 0 plus local and sink blocks (causal-eligible only):
     the layout of ``strided_layout``, built from the lengths, then the gathered blocks."""
     op = ox._op()
@@ -599,7 +609,7 @@ def translate_strided_attention(q, k, v, key_mask=None, causal=False, scale=1.0,
     count = op.ReduceSum(op.Cast(chosen, to=7), ox._ints([-1]), keepdims=0)
     kv_index, slot_valid = ox._top_blocks(op.Cast(chosen, to=1), count)
     out = ox._gathered_block_attention(qa, ka, va, key_mask, causal, scale, op.Unsqueeze(kv_index, ox._ints([0])),
-                                    op.Unsqueeze(slot_valid, ox._ints([0])), block, d, dv, alibi)
+                                    op.Unsqueeze(slot_valid, ox._ints([0])), block, d, dv, alibi, softcap)
     return op.CastLike(out, q)
 
 
@@ -718,23 +728,35 @@ def _window_budget(c: WindowConfig, L: int) -> tuple[dict, dict]:
     return {"window": w, "sinks": c.sinks, "block": c.block}, {"window": w, "sinks": c.sinks}
 
 
+def _score_mods(site) -> tuple[dict, str]:
+    """The op arguments that keep a site's own score modifications (ALiBi bias, logit softcap: the block-sparse core
+    applies both on the pairs it computes), and their phrase for notes ("" when the site has none)."""
+    args, words = {}, []
+    if site.alibi_slopes:
+        args["alibi"], words = [float(a) for a in site.alibi_slopes], ["ALiBi bias"]
+    if site.softcap:
+        args["softcap"] = float(site.softcap)
+        words.append(f"logit softcap {site.softcap:g}")
+    return args, " and ".join(words)
+
+
 def _window_keep_semantics(site, kwargs: dict) -> tuple[dict | None, str]:
-    """The model's ALiBi bias is kept as it is (the op adds it on the pairs it computes). A causal model window W
+    """The model's ALiBi bias and logit softcap are kept as they are (_score_mods). A causal model window W
     and the pass's window w + s sinks: the pairs both allow are exactly a window of min(w, W) keys when w >= W (the
     sinks then lie inside W or nowhere) or when there are no sinks; with sinks and w < W, the sinks would be seen
     only by queries within W of them, which this op cannot say."""
     if site.window_right is not None or site.semantics_note or (site.window is not None and not site.causal):
         return None, f"window cannot keep the model's {site.semantics()}"
-    alibi = {"alibi": [float(a) for a in site.alibi_slopes]} if site.alibi_slopes else {}
-    kept = " and its ALiBi bias" if alibi else ""
+    mods, words = _score_mods(site)
+    kept = f" and its {words}" if words else ""
     if site.window is None:
-        return {**kwargs, **alibi}, f"window={kwargs['window']} keeps the model's ALiBi bias"
+        return {**kwargs, **mods}, f"window={kwargs['window']} keeps the model's {words}"
     w, model = kwargs["window"], site.window
     if w >= model:
-        return {**kwargs, **alibi, "window": model, "sinks": 0}, \
+        return {**kwargs, **mods, "window": model, "sinks": 0}, \
             f"the model's own sliding window ({model}) is narrower than window={w}: kept the model's{kept}, no sinks"
     if kwargs["sinks"] == 0:
-        return {**kwargs, **alibi}, f"window={w} inside the model's sliding window ({model}){kept}"
+        return {**kwargs, **mods}, f"window={w} inside the model's sliding window ({model}){kept}"
     return None, (f"window={w} with {kwargs['sinks']} sinks inside the model's sliding window ({model}) would show "
                   "the sinks to some queries only; use sinks=0 on this layer")
 
@@ -769,13 +791,14 @@ def _block_topk_budget(c: BlockTopkConfig, L: int) -> tuple[dict, dict]:
              "local_blocks": c.local_blocks}, {"block_density": c.density})
 
 
-def _keep_alibi(method: str):
-    """compose for block methods that keep a model's ALiBi bias (on the pairs they compute) but no window: their
-    layouts would read blocks the model's window forbids."""
+def _keep_score_mods(method: str):
+    """compose for block methods that keep a model's ALiBi bias and logit softcap (on the pairs they compute) but no
+    window: their layouts would read blocks the model's window forbids."""
     def compose(site, kwargs: dict) -> tuple[dict | None, str]:
         if site.window is not None or site.window_right is not None or site.semantics_note:
             return None, f"{method} cannot keep the model's {site.semantics()}"
-        return {**kwargs, "alibi": [float(a) for a in site.alibi_slopes]}, f"{method} keeps the model's ALiBi bias"
+        mods, words = _score_mods(site)
+        return {**kwargs, **mods}, f"{method} keeps the model's {words}"
     return compose
 
 
@@ -783,7 +806,7 @@ register_method(AttentionMethod(
     name="block-topk", config=BlockTopkConfig, op=torch.ops.rewriter.block_topk.default,
     budget=_block_topk_budget, cost=block_topk_cost, reference=block_topk_attention_impl,
     onnx=translate_block_topk_attention, pairs=block_topk_pairs, colour="#59a14f",
-    compose=_keep_alibi("block-topk"),
+    compose=_keep_score_mods("block-topk"),
     summary="training-free block-sparse attention: top-k key blocks by pooled scores (SeerAttention/Quest)",
     candidates=({"density": 0.1, "block": 32}, {"density": 0.25, "block": 32}, {"density": 0.5, "block": 32})))
 
@@ -811,7 +834,7 @@ def _strided_budget(c: StridedConfig, L: int) -> tuple[dict, dict]:
 register_method(AttentionMethod(
     name="strided", config=StridedConfig, op=torch.ops.rewriter.strided.default, budget=_strided_budget,
     cost=strided_cost, reference=strided_attention_impl, onnx=translate_strided_attention, pairs=strided_pairs,
-    colour="#8cd17d", density_knob="stride", compose=_keep_alibi("strided"),
+    colour="#8cd17d", density_knob="stride", compose=_keep_score_mods("strided"),
     summary="S2-Attention heterogeneous sharding: local blocks plus a per-head strided set of blocks",
     candidates=({"stride": 8, "block": 32}, {"stride": 4, "block": 32})))
 

@@ -19,7 +19,7 @@ A translation that cannot avoid L x L registers with quadratic=True and the expo
 
 Targets: "standard" (the default) emits only standard ONNX ops. "ort" emits onnxruntime's contrib attention ops
 (domain com.microsoft) where they compute exactly what the op does, and the standard translation elsewhere:
-  * exact attention (no model window, no ALiBi) -> MultiHeadAttention with the key-padding mask (rows that see
+  * exact attention (no model window, no ALiBi, no softcap) -> MultiHeadAttention with the key-padding mask (rows that see
     no key zeroed as the op's contract says);
   * a causal window without sinks on an unpadded self-attention prompt (no key mask) -> GroupQueryAttention with
     local_window_size = window (the op takes padding only as right-aligned sequence lengths, so a site with a
@@ -74,13 +74,16 @@ def onnx_translation(op_name: str, *, quadratic: bool = False):
 TARGETS = ("standard", "ort")
 
 
-def _ort_exact_attention(q, k, v, key_mask=None, causal=False, scale=1.0, window=0, alibi=None):
-    if window > 0 or alibi:
+def _ort_exact_attention(q, k, v, key_mask=None, causal=False, scale=1.0, window=0, alibi=None, softcap=0.0):
+    if window > 0 or alibi or softcap:
         return None
     return ort_multi_head_attention(q, k, v, key_mask, causal, scale)
 
 
-def _ort_window(q, k, v, key_mask=None, causal=False, scale=1.0, window=1, sinks=0, block=64):
+def _ort_window(q, k, v, key_mask=None, causal=False, scale=1.0, window=1, sinks=0, block=64, alibi=None,
+                softcap=0.0):
+    if alibi or softcap:
+        return None
     return ort_group_query_attention(q, k, v, key_mask, causal, scale, window, sinks)
 
 

@@ -155,9 +155,10 @@ class AttentionPass(Pass):
 
     @staticmethod
     def _exact(q, k, v, km, site: AttentionSite, rows: torch.Tensor) -> torch.Tensor:
-        """The model's own attention (float64, its window and ALiBi bias included) for the given query rows only."""
+        """The model's own attention (float64, its window, ALiBi bias and softcap included) for the given query rows
+        only."""
         return _common.model_attention_float64(q, k, v, km, site.causal, site.scale, site.window, site.alibi_slopes,
-                                               rows)
+                                               rows, site.softcap)
 
 
 class ExactAttentionPass(AttentionPass):

@@ -104,10 +104,11 @@ def apply_plan(gm: fx.GraphModule, sites: dict, plan: dict[str, list[str]]) -> i
             for g, (lab, heads) in enumerate(groups.items()):
                 qg, kg, vg = head_group_inputs(gm, f"auto_{site.node}_{g}", q, k, v, heads, rep)
                 method, opts = parse_label(lab)
-                if method == EXACT:   # the canonical node for these heads (the model's window and ALiBi slopes kept)
-                    window, alibi = site.exact_arguments()[0] or (0, None)
+                if method == EXACT:   # the canonical node for these heads (the model's window, ALiBi, softcap kept)
+                    window, alibi, softcap = site.exact_arguments()[0] or (0, None, 0.0)
                     out = graph.call_function(METHODS["exact-attention"].op, (
-                        qg, kg, vg, km, site.causal, site.scale, window, [alibi[h] for h in heads] if alibi else None))
+                        qg, kg, vg, km, site.causal, site.scale, window, [alibi[h] for h in heads] if alibi else None,
+                        softcap))
                 else:
                     p = make_pass(method, opts)
                     args, _ = p.method_args(site, 0)

@@ -1,9 +1,10 @@
 """Block-sparse flash attention forward in Triton: the CUDA core of every sparse attention op.
 
 Same contract as ``rewriter.attention.block_sparse.block_sparse_attention_reference`` (layout kv_index/kv_count with
-broadcastable batch/head dims, token-level predicate: padding, causal on positions, window band, sinks).
-One program per (query block, batch x head) runs an online softmax (FlashAttention-2) over the key blocks its
-query block lists, accumulating in fp32. The kernel block is the layout block.
+broadcastable batch/head dims, token-level predicate: padding, causal on positions, window band, sinks; score
+modifications: logit softcap, then ALiBi bias). One program per (query block, batch x head) runs an online softmax
+(FlashAttention-2) over the key blocks its query block lists, accumulating in fp32. The kernel block is the layout
+block.
 """
 from __future__ import annotations
 
@@ -14,7 +15,7 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from .._contract import check_qkv
+from .._contract import check_qkv, check_softcap
 from ..block_sparse import check_alibi, num_blocks
 
 _LOG2E = 1.0 / math.log(2.0)
@@ -42,12 +43,24 @@ def pair_allowed(q_pos, k_pos, key_ok, window_left, window_right, sinks,
 
 
 @triton.jit
+def softcap_log2(s, cap_log2):
+    """cap * tanh(x / cap) on scores s in the kernel's log2 units (x = s / log2(e); cap_log2 = cap * log2(e)). tanh
+    from exp2 (libdevice's tanh does not run in the interpreter): its absolute error, ~1e-7 of the cap, is the size
+    of the fp32 rounding of scores that large."""
+    a = tl.abs(s) / cap_log2
+    e = tl.exp2(a * -2.8853900817779268)                   # exp(-2 |x / cap|)
+    t = (1.0 - e) / (1.0 + e)
+    return tl.where(s < 0, -t, t) * cap_log2
+
+
+@triton.jit
 def _block_sparse_fwd(
     Q, K, V, Out, Lse, KvIndex, KvCount, KeyMask, QPos, KPos, Alibi,
     s_qb, s_qh, s_qm, s_kb, s_kh, s_kn, s_vb, s_vh, s_vn, s_ob, s_oh, s_om, s_lb, s_lh,
     s_ib, s_ih, s_iq, s_cb, s_ch, s_mb, s_qpb, s_qph, s_kpb, s_kph,
-    H, group, Lq, Lk, qk_scale, window_left, window_right, sinks,
+    H, group, Lq, Lk, qk_scale, window_left, window_right, sinks, cap_log2,
     CAUSAL: tl.constexpr, HAS_MASK: tl.constexpr, HAS_POS: tl.constexpr, HAS_ALIBI: tl.constexpr,
+    HAS_SOFTCAP: tl.constexpr,
     WINDOW_LEFT: tl.constexpr, WINDOW_RIGHT: tl.constexpr, HAS_SINKS: tl.constexpr,
     BLOCK: tl.constexpr, HEAD_D: tl.constexpr, HEAD_DV: tl.constexpr,
     PAD_D: tl.constexpr, PAD_DV: tl.constexpr, DOT_PRECISION: tl.constexpr,
@@ -92,6 +105,8 @@ def _block_sparse_fwd(
         v = tl.load(v_base + offs_n[:, None] * s_vn + offs_dv[None, :],
                     mask=(offs_n[:, None] < Lk) & (offs_dv[None, :] < HEAD_DV), other=0.0)
         s = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION) * qk_scale
+        if HAS_SOFTCAP:
+            s = softcap_log2(s, cap_log2)
         if HAS_ALIBI:
             if HAS_POS:
                 bias_k = tl.load(KPos + b * s_kpb + h * s_kph + offs_n, mask=offs_n < Lk, other=0)
@@ -156,11 +171,12 @@ def block_sparse_attention(
     q: Tensor, k: Tensor, v: Tensor, kv_index: Tensor, kv_count: Tensor, block: int,
     key_mask: Tensor | None = None, causal: bool = False, scale: float | None = None,
     window_left: int = -1, window_right: int = -1, sinks: int = 0,
-    q_pos: Tensor | None = None, k_pos: Tensor | None = None, alibi: Tensor | None = None,
+    q_pos: Tensor | None = None, k_pos: Tensor | None = None, alibi: Tensor | None = None, softcap: float = 0.0,
 ) -> tuple[Tensor, Tensor]:
     """Returns (out (B, H, Lq, Dv) in q's dtype, lse (B, H, Lq) float32; -inf and zeros where a row saw no key)."""
     B, H, Hkv, Lq, Lk, D = check_qkv(q, k, v, key_mask)
     check_alibi(alibi, H)
+    check_softcap(softcap)
     Dv = v.shape[-1]
     if block < 16 or block & (block - 1):
         raise ValueError(f"block must be a power of two >= 16 for the Triton kernel; got {block}")
@@ -202,8 +218,9 @@ def block_sparse_attention(
         mask.stride(0) if key_mask is not None else 0,
         qp.stride(0) if q_pos is not None else 0, qp.stride(1) if q_pos is not None else 0,
         kp.stride(0) if q_pos is not None else 0, kp.stride(1) if q_pos is not None else 0,
-        H, H // Hkv, Lq, Lk, scale * _LOG2E, window_left, window_right, sinks,
+        H, H // Hkv, Lq, Lk, scale * _LOG2E, window_left, window_right, sinks, float(softcap) * _LOG2E,
         CAUSAL=causal, HAS_MASK=key_mask is not None, HAS_POS=q_pos is not None, HAS_ALIBI=alibi is not None,
+        HAS_SOFTCAP=softcap > 0,
         WINDOW_LEFT=window_left >= 0, WINDOW_RIGHT=window_right >= 0, HAS_SINKS=sinks > 0,
         BLOCK=block, HEAD_D=D, HEAD_DV=Dv,
         PAD_D=max(16, triton.next_power_of_2(D)), PAD_DV=max(16, triton.next_power_of_2(Dv)),

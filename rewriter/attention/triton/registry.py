@@ -101,13 +101,13 @@ def sparse_attention_core(q: Tensor, k: Tensor, v: Tensor, kv_index: Tensor, kv_
                           key_mask: Optional[Tensor] = None, causal: bool = False, scale: Optional[float] = None,
                           window_left: int = -1, window_right: int = -1, sinks: int = 0,
                           q_pos: Optional[Tensor] = None, k_pos: Optional[Tensor] = None,
-                          alibi: Optional[Tensor] = None) -> tuple[Tensor, Tensor]:
+                          alibi: Optional[Tensor] = None, softcap: float = 0.0) -> tuple[Tensor, Tensor]:
     """The sparse ops' core on CUDA: same arguments and (out, lse) as ``block_sparse_attention_reference``.
     Falls back to the reference when REWRITER_ATTENTION_REFERENCE=1, Triton cannot run, or the block is not a
     power of two in 16..128."""
     from ..block_sparse import block_sparse_attention_reference
     args = (q, k, v, kv_index, kv_count, block, _drop_full_mask(key_mask), causal, scale, window_left, window_right,
-            sinks, q_pos, k_pos, alibi)
+            sinks, q_pos, k_pos, alibi, softcap)
     if use_reference() or not triton_available() or block < 16 or block > 128 or block & (block - 1):
         return block_sparse_attention_reference(*args)
     from .block_sparse_attention import block_sparse_attention
@@ -125,6 +125,32 @@ def _sparse_op(impl_name: str):
 
 for _op in ("window", "block_topk", "strided"):
     cuda_kernel(f"rewriter::{_op}", _sparse_op(f"{_op}_attention_impl"))
+
+
+EXACT_SOFTCAP_BLOCK = 64
+
+
+@cuda_kernel("rewriter::exact_attention")
+def exact_attention_cuda(q: Tensor, k: Tensor, v: Tensor, key_mask: Optional[Tensor], causal: bool, scale: float,
+                         window: int = 0, alibi: Optional[list[float]] = None, softcap: float = 0.0) -> Tensor:
+    """Exact attention on CUDA: SDPA (flash / cuDNN / its masked kernels) as on the CPU, except with a logit softcap,
+    which SDPA cannot apply: then the block-sparse kernel over the blocks the model can see (every key block, or the
+    band of its causal window), the cap (and ALiBi bias) applied in its block loop, never an L x L buffer."""
+    from ..exact import exact_attention_impl
+    if softcap <= 0:
+        return exact_attention_impl(q, k, v, key_mask, causal, scale, window, alibi)
+    from .._contract import check_qkv, check_softcap
+    from ..block_sparse import band_layout
+    check_qkv(q, k, v, key_mask)
+    check_softcap(softcap)
+    if alibi and len(alibi) != q.shape[1]:
+        raise ValueError(f"alibi has {len(alibi)} slopes for {q.shape[1]} query heads")
+    left, right = (window - 1 if window > 0 else -1), (0 if causal else -1)
+    kv_index, kv_count = band_layout(q.shape[2], k.shape[2], EXACT_SOFTCAP_BLOCK, left, right, 0, causal, q.device)
+    slopes = torch.tensor(alibi, dtype=torch.float32, device=q.device) if alibi else None
+    out, _ = sparse_attention_core(q, k, v, kv_index, kv_count, EXACT_SOFTCAP_BLOCK, key_mask, causal, scale,
+                                   window_left=left, window_right=-1, sinks=0, alibi=slopes, softcap=softcap)
+    return out
 
 
 TRITON_BLOCKS = (16, 32, 64, 128)     # the block-sparse kernel's block sizes

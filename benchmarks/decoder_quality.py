@@ -318,7 +318,7 @@ def main():
                     dec = build_decoder(model, max_len=SEQ_LEN, policy=policy_from_meta(meta, 8))
                 for key in ("think_key_channels", "think_dynamic", "kv_window", "mla"):
                     program.meta.pop(key, None)
-            row["kv"] = kv_bytes(dec, SEQ_LEN)
+            row["kv"] = kv_bytes(dec, SEQ_LEN, prompt=SEQ_LEN - LAST)
             row.update(measure_decode(dec.teacher_forced_logits, windows, retrieval, qlen))
         row["seconds"] = round(time.time() - t0, 1)
         res[label] = row

@@ -120,7 +120,7 @@ def run_decoder(decoder, ids: torch.Tensor, new: int, device: str, sdpa_backend:
     """Prefill + `new` greedy steps through the runtime's static session, timed as one block (synchronised at the
     ends only). sdpa_backend: the step's SDPA kernels (e.g. MATH), default torch's choice."""
     B, T = ids.shape
-    session = decoder.session(B, T + new + 2)
+    session = decoder.session(B, T + new + 2, prompt=T)
     if sdpa_backend is not None:
         from torch.nn.attention import SDPBackend
         session.sdpa_backends = [getattr(SDPBackend, sdpa_backend.upper())]
@@ -150,7 +150,9 @@ def run_decoder(decoder, ids: torch.Tensor, new: int, device: str, sdpa_backend:
     sync(device)
     step_ms = (time.perf_counter() - t0) * 1e3 / steps
     tokens += out[0].tolist()
-    cache = session.k.numel() * session.k.element_size() + session.v.numel() * session.v.element_size()
+    # dynamic think's full-width keys after the prompt: their pruned channels in k_pruned
+    cache = sum(t.numel() * t.element_size() for t in (session.k, session.v, session.extra.get("k_pruned"))
+                if t is not None)
     return {"batch": B, "prefill_ms": prefill_ms, "decode_ms_per_token": step_ms, "tokens_per_s": B * 1e3 / step_ms,
             "sdpa_backend": sdpa_backend or "default", "graph_check": check,
             "decode_peak_allocated_bytes": peak_bytes(device), "cache_tensor_bytes": cache, "tokens": tokens[:new]}
@@ -292,7 +294,7 @@ def main() -> int:
                     torch.cuda.empty_cache() if device == "cuda" else None
                     rec = {"variant": name, "context": c,
                            **run_decoder(dec, prompts[(c, b)], args.new_tokens, device),
-                           "kv": kv_bytes(dec, c + args.new_tokens)}
+                           "kv": kv_bytes(dec, c + args.new_tokens, prompt=c)}
                     dec._runtime.clear()                                    # free the session's cache and graph
                     held = rec["kv"]["after"]["bytes_per_sequence"]
                     rec["roofline_tokens_per_s"] = roofline(held, b)

@@ -85,7 +85,7 @@ def quality(model, calib, evals) -> list[dict]:
         dec = build_decoder(model, max_len=SEQ, policy=policy_from_meta(run.program.meta,
                                                                         model.config.num_hidden_layers))
         cand = dec.teacher_forced_logits(evals, PREFIX)
-        rows.append({"pass": name, **opts, "kv": kv_bytes(dec, SEQ), **agreement(ref, cand)})
+        rows.append({"pass": name, **opts, "kv": kv_bytes(dec, SEQ, prompt=PREFIX), **agreement(ref, cand)})
         for key in ("think_key_channels", "think_dynamic", "kv_window"):
             program.meta.pop(key, None)
     return rows

@@ -351,7 +351,8 @@ def generate(src, *, prompt: str | None = None, prompt_ids: list[int] | None = N
                            if tokenizer is not None else None, stream=_text_stream(stream, tokenizer))
     new = out[:, ids.shape[1]:]
     text = tokenizer.batch_decode(new, skip_special_tokens=True) if tokenizer is not None else None
-    return GenerateResult(ids=out, new_ids=new, text=text, kv=kv_bytes(decoder, total), report=report)
+    return GenerateResult(ids=out, new_ids=new, text=text, kv=kv_bytes(decoder, total, prompt=ids.shape[1]),
+                          report=report)
 
 
 def _text_stream(stream, tokenizer):

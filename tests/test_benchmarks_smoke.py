@@ -30,6 +30,7 @@ def test_kv_benchmark_tiny(tmp_path):
     dense = recs["original"]["kv"]["after"]["bytes_per_token"]
     assert recs["original"]["kv"]["before"]["bytes_per_token"] == dense
     assert recs["think-dynamic0.5"]["kv"]["after"]["bytes_per_token"] == dense * 3 // 4   # keys halved
+    assert recs["think-dynamic0.5"]["kv"]["after"]["bytes_per_decoded_token"] == dense    # but not after the prompt
     assert recs["mla0.5"]["kv"]["after"]["bytes_per_token"] == dense // 2
     assert recs["mla0.5"]["cache_tensor_bytes"] < recs["original"]["cache_tensor_bytes"]
 

@@ -148,6 +148,31 @@ def test_think_static_and_dynamic_equal_functional_path():
     assert torch.equal(got[:1], dyn.generate(ids[:1], 6))
 
 
+def test_dynamic_think_writes_the_later_keys_full_width_in_place():
+    """Dynamic ThinK's step also writes the pruned channels of each new key (k_pruned) in place, so a CUDA graph
+    replays it. Its k_pruned holds the tokens after the prompt (bucketed like the cache)."""
+    model, dec = _decoder("llama", max_len=40, policy=KVPolicy(think_dynamic=ThinkDynamic(0.5, 3)))
+    gm = dec.inplace_step()
+    targets = [n.target for n in gm.graph.nodes if n.op == "call_function"]
+    assert torch.ops.aten.index_copy.default not in targets
+    assert targets.count(torch.ops.aten.index_copy_.default) == 3 * model.config.num_hidden_layers
+    ids = _ids(2, 12, 1)
+    session = dec.session(2, 12, prompt=5)
+    assert session.extra["k_pruned"].shape[3] == session.recent == runtime.slot_bucket(12 - 5, session.slots)
+    session.prefill(ids[:, :5], torch.zeros(2, dtype=torch.long))
+    pruned = session.extra["k_pruned"]
+    ptr = pruned.untyped_storage().data_ptr()
+    _, k_ref, v_ref, _, extra = dec._prefill(ids[:, :5])
+    for t in range(5, 12):
+        session.ids[:] = ids[:, t:t + 1]
+        logits = session.step()
+        ref_logits, k_ref, v_ref = dec._step(ids[:, t:t + 1], t, k_ref, v_ref, extra)
+        assert pruned.untyped_storage().data_ptr() == ptr
+        torch.testing.assert_close(logits, ref_logits[:, -1], atol=1e-6, rtol=0)
+        torch.testing.assert_close(pruned[..., :t - 4, :], extra["k_pruned"][..., :t - 4, :], atol=1e-6, rtol=0)
+    assert pruned[..., :7, :].abs().amax(-1).min() > 0                          # every decoded key written
+
+
 def test_mla_latent_cache_equals_functional_path():
     model = _tiny("llama")
     run = Pipeline([make_pass("mla", {"rank": 16})]).run(capture(LoadedModel(model, model.config)),

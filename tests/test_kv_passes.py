@@ -197,36 +197,88 @@ def test_dynamic_choice_depends_on_the_prompt_and_rows_choose_independently(dyna
     assert torch.equal(both[:, :1], ch_a) and torch.equal(both[:, 1:], ch_b)
 
 
-class _ZeroPrunedCache(DynamicCache):
-    """Reference cache: transformers' DynamicCache whose returned keys have the pruned channels zeroed once a
-    mask is set (after the prompt, which ThinK attends with all channels)."""
+class _PromptPrunedCache(DynamicCache):
+    """Reference cache: transformers' DynamicCache whose returned keys have the pruned channels of the prompt's keys
+    zeroed once a mask is set (after the prompt, which ThinK attends with all channels); keys appended later keep
+    every channel (as ThinK and kvpress' ThinKPress prune the prompt's cache only). prune_later: zero them in the
+    later keys too (what this cache did before issue 15)."""
     keep_mask = None          # (N, B, Hkv, 1, D): 1.0 on kept channels
+    prompt = 0
+    prune_later = False
 
     def update(self, key_states, value_states, layer_idx, *args, **kwargs):
         k, v = super().update(key_states, value_states, layer_idx, *args, **kwargs)
-        return (k if self.keep_mask is None else k * self.keep_mask[layer_idx]), v
+        if self.keep_mask is None:
+            return k, v
+        pruned = k * self.keep_mask[layer_idx]
+        return (pruned if self.prune_later else torch.cat([pruned[..., :self.prompt, :], k[..., self.prompt:, :]],
+                                                          dim=-2)), v
 
 
-def test_dynamic_decode_equals_float64_zeroed_channel_reference(dynamic):
+def _prompt_pruned_reference(model, ids, prefix, channels, head_dim, prune_later=False):
+    """Float64 logits for positions prefix-1 .. T-1: the prompt prefilled with all channels, then one token at a
+    time attending over [prompt keys with the pruned channels zeroed | later keys at full width]; and the cache
+    (its keys unpruned)."""
     import copy
+    ref_model = copy.deepcopy(model).double()
+    cache = _PromptPrunedCache(config=ref_model.config)
+    out = []
+    with torch.no_grad():
+        out.append(ref_model(input_ids=ids[:, :prefix], cache=cache, use_cache=True).logits[:, -1])
+        mask = torch.zeros(*channels.shape[:-1], head_dim, dtype=torch.float64)
+        cache.keep_mask = mask.scatter(-1, channels, 1.0)[:, :, :, None, :]
+        cache.prompt, cache.prune_later = prefix, prune_later
+        for t in range(prefix, ids.shape[1]):
+            out.append(ref_model(input_ids=ids[:, t:t + 1], cache=cache, use_cache=True).logits[:, -1])
+    return torch.stack(out, dim=1), cache
+
+
+def test_dynamic_decode_equals_float64_prompt_pruned_reference(dynamic):
+    """Functional path and runtime session: attention over the prompt's kept channels and the later keys' all."""
+    from rewriter.decode import runtime
     model, dec = dynamic
     ids, prefix = _ids(2, 18, 3), 6
-    got = dec.teacher_forced_logits(ids, prefix)
     channels = dec.prefill.run(input_ids=ids[:, :prefix])[3]
-    ref_model = copy.deepcopy(model).double()
-    cache = _ZeroPrunedCache(config=ref_model.config)
-    ref = []
-    with torch.no_grad():
-        ref.append(ref_model(input_ids=ids[:, :prefix], cache=cache, use_cache=True).logits[:, -1])
-        mask = torch.zeros(*channels.shape[:-1], dec.dims["head_dim"], dtype=torch.float64)
-        cache.keep_mask = mask.scatter(-1, channels, 1.0)[:, :, :, None, :]
-        for t in range(prefix, ids.shape[1]):
-            ref.append(ref_model(input_ids=ids[:, t:t + 1], cache=cache, use_cache=True).logits[:, -1])
-    ref = torch.stack(ref, dim=1)
-    torch.testing.assert_close(got.double(), ref, atol=1e-5, rtol=0)
+    ref, _ = _prompt_pruned_reference(model, ids, prefix, channels, dec.dims["head_dim"])
+    for got in (dec.teacher_forced_logits(ids, prefix), runtime.teacher_forced_logits(dec, ids, prefix)):
+        torch.testing.assert_close(got.double(), ref, atol=1e-5, rtol=0)
+    got = got.double()
     with torch.no_grad():          # and the pruning matters: the unpruned model differs
         full = model(input_ids=ids).logits[:, prefix - 1:]
     assert (got - full).abs().max() > 1e-3
+    # and the keys after the prompt are not pruned: pruning them too (the old cache) differs after the first step
+    old, _ = _prompt_pruned_reference(model, ids, prefix, channels, dec.dims["head_dim"], prune_later=True)
+    assert (got[:, 2:] - old[:, 2:]).abs().amax(-1).min() > 1e-4
+
+
+def test_dynamic_cache_keeps_later_keys_whole_and_counts_their_bytes(dynamic):
+    """The runtime's cache holds the prompt's kept channels and, for each decoded token, its kept channels in
+    k_cache and its pruned ones in k_pruned: together exactly its post-RoPE key (the float64 reference's).
+    Bytes count both."""
+    from rewriter.decode import kv_bytes, runtime
+    model, dec = dynamic
+    ids, prefix = _ids(1, 15, 12), 7
+    runtime.teacher_forced_logits(dec, ids, prefix)
+    session = dec._runtime["session"]
+    kept = session.extra["key_channels"]                            # (N, B, Hkv, Dk)
+    start = int(session.extra["recent_start"])
+    assert start == prefix and session.recent >= ids.shape[1] - prefix
+    D, Dk = dec.dims["head_dim"], dec.key_dim
+    assert session.extra["k_pruned"].shape[-2:] == (session.recent, D - Dk) and session.k.shape[-1] == Dk
+    _, cache = _prompt_pruned_reference(model, ids, prefix, kept, D)
+    for layer in range(dec.dims["layers"]):
+        k = cache.layers[layer].keys.float()                        # (1, Hkv, 15, D), every token written
+        for j in range(dec.dims["kv_heads"]):
+            ch = kept[layer, 0, j]
+            rest = sorted(set(range(D)) - set(ch.tolist()))
+            torch.testing.assert_close(session.k[layer, 0, j, :15], k[0, j][:, ch], atol=1e-5, rtol=1e-5)
+            torch.testing.assert_close(session.extra["k_pruned"][layer, 0, j, :15 - prefix],
+                                       k[0, j, prefix:][:, rest], atol=1e-5, rtol=1e-5)
+    rec = kv_bytes(dec, 20, prompt=6)
+    per_layer_head = dec.dims["layers"] * dec.dims["kv_heads"] * 4
+    assert rec["after"]["bytes_per_token"] == per_layer_head * (Dk + D)
+    assert rec["after"]["bytes_per_decoded_token"] == per_layer_head * 2 * D == rec["before"]["bytes_per_token"]
+    assert rec["after"]["bytes_per_sequence"] == 6 * per_layer_head * (Dk + D) + 14 * per_layer_head * 2 * D
 
 
 @pytest.mark.parametrize("arch", ["llama", "gpt2"])
@@ -260,6 +312,8 @@ def test_dynamic_bad_configs_rejected(dynamic):
         build_decoder(model, policy=KVPolicy(think_dynamic=ThinkDynamic(0.5, 0)))
     with pytest.raises(ValueError, match="at least 2 tokens"):
         dec.generate(_ids(1, 1, 0), 3)
+    with pytest.raises(ValueError, match="kv-window with think dynamic is not supported"):    # GPT-2 too
+        build_decoder(model, policy=KVPolicy(sinks=2, window=6, think_dynamic=ThinkDynamic(0.5, 3)))
 
 
 # --- kv-window (StreamingLLM) -------------------------------------------------------------------------------------

@@ -370,7 +370,9 @@ def generate(
         out.print(res.text[0] if res.text is not None else ",".join(str(t) for t in res.new_ids[0].tolist()),
                   highlight=False)
     kv = res.kv
-    err.print(f"KV cache: {kv['before']['bytes_per_token']} -> {kv['after']['bytes_per_token']} bytes/token, "
+    decoded = kv["after"].get("bytes_per_decoded_token")     # dynamic think: keys after the prompt at full width
+    err.print(f"KV cache: {kv['before']['bytes_per_token']} -> {kv['after']['bytes_per_token']} bytes/token"
+              + (f" ({decoded} per token after the prompt)" if decoded is not None else "") + ", "
               f"{kv['before']['bytes_per_sequence']} -> {kv['after']['bytes_per_sequence']} bytes/sequence "
               f"({kv['tokens']} tokens, {kv['dtype']})")
 

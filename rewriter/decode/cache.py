@@ -19,22 +19,42 @@ def _channel_index(channels: torch.Tensor, k: torch.Tensor) -> torch.Tensor:
     return idx.expand(k.shape[0], -1, k.shape[2], -1)
 
 
+def _pruned_channels(kept: torch.Tensor, head_dim: int) -> torch.Tensor:
+    """The channels ThinK pruned, ascending: the complement of `kept` (..., Dk) in 0..head_dim-1 (..., D - Dk)."""
+    is_kept = torch.zeros(*kept.shape[:-1], head_dim, dtype=torch.int8, device=kept.device).scatter(-1, kept, 1)
+    return torch.argsort(is_kept, dim=-1, stable=True)[..., :head_dim - kept.shape[-1]]
+
+
 class _ExplicitCache:
     """What HF's attention layers call `update` on. Collects each layer's cache tensor (functional writes)."""
 
     def __init__(self, k_cache: torch.Tensor | None, v_cache: torch.Tensor | None,
                  cache_position: torch.Tensor | None, key_channels: torch.Tensor | None,
-                 think_dynamic: "ThinkDynamic | None" = None):
+                 think_dynamic: "ThinkDynamic | None" = None, recent_start: torch.Tensor | None = None,
+                 k_pruned: torch.Tensor | None = None):
         self.k_cache, self.v_cache = k_cache, v_cache
         self.cache_position = cache_position
         self.key_channels = key_channels      # (N, Hkv, Dk), per batch row (N, B, Hkv, Dk), or None
         self.think_dynamic = think_dynamic    # prefill only: choose channels from the prompt (attention_inputs)
+        # dynamic step: keys written after the prompt keep every channel; their pruned channels live in k_pruned
+        # (N, B, Hkv, recent, D - Dk), slot recent_start + r at index r
+        self.recent_start, self.k_pruned = recent_start, k_pruned
         self.keys: list[torch.Tensor] = []
         self.values: list[torch.Tensor] = []
         self.channels: list[torch.Tensor] = []
+        self.pruned: list[torch.Tensor] = []
+        self._pruned_index: dict[int, torch.Tensor] = {}
+
+    def pruned_index(self, layer_idx: int, head_dim: int) -> torch.Tensor:
+        if layer_idx not in self._pruned_index:
+            self._pruned_index[layer_idx] = _pruned_channels(self.key_channels[layer_idx], head_dim)
+        return self._pruned_index[layer_idx]
 
     def update(self, key_states, value_states, layer_idx, *args, **kwargs):
         k = key_states
+        if self.k_pruned is not None:
+            rest = torch.gather(k, -1, _channel_index(self.pruned_index(layer_idx, k.shape[-1]), k))
+            self.pruned.append(self.k_pruned[layer_idx].index_copy(2, self.cache_position - self.recent_start, rest))
         if self.key_channels is not None:
             k = torch.gather(k, -1, _channel_index(self.key_channels[layer_idx], k))
         v = value_states
@@ -47,21 +67,48 @@ class _ExplicitCache:
 
     def outputs(self) -> tuple[torch.Tensor, ...]:
         """The tensors the programs return: keys and values (N, B, Hkv, slots, Dk|Dv); dynamic ThinK's prefill also
-        the chosen channels (N, B, Hkv, Dk)."""
-        extra = (torch.stack(self.channels),) if self.think_dynamic is not None else ()
+        the chosen channels (N, B, Hkv, Dk), its step the pruned channels of the later keys (N, B, Hkv, recent,
+        D - Dk)."""
+        extra = (torch.stack(self.channels),) if self.think_dynamic is not None else \
+            (torch.stack(self.pruned),) if self.k_pruned is not None else ()
         return (torch.stack(self.keys), torch.stack(self.values), *extra)
 
-    def attention_inputs(self, layer_idx: int, query: torch.Tensor, key: torch.Tensor):
-        """(query, key) for the layer's attention. Dynamic prefill: choose the channels from the prompt (the prompt
-        attends with all of them). Kept channels: the query's kept channels, so q.k runs over those only."""
+    def attention_inputs(self, layer_idx: int, query: torch.Tensor, key: torch.Tensor, mask: torch.Tensor,
+                         scaling: float | None):
+        """(query, key, mask) for the layer's attention. Dynamic prefill: choose the channels from the prompt (the
+        prompt attends with all of them). Kept channels: the query's kept channels, so q.k runs over those only;
+        a dynamic step adds q[pruned].k[pruned] of the keys written after the prompt to the mask (SDPA adds the mask
+        to the scaled scores), so those keys score q.k over every channel, in the same softmax."""
         if self.think_dynamic is not None:
             kept = prompt_key_channels(query, key, self.think_dynamic.ratio, self.think_dynamic.n_obs)
             self.keys[layer_idx] = torch.gather(self.keys[layer_idx], -1, _channel_index(kept, self.keys[layer_idx]))
             self.channels.append(kept)
-            return query, key
+            return query, key, mask
         kept = self.key_channels[layer_idx]                       # (Hkv, Dk) or (B, Hkv, Dk)
         group = query.shape[1] // kept.shape[-2]
-        return torch.gather(query, -1, _channel_index(kept.repeat_interleave(group, dim=-2), query)), key
+        narrow = torch.gather(query, -1, _channel_index(kept.repeat_interleave(group, dim=-2), query))
+        if self.k_pruned is not None:
+            mask = self._recent_scores(layer_idx, query, mask, scaling, group)
+        return narrow, key, mask
+
+    def _recent_scores(self, layer_idx: int, query: torch.Tensor, mask: torch.Tensor, scaling: float | None,
+                       group: int) -> torch.Tensor:
+        """The decode step's mask (B, 1, 1, slots) as an additive float mask folded like _decode_attention's query
+        (B, Hkv, H/Hkv, slots): -inf on invalid slots, scale * q[pruned].k[pruned] on the slots written after the
+        prompt, 0 on the prompt's."""
+        B, H, T, D = query.shape
+        pruned = self.pruned_index(layer_idx, D)
+        q = torch.gather(query, -1, _channel_index(pruned.repeat_interleave(group, dim=-2), query))
+        rest = self.pruned[layer_idx]                               # (B, Hkv, recent, D - Dk)
+        Hkv, recent, slots = rest.shape[1], rest.shape[2], mask.shape[-1]
+        scores = q.reshape(B, Hkv, H // Hkv * T, -1) @ rest.transpose(-1, -2)      # (B, Hkv, H/Hkv, recent)
+        index = torch.arange(slots, device=query.device) - self.recent_start         # slot -> index in k_pruned
+        after_prompt = (index >= 0) & (index < recent)
+        scores = scores.gather(-1, index.clamp(0, recent - 1).expand(*scores.shape[:-1], slots))
+        scores = torch.where(after_prompt, scores * (D ** -0.5 if scaling is None else scaling), 0.0)
+        if mask.dtype == torch.bool:
+            return scores.masked_fill(~mask, float("-inf"))
+        return scores + mask
 
 
 THINK_ATTENTION = "rewriter_think"
@@ -70,7 +117,8 @@ THINK_ATTENTION = "rewriter_think"
 def _think_attention(module, query, key, value, attention_mask, *, think_cache: _ExplicitCache, think_inner: str,
                      **kwargs):
     """The model's own attention on the ThinK-narrowed query and key (kwargs carry the model's scale)."""
-    query, key = think_cache.attention_inputs(module.layer_idx, query, key)
+    query, key, attention_mask = think_cache.attention_inputs(module.layer_idx, query, key, attention_mask,
+                                                              kwargs.get("scaling"))
     return _attention_function(module, think_inner)(module, query, key, value, attention_mask, **kwargs)
 
 
@@ -138,12 +186,13 @@ class _CacheModule(nn.Module):
             del self.key_channels
             self.register_buffer("key_channels", key_channels, persistent=False)
 
-    def new_cache(self, k_cache, v_cache, cache_position, key_channels=None):
+    def new_cache(self, k_cache, v_cache, cache_position, key_channels=None, recent_start=None, k_pruned=None):
         """The duck-typed cache HF's layers write to (a hook: the MLA decoder caches a latent instead). Prefill
-        (k_cache None) chooses dynamic ThinK channels; a step gets them as the key_channels input."""
+        (k_cache None) chooses dynamic ThinK channels; a step gets them as the key_channels input, with the
+        pruned channels of the keys written after the prompt (k_pruned, from slot recent_start on)."""
         channels = self.key_channels if key_channels is None else key_channels
         return _ExplicitCache(k_cache, v_cache, cache_position, channels,
-                              self.think_dynamic if k_cache is None else None)
+                              self.think_dynamic if k_cache is None else None, recent_start, k_pruned)
 
 
 class _PrefillModule(_CacheModule):
@@ -160,12 +209,14 @@ class _PrefillModule(_CacheModule):
 class _StepModule(_CacheModule):
     """One token per row: writes its keys/values at slot `cache_position` (one slot for the whole batch), RoPE at
     `position_ids` (per row: left-padded rows start later, an evicting cache's slots are not positions), attends to
-    the slots `valid` marks (B, slots) bool."""
+    the slots `valid` marks (B, slots) bool. Dynamic ThinK: key_channels (N, B, Hkv, Dk) from the prefill, and the
+    slots from `recent_start` (1,) on keep their keys' other channels in k_pruned (N, B, Hkv, recent, D - Dk)."""
 
-    def forward(self, input_ids, position_ids, cache_position, valid, k_cache, v_cache, key_channels=None):
+    def forward(self, input_ids, position_ids, cache_position, valid, k_cache, v_cache, key_channels=None,
+                recent_start=None, k_pruned=None):
         B, T = input_ids.shape
         mask = valid[:, None, None, :].expand(B, 1, T, valid.shape[1])
-        cache = self.new_cache(k_cache, v_cache, cache_position, key_channels)
+        cache = self.new_cache(k_cache, v_cache, cache_position, key_channels, recent_start, k_pruned)
         out = _run_model(self.model, cache, decode=True, input_ids=input_ids, position_ids=position_ids,
                          attention_mask=mask)
         return (out.logits, *cache.outputs())

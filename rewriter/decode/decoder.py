@@ -20,8 +20,12 @@ KV thinning hooks in at the cache:
   and SDPA runs at width Dk with the original 1/sqrt(D) scale.
 - ThinK dynamic (`think_dynamic`): the prefill program also scores channels per batch row, layer and KV head from
   the prompt's post-RoPE queries and keys and returns the index (N, B, Hkv, Dk) with the compact keys; the decode
-  program takes that index as an input and applies it as above. The prompt itself is attended with all channels,
-  as in ThinK.
+  program takes that index as an input. As in ThinK (and kvpress' ThinKPress), only the prompt's keys are pruned:
+  the prompt itself is attended with all channels, and every key written after it keeps all of them. Its kept
+  channels go to k_cache like the prompt's and its pruned ones to a second tensor over the decoded slots only,
+  `k_pruned` (N, B, Hkv, recent, D - Dk; slot `recent_start` + r at index r). The step scores
+  q[kept].k_cache[kept] with SDPA at width Dk, and adds scale * q[pruned].k_pruned[pruned] on the decoded slots
+  through SDPA's additive mask: one softmax over [pruned prompt keys | full decoded keys].
 Both read the post-RoPE queries in an attention function registered through transformers' AttentionInterface that
 wraps the model's own one: it is the one place every HF decoder hands over post-RoPE queries and keys together
 (cache.update gets keys only, and a q_proj hook would have to redo each architecture's RoPE), and it still calls
@@ -83,6 +87,11 @@ class Decoder:
     _runtime: dict = field(default_factory=dict, repr=False, compare=False)
 
     @property
+    def pruned_key_dim(self) -> int:
+        """Width of k_pruned: the channels dynamic ThinK prunes from the prompt's keys and keeps for later ones."""
+        return self.dims["head_dim"] - self.key_dim if self.policy.think_dynamic is not None else 0
+
+    @property
     def key_dim(self) -> int:
         kc, dyn = self.policy.key_channels, self.policy.think_dynamic
         if dyn is not None:
@@ -105,19 +114,35 @@ class Decoder:
         return dataclasses.replace(self, prefill=prefill, step=self.step.to(device), device=device, _runtime={})
 
     def kv_bytes_per_token(self) -> int:
+        """Cache bytes of one prompt token (for dynamic ThinK a token decoded after the prompt holds
+        kv_bytes_per_decoded_token)."""
         d = self.dims
         return d["layers"] * d["kv_heads"] * (self.key_dim + d["head_dim"]) * torch.finfo(self.dtype).bits // 8
 
-    def kv_bytes_per_sequence(self, tokens: int) -> int:
-        """Cache bytes a sequence of `tokens` tokens holds (capped by the window when evicting)."""
+    def kv_bytes_per_decoded_token(self) -> int:
+        d = self.dims
+        return self.kv_bytes_per_token() + d["layers"] * d["kv_heads"] * self.pruned_key_dim * \
+            torch.finfo(self.dtype).bits // 8
+
+    def kv_bytes_per_sequence(self, tokens: int, prompt: int | None = None) -> int:
+        """Cache bytes a sequence of `tokens` tokens holds, the first `prompt` of them prefilled (default: all);
+        capped by the window when evicting."""
         held = min(tokens, self.policy.sinks + self.policy.window) if self.policy.evicts else tokens
-        return held * self.kv_bytes_per_token()
+        prompt = held if prompt is None else min(prompt, held)
+        return prompt * self.kv_bytes_per_token() + (held - prompt) * self.kv_bytes_per_decoded_token()
 
     def empty_cache(self, batch: int, slots: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         d, slots = self.dims, slots or self.max_len
         k = torch.zeros(d["layers"], batch, d["kv_heads"], slots, self.key_dim, dtype=self.dtype, device=self.device)
         v = torch.zeros(d["layers"], batch, d["kv_heads"], slots, d["head_dim"], dtype=self.dtype, device=self.device)
         return k, v
+
+    def empty_pruned(self, batch: int, recent: int) -> torch.Tensor:
+        """Dynamic ThinK's k_pruned for `recent` tokens decoded after the prompt (N, B, Hkv, recent, D - Dk; at least
+        2, the step program's smallest)."""
+        d = self.dims
+        return torch.zeros(d["layers"], batch, d["kv_heads"], max(recent, 2), self.pruned_key_dim, dtype=self.dtype,
+                           device=self.device)
 
     # --- the runtime (static in-place cache, CUDA graphs) ---------------------------------------------------------
     def inplace_step(self) -> torch.fx.GraphModule:
@@ -126,16 +151,22 @@ class Decoder:
             self._runtime["step"] = runtime.inplace_step(self.step)
         return self._runtime["step"]
 
-    def session(self, batch: int, tokens: int, graphs: bool | None = None) -> "runtime.Session":
-        """The static session for `batch` rows of up to `tokens` tokens (batch and cache length bucketed; the last
-        one is kept and reused while its shape fits)."""
+    def session(self, batch: int, tokens: int, graphs: bool | None = None, prompt: int | None = None
+                ) -> "runtime.Session":
+        """The static session for `batch` rows of up to `tokens` tokens, prompts of `prompt` tokens (batch, cache
+        length and, for dynamic ThinK, the tokens decoded after the prompt bucketed; default prompt: any length;
+        the last session is kept and reused while its shape fits)."""
         max_batch = self.step.dim_bounds["batch"][1]
         if batch > max_batch:
             raise ValueError(f"batch {batch} exceeds the {max_batch} rows the decode program was captured for")
-        shape = (min(runtime.batch_bucket(batch), max_batch),
-                 self.max_len if self.policy.evicts else runtime.slot_bucket(tokens, self.max_len))
+        slots = self.max_len if self.policy.evicts else runtime.slot_bucket(tokens, self.max_len)
+        recent = 0
+        if self.policy.think_dynamic is not None:     # prompts have at least 2 tokens
+            recent = runtime.slot_bucket(tokens - (2 if prompt is None else prompt), slots)
+        shape = (min(runtime.batch_bucket(batch), max_batch), slots, recent)
         held = self._runtime.get("session")
-        if held is None or (held.batch, held.slots) != shape or (graphs is not None and held.graphs != graphs):
+        if held is None or (held.batch, held.slots, held.recent) != shape or \
+                (graphs is not None and held.graphs != graphs):
             self._runtime["session"] = None      # free the old cache first
             held = self._runtime["session"] = runtime.Session(self, *shape, graphs=graphs)
         return held
@@ -182,8 +213,12 @@ class Decoder:
         return runtime.generate(self, input_ids, max_new_tokens, eos_token_id, attention_mask, stream)
 
     def _step(self, input_ids: torch.Tensor, slot: int, k: torch.Tensor, v: torch.Tensor, extra: dict):
-        """The functional step (a new cache returned): the reference path the runtime is checked against."""
-        return self.step.run(**step_inputs_at(input_ids, slot, k, v), **extra)
+        """The functional step (a new cache returned): the reference path the runtime is checked against. Returns
+        logits, k, v; dynamic ThinK's new k_pruned goes back into `extra`."""
+        logits, k, v, *pruned = self.step.run(**step_inputs_at(input_ids, slot, k, v), **extra)
+        if pruned:
+            extra["k_pruned"] = pruned[0]
+        return logits, k, v
 
     def _prompt(self, input_ids):
         """Prompt keys and values without eviction: (last logits (B, V), keys, values (N, B, Hkv, T, Dk|Dv), extra
@@ -213,6 +248,9 @@ class Decoder:
             n = T
         k[..., :n, :] = pk[..., :n, :]
         v[..., :n, :] = pv[..., :n, :]
+        if self.policy.think_dynamic is not None:      # the tokens after the prompt keep all key channels
+            extra.update(recent_start=torch.tensor([n], device=self.device),
+                         k_pruned=self.empty_pruned(B, self.max_len - n))
         return logits[:, None], k, v, n, extra
 
     def teacher_forced_logits(self, input_ids: torch.Tensor, prefix: int) -> torch.Tensor:
@@ -289,9 +327,12 @@ def build_decoder(model: nn.Module, *, max_len: int = 256, policy: KVPolicy | No
     step_dims, step_bounds = step_shapes(config, max_len, max_batch)
     if dyn:
         step_inputs["key_channels"] = torch.arange(dk, device=device).expand(dims["layers"], B, dims["kv_heads"], dk).clone()
-        step_dims["key_channels"] = {1: "batch"}
+        step_inputs["recent_start"] = torch.zeros(1, dtype=torch.long, device=device)
+        step_inputs["k_pruned"] = torch.zeros(*shape, hd - dk, dtype=dtype, device=device)
+        step_dims.update(key_channels={1: "batch"}, k_pruned={1: "batch", 3: "recent"})
+        step_bounds["recent"] = step_bounds["slots"]
     step = _export(_StepModule(model, kc).eval(), step_inputs, step_dims, step_bounds, config, source,
-                   ["logits", "k_cache", "v_cache"])
+                   ["logits", "k_cache", "v_cache"] + (["k_pruned"] if dyn else []))
     inv_freq = None
     if dims["rope"] and policy.evicts:
         inv_freq = rope_inv_freq(model, "StreamingLLM re-rotation")
@@ -318,10 +359,18 @@ def step_inputs_at(input_ids: torch.Tensor, slot: int, k_cache: torch.Tensor, v_
             "v_cache": v_cache}
 
 
-def kv_bytes(decoder: Decoder, tokens: int) -> dict:
+def kv_bytes(decoder: Decoder, tokens: int, prompt: int | None = None) -> dict:
+    """Cache bytes of a sequence of `tokens` tokens, dense and as `decoder` holds them, the first `prompt` of them
+    prefilled (default all). Where a token decoded after the prompt holds more than a prompt token (dynamic ThinK
+    keeps its key at full width), "after" also gives its bytes, and the sequence counts them."""
     d = decoder.dims
     dense_token = d["layers"] * d["kv_heads"] * 2 * d["head_dim"] * torch.finfo(decoder.dtype).bits // 8
-    return {"tokens": tokens, "dtype": str(decoder.dtype).replace("torch.", ""),
-            "before": {"bytes_per_token": dense_token, "bytes_per_sequence": dense_token * tokens},
-            "after": {"bytes_per_token": decoder.kv_bytes_per_token(),
-                      "bytes_per_sequence": decoder.kv_bytes_per_sequence(tokens)}}
+    after = {"bytes_per_token": decoder.kv_bytes_per_token(),
+             "bytes_per_sequence": decoder.kv_bytes_per_sequence(tokens, prompt)}
+    if decoder.kv_bytes_per_decoded_token() != after["bytes_per_token"]:
+        after["bytes_per_decoded_token"] = decoder.kv_bytes_per_decoded_token()
+    out = {"tokens": tokens, "dtype": str(decoder.dtype).replace("torch.", "")}
+    if prompt is not None:
+        out["prompt_tokens"] = prompt
+    return {**out, "before": {"bytes_per_token": dense_token, "bytes_per_sequence": dense_token * tokens},
+            "after": after}

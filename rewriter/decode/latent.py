@@ -64,7 +64,7 @@ class _LatentModule:
         self.register_buffer("inv_freq", inv_freq, persistent=False)
         return self
 
-    def new_cache(self, k_cache, v_cache, cache_position, key_channels=None):
+    def new_cache(self, k_cache, v_cache, cache_position, key_channels=None, recent_start=None, k_pruned=None):
         return _LatentCache(self, v_cache, cache_position)
 
 

@@ -36,7 +36,11 @@ class KVPolicy:
                 raise ValueError("think: give static key_channels or think_dynamic, not both")
             if not 0 <= self.think_dynamic.ratio < 1 or self.think_dynamic.n_obs < 1:
                 raise ValueError(f"think dynamic needs ratio in [0, 1) and n_obs >= 1; got {self.think_dynamic}")
-        if self.window and (self.key_channels is not None or self.think_dynamic is not None) and rope:
+        if self.window and self.think_dynamic is not None:
+            raise ValueError("kv-window with think dynamic is not supported: the keys decoded after the prompt keep "
+                             "all channels in their own region, which eviction would have to move with them; use "
+                             "one of the two")
+        if self.window and self.key_channels is not None and rope:
             raise ValueError("kv-window with think on a RoPE model is not supported: re-rotating evicted-shifted "
                              "keys needs both channels of each RoPE pair; use one of the two")
 

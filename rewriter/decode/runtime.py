@@ -10,7 +10,8 @@ token (CPU runs the same step eagerly). The host reads tokens back only to strea
 
 Rows may be left-padded (per-row prompt lengths): row b's real tokens fill slots start_b .. T-1, its positions start
 at 0 there, and pad slots are never valid. Each row's prompt is prefilled on its own (so it sees exactly what an
-unpadded prompt would, dynamic ThinK channels included) and copied into its slots.
+unpadded prompt would, dynamic ThinK channels included) and copied into its slots. Dynamic ThinK's tokens after the
+prompt (slots T ..) keep their keys' pruned channels in k_pruned, `recent` slots bucketed like the cache.
 
 kv-window (StreamingLLM) uses the same fixed sinks + window slots as the functional path but as a ring: a new token
 overwrites the oldest non-sink slot instead of every recent key moving down one slot. Attention does not depend on the
@@ -38,12 +39,13 @@ EOS_CHECK_EVERY = 8       # steps between host checks of "every row has ended"
 
 def inplace_step(program) -> torch.fx.GraphModule:
     """The step program's graph with its cache writes done in place: each `index_copy(select(cache, 0, layer), 2,
-    slot, new)` becomes `index_copy_` on that view of the input cache, and the program returns the input caches
-    themselves instead of a stacked copy. The attention reads the written view, so values are unchanged."""
+    slot, new)` becomes `index_copy_` on that view of the input cache (k_cache, v_cache and dynamic ThinK's
+    k_pruned), and the program returns the input caches themselves instead of a stacked copy. The attention reads
+    the written view, so values are unchanged."""
     gm = program.ep.module()
     graph = gm.graph
     inputs = {n.name: n for n in graph.nodes if n.op == "placeholder"}
-    caches = (inputs["k_cache"], inputs["v_cache"])
+    caches = tuple(inputs[name] for name in ("k_cache", "v_cache", "k_pruned") if name in inputs)
     writes = 0
     for node in graph.nodes:
         if node.op != "call_function" or node.target is not torch.ops.aten.index_copy.default:
@@ -93,11 +95,12 @@ def left_padding(attention_mask: torch.Tensor | None, shape: tuple[int, int]) ->
 
 
 class Session:
-    """Static decode state for one (batch bucket, slots) shape; reused across generate calls of that shape."""
+    """Static decode state for one (batch bucket, slots, recent) shape (recent: dynamic ThinK's full-width slots
+    after the prompt, else 0); reused across generate calls of that shape."""
 
-    def __init__(self, decoder, batch: int, slots: int, graphs: bool | None = None):
+    def __init__(self, decoder, batch: int, slots: int, recent: int = 0, graphs: bool | None = None):
         d = self.decoder = decoder
-        self.batch, self.slots = batch, slots
+        self.batch, self.slots, self.recent = batch, slots, recent
         dev = d.device
         self.step_fn = d.inplace_step()
         self.k, self.v = d.empty_cache(batch, slots)
@@ -110,8 +113,10 @@ class Session:
         self.start = torch.zeros(batch, **long)            # left padding per row
         self.valid = torch.zeros(batch, slots, dtype=torch.bool, device=dev)
         self.extra: dict[str, torch.Tensor] = {}
-        if d.policy.think_dynamic is not None:
+        if d.policy.think_dynamic is not None:     # channels chosen at prefill; keys after the prompt at full width
             self.extra["key_channels"] = torch.zeros(d.dims["layers"], batch, d.dims["kv_heads"], d.key_dim, **long)
+            self.extra["recent_start"] = torch.zeros(1, **long)
+            self.extra["k_pruned"] = d.empty_pruned(batch, recent)
         self.sinks = None                                   # pristine sink keys (kv-window on RoPE models)
         if d.policy.evicts and d.dims["rope"] and d.policy.sinks:
             self.sinks = self.k[..., :d.policy.sinks, :].clone()
@@ -211,6 +216,8 @@ class Session:
                 self._place(r, s0, T, pk, pv)
                 if extra:
                     self.extra["key_channels"][:, r] = extra["key_channels"]
+        if "recent_start" in self.extra:
+            self.extra["recent_start"].fill_(T)
         self.t.fill_(T)
         self.next[:B0] = last.argmax(-1, keepdim=True)
         return last
@@ -246,7 +253,7 @@ def generate(decoder, input_ids: torch.Tensor, max_new_tokens: int, eos_token_id
     ids = input_ids.to(decoder.device)
     if max_new_tokens == 0:
         return ids
-    session = decoder.session(B, T + max_new_tokens)
+    session = decoder.session(B, T + max_new_tokens, prompt=T)
     session.prefill(ids, start)
     eos = [] if eos_token_id is None else [eos_token_id] if isinstance(eos_token_id, int) else list(eos_token_id)
     eos_t = torch.tensor(eos, device=decoder.device)
@@ -283,7 +290,7 @@ def teacher_forced_logits(decoder, input_ids: torch.Tensor, prefix: int) -> torc
     if not decoder.policy.evicts and T > decoder.max_len:
         raise ValueError(f"sequence ({T}) exceeds the cache ({decoder.max_len} tokens)")
     ids = input_ids.to(decoder.device)
-    session = decoder.session(B, T)
+    session = decoder.session(B, T, prompt=prefix)
     out = [session.prefill(ids[:, :prefix], torch.zeros(B, dtype=torch.long))]
     for t in range(prefix, T):
         session.ids[:B] = ids[:, t:t + 1]

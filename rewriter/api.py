@@ -111,7 +111,8 @@ def optimize(src, passes: list[Pass], *, out: str | Path | None = None, force: b
              seq_len: int = 128, seed: int = 0, max_error: float | None = None, export_onnx: bool = False,
              progress: Callable[[str], None] | None = None, allow_unused: bool = False,
              max_error_name: str = "max_error", onnx_target: str = "standard",
-             aoti_package: bool = False) -> OptimizeResult:
+             aoti_package: bool = False, stream: bool = False, resume: bool = False,
+             device: str | None = None) -> OptimizeResult:
     """Load + capture `src`, run the passes verified against the original, and (with `out`) write the result (with
     `aoti_package`, also OUT/model.aoti.pt2: `compile_output`). `max_error` bounds the output's relative error after
     each approximation, measured against the original model or, after a pass whose change is intended (lora-merge),
@@ -131,6 +132,13 @@ def optimize(src, passes: list[Pass], *, out: str | Path | None = None, force: b
     if out is not None:   # refuse a bad output location before spending minutes on the passes
         check_output_dir(Path(out), force, srcs)
     texts = read_texts(calib_file) if calib_file else calib_texts
+    if stream or resume:
+        return _optimize_streamed(src, passes, out=out, force=force, resume=resume, texts=texts, samples=samples,
+                                  seq_len=seq_len, seed=seed, max_error=max_error, device=device, progress=progress,
+                                  max_error_name=max_error_name, calib_file=calib_file,
+                                  unsupported={"--export onnx": export_onnx, "--compile": aoti_package,
+                                               "--allow-unused-weights": allow_unused})
+    check_fits_in_memory(src)
     t0 = time.perf_counter()
     progress("loading and capturing")
     program = load_program(src, allow_unused=allow_unused)
@@ -155,6 +163,67 @@ def optimize(src, passes: list[Pass], *, out: str | Path | None = None, force: b
             report["compile"] = compile_output(out, progress=progress)
             report["outputs"].append(report["compile"]["path"])
     return OptimizeResult(run.program, report, run.artifacts)
+
+
+WHOLE_MODEL_FACTOR = 2.5   # the whole-model path holds the float32 model, its capture and a rewritten copy
+
+
+def memory_budget() -> int | None:
+    """Bytes the whole-model path may use: REWRITER_MEMORY_BUDGET_GB if set, else MemAvailable (Linux), else None."""
+    import os
+    env = os.environ.get("REWRITER_MEMORY_BUDGET_GB")
+    if env:
+        try:
+            return int(float(env) * 2**30)
+        except ValueError:
+            raise RewriterError(f"REWRITER_MEMORY_BUDGET_GB={env!r} is not a number") from None
+    try:
+        for line in Path("/proc/meminfo").read_text().splitlines():
+            if line.startswith("MemAvailable:"):
+                return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return None
+
+
+def check_fits_in_memory(src) -> None:
+    """Refuse, before loading, an HF folder whose whole-model run would not fit in memory (it would die halfway
+    with an out-of-memory kill): say how much it needs and point at --stream."""
+    if not isinstance(src, (str, Path)) or not Path(src).is_dir() or is_rewriter_output(Path(src)):
+        return
+    from .stream.io import LazyCheckpoint
+    try:
+        ckpt = LazyCheckpoint(src)
+    except RewriterError:
+        return       # no safetensors: the loader says what is wrong
+    fp32 = sum(4 * i.nbytes // max(1, i.dtype.itemsize) for i in ckpt.info.values() if i.dtype.is_floating_point)
+    need, budget = int(WHOLE_MODEL_FACTOR * fp32), memory_budget()
+    if budget is not None and need > budget:
+        raise RewriterError(f"{src} holds {ckpt.nbytes / 2**30:.1f} GiB of weights; the whole-model path needs about "
+                            f"{need / 2**30:.1f} GiB of memory and {budget / 2**30:.1f} GiB is available",
+                            "add --stream (one decoder block in memory at a time; `rewriter passes` says which passes "
+                            "stream)")
+
+
+def _optimize_streamed(src, passes, *, out, force, resume, texts, samples, seq_len, seed, max_error, device, progress,
+                       max_error_name, calib_file, unsupported: dict) -> OptimizeResult:
+    """`optimize(..., stream=True)`: rewriter.stream.optimize_streamed (one block in memory at a time)."""
+    from .stream import optimize_streamed
+    given = [flag for flag, on in unsupported.items() if on]
+    if given:
+        raise RewriterError(f"{given[0]} is not available with --stream",
+                            "export or compile the streamed output's blocks separately, or drop --stream")
+    if isinstance(src, (nn.Module, Program)):
+        raise RewriterError("--stream reads an HF folder (it never holds the whole model)", "pass the folder's path")
+    if resume and out is None:
+        raise RewriterError("--resume continues an interrupted run into OUT", "add -o OUT")
+    cal = {"samples": samples, "seq_len": seq_len, "seed": seed, **({"file": str(calib_file)} if calib_file else {})}
+    def recipe() -> bytes:    # written when the run ends, so planning passes' plans are in it
+        return Recipe(list(passes), max_error, cal).to_yaml().encode()
+    run = optimize_streamed(src, passes, out=out, force=force, resume=resume, texts=texts, samples=samples,
+                            seq_len=seq_len, seed=seed, max_error=max_error, device=device, recipe_yaml=recipe,
+                            progress=progress, max_error_name=max_error_name)
+    return OptimizeResult(None, run.report)   # type: ignore[arg-type]
 
 
 def check_seq_len(program: Program, seq_len: int) -> None:

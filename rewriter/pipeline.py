@@ -63,6 +63,16 @@ class Pass:
     intended_change: ClassVar[bool] = False  # True: changing the outputs is the point (lora-merge): later passes'
                                              # errors are measured against the model after it (re-baselined)
     summary: ClassVar[str] = ""
+    # "" when the pass runs layer by layer (`optimize --stream`, torchrun): what it decides at a block depends on that
+    # block's calibration activations only, and its statistics are sums over samples (rewriter.distributed).
+    # Otherwise the one-line reason it cannot, said before any work.
+    streaming: ClassVar[str] = "it has not been written for layer-by-layer runs"
+    # "" when a streamed run may split its samples across processes (torchrun); else why not
+    distributed: ClassVar[str] = ""
+
+    def stream_refusal(self) -> str:
+        """Why this pass, as configured, cannot run layer by layer ("" when it can)."""
+        return self.streaming
 
     def is_exact(self) -> bool:
         """True when the pass, as configured, is documented to keep the model's outputs (up to rounding): a
@@ -125,6 +135,35 @@ def exact_tolerance(program: Program) -> float:
     return 2e-2 if dtypes & {torch.float16, torch.bfloat16} else 1e-4
 
 
+def apply_pass(p: Pass, program: Program, calib_inputs: dict[str, torch.Tensor],
+               progress: Callable[[str], None] = lambda msg: None) -> tuple[Program, PassResult, float]:
+    """One pass on a program (a whole model, or one block when streaming): canonicalise, rewrite, lint, re-capture
+    when it changed anything, merge the meta it records. Returns (program after, result, seconds); the caller's
+    program is never changed."""
+    progress(f"{p.name}: rewriting")
+    t0 = time.perf_counter()
+    current = program
+    gm = current.module()
+    canonicalize(gm)
+    ctx = PassContext(program=current, calib_inputs=calib_inputs, progress=progress)
+    result = p.run(gm, ctx)
+    gm.graph.lint()
+    gm.recompile()
+    if result.changed:
+        progress(f"{p.name}: re-capturing")
+        try:
+            current = current.recapture(gm)
+        except Exception as e:
+            raise RewriterError(f"the program rewritten by '{p.name}' no longer exports: "
+                                f"{str(e).strip().splitlines()[0][:300]}") from e
+        if not p.weight_only:
+            current.meta["weight_only"] = False
+    if result.meta:
+        current = copy.copy(current)          # never touch the caller's program
+        current.meta = {**current.meta, **result.meta}
+    return current, result, time.perf_counter() - t0
+
+
 class Pipeline:
     """An ordered list of passes, verified after each one against the original model's outputs (or, after a pass
     whose change is intended, such as lora-merge, against the model after that pass)."""
@@ -177,27 +216,7 @@ class Pipeline:
         current = program
         artifacts: dict[str, bytes] = {}
         for p in self.passes:
-            self.progress(f"{p.name}: rewriting")
-            t0 = time.perf_counter()
-            gm = current.module()
-            canonicalize(gm)
-            ctx = PassContext(program=current, calib_inputs=calib_inputs, progress=self.progress)
-            result = p.run(gm, ctx)
-            gm.graph.lint()
-            gm.recompile()
-            if result.changed:
-                self.progress(f"{p.name}: re-capturing")
-                try:
-                    current = current.recapture(gm)
-                except Exception as e:
-                    raise RewriterError(f"the program rewritten by '{p.name}' no longer exports: "
-                                        f"{str(e).strip().splitlines()[0][:300]}") from e
-                if not p.weight_only:
-                    current.meta["weight_only"] = False
-            if result.meta:
-                current = copy.copy(current)          # never touch the caller's program
-                current.meta = {**current.meta, **result.meta}
-            seconds = time.perf_counter() - t0
+            current, result, seconds = apply_pass(p, current, calib_inputs, self.progress)
             self.progress(f"{p.name}: verifying against the {reference_name} model")
             out = current.run(**calib_inputs)
             metrics = compare_outputs(reference, out, current.output_names, calib_inputs)

@@ -134,6 +134,8 @@ def probe_inputs(input_names: list[str], example: dict[str, torch.Tensor], L: in
             out[name] = torch.arange(L, device=ex.device)[None]
         elif name in ("input_ids", "token_type_ids"):
             out[name] = torch.zeros(1, L, dtype=ex.dtype, device=ex.device)
+        elif name == "inputs_embeds":    # one block of a streamed model takes hidden states
+            out[name] = torch.zeros(1, L, ex.shape[-1], dtype=ex.dtype, device=ex.device)
         else:
             out[name] = ex[:1]
     return out

@@ -5,23 +5,29 @@ from __future__ import annotations
 import torch
 
 
-def think_scores(q: torch.Tensor, k: torch.Tensor, token_mask: torch.Tensor | None = None) -> torch.Tensor:
+def think_scores(q: torch.Tensor, k: torch.Tensor, token_mask: torch.Tensor | None = None,
+                 reduce=None) -> torch.Tensor:
     """Per-KV-head channel scores (Hkv, D) from queries (B, H, Lq, D) and keys (B, Hkv, Lk, D).
 
-    token_mask (B, L) marks real tokens (queries and keys of self-attention over the same L); None: all real."""
+    token_mask (B, L) marks real tokens (queries and keys of self-attention over the same L); None: all real.
+    `reduce` (e.g. rewriter.distributed.all_reduce_sum) sums the per-channel sums and token counts over processes
+    that each hold a share of the calibration samples, before the means are taken."""
     B, H, Lq, D = q.shape
     Hkv, Lk = k.shape[1], k.shape[2]
     if H % Hkv:
         raise ValueError(f"query heads ({H}) must be a multiple of key heads ({Hkv})")
     q2, k2 = q.double() ** 2, k.double() ** 2
     if token_mask is None:
-        q_mean = q2.mean(dim=(0, 2))
-        k_mean = k2.mean(dim=(0, 2))
+        mq = torch.ones(B, 1, Lq, 1, dtype=torch.float64, device=q.device)
+        mk = torch.ones(B, 1, Lk, 1, dtype=torch.float64, device=k.device)
     else:
         mq = token_mask[:, -Lq:].double()[:, None, :, None]
         mk = token_mask[:, -Lk:].double()[:, None, :, None]
-        q_mean = (q2 * mq).sum(dim=(0, 2)) / mq.sum().clamp_min(1)
-        k_mean = (k2 * mk).sum(dim=(0, 2)) / mk.sum().clamp_min(1)
+    sums = [(q2 * mq).sum(dim=(0, 2)), mq.sum().reshape(1), (k2 * mk).sum(dim=(0, 2)), mk.sum().reshape(1)]
+    if reduce is not None:
+        sums = [reduce(t) for t in sums]
+    q_mean = sums[0] / sums[1].clamp_min(1)
+    k_mean = sums[2] / sums[3].clamp_min(1)
     per_query_head = q_mean * k_mean.repeat_interleave(H // Hkv, dim=0)        # (H, D)
     return per_query_head.view(Hkv, H // Hkv, D).mean(dim=1)
 

@@ -78,12 +78,12 @@ def test_rank_for_error_is_the_smallest_rank_meeting_the_target(method):
     # oracle: the error of each rank measured directly from its factors
     errors = [rel_output_error(X, W, *factor(r)) for r in range(1, 33)]
     for target in (0.6, 0.3, 0.1, 0.01):
-        r = rank_for_error(W, X, target, method=method)
+        r = rank_for_error(W, X.T @ X, target, method=method)
         assert errors[r - 1] <= target + 1e-9
         assert r == 1 or errors[r - 2] > target
-    assert rank_for_error(W, X, 0.0, method=method) == 32
+    assert rank_for_error(W, X.T @ X, 0.0, method=method) == 32
     with pytest.raises(ValueError, match="method"):
-        rank_for_error(W, X, 0.1, method="qr")
+        rank_for_error(W, X.T @ X, 0.1, method="qr")
 
 
 def test_whitened_svd_beats_plain_svd_on_correlated_activations():

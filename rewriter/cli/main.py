@@ -101,13 +101,21 @@ def optimize(
     json_out: bool = typer.Option(False, "--json", help="print report.json to stdout"),
     allow_unused: bool = typer.Option(False, "--allow-unused-weights",
                                       help="accept a checkpoint with tensors the model does not use"),
+    stream: bool = typer.Option(False, "--stream", help="layer by layer: one block's weights in memory at a time, "
+                                "output as sharded safetensors (checkpoints larger than memory; torchrun for GPUs)"),
+    resume: bool = typer.Option(False, "--resume", help="with --stream: continue an interrupted run of the same "
+                                "settings from its last finished block"),
+    device: Optional[str] = typer.Option(None, "--device", help="with --stream: where blocks are calibrated "
+                                         "[default: cuda:LOCAL_RANK if CUDA, else cpu]"),
 ):
     """Run passes on SRC, verify against the original, write OUT/ (model.pt2, report.json, recipe.yaml, hf/ when
-    weight-only)."""
+    weight-only; with --stream, sharded safetensors + blocks/*.pt2 + streamed.json)."""
     from ..api import optimize as run_optimize
     from ..api import Recipe, parse_pass_flag
     from ..api import render
-    steps = Steps(quiet=json_out)
+    import os
+    follower = int(os.environ.get("RANK", "0")) != 0     # torchrun: rank 0 speaks and writes
+    steps = Steps(quiet=json_out or follower)
     try:
         src = _default_src(src)
         rec = Recipe.from_file(recipe) if recipe else Recipe()
@@ -144,10 +152,13 @@ def optimize(
                               samples=int(cal["samples"]), seq_len=int(cal["seq_len"]), seed=int(cal["seed"]),
                               max_error=rec.max_error, export_onnx=export == "onnx", progress=steps,
                               allow_unused=allow_unused, max_error_name="--max-error",
-                              onnx_target=onnx_target, aoti_package=compile_ and not dry_run)
+                              onnx_target=onnx_target, aoti_package=compile_ and not dry_run,
+                              stream=stream, resume=resume, device=device)
         steps.close()
         if dry_run:   # planning passes have filled in their plans: the recipe replays them without analysis
             out.print(rec.to_yaml(), end="", highlight=False)
+            return
+        if follower:
             return
         if json_out:
             from ..api import dumps
@@ -436,13 +447,19 @@ def list_passes(json_out: bool = typer.Option(False, "--json")):
     from ..api import describe_fields
     from ..api import PASSES, get_pass
     get_pass("lora-merge")  # registers built-ins
-    info = {name: {"summary": cls.summary, "weight_only": cls.weight_only, "fields": describe_fields(cls.config_class)}
+    info = {name: {"summary": cls.summary, "weight_only": cls.weight_only,
+                   "streams": cls.streaming or True, "splits_calibration": cls.distributed or True,
+                   "fields": describe_fields(cls.config_class)}
             for name, cls in sorted(PASSES.items())}
     if json_out:
         print(json.dumps(info, indent=1, default=str))
         return
     for name, d in info.items():
         out.print(f"[bold]{name}[/bold]  {d['summary']}")
+        streams = "yes" if d["streams"] is True else f"no ({d['streams']})"
+        if d["streams"] is True and d["splits_calibration"] is not True:
+            streams += f"; one process only ({d['splits_calibration']})"
+        out.print(f"    layer by layer (--stream): {streams}", highlight=False)
         for f in d["fields"]:
             out.print(f"    {f['name']}: {f['type']} = {f['default']!r}  {f['help']}", highlight=False)
 

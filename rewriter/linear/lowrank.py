@@ -80,9 +80,11 @@ def _whitening(gram: Tensor, damp: float) -> Tensor:
         raise ValueError(f"gram must be square (in, in); got shape {tuple(gram.shape)}")
     if damp < 0:
         raise ValueError(f"damp must be >= 0; got {damp}")
-    g = 0.5 * (g + g.T)
+    g = g + g.T            # one (in, in) copy; the damping goes on its diagonal in place (no identity matrix)
+    g.mul_(0.5)
     shift = damp * g.diagonal().mean().clamp_min(torch.finfo(torch.float64).tiny)
-    L, info = torch.linalg.cholesky_ex(g + shift * torch.eye(g.shape[0], dtype=g.dtype, device=g.device))
+    g.diagonal().add_(shift)
+    L, info = torch.linalg.cholesky_ex(g)
     if info.item() != 0:
         raise ValueError(f"gram + damping is not positive definite (increase damp; got {damp})")
     return L
@@ -127,35 +129,37 @@ def asvd_factors(W: Tensor, act_absmean: Tensor, rank: int, alpha: float = 0.5) 
     return A.to(W.dtype), B.to(W.dtype)
 
 
-def rank_for_error(W: Tensor, X: Tensor, target_rel_error: float, method: str = "svd", damp: float = 1e-6) -> int:
-    """Smallest rank whose factorisation has ||X W^T - X (BA)^T||_F / ||X W^T||_F <= target on activations X.
+def rank_for_error(W: Tensor, gram: Tensor, target_rel_error: float, method: str = "svd", damp: float = 1e-6) -> int:
+    """Smallest rank whose factorisation has ||X W^T - X (BA)^T||_F / ||X W^T||_F <= target, from the activations'
+    gram = X^T X (in, in) alone (a sum over tokens: calibration split across processes adds up exactly).
 
-    method "svd" uses svd_factors, "whitened" uses whitened_svd_factors (gram = X^T X). Both truncations have the
-    form W_r = U_r S_r V_r^T T^{-1} (T = I or L), so with P = X T^{-T} V the error at rank r is exactly
-    sqrt(sum_{i >= r} S_i^2 ||P[:, i]||^2): one decomposition gives the error of every rank.
+    method "svd" uses svd_factors, "whitened" uses whitened_svd_factors. Both truncations have the form
+    W_r = U_r S_r V_r^T T^{-1} (T = I or L), so with P = X T^{-T} V the error at rank r is exactly
+    sqrt(sum_{i >= r} S_i^2 ||P[:, i]||^2), and ||P[:, i]||^2 = (V^T T^{-1} gram T^{-T} V)_ii: one decomposition gives
+    the error of every rank.
     """
     out_features, in_features = _check_weight(W)
-    if X.dim() != 2 or X.shape[1] != in_features:
-        raise ValueError(f"X must be (tokens, {in_features}); got shape {tuple(X.shape)}")
+    if gram.shape != (in_features, in_features):
+        raise ValueError(f"gram must be ({in_features}, {in_features}); got shape {tuple(gram.shape)}")
     if target_rel_error < 0:
         raise ValueError(f"target_rel_error must be >= 0; got {target_rel_error}")
-    Wd, Xd = W.to(torch.float64), X.to(torch.float64)
+    Wd, G = W.to(torch.float64), gram.to(torch.float64)
     if method == "svd":
         U, S, Vh = torch.linalg.svd(Wd, full_matrices=False)
-        P = Xd @ Vh.T
+        T_inv_T_V = Vh.T
     elif method == "whitened":
-        L = _whitening(Xd.T @ Xd, damp)
+        L = _whitening(G, damp)
         U, S, Vh = torch.linalg.svd(Wd @ L, full_matrices=False)
-        P = torch.linalg.solve_triangular(L.T, Vh.T, upper=True, left=True)  # L^{-T} V
-        P = Xd @ P
+        T_inv_T_V = torch.linalg.solve_triangular(L.T, Vh.T, upper=True, left=True)  # L^{-T} V
     else:
         raise ValueError(f"method must be 'svd' or 'whitened'; got {method!r}")
-    per_component = S.square() * P.square().sum(0)
+    p_norms = ((G @ T_inv_T_V) * T_inv_T_V).sum(0)                  # ||X T^{-T} v_i||^2
+    per_component = S.square() * p_norms
     # tail[r] = error^2 when components r, r+1, ... are dropped
     tail = per_component.flip(0).cumsum(0).flip(0)
     tail = torch.cat([tail, tail.new_zeros(1)])
-    reference = (Xd @ Wd.T).square().sum().clamp_min(torch.finfo(torch.float64).tiny)
-    rel = (tail / reference).sqrt()
+    reference = ((Wd @ G) * Wd).sum().clamp_min(torch.finfo(torch.float64).tiny)   # ||X W^T||^2
+    rel = (tail / reference).clamp_min(0).sqrt()
     ok = torch.nonzero(rel[1:] <= target_rel_error).flatten()
     return int(ok[0].item()) + 1 if ok.numel() else S.numel()
 

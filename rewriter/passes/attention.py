@@ -184,9 +184,14 @@ class ExactAttentionPass(AttentionPass):
 def _pass_for(method: AttentionMethod) -> type[AttentionPass]:
     cls_name = "".join(part.capitalize() for part in method.name.split("-")) + "Pass"
     base = ExactAttentionPass if method.name == "exact-attention" else AttentionPass
+    # a method's rewrite of a site needs nothing but that site: it streams; a learned one fits on the samples it is
+    # given, so processes holding different samples would learn different tensors
+    distributed = (f"{method.name} fits its tensors on the calibration samples, so processes holding different "
+                   "samples would learn different ones" if method.fit is not None else "")
     return register_pass(type(cls_name, (base,), {
         "name": method.name, "config_class": method.config, "method": method, "summary": method.summary,
-        "op_name": method.op_name.split("::")[1], "__doc__": method.summary}))
+        "op_name": method.op_name.split("::")[1], "__doc__": method.summary, "streaming": "",
+        "distributed": distributed}))
 
 
 ATTENTION_PASSES = {name: _pass_for(m) for name, m in METHODS.items()}

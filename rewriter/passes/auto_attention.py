@@ -139,6 +139,15 @@ class AutoAttention(Pass):
     config_class = AutoAttentionConfig
     plans = True   # --dry-run runs the analysis so the printed recipe holds the plan
     summary = "per-head choice of attention method and budget under a FLOPs or error target"
+    streaming = ""   # with a density target: each block is planned (and meets the target) on its own
+    distributed = "its per-head errors are measured on the samples each process holds and not summed across them"
+
+    def stream_refusal(self) -> str:
+        cfg: AutoAttentionConfig = self.config
+        if not cfg.plan and (cfg.max_error or cfg.min_cosine):
+            return ("its max_error / min_cosine target is measured on the whole model's output; layer by layer, give "
+                    "a density target (every block meets it) or a plan")
+        return ""
 
     def run(self, gm, ctx) -> PassResult:
         cfg: AutoAttentionConfig = self.config

@@ -26,6 +26,7 @@ from dataclasses import dataclass, field
 
 
 from ..config import PassConfig
+from ..distributed import all_reduce_sum
 from ..graph import add_tensor, erase_dead, gather_channels, key_mask_value, record_node_inputs, set_attention_qk
 from ..pipeline import Pass, PassResult, SiteChange, register_pass
 from ..sites import select
@@ -55,6 +56,7 @@ class ThinkConfig(PassConfig):
 class ThinkPass(Pass):
     name = "think"
     config_class = ThinkConfig
+    streaming = ""     # per-site channel scores from sums over real tokens
     summary = "ThinK: prune the least query-relevant key channels (static: calibrated; dynamic: per prompt at " \
               "prefill); the decode cache keeps only the rest"
 
@@ -77,7 +79,7 @@ class ThinkPass(Pass):
             km = key_mask_value(mask, q.shape[0])
             if km is None and "attention_mask" in ctx.calib_inputs:
                 km = ctx.calib_inputs["attention_mask"].bool()
-            kept = kept_channels(think_scores(q, k, km), self.config.ratio)     # (Hk, kept)
+            kept = kept_channels(think_scores(q, k, km, reduce=all_reduce_sum), self.config.ratio)     # (Hk, kept)
             node = nodes[site.node]
             group = q.shape[1] // k.shape[1]
             base = f"think_{site.node}"
@@ -131,6 +133,7 @@ class KVWindowConfig(PassConfig):
 class KVWindowPass(Pass):
     name = "kv-window"
     decode_only = True
+    streaming = ""
     config_class = KVWindowConfig
     weight_only = True
     summary = "StreamingLLM: the decode cache keeps `sinks` first + `window` most recent tokens (decode only)"

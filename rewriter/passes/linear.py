@@ -76,6 +76,49 @@ def _activations(x: torch.Tensor, site: LinearSite, mask: torch.Tensor | None) -
     return x.reshape(-1, site.in_features).double()
 
 
+@dataclass
+class LinearStats:
+    """What a linear pass knows of a site's calibration inputs X (tokens, in): sums over tokens, so calibration split
+    across processes (rewriter.distributed) adds up to the one-process statistics exactly."""
+    gram: torch.Tensor       # X^T X, (in, in) float64
+    abs_sum: torch.Tensor    # sum |X| per input channel, (in,)
+    tokens: int
+
+    @classmethod
+    def of(cls, X: torch.Tensor) -> "LinearStats":
+        from ..distributed import all_reduce_sum
+        gram = all_reduce_sum(X.T @ X)
+        abs_sum = all_reduce_sum(X.abs().sum(0))
+        tokens = int(all_reduce_sum(torch.tensor([X.shape[0]], dtype=torch.float64, device=X.device)).item())
+        return cls(gram, abs_sum, tokens)
+
+    @property
+    def abs_mean(self) -> torch.Tensor:
+        return self.abs_sum / max(self.tokens, 1)
+
+    def output_rel_error(self, W: torch.Tensor, W_new: torch.Tensor) -> float:
+        """||X W_new^T - X W^T||_F / ||X W^T||_F, from the gram."""
+        G, Wd = self.gram, W.double()
+        D = W_new.double() - Wd
+        err = ((D @ G) * D).sum().clamp_min(0)
+        ref = ((Wd @ G) * Wd).sum().clamp_min(torch.finfo(torch.float64).tiny)
+        return float((err / ref).sqrt())
+
+
+def _effective_weight(module: nn.Module, bias: torch.Tensor | None, in_features: int, device) -> torch.Tensor:
+    """The (out, in) float64 matrix a replacement module applies: from its factors, or its outputs on the identity
+    with the bias removed."""
+    if isinstance(module, LowRankLinear):
+        return module.B.double() @ module.A.double()
+    if isinstance(module, SparseLowRankLinear):
+        W = module.B.double() @ module.A.double()
+        W[module.rows.long(), module.cols.long()] += module.vals.double()
+        return W
+    eye = torch.eye(in_features, dtype=torch.float64, device=device)
+    out = module.double()(eye) - (bias.double() if bias is not None else 0)
+    return out.T
+
+
 def _install(gm: fx.GraphModule, node: fx.Node, site: LinearSite, module: nn.Module, suffix: str) -> None:
     """Put `module` in place of the linear node, under the site's own module path (so reports keep layer names)."""
     target = f"{WRAPPER_PREFIX}{site.module_path}.{suffix}"
@@ -91,8 +134,9 @@ def _install(gm: fx.GraphModule, node: fx.Node, site: LinearSite, module: nn.Mod
 class LinearPass(Pass):
     """Shared mechanics: select sites, record calibration activations, rewrite each, measure."""
     needs_activations: ClassVar[bool] = True
+    streaming = ""     # per-site statistics are sums over tokens (LinearStats)
 
-    def rewrite(self, W: torch.Tensor, bias: torch.Tensor | None, X: torch.Tensor | None, site: LinearSite
+    def rewrite(self, W: torch.Tensor, bias: torch.Tensor | None, stats: LinearStats, site: LinearSite
                 ) -> tuple[nn.Module, dict] | None:
         """Return (replacement module, details) or None to leave the site alone (with details['skipped'])."""
         raise NotImplementedError
@@ -111,18 +155,18 @@ class LinearPass(Pass):
         for i, site in enumerate(sites):
             ctx.progress(f"{self.name}: {site.module_path} ({i + 1}/{len(sites)})")
             args, _ = recorded[site.node]
-            X = _activations(args[1] if site.transposed else args[0], site, mask)
+            stats = LinearStats.of(_activations(args[1] if site.transposed else args[0], site, mask))
+            del recorded[site.node]
             W = site.weight_matrix(gm).detach()
             bias = get_attr_tensor(gm, site.bias).detach() if site.bias else None
-            out = self.rewrite(W, bias, X, site)
+            out = self.rewrite(W, bias, stats, site)
             if out is None:
                 skipped += 1
                 continue
             module, details = out
-            y_ref = X @ W.double().T
-            y_new = module.double()(X) - (bias.double() if bias is not None else 0)
+            details["output_rel_error"] = stats.output_rel_error(
+                W, _effective_weight(module, bias, site.in_features, W.device))
             module.to(W.dtype)
-            details["output_rel_error"] = float((y_new - y_ref).norm() / y_ref.norm().clamp_min(1e-30))
             _install(gm, nodes[site.node], site, module, self.name.replace("-", "_"))
             result.changes.append(SiteChange(site.module_path, "linear", details))
         erase_dead(gm)
@@ -140,7 +184,7 @@ class LinearPass(Pass):
         return result
 
 
-def _rank(cfg, W: torch.Tensor, X: torch.Tensor) -> int:
+def _rank(cfg, W: torch.Tensor, stats: LinearStats) -> int:
     out_f, in_f = W.shape
     if cfg.rank > 0:
         return min(cfg.rank, out_f, in_f)
@@ -148,7 +192,7 @@ def _rank(cfg, W: torch.Tensor, X: torch.Tensor) -> int:
         return lr.rank_for_energy(torch.linalg.svdvals(W.double()), cfg.energy)
     if cfg.error > 0:
         method = "whitened" if getattr(cfg, "method", "svd") != "svd" else "svd"
-        return lr.rank_for_error(W.double(), X, cfg.error, method=method)
+        return lr.rank_for_error(W.double(), stats.gram, cfg.error, method=method)
     return lr.rank_for_ratio(out_f, in_f, cfg.ratio)
 
 
@@ -176,16 +220,16 @@ class LowRank(LinearPass):
     config_class = LowRankConfig
     summary = "factorise linears as two thin linears (SVD, SVD-LLM whitened, or ASVD)"
 
-    def rewrite(self, W, bias, X, site):
+    def rewrite(self, W, bias, stats, site):
         cfg: LowRankConfig = self.config
         out_f, in_f = W.shape
-        r = _rank(cfg, W, X)
+        r = _rank(cfg, W, stats)
         if r * (out_f + in_f) >= out_f * in_f:
             return None
         if cfg.method == "whitened":
-            A, B = lr.whitened_svd_factors(W.double(), X.T @ X, r)
+            A, B = lr.whitened_svd_factors(W.double(), stats.gram, r)
         elif cfg.method == "asvd":
-            A, B = lr.asvd_factors(W.double(), X.abs().mean(0), r, cfg.asvd_alpha)
+            A, B = lr.asvd_factors(W.double(), stats.abs_mean, r, cfg.asvd_alpha)
         else:
             A, B = lr.svd_factors(W.double(), r)
         nb = bias.numel() if bias is not None else 0
@@ -217,7 +261,7 @@ class SparseLowRank(LinearPass):
     config_class = SparseLowRankConfig
     summary = "W ~ U V + S: low-rank plus the largest residual entries, stored as COO"
 
-    def rewrite(self, W, bias, X, site):
+    def rewrite(self, W, bias, stats, site):
         cfg: SparseLowRankConfig = self.config
         out_f, in_f = W.shape
         r = min(cfg.rank, out_f, in_f) if cfg.rank > 0 else lr.rank_for_ratio(out_f, in_f, cfg.ratio)
@@ -249,7 +293,7 @@ class Binarize(LinearPass):
     config_class = BinarizeConfig
     summary = "BiPFT-style alpha * sign(W - mu) + mu with 1-bit packed signs, optional low-rank residual"
 
-    def rewrite(self, W, bias, X, site):
+    def rewrite(self, W, bias, stats, site):
         cfg: BinarizeConfig = self.config
         out_f, in_f = W.shape
         r = cfg.residual_rank

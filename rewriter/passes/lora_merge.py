@@ -365,6 +365,7 @@ class LoraMerge(Pass):
     config_class = LoraMergeConfig
     weight_only = True
     intended_change = True     # the adapter's change is the point: the error budget measures later passes only
+    streaming = "its adapters are read and re-baselined for the whole model at once (not yet per block)"
     summary = ("merge LoRA adapters into the base weights: PEFT's LoRA, rsLoRA, DoRA, RandLoRA; Hydra, Block-LoRA, "
                "MoLE (frozen gates), SoRA; several at once")
 

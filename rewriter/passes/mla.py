@@ -235,6 +235,7 @@ def _program_inv_freq(program, head_dim: int) -> torch.Tensor:
 class MLAPass(Pass):
     name = "mla"
     config_class = MLAConfig
+    streaming = "its latent bases and decode bundle are built for the whole model at once (not yet per block)"
     summary = "GQA/MHA -> multi-head latent attention (TransMLA, no fine-tuning): K and V from one PCA latent per " \
               "layer; the decode cache stores the latent"
 

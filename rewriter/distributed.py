@@ -1,0 +1,78 @@
+"""torch.distributed for calibration: samples split across ranks, statistics summed across them.
+
+Nothing here launches processes or moves bytes itself: `torchrun --nproc-per-node N -m rewriter optimize ...` starts
+the ranks and sets RANK / WORLD_SIZE / MASTER_ADDR; `init()` joins the process group (NCCL on GPUs, gloo on CPUs).
+Outside a process group every function is the one-process identity, so passes call them unconditionally.
+"""
+from __future__ import annotations
+
+import os
+
+import torch
+import torch.distributed as dist
+
+
+def launched() -> bool:
+    """True when a launcher (torchrun) started this process as one of several ranks."""
+    return int(os.environ.get("WORLD_SIZE", "1")) > 1
+
+
+def init(device: str | torch.device | None = None) -> None:
+    """Join the process group torchrun describes (once); NCCL when the calibration device is CUDA, gloo otherwise."""
+    if not launched() or dist.is_initialized():
+        return
+    cuda = torch.device(device).type == "cuda" if device is not None else torch.cuda.is_available()
+    if cuda:
+        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
+    dist.init_process_group(backend="nccl" if cuda else "gloo")
+
+
+def active() -> bool:
+    return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
+
+
+def rank() -> int:
+    return dist.get_rank() if active() else 0
+
+
+def world_size() -> int:
+    return dist.get_world_size() if active() else 1
+
+
+def share(n: int, r: int | None = None, world: int | None = None) -> range:
+    """The contiguous slice of n samples rank r calibrates on (sizes differ by at most one)."""
+    r, world = rank() if r is None else r, world_size() if world is None else world
+    base, extra = divmod(n, world)
+    start = r * base + min(r, extra)
+    return range(start, start + base + (1 if r < extra else 0))
+
+
+def all_reduce_sum(t: torch.Tensor) -> torch.Tensor:
+    """The sum of `t` over ranks (in place on a copy; float64 sums stay float64). Identity in one process."""
+    if not active():
+        return t
+    t = t.clone()
+    dist.all_reduce(t, op=dist.ReduceOp.SUM)
+    return t
+
+
+def all_reduce_max(t: torch.Tensor) -> torch.Tensor:
+    if not active():
+        return t
+    t = t.clone()
+    dist.all_reduce(t, op=dist.ReduceOp.MAX)
+    return t
+
+
+def barrier() -> None:
+    if active():
+        dist.barrier()
+
+
+def broadcast_object(obj):
+    """Rank 0's value of a picklable object on every rank."""
+    if not active():
+        return obj
+    box = [obj]
+    dist.broadcast_object_list(box, src=0)
+    return box[0]

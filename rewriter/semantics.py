@@ -156,6 +156,7 @@ def probe_sites(gm: fx.GraphModule, input_names: list[str], example: dict[str, t
         note = f"mask probe failed: {type(e).__name__}: {str(e).splitlines()[0][:160] if str(e) else ''}"
         return {n.name: MaskSemantics(False, representable=False, note=note, probe_length=L) for n in sites}
     by_mask = {}
+    values = [v.cpu() if isinstance(v, torch.Tensor) else v for v in values]   # read on the CPU, wherever computed
     for m, v in zip(masks, values):
         by_mask[m] = read_pattern(v) if isinstance(v, torch.Tensor) and v.dim() == 4 and v.shape[-1] == v.shape[-2] \
             else MaskSemantics(False, representable=False, note="the mask is not a (B, H, L, L) tensor", probe_length=L)

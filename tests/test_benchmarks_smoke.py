@@ -43,3 +43,12 @@ def test_prefill_benchmark_tiny(tmp_path):
     assert all(r["ms"] > 0 and r["L"] == 64 for r in recs.values())
     assert recs[("transformers", "hf")]["speedup"] == 1.0
     assert d["builds"]["window"]["calibration_metrics"]["cosine"] > 0.5
+
+
+def test_stream_benchmark_tiny(tmp_path):
+    d = run_benchmark("stream_8b.py", tmp_path / "stream.json", "--workdir", str(tmp_path / "work"))
+    assert d["complete"] and d["blocks_done"] == d["blocks_total"] == 3
+    assert d["peak_host_bytes"] > 0 and d["checkpoint_bytes"] > 0 and d["estimated_seconds_all_blocks"] > 0
+    assert d["sites_changed"]["lowrank"] == 21 and d["sites_changed"]["think"] == 3
+    assert d["params_before_after"][1] < d["params_before_after"][0]
+    assert d["estimate_70b"]["blocks"] == 80 and d["estimate_70b"]["seconds_high"] > d["estimate_70b"]["seconds_low"]

@@ -56,7 +56,7 @@ def _valid_rows(rec: SiteRecord) -> torch.Tensor:
     """(B, Lq) bool: query rows that are real tokens (bidirectional padding rows carry nothing)."""
     B, Lq = rec.q.shape[0], rec.q.shape[2]
     if rec.key_mask is None or rec.q.shape[2] != rec.k.shape[2]:
-        return torch.ones(B, Lq, dtype=torch.bool)
+        return torch.ones(B, Lq, dtype=torch.bool, device=rec.q.device)
     return rec.key_mask.bool()
 
 
@@ -77,8 +77,8 @@ def head_statistics(rec: SiteRecord) -> list[dict]:
     mean = finite.sum(-1) / n_keys
     std = (((finite - mean[..., None]) ** 2) * allowed).sum(-1).div(n_keys).sqrt()
     sorted_p = p.sort(dim=-1, descending=True).values.cumsum(-1)
-    i = torch.arange(L)[:, None] + (Lk - L)
-    j = torch.arange(Lk)[None, :]
+    i = torch.arange(L, device=p.device)[:, None] + (Lk - L)
+    j = torch.arange(Lk, device=p.device)[None, :]
 
     def row_mean(x):   # (B, H, L) -> (H,) over real rows
         x = torch.where(rows, x, torch.zeros_like(x))

@@ -13,8 +13,9 @@ import torch.distributed as dist
 
 
 def launched() -> bool:
-    """True when a launcher (torchrun) started this process as one of several ranks."""
-    return int(os.environ.get("WORLD_SIZE", "1")) > 1
+    """True when a launcher (torchrun) started this process as a rank (also a group of one: the same code path,
+    NCCL or gloo included, runs with one process)."""
+    return "WORLD_SIZE" in os.environ and "RANK" in os.environ and "MASTER_ADDR" in os.environ
 
 
 def init(device: str | torch.device | None = None) -> None:
@@ -28,7 +29,8 @@ def init(device: str | torch.device | None = None) -> None:
 
 
 def active() -> bool:
-    return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
+    """A process group is up (reductions go through it, even with one rank)."""
+    return dist.is_available() and dist.is_initialized()
 
 
 def rank() -> int:
@@ -47,21 +49,23 @@ def share(n: int, r: int | None = None, world: int | None = None) -> range:
     return range(start, start + base + (1 if r < extra else 0))
 
 
-def all_reduce_sum(t: torch.Tensor) -> torch.Tensor:
-    """The sum of `t` over ranks (in place on a copy; float64 sums stay float64). Identity in one process."""
+def _reduce(t: torch.Tensor, op) -> torch.Tensor:
     if not active():
         return t
-    t = t.clone()
-    dist.all_reduce(t, op=dist.ReduceOp.SUM)
-    return t
+    # NCCL reduces CUDA tensors only: a CPU value (a byte count) travels through this rank's GPU and back
+    where = torch.device("cuda", torch.cuda.current_device()) if dist.get_backend() == "nccl" else t.device
+    out = t.to(where, copy=True)
+    dist.all_reduce(out, op=op)
+    return out.to(t.device)
+
+
+def all_reduce_sum(t: torch.Tensor) -> torch.Tensor:
+    """The sum of `t` over ranks (on a copy; float64 sums stay float64). Identity without a process group."""
+    return _reduce(t, dist.ReduceOp.SUM)
 
 
 def all_reduce_max(t: torch.Tensor) -> torch.Tensor:
-    if not active():
-        return t
-    t = t.clone()
-    dist.all_reduce(t, op=dist.ReduceOp.MAX)
-    return t
+    return _reduce(t, dist.ReduceOp.MAX)
 
 
 def barrier() -> None:

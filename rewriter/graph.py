@@ -305,8 +305,9 @@ def head_group_inputs(gm: fx.GraphModule, name: str, q: fx.Node, k: fx.Node, v: 
 
 
 def index_buffer(gm: fx.GraphModule, name: str, values: list[int]) -> str:
-    """Register a persistent long buffer `name` holding `values`; returns its name."""
-    gm.register_buffer(name, torch.tensor(values, dtype=torch.long), persistent=True)
+    """Register a persistent long buffer `name` holding `values`, on the device of gm's weights; returns its name."""
+    device = next((t.device for t in gm.parameters()), None) or next((t.device for t in gm.buffers()), "cpu")
+    gm.register_buffer(name, torch.tensor(values, dtype=torch.long, device=device), persistent=True)
     return name
 
 

@@ -559,6 +559,9 @@ def optimize_streamed(src: str | Path, passes: list[Pass], *, out: str | Path | 
         report["peak_device_bytes"] = int(dist.all_reduce_max(
             torch.tensor([torch.cuda.max_memory_allocated(dev)], device=dev))[0])
     report["seconds"] = round(time.perf_counter() - t_start, 3)
+    if dist.active():
+        import torch.distributed as tdist
+        report["calibration"]["backend"] = tdist.get_backend()
     for entry in report["passes"]:
         m = entry["metrics"]
         if m.get("non_finite"):

@@ -145,6 +145,15 @@ def is_rewriter_output(path: Path) -> bool:
     return path.is_dir() and (path / "model.pt2").exists() and (path / "rewriter.json").exists()
 
 
+def read_config(folder: Path):
+    """config.json through transformers' AutoConfig (no remote code), one-line error."""
+    import transformers
+    try:
+        return transformers.AutoConfig.from_pretrained(str(folder))
+    except Exception as e:
+        raise RewriterError(f"cannot read {Path(folder) / 'config.json'}: {str(e).splitlines()[0]}") from None
+
+
 def load_hf(folder: str | Path, attn_implementation: str | None = None, dtype: torch.dtype = torch.float32,
             allow_unused: bool = False) -> LoadedModel:
     """Load an HF folder with the transformers class named by config.json's `architectures`."""
@@ -156,10 +165,7 @@ def load_hf(folder: str | Path, attn_implementation: str | None = None, dtype: t
     if not is_hf_folder(folder):
         raise RewriterError(f"{folder} is not a model folder (no config.json)",
                             "pass an HF model folder, a PEFT adapter with --adapter, or a rewriter output")
-    try:
-        config = transformers.AutoConfig.from_pretrained(str(folder))
-    except Exception as e:
-        raise RewriterError(f"cannot read {folder / 'config.json'}: {str(e).splitlines()[0]}") from None
+    config = read_config(folder)
     files = _weight_files(folder)
     if not files:
         if any((folder / f).exists() for f in PICKLE_WEIGHTS):
@@ -313,6 +319,9 @@ def load(src: str | Path | nn.Module, attn_implementation: str | None = None, al
         if path.suffix in (".safetensors",):
             raise RewriterError(f"{path} is a bare weights file with no config", "pass the HF model folder it belongs to")
         return load_file_checkpoint(path)  # always raises
+    if (path / "streamed.json").is_file():   # its shards hold rewritten tensors transformers' classes would misread
+        raise RewriterError(f"{path} is a streamed output (optimize --stream): it runs block by block",
+                            f"in Python: rewriter.stream.load_streamed({str(path)!r})")
     if is_adapter_folder(path) and not is_hf_folder(path):
         base = read_adapter_config(path).get("base_model_name_or_path")
         hint = f"e.g. rewriter optimize {base} --adapter {path}" if base else "pass the base model folder as SRC"

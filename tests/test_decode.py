@@ -156,3 +156,16 @@ def test_generate_refuses_outputs_it_cannot_decode(tiny_folders, tmp_path):
         generate(tmp_path / "llama", prompt_ids=[1, 2], max_new_tokens=2, passes=[make_pass("think", {})])
     dyn = KVPolicy(sinks=1, window=3, think_dynamic=ThinkDynamic(0.25, 7))
     assert KVPolicy.from_json(dyn.to_json()) == dyn
+
+
+def test_decoder_refuses_a_context_past_the_models_sliding_window():
+    """The decode cache attends every cached token: a Mistral window of 16 is honoured by refusing longer caches
+    (a silent full attention would attend further back than the model was trained to)."""
+    import transformers as tf
+    from rewriter.decode.decoder import build_decoder
+    cfg = tf.MistralConfig(hidden_size=64, num_hidden_layers=1, num_attention_heads=4, num_key_value_heads=2,
+                           intermediate_size=128, vocab_size=100, sliding_window=16, max_position_embeddings=128)
+    model = tf.MistralForCausalLM(cfg)
+    with pytest.raises(ValueError, match="last 16 tokens"):
+        build_decoder(model, max_len=64)
+    assert build_decoder(model, max_len=16) is not None

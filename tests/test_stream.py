@@ -74,6 +74,12 @@ def test_streamed_equals_the_whole_model_path(runs):
     index = json.loads((tmp / "streamed" / "model.safetensors.index.json").read_text())
     assert set(index["weight_map"]) == set(_tensors(tmp / "streamed"))
     assert not staging_dir(tmp / "streamed").exists()
+    description = json.loads((tmp / "streamed" / "streamed.json").read_text())
+    assert sorted(description["meta"]["think_key_channels"]) == ["0", "1"]    # every block's channels
+    # the shards are not the model's own tensors: loading the folder as an HF model is refused, not misread
+    from rewriter.api import load_program
+    with pytest.raises(RewriterError, match="streamed output"):
+        load_program(tmp / "streamed")
 
 
 class Interrupt(Exception):

@@ -58,6 +58,27 @@ def _umask() -> int:
     return mask
 
 
+def move_into_place(tmp: Path, out: Path, force: bool, srcs: Iterable = ()) -> None:
+    """A complete staging folder becomes `out` (symlinks resolved): renamed in, a previous output (checked again:
+    still empty or a rewriter output) moved aside first and removed after; on failure the previous output returns."""
+    from ..safety import resolve
+    os.chmod(tmp, 0o777 & ~_umask())   # mkdtemp makes 0700; the output gets the user's normal mode
+    real = resolve(out)
+    real.parent.mkdir(parents=True, exist_ok=True)
+    if real.exists():
+        check_output_dir(real, force, srcs)
+        old = real.with_name(f".{real.name}.old-{os.getpid()}-{tmp.name[-8:]}")
+        real.rename(old)
+        try:
+            tmp.rename(real)
+        except BaseException:
+            old.rename(real)
+            raise
+        shutil.rmtree(old, ignore_errors=True)
+    else:
+        tmp.rename(real)
+
+
 @contextmanager
 def staged_output(out: Path, force: bool, srcs: Iterable = ()) -> Iterator[Path]:
     """Yield a temp folder; on success it replaces `out` (symlinks resolved), on any error or signal it is removed.
@@ -72,20 +93,7 @@ def staged_output(out: Path, force: bool, srcs: Iterable = ()) -> Iterator[Path]
         raise RewriterError(f"cannot write to {anchor}: {e.strerror}") from None
     try:
         yield tmp
-        os.chmod(tmp, 0o777 & ~_umask())   # mkdtemp makes 0700; the output gets the user's normal mode
-        real.parent.mkdir(parents=True, exist_ok=True)
-        if real.exists():
-            check_output_dir(real, force, srcs)   # still empty or a previous output
-            old = real.with_name(f".{real.name}.old-{tmp.name[-8:]}")
-            real.rename(old)
-            try:
-                tmp.rename(real)
-            except BaseException:
-                old.rename(real)
-                raise
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            tmp.rename(real)
+        move_into_place(tmp, out, force, srcs)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise

@@ -55,6 +55,16 @@ from .policy import KVPolicy
 DECODER_TYPES = ("llama", "mistral", "qwen2", "gpt2")
 
 
+def model_window(config: Any) -> int | None:
+    """The model's own sliding window (Mistral; Qwen2 with use_sliding_window), or None."""
+    window = getattr(config, "sliding_window", None)
+    if not isinstance(window, int) or window <= 0:
+        return None
+    if getattr(config, "model_type", "") == "qwen2" and not getattr(config, "use_sliding_window", False):
+        return None
+    return window
+
+
 def decoder_dims(config: Any) -> dict:
     """layers, kv heads, head dim of an HF decoder config."""
     model_type = getattr(config, "model_type", "")
@@ -305,6 +315,11 @@ def build_decoder(model: nn.Module, *, max_len: int = 256, policy: KVPolicy | No
         expect = (dims["layers"], dims["kv_heads"])
         if kc.dim() != 3 or tuple(kc.shape[:2]) != expect:
             raise ValueError(f"key_channels must be (layers, kv_heads, kept) = {expect} + (kept,); got {tuple(kc.shape)}")
+    window = model_window(config)
+    if window is not None and max_len > window:
+        raise ValueError(f"this {config.model_type} model attends only its last {window} tokens (sliding window), "
+                         f"which the decode cache does not apply yet: contexts up to {window} tokens decode exactly; "
+                         f"max_len {max_len} would attend further back than the model was trained to")
     model = model.eval()
     dtype = next(model.parameters()).dtype
     device = next(model.parameters()).device

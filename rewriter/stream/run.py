@@ -41,7 +41,7 @@ from .. import distributed as dist
 from ..errors import RewriterError
 from ..pipeline import Pass, apply_pass
 from ..program import WRAPPER_PREFIX, Program, export
-from .io import INDEX, LazyCheckpoint, TensorInfo, shard_name, write_shard
+from .io import INDEX, LazyCheckpoint, shard_name, write_shard
 
 STREAM_TYPES = ("llama", "mistral", "qwen2", "qwen3")     # base model: embed_tokens, layers, norm, rotary_emb
 DESCRIPTION = "streamed.json"
@@ -121,14 +121,11 @@ class Skeleton:
     def __init__(self, folder: Path, device: torch.device, dtype: torch.dtype):
         import transformers
         from ..capture import _causal_modules, max_positions
-        from ..load import is_hf_folder
+        from ..load import is_hf_folder, read_config
         if not is_hf_folder(folder):
             raise RewriterError(f"{folder} is not an HF model folder (no config.json)",
                                 "streaming reads an HF folder with safetensors weights")
-        try:
-            config = transformers.AutoConfig.from_pretrained(str(folder))
-        except Exception as e:
-            raise RewriterError(f"cannot read {folder / 'config.json'}: {str(e).splitlines()[0]}") from None
+        config = read_config(folder)
         model_type = getattr(config, "model_type", "")
         if model_type not in STREAM_TYPES:
             raise RewriterError(f"--stream runs decoder stacks of {', '.join(STREAM_TYPES)}; {folder} is a "
@@ -144,6 +141,7 @@ class Skeleton:
         self.causal_modules = _causal_modules(model)
         self.rotary = type(self.base.rotary_emb)(config=config).to(device)
         self.base.rotary_emb = self.rotary
+        self.norm_meta = self.base.norm            # the final norm runs after the blocks, outside their programs
         self.base.embed_tokens = nn.Identity()
         self.base.norm = nn.Identity()
         self.layers = list(self.base.layers)
@@ -190,16 +188,9 @@ class Skeleton:
         return canonical_program(program, self.max_positions)
 
     def norm(self, ckpt: LazyCheckpoint) -> nn.Module:
-        norm = copy.deepcopy(self.model.model.__class__.__dict__.get("_norm_template", None) or self._norm_meta)
-        norm = norm.to_empty(device=self.device)
+        norm = copy.deepcopy(self.norm_meta).to_empty(device=self.device)
         norm.load_state_dict(ckpt.block("model.norm.", self.dtype, self.device), assign=True)
         return norm.eval()
-
-    @property
-    def _norm_meta(self) -> nn.Module:
-        import transformers
-        with torch.device("meta"):
-            return transformers.AutoModelForCausalLM.from_config(self.config).model.norm
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -293,11 +284,18 @@ def staging_dir(out: Path) -> Path:
 
 
 def _merge_meta(into: dict, meta: dict) -> None:
+    """A block's program meta into the run's: per-layer tables (think's channels) gather every block's layers, a
+    policy's `layers` list (think dynamic) becomes the union; anything else is the same for every block."""
     for k, v in meta.items():
-        if isinstance(v, dict) and isinstance(into.get(k), dict):
-            into[k] = {**into[k], **v}
-        elif isinstance(v, dict) and "layers" in v and isinstance(into.get(k), dict):
-            into[k] = v
+        old = into.get(k)
+        if isinstance(v, dict) and isinstance(old, dict):
+            merged = dict(old)
+            for kk, vv in v.items():
+                if kk == "layers" and isinstance(vv, list) and isinstance(merged.get(kk), list):
+                    merged[kk] = sorted(set(merged[kk]) | set(vv))
+                else:
+                    merged[kk] = vv
+            into[k] = merged
         else:
             into[k] = v
 
@@ -520,7 +518,6 @@ def optimize_streamed(src: str | Path, passes: list[Pass], *, out: str | Path | 
     output = "logits"
     max_error_default = None
     if max_error is None and passes and all(p.is_exact() for p in passes):
-        from ..pipeline import exact_tolerance
         max_error = 2e-2 if dtype in (torch.float16, torch.bfloat16) else 1e-4
         max_error_default = "every pass is documented as exact, so the run stops if the output moves"
     report: dict = {"source": str(src), "model_class": type(sk.model).__name__, "streamed": True,
@@ -709,20 +706,5 @@ def _finish(stage: Path, out: Path, sk: Skeleton, ckpt: LazyCheckpoint, report: 
     written = sorted(p.name for p in stage.iterdir()) + ["report.json"]
     report["outputs"] = [str(out / w) for w in written]
     write_json(report, stage / "report.json")
-    from ..backends.torch_backend import _umask, check_output_dir
-    from ..safety import resolve
-    os.chmod(stage, 0o777 & ~_umask())
-    real = resolve(out)
-    real.parent.mkdir(parents=True, exist_ok=True)
-    if real.exists():
-        check_output_dir(real, force, [src])
-        old = real.with_name(f".{real.name}.old-{os.getpid()}")
-        real.rename(old)
-        try:
-            stage.rename(real)
-        except BaseException:
-            old.rename(real)
-            raise
-        shutil.rmtree(old, ignore_errors=True)
-    else:
-        stage.rename(real)
+    from ..backends.torch_backend import move_into_place
+    move_into_place(stage, out, force, [src])

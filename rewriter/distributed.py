@@ -73,10 +73,16 @@ def barrier() -> None:
         dist.barrier()
 
 
-def broadcast_object(obj):
-    """Rank 0's value of a picklable object on every rank."""
+def broadcast_object(obj, src: int = 0):
+    """Rank `src`'s value of a picklable object on every rank (tensors in it: give them on the CPU, since a CUDA
+    tensor would be unpickled on the sender's device index)."""
     if not active():
         return obj
     box = [obj]
-    dist.broadcast_object_list(box, src=0)
+    dist.broadcast_object_list(box, src=src)
     return box[0]
+
+
+def owner(i: int) -> int:
+    """The rank that does the i-th of a list of independent jobs every rank needs the result of (round robin)."""
+    return i % world_size()

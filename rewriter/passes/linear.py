@@ -11,6 +11,7 @@ import torch
 import torch.nn.functional as F
 from torch import fx, nn
 
+from .. import distributed as dist
 from ..config import PassConfig
 from ..graph import drop_unused_attributes, erase_dead, get_attr_tensor, record_node_inputs
 from ..linear import lowrank as lr
@@ -159,14 +160,23 @@ class LinearPass(Pass):
             del recorded[site.node]
             W = site.weight_matrix(gm).detach()
             bias = get_attr_tensor(gm, site.bias).detach() if site.bias else None
-            out = self.rewrite(W, bias, stats, site)
+            out = None
+            if dist.world_size() == 1 or dist.rank() == dist.owner(i):
+                # across processes, each site's decomposition is done by one rank and sent to the others
+                out = self.rewrite(W, bias, stats, site)
+                if out is not None:
+                    module, details = out
+                    details["output_rel_error"] = stats.output_rel_error(
+                        W, _effective_weight(module, bias, site.in_features, W.device))
+                    module.to(W.dtype)
+                    out = (module.cpu(), details) if dist.world_size() > 1 else (module, details)
+            if dist.world_size() > 1:
+                out = dist.broadcast_object(out, src=dist.owner(i))
             if out is None:
                 skipped += 1
                 continue
             module, details = out
-            details["output_rel_error"] = stats.output_rel_error(
-                W, _effective_weight(module, bias, site.in_features, W.device))
-            module.to(W.dtype)
+            module.to(W.device)
             _install(gm, nodes[site.node], site, module, self.name.replace("-", "_"))
             result.changes.append(SiteChange(site.module_path, "linear", details))
         erase_dead(gm)

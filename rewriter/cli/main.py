@@ -488,5 +488,5 @@ def main() -> None:
         app()
     except (KeyboardInterrupt, Stopped) as e:
         name = "terminated (SIGTERM)" if getattr(e, "signum", signal.SIGINT) == signal.SIGTERM else "interrupted (Ctrl-C)"
-        err.print(f"{name}; nothing was written", highlight=False)
+        err.print(f"{name}; nothing was written to the output folder", highlight=False)
         sys.exit(128 + int(getattr(e, "signum", signal.SIGINT)))

@@ -174,7 +174,8 @@ class Skeleton:
               "attention_mask": mask.to(self.device)}
         dims = {"inputs_embeds": {0: "batch", 1: "seq"}, "attention_mask": {0: "batch", 1: "seq"}}
         prefix = f"model.layers.{i}."
-        program = Program(ep=None, input_names=list(ex), output_names=["hidden_states"], example_inputs=ex,  # type: ignore[arg-type]
+        program = Program(ep=None, input_names=list(ex), output_names=["hidden_states"],  # type: ignore[arg-type]
+                          example_inputs=ex,
                           dynamic_dims=dims, dim_bounds={"batch": (1, 256), "seq": (2, self.max_positions)},
                           config=self.config.to_dict(),
                           causal_modules={k: v for k, v in self.causal_modules.items() if k.startswith(prefix)},
@@ -388,7 +389,8 @@ def optimize_streamed(src: str | Path, passes: list[Pass], *, out: str | Path | 
 
     # --- calibration inputs: the same texts and tokenizer as the whole-model path; this rank's share ----------
     progress("building calibration inputs")
-    stand_in = Program(ep=None, input_names=["input_ids", "attention_mask"], output_names=["logits"],  # type: ignore[arg-type]
+    stand_in = Program(ep=None, input_names=["input_ids", "attention_mask"],  # type: ignore[arg-type]
+                       output_names=["logits"],
                        example_inputs={}, dynamic_dims={}, dim_bounds={"seq": (2, sk.max_positions)},
                        config=sk.config.to_dict(), source=str(src), meta={"hf_folder": str(src)})
     inputs, desc = calibration_inputs(stand_in, texts=texts, samples=samples, seq_len=seq_len, seed=seed)
@@ -422,83 +424,92 @@ def optimize_streamed(src: str | Path, passes: list[Pass], *, out: str | Path | 
         for k, plan in block.get("plans", {}).items():
             planned.setdefault(int(k), {"pass": passes[int(k)], "plan": []})["plan"] += plan
     torch.manual_seed(seed)
+    try:
+        with torch.no_grad():
+            for i in range(done, sk.num_layers):
+                t0 = time.perf_counter()
+                progress(f"block {i + 1}/{sk.num_layers}: loading")
+                layer = sk.layer(i, ckpt)
+                programs = [sk.capture_block(i, layer, seed)]
+                results = []
+                for k, p in enumerate(passes, 1):
+                    calib = {"inputs_embeds": streams[k - 1], "attention_mask": mask}
+                    planning = p.plans and not getattr(p.config, "plan", None)
+                    if planning or k - 1 in planned:    # a plan found for one block must not replay on the next
+                        p = planned.setdefault(k - 1, {"pass": p, "plan": []})["pass"]
+                        p = copy.deepcopy(p)
+                        p.config.plan = []
+                    elif p.plans and getattr(p.config, "plan", None):    # a given plan: this block's entries
+                        p = copy.deepcopy(p)
+                        p.config.plan = [e for e in p.config.plan if str(e["site"]).startswith(f"model.layers.{i}.")]
+                        if not p.config.plan:
+                            p = _Unchanged(p)
+                    torch.manual_seed(seed * 1_000_003 + i)
+                    prog, result, seconds = apply_pass(p, programs[-1], calib,
+                                                       lambda m, i=i: progress(f"block {i + 1}/{sk.num_layers}: {m}"))
+                    programs.append(prog)
+                    if k - 1 in planned:
+                        planned[k - 1]["plan"] += list(p.config.plan)
+                    results.append({"seconds": round(seconds, 3), "sites_changed": len(result.changes),
+                                    "parameters": prog.num_parameters(), "bytes": prog.parameter_bytes(),
+                                    "sites": [{"module_path": c.module_path, "kind": c.kind, **c.details}
+                                              for c in result.changes],
+                                    "notes": result.notes, "summary": result.summary,
+                                    "meta": _jsonable(result.meta)})
+                    _merge_meta(meta, _jsonable(result.meta))
+                # advance every stream through its own version of the block (shared where nothing differs)
+                new_streams: list[torch.Tensor] = []
+                for k in range(P + 1):
+                    if k and streams[k] is streams[k - 1] and programs[k].ep is programs[k - 1].ep:
+                        new_streams.append(new_streams[k - 1])
+                    else:
+                        new_streams.append(programs[k].run(inputs_embeds=streams[k], attention_mask=mask)[0])
+                streams = new_streams
+                final = programs[-1]
+                block_stats = {"params_before": programs[0].num_parameters(), "params_after": final.num_parameters(),
+                               "bytes_before": programs[0].parameter_bytes(), "bytes_after": final.parameter_bytes()}
+                # the block's own error: hidden states after it, fully rewritten vs original (real tokens, all ranks)
+                keep = mask.bool()
+                d = (streams[-1] - streams[0])[keep].double()
+                sums = dist.all_reduce_sum(torch.stack([d.square().sum(), streams[0][keep].double().square().sum()]))
+                block_err = float(sums[0].sqrt() / sums[1].sqrt().clamp_min(1e-30))
+                if stage is not None:
+                    names = _write_block(stage, i, final, _stored_dtype(ckpt, i), n_shards, rank)
+                    weight_map.update({n: shard_name(i + 1, n_shards) for n in names})
+                del programs, layer, prog, result, final
+                self_host = host_bytes()
+                return_freed_memory()
+                info = {"block": i, "passes": results,
+                        "plans": {k: [e for e in v["plan"] if e["site"].startswith(f"model.layers.{i}.")]
+                                  for k, v in planned.items()}, "meta": _jsonable({k: v for k, v in meta.items()}),
+                        "hidden_relative_error": block_err, "seconds": round(time.perf_counter() - t0, 3),
+                        "peak_host_bytes": peak_host_bytes(), "host_bytes_before_free": self_host,
+                        "host_bytes_after": host_bytes(), **block_stats,
+                        **({"peak_device_bytes": torch.cuda.max_memory_allocated(dev)} if dev.type == "cuda" else {}),
+                        "weight_map": dict(weight_map)}
+                for entry, got in zip(pass_entries, results):
+                    _add_block(entry, got)
+                before_params += block_stats["params_before"]
+                after_params += block_stats["params_after"]
+                before_bytes += block_stats["bytes_before"]
+                after_bytes += block_stats["bytes_after"]
+                blocks_info.append(info)
+                if stage is not None:
+                    _save_state(stage, streams, rank)
+                    dist.barrier()
+                    if rank == 0:
+                        _atomic_json(stage / "progress.json", {"fingerprint": fingerprint, "blocks_done": i + 1,
+                                                              "blocks": blocks_info})
+                block_progress({k: v for k, v in info.items() if k not in ("passes", "meta", "weight_map", "plans")})
+                progress(f"block {i + 1}/{sk.num_layers}: {info['seconds']:.1f} s, hidden-state error {block_err:.3g}, "
+                         f"peak host {info['peak_host_bytes'] / 2**30:.2f} GiB")
+    except BaseException:
+        if stage is not None and rank == 0 and (stage / "progress.json").exists():
+            kept = json.loads((stage / "progress.json").read_text())["blocks_done"]
+            progress(f"stopped: the {kept} finished block(s) stay in {stage}; the same command with --resume "
+                     "continues from there")
+        raise
     with torch.no_grad():
-        for i in range(done, sk.num_layers):
-            t0 = time.perf_counter()
-            progress(f"block {i + 1}/{sk.num_layers}: loading")
-            layer = sk.layer(i, ckpt)
-            programs = [sk.capture_block(i, layer, seed)]
-            results = []
-            for k, p in enumerate(passes, 1):
-                calib = {"inputs_embeds": streams[k - 1], "attention_mask": mask}
-                planning = p.plans and not getattr(p.config, "plan", None)
-                if planning or k - 1 in planned:    # a plan found for one block must not replay on the next
-                    p = planned.setdefault(k - 1, {"pass": p, "plan": []})["pass"]
-                    p = copy.deepcopy(p)
-                    p.config.plan = []
-                elif p.plans and getattr(p.config, "plan", None):    # a given plan: this block's entries
-                    p = copy.deepcopy(p)
-                    p.config.plan = [e for e in p.config.plan if str(e["site"]).startswith(f"model.layers.{i}.")]
-                    if not p.config.plan:
-                        p = _Unchanged(p)
-                torch.manual_seed(seed * 1_000_003 + i)
-                prog, result, seconds = apply_pass(p, programs[-1], calib,
-                                                   lambda m, i=i: progress(f"block {i + 1}/{sk.num_layers}: {m}"))
-                programs.append(prog)
-                if k - 1 in planned:
-                    planned[k - 1]["plan"] += list(p.config.plan)
-                results.append({"seconds": round(seconds, 3), "sites_changed": len(result.changes),
-                                "parameters": prog.num_parameters(), "bytes": prog.parameter_bytes(),
-                                "sites": [{"module_path": c.module_path, "kind": c.kind, **c.details}
-                                          for c in result.changes],
-                                "notes": result.notes, "summary": result.summary,
-                                "meta": _jsonable(result.meta)})
-                _merge_meta(meta, _jsonable(result.meta))
-            # advance every stream through its own version of the block (shared where nothing differs)
-            new_streams: list[torch.Tensor] = []
-            for k in range(P + 1):
-                if k and streams[k] is streams[k - 1] and programs[k].ep is programs[k - 1].ep:
-                    new_streams.append(new_streams[k - 1])
-                else:
-                    new_streams.append(programs[k].run(inputs_embeds=streams[k], attention_mask=mask)[0])
-            streams = new_streams
-            final = programs[-1]
-            block_stats = {"params_before": programs[0].num_parameters(), "params_after": final.num_parameters(),
-                           "bytes_before": programs[0].parameter_bytes(), "bytes_after": final.parameter_bytes()}
-            # the block's own error: hidden states after it, fully rewritten vs original (real tokens, all ranks)
-            keep = mask.bool()
-            d = (streams[-1] - streams[0])[keep].double()
-            sums = dist.all_reduce_sum(torch.stack([d.square().sum(), streams[0][keep].double().square().sum()]))
-            block_err = float(sums[0].sqrt() / sums[1].sqrt().clamp_min(1e-30))
-            if stage is not None:
-                names = _write_block(stage, i, final, _stored_dtype(ckpt, i), n_shards, rank)
-                weight_map.update({n: shard_name(i + 1, n_shards) for n in names})
-            del programs, layer, prog, result, final
-            self_host = host_bytes()
-            return_freed_memory()
-            info = {"block": i, "passes": results,
-                    "plans": {k: [e for e in v["plan"] if e["site"].startswith(f"model.layers.{i}.")]
-                              for k, v in planned.items()}, "meta": _jsonable({k: v for k, v in meta.items()}),
-                    "hidden_relative_error": block_err, "seconds": round(time.perf_counter() - t0, 3),
-                    "peak_host_bytes": peak_host_bytes(), "host_bytes_before_free": self_host,
-                    "host_bytes_after": host_bytes(), **block_stats,
-                    **({"peak_device_bytes": torch.cuda.max_memory_allocated(dev)} if dev.type == "cuda" else {}),
-                    "weight_map": dict(weight_map)}
-            for entry, got in zip(pass_entries, results):
-                _add_block(entry, got)
-            before_params += block_stats["params_before"]; after_params += block_stats["params_after"]  # noqa: E702
-            before_bytes += block_stats["bytes_before"]; after_bytes += block_stats["bytes_after"]       # noqa: E702
-            blocks_info.append(info)
-            if stage is not None:
-                _save_state(stage, streams, rank)
-                dist.barrier()
-                if rank == 0:
-                    _atomic_json(stage / "progress.json", {"fingerprint": fingerprint, "blocks_done": i + 1,
-                                                          "blocks": blocks_info})
-            block_progress({k: v for k, v in info.items() if k not in ("passes", "meta", "weight_map", "plans")})
-            progress(f"block {i + 1}/{sk.num_layers}: {info['seconds']:.1f} s, hidden-state error {block_err:.3g}, "
-                     f"peak host {info['peak_host_bytes'] / 2**30:.2f} GiB")
-
         # --- head: each pass's error on the logits against the original (stream 0) -----------------------
         progress("final norm and head: measuring every pass against the original")
         norm = sk.norm(ckpt)

@@ -208,10 +208,11 @@ class HeadPrunePass(Pass):
 # --- share-attention ------------------------------------------------------------------------------------------------
 
 def attention_probs(q: torch.Tensor, k: torch.Tensor, key_mask: torch.Tensor | None, causal: bool,
-                    scale: float) -> torch.Tensor:
+                    scale: float, groups: int | None = None) -> torch.Tensor:
     """softmax(q k^T * scale) over allowed keys, (B, H, Lq, Lk); kv heads repeated for GQA. A row with no allowed key
     (a padding query under causal masking) is uniform instead of NaN: it is padding, and the output stays finite."""
-    k = k.repeat_interleave(q.shape[1] // k.shape[1], dim=1)
+    # groups is a constant in programs: a head count read off shapes is symbolic there (GPT-2 views with -1)
+    k = _repeat_kv(k, q.shape[1] // k.shape[1] if groups is None else groups)
     s = torch.matmul(q, k.transpose(-1, -2)) * scale
     Lq, Lk = q.shape[2], k.shape[2]
     allowed = None
@@ -225,20 +226,32 @@ def attention_probs(q: torch.Tensor, k: torch.Tensor, key_mask: torch.Tensor | N
     return torch.softmax(s, dim=-1)
 
 
+def _repeat_kv(x: torch.Tensor, groups: int) -> torch.Tensor:
+    return x if groups == 1 else x.repeat_interleave(groups, dim=1)
+
+
 class AttentionMap(nn.Module):
     """The donor layer's attention probabilities, computed once and read by its own output and the receiver's."""
 
-    def __init__(self, causal: bool, scale: float):
+    def __init__(self, causal: bool, scale: float, heads: int, kv_heads: int):
         super().__init__()
-        self.causal, self.scale = causal, scale
+        self.causal, self.scale, self.heads, self.kv_heads = causal, scale, heads, kv_heads
 
     def forward(self, q, k, key_mask=None):
-        return attention_probs(q, k, key_mask, self.causal, self.scale)
+        # head counts as constants: GPT-2's views leave them symbolic, and broadcasting the key mask then guards on
+        # an expression that fails at batch 1
+        q = q.reshape(q.shape[0], self.heads, q.shape[2], q.shape[3])
+        k = k.reshape(k.shape[0], self.kv_heads, k.shape[2], k.shape[3])
+        return attention_probs(q, k, key_mask, self.causal, self.scale, self.heads // self.kv_heads)
 
 
 class MapTimesValues(nn.Module):
+    def __init__(self, groups: int):
+        super().__init__()
+        self.groups = groups
+
     def forward(self, p, v):
-        return torch.matmul(p, v.repeat_interleave(p.shape[1] // v.shape[1], dim=1))
+        return torch.matmul(p, _repeat_kv(v, self.groups))
 
 
 @dataclass
@@ -332,13 +345,14 @@ class ShareAttentionPass(Pass):
         graph = gm.graph
         keep = ("nn_module_stack", "stack_trace")
         base = f"{WRAPPER_PREFIX}{a.module_path}.shared_attention_map"
-        gm.add_submodule(base, AttentionMap(a.causal, a.scale))
-        gm.add_submodule(f"{base}_values", MapTimesValues())
+        gm.add_submodule(base, AttentionMap(a.causal, a.scale, a.heads, a.kv_heads))
+        gm.add_submodule(f"{base}_values", MapTimesValues(a.heads // a.kv_heads))
+        gm.add_submodule(f"{base}_receiver_values", MapTimesValues(b.heads // b.kv_heads))
         with graph.inserting_before(donor):
             p = graph.call_module(base, (donor.args[0], donor.args[1], donor.args[3]))
             out_a = graph.call_module(f"{base}_values", (p, donor.args[2]))
         with graph.inserting_before(receiver):
-            out_b = graph.call_module(f"{base}_values", (p, receiver.args[2]))
+            out_b = graph.call_module(f"{base}_receiver_values", (p, receiver.args[2]))
         for new, old in ((p, donor), (out_a, donor), (out_b, receiver)):
             new.meta = {k: v for k, v in old.meta.items() if k in keep}
         donor.replace_all_uses_with(out_a)

@@ -135,6 +135,10 @@ def test_share_attention_matches_oracle(arch):
     none = Pipeline([make_pass("share-attention", {"count": 0})]).run(program, model_inputs(arch, 2, 16))
     inputs = model_inputs(arch, 3, 20, seed=7)
     assert torch.equal(none.program.run(**inputs)[0], program.run(**inputs)[0])
+    if arch == "gpt2":   # refused until its batch-1 re-capture works
+        with pytest.raises(RewriterError, match="GPT-2"):
+            Pipeline([make_pass("share-attention", {"count": 1})]).run(program, model_inputs(arch, 2, 16))
+        return
     run = Pipeline([make_pass("share-attention", {"count": 1})]).run(program, model_inputs(arch, 2, 16))
     site = run.report["passes"][0]["sites"][0]
     assert (site["donor_layer"], site["layer"]) == (0, 1)

@@ -287,6 +287,11 @@ class ShareAttentionPass(Pass):
         cfg: ShareAttentionConfig = self.config
         result = PassResult()
         sites = select(ctx.attention_sites(gm), cfg, "attention site", self.name)
+        if cfg.count or cfg.error:
+            if ctx.program.config.get("model_type") == "gpt2":
+                # GPT-2's fused c_attn: the shared program re-captures with a batch-1 shape guard that fails
+                raise RewriterError("share-attention does not run on GPT-2 yet (its fused q/k/v projection leaves the "
+                                    "re-captured program failing at batch 1)", "use it on models with separate q/k/v")
         nodes = {n.name: n for n in gm.graph.nodes}
         usable = [s for s in sites if is_exact_attention(nodes[s.node]) and s.plain()]
         if len(usable) < len(sites):

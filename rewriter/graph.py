@@ -2,6 +2,7 @@
 sites.py; passes call these helpers instead of editing nodes themselves."""
 from __future__ import annotations
 
+import operator
 import re
 
 import torch
@@ -318,3 +319,88 @@ def gather_channels(graph: fx.Graph, x: fx.Node, index_attr: str) -> fx.Node:
     n = graph.call_function(aten.sym_size.int, (x, 2))
     idx = graph.call_function(aten.expand.default, (idx, [b, -1, n, -1]))
     return graph.call_function(aten.gather.default, (x, -1, idx))
+
+
+# --- attention projections: the linears that make an attention node's q / k / v and read its output ----------------
+
+def _cone(node: fx.Node, stop: set[fx.Node]) -> tuple[set[fx.Node], set[fx.Node]]:
+    """(nodes on the paths from `node` back to the first `stop` nodes, the stop nodes reached)."""
+    seen, hit, todo = set(), set(), [node]
+    while todo:
+        n = todo.pop()
+        if n in seen:
+            continue
+        seen.add(n)
+        if n in stop:
+            hit.add(n)
+            continue
+        todo.extend(n.all_input_nodes)
+    return seen - hit, hit
+
+
+def _downstream(nodes: set[fx.Node]) -> set[fx.Node]:
+    seen, todo = set(), list(nodes)
+    while todo:
+        n = todo.pop()
+        for u in n.users:
+            if u not in seen:
+                seen.add(u)
+                todo.append(u)
+    return seen
+
+
+def attention_projections(node: fx.Node, linear_nodes: set[fx.Node]) -> dict | None:
+    """The projections around an attention node: {"q", "k", "v": (linear node, first output channel), "o": linear
+    node, "path": the view/transpose/RoPE nodes between them and the attention}, or None when q, k or v is not made by
+    exactly one linear (one fused linear may make several, split along its channels: GPT-2's c_attn) or the output
+    does not reach exactly one linear through shape ops."""
+    out: dict = {"path": set()}
+    for name, arg in zip("qkv", node.args[:3]):
+        cone, hit = _cone(arg, linear_nodes)
+        if len(hit) != 1:
+            return None
+        lin = next(iter(hit))
+        inner = cone & _downstream({lin})                 # not the RoPE tables, which no projection feeds
+        splits = [n for n in inner if is_call(n, operator.getitem) and is_call(n.args[0], aten.split.Tensor)]
+        if len(splits) > 1:
+            return None
+        # a fused projection: this part starts at getitem index * split size of its output channels
+        out[name] = (lin, int(splits[0].args[1]) * int(splits[0].args[0].args[1]) if splits else 0)
+        out["path"] |= inner
+    o, todo, seen = None, list(node.users), set()
+    while todo:
+        n = todo.pop()
+        if n in seen:
+            continue
+        seen.add(n)
+        if n in linear_nodes:
+            if o is not None and o is not n:
+                return None
+            o = n
+            continue
+        if n.op != "call_function" or n.target not in _SHAPE_OPS:
+            return None
+        out["path"].add(n)
+        todo.extend(n.users)
+    if o is None:
+        return None
+    out["o"] = o
+    return out
+
+
+_SHAPE_OPS = {aten.view.default, aten.reshape.default, aten._unsafe_view.default, aten.transpose.int,
+              aten.permute.default, aten.contiguous.default, aten.clone.default, aten.dropout.default}
+
+
+def rescale_head_shapes(nodes: set[fx.Node], mapping: dict[int, int]) -> None:
+    """In view / reshape / expand / split nodes among `nodes`, replace literal sizes `old` by `mapping[old]` (head
+    counts and q / k / v widths after dropping heads). The last size of a 4-D shape is the head dim and stays."""
+    for n in nodes:
+        if is_call(n, aten.view.default, aten.reshape.default, aten._unsafe_view.default, aten.expand.default):
+            shape = list(n.args[1])
+            for i, s in enumerate(shape):
+                if isinstance(s, int) and s in mapping and not (len(shape) >= 4 and i == len(shape) - 1):
+                    shape[i] = mapping[s]
+            n.args = (n.args[0], shape, *n.args[2:])
+        elif is_call(n, aten.split.Tensor) and isinstance(n.args[1], int) and n.args[1] in mapping:
+            n.args = (n.args[0], mapping[n.args[1]], *n.args[2:])

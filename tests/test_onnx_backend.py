@@ -210,6 +210,8 @@ EXPORT_CASES = {
                                  ("hedgehog", {"features": 4, "steps": 5, "layers": "1"})]),
     "llama-mla-exact-decoupled": ("llama", [("mla", {"rank": 24, "layers": "0"}),
                                             ("mla", {"rope": "decoupled", "rank": 16, "layers": "1"})]),
+    "llama-head-prune": ("llama", [("head-prune", {"count": 1})]),
+    "llama-share-attention": ("llama", [("share-attention", {"count": 1})]),
     "bert-auto-attention-plan": ("bert", [("auto-attention", {"plan": [
         {"site": "encoder.layer.0.attention.self",
          "heads": ["exact", "window(window=6,sinks=1,block=8)", "performer(features=8)", "exact"]},
@@ -222,7 +224,7 @@ from test_attention_registry import MATRIX  # noqa: E402
 EXPORT_CASES.update({f"llama-{name}": ("llama", [(name, dict(opts))]) for name, (opts, _) in MATRIX.items()
                      if not any(name == n for _, specs in EXPORT_CASES.values() for n, _ in specs)})
 # cases with attention sites no attention method replaces: those stay the canonical rewriter::exact_attention
-KEEP_EXACT = {"llama-window-think", "gpt2-strided-exact", "llama-mla-exact-decoupled"}
+KEEP_EXACT = {"llama-window-think", "gpt2-strided-exact", "llama-mla-exact-decoupled", "llama-head-prune"}
 AUTO_OPS = {"rewriter::window", "rewriter::performer", "rewriter::scatterbrain",
             "rewriter::linear", "rewriter::exact_attention"}
 

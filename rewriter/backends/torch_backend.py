@@ -236,6 +236,12 @@ def write_hf(program: Program, folder: Path, weight_only: bool) -> str | None:
             return None
         if "think_key_channels" in program.meta or "mla" in program.meta:
             return "the think / mla KV rewrites run in `rewriter generate` (decoder/), not in transformers"
+        if program.meta.get("head_prune"):
+            return "head-prune leaves layers with different head counts; a transformers config has one " \
+                   "num_attention_heads for every layer (model.pt2 and ONNX hold the pruned model)"
+        if program.meta.get("share_attention"):
+            return "share-attention makes a layer read the previous layer's attention map, which transformers' " \
+                   "attention modules cannot express (model.pt2 and ONNX hold the shared model)"
         from ..hf import attention_plan, write_attention_config
         plan, tensors = attention_plan(program)
         why = _structure_change(program)

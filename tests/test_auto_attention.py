@@ -144,3 +144,13 @@ def test_packed_calibration_fills_every_row():
     assert torch.equal(again["input_ids"], inputs["input_ids"])
     plain, _ = calibration_inputs(program, samples=2, seq_len=700, seed=0)
     assert not bool(plain["attention_mask"].all())          # pydoc pages are shorter: padded without pack
+
+
+def test_recall_probe_without_token_ids_is_noted():
+    """Image models have no token ids to repeat: the plan is made on the samples alone and the report says so."""
+    vit = rewriter.capture(tiny_model("vit"))
+    res = optimize(vit, [make_pass("auto-attention", {"density": 0.9, "candidates": CANDIDATES[:2],
+                                                      "recall_probe": True})], samples=4)
+    entry = res.report["passes"][0]
+    assert entry["summary"]["recall_probes"] == 0
+    assert any("recall_probe skipped" in n for n in entry["notes"])

@@ -50,9 +50,12 @@ def check_calibration_args(samples, seq_len, seed=0) -> None:
 
 
 def calibration_inputs(program: Program, *, texts: list[str] | None = None, samples: int = 8, seq_len: int = 128,
-                       seed: int = 0) -> tuple[dict[str, torch.Tensor], str]:
+                       seed: int = 0, pack: bool = False) -> tuple[dict[str, torch.Tensor], str]:
     """Returns (inputs, description). Text models use the model's tokenizer on real text (seeded choice of
-    passages, truncated to seq_len, padded to the longest); without a tokenizer, seeded random ids."""
+    passages, truncated to seq_len, padded to the longest); without a tokenizer, seeded random ids.
+    pack: passages (in seeded order) are joined, EOS between them, and cut into `samples` rows of exactly seq_len
+    tokens, so calibration runs at the full length even when passages are shorter (what a method whose budget
+    or reach depends on the length must see)."""
     check_calibration_args(samples, seq_len, seed)
     rng = random.Random(seed)
     names = program.input_names
@@ -83,9 +86,13 @@ def calibration_inputs(program: Program, *, texts: list[str] | None = None, samp
             tokenizer.pad_token = tokenizer.eos_token or tokenizer.unk_token
         padding_side = "left" if _decoder(cfg) else "right"
         tokenizer.padding_side = padding_side
-        enc = tokenizer(chosen, truncation=True, max_length=seq_len, padding="longest", return_tensors="pt")
-        inputs = {n: enc[n] for n in names if n in enc}
-        desc = f"{samples} passages of real text, up to {seq_len} tokens ({padding_side}-padded)"
+        if pack:
+            inputs = {"input_ids": _packed_ids(tokenizer, texts, rng, samples, seq_len)}
+            desc = f"{samples} rows of {seq_len} tokens of packed real text (passages joined, seed {seed})"
+        else:
+            enc = tokenizer(chosen, truncation=True, max_length=seq_len, padding="longest", return_tensors="pt")
+            inputs = {n: enc[n] for n in names if n in enc}
+            desc = f"{samples} passages of real text, up to {seq_len} tokens ({padding_side}-padded)"
     else:
         g = torch.Generator().manual_seed(seed)
         vocab = cfg.get("vocab_size", 1000)
@@ -108,6 +115,22 @@ def calibration_inputs(program: Program, *, texts: list[str] | None = None, samp
             else:
                 raise RewriterError(f"cannot build calibration input '{n}'")
     return inputs, desc
+
+
+def _packed_ids(tokenizer, texts: list[str], rng: random.Random, samples: int, seq_len: int) -> torch.Tensor:
+    """(samples, seq_len) ids: passages in a seeded order (cycled when the texts run short), separated by EOS."""
+    sep = [tokenizer.eos_token_id] if tokenizer.eos_token_id is not None else []
+    need = samples * seq_len
+    stream: list[int] = []
+    while len(stream) < need:
+        before = len(stream)
+        for i in rng.sample(range(len(texts)), k=len(texts)):
+            stream += tokenizer(texts[i], add_special_tokens=False, verbose=False)["input_ids"] + sep
+            if len(stream) >= need:
+                break
+        if len(stream) == before:
+            raise RewriterError("the calibration texts hold no tokens", "pass a text file with some text in it")
+    return torch.tensor(stream[:need], dtype=torch.long).view(samples, seq_len)
 
 
 def _decoder(cfg: dict) -> bool:

@@ -106,3 +106,51 @@ def test_analyze_writes_json_and_heatmaps(tiny_folders, tmp_path):
 def test_bad_targets_rejected():
     with pytest.raises(rewriter.RewriterError, match="exactly one target"):
         make_pass("auto-attention", {"density": 0.5, "max_error": 0.1})
+
+
+def test_recall_probe_repeats_first_half_of_real_tokens():
+    from rewriter.passes.auto_attention import recall_probe
+    ids = torch.arange(20).view(2, 10)
+    mask = torch.ones(2, 10, dtype=torch.long)
+    mask[1, :4] = 0                                  # left padding stays where it is
+    inputs = {"input_ids": ids, "attention_mask": mask}
+    out = recall_probe(inputs)
+    assert out["input_ids"][0].tolist() == [0, 1, 2, 3, 4, 0, 1, 2, 3, 4]
+    assert out["input_ids"][1].tolist() == [10, 11, 12, 13, 14, 15, 16, 14, 15, 16]
+    assert out["attention_mask"] is mask and ids[0].tolist() == list(range(10))   # the input is not modified
+
+
+def test_recall_probe_is_analysed_and_reported(sharp_bert):
+    runs = {}
+    for probe in (True, False):
+        res = optimize(sharp_bert, [make_pass("auto-attention", {"density": 0.8, "candidates": CANDIDATES,
+                                                                 "recall_probe": probe})], samples=4, seq_len=24)
+        runs[probe] = res.report["passes"][0]["summary"]
+    assert runs[True]["recall_probes"] == runs[True]["fit_samples"] == 2 and runs[False]["recall_probes"] == 0
+    assert runs[True]["attention_flops_ratio"] <= 0.8 + 1e-9
+    # the probes change what the heads are measured on
+    assert runs[True]["per_site"] != runs[False]["per_site"]
+
+
+def test_packed_calibration_fills_every_row():
+    """pack=True: passages joined into full-length rows (no padding), so auto-attention plans at that length."""
+    from pathlib import Path
+    from rewriter.calibration import calibration_inputs
+    program = rewriter.load_program(Path(rewriter.__file__).parent / "data" / "decoder")
+    inputs, desc = calibration_inputs(program, samples=2, seq_len=700, seed=0, pack=True)
+    assert inputs["input_ids"].shape == (2, 700) and bool(inputs["attention_mask"].all())
+    assert "packed" in desc
+    again, _ = calibration_inputs(program, samples=2, seq_len=700, seed=0, pack=True)
+    assert torch.equal(again["input_ids"], inputs["input_ids"])
+    plain, _ = calibration_inputs(program, samples=2, seq_len=700, seed=0)
+    assert not bool(plain["attention_mask"].all())          # pydoc pages are shorter: padded without pack
+
+
+def test_recall_probe_without_token_ids_is_noted():
+    """Image models have no token ids to repeat: the plan is made on the samples alone and the report says so."""
+    vit = rewriter.capture(tiny_model("vit"))
+    res = optimize(vit, [make_pass("auto-attention", {"density": 0.9, "candidates": CANDIDATES[:2],
+                                                      "recall_probe": True})], samples=4)
+    entry = res.report["passes"][0]
+    assert entry["summary"]["recall_probes"] == 0
+    assert any("recall_probe skipped" in n for n in entry["notes"])

@@ -132,6 +132,9 @@ def optimize(src, passes: list[Pass], *, out: str | Path | None = None, force: b
     if out is not None:   # refuse a bad output location before spending minutes on the passes
         check_output_dir(Path(out), force, srcs)
     texts = read_texts(calib_file) if calib_file else calib_texts
+    from .distributed import launched
+    if launched() and not (stream or resume):   # every rank would run the whole model and race on OUT
+        raise RewriterError("under torchrun, optimize splits calibration layer by layer only", "add --stream")
     if stream or resume:
         return _optimize_streamed(src, passes, out=out, force=force, resume=resume, texts=texts, samples=samples,
                                   seq_len=seq_len, seed=seed, max_error=max_error, device=device, progress=progress,

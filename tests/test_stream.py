@@ -164,6 +164,11 @@ def test_what_cannot_stream_is_refused_before_any_work(runs, tmp_path, monkeypat
     with pytest.raises(RewriterError, match="decoder stacks of llama"):
         optimize(gpt2, _passes(), out=tmp_path / "o", stream=True, **CAL)
     assert not (tmp_path / "o").exists()
+    # under torchrun the whole-model path would run on every rank and race on OUT
+    with monkeypatch.context() as m:
+        m.setenv("WORLD_SIZE", "2"), m.setenv("RANK", "0"), m.setenv("MASTER_ADDR", "localhost")
+        with pytest.raises(RewriterError, match="add --stream"):
+            optimize(src, _passes(), out=tmp_path / "o", **CAL)
     # the whole-model path refuses a checkpoint it cannot hold, pointing at --stream
     monkeypatch.setenv("REWRITER_MEMORY_BUDGET_GB", "0.0001")
     with pytest.raises(RewriterError, match="needs about") as e:

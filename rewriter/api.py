@@ -112,7 +112,7 @@ def optimize(src, passes: list[Pass], *, out: str | Path | None = None, force: b
              progress: Callable[[str], None] | None = None, allow_unused: bool = False,
              max_error_name: str = "max_error", onnx_target: str = "standard",
              aoti_package: bool = False, stream: bool = False, resume: bool = False,
-             device: str | None = None) -> OptimizeResult:
+             device: str | None = None, pack: bool = False) -> OptimizeResult:
     """Load + capture `src`, run the passes verified against the original, and (with `out`) write the result (with
     `aoti_package`, also OUT/model.aoti.pt2: `compile_output`). `max_error` bounds the output's relative error after
     each approximation, measured against the original model or, after a pass whose change is intended (lora-merge),
@@ -138,7 +138,7 @@ def optimize(src, passes: list[Pass], *, out: str | Path | None = None, force: b
     if stream or resume:
         return _optimize_streamed(src, passes, out=out, force=force, resume=resume, texts=texts, samples=samples,
                                   seq_len=seq_len, seed=seed, max_error=max_error, device=device, progress=progress,
-                                  max_error_name=max_error_name, calib_file=calib_file,
+                                  max_error_name=max_error_name, calib_file=calib_file, pack=pack,
                                   unsupported={"--export onnx": export_onnx, "--compile": aoti_package,
                                                "--allow-unused-weights": allow_unused})
     check_fits_in_memory(src)
@@ -148,16 +148,18 @@ def optimize(src, passes: list[Pass], *, out: str | Path | None = None, force: b
     capture_s = time.perf_counter() - t0
     check_seq_len(program, seq_len)
     progress("building calibration inputs")
-    inputs, desc = calibration_inputs(program, texts=texts, samples=samples, seq_len=seq_len, seed=seed)
+    inputs, desc = calibration_inputs(program, texts=texts, samples=samples, seq_len=seq_len, seed=seed, pack=pack)
     device = program.device()
     inputs = {k: v.to(device) for k, v in inputs.items()}
     run = Pipeline(passes, max_error=max_error, seed=seed, progress=progress,
                    max_error_name=max_error_name).run(program, inputs, desc)
     report = run.report
-    report["calibration"].update({"samples": samples, "seq_len": seq_len, "seed": seed})
+    report["calibration"].update({"samples": samples, "seq_len": seq_len, "seed": seed,
+                                  **({"pack": True} if pack else {})})
     report["capture_seconds"] = round(capture_s, 3)
     if out is not None:   # the recipe that replays this run (plans filled in by planning passes) goes beside it
-        cal = {"samples": samples, "seq_len": seq_len, "seed": seed, **({"file": str(calib_file)} if calib_file else {})}
+        cal = {"samples": samples, "seq_len": seq_len, "seed": seed,
+               **({"file": str(calib_file)} if calib_file else {}), **({"pack": True} if pack else {})}
         recipe = Recipe(list(passes), max_error, cal).to_yaml().encode()
         report["outputs"] = write_outputs(run.program, report, Path(out), force=force, export_onnx=export_onnx,
                                           progress=progress, artifacts={**run.artifacts, "recipe.yaml": recipe},
@@ -209,7 +211,7 @@ def check_fits_in_memory(src) -> None:
 
 
 def _optimize_streamed(src, passes, *, out, force, resume, texts, samples, seq_len, seed, max_error, device, progress,
-                       max_error_name, calib_file, unsupported: dict) -> OptimizeResult:
+                       max_error_name, calib_file, unsupported: dict, pack: bool = False) -> OptimizeResult:
     """`optimize(..., stream=True)`: rewriter.stream.optimize_streamed (one block in memory at a time)."""
     from .stream import optimize_streamed
     given = [flag for flag, on in unsupported.items() if on]
@@ -220,12 +222,14 @@ def _optimize_streamed(src, passes, *, out, force, resume, texts, samples, seq_l
         raise RewriterError("--stream reads an HF folder (it never holds the whole model)", "pass the folder's path")
     if resume and out is None:
         raise RewriterError("--resume continues an interrupted run into OUT", "add -o OUT")
-    cal = {"samples": samples, "seq_len": seq_len, "seed": seed, **({"file": str(calib_file)} if calib_file else {})}
+    cal = {"samples": samples, "seq_len": seq_len, "seed": seed, **({"file": str(calib_file)} if calib_file else {}),
+           **({"pack": True} if pack else {})}
+
     def recipe() -> bytes:    # written when the run ends, so planning passes' plans are in it
         return Recipe(list(passes), max_error, cal).to_yaml().encode()
     run = optimize_streamed(src, passes, out=out, force=force, resume=resume, texts=texts, samples=samples,
                             seq_len=seq_len, seed=seed, max_error=max_error, device=device, recipe_yaml=recipe,
-                            progress=progress, max_error_name=max_error_name)
+                            progress=progress, max_error_name=max_error_name, pack=pack)
     return OptimizeResult(None, run.report)   # type: ignore[arg-type]
 
 

@@ -3,7 +3,7 @@
     rewriter: 1                  # recipe format
     rewriter_version: 0.1.0      # the version that wrote it (informational)
     max_error: 0.05              # optional
-    calibration: {samples: 8, seq_len: 128, seed: 0}   # optional; file: path/to/text.txt
+    calibration: {samples: 8, seq_len: 128, seed: 0}   # optional; file: path/to/text.txt; pack: true
     passes:
       - pass: lora-merge
         adapters: [path/to/adapter]
@@ -90,9 +90,10 @@ class Recipe:
         if not isinstance(calibration, dict):
             raise RewriterError(f"{where}: 'calibration' must be a mapping (samples, seq_len, seed, file); "
                                 f"got {calibration!r}"[:200])
-        bad = [k for k in calibration if k not in ("samples", "seq_len", "seed", "file")]
+        bad = [k for k in calibration if k not in ("samples", "seq_len", "seed", "file", "pack")]
         if bad:
-            raise RewriterError(f"{where}: unknown calibration key(s) {bad}", "valid keys: samples, seq_len, seed, file")
+            raise RewriterError(f"{where}: unknown calibration key(s) {bad}",
+                                "valid keys: samples, seq_len, seed, file, pack")
         for key in ("samples", "seq_len", "seed"):
             if key in calibration:
                 check_number(f"{where}: calibration.{key}", calibration[key], integer=True,
@@ -100,6 +101,8 @@ class Recipe:
         version = data.get("rewriter_version")
         if version is not None and not isinstance(version, str):
             raise RewriterError(f"{where}: rewriter_version must be a string; got {version!r}"[:200])
+        if "pack" in calibration and not isinstance(calibration["pack"], bool):
+            raise RewriterError(f"{where}: calibration.pack must be true or false; got {calibration['pack']!r}"[:200])
         if "file" in calibration and not isinstance(calibration["file"], str):
             raise RewriterError(f"{where}: calibration.file must be a path; got {calibration['file']!r}"[:200])
         return cls(passes, float(max_error) if max_error is not None else None, dict(calibration))

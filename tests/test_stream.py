@@ -227,3 +227,17 @@ def test_larger_checkpoint_peak_memory(tmp_path):
     index = json.loads((out / "model.safetensors.index.json").read_text())
     assert index["weight_map"]["lm_head.weight"].endswith("of-00014.safetensors")
     assert sum(f.stat().st_size for f in out.glob("model-*.safetensors")) < info["bytes"]   # low rank saved bytes
+
+
+def test_pack_flag_reaches_calibration_and_the_recipe(tmp_path):
+    """--pack: calibration rows of exactly --seq-len tokens (no padding), recorded in the recipe, replayed by it."""
+    from rewriter.load import default_checkpoint
+    from rewriter.recipe import Recipe
+    out = tmp_path / "o"
+    res = CliRunner().invoke(app, ["optimize", str(default_checkpoint()), "-o", str(out), "--pass", "window:window=16",
+                                   "--samples", "2", "--seq-len", "64", "--pack", "--max-error", "10"])
+    assert res.exit_code == 0, res.output
+    report = json.loads((out / "report.json").read_text())
+    assert report["calibration"]["pack"] is True and report["calibration"]["shapes"]["input_ids"] == [2, 64]
+    assert "packed" in report["calibration"]["description"]
+    assert Recipe.from_file(out / "recipe.yaml").calibration["pack"] is True

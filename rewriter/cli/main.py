@@ -92,6 +92,8 @@ def optimize(
     samples: Optional[int] = typer.Option(None, "--samples", help="calibration sequences [default: 8]"),
     seq_len: Optional[int] = typer.Option(None, "--seq-len", help="calibration sequence length in tokens [default: 128]"),
     seed: Optional[int] = typer.Option(None, "--seed", help="[default: 0]"),
+    pack: bool = typer.Option(False, "--pack", help="calibration rows of exactly --seq-len tokens of passages joined "
+                              "end to end (so heads that reach far back show on short texts)"),
     export: Optional[str] = typer.Option(None, "--export", help="also export: onnx"),
     onnx_target: str = typer.Option("standard", "--onnx-target",
                                     help="standard (ONNX ops only) or ort (onnxruntime's contrib attention ops where exact)"),
@@ -137,7 +139,8 @@ def optimize(
             rec.max_error = max_error
         # calibration: a flag given here, else the recipe's value, else the default; the recipe records all of them
         from ..api import CALIBRATION_DEFAULTS
-        given = {"samples": samples, "seq_len": seq_len, "seed": seed, "file": str(calib) if calib else None}
+        given = {"samples": samples, "seq_len": seq_len, "seed": seed, "file": str(calib) if calib else None,
+                 "pack": True if pack else None}
         cal = {**CALIBRATION_DEFAULTS, **rec.calibration, **{k: v for k, v in given.items() if v is not None}}
         rec.calibration = cal
         planning = [p for p in rec.passes if p.plans and not p.config.plan]
@@ -153,7 +156,8 @@ def optimize(
                               max_error=rec.max_error, export_onnx=export == "onnx", progress=steps,
                               allow_unused=allow_unused, max_error_name="--max-error",
                               onnx_target=onnx_target, aoti_package=compile_ and not dry_run,
-                              stream=stream, resume=resume, device=device)
+                              stream=stream, resume=resume, device=device,
+                              pack=bool(cal.get("pack", False)))
         steps.close()
         if dry_run:   # planning passes have filled in their plans: the recipe replays them without analysis
             out.print(rec.to_yaml(), end="", highlight=False)

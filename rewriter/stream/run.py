@@ -331,7 +331,7 @@ def optimize_streamed(src: str | Path, passes: list[Pass], *, out: str | Path | 
                       seed: int = 0, max_error: float | None = None, device: str | None = None,
                       dtype: torch.dtype = torch.float32, recipe_yaml: Callable[[], bytes] | None = None,
                       progress: Callable[[str], None] | None = None, max_error_name: str = "max_error",
-                      block_progress: Callable[[dict], None] | None = None) -> StreamedRun:
+                      block_progress: Callable[[dict], None] | None = None, pack: bool = False) -> StreamedRun:
     """Run `passes` block by block over the HF folder `src` and write the rewritten checkpoint to `out` (see the
     module docstring). `device`: where blocks are materialised and calibrated (default: cuda:LOCAL_RANK when CUDA is
     available, else cpu); `dtype`: the compute dtype (float32, as the whole-model path); tensors are stored in the
@@ -361,7 +361,7 @@ def optimize_streamed(src: str | Path, passes: list[Pass], *, out: str | Path | 
                             f"use --seq-len {limit} or less")
     out_path = Path(out) if out is not None else None
     stage: Path | None = None
-    cal = {"samples": samples, "seq_len": seq_len, "seed": seed}
+    cal = {"samples": samples, "seq_len": seq_len, "seed": seed, "pack": pack}
     fingerprint = _fingerprint(src, passes, cal, dtype, world)
     done, entries_by_block, state = 0, [], None
     if out_path is not None:
@@ -393,7 +393,7 @@ def optimize_streamed(src: str | Path, passes: list[Pass], *, out: str | Path | 
                        output_names=["logits"],
                        example_inputs={}, dynamic_dims={}, dim_bounds={"seq": (2, sk.max_positions)},
                        config=sk.config.to_dict(), source=str(src), meta={"hf_folder": str(src)})
-    inputs, desc = calibration_inputs(stand_in, texts=texts, samples=samples, seq_len=seq_len, seed=seed)
+    inputs, desc = calibration_inputs(stand_in, texts=texts, samples=samples, seq_len=seq_len, seed=seed, pack=pack)
     mine = dist.share(samples, rank, world)
     ids = inputs["input_ids"][mine.start:mine.stop].to(dev)
     mask = inputs["attention_mask"][mine.start:mine.stop].to(dev)

@@ -108,6 +108,19 @@ def test_permuted_positions_causal_window():
                              sinks=2, q_pos=q_pos, k_pos=k_pos)
 
 
+def _window_or_permuted(kw: dict, permuted: bool, B: int, H: int, L: int, block: int, seed: int):
+    """The band layout of a 12-token causal window with 2 sinks; or (permuted) every block visited with random
+    query / key positions added to kw, so the window is applied from the positions alone."""
+    if not permuted:
+        return band_layout(L, L, block, 12, 0, 2, True, "cpu")
+    g = gen(seed)
+    kw["q_pos"] = torch.stack([torch.randperm(L, generator=g) for _ in range(B * H)]).view(B, H, L)
+    kw["k_pos"] = torch.stack([torch.randperm(L, generator=g) for _ in range(B * H)]).view(B, H, L)
+    nb = num_blocks(L, block)
+    return (torch.arange(nb, dtype=torch.int32).expand(1, 1, nb, nb),
+            torch.full((1, 1, nb), nb, dtype=torch.int32))
+
+
 @pytest.mark.parametrize("permuted", [False, True])
 def test_alibi_bias_matches_reference(permuted):
     """ALiBi slopes (one per query head) add slope_h * (k_pos - q_pos) in the kernel's block loop, by original
@@ -118,15 +131,7 @@ def test_alibi_bias_matches_reference(permuted):
     key_mask = torch.ones(B, L, dtype=torch.bool)
     key_mask[1, :7] = False
     kw = dict(key_mask=key_mask, causal=True, window_left=12, window_right=0, sinks=2, alibi=slopes)
-    if permuted:
-        g = gen(9)
-        kw["q_pos"] = torch.stack([torch.randperm(L, generator=g) for _ in range(B * H)]).view(B, H, L)
-        kw["k_pos"] = torch.stack([torch.randperm(L, generator=g) for _ in range(B * H)]).view(B, H, L)
-        nb = num_blocks(L, block)
-        index = torch.arange(nb, dtype=torch.int32).expand(1, 1, nb, nb)
-        count = torch.full((1, 1, nb), nb, dtype=torch.int32)
-    else:
-        index, count = band_layout(L, L, block, 12, 0, 2, True, "cpu")
+    index, count = _window_or_permuted(kw, permuted, B, H, L, block, seed=9)
     assert_matches_reference(q, k, v, index, count, block, 2e-5, **kw)
     without = block_sparse_attention(q, k, v, index, count, block, **{**kw, "alibi": None})[0]
     assert (without - block_sparse_attention(q, k, v, index, count, block, **kw)[0]).abs().max() > 1e-2
@@ -143,15 +148,7 @@ def test_softcap_matches_reference(permuted):
     key_mask[1, :7] = False
     kw = dict(key_mask=key_mask, causal=True, window_left=12, window_right=0, sinks=2, softcap=2.5,
               alibi=torch.tensor([0.5, 0.25, 0.125, 0.0625]) if permuted else None)
-    if permuted:
-        g = gen(12)
-        kw["q_pos"] = torch.stack([torch.randperm(L, generator=g) for _ in range(B * H)]).view(B, H, L)
-        kw["k_pos"] = torch.stack([torch.randperm(L, generator=g) for _ in range(B * H)]).view(B, H, L)
-        nb = num_blocks(L, block)
-        index = torch.arange(nb, dtype=torch.int32).expand(1, 1, nb, nb)
-        count = torch.full((1, 1, nb), nb, dtype=torch.int32)
-    else:
-        index, count = band_layout(L, L, block, 12, 0, 2, True, "cpu")
+    index, count = _window_or_permuted(kw, permuted, B, H, L, block, seed=12)
     assert_matches_reference(q, k, v, index, count, block, 2e-5, **kw)
     without = block_sparse_attention(q, k, v, index, count, block, **{**kw, "softcap": 0.0})[0]
     assert (without - block_sparse_attention(q, k, v, index, count, block, **kw)[0]).abs().max() > 1e-2

@@ -41,20 +41,12 @@ def _exact_attention(q: Tensor, k: Tensor, v: Tensor, key_mask: Optional[Tensor]
     """``exact.exact_attention_impl`` with a key mask always applied (the op skips it when every key is real: a
     check on the data that a compiled graph cannot branch on; the masked SDPA gives the same numbers). A softcap
     takes the op's own dense form, which has no such check."""
-    from .attention._contract import alibi_bias, allowed_mask, expand_kv
-    from .attention.exact import exact_attention_impl
+    from .attention._contract import expand_kv
+    from .attention.exact import exact_attention_impl, masked_sdpa
     if key_mask is None or softcap > 0:
         return exact_attention_impl(q, k, v, key_mask, causal, scale, window, alibi, softcap)
-    H, Lq, Lk = q.shape[1], q.shape[2], k.shape[2]
-    k, v = expand_kv(k, H), expand_kv(v, H)
-    allowed = allowed_mask(Lq, Lk, causal, key_mask, q.device, window=max(window, 0))
-    if alibi:
-        bias = alibi_bias(alibi, Lq, Lk, q.device, torch.float32)
-        attn_mask = torch.where(allowed, bias, torch.full((), float("-inf"), device=q.device)).to(q.dtype)
-    else:
-        attn_mask = allowed
-    out = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, scale=scale)
-    return torch.where(allowed.any(-1, keepdim=True), out, torch.zeros_like(out))
+    H = q.shape[1]
+    return masked_sdpa(q, expand_kv(k, H), expand_kv(v, H), key_mask, causal, scale, window, alibi)
 
 
 def _band_blocks(Lq, Lk, block: int, left: int, right: int, sinks: int, device) -> tuple[Tensor, Tensor]:

@@ -131,7 +131,11 @@ class PipelineRun:
 
 def exact_tolerance(program: Program) -> float:
     """Relative output error an exact rewrite may show from rounding alone: 1e-4 in fp32, 2e-2 in fp16 / bf16."""
-    dtypes = {t.dtype for t in program.ep.state_dict.values() if t.is_floating_point()}
+    return dtype_tolerance({t.dtype for t in program.ep.state_dict.values() if t.is_floating_point()})
+
+
+def dtype_tolerance(dtypes: set[torch.dtype]) -> float:
+    """exact_tolerance for a program computing in `dtypes`."""
     return 2e-2 if dtypes & {torch.float16, torch.bfloat16} else 1e-4
 
 

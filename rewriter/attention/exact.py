@@ -66,14 +66,22 @@ def exact_attention_impl(q: Tensor, k: Tensor, v: Tensor, key_mask: Optional[Ten
         return F.scaled_dot_product_attention(q, k, v, is_causal=causal and Lq > 0, scale=scale, enable_gqa=gqa)
     if gqa and q.is_cuda:
         k, v, gqa = expand_kv(k, H), expand_kv(v, H), False
+    return masked_sdpa(q, k, v, key_mask, causal, scale, window, alibi, enable_gqa=gqa)
+
+
+def masked_sdpa(q: Tensor, k: Tensor, v: Tensor, key_mask: Optional[Tensor], causal: bool, scale: float,
+                window: int = 0, alibi: Optional[list[float]] = None, enable_gqa: bool = False) -> Tensor:
+    """SDPA on the allowed-mask (key padding, causal, window) with the ALiBi bias as an additive float mask; a query
+    row with no real key gives 0, not NaN. Also the traceable body of AOTInductor packages (rewriter.compile)."""
+    Lq, Lk = q.shape[2], k.shape[2]
     allowed = allowed_mask(Lq, Lk, causal, key_mask, q.device, window=max(window, 0))
     if alibi:
         bias = alibi_bias(alibi, Lq, Lk, q.device, torch.float32)
         attn_mask = torch.where(allowed, bias, torch.full((), float("-inf"), device=q.device)).to(q.dtype)
     else:
         attn_mask = allowed
-    out = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, scale=scale, enable_gqa=gqa)
-    return torch.where(allowed.any(-1, keepdim=True), out, torch.zeros_like(out))   # no real key: 0, not NaN
+    out = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, scale=scale, enable_gqa=enable_gqa)
+    return torch.where(allowed.any(-1, keepdim=True), out, torch.zeros_like(out))
 
 
 @exact_attention.register_fake

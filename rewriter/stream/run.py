@@ -529,16 +529,17 @@ def optimize_streamed(src: str | Path, passes: list[Pass], *, out: str | Path | 
     output = "logits"
     max_error_default = None
     if max_error is None and passes and all(p.is_exact() for p in passes):
-        max_error = 2e-2 if dtype in (torch.float16, torch.bfloat16) else 1e-4
+        from ..pipeline import dtype_tolerance
+        max_error = dtype_tolerance({dtype})
         max_error_default = "every pass is documented as exact, so the run stops if the output moves"
+    outside = _outside_params(ckpt, sk)     # embedding, final norm, head: unchanged by every pass
     report: dict = {"source": str(src), "model_class": type(sk.model).__name__, "streamed": True,
                     "calibration": {"description": desc, "samples": samples, "seq_len": seq_len, "seed": seed,
                                     "shapes": {k: list(v.shape) for k, v in inputs.items()},
                                     "world_size": world,
                                     "rank_samples": [len(dist.share(samples, r, world)) for r in range(world)]},
                     "max_error": max_error, **({"max_error_default": max_error_default} if max_error_default else {}),
-                    "before": {"parameters": before_params + _outside_params(ckpt, sk)[0],
-                               "bytes": before_bytes + _outside_params(ckpt, sk)[1]},
+                    "before": {"parameters": before_params + outside[0], "bytes": before_bytes + outside[1]},
                     "passes": []}
     for p, entry, err in zip(passes, pass_entries, errors):
         summaries = entry.pop("summaries")
@@ -546,16 +547,15 @@ def optimize_streamed(src: str | Path, passes: list[Pass], *, out: str | Path | 
         entry["metrics"] = err.metrics(output)
         entry["reference"] = "original"
         entry["seconds"] = round(entry["seconds"], 3)
-        entry["parameters"] += _outside_params(ckpt, sk)[0]
-        entry["bytes"] += _outside_params(ckpt, sk)[1]
+        entry["parameters"] += outside[0]
+        entry["bytes"] += outside[1]
         if p.is_exact():
             entry["exact"] = True
         if p.decode_only:
             entry["decode_only"] = True
         entry["notes"] = list(dict.fromkeys(entry["notes"]))
         report["passes"].append(entry)
-    report["after"] = {"parameters": after_params + _outside_params(ckpt, sk)[0],
-                       "bytes": after_bytes + _outside_params(ckpt, sk)[1]}
+    report["after"] = {"parameters": after_params + outside[0], "bytes": after_bytes + outside[1]}
     report["final"] = report["passes"][-1]["metrics"] if passes else \
         {"output": output, "max_abs_error": 0.0, "relative_error": 0.0, "cosine": 1.0}
     report["final_reference"] = "original"

@@ -76,6 +76,42 @@ def check_correctness(log: list) -> bool:
         ok &= good
         log.append(dict(check="chunked_linear", causal=causal, F=F_, L=L, rel_err_out=e_out, rel_err_den=e_den,
                         ok=good))
+    # normalised output, and the sums off a window support (Scatterbrain's low-rank part), against dense oracles
+    for causal, outside in [(True, None), (True, (1023, 0, 64)), (False, (511, 512, 64))]:
+        L = 3001
+        pq = torch.rand(1, 32, L, 64, device="cuda", dtype=torch.bfloat16)
+        pk = torch.rand(1, 8, L, 64, device="cuda", dtype=torch.bfloat16)
+        v = torch.randn(1, 8, L, 128, device="cuda", dtype=torch.bfloat16)
+        key_mask = torch.rand(1, L, device="cuda") > 0.1
+        i, j = torch.arange(L, device="cuda")[:, None], torch.arange(L, device="cuda")[None, :]
+        allowed = (j <= i) if causal else torch.ones(L, L, dtype=torch.bool, device="cuda")
+        if outside is not None:
+            allowed = allowed & ((j < i - outside[0]) | (j > i + outside[1])) & (j >= outside[2])
+        w = (pq.float() @ pk.float().repeat_interleave(4, 1).transpose(-1, -2)) * (allowed & key_mask[:, None, None, :])
+        rnum, rden = w @ v.float().repeat_interleave(4, 1), w.sum(-1)
+        poison_cache()
+        if outside is None:
+            out = chunked_linear_attention(pq, pk, v, causal, key_mask, normalise=True)
+            e = rel_err(out.float(), rnum / rden.clamp_min(1e-6)[..., None])
+        else:
+            num, den = chunked_linear_attention(pq, pk, v, causal, key_mask, outside=outside)
+            e = max(rel_err(num, rnum), rel_err(den, rden))
+        good = e < 2e-2
+        ok &= good
+        log.append(dict(check="chunked_linear_gqa", causal=causal, outside=outside, L=L, rel_err=e, ok=good))
+        del w, allowed
+    # FAVOR+ feature kernel against the PyTorch feature map (fp32)
+    from rewriter.attention.feature_map import _performer_features
+    from rewriter.attention.triton.registry import _performer_features_cuda
+    q = torch.randn(1, 32, 3001, 128, device="cuda", dtype=torch.bfloat16)
+    k = torch.randn(1, 8, 3001, 128, device="cuda", dtype=torch.bfloat16)
+    key_mask = torch.rand(1, 3001, device="cuda") > 0.1
+    got = _performer_features_cuda(q, k, key_mask, 128 ** -0.5, 64, 0, torch.float32)
+    ref = _performer_features(q, k, key_mask, 128 ** -0.5, 64, 0)
+    e = max(rel_err(a, b) for a, b in zip(got, ref))
+    good = e < 1e-4
+    ok &= good
+    log.append(dict(check="favor_features", rel_err=e, ok=good))
     # The registered CUDA implementations against the reference ops, which run on CPU copies of the inputs
     # (`import rewriter` has already registered the kernels for CUDA tensors).
     from rewriter.attention.triton.registry import register_cuda_kernels
@@ -87,6 +123,7 @@ def check_correctness(log: list) -> bool:
     ops = torch.ops.rewriter
     calls = {"performer": lambda q, k, v, m: ops.performer(q, k, v, m, True, 0.125, 128, 3),
              "linear_elu": lambda q, k, v, m: ops.linear(q, k, v, m, True, 0.125, "elu"),
+             "linear_elu_window": lambda q, k, v, m: ops.linear(q, k, v, m, True, 0.125, "elu", 256, 16),
              "scatterbrain": lambda q, k, v, m: ops.scatterbrain(q, k, v, m, True, 0.125, 64, 256, 16, 1),
              "scatterbrain_bidirectional": lambda q, k, v, m: ops.scatterbrain(q, k, v, m, False, 0.125,
                                                                                           64, 256, 16, 1),
@@ -119,17 +156,43 @@ def sdpa_ms(q, k, v, causal, backend) -> float | None:
         return None
 
 
-def bench_window(L: int, D: int, causal: bool, records: list, flex) -> None:
+def band_pairs(L: int, causal: bool) -> int:
+    """Allowed (query, key) pairs of the window band + sinks (the useful work: 4 D FLOPs per pair and head)."""
+    left, right = window_extents(WINDOW, causal)
+    i = torch.arange(L, dtype=torch.float64)
+    lo = (i - left).clamp_min(0)
+    hi = (i + right).clamp_max(L - 1) if not causal else i
+    band = hi - lo + 1
+    sinks = torch.minimum(lo, torch.full_like(lo, SINKS))           # sink keys left of the band
+    return int((band + sinks).sum().item())
+
+
+def matmul_peak_tflops() -> float:
+    """bf16 matmul throughput measured in this run (cuBLAS, 8192^3): the denominator of fraction_of_matmul_peak."""
+    a = torch.randn(8192, 8192, device="cuda", dtype=torch.bfloat16)
+    b = torch.randn(8192, 8192, device="cuda", dtype=torch.bfloat16)
+    ms = bench(lambda: a @ b)
+    return 2 * 8192 ** 3 / (ms * 1e-3) / 1e12
+
+
+def bench_window(L: int, D: int, causal: bool, records: list, flex, peak: float, hkv: int = 32) -> None:
     from torch.nn.attention import SDPBackend
     H = 32
-    q, k, v = (torch.randn(1, H, L, D, device="cuda", dtype=torch.bfloat16) for _ in range(3))
+    q = torch.randn(1, H, L, D, device="cuda", dtype=torch.bfloat16)
+    k, v = (torch.randn(1, hkv, L, D, device="cuda", dtype=torch.bfloat16) for _ in range(2))
     left, right = window_extents(WINDOW, causal)
     shape = [1, H, L, D]
-    ours = {}
+    flops = 4 * D * H * band_pairs(L, causal)
+    ours, configs = {}, {}
     for block in (64, 128):
         idx, cnt = band_layout(L, L, block, left, right, SINKS, causal, "cuda")
-        ours[block] = bench(lambda: block_sparse_attention(q, k, v, idx, cnt, block, causal=causal, window_left=left,
-                                                           window_right=right, sinks=SINKS))
+        for warps in (4, 8):
+            for stages in (2, 3):
+                ms = bench(lambda: block_sparse_attention(q, k, v, idx, cnt, block, causal=causal, window_left=left,
+                                                          window_right=right, sinks=SINKS, num_warps=warps,
+                                                          num_stages=stages))
+                if block not in ours or ms < ours[block]:
+                    ours[block], configs[block] = ms, dict(num_warps=warps, num_stages=stages)
     best_block = min(ours, key=ours.get)
     peers = {}
     if flex is not None:
@@ -141,41 +204,51 @@ def bench_window(L: int, D: int, causal: bool, records: list, flex) -> None:
             return (allowed & (kj <= qi)) if causal else allowed
 
         bm = create_block_mask(mask_mod, None, None, L, L, device="cuda", BLOCK_SIZE=128)
-        flex(q, k, v, block_mask=bm)
-        peers["flex_attention"] = bench(lambda: flex(q, k, v, block_mask=bm))
-    peers["sdpa_flash_dense"] = sdpa_ms(q, k, v, causal, SDPBackend.FLASH_ATTENTION)
-    peers["sdpa_cudnn_dense"] = sdpa_ms(q, k, v, causal, SDPBackend.CUDNN_ATTENTION)
+        gqa = dict(enable_gqa=True) if hkv != H else {}
+        flex(q, k, v, block_mask=bm, **gqa)
+        peers["flex_attention"] = bench(lambda: flex(q, k, v, block_mask=bm, **gqa))
+    if hkv == H:
+        peers["sdpa_flash_dense"] = sdpa_ms(q, k, v, causal, SDPBackend.FLASH_ATTENTION)
+        peers["sdpa_cudnn_dense"] = sdpa_ms(q, k, v, causal, SDPBackend.CUDNN_ATTENTION)
+    name = f"window{WINDOW}+sinks{SINKS}" + ("" if hkv == H else f"_gqa{H}/{hkv}")
     for block, ms in ours.items():
         for peer, peer_ms in peers.items():
-            records.append(dict(op=f"window{WINDOW}+sinks{SINKS}_block{block}", shape=shape, dtype="bfloat16",
+            records.append(dict(op=f"{name}_block{block}", shape=shape, dtype="bfloat16",
                                 causal=causal, ours_ms=ms, peer=peer, peer_ms=peer_ms,
-                                ratio=None if peer_ms is None else peer_ms / ms, best_block=best_block))
-    print(f"window L={L} D={D} causal={causal} ours={ours} peers={peers}", flush=True)
+                                ratio=None if peer_ms is None else peer_ms / ms, best_block=best_block,
+                                kv_heads=hkv, config=configs[block], tflops=flops / (ms * 1e-3) / 1e12,
+                                fraction_of_matmul_peak=flops / (ms * 1e-3) / 1e12 / peak))
+    print(f"window L={L} D={D} hkv={hkv} causal={causal} ours={ours} {configs} "
+          f"frac={flops / (min(ours.values()) * 1e-3) / 1e12 / peak:.3f} peers={peers}", flush=True)
 
 
-def bench_linear(L: int, D: int, causal: bool, records: list, fla_ops) -> None:
+def bench_linear(L: int, D: int, causal: bool, records: list, fla_ops, hkv: int = 32) -> None:
     from torch.nn.attention import SDPBackend
     H = 32
-    q, k, v = (torch.randn(1, H, L, D, device="cuda", dtype=torch.bfloat16) for _ in range(3))
+    q = torch.randn(1, H, L, D, device="cuda", dtype=torch.bfloat16)
+    k, v = (torch.randn(1, hkv, L, D, device="cuda", dtype=torch.bfloat16) for _ in range(2))
     pq, pk = F.elu(q * D ** -0.25) + 1, F.elu(k * D ** -0.25) + 1
-
-    def ours_fn():
-        num, den = chunked_linear_attention(pq, pk, v, causal)
-        return num / den[..., None]
-
-    ours = bench(ours_fn)
+    by_chunk = {chunk: bench(lambda: chunked_linear_attention(pq, pk, v, causal, chunk=chunk, normalise=True))
+                for chunk in (64, 128)}
+    chunk = min(by_chunk, key=by_chunk.get)
+    ours = by_chunk[chunk]
     peers = {}
     if causal and fla_ops:
-        tq, tk, tv = (x.transpose(1, 2).contiguous() for x in (pq, pk, v))
+        group = H // hkv
+        tq, tk, tv = (x.repeat_interleave(H // x.shape[1], 1).transpose(1, 2).contiguous() for x in (pq, pk, v))
         chunk_linear_attn, chunk_simple_gla = fla_ops
         peers["fla_chunk_linear_attn_normalized"] = bench(
             lambda: chunk_linear_attn(tq, tk, tv, scale=1.0, normalize=True))
         peers["fla_chunk_simple_gla"] = bench(lambda: chunk_simple_gla(tq, tk, tv, scale=1.0))
-    peers["sdpa_flash_dense"] = sdpa_ms(q, k, v, causal, SDPBackend.FLASH_ATTENTION)
+        del group
+    if hkv == H:
+        peers["sdpa_flash_dense"] = sdpa_ms(q, k, v, causal, SDPBackend.FLASH_ATTENTION)
+    name = "linear_elu_F=D" + ("" if hkv == H else f"_gqa{H}/{hkv}")
     for peer, peer_ms in peers.items():
-        records.append(dict(op="linear_elu_F=D", shape=[1, H, L, D], dtype="bfloat16", causal=causal, ours_ms=ours,
-                            peer=peer, peer_ms=peer_ms, ratio=None if peer_ms is None else peer_ms / ours))
-    print(f"linear L={L} D={D} causal={causal} ours={ours:.3f} peers={peers}", flush=True)
+        records.append(dict(op=name, shape=[1, H, L, D], dtype="bfloat16", causal=causal, ours_ms=ours,
+                            peer=peer, peer_ms=peer_ms, ratio=None if peer_ms is None else peer_ms / ours,
+                            chunk=chunk, ms_by_chunk=by_chunk, kv_heads=hkv))
+    print(f"linear L={L} D={D} hkv={hkv} causal={causal} ours={by_chunk} peers={peers}", flush=True)
 
 
 def bench_scatterbrain(L: int, D: int, causal: bool, records: list) -> None:
@@ -189,10 +262,15 @@ def bench_scatterbrain(L: int, D: int, causal: bool, records: list) -> None:
     peers = {"window_op": bench(lambda: ops.window(q, k, v, None, causal, scale, WINDOW, SINKS, 64)),
              "performer_op_64": bench(lambda: ops.performer(q, k, v, None, causal, scale, 64, 0))}
     # where the time goes: the FAVOR+ feature kernel (q and k) and the fused Scatterbrain kernel, timed alone
+    from rewriter.attention.feature_map import _performer_features
     from rewriter.attention.triton.registry import _performer_features_cuda
     from rewriter.attention.triton.scatterbrain import scatterbrain_attention_triton
     feats = _performer_features_cuda(q, k, None, scale, 64, 0, torch.bfloat16)
+    left, right = window_extents(WINDOW, causal)
     parts = {"features_ms": bench(lambda: _performer_features_cuda(q, k, None, scale, 64, 0, torch.bfloat16)),
+             "features_torch_ms": bench(lambda: _performer_features(q, k, None, scale, 64, 0)),
+             "lowrank_outside_ms": bench(lambda: chunked_linear_attention(feats[0], feats[1], v, causal,
+                                                                          outside=(left, right, SINKS))),
              "fused_kernel_ms": bench(lambda: scatterbrain_attention_triton(
                  q, k, v, None, causal, scale, feats[0], feats[1], WINDOW, SINKS, log_phi_q=feats[2],
                  log_phi_k=feats[3]))}
@@ -209,6 +287,7 @@ def main() -> int:
     parser.add_argument("--lengths", type=int, nargs="+", default=[4096, 16384, 32768, 65536])
     parser.add_argument("--ops", nargs="+", choices=["window", "linear", "scatterbrain"],
                         default=["window", "linear", "scatterbrain"])
+    parser.add_argument("--dims", type=int, nargs="+", default=[128, 64])
     parser.add_argument("--budget-s", type=float, default=400.0, help="stop starting new shapes after this long")
     args = parser.parse_args()
     start = time.time()
@@ -221,6 +300,7 @@ def main() -> int:
             json.dump(result, f, indent=1)
 
     result["correct"] = check_correctness(result["checks"])
+    result["matmul_peak_tflops"] = matmul_peak_tflops()
     print(json.dumps(result["checks"], indent=1), flush=True)
     save()
     try:
@@ -238,15 +318,19 @@ def main() -> int:
         result["fla_error"] = repr(err)
         fla_ops = None
     for L in args.lengths:
-        for D in (128, 64):
+        for D in args.dims:
             for causal in (True, False):
                 if time.time() - start > args.budget_s:
                     result.setdefault("skipped", []).append(dict(L=L, D=D, causal=causal))
                     continue
                 if "window" in args.ops:
-                    bench_window(L, D, causal, result["records"], flex)
+                    bench_window(L, D, causal, result["records"], flex, result["matmul_peak_tflops"])
+                    if D == 128:
+                        bench_window(L, D, causal, result["records"], flex, result["matmul_peak_tflops"], hkv=8)
                 if "linear" in args.ops:
                     bench_linear(L, D, causal, result["records"], fla_ops)
+                    if causal:
+                        bench_linear(L, D, causal, result["records"], fla_ops, hkv=8)
                 if "scatterbrain" in args.ops:
                     bench_scatterbrain(L, D, causal, result["records"])
                 save()

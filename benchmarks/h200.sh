@@ -3,6 +3,7 @@
 #   bash benchmarks/h200.sh kernels   # binary GEMV sweep + attention kernels vs SDPA / FlexAttention / fla
 #   bash benchmarks/h200.sh models    # 1.1B Llama prefill (16K, 32K) + KV-cache decode (4K, 16K, 32K)
 #   bash benchmarks/h200.sh forms     # 1.1B prefill of captured + window as eager program, HF folder, AOTI package
+#   bash benchmarks/h200.sh attention # window / linear / Scatterbrain kernels at 16K-64K vs FlexAttention, fla, SDPA
 # Results go to $OUT (default ./out). fla-core comes from a wheel carried in .gpu_kernels2/.whl (no network there):
 #   pip download fla-core==0.6.0 --no-deps -d .gpu_kernels2/.whl   (then carry .gpu_kernels2/.whl with the run)
 set -u
@@ -27,5 +28,9 @@ forms)   # issue 13: every deployable form (eager program, HF folder in transfor
   timeout 560 python benchmarks/prefill.py --forms eager hf aoti --variants window --workdir /tmp/prefill_outputs \
     --out "$OUT/prefill_h200_forms.json" > "$OUT/prefill_forms.log" 2>&1
   echo "prefill forms rc=$?"; grep '"form"' "$OUT/prefill_forms.log" | tail -12;;
-*) echo "usage: $0 kernels|models|forms"; exit 2;;
+attention)   # issue 19: window (tuned configs, GQA), linear (chunk-parallel, GQA), Scatterbrain, at 16K-64K
+  timeout ${ATTN_TIMEOUT:-420} python benchmarks/attention.py --lengths ${ATTN_LENGTHS:-16384 32768 65536} \
+    --budget-s ${ATTN_BUDGET:-360} --out "$OUT/attention_h200_v4.json" > "$OUT/attention.log" 2>&1
+  echo "attention rc=$?"; grep -E "^(window|linear|scatterbrain) " "$OUT/attention.log" | cut -c1-400;;
+*) echo "usage: $0 kernels|models|forms|attention"; exit 2;;
 esac

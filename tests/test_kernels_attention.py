@@ -224,6 +224,52 @@ def test_chunked_linear_matches_dense_oracle(causal, Lq, Lk, F, Dv, chunk, maske
     torch.testing.assert_close(den.to(f64), ref_den, atol=1e-5 * ref_den.abs().max().item(), rtol=0)
 
 
+@pytest.mark.parametrize("causal,Lq,Lk", [(True, 50, 50), (True, 20, 83), (False, 33, 47)])
+def test_chunked_linear_normalised_output(causal, Lq, Lk):
+    """normalise=True divides in the kernel (0 where a row saw no key: batch row 1 has every key masked) and
+    stores the features' dtype; grouped heads (4 query heads on 2 kv heads) read their kv head's states."""
+    B, H, Hkv, F, Dv = 2, 4, 2, 24, 40
+    g = gen(11)
+    phi_q, phi_k = torch.rand(B, H, Lq, F, generator=g), torch.rand(B, Hkv, Lk, F, generator=g)
+    v = torch.randn(B, Hkv, Lk, Dv, generator=g)
+    key_mask = torch.rand(B, Lk, generator=g) > 0.3
+    key_mask[1] = False
+    out = chunked_linear_attention(phi_q, phi_k, v, causal, key_mask, chunk=16, normalise=True)
+    ref_num, ref_den = dense_linear_oracle(phi_q, phi_k, v, causal, key_mask)
+    ref = torch.where(ref_den[..., None] > 0, ref_num / ref_den.clamp_min(1e-300)[..., None], 0.0)
+    assert out.dtype == torch.float32 and out.shape == (B, H, Lq, Dv)
+    assert (out[1] == 0).all()
+    torch.testing.assert_close(out.to(f64), ref, atol=1e-5 * ref.abs().max().item(), rtol=0)
+
+
+@pytest.mark.parametrize("causal,Lq,Lk,left,right,sinks", [
+    (True, 70, 70, 20, 0, 5),       # lag 21 is not a multiple of the chunk: thresholds straddle two key chunks
+    (True, 29, 90, 16, 0, 0),       # Lk > Lq, no sinks
+    (False, 61, 61, 10, 13, 4),     # bidirectional: left and right of the band, minus the sinks
+    (False, 40, 75, 3, 40, 0),      # Lq != Lk, a right extent longer than a chunk
+])
+def test_chunked_linear_outside_window_support(causal, Lq, Lk, left, right, sinks):
+    """outside=(left, right, sinks) sums only keys off the window support (Scatterbrain's low-rank part): the
+    dense oracle with the band (key-aligned positions) and the sinks removed from the allowed pairs."""
+    B, H, Hkv, F, Dv = 2, 4, 2, 24, 20
+    g = gen(14)
+    phi_q, phi_k = torch.rand(B, H, Lq, F, generator=g), torch.rand(B, Hkv, Lk, F, generator=g)
+    v = torch.randn(B, Hkv, Lk, Dv, generator=g)
+    key_mask = torch.rand(B, Lk, generator=g) > 0.2
+    num, den = chunked_linear_attention(phi_q, phi_k, v, causal, key_mask, chunk=16, outside=(left, right, sinks))
+    p = torch.arange(Lq)[:, None] + (Lk - Lq)
+    j = torch.arange(Lk)[None, :]
+    off_band = ((j < p - left) | (j > p + right)) & (j >= sinks)
+    w = (phi_q.to(f64) @ phi_k.to(f64).repeat_interleave(H // Hkv, 1).transpose(-1, -2))
+    allowed = off_band[None, None] & key_mask[:, None, None, :]
+    if causal:
+        allowed = allowed & (j <= p)[None, None]
+    w = w * allowed
+    ref_num, ref_den = w @ v.to(f64).repeat_interleave(H // Hkv, 1), w.sum(-1)
+    torch.testing.assert_close(num.to(f64), ref_num, atol=1e-4 * ref_num.abs().max().item(), rtol=0)
+    torch.testing.assert_close(den.to(f64), ref_den, atol=1e-5 * ref_den.abs().max().item(), rtol=0)
+
+
 def test_chunked_linear_rejects_bad_chunk():
     x = torch.rand(1, 1, 8, 4)
     with pytest.raises(ValueError, match="chunk"):
@@ -238,9 +284,19 @@ def test_registered_functions_match_reference_ops():
     ref = torch.ops.rewriter.performer(q, k, v, key_mask, True, D ** -0.5, 48, 3)
     torch.testing.assert_close(performer_attention_cuda(q, k, v, key_mask, True, D ** -0.5, 48, 3), ref,
                                atol=1e-5, rtol=1e-4)
-    for window, sinks in [(0, 0), (8, 2)]:
-        ref = torch.ops.rewriter.linear(q, k, v, key_mask, False, D ** -0.5, "elu", window, sinks)
-        got = linear_attention_cuda(q, k, v, key_mask, False, D ** -0.5, "elu", window, sinks)
+    for causal, window, sinks in [(False, 0, 0), (False, 8, 2), (True, 8, 2), (True, 0, 3)]:
+        ref = torch.ops.rewriter.linear(q, k, v, key_mask, causal, D ** -0.5, "elu", window, sinks)
+        got = linear_attention_cuda(q, k, v, key_mask, causal, D ** -0.5, "elu", window, sinks)
+        torch.testing.assert_close(got, ref, atol=1e-5, rtol=1e-4)
+    # learned maps (hedgehog), pure and LoLCATs' hybrid with its per-head gain
+    from rewriter.attention.triton.hedgehog import hedgehog_attention_cuda
+    g = gen(15)
+    maps = [torch.randn(H, 8, D, generator=g) * 0.3, torch.randn(H, 8, generator=g) * 0.1,
+            torch.randn(Hkv, 8, D, generator=g) * 0.3, torch.randn(Hkv, 8, generator=g) * 0.1,
+            torch.randn(H, generator=g)]
+    for causal, window, sinks in [(True, 0, 0), (True, 8, 2), (False, 9, 0)]:
+        ref = torch.ops.rewriter.hedgehog(q, k, v, key_mask, causal, D ** -0.5, *maps, window, sinks)
+        got = hedgehog_attention_cuda(q, k, v, key_mask, causal, D ** -0.5, *maps, window, sinks)
         torch.testing.assert_close(got, ref, atol=1e-5, rtol=1e-4)
     ref = torch.ops.rewriter.scatterbrain(q, k, v, key_mask, True, D ** -0.5, 32, 10, 2, 1)
     got = scatterbrain_attention_cuda(q, k, v, key_mask, True, D ** -0.5, 32, 10, 2, 1)
@@ -350,3 +406,24 @@ def test_scatterbrain_matches_dense_oracle(causal, Lq, Lk, window, sinks, masked
     w = w * allowed
     ref = (w @ vv) / w.sum(-1, keepdim=True)
     torch.testing.assert_close(out.to(f64), ref, atol=1e-4, rtol=1e-4)
+
+
+@pytest.mark.parametrize("F,masked", [(48, True), (20, False)])
+def test_favor_feature_kernel_matches_feature_map(F, masked):
+    """The FAVOR+ feature kernel against feature_map("performer") in float64: phi_q / phi_k in the true scale
+    (phi * exp(offset)), the query offsets row maxima, the key offset one per head over real keys, padding keys 0."""
+    from rewriter.attention.feature_map import feature_map, performer_projection
+    from rewriter.attention.triton.favor import favor_features
+    B, H, Hkv, Lq, Lk, D = 2, 4, 2, 37, 70, 24
+    q, k, _ = qkv(12, B, H, Hkv, Lq, Lk, D)
+    key_mask = (torch.rand(B, Lk, generator=gen(13)) > 0.3) if masked else None
+    w = performer_projection(F, D, 5)
+    phi_q, phi_k, log_q, log_k = favor_features(q, k, key_mask, D ** -0.5, w, torch.float32, block_l=16)
+    ref_q, ref_log_q = feature_map("performer", q.to(f64), D ** -0.5, role="query", projection=w)
+    ref_k, ref_log_k = feature_map("performer", k.to(f64), D ** -0.5, role="key", projection=w, key_mask=key_mask)
+    torch.testing.assert_close(log_q.to(f64), ref_log_q, atol=1e-4, rtol=1e-5)
+    torch.testing.assert_close(log_k.to(f64), ref_log_k, atol=1e-4, rtol=1e-5)
+    torch.testing.assert_close(phi_q.to(f64), ref_q, atol=1e-5, rtol=1e-4)
+    torch.testing.assert_close(phi_k.to(f64), ref_k, atol=1e-5, rtol=1e-4)
+    if masked:
+        assert (phi_k.permute(0, 2, 1, 3)[~key_mask] == 0).all()

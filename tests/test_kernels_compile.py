@@ -15,7 +15,7 @@ triton = pytest.importorskip("triton")
 from triton.backends.compiler import GPUTarget  # noqa: E402
 from triton.compiler import ASTSource  # noqa: E402
 
-from rewriter.attention.triton import block_sparse_attention, linear_attention, scatterbrain  # noqa: E402
+from rewriter.attention.triton import block_sparse_attention, favor, linear_attention  # noqa: E402
 from rewriter.linear.triton import binary_linear, lowrank_linear  # noqa: E402
 
 SM90 = GPUTarget("cuda", 90, 32)
@@ -59,34 +59,39 @@ def compile_for_sm90(jit_fn, types: dict[str, str], constexprs: dict, num_warps:
     return compiled
 
 
-@pytest.mark.parametrize("causal,masked,alibi,softcap", [(True, True, True, True), (False, False, False, False)])
-def test_block_sparse_attention_compiles(causal, masked, alibi, softcap):
+@pytest.mark.parametrize("causal,masked,alibi,softcap,lowrank", [(True, True, True, True, False),
+                                                                  (False, False, False, False, True)])
+def test_block_sparse_attention_compiles(causal, masked, alibi, softcap, lowrank):
     ptrs = {"Q": "*bf16", "K": "*bf16", "V": "*bf16", "Out": "*bf16", "Lse": "*fp32", "KvIndex": "*i32",
-            "KvCount": "*i32", "KeyMask": "*i8", "QPos": "*i64", "KPos": "*i64", "Alibi": "*fp32", "qk_scale": "fp32",
-            "cap_log2": "fp32"}
+            "KvCount": "*i32", "KeyMask": "*i8", "QPos": "*i64", "KPos": "*i64", "Alibi": "*fp32", "LrNum": "*fp32",
+            "LrDen": "*fp32", "LrLog": "*fp32", "qk_scale": "fp32", "cap_log2": "fp32"}
     compile_for_sm90(block_sparse_attention._block_sparse_fwd, ptrs, dict(
-        CAUSAL=causal, HAS_MASK=masked, HAS_POS=False, HAS_ALIBI=alibi, HAS_SOFTCAP=softcap, WINDOW_LEFT=True,
+        CAUSAL=causal, HAS_MASK=masked, HAS_POS=False, HAS_ALIBI=alibi, HAS_SOFTCAP=softcap, HAS_LOWRANK=lowrank,
+        LOWRANK_GAIN=False,
+        WINDOW_LEFT=True,
         WINDOW_RIGHT=not causal, HAS_SINKS=True,
         BLOCK=64, HEAD_D=128, HEAD_DV=128, PAD_D=128, PAD_DV=128, DOT_PRECISION="tf32"))
 
 
-@pytest.mark.parametrize("causal", [True, False])
-def test_chunked_linear_attention_compiles(causal):
-    ptrs = {"pq_ptr": "*bf16", "pk_ptr": "*bf16", "v_ptr": "*bf16", "num_ptr": "*fp32", "den_ptr": "*fp32",
-            "kmask_ptr": "*i8"}
-    compile_for_sm90(linear_attention._chunked_linear_fwd, ptrs, dict(
-        CHUNK=64, BLOCK_F=64, BLOCK_DV=64, CAUSAL=causal, HAS_KEY_MASK=True, ATOMIC=not causal,
-        DOT_PRECISION="tf32"))
-
-
-@pytest.mark.parametrize("causal,masked", [(True, True), (False, False)])
-def test_scatterbrain_compiles(causal, masked):
-    ptrs = {"q_ptr": "*bf16", "k_ptr": "*bf16", "v_ptr": "*bf16", "pq_ptr": "*bf16", "pk_ptr": "*bf16",
-            "rlog_ptr": "*fp32", "lnum_ptr": "*fp32", "lden_ptr": "*fp32", "o_ptr": "*bf16", "idx_ptr": "*i32",
-            "cnt_ptr": "*i32", "kmask_ptr": "*i8", "scale": "fp32"}
-    compile_for_sm90(scatterbrain._scatterbrain_fwd, ptrs, dict(
-        BLOCK=64, BLOCK_D=128, BLOCK_DV=128, BLOCK_F=64, CAUSAL=causal, HAS_KEY_MASK=masked, DOT_PRECISION="tf32"),
+@pytest.mark.parametrize("mode,normalise", [(0, True), (1, False), (2, False)])
+def test_chunked_linear_attention_compiles(mode, normalise):
+    compile_for_sm90(linear_attention._chunk_states, {
+        "pk_ptr": "*bf16", "v_ptr": "*bf16", "kmask_ptr": "*i8", "s_ptr": "*bf16", "z_ptr": "*fp32"}, dict(
+        CHUNK=64, BLOCK_F=64, BLOCK_DV=64, PREFIXES=mode != 1, HAS_KEY_MASK=True, DOT_PRECISION="tf32"),
         aligned=True)
+    compile_for_sm90(linear_attention._chunk_output, {
+        "pq_ptr": "*bf16", "pk_ptr": "*bf16", "v_ptr": "*bf16", "kmask_ptr": "*i8", "s_ptr": "*bf16", "z_ptr": "*fp32",
+        "out_ptr": "*bf16", "num_ptr": "*fp32", "den_ptr": "*fp32"}, dict(
+        CHUNK=64, BLOCK_F=128, BLOCK_DV=128, MODE=mode, HAS_KEY_MASK=True, NORMALISE=normalise,
+        DOT_PRECISION="tf32"), aligned=True)
+
+
+@pytest.mark.parametrize("mode", [0, 1, 2])
+def test_favor_features_compiles(mode):
+    compile_for_sm90(favor._favor_features, {
+        "x_ptr": "*bf16", "w_ptr": "*fp32", "kmask_ptr": "*i8", "off_ptr": "*fp32", "phi_ptr": "*bf16",
+        "rowmax_ptr": "*fp32", "sqrt_scale": "fp32", "norm": "fp32"}, dict(
+        BLOCK_L=64, BLOCK_D=128, BLOCK_F=64, MODE=mode, HAS_KEY_MASK=mode > 0, DOT_PRECISION="ieee"), aligned=True)
 
 
 def test_lowrank_linear_compiles():

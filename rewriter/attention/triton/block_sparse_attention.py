@@ -55,12 +55,12 @@ def softcap_log2(s, cap_log2):
 
 @triton.jit
 def _block_sparse_fwd(
-    Q, K, V, Out, Lse, KvIndex, KvCount, KeyMask, QPos, KPos, Alibi,
-    s_qb, s_qh, s_qm, s_kb, s_kh, s_kn, s_vb, s_vh, s_vn, s_ob, s_oh, s_om, s_lb, s_lh,
+    Q, K, V, Out, Lse, KvIndex, KvCount, KeyMask, QPos, KPos, Alibi, LrNum, LrDen, LrLog,
+    s_qb, s_qh, s_qm, s_kb, s_kh, s_kn, s_vb, s_vh, s_vn, s_ob, s_oh, s_om, s_lb, s_lh, s_nb, s_nh, s_nm,
     s_ib, s_ih, s_iq, s_cb, s_ch, s_mb, s_qpb, s_qph, s_kpb, s_kph,
     H, group, Lq, Lk, qk_scale, window_left, window_right, sinks, cap_log2,
     CAUSAL: tl.constexpr, HAS_MASK: tl.constexpr, HAS_POS: tl.constexpr, HAS_ALIBI: tl.constexpr,
-    HAS_SOFTCAP: tl.constexpr,
+    HAS_SOFTCAP: tl.constexpr, HAS_LOWRANK: tl.constexpr, LOWRANK_GAIN: tl.constexpr,
     WINDOW_LEFT: tl.constexpr, WINDOW_RIGHT: tl.constexpr, HAS_SINKS: tl.constexpr,
     BLOCK: tl.constexpr, HEAD_D: tl.constexpr, HEAD_DV: tl.constexpr,
     PAD_D: tl.constexpr, PAD_DV: tl.constexpr, DOT_PRECISION: tl.constexpr,
@@ -144,6 +144,23 @@ def _block_sparse_fwd(
         acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=DOT_PRECISION)
         m_i = m_new
 
+    if HAS_LOWRANK:
+        # Scatterbrain / linear hybrids: add the low-rank terms over the keys off the support, whose true scale is
+        # exp(r) (natural log, per row): both parts are rescaled to the larger of the two stabilisers.
+        if LOWRANK_GAIN:
+            # learned maps (LoLCATs' hybrid): r = the row's largest exact score (0 without one) + a per-head gain
+            r2 = tl.where(m_i == float("-inf"), 0.0, m_i) + tl.load(LrLog + h) * 1.4426950408889634
+        else:
+            r2 = tl.load(LrLog + b * s_lb + h * s_lh + offs_m, mask=row_ok, other=0.0) * 1.4426950408889634
+        lr_num = tl.load(LrNum + b * s_nb + h * s_nh + offs_m[:, None] * s_nm + offs_dv[None, :],
+                         mask=row_ok[:, None] & (offs_dv[None, :] < HEAD_DV), other=0.0)
+        lr_den = tl.load(LrDen + b * s_lb + h * s_lh + offs_m, mask=row_ok, other=0.0)
+        top = tl.maximum(m_i, r2)
+        w_exact = tl.exp2(m_i - top)
+        w_low = tl.exp2(r2 - top)
+        acc = acc * w_exact[:, None] + lr_num * w_low[:, None]
+        l_i = l_i * w_exact + lr_den * w_low
+        m_i = top
     seen = l_i > 0.0
     out = acc / tl.where(seen, l_i, 1.0)[:, None]
     # m_i is in log2 units scaled by log2(e); lse is natural log of sum exp(scale q.k)
@@ -172,8 +189,14 @@ def block_sparse_attention(
     key_mask: Tensor | None = None, causal: bool = False, scale: float | None = None,
     window_left: int = -1, window_right: int = -1, sinks: int = 0,
     q_pos: Tensor | None = None, k_pos: Tensor | None = None, alibi: Tensor | None = None, softcap: float = 0.0,
+    lowrank: tuple[Tensor, Tensor, Tensor] | None = None, num_warps: int | None = None, num_stages: int = 2,
 ) -> tuple[Tensor, Tensor]:
-    """Returns (out (B, H, Lq, Dv) in q's dtype, lse (B, H, Lq) float32; -inf and zeros where a row saw no key)."""
+    """Returns (out (B, H, Lq, Dv) in q's dtype, lse (B, H, Lq) float32; -inf and zeros where a row saw no key).
+
+    lowrank=(num (B, H, Lq, Dv), den (B, H, Lq), r), fp32: weights off the layout's support (Scatterbrain, the
+    linear hybrids) whose true sums are exp(r) num and exp(r) den; the output is then (sum over the support of
+    e^s v + e^r num) / (sum of e^s + e^r den), 0 where that denominator is 0. r is a (B, H, Lq) log scale, or an
+    (H,) gain g: then r = the row's largest score over the support (0 if none) + g_h (learned maps' hybrid)."""
     B, H, Hkv, Lq, Lk, D = check_qkv(q, k, v, key_mask)
     check_alibi(alibi, H)
     check_softcap(softcap)
@@ -208,23 +231,35 @@ def block_sparse_attention(
     else:
         qp = kp = lse
     slopes = alibi.to(device=q.device, dtype=torch.float32).contiguous() if alibi is not None else lse
+    if lowrank is not None:
+        lr_num, lr_den, lr_log = lowrank
+        if tuple(lr_num.shape) != (B, H, Lq, Dv) or tuple(lr_den.shape) != (B, H, Lq) or \
+                tuple(lr_log.shape) not in ((B, H, Lq), (H,)):
+            raise ValueError(f"lowrank must be (num (B, H, Lq, Dv), den (B, H, Lq), log (B, H, Lq)) = "
+                             f"({(B, H, Lq, Dv)}, ...); got {[tuple(x.shape) for x in lowrank]}")
+        # den and log share lse's (contiguous) strides
+        lr_num = lr_num.float().contiguous()
+        lr_den, lr_log = lr_den.float().contiguous(), lr_log.float().contiguous()
+    else:
+        lr_num = lr_den = lr_log = lse
     grid = (nqb, B * H)
     launchable(_block_sparse_fwd)[grid](
-        q, k, v, out, lse, kv_index, kv_count, mask, qp, kp, slopes,
+        q, k, v, out, lse, kv_index, kv_count, mask, qp, kp, slopes, lr_num, lr_den, lr_log,
         q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
         v.stride(0), v.stride(1), v.stride(2), out.stride(0), out.stride(1), out.stride(2),
-        lse.stride(0), lse.stride(1),
+        lse.stride(0), lse.stride(1), *(lr_num.stride()[:3] if lowrank is not None else (0, 0, 0)),
         kv_index.stride(0), kv_index.stride(1), kv_index.stride(2), kv_count.stride(0), kv_count.stride(1),
         mask.stride(0) if key_mask is not None else 0,
         qp.stride(0) if q_pos is not None else 0, qp.stride(1) if q_pos is not None else 0,
         kp.stride(0) if q_pos is not None else 0, kp.stride(1) if q_pos is not None else 0,
         H, H // Hkv, Lq, Lk, scale * _LOG2E, window_left, window_right, sinks, float(softcap) * _LOG2E,
         CAUSAL=causal, HAS_MASK=key_mask is not None, HAS_POS=q_pos is not None, HAS_ALIBI=alibi is not None,
-        HAS_SOFTCAP=softcap > 0,
+        HAS_SOFTCAP=softcap > 0, HAS_LOWRANK=lowrank is not None,
+        LOWRANK_GAIN=lowrank is not None and lowrank[2].dim() == 1,
         WINDOW_LEFT=window_left >= 0, WINDOW_RIGHT=window_right >= 0, HAS_SINKS=sinks > 0,
         BLOCK=block, HEAD_D=D, HEAD_DV=Dv,
         PAD_D=max(16, triton.next_power_of_2(D)), PAD_DV=max(16, triton.next_power_of_2(Dv)),
         DOT_PRECISION="ieee" if q.dtype in (torch.float32, torch.float64) else "tf32",
-        num_warps=4 if block <= 64 else 8, num_stages=2,
+        num_warps=num_warps or (4 if block <= 64 else 8), num_stages=num_stages,
     )
     return out, lse

@@ -1,23 +1,21 @@
-"""Chunked linear attention (forward): the CUDA core of performer / linear attention.
+"""Chunked linear attention (forward): the CUDA core of performer / linear / hedgehog attention and of Scatterbrain's
+low-rank part.
 
 Computes, like ``rewriter.attention.feature_map.linear_attention_core``,
     num_i = sum over allowed j of (phi_q_i . phi_k_j) v_j,   den_i = sum over allowed j of phi_q_i . phi_k_j
-in fp32, with allowed = causal (j <= i + Lk - Lq) and padding. Never builds Lq x Lk.
+in fp32, with allowed = causal (j <= i + Lk - Lq) and padding, and optionally the normalised output num / den
+(0 where den <= 0) in the features' dtype. Never builds Lq x Lk.
 
-Causal (Lightning Attention-2): queries are cut into chunks of CHUNK positions; each chunk adds a masked
-(CHUNK x CHUNK) intra-chunk product and its product with the running state S = sum phi_k_j^T v_j over
-all earlier keys (and z = sum phi_k_j for den), then adds its own keys to S. Keys before the first query
-position (Lk > Lq) seed the state. Bidirectional: S over all keys, then one product per query chunk.
-
-Both terms are linear in the feature dimension, so the grid splits F (and Dv) across programs: program
-(f, d) computes the contribution of features f to outputs d, and several F blocks add their partial sums
-with fp32 atomics into zeroed outputs (one block stores directly). The state of one program is
-BLOCK_F x BLOCK_DV fp32 in registers.
-
-Each program walks its sequence serially, so parallelism is B x H x (F / BLOCK_F) x (Dv / BLOCK_DV) programs.
-Measured on an H200 (bf16, B=1, H=32, elu features F = D, causal): 3.5x faster than fla's normalised
-chunk_linear_attn and 1.7x faster than chunk_simple_gla at L=4K; at L=16K (kernel only) 0.58 ms against
-1.07 / 0.38 ms at D=128: simple_gla, which computes the chunk states in parallel, wins at long L.
+Two kernels, as chunked linear attention is computed in Lightning Attention-2 and fla's chunk kernels:
+1. `_chunk_states`, one program per (batch x kv head, feature tile, value tile): walks the key chunks of CHUNK
+   positions in order and stores, before adding chunk c, the running state S_c = sum_{j < cC} phi_k_j^T v_j
+   (F x Dv, in the features' dtype) and z_c = sum_{j < cC} phi_k_j (fp32). Its serial work per chunk is one
+   (F x C) x (C x Dv) product. Bidirectional: one state over all keys.
+2. `_chunk_output`, one program per (query chunk, batch x query head, value tile), all in parallel: queries are
+   chunked by their key-aligned position p = i + Lk - Lq, so chunk c reads S_c and z_c of its kv head and adds the
+   masked (C x C) product with its own chunk's keys (j <= p). Query head h reads kv head h // (H / Hkv): grouped
+   heads never expand K/V.
+Keys before the first query position (Lk > Lq) only enter the states.
 """
 from __future__ import annotations
 
@@ -28,35 +26,38 @@ from torch import Tensor
 
 
 @triton.jit
-def _chunked_linear_fwd(
-    pq_ptr, pk_ptr, v_ptr, num_ptr, den_ptr, kmask_ptr,
-    H, GROUP, Lq, Lk, F, DV,
-    sq_b, sq_h, sq_l, sk_b, sk_h, sk_l, sv_b, sv_h, sv_l, sn_b, sn_h, sn_l, sd_b, sd_h, skm_b,
+def _chunk_states(
+    pk_ptr, v_ptr, kmask_ptr, s_ptr, z_ptr,
+    HKV, Lk, F, DV, NC, key_start,
+    sk_b, sk_h, sk_l, sv_b, sv_h, sv_l, skm_b, ss_bh, ss_c, ss_f, sz_bh, sz_c,
     CHUNK: tl.constexpr, BLOCK_F: tl.constexpr, BLOCK_DV: tl.constexpr,
-    CAUSAL: tl.constexpr, HAS_KEY_MASK: tl.constexpr, ATOMIC: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    PREFIXES: tl.constexpr, HAS_KEY_MASK: tl.constexpr, DOT_PRECISION: tl.constexpr,
 ):
+    """State c = sum over keys key_start <= j < c CHUNK of phi_k_j^T v_j (and z_c of phi_k_j), c = 0 .. NC (the
+    last is the total); only the total without PREFIXES."""
     bh = tl.program_id(0)
     fb = tl.program_id(1)
     db = tl.program_id(2)
-    b = bh // H
-    h = bh % H
-    hk = h // GROUP
+    b = bh // HKV
+    hk = bh % HKV
     offs_c = tl.arange(0, CHUNK)
     offs_f = fb * BLOCK_F + tl.arange(0, BLOCK_F)
     offs_dv = db * BLOCK_DV + tl.arange(0, BLOCK_DV)
     f_valid = offs_f < F
     dv_valid = offs_dv < DV
-    pq_base = pq_ptr + b * sq_b + h * sq_h
     pk_base = pk_ptr + b * sk_b + hk * sk_h
     v_base = v_ptr + b * sv_b + hk * sv_h
-
+    s_base = s_ptr + bh * ss_bh + offs_f[:, None] * ss_f + offs_dv[None, :]
+    z_base = z_ptr + bh * sz_bh + offs_f
     state = tl.zeros([BLOCK_F, BLOCK_DV], tl.float32)
     z = tl.zeros([BLOCK_F], tl.float32)
-    # Keys that seed the state: all of them (bidirectional) or those before the first query position (causal).
-    seed_end = Lk - Lq if CAUSAL else Lk
-    for start in range(0, seed_end, CHUNK):
-        keys = start + offs_c
-        k_valid = keys < seed_end
+    for c in range(0, NC):
+        if PREFIXES:
+            tl.store(s_base + c * ss_c, state.to(s_ptr.dtype.element_ty), mask=f_valid[:, None] & dv_valid[None, :])
+            if db == 0:
+                tl.store(z_base + c * sz_c, z, mask=f_valid)
+        keys = c * CHUNK + offs_c
+        k_valid = (keys < Lk) & (keys >= key_start)
         if HAS_KEY_MASK:
             k_valid = k_valid & (tl.load(kmask_ptr + b * skm_b + keys, mask=k_valid, other=0) != 0)
         pk = tl.load(pk_base + keys[:, None] * sk_l + offs_f[None, :], mask=k_valid[:, None] & f_valid[None, :],
@@ -65,50 +66,135 @@ def _chunked_linear_fwd(
                     other=0.0)
         state += tl.dot(tl.trans(pk), v, input_precision=DOT_PRECISION)
         z += tl.sum(pk.to(tl.float32), 0)
+    last = NC if PREFIXES else 0
+    tl.store(s_base + last * ss_c, state.to(s_ptr.dtype.element_ty), mask=f_valid[:, None] & dv_valid[None, :])
+    if db == 0:
+        tl.store(z_base + last * sz_c, z, mask=f_valid)
 
-    offset = Lk - Lq
-    for start in range(0, Lq, CHUNK):
-        rows = start + offs_c
-        r_valid = rows < Lq
-        pq = tl.load(pq_base + rows[:, None] * sq_l + offs_f[None, :], mask=r_valid[:, None] & f_valid[None, :],
+
+@triton.jit
+def _prefix_term(pq, t, t_min, pk_base, v_base, kmask_base, s_base, z_base, ss_c, sz_c, sk_l, sv_l, Lk, NC,
+                 key_start, offs_c, offs_f, offs_dv, f_valid, dv_valid,
+                 CHUNK: tl.constexpr, HAS_KEY_MASK: tl.constexpr, DOT_PRECISION: tl.constexpr):
+    """(num, den) of each query row over the keys key_start <= j <= t_row, for rows whose thresholds t run from t_min
+    to t_min + CHUNK - 1: the stored state of the chunk holding t_min, plus masked products with the (at most two)
+    key chunks the thresholds fall in."""
+    first = tl.minimum(tl.maximum(t_min, 0) // CHUNK, NC)
+    state = tl.load(s_base + first * ss_c, mask=f_valid[:, None] & dv_valid[None, :], other=0.0)
+    z = tl.load(z_base + first * sz_c, mask=f_valid, other=0.0)
+    num = tl.dot(pq, state.to(pq.dtype), input_precision=DOT_PRECISION)
+    den = tl.sum(pq.to(tl.float32) * z[None, :], 1)
+    t_max = t_min + CHUNK - 1
+    last = tl.minimum(tl.where(t_max >= 0, t_max // CHUNK, -1), NC - 1)
+    for kc in range(first, last + 1):
+        keys = kc * CHUNK + offs_c
+        k_valid = (keys < Lk) & (keys >= key_start)
+        if HAS_KEY_MASK:
+            k_valid = k_valid & (tl.load(kmask_base + keys, mask=k_valid, other=0) != 0)
+        pk = tl.load(pk_base + keys[:, None] * sk_l + offs_f[None, :], mask=k_valid[:, None] & f_valid[None, :],
                      other=0.0)
+        v = tl.load(v_base + keys[:, None] * sv_l + offs_dv[None, :], mask=k_valid[:, None] & dv_valid[None, :],
+                    other=0.0)
+        scores = tl.dot(pq, tl.trans(pk), input_precision=DOT_PRECISION)
+        scores = tl.where(keys[None, :] <= t[:, None], scores, 0.0)
+        num += tl.dot(scores.to(pq.dtype), v, input_precision=DOT_PRECISION)
+        den += tl.sum(scores, 1)
+    return num, den
+
+
+@triton.jit
+def _chunk_output(
+    pq_ptr, pk_ptr, v_ptr, kmask_ptr, s_ptr, z_ptr, out_ptr, num_ptr, den_ptr,
+    H, GROUP, Lq, Lk, F, DV, NC, key_start, lag_a, lag_b,
+    sq_b, sq_h, sq_l, sk_b, sk_h, sk_l, sv_b, sv_h, sv_l, skm_b, ss_bh, ss_c, ss_f, sz_bh, sz_c,
+    so_b, so_h, so_l, sn_b, sn_h, sn_l, sd_b, sd_h,
+    CHUNK: tl.constexpr, BLOCK_F: tl.constexpr, BLOCK_DV: tl.constexpr, MODE: tl.constexpr,
+    HAS_KEY_MASK: tl.constexpr, NORMALISE: tl.constexpr, DOT_PRECISION: tl.constexpr,
+):
+    """One chunk of query rows. Keys are allowed from key_start on (and by the key mask); with p = i + Lk - Lq the
+    query's key-aligned position, MODE 0 (causal, lag_a = 0) sums keys j <= p - lag_a, MODE 1 every key, MODE 2 the
+    keys outside [p - lag_a + 1, p - lag_b] (every key, plus those j <= p - lag_a, minus those j <= p - lag_b)."""
+    c = tl.program_id(0)
+    bh = tl.program_id(1)
+    db = tl.program_id(2)
+    b = bh // H
+    h = bh % H
+    hk = h // GROUP
+    bhk = b * (H // GROUP) + hk
+    offs_c = tl.arange(0, CHUNK)
+    offs_f = tl.arange(0, BLOCK_F)
+    offs_dv = db * BLOCK_DV + tl.arange(0, BLOCK_DV)
+    f_valid = offs_f < F
+    dv_valid = offs_dv < DV
+    rows = c * CHUNK + offs_c
+    r_valid = rows < Lq
+    pq = tl.load(pq_ptr + b * sq_b + h * sq_h + rows[:, None] * sq_l + offs_f[None, :],
+                 mask=r_valid[:, None] & f_valid[None, :], other=0.0)
+    pk_base = pk_ptr + b * sk_b + hk * sk_h
+    v_base = v_ptr + b * sv_b + hk * sv_h
+    kmask_base = kmask_ptr + b * skm_b
+    s_base = s_ptr + bhk * ss_bh + offs_f[:, None] * ss_f + offs_dv[None, :]
+    z_base = z_ptr + bhk * sz_bh + offs_f
+    pos = rows + (Lk - Lq)
+    p_min = c * CHUNK + (Lk - Lq)
+    if MODE == 0:
+        num, den = _prefix_term(pq, pos - lag_a, p_min - lag_a, pk_base, v_base, kmask_base, s_base, z_base, ss_c,
+                                sz_c, sk_l, sv_l, Lk, NC, key_start, offs_c, offs_f, offs_dv, f_valid, dv_valid,
+                                CHUNK, HAS_KEY_MASK, DOT_PRECISION)
+    else:
+        state = tl.load(s_base + NC * ss_c, mask=f_valid[:, None] & dv_valid[None, :], other=0.0)
+        z = tl.load(z_base + NC * sz_c, mask=f_valid, other=0.0)
         num = tl.dot(pq, state.to(pq.dtype), input_precision=DOT_PRECISION)
         den = tl.sum(pq.to(tl.float32) * z[None, :], 1)
-        if CAUSAL:
-            keys = offset + rows
-            k_valid = r_valid
-            if HAS_KEY_MASK:
-                k_valid = k_valid & (tl.load(kmask_ptr + b * skm_b + keys, mask=r_valid, other=0) != 0)
-            pk = tl.load(pk_base + keys[:, None] * sk_l + offs_f[None, :], mask=k_valid[:, None] & f_valid[None, :],
-                         other=0.0)
-            v = tl.load(v_base + keys[:, None] * sv_l + offs_dv[None, :], mask=k_valid[:, None] & dv_valid[None, :],
-                        other=0.0)
-            scores = tl.dot(pq, tl.trans(pk), input_precision=DOT_PRECISION)
-            scores = tl.where(offs_c[None, :] <= offs_c[:, None], scores, 0.0)
-            num += tl.dot(scores.to(pq.dtype), v, input_precision=DOT_PRECISION)
-            den += tl.sum(scores, 1)
-            state += tl.dot(tl.trans(pk), v, input_precision=DOT_PRECISION)
-            z += tl.sum(pk.to(tl.float32), 0)
-        num_ptrs = num_ptr + b * sn_b + h * sn_h + rows[:, None] * sn_l + offs_dv[None, :]
-        den_ptrs = den_ptr + b * sd_b + h * sd_h + rows
-        if ATOMIC:
-            tl.atomic_add(num_ptrs, num, mask=r_valid[:, None] & dv_valid[None, :])
-        else:
-            tl.store(num_ptrs, num, mask=r_valid[:, None] & dv_valid[None, :])
-        # Only the first value block writes den. A scalar `if`, not `r_valid & (db == 0)`: a scalar comparison folded
+        if MODE == 2:
+            num_a, den_a = _prefix_term(pq, pos - lag_a, p_min - lag_a, pk_base, v_base, kmask_base, s_base, z_base,
+                                        ss_c, sz_c, sk_l, sv_l, Lk, NC, key_start, offs_c, offs_f, offs_dv, f_valid,
+                                        dv_valid, CHUNK, HAS_KEY_MASK, DOT_PRECISION)
+            num_b, den_b = _prefix_term(pq, pos - lag_b, p_min - lag_b, pk_base, v_base, kmask_base, s_base, z_base,
+                                        ss_c, sz_c, sk_l, sv_l, Lk, NC, key_start, offs_c, offs_f, offs_dv, f_valid,
+                                        dv_valid, CHUNK, HAS_KEY_MASK, DOT_PRECISION)
+            num += num_a - num_b
+            den += den_a - den_b
+    if NORMALISE:
+        positive = den > 0
+        out = tl.where(positive[:, None], num / tl.where(positive, den, 1.0)[:, None], 0.0)
+        tl.store(out_ptr + b * so_b + h * so_h + rows[:, None] * so_l + offs_dv[None, :],
+                 out.to(out_ptr.dtype.element_ty), mask=r_valid[:, None] & dv_valid[None, :])
+    else:
+        tl.store(num_ptr + b * sn_b + h * sn_h + rows[:, None] * sn_l + offs_dv[None, :], num,
+                 mask=r_valid[:, None] & dv_valid[None, :])
+        # Only the first value tile writes den. A scalar `if`, not `r_valid & (db == 0)`: a scalar comparison folded
         # into a block mask becomes an int32 mask in triton 3.9's interpreter, which loads and stores reject.
         if db == 0:
-            if ATOMIC:
-                tl.atomic_add(den_ptrs, den, mask=r_valid)
-            else:
-                tl.store(den_ptrs, den, mask=r_valid)
+            tl.store(den_ptr + b * sd_b + h * sd_h + rows, den, mask=r_valid)
+
+
+def _state_tiles(F: int, Dv: int, programs: int) -> tuple[int, int]:
+    """Feature and value tiles of the state kernel: the largest (<= 64 x 64) that still give about two programs per
+    SM of an H200 (132 SMs); its serial loop is the whole sequence, so programs, not tile size, bound its time."""
+    bf = min(64, max(16, triton.next_power_of_2(F)))
+    bdv = min(64, max(16, triton.next_power_of_2(Dv)))
+    while programs * triton.cdiv(F, bf) * triton.cdiv(Dv, bdv) < 264 and max(bf, bdv) > 16:
+        if bf >= bdv:
+            bf //= 2
+        else:
+            bdv //= 2
+    return bf, bdv
+
+
+MAX_FEATURES = 256      # the output kernel holds a query chunk's whole feature row (C x F) in registers
 
 
 def chunked_linear_attention(phi_q: Tensor, phi_k: Tensor, v: Tensor, causal: bool, key_mask: Tensor | None = None,
-                             chunk: int = 64, block_f: int | None = None, block_dv: int | None = None,
-                             num_warps: int = 4) -> tuple[Tensor, Tensor]:
+                             chunk: int = 64, normalise: bool = False, outside: tuple[int, int, int] | None = None,
+                             num_warps: int = 4) -> tuple[Tensor, Tensor] | Tensor:
     """(num (B, H, Lq, Dv) fp32, den (B, H, Lq) fp32) of linear attention; phi_q (B, H, Lq, F), phi_k (B, Hkv, Lk, F),
-    v (B, Hkv, Lk, Dv); query head h reads kv head h // (H // Hkv). The caller divides (den <= 0 -> 0)."""
+    v (B, Hkv, Lk, Dv); query head h reads kv head h // (H // Hkv). The caller divides (den <= 0 -> 0); with
+    normalise=True the kernel does, and returns num / den (0 where den <= 0) in phi_q's dtype.
+
+    outside=(left, right, sinks): sum only over the allowed keys outside a window support, the low-rank part of
+    Scatterbrain / the linear hybrids: keys j with j < p - left or j > p + right (p = i + Lk - Lq; causal has
+    right = 0 and no j > p) and j >= sinks."""
     if phi_q.dim() != 4 or phi_k.dim() != 4 or v.dim() != 4:
         raise ValueError(f"phi_q, phi_k, v must be 4-D; got {tuple(phi_q.shape)}, {tuple(phi_k.shape)}, "
                          f"{tuple(v.shape)}")
@@ -122,33 +208,58 @@ def chunked_linear_attention(phi_q: Tensor, phi_k: Tensor, v: Tensor, causal: bo
         raise ValueError(f"key_mask must be (B, Lk) = ({B}, {Lk}); got {tuple(key_mask.shape)}")
     if chunk < 16 or chunk & (chunk - 1):
         raise ValueError(f"chunk must be a power of two >= 16; got {chunk}")
+    if F > MAX_FEATURES:
+        raise ValueError(f"the chunked linear kernel takes at most {MAX_FEATURES} features; got {F}")
+    if outside is not None and (min(outside) < 0 or (causal and outside[1] != 0)):
+        raise ValueError(f"outside must be (left >= 0, right >= 0, sinks >= 0), right 0 when causal; got {outside}")
+    dev = phi_q.device
     # One dtype for the tensor-core products: v follows the features.
     v = v.to(phi_q.dtype)
     phi_k = phi_k.to(phi_q.dtype)
     phi_q, phi_k, v = (x if x.stride(-1) == 1 else x.contiguous() for x in (phi_q, phi_k, v))
-    # Measured on an H200 (B=1, H=32, L=16K, bf16): F unsplit up to 128 (no atomics) and thin Dv slices (more
-    # programs, a smaller register state) were fastest; 0.58 ms against 3.9 ms for F=64 x Dv=128 blocks at D=128.
-    block_f = block_f or min(128, max(16, triton.next_power_of_2(F)))
-    block_dv = block_dv or min(32, max(16, triton.next_power_of_2(Dv)))
-    n_f, n_dv = triton.cdiv(F, block_f), triton.cdiv(Dv, block_dv)
-    atomic = n_f > 1
-    alloc = torch.zeros if atomic else torch.empty
-    num = alloc(B, H, Lq, Dv, dtype=torch.float32, device=phi_q.device)
-    den = alloc(B, H, Lq, dtype=torch.float32, device=phi_q.device)
+    if normalise:
+        out = torch.empty(B, H, Lq, Dv, dtype=phi_q.dtype, device=dev)
+        num = den = out
+    else:
+        num = torch.empty(B, H, Lq, Dv, dtype=torch.float32, device=dev)
+        den = torch.empty(B, H, Lq, dtype=torch.float32, device=dev)
+        out = num
     if B * H * Lq == 0:
-        return num.zero_(), den.zero_()
+        return out if normalise else (num.zero_(), den.zero_())
+    left, right, sinks = outside if outside is not None else (0, 0, 0)
+    if causal:
+        mode, lag_a, lag_b = 0, (left + 1 if outside is not None else 0), 0
+    else:
+        mode, lag_a, lag_b = (2, left + 1, -right) if outside is not None else (1, 0, 0)
+    n_chunks = max(1, triton.cdiv(Lk, chunk))
+    prefixes = mode != 1
+    states = torch.empty(B * Hkv, n_chunks + 1 if prefixes else 1, F, Dv, dtype=phi_q.dtype, device=dev)
+    zs = torch.empty(B * Hkv, states.shape[1], F, dtype=torch.float32, device=dev)
     if key_mask is not None:
         kmask = key_mask.to(torch.int8).contiguous()
         skm_b = kmask.stride(0)
     else:
-        kmask, skm_b = den, 0
-    _chunked_linear_fwd[(B * H, n_f, n_dv)](
-        phi_q, phi_k, v, num, den, kmask, H, H // Hkv, Lq, Lk, F, Dv,
-        phi_q.stride(0), phi_q.stride(1), phi_q.stride(2), phi_k.stride(0), phi_k.stride(1), phi_k.stride(2),
-        v.stride(0), v.stride(1), v.stride(2), num.stride(0), num.stride(1), num.stride(2),
-        den.stride(0), den.stride(1), skm_b,
-        CHUNK=chunk, BLOCK_F=block_f, BLOCK_DV=block_dv, CAUSAL=causal, HAS_KEY_MASK=key_mask is not None,
-        ATOMIC=atomic, DOT_PRECISION="ieee" if phi_q.dtype in (torch.float32, torch.float64) else "tf32",
-        num_warps=num_warps,
+        kmask, skm_b = zs, 0
+    precision = "ieee" if phi_q.dtype in (torch.float32, torch.float64) else "tf32"
+    bf, bdv = _state_tiles(F, Dv, B * Hkv)
+    _chunk_states[(B * Hkv, triton.cdiv(F, bf), triton.cdiv(Dv, bdv))](
+        phi_k, v, kmask, states, zs, Hkv, Lk, F, Dv, n_chunks, sinks,
+        phi_k.stride(0), phi_k.stride(1), phi_k.stride(2), v.stride(0), v.stride(1), v.stride(2), skm_b,
+        states.stride(0), states.stride(1), states.stride(2), zs.stride(0), zs.stride(1),
+        CHUNK=chunk, BLOCK_F=bf, BLOCK_DV=bdv, PREFIXES=prefixes, HAS_KEY_MASK=key_mask is not None,
+        DOT_PRECISION=precision, num_warps=num_warps,
     )
-    return num, den
+    block_f = max(16, triton.next_power_of_2(F))
+    block_dv = min(128 if block_f <= 128 else 64, max(16, triton.next_power_of_2(Dv)))
+    _chunk_output[(triton.cdiv(Lq, chunk), B * H, triton.cdiv(Dv, block_dv))](
+        phi_q, phi_k, v, kmask, states, zs, out, num, den, H, H // Hkv, Lq, Lk, F, Dv,
+        n_chunks if prefixes else 0, sinks, lag_a, lag_b,
+        phi_q.stride(0), phi_q.stride(1), phi_q.stride(2), phi_k.stride(0), phi_k.stride(1), phi_k.stride(2),
+        v.stride(0), v.stride(1), v.stride(2), skm_b, states.stride(0), states.stride(1), states.stride(2),
+        zs.stride(0), zs.stride(1), out.stride(0), out.stride(1), out.stride(2),
+        num.stride(0), num.stride(1), num.stride(2), 0 if normalise else den.stride(0),
+        0 if normalise else den.stride(1),
+        CHUNK=chunk, BLOCK_F=block_f, BLOCK_DV=block_dv, MODE=mode, HAS_KEY_MASK=key_mask is not None,
+        NORMALISE=normalise, DOT_PRECISION=precision, num_warps=num_warps,
+    )
+    return out if normalise else (num, den)

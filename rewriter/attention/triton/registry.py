@@ -17,7 +17,6 @@ import torch
 from torch import Tensor
 
 from .._contract import drop_full_mask as _drop_full_mask
-from ..feature_map import _normalise
 from . import triton_available, use_reference
 
 
@@ -41,12 +40,14 @@ def _kernel_dtype(q: Tensor) -> torch.dtype:
 
 def _performer_features_cuda(q: Tensor, k: Tensor, key_mask: Optional[Tensor], scale: float, features: int,
                              seed: int, dt: torch.dtype):
-    """FAVOR+ features of q and k (PyTorch), phi in the kernels' dtype `dt`. A Triton feature-map kernel (branch
-    features-kernel) measured 44 ms against about 5 ms for this at L = 32K, D = 128 on the H200
-    (benchmarks/results/attention_h200_v3.json, features_ms), so the PyTorch feature map stays."""
-    from ..feature_map import _performer_features
-    phi_q, phi_k, log_q, log_k = _performer_features(q, k, key_mask, scale, features, seed)
-    return phi_q.to(dt), phi_k.to(dt), log_q, log_k
+    """FAVOR+ features of q and k from the Triton feature kernel (``favor.favor_features``), phi in the kernels'
+    dtype `dt`; PyTorch's feature map above its feature limit."""
+    from ..feature_map import _cached_projection, _performer_features
+    from .favor import MAX_FEATURES, favor_features
+    if features > MAX_FEATURES:
+        phi_q, phi_k, log_q, log_k = _performer_features(q, k, key_mask, scale, features, seed)
+        return phi_q.to(dt), phi_k.to(dt), log_q, log_k
+    return favor_features(q, k, key_mask, scale, _cached_projection(features, q.shape[-1], seed), dt)
 
 
 @cuda_kernel("rewriter::performer")
@@ -60,8 +61,7 @@ def performer_attention_cuda(q: Tensor, k: Tensor, v: Tensor, key_mask: Optional
     _check_features(features)
     dt = _kernel_dtype(q)
     phi_q, phi_k, _, _ = _performer_features_cuda(q, k, key_mask, scale, features, seed, dt)
-    num, den = chunked_linear_attention(phi_q, phi_k, v.to(dt), causal, key_mask)
-    return _normalise(num, den).to(q.dtype)
+    return chunked_linear_attention(phi_q, phi_k, v.to(dt), causal, key_mask, normalise=True).to(q.dtype)
 
 
 @cuda_kernel("rewriter::linear")
@@ -74,12 +74,16 @@ def linear_attention_cuda(q: Tensor, k: Tensor, v: Tensor, key_mask: Optional[Te
     key_mask = _drop_full_mask(key_mask)
     _check_linear_budget(feature_map, window, sinks)
     phi_q, phi_k = _fixed_features(feature_map, q, k, scale)
-    if window or sinks:
-        # the hybrid (band + low rank) has no kernel yet: its reference
-        return sparse_plus_lowrank_attention(q, k, v, key_mask, causal, scale, phi_q, phi_k, window, sinks)
     dt = _kernel_dtype(q)
-    num, den = chunked_linear_attention(phi_q.to(dt), phi_k.to(dt), v.to(dt), causal, key_mask)
-    return _normalise(num, den).to(q.dtype)
+    if window:
+        # the hybrid: the window kernel over the band + sinks, the linear kernel off it (Scatterbrain's kernels)
+        from .scatterbrain import scatterbrain_attention_triton
+        return scatterbrain_attention_triton(q.to(dt), k.to(dt), v.to(dt), key_mask, causal, scale, phi_q.to(dt),
+                                             phi_k.to(dt), window, sinks).to(q.dtype)
+    if sinks:
+        return sparse_plus_lowrank_attention(q, k, v, key_mask, causal, scale, phi_q, phi_k, window, sinks)
+    return chunked_linear_attention(phi_q.to(dt), phi_k.to(dt), v.to(dt), causal, key_mask,
+                                    normalise=True).to(q.dtype)
 
 
 @cuda_kernel("rewriter::scatterbrain")

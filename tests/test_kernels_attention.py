@@ -217,7 +217,7 @@ def test_chunked_linear_matches_dense_oracle(causal, Lq, Lk, F, Dv, chunk, maske
     phi_q, phi_k = torch.rand(B, H, Lq, F, generator=g), torch.rand(B, Hkv, Lk, F, generator=g)
     v = torch.randn(B, Hkv, Lk, Dv, generator=g)
     key_mask = (torch.rand(B, Lk, generator=g) > 0.3) if masked else None
-    num, den = chunked_linear_attention(phi_q, phi_k, v, causal, key_mask, chunk=chunk)
+    num, den = chunked_linear_attention(phi_q, phi_k, v, causal, key_mask, chunk=chunk, segments=2)
     ref_num, ref_den = dense_linear_oracle(phi_q, phi_k, v, causal, key_mask)
     assert num.dtype == den.dtype == torch.float32
     torch.testing.assert_close(num.to(f64), ref_num, atol=1e-4 * ref_num.abs().max().item(), rtol=0)
@@ -256,7 +256,9 @@ def test_chunked_linear_outside_window_support(causal, Lq, Lk, left, right, sink
     phi_q, phi_k = torch.rand(B, H, Lq, F, generator=g), torch.rand(B, Hkv, Lk, F, generator=g)
     v = torch.randn(B, Hkv, Lk, Dv, generator=g)
     key_mask = torch.rand(B, Lk, generator=g) > 0.2
-    num, den = chunked_linear_attention(phi_q, phi_k, v, causal, key_mask, chunk=16, outside=(left, right, sinks))
+    # 3 segments: the state walk restarts per segment, its carry comes from the segments' running sum
+    num, den = chunked_linear_attention(phi_q, phi_k, v, causal, key_mask, chunk=16, outside=(left, right, sinks),
+                                        segments=3)
     p = torch.arange(Lq)[:, None] + (Lk - Lq)
     j = torch.arange(Lk)[None, :]
     off_band = ((j < p - left) | (j > p + right)) & (j >= sinks)

@@ -76,12 +76,13 @@ def test_block_sparse_attention_compiles(causal, masked, alibi, softcap, lowrank
 @pytest.mark.parametrize("mode,normalise", [(0, True), (1, False), (2, False)])
 def test_chunked_linear_attention_compiles(mode, normalise):
     compile_for_sm90(linear_attention._chunk_states, {
-        "pk_ptr": "*bf16", "v_ptr": "*bf16", "kmask_ptr": "*i8", "s_ptr": "*bf16", "z_ptr": "*fp32"}, dict(
+        "pk_ptr": "*bf16", "v_ptr": "*bf16", "kmask_ptr": "*i8", "s_ptr": "*bf16", "z_ptr": "*fp32",
+        "seg_ptr": "*fp32", "segz_ptr": "*fp32"}, dict(
         CHUNK=64, BLOCK_F=64, BLOCK_DV=64, PREFIXES=mode != 1, HAS_KEY_MASK=True, DOT_PRECISION="tf32"),
         aligned=True)
     compile_for_sm90(linear_attention._chunk_output, {
         "pq_ptr": "*bf16", "pk_ptr": "*bf16", "v_ptr": "*bf16", "kmask_ptr": "*i8", "s_ptr": "*bf16", "z_ptr": "*fp32",
-        "out_ptr": "*bf16", "num_ptr": "*fp32", "den_ptr": "*fp32"}, dict(
+        "c_ptr": "*fp32", "cz_ptr": "*fp32", "out_ptr": "*bf16", "num_ptr": "*fp32", "den_ptr": "*fp32"}, dict(
         CHUNK=64, BLOCK_F=128, BLOCK_DV=128, MODE=mode, HAS_KEY_MASK=True, NORMALISE=normalise,
         DOT_PRECISION="tf32"), aligned=True)
 
@@ -91,7 +92,7 @@ def test_favor_features_compiles(mode):
     compile_for_sm90(favor._favor_features, {
         "x_ptr": "*bf16", "w_ptr": "*fp32", "kmask_ptr": "*i8", "off_ptr": "*fp32", "phi_ptr": "*bf16",
         "rowmax_ptr": "*fp32", "sqrt_scale": "fp32", "norm": "fp32"}, dict(
-        BLOCK_L=64, BLOCK_D=128, BLOCK_F=64, MODE=mode, HAS_KEY_MASK=mode > 0, DOT_PRECISION="ieee"), aligned=True)
+        BLOCK_L=64, BLOCK_D=128, BLOCK_F=64, MODE=mode, HAS_KEY_MASK=mode > 0, DOT_PRECISION="tf32x3"), aligned=True)
 
 
 def test_lowrank_linear_compiles():

@@ -228,9 +228,10 @@ def bench_linear(L: int, D: int, causal: bool, records: list, fla_ops, hkv: int 
     q = torch.randn(1, H, L, D, device="cuda", dtype=torch.bfloat16)
     k, v = (torch.randn(1, hkv, L, D, device="cuda", dtype=torch.bfloat16) for _ in range(2))
     pq, pk = F.elu(q * D ** -0.25) + 1, F.elu(k * D ** -0.25) + 1
-    by_chunk = {f"{chunk}/{warps}": bench(lambda: chunked_linear_attention(pq, pk, v, causal, chunk=chunk,
-                                                                         normalise=True, num_warps=warps))
-                for chunk, warps in ((64, 4), (64, 8), (32, 4))}
+    # chunk / warps / state segments (auto: about four programs per SM; 1: one serial walk per state tile)
+    by_chunk = {f"{chunk}/{warps}/{seg or 'auto'}": bench(lambda: chunked_linear_attention(
+        pq, pk, v, causal, chunk=chunk, normalise=True, num_warps=warps, segments=seg))
+        for chunk, warps, seg in ((64, 4, None), (64, 4, 1), (64, 4, 64), (32, 4, None), (64, 8, None))}
     chunk = min(by_chunk, key=by_chunk.get)
     ours = by_chunk[chunk]
     peers = {}

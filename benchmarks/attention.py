@@ -184,10 +184,12 @@ def bench_window(L: int, D: int, causal: bool, records: list, flex, peak: float,
     shape = [1, H, L, D]
     flops = 4 * D * H * band_pairs(L, causal)
     ours, configs = {}, {}
+    # launch configurations: the best of a sweep of warps {4, 8} x stages {2, 3} on 16K and 32K (probe runs)
+    sweep = {64: ((4, 2), (4, 3)), 128: ((8, 2),)}
     for block in (64, 128):
         idx, cnt = band_layout(L, L, block, left, right, SINKS, causal, "cuda")
-        for warps in (4, 8):
-            for stages in (2, 3):
+        for warps, stages in sweep[block]:
+            if True:
                 ms = bench(lambda: block_sparse_attention(q, k, v, idx, cnt, block, causal=causal, window_left=left,
                                                           window_right=right, sinks=SINKS, num_warps=warps,
                                                           num_stages=stages))
@@ -231,7 +233,7 @@ def bench_linear(L: int, D: int, causal: bool, records: list, fla_ops, hkv: int 
     # chunk / warps / state segments (auto: about four programs per SM; 1: one serial walk per state tile)
     by_chunk = {f"{chunk}/{warps}/{seg or 'auto'}": bench(lambda: chunked_linear_attention(
         pq, pk, v, causal, chunk=chunk, normalise=True, num_warps=warps, segments=seg))
-        for chunk, warps, seg in ((64, 4, None), (64, 4, 1), (64, 4, 64), (32, 4, None), (64, 8, None))}
+        for chunk, warps, seg in ((64, 4, None), (64, 4, 1), (32, 4, None))}
     chunk = min(by_chunk, key=by_chunk.get)
     ours = by_chunk[chunk]
     peers = {}

@@ -82,7 +82,7 @@ def test_chunked_linear_attention_compiles(mode, normalise):
         aligned=True)
     compile_for_sm90(linear_attention._chunk_output, {
         "pq_ptr": "*bf16", "pk_ptr": "*bf16", "v_ptr": "*bf16", "kmask_ptr": "*i8", "s_ptr": "*bf16", "z_ptr": "*fp32",
-        "c_ptr": "*fp32", "cz_ptr": "*fp32", "out_ptr": "*bf16", "num_ptr": "*fp32", "den_ptr": "*fp32"}, dict(
+        "out_ptr": "*bf16", "num_ptr": "*fp32", "den_ptr": "*fp32"}, dict(
         CHUNK=64, BLOCK_F=128, BLOCK_DV=128, MODE=mode, HAS_KEY_MASK=True, NORMALISE=normalise,
         DOT_PRECISION="tf32"), aligned=True)
 

@@ -64,7 +64,7 @@ MAX_FEATURES = 256
 
 
 def _launch(x: Tensor, w: Tensor, key_mask: Optional[Tensor], offset: Optional[Tensor], phi: Optional[Tensor],
-            rowmax: Tensor, scale: float, mode: int, block_l: int) -> None:
+            rowmax: Tensor, scale: float, mode: int, block_l: int, precision: str) -> None:
     B, H, L, D = x.shape
     F = w.shape[0]
     if key_mask is not None:
@@ -80,9 +80,7 @@ def _launch(x: Tensor, w: Tensor, key_mask: Optional[Tensor], offset: Optional[T
         rowmax.stride(0), rowmax.stride(1), *(offset.stride() if offset is not None else (0, 0)), skm_b,
         BLOCK_L=block_l, BLOCK_D=max(16, triton.next_power_of_2(D)), BLOCK_F=max(16, triton.next_power_of_2(F)),
         MODE=mode, HAS_KEY_MASK=key_mask is not None,
-        # tf32x3: fp32-accurate products on the tensor cores. "ieee" (an FMA loop) measured 21.7 ms at L = 16K,
-        # D = 128, H = 32 on the H200 (PyTorch's feature map: 2.6 ms; attention_h200_v4 run 2).
-        DOT_PRECISION="tf32x3", num_warps=4 if F <= 128 else 8,
+        DOT_PRECISION=precision, num_warps=4 if F <= 128 else 8,
     )
 
 
@@ -103,12 +101,16 @@ def favor_features(q: Tensor, k: Tensor, key_mask: Optional[Tensor], scale: floa
     log_q = torch.empty(B, H, Lq, dtype=torch.float32, device=q.device)
     phi_k = torch.empty(B, Hkv, Lk, F, dtype=dtype, device=q.device)
     rowmax_k = torch.empty(B, Hkv, Lk, dtype=torch.float32, device=q.device)
+    # Products on the tensor cores: "ieee" (an FMA loop) measured 21.7 ms at L = 16K, D = 128, H = 32 on the H200
+    # (PyTorch's feature map: 2.6 ms); tf32x3 (fp32-accurate) for fp32 features, one tf32 pass (logit error ~1e-3,
+    # below the 2^-8 rounding of the stored features) for half-precision ones.
+    precision = "tf32x3" if dtype in (torch.float32, torch.float64) else "tf32"
     if B * H * Lq:
-        _launch(q, w, None, None, phi_q, log_q, scale, 0, block_l)
+        _launch(q, w, None, None, phi_q, log_q, scale, 0, block_l, precision)
     if B * Hkv * Lk == 0:
         return phi_q, phi_k, log_q, torch.zeros(B, Hkv, dtype=torch.float32, device=q.device)
-    _launch(k, w, key_mask, None, None, rowmax_k, scale, 1, block_l)
+    _launch(k, w, key_mask, None, None, rowmax_k, scale, 1, block_l, precision)
     log_k = rowmax_k.amax(dim=-1)
     log_k = torch.where(torch.isfinite(log_k), log_k, torch.zeros_like(log_k)).contiguous()
-    _launch(k, w, key_mask, log_k, phi_k, rowmax_k, scale, 2, block_l)
+    _launch(k, w, key_mask, log_k, phi_k, rowmax_k, scale, 2, block_l, precision)
     return phi_q, phi_k, log_q, log_k

@@ -352,3 +352,32 @@ def test_softcapped_window_round_trip(tmp_path):
     diff, _, block = _roundtrip(out, "llama", model_inputs("llama", 2, 37, seed=4))
     assert diff < TOL, diff
     assert all(g["args"]["softcap"] == 2.0 for s in block["sites"] for g in s["groups"])
+
+
+def test_half_precision_check_weighs_the_folders_own_rounding(tmp_path, monkeypatch):
+    """16-bit folders: beyond 2e-2, the difference to model.pt2 is weighed against the folder's own rounding (the
+    same folder run in fp32). A 5e-2 change of the program's logits is refused with that rounding in the message
+    (a tiny model rounds far less); the same difference passes when it is within the factor of the rounding."""
+    import transformers as tf
+    from rewriter import capture
+    from rewriter.backends import torch_backend
+    from rewriter.errors import RewriterError
+    torch.manual_seed(0)
+    model = tf.LlamaForCausalLM(tf.LlamaConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                                               num_attention_heads=4, num_key_value_heads=2, vocab_size=128,
+                                               max_position_embeddings=64)).eval().to(torch.bfloat16)
+    program = capture(model, seq=16)
+    folder = tmp_path / "hf"
+    assert torch_backend.write_hf(program, folder, weight_only=False) is None
+    assert torch_backend.check_hf_folder(program, folder) <= 2e-2        # the same ops: within bf16 at once
+    run = program.run
+
+    def shifted(**inputs):
+        out = run(**inputs)
+        noise = torch.randn(out[0].shape, generator=torch.Generator().manual_seed(1)).to(out[0].dtype)
+        return (out[0] + 0.05 * noise * out[0].float().norm() / noise.float().norm(), *out[1:])
+    monkeypatch.setattr(program, "run", shifted)
+    with pytest.raises(RewriterError, match=r"differs by [45]\.\d+e-02 .*the folder's own bfloat16 rounding"):
+        torch_backend.check_hf_folder(program, folder)
+    monkeypatch.setattr(torch_backend, "HF_NOISE_FACTOR", 1e6)
+    assert 4e-2 < torch_backend.check_hf_folder(program, folder) < 6e-2

@@ -219,9 +219,20 @@ def write_hf_folder(program: Program, folder: Path) -> None:
 
 
 # fp32/fp64: largest difference relative to the output's largest magnitude. 16-bit: the norm of the difference
-# relative to the output's norm, since two correct kernels in bf16 already differ by a few percent at single logits
-# after 22 layers (1.1B Llama, H200: max-relative 2.4e-2 between transformers' SDPA and the exact program)
+# relative to the output's norm, within 2e-2 or, beyond that, within HF_NOISE_FACTOR times the folder's own rounding
+# (its 16-bit outputs against the same folder run in fp32): two correct 16-bit computations of a deep model differ
+# by their rounding, which grows with depth (1.1B Llama, 22 layers, H200: 2.4e-2 max-relative between transformers'
+# SDPA and the exact program), while a folder computing another function differs by far more than its rounding.
 HF_CHECK_TOLERANCE = {torch.float32: 1e-4, torch.float64: 1e-8}
+HF_NOISE_FACTOR = 3.0
+
+
+def _relative(a: torch.Tensor, b: torch.Tensor, max_relative: bool) -> float:
+    if not b.numel():
+        return 0.0
+    if max_relative:
+        return float((a - b).abs().max() / b.abs().max().clamp_min(1e-12))
+    return float((a - b).norm() / b.norm().clamp_min(1e-12))
 
 
 def write_hf(program: Program, folder: Path, weight_only: bool) -> str | None:
@@ -292,16 +303,16 @@ def check_hf_folder(program: Program, folder: Path) -> float:
                             f"AttentionInterface such as '{NAME}' ({str(e).splitlines()[0][-120:]})") from None
     inputs = {k: v.to(device) for k, v in inputs.items()}
     tol = HF_CHECK_TOLERANCE.get(dtype, 2e-2)
+    exact_dtype = dtype in HF_CHECK_TOLERANCE
     with torch.no_grad():
         got = model(**inputs)
     want = program.run(**inputs)
     valid = inputs.get("attention_mask")
-    worst, compared = 0.0, 0
+    pairs = []
     for name, ref in zip(program.output_names, want):
         out = got.get(name) if hasattr(got, "get") else None
         if not isinstance(ref, torch.Tensor) or not isinstance(out, torch.Tensor):
             continue
-        compared += 1
         if out.shape != ref.shape:
             raise RewriterError(f"the HF folder's {name} has shape {tuple(out.shape)}, model.pt2's {tuple(ref.shape)}")
         a, b = out.double(), ref.double()
@@ -309,21 +320,32 @@ def check_hf_folder(program: Program, folder: Path) -> float:
             a, b = a[valid.bool()], b[valid.bool()]   # padded positions carry nothing
         if not torch.isfinite(a).all():
             raise RewriterError(f"the HF folder gives non-finite {name}")
-        if not b.numel():
-            rel = 0.0
-        elif dtype in HF_CHECK_TOLERANCE:
-            rel = float((a - b).abs().max() / b.abs().max().clamp_min(1e-12))
-        else:
-            rel = float((a - b).norm() / b.norm().clamp_min(1e-12))
-        worst = max(worst, rel)
-        if rel > tol:
-            raise RewriterError(f"transformers does not run the rewrite as model.pt2 does: {name} differs by "
-                                f"{rel:.2e} (relative; limit {tol:g}): the architecture's attention does not go through "
-                                "transformers' attention interface everywhere, or a pass changed more than attention")
-    if not compared:
+        pairs.append((name, a, b, _relative(a, b, exact_dtype)))
+    if not pairs:
         raise RewriterError(f"the HF model returns none of the program's outputs ({', '.join(program.output_names)})"
                             " to check it against")
-    return worst
+    worst = max(rel for *_, rel in pairs)
+    if worst <= tol:
+        return worst
+    noise = None
+    if not exact_dtype:
+        # beyond 2e-2 in 16 bits: compare with the folder's own rounding (the same folder in fp32)
+        with torch.no_grad():
+            got32 = model.float()(**inputs)
+        noise = 0.0
+        for name, a, _b, _rel in pairs:
+            a32 = got32[name].double()
+            if valid is not None and a32.dim() >= 2 and tuple(a32.shape[:2]) == tuple(valid.shape):
+                a32 = a32[valid.bool()]
+            noise = max(noise, _relative(a, a32, False))
+        if worst <= HF_NOISE_FACTOR * noise:
+            return worst
+    name, *_ , rel = max(pairs, key=lambda p: p[3])
+    limit = f"limit {tol:g}" if noise is None else \
+        f"limit {tol:g}, or {HF_NOISE_FACTOR:g}x the folder's own {str(dtype).split('.')[-1]} rounding {noise:.2e}"
+    raise RewriterError(f"transformers does not run the rewrite as model.pt2 does: {name} differs by "
+                        f"{rel:.2e} (relative; {limit}): the architecture's attention does not go through "
+                        "transformers' attention interface everywhere, or a pass changed more than attention")
 
 
 def load_program(folder: str | Path) -> Program:

@@ -12,7 +12,9 @@ model runs unmodified: a duck-typed cache object receives each layer's post-RoPE
 `cache.update` hook every HF decoder calls, and the attention mask is given as a 4D bool tensor so HF never asks the
 cache for lengths. The attention stays an SDPA call, so the canonical attention sites exist in both programs and the
 graph passes act on them; in the step it runs with each KV head's query heads folded into the query-length dim
-(cache._decode_attention), so the cache is read once per KV head rather than through repeat_kv's copies.
+(cache._decode_attention), so the cache is read once per KV head rather than through repeat_kv's copies. The runtime's
+in-place step lowers those folded SDPA calls to rewriter::decode_attention (the split-K Triton decode kernel on CUDA;
+decode/attention.py), dynamic ThinK's step calls that op itself.
 
 KV thinning hooks in at the cache:
 - ThinK channels (`key_channels`, per layer a (Hkv, Dk) index of kept key channels): the cache stores only those
@@ -24,8 +26,9 @@ KV thinning hooks in at the cache:
   the prompt itself is attended with all channels, and every key written after it keeps all of them. Its kept
   channels go to k_cache like the prompt's and its pruned ones to a second tensor over the decoded slots only,
   `k_pruned` (N, B, Hkv, recent, D - Dk; slot `recent_start` + r at index r). The step scores
-  q[kept].k_cache[kept] with SDPA at width Dk, and adds scale * q[pruned].k_pruned[pruned] on the decoded slots
-  through SDPA's additive mask: one softmax over [pruned prompt keys | full decoded keys].
+  q[kept].k_cache[kept] at width Dk and adds scale * q[pruned].k_pruned[pruned] on the decoded slots, one softmax
+  over [pruned prompt keys | full decoded keys]: rewriter::decode_attention with k_pruned as its second key region
+  (decode/attention.py), so on CUDA the kernel reads the compact keys for prompt slots and both parts for decoded ones.
 Both read the post-RoPE queries in an attention function registered through transformers' AttentionInterface that
 wraps the model's own one: it is the one place every HF decoder hands over post-RoPE queries and keys together
 (cache.update gets keys only, and a q_proj hook would have to redo each architecture's RoPE), and it still calls

@@ -31,6 +31,7 @@ import torch
 
 from ..errors import RewriterError
 from ..rope import rope_tables, rotate_half
+from .attention import lower_step_attention
 
 BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64)
 SLOT_BUCKET = 64          # cache lengths are rounded up to a multiple of this (one captured graph per bucket)
@@ -41,7 +42,8 @@ def inplace_step(program) -> torch.fx.GraphModule:
     """The step program's graph with its cache writes done in place: each `index_copy(select(cache, 0, layer), 2,
     slot, new)` becomes `index_copy_` on that view of the input cache (k_cache, v_cache and dynamic ThinK's
     k_pruned), and the program returns the input caches themselves instead of a stacked copy. The attention reads
-    the written view, so values are unchanged."""
+    the written view, so values are unchanged. Its folded SDPA calls become rewriter::decode_attention (the split-K
+    Triton kernel on CUDA, the same SDPA on CPU: decode/attention.py)."""
     gm = program.ep.module()
     graph = gm.graph
     inputs = {n.name: n for n in graph.nodes if n.op == "placeholder"}
@@ -58,6 +60,7 @@ def inplace_step(program) -> torch.fx.GraphModule:
     if writes == 0:
         raise RewriterError("the decode-step program writes no cache slice through index_copy; the in-place runtime "
                             "does not know this cache form")
+    lower_step_attention(gm)
     output = next(n for n in graph.nodes if n.op == "output")
     output.args = ((output.args[0][0], *caches),)
     graph.eliminate_dead_code()

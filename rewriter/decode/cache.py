@@ -143,11 +143,14 @@ def _attention_function(module: nn.Module, name: str):
 
 
 @contextmanager
-def _attention_active(model: nn.Module, name: str):
-    """Route the model's attention through the registered function `name` for one forward; yields the model's own."""
+def _attention_active(model: nn.Module, name: str, function=None):
+    """Route the model's attention through the registered function `name` (registered here as `function` when
+    given) for one forward; yields the model's own."""
     from transformers import AttentionInterface
     AttentionInterface.register(THINK_ATTENTION, _think_attention)
     AttentionInterface.register(DECODE_ATTENTION, _decode_attention)
+    if function is not None:
+        AttentionInterface.register(name, function)
     inner = model.config._attn_implementation
     model.config._attn_implementation = name
     try:
@@ -161,6 +164,10 @@ def _run_model(model: nn.Module, cache: _ExplicitCache, decode: bool = False, **
     (after the ThinK narrowing) in the one-token decode step."""
     # transformers 5.24 names the cache argument `cache`; earlier 5.x releases `past_key_values`
     kwargs["cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"] = cache
+    route = getattr(cache, "attention", None)      # (name, function, kwargs): a cache with its own attention
+    if route is not None:
+        with _attention_active(model, route[0], route[1]):
+            return model(use_cache=True, **kwargs, **route[2])
     think = getattr(cache, "key_channels", None) is not None or getattr(cache, "think_dynamic", None) is not None
     if not think and not decode:
         return model(use_cache=True, **kwargs)

@@ -44,8 +44,11 @@ def kernel(triton_interpreter):
 
 def test_split_plan_covers_the_cache_in_whole_tiles():
     for B, Hkv, L in [(1, 8, 4096), (1, 8, 32768), (32, 8, 4160), (1, 2, 70), (64, 8, 128)]:
-        splits, chunk = split_plan(B, Hkv, L, torch.device("cpu"))
+        splits, chunk = split_plan(B, Hkv, L, torch.device("cpu"), 4, 1, 128, 64)
         assert chunk % 64 == 0 and chunk >= 128 and (splits - 1) * chunk < L <= splits * chunk
+    # MLA's latent: 32 heads x 448 float32 partials per chunk stay under a quarter of the chunk's cache bytes
+    splits, chunk = split_plan(1, 1, 32768, torch.device("cpu"), 32, 2, 448 + 64, 448, 16)
+    assert 8 * 32 * 448 <= 0.25 * chunk * 2 * (448 + 64) and chunk % 16 == 0
 
 
 @pytest.mark.parametrize("G", [1, 4])                       # MHA, and GQA with 4 query heads per KV head
@@ -96,6 +99,24 @@ def test_kernel_second_key_region_equals_oracle(kernel, start):
     torch.testing.assert_close(out.to(f64), ref, atol=2e-5, rtol=0)
     sdpa = decode_attention_reference(q, k, v, valid[:, None, None, :], 0.25, q_x, k_x, start_t)
     torch.testing.assert_close(sdpa.to(f64), ref, atol=2e-5, rtol=0)
+
+
+def test_kernel_shared_latent_keys_values_many_heads_wide_rows(kernel):
+    """MLA's absorbed form (decode/absorbed.py): one KV head whose keys are its values (the latent, read once),
+    every query head in its group (two blocks of 16), rows wider than 128 (narrower tiles), and the RoPE'd key
+    components as the second region over every slot."""
+    B, G, L, r, R = 2, 20, 90, 160, 16
+    g = gen(12)
+    q, latent = torch.randn(B, 1, G, r, generator=g), torch.randn(B, 1, L, r, generator=g)
+    q_x, k_x = torch.randn(B, 1, G, R, generator=g), torch.randn(B, 1, L, R, generator=g)
+    valid = torch.rand(B, L, generator=gen(13)) > 0.2
+    start = torch.zeros(1, dtype=torch.long)
+    ref = oracle(q, latent, latent, valid, 0.1, q_x, k_x, start)
+    for splits in (None, (2, 64)):
+        out = kernel(q, latent, latent, valid, 0.1, q_x, k_x, start, splits=splits)
+        torch.testing.assert_close(out.to(f64), ref, atol=2e-5, rtol=0)
+    out = kernel(q, latent, latent.clone(), valid, 0.1, q_x, k_x, start)          # the same, values read apart
+    torch.testing.assert_close(out.to(f64), ref, atol=2e-5, rtol=0)
 
 
 def test_extra_scores_place_the_region():

@@ -24,8 +24,9 @@ query (A_h^T q_pre_j, once per token and head) and the value up-projection into 
 head), and attends with rewriter::decode_attention over one shared KV head: the latent as key and value, k_rope as
 its second key region. The up-projections stay separate small matmuls rather than being multiplied into W_q / W_o:
 for a 1.1B Llama shape (r ~ 450, D = 64) that product would read about 8x the query and output weights per token.
-The prefill runs the same algebra for the whole prompt (one SDPA over [A^T q_pre | E^T q] and [l | k_rope]), so the
-decoupled model gets a real prefill program here (the rebuild path prefills token by token).
+The prefill computes the prompt's attention once in the rebuild path's decoupled form (keys and values rebuilt from
+the prompt's latents, the model's SDPA at head dim 2D) and writes the same cache, so the decoupled model gets a
+real prefill program here (the rebuild path prefills token by token).
 
 Exact RoPE (rope=exact) rotates every key component at its slot, so the key up-projection cannot move to the query:
 build_latent_decoder refuses absorbed=True there, and its default keeps the rebuild path for it.
@@ -35,7 +36,7 @@ from __future__ import annotations
 import torch
 
 from ..errors import RewriterError
-from ..rope import rope_tables, rotate_half
+from ..rope import rope_tables, rotate_half, split_heads, split_rope
 from .cache import _PrefillModule, _StepModule
 
 ABSORBED_ATTENTION = "rewriter_mla_absorbed"
@@ -46,7 +47,7 @@ def absorbed_tensors(basis: torch.Tensor, offset: torch.Tensor, rope_basis: torc
                      kv_heads: int, head_dim: int) -> dict[str, torch.Tensor]:
     """Per layer (stacked over N layers) the absorbed form's tensors from latent_tensors' basis (N, 2 Hkv D, R + r),
     offset (N, 2 Hkv D) and rope basis E (N, Hkv D, R):
-    down (N, 2 Hkv D, R + r) = P; q_rope (N, Hkv, D, R) = E_h; q_latent (N, Hkv, D, r) = A_h;
+    down (N, 2 Hkv D, R + r) = P; offset (N, 2 Hkv D) = o (the prompt's rebuilt keys and values); q_rope (N, Hkv, D, R) = E_h; q_latent (N, Hkv, D, r) = A_h;
     v_up (N, Hkv, D, r) = P_v[:, R:]_h; v_offset (N, Hkv, D) = o_v,h; u_freq (N, R/2) the RoPE' frequencies."""
     N, width, W = basis.shape
     R = rope_basis.shape[-1]
@@ -70,7 +71,7 @@ def absorbed_tensors(basis: torch.Tensor, offset: torch.Tensor, rope_basis: torc
     freq = _rope_frequencies(Eh, head_dim)
     A = Pk[..., R:] - E @ (E.transpose(1, 2) @ Pk[..., R:])                # N P_k restricted to the latent
     dtype = basis.dtype
-    return {"down": basis, "q_rope": Eh.to(dtype), "q_latent": A.reshape(N, kv_heads, head_dim, -1).to(dtype),
+    return {"down": basis, "offset": offset, "q_rope": Eh.to(dtype), "q_latent": A.reshape(N, kv_heads, head_dim, -1).to(dtype),
             "v_up": Pv[..., R:].reshape(N, kv_heads, head_dim, -1).to(dtype),
             "v_offset": offset[:, kw:].reshape(N, kv_heads, head_dim),
             "u_freq": inv_freq.float()[freq]}
@@ -108,6 +109,7 @@ class _AbsorbedCache:
         self.positions = positions                          # slots of the incoming tokens; None in prefill: 0 .. T-1
         self.keys: list[torch.Tensor] = []
         self.values: list[torch.Tensor] = []
+        self.latents: list[torch.Tensor] = []                # the incoming tokens' whole c = [u | l] (prompt attention)
 
     def token_positions(self, T: int, device) -> torch.Tensor:
         return torch.arange(T, device=device) if self.positions is None else self.positions
@@ -121,6 +123,7 @@ class _AbsorbedCache:
         z = torch.cat([k_pre.transpose(1, 2).reshape(B, T, Hkv * D), value_states.transpose(1, 2).reshape(B, T, -1)],
                       -1)
         c = (z @ o.down[layer_idx])[:, None]                                       # (B, 1, T, R + r)
+        self.latents.append(c)
         R = o.q_rope.shape[-1]
         cu, su = rope_tables(o.u_freq[layer_idx], positions, c.dtype)
         u = c[..., :R]
@@ -136,11 +139,29 @@ class _AbsorbedCache:
         return torch.stack(self.keys), torch.stack(self.values)
 
 
+def _prompt_attention(module, o, query, q_pre, c, mask, scale):
+    """The prompt's attention in the rebuild path's decoupled form (the mla pass's program): keys and values rebuilt
+    once from the prompt's latents c (B, 1, T, R + r), then the model's SDPA over q' = [q | q_pre] and
+    k' = [RoPE(rope part) | NoPE part] (head dim 2D over the Hkv KV heads: the flash / memory-efficient kernels, no
+    latent-wide T x T scores). Same model as the step's latent-space form."""
+    from .cache import _attention_function
+    layer = module.layer_idx
+    Hkv, D, R = o.q_rope.shape[1:]
+    B, T = c.shape[0], c.shape[2]
+    z = c[:, 0] @ o.down[layer].T + o.offset[layer]                          # (B, T, 2 Hkv D)
+    rope, nope = split_rope(z[..., :Hkv * D], o.q_rope[layer].reshape(Hkv * D, R))
+    rope, nope, v = split_heads(rope, Hkv), split_heads(nope, Hkv), split_heads(z[..., Hkv * D:], Hkv)
+    cos, sin = rope_tables(o.inv_freq, torch.arange(T, device=c.device), c.dtype)
+    keys = torch.cat([rope * cos + rotate_half(rope) * sin, nope], -1)
+    return _attention_function(module, "sdpa")(module, torch.cat([query, q_pre], -1), keys, v, mask,
+                                                scaling=scale)[0]
+
+
 def absorbed_attention(module, query, key, value, attention_mask, *, mla_cache: _AbsorbedCache, scaling=None,
                        dropout=0.0, **kwargs):
     """Attention in latent space: query (B, H, T, D) post-RoPE, key = k_rope (B, 1, L, R), value = latent
-    (B, 1, L, r). One step token: rewriter::decode_attention over the shared KV head; a prompt: SDPA over
-    [A^T q_pre | E^T q] and [latent | k_rope] under the causal mask. Returns (B, T, H, D)."""
+    (B, 1, L, r). One step token: rewriter::decode_attention over the shared KV head, the latent as key and value,
+    k_rope as the second key region. A prompt: _prompt_attention. Returns (B, T, H, D)."""
     o, layer = mla_cache.owner, module.layer_idx
     B, H, T, D = query.shape
     Eh, A, Vu, ov = o.q_rope[layer], o.q_latent[layer], o.v_up[layer], o.v_offset[layer]
@@ -149,22 +170,15 @@ def absorbed_attention(module, query, key, value, attention_mask, *, mla_cache: 
     scale = D ** -0.5 if scaling is None else scaling
     cos, sin = rope_tables(o.inv_freq, mla_cache.token_positions(T, query.device), query.dtype)
     q_pre = query * cos - rotate_half(query) * sin
-    grouped = lambda x: x.reshape(B, Hkv, G * T, D)  # noqa: E731   (head j = kv head j // G, as repeat_kv pairs)
-    q_rope = (grouped(query) @ Eh).reshape(B, H, T, R)                       # E_h^T q_j
-    q_lat = (grouped(q_pre) @ A).reshape(B, H, T, -1)                        # A_h^T q_pre_j
-    if T == 1 and mla_cache.k_cache is not None:
-        out = torch.ops.rewriter.decode_attention(q_lat.transpose(1, 2), value, value, attention_mask, scale,
-                                                  q_rope.transpose(1, 2), key,
-                                                  torch.zeros(1, dtype=torch.long, device=query.device))
-        out = out.transpose(1, 2)                                            # (B, H, 1, r)
-    else:
-        L = key.shape[2]
-        q2 = torch.cat([q_lat, q_rope], -1)
-        k2 = torch.cat([value, key], -1).expand(B, H, L, -1)
-        out = torch.nn.functional.scaled_dot_product_attention(q2, k2, value.expand(B, H, L, -1),
-                                                               attn_mask=attention_mask, scale=scale)
-    out = out.reshape(B, Hkv, G * T, -1) @ Vu.transpose(-1, -2) + ov[:, None, :]      # P_v,h (sum p l) + o_v,h
-    return out.reshape(B, H, T, D).transpose(1, 2).contiguous(), None
+    if T > 1 or mla_cache.k_cache is None:
+        return _prompt_attention(module, o, query, q_pre, mla_cache.latents[layer], attention_mask, scale), None
+    grouped = lambda x: x.reshape(B, Hkv, G, D)  # noqa: E731      (head j = kv head j // G, as repeat_kv pairs)
+    q_rope = (grouped(query) @ Eh).reshape(B, 1, H, R)                       # E_h^T q_j
+    q_lat = (grouped(q_pre) @ A).reshape(B, 1, H, -1)                        # A_h^T q_pre_j
+    out = torch.ops.rewriter.decode_attention(q_lat, value, value, attention_mask, scale, q_rope, key,
+                                              torch.zeros(1, dtype=torch.long, device=query.device))   # (B, 1, H, r)
+    out = out.reshape(B, Hkv, G, -1) @ Vu.transpose(-1, -2) + ov[:, None, :]          # P_v,h (sum p l) + o_v,h
+    return out.reshape(B, 1, H, D), None
 
 
 class _AbsorbedModule:

@@ -24,7 +24,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 KERNEL_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
-MAX_HEAD_DIM = 256
+MAX_HEAD_DIM = 512     # triton_decode.MAX_HEAD_DIM (not imported here: Triton is optional)
 _force_reference = False
 
 
@@ -86,7 +86,7 @@ def _decode_attention_fake(q, k, v, mask, scale, q_extra=None, k_extra=None, ext
 @decode_attention.register_kernel("cuda")
 def _decode_attention_cuda(q, k, v, mask, scale, q_extra=None, k_extra=None, extra_start=None):
     """The split-K Triton kernel; the reference under `reference_attention()`, REWRITER_ATTENTION_REFERENCE=1,
-    without Triton, for float64 or head dims over MAX_HEAD_DIM."""
+    without Triton, for float64 or rows wider than MAX_HEAD_DIM."""
     _check(q, k, v, mask, q_extra, k_extra, extra_start)
     if not use_triton(q, v, q_extra):
         return decode_attention_reference(q, k, v, mask, scale, q_extra, k_extra, extra_start)

@@ -21,9 +21,16 @@ import triton.language as tl
 from torch import Tensor
 
 _LOG2E = 1.4426950408889634
-BLOCK_N = 64            # slots per tile
+MAX_HEAD_DIM = 512      # widest key / value row (padded to a power of two); MLA's latent is a few hundred wide
 MIN_CHUNK = 128         # slots per program at least (a program with less work costs more in launch than it reads)
 PROGRAMS_PER_SM = 4     # split the cache until there are about this many stage-1 programs per SM
+PARTIAL_SHARE = 0.25    # partial outputs written + read per chunk at most this share of the chunk's cache bytes
+
+
+def block_n(pad_d: int, pad_dv: int) -> int:
+    """Slots per tile: narrower tiles for wide rows (registers)."""
+    widest = max(pad_d, pad_dv)
+    return 64 if widest <= 128 else 32 if widest <= 256 else 16
 
 
 @triton.jit
@@ -32,16 +39,16 @@ def _decode_split(
     s_qb, s_qh, s_qg, s_kb, s_kh, s_kn, s_vb, s_vh, s_vn, s_mb, s_ml,
     s_xqb, s_xqh, s_xqg, s_xkb, s_xkh, s_xkn,
     s_pb, s_ph, s_pg, s_ps, s_lb, s_lh, s_lg,
-    Hkv, G, L, chunk, x_len, qk_scale,
-    HAS_EXTRA: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_N: tl.constexpr,
+    Hkv, G, head_blocks, L, chunk, x_len, qk_scale,
+    HAS_EXTRA: tl.constexpr, SHARED_KV: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_N: tl.constexpr,
     HEAD_D: tl.constexpr, HEAD_DV: tl.constexpr, HEAD_DX: tl.constexpr,
     PAD_D: tl.constexpr, PAD_DV: tl.constexpr, PAD_DX: tl.constexpr, DOT_PRECISION: tl.constexpr,
 ):
-    bh = tl.program_id(0)
+    bhg = tl.program_id(0)
     split = tl.program_id(1)
-    b = bh // Hkv
-    h = bh % Hkv
-    offs_g = tl.arange(0, BLOCK_H)
+    b = bhg // (Hkv * head_blocks)
+    h = (bhg // head_blocks) % Hkv
+    offs_g = (bhg % head_blocks) * BLOCK_H + tl.arange(0, BLOCK_H)
     offs_d = tl.arange(0, PAD_D)
     offs_dv = tl.arange(0, PAD_DV)
     g_ok = offs_g < G
@@ -66,8 +73,11 @@ def _decode_split(
         ok = n_ok & (tl.load(Mask + b * s_mb + offs_n * s_ml, mask=n_ok, other=0) != 0)
         k = tl.load(k_base + offs_n[:, None] * s_kn + offs_d[None, :],
                     mask=n_ok[:, None] & (offs_d[None, :] < HEAD_D), other=0.0)
-        v = tl.load(v_base + offs_n[:, None] * s_vn + offs_dv[None, :],
-                    mask=n_ok[:, None] & (offs_dv[None, :] < HEAD_DV), other=0.0)
+        if SHARED_KV:         # keys are the values (MLA's latent): one read
+            v = k
+        else:
+            v = tl.load(v_base + offs_n[:, None] * s_vn + offs_dv[None, :],
+                        mask=n_ok[:, None] & (offs_dv[None, :] < HEAD_DV), other=0.0)
         s = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION)
         if HAS_EXTRA:
             if (n0 + BLOCK_N > x_start) & (n0 < x_start + x_len):       # tiles that reach the second region
@@ -129,16 +139,21 @@ def _sm_count(index: int) -> int:
     return torch.cuda.get_device_properties(index).multi_processor_count
 
 
-def split_plan(batch: int, kv_heads: int, slots: int, device: torch.device,
-               programs_per_sm: int = PROGRAMS_PER_SM, min_chunk: int = MIN_CHUNK) -> tuple[int, int]:
-    """(splits, chunk): the cache cut into `splits` chunks of `chunk` slots (a multiple of BLOCK_N) so that
-    batch x kv_heads x splits is about programs_per_sm x the device's SMs, no chunk under min_chunk slots.
-    Depends on shapes only, so a captured CUDA graph keeps its plan."""
+def split_plan(batch: int, kv_heads: int, slots: int, device: torch.device, groups: int = 1, head_blocks: int = 1,
+               slot_elems: int = 0, out_dim: int = 0, tile: int = 64, programs_per_sm: int = PROGRAMS_PER_SM,
+               min_chunk: int = MIN_CHUNK) -> tuple[int, int]:
+    """(splits, chunk): the cache cut into `splits` chunks of `chunk` slots (a multiple of `tile`) so that
+    batch x kv_heads x head_blocks x splits is about programs_per_sm x the device's SMs, no chunk under min_chunk
+    slots, and no chunk whose partial outputs (groups x out_dim float32, written and read back) cost more than
+    PARTIAL_SHARE of its cache bytes (slot_elems half-precision values per slot). Shapes only: a captured CUDA graph
+    keeps its plan."""
     sms = _sm_count(device.index if device.index is not None else torch.cuda.current_device()) \
         if device.type == "cuda" else 8
-    want = max(1, -(-programs_per_sm * sms // (batch * kv_heads)))
-    chunk = max(-(-slots // want), min_chunk)
-    chunk = -(-chunk // BLOCK_N) * BLOCK_N
+    want = max(1, -(-programs_per_sm * sms // (batch * kv_heads * head_blocks)))
+    partial = 8 * groups * out_dim                     # bytes: float32, written then read
+    floor = max(min_chunk, int(partial / (PARTIAL_SHARE * 2 * slot_elems)) if slot_elems else 0)
+    chunk = max(-(-slots // want), floor)
+    chunk = -(-chunk // tile) * tile
     return -(-slots // chunk), chunk
 
 
@@ -152,11 +167,9 @@ def decode_attention_triton(q: Tensor, k: Tensor, v: Tensor, valid: Tensor, scal
     `splits`: (splits, chunk) instead of split_plan's."""
     B, Hkv, G, D = q.shape
     L, Dv = k.shape[2], v.shape[-1]
+    shared = k.data_ptr() == v.data_ptr() and k.shape == v.shape and k.stride() == v.stride() and k.stride(-1) == 1
     q, k, v = (x if x.stride(-1) == 1 else x.contiguous() for x in (q, k, v))
     mask = valid.view(torch.uint8) if valid.dtype == torch.bool else valid
-    n_splits, chunk = splits or split_plan(B, Hkv, L, q.device)
-    part = torch.empty(B, Hkv, G, n_splits, Dv, dtype=torch.float32, device=q.device)
-    part_lse = torch.empty(B, Hkv, G, n_splits, dtype=torch.float32, device=q.device)
     has_extra = q_extra is not None
     if has_extra:
         q_extra, k_extra = (x if x.stride(-1) == 1 else x.contiguous() for x in (q_extra, k_extra))
@@ -164,20 +177,29 @@ def decode_attention_triton(q: Tensor, k: Tensor, v: Tensor, valid: Tensor, scal
         xq, xk, xs = q_extra, k_extra, extra_start
     else:
         Dx, R = 0, 0
-        xq, xk, xs = q, k, part_lse           # dummy pointers, never read
-    half = q.dtype in (torch.float16, torch.bfloat16)
+        xq, xk, xs = q, k, mask            # dummy pointers, never read
     pad = lambda d: max(16, triton.next_power_of_2(max(d, 1)))  # noqa: E731
-    _launchable(_decode_split)[(B * Hkv, n_splits)](
+    if max(pad(D), pad(Dv), pad(Dx)) > MAX_HEAD_DIM:
+        raise ValueError(f"decode attention rows up to {MAX_HEAD_DIM} wide; got D={D}, Dv={Dv}, Dx={Dx}")
+    block_h = min(max(16, triton.next_power_of_2(G)), 16 if max(pad(D), pad(Dv)) > 128 else 64)
+    head_blocks = -(-G // block_h)
+    tile = block_n(pad(D), pad(Dv))
+    n_splits, chunk = splits or split_plan(B, Hkv, L, q.device, G, head_blocks,
+                                           D + Dx + (0 if shared else Dv), Dv, tile)
+    part = torch.empty(B, Hkv, G, n_splits, Dv, dtype=torch.float32, device=q.device)
+    part_lse = torch.empty(B, Hkv, G, n_splits, dtype=torch.float32, device=q.device)
+    half = q.dtype in (torch.float16, torch.bfloat16)
+    _launchable(_decode_split)[(B * Hkv * head_blocks, n_splits)](
         q, k, v, mask, xq, xk, xs, part, part_lse,
         q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
         v.stride(0), v.stride(1), v.stride(2), mask.stride(0), mask.stride(1),
         xq.stride(0), xq.stride(1), xq.stride(2), xk.stride(0), xk.stride(1), xk.stride(2),
         part.stride(0), part.stride(1), part.stride(2), part.stride(3),
         part_lse.stride(0), part_lse.stride(1), part_lse.stride(2),
-        Hkv, G, L, chunk, R, scale * _LOG2E,
-        HAS_EXTRA=has_extra, BLOCK_H=max(16, triton.next_power_of_2(G)), BLOCK_N=BLOCK_N,
+        Hkv, G, head_blocks, L, chunk, R, scale * _LOG2E,
+        HAS_EXTRA=has_extra, SHARED_KV=shared, BLOCK_H=block_h, BLOCK_N=tile,
         HEAD_D=D, HEAD_DV=Dv, HEAD_DX=Dx, PAD_D=pad(D), PAD_DV=pad(Dv), PAD_DX=pad(Dx),
-        DOT_PRECISION="tf32" if half else "ieee", num_warps=4, num_stages=2,
+        DOT_PRECISION="tf32" if half else "ieee", num_warps=4 if max(pad(D), pad(Dv)) <= 128 else 8, num_stages=2,
     )
     out = torch.empty(B, Hkv, G, Dv, dtype=q.dtype, device=q.device)
     rows_part, rows_lse, rows_out = part.view(-1, n_splits, Dv), part_lse.view(-1, n_splits), out.view(-1, Dv)

@@ -284,6 +284,9 @@ def main() -> int:
                              "it compiles per shape)")
     parser.add_argument("--sdpa-backends", nargs="*", default=[], help="also time the original's step with these "
                         "SDPA kernels forced (math, efficient_attention, flash_attention, cudnn_attention)")
+    parser.add_argument("--split-sweep", type=int, nargs="*", default=[],
+                        help="also time the original (batch 1) with the decode kernel split for this many programs "
+                             "per SM (rewriter.decode.triton_decode.set_split), recorded as original_pps<N>")
     parser.add_argument("--sdpa-variants", nargs="*", default=[],
                         help="variants also timed with the step's attention through SDPA (the decode op's reference) "
                              "instead of the Triton decode kernel, recorded as <variant>_sdpa (batch 1)")
@@ -416,15 +419,19 @@ def main() -> int:
                     elif (c, b) in reference_tokens:
                         rec["agreement_with_original"] = _agree(rec["tokens"], reference_tokens[(c, b)])
                     record(rec)
-                    diagnostics = [(f"original_sdpa_{backend}", backend, False)
+                    # (label, SDPA backend, attention through the reference, kernel programs per SM)
+                    diagnostics = [(f"original_sdpa_{backend}", backend, False, None)
                                    for backend in (args.sdpa_backends if name == "original" and b == 1 else ())]
                     if name in args.sdpa_variants and b == 1:
-                        diagnostics.append((f"{name}_sdpa", None, True))
-                    for label, backend, reference in diagnostics:
+                        diagnostics.append((f"{name}_sdpa", None, True, None))
+                    if name == "original" and b == 1 and device == "cuda":
+                        diagnostics += [(f"original_pps{n}", None, False, n) for n in args.split_sweep]
+                    for label, backend, reference, split in diagnostics:
                         if over_budget(f"{label} context {c} batch {b}"):
                             continue
-                        rec = {"variant": label, "context": c,
-                               **run_decoder(dec, prompts[(c, b)], args.new_tokens, device, backend, reference)}
+                        with split_override(split):
+                            rec = {"variant": label, "context": c,
+                                   **run_decoder(dec, prompts[(c, b)], args.new_tokens, device, backend, reference)}
                         dec._runtime.clear()
                         rec["roofline_fraction"] = rec["tokens_per_s"] / roofline(held, b) if bandwidth else None
                         if (c, b) in reference_tokens:
@@ -441,6 +448,14 @@ def main() -> int:
     result["elapsed_s"] = time.perf_counter() - began
     save()
     return 0
+
+
+def split_override(programs_per_sm: int | None):
+    import contextlib
+    if programs_per_sm is None:
+        return contextlib.nullcontext()
+    from rewriter.decode.triton_decode import set_split
+    return set_split(programs_per_sm=programs_per_sm)
 
 
 def _agree(a: list[int], b: list[int]) -> dict:

@@ -13,6 +13,7 @@ own slot valid in every row). Used through rewriter::decode_attention (rewriter.
 """
 from __future__ import annotations
 
+import contextlib
 import functools
 
 import torch
@@ -23,7 +24,7 @@ from torch import Tensor
 _LOG2E = 1.4426950408889634
 MAX_HEAD_DIM = 512      # widest key / value row (padded to a power of two); MLA's latent is a few hundred wide
 MIN_CHUNK = 128         # slots per program at least (a program with less work costs more in launch than it reads)
-PROGRAMS_PER_SM = 4     # split the cache until there are about this many stage-1 programs per SM
+PROGRAMS_PER_SM = 8     # split the cache until there are about this many stage-1 programs per SM (set_split)
 PARTIAL_SHARE = 0.25    # partial outputs written + read per chunk at most this share of the chunk's cache bytes
 
 
@@ -134,6 +135,22 @@ def _launchable(kernel):
     return torch.library.wrap_triton(kernel) if isinstance(kernel, JITFunction) else kernel
 
 
+_split_override: dict = {}
+
+
+@contextlib.contextmanager
+def set_split(programs_per_sm: int | None = None, min_chunk: int | None = None):
+    """Launches inside use these split parameters (the benchmark's sweep; a CUDA graph captured inside keeps them)."""
+    old = dict(_split_override)
+    _split_override.update({k: v for k, v in (("programs_per_sm", programs_per_sm), ("min_chunk", min_chunk))
+                            if v is not None})
+    try:
+        yield
+    finally:
+        _split_override.clear()
+        _split_override.update(old)
+
+
 @functools.lru_cache(maxsize=None)
 def _sm_count(index: int) -> int:
     return torch.cuda.get_device_properties(index).multi_processor_count
@@ -185,7 +202,7 @@ def decode_attention_triton(q: Tensor, k: Tensor, v: Tensor, valid: Tensor, scal
     head_blocks = -(-G // block_h)
     tile = block_n(pad(D), pad(Dv))
     n_splits, chunk = splits or split_plan(B, Hkv, L, q.device, G, head_blocks,
-                                           D + Dx + (0 if shared else Dv), Dv, tile)
+                                           D + Dx + (0 if shared else Dv), Dv, tile, **_split_override)
     part = torch.empty(B, Hkv, G, n_splits, Dv, dtype=torch.float32, device=q.device)
     part_lse = torch.empty(B, Hkv, G, n_splits, dtype=torch.float32, device=q.device)
     half = q.dtype in (torch.float16, torch.bfloat16)

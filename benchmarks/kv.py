@@ -178,20 +178,21 @@ def kernel_check(session) -> dict:
 
 
 def run_decoder(decoder, ids: torch.Tensor, new: int, device: str, sdpa_backend: str | None = None,
-                reference_attention: bool = False) -> dict:
+                reference_attention: bool = False, compiled: bool = False) -> dict:
     """Prefill + `new` greedy steps through the runtime's static session, timed as one block (synchronised at the
     ends only). sdpa_backend: the step's SDPA kernels (e.g. MATH), default torch's choice. reference_attention: the
-    step's attention through SDPA (rewriter::decode_attention's reference) instead of the Triton decode kernel."""
+    step's attention through SDPA (rewriter::decode_attention's reference) instead of the Triton decode kernel.
+    compiled: the step fused by Inductor (runtime.compiled_step; it compiles in the first, untimed step)."""
     import contextlib
     from rewriter.decode import attention
     with attention.reference_attention() if reference_attention else contextlib.nullcontext():
-        return _run_decoder(decoder, ids, new, device, sdpa_backend, reference_attention)
+        return _run_decoder(decoder, ids, new, device, sdpa_backend, reference_attention, compiled)
 
 
 def _run_decoder(decoder, ids: torch.Tensor, new: int, device: str, sdpa_backend: str | None,
-                 reference_attention: bool) -> dict:
+                 reference_attention: bool, compiled: bool) -> dict:
     B, T = ids.shape
-    session = decoder.session(B, T + new + 2, prompt=T)
+    session = decoder.session(B, T + new + 2, prompt=T, compiled=compiled)
     if sdpa_backend is not None:
         from torch.nn.attention import SDPBackend
         session.sdpa_backends = [getattr(SDPBackend, sdpa_backend.upper())]
@@ -202,7 +203,10 @@ def _run_decoder(decoder, ids: torch.Tensor, new: int, device: str, sdpa_backend
     prefill_ms = (time.perf_counter() - t0) * 1e3
     tokens = [int(session.next[0, 0])]
     session.ids.copy_(session.next)
-    session.step()                            # first step: eager, then the capture on CUDA
+    t0 = time.perf_counter()
+    session.step()                            # first step: eager (compiling the step when `compiled`), then the capture
+    sync(device)
+    first_step_s = time.perf_counter() - t0
     tokens.append(int(session.next[0, 0]))
     check = kcheck = None
     if device == "cuda":                      # one more step, replayed and eager from the same state
@@ -230,7 +234,8 @@ def _run_decoder(decoder, ids: torch.Tensor, new: int, device: str, sdpa_backend
                 if t is not None)
     return {"batch": B, "prefill_ms": prefill_ms, "decode_ms_per_token": step_ms, "tokens_per_s": B * 1e3 / step_ms,
             "sdpa_backend": sdpa_backend or "default",
-            "attention": "triton_decode" if kernel_runs(ids.device) else "sdpa",
+            "attention": "triton_decode" if kernel_runs(ids.device) else "sdpa", "inductor": compiled,
+            "first_step_s": first_step_s,
             "graph_check": check, "kernel_check": kcheck,
             "decode_peak_allocated_bytes": peak_bytes(device), "cache_tensor_bytes": cache, "tokens": tokens[:new]}
 
@@ -287,6 +292,9 @@ def main() -> int:
     parser.add_argument("--split-sweep", type=int, nargs="*", default=[],
                         help="also time the original (batch 1) with the decode kernel split for this many programs "
                              "per SM (rewriter.decode.triton_decode.set_split), recorded as original_pps<N>")
+    parser.add_argument("--compile-variants", nargs="*", default=[],
+                        help="variants also timed with the step fused by Inductor (runtime.compiled_step), recorded as "
+                             "<variant>_inductor (every batch; one compile per shape)")
     parser.add_argument("--sdpa-variants", nargs="*", default=[],
                         help="variants also timed with the step's attention through SDPA (the decode op's reference) "
                              "instead of the Triton decode kernel, recorded as <variant>_sdpa (batch 1)")
@@ -419,19 +427,22 @@ def main() -> int:
                     elif (c, b) in reference_tokens:
                         rec["agreement_with_original"] = _agree(rec["tokens"], reference_tokens[(c, b)])
                     record(rec)
-                    # (label, SDPA backend, attention through the reference, kernel programs per SM)
-                    diagnostics = [(f"original_sdpa_{backend}", backend, False, None)
+                    # (label, SDPA backend, attention through the reference, kernel programs per SM, Inductor)
+                    diagnostics = [(f"original_sdpa_{backend}", backend, False, None, False)
                                    for backend in (args.sdpa_backends if name == "original" and b == 1 else ())]
+                    if name in args.compile_variants:
+                        diagnostics.append((f"{name}_inductor", None, False, None, True))
                     if name in args.sdpa_variants and b == 1:
-                        diagnostics.append((f"{name}_sdpa", None, True, None))
+                        diagnostics.append((f"{name}_sdpa", None, True, None, False))
                     if name == "original" and b == 1 and device == "cuda":
-                        diagnostics += [(f"original_pps{n}", None, False, n) for n in args.split_sweep]
-                    for label, backend, reference, split in diagnostics:
+                        diagnostics += [(f"original_pps{n}", None, False, n, False) for n in args.split_sweep]
+                    for label, backend, reference, split, compiled in diagnostics:
                         if over_budget(f"{label} context {c} batch {b}"):
                             continue
                         with split_override(split):
                             rec = {"variant": label, "context": c,
-                                   **run_decoder(dec, prompts[(c, b)], args.new_tokens, device, backend, reference)}
+                                   **run_decoder(dec, prompts[(c, b)], args.new_tokens, device, backend, reference,
+                                                 compiled)}
                         dec._runtime.clear()
                         rec["roofline_fraction"] = rec["tokens_per_s"] / roofline(held, b) if bandwidth else None
                         if (c, b) in reference_tokens:

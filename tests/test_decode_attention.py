@@ -112,7 +112,7 @@ def test_kernel_shared_latent_keys_values_many_heads_wide_rows(kernel):
     valid = torch.rand(B, L, generator=gen(13)) > 0.2
     start = torch.zeros(1, dtype=torch.long)
     ref = oracle(q, latent, latent, valid, 0.1, q_x, k_x, start)
-    for splits in (None, (2, 64)):
+    for splits in (None, (2, 64), (23, 4)):          # 23 chunks: the reduce takes them 16 at a time
         out = kernel(q, latent, latent, valid, 0.1, q_x, k_x, start, splits=splits)
         torch.testing.assert_close(out.to(f64), ref, atol=2e-5, rtol=0)
     out = kernel(q, latent, latent.clone(), valid, 0.1, q_x, k_x, start)          # the same, values read apart

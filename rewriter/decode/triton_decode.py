@@ -109,23 +109,27 @@ def _decode_split(
 def _decode_reduce(
     Part, PartLse, Out,
     s_pr, s_ps, s_lr, s_or, splits,
-    HEAD_DV: tl.constexpr, PAD_DV: tl.constexpr, PAD_S: tl.constexpr,
+    HEAD_DV: tl.constexpr, PAD_DV: tl.constexpr, PAD_S: tl.constexpr, BLOCK_S: tl.constexpr,
 ):
     row = tl.program_id(0)            # (b, kv head, query head of the group) flattened
     offs_s = tl.arange(0, PAD_S)
     offs_dv = tl.arange(0, PAD_DV)
-    lse = tl.load(PartLse + row * s_lr + offs_s, mask=offs_s < splits, other=float("-inf"))
-    m = tl.max(lse, 0)
+    dv_ok = offs_dv < HEAD_DV
+    m = tl.max(tl.load(PartLse + row * s_lr + offs_s, mask=offs_s < splits, other=float("-inf")), 0)
     m_safe = tl.where(m == float("-inf"), 0.0, m)
     acc = tl.zeros([PAD_DV], tl.float32)
-    total = 0.0
-    for s in range(0, splits):
-        w = tl.exp2(tl.load(PartLse + row * s_lr + s) - m_safe)
-        part = tl.load(Part + row * s_pr + s * s_ps + offs_dv, mask=offs_dv < HEAD_DV, other=0.0)
-        acc += w * part
+    total = tl.zeros([BLOCK_S], tl.float32)
+    for s0 in range(0, splits, BLOCK_S):       # BLOCK_S chunks' partials per load, not one chunk at a time
+        offs = s0 + tl.arange(0, BLOCK_S)
+        ok = offs < splits
+        w = tl.exp2(tl.load(PartLse + row * s_lr + offs, mask=ok, other=float("-inf")) - m_safe)
+        part = tl.load(Part + row * s_pr + offs[:, None] * s_ps + offs_dv[None, :], mask=ok[:, None] & dv_ok[None, :],
+                       other=0.0)
+        acc += tl.sum(w[:, None] * part, 0)
         total += w
-    out = acc / tl.where(total > 0.0, total, 1.0)
-    tl.store(Out + row * s_or + offs_dv, out.to(Out.dtype.element_ty), mask=offs_dv < HEAD_DV)
+    norm = tl.sum(total, 0)
+    out = acc / tl.where(norm > 0.0, norm, 1.0)
+    tl.store(Out + row * s_or + offs_dv, out.to(Out.dtype.element_ty), mask=dv_ok)
 
 
 def _launchable(kernel):
@@ -223,6 +227,6 @@ def decode_attention_triton(q: Tensor, k: Tensor, v: Tensor, valid: Tensor, scal
     _launchable(_decode_reduce)[(B * Hkv * G,)](
         rows_part, rows_lse, rows_out, rows_part.stride(0), rows_part.stride(1), rows_lse.stride(0),
         rows_out.stride(0), n_splits, HEAD_DV=Dv, PAD_DV=pad(Dv), PAD_S=max(16, triton.next_power_of_2(n_splits)),
-        num_warps=1,
+        BLOCK_S=max(2, min(64, 4096 // pad(Dv))), num_warps=4,
     )
     return out

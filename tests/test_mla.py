@@ -278,6 +278,19 @@ def test_absorbed_latent_decode_equals_rebuild_path_and_rebuilds_nothing():
     exact = Pipeline([make_pass("mla", {"rank": 12})]).run(program, CALIB).program.meta["mla"]
     with pytest.raises(RewriterError, match="absorbed .*needs rope=decoupled"):
         build_latent_decoder(model, exact, max_len=24, absorbed=True)
+    # a RoPE basis that mixes frequencies (still orthonormal, still orthogonal to the latent): RoPE no longer commutes
+    # with it column by column, so absorbing would change the model
+    from rewriter.decode.absorbed import absorbed_tensors
+    from rewriter.decode.latent import latent_tensors
+    from rewriter.rope import rope_inv_freq
+    basis, offset, rope_basis, _ = latent_tensors(meta, 2)
+    absorbed_tensors(basis, offset, rope_basis, rope_inv_freq(model, "test"), 2, 16)          # the pass's own: fine
+    Q = torch.linalg.qr(torch.randn(8, 8, generator=torch.Generator().manual_seed(0)))[0]
+    mixed = rope_basis @ Q
+    basis = basis.clone()
+    basis[:, :32, :8] = mixed
+    with pytest.raises(RewriterError, match="per-frequency form"):
+        absorbed_tensors(basis, offset, mixed, rope_inv_freq(model, "test"), 2, 16)
 
 
 @pytest.mark.parametrize("opts,message", [

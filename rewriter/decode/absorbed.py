@@ -40,15 +40,17 @@ from ..rope import rope_tables, rotate_half, split_heads, split_rope
 from .cache import _PrefillModule, _StepModule
 
 ABSORBED_ATTENTION = "rewriter_mla_absorbed"
-ORTHO_TOLERANCE = 1e-4        # |E^T L|, |E^T o_k|, |N E| relative to 1 (float32 bases)
+ORTHO_TOLERANCE = 1e-4        # |P[:, :R] - E|, |E^T L|, |E^T o_k|, off-frequency entries of E (float32 bases)
 
 
 def absorbed_tensors(basis: torch.Tensor, offset: torch.Tensor, rope_basis: torch.Tensor, inv_freq: torch.Tensor,
                      kv_heads: int, head_dim: int) -> dict[str, torch.Tensor]:
     """Per layer (stacked over N layers) the absorbed form's tensors from latent_tensors' basis (N, 2 Hkv D, R + r),
     offset (N, 2 Hkv D) and rope basis E (N, Hkv D, R):
-    down (N, 2 Hkv D, R + r) = P; offset (N, 2 Hkv D) = o (the prompt's rebuilt keys and values); q_rope (N, Hkv, D, R) = E_h; q_latent (N, Hkv, D, r) = A_h;
-    v_up (N, Hkv, D, r) = P_v[:, R:]_h; v_offset (N, Hkv, D) = o_v,h; u_freq (N, R/2) the RoPE' frequencies."""
+    down (N, 2 Hkv D, R + r) = P; offset (N, 2 Hkv D) = o (the prompt's rebuilt keys and values);
+    q_rope (N, Hkv, D, R) = E_h; q_latent (N, Hkv, D, r) = A_h; v_up (N, Hkv, D, r) = P_v[:, R:]_h;
+    v_offset (N, Hkv, D) = o_v,h; u_freq (N, R/2) the RoPE' frequencies. Refuses (RewriterError) a basis that is not
+    the mla pass's decoupled layout, where absorbing would change the model."""
     N, width, W = basis.shape
     R = rope_basis.shape[-1]
     kw = kv_heads * head_dim
@@ -71,7 +73,8 @@ def absorbed_tensors(basis: torch.Tensor, offset: torch.Tensor, rope_basis: torc
     freq = _rope_frequencies(Eh, head_dim)
     A = Pk[..., R:] - E @ (E.transpose(1, 2) @ Pk[..., R:])                # N P_k restricted to the latent
     dtype = basis.dtype
-    return {"down": basis, "offset": offset, "q_rope": Eh.to(dtype), "q_latent": A.reshape(N, kv_heads, head_dim, -1).to(dtype),
+    return {"down": basis, "offset": offset, "q_rope": Eh.to(dtype),
+            "q_latent": A.reshape(N, kv_heads, head_dim, -1).to(dtype),
             "v_up": Pv[..., R:].reshape(N, kv_heads, head_dim, -1).to(dtype),
             "v_offset": offset[:, kw:].reshape(N, kv_heads, head_dim),
             "u_freq": inv_freq.float()[freq]}

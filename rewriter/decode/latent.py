@@ -177,8 +177,8 @@ def _build_absorbed(model, dims, basis, offset, rope_basis, r, inv_freq, ids, ma
     R = rope_basis.shape[-1]
     inv = inv_freq.to(device)
     prefill = _export(AbsorbedPrefill(model, None).attach(tensors, inv).eval(), {"input_ids": ids},
-                      {"input_ids": {0: "batch", 1: "seq"}}, {"batch": (1, max_batch), "seq": (2, max_len)}, config, source,
-                      ["logits", "keys", "values"])
+                      {"input_ids": {0: "batch", 1: "seq"}}, {"batch": (1, max_batch), "seq": (2, max_len)}, config,
+                      source, ["logits", "keys", "values"])
     B, T = ids.shape
     shape = (dims["layers"], B, 1, max_len)
     step_inputs = step_inputs_at(ids[:, :1], T - 1, torch.zeros(*shape, R, dtype=dtype, device=device),

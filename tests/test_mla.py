@@ -284,7 +284,10 @@ def test_absorbed_latent_decode_equals_rebuild_path_and_rebuilds_nothing():
     from rewriter.decode.latent import latent_tensors
     from rewriter.rope import rope_inv_freq
     basis, offset, rope_basis, _ = latent_tensors(meta, 2)
-    absorbed_tensors(basis, offset, rope_basis, rope_inv_freq(model, "test"), 2, 16)          # the pass's own: fine
+    fine = absorbed_tensors(basis, offset, rope_basis, rope_inv_freq(model, "test"), 2, 16)   # the pass's own: fine
+    half = absorbed_tensors(basis.bfloat16(), offset.bfloat16(), rope_basis.bfloat16(),        # a bf16 model's too
+                            rope_inv_freq(model, "test"), 2, 16)
+    torch.testing.assert_close(half["q_latent"].float(), fine["q_latent"], atol=2e-2, rtol=0)
     Q = torch.linalg.qr(torch.randn(8, 8, generator=torch.Generator().manual_seed(0)))[0]
     mixed = rope_basis @ Q
     basis = basis.clone()

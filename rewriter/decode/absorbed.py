@@ -43,6 +43,11 @@ ABSORBED_ATTENTION = "rewriter_mla_absorbed"
 ORTHO_TOLERANCE = 1e-4        # |P[:, :R] - E|, |E^T L|, |E^T o_k|, off-frequency entries of E (float32 bases)
 
 
+def _tolerance(dtype: torch.dtype) -> float:
+    """The identities above hold to the bases' rounding: bf16 / fp16 bases (a half-precision model) get 4 eps."""
+    return max(ORTHO_TOLERANCE, 4 * torch.finfo(dtype).eps)
+
+
 def absorbed_tensors(basis: torch.Tensor, offset: torch.Tensor, rope_basis: torch.Tensor, inv_freq: torch.Tensor,
                      kv_heads: int, head_dim: int) -> dict[str, torch.Tensor]:
     """Per layer (stacked over N layers) the absorbed form's tensors from latent_tensors' basis (N, 2 Hkv D, R + r),
@@ -58,19 +63,20 @@ def absorbed_tensors(basis: torch.Tensor, offset: torch.Tensor, rope_basis: torc
     E = rope_basis.double()
     Pk, Pv = P[:, :kw], P[:, kw:]
     where = "the MLA latent basis"
+    tol = _tolerance(basis.dtype)
     if R == 0 or R % 2:
         raise RewriterError(f"{where}: absorbed decode needs decoupled RoPE dims (an even number > 0); got {R}")
-    if (Pk[..., :R] - E).abs().max() > ORTHO_TOLERANCE or Pv[..., :R].abs().max() > ORTHO_TOLERANCE:
+    if (Pk[..., :R] - E).abs().max() > tol or Pv[..., :R].abs().max() > tol:
         raise RewriterError(f"{where} does not start with its RoPE basis (P = [E | L]); absorbed decode needs the "
                             "mla pass's decoupled layout", "build with absorbed=False")
     cross = (E.transpose(1, 2) @ Pk[..., R:]).abs().max()
     bias = (E.transpose(1, 2) @ offset.double()[:, :kw, None]).abs().max()
-    if max(cross, bias) > ORTHO_TOLERANCE * max(1.0, float(offset.double().abs().max())):
+    if max(cross, bias) > tol * max(1.0, float(offset.double().abs().max())):
         raise RewriterError(f"{where}: the latent is not orthogonal to the RoPE basis (|E^T L| = {float(cross):.2e}, "
                             f"|E^T o| = {float(bias):.2e}), so absorbing it would change the model",
                             "build with absorbed=False")
     Eh = E.reshape(N, kv_heads, head_dim, R)
-    freq = _rope_frequencies(Eh, head_dim)
+    freq = _rope_frequencies(Eh, tol)
     A = Pk[..., R:] - E @ (E.transpose(1, 2) @ Pk[..., R:])                # N P_k restricted to the latent
     dtype = basis.dtype
     return {"down": basis, "offset": offset, "q_rope": Eh.to(dtype),
@@ -80,7 +86,7 @@ def absorbed_tensors(basis: torch.Tensor, offset: torch.Tensor, rope_basis: torc
             "u_freq": inv_freq.float()[freq]}
 
 
-def _rope_frequencies(Eh: torch.Tensor, head_dim: int) -> torch.Tensor:
+def _rope_frequencies(Eh: torch.Tensor, tol: float) -> torch.Tensor:
     """(N, R/2) long: the frequency of each column pair of E (N, Hkv, D, R), checked to be TransMLA's per-frequency
     form (column i on dim f of every head, column i + R/2 on dim f + D/2 with the same weights)."""
     N, Hkv, D, R = Eh.shape
@@ -90,13 +96,13 @@ def _rope_frequencies(Eh: torch.Tensor, head_dim: int) -> torch.Tensor:
     freq = dims % half
     on = torch.zeros_like(first)
     on.scatter_(2, freq[:, None, None, :].expand(N, Hkv, 1, pairs), 1.0)
-    lo_ok = ((first * (1 - on)).abs().max() <= ORTHO_TOLERANCE) and bool((dims < half).all())
+    lo_ok = ((first * (1 - on)).abs().max() <= tol) and bool((dims < half).all())
     partner = torch.zeros_like(second)
     partner[:, :, half:] = on[:, :, :half]
-    hi_ok = (second * (1 - partner)).abs().max() <= ORTHO_TOLERANCE
+    hi_ok = (second * (1 - partner)).abs().max() <= tol
     same = (first.gather(2, freq[:, None, None, :].expand(N, Hkv, 1, pairs))
             - second.gather(2, (freq + half)[:, None, None, :].expand(N, Hkv, 1, pairs))).abs().max()
-    if not (lo_ok and hi_ok and same <= ORTHO_TOLERANCE):
+    if not (lo_ok and hi_ok and same <= tol):
         raise RewriterError("the MLA RoPE basis is not in TransMLA's per-frequency form (each column one frequency "
                             "pair of every head), so RoPE does not commute with it", "build with absorbed=False")
     return freq

@@ -1,21 +1,35 @@
 """KV-cache decode on the GPU: tokens/s, peak memory and cache bytes of a Llama-shaped 1.1B model (random bf16
 weights; hidden 2048, 16 layers, 32 query / 8 KV heads, head dim 64, intermediate 8192, vocab 32000: 1.104e9
-parameters) at 4K and 32K tokens of context (16K on request), batch 1 (and 8 with --batches 1 8), original vs each
-KV pass, with transformers' own generate (dynamic cache; static cache, which compiles its step) as peers in the same
-run and the HBM roofline computed in the run: (weight bytes + KV bytes read per step) / measured copy bandwidth.
+parameters) at 4K and 32K tokens of context (16K on request), batch 1 (and 8 / 32 with --batches 1 8 32, at the
+--batch-contexts for the --batch-variants), original vs each KV pass, with transformers' own generate (dynamic cache;
+static cache, which compiles its step) as peers at the same batch in the same run and the HBM roofline computed in
+the run: (weight bytes + KV bytes read per step) / measured copy bandwidth.
 
 Each variant's prefill and decode programs are captured once on the CPU (rewriter.api.decoder_from: KV passes
 verified on the full-sequence program, calibration on seeded random ids since the model has no tokenizer) and moved
 to the GPU. Decoding goes through the runtime (rewriter.decode.runtime): a static session per (batch, cache length),
-the cache written in place, the step replayed as one CUDA graph. Before timing, the graph-replayed logits are checked
-against the same step run eagerly from the same state (`graph_check`). Per (variant, context, batch): prefill ms (one
-prompt of random ids per row), decode ms per step (CUDA events around `--new-tokens` replays, no host sync between
-them), tokens/s (batch / step time), the fraction of the roofline at the variant's own KV bytes, peak allocated memory
-during decode, and the cache bytes held. Tokens are compared with the original decoder's (agreement of greedy
-continuations: random weights, so only a sanity signal).
+the cache written in place, the step replayed as one CUDA graph, its attention the split-K Triton decode kernel
+(rewriter::decode_attention, rewriter/decode/triton_decode.py). Correctness before timing, per run:
+`graph_check` (graph-replayed logits vs the same step run eagerly from the same state) and `kernel_check` (the
+decode op on layer 0's cache vs its float64 reference, and the replayed step vs the same step eagerly with the
+attention through SDPA, the op's reference). Per (variant, context, batch): prefill ms (one prompt of random ids per
+row), decode ms per step (wall clock around `--new-tokens` replays, no host sync between them), tokens/s (batch / step
+time), the fraction of the roofline at the variant's own KV bytes, peak allocated memory during decode, and the
+cache bytes held. Tokens are compared with the original decoder's (agreement of greedy continuations: random
+weights, so only a sanity signal). transformers' static-cache generate runs its exact timed calls twice as warm-up
+and records whether torch.compile built anything during the timed calls (`recompiled_during_timing`).
+Records are written to --out as they come (a run cut short still leaves its records).
 
-    python benchmarks/kv.py --out benchmarks/results/kv_h200_v2.json            # on the H200
-    python benchmarks/kv.py --tiny --out /tmp/kv_tiny.json                      # CPU smoke test, tiny model
+On the H200, one 10-minute device call each (--budget-s, default 540: what would start later is listed in `skipped`):
+
+    # batch 1 at 4K and 32K: every pass, the SDPA step and the Inductor-fused step beside the kernel's
+    python benchmarks/kv.py --out benchmarks/results/kv_h200_v3.json --contexts 4096 32768 \
+        --variants original kv-window4+1020 think0.5 mla-decoupled0.5 think-dynamic0.5 --sdpa-variants original \
+        --compile-variants original --compile-contexts 4096 --static-peer-contexts 4096 --static-budget-s 300
+    # batches 1, 8 and 32 at 4K, transformers' static-cache generate at each batch
+    python benchmarks/kv.py --out benchmarks/results/kv_h200_v3_batch.json --contexts 4096 --batches 1 8 32 \
+        --variants original --batch-variants original --compile-variants original --static-peer-contexts 4096
+    python benchmarks/kv.py --tiny --out /tmp/kv_tiny.json                     # CPU smoke test, tiny model
 """
 from __future__ import annotations
 
@@ -32,12 +46,14 @@ from rewriter.api import decoder_from
 from rewriter.decode import kv_bytes
 from rewriter.pipeline import make_pass
 
-VARIANTS = {
+VARIANTS = {       # in the order a default run times them (the issue's targets first)
     "original": [],
-    "think0.5": [("think", {"ratio": 0.5})],
-    "think-dynamic0.5": [("think", {"ratio": 0.5, "mode": "dynamic"})],
     "kv-window4+1020": [("kv-window", {"sinks": 4, "window": 1020})],
-    "mla0.5": [("mla", {"ratio": 0.5})],
+    "think0.5": [("think", {"ratio": 0.5})],
+    # TransMLA's decoupled RoPE (head_dim key dims keep RoPE): decoded in latent space, nothing rebuilt per step
+    "mla-decoupled0.5": [("mla", {"ratio": 0.5, "rope": "decoupled"})],
+    "think-dynamic0.5": [("think", {"ratio": 0.5, "mode": "dynamic"})],
+    "mla0.5": [("mla", {"ratio": 0.5})],      # rope=exact: keys rebuilt from the latent each step (no absorption)
 }
 
 
@@ -116,11 +132,74 @@ def graph_check(session) -> dict:
             "same_argmax": bool(torch.equal(graphed.argmax(-1), eager.argmax(-1)))}
 
 
-def run_decoder(decoder, ids: torch.Tensor, new: int, device: str, sdpa_backend: str | None = None) -> dict:
+def kernel_runs(device: torch.device) -> bool:
+    """Whether rewriter::decode_attention runs its Triton kernel here (CUDA, Triton, not forced to the reference)."""
+    from rewriter.decode.attention import use_triton
+    probe = torch.empty(1, 1, 1, 64, dtype=torch.bfloat16)
+    return device.type == "cuda" and use_triton(probe, probe)
+
+
+def kernel_check(session) -> dict:
+    """The decode attention kernel against its reference, both from the session's state after a step:
+    - `op`: rewriter::decode_attention on layer 0's cache (and dynamic ThinK's second key region) with random
+      queries (MLA in latent space: its own form), the kernel vs the reference in float64, max abs difference over
+      max(1, max |reference|);
+    - `step`: the graph-replayed step (the kernel) vs the same step run eagerly with the reference attention (SDPA)."""
+    from rewriter.decode.attention import decode_attention_reference, reference_attention
+    d = session.decoder
+    k, v = session.k[0], session.v[0]
+    op_diff = None
+    if k.shape[-1] > 0:                        # not MLA's rebuild path (its keys are rebuilt inside the step)
+        B, Hkv = k.shape[:2]
+        G = d.dims["heads"] // Hkv
+        g = torch.Generator(device=k.device).manual_seed(0)
+        q = torch.randn(B, Hkv, G, k.shape[-1], generator=g, device=k.device).to(k.dtype)
+        mask = session.valid[:, None, None, :]
+        extra = ()
+        if d.meta.get("mla_absorbed"):       # MLA in latent space: the latent is key and value, k_rope the 2nd region
+            q = torch.randn(B, Hkv, G, v.shape[-1], generator=g, device=k.device).to(k.dtype)
+            extra = (torch.randn(B, Hkv, G, k.shape[-1], generator=g, device=k.device).to(k.dtype), k,
+                     torch.zeros(1, dtype=torch.long, device=k.device))
+            k = v
+        elif "k_pruned" in session.extra:
+            kx = session.extra["k_pruned"][0]
+            extra = (torch.randn(B, Hkv, G, kx.shape[-1], generator=g, device=k.device).to(k.dtype), kx,
+                     session.extra["recent_start"])
+        scale = d.dims["head_dim"] ** -0.5
+        got = torch.ops.rewriter.decode_attention(q, k, v, mask, scale, *extra)
+        wide = [x.double() if x.is_floating_point() else x for x in (q, k, v, *extra)]
+        ref = decode_attention_reference(*wide[:3], mask, scale, *wide[3:])
+        op_diff = float((got.double() - ref).abs().max()) / max(1.0, float(ref.abs().max()))
+    saved = [t.clone() for t in _state(session)]
+    graphed = session.step().clone()
+    for t, s in zip(_state(session), saved):
+        t.copy_(s)
+    with reference_attention():
+        eager = session.eager_step()
+    sync("cuda" if eager.is_cuda else "cpu")
+    diff = float((graphed.float() - eager.float()).abs().max())
+    scale_logits = float(eager.float().abs().max())
+    return {"op_max_rel_diff_vs_float64": op_diff, "op_ok": op_diff is None or op_diff <= 2e-2,
+            "step_max_abs_diff_vs_sdpa": diff, "step_ok": diff <= 5e-2 * max(scale_logits, 1.0),
+            "step_same_argmax": bool(torch.equal(graphed.argmax(-1), eager.argmax(-1)))}
+
+
+def run_decoder(decoder, ids: torch.Tensor, new: int, device: str, sdpa_backend: str | None = None,
+                reference_attention: bool = False, compiled: bool = False) -> dict:
     """Prefill + `new` greedy steps through the runtime's static session, timed as one block (synchronised at the
-    ends only). sdpa_backend: the step's SDPA kernels (e.g. MATH), default torch's choice."""
+    ends only). sdpa_backend: the step's SDPA kernels (e.g. MATH), default torch's choice. reference_attention: the
+    step's attention through SDPA (rewriter::decode_attention's reference) instead of the Triton decode kernel.
+    compiled: the step fused by Inductor (runtime.compiled_step; it compiles in the first, untimed step)."""
+    import contextlib
+    from rewriter.decode import attention
+    with attention.reference_attention() if reference_attention else contextlib.nullcontext():
+        return _run_decoder(decoder, ids, new, device, sdpa_backend, reference_attention, compiled)
+
+
+def _run_decoder(decoder, ids: torch.Tensor, new: int, device: str, sdpa_backend: str | None,
+                 reference_attention: bool, compiled: bool) -> dict:
     B, T = ids.shape
-    session = decoder.session(B, T + new + 2, prompt=T)
+    session = decoder.session(B, T + new + 2, prompt=T, compiled=compiled)
     if sdpa_backend is not None:
         from torch.nn.attention import SDPBackend
         session.sdpa_backends = [getattr(SDPBackend, sdpa_backend.upper())]
@@ -131,12 +210,19 @@ def run_decoder(decoder, ids: torch.Tensor, new: int, device: str, sdpa_backend:
     prefill_ms = (time.perf_counter() - t0) * 1e3
     tokens = [int(session.next[0, 0])]
     session.ids.copy_(session.next)
-    session.step()                            # first step: eager, then the capture on CUDA
+    t0 = time.perf_counter()
+    session.step()                            # first step: eager (compiling the step when `compiled`), then the capture
+    sync(device)
+    first_step_s = time.perf_counter() - t0
     tokens.append(int(session.next[0, 0]))
-    check = None
+    check = kcheck = None
     if device == "cuda":                      # one more step, replayed and eager from the same state
         session.ids.copy_(session.next)
         check = graph_check(session)
+        tokens.append(int(session.next[0, 0]))
+    if not reference_attention:               # the kernel against its reference (then the state moves on)
+        session.ids.copy_(session.next)
+        kcheck = kernel_check(session)
         tokens.append(int(session.next[0, 0]))
     reset_peak(device)
     steps = new - len(tokens)
@@ -154,18 +240,32 @@ def run_decoder(decoder, ids: torch.Tensor, new: int, device: str, sdpa_backend:
     cache = sum(t.numel() * t.element_size() for t in (session.k, session.v, session.extra.get("k_pruned"))
                 if t is not None)
     return {"batch": B, "prefill_ms": prefill_ms, "decode_ms_per_token": step_ms, "tokens_per_s": B * 1e3 / step_ms,
-            "sdpa_backend": sdpa_backend or "default", "graph_check": check,
+            "sdpa_backend": sdpa_backend or "default",
+            "attention": "triton_decode" if kernel_runs(ids.device) else "sdpa", "inductor": compiled,
+            "first_step_s": first_step_s,
+            "graph_check": check, "kernel_check": kcheck,
             "decode_peak_allocated_bytes": peak_bytes(device), "cache_tensor_bytes": cache, "tokens": tokens[:new]}
 
 
+def _compiles() -> int:
+    """Graphs torch.compile has built so far in this process (a change during timing means a recompile)."""
+    from torch._dynamo.utils import counters
+    return int(counters["stats"]["unique_graphs"])
+
+
 def hf_generate(model, ids: torch.Tensor, new: int, device: str, static: bool = False) -> dict:
-    """transformers' generate, dynamic or static cache (the static one compiles its step: warm-up calls first);
+    """transformers' generate, dynamic or static cache (the static one compiles its step: the warm-up calls run the
+    exact timed calls first, twice, and the record says whether anything compiled during the timed ones);
     prefill time = generate of 1 token; decode = the rest per token."""
     kw = dict(do_sample=False, pad_token_id=0)
+    info = {}
     if static:      # the static cache's length is prompt + max_new_tokens: compile both timed shapes first
         kw["cache_implementation"] = "static"
-        for n in (1, new):
-            model.generate(ids, max_new_tokens=n, min_new_tokens=n, **kw)
+        for _ in range(2):
+            for n in (1, new):
+                model.generate(ids, max_new_tokens=n, min_new_tokens=n, **kw)
+        sync(device)
+        info["graphs_compiled_before_timing"] = _compiles()
     times = {}
     for n in (1, new):
         sync(device)
@@ -173,9 +273,11 @@ def hf_generate(model, ids: torch.Tensor, new: int, device: str, static: bool = 
         out = model.generate(ids, max_new_tokens=n, min_new_tokens=n, **kw)
         sync(device)
         times[n] = (time.perf_counter() - t0) * 1e3
+    if static:
+        info["recompiled_during_timing"] = _compiles() != info["graphs_compiled_before_timing"]
     step_ms = (times[new] - times[1]) / (new - 1)
     return {"batch": ids.shape[0], "prefill_ms": times[1], "decode_ms_per_token": step_ms,
-            "tokens_per_s": ids.shape[0] * 1e3 / step_ms, "tokens": out[0, ids.shape[1]:].tolist()}
+            "tokens_per_s": ids.shape[0] * 1e3 / step_ms, **info, "tokens": out[0, ids.shape[1]:].tolist()}
 
 
 def main() -> int:
@@ -194,7 +296,19 @@ def main() -> int:
                              "it compiles per shape)")
     parser.add_argument("--sdpa-backends", nargs="*", default=[], help="also time the original's step with these "
                         "SDPA kernels forced (math, efficient_attention, flash_attention, cudnn_attention)")
-    parser.add_argument("--budget-s", type=float, default=1e9, help="skip what would start after this many seconds")
+    parser.add_argument("--split-sweep", type=int, nargs="*", default=[],
+                        help="also time the original (batch 1) with the decode kernel split for this many programs "
+                             "per SM (rewriter.decode.triton_decode.set_split), recorded as original_pps<N>")
+    parser.add_argument("--compile-contexts", type=int, nargs="*", default=None,
+                        help="contexts of the --compile-variants runs (default: every context)")
+    parser.add_argument("--compile-variants", nargs="*", default=[],
+                        help="variants also timed with the step fused by Inductor (runtime.compiled_step), recorded as "
+                             "<variant>_inductor (every batch; one compile per shape)")
+    parser.add_argument("--sdpa-variants", nargs="*", default=[],
+                        help="variants also timed with the step's attention through SDPA (the decode op's reference) "
+                             "instead of the Triton decode kernel, recorded as <variant>_sdpa (batch 1)")
+    parser.add_argument("--budget-s", type=float, default=540,
+                        help="skip what would start after this many seconds (default: fit one 10-minute device call)")
     parser.add_argument("--static-budget-s", type=float, default=1e9,
                         help="skip transformers' static-cache generate if it would start after this many seconds")
     parser.add_argument("--tiny", action="store_true", help="tiny model on CPU (smoke test)")
@@ -205,6 +319,13 @@ def main() -> int:
         args.contexts = [c for c in args.contexts if c <= 256] or [64, 128]
     static_contexts = ([] if args.tiny else args.contexts[:1]) if args.static_peer_contexts is None \
         else args.static_peer_contexts
+    # transformers' static cache compiles one step per (batch, cache length): room for all of them, so that no
+    # shape falls back to eager after torch.compile's recompile limit
+    import torch._dynamo
+    for name in ("cache_size_limit", "recompile_limit", "accumulated_cache_size_limit",
+                 "accumulated_recompile_limit"):
+        if hasattr(torch._dynamo.config, name):
+            setattr(torch._dynamo.config, name, max(getattr(torch._dynamo.config, name), 256))
     # capture on the CPU, run on the GPU (Decoder.to): torch.export's CUDA fake kernels add guards that a dynamic
     # sequence dim cannot satisfy
     model = build_model(args.tiny, "cpu")
@@ -242,17 +363,25 @@ def main() -> int:
     def static_peers():
         """transformers' static cache compiles its step (a minute or more per shape): after the original's runs,
         with its own time limit."""
-        for c in static_contexts:
-            if (c, 1) not in prompts or time.perf_counter() - began > args.static_budget_s:
-                result["skipped"].append(f"transformers_generate_static {c}")
-                continue
-            try:
-                record({"variant": "transformers_generate_static", "context": c,
-                        **hf_generate(gpu_model, prompts[(c, 1)], args.new_tokens, device, static=True)})
-            except Exception as e:
-                result.setdefault("errors", []).append({"variant": "transformers_generate_static", "context": c,
-                                                        "error": f"{type(e).__name__}: {e}"[:2000]})
-                print(f"error in transformers_generate_static {c}: {type(e).__name__}: {str(e)[:500]}", flush=True)
+        for b in args.batches:
+            for c in static_contexts:
+                if (c, b) not in prompts or (b > 1 and c not in args.batch_contexts):
+                    continue
+                if time.perf_counter() - began > args.static_budget_s:
+                    result["skipped"].append(f"transformers_generate_static {c} batch {b}")
+                    continue
+                try:
+                    rec = record({"variant": "transformers_generate_static", "context": c,
+                                  **hf_generate(gpu_model, prompts[(c, b)], args.new_tokens, device, static=True)})
+                    if (c, b) in originals:
+                        originals[(c, b)]["speedup_vs_transformers_generate_static"] = \
+                            originals[(c, b)]["tokens_per_s"] / rec["tokens_per_s"]
+                        save()
+                except Exception as e:
+                    result.setdefault("errors", []).append({"variant": "transformers_generate_static", "context": c,
+                                                            "batch": b, "error": f"{type(e).__name__}: {e}"[:2000]})
+                    print(f"error in transformers_generate_static {c} batch {b}: {type(e).__name__}: {str(e)[:500]}",
+                          flush=True)
 
     max_len = -(-(max(args.contexts) + args.new_tokens + 3) // 64) * 64
     g = torch.Generator().manual_seed(0)
@@ -260,6 +389,7 @@ def main() -> int:
                for b in args.batches for c in args.contexts}
     peers = {}
     reference_tokens = {}
+    originals = {}          # (context, batch) -> the original's record
     for name in args.variants:
         if over_budget(f"variant {name}"):
             continue
@@ -292,26 +422,54 @@ def main() -> int:
                     slots = -(-(c + args.new_tokens + 3) // 64) * 64
                     dec = decoder if decoder.policy.evicts else decoder.resized(slots)
                     torch.cuda.empty_cache() if device == "cuda" else None
-                    rec = {"variant": name, "context": c,
-                           **run_decoder(dec, prompts[(c, b)], args.new_tokens, device),
-                           "kv": kv_bytes(dec, c + args.new_tokens, prompt=c)}
+                    try:
+                        rec = {"variant": name, "context": c,
+                               **run_decoder(dec, prompts[(c, b)], args.new_tokens, device)}
+                    except Exception as e:     # the kernel path failed: say so, and time the SDPA step instead
+                        if device != "cuda" or not kernel_runs(torch.device(device)):
+                            raise
+                        dec._runtime.clear()
+                        torch.cuda.synchronize()
+                        result.setdefault("errors", []).append({"variant": name, "context": c, "batch": b,
+                                                                "error": f"{type(e).__name__}: {e}"[:2000],
+                                                                "then": f"timed as {name}_sdpa"})
+                        print(f"error in {name} context {c} batch {b} (timing {name}_sdpa instead): "
+                              f"{type(e).__name__}: {str(e)[:500]}", flush=True)
+                        rec = {"variant": f"{name}_sdpa", "context": c,
+                               **run_decoder(dec, prompts[(c, b)], args.new_tokens, device, reference_attention=True)}
+                    rec["kv"] = kv_bytes(dec, c + args.new_tokens, prompt=c)
                     dec._runtime.clear()                                    # free the session's cache and graph
                     held = rec["kv"]["after"]["bytes_per_sequence"]
                     rec["roofline_tokens_per_s"] = roofline(held, b)
                     rec["roofline_fraction"] = None if bandwidth is None else rec["tokens_per_s"] / roofline(held, b)
-                    if name == "original":
+                    if name == "original":             # (its SDPA step when the kernel failed: the label says so)
+                        originals[(c, b)] = rec
                         reference_tokens[(c, b)] = rec["tokens"]
                         if (c, b) in peers:
                             rec["agreement_with_transformers"] = _agree(rec["tokens"], peers[(c, b)]["tokens"])
                     elif (c, b) in reference_tokens:
                         rec["agreement_with_original"] = _agree(rec["tokens"], reference_tokens[(c, b)])
                     record(rec)
-                    for backend in args.sdpa_backends if name == "original" and b == 1 else ():
-                        rec = {"variant": f"original_sdpa_{backend}", "context": c,
-                               **run_decoder(dec, prompts[(c, b)], args.new_tokens, device, backend)}
+                    # (label, SDPA backend, attention through the reference, kernel programs per SM, Inductor)
+                    diagnostics = [(f"original_sdpa_{backend}", backend, False, None, False)
+                                   for backend in (args.sdpa_backends if name == "original" and b == 1 else ())]
+                    if name in args.compile_variants and (args.compile_contexts is None or c in args.compile_contexts):
+                        diagnostics.append((f"{name}_inductor", None, False, None, True))
+                    if name in args.sdpa_variants and b == 1:
+                        diagnostics.append((f"{name}_sdpa", None, True, None, False))
+                    if name == "original" and b == 1 and device == "cuda":
+                        diagnostics += [(f"original_pps{n}", None, False, n, False) for n in args.split_sweep]
+                    for label, backend, reference, split, compiled in diagnostics:
+                        if over_budget(f"{label} context {c} batch {b}"):
+                            continue
+                        with split_override(split):
+                            rec = {"variant": label, "context": c,
+                                   **run_decoder(dec, prompts[(c, b)], args.new_tokens, device, backend, reference,
+                                                 compiled)}
                         dec._runtime.clear()
                         rec["roofline_fraction"] = rec["tokens_per_s"] / roofline(held, b) if bandwidth else None
-                        rec["agreement_with_original"] = _agree(rec["tokens"], reference_tokens[(c, b)])
+                        if (c, b) in reference_tokens:
+                            rec["agreement_with_original"] = _agree(rec["tokens"], reference_tokens[(c, b)])
                         record(rec)
                 except Exception as e:       # one failing run must not cost the others
                     result.setdefault("errors", []).append({"variant": name, "context": c, "batch": b,
@@ -324,6 +482,14 @@ def main() -> int:
     result["elapsed_s"] = time.perf_counter() - began
     save()
     return 0
+
+
+def split_override(programs_per_sm: int | None):
+    import contextlib
+    if programs_per_sm is None:
+        return contextlib.nullcontext()
+    from rewriter.decode.triton_decode import set_split
+    return set_split(programs_per_sm=programs_per_sm)
 
 
 def _agree(a: list[int], b: list[int]) -> dict:

@@ -22,9 +22,16 @@ def run_benchmark(script: str, out: Path, *args: str) -> dict:
 
 def test_kv_benchmark_tiny(tmp_path):
     d = run_benchmark("kv.py", tmp_path / "kv.json", "--contexts", "48", "--new-tokens", "6",
-                      "--variants", "original", "think-dynamic0.5", "mla0.5")
-    recs = {r["variant"]: r for r in d["records"]}
+                      "--variants", "original", "think-dynamic0.5", "mla0.5", "--batches", "1", "2",
+                      "--batch-contexts", "48")
+    recs = {r["variant"]: r for r in d["records"] if r["batch"] == 1}
     assert set(recs) == {"transformers_generate", "original", "think-dynamic0.5", "mla0.5"}
+    batched = {r["variant"]: r for r in d["records"] if r["batch"] == 2}
+    assert set(batched) == {"transformers_generate", "original"}
+    assert batched["original"]["agreement_with_transformers"]["equal_fraction"] == 1.0
+    for rec in (*recs.values(), batched["original"]):   # the decode op checked against its reference before timing
+        assert rec.get("kernel_check") is None or (rec["kernel_check"]["op_ok"] and rec["kernel_check"]["step_ok"])
+    assert all(recs[v]["kernel_check"]["step_max_abs_diff_vs_sdpa"] == 0 for v in ("original", "think-dynamic0.5"))
     assert recs["original"]["agreement_with_transformers"]["equal_fraction"] == 1.0
     assert len(recs["original"]["tokens"]) == 6
     dense = recs["original"]["kv"]["after"]["bytes_per_token"]

@@ -73,6 +73,34 @@ def test_step_updates_the_cache_in_place():
     assert int(session.t) == 12 and session.valid[:, :12].all() and not session.valid[:, 12:].any()
 
 
+def test_inductor_step_writes_in_place_and_equals_the_eager_step():
+    """The step fused by Inductor (runtime.compiled_step): its cache writes go through rewriter::cache_write_, so
+    they land in the session's cache (no functional copy of it), and its logits equal the functional path's."""
+    model, dec = _decoder("llama", max_len=40)
+    compiled = dec.inplace_step(compiled=True)
+    eager = dec.inplace_step()
+    assert torch.ops.aten.index_copy_.default in [n.target for n in eager.graph.nodes]   # the eager step untouched
+    ids = _ids(2, 12, 1)
+    ref = dec.teacher_forced_logits(ids, 5)
+    session = dec.session(2, 12, prompt=5, compiled=True)
+    assert session.step_fn is compiled
+    session.prefill(ids[:, :5], torch.zeros(2, dtype=torch.long))
+    k_ptr = session.k.untyped_storage().data_ptr()
+    from torch._inductor.utils import run_and_get_code
+    for t in range(5, 12):
+        session.ids[:] = ids[:, t:t + 1]
+        if t == 5:           # the first call compiles: the code writes the slots in place, never copies a cache
+            logits, code = run_and_get_code(session.step)
+            code = "\n".join(code)
+            assert code.count("torch.ops.rewriter.cache_write_.default(") == 2 * model.config.num_hidden_layers
+            assert "fused_copy_" not in code
+        else:
+            logits = session.step()
+        torch.testing.assert_close(logits, ref[:, t - 4], atol=2e-5, rtol=1e-4)
+    assert session.k.untyped_storage().data_ptr() == k_ptr and session.valid[:, :12].all()
+    assert session.k[..., 11, :].abs().sum() > 0 and session.k[..., 12:, :].abs().sum() == 0
+
+
 @pytest.mark.parametrize("arch", ["llama", "qwen2", "mistral", "gpt2"])
 def test_ragged_batch_greedy_equals_transformers_generate(arch):
     model, dec = _decoder(arch, max_len=40)

@@ -232,11 +232,68 @@ def test_decoupled_latent_cache_is_the_same_model(converted):
     got = run.program.run(input_ids=ids, attention_mask=torch.ones_like(ids))[0]
     with torch.no_grad():
         assert (got - model(input_ids=ids).logits).abs().max() > 1e-3       # NoPE on 112 of 128 key dims changes it
-    dec = build_latent_decoder(model, run.program.meta["mla"], max_len=20)
+    dec = build_latent_decoder(model, run.program.meta["mla"], max_len=20, absorbed=False)
     assert dec.prefill is None and dec.empty_cache(1)[1].shape[-1] == 32   # rope_dims + rank
     dec = dec.to("cpu")                                     # moving a decoder without a prefill program works
     assert dec.kv_bytes_per_token() == 2 * 32 * 4
-    torch.testing.assert_close(dec.teacher_forced_logits(ids, prefix=4), got[:, 3:], atol=2e-5, rtol=1e-4)
+    rebuilt = dec.teacher_forced_logits(ids, prefix=4)
+    torch.testing.assert_close(rebuilt, got[:, 3:], atol=2e-5, rtol=1e-4)
+    absorbed = build_latent_decoder(model, run.program.meta["mla"], max_len=20)      # the default for decoupled
+    assert [t.shape[-1] for t in absorbed.empty_cache(1)] == [16, 16]               # k_rope | latent
+    assert absorbed.kv_bytes_per_token() == 2 * 32 * 4
+    torch.testing.assert_close(absorbed.teacher_forced_logits(ids, prefix=4), rebuilt, atol=2e-5, rtol=1e-4)
+
+
+def _rebuilds_keys(dec) -> bool:
+    """Whether the in-place step computes a (.., slots, head_dim) tensor: keys or values rebuilt for every slot."""
+    gm = dec.inplace_step()
+    slots = next(n for n in gm.graph.nodes if n.name == "valid").meta["val"].shape[1]
+    D = dec.dims["head_dim"]
+    return any(isinstance(v := n.meta.get("val"), torch.Tensor) and v.dim() >= 2 and v.shape[-1] == D
+               and str(v.shape[-2]) == str(slots) for n in gm.graph.nodes)
+
+
+def test_absorbed_latent_decode_equals_rebuild_path_and_rebuilds_nothing():
+    """MLA in latent space (decode/absorbed.py) against the latent path that rebuilds keys and values each step:
+    same logits (fp32), through the functional path and the in-place runtime, with a real prefill program; the step
+    never materialises a per-slot key or value; rope=exact refuses absorption."""
+    from rewriter.decode import runtime
+    model = tiny_model("llama")                                         # GQA: 4 query heads, 2 KV heads of 16 dims
+    program = capture(LoadedModel(model, model.config))
+    run = Pipeline([make_pass("mla", {"rope": "decoupled", "rope_dims": 8, "rank": 12})]).run(program, CALIB)
+    meta = run.program.meta["mla"]
+    rebuild = build_latent_decoder(model, meta, max_len=24, absorbed=False)
+    absorbed = build_latent_decoder(model, meta, max_len=24)
+    assert absorbed.prefill is not None and rebuild.prefill is None
+    ids = _ids(2, 20, 5)
+    ref = rebuild.teacher_forced_logits(ids, prefix=6)
+    torch.testing.assert_close(absorbed.teacher_forced_logits(ids, prefix=6), ref, atol=2e-5, rtol=1e-4)
+    torch.testing.assert_close(runtime.teacher_forced_logits(absorbed, ids, 6), ref, atol=2e-5, rtol=1e-4)
+    got = run.program.run(input_ids=ids, attention_mask=torch.ones_like(ids))[0][:, 5:]
+    torch.testing.assert_close(ref, got, atol=2e-5, rtol=1e-4)
+    assert torch.equal(absorbed.generate(ids[:, :5], 8), rebuild.generate(ids[:, :5], 8))
+    assert _rebuilds_keys(rebuild) and not _rebuilds_keys(absorbed)
+    targets = [n.target for n in absorbed.inplace_step().graph.nodes if n.op == "call_function"]
+    assert targets.count(torch.ops.rewriter.decode_attention.default) == model.config.num_hidden_layers
+    exact = Pipeline([make_pass("mla", {"rank": 12})]).run(program, CALIB).program.meta["mla"]
+    with pytest.raises(RewriterError, match="absorbed .*needs rope=decoupled"):
+        build_latent_decoder(model, exact, max_len=24, absorbed=True)
+    # a RoPE basis that mixes frequencies (still orthonormal, still orthogonal to the latent): RoPE no longer commutes
+    # with it column by column, so absorbing would change the model
+    from rewriter.decode.absorbed import absorbed_tensors
+    from rewriter.decode.latent import latent_tensors
+    from rewriter.rope import rope_inv_freq
+    basis, offset, rope_basis, _ = latent_tensors(meta, 2)
+    fine = absorbed_tensors(basis, offset, rope_basis, rope_inv_freq(model, "test"), 2, 16)   # the pass's own: fine
+    half = absorbed_tensors(basis.bfloat16(), offset.bfloat16(), rope_basis.bfloat16(),        # a bf16 model's too
+                            rope_inv_freq(model, "test"), 2, 16)
+    torch.testing.assert_close(half["q_latent"].float(), fine["q_latent"], atol=2e-2, rtol=0)
+    Q = torch.linalg.qr(torch.randn(8, 8, generator=torch.Generator().manual_seed(0)))[0]
+    mixed = rope_basis @ Q
+    basis = basis.clone()
+    basis[:, :32, :8] = mixed
+    with pytest.raises(RewriterError, match="per-frequency form"):
+        absorbed_tensors(basis, offset, mixed, rope_inv_freq(model, "test"), 2, 16)
 
 
 @pytest.mark.parametrize("opts,message", [

@@ -10,6 +10,7 @@ import torch
 from torch import nn
 
 from ..think import prompt_key_channels
+from . import attention as _attention  # noqa: F401  (defines rewriter::decode_attention)
 from .policy import ThinkDynamic
 
 
@@ -73,42 +74,35 @@ class _ExplicitCache:
             (torch.stack(self.pruned),) if self.k_pruned is not None else ()
         return (torch.stack(self.keys), torch.stack(self.values), *extra)
 
-    def attention_inputs(self, layer_idx: int, query: torch.Tensor, key: torch.Tensor, mask: torch.Tensor,
-                         scaling: float | None):
+    def attention_inputs(self, layer_idx: int, query: torch.Tensor, key: torch.Tensor, mask: torch.Tensor):
         """(query, key, mask) for the layer's attention. Dynamic prefill: choose the channels from the prompt (the
-        prompt attends with all of them). Kept channels: the query's kept channels, so q.k runs over those only;
-        a dynamic step adds q[pruned].k[pruned] of the keys written after the prompt to the mask (SDPA adds the mask
-        to the scaled scores), so those keys score q.k over every channel, in the same softmax."""
+        prompt attends with all of them). Kept channels: the query's kept channels, so q.k runs over those only."""
         if self.think_dynamic is not None:
             kept = prompt_key_channels(query, key, self.think_dynamic.ratio, self.think_dynamic.n_obs)
             self.keys[layer_idx] = torch.gather(self.keys[layer_idx], -1, _channel_index(kept, self.keys[layer_idx]))
             self.channels.append(kept)
             return query, key, mask
-        kept = self.key_channels[layer_idx]                       # (Hkv, Dk) or (B, Hkv, Dk)
-        group = query.shape[1] // kept.shape[-2]
-        narrow = torch.gather(query, -1, _channel_index(kept.repeat_interleave(group, dim=-2), query))
-        if self.k_pruned is not None:
-            mask = self._recent_scores(layer_idx, query, mask, scaling, group)
-        return narrow, key, mask
+        return self._query_channels(self.key_channels[layer_idx], query), key, mask
 
-    def _recent_scores(self, layer_idx: int, query: torch.Tensor, mask: torch.Tensor, scaling: float | None,
-                       group: int) -> torch.Tensor:
-        """The decode step's mask (B, 1, 1, slots) as an additive float mask folded like _decode_attention's query
-        (B, Hkv, H/Hkv, slots): -inf on invalid slots, scale * q[pruned].k[pruned] on the slots written after the
-        prompt, 0 on the prompt's."""
+    @staticmethod
+    def _query_channels(channels: torch.Tensor, query: torch.Tensor) -> torch.Tensor:
+        """The query's channels `channels` (Hkv, C) or (B, Hkv, C) of each KV head's key, per query head."""
+        group = query.shape[1] // channels.shape[-2]
+        return torch.gather(query, -1, _channel_index(channels.repeat_interleave(group, dim=-2), query))
+
+    def dynamic_step_attention(self, layer_idx: int, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
+                               mask: torch.Tensor, scaling: float | None) -> torch.Tensor:
+        """Dynamic ThinK's decode-step attention: q[kept].k_cache over every slot and, on the slots written after the
+        prompt, + q[pruned].k_pruned, in one softmax (rewriter::decode_attention's second key region). Query heads
+        folded per KV head as in _decode_attention; the scale is the model's, at the full head width."""
         B, H, T, D = query.shape
-        pruned = self.pruned_index(layer_idx, D)
-        q = torch.gather(query, -1, _channel_index(pruned.repeat_interleave(group, dim=-2), query))
-        rest = self.pruned[layer_idx]                               # (B, Hkv, recent, D - Dk)
-        Hkv, recent, slots = rest.shape[1], rest.shape[2], mask.shape[-1]
-        scores = q.reshape(B, Hkv, H // Hkv * T, -1) @ rest.transpose(-1, -2)      # (B, Hkv, H/Hkv, recent)
-        index = torch.arange(slots, device=query.device) - self.recent_start         # slot -> index in k_pruned
-        after_prompt = (index >= 0) & (index < recent)
-        scores = scores.gather(-1, index.clamp(0, recent - 1).expand(*scores.shape[:-1], slots))
-        scores = torch.where(after_prompt, scores * (D ** -0.5 if scaling is None else scaling), 0.0)
-        if mask.dtype == torch.bool:
-            return scores.masked_fill(~mask, float("-inf"))
-        return scores + mask
+        Hkv = key.shape[1]
+        fold = lambda x: x.reshape(B, Hkv, H // Hkv * T, x.shape[-1])  # noqa: E731
+        narrow = self._query_channels(self.key_channels[layer_idx], query)
+        rest = self._query_channels(self.pruned_index(layer_idx, D), query)
+        out = torch.ops.rewriter.decode_attention(fold(narrow), key, value, mask, D ** -0.5 if scaling is None
+                                                  else scaling, fold(rest), self.pruned[layer_idx], self.recent_start)
+        return out.reshape(B, H, T, value.shape[-1]).transpose(1, 2).contiguous()
 
 
 THINK_ATTENTION = "rewriter_think"
@@ -116,9 +110,12 @@ THINK_ATTENTION = "rewriter_think"
 
 def _think_attention(module, query, key, value, attention_mask, *, think_cache: _ExplicitCache, think_inner: str,
                      **kwargs):
-    """The model's own attention on the ThinK-narrowed query and key (kwargs carry the model's scale)."""
-    query, key, attention_mask = think_cache.attention_inputs(module.layer_idx, query, key, attention_mask,
-                                                              kwargs.get("scaling"))
+    """The model's own attention on the ThinK-narrowed query and key (kwargs carry the model's scale); dynamic
+    ThinK's step attends through rewriter::decode_attention (its later keys' pruned channels as a second region)."""
+    if think_cache.k_pruned is not None:
+        return think_cache.dynamic_step_attention(module.layer_idx, query, key, value, attention_mask,
+                                                  kwargs.get("scaling")), None
+    query, key, attention_mask = think_cache.attention_inputs(module.layer_idx, query, key, attention_mask)
     return _attention_function(module, think_inner)(module, query, key, value, attention_mask, **kwargs)
 
 
@@ -146,11 +143,14 @@ def _attention_function(module: nn.Module, name: str):
 
 
 @contextmanager
-def _attention_active(model: nn.Module, name: str):
-    """Route the model's attention through the registered function `name` for one forward; yields the model's own."""
+def _attention_active(model: nn.Module, name: str, function=None):
+    """Route the model's attention through the registered function `name` (registered here as `function` when
+    given) for one forward; yields the model's own."""
     from transformers import AttentionInterface
     AttentionInterface.register(THINK_ATTENTION, _think_attention)
     AttentionInterface.register(DECODE_ATTENTION, _decode_attention)
+    if function is not None:
+        AttentionInterface.register(name, function)
     inner = model.config._attn_implementation
     model.config._attn_implementation = name
     try:
@@ -164,6 +164,10 @@ def _run_model(model: nn.Module, cache: _ExplicitCache, decode: bool = False, **
     (after the ThinK narrowing) in the one-token decode step."""
     # transformers 5.24 names the cache argument `cache`; earlier 5.x releases `past_key_values`
     kwargs["cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"] = cache
+    route = getattr(cache, "attention", None)      # (name, function, kwargs): a cache with its own attention
+    if route is not None:
+        with _attention_active(model, route[0], route[1]):
+            return model(use_cache=True, **kwargs, **route[2])
     think = getattr(cache, "key_channels", None) is not None or getattr(cache, "think_dynamic", None) is not None
     if not think and not decode:
         return model(use_cache=True, **kwargs)

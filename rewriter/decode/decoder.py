@@ -12,7 +12,9 @@ model runs unmodified: a duck-typed cache object receives each layer's post-RoPE
 `cache.update` hook every HF decoder calls, and the attention mask is given as a 4D bool tensor so HF never asks the
 cache for lengths. The attention stays an SDPA call, so the canonical attention sites exist in both programs and the
 graph passes act on them; in the step it runs with each KV head's query heads folded into the query-length dim
-(cache._decode_attention), so the cache is read once per KV head rather than through repeat_kv's copies.
+(cache._decode_attention), so the cache is read once per KV head rather than through repeat_kv's copies. The runtime's
+in-place step lowers those folded SDPA calls to rewriter::decode_attention (the split-K Triton decode kernel on CUDA;
+decode/attention.py), dynamic ThinK's step calls that op itself.
 
 KV thinning hooks in at the cache:
 - ThinK channels (`key_channels`, per layer a (Hkv, Dk) index of kept key channels): the cache stores only those
@@ -24,8 +26,9 @@ KV thinning hooks in at the cache:
   the prompt itself is attended with all channels, and every key written after it keeps all of them. Its kept
   channels go to k_cache like the prompt's and its pruned ones to a second tensor over the decoded slots only,
   `k_pruned` (N, B, Hkv, recent, D - Dk; slot `recent_start` + r at index r). The step scores
-  q[kept].k_cache[kept] with SDPA at width Dk, and adds scale * q[pruned].k_pruned[pruned] on the decoded slots
-  through SDPA's additive mask: one softmax over [pruned prompt keys | full decoded keys].
+  q[kept].k_cache[kept] at width Dk and adds scale * q[pruned].k_pruned[pruned] on the decoded slots, one softmax
+  over [pruned prompt keys | full decoded keys]: rewriter::decode_attention with k_pruned as its second key region
+  (decode/attention.py), so on CUDA the kernel reads the compact keys for prompt slots and both parts for decoded ones.
 Both read the post-RoPE queries in an attention function registered through transformers' AttentionInterface that
 wraps the model's own one: it is the one place every HF decoder hands over post-RoPE queries and keys together
 (cache.update gets keys only, and a q_proj hook would have to redo each architecture's RoPE), and it still calls
@@ -115,7 +118,8 @@ class Decoder:
             raise ValueError("an evicting cache has sinks + window slots; its size is set by kv-window")
         if not lo <= max_len <= hi:
             raise ValueError(f"max_len must be in [{lo}, {hi}] (the model's positions); got {max_len}")
-        return dataclasses.replace(self, max_len=max_len, _runtime={"step": self._runtime.get("step")})
+        return dataclasses.replace(self, max_len=max_len, _runtime={k: self._runtime.get(k)
+                                                                    for k in ("step", "compiled_step")})
 
     def to(self, device: str | torch.device) -> "Decoder":
         """The same decoder running on `device` (capture on CPU, then move: see Program.to)."""
@@ -155,17 +159,22 @@ class Decoder:
                            device=self.device)
 
     # --- the runtime (static in-place cache, CUDA graphs) ---------------------------------------------------------
-    def inplace_step(self) -> torch.fx.GraphModule:
-        """The step program with in-place cache writes (built once per decoder and device)."""
+    def inplace_step(self, compiled: bool = False):
+        """The step program with in-place cache writes (built once per decoder and device); compiled: fused by
+        Inductor (runtime.compiled_step; compiles at its first call per shape)."""
         if self._runtime.get("step") is None:
             self._runtime["step"] = runtime.inplace_step(self.step)
-        return self._runtime["step"]
+        if not compiled:
+            return self._runtime["step"]
+        if self._runtime.get("compiled_step") is None:
+            self._runtime["compiled_step"] = runtime.compiled_step(self._runtime["step"])
+        return self._runtime["compiled_step"]
 
-    def session(self, batch: int, tokens: int, graphs: bool | None = None, prompt: int | None = None
-                ) -> "runtime.Session":
+    def session(self, batch: int, tokens: int, graphs: bool | None = None, prompt: int | None = None,
+                compiled: bool = False) -> "runtime.Session":
         """The static session for `batch` rows of up to `tokens` tokens, prompts of `prompt` tokens (batch, cache
         length and, for dynamic ThinK, the tokens decoded after the prompt bucketed; default prompt: any length;
-        the last session is kept and reused while its shape fits)."""
+        the last session is kept and reused while its shape fits). compiled: the step fused by Inductor."""
         max_batch = self.step.dim_bounds["batch"][1]
         if batch > max_batch:
             raise ValueError(f"batch {batch} exceeds the {max_batch} rows the decode program was captured for")
@@ -175,10 +184,10 @@ class Decoder:
             recent = runtime.slot_bucket(tokens - (2 if prompt is None else prompt), slots)
         shape = (min(runtime.batch_bucket(batch), max_batch), slots, recent)
         held = self._runtime.get("session")
-        if held is None or (held.batch, held.slots, held.recent) != shape or \
+        if held is None or (held.batch, held.slots, held.recent) != shape or held.compiled != compiled or \
                 (graphs is not None and held.graphs != graphs):
             self._runtime["session"] = None      # free the old cache first
-            held = self._runtime["session"] = runtime.Session(self, *shape, graphs=graphs)
+            held = self._runtime["session"] = runtime.Session(self, *shape, graphs=graphs, compiled=compiled)
         return held
 
     # --- StreamingLLM -------------------------------------------------------------------------------------------

@@ -110,9 +110,24 @@ def latent_tensors(mla: dict, layers: int) -> tuple[torch.Tensor, torch.Tensor, 
     return basis, offset, rope_basis, r
 
 
+@dataclass
+class AbsorbedLatentDecoder(LatentDecoder):
+    """MLA decode in latent space (absorbed.py): k_cache (N, B, 1, slots, R) the RoPE'd decoupled key components,
+    v_cache (N, B, 1, slots, r) the latent; rank = R + r values per token and layer, as the rebuild path's latent."""
+    rope_dims: int = 0
+
+    def empty_cache(self, batch: int, slots: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        N, slots = self.dims["layers"], slots or self.max_len
+        return (torch.zeros(N, batch, 1, slots, self.rope_dims, dtype=self.dtype, device=self.device),
+                torch.zeros(N, batch, 1, slots, self.rank - self.rope_dims, dtype=self.dtype, device=self.device))
+
+
 def build_latent_decoder(model: torch.nn.Module, mla: dict, *, max_len: int = 256, source: str = "<module>",
-                         max_batch: int = 64) -> LatentDecoder:
-    """Capture prefill and decode-step programs whose cache holds the MLA latent (from program.meta['mla'])."""
+                         max_batch: int = 64, absorbed: bool | None = None) -> LatentDecoder:
+    """Capture prefill and decode-step programs whose cache holds the MLA latent (from program.meta['mla']).
+    absorbed (default: whenever the latent has decoupled RoPE dims): attend in latent space, the up-projections moved
+    to the query and output (absorbed.py); False: rebuild keys and values from the latent each step. rope=exact
+    cannot be absorbed (RoPE rotates every key component at its slot)."""
     config = model.config
     dims = decoder_dims(config)
     if not dims["rope"]:
@@ -122,12 +137,21 @@ def build_latent_decoder(model: torch.nn.Module, mla: dict, *, max_len: int = 25
         raise ValueError(f"max_len must be >= 2; got {max_len}")
     basis, offset, rope_basis, r = latent_tensors(mla, dims["layers"])
     decoupled = rope_basis.shape[-1] > 0
+    if absorbed is None:
+        absorbed = decoupled
+    if absorbed and not decoupled:
+        raise RewriterError("MLA with rope=exact rotates every key component at its slot, so the key up-projection "
+                            "cannot move into the query: absorbed (latent-space) decode needs rope=decoupled",
+                            "use mla rope=decoupled, or decode with absorbed=False (keys rebuilt each step)")
     inv_freq = rope_inv_freq(model, "the MLA decode cache", dims["head_dim"])
     model = model.eval()
     dtype = next(model.parameters()).dtype
     device = next(model.parameters()).device
     B, T = 2, min(8, max_len)
     ids = torch.randint(0, config.vocab_size, (B, T), generator=torch.Generator().manual_seed(0)).to(device)
+    if absorbed:
+        return _build_absorbed(model, dims, basis, offset, rope_basis, r, inv_freq, ids, max_len, max_batch, source,
+                               dtype, device)
     buffers = tuple(t.to(device) for t in (basis, offset, rope_basis, inv_freq))
     prefill = None if decoupled else _export(
         _LatentPrefill(model, None).attach(*buffers).eval(), {"input_ids": ids},
@@ -142,3 +166,26 @@ def build_latent_decoder(model: torch.nn.Module, mla: dict, *, max_len: int = 25
                          policy=KVPolicy(), inv_freq=inv_freq, dtype=dtype,
                          meta={"model_type": config.model_type, "mla_rank": r}, rank=r, decoupled=decoupled,
                          device=device)
+
+
+def _build_absorbed(model, dims, basis, offset, rope_basis, r, inv_freq, ids, max_len, max_batch, source, dtype,
+                    device) -> AbsorbedLatentDecoder:
+    from .absorbed import AbsorbedPrefill, AbsorbedStep, absorbed_tensors
+    config = model.config
+    tensors = absorbed_tensors(basis, offset, rope_basis, inv_freq, dims["kv_heads"], dims["head_dim"])
+    tensors = {k: v.to(device) for k, v in tensors.items()}
+    R = rope_basis.shape[-1]
+    inv = inv_freq.to(device)
+    prefill = _export(AbsorbedPrefill(model, None).attach(tensors, inv).eval(), {"input_ids": ids},
+                      {"input_ids": {0: "batch", 1: "seq"}}, {"batch": (1, max_batch), "seq": (2, max_len)}, config,
+                      source, ["logits", "keys", "values"])
+    B, T = ids.shape
+    shape = (dims["layers"], B, 1, max_len)
+    step_inputs = step_inputs_at(ids[:, :1], T - 1, torch.zeros(*shape, R, dtype=dtype, device=device),
+                                 torch.zeros(*shape, r - R, dtype=dtype, device=device))
+    step = _export(AbsorbedStep(model, None).attach(tensors, inv).eval(), step_inputs,
+                   *step_shapes(config, max_len, max_batch), config, source, ["logits", "k_cache", "v_cache"])
+    return AbsorbedLatentDecoder(prefill=prefill, step=step, max_len=max_len, dims=dims,
+                                 policy=KVPolicy(), inv_freq=inv_freq, dtype=dtype,
+                                 meta={"model_type": config.model_type, "mla_rank": r, "mla_absorbed": True},
+                                 rank=r, decoupled=True, device=device, rope_dims=R)

@@ -31,6 +31,7 @@ import torch
 
 from ..errors import RewriterError
 from ..rope import rope_tables, rotate_half
+from .attention import lower_step_attention
 
 BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64)
 SLOT_BUCKET = 64          # cache lengths are rounded up to a multiple of this (one captured graph per bucket)
@@ -41,7 +42,8 @@ def inplace_step(program) -> torch.fx.GraphModule:
     """The step program's graph with its cache writes done in place: each `index_copy(select(cache, 0, layer), 2,
     slot, new)` becomes `index_copy_` on that view of the input cache (k_cache, v_cache and dynamic ThinK's
     k_pruned), and the program returns the input caches themselves instead of a stacked copy. The attention reads
-    the written view, so values are unchanged."""
+    the written view, so values are unchanged. Its folded SDPA calls become rewriter::decode_attention (the split-K
+    Triton kernel on CUDA, the same SDPA on CPU: decode/attention.py)."""
     gm = program.ep.module()
     graph = gm.graph
     inputs = {n.name: n for n in graph.nodes if n.op == "placeholder"}
@@ -58,11 +60,42 @@ def inplace_step(program) -> torch.fx.GraphModule:
     if writes == 0:
         raise RewriterError("the decode-step program writes no cache slice through index_copy; the in-place runtime "
                             "does not know this cache form")
+    lower_step_attention(gm)
     output = next(n for n in graph.nodes if n.op == "output")
     output.args = ((output.args[0][0], *caches),)
     graph.eliminate_dead_code()
     gm.recompile()
     return gm
+
+
+@torch.library.custom_op("rewriter::cache_write_", mutates_args=("cache",))
+def cache_write_(cache: torch.Tensor, dim: int, index: torch.Tensor, new: torch.Tensor) -> None:
+    """cache.index_copy_(dim, index, new) as an op that declares its mutation, so that Inductor writes the slot in
+    place (an aten index_copy_ on a view of a graph input is functionalized into a copy of the whole cache)."""
+    cache.index_copy_(dim, index, new)
+
+
+@cache_write_.register_fake
+def _cache_write_fake(cache, dim, index, new):
+    return None
+
+
+def compiled_step(gm: torch.fx.GraphModule):
+    """The in-place step fused by Inductor (torch.compile, static shapes: one compile per session shape, at its
+    first call, which on CUDA is the eager warm-up step before the graph capture). Its cache writes go through
+    rewriter::cache_write_ so they stay in place; the decode attention stays the opaque rewriter::decode_attention."""
+    import copy
+    import warnings
+    with warnings.catch_warnings():          # torch's pytree spec deprecation noise while copying the graph's codegen
+        warnings.simplefilter("ignore", FutureWarning)
+        graph = copy.deepcopy(gm.graph)      # the in-place step stays as it is; the weights are shared, not copied
+    for node in list(graph.nodes):
+        if node.op == "call_function" and node.target is torch.ops.aten.index_copy_.default:
+            with graph.inserting_before(node):
+                graph.call_function(torch.ops.rewriter.cache_write_.default, node.args)
+            node.replace_all_uses_with(node.args[0])
+            graph.erase_node(node)
+    return torch.compile(torch.fx.GraphModule(gm, graph), fullgraph=True, dynamic=False)
 
 
 def _sdpa_kernels(backends):
@@ -98,11 +131,12 @@ class Session:
     """Static decode state for one (batch bucket, slots, recent) shape (recent: dynamic ThinK's full-width slots
     after the prompt, else 0); reused across generate calls of that shape."""
 
-    def __init__(self, decoder, batch: int, slots: int, recent: int = 0, graphs: bool | None = None):
+    def __init__(self, decoder, batch: int, slots: int, recent: int = 0, graphs: bool | None = None,
+                 compiled: bool = False):
         d = self.decoder = decoder
-        self.batch, self.slots, self.recent = batch, slots, recent
+        self.batch, self.slots, self.recent, self.compiled = batch, slots, recent, compiled
         dev = d.device
-        self.step_fn = d.inplace_step()
+        self.step_fn = d.inplace_step(compiled)
         self.k, self.v = d.empty_cache(batch, slots)
         long = dict(dtype=torch.long, device=dev)
         self.ids = torch.zeros(batch, 1, **long)          # the token fed to the next step

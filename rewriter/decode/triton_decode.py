@@ -1,0 +1,232 @@
+"""Split-K decode attention in Triton (flash-decoding): one query token per row against the cache, the cache's
+slots cut into chunks that run as separate programs, each leaving a partial output and log-sum-exp, then one reduce.
+
+Stage 1, grid (B * Hkv, splits): a program takes one KV head of one row and one chunk of its slots, and the G = H / Hkv
+query heads of that KV head together as the rows of its tile (padded to 16 for tl.dot), so each key and value of the
+chunk is read once for all of them (GQA). It skips nothing: slots the valid mask clears score -inf. Optionally a
+second key region adds q_x . k_x to the slots extra_start .. extra_start + extra_len - 1 (dynamic ThinK: the keys
+decoded after the prompt keep their pruned channels in k_pruned, scored in the same softmax).
+Stage 2, grid (B * H): the chunks' partial outputs weighted by exp(lse_s - max lse), normalised.
+
+Rows with no valid slot give zeros (SDPA gives NaN there; the runtime never attends such a row: the step marks its
+own slot valid in every row). Used through rewriter::decode_attention (rewriter.decode.attention) on CUDA.
+"""
+from __future__ import annotations
+
+import contextlib
+import functools
+
+import torch
+import triton
+import triton.language as tl
+from torch import Tensor
+
+_LOG2E = 1.4426950408889634
+MAX_HEAD_DIM = 512      # widest key / value row (padded to a power of two); MLA's latent is a few hundred wide
+MIN_CHUNK = 128         # slots per program at least (a program with less work costs more in launch than it reads)
+PROGRAMS_PER_SM = 8     # split the cache until there are about this many stage-1 programs per SM (set_split)
+PARTIAL_SHARE = 0.25    # partial outputs written + read per chunk at most this share of the chunk's cache bytes
+
+
+def block_n(pad_d: int, pad_dv: int) -> int:
+    """Slots per tile: narrower tiles for wide rows (registers)."""
+    widest = max(pad_d, pad_dv)
+    return 64 if widest <= 128 else 32 if widest <= 256 else 16
+
+
+@triton.jit
+def _decode_split(
+    Q, K, V, Mask, QX, KX, XStart, Part, PartLse,
+    s_qb, s_qh, s_qg, s_kb, s_kh, s_kn, s_vb, s_vh, s_vn, s_mb, s_ml,
+    s_xqb, s_xqh, s_xqg, s_xkb, s_xkh, s_xkn,
+    s_pb, s_ph, s_pg, s_ps, s_lb, s_lh, s_lg,
+    Hkv, G, head_blocks, L, chunk, x_len, qk_scale,
+    HAS_EXTRA: tl.constexpr, SHARED_KV: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_N: tl.constexpr,
+    HEAD_D: tl.constexpr, HEAD_DV: tl.constexpr, HEAD_DX: tl.constexpr,
+    PAD_D: tl.constexpr, PAD_DV: tl.constexpr, PAD_DX: tl.constexpr, DOT_PRECISION: tl.constexpr,
+):
+    bhg = tl.program_id(0)
+    split = tl.program_id(1)
+    b = bhg // (Hkv * head_blocks)
+    h = (bhg // head_blocks) % Hkv
+    offs_g = (bhg % head_blocks) * BLOCK_H + tl.arange(0, BLOCK_H)
+    offs_d = tl.arange(0, PAD_D)
+    offs_dv = tl.arange(0, PAD_DV)
+    g_ok = offs_g < G
+    q = tl.load(Q + b * s_qb + h * s_qh + offs_g[:, None] * s_qg + offs_d[None, :],
+                mask=g_ok[:, None] & (offs_d[None, :] < HEAD_D), other=0.0)
+    if HAS_EXTRA:
+        offs_dx = tl.arange(0, PAD_DX)
+        qx = tl.load(QX + b * s_xqb + h * s_xqh + offs_g[:, None] * s_xqg + offs_dx[None, :],
+                     mask=g_ok[:, None] & (offs_dx[None, :] < HEAD_DX), other=0.0)
+        x_start = tl.load(XStart)
+
+    m_i = tl.full([BLOCK_H], float("-inf"), tl.float32)
+    l_i = tl.zeros([BLOCK_H], tl.float32)
+    acc = tl.zeros([BLOCK_H, PAD_DV], tl.float32)
+    start = split * chunk
+    end = tl.minimum(start + chunk, L)
+    k_base = K + b * s_kb + h * s_kh
+    v_base = V + b * s_vb + h * s_vh
+    for n0 in range(start, end, BLOCK_N):
+        offs_n = n0 + tl.arange(0, BLOCK_N)
+        n_ok = offs_n < end
+        ok = n_ok & (tl.load(Mask + b * s_mb + offs_n * s_ml, mask=n_ok, other=0) != 0)
+        k = tl.load(k_base + offs_n[:, None] * s_kn + offs_d[None, :],
+                    mask=n_ok[:, None] & (offs_d[None, :] < HEAD_D), other=0.0)
+        if SHARED_KV:         # keys are the values (MLA's latent): one read
+            v = k
+        else:
+            v = tl.load(v_base + offs_n[:, None] * s_vn + offs_dv[None, :],
+                        mask=n_ok[:, None] & (offs_dv[None, :] < HEAD_DV), other=0.0)
+        s = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION)
+        if HAS_EXTRA:
+            if (n0 + BLOCK_N > x_start) & (n0 < x_start + x_len):       # tiles that reach the second region
+                idx = offs_n - x_start
+                x_ok = n_ok & (idx >= 0) & (idx < x_len)
+                kx = tl.load(KX + b * s_xkb + h * s_xkh + idx[:, None] * s_xkn + offs_dx[None, :],
+                             mask=x_ok[:, None] & (offs_dx[None, :] < HEAD_DX), other=0.0)
+                s += tl.dot(qx, tl.trans(kx), input_precision=DOT_PRECISION)
+        s = tl.where(ok[None, :], s * qk_scale, float("-inf"))
+        m_new = tl.maximum(m_i, tl.max(s, 1))
+        # rows that have seen no valid slot yet keep m = -inf; subtract 0 instead so exp2 gives 0, not NaN
+        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
+        p = tl.exp2(s - m_safe[:, None])
+        alpha = tl.exp2(m_i - m_safe)
+        l_i = l_i * alpha + tl.sum(p, 1)
+        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=DOT_PRECISION)
+        m_i = m_new
+
+    seen = l_i > 0.0
+    out = acc / tl.where(seen, l_i, 1.0)[:, None]
+    lse = tl.where(seen, m_i + tl.log2(tl.where(seen, l_i, 1.0)), float("-inf"))      # log2 units
+    tl.store(Part + b * s_pb + h * s_ph + offs_g[:, None] * s_pg + split * s_ps + offs_dv[None, :], out,
+             mask=g_ok[:, None] & (offs_dv[None, :] < HEAD_DV))
+    tl.store(PartLse + b * s_lb + h * s_lh + offs_g * s_lg + split, lse, mask=g_ok)
+
+
+@triton.jit
+def _decode_reduce(
+    Part, PartLse, Out,
+    s_pr, s_ps, s_lr, s_or, splits,
+    HEAD_DV: tl.constexpr, PAD_DV: tl.constexpr, PAD_S: tl.constexpr, BLOCK_S: tl.constexpr,
+):
+    row = tl.program_id(0)            # (b, kv head, query head of the group) flattened
+    offs_s = tl.arange(0, PAD_S)
+    offs_dv = tl.arange(0, PAD_DV)
+    dv_ok = offs_dv < HEAD_DV
+    m = tl.max(tl.load(PartLse + row * s_lr + offs_s, mask=offs_s < splits, other=float("-inf")), 0)
+    m_safe = tl.where(m == float("-inf"), 0.0, m)
+    acc = tl.zeros([PAD_DV], tl.float32)
+    total = tl.zeros([BLOCK_S], tl.float32)
+    for s0 in range(0, splits, BLOCK_S):       # BLOCK_S chunks' partials per load, not one chunk at a time
+        offs = s0 + tl.arange(0, BLOCK_S)
+        ok = offs < splits
+        w = tl.exp2(tl.load(PartLse + row * s_lr + offs, mask=ok, other=float("-inf")) - m_safe)
+        part = tl.load(Part + row * s_pr + offs[:, None] * s_ps + offs_dv[None, :], mask=ok[:, None] & dv_ok[None, :],
+                       other=0.0)
+        acc += tl.sum(w[:, None] * part, 0)
+        total += w
+    norm = tl.sum(total, 0)
+    out = acc / tl.where(norm > 0.0, norm, 1.0)
+    tl.store(Out + row * s_or + offs_dv, out.to(Out.dtype.element_ty), mask=dv_ok)
+
+
+def _launchable(kernel):
+    """`kernel` through torch.library.wrap_triton when it is a compiled JITFunction (so torch.compile / AOTInductor
+    can trace the launch); the interpreter's kernels launch as they are."""
+    from triton.runtime.jit import JITFunction
+    return torch.library.wrap_triton(kernel) if isinstance(kernel, JITFunction) else kernel
+
+
+_split_override: dict = {}
+
+
+@contextlib.contextmanager
+def set_split(programs_per_sm: int | None = None, min_chunk: int | None = None):
+    """Launches inside use these split parameters (the benchmark's sweep; a CUDA graph captured inside keeps them)."""
+    old = dict(_split_override)
+    _split_override.update({k: v for k, v in (("programs_per_sm", programs_per_sm), ("min_chunk", min_chunk))
+                            if v is not None})
+    try:
+        yield
+    finally:
+        _split_override.clear()
+        _split_override.update(old)
+
+
+@functools.lru_cache(maxsize=None)
+def _sm_count(index: int) -> int:
+    return torch.cuda.get_device_properties(index).multi_processor_count
+
+
+def split_plan(batch: int, kv_heads: int, slots: int, device: torch.device, groups: int = 1, head_blocks: int = 1,
+               slot_elems: int = 0, out_dim: int = 0, tile: int = 64, programs_per_sm: int = PROGRAMS_PER_SM,
+               min_chunk: int = MIN_CHUNK) -> tuple[int, int]:
+    """(splits, chunk): the cache cut into `splits` chunks of `chunk` slots (a multiple of `tile`) so that
+    batch x kv_heads x head_blocks x splits is about programs_per_sm x the device's SMs, no chunk under min_chunk
+    slots, and no chunk whose partial outputs (groups x out_dim float32, written and read back) cost more than
+    PARTIAL_SHARE of its cache bytes (slot_elems half-precision values per slot). Shapes only: a captured CUDA graph
+    keeps its plan."""
+    sms = _sm_count(device.index if device.index is not None else torch.cuda.current_device()) \
+        if device.type == "cuda" else 8
+    want = max(1, -(-programs_per_sm * sms // (batch * kv_heads * head_blocks)))
+    partial = 8 * groups * out_dim                     # bytes: float32, written then read
+    floor = max(min_chunk, int(partial / (PARTIAL_SHARE * 2 * slot_elems)) if slot_elems else 0)
+    chunk = max(-(-slots // want), floor)
+    chunk = -(-chunk // tile) * tile
+    return -(-slots // chunk), chunk
+
+
+def decode_attention_triton(q: Tensor, k: Tensor, v: Tensor, valid: Tensor, scale: float,
+                            q_extra: Tensor | None = None, k_extra: Tensor | None = None,
+                            extra_start: Tensor | None = None, splits: tuple[int, int] | None = None) -> Tensor:
+    """q (B, Hkv, G, D): the G query heads of each KV head; k (B, Hkv, L, D), v (B, Hkv, L, Dv); valid (B, L) bool
+    (any strides: an expanded mask reads as is). Optional second key region: q_extra (B, Hkv, G, Dx) and k_extra
+    (B, Hkv, R, Dx) add q_extra . k_extra[s - extra_start] to slots extra_start .. extra_start + R - 1 (extra_start
+    a (1,) long tensor on the device, read by the kernel). Returns (B, Hkv, G, Dv) in q's dtype.
+    `splits`: (splits, chunk) instead of split_plan's."""
+    B, Hkv, G, D = q.shape
+    L, Dv = k.shape[2], v.shape[-1]
+    shared = k.data_ptr() == v.data_ptr() and k.shape == v.shape and k.stride() == v.stride() and k.stride(-1) == 1
+    q, k, v = (x if x.stride(-1) == 1 else x.contiguous() for x in (q, k, v))
+    mask = valid.view(torch.uint8) if valid.dtype == torch.bool else valid
+    has_extra = q_extra is not None
+    if has_extra:
+        q_extra, k_extra = (x if x.stride(-1) == 1 else x.contiguous() for x in (q_extra, k_extra))
+        Dx, R = q_extra.shape[-1], k_extra.shape[2]
+        xq, xk, xs = q_extra, k_extra, extra_start
+    else:
+        Dx, R = 0, 0
+        xq, xk, xs = q, k, mask            # dummy pointers, never read
+    pad = lambda d: max(16, triton.next_power_of_2(max(d, 1)))  # noqa: E731
+    if max(pad(D), pad(Dv), pad(Dx)) > MAX_HEAD_DIM:
+        raise ValueError(f"decode attention rows up to {MAX_HEAD_DIM} wide; got D={D}, Dv={Dv}, Dx={Dx}")
+    block_h = min(max(16, triton.next_power_of_2(G)), 16 if max(pad(D), pad(Dv)) > 128 else 64)
+    head_blocks = -(-G // block_h)
+    tile = block_n(pad(D), pad(Dv))
+    n_splits, chunk = splits or split_plan(B, Hkv, L, q.device, G, head_blocks,
+                                           D + Dx + (0 if shared else Dv), Dv, tile, **_split_override)
+    part = torch.empty(B, Hkv, G, n_splits, Dv, dtype=torch.float32, device=q.device)
+    part_lse = torch.empty(B, Hkv, G, n_splits, dtype=torch.float32, device=q.device)
+    half = q.dtype in (torch.float16, torch.bfloat16)
+    _launchable(_decode_split)[(B * Hkv * head_blocks, n_splits)](
+        q, k, v, mask, xq, xk, xs, part, part_lse,
+        q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
+        v.stride(0), v.stride(1), v.stride(2), mask.stride(0), mask.stride(1),
+        xq.stride(0), xq.stride(1), xq.stride(2), xk.stride(0), xk.stride(1), xk.stride(2),
+        part.stride(0), part.stride(1), part.stride(2), part.stride(3),
+        part_lse.stride(0), part_lse.stride(1), part_lse.stride(2),
+        Hkv, G, head_blocks, L, chunk, R, scale * _LOG2E,
+        HAS_EXTRA=has_extra, SHARED_KV=shared, BLOCK_H=block_h, BLOCK_N=tile,
+        HEAD_D=D, HEAD_DV=Dv, HEAD_DX=Dx, PAD_D=pad(D), PAD_DV=pad(Dv), PAD_DX=pad(Dx),
+        DOT_PRECISION="tf32" if half else "ieee", num_warps=4 if max(pad(D), pad(Dv)) <= 128 else 8, num_stages=2,
+    )
+    out = torch.empty(B, Hkv, G, Dv, dtype=q.dtype, device=q.device)
+    rows_part, rows_lse, rows_out = part.view(-1, n_splits, Dv), part_lse.view(-1, n_splits), out.view(-1, Dv)
+    _launchable(_decode_reduce)[(B * Hkv * G,)](
+        rows_part, rows_lse, rows_out, rows_part.stride(0), rows_part.stride(1), rows_lse.stride(0),
+        rows_out.stride(0), n_splits, HEAD_DV=Dv, PAD_DV=pad(Dv), PAD_S=max(16, triton.next_power_of_2(n_splits)),
+        BLOCK_S=max(2, min(64, 4096 // pad(Dv))), num_warps=4,
+    )
+    return out

@@ -1,0 +1,200 @@
+"""rewriter::decode_attention: the split-K Triton decode kernel (run by the Triton interpreter on CPU tensors, small
+shapes) against a float64 SDPA oracle, and the op's reference and lowering in the step program."""
+import pytest
+import torch
+import torch.nn.functional as F
+
+from rewriter.decode.attention import (decode_attention_reference, extra_scores, lower_step_attention,
+                                       reference_attention)
+
+triton = pytest.importorskip("triton", reason="triton is not importable: the decode kernel cannot run")
+from rewriter.decode.triton_decode import decode_attention_triton, split_plan  # noqa: E402
+
+f64 = torch.float64
+
+
+def gen(seed):
+    return torch.Generator().manual_seed(seed)
+
+
+def inputs(seed, B, Hkv, G, L, D, Dv=None, dtype=torch.float32):
+    g = gen(seed)
+    Dv = Dv or D
+    return (torch.randn(B, Hkv, G, D, generator=g).to(dtype), torch.randn(B, Hkv, L, D, generator=g).to(dtype),
+            torch.randn(B, Hkv, L, Dv, generator=g).to(dtype))
+
+
+def oracle(q, k, v, valid, scale, q_x=None, k_x=None, start=None):
+    """float64, one query head at a time through repeat-free explicit softmax (no SDPA)."""
+    B, Hkv, G, D = q.shape
+    s = torch.einsum("bhgd,bhld->bhgl", q.to(f64), k.to(f64)) * scale
+    if q_x is not None:
+        R = k_x.shape[2]
+        for slot in range(int(start), min(int(start) + R, k.shape[2])):
+            s[..., slot] += torch.einsum("bhgd,bhd->bhg", q_x.to(f64), k_x[:, :, slot - int(start)].to(f64)) * scale
+    s = s.masked_fill(~valid[:, None, None, :], float("-inf"))
+    p = torch.softmax(s, -1)
+    return torch.einsum("bhgl,bhld->bhgd", p, v.to(f64))
+
+
+@pytest.fixture
+def kernel(triton_interpreter):
+    return decode_attention_triton
+
+
+def test_split_plan_covers_the_cache_in_whole_tiles():
+    for B, Hkv, L in [(1, 8, 4096), (1, 8, 32768), (32, 8, 4160), (1, 2, 70), (64, 8, 128)]:
+        splits, chunk = split_plan(B, Hkv, L, torch.device("cpu"), 4, 1, 128, 64)
+        assert chunk % 64 == 0 and chunk >= 128 and (splits - 1) * chunk < L <= splits * chunk
+    # MLA's latent: 32 heads x 448 float32 partials per chunk stay under a quarter of the chunk's cache bytes
+    splits, chunk = split_plan(1, 1, 32768, torch.device("cpu"), 32, 2, 448 + 64, 448, 16)
+    assert 8 * 32 * 448 <= 0.25 * chunk * 2 * (448 + 64) and chunk % 16 == 0
+
+
+@pytest.mark.parametrize("G", [1, 4])                       # MHA, and GQA with 4 query heads per KV head
+@pytest.mark.parametrize("splits", [None, (3, 64)])         # the planned split, and 3 chunks of 64 slots
+def test_kernel_equals_oracle_odd_lengths_gqa_invalid_slots(kernel, G, splits):
+    B, Hkv, L, D = 3, 2, 171, 40                              # odd length, head dim padded to 64, tails masked
+    q, k, v = inputs(0, B, Hkv, G, L, D, Dv=24)
+    valid = torch.rand(B, L, generator=gen(1)) > 0.3
+    valid[1] = False
+    valid[1, 150] = True                                      # a row with one valid slot (in the last chunk)
+    valid[2, 100:] = False                                    # left-padded-like: a row whose later chunks are empty
+    out = kernel(q, k, v, valid, 0.3, splits=splits)
+    ref = oracle(q, k, v, valid, 0.3)
+    assert out.dtype == q.dtype and out.shape == (B, Hkv, G, 24)
+    torch.testing.assert_close(out.to(f64), ref, atol=2e-5, rtol=0)
+    torch.testing.assert_close(out[1].to(f64), v[1, :, 150:151].to(f64).expand(Hkv, G, 24), atol=1e-6, rtol=0)
+    sdpa = decode_attention_reference(q, k, v, valid[:, None, None, :], 0.3)
+    torch.testing.assert_close(out, sdpa, atol=2e-5, rtol=0)
+
+
+def test_kernel_expanded_mask_fp16_and_empty_row(kernel):
+    # fp16, not bf16: the CPU interpreter's bf16 tl.dot returns garbage (tests/test_kernels_attention.py); bf16 is
+    # checked on the GPU against the reference in benchmarks/kv.py's correctness block
+    B, Hkv, G, L, D = 2, 2, 2, 70, 32
+    q, k, v = inputs(2, B, Hkv, G, L, D, dtype=torch.float16)
+    valid = (torch.arange(L) < 50).expand(B, L)               # stride-0 rows, as the step's expanded mask
+    valid_rows = valid.clone()
+    valid_rows[1] = False                                     # a row with no valid slot gives zeros
+    out = kernel(q, k, v, valid_rows, D ** -0.5, splits=(2, 64))
+    torch.testing.assert_close(out[0].to(f64), oracle(q, k, v, valid_rows, D ** -0.5)[0], atol=2e-2, rtol=0)
+    assert out[1].eq(0).all()
+    out = kernel(q, k, v, valid, D ** -0.5)
+    torch.testing.assert_close(out.to(f64), oracle(q, k, v, valid, D ** -0.5), atol=2e-2, rtol=0)
+
+
+@pytest.mark.parametrize("start", [0, 37, 100])
+def test_kernel_second_key_region_equals_oracle(kernel, start):
+    """Dynamic ThinK's form: compact keys on every slot plus q_x . k_x on the slots from `start` (regions that end
+    inside, at, and past the cache)."""
+    B, Hkv, G, L, Dk, Dx = 2, 2, 4, 120, 8, 8
+    q, k, v = inputs(3, B, Hkv, G, L, Dk, Dv=16)
+    g = gen(4)
+    q_x, k_x = torch.randn(B, Hkv, G, Dx, generator=g), torch.randn(B, Hkv, 30, Dx, generator=g)
+    valid = torch.rand(B, L, generator=gen(5)) > 0.2
+    start_t = torch.tensor([start])
+    out = kernel(q, k, v, valid, 0.25, q_x, k_x, start_t, splits=(2, 64))
+    ref = oracle(q, k, v, valid, 0.25, q_x, k_x, start_t)
+    torch.testing.assert_close(out.to(f64), ref, atol=2e-5, rtol=0)
+    sdpa = decode_attention_reference(q, k, v, valid[:, None, None, :], 0.25, q_x, k_x, start_t)
+    torch.testing.assert_close(sdpa.to(f64), ref, atol=2e-5, rtol=0)
+
+
+def test_kernel_shared_latent_keys_values_many_heads_wide_rows(kernel):
+    """MLA's absorbed form (decode/absorbed.py): one KV head whose keys are its values (the latent, read once),
+    every query head in its group (two blocks of 16), rows wider than 128 (narrower tiles), and the RoPE'd key
+    components as the second region over every slot."""
+    B, G, L, r, R = 2, 20, 90, 160, 16
+    g = gen(12)
+    q, latent = torch.randn(B, 1, G, r, generator=g), torch.randn(B, 1, L, r, generator=g)
+    q_x, k_x = torch.randn(B, 1, G, R, generator=g), torch.randn(B, 1, L, R, generator=g)
+    valid = torch.rand(B, L, generator=gen(13)) > 0.2
+    start = torch.zeros(1, dtype=torch.long)
+    ref = oracle(q, latent, latent, valid, 0.1, q_x, k_x, start)
+    for splits in (None, (2, 64), (23, 4)):          # 23 chunks: the reduce takes them 16 at a time
+        out = kernel(q, latent, latent, valid, 0.1, q_x, k_x, start, splits=splits)
+        torch.testing.assert_close(out.to(f64), ref, atol=2e-5, rtol=0)
+    out = kernel(q, latent, latent.clone(), valid, 0.1, q_x, k_x, start)          # the same, values read apart
+    torch.testing.assert_close(out.to(f64), ref, atol=2e-5, rtol=0)
+
+
+def test_extra_scores_place_the_region():
+    q_x = torch.randn(1, 1, 2, 3, generator=gen(6))
+    k_x = torch.randn(1, 1, 4, 3, generator=gen(7))
+    s = extra_scores(q_x, k_x, torch.tensor([5]), 12, 0.5)
+    expect = torch.zeros(1, 1, 2, 12)
+    expect[..., 5:9] = 0.5 * q_x @ k_x.transpose(-1, -2)
+    torch.testing.assert_close(s, expect)
+
+
+def test_op_checks_and_reference_switch():
+    q, k, v = inputs(8, 1, 2, 2, 10, 8)
+    mask = torch.ones(1, 1, 1, 10, dtype=torch.bool)
+    out = torch.ops.rewriter.decode_attention(q, k, v, mask, 0.3)
+    torch.testing.assert_close(out, F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=0.3))
+    with pytest.raises(ValueError, match="mask must be bool"):
+        torch.ops.rewriter.decode_attention(q, k, v, mask.float(), 0.3)
+    with pytest.raises(ValueError, match="come together"):
+        torch.ops.rewriter.decode_attention(q, k, v, mask, 0.3, q, None, None)
+    from rewriter.decode import attention
+    with reference_attention():
+        assert not attention.use_triton(q.bfloat16(), v)
+    assert attention._force_reference is False
+
+
+def test_lowering_replaces_only_the_folded_step_sdpa():
+    class Step(torch.nn.Module):
+        def forward(self, q, k, v, valid, q_full):
+            a = F.scaled_dot_product_attention(q, k, v, attn_mask=valid[:, None, None, :], scale=0.5)
+            b = F.scaled_dot_product_attention(q_full, k, v, is_causal=False)       # no mask: left alone
+            return a, b
+    q, k, v = inputs(9, 2, 2, 3, 6, 4)
+    valid = torch.rand(2, 6, generator=gen(10)) > 0.3
+    valid[:, 0] = True
+    q_full = torch.randn(2, 2, 6, 4, generator=gen(11))
+    gm = torch.export.export(Step(), (q, k, v, valid, q_full)).module()
+    ref = gm(q, k, v, valid, q_full)
+    assert lower_step_attention(gm) == 1
+    gm.recompile()
+    targets = [n.target for n in gm.graph.nodes if n.op == "call_function"]
+    assert torch.ops.rewriter.decode_attention.default in targets
+    assert torch.ops.aten.scaled_dot_product_attention.default in targets
+    got = gm(q, k, v, valid, q_full)
+    torch.testing.assert_close(got[0], ref[0], atol=0, rtol=0)
+    torch.testing.assert_close(got[1], ref[1], atol=0, rtol=0)
+
+
+# --- the real compiler: both kernels compile for an H100/H200 (sm_90) without a GPU --------------------------------
+# (the interpreter runs kernels as Python and accepts code the compiler refuses; tests/test_kernels_compile.py does
+# the same for the attention kernels)
+
+def _compile_sm90(jit_fn, types: dict, constexprs: dict, num_warps: int):
+    import inspect
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+    from triton.runtime.jit import JITFunction
+    fn = jit_fn if isinstance(jit_fn, JITFunction) else JITFunction(jit_fn.fn)
+    names = list(inspect.signature(fn.fn).parameters)
+    signature = {n: "constexpr" if n in constexprs else types.get(n, "i32") for n in names}
+    src = ASTSource(fn=fn, signature=signature, constexprs={(names.index(k),): v for k, v in constexprs.items()})
+    compiled = triton.compile(src, target=GPUTarget("cuda", 90, 32), options={"num_warps": num_warps})
+    assert compiled.asm.get("cubin"), "no machine code produced"
+
+
+@pytest.mark.parametrize("form", ["gqa", "think_dynamic", "mla_latent", "fp32"])
+def test_decode_kernels_compile_for_sm90(triton_compiler, form):
+    from rewriter.decode import triton_decode
+    dt = "*fp32" if form == "fp32" else "*bf16"
+    types = {"Q": dt, "K": dt, "V": dt, "Mask": "*u8", "QX": dt, "KX": dt, "XStart": "*i64", "Part": "*fp32",
+             "PartLse": "*fp32", "qk_scale": "fp32"}
+    base = dict(HAS_EXTRA=False, SHARED_KV=False, BLOCK_H=16, BLOCK_N=64, HEAD_D=64, HEAD_DV=64, HEAD_DX=0,
+                PAD_D=64, PAD_DV=64, PAD_DX=16, DOT_PRECISION="ieee" if form == "fp32" else "tf32")
+    consts = {"gqa": base, "fp32": base,
+              "think_dynamic": {**base, "HAS_EXTRA": True, "HEAD_D": 32, "PAD_D": 32, "HEAD_DX": 32, "PAD_DX": 32},
+              "mla_latent": {**base, "HAS_EXTRA": True, "SHARED_KV": True, "BLOCK_N": 16, "HEAD_D": 448,
+                             "HEAD_DV": 448, "PAD_D": 512, "PAD_DV": 512, "HEAD_DX": 64, "PAD_DX": 64}}[form]
+    _compile_sm90(triton_decode._decode_split, types, consts, 8 if form == "mla_latent" else 4)
+    dv = consts["PAD_DV"]
+    _compile_sm90(triton_decode._decode_reduce, {"Part": "*fp32", "PartLse": "*fp32", "Out": dt},
+                  dict(HEAD_DV=consts["HEAD_DV"], PAD_DV=dv, PAD_S=256, BLOCK_S=max(2, min(64, 4096 // dv))), 4)

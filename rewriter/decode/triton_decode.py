@@ -21,6 +21,8 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
+from ..attention.triton.block_sparse_attention import online_softmax_step
+
 _LOG2E = 1.4426950408889634
 MAX_HEAD_DIM = 512      # widest key / value row (padded to a power of two); MLA's latent is a few hundred wide
 MIN_CHUNK = 128         # slots per program at least (a program with less work costs more in launch than it reads)
@@ -88,14 +90,7 @@ def _decode_split(
                              mask=x_ok[:, None] & (offs_dx[None, :] < HEAD_DX), other=0.0)
                 s += tl.dot(qx, tl.trans(kx), input_precision=DOT_PRECISION)
         s = tl.where(ok[None, :], s * qk_scale, float("-inf"))
-        m_new = tl.maximum(m_i, tl.max(s, 1))
-        # rows that have seen no valid slot yet keep m = -inf; subtract 0 instead so exp2 gives 0, not NaN
-        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
-        p = tl.exp2(s - m_safe[:, None])
-        alpha = tl.exp2(m_i - m_safe)
-        l_i = l_i * alpha + tl.sum(p, 1)
-        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=DOT_PRECISION)
-        m_i = m_new
+        m_i, l_i, acc = online_softmax_step(s, v, m_i, l_i, acc, DOT_PRECISION)
 
     seen = l_i > 0.0
     out = acc / tl.where(seen, l_i, 1.0)[:, None]

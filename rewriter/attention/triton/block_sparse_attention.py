@@ -54,6 +54,20 @@ def softcap_log2(s, cap_log2):
 
 
 @triton.jit
+def online_softmax_step(s, v, m_i, l_i, acc, DOT_PRECISION: tl.constexpr):
+    """One key tile of the online softmax (FlashAttention-2), scores s in log2 units (-inf where not allowed):
+    returns the running (max, sum, output accumulator) with the tile's values v added."""
+    m_new = tl.maximum(m_i, tl.max(s, 1))
+    # rows that have seen no key yet keep m = -inf; subtract 0 instead so exp2 gives 0, not NaN
+    m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
+    p = tl.exp2(s - m_safe[:, None])
+    alpha = tl.exp2(m_i - m_safe)
+    l_i = l_i * alpha + tl.sum(p, 1)
+    acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=DOT_PRECISION)
+    return m_new, l_i, acc
+
+
+@triton.jit
 def _block_sparse_fwd(
     Q, K, V, Out, Lse, KvIndex, KvCount, KeyMask, QPos, KPos, Alibi, LrNum, LrDen, LrLog,
     s_qb, s_qh, s_qm, s_kb, s_kh, s_kn, s_vb, s_vh, s_vn, s_ob, s_oh, s_om, s_lb, s_lh, s_nb, s_nh, s_nm,
@@ -134,15 +148,7 @@ def _block_sparse_fwd(
             allowed = pair_allowed(q_pos, k_pos, key_ok, window_left, window_right, sinks,
                                    CAUSAL, WINDOW_LEFT, WINDOW_RIGHT, HAS_SINKS)
             s = tl.where(allowed, s, float("-inf"))
-
-        m_new = tl.maximum(m_i, tl.max(s, 1))
-        # rows that have seen no key yet keep m = -inf; subtract 0 instead so exp2 gives 0, not NaN
-        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
-        p = tl.exp2(s - m_safe[:, None])
-        alpha = tl.exp2(m_i - m_safe)
-        l_i = l_i * alpha + tl.sum(p, 1)
-        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=DOT_PRECISION)
-        m_i = m_new
+        m_i, l_i, acc = online_softmax_step(s, v, m_i, l_i, acc, DOT_PRECISION)
 
     if HAS_LOWRANK:
         # Scatterbrain / linear hybrids: add the low-rank terms over the keys off the support, whose true scale is

@@ -182,21 +182,28 @@ def apply_plan(gm: fx.GraphModule, sites: dict, plan: dict[str, list[str]],
     return changed
 
 
+def slice_learned(maps: dict[str, torch.Tensor], heads: list[int], heads_per_kv: int) -> dict[str, torch.Tensor]:
+    """A learned method's tensors for all of a site's heads restricted to the query heads `heads`, in the layout of
+    ``head_group_inputs`` (each query head gets its own copy of the kv head it reads): key maps ("k_...") are per kv
+    head, the others per query head."""
+    out = {}
+    for name, t in maps.items():
+        index = [h // heads_per_kv for h in heads] if name.startswith("k_") else heads
+        out[name] = t[torch.tensor(index, dtype=torch.long, device=t.device)].contiguous()
+    return out
+
+
 def _group_args(gm, p, path: str, label: str, learned: dict, heads: list[int], rep: int, prefix: str) -> tuple:
     """A head group's op arguments after `scale`: the method's budget, and a learned method's tensors sliced to the
-    group's heads (query maps by head, key maps by the kv head each query head reads), stored as buffers."""
+    group's heads (``slice_learned``), stored as buffers."""
     kwargs, _ = p.method.budget(p.config, 0)
     if p.method.fit is None:
         return p.method.positional(kwargs)
     maps = learned.get(path, {}).get(label)
     if maps is None:
         raise RewriterError(f"plan for {path}: {label} needs its fitted tensors, which were not fitted")
-    sliced = {}
-    for name, t in maps.items():   # key maps ("k_...") are per kv head, the others per query head
-        index = [h // rep for h in heads] if name.startswith("k_") else heads
-        sliced[name] = t[torch.tensor(index, dtype=torch.long, device=t.device)].contiguous()
     args = []
-    for name, value in zip(p.method.args, p.method.positional({**kwargs, **sliced})):
+    for name, value in zip(p.method.args, p.method.positional({**kwargs, **slice_learned(maps, heads, rep)})):
         if isinstance(value, torch.Tensor):
             value = gm.graph.get_attr(add_tensor(gm, f"{prefix}_{name}", value, parameter=False))
         args.append(value)

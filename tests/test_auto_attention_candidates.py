@@ -206,6 +206,7 @@ def test_candidate_options():
     ({"1": ["shared", "exact", "exact", "exact"]}, "some heads only"),
     ({"0": ["window(window=4)"] + ["exact"] * 3, "1": ["shared"] * 4}, "not all exact"),
     ({"0": ["pruned"] * 4}, "every head"),
+    ({"0": ["hedgehog(features=4,lora_rank=2)"] + ["exact"] * 3}, "whole site"),
 ])
 def test_bad_plans_are_refused(bert3, plan, match):
     _, program = bert3

@@ -62,6 +62,9 @@ def parse_label(label: str) -> tuple[str, dict]:
     for item in split_top_level(m.group(2) or ""):
         key, _, val = item.partition("=")
         opts[key.strip()] = parse_scalar(val.strip())
+    if opts.get("lora_rank"):
+        raise RewriterError(f"plan entry {label!r}: a lora_rank correction changes the whole site's projections, not "
+                            "one head's attention", f"run the {m.group(1)} pass with lora_rank on those layers")
     return m.group(1), opts
 
 

@@ -230,6 +230,7 @@ class Analysis:
     structural: dict[str, dict[str, list[float]]] = field(default_factory=dict)  # path -> pruned / shared errors
     donors: dict[str, str] = field(default_factory=dict)     # site path -> the previous layer's site it may share
     output_errors: bool = False                               # errors through the output projection
+    head_error_sites: list[str] = field(default_factory=list)  # ... except at these (no single output linear)
 
     def to_json(self) -> dict[str, Any]:
         return {"seq_len": self.seq_len, "heads": self.heads,
@@ -273,6 +274,8 @@ def analyze(program: Program, inputs: dict[str, torch.Tensor], candidates: list[
             progress(f"analysing {path} ({i + 1}/{len(records)})")
             result.heads.extend(head_statistics(rec))
             w = weights.get(path) if output_errors else None
+            if output_errors and w is None:
+                result.head_error_sites.append(path)
             result.candidates[path] = method_errors(rec, candidates, progress, w)
             if structural:
                 donor = prev if "shared" in structural and prev is not None and may_share(prev.site, rec.site) \

@@ -339,6 +339,9 @@ class AutoAttention(Pass):
         if cfg.recall_probe and not summary["recall_probes"]:
             result.notes.append("recall_probe skipped: the calibration inputs hold no token ids to repeat (images, or "
                                 "a block's hidden states); long-range heads were measured on the samples alone")
+        if self.analysis.head_error_sites:
+            result.notes.append(f"errors=output: {len(self.analysis.head_error_sites)} site(s) measured per head "
+                                f"instead (no single output projection; first: {self.analysis.head_error_sites[0]})")
         if cfg.density and summary["attention_flops_ratio"] > cfg.density + 1e-9:
             result.notes.append(f"density {cfg.density} is below the cheapest candidates at this length; the plan "
                                 f"uses {summary['attention_flops_ratio']:.3f} of exact attention FLOPs")

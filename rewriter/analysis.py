@@ -36,11 +36,13 @@ class SiteRecord:
     key_mask: torch.Tensor | None
 
 
-def record_attention(program: Program, inputs: dict[str, torch.Tensor]) -> list[SiteRecord]:
-    """Run the canonical program on `inputs` and keep every attention site's q, k, v and key mask."""
+def record_attention(program: Program, inputs: dict[str, torch.Tensor], gm=None) -> list[SiteRecord]:
+    """Run the canonical program (or its canonical module `gm`) on `inputs` and keep every attention site's q, k, v
+    and key mask."""
     from .sites import attention_sites
-    gm = program.module()
-    canonicalize(gm)
+    if gm is None:
+        gm = program.module()
+        canonicalize(gm)
     sites = attention_sites(gm, program.causal_modules)
     seen = record_node_inputs(gm, inputs, {s.node for s in sites})
     out = []
@@ -116,13 +118,59 @@ class CandidateResult:
     dense_flops: float           # per head exact attention FLOPs
     memory: float
     dense_memory: float
+    learned: dict = field(default_factory=dict)   # a learned method's fitted tensors (all heads of the site)
+    fit: dict = field(default_factory=dict)       # and its fit statistics (held-out errors, seconds)
+
+
+def output_weights(gm, sites: list[AttentionSite]) -> dict[str, torch.Tensor]:
+    """site module path -> its output projection's weight (hidden, heads * value dim), float64, for the sites whose
+    attention output reaches exactly one linear (graph.attention_projections)."""
+    from .graph import attention_projections, is_exact_attention
+    from .sites import linear_sites
+    linears = {s.node: s for s in linear_sites(gm)}
+    nodes = {n.name: n for n in gm.graph.nodes}
+    linear_nodes = {nodes[name] for name in linears}
+    out = {}
+    for s in sites:
+        node = nodes[s.node]
+        proj = attention_projections(node, linear_nodes) if is_exact_attention(node) else None
+        if proj is not None:
+            w = linears[proj["o"].name].weight_matrix(gm).detach().double()
+            if w.shape[1] == s.heads * s.value_dim:
+                out[s.module_path] = w
+    return out
+
+
+def head_errors(approx: torch.Tensor, exact: torch.Tensor, rows: torch.Tensor, out_weight: torch.Tensor | None = None,
+                samples: slice = slice(None)) -> list[float]:
+    """Per-head error of `approx` (B, H, L, Dv) against `exact` (float64) on the real query rows `rows` (B, 1, L, 1)
+    of the batch elements `samples`. Without `out_weight`: relative to the head's own output. With the output
+    projection's weight (hidden, H * Dv): the head's error after the projection, ||(approx_h - exact_h) W_h^T||,
+    relative to the whole site's projected output ||exact W^T||: a head's share of the attention block's error
+    (removing the head scores head-prune's importance), so the squares of a site's heads add up to about its
+    squared relative error."""
+    approx, exact, rows = approx[samples].double(), exact[samples], rows[samples]
+    d = torch.where(rows, approx - exact, torch.zeros_like(exact))
+    ref = torch.where(rows, exact, torch.zeros_like(exact))
+    if out_weight is None:
+        return (d.pow(2).sum((0, 2, 3)).sqrt() / ref.pow(2).sum((0, 2, 3)).sqrt().clamp_min(1e-30)).tolist()
+    B, H, L, Dv = d.shape
+    w = out_weight.reshape(out_weight.shape[0], H, Dv)
+    gram = torch.einsum("ohd,ohe->hde", w, w)                        # W_h^T W_h per head (Dv, Dv)
+    dd = torch.einsum("bhld,bhle->hde", d, d)                        # d_h^T d_h over rows
+    per_head = (gram * dd).sum((1, 2)).clamp_min(0).sqrt()
+    total = torch.einsum("bhld,ohd->blo", ref, w).norm().clamp_min(1e-30)
+    return (per_head / total).tolist()
 
 
 def method_errors(rec: SiteRecord, candidates: list[tuple[str, dict]],
-                  progress: Callable[[str], None] = lambda m: None) -> list[CandidateResult]:
-    """Every candidate on all heads of one site at once; errors split per head, against the model's own attention
-    (its sliding window, ALiBi bias and softcap included). On such a site a candidate runs with the arguments that keep
-    them (as the pass would rewrite it); a candidate that cannot keep them is left out."""
+                  progress: Callable[[str], None] = lambda m: None,
+                  out_weight: torch.Tensor | None = None) -> list[CandidateResult]:
+    """Every candidate on all heads of one site at once; errors split per head (``head_errors``), against the model's
+    own attention (its sliding window, ALiBi bias and softcap included). On such a site a candidate runs with the
+    arguments that keep them (as the pass would rewrite it); a candidate that cannot keep them is left out. A learned
+    method fits on this site's samples and is measured on the samples its fit held out (never on its training
+    samples); its tensors come back in the result."""
     from .pipeline import make_pass
     s = rec.site
     q, k, v, km = rec.q, rec.k, rec.v, rec.key_mask
@@ -137,16 +185,40 @@ def method_errors(rec: SiteRecord, candidates: list[tuple[str, dict]],
         kwargs, budget, _ = p.site_kwargs(s, L)
         if kwargs is None:
             continue
-        fitted, _ = p.fit(s, q, k, v, km, kwargs, progress)      # learned methods fit on this site's inputs
+        fitted, info = p.fit(s, q, k, v, km, kwargs, progress)      # learned methods fit on this site's inputs
         args = p.method.positional({**kwargs, **fitted})
-        approx = p.op(q, k, v, km, s.causal, s.scale, *args).double()
-        d = torch.where(rows, approx - exact, torch.zeros_like(exact))
-        ref = torch.where(rows, exact, torch.zeros_like(exact))
-        errs = (d.pow(2).sum((0, 2, 3)).sqrt() / ref.pow(2).sum((0, 2, 3)).sqrt().clamp_min(1e-30)).tolist()
+        approx = p.op(q, k, v, km, s.causal, s.scale, *args)
+        held = int(info.get("held_out_samples", 0)) if fitted else 0
+        errs = head_errors(approx, exact, rows, out_weight, slice(B - held, B) if held else slice(None))
         c = p.cost(one_head, B, L, args)
         out.append(CandidateResult(method, dict(options), budget, errs, c.flops / B, c.dense_flops / B,
-                                   c.memory_bytes / B, c.dense_memory_bytes / B))
+                                   c.memory_bytes / B, c.dense_memory_bytes / B, learned=fitted, fit=info))
     return out
+
+
+def structural_errors(rec: SiteRecord, donor: SiteRecord | None, out_weight: torch.Tensor | None = None
+                      ) -> dict[str, list[float]]:
+    """Per-head errors (``head_errors``) of the two structural candidates of a site: "pruned" (the head removed: its
+    output is zero) and, given the previous layer's record `donor`, "shared" (the head reads the donor head's exact
+    attention map: P_donor v)."""
+    s = rec.site
+    exact = _common.model_attention_float64(rec.q, rec.k, rec.v, rec.key_mask, s.causal, s.scale, s.window,
+                                            s.alibi_slopes, softcap=s.softcap)
+    rows = _valid_rows(rec)[:, None, :, None]
+    out = {"pruned": head_errors(torch.zeros_like(exact), exact, rows, out_weight)}
+    if donor is not None:
+        shared = torch.matmul(_probs(donor), _common.expand_kv(rec.v.double(), s.heads))
+        out["shared"] = head_errors(shared, exact, rows, out_weight)
+    return out
+
+
+def _probs(rec: SiteRecord) -> torch.Tensor:
+    """Exact attention weights of a plain site (B, H, L, L), float64; rows that see no key are 0."""
+    s = rec.site
+    q, k = rec.q.double(), _common.expand_kv(rec.k.double(), s.heads)
+    allowed = _common.allowed_mask(q.shape[2], k.shape[2], s.causal, rec.key_mask, q.device)
+    logits = (torch.matmul(q, k.transpose(-1, -2)) * s.scale).masked_fill(~allowed, float("-inf"))
+    return torch.softmax(logits, dim=-1).nan_to_num(0.0)
 
 
 @dataclass
@@ -155,22 +227,64 @@ class Analysis:
     candidates: dict[str, list[CandidateResult]] = field(default_factory=dict)   # site module path -> results
     sites: list[AttentionSite] = field(default_factory=list)
     seq_len: int = 0
+    structural: dict[str, dict[str, list[float]]] = field(default_factory=dict)  # path -> pruned / shared errors
+    donors: dict[str, str] = field(default_factory=dict)     # site path -> the previous layer's site it may share
+    output_errors: bool = False                               # errors through the output projection
+    head_error_sites: list[str] = field(default_factory=list)  # ... except at these (no single output linear)
 
     def to_json(self) -> dict[str, Any]:
         return {"seq_len": self.seq_len, "heads": self.heads,
                 "sites": [s.describe() for s in self.sites],
-                "candidates": {path: [dataclasses.asdict(c) for c in cs] for path, cs in self.candidates.items()}}
+                "candidates": {path: [{k: v for k, v in dataclasses.asdict(c).items() if k != "learned"} for c in cs]
+                               for path, cs in self.candidates.items()},
+                **({"structural": self.structural, "donors": self.donors} if self.structural else {}),
+                **({"errors": "through the output projection, relative to the site output"}
+                   if self.output_errors else {})}
+
+
+STRUCTURAL = ("pruned", "shared")
+
+
+def may_share(donor: AttentionSite, site: AttentionSite) -> bool:
+    """Whether `site` may read `donor`'s attention map: the next layer's plain attention with the same heads."""
+    return (donor.layer is not None and site.layer == donor.layer + 1 and donor.plain() and site.plain()
+            and (donor.heads, donor.kv_heads, donor.value_dim, donor.causal) ==
+            (site.heads, site.kv_heads, site.value_dim, site.causal))
 
 
 def analyze(program: Program, inputs: dict[str, torch.Tensor], candidates: list[tuple[str, dict]] | None = None,
-            progress: Callable[[str], None] = lambda m: None) -> Analysis:
+            progress: Callable[[str], None] = lambda m: None, output_errors: bool = False,
+            structural: tuple[str, ...] = ()) -> Analysis:
+    """Per-head statistics and candidate errors of every attention site. `output_errors`: measure errors through
+    each site's output projection (``head_errors``; sites without a single one are measured per head as before).
+    `structural`: also measure "pruned" (every site with one output projection and as many kv heads as heads) and
+    "shared" (every site whose previous layer ``may_share`` its map)."""
     candidates = DEFAULT_CANDIDATES if candidates is None else candidates
     with torch.no_grad():
         progress("recording attention inputs")
-        records = record_attention(program, inputs)
-        result = Analysis(sites=[r.site for r in records], seq_len=records[0].k.shape[2] if records else 0)
+        gm = program.module()
+        canonicalize(gm)
+        records = record_attention(program, inputs, gm)
+        weights = output_weights(gm, [r.site for r in records]) if (output_errors or structural) else {}
+        result = Analysis(sites=[r.site for r in records], seq_len=records[0].k.shape[2] if records else 0,
+                          output_errors=output_errors)
+        prev = None
         for i, rec in enumerate(records):
-            progress(f"analysing {rec.site.module_path} ({i + 1}/{len(records)})")
+            path = rec.site.module_path
+            progress(f"analysing {path} ({i + 1}/{len(records)})")
             result.heads.extend(head_statistics(rec))
-            result.candidates[rec.site.module_path] = method_errors(rec, candidates)
+            w = weights.get(path) if output_errors else None
+            if output_errors and w is None:
+                result.head_error_sites.append(path)
+            result.candidates[path] = method_errors(rec, candidates, progress, w)
+            if structural:
+                donor = prev if "shared" in structural and prev is not None and may_share(prev.site, rec.site) \
+                    else None
+                errs = structural_errors(rec, donor, w)
+                if "pruned" not in structural or path not in weights or rec.site.kv_heads != rec.site.heads:
+                    errs.pop("pruned")       # a head leaves physically only from separable projections (MHA)
+                if donor is not None:
+                    result.donors[path] = donor.site.module_path
+                result.structural[path] = errs
+            prev = rec
     return result

@@ -111,11 +111,26 @@ class Program:
         return torch.device("cpu")
 
     def num_parameters(self) -> int:
-        return sum(t.numel() for t in self.ep.state_dict.values())
+        return sum(t.numel() for t in _distinct(self.ep.state_dict.values()))
 
     def parameter_bytes(self) -> int:
         tensors = list(self.ep.state_dict.values()) + [t for t in self.ep.constants.values() if isinstance(t, torch.Tensor)]
-        return sum(t.numel() * t.element_size() for t in tensors)
+        return sum(t.numel() * t.element_size() for t in _distinct(tensors))
+
+
+def _distinct(tensors) -> list[torch.Tensor]:
+    """Each tensor once: a tied weight (GPT-2's wte and lm_head) sits in the state dict under two names, and a
+    re-capture that drops the unused name must not look like a pass removing vocab x hidden parameters. Meta tensors
+    (streamed captures) have no storage to compare and all count."""
+    seen, out = set(), []
+    for t in tensors:
+        if t.device.type != "meta":
+            key = (t.untyped_storage().data_ptr(), t.storage_offset(), tuple(t.shape), tuple(t.stride()), t.dtype)
+            if key in seen:
+                continue
+            seen.add(key)
+        out.append(t)
+    return out
 
 
 POSITION_KEYS = ("max_position_embeddings", "n_positions", "n_ctx", "max_seq_len")

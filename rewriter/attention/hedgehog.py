@@ -333,8 +333,16 @@ class HedgehogConfig(AttentionConfig):
                                                     "targets hold rows x sequence length weights per head)"})
     rows_held_out: int = field(default=256, metadata={"help": "query rows per held-out sample in the fit report"})
     seed: int = 0
+    lora_rank: int = field(default=0, metadata={
+        "help": "LoLCATs: rank of the corrections of the q/k/v/o projections fitted to the site's output after the "
+                "maps (merged into the weights; 0: none)"})
+    lora_steps: int = field(default=50, metadata={
+        "help": "Adam steps refining the correction per site (from the output projection's closed-form one)"})
+    lora_lr: float = 0.0005
 
     def validate(self):
+        if self.lora_rank < 0 or self.lora_steps < 0 or not (self.lora_lr > 0):
+            raise ValueError("lora_rank >= 0, lora_steps >= 0 and lora_lr > 0")
         if self.features < 0 or self.window < 0 or self.sinks < 0:
             raise ValueError("features, window and sinks must be >= 0")
         self._density_ok("density", self.density)

@@ -86,7 +86,9 @@ class AttentionPass(Pass):
             return result
         nodes = {n.name: n for n in gm.graph.nodes}
         ctx.progress(f"{self.name}: recording attention inputs on calibration data")
-        recorded = record_node_inputs(gm, ctx.calib_inputs, {s.node for s in sites})
+        lora = self._lora_projections(gm, ctx, sites, nodes)
+        recorded = record_node_inputs(gm, ctx.calib_inputs, {s.node for s in sites} | {
+            n.name for proj in lora.values() for n in (proj["q"][0], proj["k"][0], proj["v"][0], proj["o"])})
         errors, costs, at_max, refused, fits = [], [], [], [], []
         for i, site in enumerate(sites):
             args, kwargs = recorded[site.node]
@@ -101,9 +103,16 @@ class AttentionPass(Pass):
                 continue
             where = f"{self.name}: site {i + 1}/{len(sites)} ({site.module_path})"
             learned, fit_info = self.fit(site, q, k, v, km, op_kwargs, lambda msg: ctx.progress(f"{where}: {msg}"))
+            method_args = self.method.positional({**op_kwargs, **learned})
+            if site.module_path in lora:
+                from .lora_correction import fit_lora
+                cfg = self.config
+                fit_info["lora"] = fit_lora(site, lora[site.module_path], {s.node: s for s in ctx.linear_sites(gm)}, gm,
+                                            recorded, q, k, v, km, self.method.reference, method_args, cfg.lora_rank,
+                                            cfg.lora_steps, cfg.lora_lr, getattr(cfg, "seed", 0),
+                                            lambda msg: ctx.progress(f"{where}: {msg}"))
             if fit_info:
                 fits.append({"site": site.module_path, "layer": site.layer, **fit_info})
-            method_args = self.method.positional({**op_kwargs, **learned})
             replace_attention(gm, nodes[site.node], self.op, site.causal, site.scale, method_args,
                               constant_prefix=f"{self.name.replace('-', '_')}_{site.node}")
             # error of this site alone, on its own recorded inputs (exact attention as the reference)
@@ -152,6 +161,23 @@ class AttentionPass(Pass):
                 f"attention FLOPs vs exact: {result.summary['attention_flops_ratio']:.3g} at the calibration length "
                 f"{first['seq_len']}, {result.summary['attention_flops_ratio_at_max_length']:.3g} at {L_max}")
         return result
+
+    def _lora_projections(self, gm, ctx, sites, nodes) -> dict:
+        """site path -> its q/k/v/o projections, for a method config asking for a LoLCATs low-rank correction
+        (`lora_rank` > 0; passes/lora_correction.py); sites without single-linear projections are refused."""
+        if not getattr(self.config, "lora_rank", 0):
+            return {}
+        from .lora_correction import projection_nodes
+        linears = {s.node: s for s in ctx.linear_sites(gm)}
+        out = {}
+        for site in sites:
+            node = nodes[site.node]
+            proj = projection_nodes(node, linears) if is_exact_attention(node) else None
+            if proj is None:
+                raise RewriterError(f"{self.name}: lora_rank needs single q / k / v / output linears around "
+                                    f"{site.module_path}, which it does not have", "use lora_rank=0 here")
+            out[site.module_path] = proj
+        return out
 
     @staticmethod
     def _exact(q, k, v, km, site: AttentionSite, rows: torch.Tensor) -> torch.Tensor:

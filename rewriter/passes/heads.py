@@ -16,18 +16,20 @@ compared on calibration data (mean total variation distance over heads and real 
 disjoint pairs (or, with `error`, pairs in that order while the receivers' relative output errors add up to at most
 `error`) are rewritten: layer l computes P once (its output P v_l is exact) and layer l+1 computes P v_{l+1}; its q.k
 is gone, and its q / k projections with it (dropped as dead code; GPT-2's fused c_attn makes v too and stays).
-Both passes leave plain aten ops and smaller weights, so ONNX export needs no new translation."""
+On GPT-2 the views splitting q / k / v into heads get their head count written out first (GPT-2 leaves it -1, which the
+re-capture would turn into a shape guard failing at batch 1). Both passes leave plain aten ops and smaller weights, so
+ONNX export needs no new translation."""
 from __future__ import annotations
 
 from dataclasses import dataclass, field
 
 import torch
-from torch import nn
+from torch import fx, nn
 
 from ..config import PassConfig
 from ..errors import RewriterError
-from ..graph import (attention_projections, drop_unused_attributes, erase_dead, get_attr_tensor, is_exact_attention,
-                     key_mask_value, record_node_inputs, rescale_head_shapes, set_attr_tensor)
+from ..graph import (attention_projections, aten, drop_unused_attributes, erase_dead, get_attr_tensor,
+                     is_exact_attention, key_mask_value, record_node_inputs, rescale_head_shapes, set_attr_tensor)
 from ..pipeline import Pass, PassResult, SiteChange, register_pass
 from ..program import WRAPPER_PREFIX
 from ..sites import select
@@ -246,12 +248,36 @@ class AttentionMap(nn.Module):
 
 
 class MapTimesValues(nn.Module):
-    def __init__(self, groups: int):
+    def __init__(self, groups: int, kv_heads: int):
         super().__init__()
-        self.groups = groups
+        self.groups, self.kv_heads = groups, kv_heads
 
     def forward(self, p, v):
+        # the kv head count as a constant too: GPT-2's values have a symbolic one, and a matmul of a map with constant
+        # heads against it re-captures with a guard that fails at batch 1
+        v = v.reshape(v.shape[0], self.kv_heads, v.shape[2], v.shape[3])
         return torch.matmul(p, _repeat_kv(v, self.groups))
+
+
+def _pin_head_views(node, site) -> None:
+    """The (B, L, -1, D) views that split q / k / v of an attention node into heads, with the head count written out.
+    GPT-2 leaves it -1, and the count export then infers is an expression of the batch and length that the shared
+    map's matmul turns into a guard failing at batch 1."""
+    for arg, heads in zip(node.args[:3], (site.heads, site.kv_heads, site.kv_heads)):
+        todo, seen = [arg], set()
+        while todo:
+            n = todo.pop()
+            if not isinstance(n, fx.Node) or n in seen or n.op != "call_function":
+                continue
+            seen.add(n)
+            if n.target in (aten.view.default, aten.reshape.default, aten._unsafe_view.default):
+                shape = list(n.args[1])
+                if len(shape) == 4 and shape[2] == -1:
+                    shape[2] = heads
+                    n.args = (n.args[0], shape, *n.args[2:])
+                continue
+            if n.target in (aten.transpose.int, aten.permute.default, aten.contiguous.default, aten.clone.default):
+                todo.append(n.args[0])
 
 
 @dataclass
@@ -287,11 +313,6 @@ class ShareAttentionPass(Pass):
         cfg: ShareAttentionConfig = self.config
         result = PassResult()
         sites = select(ctx.attention_sites(gm), cfg, "attention site", self.name)
-        if cfg.count or cfg.error:
-            if ctx.program.config.get("model_type") == "gpt2":
-                # GPT-2's fused c_attn: the shared program re-captures with a batch-1 shape guard that fails
-                raise RewriterError("share-attention does not run on GPT-2 yet (its fused q/k/v projection leaves the "
-                                    "re-captured program failing at batch 1)", "use it on models with separate q/k/v")
         nodes = {n.name: n for n in gm.graph.nodes}
         usable = [s for s in sites if is_exact_attention(nodes[s.node]) and s.plain()]
         if len(usable) < len(sites):
@@ -348,11 +369,13 @@ class ShareAttentionPass(Pass):
     @staticmethod
     def _share(gm, donor, receiver, a, b) -> None:
         graph = gm.graph
+        for node, site in ((donor, a), (receiver, b)):
+            _pin_head_views(node, site)
         keep = ("nn_module_stack", "stack_trace")
         base = f"{WRAPPER_PREFIX}{a.module_path}.shared_attention_map"
         gm.add_submodule(base, AttentionMap(a.causal, a.scale, a.heads, a.kv_heads))
-        gm.add_submodule(f"{base}_values", MapTimesValues(a.heads // a.kv_heads))
-        gm.add_submodule(f"{base}_receiver_values", MapTimesValues(b.heads // b.kv_heads))
+        gm.add_submodule(f"{base}_values", MapTimesValues(a.heads // a.kv_heads, a.kv_heads))
+        gm.add_submodule(f"{base}_receiver_values", MapTimesValues(b.heads // b.kv_heads, b.kv_heads))
         with graph.inserting_before(donor):
             p = graph.call_module(base, (donor.args[0], donor.args[1], donor.args[3]))
             out_a = graph.call_module(f"{base}_values", (p, donor.args[2]))

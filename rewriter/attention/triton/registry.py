@@ -1,7 +1,8 @@
 """CUDA implementations of the attention ops, registered with ``torch.library.register_kernel``.
 
-The feature maps (elu, relu, taylor2 and FAVOR+) come from the reference code in ``rewriter.attention.feature_map``;
-the cores run in Triton.
+The fixed feature maps (elu, relu, taylor2) come from the reference code in ``rewriter.attention.feature_map``, FAVOR+
+from its Triton kernel (``favor.py``); the cores run in Triton: the chunked linear kernel, and for Scatterbrain and the
+windowed hybrids the block-sparse window kernel with the linear kernel's off-band sums in its epilogue.
 The sparse ops (window, block top-k, strided) run their own layout code with ``sparse_attention_core`` (the Triton
 block-sparse kernel) as their core. ``rewriter::window_triton`` is the window op as a ``torch.library.triton_op``:
 its layout traces with dynamic lengths and its launch goes through ``wrap_triton``, so an AOTInductor package of a

@@ -272,6 +272,25 @@ def test_chunked_linear_outside_window_support(causal, Lq, Lk, left, right, sink
     torch.testing.assert_close(den.to(f64), ref_den, atol=1e-5 * ref_den.abs().max().item(), rtol=0)
 
 
+@pytest.mark.parametrize("causal,normalise", [(True, True), (False, False)])
+def test_chunked_linear_wider_than_the_kernel_runs_in_feature_slices(causal, normalise):
+    """More features than one kernel call holds (taylor2 has 1 + D + D^2): slices of MAX_FEATURES, summed."""
+    from rewriter.attention.triton.linear_attention import MAX_FEATURES
+    B, H, Hkv, Lq, Lk, F, Dv = 1, 2, 1, 20, 20, MAX_FEATURES + 40, 8
+    g = gen(16)
+    phi_q, phi_k = torch.rand(B, H, Lq, F, generator=g), torch.rand(B, Hkv, Lk, F, generator=g)
+    v = torch.randn(B, Hkv, Lk, Dv, generator=g)
+    key_mask = torch.rand(B, Lk, generator=g) > 0.2
+    got = chunked_linear_attention(phi_q, phi_k, v, causal, key_mask, chunk=16, normalise=normalise)
+    ref_num, ref_den = dense_linear_oracle(phi_q, phi_k, v, causal, key_mask)
+    if normalise:
+        ref = torch.where(ref_den[..., None] > 0, ref_num / ref_den.clamp_min(1e-300)[..., None], 0.0)
+        torch.testing.assert_close(got.to(f64), ref, atol=1e-5 * ref.abs().max().item(), rtol=0)
+    else:
+        torch.testing.assert_close(got[0].to(f64), ref_num, atol=1e-4 * ref_num.abs().max().item(), rtol=0)
+        torch.testing.assert_close(got[1].to(f64), ref_den, atol=1e-5 * ref_den.abs().max().item(), rtol=0)
+
+
 def test_chunked_linear_rejects_bad_chunk():
     x = torch.rand(1, 1, 8, 4)
     with pytest.raises(ValueError, match="chunk"):

@@ -204,10 +204,19 @@ def chunked_linear_attention(phi_q: Tensor, phi_k: Tensor, v: Tensor, causal: bo
         raise ValueError(f"key_mask must be (B, Lk) = ({B}, {Lk}); got {tuple(key_mask.shape)}")
     if chunk < 16 or chunk & (chunk - 1):
         raise ValueError(f"chunk must be a power of two >= 16; got {chunk}")
-    if F > MAX_FEATURES:
-        raise ValueError(f"the chunked linear kernel takes at most {MAX_FEATURES} features; got {F}")
     if outside is not None and (min(outside) < 0 or (causal and outside[1] != 0)):
         raise ValueError(f"outside must be (left >= 0, right >= 0, sinks >= 0), right 0 when causal; got {outside}")
+    if F > MAX_FEATURES:
+        # num and den are sums over features: wider maps (taylor2: 1 + D + D^2) run in feature slices, summed
+        num, den = (sum(parts) for parts in zip(*(
+            chunked_linear_attention(phi_q[..., f:f + MAX_FEATURES], phi_k[..., f:f + MAX_FEATURES], v, causal,
+                                     key_mask, chunk, outside=outside, num_warps=num_warps, segments=segments)
+            for f in range(0, F, MAX_FEATURES))))
+        if not normalise:
+            return num, den
+        positive = den > 0
+        return torch.where(positive[..., None], num / torch.where(positive, den, 1.0)[..., None],
+                           0.0).to(phi_q.dtype)
     dev = phi_q.device
     # One dtype for the tensor-core products: v follows the features.
     v = v.to(phi_q.dtype)

@@ -189,12 +189,11 @@ def bench_window(L: int, D: int, causal: bool, records: list, flex, peak: float,
     for block in (64, 128):
         idx, cnt = band_layout(L, L, block, left, right, SINKS, causal, "cuda")
         for warps, stages in sweep[block]:
-            if True:
-                ms = bench(lambda: block_sparse_attention(q, k, v, idx, cnt, block, causal=causal, window_left=left,
-                                                          window_right=right, sinks=SINKS, num_warps=warps,
-                                                          num_stages=stages))
-                if block not in ours or ms < ours[block]:
-                    ours[block], configs[block] = ms, dict(num_warps=warps, num_stages=stages)
+            ms = bench(lambda: block_sparse_attention(q, k, v, idx, cnt, block, causal=causal, window_left=left,
+                                                      window_right=right, sinks=SINKS, num_warps=warps,
+                                                      num_stages=stages))
+            if block not in ours or ms < ours[block]:
+                ours[block], configs[block] = ms, dict(num_warps=warps, num_stages=stages)
     best_block = min(ours, key=ours.get)
     peers = {}
     if flex is not None:
@@ -238,13 +237,11 @@ def bench_linear(L: int, D: int, causal: bool, records: list, fla_ops, hkv: int 
     ours = by_chunk[chunk]
     peers = {}
     if causal and fla_ops:
-        group = H // hkv
         tq, tk, tv = (x.repeat_interleave(H // x.shape[1], 1).transpose(1, 2).contiguous() for x in (pq, pk, v))
         chunk_linear_attn, chunk_simple_gla = fla_ops
         peers["fla_chunk_linear_attn_normalized"] = bench(
             lambda: chunk_linear_attn(tq, tk, tv, scale=1.0, normalize=True))
         peers["fla_chunk_simple_gla"] = bench(lambda: chunk_simple_gla(tq, tk, tv, scale=1.0))
-        del group
     if hkv == H:
         peers["sdpa_flash_dense"] = sdpa_ms(q, k, v, causal, SDPBackend.FLASH_ATTENTION)
     name = "linear_elu_F=D" + ("" if hkv == H else f"_gqa{H}/{hkv}")

@@ -14,7 +14,6 @@ from __future__ import annotations
 import argparse
 import json
 import platform
-import random
 import time
 from pathlib import Path
 
@@ -42,12 +41,9 @@ def main():
     args = ap.parse_args()
     from transformers import AutoTokenizer
     from rewriter.load import default_checkpoint
-    from minilm_quality import long_texts
+    from minilm_quality import fit_and_held_out_pages
     folder = default_checkpoint()
-    texts = long_texts(AutoTokenizer.from_pretrained(str(folder)))
-    order = list(range(len(texts)))
-    random.Random(0).shuffle(order)
-    fit_texts, held = [texts[i] for i in order[:16]], [texts[i] for i in order[16:]]
+    fit_texts, held = fit_and_held_out_pages(AutoTokenizer.from_pretrained(str(folder)))
     program = rewriter.load_program(folder)
     ev, desc = calibration_inputs(program, texts=held, samples=args.eval_samples, seq_len=512, seed=1)
     reference = program.run(**ev)

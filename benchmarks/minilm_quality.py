@@ -13,6 +13,7 @@ from __future__ import annotations
 import argparse
 import json
 import platform
+import random
 import time
 from pathlib import Path
 
@@ -50,6 +51,15 @@ MATCHED = [
 def long_texts(tokenizer, min_tokens: int = 512) -> list[str]:
     from pydoc_data.topics import topics
     return [topics[k] for k in sorted(topics) if len(tokenizer(topics[k])["input_ids"]) >= min_tokens]
+
+
+def fit_and_held_out_pages(tokenizer, fit: int = 16) -> tuple[list[str], list[str]]:
+    """The held-out-text protocol of the fitted methods (hedgehog, auto-attention's candidates): the long pydoc pages
+    in a seeded order, the first `fit` to calibrate and fit on, the rest to measure on."""
+    texts = long_texts(tokenizer)
+    order = list(range(len(texts)))
+    random.Random(0).shuffle(order)
+    return [texts[i] for i in order[:fit]], [texts[i] for i in order[fit:]]
 
 
 def row(program, name, opts, texts, samples):

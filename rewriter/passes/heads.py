@@ -334,7 +334,7 @@ class ShareAttentionPass(Pass):
         for a, b in pairs:
             km = masks[b.node]
             tv = float(0.5 * _real_rows(probs[a.node] - probs[b.node], km).abs().sum(-1).mean())
-            vb = values[b.node].repeat_interleave(b.heads // b.kv_heads, dim=1)
+            vb = _repeat_kv(values[b.node], b.heads // b.kv_heads)
             want, got = probs[b.node] @ vb, probs[a.node] @ vb
             err = float(_real_rows(got - want, km).norm() / _real_rows(want, km).norm().clamp_min(1e-30))
             ranked.append((tv, err, a, b))

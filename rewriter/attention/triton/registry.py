@@ -128,8 +128,27 @@ def _sparse_op(impl_name: str):
     return run
 
 
-for _op in ("window", "block_topk", "strided"):
+for _op in ("block_topk", "strided"):
     cuda_kernel(f"rewriter::{_op}", _sparse_op(f"{_op}_attention_impl"))
+
+
+@cuda_kernel("rewriter::window")
+def window_attention_cuda(q: Tensor, k: Tensor, v: Tensor, key_mask: Optional[Tensor], causal: bool, scale: float,
+                          window: int, sinks: int, block: int = 64, alibi: Optional[list[float]] = None,
+                          softcap: float = 0.0) -> Tensor:
+    """The band kernel (``window_attention.py``: tiles from the query positions, no layout); with ALiBi or a
+    softcap, or head dims over 256, the block-sparse kernel on the band layout. Same numbers either way: the
+    token-level predicate defines the result, the block only the granularity of the work."""
+    from .. import sparse as sparse_attention
+    from .._contract import check_qkv, window_extents
+    if alibi or softcap > 0 or use_reference() or max(q.shape[-1], v.shape[-1]) > TRITON_MAX_HEAD_DIM:
+        return sparse_attention.window_attention_impl(q, k, v, key_mask, causal, scale, window, sinks, block, alibi,
+                                                      softcap, core=sparse_attention_core)
+    from .window_attention import band_attention
+    check_qkv(q, k, v, key_mask)
+    sparse_attention._check_window_budget(window, sinks, block)
+    left, right = window_extents(window, causal)
+    return band_attention(q, k, v, _drop_full_mask(key_mask), causal, scale, left, right, sinks)[0]
 
 
 EXACT_SOFTCAP_BLOCK = 64
@@ -165,18 +184,16 @@ TRITON_MAX_HEAD_DIM = 256
 @torch.library.triton_op("rewriter::window_triton", mutates_args=())
 def window_triton(q: Tensor, k: Tensor, v: Tensor, key_mask: Optional[Tensor], causal: bool, scale: float,
                   window: int, sinks: int, block: int) -> Tensor:
-    """The window op (rewriter::window) on the Triton block-sparse kernel, for compiled packages: the band layout
-    comes from the lengths (``rewriter.compile._band_blocks``, valid slots first, ascending), never from a cache or
-    the data. Blocks outside TRITON_BLOCKS or head dims over TRITON_MAX_HEAD_DIM take the aten form."""
-    from ...compile import _window_attention, traceable_window_layout
+    """The window op (rewriter::window) on the Triton band kernel, for compiled packages: the kernel derives its key
+    tiles from the lengths, so nothing comes from a cache or the data. Blocks outside TRITON_BLOCKS or head dims
+    over TRITON_MAX_HEAD_DIM take the aten form."""
+    from ...compile import _window_attention
     if block not in TRITON_BLOCKS or max(q.shape[-1], v.shape[-1]) > TRITON_MAX_HEAD_DIM:
         return _window_attention(q, k, v, key_mask, causal, scale, window, sinks, block)
-    from .block_sparse_attention import block_sparse_attention
-    left, right, kv_index, kv_count = traceable_window_layout(q.shape[2], k.shape[2], block, window, sinks, causal,
-                                                              q.device)
-    out, _ = block_sparse_attention(q, k, v, kv_index, kv_count, block, key_mask, causal, scale,
-                                    window_left=left, window_right=right, sinks=sinks)
-    return out
+    from .._contract import window_extents
+    from .window_attention import band_attention
+    left, right = window_extents(window, causal)
+    return band_attention(q, k, v, key_mask, causal, scale, left, right, sinks)[0]
 
 
 @cuda_kernel("rewriter::binary_linear")

@@ -3,9 +3,9 @@
 The weight is exp(scale q.k) on the support S (window band + sinks, causal, padding) and phi(q).phi(k) elsewhere.
 Two kernels and no correction term: the chunked linear kernel sums phi(q).phi(k) [v, 1] over the allowed keys off
 S only (``chunked_linear_attention(outside=(left, right, sinks))``: a lagged causal prefix, and for bidirectional
-attention the suffix past the band), and the block-sparse window kernel walks S as the window op does and adds those
-low-rank sums in its epilogue, scaled by exp(r_i) (r_i = log_phi_q_i + log_phi_k, the features' log offsets) against
-its own running max. So Scatterbrain costs the window op plus one linear-attention pass.
+attention the suffix past the band), and the band kernel (``window_attention.py``) walks S as the window op does
+and adds those low-rank sums in its epilogue, scaled by exp(r_i) (r_i = log_phi_q_i + log_phi_k, the features' log
+offsets) against its own running max. So Scatterbrain costs the window op plus one linear-attention pass.
 """
 from __future__ import annotations
 
@@ -13,9 +13,8 @@ import torch
 from torch import Tensor
 
 from .._contract import check_qkv, window_extents
-from ..block_sparse import band_layout
-from .block_sparse_attention import block_sparse_attention
 from .linear_attention import chunked_linear_attention
+from .window_attention import band_attention
 
 
 def scatterbrain_attention_triton(
@@ -25,7 +24,8 @@ def scatterbrain_attention_triton(
     support_max_offset: Tensor | None = None,
 ) -> Tensor:
     """Same contract as ``sparse_plus_lowrank_attention`` (window >= 1); (B, H, Lq, Dv) in q's dtype. Also the
-    linear hybrids' kernel: fixed maps (no log offsets) and learned maps (support_max_offset, the per-head gain)."""
+    linear hybrids' kernel: fixed maps (no log offsets) and learned maps (support_max_offset, the per-head gain).
+    `block` (the ops' layout block) is validated but does not change the result; the band kernel picks its tiles."""
     B, H, Hkv, Lq, Lk, D = check_qkv(q, k, v, key_mask)
     if window < 1 or sinks < 0:
         raise ValueError(f"window must be >= 1 and sinks >= 0 tokens; got window={window}, sinks={sinks}")
@@ -46,7 +46,5 @@ def scatterbrain_attention_triton(
         rlog = rlog + log_phi_q.float()
     if log_phi_k is not None:
         rlog = rlog + log_phi_k.float().repeat_interleave(H // Hkv, dim=1)[:, :, None]
-    kv_index, kv_count = band_layout(Lq, Lk, block, left, right, sinks, causal, q.device)
-    out, _ = block_sparse_attention(q, k, v, kv_index, kv_count, block, key_mask, causal, scale, left, right, sinks,
-                                    lowrank=(num_lr, den_lr, rlog))
+    out, _ = band_attention(q, k, v, key_mask, causal, scale, left, right, sinks, lowrank=(num_lr, den_lr, rlog))
     return out

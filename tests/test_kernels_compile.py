@@ -87,6 +87,15 @@ def test_chunked_linear_attention_compiles(mode, normalise):
         DOT_PRECISION="tf32"), aligned=True)
 
 
+@pytest.mark.parametrize("normalise", [True, False])
+def test_chunked_linear_fused_walk_compiles(normalise):
+    compile_for_sm90(linear_attention._chunk_fused, {
+        "pq_ptr": "*bf16", "pk_ptr": "*bf16", "v_ptr": "*bf16", "kmask_ptr": "*i8", "seg_ptr": "*fp32",
+        "segz_ptr": "*fp32", "out_ptr": "*bf16", "num_ptr": "*fp32", "den_ptr": "*fp32"}, dict(
+        CHUNK=64, BLOCK_F=128, BLOCK_DV=64, HAS_KEY_MASK=not normalise, NORMALISE=normalise, DOT_PRECISION="tf32"),
+        aligned=True)
+
+
 @pytest.mark.parametrize("mode", [0, 1, 2])
 def test_favor_features_compiles(mode):
     compile_for_sm90(favor._favor_features, {
@@ -122,3 +131,19 @@ def test_binary_splitk_gemv_compiles(M):
     compile_for_sm90(binary_linear._binary_splitk_gemv_kernel, types, dict(
         HAS_BIAS=True, WORD_LOADS=True, BLOCK_M=M, BLOCK_N=cfg["block_n"], BLOCK_W=cfg["block_w"], SPLIT=True),
         num_warps=cfg["num_warps"], aligned=True)
+
+
+@pytest.mark.parametrize("causal,masked,lowrank,heads", [(True, False, False, 4), (False, True, True, 1)])
+def test_band_attention_compiles(causal, masked, lowrank, heads):
+    from rewriter.attention.triton import window_attention
+    ptrs = {"Q": "*bf16", "K": "*bf16", "V": "*bf16", "Out": "*bf16", "Lse": "*fp32", "KeyMask": "*i8",
+            "LrNum": "*fp32", "LrDen": "*fp32", "LrLog": "*fp32", "qk_scale": "fp32"}
+    compile_for_sm90(window_attention._band_fwd, ptrs, dict(
+        CAUSAL=causal, HAS_MASK=masked, HAS_LOWRANK=lowrank, LOWRANK_GAIN=False, WINDOW_LEFT=True,
+        WINDOW_RIGHT=not causal, HAS_SINKS=True, BLOCK_M=128, BLOCK_N=64, HEADS=heads,
+        HEAD_D=128, HEAD_DV=128, PAD_D=128, PAD_DV=128, DOT_PRECISION="tf32"), num_warps=8, aligned=True)
+
+
+def test_unpack_signs_kernel_compiles():
+    compile_for_sm90(binary_linear._unpack_signs_kernel, {"packed_ptr": "*u8", "s_ptr": "*bf16"},
+                     dict(BLOCK_N=32, BLOCK_KB=64), aligned=True)

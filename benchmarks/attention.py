@@ -1,10 +1,11 @@
 """H200 check + benchmark of the attention kernels (run on a CUDA machine).
 
 1. Correctness at realistic shapes, fresh random inputs, outputs written over memory poisoned with NaN:
-   block-sparse window kernel vs block_sparse_attention_reference (fp32), chunked linear kernel vs
+   block-sparse window kernel and the band kernel (every swept config) vs block_sparse_attention_reference (fp32), chunked linear kernel vs
    linear_attention_core (fp32), and the registered CUDA ops vs the reference ops.
 2. Timings (medians of triton.testing.do_bench), bf16, B=1, H=32:
-   window 1024 + 64 sinks: ours (block 64 and 128) vs FlexAttention (compiled, same mask, block 128) and dense
+   window 1024 + 64 sinks: the band kernel (default config, and the best of a config sweep), the block-sparse kernel
+   on the band layout (block 64), FlexAttention (compiled, same mask, block 128) and dense
    SDPA (flash, cuDNN); linear (elu+1 features, F = D): ours (kernel + division) vs fla chunk_linear_attn
    (normalize=True) and chunk_simple_gla (causal only), and dense SDPA flash; Scatterbrain (window 1024 + 64
    features): the registered op vs the window op alone and the Performer op.
@@ -62,6 +63,32 @@ def check_correctness(log: list) -> bool:
         ok &= good
         log.append(dict(check="block_sparse_window", causal=causal, D=D, Hkv=Hkv, L=L, block=block, rel_err=e,
                         lse_max_abs_err=e_lse, ok=good))
+    from rewriter.attention.triton.window_attention import band_attention
+    for causal, D, Hkv, L in [(True, 128, 8, 3001), (False, 128, 32, 2048), (True, 64, 32, 3001), (False, 64, 8, 2049)]:
+        q = torch.randn(1, 32, L, D, device="cuda", dtype=torch.bfloat16)
+        k = torch.randn(1, Hkv, L, D, device="cuda", dtype=torch.bfloat16)
+        v = torch.randn(1, Hkv, L, D, device="cuda", dtype=torch.bfloat16)
+        left, right = window_extents(WINDOW, causal)
+        idx, cnt = band_layout(L, L, 64, left, right, SINKS, causal, "cuda")
+        for key_mask in (None, torch.rand(1, L, device="cuda") > 0.1):
+            ref, ref_lse = block_sparse_attention_reference(q.float(), k.float(), v.float(), idx, cnt, 64,
+                                                            key_mask=key_mask, causal=causal, window_left=left,
+                                                            window_right=right, sinks=SINKS)
+            for config in (BAND_CONFIGS[D] if key_mask is None else (None,)):    # padding: the default config
+                for heads in ((None, 1) if Hkv != 32 else (None,)):
+                    poison_cache()
+                    try:
+                        out, lse = band_attention(q, k, v, key_mask, causal, D ** -0.5, left, right, SINKS,
+                                                  config=config, heads=heads)
+                    except Exception as err:  # noqa: BLE001  (recorded; the sweep skips that config)
+                        log.append(dict(check="band_window", config=config, error=f"{type(err).__name__}: {err}"[:300]))
+                        continue
+                    e, e_lse = rel_err(out, ref), (lse - ref_lse).abs().max().item()
+                    good = bool(torch.isfinite(out).all()) and e < 1e-2 and e_lse < 1e-2
+                    ok &= good
+                    log.append(dict(check="band_window", causal=causal, D=D, Hkv=Hkv, L=L, config=config,
+                                    heads=heads, masked=key_mask is not None, rel_err=e, lse_max_abs_err=e_lse,
+                                    ok=good))
     for causal, F_, L in [(True, 128, 4096), (False, 128, 4096), (True, 256, 2049)]:
         pq = torch.rand(1, 32, L, F_, device="cuda", dtype=torch.bfloat16)
         pk = torch.rand(1, 8, L, F_, device="cuda", dtype=torch.bfloat16)
@@ -175,26 +202,39 @@ def matmul_peak_tflops() -> float:
     return 2 * 8192 ** 3 / (ms * 1e-3) / 1e12
 
 
+BAND_CONFIGS = {   # (block_m, block_n, num_warps, num_stages) swept for the band kernel, per head dim
+    128: ((64, 64, 4, 3), (64, 64, 4, 4), (128, 64, 8, 3), (64, 64, 8, 3)),
+    64: ((64, 64, 4, 3), (64, 64, 4, 4), (64, 128, 4, 3), (128, 64, 4, 3)),
+}
+
+
 def bench_window(L: int, D: int, causal: bool, records: list, flex, peak: float, hkv: int = 32) -> None:
+    """The band kernel (the window op's CUDA kernel, window_attention.py) over a config sweep, the previous
+    block-sparse kernel on the band layout (block 64), FlexAttention on the same mask and dense SDPA."""
     from torch.nn.attention import SDPBackend
+    from rewriter.attention.triton.window_attention import band_attention, default_config
     H = 32
     q = torch.randn(1, H, L, D, device="cuda", dtype=torch.bfloat16)
     k, v = (torch.randn(1, hkv, L, D, device="cuda", dtype=torch.bfloat16) for _ in range(2))
     left, right = window_extents(WINDOW, causal)
     shape = [1, H, L, D]
     flops = 4 * D * H * band_pairs(L, causal)
-    ours, configs = {}, {}
-    # launch configurations: the best of a sweep of warps {4, 8} x stages {2, 3} on 16K and 32K (probe runs)
-    sweep = {64: ((4, 2), (4, 3)), 128: ((8, 2),)}
-    for block in (64, 128):
-        idx, cnt = band_layout(L, L, block, left, right, SINKS, causal, "cuda")
-        for warps, stages in sweep[block]:
-            ms = bench(lambda: block_sparse_attention(q, k, v, idx, cnt, block, causal=causal, window_left=left,
-                                                      window_right=right, sinks=SINKS, num_warps=warps,
-                                                      num_stages=stages))
-            if block not in ours or ms < ours[block]:
-                ours[block], configs[block] = ms, dict(num_warps=warps, num_stages=stages)
-    best_block = min(ours, key=ours.get)
+    sweep = {}
+    for config in BAND_CONFIGS[D]:
+        for heads in ((None, 1) if hkv != H else (None,)):
+            key = f"{config}" + ("" if heads is None else f"/heads{heads}")
+            try:
+                sweep[key] = bench(lambda: band_attention(q, k, v, None, causal, D ** -0.5, left, right, SINKS,
+                                                          config=config, heads=heads))
+            except Exception as err:  # noqa: BLE001  (a config the compiler refuses, e.g. out of shared memory)
+                print(f"band config {key} failed: {type(err).__name__}: {str(err)[:200]}", flush=True)
+                sweep[key] = float("inf")
+    default = f"{default_config(D, q.dtype)}"
+    best = min(sweep, key=sweep.get)
+    idx, cnt = band_layout(L, L, 64, left, right, SINKS, causal, "cuda")
+    block_sparse_ms = bench(lambda: block_sparse_attention(q, k, v, idx, cnt, 64, causal=causal, window_left=left,
+                                                           window_right=right, sinks=SINKS, num_warps=4,
+                                                           num_stages=3))
     peers = {}
     if flex is not None:
         from torch.nn.attention.flex_attention import create_block_mask
@@ -208,19 +248,20 @@ def bench_window(L: int, D: int, causal: bool, records: list, flex, peak: float,
         gqa = dict(enable_gqa=True) if hkv != H else {}
         flex(q, k, v, block_mask=bm, **gqa)
         peers["flex_attention"] = bench(lambda: flex(q, k, v, block_mask=bm, **gqa))
+    peers["block_sparse_kernel_block64"] = block_sparse_ms
     if hkv == H:
         peers["sdpa_flash_dense"] = sdpa_ms(q, k, v, causal, SDPBackend.FLASH_ATTENTION)
         peers["sdpa_cudnn_dense"] = sdpa_ms(q, k, v, causal, SDPBackend.CUDNN_ATTENTION)
     name = f"window{WINDOW}+sinks{SINKS}" + ("" if hkv == H else f"_gqa{H}/{hkv}")
-    for block, ms in ours.items():
+    for label, ms in (("band", sweep[default]), ("band_best_swept", sweep[best])):
         for peer, peer_ms in peers.items():
-            records.append(dict(op=f"{name}_block{block}", shape=shape, dtype="bfloat16",
-                                causal=causal, ours_ms=ms, peer=peer, peer_ms=peer_ms,
-                                ratio=None if peer_ms is None else peer_ms / ms, best_block=best_block,
-                                kv_heads=hkv, config=configs[block], tflops=flops / (ms * 1e-3) / 1e12,
+            records.append(dict(op=f"{name}_{label}", shape=shape, dtype="bfloat16", causal=causal, ours_ms=ms,
+                                peer=peer, peer_ms=peer_ms, ratio=None if peer_ms is None else peer_ms / ms,
+                                kv_heads=hkv, config=default if label == "band" else best, sweep_ms=sweep,
+                                tflops=flops / (ms * 1e-3) / 1e12,
                                 fraction_of_matmul_peak=flops / (ms * 1e-3) / 1e12 / peak))
-    print(f"window L={L} D={D} hkv={hkv} causal={causal} ours={ours} {configs} "
-          f"frac={flops / (min(ours.values()) * 1e-3) / 1e12 / peak:.3f} peers={peers}", flush=True)
+    print(f"window L={L} D={D} hkv={hkv} causal={causal} default={default} {sweep[default]:.3f} best={best} "
+          f"frac={flops / (sweep[best] * 1e-3) / 1e12 / peak:.3f} sweep={sweep} peers={peers}", flush=True)
 
 
 def bench_linear(L: int, D: int, causal: bool, records: list, fla_ops, hkv: int = 32) -> None:
@@ -229,10 +270,14 @@ def bench_linear(L: int, D: int, causal: bool, records: list, fla_ops, hkv: int 
     q = torch.randn(1, H, L, D, device="cuda", dtype=torch.bfloat16)
     k, v = (torch.randn(1, hkv, L, D, device="cuda", dtype=torch.bfloat16) for _ in range(2))
     pq, pk = F.elu(q * D ** -0.25) + 1, F.elu(k * D ** -0.25) + 1
-    # chunk / warps / state segments (auto: about four programs per SM; 1: one serial walk per state tile)
-    by_chunk = {f"{chunk}/{warps}/{seg or 'auto'}": bench(lambda: chunked_linear_attention(
-        pq, pk, v, causal, chunk=chunk, normalise=True, num_warps=warps, segments=seg))
-        for chunk, warps, seg in ((64, 4, None), (64, 4, 1), (32, 4, None))}
+    # chunk / warps / state segments (auto: about four programs per SM; 1: one serial walk) / fused walk (causal:
+    # state in registers) or stored prefix states
+    sweep = ((64, 4, None, False), (64, 4, 1, False), (64, 4, None, True), (64, 8, None, True),
+             (32, 4, None, True), (64, 4, 16, True)) if causal else ((64, 4, None, False), (32, 4, None, False))
+    by_chunk = {f"{chunk}/{warps}/{seg or 'auto'}/{'fused' if fused else 'stored'}": bench(
+        lambda: chunked_linear_attention(pq, pk, v, causal, chunk=chunk, normalise=True, num_warps=warps,
+                                         segments=seg, fused=fused))
+        for chunk, warps, seg, fused in sweep}
     chunk = min(by_chunk, key=by_chunk.get)
     ours = by_chunk[chunk]
     peers = {}

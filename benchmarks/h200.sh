@@ -4,7 +4,9 @@
 #   bash benchmarks/h200.sh models    # 1.1B Llama prefill (16K, 32K) + KV-cache decode (4K, 16K, 32K)
 #   bash benchmarks/h200.sh forms     # 1.1B prefill of captured + window as eager program, HF folder, AOTI package
 #   bash benchmarks/h200.sh attention # window / linear / Scatterbrain kernels at 16K-64K vs FlexAttention, fla, SDPA
-#   bash benchmarks/h200.sh decode    # KV decode, batch 1, every KV pass (decode-batch: batches 1 / 8 / 32)
+#   bash benchmarks/h200.sh band      # the band (window) kernel's config sweep, Scatterbrain, binary GEMV sweep
+#   bash benchmarks/h200.sh decode    # KV decode, batch 1, every KV pass (decode-batch: batches 1 / 8 / 32;
+#                                     # decode-fused: every pass at 32K with the Inductor-fused step)
 # Results go to $OUT (default ./out). fla-core comes from a wheel carried in .gpu_kernels2/.whl (no network there):
 #   pip download fla-core==0.6.0 --no-deps -d .gpu_kernels2/.whl   (then carry .gpu_kernels2/.whl with the run)
 set -u
@@ -33,16 +35,30 @@ attention)   # issue 19: window (tuned configs, GQA), linear (chunk-parallel, GQ
   timeout ${ATTN_TIMEOUT:-420} python benchmarks/attention.py --lengths ${ATTN_LENGTHS:-16384 32768 65536} \
     --budget-s ${ATTN_BUDGET:-360} --out "$OUT/attention_h200_v4.json" > "$OUT/attention.log" 2>&1
   echo "attention rc=$?"; grep -E "^(window|linear|scatterbrain) " "$OUT/attention.log" | cut -c1-400;;
+band)   # issue 19: the band (window) kernel's config sweep + Scatterbrain on it, then the binary GEMV sweep
+  timeout 400 python benchmarks/attention.py --lengths ${ATTN_LENGTHS:-32768 65536 16384} \
+    --ops ${ATTN_OPS:-window scatterbrain} --budget-s ${ATTN_BUDGET:-330} \
+    --out "$OUT/attention_h200_${ATTN_TAG:-v5}.json" > "$OUT/attention.log" 2>&1
+  echo "attention rc=$?"; grep -E "^(window|linear|scatterbrain) " "$OUT/attention.log" | cut -c1-900
+  timeout 150 python benchmarks/linear.py --binary-only --out "$OUT/linear_h200_${ATTN_TAG:-v5}.json" \
+    > "$OUT/linear.log" 2>&1
+  echo "linear rc=$?"; tail -5 "$OUT/linear.log";;
 decode)   # issue 14: batch 1 at 4K / 32K with every KV pass, the SDPA and Inductor steps beside the kernel's
   timeout 560 python benchmarks/kv.py --out "$OUT/kv_h200.json" --contexts 4096 32768 \
     --variants original kv-window4+1020 think0.5 mla-decoupled0.5 think-dynamic0.5 --sdpa-variants original \
     --compile-variants original --compile-contexts 4096 --static-peer-contexts 4096 --static-budget-s 300 \
     > "$OUT/kv.log" 2>&1
   echo "kv rc=$?"; grep '^{' "$OUT/kv.log" | cut -c1-300;;
+decode-fused)   # issue 14: every KV pass at 32K with the step fused by Inductor (and the CUDA-graph step beside it)
+  timeout 560 python benchmarks/kv.py --out "$OUT/kv_h200_fused.json" --contexts 32768 \
+    --variants original kv-window4+1020 think0.5 mla-decoupled0.5 \
+    --compile-variants original kv-window4+1020 think0.5 mla-decoupled0.5 --static-peer-contexts --budget-s 500 \
+    > "$OUT/kv_fused.log" 2>&1
+  echo "kv rc=$?"; grep '^{' "$OUT/kv_fused.log" | cut -c1-300;;
 decode-batch)   # issue 14: batches 1 / 8 / 32 at 4K against transformers' static-cache generate at each batch
   timeout 560 python benchmarks/kv.py --out "$OUT/kv_h200_batch.json" --contexts 4096 --batches 1 8 32 \
     --variants original --batch-variants original --compile-variants original --static-peer-contexts 4096 \
     > "$OUT/kv_batch.log" 2>&1
   echo "kv rc=$?"; grep '^{' "$OUT/kv_batch.log" | cut -c1-300;;
-*) echo "usage: $0 kernels|models|forms|attention|decode|decode-batch"; exit 2;;
+*) echo "usage: $0 kernels|models|forms|attention|band|decode|decode-fused|decode-batch"; exit 2;;
 esac

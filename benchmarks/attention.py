@@ -270,14 +270,10 @@ def bench_linear(L: int, D: int, causal: bool, records: list, fla_ops, hkv: int 
     q = torch.randn(1, H, L, D, device="cuda", dtype=torch.bfloat16)
     k, v = (torch.randn(1, hkv, L, D, device="cuda", dtype=torch.bfloat16) for _ in range(2))
     pq, pk = F.elu(q * D ** -0.25) + 1, F.elu(k * D ** -0.25) + 1
-    # chunk / warps / state segments (auto: about four programs per SM; 1: one serial walk) / fused walk (causal:
-    # state in registers) or stored prefix states
-    sweep = ((64, 4, None, False), (64, 4, 1, False), (64, 4, None, True), (64, 8, None, True),
-             (32, 4, None, True), (64, 4, 16, True)) if causal else ((64, 4, None, False), (32, 4, None, False))
-    by_chunk = {f"{chunk}/{warps}/{seg or 'auto'}/{'fused' if fused else 'stored'}": bench(
-        lambda: chunked_linear_attention(pq, pk, v, causal, chunk=chunk, normalise=True, num_warps=warps,
-                                         segments=seg, fused=fused))
-        for chunk, warps, seg, fused in sweep}
+    # chunk / warps / state segments (auto: about four programs per SM; 1: one serial walk per state tile)
+    by_chunk = {f"{chunk}/{warps}/{seg or 'auto'}": bench(lambda: chunked_linear_attention(
+        pq, pk, v, causal, chunk=chunk, normalise=True, num_warps=warps, segments=seg))
+        for chunk, warps, seg in ((64, 4, None), (64, 4, 1), (32, 4, None))}
     chunk = min(by_chunk, key=by_chunk.get)
     ours = by_chunk[chunk]
     peers = {}

@@ -200,7 +200,7 @@ def main() -> None:
             bin_ms = graph_time_ms([lambda p=p: binary_linear_triton(x, p, alpha, mu, bias, in_f, out=ybuf) for p in packs])
             row = {"op": "binary_linear", "shape": shape, "M": M, "ours_us": bin_ms * 1e3, "peer": "cublas_bf16_linear",
                    "peer_us": dense_ms * 1e3, "ratio": dense_ms / bin_ms,
-                   "path": "splitk" if M <= GEMV_DISPATCH_MAX_M else "decode" if M <= GEMV_MAX_M else "dense",
+                   "path": "splitk" if M <= GEMV_DISPATCH_MAX_M else "decode" if M <= GEMV_MAX_M else "prefill",
                    "splitk_defaults": gemv_defaults(M) if M <= GEMV_MAX_M else None}
             if M <= GEMV_MAX_M:
                 ref = binary_linear(x.double(), packed, alpha.double(), mu.double(), bias.double(), in_f)
@@ -221,15 +221,6 @@ def main() -> None:
                     sweep.append({"config(kernel,block_m,block_n,block_kb,warps,stages)": list(cfg), "us": t * 1e3})
                 row["prefill_sweep"] = sweep
                 row["best_ratio_vs_cublas"] = dense_ms * 1e3 / min(s["us"] for s in sweep)
-            if M > GEMV_DISPATCH_MAX_M:   # signs unpacked + cuBLAS (the "dense" tiling) beside the binary kernels
-                row["dense_tiling_us"] = graph_time_ms([lambda p=p: binary_linear_triton(
-                    x, p, alpha, mu, bias, in_f, tiling="dense", out=ybuf) for p in packs]) * 1e3
-                row["dense_tiling_ratio"] = dense_ms * 1e3 / row["dense_tiling_us"]
-                y = torch.full((M, out_f), float("nan"), device=dev, dtype=DTYPE)
-                binary_linear_triton(x, packed, alpha, mu, bias, in_f, tiling="dense", out=y)
-                checks.append({"op": "binary_linear_dense_tiling", "shape": shape, "M": M,
-                               "rel_err": rel_err(y, binary_linear(x.double(), packed, alpha.double(), mu.double(),
-                                                                   bias.double(), in_f))})
             rows.append(row)
             print({k: v for k, v in row.items() if k not in ("gemv_sweep", "dot_kernels", "prefill_sweep")}, flush=True)
             if args.binary_only:
@@ -268,8 +259,6 @@ def main() -> None:
         else:
             ours, peer = r["ours_us"], r["peer_us"]
             extra = f"best_ratio={r['best_ratio_vs_cublas']:.2f}"
-            if "dense_tiling_us" in r:
-                extra += f" dense_tiling={r['dense_tiling_us']:.2f}us ({r['dense_tiling_ratio']:.2f}x)"
             if "best_gemv" in r:
                 b = r["best_gemv"]
                 extra += (f" copy_us={r['copy_us']:.2f} read_frac_of_copy={r['read_frac_of_copy']:.2f}"

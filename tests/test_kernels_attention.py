@@ -224,30 +224,6 @@ def test_chunked_linear_matches_dense_oracle(causal, Lq, Lk, F, Dv, chunk, maske
     torch.testing.assert_close(den.to(f64), ref_den, atol=1e-5 * ref_den.abs().max().item(), rtol=0)
 
 
-@pytest.mark.parametrize("fused,segments", [(True, 1), (True, 3), (True, None), (False, 2)])
-@pytest.mark.parametrize("normalise,masked", [(False, True), (True, False)])
-def test_chunked_linear_fused_walk_matches_dense_oracle(fused, segments, normalise, masked):
-    """Causal self-attention: the fused walk (state in registers, carries from a first pass when cut into
-    segments; GQA 4 on 2, F padded, Dv over two value tiles) and the stored-state kernels against the oracle."""
-    B, H, Hkv, L, F, Dv = 2, 4, 2, 83, 24, 72
-    g = gen(9)
-    phi_q, phi_k = torch.rand(B, H, L, F, generator=g), torch.rand(B, Hkv, L, F, generator=g)
-    v = torch.randn(B, Hkv, L, Dv, generator=g)
-    key_mask = (torch.rand(B, L, generator=g) > 0.3) if masked else None
-    got = chunked_linear_attention(phi_q, phi_k, v, True, key_mask, chunk=16, normalise=normalise,
-                                   segments=segments, fused=fused)
-    ref_num, ref_den = dense_linear_oracle(phi_q, phi_k, v, True, key_mask)
-    if normalise:
-        ref = ref_num / ref_den[..., None]
-        torch.testing.assert_close(got.to(f64), ref, atol=1e-5 * ref.abs().max().item(), rtol=0)
-    else:
-        torch.testing.assert_close(got[0].to(f64), ref_num, atol=1e-4 * ref_num.abs().max().item(), rtol=0)
-        torch.testing.assert_close(got[1].to(f64), ref_den, atol=1e-5 * ref_den.abs().max().item(), rtol=0)
-    if fused:
-        with pytest.raises(ValueError, match="fused walk"):
-            chunked_linear_attention(phi_q[:, :, :40], phi_k, v, True, fused=True)
-
-
 @pytest.mark.parametrize("causal,Lq,Lk", [(True, 50, 50), (True, 20, 83), (False, 33, 47)])
 def test_chunked_linear_normalised_output(causal, Lq, Lk):
     """normalise=True divides in the kernel (0 where a row saw no key: batch row 1 has every key masked) and

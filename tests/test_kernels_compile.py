@@ -87,15 +87,6 @@ def test_chunked_linear_attention_compiles(mode, normalise):
         DOT_PRECISION="tf32"), aligned=True)
 
 
-@pytest.mark.parametrize("normalise", [True, False])
-def test_chunked_linear_fused_walk_compiles(normalise):
-    compile_for_sm90(linear_attention._chunk_fused, {
-        "pq_ptr": "*bf16", "pk_ptr": "*bf16", "v_ptr": "*bf16", "kmask_ptr": "*i8", "seg_ptr": "*fp32",
-        "segz_ptr": "*fp32", "out_ptr": "*bf16", "num_ptr": "*fp32", "den_ptr": "*fp32"}, dict(
-        CHUNK=64, BLOCK_F=128, BLOCK_DV=64, HAS_KEY_MASK=not normalise, NORMALISE=normalise, DOT_PRECISION="tf32"),
-        aligned=True)
-
-
 @pytest.mark.parametrize("mode", [0, 1, 2])
 def test_favor_features_compiles(mode):
     compile_for_sm90(favor._favor_features, {
@@ -143,7 +134,3 @@ def test_band_attention_compiles(causal, masked, lowrank, heads):
         WINDOW_RIGHT=not causal, HAS_SINKS=True, BLOCK_M=128, BLOCK_N=64, HEADS=heads,
         HEAD_D=128, HEAD_DV=128, PAD_D=128, PAD_DV=128, DOT_PRECISION="tf32"), num_warps=8, aligned=True)
 
-
-def test_unpack_signs_kernel_compiles():
-    compile_for_sm90(binary_linear._unpack_signs_kernel, {"packed_ptr": "*u8", "s_ptr": "*bf16"},
-                     dict(BLOCK_N=32, BLOCK_KB=64), aligned=True)

@@ -26,7 +26,7 @@ def rel(a, b):
 
 
 @pytest.mark.parametrize("tiling,M", [("bitplane", 1), ("decode", 1), ("decode", 5), ("prefill", 3), ("prefill", 130),
-                                      ("splitk", 2), ("dense", 3), (None, 1), (None, 16), (None, 17)])
+                                      ("splitk", 2), (None, 1), (None, 16), (None, 17)])
 @pytest.mark.parametrize("with_bias", [True, False])
 def test_binary_kernel_matches_reference_op(tiling, M, with_bias):
     out_f, in_f = 45, 203  # in not a multiple of 8, out not a multiple of any tile

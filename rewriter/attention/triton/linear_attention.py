@@ -178,91 +178,19 @@ def _chunk_output(
             tl.store(den_ptr + b * sd_b + h * sd_h + rows, den, mask=r_valid)
 
 
-@triton.jit
-def _chunk_fused(
-    pq_ptr, pk_ptr, v_ptr, kmask_ptr, seg_ptr, segz_ptr, out_ptr, num_ptr, den_ptr,
-    H, GROUP, L, F, DV, NC, CPS,
-    sq_b, sq_h, sq_l, sk_b, sk_h, sk_l, sv_b, sv_h, sv_l, skm_b, sg_bh, sg_s, sg_f, sgz_bh, sgz_s,
-    so_b, so_h, so_l, sn_b, sn_h, sn_l, sd_b, sd_h,
-    CHUNK: tl.constexpr, BLOCK_F: tl.constexpr, BLOCK_DV: tl.constexpr,
-    HAS_KEY_MASK: tl.constexpr, NORMALISE: tl.constexpr, DOT_PRECISION: tl.constexpr,
-):
-    """Causal self-attention (Lq = Lk), one program per (segment of chunks, batch x query head, value tile): the
-    state starts from the segment's carry (the sum over the chunks before it) and stays in registers while the
-    program walks its chunks, each chunk's output (its queries against the state, plus the masked products within
-    the chunk) computed before the chunk's keys are added: no prefix state goes through memory (Lightning
-    Attention-2's walk, cut into segments for parallelism)."""
-    seg = tl.program_id(0)
-    bh = tl.program_id(1)
-    db = tl.program_id(2)
-    b = bh // H
-    h = bh % H
-    hk = h // GROUP
-    bhk = b * (H // GROUP) + hk
-    offs_c = tl.arange(0, CHUNK)
-    offs_f = tl.arange(0, BLOCK_F)
-    offs_dv = db * BLOCK_DV + tl.arange(0, BLOCK_DV)
-    f_valid = offs_f < F
-    dv_valid = offs_dv < DV
-    state = tl.load(seg_ptr + bhk * sg_bh + seg * sg_s + offs_f[:, None] * sg_f + offs_dv[None, :],
-                    mask=f_valid[:, None] & dv_valid[None, :], other=0.0)
-    z = tl.load(segz_ptr + bhk * sgz_bh + seg * sgz_s + offs_f, mask=f_valid, other=0.0)
-    pq_base = pq_ptr + b * sq_b + h * sq_h
-    pk_base = pk_ptr + b * sk_b + hk * sk_h
-    v_base = v_ptr + b * sv_b + hk * sv_h
-    causal = offs_c[None, :] <= offs_c[:, None]
-    first = seg * CPS
-    for c in range(first, tl.minimum(first + CPS, NC)):
-        rows = c * CHUNK + offs_c
-        valid = rows < L
-        k_valid = valid
-        if HAS_KEY_MASK:
-            k_valid = k_valid & (tl.load(kmask_ptr + b * skm_b + rows, mask=valid, other=0) != 0)
-        pq = tl.load(pq_base + rows[:, None] * sq_l + offs_f[None, :], mask=valid[:, None] & f_valid[None, :],
-                     other=0.0)
-        pk = tl.load(pk_base + rows[:, None] * sk_l + offs_f[None, :], mask=k_valid[:, None] & f_valid[None, :],
-                     other=0.0)
-        v = tl.load(v_base + rows[:, None] * sv_l + offs_dv[None, :], mask=k_valid[:, None] & dv_valid[None, :],
-                    other=0.0)
-        num = tl.dot(pq, state.to(pq.dtype), input_precision=DOT_PRECISION)
-        den = tl.sum(pq.to(tl.float32) * z[None, :], 1)
-        scores = tl.dot(pq, tl.trans(pk), input_precision=DOT_PRECISION)
-        scores = tl.where(causal, scores, 0.0)        # masked keys are zero rows of pk: their scores are 0
-        num = tl.dot(scores.to(pq.dtype), v, num, input_precision=DOT_PRECISION)
-        den += tl.sum(scores, 1)
-        state = tl.dot(tl.trans(pk), v, state, input_precision=DOT_PRECISION)
-        z += tl.sum(pk.to(tl.float32), 0)
-        if NORMALISE:
-            positive = den > 0
-            out = tl.where(positive[:, None], num / tl.where(positive, den, 1.0)[:, None], 0.0)
-            tl.store(out_ptr + b * so_b + h * so_h + rows[:, None] * so_l + offs_dv[None, :],
-                     out.to(out_ptr.dtype.element_ty), mask=valid[:, None] & dv_valid[None, :])
-        else:
-            tl.store(num_ptr + b * sn_b + h * sn_h + rows[:, None] * sn_l + offs_dv[None, :], num,
-                     mask=valid[:, None] & dv_valid[None, :])
-            if db == 0:
-                tl.store(den_ptr + b * sd_b + h * sd_h + rows, den, mask=valid)
-
-
 MAX_FEATURES = 256      # the output kernel holds a query chunk's whole feature row (C x F) in registers
 
 
 def chunked_linear_attention(phi_q: Tensor, phi_k: Tensor, v: Tensor, causal: bool, key_mask: Tensor | None = None,
                              chunk: int = 64, normalise: bool = False, outside: tuple[int, int, int] | None = None,
-                             num_warps: int = 4, segments: int | None = None,
-                             fused: bool | None = None) -> tuple[Tensor, Tensor] | Tensor:
+                             num_warps: int = 4, segments: int | None = None) -> tuple[Tensor, Tensor] | Tensor:
     """(num (B, H, Lq, Dv) fp32, den (B, H, Lq) fp32) of linear attention; phi_q (B, H, Lq, F), phi_k (B, Hkv, Lk, F),
     v (B, Hkv, Lk, Dv); query head h reads kv head h // (H // Hkv). The caller divides (den <= 0 -> 0); with
     normalise=True the kernel does, and returns num / den (0 where den <= 0) in phi_q's dtype.
 
     outside=(left, right, sinks): sum only over the allowed keys outside a window support, the low-rank part of
     Scatterbrain / the linear hybrids: keys j with j < p - left or j > p + right (p = i + Lk - Lq; causal has
-    right = 0 and no j > p) and j >= sinks.
-
-    fused (default: whenever it applies, causal self-attention with Lq = Lk and no `outside`): one walk per
-    (segment, query head, value tile) keeps the prefix state in registers and writes the outputs as it goes
-    (``_chunk_fused``), after a first pass for the segments' carries; otherwise the prefix states of every chunk
-    go through memory (``_chunk_states`` then ``_chunk_output``)."""
+    right = 0 and no j > p) and j >= sinks."""
     if phi_q.dim() != 4 or phi_k.dim() != 4 or v.dim() != 4:
         raise ValueError(f"phi_q, phi_k, v must be 4-D; got {tuple(phi_q.shape)}, {tuple(phi_k.shape)}, "
                          f"{tuple(v.shape)}")
@@ -309,15 +237,6 @@ def chunked_linear_attention(phi_q: Tensor, phi_k: Tensor, v: Tensor, causal: bo
     else:
         mode, lag_a, lag_b = (2, left + 1, -right) if outside is not None else (1, 0, 0)
     n_chunks = max(1, triton.cdiv(Lk, chunk))
-    can_fuse = causal and outside is None and Lq == Lk
-    if fused and not can_fuse:
-        raise ValueError("the fused walk takes causal self-attention (Lq = Lk) without `outside`")
-    fused = can_fuse if fused is None else fused
-    block_f = max(16, triton.next_power_of_2(F))
-    if fused:
-        fused_dv = 64 if block_f >= 128 else min(128, max(16, triton.next_power_of_2(Dv)))
-        if segments is None:    # about four programs per SM (132 on an H200)
-            segments = max(1, min(n_chunks, triton.cdiv(528, B * H * triton.cdiv(Dv, fused_dv))))
     prefixes = mode != 1
     n_index = n_chunks + 1          # state indices 0 .. n_chunks (the last is the total)
     bf, bdv = min(64, max(16, triton.next_power_of_2(F))), min(64, max(16, triton.next_power_of_2(Dv)))
@@ -352,25 +271,6 @@ def chunked_linear_attention(phi_q: Tensor, phi_k: Tensor, v: Tensor, causal: bo
             DOT_PRECISION=precision, num_warps=num_warps,
         )
 
-    if fused:
-        if segments > 1:    # segment totals, then the carry into each segment (the running sum before it)
-            walk(seg_s, seg_z, False)
-            seg_s.copy_(seg_s.cumsum(1) - seg_s)
-            seg_z.copy_(seg_z.cumsum(1) - seg_z)
-        else:
-            seg_s.zero_()
-            seg_z.zero_()
-        _chunk_fused[(segments, B * H, triton.cdiv(Dv, fused_dv))](
-            phi_q, phi_k, v, kmask, seg_s, seg_z, out, num, den, H, H // Hkv, Lk, F, Dv, n_chunks, per_segment,
-            phi_q.stride(0), phi_q.stride(1), phi_q.stride(2), phi_k.stride(0), phi_k.stride(1), phi_k.stride(2),
-            v.stride(0), v.stride(1), v.stride(2), skm_b, seg_s.stride(0), seg_s.stride(1), seg_s.stride(2),
-            seg_z.stride(0), seg_z.stride(1), out.stride(0), out.stride(1), out.stride(2),
-            num.stride(0), num.stride(1), num.stride(2), 0 if normalise else den.stride(0),
-            0 if normalise else den.stride(1),
-            CHUNK=chunk, BLOCK_F=block_f, BLOCK_DV=fused_dv, HAS_KEY_MASK=key_mask is not None,
-            NORMALISE=normalise, DOT_PRECISION=precision, num_warps=num_warps,
-        )
-        return out if normalise else (num, den)
     if prefixes:
         if segments > 1:    # segment totals, then the carry into each segment (the running sum before it)
             walk(seg_s, seg_z, False)
@@ -387,6 +287,7 @@ def chunked_linear_attention(phi_q: Tensor, phi_k: Tensor, v: Tensor, causal: bo
         walk(seg_s, seg_z, False)
         states = seg_s.sum(1, keepdim=True).to(phi_q.dtype)
         zs = seg_z.sum(1, keepdim=True)
+    block_f = max(16, triton.next_power_of_2(F))
     block_dv = min(128 if block_f <= 128 else 64, max(16, triton.next_power_of_2(Dv)))
     _chunk_output[(triton.cdiv(Lq, chunk), B * H, triton.cdiv(Dv, block_dv))](
         phi_q, phi_k, v, kmask, states, zs, out, num, den, H, H // Hkv, Lq, Lk, F, Dv,

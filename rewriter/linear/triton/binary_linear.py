@@ -211,44 +211,6 @@ def _binary_splitk_gemv_kernel(
             # back to 0 for the next launch on this stream
             tl.atomic_xchg(count_ptr + pid_n, 0)
 
-@triton.jit
-def _unpack_signs_kernel(packed_ptr, s_ptr, N, K, KB, stride_pn, stride_sn,
-                         BLOCK_N: tl.constexpr, BLOCK_KB: tl.constexpr):
-    """The (N, K) +-1 sign matrix (in s_ptr's dtype) of a (BLOCK_N, BLOCK_KB) tile of packed bytes."""
-    offs_n = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
-    offs_kb = tl.program_id(1) * BLOCK_KB + tl.arange(0, BLOCK_KB)
-    bits = tl.arange(0, 8)
-    p = tl.load(packed_ptr + offs_n[:, None] * stride_pn + offs_kb[None, :],
-                mask=(offs_n[:, None] < N) & (offs_kb[None, :] < KB), other=0).to(tl.int32)
-    signs = ((p[:, :, None] >> bits[None, None, :]) & 1) * 2 - 1
-    k = offs_kb[None, :, None] * 8 + bits[None, None, :]
-    tl.store(s_ptr + offs_n[:, None, None] * stride_sn + k, signs.to(s_ptr.dtype.element_ty),
-             mask=(offs_n[:, None, None] < N) & (k < K))
-
-
-def unpack_signs_triton(packed: Tensor, in_features: int, dtype: torch.dtype) -> Tensor:
-    """(out, in_features) +-1 in `dtype` from the packed bits, one pass (the "dense" tiling's first half)."""
-    N, KB = packed.shape
-    signs = torch.empty(N, in_features, dtype=dtype, device=packed.device)
-    _unpack_signs_kernel[(triton.cdiv(N, 32), triton.cdiv(KB, 64))](
-        packed, signs, N, in_features, KB, packed.stride(0), signs.stride(0), BLOCK_N=32, BLOCK_KB=64, num_warps=4)
-    return signs
-
-
-def binary_linear_dense(x2: Tensor, packed: Tensor, alpha: Tensor, mu: Tensor, bias: Tensor | None,
-                        out: Tensor) -> Tensor:
-    """Prefill sizes: the signs unpacked to a dense +-1 matrix in x's dtype (exact), one cuBLAS product, the
-    scale, mean and bias applied in fp32. At M >= 16 rows this beats every binary kernel here (the tile kernels
-    reach 0.2-0.4x cuBLAS on the dense weight, benchmarks/results/linear_h200_v5.json): the packed weight
-    saves memory, not time, at these sizes. The unpacked matrix is a temporary (out x in elements)."""
-    signs = unpack_signs_triton(packed, x2.shape[1], x2.dtype)
-    y = torch.mm(x2, signs.t()).float() * alpha.float() + x2.float().sum(-1, keepdim=True) * mu.float()
-    if bias is not None:
-        y = y + bias.float()
-    out.copy_(y)
-    return out
-
-
 GEMV_MAX_M = 16  # the split-K GEMV serves M <= GEMV_MAX_M (one block of x rows); the tile kernel above
 # (kernel, BLOCK_M, BLOCK_N, BLOCK_KB, num_warps, num_stages) of the dot-based kernels: best of sweeps on an H200
 _TILINGS = {
@@ -373,14 +335,14 @@ def launch_binary_gemv(x2: Tensor, packed: Tensor, alpha: Tensor, mu: Tensor, bi
 def binary_linear_triton(x: Tensor, packed: Tensor, alpha: Tensor, mu: Tensor, bias: Tensor | None,
                          in_features: int, tiling: str | None = None, out: Tensor | None = None) -> Tensor:
     """Same contract as rewriter::binary_linear. tiling: "splitk" (the split-K GEMV, M <= GEMV_MAX_M),
-    "bitplane", "decode", "prefill", "dense" (signs unpacked, cuBLAS) or None (splitk for M <= GEMV_DISPATCH_MAX_M,
-    decode up to GEMV_MAX_M, dense above; splitk with gemv_defaults(M)). out: optional
+    "bitplane", "decode", "prefill" or None (splitk for M <= GEMV_DISPATCH_MAX_M, decode up to GEMV_MAX_M,
+    prefill above; splitk with gemv_defaults(M)). out: optional
     (M, out_features) buffer in x's dtype to write into."""
     if x.shape[-1] != in_features or packed.dim() != 2 or packed.shape[1] != (in_features + 7) // 8:
         raise ValueError(f"x (..., {in_features}) and packed (out, {(in_features + 7) // 8}) expected; "
                          f"got x {tuple(x.shape)}, packed {tuple(packed.shape)}")
-    if tiling is not None and tiling not in ("splitk", "dense") and tiling not in _TILINGS:
-        raise ValueError(f"tiling must be one of {sorted(['splitk', 'dense', *_TILINGS])} or None; got {tiling!r}")
+    if tiling is not None and tiling != "splitk" and tiling not in _TILINGS:
+        raise ValueError(f"tiling must be one of {sorted(['splitk', *_TILINGS])} or None; got {tiling!r}")
     N = packed.shape[0]
     x2 = x.reshape(-1, in_features)
     if x2.stride(-1) != 1:
@@ -394,12 +356,10 @@ def binary_linear_triton(x: Tensor, packed: Tensor, alpha: Tensor, mu: Tensor, b
         raise ValueError(f"tiling 'splitk' takes at most {GEMV_MAX_M} rows of x; got {M}")
     if M > 0:
         if tiling is None:
-            tiling = "splitk" if M <= GEMV_DISPATCH_MAX_M else "decode" if M <= GEMV_MAX_M else "dense"
+            tiling = "splitk" if M <= GEMV_DISPATCH_MAX_M else "decode" if M <= GEMV_MAX_M else "prefill"
         args = (x2, packed.contiguous(), alpha.contiguous(), mu.contiguous(), bias, out)
         if tiling == "splitk":
             launch_binary_gemv(*args, **gemv_defaults(M))
-        elif tiling == "dense":
-            binary_linear_dense(*args)
         else:
             launch_binary_linear(*args, *_TILINGS[tiling])
     return out.reshape(*x.shape[:-1], N)

@@ -384,11 +384,12 @@ def _output_decoder(folder, passes: list):
 
 def generate(src, *, prompt: str | None = None, prompt_ids: list[int] | None = None, max_new_tokens: int = 20,
              passes: list | None = None, max_len: int | None = None, stream=None,
-             progress: Callable[[str], None] | None = None, **calib) -> GenerateResult:
+             progress: Callable[[str], None] | None = None, fused_step: bool = False, **calib) -> GenerateResult:
     """Greedy generation through the decode runtime (static in-place cache; the step one CUDA graph replay on CUDA),
     optionally with think / kv-window / mla. SRC: an HF decoder folder (with `passes`) or a rewriter output written
     from one (its KV policy applies). `stream(piece: str)` gets the new text (or `id,` without a tokenizer) as each
-    token comes; `progress(message)` hears each step."""
+    token comes; `progress(message)` hears each step. fused_step: the step fused by Inductor before it is
+    captured (a compile of seconds up front, faster steps after)."""
     if (prompt is None) == (prompt_ids is None):
         raise ValueError("give exactly one of prompt (text) or prompt_ids (token ids)")
     _check_generate_args(prompt_ids, max_new_tokens, max_len)
@@ -424,7 +425,8 @@ def generate(src, *, prompt: str | None = None, prompt_ids: list[int] | None = N
     decoder, loaded, report = decoder_from(loaded, passes, max_len=max_len or max(total, 2), policy=policy, **calib)
     progress(f"generating {max_new_tokens} tokens")
     out = decoder.generate(ids, max_new_tokens, eos_token_id=getattr(loaded.config, "eos_token_id", None)
-                           if tokenizer is not None else None, stream=_text_stream(stream, tokenizer))
+                           if tokenizer is not None else None, stream=_text_stream(stream, tokenizer),
+                           compiled=fused_step)
     new = out[:, ids.shape[1]:]
     text = tokenizer.batch_decode(new, skip_special_tokens=True) if tokenizer is not None else None
     return GenerateResult(ids=out, new_ids=new, text=text, kv=kv_bytes(decoder, total, prompt=ids.shape[1]),

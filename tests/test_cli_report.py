@@ -196,6 +196,10 @@ def test_kv_output_lists_decoder_and_generate_shows_progress(tiny_folders, tmp_p
     assert r.exit_code == 0, r.output
     for step in ("loading", "capturing the prefill and decode programs", "generating 2 tokens"):
         assert f"✓ {step}" in r.output
+    # --fused-step (the step fused by Inductor) decodes the same tokens through the kv-window ring
+    ids = [json.loads(run("generate", out, "--prompt-ids", "1,2,3", "--max-new-tokens", "12", "--json", *flag).output
+                      .strip().splitlines()[-1])["new_ids"] for flag in ((), ("--fused-step",))]
+    assert ids[0] == ids[1] and len(ids[0][0]) == 12
 
 
 def test_export_src_is_optional_and_existing_onnx_needs_force(tiny_folders, tmp_path, monkeypatch):

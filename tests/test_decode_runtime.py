@@ -102,6 +102,19 @@ def test_inductor_step_writes_in_place_and_equals_the_eager_step():
     assert session.k[..., 11, :].abs().sum() > 0 and session.k[..., 12:, :].abs().sum() == 0
 
 
+def test_generate_with_the_fused_step_equals_transformers_generate():
+    """generate(compiled=True) (the CLI's --fused-step): the Inductor-fused step gives transformers' greedy tokens on
+    a ragged batch (fp32, CPU)."""
+    model, dec = _decoder("llama", max_len=40)
+    ids = _ids(2, 7, 9)
+    mask = torch.ones_like(ids)
+    mask[1, :3] = 0
+    ids[mask == 0] = 0
+    ref = _hf(model, ids, mask, 10)
+    assert torch.equal(dec.generate(ids, 10, attention_mask=mask, compiled=True), ref)
+    assert dec._runtime["session"].compiled and dec._runtime["session"].step_fn is dec.inplace_step(compiled=True)
+
+
 @pytest.mark.parametrize("arch", ["llama", "qwen2", "mistral", "gpt2"])
 def test_ragged_batch_greedy_equals_transformers_generate(arch):
     model, dec = _decoder(arch, max_len=40)

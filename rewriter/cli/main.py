@@ -352,6 +352,8 @@ def generate(
     max_len: Optional[int] = typer.Option(None, "--max-len", help="decode cache slots (default: prompt + new)"),
     json_out: bool = typer.Option(False, "--json", help="print ids, text and KV bytes as JSON"),
     stream: bool = typer.Option(False, "--stream", help="print the new tokens (text, or ids) as they come"),
+    fused_step: bool = typer.Option(False, "--fused-step", help="fuse the decode step with Inductor before "
+                                    "capturing it (compiles for seconds first; faster tokens after)"),
 ):
     """Greedy generation with the captured prefill/decode programs and their explicit KV cache."""
     from ..api import generate as run_generate
@@ -370,7 +372,8 @@ def generate(
         try:
             res = run_generate(src, prompt=prompt, prompt_ids=ids, max_new_tokens=max_new_tokens, passes=passes,
                                max_len=max_len, stream=(lambda s: print(s, end="", flush=True)) if stream else None,
-                               progress=None if stream else steps)   # streamed text and a spinner do not mix
+                               progress=None if stream else steps,   # streamed text and a spinner do not mix
+                               fused_step=fused_step)
         except ValueError as e:
             raise RewriterError(str(e)) from None
         steps.close()

@@ -283,15 +283,16 @@ class Session:
 
 def generate(decoder, input_ids: torch.Tensor, max_new_tokens: int, eos_token_id=None,
              attention_mask: torch.Tensor | None = None,
-             stream: Callable[[torch.Tensor], None] | None = None) -> torch.Tensor:
+             stream: Callable[[torch.Tensor], None] | None = None, compiled: bool = False) -> torch.Tensor:
     """Greedy decoding through a static session: (B, T + new) ids (finished rows repeat eos; stops early when every
-    row has ended). `stream` gets each step's (B,) tokens on the host as they come."""
+    row has ended). `stream` gets each step's (B,) tokens on the host as they come; compiled: the step fused by
+    Inductor."""
     B, T = input_ids.shape
     start = left_padding(attention_mask, (B, T))
     ids = input_ids.to(decoder.device)
     if max_new_tokens == 0:
         return ids
-    session = decoder.session(B, T + max_new_tokens, prompt=T)
+    session = decoder.session(B, T + max_new_tokens, prompt=T, compiled=compiled)
     session.prefill(ids, start)
     eos = [] if eos_token_id is None else [eos_token_id] if isinstance(eos_token_id, int) else list(eos_token_id)
     eos_t = torch.tensor(eos, device=decoder.device)

@@ -270,10 +270,12 @@ def bench_linear(L: int, D: int, causal: bool, records: list, fla_ops, hkv: int 
     q = torch.randn(1, H, L, D, device="cuda", dtype=torch.bfloat16)
     k, v = (torch.randn(1, hkv, L, D, device="cuda", dtype=torch.bfloat16) for _ in range(2))
     pq, pk = F.elu(q * D ** -0.25) + 1, F.elu(k * D ** -0.25) + 1
-    # chunk / warps / state segments (auto: about four programs per SM; 1: one serial walk per state tile)
-    by_chunk = {f"{chunk}/{warps}/{seg or 'auto'}": bench(lambda: chunked_linear_attention(
-        pq, pk, v, causal, chunk=chunk, normalise=True, num_warps=warps, segments=seg))
-        for chunk, warps, seg in ((64, 4, None), (64, 4, 1), (32, 4, None))}
+    # chunk / warps / state segments (auto: about four programs per SM; 1: one serial walk per state tile) / the
+    # output kernel's pipeline stages (3: Triton's default, one program per SM at D = 128; 1: two)
+    by_chunk = {f"{chunk}/{warps}/{seg or 'auto'}/s{stages}": bench(lambda: chunked_linear_attention(
+        pq, pk, v, causal, chunk=chunk, normalise=True, num_warps=warps, segments=seg, output_stages=stages))
+        for chunk, warps, seg, stages in ((64, 4, None, 3), (64, 4, 1, 3), (32, 4, None, 3), (64, 4, None, 1),
+                                          (64, 4, None, 2))}
     chunk = min(by_chunk, key=by_chunk.get)
     ours = by_chunk[chunk]
     peers = {}

@@ -183,14 +183,19 @@ MAX_FEATURES = 256      # the output kernel holds a query chunk's whole feature 
 
 def chunked_linear_attention(phi_q: Tensor, phi_k: Tensor, v: Tensor, causal: bool, key_mask: Tensor | None = None,
                              chunk: int = 64, normalise: bool = False, outside: tuple[int, int, int] | None = None,
-                             num_warps: int = 4, segments: int | None = None) -> tuple[Tensor, Tensor] | Tensor:
+                             num_warps: int = 4, segments: int | None = None,
+                             output_stages: int = 3) -> tuple[Tensor, Tensor] | Tensor:
     """(num (B, H, Lq, Dv) fp32, den (B, H, Lq) fp32) of linear attention; phi_q (B, H, Lq, F), phi_k (B, Hkv, Lk, F),
     v (B, Hkv, Lk, Dv); query head h reads kv head h // (H // Hkv). The caller divides (den <= 0 -> 0); with
     normalise=True the kernel does, and returns num / den (0 where den <= 0) in phi_q's dtype.
 
     outside=(left, right, sinks): sum only over the allowed keys outside a window support, the low-rank part of
     Scatterbrain / the linear hybrids: keys j with j < p - left or j > p + right (p = i + Lk - Lq; causal has
-    right = 0 and no j > p) and j >= sinks."""
+    right = 0 and no j > p) and j >= sinks.
+
+    output_stages: the output kernel's software-pipeline depth. Its key loop has one or two iterations, so the
+    buffers of 3 stages (Triton's default) buy little and hold 144 KiB of shared memory at F = Dv = 128: one program
+    per SM (benchmarks/results/kernel_resources_sm90.json); 1 stage allows two. Not yet timed on the GPU."""
     if phi_q.dim() != 4 or phi_k.dim() != 4 or v.dim() != 4:
         raise ValueError(f"phi_q, phi_k, v must be 4-D; got {tuple(phi_q.shape)}, {tuple(phi_k.shape)}, "
                          f"{tuple(v.shape)}")
@@ -298,6 +303,6 @@ def chunked_linear_attention(phi_q: Tensor, phi_k: Tensor, v: Tensor, causal: bo
         num.stride(0), num.stride(1), num.stride(2), 0 if normalise else den.stride(0),
         0 if normalise else den.stride(1),
         CHUNK=chunk, BLOCK_F=block_f, BLOCK_DV=block_dv, MODE=mode, HAS_KEY_MASK=key_mask is not None,
-        NORMALISE=normalise, DOT_PRECISION=precision, num_warps=num_warps,
+        NORMALISE=normalise, DOT_PRECISION=precision, num_warps=num_warps, num_stages=output_stages,
     )
     return out if normalise else (num, den)

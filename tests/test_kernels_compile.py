@@ -134,3 +134,23 @@ def test_band_attention_compiles(causal, masked, lowrank, heads):
         WINDOW_RIGHT=not causal, HAS_SINKS=True, BLOCK_M=128, BLOCK_N=64, HEADS=heads,
         HEAD_D=128, HEAD_DV=128, PAD_D=128, PAD_DV=128, DOT_PRECISION="tf32"), num_warps=8, aligned=True)
 
+
+
+def test_kernel_resources_profile_reads_the_cubin():
+    """benchmarks/kernel_resources.py: registers and spills parsed from cuobjdump, occupancy from its sm_90 model
+    (the decode kernel at the 1.1B Llama shape: register-limited, no spills, mma.sync and cp.async in its SASS)."""
+    import sys
+    from pathlib import Path
+    sys.path.insert(0, str(Path(__file__).parent.parent / "benchmarks"))
+    import kernel_resources as kr
+    from rewriter.decode import triton_decode
+    rec = kr.profile("decode split-K", triton_decode._decode_split, {
+        "Q": "*bf16", "K": "*bf16", "V": "*bf16", "Mask": "*i8", "QX": "*bf16", "KX": "*bf16", "XStart": "*i64",
+        "Part": "*fp32", "PartLse": "*fp32", "qk_scale": "fp32"}, dict(
+        HAS_EXTRA=False, SHARED_KV=False, BLOCK_H=16, BLOCK_N=64, HEAD_D=64, HEAD_DV=64, HEAD_DX=16, PAD_D=64,
+        PAD_DV=64, PAD_DX=16, DOT_PRECISION="tf32"), 4, 2, "test")
+    assert 32 <= rec["registers_per_thread"] <= 255 and rec["spill_bytes_per_thread"] == 0
+    by_regs = 65536 // (-(-rec["registers_per_thread"] * 32 // 256) * 256) // 4
+    by_smem = 228 * 1024 // (rec["shared_bytes"] + 1024)
+    assert rec["programs_per_sm"] == min(by_regs, by_smem, 16) and rec["warps_per_sm"] == 4 * rec["programs_per_sm"]
+    assert rec["sass"]["HMMA"] > 0 and rec["sass"]["LDGSTS"] > 0 and rec["sass"]["HGMMA"] == 0

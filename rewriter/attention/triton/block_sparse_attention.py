@@ -68,6 +68,35 @@ def online_softmax_step(s, v, m_i, l_i, acc, DOT_PRECISION: tl.constexpr):
 
 
 @triton.jit
+def merge_lowrank(m_i, l_i, acc, LrNum, LrDen, LrLog, num_offs, row_offs, gain_offs, row_ok, num_mask,
+                  LOWRANK_GAIN: tl.constexpr):
+    """Scatterbrain / the linear hybrids: add the low-rank sums over the keys off the support (num, den at num_offs /
+    row_offs), whose true scale is exp(r) (natural log, per row), to the running (max, sum, accumulator) in log2
+    units: both parts rescaled to the larger of the two stabilisers. LOWRANK_GAIN (learned maps, LoLCATs' hybrid):
+    r = the row's largest exact score (0 without one) + the head's gain at gain_offs."""
+    if LOWRANK_GAIN:
+        r2 = tl.where(m_i == float("-inf"), 0.0, m_i) + tl.load(LrLog + gain_offs) * 1.4426950408889634
+    else:
+        r2 = tl.load(LrLog + row_offs, mask=row_ok, other=0.0) * 1.4426950408889634
+    lr_num = tl.load(LrNum + num_offs, mask=num_mask, other=0.0)
+    lr_den = tl.load(LrDen + row_offs, mask=row_ok, other=0.0)
+    top = tl.maximum(m_i, r2)
+    w_exact = tl.exp2(m_i - top)
+    w_low = tl.exp2(r2 - top)
+    return top, l_i * w_exact + lr_den * w_low, acc * w_exact[:, None] + lr_num * w_low[:, None]
+
+
+@triton.jit
+def normalised_output(m_i, l_i, acc):
+    """(out, lse) from the running softmax state: zeros and lse = -inf for rows that saw no key. m_i is in log2
+    units scaled by log2(e); lse is the natural log of sum exp(scale q.k)."""
+    seen = l_i > 0.0
+    out = acc / tl.where(seen, l_i, 1.0)[:, None]
+    lse = tl.where(seen, (m_i + tl.log2(tl.where(seen, l_i, 1.0))) * 0.6931471805599453, float("-inf"))
+    return out, lse
+
+
+@triton.jit
 def _block_sparse_fwd(
     Q, K, V, Out, Lse, KvIndex, KvCount, KeyMask, QPos, KPos, Alibi, LrNum, LrDen, LrLog,
     s_qb, s_qh, s_qm, s_kb, s_kh, s_kn, s_vb, s_vh, s_vn, s_ob, s_oh, s_om, s_lb, s_lh, s_nb, s_nh, s_nm,
@@ -151,26 +180,11 @@ def _block_sparse_fwd(
         m_i, l_i, acc = online_softmax_step(s, v, m_i, l_i, acc, DOT_PRECISION)
 
     if HAS_LOWRANK:
-        # Scatterbrain / linear hybrids: add the low-rank terms over the keys off the support, whose true scale is
-        # exp(r) (natural log, per row): both parts are rescaled to the larger of the two stabilisers.
-        if LOWRANK_GAIN:
-            # learned maps (LoLCATs' hybrid): r = the row's largest exact score (0 without one) + a per-head gain
-            r2 = tl.where(m_i == float("-inf"), 0.0, m_i) + tl.load(LrLog + h) * 1.4426950408889634
-        else:
-            r2 = tl.load(LrLog + b * s_lb + h * s_lh + offs_m, mask=row_ok, other=0.0) * 1.4426950408889634
-        lr_num = tl.load(LrNum + b * s_nb + h * s_nh + offs_m[:, None] * s_nm + offs_dv[None, :],
-                         mask=row_ok[:, None] & (offs_dv[None, :] < HEAD_DV), other=0.0)
-        lr_den = tl.load(LrDen + b * s_lb + h * s_lh + offs_m, mask=row_ok, other=0.0)
-        top = tl.maximum(m_i, r2)
-        w_exact = tl.exp2(m_i - top)
-        w_low = tl.exp2(r2 - top)
-        acc = acc * w_exact[:, None] + lr_num * w_low[:, None]
-        l_i = l_i * w_exact + lr_den * w_low
-        m_i = top
-    seen = l_i > 0.0
-    out = acc / tl.where(seen, l_i, 1.0)[:, None]
-    # m_i is in log2 units scaled by log2(e); lse is natural log of sum exp(scale q.k)
-    lse = tl.where(seen, (m_i + tl.log2(tl.where(seen, l_i, 1.0))) * 0.6931471805599453, float("-inf"))
+        row_offs = b * s_lb + h * s_lh + offs_m
+        m_i, l_i, acc = merge_lowrank(m_i, l_i, acc, LrNum, LrDen, LrLog,
+                                      b * s_nb + h * s_nh + offs_m[:, None] * s_nm + offs_dv[None, :], row_offs, h,
+                                      row_ok, row_ok[:, None] & (offs_dv[None, :] < HEAD_DV), LOWRANK_GAIN)
+    out, lse = normalised_output(m_i, l_i, acc)
     tl.store(Out + b * s_ob + h * s_oh + offs_m[:, None] * s_om + offs_dv[None, :], out.to(Out.dtype.element_ty),
              mask=row_ok[:, None] & (offs_dv[None, :] < HEAD_DV))
     tl.store(Lse + b * s_lb + h * s_lh + offs_m, lse, mask=row_ok)
@@ -188,6 +202,21 @@ def _broadcast_strides(x: Tensor, shape: tuple[int, ...], name: str) -> Tensor:
     if x.dim() != len(shape) or any(s not in (1, t) for s, t in zip(x.shape, shape)):
         raise ValueError(f"{name} must broadcast to {shape}; got {tuple(x.shape)}")
     return x.expand(shape)
+
+
+def lowrank_buffers(lowrank: tuple[Tensor, Tensor, Tensor] | None, shape: tuple[int, int, int, int],
+                    dummy: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    """The (num, den, log) low-rank sums as the kernels read them: fp32, contiguous (den and log then share lse's
+    strides); `dummy` three times when absent."""
+    if lowrank is None:
+        return dummy, dummy, dummy
+    B, H, Lq, Dv = shape
+    lr_num, lr_den, lr_log = lowrank
+    if tuple(lr_num.shape) != (B, H, Lq, Dv) or tuple(lr_den.shape) != (B, H, Lq) or \
+            tuple(lr_log.shape) not in ((B, H, Lq), (H,)):
+        raise ValueError(f"lowrank must be (num (B, H, Lq, Dv), den (B, H, Lq), log (B, H, Lq) or (H,)) = "
+                         f"({(B, H, Lq, Dv)}, ...); got {[tuple(x.shape) for x in lowrank]}")
+    return lr_num.float().contiguous(), lr_den.float().contiguous(), lr_log.float().contiguous()
 
 
 def block_sparse_attention(
@@ -237,17 +266,7 @@ def block_sparse_attention(
     else:
         qp = kp = lse
     slopes = alibi.to(device=q.device, dtype=torch.float32).contiguous() if alibi is not None else lse
-    if lowrank is not None:
-        lr_num, lr_den, lr_log = lowrank
-        if tuple(lr_num.shape) != (B, H, Lq, Dv) or tuple(lr_den.shape) != (B, H, Lq) or \
-                tuple(lr_log.shape) not in ((B, H, Lq), (H,)):
-            raise ValueError(f"lowrank must be (num (B, H, Lq, Dv), den (B, H, Lq), log (B, H, Lq)) = "
-                             f"({(B, H, Lq, Dv)}, ...); got {[tuple(x.shape) for x in lowrank]}")
-        # den and log share lse's (contiguous) strides
-        lr_num = lr_num.float().contiguous()
-        lr_den, lr_log = lr_den.float().contiguous(), lr_log.float().contiguous()
-    else:
-        lr_num = lr_den = lr_log = lse
+    lr_num, lr_den, lr_log = lowrank_buffers(lowrank, (B, H, Lq, Dv), lse)
     grid = (nqb, B * H)
     launchable(_block_sparse_fwd)[grid](
         q, k, v, out, lse, kv_index, kv_count, mask, qp, kp, slopes, lr_num, lr_den, lr_log,

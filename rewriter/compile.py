@@ -25,6 +25,7 @@ from typing import Callable, Optional
 import torch
 import torch.nn.functional as F
 from torch import Tensor
+from torch.fx.experimental.symbolic_shapes import statically_known_true
 
 from .errors import RewriterError
 
@@ -156,34 +157,39 @@ def _linear_core(phi_q: Tensor, phi_k: Tensor, v: Tensor, causal: bool, key_mask
     Lq)). Bidirectional: the (F x Dv+1) key state, then phi_q @ state. Causal (bottom-right aligned): masked
     (chunk x chunk) products inside each chunk, plus the exclusive prefix sum (cumsum) of the chunks' states where
     the reference loops over chunks (a Python loop over a symbolic chunk count would pin the length). Memory
-    O(L x F x Dv / chunk + L x chunk) per head, never Lq x Lk."""
+    O(L x F x Dv / chunk + L x chunk) per head, never Lq x Lk. Key states / kv heads are repeated per query head:
+    a matmul that broadcasts the group dim reshapes an expanded tensor, which guards on the length (!= 1)."""
+    from .attention._contract import expand_kv
     B, H, Lq, Fdim = phi_q.shape
     Hkv, Lk, Dv = phi_k.shape[1], phi_k.shape[2], v.shape[-1]
     acc = torch.float64 if phi_q.dtype == torch.float64 else torch.float32
-    group = H // Hkv
-    pq = phi_q.to(acc).reshape(B, Hkv, group, Lq, Fdim)
-    pk = phi_k.to(acc)
+    pq, pk = phi_q.to(acc), phi_k.to(acc)
     if key_mask is not None:
         pk = torch.where(key_mask[:, None, :, None].to(torch.bool), pk, torch.zeros_like(pk))
     va = torch.cat([v.to(acc), torch.ones_like(v[..., :1], dtype=acc)], dim=-1)
     if not causal:
-        out = torch.matmul(pq, torch.matmul(pk.transpose(-1, -2), va)[:, :, None])     # (B, Hkv, G, Lq, Dv+1)
+        state = expand_kv(torch.matmul(pk.transpose(-1, -2), va), H)                    # (B, H, F, Dv+1)
+        out = torch.matmul(pq, state)                                                    # (B, H, Lq, Dv+1)
     else:
-        offset = Lk - Lq
-        state = torch.matmul(pk[:, :, :offset].transpose(-1, -2), va[:, :, :offset])   # keys before every query
-        pk, va = pk[:, :, offset:], va[:, :, offset:]
+        pk, va = expand_kv(pk, H), expand_kv(va, H)
+        state = None
+        if not statically_known_true(Lk == Lq):   # keys before the first query (a slice by Lk - Lq that the tracer
+            offset = Lk - Lq                       # cannot size; self-attention has none)
+            state = torch.matmul(pk[:, :, :offset].transpose(-1, -2), va[:, :, :offset])
+            pk, va = pk[:, :, offset:], va[:, :, offset:]
         n = (Lq + chunk - 1) // chunk
         pad = n * chunk - Lq
-        qc = F.pad(pq, (0, 0, 0, pad)).view(B, Hkv, group, n, chunk, Fdim)
-        kc = F.pad(pk, (0, 0, 0, pad)).view(B, Hkv, n, chunk, Fdim)
-        vc = F.pad(va, (0, 0, 0, pad)).view(B, Hkv, n, chunk, Dv + 1)
+        qc = F.pad(pq, (0, 0, 0, pad)).view(B, H, n, chunk, Fdim)
+        kc = F.pad(pk, (0, 0, 0, pad)).view(B, H, n, chunk, Fdim)
+        vc = F.pad(va, (0, 0, 0, pad)).view(B, H, n, chunk, Dv + 1)
         lower = torch.ones(chunk, chunk, dtype=torch.bool, device=phi_q.device).tril()
-        intra = torch.matmul(torch.matmul(qc, kc[:, :, None].transpose(-1, -2)) * lower, vc[:, :, None])
-        per_chunk = torch.matmul(kc.transpose(-1, -2), vc)                               # (B, Hkv, n, F, Dv+1)
-        before = F.pad(torch.cumsum(per_chunk, dim=2), (0, 0, 0, 0, 1, 0))[:, :, :n] + state[:, :, None]
-        inter = torch.matmul(qc, before[:, :, None])                                      # (B, Hkv, G, n, C, Dv+1)
-        out = (intra + inter).reshape(B, Hkv, group, n * chunk, Dv + 1)[:, :, :, :Lq]
-    out = out.reshape(B, H, Lq, Dv + 1)
+        intra = torch.matmul(torch.matmul(qc, kc.transpose(-1, -2)) * lower, vc)        # (B, H, n, C, Dv+1)
+        per_chunk = torch.matmul(kc.transpose(-1, -2), vc)                               # (B, H, n, F, Dv+1)
+        # exclusive prefix sums, a fresh tensor (a view of a padded one guarded the chunk count != 1 in matmul)
+        before = torch.cat([torch.zeros_like(per_chunk[:, :, :1]), torch.cumsum(per_chunk, dim=2)[:, :, :-1]], dim=2)
+        if state is not None:
+            before = before + state[:, :, None]
+        out = _rows((intra + torch.matmul(qc, before)).reshape(B, H, n * chunk, Dv + 1), Lq)
     return out[..., :Dv], out[..., Dv]
 
 
@@ -194,36 +200,38 @@ def _sparse_plus_lowrank(q: Tensor, k: Tensor, v: Tensor, key_mask: Optional[Ten
     """``feature_map.sparse_plus_lowrank_attention`` (exact softmax weights on the band + sinks S, phi.phi
     elsewhere; same stabiliser, same correction) on the band layout built from the lengths (``_band_blocks``)
     and gathered key blocks, so it traces with dynamic lengths: O(L x (window + sinks)) for S plus O(L x F) for the
-    low-rank sums, never Lq x Lk. Returns (B, H, Lq, Dv) in q's dtype."""
-    from .attention._contract import window_extents
+    low-rank sums, never Lq x Lk. Computed on kv heads repeated per query head and on query rows padded to whole
+    blocks, the first Lq rows taken at the end (``_rows``): both keep the traced shapes free of guards on the
+    length. Returns (B, H, Lq, Dv) in q's dtype."""
+    from .attention._contract import expand_kv, window_extents
     from .attention.feature_map import _normalise
     B, H, Lq, D = q.shape
     Hkv, Lk, Dv = k.shape[1], k.shape[2], v.shape[-1]
     acc = torch.float64 if q.dtype == torch.float64 else torch.float32
-    group, dev = H // Hkv, q.device
+    dev = q.device
     num, den = _linear_core(phi_q, phi_k, v, causal, key_mask)
-    lowrank = torch.cat([num, den[..., None]], dim=-1).reshape(B, Hkv, group, Lq, Dv + 1)
+    lowrank = torch.cat([num, den[..., None]], dim=-1)                                  # (B, H, Lq, Dv+1)
     if window == 0 and sinks == 0:
-        out = lowrank.reshape(B, H, Lq, Dv + 1)
-        return _normalise(out[..., :Dv], out[..., Dv]).to(q.dtype)
+        return _normalise(lowrank[..., :Dv], lowrank[..., Dv]).to(q.dtype)
     row_log = torch.zeros((), dtype=acc, device=dev)
     if log_phi_q is not None:
-        row_log = row_log + log_phi_q.to(acc).reshape(B, Hkv, group, Lq)
+        row_log = row_log + log_phi_q.to(acc)
     if log_phi_k is not None:
-        row_log = row_log + log_phi_k.to(acc)[:, :, None, None]
-    row_log = row_log.expand(B, Hkv, group, Lq)
+        row_log = row_log + log_phi_k.to(acc).repeat_interleave(H // Hkv, dim=1)[:, :, None]
+    row_log = row_log.expand(B, H, Lq)
     left, right = window_extents(window, causal) if window > 0 else (0, 0)
     nqb, nkb = (Lq + block - 1) // block, (Lk + block - 1) // block
     kv_index, slot_valid = _band_blocks(Lq, Lk, block, left, right, sinks, dev, band=window > 0)
     K = kv_index.shape[1]
     flat = kv_index.reshape(-1)
 
-    def key_blocks(x: Tensor) -> Tensor:      # (B, Hkv, Lk, E) -> the visited blocks: (B, Hkv, nqb, K * block, E)
-        xb = F.pad(x, (0, 0, 0, nkb * block - Lk)).view(B, Hkv, nkb, block, x.shape[-1])
-        return xb.index_select(2, flat).reshape(B, Hkv, nqb, K * block, x.shape[-1])
+    def key_blocks(x: Tensor) -> Tensor:      # (B, Hkv, Lk, E) -> the visited blocks per query head: (B, H, nqb, K*block, E)
+        xb = F.pad(expand_kv(x, H), (0, 0, 0, nkb * block - Lk)).view(B, H, nkb, block, x.shape[-1])
+        return xb.index_select(2, flat).reshape(B, H, nqb, K * block, x.shape[-1])
 
-    def query_blocks(x: Tensor) -> Tensor:    # (B, Hkv, G, Lq, E) -> (B, Hkv, G, nqb, block, E)
-        return F.pad(x, (0, 0, 0, nqb * block - Lq)).view(B, Hkv, group, nqb, block, x.shape[-1])
+    def query_blocks(x: Tensor) -> Tensor:    # (B, H, Lq, ...) -> (B, H, nqb, block, ...)
+        pad = [0, 0] * (x.dim() - 3) + [0, nqb * block - Lq]
+        return F.pad(x, pad).view(B, H, nqb, block, *x.shape[3:])
 
     va = torch.cat([v.to(acc), torch.ones_like(v[..., :1], dtype=acc)], dim=-1)
     kg, pkg, vg = key_blocks(k.to(acc)), key_blocks(phi_k.to(acc)), key_blocks(va)
@@ -236,30 +244,32 @@ def _sparse_plus_lowrank(q: Tensor, k: Tensor, v: Tensor, key_mask: Optional[Ten
     support = support & used & (k_pos < Lk)
     if causal:
         support = support & (k_pos <= q_pos)
-    support = support[None]                                                             # (1, nqb, block, K*block)
+    support = support[None, None]                                                       # (1, 1, nqb, block, K*block)
     if key_mask is not None:
         real = F.pad(key_mask.to(torch.bool), (0, nkb * block - Lk), value=False).view(B, nkb, block)
-        support = support & real.index_select(1, flat).reshape(B, nqb, 1, K * block)
-    support = support[:, None, None]                                                    # (., 1, 1, nqb, block, K*block)
+        support = support & real.index_select(1, flat).reshape(B, 1, nqb, 1, K * block)
 
-    qb = query_blocks(q.to(acc).reshape(B, Hkv, group, Lq, D))
-    pqb = query_blocks(phi_q.to(acc).reshape(B, Hkv, group, Lq, phi_q.shape[-1]))
-    rowb = F.pad(row_log, (0, nqb * block - Lq)).view(B, Hkv, group, nqb, block)
-    scores = torch.matmul(qb, kg[:, :, None].transpose(-1, -2)) * scale
+    scores = torch.matmul(query_blocks(q.to(acc)), kg.transpose(-1, -2)) * scale
     scores = scores.masked_fill(~support, float("-inf"))
-    support_max = scores.amax(dim=-1)
+    support_max = scores.amax(dim=-1)                                                   # (B, H, nqb, block)
+    rowb = query_blocks(row_log)
     if support_max_offset is not None:
         finite = torch.where(torch.isfinite(support_max), support_max, torch.zeros_like(support_max))
-        rowb = finite + support_max_offset.to(acc).view(1, Hkv, group, 1, 1)
+        rowb = finite + support_max_offset.to(acc).view(1, H, 1, 1)
     stabiliser = torch.maximum(rowb, support_max)
-    lowrank_weight = torch.exp(rowb - stabiliser)                                       # (B, Hkv, G, nqb, block)
-    phi_dot = torch.matmul(pqb, pkg[:, :, None].transpose(-1, -2))
+    lowrank_weight = torch.exp(rowb - stabiliser)
+    phi_dot = torch.matmul(query_blocks(phi_q.to(acc)), pkg.transpose(-1, -2))
     correction = torch.exp(scores - stabiliser[..., None]) - lowrank_weight[..., None] * phi_dot
     correction = torch.where(support, correction, torch.zeros_like(correction))
-    corrected = torch.matmul(correction, vg[:, :, None]).reshape(B, Hkv, group, nqb * block, Dv + 1)[..., :Lq, :]
-    out = lowrank_weight.reshape(B, Hkv, group, nqb * block)[..., :Lq, None] * lowrank + corrected
-    out = out.reshape(B, H, Lq, Dv + 1)
+    out = lowrank_weight[..., None] * query_blocks(lowrank) + torch.matmul(correction, vg)
+    out = _rows(out.reshape(B, H, nqb * block, Dv + 1), Lq)
     return _normalise(out[..., :Dv], out[..., Dv]).to(q.dtype)
+
+
+def _rows(x: Tensor, n) -> Tensor:
+    """The first n rows (dim 2) of x as a fresh tensor of exactly n rows: a slice of a padded length traces to
+    Min(L, padded), which the tracer cannot prove equal to L (a guard on the length)."""
+    return x.index_select(2, torch.arange(n, device=x.device))
 
 
 def _performer_phi(q: Tensor, k: Tensor, key_mask: Optional[Tensor], scale: float, projection: Tensor):

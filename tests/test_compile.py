@@ -240,6 +240,23 @@ def test_projected_ops_lower_with_their_projection_as_a_buffer(feature_program):
         assert max(float((a - b).abs().max()) for a, b in zip(got, want)) < 1e-5, (batch, length)
 
 
+def test_causal_gqa_hybrids_lower(tiny_folders):
+    """Llama (causal, GQA): the linear window hybrid (layer 0) and scatterbrain (layer 1) lower to aten (export-
+    traced, guard-free: causal chunk sums without a loop, the band from the lengths) and equal the program at a
+    single token, within and across 64-token blocks."""
+    passes = [make_pass("linear", {"feature_map": "elu", "window": 8, "sinks": 2, "layers": "0"}),
+              make_pass("scatterbrain", {"features": 16, "window": 70, "layers": "1"})]
+    program = optimize(tiny_folders["llama"], passes, samples=2, seq_len=16).program
+    module = lower(program).module()
+    for batch, length in ((3, 37), (1, 1), (2, 128), (1, 101)):
+        x = model_inputs("llama", batch, length, seed=length)
+        with torch.no_grad():
+            got = module(**x)
+        want = program.run(**x)
+        got = tuple(got) if isinstance(got, (tuple, list)) else (got,)
+        assert max(float((a - b).abs().max()) for a, b in zip(got, want)) < 1e-5, (batch, length)
+
+
 def test_lowering_keeps_every_tensor_on_the_program_device(feature_program):
     """Regression for the H200 failure "index is on cpu, different from other tensors on cuda:0 (index_select)" when
     compiling a CUDA program: the inputs the lowering re-exports with (and the package checks with) were resized with

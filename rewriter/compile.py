@@ -50,6 +50,14 @@ def _exact_attention(q: Tensor, k: Tensor, v: Tensor, key_mask: Optional[Tensor]
     return masked_sdpa(q, expand_kv(k, H), expand_kv(v, H), key_mask, causal, scale, window, alibi)
 
 
+def _pad(x: Tensor, pad, value: float = 0.0) -> Tensor:
+    """F.pad of x made contiguous first. Every body views its padded tensors as blocks; a traced pad of a symbolic
+    amount is a fresh contiguous tensor, but where the amount is 0 at run time (a whole number of blocks) aten's pad
+    returns a copy with x's own strides, and the recorded view of a transposed q / k failed ("view size is not
+    compatible with input tensor's size and stride", a block top-k program at 128 tokens)."""
+    return F.pad(x.contiguous(), pad, value=value)
+
+
 def _band_blocks(Lq, Lk, block: int, left: int, right: int, sinks: int, device,
                  band: bool = True) -> tuple[Tensor, Tensor]:
     """``block_sparse.band_layout`` from the (symbolic) lengths: per query block the sink blocks, then a fixed
@@ -118,7 +126,7 @@ def _window_attention(q: Tensor, k: Tensor, v: Tensor, key_mask: Optional[Tensor
     K = kv_index.shape[1]
 
     def blocks(x: Tensor, n, length) -> Tensor:          # (B, H, L, E) -> (B, H, n, block, E), zero padded
-        return F.pad(x, (0, 0, 0, n * block - length)).view(x.shape[0], x.shape[1], n, block, x.shape[-1])
+        return _pad(x, (0, 0, 0, n * block - length)).view(x.shape[0], x.shape[1], n, block, x.shape[-1])
 
     qb = blocks(q.to(acc), nqb, Lq)
     flat = kv_index.reshape(-1)
@@ -133,7 +141,7 @@ def _window_attention(q: Tensor, k: Tensor, v: Tensor, key_mask: Optional[Tensor
         allowed = allowed & (k_pos <= q_pos)
     allowed = allowed[None, None]                                                    # (1, 1, nqb, block, K*block)
     if key_mask is not None:
-        real = F.pad(key_mask.to(torch.bool), (0, nkb * block - Lk), value=False).view(B, nkb, block)
+        real = _pad(key_mask.to(torch.bool), (0, nkb * block - Lk), value=False).view(B, nkb, block)
         allowed = allowed & real.index_select(1, flat).reshape(B, 1, nqb, 1, K * block)
     s = softcapped(torch.matmul(qb, kg.transpose(-1, -2)) * scale, softcap)
     if alibi:
@@ -179,9 +187,9 @@ def _linear_core(phi_q: Tensor, phi_k: Tensor, v: Tensor, causal: bool, key_mask
             pk, va = pk[:, :, offset:], va[:, :, offset:]
         n = (Lq + chunk - 1) // chunk
         pad = n * chunk - Lq
-        qc = F.pad(pq, (0, 0, 0, pad)).view(B, H, n, chunk, Fdim)
-        kc = F.pad(pk, (0, 0, 0, pad)).view(B, H, n, chunk, Fdim)
-        vc = F.pad(va, (0, 0, 0, pad)).view(B, H, n, chunk, Dv + 1)
+        qc = _pad(pq, (0, 0, 0, pad)).view(B, H, n, chunk, Fdim)
+        kc = _pad(pk, (0, 0, 0, pad)).view(B, H, n, chunk, Fdim)
+        vc = _pad(va, (0, 0, 0, pad)).view(B, H, n, chunk, Dv + 1)
         lower = torch.ones(chunk, chunk, dtype=torch.bool, device=phi_q.device).tril()
         intra = torch.matmul(torch.matmul(qc, kc.transpose(-1, -2)) * lower, vc)        # (B, H, n, C, Dv+1)
         per_chunk = torch.matmul(kc.transpose(-1, -2), vc)                               # (B, H, n, F, Dv+1)
@@ -226,12 +234,12 @@ def _sparse_plus_lowrank(q: Tensor, k: Tensor, v: Tensor, key_mask: Optional[Ten
     flat = kv_index.reshape(-1)
 
     def key_blocks(x: Tensor) -> Tensor:      # (B, Hkv, Lk, E) -> the visited blocks per query head: (B, H, nqb, K*block, E)
-        xb = F.pad(expand_kv(x, H), (0, 0, 0, nkb * block - Lk)).view(B, H, nkb, block, x.shape[-1])
+        xb = _pad(expand_kv(x, H), (0, 0, 0, nkb * block - Lk)).view(B, H, nkb, block, x.shape[-1])
         return xb.index_select(2, flat).reshape(B, H, nqb, K * block, x.shape[-1])
 
     def query_blocks(x: Tensor) -> Tensor:    # (B, H, Lq, ...) -> (B, H, nqb, block, ...)
         pad = [0, 0] * (x.dim() - 3) + [0, nqb * block - Lq]
-        return F.pad(x, pad).view(B, H, nqb, block, *x.shape[3:])
+        return _pad(x, pad).view(B, H, nqb, block, *x.shape[3:])
 
     va = torch.cat([v.to(acc), torch.ones_like(v[..., :1], dtype=acc)], dim=-1)
     kg, pkg, vg = key_blocks(k.to(acc)), key_blocks(phi_k.to(acc)), key_blocks(va)
@@ -246,7 +254,7 @@ def _sparse_plus_lowrank(q: Tensor, k: Tensor, v: Tensor, key_mask: Optional[Ten
         support = support & (k_pos <= q_pos)
     support = support[None, None]                                                       # (1, 1, nqb, block, K*block)
     if key_mask is not None:
-        real = F.pad(key_mask.to(torch.bool), (0, nkb * block - Lk), value=False).view(B, nkb, block)
+        real = _pad(key_mask.to(torch.bool), (0, nkb * block - Lk), value=False).view(B, nkb, block)
         support = support & real.index_select(1, flat).reshape(B, 1, nqb, 1, K * block)
 
     scores = torch.matmul(query_blocks(q.to(acc)), kg.transpose(-1, -2)) * scale
@@ -371,6 +379,145 @@ def _bind_projections(gm: torch.fx.GraphModule, device) -> torch.fx.GraphModule:
     return gm
 
 
+# --------------------------------------------------------------------------------------------------------------
+# Routed block layouts: block top-k and strided (a fixed number of slots per query block, from the lengths)
+# --------------------------------------------------------------------------------------------------------------
+
+def _layout_attention(q: Tensor, k: Tensor, v: Tensor, key_mask: Optional[Tensor], causal: bool, scale: float,
+                      kv_index: Tensor, slot_valid: Tensor, block: int, alibi: Optional[list[float]] = None,
+                      softcap: float = 0.0) -> Tensor:
+    """``block_sparse_attention_reference`` (no window, no sinks: the layout carries them) on a layout with a fixed
+    number K of slots per query block: kv_index (B' , H', nqb, K) long, slot_valid (B', H', nqb, K) bool, B' in
+    (1, B), H' in (1, H). Gathers only the visited key blocks: O(L x K x block) scores, never Lq x Lk."""
+    from .attention._contract import expand_kv, softcapped
+    B, H, Lq, D = q.shape
+    Lk, Dv = k.shape[2], v.shape[-1]
+    acc = torch.float64 if q.dtype == torch.float64 else torch.float32
+    dev = q.device
+    nqb, nkb = (Lq + block - 1) // block, (Lk + block - 1) // block
+    K = kv_index.shape[-1]
+    kv_index, slot_valid = kv_index.expand(B, H, nqb, K), slot_valid.expand(B, H, nqb, K)
+    base = torch.arange(B * H, device=dev).view(B, H, 1, 1) * nkb
+    flat = (kv_index + base).reshape(-1)                         # into (B * H * nkb) blocks
+
+    def key_blocks(x: Tensor) -> Tensor:      # (B, Hkv, Lk, E) -> the visited blocks: (B, H, nqb, K * block, E)
+        xb = _pad(expand_kv(x, H), (0, 0, 0, nkb * block - Lk)).reshape(B * H * nkb, block, x.shape[-1])
+        return xb.index_select(0, flat).view(B, H, nqb, K * block, x.shape[-1])
+
+    kg, vg = key_blocks(k.to(acc)), key_blocks(v.to(acc))
+    k_pos = (kv_index[..., None] * block + torch.arange(block, device=dev)).reshape(B, H, nqb, 1, K * block)
+    q_pos = (torch.arange(nqb * block, device=dev) + (Lk - Lq)).view(nqb, block, 1)
+    allowed = slot_valid[..., None].expand(B, H, nqb, K, block).reshape(B, H, nqb, 1, K * block) & (k_pos < Lk)
+    if causal:
+        allowed = allowed & (k_pos <= q_pos)
+    if key_mask is not None:
+        real = _pad(key_mask.to(torch.bool), (0, nkb * block - Lk), value=False).reshape(B * nkb, block)
+        batch_base = torch.arange(B, device=dev).view(B, 1, 1, 1) * nkb
+        allowed = allowed & real.index_select(0, (kv_index + batch_base).reshape(-1)).view(B, H, nqb, 1, K * block)
+    qb = _pad(q.to(acc), (0, 0, 0, nqb * block - Lq)).view(B, H, nqb, block, D)
+    s = softcapped(torch.matmul(qb, kg.transpose(-1, -2)) * scale, softcap)          # (B, H, nqb, block, K*block)
+    if alibi:   # float32 slopes, as the op's (``sparse._slopes``)
+        slopes = torch.tensor(alibi, dtype=torch.float32, device=dev).to(acc).view(1, -1, 1, 1, 1)
+        s = s + slopes * (k_pos - q_pos).to(acc)
+    s = s.masked_fill(~allowed, float("-inf"))
+    m = s.amax(-1, keepdim=True)
+    m = torch.where(torch.isfinite(m), m, torch.zeros_like(m))
+    p = torch.exp(s - m)
+    out = torch.matmul(p, vg) / p.sum(-1, keepdim=True).clamp_min(torch.finfo(acc).tiny)
+    return _rows(out.reshape(B, H, nqb * block, Dv), Lq).to(q.dtype)
+
+
+def _base_blocks(Lq, Lk, block: int, causal: bool, local_blocks: int, sink_blocks: int, device):
+    """``sparse._base_block_mask`` from the (symbolic) lengths: (causal-eligible, local | sink) key blocks per
+    query block, (nqb, nkb) bool each; block indices by Python (symbolic) integer division, as ``_band_blocks``."""
+    nqb, nkb = (Lq + block - 1) // block, (Lk + block - 1) // block
+    qb = torch.arange(nqb, device=device)[:, None]
+    kb = torch.arange(nkb, device=device)[None, :]
+    offset = Lk - Lq
+    last_b = torch.clamp(qb + (block - 1 + offset) // block, max=(Lk - 1) // block)   # block of the last query's key
+    eligible = kb <= last_b if causal else torch.ones(nqb, nkb, dtype=torch.bool, device=device)
+    forced = kb < sink_blocks
+    if local_blocks > 0:
+        forced = forced | ((kb >= qb + offset // block - (local_blocks - 1)) & (kb <= last_b))
+    return eligible, forced & eligible
+
+
+def _first_slots(chosen: Tensor, K) -> tuple[Tensor, Tensor]:
+    """The chosen blocks of each row first, ascending (a stable sort of "not chosen"), cut to K slots:
+    (kv_index (..., K) long, slot_valid (..., K) bool)."""
+    order = torch.sort((~chosen).to(torch.int8), dim=-1, stable=True).indices[..., :K]
+    return order, chosen.gather(-1, order)
+
+
+def _strided_attention(q: Tensor, k: Tensor, v: Tensor, key_mask: Optional[Tensor], causal: bool, scale: float,
+                       stride: int, local_blocks: int = 1, sink_blocks: int = 1, block: int = 64,
+                       alibi: Optional[list[float]] = None, softcap: float = 0.0) -> Tensor:
+    """rewriter::strided: ``sparse.strided_layout`` from the lengths (query head h keeps key blocks kb with
+    (kb + h) % stride == 0, plus local and sink blocks), cut to K = ceil(nkb / stride) + local_blocks + 1 +
+    sink_blocks slots (at most nkb), which no row exceeds; cost O(L x K x block), 1/stride of dense."""
+    H, Lq, Lk = q.shape[1], q.shape[2], k.shape[2]
+    eligible, forced = _base_blocks(Lq, Lk, block, causal, local_blocks, sink_blocks, q.device)
+    nkb = eligible.shape[-1]
+    kb = torch.arange(nkb, device=q.device)
+    strided = ((kb[None, :] + torch.arange(H, device=q.device)[:, None]) % stride == 0)[:, None, :]   # (H, 1, nkb)
+    K = torch.sym_min(nkb, (nkb + stride - 1) // stride + local_blocks + 1 + sink_blocks)
+    kv_index, slot_valid = _first_slots((strided & eligible) | forced, K)                  # (H, nqb, K)
+    return _layout_attention(q, k, v, key_mask, causal, scale, kv_index[None], slot_valid[None], block, alibi,
+                             softcap)
+
+
+def _pooled_scores(q: Tensor, k: Tensor, key_mask: Optional[Tensor], scale: float, block: int, pool: str):
+    """``sparse._pooled_block_scores`` traceable: (scores (B, H, nqb, nkb), key block holds a real key
+    (B, 1, 1, nkb))."""
+    from .attention._contract import expand_kv
+    B, H, Lq, D = q.shape
+    Lk = k.shape[2]
+    acc = torch.float64 if q.dtype == torch.float64 else torch.float32
+    nqb, nkb = (Lq + block - 1) // block, (Lk + block - 1) // block
+    rows = torch.clamp(Lq - torch.arange(nqb, device=q.device) * block, max=block).to(acc)
+    q_sum = _pad(q.to(acc), (0, 0, 0, nqb * block - Lq)).view(B, H, nqb, block, D).sum(3)
+    valid = torch.ones(B, Lk, dtype=torch.bool, device=q.device) if key_mask is None else key_mask.to(torch.bool)
+    valid = _pad(valid, (0, nkb * block - Lk), value=False).view(B, 1, nkb, block, 1)
+    kb = _pad(k.to(acc), (0, 0, 0, nkb * block - Lk)).view(B, k.shape[1], nkb, block, D)
+    n_valid = valid.sum(3)                                                              # (B, 1, nkb, 1)
+    k_mean = kb.masked_fill(~valid, 0.0).sum(3) / n_valid.clamp_min(1)
+    pooled_q, pooled_k = q_sum, k_mean
+    if pool == "maxmin":
+        empty = n_valid == 0
+        k_max = kb.masked_fill(~valid, float("-inf")).amax(3).masked_fill(empty, 0.0)
+        k_min = kb.masked_fill(~valid, float("inf")).amin(3).masked_fill(empty, 0.0)
+        pooled_k = torch.cat([k_mean, k_max, k_min], dim=-1)
+        pooled_q = q_sum.repeat(1, 1, 1, 3)
+    # an explicit bmm (torch.matmul's own batch folding of these reduced tensors guarded on nqb != 1); the query
+    # means' division after the product
+    E = pooled_q.shape[-1]
+    scores = torch.bmm(pooled_q.reshape(B * H, nqb, E), expand_kv(pooled_k, H).reshape(B * H, nkb, E).transpose(1, 2))
+    scores = scores.view(B, H, nqb, nkb) / rows.view(1, 1, nqb, 1) * scale
+    return scores, (n_valid[..., 0] > 0)[:, :, None, :]
+
+
+def _block_topk_attention(q: Tensor, k: Tensor, v: Tensor, key_mask: Optional[Tensor], causal: bool, scale: float,
+                          density: float, block: int = 64, pool: str = "mean", sink_blocks: int = 1,
+                          local_blocks: int = 1, alibi: Optional[list[float]] = None, softcap: float = 0.0) -> Tensor:
+    """rewriter::block_topk: ``sparse.block_topk_layout`` (pooled block scores; per query block the forced blocks
+    and the best-scoring ones, max(ceil(density x n_eligible), n_forced) in all) with a fixed slot count from the
+    lengths, K = ceil(density' x nkb) + local_blocks + 1 + sink_blocks (at most nkb; density' = density rounded up
+    to 1/1024), which bounds every row's count; the rows' own counts stay data-dependent (padding), as slot flags.
+    Cost: routing O(nqb x nkb) pooled scores, attention O(L x K x block), the op's own density."""
+    eligible, forced = _base_blocks(q.shape[2], k.shape[2], block, causal, local_blocks, sink_blocks, q.device)
+    scores, has_key = _pooled_scores(q, k, key_mask, scale, block, pool)
+    eligible, forced = eligible & has_key, forced & has_key                             # (B, 1, nqb, nkb)
+    keep = torch.ceil(eligible.sum(-1).to(torch.float64) * density - 1e-9).to(torch.long)
+    keep = torch.maximum(keep, forced.sum(-1))
+    ranked = scores.masked_fill(forced, float("inf")).masked_fill(~eligible, float("-inf"))
+    nkb = ranked.shape[-1]
+    quota = math.ceil(density * 1024)
+    K = torch.sym_min(nkb, (nkb * quota + 1023) // 1024 + local_blocks + 1 + sink_blocks)
+    order = torch.sort(ranked, dim=-1, descending=True, stable=True).indices[..., :K]    # (B, H, nqb, K)
+    slot_valid = (torch.arange(K, device=q.device) < keep[..., None]) & eligible.expand_as(ranked).gather(-1, order)
+    return _layout_attention(q, k, v, key_mask, causal, scale, order, slot_valid, block, alibi, softcap)
+
+
 def lowerings(device: str = "cpu") -> dict:
     """op -> the body the package is compiled from (see the module docstring): aten only, except that on CUDA (with
     Triton usable) the window op becomes the ``rewriter::window_triton`` triton_op, which Inductor compiles in."""
@@ -385,6 +532,8 @@ def lowerings(device: str = "cpu") -> dict:
             table[torch.ops.rewriter.window.default] = _window_triton
     table[torch.ops.rewriter.linear.default] = _linear_attention
     table[torch.ops.rewriter.hedgehog.default] = _hedgehog_attention
+    table[torch.ops.rewriter.strided.default] = _strided_attention
+    table[torch.ops.rewriter.block_topk.default] = _block_topk_attention
     for name in PROJECTED_OPS:     # lowered before export (``_bind_projections``), never by this table
         table.pop(getattr(torch.ops.rewriter, name.split("::")[1]).default, None)
     table[torch.ops.rewriter.binary_linear.default] = binary_linear_reference

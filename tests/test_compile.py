@@ -122,11 +122,11 @@ def test_band_blocks_cover_the_band_once():
 
 
 def test_op_without_a_traceable_reference_is_refused(tiny_folders, tmp_path):
-    res = optimize(tiny_folders["bert"], [make_pass("block-topk", {"density": 0.5, "block": 4})],
+    res = optimize(tiny_folders["bert"], [make_pass("lsh", {"n_hashes": 2, "bucket_size": 4})],
                    out=tmp_path / "out", samples=2, seq_len=16)
-    with pytest.raises(RewriterError, match="rewriter::block_topk cannot be compiled"):
+    with pytest.raises(RewriterError, match="rewriter::lsh cannot be compiled"):
         lower(res.program)
-    with pytest.raises(RewriterError, match="rewriter::block_topk"):
+    with pytest.raises(RewriterError, match="rewriter::lsh"):
         compile_output(tmp_path / "out")
     assert not [p.name for p in (tmp_path / "out").iterdir() if "aoti" in p.name]
 
@@ -187,6 +187,9 @@ def test_feature_map_lowerings_match_the_ops():
         for causal in (False, True):
             q, k, v = (torch.randn(2, h, L, 8, generator=g, dtype=torch.float64) for h in (4, 2, 2))
             for mask in (torch.rand(2, L, generator=g) > 0.3, None):
+                if mask is not None:
+                    mask[:, 0] = True     # a row with no key is 0 in both
+
                 cases = [(torch.ops.rewriter.performer(q, k, v, mask, causal, 0.3, 16, 3),
                           performer_lowered(q, k, v, mask, projection, causal, 0.3))]
                 for window, sinks in ((5, 0), (40, 3), (1, 70)):
@@ -250,6 +253,50 @@ def test_causal_gqa_hybrids_lower(tiny_folders):
     module = lower(program).module()
     for batch, length in ((3, 37), (1, 1), (2, 128), (1, 101)):
         x = model_inputs("llama", batch, length, seed=length)
+        with torch.no_grad():
+            got = module(**x)
+        want = program.run(**x)
+        got = tuple(got) if isinstance(got, (tuple, list)) else (got,)
+        assert max(float((a - b).abs().max()) for a, b in zip(got, want)) < 1e-5, (batch, length)
+
+
+def test_routed_block_lowerings_match_the_ops():
+    """The package bodies of block top-k (mean and maxmin pooling, ALiBi + softcap) and strided equal the ops in
+    float64 (a fixed slot count from the lengths, the rows' own counts as slot flags), causal and not, GQA, padded,
+    at lengths around whole blocks."""
+    from rewriter.compile import _block_topk_attention, _strided_attention
+    g = torch.Generator().manual_seed(2)
+    for L in (1, 17, 64, 70, 300):
+        for causal in (False, True):
+            q, k, v = (torch.randn(2, h, L, 8, generator=g, dtype=torch.float64) for h in (4, 2, 2))
+            for mask in (torch.rand(2, L, generator=g) > 0.3, None):
+                if mask is not None:
+                    mask[:, 0] = True     # a row with no key is 0 in both
+
+                cases = []
+                for args in ((3, 1, 1, 4), (2, 0, 0, 8), (4, 2, 1, 16)):
+                    cases.append((torch.ops.rewriter.strided(q, k, v, mask, causal, 0.3, *args),
+                                  _strided_attention(q, k, v, mask, causal, 0.3, *args)))
+                for args in ((0.3, 4, "mean", 1, 1), (0.5, 8, "maxmin", 0, 1), (0.1, 16, "mean", 2, 0),
+                             (0.3, 4, "mean", 1, 1, [0.5, 0.25, 0.1, 0.05], 2.0)):
+                    cases.append((torch.ops.rewriter.block_topk(q, k, v, mask, causal, 0.3, *args),
+                                  _block_topk_attention(q, k, v, mask, causal, 0.3, *args)))
+                for i, (want, got) in enumerate(cases):
+                    assert want.abs().max() > 0.01 and (got - want).abs().max() < 1e-12, (L, causal, i)
+
+
+@pytest.mark.parametrize("arch", ["bert", "llama"])
+def test_routed_block_programs_lower(tiny_folders, arch):
+    """Block top-k (layer 0) and strided (layer 1) programs lower to aten that traces with the dynamic lengths and
+    equal the program at a single token and within / across 16-token blocks (BERT; Llama: causal, GQA)."""
+    passes = [make_pass("block-topk", {"density": 0.3, "block": 16, "layers": "0"}),
+              make_pass("strided", {"stride": 3, "block": 16, "layers": "1"})]
+    program = optimize(tiny_folders[arch], passes, samples=2, seq_len=16).program
+    ops = {str(n.target) for n in program.ep.graph.nodes if n.op == "call_function"}
+    assert {"rewriter.block_topk.default", "rewriter.strided.default"} <= ops
+    module = lower(program).module()
+    for batch, length in ((3, 37), (1, 1), (2, 128), (1, 101)):
+        x = model_inputs(arch, batch, length, seed=length)
         with torch.no_grad():
             got = module(**x)
         want = program.run(**x)

@@ -3,16 +3,28 @@ process that never imports rewriter.
 
 An AOTInductor package cannot call back into Python, so no ``rewriter::`` op may reach it: before compiling, every
 one is decomposed into aten ops (``ExportedProgram.run_decompositions`` with a table op -> traceable function). The
-table holds, per op, a body that traces with the program's dynamic batch and sequence:
+table holds, per op, a body that traces with the program's dynamic batch and sequence; every layout is built from the
+(symbolic) lengths, never from a cache or the data's shape, and no body builds an Lq x Lk tensor:
 - exact attention: its own body without the all-real-keys check (a data-dependent branch): SDPA on the dense mask;
-- window: the band layout built from the lengths alone (``_band_blocks``, the torch twin of the ONNX ``_support``)
-  and a gathered-block softmax, so the package keeps the window's O(L x window) cost; on CUDA the same layout
-  feeds the Triton block-sparse kernel through the ``rewriter::window_triton`` triton_op (``wrap_triton``), which
-  Inductor compiles into the package (untested here: no GPU; benchmarks/h200_check.sh AOTI_ONLY=1 checks it);
-- every other op: its reference (the definition of correct), when that traces (linear attention without a band, binary_linear);
-  an op whose reference does not (a layout sized by the data: block top-k, strided, LSH, scatterbrain; performer's
-  cached projection) is refused with its name before anything is written.
-Inductor then fuses the aten graph (norms, activations, the window's gathers) into C++ (CPU) or Triton (CUDA) code.
+- window: the band layout (``_band_blocks``, the torch twin of the ONNX ``_support``) and a gathered-block softmax,
+  O(L x window); on CUDA the same layout feeds the Triton block-sparse kernel through the ``rewriter::window_triton``
+  triton_op (``wrap_triton``), which Inductor compiles into the package (not run here: no GPU;
+  benchmarks/h200_check.sh AOTI_ONLY=1 checks it);
+- performer / scatterbrain: FAVOR+ features from the seeded projection, which becomes a buffer of the package
+  (``_bind_projections``, before export: a tensor created inside a decomposition is not registered as a constant,
+  "Constant tensor ... lifted_tensor_0 is not in the constants dictionary", pytorch #164461), then the linear core,
+  O(L x features), plus for scatterbrain the exact band + sinks on gathered blocks, O(L x (window + sinks));
+- linear / hedgehog (plain, or the window hybrid): the same core and band; causal sums by chunks, the chunk states'
+  exclusive prefix sum a cumsum (the reference's Python loop over chunks would pin the length);
+- block top-k / strided: the routing of the ops with a fixed number of slots per query block from the lengths, a
+  bound no row exceeds (strided: ceil(nkb / stride) + local + 1 + sinks; block top-k: ceil(density x nkb) + local +
+  1 + sinks), the rows' own counts (padding-dependent for block top-k) as slot flags; block top-k's pooled routing
+  scores are nqb x nkb, its attention O(L x kept blocks x block) as the op's;
+- binary_linear: its reference.
+LSH stays refused by name (its buckets sort tokens by the data and its chunk sizes are data-sized).
+Bodies are traced with size-oblivious sizes and written so that no shape fact of the traced example is guarded
+(``_size_oblivious``, ``_rows``, ``_pad``): a guard would pin the package to lengths like the example's.
+Inductor then fuses the aten graph (norms, activations, the gathers) into C++ (CPU) or Triton (CUDA) code.
 """
 from __future__ import annotations
 
@@ -605,8 +617,9 @@ def _size_oblivious():
     """Tracing with size-oblivious backed sizes (``torch.fx.experimental._config.backed_size_oblivious``, torch 2.7+):
     the blocked bodies reshape tensors with a block-count dimension, and torch's contiguity checks otherwise guard on
     the traced example's facts (block count >= 2, length not a whole number of blocks). Plain export refused those
-    guards for the dynamic length ("Constraints violated (seq)"); run_decompositions kept them as graph guards, so a
-    window package traced at 509 tokens failed for 64 tokens or fewer ("Guard failed: (63 + L) // 64 >= 2")."""
+    guards for the dynamic length ("Constraints violated (seq)"); run_decompositions kept them as guards of the
+    lowered program, whose module (a window of 64-token blocks traced at 127 tokens) then refused 64 tokens or fewer
+    ("Guard failed: (63 + L) // 64 >= 2"; whether the compiled package itself checked them was not measured)."""
     import contextlib
     try:
         from torch.fx.experimental import _config

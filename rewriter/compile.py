@@ -164,7 +164,7 @@ def _window_attention(q: Tensor, k: Tensor, v: Tensor, key_mask: Optional[Tensor
     m = torch.where(torch.isfinite(m), m, torch.zeros_like(m))
     p = torch.exp(s - m)
     out = torch.matmul(p, vg) / p.sum(-1, keepdim=True).clamp_min(torch.finfo(acc).tiny)
-    return out.reshape(B, H, nqb * block, Dv)[:, :, :Lq].to(q.dtype)
+    return _rows(out.reshape(B, H, nqb * block, Dv), Lq).to(q.dtype)
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -340,23 +340,55 @@ def _hedgehog_attention(q: Tensor, k: Tensor, v: Tensor, key_mask: Optional[Tens
                                 support_max_offset=gain)
 
 
-# Ops whose body needs a constant the op computes from its arguments (the seeded FAVOR+ projection): before export
-# the op's node is replaced by a call of its lowered body with that constant as a buffer of the module, so it
-# becomes a constant of the package (a tensor created inside a decomposition is not: run_decompositions left it out
-# of the constants table, "Constant tensor ... lifted_tensor_0 is not in the constants dictionary", pytorch #164461).
-# name -> (body, how the op's arguments after (q, k, v, key_mask) map to the body's after the projection)
+# Ops whose body needs a constant the op computes from its arguments (the seeded FAVOR+ projection). Before export
+# the op's node is replaced by a twin op that takes the projection as an input, read from a buffer of the module, so
+# that it becomes a constant of the package (a tensor created inside a decomposition is not: run_decompositions left
+# it out of the constants table, "Constant tensor ... lifted_tensor_0 is not in the constants dictionary", pytorch
+# #164461); the twin is then lowered like every other op. (Tracing the body itself at export instead guarded the
+# whole model's shapes, see ``_size_oblivious``.)
+
+@torch.library.custom_op("rewriter::aoti_performer", mutates_args=(), schema=(
+    "(Tensor q, Tensor k, Tensor v, Tensor? key_mask, Tensor projection, bool causal, float scale) -> Tensor"))
+def _aoti_performer(q: Tensor, k: Tensor, v: Tensor, key_mask: Optional[Tensor], projection: Tensor, causal: bool,
+                    scale: float) -> Tensor:
+    """rewriter::performer with its projection an input (only inside ``lower``)."""
+    return performer_lowered(q, k, v, key_mask, projection, causal, scale)
+
+
+@torch.library.custom_op("rewriter::aoti_scatterbrain", mutates_args=(), schema=(
+    "(Tensor q, Tensor k, Tensor v, Tensor? key_mask, Tensor projection, bool causal, float scale, int window, "
+    "int sinks) -> Tensor"))
+def _aoti_scatterbrain(q: Tensor, k: Tensor, v: Tensor, key_mask: Optional[Tensor], projection: Tensor, causal: bool,
+                       scale: float, window: int, sinks: int) -> Tensor:
+    """rewriter::scatterbrain with its projection an input (only inside ``lower``)."""
+    return scatterbrain_lowered(q, k, v, key_mask, projection, causal, scale, window, sinks)
+
+
+@_aoti_performer.register_fake
+def _aoti_performer_fake(q, k, v, key_mask, projection, causal, scale):
+    return q.new_empty(q.shape[0], q.shape[1], q.shape[2], v.shape[-1])
+
+
+@_aoti_scatterbrain.register_fake
+def _aoti_scatterbrain_fake(q, k, v, key_mask, projection, causal, scale, window, sinks):
+    return q.new_empty(q.shape[0], q.shape[1], q.shape[2], v.shape[-1])
+
+
+# name -> (twin op, how the op's arguments after (q, k, v, key_mask) map to the twin's after the projection)
 PROJECTED_OPS = {
-    "rewriter::performer": (performer_lowered, lambda causal, scale, features, seed=0: ((causal, scale), features, seed)),
-    "rewriter::scatterbrain": (scatterbrain_lowered,
+    "rewriter::performer": (torch.ops.rewriter.aoti_performer.default,
+                            lambda causal, scale, features, seed=0: ((causal, scale), features, seed)),
+    "rewriter::scatterbrain": (torch.ops.rewriter.aoti_scatterbrain.default,
                                lambda causal, scale, features, window, sinks=0, seed=0:
                                ((causal, scale, window, sinks), features, seed)),
 }
+TWINS = {"rewriter::aoti_performer": "rewriter::performer", "rewriter::aoti_scatterbrain": "rewriter::scatterbrain"}
 
 
 def _bind_projections(gm: torch.fx.GraphModule, device) -> torch.fx.GraphModule:
-    """Replace every performer / scatterbrain call of `gm` by its lowered body reading its projection from a buffer
-    (one per (features, head dim, seed, dtype), on `device`): exporting gm then traces the body into aten ops and
-    lifts the projections as buffers. Returns gm, changed in place."""
+    """Replace every performer / scatterbrain call of `gm` by its twin op reading the projection from a buffer (one
+    per (features, head dim, seed, dtype), on `device`), which export lifts with the weights. Returns gm, changed in
+    place."""
     from .attention.feature_map import performer_projection
     graph, buffers = gm.graph, {}
     for node in list(graph.nodes):
@@ -546,8 +578,10 @@ def lowerings(device: str = "cpu") -> dict:
     table[torch.ops.rewriter.hedgehog.default] = _hedgehog_attention
     table[torch.ops.rewriter.strided.default] = _strided_attention
     table[torch.ops.rewriter.block_topk.default] = _block_topk_attention
-    for name in PROJECTED_OPS:     # lowered before export (``_bind_projections``), never by this table
+    for name, (twin, _) in PROJECTED_OPS.items():   # replaced by their twins before export (``_bind_projections``)
         table.pop(getattr(torch.ops.rewriter, name.split("::")[1]).default, None)
+    table[torch.ops.rewriter.aoti_performer.default] = performer_lowered
+    table[torch.ops.rewriter.aoti_scatterbrain.default] = scatterbrain_lowered
     table[torch.ops.rewriter.binary_linear.default] = binary_linear_reference
     return table
 
@@ -614,12 +648,13 @@ def block_multiple_inputs(program, block: int = 64) -> list[dict]:
 
 
 def _size_oblivious():
-    """Tracing with size-oblivious backed sizes (``torch.fx.experimental._config.backed_size_oblivious``, torch 2.7+):
-    the blocked bodies reshape tensors with a block-count dimension, and torch's contiguity checks otherwise guard on
-    the traced example's facts (block count >= 2, length not a whole number of blocks). Plain export refused those
-    guards for the dynamic length ("Constraints violated (seq)"); run_decompositions kept them as guards of the
-    lowered program, whose module (a window of 64-token blocks traced at 127 tokens) then refused 64 tokens or fewer
-    ("Guard failed: (63 + L) // 64 >= 2"; whether the compiled package itself checked them was not measured)."""
+    """Tracing with size-oblivious backed sizes (``torch.fx.experimental._config.backed_size_oblivious``, torch 2.7+),
+    for the decompositions of the rewriter ops only: the blocked bodies reshape tensors with a block-count dimension,
+    and torch's contiguity checks otherwise guard on the traced example's facts (block count >= 2). Plain export
+    refused those guards for the dynamic length ("Constraints violated (seq)"); run_decompositions kept them as
+    guards of the lowered program, whose module (a window of 64-token blocks traced at 127 tokens) then refused 64
+    tokens or fewer ("Guard failed: (63 + L) // 64 >= 2"; whether the compiled package itself checked them was not
+    measured). Not for the export of the whole model: there it made GPT-2's graph assert batch != 1."""
     import contextlib
     try:
         from torch.fx.experimental import _config
@@ -632,35 +667,21 @@ def _size_oblivious():
 def lower(program) -> torch.export.ExportedProgram:
     """The program's ExportedProgram with every rewriter op decomposed into aten ops (RewriterError naming the op
     when one does not trace)."""
-    with _size_oblivious():
-        return _lower(program)
-
-
-def _lower(program) -> torch.export.ExportedProgram:
     from . import attention, linear  # noqa: F401  (the ops and their registry)
     used = _rewriter_ops(program.ep)
     table = lowerings(program.device().type)
     unknown = sorted(name for name, op in used.items() if op not in table and name not in PROJECTED_OPS)
     if unknown:
         raise RewriterError(f"no AOTInductor lowering for {', '.join(unknown)}")
-    try:
-        ep = _with_long_hints(program)   # a fresh ExportedProgram: the program itself is never changed
-    except Exception as e:
-        projected = sorted(name for name in used if name in PROJECTED_OPS)
-        if not projected or os.environ.get("REWRITER_DEBUG"):
-            raise
-        first = str(e).strip().splitlines()[0][:160] if str(e).strip() else type(e).__name__
-        raise RewriterError(f"{', '.join(projected)} could not be traced into an AOTInductor package ({first})",
-                            "use `rewriter export --onnx` or the eager program for this method") from None
-    for name, op in sorted(used.items()):   # one op at a time, so that a failure names its op
-        if name in PROJECTED_OPS:
-            continue
+    ep = _with_long_hints(program)   # a fresh ExportedProgram: the program itself is never changed
+    for name, op in sorted(_rewriter_ops(ep).items()):   # one op at a time, so that a failure names its op
         try:
-            ep = ep.run_decompositions({op: table[op]})
+            with _size_oblivious():
+                ep = ep.run_decompositions({op: table[op]})
         except Exception as e:   # torch reports the trace failure from deep inside the tracer
             first = str(e).strip().splitlines()[0][:160] if str(e).strip() else type(e).__name__
-            raise RewriterError(f"{name} cannot be compiled into an AOTInductor package: its reference does not "
-                                f"trace with dynamic lengths ({first})",
+            raise RewriterError(f"{TWINS.get(name, name)} cannot be compiled into an AOTInductor package: its "
+                                f"reference does not trace with dynamic lengths ({first})",
                                 "use `rewriter export --onnx` or the eager program for this method") from None
     left = {name for name in _rewriter_ops(ep) if name != "rewriter::window_triton"}   # Inductor compiles that in
     if left:

@@ -11,9 +11,10 @@ table holds, per op, a body that traces with the program's dynamic batch and seq
   triton_op (``wrap_triton``), which Inductor compiles into the package (not run here: no GPU;
   benchmarks/h200_check.sh AOTI_ONLY=1 checks it);
 - performer / scatterbrain: FAVOR+ features from the seeded projection, which becomes a buffer of the package
-  (``_bind_projections``, before export: a tensor created inside a decomposition is not registered as a constant,
-  "Constant tensor ... lifted_tensor_0 is not in the constants dictionary", pytorch #164461), then the linear core,
-  O(L x features), plus for scatterbrain the exact band + sinks on gathered blocks, O(L x (window + sinks));
+  (``_bind_projections``: before export each op becomes a twin op taking the projection buffer as an input; a tensor
+  created inside a decomposition is not registered as a constant, "Constant tensor ... lifted_tensor_0 is not in the
+  constants dictionary", pytorch #164461), then the linear core, O(L x features), plus for scatterbrain the exact
+  band + sinks on gathered blocks, O(L x (window + sinks));
 - linear / hedgehog (plain, or the window hybrid): the same core and band; causal sums by chunks, the chunk states'
   exclusive prefix sum a cumsum (the reference's Python loop over chunks would pin the length);
 - block top-k / strided: the routing of the ops with a fixed number of slots per query block from the lengths, a
@@ -22,8 +23,9 @@ table holds, per op, a body that traces with the program's dynamic batch and seq
   scores are nqb x nkb, its attention O(L x kept blocks x block) as the op's;
 - binary_linear: its reference.
 LSH stays refused by name (its buckets sort tokens by the data and its chunk sizes are data-sized).
-Bodies are traced with size-oblivious sizes and written so that no shape fact of the traced example is guarded
-(``_size_oblivious``, ``_rows``, ``_pad``): a guard would pin the package to lengths like the example's.
+The decompositions are traced with size-oblivious sizes and the bodies written so that no shape fact of the traced
+example is guarded (``_size_oblivious``, ``_rows``, ``_pad``): a guard would pin the package to lengths like the
+example's (tests: batch 1 and 3, 1-2 tokens, whole numbers of blocks, BERT / GPT-2 / Llama / ViT).
 Inductor then fuses the aten graph (norms, activations, the gathers) into C++ (CPU) or Triton (CUDA) code.
 """
 from __future__ import annotations

@@ -3,16 +3,30 @@ process that never imports rewriter.
 
 An AOTInductor package cannot call back into Python, so no ``rewriter::`` op may reach it: before compiling, every
 one is decomposed into aten ops (``ExportedProgram.run_decompositions`` with a table op -> traceable function). The
-table holds, per op, a body that traces with the program's dynamic batch and sequence:
+table holds, per op, a body that traces with the program's dynamic batch and sequence; every layout is built from the
+(symbolic) lengths, never from a cache or the data's shape, and no body builds an Lq x Lk tensor:
 - exact attention: its own body without the all-real-keys check (a data-dependent branch): SDPA on the dense mask;
-- window: the band layout built from the lengths alone (``_band_blocks``, the torch twin of the ONNX ``_support``)
-  and a gathered-block softmax, so the package keeps the window's O(L x window) cost; on CUDA the same layout
-  feeds the Triton block-sparse kernel through the ``rewriter::window_triton`` triton_op (``wrap_triton``), which
-  Inductor compiles into the package (untested here: no GPU; benchmarks/h200_check.sh AOTI_ONLY=1 checks it);
-- every other op: its reference (the definition of correct), when that traces (linear attention without a band, binary_linear);
-  an op whose reference does not (a layout sized by the data: block top-k, strided, LSH, scatterbrain; performer's
-  cached projection) is refused with its name before anything is written.
-Inductor then fuses the aten graph (norms, activations, the window's gathers) into C++ (CPU) or Triton (CUDA) code.
+- window: the band layout (``_band_blocks``, the torch twin of the ONNX ``_support``) and a gathered-block softmax,
+  O(L x window); on CUDA the same layout feeds the Triton block-sparse kernel through the ``rewriter::window_triton``
+  triton_op (``wrap_triton``), which Inductor compiles into the package (not run here: no GPU;
+  benchmarks/h200_check.sh AOTI_ONLY=1 checks it);
+- performer / scatterbrain: FAVOR+ features from the seeded projection, which becomes a buffer of the package
+  (``_bind_projections``: before export each op becomes a twin op taking the projection buffer as an input; a tensor
+  created inside a decomposition is not registered as a constant, "Constant tensor ... lifted_tensor_0 is not in the
+  constants dictionary", pytorch #164461), then the linear core, O(L x features), plus for scatterbrain the exact
+  band + sinks on gathered blocks, O(L x (window + sinks));
+- linear / hedgehog (plain, or the window hybrid): the same core and band; causal sums by chunks, the chunk states'
+  exclusive prefix sum a cumsum (the reference's Python loop over chunks would pin the length);
+- block top-k / strided: the routing of the ops with a fixed number of slots per query block from the lengths, a
+  bound no row exceeds (strided: ceil(nkb / stride) + local + 1 + sinks; block top-k: ceil(density x nkb) + local +
+  1 + sinks), the rows' own counts (padding-dependent for block top-k) as slot flags; block top-k's pooled routing
+  scores are nqb x nkb, its attention O(L x kept blocks x block) as the op's;
+- binary_linear: its reference.
+LSH stays refused by name (its buckets sort tokens by the data and its chunk sizes are data-sized).
+The decompositions are traced with size-oblivious sizes and the bodies written so that no shape fact of the traced
+example is guarded (``_size_oblivious``, ``_rows``, ``_pad``): a guard would pin the package to lengths like the
+example's (tests: batch 1 and 3, 1-2 tokens, whole numbers of blocks, BERT / GPT-2 / Llama / ViT).
+Inductor then fuses the aten graph (norms, activations, the gathers) into C++ (CPU) or Triton (CUDA) code.
 """
 from __future__ import annotations
 
@@ -25,6 +39,7 @@ from typing import Callable, Optional
 import torch
 import torch.nn.functional as F
 from torch import Tensor
+from torch.fx.experimental.symbolic_shapes import statically_known_true
 
 from .errors import RewriterError
 
@@ -49,9 +64,19 @@ def _exact_attention(q: Tensor, k: Tensor, v: Tensor, key_mask: Optional[Tensor]
     return masked_sdpa(q, expand_kv(k, H), expand_kv(v, H), key_mask, causal, scale, window, alibi)
 
 
-def _band_blocks(Lq, Lk, block: int, left: int, right: int, sinks: int, device) -> tuple[Tensor, Tensor]:
+def _pad(x: Tensor, pad, value: float = 0.0) -> Tensor:
+    """F.pad of x made contiguous first. Every body views its padded tensors as blocks; a traced pad of a symbolic
+    amount is a fresh contiguous tensor, but where the amount is 0 at run time (a whole number of blocks) aten's pad
+    returns a copy with x's own strides, and the recorded view of a transposed q / k failed ("view size is not
+    compatible with input tensor's size and stride", a block top-k program at 128 tokens)."""
+    return F.pad(x.contiguous(), pad, value=value)
+
+
+def _band_blocks(Lq, Lk, block: int, left: int, right: int, sinks: int, device,
+                 band: bool = True) -> tuple[Tensor, Tensor]:
     """``block_sparse.band_layout`` from the (symbolic) lengths: per query block the sink blocks, then a fixed
-    number of band slots; returns (kv_index (nqb, K) long, clamped into range; slot_valid (nqb, K) bool)."""
+    number of band slots (none when not `band`: sinks only); returns (kv_index (nqb, K) long, clamped into range;
+    slot_valid (nqb, K) bool)."""
     nqb, nkb = (Lq + block - 1) // block, (Lk + block - 1) // block
     qb = torch.arange(nqb, device=device)[:, None]
     sink_blocks = (sinks + block - 1) // block
@@ -60,6 +85,10 @@ def _band_blocks(Lq, Lk, block: int, left: int, right: int, sinks: int, device) 
         slots = torch.arange(sink_blocks, device=device)[None, :].expand(nqb, sink_blocks)
         index.append(torch.clamp(slots, max=nkb - 1))
         valid.append(slots < nkb)
+    if not band:
+        if not sink_blocks:
+            raise ValueError("a layout needs a band or sinks")
+        return index[0], valid[0]
     # first and last key block of each query block's band; the floor divisions stay on Python (symbolic) ints, as
     # (qb * block + c) // block == qb + c // block (Inductor mis-lowers a tensor floor division of clamped values)
     offset = Lk - Lq
@@ -111,7 +140,7 @@ def _window_attention(q: Tensor, k: Tensor, v: Tensor, key_mask: Optional[Tensor
     K = kv_index.shape[1]
 
     def blocks(x: Tensor, n, length) -> Tensor:          # (B, H, L, E) -> (B, H, n, block, E), zero padded
-        return F.pad(x, (0, 0, 0, n * block - length)).view(x.shape[0], x.shape[1], n, block, x.shape[-1])
+        return _pad(x, (0, 0, 0, n * block - length)).view(x.shape[0], x.shape[1], n, block, x.shape[-1])
 
     qb = blocks(q.to(acc), nqb, Lq)
     flat = kv_index.reshape(-1)
@@ -126,7 +155,7 @@ def _window_attention(q: Tensor, k: Tensor, v: Tensor, key_mask: Optional[Tensor
         allowed = allowed & (k_pos <= q_pos)
     allowed = allowed[None, None]                                                    # (1, 1, nqb, block, K*block)
     if key_mask is not None:
-        real = F.pad(key_mask.to(torch.bool), (0, nkb * block - Lk), value=False).view(B, nkb, block)
+        real = _pad(key_mask.to(torch.bool), (0, nkb * block - Lk), value=False).view(B, nkb, block)
         allowed = allowed & real.index_select(1, flat).reshape(B, 1, nqb, 1, K * block)
     s = softcapped(torch.matmul(qb, kg.transpose(-1, -2)) * scale, softcap)
     if alibi:
@@ -137,7 +166,402 @@ def _window_attention(q: Tensor, k: Tensor, v: Tensor, key_mask: Optional[Tensor
     m = torch.where(torch.isfinite(m), m, torch.zeros_like(m))
     p = torch.exp(s - m)
     out = torch.matmul(p, vg) / p.sum(-1, keepdim=True).clamp_min(torch.finfo(acc).tiny)
-    return out.reshape(B, H, nqb * block, Dv)[:, :, :Lq].to(q.dtype)
+    return _rows(out.reshape(B, H, nqb * block, Dv), Lq).to(q.dtype)
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Feature-map attention: performer, scatterbrain, linear and hedgehog (with or without a window band)
+# --------------------------------------------------------------------------------------------------------------
+
+def _linear_core(phi_q: Tensor, phi_k: Tensor, v: Tensor, causal: bool, key_mask: Optional[Tensor],
+                 chunk: int = 64) -> tuple[Tensor, Tensor]:
+    """``feature_map.linear_attention_core`` written to trace with dynamic lengths: (num (B, H, Lq, Dv), den (B, H,
+    Lq)). Bidirectional: the (F x Dv+1) key state, then phi_q @ state. Causal (bottom-right aligned): masked
+    (chunk x chunk) products inside each chunk, plus the exclusive prefix sum (cumsum) of the chunks' states where
+    the reference loops over chunks (a Python loop over a symbolic chunk count would pin the length). Memory
+    O(L x F x Dv / chunk + L x chunk) per head, never Lq x Lk. Key states / kv heads are repeated per query head:
+    a matmul that broadcasts the group dim reshapes an expanded tensor, which guards on the length (!= 1)."""
+    from .attention._contract import expand_kv
+    B, H, Lq, Fdim = phi_q.shape
+    Hkv, Lk, Dv = phi_k.shape[1], phi_k.shape[2], v.shape[-1]
+    acc = torch.float64 if phi_q.dtype == torch.float64 else torch.float32
+    pq, pk = phi_q.to(acc), phi_k.to(acc)
+    if key_mask is not None:
+        pk = torch.where(key_mask[:, None, :, None].to(torch.bool), pk, torch.zeros_like(pk))
+    va = torch.cat([v.to(acc), torch.ones_like(v[..., :1], dtype=acc)], dim=-1)
+    if not causal:
+        state = expand_kv(torch.matmul(pk.transpose(-1, -2), va), H)                    # (B, H, F, Dv+1)
+        out = torch.matmul(pq, state)                                                    # (B, H, Lq, Dv+1)
+    else:
+        pk, va = expand_kv(pk, H), expand_kv(va, H)
+        state = None
+        if not statically_known_true(Lk == Lq):   # keys before the first query (a slice by Lk - Lq that the tracer
+            offset = Lk - Lq                       # cannot size; self-attention has none)
+            state = torch.matmul(pk[:, :, :offset].transpose(-1, -2), va[:, :, :offset])
+            pk, va = pk[:, :, offset:], va[:, :, offset:]
+        n = (Lq + chunk - 1) // chunk
+        pad = n * chunk - Lq
+        qc = _pad(pq, (0, 0, 0, pad)).view(B, H, n, chunk, Fdim)
+        kc = _pad(pk, (0, 0, 0, pad)).view(B, H, n, chunk, Fdim)
+        vc = _pad(va, (0, 0, 0, pad)).view(B, H, n, chunk, Dv + 1)
+        lower = torch.ones(chunk, chunk, dtype=torch.bool, device=phi_q.device).tril()
+        intra = torch.matmul(torch.matmul(qc, kc.transpose(-1, -2)) * lower, vc)        # (B, H, n, C, Dv+1)
+        per_chunk = torch.matmul(kc.transpose(-1, -2), vc)                               # (B, H, n, F, Dv+1)
+        # exclusive prefix sums, a fresh tensor (a view of a padded one guarded the chunk count != 1 in matmul)
+        before = torch.cat([torch.zeros_like(per_chunk[:, :, :1]), torch.cumsum(per_chunk, dim=2)[:, :, :-1]], dim=2)
+        if state is not None:
+            before = before + state[:, :, None]
+        out = _rows((intra + torch.matmul(qc, before)).reshape(B, H, n * chunk, Dv + 1), Lq)
+    return out[..., :Dv], out[..., Dv]
+
+
+def _sparse_plus_lowrank(q: Tensor, k: Tensor, v: Tensor, key_mask: Optional[Tensor], causal: bool, scale: float,
+                         phi_q: Tensor, phi_k: Tensor, window: int, sinks: int, log_phi_q: Optional[Tensor] = None,
+                         log_phi_k: Optional[Tensor] = None, support_max_offset: Optional[Tensor] = None,
+                         block: int = 64) -> Tensor:
+    """``feature_map.sparse_plus_lowrank_attention`` (exact softmax weights on the band + sinks S, phi.phi
+    elsewhere; same stabiliser, same correction) on the band layout built from the lengths (``_band_blocks``)
+    and gathered key blocks, so it traces with dynamic lengths: O(L x (window + sinks)) for S plus O(L x F) for the
+    low-rank sums, never Lq x Lk. Computed on kv heads repeated per query head and on query rows padded to whole
+    blocks, the first Lq rows taken at the end (``_rows``): both keep the traced shapes free of guards on the
+    length. Returns (B, H, Lq, Dv) in q's dtype."""
+    from .attention._contract import expand_kv, window_extents
+    from .attention.feature_map import _normalise
+    B, H, Lq, D = q.shape
+    Hkv, Lk, Dv = k.shape[1], k.shape[2], v.shape[-1]
+    acc = torch.float64 if q.dtype == torch.float64 else torch.float32
+    dev = q.device
+    num, den = _linear_core(phi_q, phi_k, v, causal, key_mask)
+    lowrank = torch.cat([num, den[..., None]], dim=-1)                                  # (B, H, Lq, Dv+1)
+    if window == 0 and sinks == 0:
+        return _normalise(lowrank[..., :Dv], lowrank[..., Dv]).to(q.dtype)
+    row_log = torch.zeros((), dtype=acc, device=dev)
+    if log_phi_q is not None:
+        row_log = row_log + log_phi_q.to(acc)
+    if log_phi_k is not None:
+        row_log = row_log + log_phi_k.to(acc).repeat_interleave(H // Hkv, dim=1)[:, :, None]
+    row_log = row_log.expand(B, H, Lq)
+    left, right = window_extents(window, causal) if window > 0 else (0, 0)
+    nqb, nkb = (Lq + block - 1) // block, (Lk + block - 1) // block
+    kv_index, slot_valid = _band_blocks(Lq, Lk, block, left, right, sinks, dev, band=window > 0)
+    K = kv_index.shape[1]
+    flat = kv_index.reshape(-1)
+
+    def key_blocks(x: Tensor) -> Tensor:      # (B, Hkv, Lk, E) -> the visited blocks per query head: (B, H, nqb, K*block, E)
+        xb = _pad(expand_kv(x, H), (0, 0, 0, nkb * block - Lk)).view(B, H, nkb, block, x.shape[-1])
+        return xb.index_select(2, flat).reshape(B, H, nqb, K * block, x.shape[-1])
+
+    def query_blocks(x: Tensor) -> Tensor:    # (B, H, Lq, ...) -> (B, H, nqb, block, ...)
+        pad = [0, 0] * (x.dim() - 3) + [0, nqb * block - Lq]
+        return _pad(x, pad).view(B, H, nqb, block, *x.shape[3:])
+
+    va = torch.cat([v.to(acc), torch.ones_like(v[..., :1], dtype=acc)], dim=-1)
+    kg, pkg, vg = key_blocks(k.to(acc)), key_blocks(phi_k.to(acc)), key_blocks(va)
+    k_pos = (kv_index[..., None] * block + torch.arange(block, device=dev)).reshape(nqb, 1, K * block)
+    q_pos = (torch.arange(nqb * block, device=dev) + (Lk - Lq)).view(nqb, block, 1)
+    support = k_pos < sinks
+    if window > 0:
+        support = support | ((k_pos >= q_pos - left) & (k_pos <= q_pos + right))
+    used = slot_valid[..., None].expand(nqb, K, block).reshape(nqb, 1, K * block)
+    support = support & used & (k_pos < Lk)
+    if causal:
+        support = support & (k_pos <= q_pos)
+    support = support[None, None]                                                       # (1, 1, nqb, block, K*block)
+    if key_mask is not None:
+        real = _pad(key_mask.to(torch.bool), (0, nkb * block - Lk), value=False).view(B, nkb, block)
+        support = support & real.index_select(1, flat).reshape(B, 1, nqb, 1, K * block)
+
+    scores = torch.matmul(query_blocks(q.to(acc)), kg.transpose(-1, -2)) * scale
+    scores = scores.masked_fill(~support, float("-inf"))
+    support_max = scores.amax(dim=-1)                                                   # (B, H, nqb, block)
+    rowb = query_blocks(row_log)
+    if support_max_offset is not None:
+        finite = torch.where(torch.isfinite(support_max), support_max, torch.zeros_like(support_max))
+        rowb = finite + support_max_offset.to(acc).view(1, H, 1, 1)
+    stabiliser = torch.maximum(rowb, support_max)
+    lowrank_weight = torch.exp(rowb - stabiliser)
+    phi_dot = torch.matmul(query_blocks(phi_q.to(acc)), pkg.transpose(-1, -2))
+    correction = torch.exp(scores - stabiliser[..., None]) - lowrank_weight[..., None] * phi_dot
+    correction = torch.where(support, correction, torch.zeros_like(correction))
+    out = lowrank_weight[..., None] * query_blocks(lowrank) + torch.matmul(correction, vg)
+    out = _rows(out.reshape(B, H, nqb * block, Dv + 1), Lq)
+    return _normalise(out[..., :Dv], out[..., Dv]).to(q.dtype)
+
+
+def _rows(x: Tensor, n) -> Tensor:
+    """The first n rows (dim 2) of x as a fresh tensor of exactly n rows: a slice of a padded length traces to
+    Min(L, padded), which the tracer cannot prove equal to L (a guard on the length)."""
+    return x.index_select(2, torch.arange(n, device=x.device))
+
+
+def _performer_phi(q: Tensor, k: Tensor, key_mask: Optional[Tensor], scale: float, projection: Tensor):
+    """FAVOR+ features of q and k (``feature_map.feature_map``, traceable) from a projection given as a tensor."""
+    from .attention.feature_map import feature_map
+    acc = torch.float64 if q.dtype == torch.float64 else torch.float32
+    projection = projection.to(acc)
+    phi_q, log_q = feature_map("performer", q.to(acc), scale, role="query", projection=projection)
+    phi_k, log_k = feature_map("performer", k.to(acc), scale, role="key", projection=projection, key_mask=key_mask)
+    return phi_q, phi_k, log_q, log_k
+
+
+def performer_lowered(q: Tensor, k: Tensor, v: Tensor, key_mask: Optional[Tensor], projection: Tensor, causal: bool,
+                      scale: float) -> Tensor:
+    """rewriter::performer with its random projection (features, D) an input: FAVOR+ features and the linear core,
+    O(L x features) (the query and key offsets cancel between num and den)."""
+    from .attention.feature_map import _normalise
+    phi_q, phi_k, _, _ = _performer_phi(q, k, key_mask, scale, projection)
+    num, den = _linear_core(phi_q, phi_k, v, causal, key_mask)
+    return _normalise(num, den).to(q.dtype)
+
+
+def scatterbrain_lowered(q: Tensor, k: Tensor, v: Tensor, key_mask: Optional[Tensor], projection: Tensor,
+                         causal: bool, scale: float, window: int, sinks: int) -> Tensor:
+    """rewriter::scatterbrain with its random projection an input: exact weights on the band + sinks, FAVOR+
+    features elsewhere; O(L x (window + sinks)) + O(L x features)."""
+    phi_q, phi_k, log_q, log_k = _performer_phi(q, k, key_mask, scale, projection)
+    return _sparse_plus_lowrank(q, k, v, key_mask, causal, scale, phi_q, phi_k, window, sinks, log_q, log_k)
+
+
+def _linear_attention(q: Tensor, k: Tensor, v: Tensor, key_mask: Optional[Tensor], causal: bool, scale: float,
+                      feature_map: str, window: int = 0, sinks: int = 0) -> Tensor:
+    """rewriter::linear (elu / relu / taylor2 features; window / sinks > 0: the BASED / LoLCATs hybrid)."""
+    from .attention.feature_map import _fixed_features
+    phi_q, phi_k = _fixed_features(feature_map, q, k, scale)
+    return _sparse_plus_lowrank(q, k, v, key_mask, causal, scale, phi_q, phi_k, window, sinks)
+
+
+def _hedgehog_attention(q: Tensor, k: Tensor, v: Tensor, key_mask: Optional[Tensor], causal: bool, scale: float,
+                        q_weight: Tensor, q_bias: Tensor, k_weight: Tensor, k_bias: Tensor, window_gain: Tensor,
+                        window: int = 0, sinks: int = 0) -> Tensor:
+    """rewriter::hedgehog (learned maps, op arguments; window / sinks > 0: LoLCATs' hybrid)."""
+    from .attention.hedgehog import hedgehog_features
+    acc = torch.float64 if q.dtype == torch.float64 else torch.float32
+    phi_q, phi_k = hedgehog_features(q.to(acc), q_weight, q_bias), hedgehog_features(k.to(acc), k_weight, k_bias)
+    gain = window_gain if window or sinks else None
+    return _sparse_plus_lowrank(q, k, v, key_mask, causal, scale, phi_q, phi_k, window, sinks,
+                                support_max_offset=gain)
+
+
+# Ops whose body needs a constant the op computes from its arguments (the seeded FAVOR+ projection). Before export
+# the op's node is replaced by a twin op that takes the projection as an input, read from a buffer of the module, so
+# that it becomes a constant of the package (a tensor created inside a decomposition is not: run_decompositions left
+# it out of the constants table, "Constant tensor ... lifted_tensor_0 is not in the constants dictionary", pytorch
+# #164461); the twin is then lowered like every other op. (Tracing the body itself at export instead guarded the
+# whole model's shapes, see ``_size_oblivious``.)
+
+@torch.library.custom_op("rewriter::aoti_performer", mutates_args=(), schema=(
+    "(Tensor q, Tensor k, Tensor v, Tensor? key_mask, Tensor projection, bool causal, float scale) -> Tensor"))
+def _aoti_performer(q: Tensor, k: Tensor, v: Tensor, key_mask: Optional[Tensor], projection: Tensor, causal: bool,
+                    scale: float) -> Tensor:
+    """rewriter::performer with its projection an input (only inside ``lower``)."""
+    return performer_lowered(q, k, v, key_mask, projection, causal, scale)
+
+
+@torch.library.custom_op("rewriter::aoti_scatterbrain", mutates_args=(), schema=(
+    "(Tensor q, Tensor k, Tensor v, Tensor? key_mask, Tensor projection, bool causal, float scale, int window, "
+    "int sinks) -> Tensor"))
+def _aoti_scatterbrain(q: Tensor, k: Tensor, v: Tensor, key_mask: Optional[Tensor], projection: Tensor, causal: bool,
+                       scale: float, window: int, sinks: int) -> Tensor:
+    """rewriter::scatterbrain with its projection an input (only inside ``lower``)."""
+    return scatterbrain_lowered(q, k, v, key_mask, projection, causal, scale, window, sinks)
+
+
+@_aoti_performer.register_fake
+def _aoti_performer_fake(q, k, v, key_mask, projection, causal, scale):
+    return q.new_empty(q.shape[0], q.shape[1], q.shape[2], v.shape[-1])
+
+
+@_aoti_scatterbrain.register_fake
+def _aoti_scatterbrain_fake(q, k, v, key_mask, projection, causal, scale, window, sinks):
+    return q.new_empty(q.shape[0], q.shape[1], q.shape[2], v.shape[-1])
+
+
+# name -> (twin op, how the op's arguments after (q, k, v, key_mask) map to the twin's after the projection)
+PROJECTED_OPS = {
+    "rewriter::performer": (torch.ops.rewriter.aoti_performer.default,
+                            lambda causal, scale, features, seed=0: ((causal, scale), features, seed)),
+    "rewriter::scatterbrain": (torch.ops.rewriter.aoti_scatterbrain.default,
+                               lambda causal, scale, features, window, sinks=0, seed=0:
+                               ((causal, scale, window, sinks), features, seed)),
+}
+TWINS = {"rewriter::aoti_performer": "rewriter::performer", "rewriter::aoti_scatterbrain": "rewriter::scatterbrain"}
+
+
+def _bind_projections(gm: torch.fx.GraphModule, device) -> torch.fx.GraphModule:
+    """Replace every performer / scatterbrain call of `gm` by its twin op reading the projection from a buffer (one
+    per (features, head dim, seed, dtype), on `device`), which export lifts with the weights. Returns gm, changed in
+    place."""
+    from .attention.feature_map import performer_projection
+    graph, buffers = gm.graph, {}
+    for node in list(graph.nodes):
+        if node.op != "call_function" or getattr(node.target, "namespace", None) != "rewriter":
+            continue
+        name = node.target._schema.name
+        if name not in PROJECTED_OPS:
+            continue
+        body, split = PROJECTED_OPS[name]
+        schema_args = [a.name for a in node.target._schema.arguments]
+        values = dict(zip(schema_args, node.args))
+        values.update(node.kwargs)
+        q, k, v, key_mask = (values.get(a) for a in ("q", "k", "v", "key_mask"))
+        rest, features, seed = split(**{a: values[a] for a in schema_args[4:] if a in values})
+        q_val = q.meta.get("val") if hasattr(q, "meta") else None
+        if q_val is None:
+            raise RewriterError(f"{name}: the graph does not record the query's shape (node {node.name})",
+                                "re-run `rewriter optimize` to capture the program again")
+        acc = torch.float64 if q_val.dtype == torch.float64 else torch.float32
+        key = (int(features), int(q_val.shape[-1]), int(seed), acc)
+        if key not in buffers:
+            buffers[key] = f"_aoti_projection_{len(buffers)}"
+            projection = performer_projection(key[0], key[1], key[2]).to(device=device, dtype=acc)
+            gm.register_buffer(buffers[key], projection)
+        with graph.inserting_before(node):
+            proj = graph.get_attr(buffers[key])
+            new = graph.call_function(body, (q, k, v, key_mask, proj, *rest))
+        new.meta = dict(node.meta)
+        node.replace_all_uses_with(new)
+        graph.erase_node(node)
+    gm.recompile()
+    return gm
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Routed block layouts: block top-k and strided (a fixed number of slots per query block, from the lengths)
+# --------------------------------------------------------------------------------------------------------------
+
+def _layout_attention(q: Tensor, k: Tensor, v: Tensor, key_mask: Optional[Tensor], causal: bool, scale: float,
+                      kv_index: Tensor, slot_valid: Tensor, block: int, alibi: Optional[list[float]] = None,
+                      softcap: float = 0.0) -> Tensor:
+    """``block_sparse_attention_reference`` (no window, no sinks: the layout carries them) on a layout with a fixed
+    number K of slots per query block: kv_index (B' , H', nqb, K) long, slot_valid (B', H', nqb, K) bool, B' in
+    (1, B), H' in (1, H). Gathers only the visited key blocks: O(L x K x block) scores, never Lq x Lk."""
+    from .attention._contract import expand_kv, softcapped
+    B, H, Lq, D = q.shape
+    Lk, Dv = k.shape[2], v.shape[-1]
+    acc = torch.float64 if q.dtype == torch.float64 else torch.float32
+    dev = q.device
+    nqb, nkb = (Lq + block - 1) // block, (Lk + block - 1) // block
+    K = kv_index.shape[-1]
+    kv_index, slot_valid = kv_index.expand(B, H, nqb, K), slot_valid.expand(B, H, nqb, K)
+    base = torch.arange(B * H, device=dev).view(B, H, 1, 1) * nkb
+    flat = (kv_index + base).reshape(-1)                         # into (B * H * nkb) blocks
+
+    def key_blocks(x: Tensor) -> Tensor:      # (B, Hkv, Lk, E) -> the visited blocks: (B, H, nqb, K * block, E)
+        xb = _pad(expand_kv(x, H), (0, 0, 0, nkb * block - Lk)).reshape(B * H * nkb, block, x.shape[-1])
+        return xb.index_select(0, flat).view(B, H, nqb, K * block, x.shape[-1])
+
+    kg, vg = key_blocks(k.to(acc)), key_blocks(v.to(acc))
+    k_pos = (kv_index[..., None] * block + torch.arange(block, device=dev)).reshape(B, H, nqb, 1, K * block)
+    q_pos = (torch.arange(nqb * block, device=dev) + (Lk - Lq)).view(nqb, block, 1)
+    allowed = slot_valid[..., None].expand(B, H, nqb, K, block).reshape(B, H, nqb, 1, K * block) & (k_pos < Lk)
+    if causal:
+        allowed = allowed & (k_pos <= q_pos)
+    if key_mask is not None:
+        real = _pad(key_mask.to(torch.bool), (0, nkb * block - Lk), value=False).reshape(B * nkb, block)
+        batch_base = torch.arange(B, device=dev).view(B, 1, 1, 1) * nkb
+        allowed = allowed & real.index_select(0, (kv_index + batch_base).reshape(-1)).view(B, H, nqb, 1, K * block)
+    qb = _pad(q.to(acc), (0, 0, 0, nqb * block - Lq)).view(B, H, nqb, block, D)
+    s = softcapped(torch.matmul(qb, kg.transpose(-1, -2)) * scale, softcap)          # (B, H, nqb, block, K*block)
+    if alibi:   # float32 slopes, as the op's (``sparse._slopes``)
+        slopes = torch.tensor(alibi, dtype=torch.float32, device=dev).to(acc).view(1, -1, 1, 1, 1)
+        s = s + slopes * (k_pos - q_pos).to(acc)
+    s = s.masked_fill(~allowed, float("-inf"))
+    m = s.amax(-1, keepdim=True)
+    m = torch.where(torch.isfinite(m), m, torch.zeros_like(m))
+    p = torch.exp(s - m)
+    out = torch.matmul(p, vg) / p.sum(-1, keepdim=True).clamp_min(torch.finfo(acc).tiny)
+    return _rows(out.reshape(B, H, nqb * block, Dv), Lq).to(q.dtype)
+
+
+def _base_blocks(Lq, Lk, block: int, causal: bool, local_blocks: int, sink_blocks: int, device):
+    """``sparse._base_block_mask`` from the (symbolic) lengths: (causal-eligible, local | sink) key blocks per
+    query block, (nqb, nkb) bool each; block indices by Python (symbolic) integer division, as ``_band_blocks``."""
+    nqb, nkb = (Lq + block - 1) // block, (Lk + block - 1) // block
+    qb = torch.arange(nqb, device=device)[:, None]
+    kb = torch.arange(nkb, device=device)[None, :]
+    offset = Lk - Lq
+    last_b = torch.clamp(qb + (block - 1 + offset) // block, max=(Lk - 1) // block)   # block of the last query's key
+    eligible = kb <= last_b if causal else torch.ones(nqb, nkb, dtype=torch.bool, device=device)
+    forced = kb < sink_blocks
+    if local_blocks > 0:
+        forced = forced | ((kb >= qb + offset // block - (local_blocks - 1)) & (kb <= last_b))
+    return eligible, forced & eligible
+
+
+def _first_slots(chosen: Tensor, K) -> tuple[Tensor, Tensor]:
+    """The chosen blocks of each row first, ascending (a stable sort of "not chosen"), cut to K slots:
+    (kv_index (..., K) long, slot_valid (..., K) bool)."""
+    order = torch.sort((~chosen).to(torch.int8), dim=-1, stable=True).indices[..., :K]
+    return order, chosen.gather(-1, order)
+
+
+def _strided_attention(q: Tensor, k: Tensor, v: Tensor, key_mask: Optional[Tensor], causal: bool, scale: float,
+                       stride: int, local_blocks: int = 1, sink_blocks: int = 1, block: int = 64,
+                       alibi: Optional[list[float]] = None, softcap: float = 0.0) -> Tensor:
+    """rewriter::strided: ``sparse.strided_layout`` from the lengths (query head h keeps key blocks kb with
+    (kb + h) % stride == 0, plus local and sink blocks), cut to K = ceil(nkb / stride) + local_blocks + 1 +
+    sink_blocks slots (at most nkb), which no row exceeds; cost O(L x K x block), 1/stride of dense."""
+    H, Lq, Lk = q.shape[1], q.shape[2], k.shape[2]
+    eligible, forced = _base_blocks(Lq, Lk, block, causal, local_blocks, sink_blocks, q.device)
+    nkb = eligible.shape[-1]
+    kb = torch.arange(nkb, device=q.device)
+    strided = ((kb[None, :] + torch.arange(H, device=q.device)[:, None]) % stride == 0)[:, None, :]   # (H, 1, nkb)
+    K = torch.sym_min(nkb, (nkb + stride - 1) // stride + local_blocks + 1 + sink_blocks)
+    kv_index, slot_valid = _first_slots((strided & eligible) | forced, K)                  # (H, nqb, K)
+    return _layout_attention(q, k, v, key_mask, causal, scale, kv_index[None], slot_valid[None], block, alibi,
+                             softcap)
+
+
+def _pooled_scores(q: Tensor, k: Tensor, key_mask: Optional[Tensor], scale: float, block: int, pool: str):
+    """``sparse._pooled_block_scores`` traceable: (scores (B, H, nqb, nkb), key block holds a real key
+    (B, 1, 1, nkb))."""
+    from .attention._contract import expand_kv
+    B, H, Lq, D = q.shape
+    Lk = k.shape[2]
+    acc = torch.float64 if q.dtype == torch.float64 else torch.float32
+    nqb, nkb = (Lq + block - 1) // block, (Lk + block - 1) // block
+    rows = torch.clamp(Lq - torch.arange(nqb, device=q.device) * block, max=block).to(acc)
+    q_sum = _pad(q.to(acc), (0, 0, 0, nqb * block - Lq)).view(B, H, nqb, block, D).sum(3)
+    valid = torch.ones(B, Lk, dtype=torch.bool, device=q.device) if key_mask is None else key_mask.to(torch.bool)
+    valid = _pad(valid, (0, nkb * block - Lk), value=False).view(B, 1, nkb, block, 1)
+    kb = _pad(k.to(acc), (0, 0, 0, nkb * block - Lk)).view(B, k.shape[1], nkb, block, D)
+    n_valid = valid.sum(3)                                                              # (B, 1, nkb, 1)
+    k_mean = kb.masked_fill(~valid, 0.0).sum(3) / n_valid.clamp_min(1)
+    pooled_q, pooled_k = q_sum, k_mean
+    if pool == "maxmin":
+        empty = n_valid == 0
+        k_max = kb.masked_fill(~valid, float("-inf")).amax(3).masked_fill(empty, 0.0)
+        k_min = kb.masked_fill(~valid, float("inf")).amin(3).masked_fill(empty, 0.0)
+        pooled_k = torch.cat([k_mean, k_max, k_min], dim=-1)
+        pooled_q = q_sum.repeat(1, 1, 1, 3)
+    # an explicit bmm (torch.matmul's own batch folding of these reduced tensors guarded on nqb != 1); the query
+    # means' division after the product
+    E = pooled_q.shape[-1]
+    scores = torch.bmm(pooled_q.reshape(B * H, nqb, E), expand_kv(pooled_k, H).reshape(B * H, nkb, E).transpose(1, 2))
+    scores = scores.view(B, H, nqb, nkb) / rows.view(1, 1, nqb, 1) * scale
+    return scores, (n_valid[..., 0] > 0)[:, :, None, :]
+
+
+def _block_topk_attention(q: Tensor, k: Tensor, v: Tensor, key_mask: Optional[Tensor], causal: bool, scale: float,
+                          density: float, block: int = 64, pool: str = "mean", sink_blocks: int = 1,
+                          local_blocks: int = 1, alibi: Optional[list[float]] = None, softcap: float = 0.0) -> Tensor:
+    """rewriter::block_topk: ``sparse.block_topk_layout`` (pooled block scores; per query block the forced blocks
+    and the best-scoring ones, max(ceil(density x n_eligible), n_forced) in all) with a fixed slot count from the
+    lengths, K = ceil(density' x nkb) + local_blocks + 1 + sink_blocks (at most nkb; density' = density rounded up
+    to 1/1024), which bounds every row's count; the rows' own counts stay data-dependent (padding), as slot flags.
+    Cost: routing O(nqb x nkb) pooled scores, attention O(L x K x block), the op's own density."""
+    eligible, forced = _base_blocks(q.shape[2], k.shape[2], block, causal, local_blocks, sink_blocks, q.device)
+    scores, has_key = _pooled_scores(q, k, key_mask, scale, block, pool)
+    eligible, forced = eligible & has_key, forced & has_key                             # (B, 1, nqb, nkb)
+    keep = torch.ceil(eligible.sum(-1).to(torch.float64) * density - 1e-9).to(torch.long)
+    keep = torch.maximum(keep, forced.sum(-1))
+    ranked = scores.masked_fill(forced, float("inf")).masked_fill(~eligible, float("-inf"))
+    nkb = ranked.shape[-1]
+    quota = math.ceil(density * 1024)
+    K = torch.sym_min(nkb, (nkb * quota + 1023) // 1024 + local_blocks + 1 + sink_blocks)
+    order = torch.sort(ranked, dim=-1, descending=True, stable=True).indices[..., :K]    # (B, H, nqb, K)
+    slot_valid = (torch.arange(K, device=q.device) < keep[..., None]) & eligible.expand_as(ranked).gather(-1, order)
+    return _layout_attention(q, k, v, key_mask, causal, scale, order, slot_valid, block, alibi, softcap)
 
 
 def lowerings(device: str = "cpu") -> dict:
@@ -152,6 +576,14 @@ def lowerings(device: str = "cpu") -> dict:
         from .attention.triton import triton_available, use_reference
         if triton_available() and not use_reference():
             table[torch.ops.rewriter.window.default] = _window_triton
+    table[torch.ops.rewriter.linear.default] = _linear_attention
+    table[torch.ops.rewriter.hedgehog.default] = _hedgehog_attention
+    table[torch.ops.rewriter.strided.default] = _strided_attention
+    table[torch.ops.rewriter.block_topk.default] = _block_topk_attention
+    for name, (twin, _) in PROJECTED_OPS.items():   # replaced by their twins before export (``_bind_projections``)
+        table.pop(getattr(torch.ops.rewriter, name.split("::")[1]).default, None)
+    table[torch.ops.rewriter.aoti_performer.default] = performer_lowered
+    table[torch.ops.rewriter.aoti_scatterbrain.default] = scatterbrain_lowered
     table[torch.ops.rewriter.binary_linear.default] = binary_linear_reference
     return table
 
@@ -193,7 +625,8 @@ def _with_long_hints(program) -> torch.export.ExportedProgram:
         if label != "batch" and size % 2 == 0 and size - 1 >= lo:
             size -= 1
         target[label] = max(lo, size)
-    return export(program.module(), _inputs_at(program, target), program.dynamic_shapes())
+    gm = _bind_projections(program.module(), program.device())
+    return export(gm, _inputs_at(program, target), program.dynamic_shapes())
 
 
 def _inputs_at(program, sizes: dict) -> dict:
@@ -216,23 +649,41 @@ def block_multiple_inputs(program, block: int = 64) -> list[dict]:
     return [_inputs_at(program, {"seq": 2 * block})]
 
 
+def _size_oblivious():
+    """Tracing with size-oblivious backed sizes (``torch.fx.experimental._config.backed_size_oblivious``, torch 2.7+),
+    for the decompositions of the rewriter ops only: the blocked bodies reshape tensors with a block-count dimension,
+    and torch's contiguity checks otherwise guard on the traced example's facts (block count >= 2). Plain export
+    refused those guards for the dynamic length ("Constraints violated (seq)"); run_decompositions kept them as
+    guards of the lowered program, whose module (a window of 64-token blocks traced at 127 tokens) then refused 64
+    tokens or fewer ("Guard failed: (63 + L) // 64 >= 2"; whether the compiled package itself checked them was not
+    measured). Not for the export of the whole model: there it made GPT-2's graph assert batch != 1."""
+    import contextlib
+    try:
+        from torch.fx.experimental import _config
+    except ImportError:   # pragma: no cover
+        return contextlib.nullcontext()
+    return _config.patch(backed_size_oblivious=True) if hasattr(_config, "backed_size_oblivious") \
+        else contextlib.nullcontext()
+
+
 def lower(program) -> torch.export.ExportedProgram:
     """The program's ExportedProgram with every rewriter op decomposed into aten ops (RewriterError naming the op
     when one does not trace)."""
     from . import attention, linear  # noqa: F401  (the ops and their registry)
     used = _rewriter_ops(program.ep)
     table = lowerings(program.device().type)
-    unknown = sorted(name for name, op in used.items() if op not in table)
+    unknown = sorted(name for name, op in used.items() if op not in table and name not in PROJECTED_OPS)
     if unknown:
         raise RewriterError(f"no AOTInductor lowering for {', '.join(unknown)}")
     ep = _with_long_hints(program)   # a fresh ExportedProgram: the program itself is never changed
-    for name, op in sorted(used.items()):   # one op at a time, so that a failure names its op
+    for name, op in sorted(_rewriter_ops(ep).items()):   # one op at a time, so that a failure names its op
         try:
-            ep = ep.run_decompositions({op: table[op]})
+            with _size_oblivious():
+                ep = ep.run_decompositions({op: table[op]})
         except Exception as e:   # torch reports the trace failure from deep inside the tracer
             first = str(e).strip().splitlines()[0][:160] if str(e).strip() else type(e).__name__
-            raise RewriterError(f"{name} cannot be compiled into an AOTInductor package: its reference does not "
-                                f"trace with dynamic lengths ({first})",
+            raise RewriterError(f"{TWINS.get(name, name)} cannot be compiled into an AOTInductor package: its "
+                                f"reference does not trace with dynamic lengths ({first})",
                                 "use `rewriter export --onnx` or the eager program for this method") from None
     left = {name for name in _rewriter_ops(ep) if name != "rewriter::window_triton"}   # Inductor compiles that in
     if left:

@@ -289,7 +289,7 @@ def validate_onnx(path: str | Path, reference_fn: Callable[..., tuple[Tensor, ..
 
 def _resized(x: Tensor, axis: int, size: int) -> Tensor:
     """x with `size` entries along `axis`, repeating its own entries (keeps dtype and value ranges)."""
-    index = torch.arange(size) % x.shape[axis]
+    index = torch.arange(size, device=x.device) % x.shape[axis]   # on x's device (a CUDA program: issue 13)
     return x.index_select(axis, index)
 
 

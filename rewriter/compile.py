@@ -124,6 +124,31 @@ def _window_triton(q: Tensor, k: Tensor, v: Tensor, key_mask: Optional[Tensor], 
     return torch.ops.rewriter.window_triton(q, k, v, key_mask, causal, scale, window, sinks, block)
 
 
+def _gathered_pairs(kv_index: Tensor, slot_valid: Tensor, block: int, Lq, Lk, left: int, right: int, sinks: int,
+                    causal: bool, key_mask: Optional[Tensor], band: bool) -> tuple[Tensor, Tensor, Tensor]:
+    """The token-level predicate on gathered key blocks (``_band_blocks``' layout): (allowed (B or 1, 1, nqb, block,
+    K * block) bool, key positions (nqb, 1, K * block), query positions (nqb, block, 1)) for the sinks, the band
+    [q - left, q + right] when `band`, used slots, real keys, causal and the key mask."""
+    nqb, K = kv_index.shape
+    dev = kv_index.device
+    k_pos = (kv_index[..., None] * block + torch.arange(block, device=dev)).reshape(nqb, 1, K * block)
+    q_pos = (torch.arange(nqb * block, device=dev) + (Lk - Lq)).view(nqb, block, 1)
+    allowed = k_pos < sinks
+    if band:
+        allowed = allowed | ((k_pos >= q_pos - left) & (k_pos <= q_pos + right))
+    used = slot_valid[..., None].expand(nqb, K, block).reshape(nqb, 1, K * block)
+    allowed = allowed & used & (k_pos < Lk)
+    if causal:
+        allowed = allowed & (k_pos <= q_pos)
+    allowed = allowed[None, None]
+    if key_mask is not None:
+        nkb = (Lk + block - 1) // block
+        B = key_mask.shape[0]
+        real = _pad(key_mask.to(torch.bool), (0, nkb * block - Lk), value=False).view(B, nkb, block)
+        allowed = allowed & real.index_select(1, kv_index.reshape(-1)).reshape(B, 1, nqb, 1, K * block)
+    return allowed, k_pos, q_pos
+
+
 def _window_attention(q: Tensor, k: Tensor, v: Tensor, key_mask: Optional[Tensor], causal: bool, scale: float,
                       window: int, sinks: int, block: int = 64, alibi: Optional[list[float]] = None,
                       softcap: float = 0.0) -> Tensor:
@@ -146,17 +171,8 @@ def _window_attention(q: Tensor, k: Tensor, v: Tensor, key_mask: Optional[Tensor
     flat = kv_index.reshape(-1)
     kg = blocks(expand_kv(k.to(acc), H), nkb, Lk).index_select(2, flat).reshape(B, H, nqb, K * block, D)
     vg = blocks(expand_kv(v.to(acc), H), nkb, Lk).index_select(2, flat).reshape(B, H, nqb, K * block, Dv)
-    k_pos = (kv_index[..., None] * block + torch.arange(block, device=dev)).reshape(nqb, 1, K * block)
-    used = slot_valid[..., None].expand(nqb, K, block).reshape(nqb, 1, K * block)
-    q_pos = (torch.arange(nqb * block, device=dev) + (Lk - Lq)).view(nqb, block, 1)
-    allowed = (k_pos < sinks) | ((k_pos >= q_pos - left) & (k_pos <= q_pos + right))
-    allowed = allowed & used & (k_pos < Lk)
-    if causal:
-        allowed = allowed & (k_pos <= q_pos)
-    allowed = allowed[None, None]                                                    # (1, 1, nqb, block, K*block)
-    if key_mask is not None:
-        real = _pad(key_mask.to(torch.bool), (0, nkb * block - Lk), value=False).view(B, nkb, block)
-        allowed = allowed & real.index_select(1, flat).reshape(B, 1, nqb, 1, K * block)
+    allowed, k_pos, q_pos = _gathered_pairs(kv_index, slot_valid, block, Lq, Lk, left, right, sinks, causal,
+                                            key_mask, True)
     s = softcapped(torch.matmul(qb, kg.transpose(-1, -2)) * scale, softcap)
     if alibi:
         slopes = torch.tensor(alibi, dtype=acc, device=dev).view(1, -1, 1, 1, 1)
@@ -247,7 +263,7 @@ def _sparse_plus_lowrank(q: Tensor, k: Tensor, v: Tensor, key_mask: Optional[Ten
     K = kv_index.shape[1]
     flat = kv_index.reshape(-1)
 
-    def key_blocks(x: Tensor) -> Tensor:      # (B, Hkv, Lk, E) -> the visited blocks per query head: (B, H, nqb, K*block, E)
+    def key_blocks(x: Tensor) -> Tensor:      # (B, Hkv, Lk, E) -> visited blocks per query head (B, H, nqb, K*block, E)
         xb = _pad(expand_kv(x, H), (0, 0, 0, nkb * block - Lk)).view(B, H, nkb, block, x.shape[-1])
         return xb.index_select(2, flat).reshape(B, H, nqb, K * block, x.shape[-1])
 
@@ -257,19 +273,8 @@ def _sparse_plus_lowrank(q: Tensor, k: Tensor, v: Tensor, key_mask: Optional[Ten
 
     va = torch.cat([v.to(acc), torch.ones_like(v[..., :1], dtype=acc)], dim=-1)
     kg, pkg, vg = key_blocks(k.to(acc)), key_blocks(phi_k.to(acc)), key_blocks(va)
-    k_pos = (kv_index[..., None] * block + torch.arange(block, device=dev)).reshape(nqb, 1, K * block)
-    q_pos = (torch.arange(nqb * block, device=dev) + (Lk - Lq)).view(nqb, block, 1)
-    support = k_pos < sinks
-    if window > 0:
-        support = support | ((k_pos >= q_pos - left) & (k_pos <= q_pos + right))
-    used = slot_valid[..., None].expand(nqb, K, block).reshape(nqb, 1, K * block)
-    support = support & used & (k_pos < Lk)
-    if causal:
-        support = support & (k_pos <= q_pos)
-    support = support[None, None]                                                       # (1, 1, nqb, block, K*block)
-    if key_mask is not None:
-        real = _pad(key_mask.to(torch.bool), (0, nkb * block - Lk), value=False).view(B, nkb, block)
-        support = support & real.index_select(1, flat).reshape(B, 1, nqb, 1, K * block)
+    support, _, _ = _gathered_pairs(kv_index, slot_valid, block, Lq, Lk, left, right, sinks, causal, key_mask,
+                                    window > 0)
 
     scores = torch.matmul(query_blocks(q.to(acc)), kg.transpose(-1, -2)) * scale
     scores = scores.masked_fill(~support, float("-inf"))

@@ -41,6 +41,17 @@ NO_REWRITER = textwrap.dedent("""
 """)
 
 
+def assert_lowered_equals_program(module, program, arch: str, shapes) -> None:
+    """The lowered program's module equals the program within 1e-5 on model_inputs(arch) at each (batch, length)."""
+    for batch, length in shapes:
+        x = model_inputs(arch, batch, length, seed=length)
+        with torch.no_grad():
+            got = module(**x)
+        want = program.run(**x)
+        got = tuple(got) if isinstance(got, (tuple, list)) else (got,)
+        assert max(float((a - b).abs().max()) for a, b in zip(got, want)) < 1e-5, (batch, length)
+
+
 @pytest.fixture(scope="module")
 def compiled(tiny_folders, tmp_path_factory):
     from test_lora_merge import make_adapter
@@ -234,13 +245,7 @@ def test_projected_ops_lower_with_their_projection_as_a_buffer(feature_program):
              and _seq_dims(n.meta["val"], seq) >= 2]
     assert not dense, dense[:5]
     module = ep.module()
-    for batch, length in ((3, 37), (1, 1), (2, 64), (2, 128), (1, 101)):
-        x = model_inputs("bert", batch, length, seed=length)
-        with torch.no_grad():
-            got = module(**x)
-        want = feature_program.run(**x)
-        got = tuple(got) if isinstance(got, (tuple, list)) else (got,)
-        assert max(float((a - b).abs().max()) for a, b in zip(got, want)) < 1e-5, (batch, length)
+    assert_lowered_equals_program(module, feature_program, "bert", ((3, 37), (1, 1), (2, 64), (2, 128), (1, 101)))
 
 
 def test_causal_gqa_hybrids_lower(tiny_folders):
@@ -251,13 +256,7 @@ def test_causal_gqa_hybrids_lower(tiny_folders):
               make_pass("scatterbrain", {"features": 16, "window": 70, "layers": "1"})]
     program = optimize(tiny_folders["llama"], passes, samples=2, seq_len=16).program
     module = lower(program).module()
-    for batch, length in ((3, 37), (1, 1), (2, 128), (1, 101)):
-        x = model_inputs("llama", batch, length, seed=length)
-        with torch.no_grad():
-            got = module(**x)
-        want = program.run(**x)
-        got = tuple(got) if isinstance(got, (tuple, list)) else (got,)
-        assert max(float((a - b).abs().max()) for a, b in zip(got, want)) < 1e-5, (batch, length)
+    assert_lowered_equals_program(module, program, "llama", ((3, 37), (1, 1), (2, 128), (1, 101)))
 
 
 def test_routed_block_lowerings_match_the_ops():
@@ -295,13 +294,7 @@ def test_routed_block_programs_lower(tiny_folders, arch):
     ops = {str(n.target) for n in program.ep.graph.nodes if n.op == "call_function"}
     assert {"rewriter.block_topk.default", "rewriter.strided.default"} <= ops
     module = lower(program).module()
-    for batch, length in ((3, 37), (1, 1), (2, 128), (1, 101)):
-        x = model_inputs(arch, batch, length, seed=length)
-        with torch.no_grad():
-            got = module(**x)
-        want = program.run(**x)
-        got = tuple(got) if isinstance(got, (tuple, list)) else (got,)
-        assert max(float((a - b).abs().max()) for a, b in zip(got, want)) < 1e-5, (batch, length)
+    assert_lowered_equals_program(module, program, arch, ((3, 37), (1, 1), (2, 128), (1, 101)))
 
 
 @pytest.mark.parametrize("arch", ["bert", "gpt2", "llama", "vit"])
@@ -315,13 +308,7 @@ def test_window_and_exact_lowerings_hold_at_every_length(tiny_folders, arch):
     ops = {str(n.target) for n in program.ep.graph.nodes if n.op == "call_function"}
     assert "rewriter.window.default" in ops
     module = lower(program).module()
-    for batch, length in ((3, 37), (1, 2), (2, 128), (1, 101)):
-        x = model_inputs(arch, batch, length, seed=length)
-        with torch.no_grad():
-            got = module(**x)
-        want = program.run(**x)
-        got = tuple(got) if isinstance(got, (tuple, list)) else (got,)
-        assert max(float((a - b).abs().max()) for a, b in zip(got, want)) < 1e-5, (batch, length)
+    assert_lowered_equals_program(module, program, arch, ((3, 37), (1, 2), (2, 128), (1, 101)))
 
 
 def test_lowering_keeps_every_tensor_on_the_program_device(feature_program):

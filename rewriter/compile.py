@@ -149,6 +149,18 @@ def _gathered_pairs(kv_index: Tensor, slot_valid: Tensor, block: int, Lq, Lk, le
     return allowed, k_pos, q_pos
 
 
+def _gathered_softmax(s: Tensor, allowed: Tensor, vg: Tensor, Lq) -> Tensor:
+    """Softmax of the gathered-block scores s (B, H, nqb, block, K * block) over the allowed pairs, times the
+    gathered values vg; rows that see no key give 0. Returns the first Lq rows (B, H, Lq, Dv) in s's dtype."""
+    B, H, nqb, block = s.shape[:4]
+    s = s.masked_fill(~allowed, float("-inf"))
+    m = s.amax(-1, keepdim=True)
+    m = torch.where(torch.isfinite(m), m, torch.zeros_like(m))
+    p = torch.exp(s - m)
+    out = torch.matmul(p, vg) / p.sum(-1, keepdim=True).clamp_min(torch.finfo(s.dtype).tiny)
+    return _rows(out.reshape(B, H, nqb * block, vg.shape[-1]), Lq)
+
+
 def _window_attention(q: Tensor, k: Tensor, v: Tensor, key_mask: Optional[Tensor], causal: bool, scale: float,
                       window: int, sinks: int, block: int = 64, alibi: Optional[list[float]] = None,
                       softcap: float = 0.0) -> Tensor:
@@ -177,12 +189,7 @@ def _window_attention(q: Tensor, k: Tensor, v: Tensor, key_mask: Optional[Tensor
     if alibi:
         slopes = torch.tensor(alibi, dtype=acc, device=dev).view(1, -1, 1, 1, 1)
         s = s + slopes * (k_pos - q_pos).to(acc)[None, None]
-    s = s.masked_fill(~allowed, float("-inf"))
-    m = s.amax(-1, keepdim=True)
-    m = torch.where(torch.isfinite(m), m, torch.zeros_like(m))
-    p = torch.exp(s - m)
-    out = torch.matmul(p, vg) / p.sum(-1, keepdim=True).clamp_min(torch.finfo(acc).tiny)
-    return _rows(out.reshape(B, H, nqb * block, Dv), Lq).to(q.dtype)
+    return _gathered_softmax(s, allowed, vg, Lq).to(q.dtype)
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -470,12 +477,7 @@ def _layout_attention(q: Tensor, k: Tensor, v: Tensor, key_mask: Optional[Tensor
     if alibi:   # float32 slopes, as the op's (``sparse._slopes``)
         slopes = torch.tensor(alibi, dtype=torch.float32, device=dev).to(acc).view(1, -1, 1, 1, 1)
         s = s + slopes * (k_pos - q_pos).to(acc)
-    s = s.masked_fill(~allowed, float("-inf"))
-    m = s.amax(-1, keepdim=True)
-    m = torch.where(torch.isfinite(m), m, torch.zeros_like(m))
-    p = torch.exp(s - m)
-    out = torch.matmul(p, vg) / p.sum(-1, keepdim=True).clamp_min(torch.finfo(acc).tiny)
-    return _rows(out.reshape(B, H, nqb * block, Dv), Lq).to(q.dtype)
+    return _gathered_softmax(s, allowed, vg, Lq).to(q.dtype)
 
 
 def _base_blocks(Lq, Lk, block: int, causal: bool, local_blocks: int, sink_blocks: int, device):

@@ -18,6 +18,19 @@ os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 
 ARCHS = ("bert", "gpt2", "llama", "vit")
 
+# The slowest files first (seconds per file in a 2-worker run: compile 215, stream 180, onnx_backend 130,
+# attention_passes 105, benchmarks_smoke 95, ...), the rest in collection order: pytest-xdist hands whole files
+# (--dist loadfile, --no-loadscope-reorder in pyproject) to whichever worker is free in this order. Its default order,
+# most tests first, left test_stream.py (few tests, 5 min) for the end: one worker ran alone for 2 minutes.
+SLOW_FIRST = ("test_compile.py", "test_stream.py", "test_onnx_backend.py", "test_attention_passes.py",
+              "test_benchmarks_smoke.py", "test_hf_folder.py", "test_lora_merge.py", "test_linear_passes.py",
+              "test_semantics.py", "test_cli_report.py", "test_kv_passes.py")
+
+
+def pytest_collection_modifyitems(items):
+    rank = {name: i for i, name in enumerate(SLOW_FIRST)}
+    items.sort(key=lambda item: rank.get(item.path.name, len(rank)))   # stable: file order kept within ranks
+
 
 def tiny_model(arch: str, attn: str = "sdpa", seed: int = 0):
     import transformers as tf

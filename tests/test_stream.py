@@ -189,16 +189,18 @@ def test_passes_say_whether_they_stream():
     assert isinstance(info["hedgehog"]["splits_calibration"], str)
 
 
-PEAK_SHARE = 0.40
+PEAK_SHARE = 0.45
 
 
 def test_larger_checkpoint_peak_memory(tmp_path):
-    """A 2.6 GB Llama checkpoint (fp32, 14 shards) through whitened low rank + think + window in a subprocess: its
-    peak resident set stays within 40% of the checkpoint's size (measured: 0.36 on this machine)."""
+    """A 2.3 GB Llama checkpoint (fp32, 4 blocks and a 256K vocabulary, 6 shards; the embedding and the head are 1.05
+    GB each) through whitened low rank + think + window in a subprocess: its peak resident set stays within 45% of
+    the checkpoint's size, about the size of the head alone (measured: 0.90 GiB of 2.12 GiB, 0.42, on this
+    machine; 12 blocks gave 0.36 at 2.5x the test time)."""
     src = tmp_path / "big"
     write = ("import json, sys\n"
              "from rewriter.stream.synthetic import write_llama\n"
-             "print(json.dumps(write_llama(sys.argv[1], hidden_size=1024, intermediate_size=2816, num_hidden_layers=12,"
+             "print(json.dumps(write_llama(sys.argv[1], hidden_size=1024, intermediate_size=2816, num_hidden_layers=4,"
              " num_attention_heads=16, num_key_value_heads=4, vocab_size=256000, max_position_embeddings=2048)))\n")
     # written by another process, so this test process never holds the checkpoint
     made = subprocess.run([sys.executable, "-c", write, str(src)], capture_output=True, text=True, timeout=600)
@@ -222,10 +224,10 @@ def test_larger_checkpoint_peak_memory(tmp_path):
     peak = int(peak_file.read_text())
     assert peak <= PEAK_SHARE * info["bytes"], f"peak {peak / 2**30:.2f} GiB of a {info['bytes'] / 2**30:.2f} GiB checkpoint"
     report = json.loads((out / "report.json").read_text())
-    assert len(report["blocks"]) == 12 and report["peak_host_bytes"] <= peak
+    assert len(report["blocks"]) == 4 and report["peak_host_bytes"] <= peak
     assert all(b["hidden_relative_error"] < 1 for b in report["blocks"])
     index = json.loads((out / "model.safetensors.index.json").read_text())
-    assert index["weight_map"]["lm_head.weight"].endswith("of-00014.safetensors")
+    assert index["weight_map"]["lm_head.weight"].endswith(f"of-{info['shards']:05d}.safetensors")
     assert sum(f.stat().st_size for f in out.glob("model-*.safetensors")) < info["bytes"]   # low rank saved bytes
 
 

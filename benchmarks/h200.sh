@@ -3,6 +3,7 @@
 #   bash benchmarks/h200.sh kernels   # binary GEMV sweep + attention kernels vs SDPA / FlexAttention / fla
 #   bash benchmarks/h200.sh models    # 1.1B Llama prefill (16K, 32K) + KV-cache decode (4K, 16K, 32K)
 #   bash benchmarks/h200.sh forms     # 1.1B prefill of captured + window as eager program, HF folder, AOTI package
+#   bash benchmarks/h200.sh compiled  # the same programs compiled by Inductor (torch.compile), and transformers so
 #   bash benchmarks/h200.sh attention # window / linear / Scatterbrain kernels at 16K-64K vs FlexAttention, fla, SDPA
 #   bash benchmarks/h200.sh band      # the band (window) kernel's config sweep, Scatterbrain, binary GEMV sweep
 #   bash benchmarks/h200.sh decode    # KV decode, batch 1, every KV pass (decode-batch: batches 1 / 8 / 32;
@@ -31,6 +32,11 @@ forms)   # issue 13: every deployable form (eager program, HF folder in transfor
   timeout 560 python benchmarks/prefill.py --forms eager hf aoti --variants window --workdir /tmp/prefill_outputs \
     --out "$OUT/prefill_h200_forms.json" > "$OUT/prefill_forms.log" 2>&1
   echo "prefill forms rc=$?"; grep '"form"' "$OUT/prefill_forms.log" | tail -12;;
+compiled)   # issue 13: the program compiled by Inductor (what an AOTI package holds; aoti_load_package cannot load
+            # on that machine's torch 2.11) beside the eager program and transformers, eager and compiled
+  timeout 570 python benchmarks/prefill.py --forms eager compiled --variants window --lengths ${PREFILL_LENGTHS:-32768 16384} \
+    --out "$OUT/prefill_h200_compiled.json" > "$OUT/prefill_compiled.log" 2>&1
+  echo "prefill compiled rc=$?"; grep -v Warning "$OUT/prefill_compiled.log" | grep '"form"\|diff\|Error' | tail -16;;
 attention)   # issue 19: window (tuned configs, GQA), linear (chunk-parallel, GQA), Scatterbrain, at 16K-64K
   timeout ${ATTN_TIMEOUT:-420} python benchmarks/attention.py --lengths ${ATTN_LENGTHS:-16384 32768 65536} \
     --budget-s ${ATTN_BUDGET:-360} --out "$OUT/attention_h200_v4.json" > "$OUT/attention.log" 2>&1

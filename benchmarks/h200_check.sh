@@ -6,7 +6,7 @@
 #   bash benchmarks/h200_check.sh      (results in $OUT, default ./out; CHECK_ONLY=1 skips the timings)
 # AOTI_ONLY=1 instead checks the deployable compiled forms (issue 13 items 3-4): the AOTInductor package tests on
 # torch 2.11, MiniLM packages compiled for CUDA and for the CPU (eager vs package latency, each package checked
-# against its program within 1e-4), and the two ONNX targets (standard vs ort) on 2 CPU threads.
+# against its program within 1e-4); AOTI_ALL=1 adds the CPU package tests, CPU packages and the two ONNX targets.
 set -u
 OUT=${OUT:-out}
 mkdir -p "$OUT"
@@ -15,19 +15,38 @@ python -c "import torch, triton, transformers, numpy; print('torch', torch.__ver
 nvidia-smi --query-gpu=name,clocks.sm,clocks.mem,temperature.gpu --format=csv,noheader
 git log -1 --format="commit %H" 2>/dev/null || true
 if [ -n "${AOTI_ONLY:-}" ]; then
-  for d in cpu cuda; do   # AOTInductor itself, no rewriter: on torch 2.11+cu130 there, loading any package segfaulted
-    timeout 90 python benchmarks/aoti_smoke.py --device $d > "$OUT/aoti_smoke_$d.log" 2>&1; echo "aoti smoke $d rc=$?"
+  # AOTInductor itself, no rewriter: on torch 2.11+cu130 there, loading any package segfaulted. Compile, load and
+  # run in separate steps (faulthandler's stack for a crash), the package's shared objects' links, a gdb backtrace
+  g++ --version | head -1; python -c "import torch; print('cxx11 abi', torch.compiled_with_cxx11_abi(), 'cuda', torch.version.cuda)"
+  for d in cpu cuda; do
+    log="$OUT/aoti_smoke_$d.log"
+    timeout 120 python benchmarks/aoti_smoke.py --device $d --package /tmp/aoti_$d.pt2 --compile-only > "$log" 2>&1
+    echo "aoti smoke $d compile rc=$?"
+    timeout 60 python -X faulthandler benchmarks/aoti_smoke.py --device $d --package /tmp/aoti_$d.pt2 --load-only >> "$log" 2>&1
+    echo "aoti smoke $d load+run rc=$?"
+    timeout 60 python -X faulthandler benchmarks/aoti_smoke.py --device $d --package /tmp/aoti_$d.pt2 --load-only \
+      --single-threaded >> "$log" 2>&1
+    echo "aoti smoke $d load+run single-threaded rc=$?"; grep -v Warning "$log" | tail -25
+    rm -rf /tmp/aoti_x && mkdir -p /tmp/aoti_x && (cd /tmp/aoti_x && python -m zipfile -e /tmp/aoti_$d.pt2 . && \
+      find . -name "*.so" | while read f; do echo "== $f"; ldd "$f"; done) >> "$OUT/aoti_ldd.log" 2>&1
   done
-  timeout 200 python -m pytest -q -o addopts=-ra -p no:cacheprovider tests/test_compile.py > "$OUT/pytest_compile.log" 2>&1
-  echo "pytest compile rc=$?"; tail -4 "$OUT/pytest_compile.log"
-  timeout 150 python benchmarks/aoti_cpu.py --device cuda --repeats 20 --out "$OUT/aoti_cuda.json" > "$OUT/aoti_cuda.log" 2>&1
-  echo "aoti cuda rc=$?"; grep "variant\|Error" "$OUT/aoti_cuda.log" | tail -6
-  timeout 120 taskset -c 0,1 python benchmarks/aoti_cpu.py --device cpu --threads 2 --repeats 10 \
-    --out "$OUT/aoti_cpu.json" > "$OUT/aoti_cpu.log" 2>&1
-  echo "aoti cpu rc=$?"; grep "variant\|Error" "$OUT/aoti_cpu.log" | tail -6
-  timeout 120 taskset -c 0,1 python benchmarks/onnx_cpu.py --targets --threads 2 --repeats 20 > "$OUT/onnx_targets.log" 2>&1
-  echo "onnx targets rc=$?"; grep "variant\|Error" "$OUT/onnx_targets.log" | tail -10
-  cp benchmarks/results/onnx_cpu_targets.json "$OUT/" 2>/dev/null
+  tail -30 "$OUT/aoti_ldd.log"
+  if command -v gdb > /dev/null; then
+    timeout 90 gdb -batch -ex run -ex bt --args python benchmarks/aoti_smoke.py --device cuda --package /tmp/aoti_cuda.pt2 \
+      --load-only > "$OUT/aoti_gdb.log" 2>&1; grep -A25 "SIGSEGV\|signal" "$OUT/aoti_gdb.log" | head -40
+  else echo "no gdb"; fi
+  timeout 240 python benchmarks/aoti_cpu.py --device cuda --repeats 20 --out "$OUT/aoti_cuda.json" > "$OUT/aoti_cuda.log" 2>&1
+  echo "aoti cuda rc=$?"; grep -v Warning "$OUT/aoti_cuda.log" | tail -12
+  if [ -n "${AOTI_ALL:-}" ]; then   # the CPU package tests and the CPU / ONNX comparisons on that machine too
+    timeout 200 python -m pytest -q -o addopts=-ra -p no:cacheprovider tests/test_compile.py > "$OUT/pytest_compile.log" 2>&1
+    echo "pytest compile rc=$?"; tail -4 "$OUT/pytest_compile.log"
+    timeout 120 taskset -c 0,1 python benchmarks/aoti_cpu.py --device cpu --threads 2 --repeats 10 \
+      --out "$OUT/aoti_cpu.json" > "$OUT/aoti_cpu.log" 2>&1
+    echo "aoti cpu rc=$?"; grep "variant\|Error" "$OUT/aoti_cpu.log" | tail -6
+    timeout 120 taskset -c 0,1 python benchmarks/onnx_cpu.py --targets --threads 2 --repeats 20 > "$OUT/onnx_targets.log" 2>&1
+    echo "onnx targets rc=$?"; grep "variant\|Error" "$OUT/onnx_targets.log" | tail -10
+    cp benchmarks/results/onnx_cpu_targets.json "$OUT/" 2>/dev/null
+  fi
   exit 0
 fi
 timeout 280 python -m pytest -q -o addopts=-ra -p no:cacheprovider tests/test_kernels_compile.py tests/test_ops_lowrank_attention.py \

@@ -15,7 +15,11 @@ after one warm-up; the record gives speedup = transformers_ms / ours_ms and the 
 - hf: the output's HF folder loaded by transformers (`OUT/hf`, attention through the registered
   'rewriter_attention' implementation; the captured variant is the plain model folder);
 - aoti: the AOTInductor package (`rewriter.api.compile_output`, OUT/model.aoti.pt2) loaded with
-  torch._inductor.aoti_load_package.
+  torch._inductor.aoti_load_package;
+- compiled: `torch.compile(rewriter.compile.lower(program).module(), fullgraph=True)`: Inductor just in time on the
+  lowered program an AOTI package is compiled from (where aoti_load_package cannot load a package); transformers' own model is compiled the same way for a
+  (variant "transformers", form "compiled") record. Each compiled program is checked against its eager program on
+  the timed input (`max_abs_diff_vs_eager` in its build record).
 The hf and aoti forms write each variant's output folder under --workdir (the 1.1B model: about 2.2 GB per folder).
 
     python benchmarks/prefill.py --out benchmarks/results/prefill_h200.json
@@ -67,7 +71,7 @@ def main() -> int:
     parser.add_argument("--variants", nargs="+", default=[v for v in PASSES if v != "exact"], choices=list(PASSES))
     parser.add_argument("--reps", type=int, default=3)
     parser.add_argument("--tiny", action="store_true")
-    parser.add_argument("--forms", nargs="+", default=["eager"], choices=["eager", "hf", "aoti"])
+    parser.add_argument("--forms", nargs="+", default=["eager"], choices=["eager", "hf", "aoti", "compiled"])
     parser.add_argument("--workdir", default="/tmp/prefill_outputs", help="output folders for the hf / aoti forms")
     args = parser.parse_args()
     device = "cpu" if args.tiny else "cuda"
@@ -87,8 +91,9 @@ def main() -> int:
     import shutil
     from pathlib import Path
     workdir = Path(args.workdir)
-    deployed = [f for f in args.forms if f != "eager"]
+    deployed = [f for f in args.forms if f in ("hf", "aoti")]
     runners = {}          # (variant, form) -> callable(ids) running one forward
+    checks = {}           # variant -> eager program its compiled form is checked against
     for name in ["captured", *args.variants]:
         t0 = time.perf_counter()
         pname, opts = PASSES.get(name, ("exact-attention", {}))    # captured: the no-op pass, for an output folder
@@ -102,6 +107,17 @@ def main() -> int:
             res = optimize(model, [make_pass(pname, opts)], samples=2, seq_len=256, out=out_dir)
             program, final = res.program, res.report.get("final", {})
         program = program.to(device)
+        if "compiled" in args.forms:
+            from rewriter.compile import lower    # the aten program an AOTI package compiles (window: its triton_op)
+            compiled = torch.compile(lower(program).module(), fullgraph=True)
+
+            def run_compiled(ids, compiled=compiled, program=program):
+                feed = {"input_ids": ids}
+                if "attention_mask" in program.input_names:
+                    feed["attention_mask"] = torch.ones_like(ids)
+                return compiled(**feed)
+            runners[(name, "compiled")] = run_compiled
+            checks[name] = program
         if "eager" in args.forms:
             def run_program(ids, program=program):
                 feed = {"input_ids": ids}
@@ -136,17 +152,45 @@ def main() -> int:
         base = timed(lambda: gpu_model(input_ids=ids, use_cache=False), args.reps, device)
         result["records"].append({"variant": "transformers", "L": L, "ms": base, "speedup": 1.0, "form": "hf"})
         print(f"L={L} transformers {base:.1f} ms", flush=True)
+        if "compiled" in args.forms:
+            try:
+                hf_compiled = torch.compile(gpu_model, fullgraph=True)
+                ms = timed(lambda: hf_compiled(input_ids=ids, use_cache=False), args.reps, device)
+                rec = {"variant": "transformers", "L": L, "ms": ms, "speedup": base / ms, "form": "compiled"}
+            except Exception as err:     # a peer that does not compile is recorded, not fatal
+                rec = {"variant": "transformers", "L": L, "form": "compiled",
+                       "error": f"{type(err).__name__}: {str(err).splitlines()[0][:300] if str(err) else ''}"}
+            result["records"].append(rec)
+            print(json.dumps(result["records"][-1]), flush=True)
         for (name, form), run in runners.items():
             try:
                 ms = timed(lambda: run(ids), args.reps, device)
                 rec = {"variant": name, "L": L, "ms": ms, "speedup": base / ms, "form": form}
             except torch.OutOfMemoryError as err:
                 rec = {"variant": name, "L": L, "form": form, "error": f"out of memory: {str(err).splitlines()[0]}"}
+            except Exception as err:      # e.g. a compiled form that does not compile: recorded, the rest still timed
+                if form != "compiled":
+                    raise
+                rec = {"variant": name, "L": L, "form": form,
+                       "error": f"{type(err).__name__}: {str(err).splitlines()[0][:300] if str(err) else ''}"}
             result["records"].append(rec)
             print(json.dumps(rec), flush=True)
             if device == "cuda":
                 torch.cuda.empty_cache()
             save()
+        for name, program in checks.items():   # the compiled program against its eager program, this input
+            if any(r.get("error") for r in result["records"] if (r["variant"], r["form"], r["L"]) == (name, "compiled", L)):
+                continue
+            with torch.no_grad():
+                want = program.run(**{n: (ids if n == "input_ids" else torch.ones_like(ids))
+                                      for n in program.input_names})[0]
+                got = runners[(name, "compiled")](ids)
+            got = got[0] if isinstance(got, (tuple, list)) else got
+            diff = float((got.float() - want.float()).abs().max())
+            result["builds"][name].setdefault("max_abs_diff_vs_eager", {})[str(L)] = diff
+            print(name, "compiled vs eager max abs diff", diff, flush=True)
+            del want, got
+        save()
     return 0
 
 

@@ -293,7 +293,10 @@ def register_method(method: AttentionMethod) -> AttentionMethod:
 
 
 def empty_output(q: Tensor, v: Tensor) -> Tensor:
-    """The fake (meta) result of every attention op: (B, H, Lq, Dv) in q's dtype."""
+    """The fake (meta) result of every attention op: (B, H, Lq, Dv) in q's dtype, contiguous. Each op's
+    implementations return exactly this layout (the op bodies end in ``.contiguous()``, the CUDA registrations are
+    wrapped the same way): SDPA's output follows its inputs' layout, HF's transposed heads give (B, Lq, H, Dv) memory,
+    and Inductor checks a custom op's strides against its fake's (torch.compile failed on captured programs)."""
     return q.new_empty(q.shape[0], q.shape[1], q.shape[2], v.shape[-1])
 
 

@@ -36,7 +36,7 @@ def exact_attention(q: Tensor, k: Tensor, v: Tensor, key_mask: Optional[Tensor],
     """Exact softmax attention over the real keys (and, if causal, the earlier positions), keeping the model's own
     sliding window (`window` > 0: keys with i - j < window), ALiBi bias (`alibi`: per-head slopes, score units) and
     logit softcap (`softcap` > 0: scores cap * tanh(scores / cap) before the bias and mask)."""
-    return exact_attention_impl(q, k, v, key_mask, causal, scale, window, alibi, softcap)
+    return exact_attention_impl(q, k, v, key_mask, causal, scale, window, alibi, softcap).contiguous()
 
 
 def exact_attention_impl(q: Tensor, k: Tensor, v: Tensor, key_mask: Optional[Tensor], causal: bool,

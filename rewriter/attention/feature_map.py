@@ -352,7 +352,7 @@ def _fixed_features(name: str, q: Tensor, k: Tensor, scale: float) -> tuple[Tens
 def performer_attention(q: Tensor, k: Tensor, v: Tensor, key_mask: Optional[Tensor], causal: bool, scale: float,
                         features: int, seed: int = 0) -> Tensor:
     """Performer (FAVOR+): linear attention with `features` positive orthogonal random features (seeded)."""
-    return performer_reference(q, k, v, key_mask, causal, scale, features, seed)
+    return performer_reference(q, k, v, key_mask, causal, scale, features, seed).contiguous()
 
 
 def performer_reference(q: Tensor, k: Tensor, v: Tensor, key_mask: Optional[Tensor], causal: bool, scale: float,
@@ -378,7 +378,7 @@ def linear_attention(q: Tensor, k: Tensor, v: Tensor, key_mask: Optional[Tensor]
                      feature_map: str, window: int = 0, sinks: int = 0) -> Tensor:
     """Linear attention with a fixed feature map (elu, relu, taylor2); window/sinks > 0 make it the training-free
     BASED / LoLCATs hybrid: exact softmax weights on the window band and sinks, phi.phi elsewhere."""
-    return linear_reference(q, k, v, key_mask, causal, scale, feature_map, window, sinks)
+    return linear_reference(q, k, v, key_mask, causal, scale, feature_map, window, sinks).contiguous()
 
 
 def linear_reference(q: Tensor, k: Tensor, v: Tensor, key_mask: Optional[Tensor], causal: bool, scale: float,
@@ -405,7 +405,7 @@ def _linear_attention_fake(q, k, v, key_mask, causal, scale, feature_map, window
 def scatterbrain_attention(q: Tensor, k: Tensor, v: Tensor, key_mask: Optional[Tensor], causal: bool, scale: float,
                            features: int, window: int, sinks: int = 0, seed: int = 0) -> Tensor:
     """Scatterbrain: exact softmax weights on the window band and sinks, Performer features elsewhere."""
-    return scatterbrain_reference(q, k, v, key_mask, causal, scale, features, window, sinks, seed)
+    return scatterbrain_reference(q, k, v, key_mask, causal, scale, features, window, sinks, seed).contiguous()
 
 
 def scatterbrain_reference(q: Tensor, k: Tensor, v: Tensor, key_mask: Optional[Tensor], causal: bool, scale: float,

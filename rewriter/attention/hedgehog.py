@@ -139,7 +139,7 @@ def hedgehog_attention(q: Tensor, k: Tensor, v: Tensor, key_mask: Optional[Tenso
                        window: int = 0, sinks: int = 0) -> Tensor:
     """Linear attention with learned Hedgehog feature maps; window/sinks > 0: LoLCATs' window + linear hybrid."""
     return hedgehog_reference(q, k, v, key_mask, causal, scale, q_weight, q_bias, k_weight, k_bias, window_gain,
-                              window, sinks)
+                              window, sinks).contiguous()
 
 
 def hedgehog_reference(q: Tensor, k: Tensor, v: Tensor, key_mask: Optional[Tensor], causal: bool, scale: float,

@@ -321,7 +321,7 @@ def window_attention(q: Tensor, k: Tensor, v: Tensor, key_mask: Optional[Tensor]
     """Sliding window of `window` keys per query (window_extents) plus the first `sinks` keys (StreamingLLM);
     `alibi` (one slope per query head) keeps a model's ALiBi bias slope_h * (j - i) and `softcap` (> 0) its logit
     softcap cap * tanh(s / cap) on the pairs it computes."""
-    return window_attention_impl(q, k, v, key_mask, causal, scale, window, sinks, block, alibi, softcap)
+    return window_attention_impl(q, k, v, key_mask, causal, scale, window, sinks, block, alibi, softcap).contiguous()
 
 
 def window_attention_impl(q, k, v, key_mask, causal, scale, window, sinks, block=64, alibi=None, softcap=0.0,
@@ -355,7 +355,7 @@ def block_topk_attention(q: Tensor, k: Tensor, v: Tensor, key_mask: Optional[Ten
     when `alibi` slopes are given and its logit softcap when `softcap` > 0: the routing reads content only, the
     computed pairs get the bias and the cap)."""
     return block_topk_attention_impl(q, k, v, key_mask, causal, scale, density, block, pool, sink_blocks, local_blocks,
-                                     alibi, softcap)
+                                     alibi, softcap).contiguous()
 
 
 def block_topk_attention_impl(q, k, v, key_mask, causal, scale, density, block=64, pool="mean", sink_blocks=1,
@@ -390,7 +390,7 @@ def strided_attention(q: Tensor, k: Tensor, v: Tensor, key_mask: Optional[Tensor
     """S2-Attention heterogeneous sharding: each head visits a different 1/stride of the key blocks (+ a model's
     ALiBi bias and logit softcap on the computed pairs when `alibi` slopes / a `softcap` are given)."""
     return strided_attention_impl(q, k, v, key_mask, causal, scale, stride, local_blocks, sink_blocks, block, alibi,
-                                  softcap)
+                                  softcap).contiguous()
 
 
 def strided_attention_impl(q, k, v, key_mask, causal, scale, stride, local_blocks=1, sink_blocks=1, block=64,
@@ -424,7 +424,7 @@ def lsh_attention(q: Tensor, k: Tensor, v: Tensor, key_mask: Optional[Tensor], c
     rounds that see it (so it counts once). Causal and padding apply by original position. A query that no round
     gives a visible key attends the key block(s) at its own position instead (blocks of bucket_size).
     """
-    return lsh_attention_impl(q, k, v, key_mask, causal, scale, n_hashes, bucket_size, seed)
+    return lsh_attention_impl(q, k, v, key_mask, causal, scale, n_hashes, bucket_size, seed).contiguous()
 
 
 def lsh_attention_impl(q, k, v, key_mask, causal, scale, n_hashes, bucket_size=64, seed=0) -> Tensor:

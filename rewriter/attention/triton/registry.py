@@ -12,6 +12,7 @@ block-sparse kernel does not take.
 """
 from __future__ import annotations
 
+import functools
 from typing import Optional
 
 import torch
@@ -211,6 +212,15 @@ def binary_linear_cuda(x: Tensor, packed: Tensor, alpha: Tensor, mu: Tensor, bia
 _registered: set[str] = set()
 
 
+def _contiguous_result(fn):
+    """`fn` returning a contiguous result (a no-op for the kernels, which allocate contiguous outputs; the SDPA
+    fallbacks follow their inputs' layout)."""
+    @functools.wraps(fn)
+    def wrapped(*args, **kwargs):
+        return fn(*args, **kwargs).contiguous()
+    return wrapped
+
+
 def register_cuda_kernels() -> list[str]:
     """Register the Triton implementations for the CUDA dispatch key; returns the op names registered
     (none when Triton cannot run or REWRITER_ATTENTION_REFERENCE=1)."""
@@ -224,6 +234,8 @@ def register_cuda_kernels() -> list[str]:
         importlib.import_module(f"{package.__name__}.{module.name}")
     for name, fn in CUDA_KERNELS.items():
         if name not in _registered:                 # registering twice would stack a second kernel
+            if name != "rewriter::binary_linear":   # attention ops: the fake's contiguous layout (empty_output)
+                fn = _contiguous_result(fn)
             torch.library.register_kernel(name, "cuda", fn)
             _registered.add(name)
     return list(CUDA_KERNELS)

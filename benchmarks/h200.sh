@@ -34,8 +34,9 @@ forms)   # issue 13: every deployable form (eager program, HF folder in transfor
   echo "prefill forms rc=$?"; grep '"form"' "$OUT/prefill_forms.log" | tail -12;;
 compiled)   # issue 13: the program compiled by Inductor (what an AOTI package holds; aoti_load_package cannot load
             # on that machine's torch 2.11) beside the eager program and transformers, eager and compiled
-  timeout 570 python benchmarks/prefill.py --forms eager compiled --variants window --lengths ${PREFILL_LENGTHS:-32768 16384} \
-    --out "$OUT/prefill_h200_compiled.json" > "$OUT/prefill_compiled.log" 2>&1
+  TORCHINDUCTOR_COMPILE_THREADS=1 timeout 570 python benchmarks/prefill.py --forms eager compiled --variants window \
+    --lengths ${PREFILL_LENGTHS:-32768 16384} \
+    --out "$OUT/prefill_h200_${PREFILL_TAG:-compiled}.json" > "$OUT/prefill_compiled.log" 2>&1
   echo "prefill compiled rc=$?"; grep -v Warning "$OUT/prefill_compiled.log" | grep '"form"\|diff\|Error' | tail -16;;
 attention)   # issue 19: window (tuned configs, GQA), linear (chunk-parallel, GQA), Scatterbrain, at 16K-64K
   timeout ${ATTN_TIMEOUT:-420} python benchmarks/attention.py --lengths ${ATTN_LENGTHS:-16384 32768 65536} \

@@ -171,6 +171,8 @@ def main() -> int:
             except Exception as err:      # e.g. a compiled form that does not compile: recorded, the rest still timed
                 if form != "compiled":
                     raise
+                import traceback
+                traceback.print_exc()     # the whole cause in the log, the record keeps its first line
                 rec = {"variant": name, "L": L, "form": form,
                        "error": f"{type(err).__name__}: {str(err).splitlines()[0][:300] if str(err) else ''}"}
             result["records"].append(rec)

@@ -108,6 +108,8 @@ def _block_sparse_fwd(
     BLOCK: tl.constexpr, HEAD_D: tl.constexpr, HEAD_DV: tl.constexpr,
     PAD_D: tl.constexpr, PAD_DV: tl.constexpr, DOT_PRECISION: tl.constexpr,
 ):
+    qk_scale = tl.cast(qk_scale, tl.float32)      # fp64 when Inductor launches it (see window_attention._band_fwd)
+    cap_log2 = tl.cast(cap_log2, tl.float32)
     qblock = tl.program_id(0)
     bh = tl.program_id(1)
     b = bh // H

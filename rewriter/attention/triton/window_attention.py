@@ -84,6 +84,9 @@ def _band_fwd(
     HEAD_D: tl.constexpr, HEAD_DV: tl.constexpr, PAD_D: tl.constexpr, PAD_DV: tl.constexpr,
     DOT_PRECISION: tl.constexpr,
 ):
+    # a float argument arrives as fp64 when Inductor launches the kernel (the window_triton op inside torch.compile or
+    # an AOTI package); in fp64 the running max and rescale would turn the fp32 accumulator of tl.dot into fp64
+    qk_scale = tl.cast(qk_scale, tl.float32)
     POS: tl.constexpr = BLOCK_M // HEADS          # query positions per program
     EVEN_D: tl.constexpr = (PAD_D == HEAD_D) and (PAD_DV == HEAD_DV)
     qtile = tl.program_id(0)

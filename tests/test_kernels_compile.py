@@ -59,12 +59,13 @@ def compile_for_sm90(jit_fn, types: dict[str, str], constexprs: dict, num_warps:
     return compiled
 
 
-@pytest.mark.parametrize("causal,masked,alibi,softcap,lowrank", [(True, True, True, True, False),
-                                                                  (False, False, False, False, True)])
-def test_block_sparse_attention_compiles(causal, masked, alibi, softcap, lowrank):
+@pytest.mark.parametrize("causal,masked,alibi,softcap,lowrank,scale", [(True, True, True, True, False, "fp32"),
+                                                                        (False, False, False, False, True, "fp32"),
+                                                                        (True, True, False, True, False, "fp64")])
+def test_block_sparse_attention_compiles(causal, masked, alibi, softcap, lowrank, scale):
     ptrs = {"Q": "*bf16", "K": "*bf16", "V": "*bf16", "Out": "*bf16", "Lse": "*fp32", "KvIndex": "*i32",
             "KvCount": "*i32", "KeyMask": "*i8", "QPos": "*i64", "KPos": "*i64", "Alibi": "*fp32", "LrNum": "*fp32",
-            "LrDen": "*fp32", "LrLog": "*fp32", "qk_scale": "fp32", "cap_log2": "fp32"}
+            "LrDen": "*fp32", "LrLog": "*fp32", "qk_scale": scale, "cap_log2": scale}
     compile_for_sm90(block_sparse_attention._block_sparse_fwd, ptrs, dict(
         CAUSAL=causal, HAS_MASK=masked, HAS_POS=False, HAS_ALIBI=alibi, HAS_SOFTCAP=softcap, HAS_LOWRANK=lowrank,
         LOWRANK_GAIN=False,
@@ -124,11 +125,15 @@ def test_binary_splitk_gemv_compiles(M):
         num_warps=cfg["num_warps"], aligned=True)
 
 
-@pytest.mark.parametrize("causal,masked,lowrank,heads", [(True, False, False, 4), (False, True, True, 1)])
-def test_band_attention_compiles(causal, masked, lowrank, heads):
+# scale "fp64": how Inductor launches the kernel inside the window_triton op (torch.compile, AOTI packages); it made
+# the accumulator of tl.dot fp64 and the compile failed on the H200 until the kernel cast its scale to fp32
+@pytest.mark.parametrize("causal,masked,lowrank,heads,scale", [(True, False, False, 4, "fp32"),
+                                                               (False, True, True, 1, "fp32"),
+                                                               (True, True, False, 4, "fp64")])
+def test_band_attention_compiles(causal, masked, lowrank, heads, scale):
     from rewriter.attention.triton import window_attention
     ptrs = {"Q": "*bf16", "K": "*bf16", "V": "*bf16", "Out": "*bf16", "Lse": "*fp32", "KeyMask": "*i8",
-            "LrNum": "*fp32", "LrDen": "*fp32", "LrLog": "*fp32", "qk_scale": "fp32"}
+            "LrNum": "*fp32", "LrDen": "*fp32", "LrLog": "*fp32", "qk_scale": scale}
     compile_for_sm90(window_attention._band_fwd, ptrs, dict(
         CAUSAL=causal, HAS_MASK=masked, HAS_LOWRANK=lowrank, LOWRANK_GAIN=False, WINDOW_LEFT=True,
         WINDOW_RIGHT=not causal, HAS_SINKS=True, BLOCK_M=128, BLOCK_N=64, HEADS=heads,

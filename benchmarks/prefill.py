@@ -17,9 +17,9 @@ after one warm-up; the record gives speedup = transformers_ms / ours_ms and the 
 - aoti: the AOTInductor package (`rewriter.api.compile_output`, OUT/model.aoti.pt2) loaded with
   torch._inductor.aoti_load_package;
 - compiled: `torch.compile(rewriter.compile.lower(program).module(), fullgraph=True)`: Inductor just in time on the
-  lowered program an AOTI package is compiled from (where aoti_load_package cannot load a package); transformers' own model is compiled the same way for a
-  (variant "transformers", form "compiled") record. Each compiled program is checked against its eager program on
-  the timed input (`max_abs_diff_vs_eager` in its build record).
+  lowered program an AOTI package is compiled from (where aoti_load_package cannot load a package); transformers'
+  own model is compiled the same way for a (variant "transformers", form "compiled") record. Each compiled program
+  is checked against its eager program on the timed input (`max_abs_diff_vs_eager` in its build record).
 The hf and aoti forms write each variant's output folder under --workdir (the 1.1B model: about 2.2 GB per folder).
 
     python benchmarks/prefill.py --out benchmarks/results/prefill_h200.json
@@ -61,6 +61,16 @@ def timed(fn, reps: int, device: str) -> float:
         return (time.perf_counter() - t0) * 1e3
     once()
     return statistics.median(once() for _ in range(reps))
+
+
+def feed(program, ids: torch.Tensor) -> dict:
+    """The program's inputs for one unpadded row of token ids."""
+    return {n: ids if n == "input_ids" else torch.ones_like(ids) for n in program.input_names}
+
+
+def error_text(err: Exception) -> str:
+    """A record's error: the exception's type and the first line of its message."""
+    return f"{type(err).__name__}: {str(err).splitlines()[0][:300] if str(err) else ''}"
 
 
 def main() -> int:
@@ -111,20 +121,10 @@ def main() -> int:
             from rewriter.compile import lower    # the aten program an AOTI package compiles (window: its triton_op)
             compiled = torch.compile(lower(program).module(), fullgraph=True)
 
-            def run_compiled(ids, compiled=compiled, program=program):
-                feed = {"input_ids": ids}
-                if "attention_mask" in program.input_names:
-                    feed["attention_mask"] = torch.ones_like(ids)
-                return compiled(**feed)
-            runners[(name, "compiled")] = run_compiled
+            runners[(name, "compiled")] = lambda ids, compiled=compiled, program=program: compiled(**feed(program, ids))
             checks[name] = program
         if "eager" in args.forms:
-            def run_program(ids, program=program):
-                feed = {"input_ids": ids}
-                if "attention_mask" in program.input_names:
-                    feed["attention_mask"] = torch.ones_like(ids)
-                return program.run(**feed)
-            runners[(name, "eager")] = run_program
+            runners[(name, "eager")] = lambda ids, program=program: program.run(**feed(program, ids))
         build = {"seconds": time.perf_counter() - t0, "pass": f"{pname}:{opts}", "calibration_metrics": final}
         if "hf" in args.forms:
             import transformers
@@ -158,8 +158,7 @@ def main() -> int:
                 ms = timed(lambda: hf_compiled(input_ids=ids, use_cache=False), args.reps, device)
                 rec = {"variant": "transformers", "L": L, "ms": ms, "speedup": base / ms, "form": "compiled"}
             except Exception as err:     # a peer that does not compile is recorded, not fatal
-                rec = {"variant": "transformers", "L": L, "form": "compiled",
-                       "error": f"{type(err).__name__}: {str(err).splitlines()[0][:300] if str(err) else ''}"}
+                rec = {"variant": "transformers", "L": L, "form": "compiled", "error": error_text(err)}
             result["records"].append(rec)
             print(json.dumps(result["records"][-1]), flush=True)
         for (name, form), run in runners.items():
@@ -173,19 +172,18 @@ def main() -> int:
                     raise
                 import traceback
                 traceback.print_exc()     # the whole cause in the log, the record keeps its first line
-                rec = {"variant": name, "L": L, "form": form,
-                       "error": f"{type(err).__name__}: {str(err).splitlines()[0][:300] if str(err) else ''}"}
+                rec = {"variant": name, "L": L, "form": form, "error": error_text(err)}
             result["records"].append(rec)
             print(json.dumps(rec), flush=True)
             if device == "cuda":
                 torch.cuda.empty_cache()
             save()
         for name, program in checks.items():   # the compiled program against its eager program, this input
-            if any(r.get("error") for r in result["records"] if (r["variant"], r["form"], r["L"]) == (name, "compiled", L)):
+            if any(r.get("error") for r in result["records"]
+                   if (r["variant"], r["form"], r["L"]) == (name, "compiled", L)):
                 continue
             with torch.no_grad():
-                want = program.run(**{n: (ids if n == "input_ids" else torch.ones_like(ids))
-                                      for n in program.input_names})[0]
+                want = program.run(**feed(program, ids))[0]
                 got = runners[(name, "compiled")](ids)
             got = got[0] if isinstance(got, (tuple, list)) else got
             diff = float((got.float() - want.float()).abs().max())

@@ -213,8 +213,8 @@ _registered: set[str] = set()
 
 
 def _contiguous_result(fn):
-    """`fn` returning a contiguous result (a no-op for the kernels, which allocate contiguous outputs; the SDPA
-    fallbacks follow their inputs' layout)."""
+    """`fn` returning a contiguous result, the layout every op's fake declares (a no-op for the kernels, which
+    allocate contiguous outputs; the attention ops' SDPA fallbacks follow their inputs' layout)."""
     @functools.wraps(fn)
     def wrapped(*args, **kwargs):
         return fn(*args, **kwargs).contiguous()
@@ -234,8 +234,6 @@ def register_cuda_kernels() -> list[str]:
         importlib.import_module(f"{package.__name__}.{module.name}")
     for name, fn in CUDA_KERNELS.items():
         if name not in _registered:                 # registering twice would stack a second kernel
-            if name != "rewriter::binary_linear":   # attention ops: the fake's contiguous layout (empty_output)
-                fn = _contiguous_result(fn)
-            torch.library.register_kernel(name, "cuda", fn)
+            torch.library.register_kernel(name, "cuda", _contiguous_result(fn))   # the fakes' contiguous layout
             _registered.add(name)
     return list(CUDA_KERNELS)

@@ -13,7 +13,12 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 # pytest-xdist workers share the machine's cores: each takes its share for torch's intra-op threads
 _workers = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))
 if _workers > 1:
-    torch.set_num_threads(max(1, (os.cpu_count() or 1) // _workers))
+    _threads = max(1, (os.cpu_count() or 1) // _workers)
+    torch.set_num_threads(_threads)
+    # and for the processes tests start (the CLI, benchmarks, package loads): with the machine's default thread count
+    # each one oversubscribed the cores beside the other worker, and OpenMP's spinning threads made LAPACK calls up to
+    # 50x slower (the streamed peak-memory run: 214 s with the default, 62 s with one thread, same peak)
+    os.environ.setdefault("OMP_NUM_THREADS", str(_threads))
 os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 
 ARCHS = ("bert", "gpt2", "llama", "vit")

@@ -267,5 +267,8 @@ class Pipeline:
         else:
             report["final"] = compare_outputs(original, original, program.output_names, calib_inputs)
             report["final_reference"] = "original"
-        report["weight_only"] = all(p.weight_only for p in self.passes)
+        # the HF folder is the model with new weights only when this run and the runs before it (a program optimized
+        # again keeps meta["weight_only"] = False) changed weights only
+        report["weight_only"] = program.meta.get("weight_only", True) is not False and \
+            all(p.weight_only for p in self.passes)
         return PipelineRun(program=current, report=report, artifacts=artifacts)

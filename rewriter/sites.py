@@ -281,8 +281,13 @@ class FusionSite:
         return asdict(self)
 
 
+def _users(node: fx.Node) -> list[fx.Node]:
+    """The nodes that use node's value (export's dtype checks after a `.to()` do not: they die with it)."""
+    return [u for u in node.users if not is_call(u, aten._assert_tensor_metadata.default)]
+
+
 def _only_user(node: fx.Node, user: fx.Node) -> bool:
-    return isinstance(node, fx.Node) and list(node.users) == [user]
+    return isinstance(node, fx.Node) and _users(node) == [user]
 
 
 def _operand_pairs(node: fx.Node):
@@ -350,7 +355,7 @@ def _match_rms_norm(last: fx.Node) -> FusionSite | None:
             if (out_cast[1] if out_cast else torch.float32) != xv.dtype or tuple(wv.shape) != (width,) \
                     or not wv.is_floating_point():
                 continue
-            pattern = [n for n in (xf if in_cast and len(xf.users) == 2 else None, squares, mean, shifted, r, normed,
+            pattern = [n for n in (xf if in_cast and len(_users(xf)) == 2 else None, squares, mean, shifted, r, normed,
                                    cast_out if out_cast else None, last) if n is not None]
             return _fusion_site(last, "rms_norm", (x, weight), pattern, width, eps=float(eps))
     return None

@@ -131,6 +131,33 @@ def test_kernels_match_the_ops(dtype, wdtype):
 
 # --- the pass ------------------------------------------------------------------------------------------------------
 
+def test_chained_patterns_in_a_plain_export():
+    """Patterns reading each other's outputs (a norm of a norm, silu(norm) * norm), bf16, in torch.export's own graph
+    (its dtype checks after each `.to()` kept): every one fused, the result equal to the module's bit for bit."""
+    from transformers.models.llama.modeling_llama import LlamaRMSNorm
+
+    class Chain(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.a, self.b = LlamaRMSNorm(32), LlamaRMSNorm(32)
+
+        def forward(self, x):
+            h = self.b(self.a(x))
+            return F.silu(h) * self.a(h)
+
+    module = Chain().to(bf16)
+    with torch.no_grad():
+        module.a.weight.uniform_(0.5, 1.5)
+    x = torch.randn(2, 5, 32, generator=gen(13)).to(bf16)
+    gm = torch.export.export(module, (x,), strict=False).module()
+    result = make_pass("fuse").run(gm, PassContext(program=None, calib_inputs={}))
+    assert [(c.kind, c.module_path) for c in result.changes] == [("rms_norm", "a"), ("rms_norm", "b"), ("rms_norm", "a"),
+                                                                 ("silu_mul", "")]
+    assert {str(n.target) for n in gm.graph.nodes if n.op == "call_function"} - \
+        {"aten._assert_tensor_metadata.default"} == FUSED_OPS       # (export's check of the input x stays)
+    assert torch.equal(gm(x), module(x))
+
+
 def test_fuse_tiny_llama_is_exact_and_keeps_every_site(llama, fused):
     """fp32, 2 layers: 2 x 2 + 1 RMSNorms and 2 SwiGLU products fused, per site recorded; zero error against the
     original and the HF model; attention and linear sites unchanged, no RMSNorm / silu aten op left."""

@@ -56,7 +56,8 @@ class FusePass(Pass):
         ops = {"rms_norm": torch.ops.rewriter.rms_norm.default, "silu_mul": torch.ops.rewriter.silu_mul.default}
         for site in sites:
             args = tuple(nodes[name] for name in site.inputs) + ((site.eps,) if site.kind == "rms_norm" else ())
-            replace_with_op(gm, nodes[site.node], ops[site.kind], args)
+            # a later site may read this one's output: its name now stands for the op call
+            nodes[site.node] = replace_with_op(gm, nodes[site.node], ops[site.kind], args)
             details = {"op": f"rewriter::{site.kind}", "replaced": list(site.nodes), "width": site.width,
                        "dtype": site.dtype, "eager_bytes_per_token": site.eager_bytes_per_token,
                        "fused_bytes_per_token": site.fused_bytes_per_token}

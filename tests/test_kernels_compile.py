@@ -147,7 +147,7 @@ def test_fused_kernels_compile(x, w):
     compile_for_sm90(fused._rms_norm_kernel, {"x_ptr": f"*{x}", "w_ptr": f"*{w}", "y_ptr": f"*{x}", "eps": "fp32"},
                      dict(BLOCK_M=2, BLOCK_H=2048), num_warps=8, aligned=True)
     compile_for_sm90(fused._silu_mul_kernel, {"gate_ptr": f"*{x}", "up_ptr": f"*{w}", "y_ptr": f"*{x}"},
-                     dict(BLOCK=2048), num_warps=8, aligned=True)
+                     dict(BLOCK=2048, LIBDEVICE_EXP=True), num_warps=8, aligned=True)
 
 
 def test_kernel_resources_profile_reads_the_cubin():

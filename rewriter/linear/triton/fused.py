@@ -6,15 +6,19 @@ own fp32 reduction order or transcendental differs (a mean's summation order, rs
         sum of squares in fp32, / H (torch's CPU mean divides, its CUDA mean multiplies by 1 / H: equal
         for H a power of two), + eps, rsqrt, x * r rounded to x's dtype, times the weight in fp32 rounded to
         the output dtype (a product of two 16-bit values is exact in fp32, so that last step is bit-exact).
-    silu_mul: elementwise over the flattened tensors; silu = g / (1 + exp(-g)) in fp32 (as torch's CUDA silu)
-        rounded to gate's dtype, then the product in fp32 rounded to the output dtype.
+    silu_mul: elementwise over the flattened tensors; silu = g / (1 + expf(-g)) in fp32 (as torch's CUDA silu, with
+        libdevice's expf; the interpreter runs tl.exp) rounded to gate's dtype, then the product in fp32 rounded to the
+        output dtype.
 """
 from __future__ import annotations
+
+import os
 
 import torch
 import triton
 import triton.language as tl
 from torch import Tensor
+from triton.language.extra import libdevice
 
 RMS_MAX_H = 16384            # widest row one program holds in registers
 _ROW_ELEMENTS = 4096         # rows per program: about this many elements per block
@@ -53,13 +57,17 @@ def _rms_norm_kernel(x_ptr, w_ptr, y_ptr, M, H, stride_xm, stride_ym, eps,
 
 
 @triton.jit
-def _silu_mul_kernel(gate_ptr, up_ptr, y_ptr, N, BLOCK: tl.constexpr):
+def _silu_mul_kernel(gate_ptr, up_ptr, y_ptr, N, BLOCK: tl.constexpr, LIBDEVICE_EXP: tl.constexpr):
     offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
     mask = offs < N
     g = tl.load(gate_ptr + offs, mask=mask, other=0.0)
     u = tl.load(up_ptr + offs, mask=mask, other=0.0).to(tl.float32)
     gf = g.to(tl.float32)
-    silu = _rounded(gf / (1.0 + tl.exp(-gf)), gate_ptr.dtype.element_ty)      # silu(gate) in gate's dtype
+    if LIBDEVICE_EXP:    # expf, as torch's CUDA silu calls it (tl.exp is a bare ex2.approx; the interpreter has only it)
+        e = libdevice.exp(-gf)
+    else:
+        e = tl.exp(-gf)
+    silu = _rounded(gf / (1.0 + e), gate_ptr.dtype.element_ty)                 # silu(gate) in gate's dtype
     y = _rounded(silu * u, y_ptr.dtype.element_ty)
     tl.store(y_ptr + offs, y.to(y_ptr.dtype.element_ty), mask=mask)
 
@@ -83,8 +91,10 @@ def rms_norm_triton(x: Tensor, weight: Tensor, eps: float) -> Tensor:
     block_h = triton.next_power_of_2(H)
     block_m = max(1, min(16, _ROW_ELEMENTS // block_h))
     warps = 4 if block_h <= 1024 else 8 if block_h <= 4096 else 16
+    # no FMA contraction: the squares are rounded before they are summed, as torch's pow then mean round them
     _rms_norm_kernel[(triton.cdiv(M, block_m),)](x2, weight.contiguous(), y, M, H, x2.stride(0), H, float(eps),
-                                                BLOCK_M=block_m, BLOCK_H=block_h, num_warps=warps)
+                                                BLOCK_M=block_m, BLOCK_H=block_h, num_warps=warps,
+                                                enable_fp_fusion=False)
     return y
 
 
@@ -98,5 +108,6 @@ def silu_mul_triton(gate: Tensor, up: Tensor) -> Tensor:
     y = torch.empty(gate.shape, dtype=torch.promote_types(gate.dtype, up.dtype), device=gate.device)
     n = y.numel()
     if n:
-        _silu_mul_kernel[(triton.cdiv(n, _SILU_BLOCK),)](g, u, y, n, BLOCK=_SILU_BLOCK, num_warps=8)
+        _silu_mul_kernel[(triton.cdiv(n, _SILU_BLOCK),)](g, u, y, n, BLOCK=_SILU_BLOCK, num_warps=8,
+                                                         LIBDEVICE_EXP=os.environ.get("TRITON_INTERPRET") != "1")
     return y

@@ -1,6 +1,7 @@
 """Triton kernels for the exact fused ops (``rewriter.linear.fused``): each reads its inputs once and writes its output
 once, and rounds where the reference rounds, so it matches the reference to its last bit except where the reference's
-own fp32 reduction order or transcendental differs (a mean's summation order, rsqrt, exp):
+own fp32 reduction order or transcendental differs (a mean's summation order, rsqrt, exp). Divisions are IEEE
+(tl.math.div_rn: Triton's `/` is the approximate div.full.f32), as torch's:
 
     rms_norm: one program per block of rows, each row whole in registers (H up to RMS_MAX_H, else the reference);
         sum of squares in fp32, / H (torch's CPU mean divides, its CUDA mean multiplies by 1 / H: equal
@@ -48,7 +49,8 @@ def _rms_norm_kernel(x_ptr, w_ptr, y_ptr, M, H, stride_xm, stride_ym, eps,
     mask = rmask[:, None] & cmask[None, :]
     x = tl.load(x_ptr + rows[:, None] * stride_xm + cols[None, :], mask=mask, other=0.0)
     xf = x.to(tl.float32)
-    variance = tl.sum(xf * xf, axis=1) / H
+    squares = tl.sum(xf * xf, axis=1)
+    variance = tl.math.div_rn(squares, tl.zeros_like(squares) + H)     # IEEE division (`/` is div.full)
     r = tl.math.rsqrt(variance + eps)       # libdevice rsqrtf on CUDA, as torch.rsqrt there
     normed = _rounded(xf * r[:, None], x_ptr.dtype.element_ty)          # .to(x.dtype), as the reference
     w = tl.load(w_ptr + cols, mask=cmask, other=0.0).to(tl.float32)
@@ -67,7 +69,7 @@ def _silu_mul_kernel(gate_ptr, up_ptr, y_ptr, N, BLOCK: tl.constexpr, LIBDEVICE_
         e = libdevice.exp(-gf)
     else:
         e = tl.exp(-gf)
-    silu = _rounded(gf / (1.0 + e), gate_ptr.dtype.element_ty)                 # silu(gate) in gate's dtype
+    silu = _rounded(tl.math.div_rn(gf, 1.0 + e), gate_ptr.dtype.element_ty)    # silu(gate) in gate's dtype
     y = _rounded(silu * u, y_ptr.dtype.element_ty)
     tl.store(y_ptr + offs, y.to(y_ptr.dtype.element_ty), mask=mask)
 

@@ -4,6 +4,7 @@
 #   bash benchmarks/h200.sh models    # 1.1B Llama prefill (16K, 32K) + KV-cache decode (4K, 16K, 32K)
 #   bash benchmarks/h200.sh forms     # 1.1B prefill of captured + window as eager program, HF folder, AOTI package
 #   bash benchmarks/h200.sh compiled  # the same programs compiled by Inductor (torch.compile), and transformers so
+#   bash benchmarks/h200.sh fused     # 1.1B prefill (32K, 16K), eager programs: window, window + fuse, fuse alone
 #   bash benchmarks/h200.sh attention # window / linear / Scatterbrain kernels at 16K-64K vs FlexAttention, fla, SDPA
 #   bash benchmarks/h200.sh band      # the band (window) kernel's config sweep, Scatterbrain, binary GEMV sweep
 #   bash benchmarks/h200.sh decode    # KV decode, batch 1, every KV pass (decode-batch: batches 1 / 8 / 32;
@@ -38,6 +39,10 @@ compiled)   # issue 13: the program compiled by Inductor (what an AOTI package h
     --lengths ${PREFILL_LENGTHS:-32768 16384} \
     --out "$OUT/prefill_h200_${PREFILL_TAG:-compiled}.json" > "$OUT/prefill_compiled.log" 2>&1
   echo "prefill compiled rc=$?"; grep -v Warning "$OUT/prefill_compiled.log" | grep '"form"\|diff\|Error' | tail -16;;
+fused)   # issue 13: the fuse pass (RMSNorm, SwiGLU's silu * up: one Triton kernel each) on the eager program
+  timeout 550 python benchmarks/prefill.py --forms eager --variants window window_fused fused \
+    --lengths 32768 16384 --out "$OUT/prefill_h200_fused.json" > "$OUT/prefill_fused.log" 2>&1
+  echo "prefill fused rc=$?"; grep '"form"\|Error' "$OUT/prefill_fused.log" | tail -12;;
 attention)   # issue 19: window (tuned configs, GQA), linear (chunk-parallel, GQA), Scatterbrain, at 16K-64K
   timeout ${ATTN_TIMEOUT:-420} python benchmarks/attention.py --lengths ${ATTN_LENGTHS:-16384 32768 65536} \
     --budget-s ${ATTN_BUDGET:-360} --out "$OUT/attention_h200_v4.json" > "$OUT/attention.log" 2>&1
@@ -67,5 +72,5 @@ decode-batch)   # issue 14: batches 1 / 8 / 32 at 4K against transformers' stati
     --variants original --batch-variants original --compile-variants original --static-peer-contexts 4096 \
     > "$OUT/kv_batch.log" 2>&1
   echo "kv rc=$?"; grep '^{' "$OUT/kv_batch.log" | cut -c1-300;;
-*) echo "usage: $0 kernels|models|forms|attention|band|decode|decode-fused|decode-batch"; exit 2;;
+*) echo "usage: $0 kernels|models|forms|compiled|fused|attention|band|decode|decode-fused|decode-batch"; exit 2;;
 esac

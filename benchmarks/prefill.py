@@ -7,7 +7,9 @@ Variants, all in one run:
 - exact: `exact-attention` (attention unchanged; the key-padding mask replaces HF's materialised L x L mask, so
   SDPA runs its causal flash path again);
 - window: `window:window=1024,sinks=64` (Triton block-sparse kernel); linear: `linear:feature_map=elu` (Triton
-  chunked kernel); scatterbrain: `scatterbrain:window=1024,features=64`.
+  chunked kernel); scatterbrain: `scatterbrain:window=1024,features=64`;
+- on request (--variants): fused: `fuse` alone (RMSNorm and SwiGLU's silu * up as one Triton kernel each);
+  window_fused: the window pass, then `fuse`.
 Capture and passes run on the CPU through rewriter.api.optimize (verified on seeded random ids, 2 x 256 tokens),
 then the programs move to the GPU (Program.to). Each timing is the median of `--reps` synchronised forward passes
 after one warm-up; the record gives speedup = transformers_ms / ours_ms and the deployable `form` timed:
@@ -25,6 +27,7 @@ The hf and aoti forms write each variant's output folder under --workdir (the 1.
     python benchmarks/prefill.py --out benchmarks/results/prefill_h200.json
     python benchmarks/prefill.py --tiny --out /tmp/prefill_tiny.json          # CPU smoke test
     python benchmarks/prefill.py --forms eager hf aoti --out benchmarks/results/prefill_h200_forms.json
+    python benchmarks/prefill.py --variants window window_fused fused --out benchmarks/results/prefill_h200_fused.json
 """
 from __future__ import annotations
 
@@ -41,12 +44,19 @@ from kv import build_model  # the same 1.1B Llama-shaped model as the decode ben
 from rewriter.api import compile_output, load_program, optimize
 from rewriter.pipeline import make_pass
 
+WINDOW = ("window", {"window": 1024, "sinks": 64})
+FUSE = ("fuse", {})
+# variant -> its pipeline: (pass, options) in order
 PASSES = {
-    "exact": ("exact-attention", {}),
-    "window": ("window", {"window": 1024, "sinks": 64}),
-    "linear": ("linear", {"feature_map": "elu"}),
-    "scatterbrain": ("scatterbrain", {"window": 1024, "features": 64}),
+    "exact": [("exact-attention", {})],
+    "window": [WINDOW],
+    "linear": [("linear", {"feature_map": "elu"})],
+    "scatterbrain": [("scatterbrain", {"window": 1024, "features": 64})],
+    "window_fused": [WINDOW, FUSE],
+    "fused": [FUSE],
 }
+# exact-attention is a no-op since capture (the captured variant is that program); the fused variants run on request
+DEFAULT_VARIANTS = ["window", "linear", "scatterbrain"]
 
 
 def timed(fn, reps: int, device: str) -> float:
@@ -77,8 +87,7 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", required=True)
     parser.add_argument("--lengths", type=int, nargs="+", default=[16384, 32768])
-    # exact-attention is a no-op since capture (the captured variant is that program): not timed by default
-    parser.add_argument("--variants", nargs="+", default=[v for v in PASSES if v != "exact"], choices=list(PASSES))
+    parser.add_argument("--variants", nargs="+", default=DEFAULT_VARIANTS, choices=list(PASSES))
     parser.add_argument("--reps", type=int, default=3)
     parser.add_argument("--tiny", action="store_true")
     parser.add_argument("--forms", nargs="+", default=["eager"], choices=["eager", "hf", "aoti", "compiled"])
@@ -106,7 +115,7 @@ def main() -> int:
     checks = {}           # variant -> eager program its compiled form is checked against
     for name in ["captured", *args.variants]:
         t0 = time.perf_counter()
-        pname, opts = PASSES.get(name, ("exact-attention", {}))    # captured: the no-op pass, for an output folder
+        specs = PASSES.get(name, PASSES["exact"])    # captured: the no-op pass, for an output folder
         out_dir = workdir / name if deployed else None
         if out_dir is not None and out_dir.exists():
             shutil.rmtree(out_dir)
@@ -114,7 +123,7 @@ def main() -> int:
             program = load_program(model)
             final = {}
         else:
-            res = optimize(model, [make_pass(pname, opts)], samples=2, seq_len=256, out=out_dir)
+            res = optimize(model, [make_pass(p, o) for p, o in specs], samples=2, seq_len=256, out=out_dir)
             program, final = res.program, res.report.get("final", {})
         program = program.to(device)
         if "compiled" in args.forms:
@@ -125,7 +134,8 @@ def main() -> int:
             checks[name] = program
         if "eager" in args.forms:
             runners[(name, "eager")] = lambda ids, program=program: program.run(**feed(program, ids))
-        build = {"seconds": time.perf_counter() - t0, "pass": f"{pname}:{opts}", "calibration_metrics": final}
+        build = {"seconds": time.perf_counter() - t0, "pass": " + ".join(f"{p}:{o}" for p, o in specs),
+                 "calibration_metrics": final}
         if "hf" in args.forms:
             import transformers
             if (out_dir / "hf" / "config.json").exists():

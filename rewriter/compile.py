@@ -21,7 +21,8 @@ table holds, per op, a body that traces with the program's dynamic batch and seq
   bound no row exceeds (strided: ceil(nkb / stride) + local + 1 + sinks; block top-k: ceil(density x nkb) + local +
   1 + sinks), the rows' own counts (padding-dependent for block top-k) as slot flags; block top-k's pooled routing
   scores are nqb x nkb, its attention O(L x kept blocks x block) as the op's;
-- binary_linear: its reference.
+- binary_linear: its reference;
+- rms_norm, silu_mul (the `fuse` pass): their references, the model's own aten ops, which Inductor fuses itself.
 LSH stays refused by name (its buckets sort tokens by the data and its chunk sizes are data-sized).
 The decompositions are traced with size-oblivious sizes and the bodies written so that no shape fact of the traced
 example is guarded (``_size_oblivious``, ``_rows``, ``_pad``): a guard would pin the package to lengths like the
@@ -576,6 +577,7 @@ def lowerings(device: str = "cpu") -> dict:
     Triton usable) the window op becomes the ``rewriter::window_triton`` triton_op, which Inductor compiles in."""
     from .attention._contract import METHODS
     from .linear.binary import binary_linear_reference
+    from .linear.fused import rms_norm_reference, silu_mul_reference
     table = {m.op: m.reference for m in METHODS.values()}
     table[torch.ops.rewriter.exact_attention.default] = _exact_attention
     table[torch.ops.rewriter.window.default] = _window_attention
@@ -592,6 +594,8 @@ def lowerings(device: str = "cpu") -> dict:
     table[torch.ops.rewriter.aoti_performer.default] = performer_lowered
     table[torch.ops.rewriter.aoti_scatterbrain.default] = scatterbrain_lowered
     table[torch.ops.rewriter.binary_linear.default] = binary_linear_reference
+    table[torch.ops.rewriter.rms_norm.default] = rms_norm_reference      # Inductor fuses their aten ops itself
+    table[torch.ops.rewriter.silu_mul.default] = silu_mul_reference
     return table
 
 

@@ -128,6 +128,40 @@ def record_node_inputs(gm: fx.GraphModule, inputs: dict[str, torch.Tensor], name
     return seen
 
 
+# --- fused ops (the fuse pass): dtype casts, and a pattern's last node replaced by one op call ---------------------
+
+_CAST_KWARGS = {"dtype", "non_blocking", "copy", "memory_format", "layout", "device", "pin_memory"}
+
+
+def dtype_cast(node) -> tuple[fx.Node, torch.dtype] | None:
+    """(source, dtype) when node is `source.to(dtype)` and nothing else (no device, layout or memory-format change):
+    aten.to.dtype as export records `.to(torch.float32)`, or the aten._to_copy / to.dtype_layout forms."""
+    if is_call(node, aten.to.dtype):
+        a = {**dict(zip(("self", "dtype", "non_blocking", "copy", "memory_format"), node.args)), **node.kwargs}
+    elif is_call(node, aten._to_copy.default, aten.to.dtype_layout) and len(node.args) == 1:
+        a = {"self": node.args[0], **node.kwargs}
+        source = val(a["self"])
+        if set(a) - _CAST_KWARGS - {"self"} or a.get("layout") not in (None, torch.strided) or a.get("pin_memory") \
+                or (a.get("device") is not None and (source is None or torch.device(a["device"]) != source.device)):
+            return None
+    else:
+        return None
+    if not isinstance(a.get("dtype"), torch.dtype) or a.get("memory_format") not in (None, torch.preserve_format):
+        return None
+    return a["self"], a["dtype"]
+
+
+def replace_with_op(gm: fx.GraphModule, last: fx.Node, op, args: tuple) -> fx.Node:
+    """A matched pattern -> op(*args): the call goes in before the pattern's last node and takes its users and its
+    meta (module path, value, stack trace); the pattern's other nodes go dead (erase_dead removes them)."""
+    with gm.graph.inserting_before(last):
+        new = gm.graph.call_function(op, args)
+    new.meta = {k: v for k, v in last.meta.items() if k in ("nn_module_stack", "val", "stack_trace")}
+    last.replace_all_uses_with(new)
+    gm.graph.erase_node(last)
+    return new
+
+
 # --- attention sites: the canonical exact_attention node, the SDPA form it comes from, key masks, head groups ------
 
 def exact_attention_op():

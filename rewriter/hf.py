@@ -88,10 +88,11 @@ def attention_plan(program) -> dict:
     from .canonical import SDPA, canonicalize
     from .capture import layer_index
     from .graph import get_attr_tensor, is_call, module_path, val
+    from .linear.fused import MODEL_OPS
     by_op = {m.op: m for m in METHODS.values()}
     others = sorted({str(n.target) for n in program.ep.graph.nodes if n.op == "call_function"
                      and isinstance(n.target, torch._ops.OpOverload) and n.target.namespace == "rewriter"
-                     and n.target not in by_op})
+                     and n.target not in by_op and n.target.name() not in MODEL_OPS})   # fused ops: the model's own
     if others:
         raise RewriterError(f"the program holds {', '.join(others)}, which transformers cannot run")
     gm = program.module()

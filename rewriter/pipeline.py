@@ -60,6 +60,9 @@ class Pass:
     weight_only: ClassVar[bool] = False     # True: only weight values change, shapes and graph stay
     decode_only: ClassVar[bool] = False     # True: acts on the decode-time KV cache only (the program is unchanged)
     plans: ClassVar[bool] = False           # True: a --dry-run runs it, so the printed recipe holds its plan
+    same_model: ClassVar[bool] = False      # True: the graph is re-expressed with the model's own weights and
+                                             # arithmetic (fuse): written outputs (the HF folder, the decode bundle,
+                                             # the report's weight_only) treat the pass as absent
     intended_change: ClassVar[bool] = False  # True: changing the outputs is the point (lora-merge): later passes'
                                              # errors are measured against the model after it (re-baselined)
     summary: ClassVar[str] = ""
@@ -160,7 +163,7 @@ def apply_pass(p: Pass, program: Program, calib_inputs: dict[str, torch.Tensor],
         except Exception as e:
             raise RewriterError(f"the program rewritten by '{p.name}' no longer exports: "
                                 f"{str(e).strip().splitlines()[0][:300]}") from e
-        if not p.weight_only:
+        if not (p.weight_only or p.same_model):
             current.meta["weight_only"] = False
     if result.meta:
         current = copy.copy(current)          # never touch the caller's program
@@ -267,5 +270,8 @@ class Pipeline:
         else:
             report["final"] = compare_outputs(original, original, program.output_names, calib_inputs)
             report["final_reference"] = "original"
-        report["weight_only"] = all(p.weight_only for p in self.passes)
+        # the HF folder is the model with new weights only when this run and the runs before it (a program optimized
+        # again keeps meta["weight_only"] = False) changed weights only
+        report["weight_only"] = program.meta.get("weight_only", True) is not False and \
+            all(p.weight_only or p.same_model for p in self.passes)
         return PipelineRun(program=current, report=report, artifacts=artifacts)

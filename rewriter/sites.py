@@ -5,7 +5,10 @@ capture turns every attention whose semantics that op states (padding, causal, a
 logit softcap) into one, so
 the node itself says what the model computes. An attention whose mask is more than that (rewriter.semantics says
 why) stays in the model's SDPA form; it is still a site, with the reason in `semantics_note`, and passes that
-cannot keep it refuse it."""
+cannot keep it refuse it.
+
+A fusion site (the `fuse` pass) is an elementwise pattern around the linears that one exact op computes: HF's RMSNorm
+and SwiGLU's silu(gate) * up, matched on the aten graph as export records them."""
 from __future__ import annotations
 
 import fnmatch
@@ -17,7 +20,7 @@ from torch import fx
 
 from .canonical import SDPA
 from .program import strip_prefix
-from .graph import aten, get_attr_tensor, is_call, is_exact_attention, module_path, val
+from .graph import aten, dtype_cast, get_attr_tensor, is_call, is_exact_attention, module_path, val
 
 
 def layer_index(path: str) -> int | None:
@@ -252,3 +255,149 @@ def select(sites: list, config, what: str = "site", pass_name: str = "the pass")
         raise RewriterError(f"{pass_name}: no {what} matched ({filters}; the program has {len(sites)} {what}s)",
                             "check the filters, see `rewriter inspect`, or add allow_empty=true to the pass")
     return chosen
+
+
+# --- fusion sites: RMSNorm and SwiGLU's product, as export records them --------------------------------------------
+
+FUSIONS = ("rms_norm", "silu_mul")
+
+
+@dataclass
+class FusionSite:
+    """A pattern one exact rewriter op computes: `rms_norm` (x, weight, eps) or `silu_mul` (gate, up)."""
+    node: str                  # the pattern's last node (the weight multiply; the silu * up product)
+    module_path: str
+    layer: int | None
+    kind: str                  # one of FUSIONS
+    inputs: tuple[str, ...]    # the op's tensor inputs, by node name
+    nodes: tuple[str, ...]     # the pattern's nodes the op replaces (a no-op cast with other users stays)
+    width: int                 # the normalised / multiplied width (hidden or intermediate size)
+    dtype: str                 # the output's dtype
+    eps: float | None = None
+    eager_bytes_per_token: int = 0    # what the pattern's aten kernels read and write per token (no-op casts: 0)
+    fused_bytes_per_token: int = 0    # what the op reads and writes per token
+
+    def describe(self) -> dict:
+        return asdict(self)
+
+
+def _users(node: fx.Node) -> list[fx.Node]:
+    """The nodes that use node's value (export's dtype checks after a `.to()` do not: they die with it)."""
+    return [u for u in node.users if not is_call(u, aten._assert_tensor_metadata.default)]
+
+
+def _only_user(node: fx.Node, user: fx.Node) -> bool:
+    return isinstance(node, fx.Node) and _users(node) == [user]
+
+
+def _operand_pairs(node: fx.Node):
+    a, b = node.args[:2]
+    return ((a, b), (b, a))
+
+
+def _row_bytes(node) -> int:
+    """Bytes per token of a per-token value (..., W): W times its element size; 0 for scalars and 1-D weights."""
+    v = val(node) if isinstance(node, fx.Node) else None
+    if not isinstance(v, torch.Tensor) or v.dim() < 2:
+        return 0
+    return int(v.shape[-1]) * v.element_size()
+
+
+def _traffic(nodes: list[fx.Node]) -> int:
+    """Per-token bytes the aten kernels of `nodes` read and write (a cast to the value's own dtype is free)."""
+    total = 0
+    for n in nodes:
+        cast = dtype_cast(n)
+        if cast is not None and val(cast[0]) is not None and val(cast[0]).dtype == cast[1]:
+            continue
+        total += _row_bytes(n) + sum(_row_bytes(a) for a in n.all_input_nodes)
+    return total
+
+
+def _match_rms_norm(last: fx.Node) -> FusionSite | None:
+    """weight * (xf * rsqrt(mean(xf^2, -1, keepdim) + eps)).to(x.dtype), xf = x.to(float32): LlamaRMSNorm. The casts
+    may be absent where they would be no-ops (x in fp32). Every node after xf feeds only the next one."""
+    if not is_call(last, aten.mul.Tensor):
+        return None
+    for weight, cast_out in _operand_pairs(last):
+        if not isinstance(weight, fx.Node) or not _only_user(cast_out, last):
+            continue
+        out_cast = dtype_cast(cast_out)
+        normed = out_cast[0] if out_cast else cast_out
+        if not is_call(normed, aten.mul.Tensor) or (out_cast and not _only_user(normed, cast_out)):
+            continue
+        for xf, r in _operand_pairs(normed):
+            if not (is_call(r, aten.rsqrt.default) and _only_user(r, normed)):
+                continue
+            shifted = r.args[0]
+            if not (is_call(shifted, aten.add.Tensor, aten.add.Scalar) and _only_user(shifted, r)):
+                continue
+            mean, eps = shifted.args[:2]
+            if not isinstance(eps, (int, float)) or isinstance(eps, bool):
+                mean, eps = eps, mean
+            if not (isinstance(eps, (int, float)) and not isinstance(eps, bool) and is_call(mean, aten.mean.dim)
+                    and _only_user(mean, shifted) and len(shifted.args) == 2 and not shifted.kwargs):
+                continue
+            squares = mean.args[0]
+            keepdim = mean.args[2] if len(mean.args) > 2 else mean.kwargs.get("keepdim", False)
+            if not (is_call(squares, aten.pow.Tensor_Scalar) and squares.args[0] is xf and squares.args[1] == 2
+                    and _only_user(squares, mean) and keepdim and mean.kwargs.get("dtype") is None):
+                continue
+            in_cast = dtype_cast(xf)
+            x = in_cast[0] if in_cast else xf
+            xv, xfv, wv = val(x), val(xf), val(weight)
+            if not all(isinstance(t, torch.Tensor) for t in (xv, xfv, wv)) or xfv.dtype != torch.float32:
+                continue
+            width = xv.shape[-1]
+            if not isinstance(width, int) or list(mean.args[1]) not in ([-1], [xv.dim() - 1]):
+                continue
+            # the cast back is to x's own dtype (absent: x is fp32); the weight is one value per channel
+            if (out_cast[1] if out_cast else torch.float32) != xv.dtype or tuple(wv.shape) != (width,) \
+                    or not wv.is_floating_point():
+                continue
+            pattern = [n for n in (xf if in_cast and len(_users(xf)) == 2 else None, squares, mean, shifted, r, normed,
+                                   cast_out if out_cast else None, last) if n is not None]
+            return _fusion_site(last, "rms_norm", (x, weight), pattern, width, eps=float(eps))
+    return None
+
+
+def _match_silu_mul(last: fx.Node) -> FusionSite | None:
+    """silu(gate) * up with gate and up of one shape (LlamaMLP's act_fn(gate_proj(x)) * up_proj(x))."""
+    if not is_call(last, aten.mul.Tensor):
+        return None
+    for act, up in _operand_pairs(last):
+        if not (is_call(act, aten.silu.default) and _only_user(act, last) and isinstance(up, fx.Node)):
+            continue
+        gate = act.args[0]
+        gv, uv = val(gate), val(up)
+        if not (isinstance(gv, torch.Tensor) and isinstance(uv, torch.Tensor) and gv.is_floating_point()
+                and uv.is_floating_point() and [str(s) for s in gv.shape] == [str(s) for s in uv.shape]
+                and isinstance(gv.shape[-1], int)):
+            continue
+        return _fusion_site(last, "silu_mul", (gate, up), [act, last], int(gv.shape[-1]))
+    return None
+
+
+def _fusion_site(last: fx.Node, kind: str, inputs: tuple, pattern: list[fx.Node], width: int,
+                 eps: float | None = None) -> FusionSite:
+    path = module_path(last)
+    return FusionSite(node=last.name, module_path=path, layer=layer_index(path), kind=kind,
+                      inputs=tuple(n.name for n in inputs), nodes=tuple(n.name for n in pattern), width=width,
+                      dtype=str(val(last).dtype).replace("torch.", ""), eps=eps,
+                      eager_bytes_per_token=_traffic(pattern),
+                      fused_bytes_per_token=sum(_row_bytes(n) for n in inputs) + _row_bytes(last))
+
+
+_MATCHERS = {"rms_norm": _match_rms_norm, "silu_mul": _match_silu_mul}
+
+
+def fusion_sites(gm: fx.GraphModule, kinds=FUSIONS) -> list[FusionSite]:
+    """Fusion sites of the given kinds in graph order (models with LayerNorm and GELU have none)."""
+    sites = []
+    for node in gm.graph.nodes:
+        for kind in kinds:
+            site = _MATCHERS[kind](node)
+            if site is not None:
+                sites.append(site)
+                break
+    return sites

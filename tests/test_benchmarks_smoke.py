@@ -45,13 +45,17 @@ def test_kv_benchmark_tiny(tmp_path):
 def test_prefill_benchmark_tiny(tmp_path):
     # the aoti form is left out here: its two Inductor compiles took 50 of this test's 78 s; compile_output, which
     # that form calls, is tested in test_compile.py, and the H200 runs record a failed form instead of stopping
-    d = run_benchmark("prefill.py", tmp_path / "prefill.json", "--lengths", "64", "--variants", "window",
+    # window_fused: a pipeline of two passes (window, then fuse), written as an output folder with its HF folder
+    d = run_benchmark("prefill.py", tmp_path / "prefill.json", "--lengths", "64", "--variants", "window_fused",
                       "--reps", "1", "--forms", "eager", "hf", "--workdir", str(tmp_path / "outputs"))
     recs = {(r["variant"], r["form"]): r for r in d["records"]}     # every deployable form of every variant is timed
-    assert set(recs) == {("transformers", "hf")} | {(v, f) for v in ("captured", "window") for f in ("eager", "hf")}
+    assert set(recs) == {("transformers", "hf")} | {(v, f) for v in ("captured", "window_fused")
+                                                    for f in ("eager", "hf")}
     assert all(r["ms"] > 0 and r["L"] == 64 for r in recs.values())
     assert recs[("transformers", "hf")]["speedup"] == 1.0
-    assert d["builds"]["window"]["calibration_metrics"]["cosine"] > 0.5
+    assert d["builds"]["window_fused"]["calibration_metrics"]["cosine"] > 0.5
+    pipeline = d["builds"]["window_fused"]["pass"]
+    assert pipeline.startswith("window:") and " + fuse:" in pipeline
 
 
 def test_stream_benchmark_tiny(tmp_path):

@@ -390,7 +390,7 @@ def test_registration_switches(monkeypatch):
     assert not use_reference()
     names = ["rewriter::performer", "rewriter::linear", "rewriter::scatterbrain", "rewriter::hedgehog",
              "rewriter::window", "rewriter::block_topk", "rewriter::strided", "rewriter::exact_attention",
-             "rewriter::binary_linear"]
+             "rewriter::binary_linear", "rewriter::rms_norm", "rewriter::silu_mul"]
     first = register_cuda_kernels()
     assert sorted(first) == sorted(names)
     assert register_cuda_kernels() == first          # idempotent

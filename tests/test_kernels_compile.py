@@ -16,7 +16,7 @@ from triton.backends.compiler import GPUTarget  # noqa: E402
 from triton.compiler import ASTSource  # noqa: E402
 
 from rewriter.attention.triton import block_sparse_attention, favor, linear_attention  # noqa: E402
-from rewriter.linear.triton import binary_linear, lowrank_linear  # noqa: E402
+from rewriter.linear.triton import binary_linear, fused, lowrank_linear  # noqa: E402
 
 SM90 = GPUTarget("cuda", 90, 32)
 
@@ -139,6 +139,15 @@ def test_band_attention_compiles(causal, masked, lowrank, heads, scale):
         WINDOW_RIGHT=not causal, HAS_SINKS=True, BLOCK_M=128, BLOCK_N=64, HEADS=heads,
         HEAD_D=128, HEAD_DV=128, PAD_D=128, PAD_DV=128, DOT_PRECISION="tf32"), num_warps=8, aligned=True)
 
+
+@pytest.mark.parametrize("x,w", [("bf16", "bf16"), ("fp32", "fp32")])
+def test_fused_kernels_compile(x, w):
+    """rms_norm at the 1.1B Llama's row width (2048: two rows of a block, 8 warps) and silu_mul, as launched; bf16
+    takes the bit-level rounding branch of _rounded."""
+    compile_for_sm90(fused._rms_norm_kernel, {"x_ptr": f"*{x}", "w_ptr": f"*{w}", "y_ptr": f"*{x}", "eps": "fp32"},
+                     dict(BLOCK_M=2, BLOCK_H=2048), num_warps=8, aligned=True)
+    compile_for_sm90(fused._silu_mul_kernel, {"gate_ptr": f"*{x}", "up_ptr": f"*{w}", "y_ptr": f"*{x}"},
+                     dict(BLOCK=2048, LIBDEVICE_EXP=True), num_warps=8, aligned=True)
 
 
 def test_kernel_resources_profile_reads_the_cubin():

@@ -200,8 +200,8 @@ EXPORT_CASES = {
     "bert-merged-binarized": ("bert", [("lora-merge", {"adapters": "ADAPTER"}),
                                        ("scatterbrain", {"features": 8, "window": 5}),
                                        ("binarize", {"residual_rank": 4})]),
-    "llama-window-think": ("llama", [("window", {"window": 8, "sinks": 2, "block": 8, "layers": "0"}),
-                                     ("think", {"ratio": 0.5, "layers": "1"})]),
+    "llama-window-think-fuse": ("llama", [("window", {"window": 8, "sinks": 2, "block": 8, "layers": "0"}),
+                                          ("think", {"ratio": 0.5, "layers": "1"}), ("fuse", {})]),
     "bert-block-topk-lsh": ("bert", [("block-topk", {"density": 0.5, "block": 8, "layers": "0"}),
                                      ("lsh", {"n_hashes": 2, "bucket_size": 8, "layers": "1"})]),
     "gpt2-strided-exact": ("gpt2", [("strided", {"stride": 2, "block": 8, "layers": "0"}),
@@ -224,7 +224,7 @@ from test_attention_registry import MATRIX  # noqa: E402
 EXPORT_CASES.update({f"llama-{name}": ("llama", [(name, dict(opts))]) for name, (opts, _) in MATRIX.items()
                      if not any(name == n for _, specs in EXPORT_CASES.values() for n, _ in specs)})
 # cases with attention sites no attention method replaces: those stay the canonical rewriter::exact_attention
-KEEP_EXACT = {"llama-window-think", "gpt2-strided-exact", "llama-mla-exact-decoupled", "llama-head-prune"}
+KEEP_EXACT = {"llama-window-think-fuse", "gpt2-strided-exact", "llama-mla-exact-decoupled", "llama-head-prune"}
 AUTO_OPS = {"rewriter::window", "rewriter::performer", "rewriter::scatterbrain",
             "rewriter::linear", "rewriter::exact_attention"}
 
@@ -257,6 +257,8 @@ def test_passes_export(case, tiny_folders, tmp_path):
     info = _exported(res.program, tmp_path / "p.onnx")
     if any(name == "binarize" for name, _ in specs):
         expected_ops.add("rewriter::binary_linear")
+    if any(name == "fuse" for name, _ in specs):
+        expected_ops |= {"rewriter::rms_norm", "rewriter::silu_mul"}
     if any(name == "auto-attention" for name, _ in specs):
         expected_ops |= AUTO_OPS
     if case in KEEP_EXACT:

@@ -3,10 +3,10 @@ in standard ONNX ops (opset 18, so onnxruntime's CPU provider runs the file with
 validation against PyTorch in onnxruntime.
 
 Each attention method's translation lives in its module beside its reference (the registry's `onnx` field,
-helpers in ``attention/_onnx.py``); the binary linear op's is here. Translations are traced Python functions:
-tensor arguments arrive as symbolic ONNX values (static dims are ints, batch/sequence are symbols) and the op's
-scalar arguments (causal, scale, window, ...) as Python values, so each call emits only the branch its arguments
-select. None of them builds an Lq x Lk tensor:
+helpers in ``attention/_onnx.py``); those of the binary linear op and the fused ops (rms_norm, silu_mul) are here.
+Translations are traced Python functions: tensor arguments arrive as symbolic ONNX values (static dims are ints,
+batch/sequence are symbols) and the op's scalar arguments (causal, scale, window, ...) as Python values, so each call
+emits only the branch its arguments select. None of them builds an Lq x Lk tensor:
   * linear / performer attention: phi_q (phi_k^T [v, 1]) bidirectionally; causal by chunks of CHUNK tokens
     (masked CHUNK x CHUNK products inside a chunk, an exclusive CumSum of per-chunk states across chunks);
   * window attention and the exact band of the hybrids (linear with window/sinks, scatterbrain): key blocks
@@ -116,6 +116,48 @@ def translate_binary_linear(x, packed, alpha, mu, bias=None, in_features=1):
     if bias is not None:
         y = op.Add(y, _acc(bias))
     return op.CastLike(y, x)
+
+
+_ONNX_FLOAT, _ONNX_DOUBLE = 1, 11
+_TORCH_DTYPES = {"FLOAT": torch.float32, "FLOAT16": torch.float16, "BFLOAT16": torch.bfloat16, "DOUBLE": torch.float64}
+_ONNX_TYPES = {torch.float32: _ONNX_FLOAT, torch.float16: 10, torch.bfloat16: 16, torch.float64: _ONNX_DOUBLE}
+
+
+def _torch_dtype(value) -> torch.dtype:
+    name = getattr(value.dtype, "name", str(value.dtype)).upper()
+    if name not in _TORCH_DTYPES:
+        raise RewriterError(f"the fused ops' ONNX translations take fp16 / bf16 / fp32 / fp64 tensors; got {name}")
+    return _TORCH_DTYPES[name]
+
+
+def _promoted_mul(a, b, a_dtype: torch.dtype, b_dtype: torch.dtype):
+    """a * b in torch's promoted dtype of (a_dtype, b_dtype): computed in fp32 (fp64 for a double result) and rounded
+    to the result's type, which for 16-bit operands is torch's own product (exact in fp32, rounded once)."""
+    op = _op()
+    out = torch.promote_types(a_dtype, b_dtype)
+    acc = _ONNX_DOUBLE if out == torch.float64 else _ONNX_FLOAT
+    y = op.Mul(op.Cast(a, to=acc), op.Cast(b, to=acc))
+    return y if _ONNX_TYPES[out] == acc else op.Cast(y, to=_ONNX_TYPES[out])
+
+
+@onnx_translation("rewriter::rms_norm")
+def translate_rms_norm(x, weight, eps=1e-6):
+    """weight * (x_f * Reciprocal(Sqrt(ReduceMean(x_f * x_f) + eps))).to(x.dtype), x_f = x in fp32, as the
+    reference."""
+    op = _op()
+    xf = _acc(x)
+    variance = op.ReduceMean(op.Mul(xf, xf), _ints([-1]), keepdims=1)
+    normed = op.CastLike(op.Mul(xf, op.Reciprocal(op.Sqrt(op.Add(variance, _float(eps))))), x)
+    return _promoted_mul(weight, normed, _torch_dtype(weight), _torch_dtype(x))
+
+
+@onnx_translation("rewriter::silu_mul")
+def translate_silu_mul(gate, up):
+    """silu(gate) = g * Sigmoid(g) in fp32, rounded to gate's type, times up in the promoted type."""
+    op = _op()
+    gf = _acc(gate)
+    silu = op.CastLike(op.Mul(gf, op.Sigmoid(gf)), gate)
+    return _promoted_mul(silu, up, _torch_dtype(gate), _torch_dtype(up))
 
 
 def translation_table(ep: torch.export.ExportedProgram, target: str = "standard") -> tuple[dict, list[str]]:

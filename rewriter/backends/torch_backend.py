@@ -138,9 +138,11 @@ def write_decoder(program: Program, folder: Path) -> dict:
     model_type = program.config.get("model_type", "")
     if model_type not in DECODER_TYPES:
         return {"unavailable": f"model_type '{model_type}' is not a decoder LM ({', '.join(DECODER_TYPES)})"}
-    custom = sorted({str(n.target) for n in program.ep.graph.nodes    # exact_attention is the model's own attention
+    from ..linear.fused import MODEL_OPS
+    own = {"rewriter::exact_attention", *MODEL_OPS}   # the model's own attention, RMSNorm and SwiGLU product
+    custom = sorted({str(n.target) for n in program.ep.graph.nodes
                      if isinstance(n.target, torch._ops.OpOverload) and n.target.namespace == "rewriter"
-                     and n.target.name() != "rewriter::exact_attention"})
+                     and n.target.name() not in own})
     if custom:   # the decode programs re-capture the HF model, which knows nothing of these rewrites
         return {"unavailable": f"the program holds rewrites the decode path does not reproduce ({', '.join(custom)})"}
     eager = program.meta.get("eager_model")

@@ -209,6 +209,29 @@ def binary_linear_cuda(x: Tensor, packed: Tensor, alpha: Tensor, mu: Tensor, bia
     return binary_linear_triton(x, packed, alpha, mu, bias, in_features)
 
 
+@cuda_kernel("rewriter::rms_norm")
+def rms_norm_cuda(x: Tensor, weight: Tensor, eps: float) -> Tensor:
+    """The one-pass Triton kernel for fp16 / bf16 / fp32 rows up to RMS_MAX_H wide; the reference otherwise."""
+    from ...linear.fused import _check_rms_norm, rms_norm_reference
+    from ...linear.triton.fused import KERNEL_DTYPES, RMS_MAX_H, rms_norm_triton
+    _check_rms_norm(x, weight)
+    if use_reference() or x.shape[-1] > RMS_MAX_H or x.dtype not in KERNEL_DTYPES \
+            or weight.dtype not in KERNEL_DTYPES:
+        return rms_norm_reference(x, weight, eps)
+    return rms_norm_triton(x, weight, eps)
+
+
+@cuda_kernel("rewriter::silu_mul")
+def silu_mul_cuda(gate: Tensor, up: Tensor) -> Tensor:
+    """The elementwise Triton kernel for fp16 / bf16 / fp32; the reference otherwise (float64)."""
+    from ...linear.fused import _check_silu_mul, silu_mul_reference
+    from ...linear.triton.fused import KERNEL_DTYPES, silu_mul_triton
+    _check_silu_mul(gate, up)
+    if use_reference() or gate.dtype not in KERNEL_DTYPES or up.dtype not in KERNEL_DTYPES:
+        return silu_mul_reference(gate, up)
+    return silu_mul_triton(gate, up)
+
+
 _registered: set[str] = set()
 
 

@@ -1,0 +1,115 @@
+"""Triton kernels for the exact fused ops (``rewriter.linear.fused``): each reads its inputs once and writes its output
+once, and rounds where the reference rounds, so it matches the reference to its last bit except where the reference's
+own fp32 reduction order or transcendental differs (a mean's summation order, rsqrt, exp). Divisions are IEEE
+(tl.math.div_rn: Triton's `/` is the approximate div.full.f32), as torch's:
+
+    rms_norm: one program per block of rows, each row whole in registers (H up to RMS_MAX_H, else the reference);
+        sum of squares in fp32, / H (torch's CPU mean divides, its CUDA mean multiplies by 1 / H: equal
+        for H a power of two), + eps, rsqrt, x * r rounded to x's dtype, times the weight in fp32 rounded to
+        the output dtype (a product of two 16-bit values is exact in fp32, so that last step is bit-exact).
+    silu_mul: elementwise over the flattened tensors; silu = g / (1 + expf(-g)) in fp32 (as torch's CUDA silu, with
+        libdevice's expf; the interpreter runs tl.exp) rounded to gate's dtype, then the product in fp32 rounded to the
+        output dtype.
+"""
+from __future__ import annotations
+
+import os
+
+import torch
+import triton
+import triton.language as tl
+from torch import Tensor
+from triton.language.extra import libdevice
+
+RMS_MAX_H = 16384            # widest row one program holds in registers
+_ROW_ELEMENTS = 4096         # rows per program: about this many elements per block
+_SILU_BLOCK = 2048
+
+
+@triton.jit
+def _rounded(x, DTYPE: tl.constexpr):
+    """fp32 x rounded to DTYPE (to nearest, ties to even, as torch rounds), returned in fp32. bfloat16 by its bits,
+    as c10::BFloat16 rounds (NaN kept): Triton's interpreter truncates fp32 -> bf16 casts, the GPU rounds; this is
+    the same on both."""
+    if DTYPE == tl.bfloat16:
+        bits = x.to(tl.uint32, bitcast=True)
+        bits = (bits + (((bits >> 16) & 1) + 0x7FFF)) & 0xFFFF0000
+        return tl.where(x != x, x, bits.to(tl.float32, bitcast=True))
+    else:
+        return x.to(DTYPE).to(tl.float32)
+
+
+@triton.jit
+def _rms_norm_kernel(x_ptr, w_ptr, y_ptr, M, H, stride_xm, stride_ym, eps,
+                     BLOCK_M: tl.constexpr, BLOCK_H: tl.constexpr):
+    rows = tl.program_id(0).to(tl.int64) * BLOCK_M + tl.arange(0, BLOCK_M)
+    cols = tl.arange(0, BLOCK_H)
+    rmask = rows < M
+    cmask = cols < H
+    mask = rmask[:, None] & cmask[None, :]
+    x = tl.load(x_ptr + rows[:, None] * stride_xm + cols[None, :], mask=mask, other=0.0)
+    xf = x.to(tl.float32)
+    squares = tl.sum(xf * xf, axis=1)
+    variance = tl.math.div_rn(squares, tl.zeros_like(squares) + H)     # IEEE division (`/` is div.full)
+    r = tl.math.rsqrt(variance + eps)       # libdevice rsqrtf on CUDA, as torch.rsqrt there
+    normed = _rounded(xf * r[:, None], x_ptr.dtype.element_ty)          # .to(x.dtype), as the reference
+    w = tl.load(w_ptr + cols, mask=cmask, other=0.0).to(tl.float32)
+    y = _rounded(w[None, :] * normed, y_ptr.dtype.element_ty)
+    tl.store(y_ptr + rows[:, None] * stride_ym + cols[None, :], y.to(y_ptr.dtype.element_ty), mask=mask)
+
+
+@triton.jit
+def _silu_mul_kernel(gate_ptr, up_ptr, y_ptr, N, BLOCK: tl.constexpr, LIBDEVICE_EXP: tl.constexpr):
+    offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
+    mask = offs < N
+    g = tl.load(gate_ptr + offs, mask=mask, other=0.0)
+    u = tl.load(up_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+    gf = g.to(tl.float32)
+    if LIBDEVICE_EXP:    # expf, as torch's CUDA silu calls it (tl.exp is a bare ex2.approx; the interpreter has only it)
+        e = libdevice.exp(-gf)
+    else:
+        e = tl.exp(-gf)
+    silu = _rounded(tl.math.div_rn(gf, 1.0 + e), gate_ptr.dtype.element_ty)    # silu(gate) in gate's dtype
+    y = _rounded(silu * u, y_ptr.dtype.element_ty)
+    tl.store(y_ptr + offs, y.to(y_ptr.dtype.element_ty), mask=mask)
+
+
+KERNEL_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+
+
+def rms_norm_triton(x: Tensor, weight: Tensor, eps: float) -> Tensor:
+    """rewriter::rms_norm with the Triton kernel: x (..., H) of a KERNEL_DTYPES dtype, H <= RMS_MAX_H."""
+    H = x.shape[-1]
+    if weight.shape != (H,):
+        raise ValueError(f"rms_norm needs weight ({H},); got {tuple(weight.shape)}")
+    if H > RMS_MAX_H or x.dtype not in KERNEL_DTYPES or weight.dtype not in KERNEL_DTYPES:
+        raise ValueError(f"the rms_norm kernel takes H <= {RMS_MAX_H} and fp16 / bf16 / fp32; got H = {H}, "
+                         f"{x.dtype}, {weight.dtype}")
+    x2 = x.reshape(-1, H).contiguous()
+    M = x2.shape[0]
+    y = torch.empty(x.shape, dtype=torch.promote_types(weight.dtype, x.dtype), device=x.device)
+    if M == 0 or H == 0:
+        return y
+    block_h = triton.next_power_of_2(H)
+    block_m = max(1, min(16, _ROW_ELEMENTS // block_h))
+    warps = 4 if block_h <= 1024 else 8 if block_h <= 4096 else 16
+    # no FMA contraction: the squares are rounded before they are summed, as torch's pow then mean round them
+    _rms_norm_kernel[(triton.cdiv(M, block_m),)](x2, weight.contiguous(), y, M, H, x2.stride(0), H, float(eps),
+                                                BLOCK_M=block_m, BLOCK_H=block_h, num_warps=warps,
+                                                enable_fp_fusion=False)
+    return y
+
+
+def silu_mul_triton(gate: Tensor, up: Tensor) -> Tensor:
+    """rewriter::silu_mul with the Triton kernel: gate and up of one shape, KERNEL_DTYPES."""
+    if gate.shape != up.shape:
+        raise ValueError(f"silu_mul needs gate and up of one shape; got {tuple(gate.shape)} and {tuple(up.shape)}")
+    if gate.dtype not in KERNEL_DTYPES or up.dtype not in KERNEL_DTYPES:
+        raise ValueError(f"the silu_mul kernel takes fp16 / bf16 / fp32; got {gate.dtype}, {up.dtype}")
+    g, u = gate.contiguous(), up.contiguous()
+    y = torch.empty(gate.shape, dtype=torch.promote_types(gate.dtype, up.dtype), device=gate.device)
+    n = y.numel()
+    if n:
+        _silu_mul_kernel[(triton.cdiv(n, _SILU_BLOCK),)](g, u, y, n, BLOCK=_SILU_BLOCK, num_warps=8,
+                                                         LIBDEVICE_EXP=os.environ.get("TRITON_INTERPRET") != "1")
+    return y

@@ -18,7 +18,7 @@ from dataclasses import dataclass
 
 from torch import fx
 
-from .graph import aten, erase_dead, is_call, module_path, val
+from .graph import aten, erase_dead, is_call, module_path, real_users, val
 
 SDPA = aten.scaled_dot_product_attention.default
 _PASS_THROUGH = (aten.to.dtype, aten.dropout.default, aten.clone.default, aten.contiguous.default,
@@ -39,10 +39,6 @@ def _is_last_two_transpose(node) -> bool:
     rank = len(val(node).shape)
     d0, d1 = sorted(d % rank for d in node.args[1:3])
     return (d0, d1) == (rank - 2, rank - 1)
-
-
-def _real_users(node: fx.Node) -> list[fx.Node]:
-    return [u for u in node.users if not is_call(u, aten._assert_tensor_metadata.default)]
 
 
 def _softcap_source(node) -> tuple[fx.Node, float] | None:
@@ -110,7 +106,7 @@ def _after_softmax(softmax: fx.Node) -> tuple[fx.Node, fx.Node] | None:
     None when the probabilities fan out or go through training-mode dropout."""
     node = softmax
     while True:
-        users = _real_users(node)
+        users = real_users(node)
         if len(users) != 1:
             return None
         (u,) = users
@@ -208,12 +204,12 @@ def _match_merged_heads(softmax: fx.Node):
     u = walked[1]
     if not (is_call(u, aten.view.default, aten.reshape.default) and len(val(u).shape) == 3):
         return None
-    users = _real_users(u)
+    users = real_users(u)
     if len(users) != 1 or not is_call(users[0], aten.bmm.default) or users[0].args[0] is not u:
         return None
     pv = users[0]
     v = _merged_heads_source(pv.args[1])
-    finals = _real_users(pv)
+    finals = real_users(pv)
     if v is None or len(finals) != 1 or not is_call(finals[0], aten.view.default, aten.reshape.default) \
             or len(val(finals[0]).shape) != 4:
         return None

@@ -68,6 +68,12 @@ def add_tensor(gm: nn.Module, target: str, value: torch.Tensor, parameter: bool 
     return target
 
 
+def real_users(node: fx.Node) -> list[fx.Node]:
+    """The nodes that use node's value; export's dtype checks after a `.to()` (_assert_tensor_metadata) do not count:
+    they die with it (erase_dead)."""
+    return [u for u in node.users if not is_call(u, aten._assert_tensor_metadata.default)]
+
+
 def erase_dead(gm: fx.GraphModule) -> None:
     """Dead-code elimination that also drops the _assert_tensor_metadata checks hanging off dead values."""
     graph = gm.graph

@@ -20,7 +20,7 @@ from torch import fx
 
 from .canonical import SDPA
 from .program import strip_prefix
-from .graph import aten, dtype_cast, get_attr_tensor, is_call, is_exact_attention, module_path, val
+from .graph import aten, dtype_cast, get_attr_tensor, is_call, is_exact_attention, module_path, real_users, val
 
 
 def layer_index(path: str) -> int | None:
@@ -281,13 +281,8 @@ class FusionSite:
         return asdict(self)
 
 
-def _users(node: fx.Node) -> list[fx.Node]:
-    """The nodes that use node's value (export's dtype checks after a `.to()` do not: they die with it)."""
-    return [u for u in node.users if not is_call(u, aten._assert_tensor_metadata.default)]
-
-
 def _only_user(node: fx.Node, user: fx.Node) -> bool:
-    return isinstance(node, fx.Node) and _users(node) == [user]
+    return isinstance(node, fx.Node) and real_users(node) == [user]
 
 
 def _operand_pairs(node: fx.Node):
@@ -355,8 +350,8 @@ def _match_rms_norm(last: fx.Node) -> FusionSite | None:
             if (out_cast[1] if out_cast else torch.float32) != xv.dtype or tuple(wv.shape) != (width,) \
                     or not wv.is_floating_point():
                 continue
-            pattern = [n for n in (xf if in_cast and len(_users(xf)) == 2 else None, squares, mean, shifted, r, normed,
-                                   cast_out if out_cast else None, last) if n is not None]
+            pattern = [n for n in (xf if in_cast and len(real_users(xf)) == 2 else None, squares, mean, shifted, r,
+                                   normed, cast_out if out_cast else None, last) if n is not None]
             return _fusion_site(last, "rms_norm", (x, weight), pattern, width, eps=float(eps))
     return None
 

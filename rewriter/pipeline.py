@@ -73,6 +73,12 @@ class Pass:
     # "" when a streamed run may split its samples across processes (torchrun); else why not
     distributed: ClassVar[str] = ""
 
+    @property
+    def keeps_hf_model(self) -> bool:
+        """The HF folder after this pass is the model's own architecture with (maybe new) weights: weight-only and
+        same-model passes."""
+        return self.weight_only or self.same_model
+
     def stream_refusal(self) -> str:
         """Why this pass, as configured, cannot run layer by layer ("" when it can)."""
         return self.streaming
@@ -163,7 +169,7 @@ def apply_pass(p: Pass, program: Program, calib_inputs: dict[str, torch.Tensor],
         except Exception as e:
             raise RewriterError(f"the program rewritten by '{p.name}' no longer exports: "
                                 f"{str(e).strip().splitlines()[0][:300]}") from e
-        if not (p.weight_only or p.same_model):
+        if not p.keeps_hf_model:
             current.meta["weight_only"] = False
     if result.meta:
         current = copy.copy(current)          # never touch the caller's program
@@ -273,5 +279,5 @@ class Pipeline:
         # the HF folder is the model with new weights only when this run and the runs before it (a program optimized
         # again keeps meta["weight_only"] = False) changed weights only
         report["weight_only"] = program.meta.get("weight_only", True) is not False and \
-            all(p.weight_only or p.same_model for p in self.passes)
+            all(p.keeps_hf_model for p in self.passes)
         return PipelineRun(program=current, report=report, artifacts=artifacts)

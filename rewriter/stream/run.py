@@ -559,7 +559,7 @@ def optimize_streamed(src: str | Path, passes: list[Pass], *, out: str | Path | 
     report["final"] = report["passes"][-1]["metrics"] if passes else \
         {"output": output, "max_abs_error": 0.0, "relative_error": 0.0, "cosine": 1.0}
     report["final_reference"] = "original"
-    report["weight_only"] = all(p.weight_only or p.same_model for p in passes)
+    report["weight_only"] = all(p.keeps_hf_model for p in passes)
     report["blocks"] = [{k: v for k, v in b.items() if k not in ("passes", "meta", "weight_map", "plans")}
                         for b in blocks_info]
     report["peak_host_bytes"] = int(dist.all_reduce_max(torch.tensor([peak_host_bytes()]))[0])

@@ -37,11 +37,16 @@ compiled)   # issue 13: the program compiled by Inductor (what an AOTI package h
             # on that machine's torch 2.11) beside the eager program and transformers, eager and compiled
   TORCHINDUCTOR_COMPILE_THREADS=1 timeout 570 python benchmarks/prefill.py --forms eager compiled --variants window \
     --lengths ${PREFILL_LENGTHS:-32768 16384} \
-    --out "$OUT/prefill_h200_${PREFILL_TAG:-compiled}.json" > "$OUT/prefill_compiled.log" 2>&1
+    --out "$OUT/prefill_${PREFILL_TAG:-h200_compiled}.json" > "$OUT/prefill_compiled.log" 2>&1
   echo "prefill compiled rc=$?"; grep -v Warning "$OUT/prefill_compiled.log" | grep '"form"\|diff\|Error' | tail -16;;
-fused)   # issue 13: the fuse pass (RMSNorm, SwiGLU's silu * up: one Triton kernel each) on the eager program
-  timeout 550 python benchmarks/prefill.py --forms eager --variants window window_fused fused \
-    --lengths 32768 16384 --out "$OUT/prefill_h200_fused.json" > "$OUT/prefill_fused.log" 2>&1
+fused)   # issue 13: the fuse pass (RMSNorm, SwiGLU's silu * up: one Triton kernel each): its kernels against the
+         # model's own ops (eager and compiled), then the eager programs
+  timeout 80 python benchmarks/fused_kernels.py --out "$OUT/fused_kernels_${PREFILL_TAG:-h200}.json" \
+    > "$OUT/fused_kernels.log" 2>&1
+  echo "fused kernels rc=$?"; tail -8 "$OUT/fused_kernels.log"
+  timeout 460 python benchmarks/prefill.py --forms eager --variants window window_fused fused \
+    --lengths ${PREFILL_LENGTHS:-32768 16384} --out "$OUT/prefill_${PREFILL_TAG:-h200}_fused.json" \
+    > "$OUT/prefill_fused.log" 2>&1
   echo "prefill fused rc=$?"; grep '"form"\|Error' "$OUT/prefill_fused.log" | tail -12;;
 attention)   # issue 19: window (tuned configs, GQA), linear (chunk-parallel, GQA), Scatterbrain, at 16K-64K
   timeout ${ATTN_TIMEOUT:-420} python benchmarks/attention.py --lengths ${ATTN_LENGTHS:-16384 32768 65536} \

@@ -6,6 +6,11 @@ one is decomposed into aten ops (``ExportedProgram.run_decompositions`` with a t
 table holds, per op, a body that traces with the program's dynamic batch and sequence; every layout is built from the
 (symbolic) lengths, never from a cache or the data's shape, and no body builds an Lq x Lk tensor:
 - exact attention: its own body without the all-real-keys check (a data-dependent branch): SDPA on the dense mask;
+  on CUDA with a key mask the ``rewriter::exact_triton`` triton_op, the band kernel with no band (SDPA's masked
+  kernels read the L x L mask: the compiled captured 1.1B ran at 0.45x its eager program at 32K). A ``torch.cond``
+  on "every key real" around SDPA's flash path was tried and left out: Inductor refused branches whose outputs'
+  strides differ (the CPU flash kernel returns (B, L, H, D) memory) and the AOTInductor package of the tiny Llama
+  gave wrong numbers even with both branches masked (torch 2.13, CPU);
 - window: the band layout (``_band_blocks``, the torch twin of the ONNX ``_support``) and a gathered-block softmax,
   O(L x window); on CUDA the same layout feeds the Triton block-sparse kernel through the ``rewriter::window_triton``
   triton_op (``wrap_triton``), which Inductor compiles into the package (not run here: no GPU;
@@ -56,13 +61,27 @@ def _exact_attention(q: Tensor, k: Tensor, v: Tensor, key_mask: Optional[Tensor]
                      window: int = 0, alibi: Optional[list[float]] = None, softcap: float = 0.0) -> Tensor:
     """``exact.exact_attention_impl`` with a key mask always applied (the op skips it when every key is real: a
     check on the data that a compiled graph cannot branch on; the masked SDPA gives the same numbers). A softcap
-    takes the op's own dense form, which has no such check."""
+    takes the op's own dense form, which has no such check; no key mask, SDPA's causal flash path when the lengths
+    are equal (the op's own check compares symbolic lengths, which SDPA's is_causal refuses)."""
     from .attention._contract import expand_kv
     from .attention.exact import exact_attention_impl, masked_sdpa
-    if key_mask is None or softcap > 0:
+    if softcap > 0:
         return exact_attention_impl(q, k, v, key_mask, causal, scale, window, alibi, softcap)
     H = q.shape[1]
+    if key_mask is None and window <= 0 and not alibi and \
+            (not causal or statically_known_true(q.shape[2] == k.shape[2])):   # SDPA's flash path
+        return F.scaled_dot_product_attention(q, k, v, is_causal=causal, scale=scale, enable_gqa=k.shape[1] != H)
     return masked_sdpa(q, expand_kv(k, H), expand_kv(v, H), key_mask, causal, scale, window, alibi)
+
+
+def _exact_triton(q: Tensor, k: Tensor, v: Tensor, key_mask: Optional[Tensor], causal: bool, scale: float,
+                  window: int = 0, alibi: Optional[list[float]] = None, softcap: float = 0.0) -> Tensor:
+    """CUDA: exact attention with a key mask as the ``rewriter::exact_triton`` triton_op (the band kernel over every
+    key the model can see; Inductor compiles it into the package). Without a key mask SDPA's flash path stays; ALiBi
+    and softcap sites take the aten form."""
+    if key_mask is None or alibi or softcap > 0:
+        return _exact_attention(q, k, v, key_mask, causal, scale, window, alibi, softcap)
+    return torch.ops.rewriter.exact_triton(q, k, v, key_mask, causal, scale, window)
 
 
 def _pad(x: Tensor, pad, value: float = 0.0) -> Tensor:
@@ -574,7 +593,8 @@ def _block_topk_attention(q: Tensor, k: Tensor, v: Tensor, key_mask: Optional[Te
 
 def lowerings(device: str = "cpu") -> dict:
     """op -> the body the package is compiled from (see the module docstring): aten only, except that on CUDA (with
-    Triton usable) the window op becomes the ``rewriter::window_triton`` triton_op, which Inductor compiles in."""
+    Triton usable) the window op becomes the ``rewriter::window_triton`` triton_op and exact attention with a key mask
+    ``rewriter::exact_triton``, which Inductor compiles in."""
     from .attention._contract import METHODS
     from .linear.binary import binary_linear_reference
     from .linear.fused import rms_norm_reference, silu_mul_reference
@@ -585,6 +605,7 @@ def lowerings(device: str = "cpu") -> dict:
         from .attention.triton import triton_available, use_reference
         if triton_available() and not use_reference():
             table[torch.ops.rewriter.window.default] = _window_triton
+            table[torch.ops.rewriter.exact_attention.default] = _exact_triton
     table[torch.ops.rewriter.linear.default] = _linear_attention
     table[torch.ops.rewriter.hedgehog.default] = _hedgehog_attention
     table[torch.ops.rewriter.strided.default] = _strided_attention
@@ -620,6 +641,7 @@ def _strip_metadata_asserts(ep: torch.export.ExportedProgram) -> None:
     ep.graph_module.recompile()
 
 
+TRITON_OPS = {"rewriter::window_triton", "rewriter::exact_triton"}   # triton_ops: Inductor compiles them in
 LONG_HINT = 509   # tokens: several blocks of every block size the ops take; odd, so never a whole number of blocks
 
 
@@ -696,7 +718,7 @@ def lower(program) -> torch.export.ExportedProgram:
             raise RewriterError(f"{TWINS.get(name, name)} cannot be compiled into an AOTInductor package: its "
                                 f"reference does not trace with dynamic lengths ({first})",
                                 "use `rewriter export --onnx` or the eager program for this method") from None
-    left = {name for name in _rewriter_ops(ep) if name != "rewriter::window_triton"}   # Inductor compiles that in
+    left = set(_rewriter_ops(ep)) - TRITON_OPS
     if left:
         raise RewriterError(f"rewriter ops left after lowering: {', '.join(sorted(left))}")
     _strip_metadata_asserts(ep)

@@ -151,6 +151,45 @@ def test_window_triton_op_traces_with_dynamic_lengths(triton_compiler):
     assert "rewriter.window_triton.default" in ops and "rewriter.window.default" not in ops
 
 
+def test_exact_triton_op_matches_exact_attention(triton_interpreter):
+    """Exact attention with a key mask as CUDA packages compile it (the band kernel with no band, or the model's own
+    causal window), run by triton's interpreter, equals the exact op: causal and not, GQA, padded keys, a row with no
+    real key (0), lengths that are not whole tiles."""
+    g = torch.Generator().manual_seed(0)
+    for causal in (False, True):
+        for L in (37, 70):
+            q, k, v = (torch.randn(2, h, L, 16, generator=g) for h in (4, 2, 2))
+            mask = torch.rand(2, L, generator=g) > 0.2
+            mask[1, :9] = False                 # left padding: causal rows 0-8 of batch 1 see no real key
+            for window in ((0, 7) if causal else (0,)):
+                got = torch.ops.rewriter.exact_triton(q, k, v, mask, causal, 0.3, window)
+                want = torch.ops.rewriter.exact_attention(q, k, v, mask, causal, 0.3, window)
+                assert (got - want).abs().max() < 1e-5, (causal, L, window)
+            if causal:
+                assert got[1, :, :9].abs().max() == 0
+
+
+def test_exact_triton_lowering_traces_with_dynamic_lengths(triton_compiler):
+    """On CUDA `lower` turns exact attention with a key mask into the exact_triton triton_op (without one it stays
+    SDPA's flash path); its body traces with a symbolic batch and length."""
+    from rewriter.compile import _exact_triton
+
+    class Exact(torch.nn.Module):
+        def forward(self, q, k, v, m):
+            return torch.ops.rewriter.exact_attention(q, k, v, m, True, 0.3) + \
+                torch.ops.rewriter.exact_attention(q, k, v, None, True, 0.3)
+
+    x = {"q": torch.randn(2, 4, 45, 16), "k": torch.randn(2, 2, 45, 16), "v": torch.randn(2, 2, 45, 16),
+         "m": torch.ones(2, 45, dtype=torch.bool)}
+    B, L = torch.export.Dim("b", min=1, max=8), torch.export.Dim("s", min=2, max=512)
+    dyn = {"q": {0: B, 2: L}, "k": {0: B, 2: L}, "v": {0: B, 2: L}, "m": {0: B, 1: L}}
+    ep = torch.export.export(Exact(), (), x, dynamic_shapes=dyn, strict=False)
+    ep = ep.run_decompositions({torch.ops.rewriter.exact_attention.default: _exact_triton})
+    ops = [str(n.target) for n in ep.graph.nodes if n.op == "call_function"]
+    assert ops.count("rewriter.exact_triton.default") == 1 and "rewriter.exact_attention.default" not in ops
+    assert any("scaled_dot_product" in o for o in ops)
+
+
 def test_feature_map_lowerings_match_the_ops():
     """The package bodies of performer, scatterbrain, linear (plain, sinks only, window hybrid) and hedgehog (plain and
     hybrid) equal the ops in float64 at lengths around the 64-token blocks and chunks, causal and not, GQA, padded."""

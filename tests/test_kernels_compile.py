@@ -127,16 +127,18 @@ def test_binary_splitk_gemv_compiles(M):
 
 # scale "fp64": how Inductor launches the kernel inside the window_triton op (torch.compile, AOTI packages); it made
 # the accumulator of tl.dot fp64 and the compile failed on the H200 until the kernel cast its scale to fp32
-@pytest.mark.parametrize("causal,masked,lowrank,heads,scale", [(True, False, False, 4, "fp32"),
-                                                               (False, True, True, 1, "fp32"),
-                                                               (True, True, False, 4, "fp64")])
-def test_band_attention_compiles(causal, masked, lowrank, heads, scale):
+# band False: no band and no sinks, exact attention as the exact_triton op launches it (compiled packages)
+@pytest.mark.parametrize("causal,masked,lowrank,heads,scale,band", [(True, False, False, 4, "fp32", True),
+                                                                    (False, True, True, 1, "fp32", True),
+                                                                    (True, True, False, 4, "fp64", True),
+                                                                    (True, True, False, 4, "fp64", False)])
+def test_band_attention_compiles(causal, masked, lowrank, heads, scale, band):
     from rewriter.attention.triton import window_attention
     ptrs = {"Q": "*bf16", "K": "*bf16", "V": "*bf16", "Out": "*bf16", "Lse": "*fp32", "KeyMask": "*i8",
             "LrNum": "*fp32", "LrDen": "*fp32", "LrLog": "*fp32", "qk_scale": scale}
     compile_for_sm90(window_attention._band_fwd, ptrs, dict(
-        CAUSAL=causal, HAS_MASK=masked, HAS_LOWRANK=lowrank, LOWRANK_GAIN=False, WINDOW_LEFT=True,
-        WINDOW_RIGHT=not causal, HAS_SINKS=True, BLOCK_M=128, BLOCK_N=64, HEADS=heads,
+        CAUSAL=causal, HAS_MASK=masked, HAS_LOWRANK=lowrank, LOWRANK_GAIN=False, WINDOW_LEFT=band,
+        WINDOW_RIGHT=band and not causal, HAS_SINKS=band, BLOCK_M=128, BLOCK_N=64, HEADS=heads,
         HEAD_D=128, HEAD_DV=128, PAD_D=128, PAD_DV=128, DOT_PRECISION="tf32"), num_warps=8, aligned=True)
 
 

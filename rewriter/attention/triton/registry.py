@@ -6,7 +6,8 @@ windowed hybrids the block-sparse window kernel with the linear kernel's off-ban
 The sparse ops (window, block top-k, strided) run their own layout code with ``sparse_attention_core`` (the Triton
 block-sparse kernel) as their core. ``rewriter::window_triton`` is the window op as a ``torch.library.triton_op``:
 its layout traces with dynamic lengths and its launch goes through ``wrap_triton``, so an AOTInductor package of a
-CUDA program compiles the block-sparse kernel in (``rewriter.compile`` lowers ``rewriter::window`` to it on CUDA).
+CUDA program compiles the block-sparse kernel in (``rewriter.compile`` lowers ``rewriter::window`` to it on CUDA);
+``rewriter::exact_triton`` likewise is exact attention with a key mask on the band kernel with no band.
 LSH keeps its reference on CUDA: its rounds subtract a per-pair duplicate count inside the softmax, which the
 block-sparse kernel does not take.
 """
@@ -195,6 +196,21 @@ def window_triton(q: Tensor, k: Tensor, v: Tensor, key_mask: Optional[Tensor], c
     from .window_attention import band_attention
     left, right = window_extents(window, causal)
     return band_attention(q, k, v, key_mask, causal, scale, left, right, sinks)[0]
+
+
+@torch.library.triton_op("rewriter::exact_triton", mutates_args=())
+def exact_triton(q: Tensor, k: Tensor, v: Tensor, key_mask: Optional[Tensor], causal: bool, scale: float,
+                 window: int = 0) -> Tensor:
+    """Exact attention (rewriter::exact_attention without ALiBi or softcap) on the Triton band kernel with no band
+    limit, or the model's own window (keys with i - j < window), for compiled packages with a key mask: the compiled
+    graph cannot skip an all-real mask as the op does, and SDPA's masked kernels read an L x L mask (a captured
+    program compiled ran at 0.45x its eager program, issue 13). float64 and head dims over TRITON_MAX_HEAD_DIM take
+    the aten form."""
+    from ...compile import _exact_attention
+    if q.dtype == torch.float64 or max(q.shape[-1], v.shape[-1]) > TRITON_MAX_HEAD_DIM:
+        return _exact_attention(q, k, v, key_mask, causal, scale, window)
+    from .window_attention import band_attention
+    return band_attention(q, k, v, key_mask, causal, scale, window - 1 if window > 0 else -1, -1, 0)[0]
 
 
 @cuda_kernel("rewriter::binary_linear")

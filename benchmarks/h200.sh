@@ -5,6 +5,7 @@
 #   bash benchmarks/h200.sh forms     # 1.1B prefill of captured + window as eager program, HF folder, AOTI package
 #   bash benchmarks/h200.sh compiled  # the same programs compiled by Inductor (torch.compile), and transformers so
 #   bash benchmarks/h200.sh fused     # 1.1B prefill (32K, 16K), eager programs: window, window + fuse, fuse alone
+#   bash benchmarks/h200.sh issue13   # fuse kernels; 32K eager window / + fuse / fuse, captured + window compiled
 #   bash benchmarks/h200.sh attention # window / linear / Scatterbrain kernels at 16K-64K vs FlexAttention, fla, SDPA
 #   bash benchmarks/h200.sh band      # the band (window) kernel's config sweep, Scatterbrain, binary GEMV sweep
 #   bash benchmarks/h200.sh decode    # KV decode, batch 1, every KV pass (decode-batch: batches 1 / 8 / 32;
@@ -48,6 +49,16 @@ fused)   # issue 13: the fuse pass (RMSNorm, SwiGLU's silu * up: one Triton kern
     --lengths ${PREFILL_LENGTHS:-32768 16384} --out "$OUT/prefill_${PREFILL_TAG:-h200}_fused.json" \
     > "$OUT/prefill_fused.log" 2>&1
   echo "prefill fused rc=$?"; grep '"form"\|Error' "$OUT/prefill_fused.log" | tail -12;;
+issue13)   # issue 13 in one call: the fuse kernels, then at 32K the eager programs (captured, window, window + fuse,
+           # fuse alone) and the compiled captured and window programs (transformers compiled: earlier runs)
+  timeout 80 python benchmarks/fused_kernels.py --out "$OUT/fused_kernels_${PREFILL_TAG:-h200}.json" \
+    > "$OUT/fused_kernels.log" 2>&1
+  echo "fused kernels rc=$?"; tail -8 "$OUT/fused_kernels.log"
+  TORCHINDUCTOR_COMPILE_THREADS=1 timeout 480 python benchmarks/prefill.py --forms eager compiled \
+    --variants window window_fused fused --compiled-variants captured window --no-transformers-compiled \
+    --lengths ${PREFILL_LENGTHS:-32768} --out "$OUT/prefill_${PREFILL_TAG:-h200}_issue13.json" \
+    > "$OUT/prefill_issue13.log" 2>&1
+  echo "prefill rc=$?"; grep -v Warning "$OUT/prefill_issue13.log" | grep '"form"\|diff\|Error' | tail -16;;
 attention)   # issue 19: window (tuned configs, GQA), linear (chunk-parallel, GQA), Scatterbrain, at 16K-64K
   timeout ${ATTN_TIMEOUT:-420} python benchmarks/attention.py --lengths ${ATTN_LENGTHS:-16384 32768 65536} \
     --budget-s ${ATTN_BUDGET:-360} --out "$OUT/attention_h200_v4.json" > "$OUT/attention.log" 2>&1

@@ -91,6 +91,10 @@ def main() -> int:
     parser.add_argument("--reps", type=int, default=3)
     parser.add_argument("--tiny", action="store_true")
     parser.add_argument("--forms", nargs="+", default=["eager"], choices=["eager", "hf", "aoti", "compiled"])
+    parser.add_argument("--compiled-variants", nargs="+", default=None,
+                        help="the variants (captured included) timed in the compiled form (default: all)")
+    parser.add_argument("--no-transformers-compiled", action="store_true",
+                        help="with --forms compiled, do not compile transformers' own model as well")
     parser.add_argument("--workdir", default="/tmp/prefill_outputs", help="output folders for the hf / aoti forms")
     args = parser.parse_args()
     device = "cpu" if args.tiny else "cuda"
@@ -126,7 +130,7 @@ def main() -> int:
             res = optimize(model, [make_pass(p, o) for p, o in specs], samples=2, seq_len=256, out=out_dir)
             program, final = res.program, res.report.get("final", {})
         program = program.to(device)
-        if "compiled" in args.forms:
+        if "compiled" in args.forms and (args.compiled_variants is None or name in args.compiled_variants):
             from rewriter.compile import lower    # the aten program an AOTI package compiles (window: its triton_op)
             compiled = torch.compile(lower(program).module(), fullgraph=True)
 
@@ -162,7 +166,7 @@ def main() -> int:
         base = timed(lambda: gpu_model(input_ids=ids, use_cache=False), args.reps, device)
         result["records"].append({"variant": "transformers", "L": L, "ms": base, "speedup": 1.0, "form": "hf"})
         print(f"L={L} transformers {base:.1f} ms", flush=True)
-        if "compiled" in args.forms:
+        if "compiled" in args.forms and not args.no_transformers_compiled:
             try:
                 hf_compiled = torch.compile(gpu_model, fullgraph=True)
                 ms = timed(lambda: hf_compiled(input_ids=ids, use_cache=False), args.reps, device)

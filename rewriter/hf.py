@@ -146,8 +146,121 @@ def attention_plan(program) -> dict:
                  and s["groups"][0]["method"] == "exact-attention"]:
         exact.append(sites.pop(path)["path"])
     layers = [s["layer"] for s in sites.values()] + [layer_index(p) for p in exact]
-    return {"format": FORMAT, "sites": list(sites.values()), "exact_sites": exact,
-            "by_layer": None not in layers and len(set(layers)) == len(layers)}, tensors
+    plan = {"format": FORMAT, "sites": list(sites.values()), "exact_sites": exact,
+            "by_layer": None not in layers and len(set(layers)) == len(layers)}
+    fused = fused_modules(gm, program.meta.get("eager_model"))
+    if fused:
+        plan["fused"] = fused
+    return plan, tensors
+
+
+# --- the `fuse` pass's ops inside transformers ---------------------------------------------------------------------
+
+def _fusable(module, kind: str, eps) -> str | None:
+    """Why `module` cannot run the fused op of `kind` in place of its forward (None: it can): an RMSNorm with its own
+    weight and epsilon; an MLP computing down_proj(silu(gate_proj(x)) * up_proj(x))."""
+    from torch import nn
+    if kind == "rms_norm":
+        own = getattr(module, "variance_epsilon", getattr(module, "eps", None))
+        if not isinstance(getattr(module, "weight", None), torch.Tensor) or own is None:
+            return f"{type(module).__name__} has no weight / epsilon"
+        return None if abs(float(own) - float(eps)) <= 1e-12 else f"its epsilon is {own}, the plan's {eps}"
+    if kind == "silu_mul":
+        parts = [getattr(module, n, None) for n in ("gate_proj", "up_proj", "down_proj")]
+        if not all(isinstance(p, nn.Linear) for p in parts):
+            return f"{type(module).__name__} has no gate_proj / up_proj / down_proj linears"
+        act = getattr(module, "act_fn", None)
+        return None if isinstance(act, nn.SiLU) or type(act).__name__ == "SiLUActivation" \
+            else f"its activation is {type(act).__name__}, not SiLU"
+    return f"unknown fusion {kind!r}"
+
+
+def fused_modules(gm: fx.GraphModule, model=None) -> list[dict]:
+    """The modules whose fused ops (the `fuse` pass: rewriter::rms_norm, rewriter::silu_mul) the HF folder runs in
+    place of their forward: [{"path", "kind", "eps"?}]. With the eager model, only modules whose structure the fused
+    forward reproduces (``_fusable``); the folder check compares the result with the program either way."""
+    from .graph import module_path
+    kinds = {torch.ops.rewriter.rms_norm.default: "rms_norm", torch.ops.rewriter.silu_mul.default: "silu_mul"}
+    out, seen = [], set()
+    for node in gm.graph.nodes:
+        kind = kinds.get(node.target) if node.op == "call_function" else None
+        path = module_path(node) if kind else ""
+        if not kind or not path or path in seen:
+            continue
+        entry = {"path": path, "kind": kind}
+        if kind == "rms_norm":
+            entry["eps"] = float(node.args[2])
+        if model is not None:
+            try:
+                module = model.get_submodule(path)
+            except AttributeError:
+                continue
+            if _fusable(module, kind, entry.get("eps")):
+                continue
+        seen.add(path)
+        out.append(entry)
+    return out
+
+
+def _rms_norm_forward(module, eps: float):
+    def forward(hidden_states):
+        return torch.ops.rewriter.rms_norm(hidden_states, module.weight, eps)
+    return forward
+
+
+def _silu_mul_forward(module):
+    def forward(x):
+        return module.down_proj(torch.ops.rewriter.silu_mul(module.gate_proj(x), module.up_proj(x)))
+    return forward
+
+
+_FUSED_ATTR = "_rewriter_fused"   # on a transformers model: the fused forwards are in place
+
+
+def fuse_modules(root) -> int:
+    """Give the modules the plan of `root`'s config names (its `fused` list) the fused ops as their forward, once
+    per model; returns how many were patched now. RewriterError when the folder's plan does not fit the model."""
+    if getattr(root, _FUSED_ATTR, False):
+        return 0
+    block = getattr(getattr(root, "config", None), CONFIG_KEY, None)
+    entries = block.get("fused") if isinstance(block, dict) else None
+    patched = 0
+    for entry in entries or []:
+        if not isinstance(entry, dict) or entry.get("kind") not in ("rms_norm", "silu_mul"):
+            raise RewriterError(f"the HF folder's plan names a fusion this rewriter does not have: {entry!r}",
+                                "install the rewriter version that wrote it")
+        try:
+            module = root.get_submodule(entry["path"])
+        except AttributeError:
+            raise RewriterError(f"the HF folder's plan fuses {entry['path']}, which the model does not have") from None
+        why = _fusable(module, entry["kind"], entry.get("eps"))
+        if why:
+            raise RewriterError(f"the HF folder's plan fuses {entry['path']} ({entry['kind']}), but {why}")
+        module.forward = _rms_norm_forward(module, float(entry["eps"])) if entry["kind"] == "rms_norm" \
+            else _silu_mul_forward(module)
+        patched += 1
+    setattr(root, _FUSED_ATTR, True)
+    return patched
+
+
+def _fuse_calling_model() -> None:
+    from transformers import PreTrainedModel
+    frame, root = sys._getframe(2), None
+    while frame is not None:                     # the outermost transformers model on the call stack
+        owner = frame.f_locals.get("self")
+        if isinstance(owner, PreTrainedModel):
+            root = owner
+        frame = frame.f_back
+    if root is not None:
+        fuse_modules(root)
+
+
+def mask(*args, **kwargs):
+    """SDPA's mask builder (transformers calls it once per forward, before the first layer), which first gives the
+    calling model its fused forwards (``fuse_modules``)."""
+    from transformers.masking_utils import sdpa_mask
+    _fuse_calling_model()
+    return sdpa_mask(*args, **kwargs)
 
 
 def write_attention_config(folder: Path, plan: dict, tensors: dict) -> None:
@@ -305,6 +418,7 @@ def attention(module, query, key, value, attention_mask, scaling=None, dropout: 
     """transformers' attention-function contract: q (B, H, Lq, D), k/v (B, Hkv, Lk, D) -> ((B, Lq, H, Dv), None)."""
     site = getattr(module, _SITE_ATTR, None)
     if site is None:
+        _fuse_calling_model()       # where the model built no mask through `mask`
         site = _resolve(module) or _UNPLANNED
         setattr(module, _SITE_ATTR, site)
     if site is _UNPLANNED:
@@ -342,11 +456,11 @@ def register() -> bool:
     """Register `attention` (and SDPA's mask builder) under NAME in transformers; False without transformers."""
     try:
         from transformers import AttentionInterface
-        from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
+        from transformers.masking_utils import AttentionMaskInterface, sdpa_mask  # noqa: F401
     except ImportError:
         return False
     AttentionInterface.register(NAME, attention)
-    AttentionMaskInterface.register(NAME, sdpa_mask)
+    AttentionMaskInterface.register(NAME, mask)
     return True
 
 

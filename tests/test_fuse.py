@@ -250,6 +250,45 @@ def test_fuse_composes_with_other_passes_in_either_order(llama, fused, fused_win
     assert [g["method"] for s in cfg["rewriter"]["sites"] for g in s["groups"]] == ["window", "window"]
 
 
+def test_hf_folder_runs_the_fused_ops(llama, tmp_path):
+    """An attention rewrite's HF folder names the fused modules (5 RMSNorms, 2 MLPs); in transformers their forwards
+    become the fused ops from the first forward on (counted through the ops), equal to the program; a plan whose
+    fusion does not fit the model is refused by name."""
+    import transformers
+    import rewriter.hf as hf
+    out = tmp_path / "out"
+    fused_window = optimize(llama[1], [make_pass("fuse"), make_pass("window", {"window": 6, "sinks": 1, "block": 4})],
+                            samples=2, seq_len=16, out=out)
+    assert hf.NAME == json.loads((out / "hf" / "config.json").read_text())["attn_implementation"]
+    cfg = json.loads((out / "hf" / "config.json").read_text())
+    fused = cfg["rewriter"]["fused"]
+    assert sorted(e["kind"] for e in fused) == ["rms_norm"] * 5 + ["silu_mul"] * 2
+    assert {e["path"] for e in fused} >= {"model.norm", "model.layers.1.mlp", "model.layers.0.input_layernorm"}
+    from torch.utils._python_dispatch import TorchDispatchMode
+    calls = {"rewriter.rms_norm.default": 0, "rewriter.silu_mul.default": 0}
+
+    class Count(TorchDispatchMode):
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            if str(func) in calls:
+                calls[str(func)] += 1
+            return func(*args, **(kwargs or {}))
+
+    model = transformers.AutoModelForCausalLM.from_pretrained(str(out / "hf")).eval()
+    x = model_inputs("llama", 2, 23, seed=8)
+    with torch.no_grad(), Count():
+        got = model(**x).logits
+    # the first forward already runs every fused forward
+    assert calls == {"rewriter.rms_norm.default": 5, "rewriter.silu_mul.default": 2}
+    want = fused_window.program.run(**x)[0]
+    valid = x["attention_mask"].bool()
+    assert float((got - want)[valid].abs().max()) < 1e-5
+    cfg["rewriter"]["fused"][0]["eps"] = 0.5
+    (out / "hf" / "config.json").write_text(json.dumps(cfg))
+    model = transformers.AutoModelForCausalLM.from_pretrained(str(out / "hf")).eval()
+    with pytest.raises(RewriterError, match="epsilon"), torch.no_grad():
+        model(**x)
+
+
 # --- deployment: .pt2, AOTInductor lowering, HF folder (ONNX: tests/test_onnx_backend.py's llama-window-think-fuse) --
 
 def test_fused_program_saves_and_lowers(fused_window, tmp_path):

@@ -50,12 +50,14 @@ fused)   # issue 13: the fuse pass (RMSNorm, SwiGLU's silu * up: one Triton kern
     > "$OUT/prefill_fused.log" 2>&1
   echo "prefill fused rc=$?"; grep '"form"\|Error' "$OUT/prefill_fused.log" | tail -12;;
 issue13)   # issue 13 in one call: the fuse kernels, then at 32K the eager programs (captured, window, window + fuse,
-           # fuse alone) and the compiled captured and window programs (transformers compiled: earlier runs)
-  timeout 80 python benchmarks/fused_kernels.py --out "$OUT/fused_kernels_${PREFILL_TAG:-h200}.json" \
+           # fuse alone), window + fuse as its HF folder in transformers, and the compiled captured and window
+           # programs (transformers compiled: earlier runs)
+  timeout 60 python benchmarks/fused_kernels.py --out "$OUT/fused_kernels_${PREFILL_TAG:-h200}.json" \
     > "$OUT/fused_kernels.log" 2>&1
   echo "fused kernels rc=$?"; tail -8 "$OUT/fused_kernels.log"
-  TORCHINDUCTOR_COMPILE_THREADS=1 timeout 480 python benchmarks/prefill.py --forms eager compiled \
-    --variants window window_fused fused --compiled-variants captured window --no-transformers-compiled \
+  TORCHINDUCTOR_COMPILE_THREADS=1 timeout 500 python benchmarks/prefill.py --forms eager compiled hf \
+    --variants window window_fused fused --compiled-variants captured window --hf-variants window_fused \
+    --no-transformers-compiled \
     --lengths ${PREFILL_LENGTHS:-32768} --out "$OUT/prefill_${PREFILL_TAG:-h200}_issue13.json" \
     > "$OUT/prefill_issue13.log" 2>&1
   echo "prefill rc=$?"; grep -v Warning "$OUT/prefill_issue13.log" | grep '"form"\|diff\|Error' | tail -16;;

@@ -93,6 +93,8 @@ def main() -> int:
     parser.add_argument("--forms", nargs="+", default=["eager"], choices=["eager", "hf", "aoti", "compiled"])
     parser.add_argument("--compiled-variants", nargs="+", default=None,
                         help="the variants (captured included) timed in the compiled form (default: all)")
+    parser.add_argument("--hf-variants", nargs="+", default=None,
+                        help="the variants (captured included) written and timed as HF folders (default: all)")
     parser.add_argument("--no-transformers-compiled", action="store_true",
                         help="with --forms compiled, do not compile transformers' own model as well")
     parser.add_argument("--workdir", default="/tmp/prefill_outputs", help="output folders for the hf / aoti forms")
@@ -114,16 +116,16 @@ def main() -> int:
     import shutil
     from pathlib import Path
     workdir = Path(args.workdir)
-    deployed = [f for f in args.forms if f in ("hf", "aoti")]
     runners = {}          # (variant, form) -> callable(ids) running one forward
     checks = {}           # variant -> eager program its compiled form is checked against
     for name in ["captured", *args.variants]:
         t0 = time.perf_counter()
         specs = PASSES.get(name, PASSES["exact"])    # captured: the no-op pass, for an output folder
-        out_dir = workdir / name if deployed else None
+        forms = [f for f in args.forms if f != "hf" or args.hf_variants is None or name in args.hf_variants]
+        out_dir = workdir / name if any(f in ("hf", "aoti") for f in forms) else None
         if out_dir is not None and out_dir.exists():
             shutil.rmtree(out_dir)
-        if name == "captured" and not deployed:
+        if name == "captured" and out_dir is None:
             program = load_program(model)
             final = {}
         else:
@@ -140,14 +142,14 @@ def main() -> int:
             runners[(name, "eager")] = lambda ids, program=program: program.run(**feed(program, ids))
         build = {"seconds": time.perf_counter() - t0, "pass": " + ".join(f"{p}:{o}" for p, o in specs),
                  "calibration_metrics": final}
-        if "hf" in args.forms:
+        if "hf" in forms:
             import transformers
             if (out_dir / "hf" / "config.json").exists():
                 hf = transformers.AutoModelForCausalLM.from_pretrained(str(out_dir / "hf"), dtype=model.dtype).to(device).eval()
                 runners[(name, "hf")] = lambda ids, hf=hf: hf(input_ids=ids, use_cache=False)
             else:
                 build["hf"] = "no hf/ folder: " + "; ".join(json.loads((out_dir / "report.json").read_text()).get("notes", []))
-        if "aoti" in args.forms:
+        if "aoti" in forms:
             t1 = time.perf_counter()
             try:
                 rec = compile_output(out_dir, device=device)

@@ -93,6 +93,35 @@ def test_band_with_padding_and_rows_without_keys(causal):
     check(out, lse, ref, ref_lse)
 
 
+def run_masks(L):
+    """Key masks of 5 batch rows: all real, left padding, right padding, a hole, none real."""
+    m = torch.ones(5, L, dtype=torch.bool)
+    m[1, :23] = False
+    m[2, L - 19:] = False
+    m[3, 30:33] = False
+    m[4] = False
+    return m
+
+
+def test_mask_span():
+    from rewriter.attention.triton.window_attention import mask_span
+    L = 90
+    assert mask_span(run_masks(L)).tolist() == [[0, 89, 1], [23, 89, 1], [0, 70, 1], [0, 89, 0], [90, -1, 0]]
+    assert mask_span(torch.ones(2, 0, dtype=torch.bool)).tolist() == [[0, -1, 1]] * 2   # no key: no tile
+
+
+@pytest.mark.parametrize("causal,left,right,sinks", [(True, -1, 0, 0), (False, -1, -1, 0), (True, 30, 0, 3),
+                                                     (False, 20, 20, 0)])
+def test_band_with_runs_of_real_keys(causal, left, right, sinks):
+    """Masks whose real keys are one run keep the interior tiles inside the run (the exact_triton op of compiled
+    programs always passes a mask): left and right padding, all real, beside a hole and a row with none."""
+    L = 90
+    q, k, v = qkv(5, 5, 4, 2, L, L, 16)
+    mask = run_masks(L)
+    out, lse = band_attention(q, k, v, mask, causal, 16 ** -0.5, left, right, sinks, config=(32, 16, 4, 1), heads=2)
+    check(out, lse, *reference(q, k, v, mask, causal, left, right, sinks))
+
+
 @pytest.mark.parametrize("gain", [False, True])
 def test_band_lowrank_epilogue(gain):
     B, H, Hkv, L, D = 1, 4, 2, 40, 16

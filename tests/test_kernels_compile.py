@@ -135,7 +135,7 @@ def test_binary_splitk_gemv_compiles(M):
 def test_band_attention_compiles(causal, masked, lowrank, heads, scale, band):
     from rewriter.attention.triton import window_attention
     ptrs = {"Q": "*bf16", "K": "*bf16", "V": "*bf16", "Out": "*bf16", "Lse": "*fp32", "KeyMask": "*i8",
-            "LrNum": "*fp32", "LrDen": "*fp32", "LrLog": "*fp32", "qk_scale": scale}
+            "MaskSpan": "*i32", "LrNum": "*fp32", "LrDen": "*fp32", "LrLog": "*fp32", "qk_scale": scale}
     compile_for_sm90(window_attention._band_fwd, ptrs, dict(
         CAUSAL=causal, HAS_MASK=masked, HAS_LOWRANK=lowrank, LOWRANK_GAIN=False, WINDOW_LEFT=band,
         WINDOW_RIGHT=band and not causal, HAS_SINKS=band, BLOCK_M=128, BLOCK_N=64, HEADS=heads,

@@ -8,7 +8,8 @@ speed on long sequences:
   tiles), so the loads of K/V do not wait on a loaded block index and the loop pipelines;
 - three loops over the band: the edge tiles on either side with the token-level predicate, the interior tiles
   (every pair allowed for every row of the program) without it, as FlashAttention's causal kernels split off the
-  diagonal;
+  diagonal; with a key mask a tile is interior only inside its batch row's run of real keys (``mask_span``: left or
+  right padding, or a mask of all ones, as compiled programs always pass), every tile takes the predicate otherwise;
 - GQA: one program takes HEADS_PER_PROGRAM query heads of one KV head (rows = heads x positions), so each K/V tile
   is loaded once for them, and with fewer positions per program the band's edge tiles waste fewer products;
 - the scale goes into the exponent with one FMA (scores in log2 units), the P.V product accumulates in place.
@@ -75,7 +76,7 @@ def _band_step(q, k_base, v_base, s_kn, s_vn, kt, q_pos, key_ok_base, m_i, l_i, 
 
 @triton.jit
 def _band_fwd(
-    Q, K, V, Out, Lse, KeyMask, LrNum, LrDen, LrLog,
+    Q, K, V, Out, Lse, KeyMask, MaskSpan, LrNum, LrDen, LrLog,
     s_qb, s_qh, s_qm, s_kb, s_kh, s_kn, s_vb, s_vh, s_vn, s_ob, s_oh, s_om, s_lb, s_lh, s_nb, s_nh, s_nm, s_mb,
     H, Hkv, group, Lq, Lk, qk_scale, window_left, window_right, sinks,
     CAUSAL: tl.constexpr, HAS_MASK: tl.constexpr, HAS_LOWRANK: tl.constexpr, LOWRANK_GAIN: tl.constexpr,
@@ -134,7 +135,13 @@ def _band_fwd(
     if WINDOW_LEFT:
         in_lo = tl.maximum(in_lo, (p_last - window_left + BLOCK_N - 1) // BLOCK_N)
     if HAS_MASK:
-        in_hi = in_lo                              # padding: every tile takes the predicate
+        # padding: tiles holding a padded key take the predicate. Where the batch row's real keys are one run (left
+        # or right padding, or none) the tiles inside it stay interior, else every tile takes the predicate
+        span_first = tl.load(MaskSpan + b * 3)
+        span_last = tl.load(MaskSpan + b * 3 + 1)
+        one_run = tl.load(MaskSpan + b * 3 + 2) != 0
+        in_hi = tl.where(one_run, tl.minimum(in_hi, (span_last + 1) // BLOCK_N), in_lo)
+        in_lo = tl.where(one_run, tl.maximum(in_lo, (span_first + BLOCK_N - 1) // BLOCK_N), in_lo)
     in_lo = tl.minimum(in_lo, band_end)
     in_hi = tl.minimum(tl.maximum(in_hi, in_lo), band_end)
 
@@ -202,6 +209,21 @@ def heads_per_program(group: int, block_m: int, limit: int = MAX_HEADS_PER_PROGR
     return h
 
 
+def mask_span(key_mask: Tensor) -> Tensor:
+    """(B, 3) int32 per batch row of the (B, Lk) key mask: its first and last real key (Lk and -1 when none) and 1
+    when the real keys between them are all real (one run: left, right or no padding), else 0. Traceable with
+    symbolic lengths (no reduction over an empty dim: a sentinel column)."""
+    real = key_mask.to(torch.bool)
+    B, Lk = real.shape
+    idx = torch.arange(Lk, device=real.device, dtype=torch.int32).expand(B, Lk)
+    first = torch.cat([torch.where(real, idx, Lk), torch.full((B, 1), Lk, dtype=torch.int32, device=real.device)],
+                      1).amin(1)
+    last = torch.cat([torch.where(real, idx, -1), torch.full((B, 1), -1, dtype=torch.int32, device=real.device)],
+                     1).amax(1)
+    one_run = real.sum(1, dtype=torch.int32) == last - first + 1
+    return torch.stack([first, last, one_run.to(torch.int32)], 1).contiguous()
+
+
 def band_attention(
     q: Tensor, k: Tensor, v: Tensor, key_mask: Tensor | None, causal: bool, scale: float,
     window_left: int, window_right: int, sinks: int = 0,
@@ -228,11 +250,12 @@ def band_attention(
     out = torch.empty(B, H, Lq, Dv, dtype=q.dtype, device=q.device)
     lse = torch.empty(B, H, Lq, dtype=torch.float32, device=q.device)
     mask = key_mask.to(torch.int8).contiguous() if key_mask is not None else out
+    span = mask_span(key_mask) if key_mask is not None else out
     lr_num, lr_den, lr_log = lowrank_buffers(lowrank, (B, H, Lq, Dv), lse)
     positions = block_m // heads
     grid = (triton.cdiv(Lq, positions), B * Hkv * (group // heads))
     launchable(_band_fwd)[grid](
-        q, k, v, out, lse, mask, lr_num, lr_den, lr_log,
+        q, k, v, out, lse, mask, span, lr_num, lr_den, lr_log,
         q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
         v.stride(0), v.stride(1), v.stride(2), out.stride(0), out.stride(1), out.stride(2),
         lse.stride(0), lse.stride(1), *(lr_num.stride()[:3] if lowrank is not None else (0, 0, 0)),

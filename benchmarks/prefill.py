@@ -97,6 +97,9 @@ def main() -> int:
                         help="the variants (captured included) written and timed as HF folders (default: all)")
     parser.add_argument("--no-transformers-compiled", action="store_true",
                         help="with --forms compiled, do not compile transformers' own model as well")
+    parser.add_argument("--profile", action="store_true",
+                        help="after timing, one profiled forward per form at the last length: the GPU kernels' "
+                             "total time and the top kernels (`profiles` in the JSON)")
     parser.add_argument("--workdir", default="/tmp/prefill_outputs", help="output folders for the hf / aoti forms")
     args = parser.parse_args()
     device = "cpu" if args.tiny else "cuda"
@@ -207,7 +210,33 @@ def main() -> int:
             print(name, "compiled vs eager max abs diff", diff, flush=True)
             del want, got
         save()
+    if args.profile and device == "cuda":
+        profile_forms(result, {("transformers", "hf"): lambda ids: gpu_model(input_ids=ids, use_cache=False),
+                               **runners}, ids)
+        save()
     return 0
+
+
+def profile_forms(result: dict, runners: dict, ids: torch.Tensor, top: int = 25) -> None:
+    """One profiled forward per (variant, form): GPU kernel time in all, the kernel count, the top kernels."""
+    from torch.profiler import ProfilerActivity, profile
+    profiles = result.setdefault("profiles", {})
+    for (name, form), run in runners.items():
+        if any(r.get("error") for r in result["records"] if (r["variant"], r["form"]) == (name, form)):
+            continue
+        with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+            with torch.no_grad():
+                run(ids)
+            torch.cuda.synchronize()
+        kernels = [(e.key, e.self_device_time_total / 1e3, e.count) for e in prof.key_averages()
+                   if e.self_device_time_total > 0]
+        kernels.sort(key=lambda r: -r[1])
+        profiles[f"{name}/{form}"] = {
+            "L": int(ids.shape[1]), "gpu_ms": sum(ms for _, ms, _ in kernels),
+            "launches": sum(c for *_, c in kernels),
+            "top": [{"kernel": k[:160], "ms": ms, "count": c} for k, ms, c in kernels[:top]]}
+        p = profiles[f"{name}/{form}"]
+        print(f"profile {name}/{form}: {p['gpu_ms']:.1f} ms GPU, {p['launches']} launches", flush=True)
 
 
 if __name__ == "__main__":

@@ -132,6 +132,17 @@ def test_window_triton_op_matches_the_window_op(triton_interpreter):
             assert (got - want).abs().max() < 1e-5, (causal, L)
 
 
+def _lowered_qkv_ops(module, op, body) -> list[str]:
+    """The call targets of `module`(q, k, v, m) exported with a symbolic batch and length, `op` decomposed by
+    `body` (GQA 4 / 2 heads, 45 tokens)."""
+    x = {"q": torch.randn(2, 4, 45, 16), "k": torch.randn(2, 2, 45, 16), "v": torch.randn(2, 2, 45, 16),
+         "m": torch.ones(2, 45, dtype=torch.bool)}
+    B, L = torch.export.Dim("b", min=1, max=8), torch.export.Dim("s", min=2, max=512)
+    dyn = {"q": {0: B, 2: L}, "k": {0: B, 2: L}, "v": {0: B, 2: L}, "m": {0: B, 1: L}}
+    ep = torch.export.export(module, (), x, dynamic_shapes=dyn, strict=False).run_decompositions({op: body})
+    return [str(n.target) for n in ep.graph.nodes if n.op == "call_function"]
+
+
 def test_window_triton_op_traces_with_dynamic_lengths(triton_compiler):
     """On CUDA `lower` turns the window op into the triton_op; its body (layout and wrap_triton launch) traces with
     a symbolic batch and length (fake tensors; compiling the kernel into a package needs the GPU: h200_check.sh)."""
@@ -141,13 +152,7 @@ def test_window_triton_op_traces_with_dynamic_lengths(triton_compiler):
         def forward(self, q, k, v, m):
             return torch.ops.rewriter.window(q, k, v, m, True, 0.3, 20, 3, 16)
 
-    x = {"q": torch.randn(2, 4, 45, 16), "k": torch.randn(2, 2, 45, 16), "v": torch.randn(2, 2, 45, 16),
-         "m": torch.ones(2, 45, dtype=torch.bool)}
-    B, L = torch.export.Dim("b", min=1, max=8), torch.export.Dim("s", min=2, max=512)
-    dyn = {"q": {0: B, 2: L}, "k": {0: B, 2: L}, "v": {0: B, 2: L}, "m": {0: B, 1: L}}
-    ep = torch.export.export(Window(), (), x, dynamic_shapes=dyn, strict=False)
-    ep = ep.run_decompositions({torch.ops.rewriter.window.default: _window_triton})
-    ops = {str(n.target) for n in ep.graph.nodes if n.op == "call_function"}
+    ops = set(_lowered_qkv_ops(Window(), torch.ops.rewriter.window.default, _window_triton))
     assert "rewriter.window_triton.default" in ops and "rewriter.window.default" not in ops
 
 
@@ -179,13 +184,7 @@ def test_exact_triton_lowering_traces_with_dynamic_lengths(triton_compiler):
             return torch.ops.rewriter.exact_attention(q, k, v, m, True, 0.3) + \
                 torch.ops.rewriter.exact_attention(q, k, v, None, True, 0.3)
 
-    x = {"q": torch.randn(2, 4, 45, 16), "k": torch.randn(2, 2, 45, 16), "v": torch.randn(2, 2, 45, 16),
-         "m": torch.ones(2, 45, dtype=torch.bool)}
-    B, L = torch.export.Dim("b", min=1, max=8), torch.export.Dim("s", min=2, max=512)
-    dyn = {"q": {0: B, 2: L}, "k": {0: B, 2: L}, "v": {0: B, 2: L}, "m": {0: B, 1: L}}
-    ep = torch.export.export(Exact(), (), x, dynamic_shapes=dyn, strict=False)
-    ep = ep.run_decompositions({torch.ops.rewriter.exact_attention.default: _exact_triton})
-    ops = [str(n.target) for n in ep.graph.nodes if n.op == "call_function"]
+    ops = _lowered_qkv_ops(Exact(), torch.ops.rewriter.exact_attention.default, _exact_triton)
     assert ops.count("rewriter.exact_triton.default") == 1 and "rewriter.exact_attention.default" not in ops
     assert any("scaled_dot_product" in o for o in ops)
 

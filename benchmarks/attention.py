@@ -325,11 +325,59 @@ def bench_scatterbrain(L: int, D: int, causal: bool, records: list) -> None:
     print(f"scatterbrain L={L} D={D} causal={causal} ours={sb:.3f} parts={parts} peers={peers}", flush=True)
 
 
+EXACT_CONFIGS = ((64, 64, 4, 3), (128, 64, 8, 3), (128, 64, 4, 3), (128, 128, 8, 3), (64, 128, 4, 3))
+
+
+def bench_exact(L: int, D: int, causal: bool, records: list, peak: float, hkv: int = 8) -> None:
+    """Exact attention on the band kernel with no band (rewriter::exact_triton, what compiled programs run for exact
+    attention with a key mask), swept over tile configs and query heads per program, against SDPA's cuDNN and flash
+    kernels; with a mask of all ones (the compiled program's case) and with 10% left padding, where the eager op
+    runs SDPA on the dense mask (`rewriter::exact_attention`, the peer `eager_op_padded`)."""
+    from torch.nn.attention import SDPBackend
+    from rewriter.attention.triton.window_attention import band_attention, default_config
+    H = 32
+    q = torch.randn(1, H, L, D, device="cuda", dtype=torch.bfloat16)
+    k, v = (torch.randn(1, hkv, L, D, device="cuda", dtype=torch.bfloat16) for _ in range(2))
+    ones = torch.ones(1, L, dtype=torch.bool, device="cuda")
+    padded = ones.clone()
+    padded[:, : L // 10] = False
+    flops = 4 * D * H * (L * (L + 1) // 2 if causal else L * L)
+    sweep = {}
+    for config in dict.fromkeys((default_config(D, q.dtype), *EXACT_CONFIGS)):
+        for heads in (None, 1, 2):
+            key = f"{config}/heads{heads or 'default'}"
+            try:
+                sweep[key] = bench(lambda: band_attention(q, k, v, ones, causal, D ** -0.5, -1, -1, 0,
+                                                          config=config, heads=heads))
+            except Exception as err:  # noqa: BLE001  (a config the compiler refuses)
+                print(f"exact config {key} failed: {type(err).__name__}: {str(err)[:200]}", flush=True)
+                sweep[key] = float("inf")
+    default = f"{default_config(D, q.dtype)}/headsdefault"
+    best = min(sweep, key=sweep.get)
+    ours = {"ones_default": sweep[default], "ones_best": sweep[best],
+            "padded_default": bench(lambda: band_attention(q, k, v, padded, causal, D ** -0.5, -1, -1, 0))}
+    kr, vr = (x.repeat_interleave(H // hkv, 1) for x in (k, v))
+    peers = {"sdpa_cudnn": sdpa_ms(q, kr, vr, causal, SDPBackend.CUDNN_ATTENTION),
+             "sdpa_flash": sdpa_ms(q, kr, vr, causal, SDPBackend.FLASH_ATTENTION),
+             "eager_op_padded": bench(lambda: torch.ops.rewriter.exact_attention(q, k, v, padded, causal,
+                                                                                 D ** -0.5))}
+    name = f"exact_gqa{H}/{hkv}"
+    for label, ms in ours.items():
+        for peer, peer_ms in peers.items():
+            records.append(dict(op=f"{name}_{label}", shape=[1, H, L, D], dtype="bfloat16", causal=causal,
+                                ours_ms=ms, peer=peer, peer_ms=peer_ms,
+                                ratio=None if peer_ms is None else peer_ms / ms, kv_heads=hkv,
+                                config=best if label == "ones_best" else default, sweep_ms=sweep,
+                                tflops=flops / (ms * 1e-3) / 1e12,
+                                fraction_of_matmul_peak=flops / (ms * 1e-3) / 1e12 / peak))
+    print(f"exact L={L} D={D} causal={causal} ours={ours} best={best} peers={peers}", flush=True)
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", required=True)
     parser.add_argument("--lengths", type=int, nargs="+", default=[4096, 16384, 32768, 65536])
-    parser.add_argument("--ops", nargs="+", choices=["window", "linear", "scatterbrain"],
+    parser.add_argument("--ops", nargs="+", choices=["window", "linear", "scatterbrain", "exact"],
                         default=["window", "linear", "scatterbrain"])
     parser.add_argument("--dims", type=int, nargs="+", default=[128, 64])
     parser.add_argument("--budget-s", type=float, default=400.0, help="stop starting new shapes after this long")
@@ -377,6 +425,8 @@ def main() -> int:
                         bench_linear(L, D, causal, result["records"], fla_ops, hkv=8)
                 if "scatterbrain" in args.ops:
                     bench_scatterbrain(L, D, causal, result["records"])
+                if "exact" in args.ops:
+                    bench_exact(L, D, causal, result["records"], result["matmul_peak_tflops"])
                 save()
                 torch.cuda.empty_cache()
     result["elapsed_s"] = time.time() - start

@@ -7,6 +7,7 @@
 #   bash benchmarks/h200.sh fused     # 1.1B prefill (32K, 16K), eager programs: window, window + fuse, fuse alone
 #   bash benchmarks/h200.sh issue13   # fuse kernels; 32K eager window / + fuse / fuse, captured + window compiled
 #   bash benchmarks/h200.sh attention # window / linear / Scatterbrain kernels at 16K-64K vs FlexAttention, fla, SDPA
+#   bash benchmarks/h200.sh exact     # exact attention on the band kernel (exact_triton) vs SDPA, config sweep
 #   bash benchmarks/h200.sh band      # the band (window) kernel's config sweep, Scatterbrain, binary GEMV sweep
 #   bash benchmarks/h200.sh decode    # KV decode, batch 1, every KV pass (decode-batch: batches 1 / 8 / 32;
 #                                     # decode-fused: every pass at 32K with the Inductor-fused step)
@@ -65,6 +66,12 @@ attention)   # issue 19: window (tuned configs, GQA), linear (chunk-parallel, GQ
   timeout ${ATTN_TIMEOUT:-420} python benchmarks/attention.py --lengths ${ATTN_LENGTHS:-16384 32768 65536} \
     --budget-s ${ATTN_BUDGET:-360} --out "$OUT/attention_h200_v4.json" > "$OUT/attention.log" 2>&1
   echo "attention rc=$?"; grep -E "^(window|linear|scatterbrain) " "$OUT/attention.log" | cut -c1-400;;
+exact)   # issue 13 / 19: exact attention on the band kernel with no band (compiled programs' exact_triton), a
+         # config / heads sweep against SDPA cuDNN and flash, all-ones and left-padded masks (the eager op's SDPA path)
+  timeout ${ATTN_TIMEOUT:-330} python benchmarks/attention.py --ops exact --lengths ${ATTN_LENGTHS:-32768 16384} \
+    --dims 64 128 --budget-s ${ATTN_BUDGET:-270} --out "$OUT/attention_exact_${ATTN_TAG:-h200}.json" \
+    > "$OUT/attention_exact.log" 2>&1
+  echo "attention exact rc=$?"; grep -E "^exact " "$OUT/attention_exact.log" | cut -c1-600;;
 band)   # issue 19: the band (window) kernel's config sweep + Scatterbrain on it, then the binary GEMV sweep
   timeout 400 python benchmarks/attention.py --lengths ${ATTN_LENGTHS:-32768 65536 16384} \
     --ops ${ATTN_OPS:-window scatterbrain} --budget-s ${ATTN_BUDGET:-330} \

@@ -282,6 +282,16 @@ def test_hf_folder_runs_the_fused_ops(llama, tmp_path):
     want = fused_window.program.run(**x)[0]
     valid = x["attention_mask"].bool()
     assert float((got - want)[valid].abs().max()) < 1e-5
+    # generate (KV cache, one token per step) through the fused forwards: the tokens of the same folder without
+    # the fused list (the ops compute the modules' own arithmetic, bit for bit on the CPU)
+    ids = x["input_ids"][:1, :11]
+    tokens = model.generate(ids, max_new_tokens=6, do_sample=False)
+    plain = json.loads(json.dumps(cfg))
+    del plain["rewriter"]["fused"]
+    (out / "hf" / "config.json").write_text(json.dumps(plain))
+    unfused = transformers.AutoModelForCausalLM.from_pretrained(str(out / "hf")).eval()
+    assert torch.equal(tokens, unfused.generate(ids, max_new_tokens=6, do_sample=False)) and tokens.shape[1] == 17
+    assert not any("forward" in m.__dict__ for m in unfused.modules())
     cfg["rewriter"]["fused"][0]["eps"] = 0.5
     (out / "hf" / "config.json").write_text(json.dumps(cfg))
     model = transformers.AutoModelForCausalLM.from_pretrained(str(out / "hf")).eval()

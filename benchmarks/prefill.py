@@ -23,6 +23,8 @@ after one warm-up; the record gives speedup = transformers_ms / ours_ms and the 
   own model is compiled the same way for a (variant "transformers", form "compiled") record. Each compiled program
   is checked against its eager program on the timed input (`max_abs_diff_vs_eager` in its build record).
 The hf and aoti forms write each variant's output folder under --workdir (the 1.1B model: about 2.2 GB per folder).
+--compiled-variants / --hf-variants limit those forms to some variants (a device call is at most 10 minutes);
+--profile adds one profiled forward per (variant, form) at the last length: kernel time, launches, top kernels.
 
     python benchmarks/prefill.py --out benchmarks/results/prefill_h200.json
     python benchmarks/prefill.py --tiny --out /tmp/prefill_tiny.json          # CPU smoke test

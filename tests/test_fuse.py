@@ -349,3 +349,35 @@ def test_hf_folder_is_the_models_own(llama, fused):
     weights = load_file(str(out / "hf" / "model.safetensors"))
     own = model.state_dict()
     assert set(weights) <= set(own) and all(torch.equal(t, own[k]) for k, t in weights.items())
+
+
+def test_trained_decoder_window_fuse_hf_folder(tmp_path):
+    """The shipped decoder (real weights, Llama with GQA): window + fuse, its HF folder in transformers on real text
+    at a length other than the calibration's runs the fused ops in every norm and MLP and equals the program."""
+    import transformers
+    from torch.utils._python_dispatch import TorchDispatchMode
+    from rewriter.data import DECODER_DIR
+    out = tmp_path / "out"
+    res = optimize(str(DECODER_DIR), [make_pass("window", {"window": 64, "sinks": 4}), make_pass("fuse")],
+                   samples=2, seq_len=128, out=out)
+    cfg = json.loads((out / "hf" / "config.json").read_text())
+    layers = cfg["num_hidden_layers"]
+    assert len(cfg["rewriter"]["fused"]) == 3 * layers + 1 and len(cfg["rewriter"]["sites"]) == layers
+    tok = transformers.AutoTokenizer.from_pretrained(str(DECODER_DIR))
+    import pydoc_data.topics
+    ids = tok(pydoc_data.topics.topics["with"], return_tensors="pt")["input_ids"][:, :300]
+    x = {"input_ids": ids, "attention_mask": torch.ones_like(ids)}
+    ran = []
+
+    class Seen(TorchDispatchMode):
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            if str(func) in FUSED_OPS:
+                ran.append(str(func))
+            return func(*args, **(kwargs or {}))
+
+    model = transformers.AutoModelForCausalLM.from_pretrained(str(out / "hf")).eval()
+    with torch.no_grad(), Seen():
+        got = model(**x).logits
+    assert ids.shape[1] == 300 and len(ran) == 3 * layers + 1
+    want = res.program.run(**x)[0]
+    assert float((got - want).abs().max() / want.abs().max()) < 1e-5

@@ -244,6 +244,8 @@ def fuse_modules(root) -> int:
 
 
 def _fuse_calling_model() -> None:
+    if torch.compiler.is_compiling():            # a frame walk breaks the graph; compiled after an eager call
+        return
     from transformers import PreTrainedModel
     frame, root = sys._getframe(2), None
     while frame is not None:                     # the outermost transformers model on the call stack
@@ -257,9 +259,11 @@ def _fuse_calling_model() -> None:
 
 def mask(*args, **kwargs):
     """SDPA's mask builder (transformers calls it once per forward, before the first layer), which first gives the
-    calling model its fused forwards (``fuse_modules``)."""
+    calling model its fused forwards (``fuse_modules``) when its config's plan lists any."""
     from transformers.masking_utils import sdpa_mask
-    _fuse_calling_model()
+    block = getattr(kwargs.get("config"), CONFIG_KEY, None)
+    if isinstance(block, dict) and block.get("fused"):
+        _fuse_calling_model()
     return sdpa_mask(*args, **kwargs)
 
 

@@ -282,6 +282,12 @@ def test_hf_folder_runs_the_fused_ops(llama, tmp_path):
     want = fused_window.program.run(**x)[0]
     valid = x["attention_mask"].bool()
     assert float((got - want)[valid].abs().max()) < 1e-5
+    # torch.compile of the loaded model, one graph (the fused forwards are in place after the eager call; the mask
+    # function skips its frame walk while compiling)
+    torch._dynamo.reset()
+    with torch.no_grad():
+        compiled = torch.compile(model, backend="aot_eager", fullgraph=True)(**x).logits
+    assert torch.equal(compiled, got)
     # generate (KV cache, one token per step) through the fused forwards: the tokens of the same folder without
     # the fused list (the ops compute the modules' own arithmetic, bit for bit on the CPU)
     ids = x["input_ids"][:1, :11]

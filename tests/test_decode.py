@@ -168,4 +168,21 @@ def test_decoder_refuses_a_context_past_the_models_sliding_window():
     model = tf.MistralForCausalLM(cfg)
     with pytest.raises(ValueError, match="last 16 tokens"):
         build_decoder(model, max_len=64)
-    assert build_decoder(model, max_len=16) is not None
+    dec = build_decoder(model, max_len=16)
+    # its prefill keeps SDPA on HF's mask, which holds the window (an evicting cache prefills past it)
+    assert any("scaled_dot_product" in str(n.target) for n in dec.prefill.ep.graph.nodes)
+
+
+def test_prefill_program_attends_in_canonical_form(model_and_decoder):
+    """The prefill program runs exact attention on the key mask (SDPA's causal flash path on CUDA), not SDPA on the
+    (B, 1, T, T) mask the cache hands HF; its logits, keys and values are the model's."""
+    _, model, dec = model_and_decoder
+    targets = [str(n.target) for n in dec.prefill.ep.graph.nodes if n.op == "call_function"]
+    assert targets.count("rewriter.exact_attention.default") == model.config.num_hidden_layers
+    assert not any("scaled_dot_product" in t for t in targets)
+    ids = _ids(3, 30, 6)
+    logits, keys, _ = dec.prefill.run(input_ids=ids)
+    with torch.no_grad():
+        out = model(input_ids=ids, use_cache=True)
+    torch.testing.assert_close(logits, out.logits, atol=2e-5, rtol=1e-4)
+    torch.testing.assert_close(keys[-1], out.past_key_values.layers[-1].keys, atol=2e-5, rtol=1e-4)

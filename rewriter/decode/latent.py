@@ -9,7 +9,7 @@ import torch
 from ..errors import RewriterError
 from ..rope import merge_heads, rope_inv_freq, rope_tables, rotate_half, split_heads, split_rope
 from .cache import _PrefillModule, _StepModule
-from .decoder import Decoder, _export, decoder_dims, step_inputs_at, step_shapes
+from .decoder import Decoder, _export, canonical_prefill, decoder_dims, step_inputs_at, step_shapes
 from .policy import KVPolicy
 
 
@@ -157,6 +157,8 @@ def build_latent_decoder(model: torch.nn.Module, mla: dict, *, max_len: int = 25
         _LatentPrefill(model, None).attach(*buffers).eval(), {"input_ids": ids},
         {"input_ids": {0: "batch", 1: "seq"}}, {"batch": (1, max_batch), "seq": (2, max_len)}, config, source,
         ["logits", "keys", "values"])
+    if prefill is not None:
+        prefill = canonical_prefill(prefill, model)
     shape = (dims["layers"], B, 1, max_len)
     step_inputs = step_inputs_at(ids[:, :1], T - 1, torch.zeros(*shape, 0, dtype=dtype, device=device),
                                  torch.zeros(*shape, r, dtype=dtype, device=device))
@@ -179,6 +181,7 @@ def _build_absorbed(model, dims, basis, offset, rope_basis, r, inv_freq, ids, ma
     prefill = _export(AbsorbedPrefill(model, None).attach(tensors, inv).eval(), {"input_ids": ids},
                       {"input_ids": {0: "batch", 1: "seq"}}, {"batch": (1, max_batch), "seq": (2, max_len)}, config,
                       source, ["logits", "keys", "values"])
+    prefill = canonical_prefill(prefill, model)
     B, T = ids.shape
     shape = (dims["layers"], B, 1, max_len)
     step_inputs = step_inputs_at(ids[:, :1], T - 1, torch.zeros(*shape, R, dtype=dtype, device=device),

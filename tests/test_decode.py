@@ -186,3 +186,21 @@ def test_prefill_program_attends_in_canonical_form(model_and_decoder):
         out = model(input_ids=ids, use_cache=True)
     torch.testing.assert_close(logits, out.logits, atol=2e-5, rtol=1e-4)
     torch.testing.assert_close(keys[-1], out.past_key_values.layers[-1].keys, atol=2e-5, rtol=1e-4)
+
+
+def test_prefill_that_does_not_canonicalise_keeps_sdpa(monkeypatch):
+    """A prefill whose canonical form does not export still decodes, on SDPA, and says why."""
+    import importlib
+    from rewriter.errors import RewriterError
+
+    def refuse(program, max_positions):
+        raise RewriterError("the canonical form of LlamaForCausalLM no longer exports: test")
+    monkeypatch.setattr(importlib.import_module("rewriter.capture"), "canonical_program", refuse)
+    model = tiny_model("llama")
+    dec = build_decoder(model, max_len=16)
+    assert "no longer exports" in dec.prefill.meta["canonical_error"]
+    assert any("scaled_dot_product" in str(n.target) for n in dec.prefill.ep.graph.nodes)
+    ids = _ids(1, 5, 7)
+    ref = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=4, do_sample=False,
+                         pad_token_id=0, eos_token_id=None)
+    assert torch.equal(dec.generate(ids, 4), ref)

@@ -315,13 +315,18 @@ def canonical_prefill(program: Program, model: nn.Module) -> Program:
     (every key real here: the runtime prefills ragged rows one by one), which runs SDPA's causal flash path, instead
     of SDPA on the (B, 1, T, T) mask the cache hands HF, which SDPA can only run in its masked kernel (1.1B, 32K
     tokens, H200: this prefill took 731.6 ms in kv_h200_v3.json; the canonical captured program of the same model
-    314.4 ms in prefill_h200_forms_v2.json). The attention modules are causal (decoder LMs); a model with its own sliding
-    window keeps SDPA on HF's mask, which holds the window."""
+    314.4 ms in prefill_h200_forms_v2.json). The attention modules are causal (decoder LMs); a model with its own
+    sliding window keeps SDPA on HF's mask, which holds the window, and so does a program whose canonical form does
+    not export (meta["canonical_error"] says why)."""
     if model_window(model.config) is not None:
         return program
     from ..capture import _causal_modules, canonical_program, max_positions
     program.causal_modules = _causal_modules(model)
-    return canonical_program(program, max_positions(model.config))
+    try:
+        return canonical_program(program, max_positions(model.config))
+    except RewriterError as e:     # the SDPA program is correct, only slower: decode with it and say why
+        program.meta["canonical_error"] = str(e).splitlines()[0]
+        return program
 
 
 def build_decoder(model: nn.Module, *, max_len: int = 256, policy: KVPolicy | None = None,

@@ -243,27 +243,34 @@ def fuse_modules(root) -> int:
     return patched
 
 
-def _fuse_calling_model() -> None:
-    if torch.compiler.is_compiling():            # a frame walk breaks the graph; compiled after an eager call
-        return
+def _models_on_stack() -> list:
+    """The transformers models on the call stack, innermost first, each once."""
     from transformers import PreTrainedModel
-    frame, root = sys._getframe(2), None
-    while frame is not None:                     # the outermost transformers model on the call stack
+    frame, roots = sys._getframe(1), []
+    while frame is not None:
         owner = frame.f_locals.get("self")
-        if isinstance(owner, PreTrainedModel):
-            root = owner
+        if isinstance(owner, PreTrainedModel) and all(owner is not r for r in roots):
+            roots.append(owner)
         frame = frame.f_back
-    if root is not None:
-        fuse_modules(root)
+    return roots
+
+
+def _fuse_if_planned(config) -> None:
+    """Give the outermost calling model its fused forwards when `config`'s plan lists fused modules (not while
+    compiling: a frame walk breaks the graph; a compiled model ran eagerly first)."""
+    block = getattr(config, CONFIG_KEY, None)
+    if not (isinstance(block, dict) and block.get("fused")) or torch.compiler.is_compiling():
+        return
+    roots = _models_on_stack()
+    if roots:
+        fuse_modules(roots[-1])
 
 
 def mask(*args, **kwargs):
     """SDPA's mask builder (transformers calls it once per forward, before the first layer), which first gives the
     calling model its fused forwards (``fuse_modules``) when its config's plan lists any."""
     from transformers.masking_utils import sdpa_mask
-    block = getattr(kwargs.get("config"), CONFIG_KEY, None)
-    if isinstance(block, dict) and block.get("fused"):
-        _fuse_calling_model()
+    _fuse_if_planned(kwargs.get("config"))
     return sdpa_mask(*args, **kwargs)
 
 
@@ -344,14 +351,7 @@ def _plan_of(config) -> dict:
 def _calling_model(module):
     """(the outermost transformers model on the call stack that holds `module`, the module's path in it), or
     (None, None)."""
-    from transformers import PreTrainedModel
-    frame, roots = sys._getframe(2), []
-    while frame is not None:
-        owner = frame.f_locals.get("self")
-        if isinstance(owner, PreTrainedModel) and all(owner is not r for r in roots):
-            roots.append(owner)
-        frame = frame.f_back
-    for root in reversed(roots):
+    for root in reversed(_models_on_stack()):
         for name, sub in root.named_modules():
             if sub is module:
                 return root, name
@@ -422,7 +422,7 @@ def attention(module, query, key, value, attention_mask, scaling=None, dropout: 
     """transformers' attention-function contract: q (B, H, Lq, D), k/v (B, Hkv, Lk, D) -> ((B, Lq, H, Dv), None)."""
     site = getattr(module, _SITE_ATTR, None)
     if site is None:
-        _fuse_calling_model()       # where the model built no mask through `mask`
+        _fuse_if_planned(getattr(module, "config", None))   # where the model built no mask through `mask`
         site = _resolve(module) or _UNPLANNED
         setattr(module, _SITE_ATTR, site)
     if site is _UNPLANNED:

@@ -58,10 +58,10 @@ issue13)   # issue 13 in one call: the fuse kernels, then at 32K the eager progr
   echo "fused kernels rc=$?"; tail -8 "$OUT/fused_kernels.log"
   TORCHINDUCTOR_COMPILE_THREADS=1 timeout 500 python benchmarks/prefill.py --forms eager compiled hf \
     --variants window window_fused fused --compiled-variants captured window --hf-variants window_fused \
-    --no-transformers-compiled ${PREFILL_PROFILE:+--profile} \
+    --no-transformers-compiled ${PREFILL_PROFILE:+--profile --trace-dir $OUT/traces} \
     --lengths ${PREFILL_LENGTHS:-32768} --out "$OUT/prefill_${PREFILL_TAG:-h200}_issue13.json" \
     > "$OUT/prefill_issue13.log" 2>&1
-  echo "prefill rc=$?"; grep -v Warning "$OUT/prefill_issue13.log" | grep '"form"\|diff\|Error\|^profile' | tail -24;;
+  echo "prefill rc=$?"; grep -v Warning "$OUT/prefill_issue13.log" | grep '"form"\|diff\|Error\|^profile\|^  gap\|^  sync' | tail -60;;
 attention)   # issue 19: window (tuned configs, GQA), linear (chunk-parallel, GQA), Scatterbrain, at 16K-64K
   timeout ${ATTN_TIMEOUT:-420} python benchmarks/attention.py --lengths ${ATTN_LENGTHS:-16384 32768 65536} \
     --budget-s ${ATTN_BUDGET:-360} --out "$OUT/attention_h200_v4.json" > "$OUT/attention.log" 2>&1

@@ -102,6 +102,9 @@ def main() -> int:
     parser.add_argument("--profile", action="store_true",
                         help="after timing, one profiled forward per form at the last length: the GPU kernels' "
                              "total time and the top kernels (`profiles` in the JSON)")
+    parser.add_argument("--trace-dir", default=None,
+                        help="with --profile: write each profiled forward's Chrome trace (gzip) here; the profile "
+                             "records get the GPU's idle time and the launches it waited for either way")
     parser.add_argument("--workdir", default="/tmp/prefill_outputs", help="output folders for the hf / aoti forms")
     args = parser.parse_args()
     device = "cpu" if args.tiny else "cuda"
@@ -214,13 +217,66 @@ def main() -> int:
         save()
     if args.profile and device == "cuda":
         profile_forms(result, {("transformers", "hf"): lambda ids: gpu_model(input_ids=ids, use_cache=False),
-                               **runners}, ids)
+                               **runners}, ids, trace_dir=args.trace_dir)
         save()
     return 0
 
 
-def profile_forms(result: dict, runners: dict, ids: torch.Tensor, top: int = 25) -> None:
-    """One profiled forward per (variant, form): GPU kernel time in all, the kernel count, the top kernels."""
+def idle_gaps(trace: dict, min_gap_us: float = 20.0, top: int = 12) -> dict:
+    """Where the GPU waited for the host in one profiled forward (a Chrome trace from torch.profiler): `lead_ms`
+    from the first host op to the first kernel, `idle_ms` that plus every gap between consecutive kernels, and the
+    gaps of at least `min_gap_us` grouped by the host ops that launched the kernel after the gap (innermost last),
+    with the synchronising runtime calls (stream / device syncs, blocking copies, cudaMalloc / cudaFree) of the
+    forward."""
+    events = [e for e in trace.get("traceEvents", []) if e.get("ph") == "X"]
+    kernels = sorted((e for e in events if e.get("cat") in ("kernel", "gpu_memcpy", "gpu_memset")),
+                     key=lambda e: e["ts"])
+    ops = sorted((e for e in events if e.get("cat") == "cpu_op"), key=lambda e: e["ts"])
+    runtime = [e for e in events if e.get("cat") in ("cuda_runtime", "cuda_driver")]
+    launch = {e.get("args", {}).get("correlation"): e for e in runtime}
+    out = {"kernels": len(kernels), "lead_ms": 0.0, "idle_ms": 0.0, "gaps": [], "syncs": []}
+    if not kernels:
+        return out
+    if ops:
+        out["lead_ms"] = max(0.0, kernels[0]["ts"] - ops[0]["ts"]) / 1e3
+
+    def chain(ts: float, tid) -> str:
+        names = [o["name"] for o in ops if o.get("tid") == tid and o["ts"] <= ts <= o["ts"] + o.get("dur", 0)]
+        return " > ".join(names[-4:]) or "(no host op)"
+    groups, end = {}, kernels[0]["ts"] + kernels[0].get("dur", 0)
+    idle = out["lead_ms"] * 1e3
+    for k in kernels[1:]:
+        gap = k["ts"] - end
+        if gap > 0:
+            idle += gap
+            if gap >= min_gap_us:
+                src = launch.get(k.get("args", {}).get("correlation"))
+                key = chain(src["ts"], src.get("tid")) if src else "(launch not found)"
+                g = groups.setdefault(key, {"launched_by": key, "gaps": 0, "ms": 0.0, "kernel": k["name"][:80]})
+                g["gaps"] += 1
+                g["ms"] += gap / 1e3
+        end = max(end, k["ts"] + k.get("dur", 0))
+    out["idle_ms"] = idle / 1e3
+    out["gaps"] = sorted(groups.values(), key=lambda g: -g["ms"])[:top]
+    blocking = ("Synchronize", "cudaMemcpy", "cudaMalloc", "cudaFree", "cuMemAlloc", "cuMemFree")
+    syncs = {}
+    for e in runtime:
+        name = e["name"]
+        if any(b in name for b in blocking) and "Async" not in name:
+            key = f"{name} in {chain(e['ts'], e.get('tid'))}"
+            s = syncs.setdefault(key, {"call": key, "count": 0, "ms": 0.0})
+            s["count"] += 1
+            s["ms"] += e.get("dur", 0) / 1e3
+    out["syncs"] = sorted(syncs.values(), key=lambda s: -s["ms"])[:top]
+    return out
+
+
+def profile_forms(result: dict, runners: dict, ids: torch.Tensor, top: int = 25, trace_dir: str | None = None) -> None:
+    """One profiled forward per (variant, form): GPU kernel time in all, the kernel count, the top kernels, and
+    where the GPU idled (idle_gaps)."""
+    import gzip
+    import os
+    import tempfile
     from torch.profiler import ProfilerActivity, profile
     profiles = result.setdefault("profiles", {})
     for (name, form), run in runners.items():
@@ -239,8 +295,23 @@ def profile_forms(result: dict, runners: dict, ids: torch.Tensor, top: int = 25)
             "L": int(ids.shape[1]), "gpu_ms": sum(ms for _, ms, _ in kernels),
             "launches": sum(c for *_, c in kernels),
             "top": [{"kernel": k[:160], "ms": ms, "count": c} for k, ms, c in kernels[:top]]}
+        with tempfile.TemporaryDirectory() as tmp:
+            path = os.path.join(tmp, "trace.json")
+            prof.export_chrome_trace(path)
+            with open(path) as f:
+                text = f.read()
+        profiles[f"{name}/{form}"]["idle"] = idle_gaps(json.loads(text))
+        if trace_dir:
+            os.makedirs(trace_dir, exist_ok=True)
+            with gzip.open(os.path.join(trace_dir, f"{name}_{form}.json.gz"), "wt") as f:
+                f.write(text)
         p = profiles[f"{name}/{form}"]
-        print(f"profile {name}/{form}: {p['gpu_ms']:.1f} ms GPU, {p['launches']} launches", flush=True)
+        print(f"profile {name}/{form}: {p['gpu_ms']:.1f} ms GPU, {p['launches']} launches, idle "
+              f"{p['idle']['idle_ms']:.1f} ms (lead {p['idle']['lead_ms']:.1f})", flush=True)
+        for g in p["idle"]["gaps"][:4]:
+            print(f"  gap {g['ms']:.2f} ms x{g['gaps']} before {g['kernel'][:40]} launched by {g['launched_by']}")
+        for s_ in p["idle"]["syncs"][:4]:
+            print(f"  sync {s_['ms']:.2f} ms x{s_['count']} {s_['call'][:120]}")
 
 
 if __name__ == "__main__":

@@ -65,3 +65,34 @@ def test_stream_benchmark_tiny(tmp_path):
     assert d["sites_changed"]["lowrank"] == 21 and d["sites_changed"]["think"] == 3
     assert d["params_before_after"][1] < d["params_before_after"][0]
     assert d["estimate_70b"]["blocks"] == 80 and d["estimate_70b"]["seconds_high"] > d["estimate_70b"]["seconds_low"]
+
+
+def test_prefill_idle_gaps():
+    """The profile's idle analysis on a hand-made trace: a 30 us lead, a 50 us gap before a kernel that
+    rewriter::rms_norm launched after a stream sync, a 5 us gap counted in idle_ms but not listed."""
+    sys.path[:0] = [str(ROOT), str(ROOT / "benchmarks")]
+    try:
+        from prefill import idle_gaps
+    finally:
+        del sys.path[:2]
+
+    def ev(cat, name, ts, dur, corr=None, tid=1):
+        return {"ph": "X", "cat": cat, "name": name, "ts": ts, "dur": dur, "tid": tid,
+                "args": {} if corr is None else {"correlation": corr}}
+    trace = {"traceEvents": [
+        ev("cpu_op", "aten::linear", 0, 20), ev("cpu_op", "aten::mm", 5, 10),
+        ev("cuda_runtime", "cudaLaunchKernel", 8, 2, corr=1),
+        ev("kernel", "gemm", 30, 100, corr=1, tid=7),
+        ev("cuda_runtime", "cudaStreamSynchronize", 25, 110),
+        ev("cpu_op", "rewriter::rms_norm", 140, 40),
+        ev("cuda_driver", "cuLaunchKernel", 150, 20, corr=2),
+        ev("kernel", "_rms_norm_kernel", 180, 10, corr=2, tid=7),
+        ev("cuda_runtime", "cudaLaunchKernel", 181, 2, corr=3),
+        ev("kernel", "add", 195, 5, corr=3, tid=7),
+    ]}
+    out = idle_gaps(trace)
+    assert out["kernels"] == 3
+    assert abs(out["lead_ms"] - 0.030) < 1e-9
+    assert abs(out["idle_ms"] - (0.030 + 0.050 + 0.005)) < 1e-9
+    assert out["gaps"] == [{"launched_by": "rewriter::rms_norm", "gaps": 1, "ms": 0.05, "kernel": "_rms_norm_kernel"}]
+    assert [s["call"] for s in out["syncs"]] == ["cudaStreamSynchronize in (no host op)"]

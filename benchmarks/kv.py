@@ -184,6 +184,36 @@ def kernel_check(session) -> dict:
             "step_same_argmax": bool(torch.equal(graphed.argmax(-1), eager.argmax(-1)))}
 
 
+PROFILE_STEPS = 0        # --profile-steps: steps profiled after each timed run (CUDA)
+
+
+def profile_step(session, steps: int, prompt: int, top: int = 15) -> dict:
+    """The step's kernels, per step, from `steps` profiled steps: as the runtime replays it (its CUDA graph) and run
+    eagerly op by op (session.eager_step): kernel time and count per step, the top kernels. Each form decodes from
+    the end of the prompt again (t and the valid slots after it reset), so the cache has room for the steps."""
+    from torch.profiler import ProfilerActivity, profile
+    out = {}
+    for form, run in (("graph", session.step), ("eager", session.eager_step)):
+        if not session.decoder.policy.evicts:
+            session.t.fill_(prompt)
+            session.valid[:, prompt:] = False
+        sync(session.k.device.type)
+        t0 = time.perf_counter()
+        with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+            for _ in range(steps):
+                session.ids.copy_(session.next)
+                run()
+            sync(session.k.device.type)
+        wall = (time.perf_counter() - t0) * 1e3 / steps
+        kernels = [(e.key, e.self_device_time_total / 1e3 / steps, e.count / steps) for e in prof.key_averages()
+                   if e.self_device_time_total > 0 and e.device_type == torch.autograd.DeviceType.CUDA]
+        kernels.sort(key=lambda r: -r[1])
+        out[form] = {"kernel_ms_per_step": sum(ms for _, ms, _ in kernels),
+                     "kernels_per_step": sum(c for *_, c in kernels), "profiled_wall_ms_per_step": wall,
+                     "top": [{"kernel": k[:120], "ms": ms, "per_step": c} for k, ms, c in kernels[:top]]}
+    return out
+
+
 def run_decoder(decoder, ids: torch.Tensor, new: int, device: str, sdpa_backend: str | None = None,
                 reference_attention: bool = False, compiled: bool = False) -> dict:
     """Prefill + `new` greedy steps through the runtime's static session, timed as one block (synchronised at the
@@ -239,6 +269,7 @@ def _run_decoder(decoder, ids: torch.Tensor, new: int, device: str, sdpa_backend
     sync(device)
     step_ms = (time.perf_counter() - t0) * 1e3 / steps
     tokens += out[0].tolist()
+    profiled = profile_step(session, min(PROFILE_STEPS, new), T) if PROFILE_STEPS else None
     # dynamic think's full-width keys after the prompt: their pruned channels in k_pruned
     cache = sum(t.numel() * t.element_size() for t in (session.k, session.v, session.extra.get("k_pruned"))
                 if t is not None)
@@ -247,7 +278,7 @@ def _run_decoder(decoder, ids: torch.Tensor, new: int, device: str, sdpa_backend
             "sdpa_backend": sdpa_backend or "default",
             "attention": "triton_decode" if kernel_runs(ids.device) else "sdpa", "inductor": compiled,
             "first_step_s": first_step_s,
-            "graph_check": check, "kernel_check": kcheck,
+            "graph_check": check, "kernel_check": kcheck, **({"step_profile": profiled} if profiled else {}),
             "decode_peak_allocated_bytes": peak_bytes(device), "cache_tensor_bytes": cache, "tokens": tokens[:new]}
 
 
@@ -315,8 +346,13 @@ def main() -> int:
                         help="skip what would start after this many seconds (default: fit one 10-minute device call)")
     parser.add_argument("--static-budget-s", type=float, default=1e9,
                         help="skip transformers' static-cache generate if it would start after this many seconds")
+    parser.add_argument("--profile-steps", type=int, default=0,
+                        help="after each timed run, profile this many steps (replayed graph, then eager): the "
+                             "step's kernel time, kernel count and top kernels (`step_profile` in the record)")
     parser.add_argument("--tiny", action="store_true", help="tiny model on CPU (smoke test)")
     args = parser.parse_args()
+    global PROFILE_STEPS
+    PROFILE_STEPS = args.profile_steps
     began = time.perf_counter()
     device = "cpu" if args.tiny else "cuda"
     if args.tiny:

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import json
 import sys
+import weakref
 from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
@@ -401,15 +402,26 @@ def _resolve(module) -> _Site | None:
     return _load_site(entry, tensors)
 
 
+_last_hf_mask: tuple = (None, -1, 0, None)   # (weakref to the HF mask last converted, its version, batch, key mask)
+
+
 def key_mask_from_hf(mask, batch: int):
     """HF's attention mask (None, (B, Lk) 0/1, or (B|1, 1|H, Lq, Lk) bool / additive float) -> the ops' (B, Lk) key
-    mask: a key is real when some query sees it (rewriter.graph.key_mask_value)."""
+    mask: a key is real when some query sees it (rewriter.graph.key_mask_value). transformers hands every layer the
+    same mask tensor: the result is remembered for the mask last converted, so a forward reduces an (Lq, Lk) mask
+    once, and the kernels' all-real check (drop_full_mask, a device sync) sees one key-mask tensor per forward."""
+    global _last_hf_mask
     from .graph import key_mask_value
     if mask is None:
         return None
-    if mask.dim() == 2:
-        return mask.to(torch.bool).expand(batch, -1)
-    return key_mask_value(mask, batch)
+    if torch.compiler.is_compiling():      # traced once per graph, not per call: nothing to remember
+        return mask.to(torch.bool).expand(batch, -1) if mask.dim() == 2 else key_mask_value(mask, batch)
+    ref, version, rows, km = _last_hf_mask
+    if ref is not None and ref() is mask and version == mask._version and rows == batch:
+        return km
+    km = mask.to(torch.bool).expand(batch, -1) if mask.dim() == 2 else key_mask_value(mask, batch)
+    _last_hf_mask = (weakref.ref(mask), mask._version, batch, km)
+    return km
 
 
 def _op_argument(op, args: tuple, name: str, default):

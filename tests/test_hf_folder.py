@@ -173,6 +173,31 @@ def test_architectures_round_trip(tiny_programs, tmp_path, arch, layers):
         assert [s["layer"] for s in block["sites"]] == [int(layers)]
 
 
+def test_padding_mask_reduced_once_per_forward(tiny_programs, tmp_path, monkeypatch):
+    """transformers gives every layer the same (B, 1, L, L) mask of a padded batch: the folder's attention reduces
+    it to the key mask once per forward (not once per layer: an L x L read each, and each new key-mask tensor a
+    device sync in the kernels' all-real check), and a second forward with a new mask gets its own key mask."""
+    import transformers
+    import rewriter.graph as graph
+    _, program = tiny_programs("llama")
+    out = tmp_path / "out"
+    _optimize(program, [("window", {"window": 6, "sinks": 1})], out)
+    model = transformers.AutoModelForCausalLM.from_pretrained(str(out / "hf"))
+    calls = []
+    real = graph.key_mask_value
+    monkeypatch.setattr(graph, "key_mask_value", lambda mask, batch: calls.append(mask.shape) or real(mask, batch))
+    first, second = model_inputs("llama", 3, 37, seed=4), model_inputs("llama", 3, 37, seed=5)
+    second["attention_mask"][0, :5] = 0           # another padding: a stale key mask would give other logits
+    with torch.no_grad():
+        got = [model(**first).logits, model(**second).logits]
+    assert len(calls) == 2 and all(len(s) == 4 for s in calls), calls     # 2 layers, 2 forwards
+    from rewriter.backends.torch_backend import load_program
+    prog = load_program(out)
+    for inputs, logits in zip((first, second), got):
+        want = prog.run(**{k: inputs[k] for k in prog.input_names})[0]
+        assert _max_diff({"logits": logits}, (want,), ["logits"], inputs) < TOL
+
+
 # --- MiniLM on real text: a window pass and auto-attention in one pipeline ------------------------------------------
 
 def _real_text(folder: Path, n: int, length: int) -> dict:

@@ -84,7 +84,7 @@ decode)   # issue 14: batch 1 at 4K / 32K with every KV pass, the SDPA and Induc
   timeout 560 python benchmarks/kv.py --out "$OUT/kv_h200.json" --contexts 4096 32768 \
     --variants original kv-window4+1020 think0.5 mla-decoupled0.5 think-dynamic0.5 --sdpa-variants original \
     --compile-variants original --compile-contexts 4096 --static-peer-contexts 4096 --static-budget-s 300 \
-    --profile-steps ${KV_PROFILE_STEPS:-4} \
+    --unfused-variants original --profile-steps ${KV_PROFILE_STEPS:-4} \
     > "$OUT/kv.log" 2>&1
   echo "kv rc=$?"; grep '^{' "$OUT/kv.log" | cut -c1-300;;
 decode-fused)   # issue 14: every KV pass at 32K with the step fused by Inductor (and the CUDA-graph step beside it)

@@ -342,6 +342,9 @@ def main() -> int:
     parser.add_argument("--sdpa-variants", nargs="*", default=[],
                         help="variants also timed with the step's attention through SDPA (the decode op's reference) "
                              "instead of the Triton decode kernel, recorded as <variant>_sdpa (batch 1)")
+    parser.add_argument("--unfused-variants", nargs="*", default=[],
+                        help="variants also timed with the step's RMSNorms and SwiGLU products as captured (aten ops) "
+                             "instead of the fused ops, recorded as <variant>_unfused (batch 1)")
     parser.add_argument("--budget-s", type=float, default=540,
                         help="skip what would start after this many seconds (default: fit one 10-minute device call)")
     parser.add_argument("--static-budget-s", type=float, default=1e9,
@@ -490,22 +493,29 @@ def main() -> int:
                     elif (c, b) in reference_tokens:
                         rec["agreement_with_original"] = _agree(rec["tokens"], reference_tokens[(c, b)])
                     record(rec)
-                    # (label, SDPA backend, attention through the reference, kernel programs per SM, Inductor)
-                    diagnostics = [(f"original_sdpa_{backend}", backend, False, None, False)
+                    # (label, SDPA backend, attention through the reference, kernel programs per SM, Inductor,
+                    #  RMSNorm / SwiGLU as the fused ops)
+                    diagnostics = [(f"original_sdpa_{backend}", backend, False, None, False, True)
                                    for backend in (args.sdpa_backends if name == "original" and b == 1 else ())]
                     if name in args.compile_variants and (args.compile_contexts is None or c in args.compile_contexts):
-                        diagnostics.append((f"{name}_inductor", None, False, None, True))
+                        diagnostics.append((f"{name}_inductor", None, False, None, True, True))
                     if name in args.sdpa_variants and b == 1:
-                        diagnostics.append((f"{name}_sdpa", None, True, None, False))
+                        diagnostics.append((f"{name}_sdpa", None, True, None, False, True))
+                    if name in args.unfused_variants and b == 1:
+                        diagnostics.append((f"{name}_unfused", None, False, None, False, False))
                     if name == "original" and b == 1 and device == "cuda":
-                        diagnostics += [(f"original_pps{n}", None, False, n, False) for n in args.split_sweep]
-                    for label, backend, reference, split, compiled in diagnostics:
+                        diagnostics += [(f"original_pps{n}", None, False, n, False, True) for n in args.split_sweep]
+                    for label, backend, reference, split, compiled, fused in diagnostics:
                         if over_budget(f"{label} context {c} batch {b}"):
                             continue
-                        with split_override(split):
-                            rec = {"variant": label, "context": c,
-                                   **run_decoder(dec, prompts[(c, b)], args.new_tokens, device, backend, reference,
-                                                 compiled)}
+                        dec.fused_ops = fused
+                        try:
+                            with split_override(split):
+                                rec = {"variant": label, "context": c,
+                                       **run_decoder(dec, prompts[(c, b)], args.new_tokens, device, backend,
+                                                     reference, compiled)}
+                        finally:
+                            dec.fused_ops = True
                         dec._runtime.clear()
                         rec["roofline_fraction"] = rec["tokens_per_s"] / roofline(held, b) if bandwidth else None
                         if (c, b) in reference_tokens:

@@ -73,6 +73,36 @@ def test_step_updates_the_cache_in_place():
     assert int(session.t) == 12 and session.valid[:, :12].all() and not session.valid[:, 12:].any()
 
 
+@pytest.mark.parametrize("fused", [True, False])
+def test_step_runs_rms_norm_and_swiglu_as_the_fused_ops(fused):
+    """The runtime's step (eager / CUDA graph) holds rewriter::rms_norm for each RMSNorm (two per layer and the final
+    one) and rewriter::silu_mul for each SwiGLU product, none of their aten kernels (fused_ops off: the captured
+    ops), and decodes what the captured step decodes: logits equal to the functional path's step."""
+    model, dec = _decoder("llama", max_len=40)
+    layers = model.config.num_hidden_layers
+    dec.fused_ops = fused
+    try:
+        gm = dec.inplace_step()
+        targets = [n.target for n in gm.graph.nodes if n.op == "call_function"]
+        assert targets.count(torch.ops.rewriter.rms_norm.default) == (2 * layers + 1 if fused else 0)
+        assert targets.count(torch.ops.rewriter.silu_mul.default) == (layers if fused else 0)
+        assert targets.count(torch.ops.aten.rsqrt.default) == (0 if fused else 2 * layers + 1)
+        assert targets.count(torch.ops.aten.silu.default) == (0 if fused else layers)
+        ids = _ids(2, 9, 3)
+        session = dec.session(2, 9)
+        assert session.step_fn is gm
+        session.prefill(ids[:, :5], torch.zeros(2, dtype=torch.long))
+        _, k_ref, v_ref, _, _ = dec._prefill(ids[:, :5])
+        for t in range(5, 9):
+            session.ids[:] = ids[:, t:t + 1]
+            logits = session.step()
+            ref_logits, k_ref, v_ref = dec._step(ids[:, t:t + 1], t, k_ref, v_ref, {})
+            torch.testing.assert_close(logits, ref_logits[:, -1], atol=1e-6, rtol=0)
+    finally:
+        dec.fused_ops = True
+        dec._runtime.pop("session", None)
+
+
 def test_inductor_step_writes_in_place_and_equals_the_eager_step():
     """The step fused by Inductor (runtime.compiled_step): its cache writes go through rewriter::cache_write_, so
     they land in the session's cache (no functional copy of it), and its logits equal the functional path's."""

@@ -96,6 +96,8 @@ class Decoder:
     meta: dict = field(default_factory=dict)
     device: torch.device = field(default_factory=lambda: torch.device("cpu"))   # where the weights and cache live
     ragged = True     # left-padded rows decode (their positions need not be their slots)
+    # the eager / CUDA-graph step runs RMSNorm and SwiGLU as the fused ops (runtime.fused_step); False: as captured
+    fused_ops: bool = True
     # the runtime's state (rewriter.decode.runtime): the in-place step and the last static session
     _runtime: dict = field(default_factory=dict, repr=False, compare=False)
 
@@ -119,7 +121,8 @@ class Decoder:
         if not lo <= max_len <= hi:
             raise ValueError(f"max_len must be in [{lo}, {hi}] (the model's positions); got {max_len}")
         return dataclasses.replace(self, max_len=max_len, _runtime={k: self._runtime.get(k)
-                                                                    for k in ("step", "compiled_step")})
+                                                                    for k in ("step", "fused_step",
+                                                                              "compiled_step")})
 
     def to(self, device: str | torch.device) -> "Decoder":
         """The same decoder running on `device` (capture on CPU, then move: see Program.to)."""
@@ -160,12 +163,17 @@ class Decoder:
 
     # --- the runtime (static in-place cache, CUDA graphs) ---------------------------------------------------------
     def inplace_step(self, compiled: bool = False):
-        """The step program with in-place cache writes (built once per decoder and device); compiled: fused by
-        Inductor (runtime.compiled_step; compiles at its first call per shape)."""
+        """The step program with in-place cache writes (built once per decoder and device), its RMSNorms and SwiGLU
+        products fused (runtime.fused_step) unless fused_ops is off; compiled: the in-place step fused by Inductor
+        instead (runtime.compiled_step; compiles at its first call per shape)."""
         if self._runtime.get("step") is None:
             self._runtime["step"] = runtime.inplace_step(self.step)
-        if not compiled:
+        if not compiled and not self.fused_ops:
             return self._runtime["step"]
+        if not compiled:
+            if self._runtime.get("fused_step") is None:
+                self._runtime["fused_step"], self.meta["fused_sites"] = runtime.fused_step(self._runtime["step"])
+            return self._runtime["fused_step"]
         if self._runtime.get("compiled_step") is None:
             self._runtime["compiled_step"] = runtime.compiled_step(self._runtime["step"])
         return self._runtime["compiled_step"]

@@ -68,6 +68,31 @@ def inplace_step(program) -> torch.fx.GraphModule:
     return gm
 
 
+def fused_step(gm: torch.fx.GraphModule) -> tuple[torch.fx.GraphModule, int]:
+    """A copy of the in-place step (weights shared) with its RMSNorms and SwiGLU products as rewriter::rms_norm /
+    rewriter::silu_mul (the fuse pass's sites and ops: the model's own arithmetic, one Triton kernel each on CUDA
+    instead of eight and two aten kernels; the CPU runs their references). At batch 1 a step is a few hundred small
+    kernels, so their number is much of its time. Returns (the step, sites fused)."""
+    import copy
+    import warnings
+
+    from ..graph import erase_dead, replace_with_op
+    from ..linear import fused as _ops  # noqa: F401  (registers the ops)
+    from ..sites import fusion_sites
+    with warnings.catch_warnings():          # torch's pytree spec deprecation noise while copying the graph's codegen
+        warnings.simplefilter("ignore", FutureWarning)
+        out = torch.fx.GraphModule(gm, copy.deepcopy(gm.graph))
+    ops = {"rms_norm": torch.ops.rewriter.rms_norm.default, "silu_mul": torch.ops.rewriter.silu_mul.default}
+    nodes = {n.name: n for n in out.graph.nodes}
+    sites = fusion_sites(out)
+    for site in sites:
+        args = tuple(nodes[name] for name in site.inputs) + ((site.eps,) if site.kind == "rms_norm" else ())
+        nodes[site.node] = replace_with_op(out, nodes[site.node], ops[site.kind], args)
+    erase_dead(out)
+    out.recompile()
+    return out, len(sites)
+
+
 @torch.library.custom_op("rewriter::cache_write_", mutates_args=("cache",))
 def cache_write_(cache: torch.Tensor, dim: int, index: torch.Tensor, new: torch.Tensor) -> None:
     """cache.index_copy_(dim, index, new) as an op that declares its mutation, so that Inductor writes the slot in

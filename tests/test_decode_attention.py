@@ -198,3 +198,49 @@ def test_decode_kernels_compile_for_sm90(triton_compiler, form):
     dv = consts["PAD_DV"]
     _compile_sm90(triton_decode._decode_reduce, {"Part": "*fp32", "PartLse": "*fp32", "Out": dt},
                   dict(HEAD_DV=consts["HEAD_DV"], PAD_DV=dv, PAD_S=256, BLOCK_S=max(2, min(64, 4096 // dv))), 4)
+
+
+# --- rewriter::rotary: RoPE on one tensor, the decode step's fused form of HF's apply_rotary_pos_emb ---------------
+
+@pytest.mark.parametrize("dtype,cos_dtype", [(torch.bfloat16, torch.bfloat16), (torch.float16, torch.float16),
+                                             (torch.float32, torch.float32), (torch.bfloat16, torch.float32)])
+def test_rotary_kernel_equals_the_aten_ops_bit_for_bit(triton_interpreter, dtype, cos_dtype):
+    """The kernel (interpreter) against HF's own apply_rotary_pos_emb: a strided query (the step's transpose of
+    (B, L, H, D)), cos / sin broadcast over heads, odd head and row counts; bit-equal in every dtype (each product
+    rounded, then the sum, as the aten ops round), promoted to fp32 with fp32 tables."""
+    from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
+    from rewriter.decode.rotary import rotary_reference
+    from rewriter.decode.triton_rotary import rotary_triton
+    for B, H, L, D in ((1, 5, 1, 64), (2, 3, 7, 32), (3, 1, 2, 128)):
+        g = gen(D + H)
+        q = (4 * torch.randn(B, L, H, D, generator=g)).to(dtype).transpose(1, 2)       # (B, H, L, D), strided
+        angles = torch.randn(B, L, D // 2, generator=g) * 40
+        emb = torch.cat([angles, angles], -1)
+        cos, sin = emb.cos().to(cos_dtype), emb.sin().to(cos_dtype)
+        want, _ = apply_rotary_pos_emb(q, q, cos, sin)
+        got = rotary_triton(q, cos[:, None], sin[:, None])
+        assert got.dtype == want.dtype and got.is_contiguous()
+        assert torch.equal(got, want), (B, H, L, D, float((got.float() - want.float()).abs().max()))
+        assert torch.equal(rotary_reference(q, cos[:, None], sin[:, None]), want)
+
+
+def test_rotary_op_checks_and_registrations():
+    from rewriter.attention.triton.registry import use_reference  # noqa: F401  (the registry is loaded)
+    from rewriter.decode import rotary as rot
+    x = torch.randn(1, 2, 3, 8, dtype=f64)
+    cos, sin = torch.randn(1, 1, 3, 8, dtype=f64), torch.randn(1, 1, 3, 8, dtype=f64)
+    # the CUDA registration takes float64 through the reference (the kernel runs fp16 / bf16 / fp32)
+    assert torch.equal(rot._rotary_cuda(x, cos, sin), rot.rotary_reference(x, cos, sin))
+    with pytest.raises(ValueError, match="D even"):
+        torch.ops.rewriter.rotary(x[..., :7], cos[..., :7], sin[..., :7])
+    with pytest.raises(ValueError, match="must broadcast"):
+        torch.ops.rewriter.rotary(x, cos[..., :1, :4], sin)
+    torch.library.opcheck(torch.ops.rewriter.rotary.default, (x, cos, sin))
+
+
+def test_rotary_kernel_compiles_for_sm90(triton_compiler):
+    from rewriter.decode import triton_rotary
+    for x, c in (("bf16", "bf16"), ("fp32", "fp32"), ("bf16", "fp32")):
+        out = "fp32" if "fp32" in (x, c) else x
+        _compile_sm90(triton_rotary._rotary_kernel, {"X": f"*{x}", "C": f"*{c}", "S": f"*{c}", "Y": f"*{out}"},
+                      dict(D=64, PAD_D=64, BLOCK_R=16), 1)

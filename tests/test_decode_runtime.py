@@ -74,10 +74,11 @@ def test_step_updates_the_cache_in_place():
 
 
 @pytest.mark.parametrize("fused", [True, False])
-def test_step_runs_rms_norm_and_swiglu_as_the_fused_ops(fused):
+def test_step_runs_rms_norm_swiglu_and_rope_as_the_fused_ops(fused):
     """The runtime's step (eager / CUDA graph) holds rewriter::rms_norm for each RMSNorm (two per layer and the final
-    one) and rewriter::silu_mul for each SwiGLU product, none of their aten kernels (fused_ops off: the captured
-    ops), and decodes what the captured step decodes: logits equal to the functional path's step."""
+    one), rewriter::silu_mul for each SwiGLU product and rewriter::rotary for RoPE on the query and the key, none of
+    their aten kernels (fused_ops off: the captured ops), and decodes what the captured step decodes: logits equal
+    to the functional path's step."""
     model, dec = _decoder("llama", max_len=40)
     layers = model.config.num_hidden_layers
     dec.fused_ops = fused
@@ -88,6 +89,8 @@ def test_step_runs_rms_norm_and_swiglu_as_the_fused_ops(fused):
         assert targets.count(torch.ops.rewriter.silu_mul.default) == (layers if fused else 0)
         assert targets.count(torch.ops.aten.rsqrt.default) == (0 if fused else 2 * layers + 1)
         assert targets.count(torch.ops.aten.silu.default) == (0 if fused else layers)
+        assert targets.count(torch.ops.rewriter.rotary.default) == (2 * layers if fused else 0)    # query, key
+        assert targets.count(torch.ops.aten.neg.default) == (0 if fused else 2 * layers)
         ids = _ids(2, 9, 3)
         session = dec.session(2, 9)
         assert session.step_fn is gm

@@ -70,15 +70,17 @@ def inplace_step(program) -> torch.fx.GraphModule:
 
 def fused_step(gm: torch.fx.GraphModule) -> tuple[torch.fx.GraphModule, int]:
     """A copy of the in-place step (weights shared) with its RMSNorms and SwiGLU products as rewriter::rms_norm /
-    rewriter::silu_mul (the fuse pass's sites and ops: the model's own arithmetic, one Triton kernel each on CUDA
-    instead of eight and two aten kernels; the CPU runs their references). At batch 1 a step is a few hundred small
-    kernels, so their number is much of its time. Returns (the step, sites fused)."""
+    rewriter::silu_mul (the fuse pass's sites and ops) and its RoPE applications as rewriter::rotary (rotary.py):
+    the model's own arithmetic, one Triton kernel each on CUDA instead of eight, two and five aten kernels; the CPU
+    runs their references. At batch 1 a step is a few hundred small kernels, so their number is much of its time.
+    Returns (the step, sites fused)."""
     import copy
     import warnings
 
     from ..graph import erase_dead, replace_with_op
     from ..linear import fused as _ops  # noqa: F401  (registers the ops)
     from ..sites import fusion_sites
+    from .rotary import fuse_rotary
     with warnings.catch_warnings():          # torch's pytree spec deprecation noise while copying the graph's codegen
         warnings.simplefilter("ignore", FutureWarning)
         out = torch.fx.GraphModule(gm, copy.deepcopy(gm.graph))
@@ -88,9 +90,10 @@ def fused_step(gm: torch.fx.GraphModule) -> tuple[torch.fx.GraphModule, int]:
     for site in sites:
         args = tuple(nodes[name] for name in site.inputs) + ((site.eps,) if site.kind == "rms_norm" else ())
         nodes[site.node] = replace_with_op(out, nodes[site.node], ops[site.kind], args)
+    rotations = fuse_rotary(out)
     erase_dead(out)
     out.recompile()
-    return out, len(sites)
+    return out, len(sites) + rotations
 
 
 @torch.library.custom_op("rewriter::cache_write_", mutates_args=("cache",))

@@ -267,3 +267,35 @@ def test_cli_stream_prints_the_tokens_as_they_come(tiny_folders):
     ids = torch.tensor([[9, 8, 7]])
     ref = _hf(model, ids, torch.ones_like(ids), 5)
     assert r.stdout.splitlines()[0] == "".join(f"{t}," for t in ref[0, 3:].tolist())
+
+
+def test_dedupe_step_merges_pure_repeats_and_leaves_the_written_cache_alone():
+    """runtime.dedupe_step: the same op on the same operands computed from inputs the step does not write runs once
+    (and a cast to the value's own dtype goes), while reads of the cache around its in-place write stay two reads."""
+    aten = torch.ops.aten
+    g = torch.fx.Graph()
+    pos, cache, new = g.placeholder("pos"), g.placeholder("cache"), g.placeholder("new")
+    vals = {pos: torch.zeros(1, dtype=torch.long), cache: torch.zeros(2, 4), new: torch.ones(1, 4)}
+
+    def call(target, *args):
+        node = g.call_function(target, args)
+        node.meta["val"] = target(*[vals.get(a, a) if isinstance(a, torch.fx.Node) else a for a in args])
+        vals[node] = node.meta["val"]
+        return node
+    f1 = call(aten.to.dtype, pos, torch.float32)
+    f2 = call(aten.to.dtype, pos, torch.float32)          # a repeat
+    same = call(aten.to.dtype, f2, torch.float32)          # a no-op cast
+    c1, c2 = call(aten.cos.default, f1), call(aten.cos.default, same)
+    before = call(aten.sum.default, cache)
+    write = call(aten.index_copy_.default, cache, 0, pos, new)
+    after = call(aten.sum.default, cache)
+    g.output((call(aten.add.Tensor, c1, c2), before, after, write))
+    gm = torch.fx.GraphModule(torch.nn.Module(), g)
+    assert runtime.dedupe_step(gm) == 3
+    gm.graph.eliminate_dead_code()
+    gm.recompile()
+    targets = [n.target for n in gm.graph.nodes if n.op == "call_function"]
+    assert targets.count(aten.cos.default) == 1 and targets.count(aten.to.dtype) == 1
+    assert targets.count(aten.sum.default) == 2 and aten.index_copy_.default in targets
+    out, s0, s1, _ = gm(torch.tensor([1]), torch.zeros(2, 4), torch.ones(1, 4))
+    assert torch.equal(out, 2 * torch.cos(torch.ones(1))) and float(s0) == 0 and float(s1) == 4

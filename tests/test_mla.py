@@ -275,6 +275,13 @@ def test_absorbed_latent_decode_equals_rebuild_path_and_rebuilds_nothing():
     assert _rebuilds_keys(rebuild) and not _rebuilds_keys(absorbed)
     targets = [n.target for n in absorbed.inplace_step().graph.nodes if n.op == "call_function"]
     assert targets.count(torch.ops.rewriter.decode_attention.default) == model.config.num_hidden_layers
+    # the runtime's step computes the RoPE tables shared by the layers once (runtime.dedupe_step): the model's, the
+    # slot's, then one per layer for its own frequencies (captured: three per layer)
+    layers = model.config.num_hidden_layers
+    assert targets.count(torch.ops.aten.cos.default) == 2 + layers
+    absorbed.fused_ops = False
+    plain = [n.target for n in absorbed.inplace_step().graph.nodes if n.op == "call_function"]
+    assert plain.count(torch.ops.aten.cos.default) == 1 + 3 * layers
     exact = Pipeline([make_pass("mla", {"rank": 12})]).run(program, CALIB).program.meta["mla"]
     with pytest.raises(RewriterError, match="absorbed .*needs rope=decoupled"):
         build_latent_decoder(model, exact, max_len=24, absorbed=True)

@@ -91,9 +91,65 @@ def fused_step(gm: torch.fx.GraphModule) -> tuple[torch.fx.GraphModule, int]:
         args = tuple(nodes[name] for name in site.inputs) + ((site.eps,) if site.kind == "rms_norm" else ())
         nodes[site.node] = replace_with_op(out, nodes[site.node], ops[site.kind], args)
     rotations = fuse_rotary(out)
+    dedupe_step(out)
     erase_dead(out)
     out.recompile()
     return out, len(sites) + rotations
+
+
+def dedupe_step(gm: torch.fx.GraphModule) -> int:
+    """Common-subexpression elimination over the step's values that depend only on weights, buffers and inputs the
+    step never writes (positions, ids): a computation repeated with the same op and operands runs once (the latent
+    MLA step rebuilt its RoPE tables from the same positions in every layer). Anything on the path of a write (the
+    cache and its views) is left alone. Returns the nodes removed (the caller erases dead code and recompiles)."""
+    graph = gm.graph
+    written = set()
+    for node in graph.nodes:
+        if node.op == "call_function" and getattr(getattr(node.target, "_schema", None), "is_mutable", False):
+            base = node.args[0] if node.args else None
+            while isinstance(base, torch.fx.Node) and base not in written:
+                written.add(base)
+                base = base.args[0] if base.op == "call_function" and base.args else None
+    pure, seen, removed = set(), {}, 0
+
+    def key(value):
+        if isinstance(value, torch.fx.Node):
+            return ("node", id(value))
+        if isinstance(value, (list, tuple)):
+            return (type(value).__name__, tuple(key(v) for v in value))
+        if isinstance(value, dict):
+            return ("dict", tuple(sorted((k, key(v)) for k, v in value.items())))
+        return ("value", repr(value))
+    for node in list(graph.nodes):
+        if node in written:
+            continue
+        if node.op in ("get_attr", "placeholder"):
+            pure.add(node)
+            continue
+        schema = getattr(node.target, "_schema", None)
+        if node.op != "call_function" or (schema is not None and schema.is_mutable) \
+                or not all(n in pure for n in node.all_input_nodes) \
+                or getattr(node.target, "_nondeterministic_seeded", False):
+            continue
+        pure.add(node)
+        source = node.args[0] if node.args else None
+        if node.target is torch.ops.aten.to.dtype and len(node.args) == 2 and not node.kwargs \
+                and isinstance(getattr(source, "meta", {}).get("val"), torch.Tensor) \
+                and source.meta["val"].dtype == node.args[1]:       # a cast to the value's own dtype: the value
+            node.replace_all_uses_with(source)
+            graph.erase_node(node)
+            pure.discard(node)
+            removed += 1
+            continue
+        k = (node.target, key(node.args), key(node.kwargs))
+        if k in seen:
+            node.replace_all_uses_with(seen[k])
+            graph.erase_node(node)
+            pure.discard(node)
+            removed += 1
+        else:
+            seen[k] = node
+    return removed
 
 
 @torch.library.custom_op("rewriter::cache_write_", mutates_args=("cache",))

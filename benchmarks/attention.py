@@ -332,9 +332,12 @@ def bench_exact(L: int, D: int, causal: bool, records: list, peak: float, hkv: i
     """Exact attention on the band kernel with no band (rewriter::exact_triton, what compiled programs run for exact
     attention with a key mask), swept over tile configs and query heads per program, against SDPA's cuDNN and flash
     kernels; with a mask of all ones (the compiled program's case) and with 10% left padding, where the eager op
-    runs SDPA on the dense mask (`rewriter::exact_attention`, the peer `eager_op_padded`)."""
+    (`rewriter::exact_attention`, `op_padded`) runs the same kernel since attention_exact_h100.json, and ran SDPA on
+    the dense mask before (the peer `sdpa_masked_padded`, exact.exact_attention_impl). "default" is the config the
+    op launches (window_attention.exact_config)."""
     from torch.nn.attention import SDPBackend
-    from rewriter.attention.triton.window_attention import band_attention, default_config
+    from rewriter.attention.exact import exact_attention_impl
+    from rewriter.attention.triton.window_attention import band_attention, exact_config
     H = 32
     q = torch.randn(1, H, L, D, device="cuda", dtype=torch.bfloat16)
     k, v = (torch.randn(1, hkv, L, D, device="cuda", dtype=torch.bfloat16) for _ in range(2))
@@ -343,7 +346,7 @@ def bench_exact(L: int, D: int, causal: bool, records: list, peak: float, hkv: i
     padded[:, : L // 10] = False
     flops = 4 * D * H * (L * (L + 1) // 2 if causal else L * L)
     sweep = {}
-    for config in dict.fromkeys((default_config(D, q.dtype), *EXACT_CONFIGS)):
+    for config in dict.fromkeys((exact_config(D, q.dtype), *EXACT_CONFIGS)):
         for heads in (None, 1, 2):
             key = f"{config}/heads{heads or 'default'}"
             try:
@@ -352,15 +355,16 @@ def bench_exact(L: int, D: int, causal: bool, records: list, peak: float, hkv: i
             except Exception as err:  # noqa: BLE001  (a config the compiler refuses)
                 print(f"exact config {key} failed: {type(err).__name__}: {str(err)[:200]}", flush=True)
                 sweep[key] = float("inf")
-    default = f"{default_config(D, q.dtype)}/headsdefault"
+    default = f"{exact_config(D, q.dtype)}/headsdefault"
     best = min(sweep, key=sweep.get)
     ours = {"ones_default": sweep[default], "ones_best": sweep[best],
-            "padded_default": bench(lambda: band_attention(q, k, v, padded, causal, D ** -0.5, -1, -1, 0))}
+            "padded_default": bench(lambda: band_attention(q, k, v, padded, causal, D ** -0.5, -1, -1, 0,
+                                                           config=exact_config(D, q.dtype))),
+            "op_padded": bench(lambda: torch.ops.rewriter.exact_attention(q, k, v, padded, causal, D ** -0.5))}
     kr, vr = (x.repeat_interleave(H // hkv, 1) for x in (k, v))
     peers = {"sdpa_cudnn": sdpa_ms(q, kr, vr, causal, SDPBackend.CUDNN_ATTENTION),
              "sdpa_flash": sdpa_ms(q, kr, vr, causal, SDPBackend.FLASH_ATTENTION),
-             "eager_op_padded": bench(lambda: torch.ops.rewriter.exact_attention(q, k, v, padded, causal,
-                                                                                 D ** -0.5))}
+             "sdpa_masked_padded": bench(lambda: exact_attention_impl(q, k, v, padded, causal, D ** -0.5))}
     name = f"exact_gqa{H}/{hkv}"
     for label, ms in ours.items():
         for peer, peer_ms in peers.items():

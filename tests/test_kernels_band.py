@@ -140,3 +140,32 @@ def test_heads_per_program():
     assert heads_per_program(6, 128) == 2 and heads_per_program(4, 32) == 2   # >= 16 positions per program
     with pytest.raises(ValueError, match="divide the GQA group"):
         band_attention(*qkv(0, 1, 4, 2, 8, 8, 16), None, True, 0.25, 3, 0, 0, heads=4)
+
+
+@pytest.mark.parametrize("causal,window,Lq", [(True, 0, 70), (False, 0, 70), (True, 9, 70), (True, 0, 33)])
+def test_eager_exact_attention_takes_the_band_kernel_where_sdpa_has_no_flash_path(monkeypatch, causal, window, Lq):
+    """The exact op's CUDA body in half precision (fp16 here: the interpreter garbles bf16 tiles; the H100 sweep ran
+    bf16): a padded batch, the model's own window, or a causal Lq != Lk runs the band kernel with no band (SDPA would
+    need its masked kernels on an L x L mask), equal to the op's SDPA body in float64; an unpadded batch keeps SDPA's
+    flash path (no kernel launch)."""
+    from rewriter.attention import exact as exact_module
+    from rewriter.attention.triton import window_attention
+    from rewriter.attention.triton.registry import CUDA_KERNELS
+    calls = []
+    real = window_attention.band_attention
+    monkeypatch.setattr(window_attention, "band_attention", lambda *a, **kw: calls.append(kw) or real(*a, **kw))
+    body = CUDA_KERNELS["rewriter::exact_attention"]
+    q, k, v = (x.to(torch.float16) for x in qkv(5, 3, 4, 2, Lq, 70, 16))
+    mask = torch.ones(3, 70, dtype=torch.bool)
+    mask[1, :20] = False                                   # left padding
+    mask[2, 50:] = False                                   # right padding
+    got = body(q, k, v, mask, causal, 0.25, window)
+    want = exact_module.exact_attention_impl(q.to(f64), k.to(f64), v.to(f64), mask, causal, 0.25, window)
+    assert len(calls) == 1 and (calls[0]["config"] is None) == (window > 0)
+    assert (got.to(f64) - want).abs().max() < 4e-3
+    calls.clear()
+    full = torch.ones(3, 70, dtype=torch.bool)
+    got = body(q, k, v, full, causal, 0.25, window)
+    assert len(calls) == (0 if window == 0 and (not causal or Lq == 70) else 1)
+    want = exact_module.exact_attention_impl(q.to(f64), k.to(f64), v.to(f64), full, causal, 0.25, window)
+    assert (got.to(f64) - want).abs().max() < 4e-3

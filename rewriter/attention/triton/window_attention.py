@@ -201,6 +201,20 @@ def default_config(D: int, dtype: torch.dtype) -> tuple[int, int, int, int]:
     raise ValueError(f"head dims up to 256 are supported; got {D}")
 
 
+# Exact attention (no band: the exact_triton op of compiled programs, and the eager exact op where SDPA has no flash
+# path) on the same kernel, from benchmarks/attention.py --ops exact on the H100 (attention_exact_h100.json, 32K,
+# 32 query / 8 KV heads, bf16): 128-row programs beat the band's 64 (D = 64, causal: 9.82 vs 11.91 ms, cuDNN 9.51;
+# not causal 19.27 vs 20.18; D = 128 (128, 128, 8, 3), causal: 16.81 vs 18.23, not causal 31.92 vs 35.07).
+EXACT_CONFIGS = {64: (128, 64, 4, 3), 128: (128, 128, 8, 3)}
+
+
+def exact_config(D: int, dtype: torch.dtype) -> tuple[int, int, int, int]:
+    """The tiles of attention over every key (no band) for head dim D."""
+    if dtype in (torch.float32, torch.float64):
+        return FP32_CONFIG
+    return next((EXACT_CONFIGS[d] for d in sorted(EXACT_CONFIGS) if D <= d), None) or default_config(D, dtype)
+
+
 def heads_per_program(group: int, block_m: int, limit: int = MAX_HEADS_PER_PROGRAM) -> int:
     """The largest power of two dividing the GQA group, at most `limit`, leaving >= 16 positions per program."""
     h = 1

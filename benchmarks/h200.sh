@@ -10,7 +10,8 @@
 #   bash benchmarks/h200.sh exact     # exact attention on the band kernel (exact_triton) vs SDPA, config sweep
 #   bash benchmarks/h200.sh band      # the band (window) kernel's config sweep, Scatterbrain, binary GEMV sweep
 #   bash benchmarks/h200.sh decode    # KV decode, batch 1, every KV pass (decode-batch: batches 1 / 8 / 32;
-#                                     # decode-fused: every pass at 32K with the Inductor-fused step)
+#                                     # decode-fused: every pass at 32K with the Inductor-fused step;
+#                                     # decode-mla: the MLA step's decode-attention split sweep)
 # Results go to $OUT (default ./out). fla-core comes from a wheel carried in .gpu_kernels2/.whl (no network there):
 #   pip download fla-core==0.6.0 --no-deps -d .gpu_kernels2/.whl   (then carry .gpu_kernels2/.whl with the run)
 set -u
@@ -87,6 +88,11 @@ decode)   # issue 14: batch 1 at 4K / 32K with every KV pass, the SDPA and Induc
     --unfused-variants original --profile-steps ${KV_PROFILE_STEPS:-4} \
     > "$OUT/kv.log" 2>&1
   echo "kv rc=$?"; grep '^{' "$OUT/kv.log" | cut -c1-300;;
+decode-mla)   # issue 14: the latent MLA step's split-K attention with larger partial shares (more programs)
+  timeout 560 python benchmarks/kv.py --out "$OUT/kv_h200_mla.json" --contexts 4096 32768 \
+    --variants original mla-decoupled0.5 --split-sweep-variants mla-decoupled0.5 --partial-shares 1 4 16 \
+    --static-peer-contexts --profile-steps 4 > "$OUT/kv_mla.log" 2>&1
+  echo "kv rc=$?"; grep '^{' "$OUT/kv_mla.log" | cut -c1-300;;
 decode-fused)   # issue 14: every KV pass at 32K with the step fused by Inductor (and the CUDA-graph step beside it)
   timeout 560 python benchmarks/kv.py --out "$OUT/kv_h200_fused.json" --contexts 32768 \
     --variants original kv-window4+1020 think0.5 mla-decoupled0.5 \
@@ -98,5 +104,6 @@ decode-batch)   # issue 14: batches 1 / 8 / 32 at 4K against transformers' stati
     --variants original --batch-variants original --compile-variants original --static-peer-contexts 4096 \
     > "$OUT/kv_batch.log" 2>&1
   echo "kv rc=$?"; grep '^{' "$OUT/kv_batch.log" | cut -c1-300;;
-*) echo "usage: $0 kernels|models|forms|compiled|fused|attention|band|decode|decode-fused|decode-batch"; exit 2;;
+*) echo "usage: $0 kernels|models|forms|compiled|fused|issue13|attention|exact|band|decode|decode-mla|decode-fused|decode-batch"
+   exit 2;;
 esac

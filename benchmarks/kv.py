@@ -334,6 +334,10 @@ def main() -> int:
     parser.add_argument("--split-sweep", type=int, nargs="*", default=[],
                         help="also time the original (batch 1) with the decode kernel split for this many programs "
                              "per SM (rewriter.decode.triton_decode.set_split), recorded as original_pps<N>")
+    parser.add_argument("--split-sweep-variants", nargs="*", default=[],
+                        help="variants also timed (batch 1) with the decode kernel's partial outputs allowed up to "
+                             "each --partial-shares of a chunk's cache bytes, recorded as <variant>_share<x>")
+    parser.add_argument("--partial-shares", type=float, nargs="*", default=[1.0, 4.0, 16.0])
     parser.add_argument("--compile-contexts", type=int, nargs="*", default=None,
                         help="contexts of the --compile-variants runs (default: every context)")
     parser.add_argument("--compile-variants", nargs="*", default=[],
@@ -505,6 +509,9 @@ def main() -> int:
                         diagnostics.append((f"{name}_unfused", None, False, None, False, False))
                     if name == "original" and b == 1 and device == "cuda":
                         diagnostics += [(f"original_pps{n}", None, False, n, False, True) for n in args.split_sweep]
+                    if name in args.split_sweep_variants and b == 1 and device == "cuda":
+                        diagnostics += [(f"{name}_share{x:g}", None, False, ("share", x), False, True)
+                                        for x in args.partial_shares]
                     for label, backend, reference, split, compiled, fused in diagnostics:
                         if over_budget(f"{label} context {c} batch {b}"):
                             continue
@@ -534,12 +541,16 @@ def main() -> int:
     return 0
 
 
-def split_override(programs_per_sm: int | None):
+def split_override(split):
+    """None: the planned split; an int: that many decode programs per SM; ("share", x): partial outputs up to x of
+    a chunk's cache bytes (triton_decode.split_plan)."""
     import contextlib
-    if programs_per_sm is None:
+    if split is None:
         return contextlib.nullcontext()
     from rewriter.decode.triton_decode import set_split
-    return set_split(programs_per_sm=programs_per_sm)
+    if isinstance(split, tuple):
+        return set_split(partial_share=split[1])
+    return set_split(programs_per_sm=split)
 
 
 def _agree(a: list[int], b: list[int]) -> dict:

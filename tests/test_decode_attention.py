@@ -49,6 +49,9 @@ def test_split_plan_covers_the_cache_in_whole_tiles():
     # MLA's latent: 32 heads x 448 float32 partials per chunk stay under a quarter of the chunk's cache bytes
     splits, chunk = split_plan(1, 1, 32768, torch.device("cpu"), 32, 2, 448 + 64, 448, 16)
     assert 8 * 32 * 448 <= 0.25 * chunk * 2 * (448 + 64) and chunk % 16 == 0
+    # at 4K the partials' floor (448 slots) sets the split; a 4x share lets it go to the 128-slot minimum
+    assert split_plan(1, 1, 4096, torch.device("cpu"), 32, 2, 448 + 64, 448, 16) == (10, 448)
+    assert split_plan(1, 1, 4096, torch.device("cpu"), 32, 2, 448 + 64, 448, 16, partial_share=4.0) == (32, 128)
 
 
 @pytest.mark.parametrize("G", [1, 4])                       # MHA, and GQA with 4 query heads per KV head

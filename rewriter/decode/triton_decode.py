@@ -138,11 +138,11 @@ _split_override: dict = {}
 
 
 @contextlib.contextmanager
-def set_split(programs_per_sm: int | None = None, min_chunk: int | None = None):
+def set_split(programs_per_sm: int | None = None, min_chunk: int | None = None, partial_share: float | None = None):
     """Launches inside use these split parameters (the benchmark's sweep; a CUDA graph captured inside keeps them)."""
     old = dict(_split_override)
-    _split_override.update({k: v for k, v in (("programs_per_sm", programs_per_sm), ("min_chunk", min_chunk))
-                            if v is not None})
+    _split_override.update({k: v for k, v in (("programs_per_sm", programs_per_sm), ("min_chunk", min_chunk),
+                                              ("partial_share", partial_share)) if v is not None})
     try:
         yield
     finally:
@@ -157,17 +157,19 @@ def _sm_count(index: int) -> int:
 
 def split_plan(batch: int, kv_heads: int, slots: int, device: torch.device, groups: int = 1, head_blocks: int = 1,
                slot_elems: int = 0, out_dim: int = 0, tile: int = 64, programs_per_sm: int = PROGRAMS_PER_SM,
-               min_chunk: int = MIN_CHUNK) -> tuple[int, int]:
+               min_chunk: int = MIN_CHUNK, partial_share: float = PARTIAL_SHARE) -> tuple[int, int]:
     """(splits, chunk): the cache cut into `splits` chunks of `chunk` slots (a multiple of `tile`) so that
     batch x kv_heads x head_blocks x splits is about programs_per_sm x the device's SMs, no chunk under min_chunk
     slots, and no chunk whose partial outputs (groups x out_dim float32, written and read back) cost more than
-    PARTIAL_SHARE of its cache bytes (slot_elems half-precision values per slot). Shapes only: a captured CUDA graph
-    keeps its plan."""
+    `partial_share` of its cache bytes (slot_elems half-precision values per slot). Shapes only: a captured CUDA
+    graph keeps its plan. (MLA's latent, 32 heads x 448 values of partials per chunk, gets 20 programs at 4K this
+    way, and its split kernel took 76 us per layer there on the H100, kv_h100_v4.json: `kv.py --split-sweep-variants`
+    times other shares.)"""
     sms = _sm_count(device.index if device.index is not None else torch.cuda.current_device()) \
         if device.type == "cuda" else 8
     want = max(1, -(-programs_per_sm * sms // (batch * kv_heads * head_blocks)))
     partial = 8 * groups * out_dim                     # bytes: float32, written then read
-    floor = max(min_chunk, int(partial / (PARTIAL_SHARE * 2 * slot_elems)) if slot_elems else 0)
+    floor = max(min_chunk, int(partial / (partial_share * 2 * slot_elems)) if slot_elems else 0)
     chunk = max(-(-slots // want), floor)
     chunk = -(-chunk // tile) * tile
     return -(-slots // chunk), chunk

@@ -96,7 +96,8 @@ class Decoder:
     meta: dict = field(default_factory=dict)
     device: torch.device = field(default_factory=lambda: torch.device("cpu"))   # where the weights and cache live
     ragged = True     # left-padded rows decode (their positions need not be their slots)
-    # the eager / CUDA-graph step runs RMSNorm and SwiGLU as the fused ops (runtime.fused_step); False: as captured
+    # the eager / CUDA-graph step runs RMSNorm, SwiGLU and RoPE as one op each and repeated values once
+    # (runtime.fused_step); False: the step as captured
     fused_ops: bool = True
     # the runtime's state (rewriter.decode.runtime): the in-place step and the last static session
     _runtime: dict = field(default_factory=dict, repr=False, compare=False)
@@ -163,8 +164,8 @@ class Decoder:
 
     # --- the runtime (static in-place cache, CUDA graphs) ---------------------------------------------------------
     def inplace_step(self, compiled: bool = False):
-        """The step program with in-place cache writes (built once per decoder and device), its RMSNorms and SwiGLU
-        products fused (runtime.fused_step) unless fused_ops is off; compiled: the in-place step fused by Inductor
+        """The step program with in-place cache writes (built once per decoder and device), its RMSNorms, SwiGLU
+        products and RoPE fused (runtime.fused_step) unless fused_ops is off; compiled: the in-place step fused by Inductor
         instead (runtime.compiled_step; compiles at its first call per shape)."""
         if self._runtime.get("step") is None:
             self._runtime["step"] = runtime.inplace_step(self.step)

@@ -119,6 +119,8 @@ def dedupe_step(gm: torch.fx.GraphModule) -> int:
             return (type(value).__name__, tuple(key(v) for v in value))
         if isinstance(value, dict):
             return ("dict", tuple(sorted((k, key(v)) for k, v in value.items())))
+        if isinstance(value, torch.Tensor):        # a constant tensor argument: itself, not its (abridged) repr
+            return ("tensor", id(value))
         return ("value", repr(value))
     for node in list(graph.nodes):
         if node in written:

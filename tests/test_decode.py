@@ -175,7 +175,8 @@ def test_decoder_refuses_a_context_past_the_models_sliding_window():
 
 def test_prefill_program_attends_in_canonical_form(model_and_decoder):
     """The prefill program runs exact attention on the key mask (SDPA's causal flash path on CUDA), not SDPA on the
-    (B, 1, T, T) mask the cache hands HF; its logits, keys and values are the model's."""
+    (B, 1, T, T) mask the cache hands HF; its keys and values are the model's, and its logits the model's at the
+    last position (the only one decoding reads: the LM head runs on that position alone)."""
     _, model, dec = model_and_decoder
     targets = [str(n.target) for n in dec.prefill.ep.graph.nodes if n.op == "call_function"]
     assert targets.count("rewriter.exact_attention.default") == model.config.num_hidden_layers
@@ -184,8 +185,11 @@ def test_prefill_program_attends_in_canonical_form(model_and_decoder):
     logits, keys, _ = dec.prefill.run(input_ids=ids)
     with torch.no_grad():
         out = model(input_ids=ids, use_cache=True)
-    torch.testing.assert_close(logits, out.logits, atol=2e-5, rtol=1e-4)
+    assert logits.shape == (3, 1, model.config.vocab_size)
+    torch.testing.assert_close(logits, out.logits[:, -1:], atol=2e-5, rtol=1e-4)
     torch.testing.assert_close(keys[-1], out.past_key_values.layers[-1].keys, atol=2e-5, rtol=1e-4)
+    lm_head = [n for n in dec.prefill.ep.graph.nodes if n.op == "call_function" and "linear" in str(n.target)][-1]
+    assert lm_head.meta["val"].shape[1] == 1                  # the LM head runs on one position
 
 
 def test_prefill_that_does_not_canonicalise_keeps_sdpa(monkeypatch):

@@ -94,12 +94,24 @@ class Program:
         return new
 
     # --- description ---------------------------------------------------------------------------------
-    def to(self, device: str | torch.device) -> "Program":
+    def to(self, device: str | torch.device, shared: dict | None = None) -> "Program":
         """The same program with its weights, constants and device arguments on `device` (capture on CPU, run on
-        CUDA)."""
+        CUDA); this one is left as it was (torch's move_to_device_pass works in place, so it moves a copy of the
+        graph that holds the same tensors). shared: {id(tensor before): tensor after}, filled by each move and read
+        by the next, so that a weight several programs hold (a decoder's prefill and step) is moved once."""
         from torch.export.passes import move_to_device_pass
+        device = torch.device(device)
+        shared = {} if shared is None else shared
+        tensors = [t for t in (*self.ep.state_dict.values(), *self.ep.constants.values()) if isinstance(t, torch.Tensor)]
+        ep = copy.deepcopy(self.ep, {id(t): t for t in tensors})
+        before = dict(ep.state_dict)
+        for k, t in before.items():
+            if id(t) in shared:
+                ep._state_dict[k] = shared[id(t)]      # already there: the move below keeps its storage
         moved = copy.copy(self)
-        moved.ep = move_to_device_pass(self.ep, torch.device(device))
+        moved.ep = move_to_device_pass(ep, device)
+        for k, t in before.items():
+            shared[id(t)] = moved.ep.state_dict[k]
         moved.example_inputs = {k: v.to(device) for k, v in self.example_inputs.items()}
         moved._runner = None
         return moved

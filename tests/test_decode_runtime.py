@@ -73,6 +73,20 @@ def test_step_updates_the_cache_in_place():
     assert int(session.t) == 12 and session.valid[:, :12].all() and not session.valid[:, 12:].any()
 
 
+def test_decoder_to_moves_each_shared_weight_once_and_leaves_the_original():
+    """Decoder.to moves a weight the prefill and the step both hold once (one storage on the device, not a copy per
+    program), and the decoder it came from keeps its CPU weights (torch's move_to_device_pass works in place)."""
+    _, dec = _decoder("llama", max_len=40)
+    moved = dec.to("meta")
+    assert {t.device.type for t in dec.step.ep.state_dict.values()} == {"cpu"}
+    assert {t.device.type for t in dec.prefill.ep.state_dict.values()} == {"cpu"}
+    prefill, step = moved.prefill.ep.state_dict, moved.step.ep.state_dict
+    assert {t.device.type for t in step.values()} == {"meta"}
+    common = [k for k in step if k in prefill]
+    assert len(common) == len(step) > 0
+    assert all(step[k].untyped_storage()._cdata == prefill[k].untyped_storage()._cdata for k in common)
+
+
 @pytest.mark.parametrize("fused", [True, False])
 def test_step_runs_rms_norm_swiglu_and_rope_as_the_fused_ops(fused):
     """The runtime's step (eager / CUDA graph) holds rewriter::rms_norm for each RMSNorm (two per layer and the final

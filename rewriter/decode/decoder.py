@@ -128,8 +128,10 @@ class Decoder:
     def to(self, device: str | torch.device) -> "Decoder":
         """The same decoder running on `device` (capture on CPU, then move: see Program.to)."""
         device = torch.device(device)
-        prefill = None if self.prefill is None else self.prefill.to(device)   # decoupled MLA has no prefill program
-        return dataclasses.replace(self, prefill=prefill, step=self.step.to(device), device=device, _runtime={})
+        shared: dict = {}          # the weights both programs hold move once (one copy on the device, not two)
+        prefill = None if self.prefill is None else self.prefill.to(device, shared)   # decoupled MLA has no prefill
+        return dataclasses.replace(self, prefill=prefill, step=self.step.to(device, shared), device=device,
+                                   _runtime={})
 
     def kv_bytes_per_token(self) -> int:
         """Cache bytes of one prompt token (for dynamic ThinK a token decoded after the prompt holds

@@ -11,7 +11,8 @@
 #   bash benchmarks/h200.sh band      # the band (window) kernel's config sweep, Scatterbrain, binary GEMV sweep
 #   bash benchmarks/h200.sh decode    # KV decode, batch 1, every KV pass (decode-batch: batches 1 / 8 / 32;
 #                                     # decode-fused: every pass at 32K with the Inductor-fused step;
-#                                     # decode-mla: the MLA step's decode-attention split sweep)
+#                                     # decode-mla: the MLA step's decode-attention split sweep;
+#                                     # decode-gemv: the step's gemv kernels swept, then decode with them)
 # Results go to $OUT (default ./out). fla-core comes from a wheel carried in .gpu_kernels2/.whl (no network there):
 #   pip download fla-core==0.6.0 --no-deps -d .gpu_kernels2/.whl   (then carry .gpu_kernels2/.whl with the run)
 set -u
@@ -88,6 +89,16 @@ decode)   # issue 14: batch 1 at 4K / 32K with every KV pass, the SDPA and Induc
     --unfused-variants original --profile-steps ${KV_PROFILE_STEPS:-4} \
     > "$OUT/kv.log" 2>&1
   echo "kv rc=$?"; grep '^{' "$OUT/kv.log" | cut -c1-300;;
+decode-gemv)   # issue 14: the decode step's gemv kernels swept against cuBLAS (best launches to $OUT/gemv_configs.json),
+               # then batch-1 decode with those launches, the same step on cuBLAS (_cublas) and with the captured ops
+  timeout 200 python benchmarks/gemv.py --out "$OUT/gemv_${KV_TAG:-h200}.json" --configs-out "$OUT/gemv_configs.json" \
+    --budget-s ${GEMV_BUDGET:-160} > "$OUT/gemv.log" 2>&1
+  echo "gemv rc=$?"; grep -v Warning "$OUT/gemv.log" | tail -12
+  timeout 370 python benchmarks/kv.py --out "$OUT/kv_${KV_TAG:-h200}_gemv.json" --contexts 4096 32768 \
+    --variants original kv-window4+1020 think0.5 mla-decoupled0.5 --cublas-variants original \
+    --unfused-variants original --static-peer-contexts --profile-steps ${KV_PROFILE_STEPS:-4} --budget-s 330 \
+    $( [ -f "$OUT/gemv_configs.json" ] && echo --gemv-configs "$OUT/gemv_configs.json" ) > "$OUT/kv_gemv.log" 2>&1
+  echo "kv rc=$?"; grep '^{\|^gemv configs' "$OUT/kv_gemv.log" | cut -c1-300;;
 decode-mla)   # issue 14: the latent MLA step's split-K attention with larger partial shares (more programs)
   timeout 560 python benchmarks/kv.py --out "$OUT/kv_h200_mla.json" --contexts 4096 32768 \
     --variants original mla-decoupled0.5 --split-sweep-variants mla-decoupled0.5 --partial-shares 1 4 16 \
@@ -104,6 +115,6 @@ decode-batch)   # issue 14: batches 1 / 8 / 32 at 4K against transformers' stati
     --variants original --batch-variants original --compile-variants original --static-peer-contexts 4096 \
     > "$OUT/kv_batch.log" 2>&1
   echo "kv rc=$?"; grep '^{' "$OUT/kv_batch.log" | cut -c1-300;;
-*) echo "usage: $0 kernels|models|forms|compiled|fused|issue13|attention|exact|band|decode|decode-mla|decode-fused|decode-batch"
+*) echo "usage: $0 kernels|models|forms|compiled|fused|issue13|attention|exact|band|decode|decode-gemv|decode-mla|decode-fused|decode-batch"
    exit 2;;
 esac

@@ -349,6 +349,12 @@ def main() -> int:
     parser.add_argument("--unfused-variants", nargs="*", default=[],
                         help="variants also timed with the step's RMSNorms and SwiGLU products as captured (aten ops) "
                              "instead of the fused ops, recorded as <variant>_unfused (batch 1)")
+    parser.add_argument("--cublas-variants", nargs="*", default=[],
+                        help="also time these variants' step with the fused ops but its linears on cuBLAS instead of "
+                             "rewriter::gemv / swiglu_gemv, recorded as <variant>_cublas (batch 1)")
+    parser.add_argument("--gemv-configs", default=None,
+                        help="JSON {'<kind> <N> <K> M1': [BLOCK_N, BLOCK_K, warps, stages]} from benchmarks/gemv.py "
+                             "--configs-out: the gemv kernels' launches (triton_gemv.GEMV_CONFIGS) for this run")
     parser.add_argument("--budget-s", type=float, default=540,
                         help="skip what would start after this many seconds (default: fit one 10-minute device call)")
     parser.add_argument("--static-budget-s", type=float, default=1e9,
@@ -360,6 +366,13 @@ def main() -> int:
     args = parser.parse_args()
     global PROFILE_STEPS
     PROFILE_STEPS = args.profile_steps
+    if args.gemv_configs:
+        from rewriter.decode.triton_gemv import GEMV_CONFIGS
+        with open(args.gemv_configs) as f:
+            for key, config in json.load(f).items():
+                kind, n, k = key.split()[:3]
+                GEMV_CONFIGS[(kind, int(n), int(k))] = tuple(config)
+        print(f"gemv configs: {GEMV_CONFIGS}", flush=True)
     began = time.perf_counter()
     device = "cpu" if args.tiny else "cuda"
     if args.tiny:
@@ -498,31 +511,34 @@ def main() -> int:
                         rec["agreement_with_original"] = _agree(rec["tokens"], reference_tokens[(c, b)])
                     record(rec)
                     # (label, SDPA backend, attention through the reference, kernel programs per SM, Inductor,
-                    #  RMSNorm / SwiGLU as the fused ops)
-                    diagnostics = [(f"original_sdpa_{backend}", backend, False, None, False, True)
+                    #  RMSNorm / SwiGLU as the fused ops, linears as rewriter::gemv)
+                    diagnostics = [(f"original_sdpa_{backend}", backend, False, None, False, True, True)
                                    for backend in (args.sdpa_backends if name == "original" and b == 1 else ())]
                     if name in args.compile_variants and (args.compile_contexts is None or c in args.compile_contexts):
-                        diagnostics.append((f"{name}_inductor", None, False, None, True, True))
+                        diagnostics.append((f"{name}_inductor", None, False, None, True, True, True))
                     if name in args.sdpa_variants and b == 1:
-                        diagnostics.append((f"{name}_sdpa", None, True, None, False, True))
+                        diagnostics.append((f"{name}_sdpa", None, True, None, False, True, True))
                     if name in args.unfused_variants and b == 1:
-                        diagnostics.append((f"{name}_unfused", None, False, None, False, False))
+                        diagnostics.append((f"{name}_unfused", None, False, None, False, False, False))
+                    if name in args.cublas_variants and b == 1:
+                        diagnostics.append((f"{name}_cublas", None, False, None, False, True, False))
                     if name == "original" and b == 1 and device == "cuda":
-                        diagnostics += [(f"original_pps{n}", None, False, n, False, True) for n in args.split_sweep]
+                        diagnostics += [(f"original_pps{n}", None, False, n, False, True, True)
+                                        for n in args.split_sweep]
                     if name in args.split_sweep_variants and b == 1 and device == "cuda":
-                        diagnostics += [(f"{name}_share{x:g}", None, False, ("share", x), False, True)
+                        diagnostics += [(f"{name}_share{x:g}", None, False, ("share", x), False, True, True)
                                         for x in args.partial_shares]
-                    for label, backend, reference, split, compiled, fused in diagnostics:
+                    for label, backend, reference, split, compiled, fused, gemv in diagnostics:
                         if over_budget(f"{label} context {c} batch {b}"):
                             continue
-                        dec.fused_ops = fused
+                        dec.fused_ops, dec.fused_gemv = fused, gemv
                         try:
                             with split_override(split):
                                 rec = {"variant": label, "context": c,
                                        **run_decoder(dec, prompts[(c, b)], args.new_tokens, device, backend,
                                                      reference, compiled)}
                         finally:
-                            dec.fused_ops = True
+                            dec.fused_ops = dec.fused_gemv = True
                         dec._runtime.clear()
                         rec["roofline_fraction"] = rec["tokens_per_s"] / roofline(held, b) if bandwidth else None
                         if (c, b) in reference_tokens:

@@ -23,9 +23,11 @@ def run_benchmark(script: str, out: Path, *args: str) -> dict:
 def test_kv_benchmark_tiny(tmp_path):
     d = run_benchmark("kv.py", tmp_path / "kv.json", "--contexts", "48", "--new-tokens", "6",
                       "--variants", "original", "think-dynamic0.5", "mla0.5", "--batches", "1", "2",
-                      "--batch-contexts", "48")
+                      "--batch-contexts", "48", "--cublas-variants", "original")
     recs = {r["variant"]: r for r in d["records"] if r["batch"] == 1}
-    assert set(recs) == {"transformers_generate", "original", "think-dynamic0.5", "mla0.5"}
+    assert set(recs) == {"transformers_generate", "original", "think-dynamic0.5", "mla0.5", "original_cublas"}
+    # the step with its linears on cuBLAS (no rewriter::gemv): on the CPU the gemv ops run the same aten linears
+    assert recs["original_cublas"]["agreement_with_original"]["equal_fraction"] == 1.0
     batched = {r["variant"]: r for r in d["records"] if r["batch"] == 2}
     assert set(batched) == {"transformers_generate", "original"}
     assert batched["original"]["agreement_with_transformers"]["equal_fraction"] == 1.0

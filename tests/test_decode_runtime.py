@@ -90,9 +90,9 @@ def test_decoder_to_moves_each_shared_weight_once_and_leaves_the_original():
 @pytest.mark.parametrize("fused", [True, False])
 def test_step_runs_rms_norm_swiglu_and_rope_as_the_fused_ops(fused):
     """The runtime's step (eager / CUDA graph) holds rewriter::rms_norm for each RMSNorm (two per layer and the final
-    one), rewriter::silu_mul for each SwiGLU product and rewriter::rotary for RoPE on the query and the key, none of
-    their aten kernels (fused_ops off: the captured ops), and decodes what the captured step decodes: logits equal
-    to the functional path's step."""
+    one), rewriter::swiglu_gemv for each SwiGLU (gate, up, silu * up), rewriter::rotary for RoPE on the query and the
+    key, and rewriter::gemv for the other projections (q, k, v as one), none of their aten kernels (fused_ops off:
+    the captured ops), and decodes what the captured step decodes: logits equal to the functional path's step."""
     model, dec = _decoder("llama", max_len=40)
     layers = model.config.num_hidden_layers
     dec.fused_ops = fused
@@ -100,7 +100,11 @@ def test_step_runs_rms_norm_swiglu_and_rope_as_the_fused_ops(fused):
         gm = dec.inplace_step()
         targets = [n.target for n in gm.graph.nodes if n.op == "call_function"]
         assert targets.count(torch.ops.rewriter.rms_norm.default) == (2 * layers + 1 if fused else 0)
-        assert targets.count(torch.ops.rewriter.silu_mul.default) == (layers if fused else 0)
+        # SwiGLU's silu_mul and its gate / up projections: one swiglu_gemv; q, k, v: one gemv; o, down, lm head
+        assert targets.count(torch.ops.rewriter.silu_mul.default) == 0
+        assert targets.count(torch.ops.rewriter.swiglu_gemv.default) == (layers if fused else 0)
+        assert targets.count(torch.ops.rewriter.gemv.default) == (3 * layers + 1 if fused else 0)
+        assert targets.count(torch.ops.aten.linear.default) == (0 if fused else 7 * layers + 1)
         assert targets.count(torch.ops.aten.rsqrt.default) == (0 if fused else 2 * layers + 1)
         assert targets.count(torch.ops.aten.silu.default) == (0 if fused else layers)
         assert targets.count(torch.ops.rewriter.rotary.default) == (2 * layers if fused else 0)    # query, key

@@ -99,6 +99,8 @@ class Decoder:
     # the eager / CUDA-graph step runs RMSNorm, SwiGLU and RoPE as one op each and repeated values once
     # (runtime.fused_step); False: the step as captured
     fused_ops: bool = True
+    # with fused_ops: bias-free linears as rewriter::gemv / swiglu_gemv (Triton at batch <= 4); False: cuBLAS
+    fused_gemv: bool = True
     # the runtime's state (rewriter.decode.runtime): the in-place step and the last static session
     _runtime: dict = field(default_factory=dict, repr=False, compare=False)
 
@@ -123,6 +125,7 @@ class Decoder:
             raise ValueError(f"max_len must be in [{lo}, {hi}] (the model's positions); got {max_len}")
         return dataclasses.replace(self, max_len=max_len, _runtime={k: self._runtime.get(k)
                                                                     for k in ("step", "fused_step",
+                                                                              "fused_step_cublas",
                                                                               "compiled_step")})
 
     def to(self, device: str | torch.device) -> "Decoder":
@@ -174,9 +177,11 @@ class Decoder:
         if not compiled and not self.fused_ops:
             return self._runtime["step"]
         if not compiled:
-            if self._runtime.get("fused_step") is None:
-                self._runtime["fused_step"], self.meta["fused_sites"] = runtime.fused_step(self._runtime["step"])
-            return self._runtime["fused_step"]
+            key = "fused_step" if self.fused_gemv else "fused_step_cublas"
+            if self._runtime.get(key) is None:
+                self._runtime[key], self.meta["fused_sites"] = runtime.fused_step(self._runtime["step"],
+                                                                                  gemv=self.fused_gemv)
+            return self._runtime[key]
         if self._runtime.get("compiled_step") is None:
             self._runtime["compiled_step"] = runtime.compiled_step(self._runtime["step"])
         return self._runtime["compiled_step"]

@@ -68,18 +68,22 @@ def inplace_step(program) -> torch.fx.GraphModule:
     return gm
 
 
-def fused_step(gm: torch.fx.GraphModule) -> tuple[torch.fx.GraphModule, int]:
+def fused_step(gm: torch.fx.GraphModule, gemv: bool = True) -> tuple[torch.fx.GraphModule, int]:
     """A copy of the in-place step (weights shared) with its RMSNorms and SwiGLU products as rewriter::rms_norm /
     rewriter::silu_mul (the fuse pass's sites and ops) and its RoPE applications as rewriter::rotary (rotary.py):
     the model's own arithmetic, one Triton kernel each on CUDA instead of eight, two and five aten kernels; the CPU
-    runs their references. At batch 1 a step is a few hundred small kernels, so their number is much of its time.
-    Returns (the step, sites fused)."""
+    runs their references. Its bias-free linears become rewriter::gemv (q, k and v in one launch) and
+    rewriter::swiglu_gemv (gate, up and the silu_mul in one): Triton matrix-vector kernels at batch <= 4 (gemv.py;
+    gemv=False keeps them on cuBLAS).
+    At batch 1 a step is a few hundred small kernels, so their number is much of its time. Returns (the step, sites
+    fused)."""
     import copy
     import warnings
 
     from ..graph import erase_dead, replace_with_op
     from ..linear import fused as _ops  # noqa: F401  (registers the ops)
     from ..sites import fusion_sites
+    from .gemv import fuse_gemv
     from .rotary import fuse_rotary
     with warnings.catch_warnings():          # torch's pytree spec deprecation noise while copying the graph's codegen
         warnings.simplefilter("ignore", FutureWarning)
@@ -91,10 +95,12 @@ def fused_step(gm: torch.fx.GraphModule) -> tuple[torch.fx.GraphModule, int]:
         args = tuple(nodes[name] for name in site.inputs) + ((site.eps,) if site.kind == "rms_norm" else ())
         nodes[site.node] = replace_with_op(out, nodes[site.node], ops[site.kind], args)
     rotations = fuse_rotary(out)
+    erase_dead(out)                         # the replaced patterns' nodes (a dead silu still reads the gate)
+    products = fuse_gemv(out) if gemv else 0
     dedupe_step(out)
     erase_dead(out)
     out.recompile()
-    return out, len(sites) + rotations
+    return out, len(sites) + rotations + products
 
 
 def dedupe_step(gm: torch.fx.GraphModule) -> int:

@@ -1,0 +1,167 @@
+"""The decode step's matrix-vector products as ops: `rewriter::gemv` and `rewriter::swiglu_gemv`.
+
+    gemv(x (..., K), [w0, w1, ...] (Ni, K)) -> cat([linear(x, wi)], -1)        (..., N0 + N1 + ...)
+    swiglu_gemv(x (..., K), w_gate, w_up (N, K)) -> silu_mul(linear(x, w_gate), linear(x, w_up))
+
+The references are those aten calls, so on the CPU (and for more than GEMV_MAX_M rows, or other dtypes, on CUDA) the
+op computes what the captured step computes. On CUDA with at most GEMV_MAX_M rows one Triton kernel runs each
+(triton_gemv.py): the q, k and v projections that read one normed x become one launch, and SwiGLU's gate and up
+projections with silu(gate) * up another. Like rotary, the ops live in the runtime's step only (`fuse_gemv`, called by
+runtime.fused_step), never in a saved program. The kernels sum K in another order than cuBLAS, so 16-bit outputs can
+differ from cuBLAS's in the last place (both accumulate in fp32 and round once).
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, fx
+
+from ..graph import aten, get_attr_tensor, is_call
+from ..linear.fused import silu_mul_reference
+
+_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+
+
+def _check(x: Tensor, weights: list[Tensor]) -> None:
+    if not weights:
+        raise ValueError("gemv needs at least one weight")
+    for w in weights:
+        if w.dim() != 2 or x.dim() < 1 or w.shape[1] != x.shape[-1]:
+            raise ValueError(f"gemv needs x (..., K) and weights (N, K); got {tuple(x.shape)} and {tuple(w.shape)}")
+        if w.dtype != x.dtype or w.device != x.device:
+            raise ValueError(f"gemv needs weights of x's dtype and device; got {w.dtype} on {w.device} for "
+                             f"{x.dtype} on {x.device}")
+
+
+def _check_swiglu(x: Tensor, w_gate: Tensor, w_up: Tensor) -> None:
+    _check(x, [w_gate, w_up])
+    if w_gate.shape != w_up.shape:
+        raise ValueError(f"swiglu_gemv needs gate and up weights of one shape; got {tuple(w_gate.shape)} and "
+                         f"{tuple(w_up.shape)}")
+
+
+def gemv_reference(x: Tensor, weights: list[Tensor]) -> Tensor:
+    outs = [F.linear(x, w) for w in weights]
+    return outs[0] if len(outs) == 1 else torch.cat(outs, dim=-1)
+
+
+def swiglu_gemv_reference(x: Tensor, w_gate: Tensor, w_up: Tensor) -> Tensor:
+    return silu_mul_reference(F.linear(x, w_gate), F.linear(x, w_up))
+
+
+def _use_kernel(x: Tensor, weights: list[Tensor]) -> bool:
+    from ..attention.triton import triton_available, use_reference
+    from .triton_gemv import GEMV_MAX_M, MAX_WEIGHTS
+    rows = x.numel() // max(1, x.shape[-1])
+    return (not use_reference() and triton_available() and x.dtype in _DTYPES and rows <= GEMV_MAX_M
+            and len(weights) <= MAX_WEIGHTS and all(w.is_contiguous() for w in weights))
+
+
+@torch.library.custom_op("rewriter::gemv", mutates_args=())
+def gemv(x: Tensor, weights: list[Tensor]) -> Tensor:
+    """cat([x @ w.T for w in weights], -1)."""
+    _check(x, weights)
+    return gemv_reference(x, weights)
+
+
+@gemv.register_fake
+def _gemv_fake(x, weights):
+    return x.new_empty(*x.shape[:-1], sum(w.shape[0] for w in weights))
+
+
+@gemv.register_kernel("cuda")
+def _gemv_cuda(x, weights):
+    _check(x, weights)
+    if not _use_kernel(x, weights):
+        return gemv_reference(x, weights)
+    from .triton_gemv import gemv_triton
+    return gemv_triton(x, weights)
+
+
+@torch.library.custom_op("rewriter::swiglu_gemv", mutates_args=())
+def swiglu_gemv(x: Tensor, w_gate: Tensor, w_up: Tensor) -> Tensor:
+    """silu(x @ w_gate.T) * (x @ w_up.T) with rewriter::silu_mul's roundings."""
+    _check_swiglu(x, w_gate, w_up)
+    return swiglu_gemv_reference(x, w_gate, w_up)
+
+
+@swiglu_gemv.register_fake
+def _swiglu_gemv_fake(x, w_gate, w_up):
+    return x.new_empty(*x.shape[:-1], w_gate.shape[0])
+
+
+@swiglu_gemv.register_kernel("cuda")
+def _swiglu_gemv_cuda(x, w_gate, w_up):
+    _check_swiglu(x, w_gate, w_up)
+    if not _use_kernel(x, [w_gate, w_up]):
+        return swiglu_gemv_reference(x, w_gate, w_up)
+    from .triton_gemv import swiglu_gemv_triton
+    return swiglu_gemv_triton(x, w_gate, w_up)
+
+
+# --- the step graph -----------------------------------------------------------------------------------------------
+
+def _weight(gm: fx.GraphModule, node) -> Tensor | None:
+    """The weight of `linear(x, w)` / `linear(x, w, None)` when it is a 2-D attribute of x's dtype, else None."""
+    if not is_call(node, aten.linear.default) or len(node.args) < 2 or node.kwargs.get("bias") is not None \
+            or (len(node.args) > 2 and node.args[2] is not None):
+        return None
+    w = node.args[1]
+    if not isinstance(w, fx.Node) or w.op != "get_attr":
+        return None
+    t = get_attr_tensor(gm, w.target)
+    x = node.args[0].meta.get("val") if isinstance(node.args[0], fx.Node) else None
+    if t.dim() != 2 or not isinstance(x, torch.Tensor) or x.dtype != t.dtype or t.dtype not in _DTYPES:
+        return None
+    return t
+
+
+def fuse_gemv(gm: fx.GraphModule, max_group: int = 3) -> int:
+    """Bias-free linears on 2-D weights in a step graph -> rewriter::swiglu_gemv (a silu_mul of two linears of one x,
+    read by nothing else) and rewriter::gemv (the other linears of one x, up to max_group per op, sliced back apart).
+    Returns the linears replaced (the caller erases dead nodes and recompiles)."""
+    graph, replaced = gm.graph, 0
+    keep = ("nn_module_stack", "val", "stack_trace")
+    swiglu = torch.ops.rewriter.silu_mul.default
+    for node in list(graph.nodes):
+        if not is_call(node, swiglu) or len(node.args) != 2:
+            continue
+        gate, up = node.args
+        if any(_weight(gm, p) is None for p in (gate, up)) or gate.args[0] is not up.args[0] \
+                or len(gate.users) != 1 or len(up.users) != 1 \
+                or get_attr_tensor(gm, gate.args[1].target).shape != get_attr_tensor(gm, up.args[1].target).shape:
+            continue
+        with graph.inserting_before(node):
+            new = graph.call_function(torch.ops.rewriter.swiglu_gemv.default, (gate.args[0], gate.args[1], up.args[1]))
+        new.meta = {k: v for k, v in node.meta.items() if k in keep}
+        node.replace_all_uses_with(new)
+        graph.erase_node(node)
+        graph.erase_node(gate)
+        graph.erase_node(up)
+        replaced += 2
+    groups: dict[fx.Node, list[fx.Node]] = {}
+    for node in graph.nodes:
+        if _weight(gm, node) is not None:
+            groups.setdefault(node.args[0], []).append(node)
+    order = {n: i for i, n in enumerate(graph.nodes)}
+    for x, linears in groups.items():
+        for i in range(0, len(linears), max_group):
+            group = linears[i:i + max_group]          # in graph order
+            first = group[0]
+            for n in group[1:]:
+                if order[n.args[1]] > order[first]:
+                    first.prepend(n.args[1])           # the weight's get_attr before the joint call
+            with graph.inserting_before(first):
+                y = graph.call_function(torch.ops.rewriter.gemv.default, (x, [n.args[1] for n in group]))
+                start = 0
+                for n in group:
+                    rows = get_attr_tensor(gm, n.args[1].target).shape[0]
+                    part = y if len(group) == 1 else graph.call_function(aten.slice.Tensor,
+                                                                         (y, -1, start, start + rows))
+                    part.meta = {k: v for k, v in n.meta.items() if k in keep}
+                    start += rows
+                    n.replace_all_uses_with(part)
+            for n in group:
+                graph.erase_node(n)
+            replaced += len(group)
+    return replaced

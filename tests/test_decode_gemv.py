@@ -1,0 +1,86 @@
+"""rewriter::gemv / rewriter::swiglu_gemv (decode/gemv.py): the decode step's matrix-vector products. The Triton
+kernels run in the interpreter against the aten references (bit-equal where every sum is exact in fp32, so only the
+indexing and the roundings are tested) and against float64 on general data; the ops check their inputs; the kernels
+compile for sm_90."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+from rewriter.decode import gemv as G
+from test_decode_attention import _compile_sm90
+
+CONFIG = (16, 32, 4, 1)          # BLOCK_N, BLOCK_K, warps, stages: several row blocks and K steps at these sizes
+
+
+def _exact(shape, gen, scale=2 ** -3):
+    """Small multiples of `scale`: products and sums of a few hundred of them are exact in fp32."""
+    return torch.randint(-4, 5, shape, generator=gen).double() * scale
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
+@pytest.mark.parametrize("rows,K", [(1, 96), (3, 80)])        # K = 80: a partial last K step
+def test_gemv_kernel_equals_the_linears(triton_interpreter, dtype, rows, K):
+    from rewriter.decode.triton_gemv import gemv_triton
+    gen = torch.Generator().manual_seed(rows * K)
+    x = _exact((rows, 1, K), gen).to(dtype)
+    weights = [_exact((n, K), gen).to(dtype) for n in (40, 24, 8)]        # q, k, v: 3, 2 and 1 row blocks
+    for ws in (weights, weights[:1]):
+        got = gemv_triton(x, ws, CONFIG)
+        assert got.shape == (rows, 1, sum(w.shape[0] for w in ws)) and got.dtype == dtype
+        assert torch.equal(got, G.gemv_reference(x, ws))
+    # general data: fp32 accumulation, one rounding, against float64
+    x = torch.randn(rows, K, generator=gen, dtype=torch.float64)
+    ws = [torch.randn(n, K, generator=gen, dtype=torch.float64) / K ** 0.5 for n in (40, 24, 8)]
+    got = gemv_triton(x.to(dtype), [w.to(dtype) for w in ws], CONFIG)
+    want = torch.cat([x.to(dtype).double() @ w.to(dtype).double().T for w in ws], -1)
+    tol = {torch.float32: 1e-5, torch.float16: 2e-3, torch.bfloat16: 1.6e-2}[dtype]
+    torch.testing.assert_close(got.double(), want, atol=tol, rtol=tol)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
+@pytest.mark.parametrize("rows,K", [(1, 64), (2, 72)])
+def test_swiglu_gemv_kernel_rounds_as_silu_mul(triton_interpreter, dtype, rows, K):
+    from rewriter.decode.triton_gemv import swiglu_gemv_triton
+    gen = torch.Generator().manual_seed(7 * rows + K)
+    x = _exact((rows, K), gen).to(dtype)
+    wg, wu = (_exact((56, K), gen, 2 ** -4).to(dtype) for _ in range(2))
+    got = swiglu_gemv_triton(x, wg, wu, CONFIG)
+    want = G.swiglu_gemv_reference(x, wg, wu)       # gate and up exact: only silu's exp and the roundings differ
+    assert got.shape == want.shape and got.dtype == dtype
+    diff = (got.double() - want.double()).abs()
+    # one unit in the last place (fp32: two, the interpreter's exp against torch's CPU exp shows there unrounded)
+    ulp = (2 if dtype == torch.float32 else 1) * torch.finfo(dtype).eps * want.double().abs().clamp(
+        min=torch.finfo(dtype).tiny)
+    assert bool((diff <= ulp).all()), float((diff / ulp).max())
+    if dtype != torch.float32:        # silu rounded to 16 bits hides the exps' last-bit differences almost always
+        assert float((got == want).double().mean()) >= 0.98
+
+
+def test_gemv_ops_check_inputs_and_run_their_references():
+    gen = torch.Generator().manual_seed(0)
+    x = torch.randn(2, 1, 32, generator=gen)
+    ws = [torch.randn(n, 32, generator=gen) for n in (16, 8)]
+    assert torch.equal(torch.ops.rewriter.gemv(x, ws), torch.cat([x @ w.T for w in ws], -1))
+    assert torch.equal(G._gemv_cuda(x, ws), G.gemv_reference(x, ws))           # no kernel for CPU tensors
+    wg, wu = torch.randn(2, 24, 32, generator=gen)
+    assert torch.equal(torch.ops.rewriter.swiglu_gemv(x, wg, wu),
+                       torch.nn.functional.silu(x @ wg.T) * (x @ wu.T))
+    with pytest.raises(ValueError, match="weights"):
+        torch.ops.rewriter.gemv(x, [torch.randn(16, 31)])
+    with pytest.raises(ValueError, match="dtype"):
+        torch.ops.rewriter.gemv(x, [ws[0].double()])
+    with pytest.raises(ValueError, match="one shape"):
+        torch.ops.rewriter.swiglu_gemv(x, wg, wu[:8])
+    torch.library.opcheck(torch.ops.rewriter.gemv.default, (x, ws))
+    torch.library.opcheck(torch.ops.rewriter.swiglu_gemv.default, (x, wg, wu))
+
+
+@pytest.mark.parametrize("pad_m", [1, 4])
+def test_gemv_kernels_compile_for_sm90(triton_compiler, pad_m):
+    from rewriter.decode import triton_gemv
+    const = dict(PAD_M=pad_m, BLOCK_N=8, BLOCK_K=512, EVEN_K=True)
+    _compile_sm90(triton_gemv._gemv_kernel, {"X": "*bf16", "W0": "*bf16", "W1": "*bf16", "W2": "*bf16",
+                                             "Y": "*bf16"}, const, 4)
+    _compile_sm90(triton_gemv._swiglu_gemv_kernel, {"X": "*bf16", "WG": "*bf16", "WU": "*bf16", "Y": "*bf16"},
+                  dict(const, LIBDEVICE_EXP=True), 4)

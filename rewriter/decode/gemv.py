@@ -3,9 +3,8 @@
     gemv(x (..., K), [w0, w1, ...] (Ni, K)) -> cat([linear(x, wi)], -1)        (..., N0 + N1 + ...)
     swiglu_gemv(x (..., K), w_gate, w_up (N, K)) -> silu_mul(linear(x, w_gate), linear(x, w_up))
 
-The references are those aten calls, so on the CPU (and for more than GEMV_MAX_M rows, or other dtypes, on CUDA) the
-op computes what the captured step computes. On CUDA with at most GEMV_MAX_M rows one Triton kernel runs each
-(triton_gemv.py): the q, k and v projections that read one normed x become one launch, and SwiGLU's gate and up
+The references are those aten calls, so on the CPU (and for x of more than one row, on CUDA) the op computes what
+the captured step computes. On CUDA with one row (batch-1 decode) one Triton kernel runs each (triton_gemv.py): the q, k and v projections that read one normed x become one launch, and SwiGLU's gate and up
 projections with silu(gate) * up another. Like rotary, the ops live in the runtime's step only (`fuse_gemv`, called by
 runtime.fused_step), never in a saved program. The kernels sum K in another order than cuBLAS, so 16-bit outputs can
 differ from cuBLAS's in the last place (both accumulate in fp32 and round once).
@@ -52,8 +51,8 @@ def swiglu_gemv_reference(x: Tensor, w_gate: Tensor, w_up: Tensor) -> Tensor:
 def _use_kernel(x: Tensor, weights: list[Tensor]) -> bool:
     from ..attention.triton import triton_available, use_reference
     from .triton_gemv import GEMV_MAX_M, MAX_WEIGHTS
-    rows = x.numel() // max(1, x.shape[-1])
-    return (not use_reference() and triton_available() and x.dtype in _DTYPES and rows <= GEMV_MAX_M
+    rows = x.numel() // x.shape[-1] if x.shape[-1] else 0
+    return (not use_reference() and triton_available() and x.dtype in _DTYPES and rows == GEMV_MAX_M
             and len(weights) <= MAX_WEIGHTS and all(w.is_contiguous() for w in weights))
 
 

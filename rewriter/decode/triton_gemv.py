@@ -1,17 +1,17 @@
-"""Triton kernels for the decode step's matrix-vector products (decode/gemv.py): a few rows x (M <= GEMV_MAX_M) times
+"""Triton kernels for the decode step's matrix-vector products (decode/gemv.py): one row x (batch-1 decode) times
 weights (N, K) stored as nn.Linear stores them, rows of K contiguous.
 
     _gemv_kernel: up to three weights that read the same x (q, k and v projections) in one launch; program p takes
         BLOCK_N rows of one weight (the weights' row blocks laid end to end over the grid) and streams them through
         K in BLOCK_K steps, fp32 accumulation, the result rounded once to x's dtype (as cuBLAS does) into its columns
-        of one output (M, N0 + N1 + N2).
+        of one output (N0 + N1 + N2,).
     _swiglu_gemv_kernel: SwiGLU's gate and up projections and silu(gate) * up in one launch: each program reads the
         same BLOCK_N rows of both weights and writes silu(g) * u, rounding where rewriter::silu_mul rounds (g and u to
         x's dtype, silu in fp32 with expf, rounded, then the product).
 
 At batch 1 the step's time is these products reading 2 GB of weights; cuBLAS ran them at about 58% of HBM peak on the
 H100 (the k / v projections, 2 MB each, at about 12%: too few blocks in flight), and as one launch per weight. Here
-each launch has several hundred programs of a few rows each (gemv_config), so small projections fill the GPU too.
+each launch has a program per two rows (gemv_config), so small projections fill the GPU too.
 """
 from __future__ import annotations
 
@@ -25,61 +25,56 @@ from triton.language.extra import libdevice
 
 from ..linear.triton.fused import _rounded
 
-GEMV_MAX_M = 4            # rows of x one launch takes (batch 1-4 decode); more: cuBLAS
+GEMV_MAX_M = 1            # rows of x the kernels take (batch-1 decode); more: cuBLAS (below)
 MAX_WEIGHTS = 3
-# (kind, N total, K) -> (BLOCK_N, BLOCK_K, num_warps, num_stages); kind "gemv" or "swiglu" (N: one weight's rows)
-GEMV_CONFIGS: dict[tuple[str, int, int], tuple[int, int, int, int]] = {}
+# (kind, N, K) -> (BLOCK_N, BLOCK_K, num_warps, num_stages); kind "gemv" (N: all weights' rows) or "swiglu" (N: one
+# weight's rows). The fastest of benchmarks/gemv.py's sweep on an H100 (gemv_h100.json; the 1.1B Llama's shapes):
+# two rows per program and K in steps of 1024 read 0.55-0.96 of the copy bandwidth (cuBLAS: 0.28-0.84).
+# With x of 4 rows the same kernels (then one reduction per K step) ran at 0.29-0.44 of it, slower than cuBLAS on
+# every shape, so batches above 1 stay on cuBLAS.
+GEMV_CONFIGS: dict[tuple[str, int, int], tuple[int, int, int, int]] = {
+    ("gemv", 3072, 2048): (2, 1024, 4, 2),        # q, k, v
+    ("gemv", 2048, 2048): (2, 1024, 4, 2),        # o
+    ("gemv", 2048, 8192): (2, 1024, 8, 4),        # down
+    ("gemv", 32000, 2048): (2, 1024, 4, 4),       # LM head
+    ("swiglu", 8192, 2048): (2, 512, 4, 4),       # gate and up
+}
 
 
-def gemv_config(kind: str, n: int, k: int, m: int = 1) -> tuple[int, int, int, int]:
-    """The launch of a product of x (m, k) and n weight rows: the table's entry for that shape, else about four
-    programs per SM (132 SMs on an H100) of 2-32 rows, K in steps of up to 512."""
+def gemv_config(kind: str, n: int, k: int) -> tuple[int, int, int, int]:
+    """The launch of x (1, k) times n weight rows: the table's entry for that shape, else two rows per program and
+    K in steps of up to 1024 (512 for SwiGLU's two weights), as the table's shapes ran fastest."""
     hit = GEMV_CONFIGS.get((kind, n, k))
     if hit is not None:
         return hit
-    block_k = max(16, min(512, triton.next_power_of_2(k)))
-    block_n = 32
-    while block_n > 2 and triton.cdiv(n, block_n) < 528:
-        block_n //= 2
-    return block_n, block_k, 4, 3
+    block_k = max(16, min(512 if kind == "swiglu" else 1024, triton.next_power_of_2(k)))
+    return 2, block_k, 8 if k >= 8192 else 4, 3
 
 
 @triton.jit
-def _row_block(X, w_ptr, n0, N, M, K, s_xm,
-               PAD_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, EVEN_K: tl.constexpr):
-    """x (M, K) times rows n0 .. n0 + BLOCK_N of w (N, K): (BLOCK_N, PAD_M) fp32."""
+def _row_block(X, w_ptr, n0, N, K, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, EVEN_K: tl.constexpr):
+    """x (K,) times rows n0 .. n0 + BLOCK_N of w (N, K): (BLOCK_N,) fp32. The products accumulate elementwise over
+    the K steps and are reduced once at the end."""
     rn = n0 + tl.arange(0, BLOCK_N)
-    rm = tl.arange(0, PAD_M)
     nmask = rn < N
-    mmask = rm < M
     rows = w_ptr + rn.to(tl.int64)[:, None] * K
-    if PAD_M == 1:          # batch 1: products accumulate elementwise, one reduction at the end
-        acc1 = tl.zeros((BLOCK_N, BLOCK_K), dtype=tl.float32)
-        for k0 in range(0, K, BLOCK_K):
-            rk = k0 + tl.arange(0, BLOCK_K)
-            if EVEN_K:
-                w = tl.load(rows + rk[None, :], mask=nmask[:, None], other=0.0)
-                x = tl.load(X + rk)
-            else:
-                kmask = rk < K
-                w = tl.load(rows + rk[None, :], mask=nmask[:, None] & kmask[None, :], other=0.0)
-                x = tl.load(X + rk, mask=kmask, other=0.0)
-            acc1 += w.to(tl.float32) * x.to(tl.float32)[None, :]
-        acc = tl.sum(acc1, axis=1)[:, None]
-    else:
-        acc = tl.zeros((BLOCK_N, PAD_M), dtype=tl.float32)
-        for k0 in range(0, K, BLOCK_K):
-            rk = k0 + tl.arange(0, BLOCK_K)
+    acc = tl.zeros((BLOCK_N, BLOCK_K), dtype=tl.float32)
+    for k0 in range(0, K, BLOCK_K):
+        rk = k0 + tl.arange(0, BLOCK_K)
+        if EVEN_K:
+            w = tl.load(rows + rk[None, :], mask=nmask[:, None], other=0.0)
+            x = tl.load(X + rk)
+        else:
             kmask = rk < K
             w = tl.load(rows + rk[None, :], mask=nmask[:, None] & kmask[None, :], other=0.0)
-            x = tl.load(X + rm[:, None] * s_xm + rk[None, :], mask=mmask[:, None] & kmask[None, :], other=0.0)
-            acc += tl.sum(w.to(tl.float32)[:, None, :] * x.to(tl.float32)[None, :, :], axis=2)
-    return acc
+            x = tl.load(X + rk, mask=kmask, other=0.0)
+        acc += w.to(tl.float32) * x.to(tl.float32)[None, :]
+    return tl.sum(acc, axis=1)
 
 
 @triton.jit(do_not_specialize=["N0", "N1", "N2", "P0", "P1"])     # a 1 would become a constant in one branch only
-def _gemv_kernel(X, W0, W1, W2, Y, M, K, N0, N1, N2, P0, P1, s_xm, s_ym,
-                 PAD_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, EVEN_K: tl.constexpr):
+def _gemv_kernel(X, W0, W1, W2, Y, K, N0, N1, N2, P0, P1,
+                 BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, EVEN_K: tl.constexpr):
     pid = tl.program_id(0)
     if pid < P0:
         w_ptr = W0
@@ -96,22 +91,18 @@ def _gemv_kernel(X, W0, W1, W2, Y, M, K, N0, N1, N2, P0, P1, s_xm, s_ym,
         n0 = (pid - P0 - P1) * BLOCK_N
         N = N2
         col = N0 + N1
-    acc = _row_block(X, w_ptr, n0, N, M, K, s_xm, PAD_M, BLOCK_N, BLOCK_K, EVEN_K)
+    y = _rounded(_row_block(X, w_ptr, n0, N, K, BLOCK_N, BLOCK_K, EVEN_K), Y.dtype.element_ty)
     rn = n0 + tl.arange(0, BLOCK_N)
-    rm = tl.arange(0, PAD_M)
-    y = _rounded(acc, Y.dtype.element_ty)
-    tl.store(Y + rm[None, :].to(tl.int64) * s_ym + (col + rn)[:, None], y.to(Y.dtype.element_ty),
-             mask=(rn < N)[:, None] & (rm < M)[None, :])
+    tl.store(Y + col + rn, y.to(Y.dtype.element_ty), mask=rn < N)
 
 
 @triton.jit
-def _swiglu_gemv_kernel(X, WG, WU, Y, M, K, N, s_xm, s_ym,
-                        PAD_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, EVEN_K: tl.constexpr,
+def _swiglu_gemv_kernel(X, WG, WU, Y, K, N, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, EVEN_K: tl.constexpr,
                         LIBDEVICE_EXP: tl.constexpr):
     n0 = tl.program_id(0) * BLOCK_N
     DT: tl.constexpr = Y.dtype.element_ty
-    g = _rounded(_row_block(X, WG, n0, N, M, K, s_xm, PAD_M, BLOCK_N, BLOCK_K, EVEN_K), DT)
-    u = _rounded(_row_block(X, WU, n0, N, M, K, s_xm, PAD_M, BLOCK_N, BLOCK_K, EVEN_K), DT)
+    g = _rounded(_row_block(X, WG, n0, N, K, BLOCK_N, BLOCK_K, EVEN_K), DT)
+    u = _rounded(_row_block(X, WU, n0, N, K, BLOCK_N, BLOCK_K, EVEN_K), DT)
     if LIBDEVICE_EXP:    # expf, as torch's CUDA silu (the interpreter has only tl.exp)
         e = libdevice.exp(-g)
     else:
@@ -119,51 +110,44 @@ def _swiglu_gemv_kernel(X, WG, WU, Y, M, K, N, s_xm, s_ym,
     silu = _rounded(tl.math.div_rn(g, 1.0 + e), DT)
     y = _rounded(silu * u, DT)
     rn = n0 + tl.arange(0, BLOCK_N)
-    rm = tl.arange(0, PAD_M)
-    tl.store(Y + rm[None, :].to(tl.int64) * s_ym + rn[:, None], y.to(DT), mask=(rn < N)[:, None] & (rm < M)[None, :])
+    tl.store(Y + rn, y.to(DT), mask=rn < N)
 
 
-def _rows(x: Tensor) -> Tensor:
-    x2 = x.reshape(-1, x.shape[-1])
-    return x2 if x2.stride(-1) == 1 else x2.contiguous()
+def _vector(x: Tensor) -> Tensor:
+    if x.numel() != x.shape[-1]:
+        raise ValueError(f"the gemv kernels take one row of x; got {tuple(x.shape)}")
+    return x.reshape(-1).contiguous()
 
 
 def gemv_triton(x: Tensor, weights: list[Tensor], config: tuple[int, int, int, int] | None = None) -> Tensor:
-    """cat([x @ w.T for w in weights], -1) for x (..., K) with at most GEMV_MAX_M rows, 1-3 contiguous weights of
-    x's dtype (fp16 / bf16 / fp32)."""
+    """cat([x @ w.T for w in weights], -1) for x (..., K) of one row and 1-3 contiguous weights of x's dtype
+    (fp16 / bf16 / fp32)."""
     K = x.shape[-1]
-    x2 = _rows(x)
-    M = x2.shape[0]
-    if not 1 <= len(weights) <= MAX_WEIGHTS or M > GEMV_MAX_M:
-        raise ValueError(f"the gemv kernel takes 1-{MAX_WEIGHTS} weights and at most {GEMV_MAX_M} rows; got "
-                         f"{len(weights)} and {M}")
+    xv = _vector(x)
+    if not 1 <= len(weights) <= MAX_WEIGHTS:
+        raise ValueError(f"the gemv kernel takes 1-{MAX_WEIGHTS} weights; got {len(weights)}")
     ns = [w.shape[0] for w in weights]
-    y = torch.empty(M, sum(ns), dtype=x.dtype, device=x.device)
-    if M and sum(ns):
-        block_n, block_k, warps, stages = config or gemv_config("gemv", sum(ns), K, M)
+    y = torch.empty(sum(ns), dtype=x.dtype, device=x.device)
+    if sum(ns):
+        block_n, block_k, warps, stages = config or gemv_config("gemv", sum(ns), K)
         ws = list(weights) + [weights[0]] * (MAX_WEIGHTS - len(weights))
         ns3 = ns + [0] * (MAX_WEIGHTS - len(ns))
         blocks = [triton.cdiv(n, block_n) for n in ns3]
-        _gemv_kernel[(sum(blocks),)](x2, *ws, y, M, K, *ns3, blocks[0], blocks[1], x2.stride(0), y.stride(0),
-                                     PAD_M=triton.next_power_of_2(M), BLOCK_N=block_n, BLOCK_K=block_k,
+        _gemv_kernel[(sum(blocks),)](xv, *ws, y, K, *ns3, blocks[0], blocks[1], BLOCK_N=block_n, BLOCK_K=block_k,
                                      EVEN_K=K % block_k == 0, num_warps=warps, num_stages=stages)
     return y.reshape(*x.shape[:-1], sum(ns))
 
 
 def swiglu_gemv_triton(x: Tensor, w_gate: Tensor, w_up: Tensor,
                        config: tuple[int, int, int, int] | None = None) -> Tensor:
-    """silu(x @ w_gate.T) * (x @ w_up.T) with rewriter::silu_mul's roundings, x (..., K) of at most GEMV_MAX_M rows."""
+    """silu(x @ w_gate.T) * (x @ w_up.T) with rewriter::silu_mul's roundings, x (..., K) of one row."""
     K = x.shape[-1]
-    x2 = _rows(x)
-    M = x2.shape[0]
-    if M > GEMV_MAX_M:
-        raise ValueError(f"the swiglu gemv kernel takes at most {GEMV_MAX_M} rows; got {M}")
+    xv = _vector(x)
     N = w_gate.shape[0]
-    y = torch.empty(M, N, dtype=x.dtype, device=x.device)
-    if M and N:
-        block_n, block_k, warps, stages = config or gemv_config("swiglu", N, K, M)
+    y = torch.empty(N, dtype=x.dtype, device=x.device)
+    if N:
+        block_n, block_k, warps, stages = config or gemv_config("swiglu", N, K)
         _swiglu_gemv_kernel[(triton.cdiv(N, block_n),)](
-            x2, w_gate, w_up, y, M, K, N, x2.stride(0), y.stride(0), PAD_M=triton.next_power_of_2(M),
-            BLOCK_N=block_n, BLOCK_K=block_k, EVEN_K=K % block_k == 0,
+            xv, w_gate, w_up, y, K, N, BLOCK_N=block_n, BLOCK_K=block_k, EVEN_K=K % block_k == 0,
             LIBDEVICE_EXP=os.environ.get("TRITON_INTERPRET") != "1", num_warps=warps, num_stages=stages)
     return y.reshape(*x.shape[:-1], N)

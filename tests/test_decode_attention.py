@@ -241,9 +241,52 @@ def test_rotary_op_checks_and_registrations():
     torch.library.opcheck(torch.ops.rewriter.rotary.default, (x, cos, sin))
 
 
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
+def test_rotary_kv_write_kernel_writes_what_the_step_writes(triton_interpreter, dtype):
+    """rewriter::rotary_kv_write_'s kernel (interpreter) against the step's three ops (rotary of the new key, then
+    index_copy_ of it and of the value into a layer's view of the 5-D caches): the same slots written bit for bit,
+    nothing else touched; k / v strided as the step's transposes, one and two new tokens, key and value widths apart
+    (a ThinK-compacted cache is not this op's: its key is gathered after RoPE)."""
+    from rewriter.decode.rotary import rotary_kv_write_reference
+    from rewriter.decode.triton_rotary import rotary_kv_write_triton
+    for B, H, L, D, DV, S in ((1, 4, 1, 64, 64, 9), (2, 3, 2, 32, 48, 7)):
+        g = gen(D + L)
+        k = (4 * torch.randn(B, L, H, D, generator=g)).to(dtype).transpose(1, 2)
+        v = torch.randn(B, L, H, DV, generator=g).to(dtype).transpose(1, 2)
+        angles = torch.randn(B, L, D // 2, generator=g) * 40
+        emb = torch.cat([angles, angles], -1)
+        cos, sin = emb.cos().to(dtype)[:, None], emb.sin().to(dtype)[:, None]
+        slot = torch.tensor([5, 2][:L])
+        caches = [torch.randn(3, B, H, S, width, generator=g).to(dtype) for width in (D, DV)]
+        want = [c.clone() for c in caches]
+        rotary_kv_write_reference(want[0][1], want[1][1], slot, k, v, cos, sin)
+        rotary_kv_write_triton(caches[0][1], caches[1][1], slot, k, v, cos, sin)
+        assert torch.equal(caches[0], want[0]) and torch.equal(caches[1], want[1])
+
+
+def test_rotary_kv_write_op_checks_and_registrations():
+    from rewriter.decode import rotary as rot
+    g = gen(3)
+    kc, vc = torch.randn(2, 2, 6, 8, generator=g), torch.randn(2, 2, 6, 8, generator=g)
+    k, v = torch.randn(2, 2, 1, 8, generator=g), torch.randn(2, 2, 1, 8, generator=g)
+    cos, sin = torch.randn(2, 1, 1, 8, generator=g), torch.randn(2, 1, 1, 8, generator=g)
+    slot = torch.tensor([4])
+    want_k, want_v = kc.clone(), vc.clone()
+    want_k[:, :, 4:5] = rot.rotary_reference(k, cos, sin)
+    want_v[:, :, 4:5] = v
+    rot._rotary_kv_write_cuda(kc, vc, slot, k, v, cos, sin)       # no kernel for CPU tensors: the reference
+    assert torch.equal(kc, want_k) and torch.equal(vc, want_v)
+    with pytest.raises(ValueError, match="slot"):
+        torch.ops.rewriter.rotary_kv_write_(kc, vc, torch.tensor([1, 2]), k, v, cos, sin)
+    torch.library.opcheck(torch.ops.rewriter.rotary_kv_write_.default, (kc, vc, slot, k, v, cos, sin))
+
+
 def test_rotary_kernel_compiles_for_sm90(triton_compiler):
     from rewriter.decode import triton_rotary
     for x, c in (("bf16", "bf16"), ("fp32", "fp32"), ("bf16", "fp32")):
         out = "fp32" if "fp32" in (x, c) else x
         _compile_sm90(triton_rotary._rotary_kernel, {"X": f"*{x}", "C": f"*{c}", "S": f"*{c}", "Y": f"*{out}"},
                       dict(D=64, PAD_D=64, BLOCK_R=16), 1)
+    _compile_sm90(triton_rotary._rotary_kv_write_kernel, {"K": "*bf16", "C": "*bf16", "S": "*bf16", "V": "*bf16",
+                                                          "KC": "*bf16", "VC": "*bf16", "Slot": "*i64"},
+                  dict(D=64, PAD_D=64, DV=64, PAD_DV=64, BLOCK_R=16), 1)

@@ -56,7 +56,15 @@ def test_step_updates_the_cache_in_place():
     gm = dec.inplace_step()
     targets = [n.target for n in gm.graph.nodes if n.op == "call_function"]
     assert torch.ops.aten.index_copy.default not in targets and torch.ops.aten.stack.default not in targets
-    assert targets.count(torch.ops.aten.index_copy_.default) == 2 * model.config.num_hidden_layers
+    # a layer's key and value writes: one rewriter::rotary_kv_write_ (the fused step) or two index_copy_
+    assert targets.count(torch.ops.rewriter.rotary_kv_write_.default) == model.config.num_hidden_layers
+    assert torch.ops.aten.index_copy_.default not in targets
+    dec.fused_ops = False
+    try:
+        plain = [n.target for n in dec.inplace_step().graph.nodes if n.op == "call_function"]
+    finally:
+        dec.fused_ops = True
+    assert plain.count(torch.ops.aten.index_copy_.default) == 2 * model.config.num_hidden_layers
     ids = _ids(2, 12, 1)
     session = dec.session(2, 12)
     session.prefill(ids[:, :5], torch.zeros(2, dtype=torch.long))
@@ -107,7 +115,9 @@ def test_step_runs_rms_norm_swiglu_and_rope_as_the_fused_ops(fused):
         assert targets.count(torch.ops.aten.linear.default) == (0 if fused else 7 * layers + 1)
         assert targets.count(torch.ops.aten.rsqrt.default) == (0 if fused else 2 * layers + 1)
         assert targets.count(torch.ops.aten.silu.default) == (0 if fused else layers)
-        assert targets.count(torch.ops.rewriter.rotary.default) == (2 * layers if fused else 0)    # query, key
+        # RoPE on the query: rotary; on the key: inside the layer's cache write (rotary_kv_write_)
+        assert targets.count(torch.ops.rewriter.rotary.default) == (layers if fused else 0)
+        assert targets.count(torch.ops.rewriter.rotary_kv_write_.default) == (layers if fused else 0)
         assert targets.count(torch.ops.aten.neg.default) == (0 if fused else 2 * layers)
         ids = _ids(2, 9, 3)
         session = dec.session(2, 9)
@@ -129,8 +139,8 @@ def test_inductor_step_writes_in_place_and_equals_the_eager_step():
     they land in the session's cache (no functional copy of it), and its logits equal the functional path's."""
     model, dec = _decoder("llama", max_len=40)
     compiled = dec.inplace_step(compiled=True)
-    eager = dec.inplace_step()
-    assert torch.ops.aten.index_copy_.default in [n.target for n in eager.graph.nodes]   # the eager step untouched
+    eager = dec._runtime["step"]           # the in-place step it was copied from, untouched
+    assert torch.ops.aten.index_copy_.default in [n.target for n in eager.graph.nodes]
     ids = _ids(2, 12, 1)
     ref = dec.teacher_forced_logits(ids, 5)
     session = dec.session(2, 12, prompt=5, compiled=True)

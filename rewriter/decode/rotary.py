@@ -118,3 +118,79 @@ def fuse_rotary(gm: fx.GraphModule) -> int:
         gm.graph.erase_node(node)
         done += 1
     return done
+
+
+# --- the step's cache write: RoPE on the new key, and the key and value into their slot, in one op ------------------
+
+def _check_write(k_cache: Tensor, v_cache: Tensor, slot: Tensor, k: Tensor, v: Tensor, cos: Tensor, sin: Tensor):
+    _check(k, cos, sin)
+    if k_cache.dim() != 4 or v_cache.dim() != 4 or k.dim() != 4 or v.dim() != 4 or slot.dim() != 1 \
+            or k.shape[:3] != v.shape[:3] or k.shape[2] != slot.shape[0] \
+            or k_cache.shape[:2] != k.shape[:2] or v_cache.shape[:2] != v.shape[:2] \
+            or k_cache.shape[3] != k.shape[3] or v_cache.shape[3] != v.shape[3] or k_cache.shape[2] != v_cache.shape[2]:
+        raise ValueError(f"rotary_kv_write_ needs caches (B, H, S, D), k / v (B, H, L, D) and slot (L,); got caches "
+                         f"{tuple(k_cache.shape)} / {tuple(v_cache.shape)}, k {tuple(k.shape)}, v {tuple(v.shape)}, "
+                         f"slot {tuple(slot.shape)}")
+
+
+def rotary_kv_write_reference(k_cache, v_cache, slot, k, v, cos, sin) -> None:
+    """What the captured step does: index_copy_ of rotary(k) and of v into the caches' slots."""
+    k_cache.index_copy_(2, slot, rotary_reference(k, cos, sin))
+    v_cache.index_copy_(2, slot, v)
+
+
+@torch.library.custom_op("rewriter::rotary_kv_write_", mutates_args=("k_cache", "v_cache"))
+def rotary_kv_write_(k_cache: Tensor, v_cache: Tensor, slot: Tensor, k: Tensor, v: Tensor, cos: Tensor,
+                     sin: Tensor) -> None:
+    """k_cache[:, :, slot] = rotary(k, cos, sin); v_cache[:, :, slot] = v."""
+    _check_write(k_cache, v_cache, slot, k, v, cos, sin)
+    rotary_kv_write_reference(k_cache, v_cache, slot, k, v, cos, sin)
+
+
+@rotary_kv_write_.register_fake
+def _rotary_kv_write_fake(k_cache, v_cache, slot, k, v, cos, sin):
+    return None
+
+
+@rotary_kv_write_.register_kernel("cuda")
+def _rotary_kv_write_cuda(k_cache, v_cache, slot, k, v, cos, sin):
+    """One Triton kernel (the rotation rounds as rotary's); the reference for what it does not take."""
+    _check_write(k_cache, v_cache, slot, k, v, cos, sin)
+    from ..attention.triton import triton_available, use_reference
+    dtype = torch.promote_types(torch.promote_types(k.dtype, cos.dtype), sin.dtype)
+    if use_reference() or not triton_available() or max(k.shape[-1], v.shape[-1]) > 256 or dtype != k_cache.dtype \
+            or v.dtype != v_cache.dtype or any(t.dtype not in _DTYPES for t in (k, v, cos, sin)):
+        return rotary_kv_write_reference(k_cache, v_cache, slot, k, v, cos, sin)
+    from .triton_rotary import rotary_kv_write_triton
+    rotary_kv_write_triton(k_cache, v_cache, slot, k, v, cos, sin)
+
+
+def fuse_kv_write(gm: fx.GraphModule) -> int:
+    """The step's per-layer cache write: index_copy_(k_view, 2, slot, rotary(k, cos, sin)) and
+    index_copy_(v_view, 2, slot, v) with the same slot -> one rewriter::rotary_kv_write_ (after fuse_rotary). Readers
+    of the written views read the views (the op writes them in place before the later of the two writes' position).
+    Returns the layers fused; the rotary nodes go dead."""
+    op = torch.ops.rewriter.rotary_kv_write_.default
+    graph, done = gm.graph, 0
+    writes = [n for n in graph.nodes if is_call(n, aten.index_copy_.default) and len(n.args) == 4 and n.args[1] == 2]
+    order = {n: i for i, n in enumerate(graph.nodes)}
+    keys = [n for n in writes if is_call(n.args[3], torch.ops.rewriter.rotary.default)
+            and len(n.args[3].users) == 1]
+    values = [n for n in writes if n not in keys]
+    for kw in keys:
+        slot = kw.args[2]
+        vw = next((n for n in values if n.args[2] is slot and order[n] > order[kw]
+                   and not any(order[kw] < order[u] < order[n] for u in kw.users)), None)
+        if vw is None:
+            continue
+        values.remove(vw)
+        k, cos, sin = kw.args[3].args
+        with graph.inserting_before(vw):
+            new = graph.call_function(op, (kw.args[0], vw.args[0], slot, k, vw.args[3], cos, sin))
+        new.meta = {m: x for m, x in vw.meta.items() if m in ("nn_module_stack", "stack_trace")}
+        for w in (kw, vw):
+            w.replace_all_uses_with(w.args[0])
+        graph.erase_node(kw)
+        graph.erase_node(vw)
+        done += 1
+    return done

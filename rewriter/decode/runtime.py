@@ -72,7 +72,8 @@ def fused_step(gm: torch.fx.GraphModule, gemv: bool = True) -> tuple[torch.fx.Gr
     """A copy of the in-place step (weights shared) with its RMSNorms and SwiGLU products as rewriter::rms_norm /
     rewriter::silu_mul (the fuse pass's sites and ops) and its RoPE applications as rewriter::rotary (rotary.py):
     the model's own arithmetic, one Triton kernel each on CUDA instead of eight, two and five aten kernels; the CPU
-    runs their references. Its bias-free linears become rewriter::gemv (q, k and v in one launch) and
+    runs their references. A layer's cache write (RoPE on the new key, the key and the value into their slot) is
+    one rewriter::rotary_kv_write_ instead of three kernels. Its bias-free linears become rewriter::gemv (q, k and v in one launch) and
     rewriter::swiglu_gemv (gate, up and the silu_mul in one): Triton matrix-vector kernels at batch <= 4 (gemv.py;
     gemv=False keeps them on cuBLAS).
     At batch 1 a step is a few hundred small kernels, so their number is much of its time. Returns (the step, sites
@@ -84,7 +85,7 @@ def fused_step(gm: torch.fx.GraphModule, gemv: bool = True) -> tuple[torch.fx.Gr
     from ..linear import fused as _ops  # noqa: F401  (registers the ops)
     from ..sites import fusion_sites
     from .gemv import fuse_gemv
-    from .rotary import fuse_rotary
+    from .rotary import fuse_kv_write, fuse_rotary
     with warnings.catch_warnings():          # torch's pytree spec deprecation noise while copying the graph's codegen
         warnings.simplefilter("ignore", FutureWarning)
         out = torch.fx.GraphModule(gm, copy.deepcopy(gm.graph))
@@ -95,12 +96,13 @@ def fused_step(gm: torch.fx.GraphModule, gemv: bool = True) -> tuple[torch.fx.Gr
         args = tuple(nodes[name] for name in site.inputs) + ((site.eps,) if site.kind == "rms_norm" else ())
         nodes[site.node] = replace_with_op(out, nodes[site.node], ops[site.kind], args)
     rotations = fuse_rotary(out)
+    writes = fuse_kv_write(out)
     erase_dead(out)                         # the replaced patterns' nodes (a dead silu still reads the gate)
     products = fuse_gemv(out) if gemv else 0
     dedupe_step(out)
     erase_dead(out)
     out.recompile()
-    return out, len(sites) + rotations + products
+    return out, len(sites) + rotations + writes + products
 
 
 def dedupe_step(gm: torch.fx.GraphModule) -> int:
@@ -111,8 +113,14 @@ def dedupe_step(gm: torch.fx.GraphModule) -> int:
     graph = gm.graph
     written = set()
     for node in graph.nodes:
-        if node.op == "call_function" and getattr(getattr(node.target, "_schema", None), "is_mutable", False):
-            base = node.args[0] if node.args else None
+        schema = getattr(node.target, "_schema", None) if node.op == "call_function" else None
+        if schema is None or not schema.is_mutable:
+            continue
+        for i, arg in enumerate(schema.arguments):      # every argument the op writes (rotary_kv_write_: two)
+            info = arg.alias_info
+            if info is None or not info.is_write:
+                continue
+            base = node.args[i] if i < len(node.args) else node.kwargs.get(arg.name)
             while isinstance(base, torch.fx.Node) and base not in written:
                 written.add(base)
                 base = base.args[0] if base.op == "call_function" and base.args else None

@@ -53,3 +53,52 @@ def rotary_triton(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
         x, c, s, out, R, H, L, *x.stride(), *c.stride(), *s.stride(),
         D=D, PAD_D=max(16, triton.next_power_of_2(D)), BLOCK_R=BLOCK_R, num_warps=1, enable_fp_fusion=False)
     return out
+
+
+@triton.jit
+def _rotary_kv_write_kernel(K, C, S, V, KC, VC, Slot, R, H, L,
+                            s_kb, s_kh, s_kl, s_kd, s_cb, s_ch, s_cl, s_cd, s_sb, s_sh, s_sl, s_sd,
+                            s_vb, s_vh, s_vl, s_vd, s_kcb, s_kch, s_kcs, s_kcd, s_vcb, s_vch, s_vcs, s_vcd,
+                            D: tl.constexpr, PAD_D: tl.constexpr, DV: tl.constexpr, PAD_DV: tl.constexpr,
+                            BLOCK_R: tl.constexpr):
+    """Rows (b, h, l): k rotated as _rotary_kernel rotates it into k_cache[b, h, slot[l]], v into v_cache's."""
+    rows = tl.program_id(0).to(tl.int64) * BLOCK_R + tl.arange(0, BLOCK_R)
+    b = rows // (H * L)
+    h = (rows // L) % H
+    pos = rows % L
+    live = rows < R
+    dest = tl.load(Slot + pos, mask=live, other=0)
+    d = tl.arange(0, PAD_D)
+    half = D // 2
+    partner = tl.where(d < half, d + half, d - half)
+    ok = live[:, None] & (d < D)[None, :]
+    k_row = (b * s_kb + h * s_kh + pos * s_kl)[:, None]
+    x = tl.load(K + k_row + d[None, :] * s_kd, mask=ok, other=0.0).to(tl.float32)
+    xp = tl.load(K + k_row + partner[None, :] * s_kd, mask=ok, other=0.0).to(tl.float32)
+    c = tl.load(C + (b * s_cb + h * s_ch + pos * s_cl)[:, None] + d[None, :] * s_cd, mask=ok, other=0.0)
+    s = tl.load(S + (b * s_sb + h * s_sh + pos * s_sl)[:, None] + d[None, :] * s_sd, mask=ok, other=0.0)
+    rot = tl.where((d < half)[None, :], -xp, xp)
+    first = _rounded(x * c.to(tl.float32), KC.dtype.element_ty)
+    second = _rounded(rot * s.to(tl.float32), KC.dtype.element_ty)
+    y = _rounded(first + second, KC.dtype.element_ty)
+    tl.store(KC + (b * s_kcb + h * s_kch + dest * s_kcs)[:, None] + d[None, :] * s_kcd, y.to(KC.dtype.element_ty),
+             mask=ok)
+    dv = tl.arange(0, PAD_DV)
+    okv = live[:, None] & (dv < DV)[None, :]
+    val = tl.load(V + (b * s_vb + h * s_vh + pos * s_vl)[:, None] + dv[None, :] * s_vd, mask=okv, other=0.0)
+    tl.store(VC + (b * s_vcb + h * s_vch + dest * s_vcs)[:, None] + dv[None, :] * s_vcd, val, mask=okv)
+
+
+def rotary_kv_write_triton(k_cache: Tensor, v_cache: Tensor, slot: Tensor, k: Tensor, v: Tensor, cos: Tensor,
+                           sin: Tensor) -> None:
+    """k_cache[:, :, slot] = rotary(k, cos, sin) (in k_cache's dtype, the rotation's), v_cache[:, :, slot] = v."""
+    B, H, L, D = k.shape
+    R = B * H * L
+    if R == 0:
+        return
+    c, s = cos.expand(k.shape), sin.expand(k.shape)
+    DV = v.shape[-1]
+    _rotary_kv_write_kernel[(triton.cdiv(R, BLOCK_R),)](
+        k, c, s, v, k_cache, v_cache, slot, R, H, L, *k.stride(), *c.stride(), *s.stride(), *v.stride(),
+        *k_cache.stride(), *v_cache.stride(), D=D, PAD_D=max(16, triton.next_power_of_2(D)), DV=DV,
+        PAD_DV=max(16, triton.next_power_of_2(DV)), BLOCK_R=BLOCK_R, num_warps=1, enable_fp_fusion=False)

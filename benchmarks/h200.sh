@@ -100,9 +100,9 @@ decode-gemv)   # issue 14: the decode step's gemv kernels swept against cuBLAS (
     $( [ -f "$OUT/gemv_configs.json" ] && echo --gemv-configs "$OUT/gemv_configs.json" ) > "$OUT/kv_gemv.log" 2>&1
   echo "kv rc=$?"; grep '^{\|^gemv configs' "$OUT/kv_gemv.log" | cut -c1-300;;
 decode-mla)   # issue 14: the latent MLA step's split-K attention with larger partial shares (more programs)
-  timeout 560 python benchmarks/kv.py --out "$OUT/kv_h200_mla.json" --contexts 4096 32768 \
-    --variants original mla-decoupled0.5 --split-sweep-variants mla-decoupled0.5 --partial-shares 1 4 16 \
-    --static-peer-contexts --profile-steps 4 > "$OUT/kv_mla.log" 2>&1
+  timeout ${KV_TIMEOUT:-560} python benchmarks/kv.py --out "$OUT/kv_${KV_TAG:-h200}_mla.json" --contexts 4096 32768 \
+    --variants ${KV_MLA_VARIANTS:-original mla-decoupled0.5} --split-sweep-variants mla-decoupled0.5 \
+    --partial-shares 1 4 16 --static-peer-contexts --profile-steps 4 > "$OUT/kv_mla.log" 2>&1
   echo "kv rc=$?"; grep '^{' "$OUT/kv_mla.log" | cut -c1-300;;
 decode-fused)   # issue 14: every KV pass at 32K with the step fused by Inductor (and the CUDA-graph step beside it)
   timeout 560 python benchmarks/kv.py --out "$OUT/kv_h200_fused.json" --contexts 32768 \

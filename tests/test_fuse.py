@@ -387,3 +387,26 @@ def test_trained_decoder_window_fuse_hf_folder(tmp_path):
     assert ids.shape[1] == 300 and len(ran) == 3 * layers + 1
     want = res.program.run(**x)[0]
     assert float((got - want).abs().max() / want.abs().max()) < 1e-5
+
+
+@pytest.mark.usefixtures("triton_interpreter")
+@pytest.mark.parametrize("dtype,wdtype", [(bf16, bf16), (f32, f32), (torch.float16, torch.float16), (bf16, f32)])
+def test_add_rms_norm_kernel_matches_the_add_and_the_norm(dtype, wdtype):
+    """rewriter::add_rms_norm (the decode step's residual add + the RMSNorm that reads it; rewriter/decode/norm.py):
+    the kernel's sum equals torch's add bit for bit, its norm rounds as rms_norm's kernel (interpreter); the op's CPU
+    body is the two ops; input checks and opcheck."""
+    from rewriter.decode.norm import add_rms_norm_reference
+    from rewriter.linear.triton.fused import add_rms_norm_triton
+    for rows, H in ((1, 8), (7, 48), (33, 96)):
+        x = (3 * torch.randn(rows, 1, H, generator=gen(H))).to(dtype)
+        r = (3 * torch.randn(rows, 1, H, generator=gen(H + 5))).to(dtype)
+        w = (1 + 0.2 * torch.randn(H, generator=gen(H + 1))).to(wdtype)
+        total, normed = add_rms_norm_triton(x, r, w, 1e-6)
+        assert torch.equal(total, x + r)
+        assert_rounding_close(normed, torch.ops.rewriter.rms_norm(x + r, w, 1e-6), (rows, H))
+        got = torch.ops.rewriter.add_rms_norm(x, r, w, 1e-6)
+        assert torch.equal(got[0], x + r) and torch.equal(got[1], torch.ops.rewriter.rms_norm(x + r, w, 1e-6))
+        assert all(torch.equal(a, b) for a, b in zip(add_rms_norm_reference(x, r, w, 1e-6), got))
+    with pytest.raises(ValueError, match="one shape and dtype"):
+        torch.ops.rewriter.add_rms_norm(x, r[..., :-1], w, 1e-6)
+    torch.library.opcheck(torch.ops.rewriter.add_rms_norm.default, (x, r, w, 1e-6))

@@ -146,8 +146,10 @@ def test_band_attention_compiles(causal, masked, lowrank, heads, scale, band):
 def test_fused_kernels_compile(x, w):
     """rms_norm at the 1.1B Llama's row width (2048: two rows of a block, 8 warps) and silu_mul, as launched; bf16
     takes the bit-level rounding branch of _rounded."""
-    compile_for_sm90(fused._rms_norm_kernel, {"x_ptr": f"*{x}", "w_ptr": f"*{w}", "y_ptr": f"*{x}", "eps": "fp32"},
-                     dict(BLOCK_M=2, BLOCK_H=2048), num_warps=8, aligned=True)
+    for res in (False, True):     # with the residual add (the decode step's add_rms_norm)
+        compile_for_sm90(fused._rms_norm_kernel, {"x_ptr": f"*{x}", "w_ptr": f"*{w}", "y_ptr": f"*{x}", "eps": "fp32",
+                                                  "res_ptr": f"*{x}", "sum_ptr": f"*{x}"},
+                         dict(BLOCK_M=2, BLOCK_H=2048, HAS_RES=res), num_warps=8, aligned=True)
     compile_for_sm90(fused._silu_mul_kernel, {"gate_ptr": f"*{x}", "up_ptr": f"*{w}", "y_ptr": f"*{x}"},
                      dict(BLOCK=2048, LIBDEVICE_EXP=True), num_warps=8, aligned=True)
 

@@ -40,8 +40,10 @@ def _rounded(x, DTYPE: tl.constexpr):
 
 
 @triton.jit
-def _rms_norm_kernel(x_ptr, w_ptr, y_ptr, M, H, stride_xm, stride_ym, eps,
-                     BLOCK_M: tl.constexpr, BLOCK_H: tl.constexpr):
+def _rms_norm_kernel(x_ptr, w_ptr, y_ptr, M, H, stride_xm, stride_ym, eps, res_ptr, sum_ptr,
+                     BLOCK_M: tl.constexpr, BLOCK_H: tl.constexpr, HAS_RES: tl.constexpr):
+    """HAS_RES: x + res (one dtype, contiguous rows) rounded to that dtype as torch's add rounds, stored to sum_ptr,
+    is the row normalised (the decode step's residual add and the next RMSNorm)."""
     rows = tl.program_id(0).to(tl.int64) * BLOCK_M + tl.arange(0, BLOCK_M)
     cols = tl.arange(0, BLOCK_H)
     rmask = rows < M
@@ -49,6 +51,10 @@ def _rms_norm_kernel(x_ptr, w_ptr, y_ptr, M, H, stride_xm, stride_ym, eps,
     mask = rmask[:, None] & cmask[None, :]
     x = tl.load(x_ptr + rows[:, None] * stride_xm + cols[None, :], mask=mask, other=0.0)
     xf = x.to(tl.float32)
+    if HAS_RES:
+        res = tl.load(res_ptr + rows[:, None] * H + cols[None, :], mask=mask, other=0.0).to(tl.float32)
+        xf = _rounded(xf + res, x_ptr.dtype.element_ty)
+        tl.store(sum_ptr + rows[:, None] * H + cols[None, :], xf.to(x_ptr.dtype.element_ty), mask=mask)
     squares = tl.sum(xf * xf, axis=1)
     variance = tl.math.div_rn(squares, tl.zeros_like(squares) + H)     # IEEE division (`/` is div.full)
     r = tl.math.rsqrt(variance + eps)       # libdevice rsqrtf on CUDA, as torch.rsqrt there
@@ -95,9 +101,32 @@ def rms_norm_triton(x: Tensor, weight: Tensor, eps: float) -> Tensor:
     warps = 4 if block_h <= 1024 else 8 if block_h <= 4096 else 16
     # no FMA contraction: the squares are rounded before they are summed, as torch's pow then mean round them
     _rms_norm_kernel[(triton.cdiv(M, block_m),)](x2, weight.contiguous(), y, M, H, x2.stride(0), H, float(eps),
-                                                BLOCK_M=block_m, BLOCK_H=block_h, num_warps=warps,
-                                                enable_fp_fusion=False)
+                                                x2, y, BLOCK_M=block_m, BLOCK_H=block_h, HAS_RES=False,
+                                                num_warps=warps, enable_fp_fusion=False)
     return y
+
+
+def add_rms_norm_triton(x: Tensor, residual: Tensor, weight: Tensor, eps: float) -> tuple[Tensor, Tensor]:
+    """(x + residual, rms_norm(x + residual)) in one kernel: x and residual of one shape and KERNEL_DTYPES dtype."""
+    H = x.shape[-1]
+    if residual.shape != x.shape or residual.dtype != x.dtype or weight.shape != (H,) or H > RMS_MAX_H \
+            or x.dtype not in KERNEL_DTYPES or weight.dtype not in KERNEL_DTYPES:
+        raise ValueError(f"the add_rms_norm kernel takes x and residual of one shape and fp16 / bf16 / fp32 dtype, "
+                         f"H <= {RMS_MAX_H}; got {tuple(x.shape)} {x.dtype}, {tuple(residual.shape)} "
+                         f"{residual.dtype}, weight {tuple(weight.shape)}")
+    x2, r2 = x.reshape(-1, H).contiguous(), residual.reshape(-1, H).contiguous()
+    M = x2.shape[0]
+    total = torch.empty(x.shape, dtype=x.dtype, device=x.device)
+    y = torch.empty(x.shape, dtype=torch.promote_types(weight.dtype, x.dtype), device=x.device)
+    if M == 0 or H == 0:
+        return total, y
+    block_h = triton.next_power_of_2(H)
+    block_m = max(1, min(16, _ROW_ELEMENTS // block_h))
+    warps = 4 if block_h <= 1024 else 8 if block_h <= 4096 else 16
+    _rms_norm_kernel[(triton.cdiv(M, block_m),)](x2, weight.contiguous(), y, M, H, H, H, float(eps), r2, total,
+                                                BLOCK_M=block_m, BLOCK_H=block_h, HAS_RES=True, num_warps=warps,
+                                                enable_fp_fusion=False)
+    return total, y
 
 
 def silu_mul_triton(gate: Tensor, up: Tensor) -> Tensor:

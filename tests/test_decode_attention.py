@@ -46,12 +46,14 @@ def test_split_plan_covers_the_cache_in_whole_tiles():
     for B, Hkv, L in [(1, 8, 4096), (1, 8, 32768), (32, 8, 4160), (1, 2, 70), (64, 8, 128)]:
         splits, chunk = split_plan(B, Hkv, L, torch.device("cpu"), 4, 1, 128, 64)
         assert chunk % 64 == 0 and chunk >= 128 and (splits - 1) * chunk < L <= splits * chunk
-    # MLA's latent: 32 heads x 448 float32 partials per chunk stay under a quarter of the chunk's cache bytes
-    splits, chunk = split_plan(1, 1, 32768, torch.device("cpu"), 32, 2, 448 + 64, 448, 16)
-    assert 8 * 32 * 448 <= 0.25 * chunk * 2 * (448 + 64) and chunk % 16 == 0
-    # at 4K the partials' floor (448 slots) sets the split; a 4x share lets it go to the 128-slot minimum
-    assert split_plan(1, 1, 4096, torch.device("cpu"), 32, 2, 448 + 64, 448, 16) == (10, 448)
-    assert split_plan(1, 1, 4096, torch.device("cpu"), 32, 2, 448 + 64, 448, 16, partial_share=4.0) == (32, 128)
+    # MLA's latent: 32 heads x 448 float32 partials per chunk stay under the share of the chunk's cache bytes
+    for share in (0.25, 1.0):
+        splits, chunk = split_plan(1, 1, 32768, torch.device("cpu"), 32, 2, 448 + 64, 448, 16, partial_share=share)
+        assert 8 * 32 * 448 <= share * chunk * 2 * (448 + 64) and chunk % 16 == 0
+    # at 4K a quarter share's floor (448 slots) would set the split; the default share lets it reach the 128-slot
+    # minimum (1.30x the latent MLA step on the H100, kv_h100_v6_mla.json)
+    assert split_plan(1, 1, 4096, torch.device("cpu"), 32, 2, 448 + 64, 448, 16, partial_share=0.25) == (10, 448)
+    assert split_plan(1, 1, 4096, torch.device("cpu"), 32, 2, 448 + 64, 448, 16) == (32, 128)
 
 
 @pytest.mark.parametrize("G", [1, 4])                       # MHA, and GQA with 4 query heads per KV head

@@ -27,7 +27,9 @@ _LOG2E = 1.4426950408889634
 MAX_HEAD_DIM = 512      # widest key / value row (padded to a power of two); MLA's latent is a few hundred wide
 MIN_CHUNK = 128         # slots per program at least (a program with less work costs more in launch than it reads)
 PROGRAMS_PER_SM = 8     # split the cache until there are about this many stage-1 programs per SM (set_split)
-PARTIAL_SHARE = 0.25    # partial outputs written + read per chunk at most this share of the chunk's cache bytes
+PARTIAL_SHARE = 1.0     # partial outputs written + read per chunk at most this share of the chunk's cache bytes
+# (0.25 before: the latent MLA step's split, 32 heads x 448 values of partials per chunk, then had 20 programs at 4K
+# and ran its attention in 1.24 ms per step; at 1, 4 or 16 in 0.38 ms, 1.30x the step, kv_h100_v6_mla.json)
 
 
 def block_n(pad_d: int, pad_dv: int) -> int:
@@ -162,9 +164,7 @@ def split_plan(batch: int, kv_heads: int, slots: int, device: torch.device, grou
     batch x kv_heads x head_blocks x splits is about programs_per_sm x the device's SMs, no chunk under min_chunk
     slots, and no chunk whose partial outputs (groups x out_dim float32, written and read back) cost more than
     `partial_share` of its cache bytes (slot_elems half-precision values per slot). Shapes only: a captured CUDA
-    graph keeps its plan. (MLA's latent, 32 heads x 448 values of partials per chunk, gets 20 programs at 4K this
-    way, and its split kernel took 76 us per layer there on the H100, kv_h100_v4.json: `kv.py --split-sweep-variants`
-    times other shares.)"""
+    graph keeps its plan. (`kv.py --split-sweep-variants` times other shares.)"""
     sms = _sm_count(device.index if device.index is not None else torch.cuda.current_device()) \
         if device.type == "cuda" else 8
     want = max(1, -(-programs_per_sm * sms // (batch * kv_heads * head_blocks)))

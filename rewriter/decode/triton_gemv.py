@@ -28,16 +28,17 @@ from ..linear.triton.fused import _rounded
 GEMV_MAX_M = 1            # rows of x the kernels take (batch-1 decode); more: cuBLAS (below)
 MAX_WEIGHTS = 3
 # (kind, N, K) -> (BLOCK_N, BLOCK_K, num_warps, num_stages); kind "gemv" (N: all weights' rows) or "swiglu" (N: one
-# weight's rows). The fastest of benchmarks/gemv.py's sweep on an H100 (gemv_h100.json; the 1.1B Llama's shapes):
-# two rows per program and K in steps of 1024 read 0.55-0.96 of the copy bandwidth (cuBLAS: 0.28-0.84).
+# weight's rows). The fastest of benchmarks/gemv.py's second sweep on an H100 (gemv_h100_v2.json; the 1.1B Llama's
+# shapes; the decode run kv_h100_v6.json used these): one to four rows per program and K in steps of 1024-2048 read
+# 0.55-0.99 of the copy bandwidth (cuBLAS: 0.23-0.85); the first sweep's best (gemv_h100.json) were within 2%.
 # With x of 4 rows the same kernels (then one reduction per K step) ran at 0.29-0.44 of it, slower than cuBLAS on
 # every shape, so batches above 1 stay on cuBLAS.
 GEMV_CONFIGS: dict[tuple[str, int, int], tuple[int, int, int, int]] = {
-    ("gemv", 3072, 2048): (2, 1024, 4, 2),        # q, k, v
-    ("gemv", 2048, 2048): (2, 1024, 4, 2),        # o
-    ("gemv", 2048, 8192): (2, 1024, 8, 4),        # down
-    ("gemv", 32000, 2048): (2, 1024, 4, 4),       # LM head
-    ("swiglu", 8192, 2048): (2, 512, 4, 4),       # gate and up
+    ("gemv", 3072, 2048): (2, 1024, 4, 3),        # q, k, v
+    ("gemv", 2048, 2048): (1, 1024, 2, 3),        # o
+    ("gemv", 2048, 8192): (4, 2048, 8, 3),        # down
+    ("gemv", 32000, 2048): (1, 2048, 4, 2),       # LM head
+    ("swiglu", 8192, 2048): (1, 1024, 4, 3),      # gate and up
 }
 
 

@@ -266,6 +266,41 @@ def test_rotary_kv_write_kernel_writes_what_the_step_writes(triton_interpreter, 
         assert torch.equal(caches[0], want[0]) and torch.equal(caches[1], want[1])
 
 
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+def test_rotary_kernels_gather_thinks_kept_channels(triton_interpreter, dtype):
+    """ThinK's step gathers the kept channels of the rotated query (KV head h's channels for its group of query
+    heads) and key: rotary_gather's kernel and rotary_kv_write_'s with channels equal rotary then torch.gather /
+    index_copy_ bit for bit (interpreter)."""
+    from rewriter.decode.rotary import rotary_gather_reference, rotary_kv_write_reference
+    from rewriter.decode.triton_rotary import rotary_kv_write_triton, rotary_triton
+    B, Hkv, group, D, S = 2, 3, 2, 32, 7
+    g = gen(11)
+    channels = torch.stack([torch.randperm(D, generator=g)[:12].sort().values for _ in range(Hkv)])
+    q = (4 * torch.randn(B, 1, Hkv * group, D, generator=g)).to(dtype).transpose(1, 2)
+    k = (4 * torch.randn(B, 1, Hkv, D, generator=g)).to(dtype).transpose(1, 2)
+    v = torch.randn(B, 1, Hkv, D, generator=g).to(dtype).transpose(1, 2)
+    angles = torch.randn(B, 1, D // 2, generator=g) * 40
+    emb = torch.cat([angles, angles], -1)
+    cos, sin = emb.cos().to(dtype)[:, None], emb.sin().to(dtype)[:, None]
+    want = rotary_gather_reference(q, cos, sin, channels, group)
+    rotated = rotary_triton(q, cos, sin)
+    assert torch.equal(want, torch.gather(rotated, -1, channels.repeat_interleave(group, 0)[None, :, None, :]
+                                          .expand(B, -1, 1, -1)))
+    got = rotary_triton(q, cos, sin, channels, group)
+    assert got.shape == (B, Hkv * group, 1, 12) and torch.equal(got, want)
+    caches = [torch.randn(2, B, Hkv, S, width, generator=g).to(dtype) for width in (12, D)]
+    ref = [c.clone() for c in caches]
+    slot = torch.tensor([4])
+    rotary_kv_write_reference(ref[0][1], ref[1][1], slot, k, v, cos, sin, channels)
+    rotary_kv_write_triton(caches[0][1], caches[1][1], slot, k, v, cos, sin, channels)
+    assert torch.equal(caches[0], ref[0]) and torch.equal(caches[1], ref[1])
+    assert torch.equal(ref[0][1][:, :, 4:5], rotary_gather_reference(k, cos, sin, channels, 1))
+    torch.library.opcheck(torch.ops.rewriter.rotary_gather.default, (q.float(), cos.float(), sin.float(), channels,
+                                                                     group))
+    with pytest.raises(ValueError, match="channels"):
+        torch.ops.rewriter.rotary_gather(q, cos, sin, channels, 3)
+
+
 def test_rotary_kv_write_op_checks_and_registrations():
     from rewriter.decode import rotary as rot
     g = gen(3)
@@ -287,8 +322,15 @@ def test_rotary_kernel_compiles_for_sm90(triton_compiler):
     from rewriter.decode import triton_rotary
     for x, c in (("bf16", "bf16"), ("fp32", "fp32"), ("bf16", "fp32")):
         out = "fp32" if "fp32" in (x, c) else x
-        _compile_sm90(triton_rotary._rotary_kernel, {"X": f"*{x}", "C": f"*{c}", "S": f"*{c}", "Y": f"*{out}"},
-                      dict(D=64, PAD_D=64, BLOCK_R=16), 1)
-    _compile_sm90(triton_rotary._rotary_kv_write_kernel, {"K": "*bf16", "C": "*bf16", "S": "*bf16", "V": "*bf16",
-                                                          "KC": "*bf16", "VC": "*bf16", "Slot": "*i64"},
-                  dict(D=64, PAD_D=64, DV=64, PAD_DV=64, BLOCK_R=16), 1)
+        _compile_sm90(triton_rotary._rotary_kernel, {"X": f"*{x}", "C": f"*{c}", "S": f"*{c}", "Y": f"*{out}",
+                                                     "Idx": "*i64"},
+                      dict(D=64, DK=64, PAD_DK=64, HAS_IDX=False, BLOCK_R=16), 1)
+    for idx in (False, True):       # ThinK's kept channels: 32 of 64
+        dk = 32 if idx else 64
+        _compile_sm90(triton_rotary._rotary_kernel, {"X": "*bf16", "C": "*bf16", "S": "*bf16", "Y": "*bf16",
+                                                     "Idx": "*i64"},
+                      dict(D=64, DK=dk, PAD_DK=dk, HAS_IDX=idx, BLOCK_R=16), 1)
+        _compile_sm90(triton_rotary._rotary_kv_write_kernel,
+                      {"K": "*bf16", "C": "*bf16", "S": "*bf16", "V": "*bf16", "KC": "*bf16", "VC": "*bf16",
+                       "Slot": "*i64", "Idx": "*i64"},
+                      dict(D=64, DK=dk, PAD_DK=dk, HAS_IDX=idx, DV=64, PAD_DV=64, BLOCK_R=16), 1)

@@ -242,7 +242,15 @@ def test_think_static_and_dynamic_equal_functional_path():
     model = _tiny("llama")
     kc = torch.stack([torch.randperm(16, generator=torch.Generator().manual_seed(i))[:8].sort().values
                       for i in range(4)]).reshape(2, 2, 8)
-    _same_logits(build_decoder(model, max_len=24, policy=KVPolicy(key_channels=kc)), _ids(2, 20, 5), 5)
+    static = build_decoder(model, max_len=24, policy=KVPolicy(key_channels=kc))
+    # the kept channels of the rotated query and key are gathered inside the RoPE ops: no aten gather in the step
+    targets = [n.target for n in static.inplace_step().graph.nodes if n.op == "call_function"]
+    layers = model.config.num_hidden_layers
+    assert torch.ops.aten.gather.default not in targets and torch.ops.rewriter.rotary.default not in targets
+    assert targets.count(torch.ops.rewriter.rotary_gather.default) == layers                # the query
+    writes = [n for n in static.inplace_step().graph.nodes if n.target is torch.ops.rewriter.rotary_kv_write_.default]
+    assert len(writes) == layers and all(len(n.args) == 8 for n in writes)                 # the key, its channels
+    _same_logits(static, _ids(2, 20, 5), 5)
     dyn = build_decoder(model, max_len=24, policy=KVPolicy(think_dynamic=ThinkDynamic(0.5, 3)))
     _same_logits(dyn, _ids(2, 20, 6), 6)
     ids = _ids(2, 8, 7)                  # ragged: each row's channels come from its own unpadded prompt

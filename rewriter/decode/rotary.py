@@ -11,6 +11,8 @@ ten of about thirty per layer. `fuse_rotary` finds HF's apply_rotary_pos_emb in 
 """
 from __future__ import annotations
 
+from typing import Optional
+
 import torch
 from torch import Tensor, fx
 
@@ -59,6 +61,47 @@ def _rotary_cuda(x, cos, sin):
         return rotary_reference(x, cos, sin).contiguous()
     from .triton_rotary import rotary_triton
     return rotary_triton(x, cos, sin)
+
+
+def _check_channels(x: Tensor, channels: Tensor, group: int) -> None:
+    if channels.dim() != 2 or channels.dtype != torch.long or group < 1 or x.dim() != 4 \
+            or channels.shape[0] * group != x.shape[1] or channels.shape[1] > x.shape[-1]:
+        raise ValueError(f"rotary_gather needs x (B, H, L, D) and long channels (H / group, Dk <= D); got x "
+                         f"{tuple(x.shape)}, channels {tuple(channels.shape)} {channels.dtype}, group {group}")
+
+
+def rotary_gather_reference(x: Tensor, cos: Tensor, sin: Tensor, channels: Tensor, group: int) -> Tensor:
+    """rotary(x) then, per head h, its channels channels[h // group] (ThinK's kept query / key channels), as the
+    captured step gathers them."""
+    rotated = rotary_reference(x, cos, sin)
+    index = channels.repeat_interleave(group, dim=0)
+    return torch.gather(rotated, -1, index[None, :, None, :].expand(x.shape[0], -1, x.shape[2], -1))
+
+
+@torch.library.custom_op("rewriter::rotary_gather", mutates_args=())
+def rotary_gather(x: Tensor, cos: Tensor, sin: Tensor, channels: Tensor, group: int) -> Tensor:
+    """rotary(x, cos, sin)[b, h, l, channels[h // group]], contiguous (B, H, L, Dk)."""
+    _check(x, cos, sin)
+    _check_channels(x, channels, group)
+    return rotary_gather_reference(x, cos, sin, channels, group).contiguous()
+
+
+@rotary_gather.register_fake
+def _rotary_gather_fake(x, cos, sin, channels, group):
+    dtype = torch.promote_types(torch.promote_types(x.dtype, cos.dtype), sin.dtype)
+    return x.new_empty(*x.shape[:-1], channels.shape[-1], dtype=dtype)
+
+
+@rotary_gather.register_kernel("cuda")
+def _rotary_gather_cuda(x, cos, sin, channels, group):
+    _check(x, cos, sin)
+    _check_channels(x, channels, group)
+    from ..attention.triton import triton_available, use_reference
+    if use_reference() or not triton_available() or x.shape[-1] > 256 \
+            or any(t.dtype not in _DTYPES for t in (x, cos, sin)):
+        return rotary_gather_reference(x, cos, sin, channels, group).contiguous()
+    from .triton_rotary import rotary_triton
+    return rotary_triton(x, cos, sin, channels if channels.stride(-1) == 1 else channels.contiguous(), group)
 
 
 def _slice_of(node, x: fx.Node, dim: int, start: int, end: int) -> bool:
@@ -122,51 +165,60 @@ def fuse_rotary(gm: fx.GraphModule) -> int:
 
 # --- the step's cache write: RoPE on the new key, and the key and value into their slot, in one op ------------------
 
-def _check_write(k_cache: Tensor, v_cache: Tensor, slot: Tensor, k: Tensor, v: Tensor, cos: Tensor, sin: Tensor):
+def _check_write(k_cache: Tensor, v_cache: Tensor, slot: Tensor, k: Tensor, v: Tensor, cos: Tensor, sin: Tensor,
+                 channels: Tensor | None = None):
     _check(k, cos, sin)
+    if channels is not None:
+        _check_channels(k, channels, 1)
     if k_cache.dim() != 4 or v_cache.dim() != 4 or k.dim() != 4 or v.dim() != 4 or slot.dim() != 1 \
             or k.shape[:3] != v.shape[:3] or k.shape[2] != slot.shape[0] \
             or k_cache.shape[:2] != k.shape[:2] or v_cache.shape[:2] != v.shape[:2] \
-            or k_cache.shape[3] != k.shape[3] or v_cache.shape[3] != v.shape[3] or k_cache.shape[2] != v_cache.shape[2]:
+            or k_cache.shape[3] != (k.shape[3] if channels is None else channels.shape[1]) \
+            or v_cache.shape[3] != v.shape[3] or k_cache.shape[2] != v_cache.shape[2]:
         raise ValueError(f"rotary_kv_write_ needs caches (B, H, S, D), k / v (B, H, L, D) and slot (L,); got caches "
                          f"{tuple(k_cache.shape)} / {tuple(v_cache.shape)}, k {tuple(k.shape)}, v {tuple(v.shape)}, "
                          f"slot {tuple(slot.shape)}")
 
 
-def rotary_kv_write_reference(k_cache, v_cache, slot, k, v, cos, sin) -> None:
-    """What the captured step does: index_copy_ of rotary(k) and of v into the caches' slots."""
-    k_cache.index_copy_(2, slot, rotary_reference(k, cos, sin))
+def rotary_kv_write_reference(k_cache, v_cache, slot, k, v, cos, sin, channels=None) -> None:
+    """What the captured step does: index_copy_ of rotary(k) (ThinK: its kept channels, channels[h] for KV head h)
+    and of v into the caches' slots."""
+    key = rotary_reference(k, cos, sin) if channels is None else rotary_gather_reference(k, cos, sin, channels, 1)
+    k_cache.index_copy_(2, slot, key)
     v_cache.index_copy_(2, slot, v)
 
 
 @torch.library.custom_op("rewriter::rotary_kv_write_", mutates_args=("k_cache", "v_cache"))
 def rotary_kv_write_(k_cache: Tensor, v_cache: Tensor, slot: Tensor, k: Tensor, v: Tensor, cos: Tensor,
-                     sin: Tensor) -> None:
-    """k_cache[:, :, slot] = rotary(k, cos, sin); v_cache[:, :, slot] = v."""
-    _check_write(k_cache, v_cache, slot, k, v, cos, sin)
-    rotary_kv_write_reference(k_cache, v_cache, slot, k, v, cos, sin)
+                     sin: Tensor, channels: Optional[Tensor] = None) -> None:
+    """k_cache[:, :, slot] = rotary(k, cos, sin) (with channels: KV head h's channels[h] of it);
+    v_cache[:, :, slot] = v."""
+    _check_write(k_cache, v_cache, slot, k, v, cos, sin, channels)
+    rotary_kv_write_reference(k_cache, v_cache, slot, k, v, cos, sin, channels)
 
 
 @rotary_kv_write_.register_fake
-def _rotary_kv_write_fake(k_cache, v_cache, slot, k, v, cos, sin):
+def _rotary_kv_write_fake(k_cache, v_cache, slot, k, v, cos, sin, channels=None):
     return None
 
 
 @rotary_kv_write_.register_kernel("cuda")
-def _rotary_kv_write_cuda(k_cache, v_cache, slot, k, v, cos, sin):
+def _rotary_kv_write_cuda(k_cache, v_cache, slot, k, v, cos, sin, channels=None):
     """One Triton kernel (the rotation rounds as rotary's); the reference for what it does not take."""
-    _check_write(k_cache, v_cache, slot, k, v, cos, sin)
+    _check_write(k_cache, v_cache, slot, k, v, cos, sin, channels)
     from ..attention.triton import triton_available, use_reference
     dtype = torch.promote_types(torch.promote_types(k.dtype, cos.dtype), sin.dtype)
     if use_reference() or not triton_available() or max(k.shape[-1], v.shape[-1]) > 256 or dtype != k_cache.dtype \
             or v.dtype != v_cache.dtype or any(t.dtype not in _DTYPES for t in (k, v, cos, sin)):
-        return rotary_kv_write_reference(k_cache, v_cache, slot, k, v, cos, sin)
+        return rotary_kv_write_reference(k_cache, v_cache, slot, k, v, cos, sin, channels)
     from .triton_rotary import rotary_kv_write_triton
-    rotary_kv_write_triton(k_cache, v_cache, slot, k, v, cos, sin)
+    rotary_kv_write_triton(k_cache, v_cache, slot, k, v, cos, sin,
+                           None if channels is None or channels.stride(-1) == 1 else channels.contiguous())
 
 
 def fuse_kv_write(gm: fx.GraphModule) -> int:
-    """The step's per-layer cache write: index_copy_(k_view, 2, slot, rotary(k, cos, sin)) and
+    """The step's per-layer cache write: index_copy_(k_view, 2, slot, rotary(k, cos, sin)) (or ThinK's
+    rotary_gather(k, cos, sin, channels, 1)) and
     index_copy_(v_view, 2, slot, v) with the same slot -> one rewriter::rotary_kv_write_ (after fuse_rotary). Readers
     of the written views read the views (the op writes them in place before the later of the two writes' position).
     Returns the layers fused; the rotary nodes go dead."""
@@ -174,8 +226,9 @@ def fuse_kv_write(gm: fx.GraphModule) -> int:
     graph, done = gm.graph, 0
     writes = [n for n in graph.nodes if is_call(n, aten.index_copy_.default) and len(n.args) == 4 and n.args[1] == 2]
     order = {n: i for i, n in enumerate(graph.nodes)}
-    keys = [n for n in writes if is_call(n.args[3], torch.ops.rewriter.rotary.default)
-            and len(n.args[3].users) == 1]
+    keys = [n for n in writes if len(n.args[3].users) == 1 and (
+        is_call(n.args[3], torch.ops.rewriter.rotary.default)
+        or (is_call(n.args[3], torch.ops.rewriter.rotary_gather.default) and n.args[3].args[4] == 1))]
     values = [n for n in writes if n not in keys]
     for kw in keys:
         slot = kw.args[2]
@@ -184,13 +237,60 @@ def fuse_kv_write(gm: fx.GraphModule) -> int:
         if vw is None:
             continue
         values.remove(vw)
-        k, cos, sin = kw.args[3].args
+        k, cos, sin = kw.args[3].args[:3]
+        channels = kw.args[3].args[3:4]           # rotary_gather's kept channels (ThinK), else none
         with graph.inserting_before(vw):
-            new = graph.call_function(op, (kw.args[0], vw.args[0], slot, k, vw.args[3], cos, sin))
+            new = graph.call_function(op, (kw.args[0], vw.args[0], slot, k, vw.args[3], cos, sin, *channels))
         new.meta = {m: x for m, x in vw.meta.items() if m in ("nn_module_stack", "stack_trace")}
         for w in (kw, vw):
             w.replace_all_uses_with(w.args[0])
         graph.erase_node(kw)
         graph.erase_node(vw)
+        done += 1
+    return done
+
+
+def _kept_channels(index) -> tuple[fx.Node, int] | None:
+    """(channels (Hc, Dk), group) when `index` is ThinK's gather index in a step graph:
+    expand(unsqueeze(unsqueeze(src, 0), 2), [B, -1, 1, -1]) with src = channels (group 1, keys) or
+    repeat_interleave(channels, group, -2) (the query heads of each KV head)."""
+    if not is_call(index, aten.expand.default):
+        return None
+    size = index.args[1]
+    inner = index.args[0]
+    if len(size) != 4 or size[1] != -1 or size[2] != 1 or size[3] != -1 or not is_call(inner, aten.unsqueeze.default) \
+            or inner.args[1] != 2 or not is_call(inner.args[0], aten.unsqueeze.default) or inner.args[0].args[1] != 0:
+        return None
+    src, group = inner.args[0].args[0], 1
+    if is_call(src, aten.repeat_interleave.self_int) and len(src.args) >= 3 and src.args[2] in (0, -2) \
+            and isinstance(src.args[1], int) and not src.kwargs:
+        src, group = src.args[0], src.args[1]
+    v = val(src)
+    if not isinstance(v, torch.Tensor) or v.dim() != 2 or v.dtype != torch.long:
+        return None
+    return src, group
+
+
+def fuse_think_gather(gm: fx.GraphModule) -> int:
+    """ThinK's gathers of the rotated query's and key's kept channels in a step graph (gather(rotary(x), -1,
+    index), one new token): -> rewriter::rotary_gather, one kernel instead of the gather, its index copies and the
+    rotary. Returns how many (the replaced nodes go dead)."""
+    op = torch.ops.rewriter.rotary_gather.default
+    done = 0
+    for node in list(gm.graph.nodes):
+        if not is_call(node, aten.gather.default) or len(node.args) != 3 or node.args[1] not in (-1, 3):
+            continue
+        rot, index = node.args[0], node.args[2]
+        kept = _kept_channels(index)
+        xv = val(rot.args[0]) if is_call(rot, torch.ops.rewriter.rotary.default) else None
+        if kept is None or len(rot.users) != 1 or not isinstance(xv, torch.Tensor) or xv.dim() != 4 \
+                or xv.shape[2] != 1:
+            continue
+        with gm.graph.inserting_before(node):
+            new = gm.graph.call_function(op, (*rot.args, *kept))
+        new.meta = {k: v for k, v in node.meta.items() if k in ("nn_module_stack", "val", "stack_trace")}
+        node.replace_all_uses_with(new)
+        gm.graph.erase_node(node)
+        gm.graph.erase_node(rot)
         done += 1
     return done

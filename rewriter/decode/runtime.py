@@ -73,7 +73,8 @@ def fused_step(gm: torch.fx.GraphModule, gemv: bool = True) -> tuple[torch.fx.Gr
     rewriter::silu_mul (the fuse pass's sites and ops) and its RoPE applications as rewriter::rotary (rotary.py):
     the model's own arithmetic, one Triton kernel each on CUDA instead of eight, two and five aten kernels; the CPU
     runs their references. A layer's cache write (RoPE on the new key, the key and the value into their slot) is
-    one rewriter::rotary_kv_write_ instead of three kernels, and a residual add with the RMSNorm that reads it one
+    one rewriter::rotary_kv_write_ instead of three kernels (ThinK's gathers of the kept query and key channels go
+    into the RoPE ops: rewriter::rotary_gather), and a residual add with the RMSNorm that reads it one
     rewriter::add_rms_norm (norm.py). Its bias-free linears become rewriter::gemv (q, k and v in one launch) and
     rewriter::swiglu_gemv (gate, up and the silu_mul in one): Triton matrix-vector kernels at batch <= 4 (gemv.py;
     gemv=False keeps them on cuBLAS).
@@ -87,7 +88,7 @@ def fused_step(gm: torch.fx.GraphModule, gemv: bool = True) -> tuple[torch.fx.Gr
     from ..sites import fusion_sites
     from .gemv import fuse_gemv
     from .norm import fuse_add_norm
-    from .rotary import fuse_kv_write, fuse_rotary
+    from .rotary import fuse_kv_write, fuse_rotary, fuse_think_gather
     with warnings.catch_warnings():          # torch's pytree spec deprecation noise while copying the graph's codegen
         warnings.simplefilter("ignore", FutureWarning)
         out = torch.fx.GraphModule(gm, copy.deepcopy(gm.graph))
@@ -98,6 +99,8 @@ def fused_step(gm: torch.fx.GraphModule, gemv: bool = True) -> tuple[torch.fx.Gr
         args = tuple(nodes[name] for name in site.inputs) + ((site.eps,) if site.kind == "rms_norm" else ())
         nodes[site.node] = replace_with_op(out, nodes[site.node], ops[site.kind], args)
     rotations = fuse_rotary(out)
+    erase_dead(out)
+    gathers = fuse_think_gather(out)
     writes = fuse_kv_write(out)
     norms = fuse_add_norm(out)
     erase_dead(out)                         # the replaced patterns' nodes (a dead silu still reads the gate)
@@ -105,7 +108,7 @@ def fused_step(gm: torch.fx.GraphModule, gemv: bool = True) -> tuple[torch.fx.Gr
     dedupe_step(out)
     erase_dead(out)
     out.recompile()
-    return out, len(sites) + rotations + writes + norms + products
+    return out, len(sites) + rotations + gathers + writes + norms + products
 
 
 def dedupe_step(gm: torch.fx.GraphModule) -> int:

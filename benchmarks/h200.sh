@@ -12,7 +12,8 @@
 #   bash benchmarks/h200.sh decode    # KV decode, batch 1, every KV pass (decode-batch: batches 1 / 8 / 32;
 #                                     # decode-fused: every pass at 32K with the Inductor-fused step;
 #                                     # decode-mla: the MLA step's decode-attention split sweep;
-#                                     # decode-gemv: the step's gemv kernels swept, then decode with them)
+#                                     # decode-gemv: the step's gemv kernels swept, then decode with them;
+#                                     # decode-passes: no pass, kv-window and think only)
 # Results go to $OUT (default ./out). fla-core comes from a wheel carried in .gpu_kernels2/.whl (no network there):
 #   pip download fla-core==0.6.0 --no-deps -d .gpu_kernels2/.whl   (then carry .gpu_kernels2/.whl with the run)
 set -u
@@ -99,6 +100,11 @@ decode-gemv)   # issue 14: the decode step's gemv kernels swept against cuBLAS (
     --unfused-variants original --static-peer-contexts --profile-steps ${KV_PROFILE_STEPS:-4} --budget-s 330 \
     $( [ -f "$OUT/gemv_configs.json" ] && echo --gemv-configs "$OUT/gemv_configs.json" ) > "$OUT/kv_gemv.log" 2>&1
   echo "kv rc=$?"; grep '^{\|^gemv configs' "$OUT/kv_gemv.log" | cut -c1-300;;
+decode-passes)   # issue 14: batch 1 at 4K / 32K, the unthinned step beside kv-window and think (the 32K ratios), no peers
+  timeout ${KV_TIMEOUT:-400} python benchmarks/kv.py --out "$OUT/kv_${KV_TAG:-h200}_passes.json" --contexts 4096 32768 \
+    --variants original kv-window4+1020 think0.5 --static-peer-contexts --profile-steps 4 --budget-s 360 \
+    > "$OUT/kv_passes.log" 2>&1
+  echo "kv rc=$?"; grep '^{' "$OUT/kv_passes.log" | cut -c1-240;;
 decode-mla)   # issue 14: the latent MLA step's split-K attention with larger partial shares (more programs)
   timeout ${KV_TIMEOUT:-560} python benchmarks/kv.py --out "$OUT/kv_${KV_TAG:-h200}_mla.json" --contexts 4096 32768 \
     --variants ${KV_MLA_VARIANTS:-original mla-decoupled0.5} --split-sweep-variants mla-decoupled0.5 \
@@ -115,6 +121,6 @@ decode-batch)   # issue 14: batches 1 / 8 / 32 at 4K against transformers' stati
     --variants original --batch-variants original --compile-variants original --static-peer-contexts 4096 \
     > "$OUT/kv_batch.log" 2>&1
   echo "kv rc=$?"; grep '^{' "$OUT/kv_batch.log" | cut -c1-300;;
-*) echo "usage: $0 kernels|models|forms|compiled|fused|issue13|attention|exact|band|decode|decode-gemv|decode-mla|decode-fused|decode-batch"
+*) echo "usage: $0 kernels|models|forms|compiled|fused|issue13|attention|exact|band|decode|decode-gemv|decode-passes|decode-mla|decode-fused|decode-batch"
    exit 2;;
 esac

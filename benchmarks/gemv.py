@@ -29,6 +29,8 @@ import time
 
 import torch
 import torch.nn.functional as F
+from kv import copy_bandwidth            # benchmarks/kv.py: the same copy bandwidth as the decode roofline
+from linear import graph_time_ms         # benchmarks/linear.py: calls captured in one CUDA graph, median per call
 
 SHAPES = {           # name: (kind, [(N, K) per weight])
     "qkv": ("gemv", [(2048, 2048), (512, 2048), (512, 2048)]),
@@ -41,48 +43,6 @@ SHAPES = {           # name: (kind, [(N, K) per weight])
 # (the first run, gemv_h100.json, swept BLOCK_N 2-32, BLOCK_K 256-1024, 4 / 8 warps, 2 / 4 stages, and x of 1 and 4
 # rows: two rows per program and K steps of 1024 won every shape at one row; 4 rows ran slower than cuBLAS)
 SWEEP = dict(block_n=(1, 2, 4), block_k=(512, 1024, 2048), warps=(2, 4, 8), stages=(2, 3, 4, 5))
-
-
-def copy_bandwidth() -> float:
-    src = torch.randn(1 << 29, device="cuda")
-    dst = torch.empty_like(src)
-    times = []
-    for i in range(13):
-        a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        a.record()
-        dst.copy_(src)
-        b.record()
-        b.synchronize()
-        if i >= 3:
-            times.append(a.elapsed_time(b) / 1e3)
-    times.sort()
-    return 2 * src.numel() * src.element_size() / times[len(times) // 2]
-
-
-def graph_time(fn, copies: int, reps: int = 5) -> float:
-    """Seconds per call of fn(i) for i cycling over `copies` weight sets, replayed as one CUDA graph."""
-    stream = torch.cuda.Stream()
-    stream.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(stream):
-        for i in range(copies):           # warm-up (compiles, workspaces)
-            fn(i)
-    torch.cuda.current_stream().wait_stream(stream)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        for i in range(copies):
-            fn(i)
-    graph.replay()
-    torch.cuda.synchronize()
-    times = []
-    for _ in range(reps):
-        a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        a.record()
-        graph.replay()
-        b.record()
-        b.synchronize()
-        times.append(a.elapsed_time(b) / 1e3 / copies)
-    times.sort()
-    return times[len(times) // 2]
 
 
 def main() -> int:
@@ -128,7 +88,8 @@ def main() -> int:
                 peers = {"cublas": lambda i: [F.linear(x, w) for w in sets[i]]}
                 if len(dims) > 1:
                     peers["cublas_concat"] = lambda i: F.linear(x, concat[i])
-            peer_ms = {p: graph_time(fn, copies) * 1e3 for p, fn in peers.items()}
+            peer_ms = {p: graph_time_ms([lambda i=i, fn=fn: fn(i) for i in range(copies)])
+                       for p, fn in peers.items()}
             default = gemv_config(kind, n_total, K)
             configs = [] if M > 1 else [default] + [c for c in itertools.product(*SWEEP.values())
                                                     if c != default and c[1] <= max(512, K)]
@@ -148,7 +109,7 @@ def main() -> int:
                     err = float((got - want).abs().max() / want.abs().max())
                     if not err < 2e-2:
                         raise AssertionError(f"relative error {err:.3g} against float64")
-                    ms = graph_time(ours, copies) * 1e3
+                    ms = graph_time_ms([lambda i=i: ours(i) for i in range(copies)])
                 except Exception as e:
                     result["records"].append({"op": kind, "shape": name, "M": M, "config": list(config),
                                               "error": f"{type(e).__name__}: {str(e)[:300]}"})

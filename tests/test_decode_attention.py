@@ -117,7 +117,8 @@ def test_kernel_shared_latent_keys_values_many_heads_wide_rows(kernel):
     valid = torch.rand(B, L, generator=gen(13)) > 0.2
     start = torch.zeros(1, dtype=torch.long)
     ref = oracle(q, latent, latent, valid, 0.1, q_x, k_x, start)
-    for splits in (None, (2, 64), (23, 4)):          # 23 chunks: the reduce takes them 16 at a time
+    # 23 chunks: the reduce loads 32 at a time, masked; its two value blocks (128 + 32 of 160) are programs apart
+    for splits in (None, (2, 64), (23, 4)):
         out = kernel(q, latent, latent, valid, 0.1, q_x, k_x, start, splits=splits)
         torch.testing.assert_close(out.to(f64), ref, atol=2e-5, rtol=0)
     out = kernel(q, latent, latent.clone(), valid, 0.1, q_x, k_x, start)          # the same, values read apart
@@ -200,9 +201,9 @@ def test_decode_kernels_compile_for_sm90(triton_compiler, form):
               "mla_latent": {**base, "HAS_EXTRA": True, "SHARED_KV": True, "BLOCK_N": 16, "HEAD_D": 448,
                              "HEAD_DV": 448, "PAD_D": 512, "PAD_DV": 512, "HEAD_DX": 64, "PAD_DX": 64}}[form]
     _compile_sm90(triton_decode._decode_split, types, consts, 8 if form == "mla_latent" else 4)
-    dv = consts["PAD_DV"]
+    dv = min(consts["PAD_DV"], triton_decode.REDUCE_BLOCK_DV)
     _compile_sm90(triton_decode._decode_reduce, {"Part": "*fp32", "PartLse": "*fp32", "Out": dt},
-                  dict(HEAD_DV=consts["HEAD_DV"], PAD_DV=dv, PAD_S=256, BLOCK_S=max(2, min(64, 4096 // dv))), 4)
+                  dict(HEAD_DV=consts["HEAD_DV"], BLOCK_DV=dv, PAD_S=256, BLOCK_S=max(2, min(64, 4096 // dv))), 4)
 
 
 # --- rewriter::rotary: RoPE on one tensor, the decode step's fused form of HF's apply_rotary_pos_emb ---------------

@@ -99,7 +99,7 @@ class Decoder:
     # the eager / CUDA-graph step runs RMSNorm, SwiGLU and RoPE as one op each and repeated values once
     # (runtime.fused_step); False: the step as captured
     fused_ops: bool = True
-    # with fused_ops: bias-free linears as rewriter::gemv / swiglu_gemv (Triton at batch <= 4); False: cuBLAS
+    # with fused_ops: bias-free linears as rewriter::gemv / swiglu_gemv (Triton at batch 1); False: cuBLAS
     fused_gemv: bool = True
     # the runtime's state (rewriter.decode.runtime): the in-place step and the last static session
     _runtime: dict = field(default_factory=dict, repr=False, compare=False)

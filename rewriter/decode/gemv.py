@@ -4,8 +4,9 @@
     swiglu_gemv(x (..., K), w_gate, w_up (N, K)) -> silu_mul(linear(x, w_gate), linear(x, w_up))
 
 The references are those aten calls, so on the CPU (and for x of more than one row, on CUDA) the op computes what
-the captured step computes. On CUDA with one row (batch-1 decode) one Triton kernel runs each (triton_gemv.py): the q, k and v projections that read one normed x become one launch, and SwiGLU's gate and up
-projections with silu(gate) * up another. Like rotary, the ops live in the runtime's step only (`fuse_gemv`, called by
+the captured step computes. On CUDA with one row (batch-1 decode) one Triton kernel runs each (triton_gemv.py): the
+q, k and v projections that read one normed x become one launch, and SwiGLU's gate and up projections with
+silu(gate) * up another. Like rotary, the ops live in the runtime's step only (`fuse_gemv`, called by
 runtime.fused_step), never in a saved program. The kernels sum K in another order than cuBLAS, so 16-bit outputs can
 differ from cuBLAS's in the last place (both accumulate in fp32 and round once).
 """
@@ -15,7 +16,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, fx
 
-from ..graph import aten, get_attr_tensor, is_call
+from ..graph import aten, get_attr_tensor, is_call, replace_with_op
 from ..linear.fused import silu_mul_reference
 
 _DTYPES = (torch.float16, torch.bfloat16, torch.float32)
@@ -130,11 +131,7 @@ def fuse_gemv(gm: fx.GraphModule, max_group: int = 3) -> int:
                 or len(gate.users) != 1 or len(up.users) != 1 \
                 or get_attr_tensor(gm, gate.args[1].target).shape != get_attr_tensor(gm, up.args[1].target).shape:
             continue
-        with graph.inserting_before(node):
-            new = graph.call_function(torch.ops.rewriter.swiglu_gemv.default, (gate.args[0], gate.args[1], up.args[1]))
-        new.meta = {k: v for k, v in node.meta.items() if k in keep}
-        node.replace_all_uses_with(new)
-        graph.erase_node(node)
+        replace_with_op(gm, node, torch.ops.rewriter.swiglu_gemv.default, (gate.args[0], gate.args[1], up.args[1]))
         graph.erase_node(gate)
         graph.erase_node(up)
         replaced += 2

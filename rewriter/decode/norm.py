@@ -62,6 +62,7 @@ def fuse_add_norm(gm: fx.GraphModule) -> int:
     takes the add's other readers. Returns the pairs fused (the caller recompiles)."""
     graph, done = gm.graph, 0
     norm_op = torch.ops.rewriter.rms_norm.default
+    order = {n: i for i, n in enumerate(graph.nodes)}     # the original nodes' positions (all this compares)
     for norm in list(graph.nodes):
         if not is_call(norm, norm_op) or len(norm.args) != 3 or not is_call(norm.args[0], aten.add.Tensor):
             continue
@@ -74,7 +75,6 @@ def fuse_add_norm(gm: fx.GraphModule) -> int:
                 or len({(tuple(map(str, v.shape)), v.dtype) for v in vals}) != 1:
             continue
         weight = norm.args[1]
-        order = {n: i for i, n in enumerate(graph.nodes)}
         if isinstance(weight, fx.Node) and order[weight] > order[add]:
             add.prepend(weight)
         with graph.inserting_before(add):

@@ -16,7 +16,7 @@ from typing import Optional
 import torch
 from torch import Tensor, fx
 
-from ..graph import aten, is_call, val
+from ..graph import aten, is_call, replace_with_op, val
 
 _DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 
@@ -154,11 +154,7 @@ def fuse_rotary(gm: fx.GraphModule) -> int:
         found = _match(node)
         if found is None:
             continue
-        with gm.graph.inserting_before(node):
-            new = gm.graph.call_function(op, found)
-        new.meta = {k: v for k, v in node.meta.items() if k in ("nn_module_stack", "val", "stack_trace")}
-        node.replace_all_uses_with(new)
-        gm.graph.erase_node(node)
+        replace_with_op(gm, node, op, found)
         done += 1
     return done
 
@@ -286,11 +282,7 @@ def fuse_think_gather(gm: fx.GraphModule) -> int:
         if kept is None or len(rot.users) != 1 or not isinstance(xv, torch.Tensor) or xv.dim() != 4 \
                 or xv.shape[2] != 1:
             continue
-        with gm.graph.inserting_before(node):
-            new = gm.graph.call_function(op, (*rot.args, *kept))
-        new.meta = {k: v for k, v in node.meta.items() if k in ("nn_module_stack", "val", "stack_trace")}
-        node.replace_all_uses_with(new)
-        gm.graph.erase_node(node)
+        replace_with_op(gm, node, op, (*rot.args, *kept))
         gm.graph.erase_node(rot)
         done += 1
     return done

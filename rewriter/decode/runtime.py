@@ -76,7 +76,7 @@ def fused_step(gm: torch.fx.GraphModule, gemv: bool = True) -> tuple[torch.fx.Gr
     one rewriter::rotary_kv_write_ instead of three kernels (ThinK's gathers of the kept query and key channels go
     into the RoPE ops: rewriter::rotary_gather), and a residual add with the RMSNorm that reads it one
     rewriter::add_rms_norm (norm.py). Its bias-free linears become rewriter::gemv (q, k and v in one launch) and
-    rewriter::swiglu_gemv (gate, up and the silu_mul in one): Triton matrix-vector kernels at batch <= 4 (gemv.py;
+    rewriter::swiglu_gemv (gate, up and the silu_mul in one): Triton matrix-vector kernels at batch 1 (gemv.py;
     gemv=False keeps them on cuBLAS).
     At batch 1 a step is a few hundred small kernels, so their number is much of its time. Returns (the step, sites
     fused)."""

@@ -13,7 +13,8 @@
 #                                     # decode-fused: every pass at 32K with the Inductor-fused step;
 #                                     # decode-mla: the MLA step's decode-attention split sweep;
 #                                     # decode-gemv: the step's gemv kernels swept, then decode with them;
-#                                     # decode-passes: no pass, kv-window and think only)
+#                                     # decode-passes: no pass, kv-window and think only;
+#                                     # decode-attn: decode attention tiles swept, then mla / original decode)
 # Results go to $OUT (default ./out). fla-core comes from a wheel carried in .gpu_kernels2/.whl (no network there):
 #   pip download fla-core==0.6.0 --no-deps -d .gpu_kernels2/.whl   (then carry .gpu_kernels2/.whl with the run)
 set -u
@@ -110,6 +111,15 @@ decode-mla)   # issue 14: the latent MLA step's split-K attention with larger pa
     --variants ${KV_MLA_VARIANTS:-original mla-decoupled0.5} --split-sweep-variants mla-decoupled0.5 \
     --partial-shares 1 4 16 --static-peer-contexts --profile-steps 4 > "$OUT/kv_mla.log" 2>&1
   echo "kv rc=$?"; grep '^{' "$OUT/kv_mla.log" | cut -c1-300;;
+decode-attn)   # issue 14: the decode attention's tiles and split swept at the unthinned (gqa) and absorbed mla cache
+               # forms, then batch-1 decode of both with the default and the fastest launch (<variant>_tuned)
+  timeout 200 python benchmarks/decode_attention.py --out "$OUT/decode_attention_${KV_TAG:-h200}.json" \
+    --budget-s ${ATTN_BUDGET:-170} > "$OUT/decode_attention.log" 2>&1
+  echo "attn rc=$?"; grep '^best' "$OUT/decode_attention.log"; grep -c '^{' "$OUT/decode_attention.log"
+  timeout ${KV_TIMEOUT:-380} python benchmarks/kv.py --out "$OUT/kv_${KV_TAG:-h200}_mla.json" --contexts 4096 32768 \
+    --variants original mla-decoupled0.5 --tiles-from "$OUT/decode_attention_${KV_TAG:-h200}.json" \
+    --tile-variants original mla-decoupled0.5 --profile-steps 4 --budget-s 350 > "$OUT/kv_mla.log" 2>&1
+  echo "kv rc=$?"; grep '^{' "$OUT/kv_mla.log" | cut -c1-300;;
 decode-fused)   # issue 14: every KV pass at 32K with the step fused by Inductor (and the CUDA-graph step beside it)
   timeout 560 python benchmarks/kv.py --out "$OUT/kv_h200_fused.json" --contexts 32768 \
     --variants original kv-window4+1020 think0.5 mla-decoupled0.5 \
@@ -121,6 +131,6 @@ decode-batch)   # issue 14: batches 1 / 8 / 32 at 4K against transformers' stati
     --variants original --batch-variants original --compile-variants original --static-peer-contexts 4096 \
     > "$OUT/kv_batch.log" 2>&1
   echo "kv rc=$?"; grep '^{' "$OUT/kv_batch.log" | cut -c1-300;;
-*) echo "usage: $0 kernels|models|forms|compiled|fused|issue13|attention|exact|band|decode|decode-gemv|decode-passes|decode-mla|decode-fused|decode-batch"
+*) echo "usage: $0 kernels|models|forms|compiled|fused|issue13|attention|exact|band|decode|decode-gemv|decode-passes|decode-mla|decode-attn|decode-fused|decode-batch"
    exit 2;;
 esac

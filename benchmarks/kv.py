@@ -338,6 +338,11 @@ def main() -> int:
                         help="variants also timed (batch 1) with the decode kernel's partial outputs allowed up to "
                              "each --partial-shares of a chunk's cache bytes, recorded as <variant>_share<x>")
     parser.add_argument("--partial-shares", type=float, nargs="*", default=[1.0, 4.0, 16.0])
+    parser.add_argument("--tiles-from", default=None,
+                        help="benchmarks/decode_attention.py's result: --tile-variants also run (batch 1, CUDA) with "
+                             "the decode attention's fastest tiles and split for their cache form (mla for mla "
+                             "variants, gqa otherwise) at the nearest context, recorded as <variant>_tuned")
+    parser.add_argument("--tile-variants", nargs="*", default=[])
     parser.add_argument("--compile-contexts", type=int, nargs="*", default=None,
                         help="contexts of the --compile-variants runs (default: every context)")
     parser.add_argument("--compile-variants", nargs="*", default=[],
@@ -528,6 +533,10 @@ def main() -> int:
                     if name in args.split_sweep_variants and b == 1 and device == "cuda":
                         diagnostics += [(f"{name}_share{x:g}", None, False, ("share", x), False, True, True)
                                         for x in args.partial_shares]
+                    if name in args.tile_variants and b == 1 and device == "cuda" and args.tiles_from:
+                        tuned = tuned_attention(args.tiles_from, "mla" if name.startswith("mla") else "gqa", c)
+                        if tuned is not None:
+                            diagnostics.append((f"{name}_tuned", None, False, ("tuned", tuned), False, True, True))
                     for label, backend, reference, split, compiled, fused, gemv in diagnostics:
                         if over_budget(f"{label} context {c} batch {b}"):
                             continue
@@ -559,14 +568,31 @@ def main() -> int:
 
 def split_override(split):
     """None: the planned split; an int: that many decode programs per SM; ("share", x): partial outputs up to x of
-    a chunk's cache bytes (triton_decode.split_plan)."""
+    a chunk's cache bytes (triton_decode.split_plan); ("tuned", {"tile": ..., "split": ...}): decode_attention.py's
+    fastest tiles and split (tuned_attention)."""
     import contextlib
     if split is None:
         return contextlib.nullcontext()
-    from rewriter.decode.triton_decode import set_split
+    from rewriter.decode.triton_decode import set_split, set_tiles
+    if isinstance(split, tuple) and split[0] == "tuned":
+        stack = contextlib.ExitStack()
+        tile, plan = split[1]["tile"], split[1]["split"]
+        if tile != "default":
+            stack.enter_context(set_tiles(**tile))
+        if plan != "default":
+            stack.enter_context(set_split(**plan))
+        return stack
     if isinstance(split, tuple):
         return set_split(partial_share=split[1])
     return set_split(programs_per_sm=split)
+
+
+def tuned_attention(path: str, shape: str, context: int) -> dict | None:
+    """decode_attention.py's fastest {"tile", "split"} for `shape` at the context nearest `context` (None: none)."""
+    with open(path) as f:
+        best = json.load(f).get("best", {})
+    found = [(abs(int(k.split("@")[1]) - context), v) for k, v in best.items() if k.split("@")[0] == shape]
+    return min(found, key=lambda kv: kv[0])[1] if found else None
 
 
 def _agree(a: list[int], b: list[int]) -> dict:

@@ -8,7 +8,7 @@ from rewriter.decode.attention import (decode_attention_reference, extra_scores,
                                        reference_attention)
 
 triton = pytest.importorskip("triton", reason="triton is not importable: the decode kernel cannot run")
-from rewriter.decode.triton_decode import decode_attention_triton, split_plan  # noqa: E402
+from rewriter.decode.triton_decode import decode_attention_triton, set_tiles, split_plan  # noqa: E402
 
 f64 = torch.float64
 
@@ -72,6 +72,8 @@ def test_kernel_equals_oracle_odd_lengths_gqa_invalid_slots(kernel, G, splits):
     torch.testing.assert_close(out[1].to(f64), v[1, :, 150:151].to(f64).expand(Hkv, G, 24), atol=1e-6, rtol=0)
     sdpa = decode_attention_reference(q, k, v, valid[:, None, None, :], 0.3)
     torch.testing.assert_close(out, sdpa, atol=2e-5, rtol=0)
+    with set_tiles(transposed=True, block_n=32):                # keys x queries: the same numbers
+        torch.testing.assert_close(kernel(q, k, v, valid, 0.3, splits=splits).to(f64), ref, atol=2e-5, rtol=0)
 
 
 def test_kernel_expanded_mask_fp16_and_empty_row(kernel):
@@ -120,6 +122,11 @@ def test_kernel_shared_latent_keys_values_many_heads_wide_rows(kernel):
     # 23 chunks: the reduce loads 32 at a time, masked; its two value blocks (128 + 32 of 160) are programs apart
     for splits in (None, (2, 64), (23, 4)):
         out = kernel(q, latent, latent, valid, 0.1, q_x, k_x, start, splits=splits)
+        torch.testing.assert_close(out.to(f64), ref, atol=2e-5, rtol=0)
+    # the transposed tile (keys x queries: MMA rows are slots and values), every head in one program or in two
+    for block_h, block_n in ((32, 32), (16, 64)):
+        with set_tiles(block_h=block_h, block_n=block_n, transposed=True, num_stages=3):
+            out = kernel(q, latent, latent, valid, 0.1, q_x, k_x, start, splits=(2, 64))
         torch.testing.assert_close(out.to(f64), ref, atol=2e-5, rtol=0)
     out = kernel(q, latent, latent.clone(), valid, 0.1, q_x, k_x, start)          # the same, values read apart
     torch.testing.assert_close(out.to(f64), ref, atol=2e-5, rtol=0)
@@ -188,19 +195,21 @@ def _compile_sm90(jit_fn, types: dict, constexprs: dict, num_warps: int):
     assert compiled.asm.get("cubin"), "no machine code produced"
 
 
-@pytest.mark.parametrize("form", ["gqa", "think_dynamic", "mla_latent", "fp32"])
+@pytest.mark.parametrize("form", ["gqa", "think_dynamic", "mla_latent", "mla_transposed", "fp32"])
 def test_decode_kernels_compile_for_sm90(triton_compiler, form):
     from rewriter.decode import triton_decode
     dt = "*fp32" if form == "fp32" else "*bf16"
     types = {"Q": dt, "K": dt, "V": dt, "Mask": "*u8", "QX": dt, "KX": dt, "XStart": "*i64", "Part": "*fp32",
              "PartLse": "*fp32", "qk_scale": "fp32"}
     base = dict(HAS_EXTRA=False, SHARED_KV=False, BLOCK_H=16, BLOCK_N=64, HEAD_D=64, HEAD_DV=64, HEAD_DX=0,
-                PAD_D=64, PAD_DV=64, PAD_DX=16, DOT_PRECISION="ieee" if form == "fp32" else "tf32")
+                PAD_D=64, PAD_DV=64, PAD_DX=16, DOT_PRECISION="ieee" if form == "fp32" else "tf32", TRANSPOSED=False)
+    mla = {**base, "HAS_EXTRA": True, "SHARED_KV": True, "BLOCK_N": 16, "HEAD_D": 448, "HEAD_DV": 448, "PAD_D": 512,
+           "PAD_DV": 512, "HEAD_DX": 64, "PAD_DX": 64}
     consts = {"gqa": base, "fp32": base,
               "think_dynamic": {**base, "HAS_EXTRA": True, "HEAD_D": 32, "PAD_D": 32, "HEAD_DX": 32, "PAD_DX": 32},
-              "mla_latent": {**base, "HAS_EXTRA": True, "SHARED_KV": True, "BLOCK_N": 16, "HEAD_D": 448,
-                             "HEAD_DV": 448, "PAD_D": 512, "PAD_DV": 512, "HEAD_DX": 64, "PAD_DX": 64}}[form]
-    _compile_sm90(triton_decode._decode_split, types, consts, 8 if form == "mla_latent" else 4)
+              "mla_latent": mla,
+              "mla_transposed": {**mla, "BLOCK_H": 32, "BLOCK_N": 64, "TRANSPOSED": True}}[form]
+    _compile_sm90(triton_decode._decode_split, types, consts, 8 if form.startswith("mla") else 4)
     dv = min(consts["PAD_DV"], triton_decode.REDUCE_BLOCK_DV)
     _compile_sm90(triton_decode._decode_reduce, {"Part": "*fp32", "PartLse": "*fp32", "Out": dt},
                   dict(HEAD_DV=consts["HEAD_DV"], BLOCK_DV=dv, PAD_S=256, BLOCK_S=max(2, min(64, 4096 // dv))), 4)
@@ -249,10 +258,11 @@ def test_rotary_kv_write_kernel_writes_what_the_step_writes(triton_interpreter, 
     """rewriter::rotary_kv_write_'s kernel (interpreter) against the step's three ops (rotary of the new key, then
     index_copy_ of it and of the value into a layer's view of the 5-D caches): the same slots written bit for bit,
     nothing else touched; k / v strided as the step's transposes, one and two new tokens, key and value widths apart
-    (a ThinK-compacted cache is not this op's: its key is gathered after RoPE)."""
+    (a ThinK-compacted cache is not this op's: its key is gathered after RoPE), and the absorbed MLA step's write (one
+    shared head: 64 RoPE'd key components, a 448-wide latent as the value)."""
     from rewriter.decode.rotary import rotary_kv_write_reference
     from rewriter.decode.triton_rotary import rotary_kv_write_triton
-    for B, H, L, D, DV, S in ((1, 4, 1, 64, 64, 9), (2, 3, 2, 32, 48, 7)):
+    for B, H, L, D, DV, S in ((1, 4, 1, 64, 64, 9), (2, 3, 2, 32, 48, 7), (1, 1, 1, 64, 448, 6)):
         g = gen(D + L)
         k = (4 * torch.randn(B, L, H, D, generator=g)).to(dtype).transpose(1, 2)
         v = torch.randn(B, L, H, DV, generator=g).to(dtype).transpose(1, 2)

@@ -275,13 +275,29 @@ def test_absorbed_latent_decode_equals_rebuild_path_and_rebuilds_nothing():
     assert _rebuilds_keys(rebuild) and not _rebuilds_keys(absorbed)
     targets = [n.target for n in absorbed.inplace_step().graph.nodes if n.op == "call_function"]
     assert targets.count(torch.ops.rewriter.decode_attention.default) == model.config.num_hidden_layers
-    # the runtime's step computes the RoPE tables shared by the layers once (runtime.dedupe_step): the model's, the
-    # slot's, then one per layer for its own frequencies (captured: three per layer)
-    layers = model.config.num_hidden_layers
-    assert targets.count(torch.ops.aten.cos.default) == 2 + layers
+    # two RoPE tables per step: the model's and every layer's RoPE' frequencies at once; the query and keys before
+    # RoPE are the model's projections (absorbed._projection_modules), not its rotation undone (no neg / sub), and
+    # the step's fused projection hands the latent's z = [k | v] over as one slice of its output (gemv.join_slices)
+    assert targets.count(torch.ops.aten.cos.default) == 2
+    assert torch.ops.aten.neg.default not in targets and torch.ops.aten.sub.Tensor not in targets
+    assert torch.ops.aten.cat.default in targets and targets.count(torch.ops.aten.cat.default) == 2   # the tables'
     absorbed.fused_ops = False
     plain = [n.target for n in absorbed.inplace_step().graph.nodes if n.op == "call_function"]
-    assert plain.count(torch.ops.aten.cos.default) == 1 + 3 * layers
+    layers = model.config.num_hidden_layers
+    assert plain.count(torch.ops.aten.cos.default) == 2 and torch.ops.aten.neg.default in plain    # the model's RoPE
+    assert plain.count(torch.ops.aten.cat.default) == 2 + 3 * layers        # + per layer its rotate_half pair and z
+    # a model whose keys are normed between projection and RoPE (Qwen3's k_norm) undoes the rotation instead
+    from rewriter.decode.absorbed import _projection_modules
+    assert sorted(_projection_modules(model)) == list(range(layers))
+    model.model.layers[0].self_attn.k_norm = torch.nn.Identity()
+    try:
+        assert _projection_modules(model) is None
+        normed = build_latent_decoder(model, meta, max_len=24)
+        torch.testing.assert_close(normed.teacher_forced_logits(ids, prefix=6), ref, atol=2e-5, rtol=1e-4)
+        assert torch.ops.aten.neg.default in [n.target for n in normed.inplace_step().graph.nodes]
+    finally:
+        del model.model.layers[0].self_attn.k_norm
+    assert not any(m._forward_hooks for m in model.modules())         # the projection hooks lived for one export
     exact = Pipeline([make_pass("mla", {"rank": 12})]).run(program, CALIB).program.meta["mla"]
     with pytest.raises(RewriterError, match="absorbed .*needs rope=decoupled"):
         build_latent_decoder(model, exact, max_len=24, absorbed=True)

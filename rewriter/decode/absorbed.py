@@ -33,6 +33,8 @@ build_latent_decoder refuses absorbed=True there, and its default keeps the rebu
 """
 from __future__ import annotations
 
+from contextlib import contextmanager
+
 import torch
 
 from ..errors import RewriterError
@@ -108,33 +110,76 @@ def _rope_frequencies(Eh: torch.Tensor, tol: float) -> torch.Tensor:
     return freq
 
 
+def _projection_modules(model: torch.nn.Module) -> dict[int, torch.nn.Module] | None:
+    """The attention modules by layer whose q_proj / k_proj outputs are the pre-RoPE query and key (Llama, Mistral,
+    Qwen2: projection, view into heads, RoPE), or None where a norm or anything else sits between them (q_norm /
+    k_norm, a fused qkv projection): there the absorbed form undoes the model's rotation instead."""
+    found = {}
+    for m in model.modules():
+        if isinstance(getattr(m, "layer_idx", None), int) and all(
+                isinstance(getattr(m, n, None), torch.nn.Linear) for n in ("q_proj", "k_proj", "v_proj")):
+            if any(hasattr(m, n) for n in ("q_norm", "k_norm", "qk_norm")):
+                return None
+            found[m.layer_idx] = m
+    return found or None
+
+
 class _AbsorbedCache:
     """What HF's attention layers call `update` on: writes k_rope (RoPE' at the token's slot) and the latent of each
-    incoming token, and hands the attention function (absorbed_attention) the layer's whole k_rope and latent."""
+    incoming token, and hands the attention function (absorbed_attention) the layer's whole k_rope and latent.
 
-    def __init__(self, owner, k_cache, v_cache, positions):
+    The latent needs the keys before RoPE and the query-side up-projection the query before RoPE: both are taken as
+    the model's q_proj / k_proj / v_proj outputs (forward hooks, `projections`), so the step neither undoes the
+    model's rotation (five elementwise kernels per tensor and layer) nor reshapes the key and value back together: z
+    is the k_proj and v_proj outputs side by side (one slice of the step's fused projection). Models without plain
+    projections undo the rotation (rope_tables at the token positions; plain RoPE, rope_inv_freq checks it)."""
+
+    def __init__(self, owner, k_cache, v_cache, positions, projections: dict | None = None):
         self.owner = owner
         self.k_cache, self.v_cache = k_cache, v_cache      # (N, B, 1, slots, R), (N, B, 1, slots, r); None: prefill
         self.positions = positions                          # slots of the incoming tokens; None in prefill: 0 .. T-1
+        self.projections = {} if projections is None else projections    # (layer, "q" | "k" | "v") -> (B, T, .)
         self.keys: list[torch.Tensor] = []
         self.values: list[torch.Tensor] = []
         self.latents: list[torch.Tensor] = []                # the incoming tokens' whole c = [u | l] (prompt attention)
+        self._u_tables: tuple[torch.Tensor, torch.Tensor] | None = None
 
     def token_positions(self, T: int, device) -> torch.Tensor:
         return torch.arange(T, device=device) if self.positions is None else self.positions
+
+    def u_tables(self, layer_idx: int, positions: torch.Tensor, dtype: torch.dtype):
+        """RoPE' cos / sin (T, R) of the layer: every layer's computed at once (T, N, R) on the first call."""
+        if self._u_tables is None:
+            freq = self.owner.u_freq.float()                                      # (N, R/2)
+            ang = positions.float()[:, None, None] * freq[None]
+            emb = torch.cat([ang, ang], -1)
+            self._u_tables = emb.cos().to(dtype), emb.sin().to(dtype)
+        return self._u_tables[0][:, layer_idx], self._u_tables[1][:, layer_idx]
+
+    def pre_rope(self, layer_idx: int, which: str, rotated: torch.Tensor) -> torch.Tensor:
+        """The layer's query or key (B, heads, T, D) before RoPE: its projection's output, else the rotation undone."""
+        B, heads, T, D = rotated.shape
+        taken = self.projections.get((layer_idx, which))
+        if taken is not None and taken.shape == (B, T, heads * D):
+            return taken.view(B, T, heads, D).transpose(1, 2)
+        cos, sin = rope_tables(self.owner.inv_freq, self.token_positions(T, rotated.device), rotated.dtype)
+        return rotated * cos - rotate_half(rotated) * sin                         # RoPE undone (a rotation)
 
     def update(self, key_states, value_states, layer_idx, *args, **kwargs):
         o = self.owner
         B, Hkv, T, D = key_states.shape
         positions = self.token_positions(T, key_states.device)
-        cos, sin = rope_tables(o.inv_freq, positions, key_states.dtype)
-        k_pre = key_states * cos - rotate_half(key_states) * sin                   # RoPE undone (a rotation)
-        z = torch.cat([k_pre.transpose(1, 2).reshape(B, T, Hkv * D), value_states.transpose(1, 2).reshape(B, T, -1)],
-                      -1)
+        k_out, v_out = self.projections.get((layer_idx, "k")), self.projections.get((layer_idx, "v"))
+        if k_out is not None and v_out is not None and k_out.shape == v_out.shape == (B, T, Hkv * D):
+            z = torch.cat([k_out, v_out], -1)
+        else:
+            k_pre = self.pre_rope(layer_idx, "k", key_states)
+            z = torch.cat([k_pre.transpose(1, 2).reshape(B, T, Hkv * D),
+                           value_states.transpose(1, 2).reshape(B, T, -1)], -1)
         c = (z @ o.down[layer_idx])[:, None]                                       # (B, 1, T, R + r)
         self.latents.append(c)
         R = o.q_rope.shape[-1]
-        cu, su = rope_tables(o.u_freq[layer_idx], positions, c.dtype)
+        cu, su = self.u_tables(layer_idx, positions, c.dtype)
         u = c[..., :R]
         k_rope, latent = u * cu + rotate_half(u) * su, c[..., R:]
         if self.k_cache is not None:
@@ -177,8 +222,7 @@ def absorbed_attention(module, query, key, value, attention_mask, *, mla_cache: 
     Hkv, R = Eh.shape[0], Eh.shape[-1]
     G = H // Hkv
     scale = D ** -0.5 if scaling is None else scaling
-    cos, sin = rope_tables(o.inv_freq, mla_cache.token_positions(T, query.device), query.dtype)
-    q_pre = query * cos - rotate_half(query) * sin
+    q_pre = mla_cache.pre_rope(layer, "q", query)
     if T > 1 or mla_cache.k_cache is None:
         return _prompt_attention(module, o, query, q_pre, mla_cache.latents[layer], attention_mask, scale), None
     grouped = lambda x: x.reshape(B, Hkv, G, D)  # noqa: E731      (head j = kv head j // G, as repeat_kv pairs)
@@ -201,14 +245,35 @@ class _AbsorbedModule:
         return self
 
     def new_cache(self, k_cache, v_cache, cache_position, key_channels=None, recent_start=None, k_pruned=None):
-        cache = _AbsorbedCache(self, k_cache, v_cache, cache_position)
+        cache = _AbsorbedCache(self, k_cache, v_cache, cache_position, getattr(self, "_projections", None))
         cache.attention = (ABSORBED_ATTENTION, absorbed_attention, {"mla_cache": cache})
         return cache
 
+    @contextmanager
+    def projections_taken(self):
+        """Collect the model's q / k / v projection outputs (_projection_modules) for the cache during one forward;
+        the hooks live for that call only (the model is the user's)."""
+        self._projections, handles = {}, []
+        try:
+            for layer, m in (_projection_modules(self.model) or {}).items():
+                for which in "qkv":
+                    handles.append(getattr(m, f"{which}_proj").register_forward_hook(
+                        lambda mod, inp, out, key=(layer, which): self._projections.__setitem__(key, out)))
+            yield
+        finally:
+            for h in handles:
+                h.remove()
+            self._projections = {}
+
 
 class AbsorbedPrefill(_AbsorbedModule, _PrefillModule):
-    pass
+    def forward(self, input_ids):
+        with self.projections_taken():
+            return super().forward(input_ids)
 
 
 class AbsorbedStep(_AbsorbedModule, _StepModule):
-    pass
+    def forward(self, input_ids, position_ids, cache_position, valid, k_cache, v_cache, key_channels=None,
+                recent_start=None, k_pruned=None):
+        with self.projections_taken():
+            return super().forward(input_ids, position_ids, cache_position, valid, k_cache, v_cache)

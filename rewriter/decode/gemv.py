@@ -161,3 +161,30 @@ def fuse_gemv(gm: fx.GraphModule, max_group: int = 3) -> int:
                 graph.erase_node(n)
             replaced += len(group)
     return replaced
+
+
+def join_slices(gm: fx.GraphModule) -> int:
+    """cat([slice(y, -1, a, b), slice(y, -1, b, c), ...], -1) -> slice(y, -1, a, c): the absorbed MLA step joins the
+    k and v projections, which fuse_gemv made neighbouring slices of one gemv output (a copy kernel per layer saved).
+    Returns the cats replaced (the caller erases dead nodes)."""
+    replaced = 0
+    for node in list(gm.graph.nodes):
+        if not is_call(node, aten.cat.default) or not isinstance(node.args[0], (list, tuple)) or len(node.args[0]) < 2:
+            continue
+        parts, dim = node.args[0], node.args[1] if len(node.args) > 1 else 0
+        val = node.meta.get("val")
+        if not isinstance(val, torch.Tensor) or dim not in (-1, val.dim() - 1):
+            continue
+        ok = all(is_call(p, aten.slice.Tensor) and len(p.args) == 4 and p.args[0] is parts[0].args[0]
+                 and p.args[1] in (-1, val.dim() - 1) for p in parts)
+        if not ok or any(isinstance(a, fx.Node) for p in parts for a in p.args[2:]) \
+                or any(a.args[3] != b.args[2] for a, b in zip(parts, parts[1:])):
+            continue
+        with gm.graph.inserting_before(node):
+            joined = gm.graph.call_function(aten.slice.Tensor, (parts[0].args[0], -1, parts[0].args[2],
+                                                                 parts[-1].args[3]))
+        joined.meta = dict(node.meta)
+        node.replace_all_uses_with(joined)
+        gm.graph.erase_node(node)
+        replaced += 1
+    return replaced

@@ -204,7 +204,7 @@ def _rotary_kv_write_cuda(k_cache, v_cache, slot, k, v, cos, sin, channels=None)
     _check_write(k_cache, v_cache, slot, k, v, cos, sin, channels)
     from ..attention.triton import triton_available, use_reference
     dtype = torch.promote_types(torch.promote_types(k.dtype, cos.dtype), sin.dtype)
-    if use_reference() or not triton_available() or max(k.shape[-1], v.shape[-1]) > 256 or dtype != k_cache.dtype \
+    if use_reference() or not triton_available() or max(k.shape[-1], v.shape[-1]) > 512 or dtype != k_cache.dtype \
             or v.dtype != v_cache.dtype or any(t.dtype not in _DTYPES for t in (k, v, cos, sin)):
         return rotary_kv_write_reference(k_cache, v_cache, slot, k, v, cos, sin, channels)
     from .triton_rotary import rotary_kv_write_triton

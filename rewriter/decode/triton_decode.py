@@ -48,7 +48,11 @@ def _decode_split(
     HAS_EXTRA: tl.constexpr, SHARED_KV: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_N: tl.constexpr,
     HEAD_D: tl.constexpr, HEAD_DV: tl.constexpr, HEAD_DX: tl.constexpr,
     PAD_D: tl.constexpr, PAD_DV: tl.constexpr, PAD_DX: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    TRANSPOSED: tl.constexpr,
 ):
+    """TRANSPOSED: the tile's products taken as keys x queries (scores (BLOCK_N, BLOCK_H), output (PAD_DV,
+    BLOCK_H)), so the MMA's M is the slots and the value width rather than the few query heads (Hopper's wgmma wants
+    M >= 64: MLA's 32 heads of one shared latent)."""
     bhg = tl.program_id(0)
     split = tl.program_id(1)
     b = bhg // (Hkv * head_blocks)
@@ -67,7 +71,10 @@ def _decode_split(
 
     m_i = tl.full([BLOCK_H], float("-inf"), tl.float32)
     l_i = tl.zeros([BLOCK_H], tl.float32)
-    acc = tl.zeros([BLOCK_H, PAD_DV], tl.float32)
+    if TRANSPOSED:
+        acc = tl.zeros([PAD_DV, BLOCK_H], tl.float32)
+    else:
+        acc = tl.zeros([BLOCK_H, PAD_DV], tl.float32)
     start = split * chunk
     end = tl.minimum(start + chunk, L)
     k_base = K + b * s_kb + h * s_kh
@@ -83,22 +90,43 @@ def _decode_split(
         else:
             v = tl.load(v_base + offs_n[:, None] * s_vn + offs_dv[None, :],
                         mask=n_ok[:, None] & (offs_dv[None, :] < HEAD_DV), other=0.0)
-        s = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION)
+        if TRANSPOSED:
+            st = tl.dot(k, tl.trans(q), input_precision=DOT_PRECISION)                  # (BLOCK_N, BLOCK_H)
+        else:
+            s = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION)                   # (BLOCK_H, BLOCK_N)
         if HAS_EXTRA:
             if (n0 + BLOCK_N > x_start) & (n0 < x_start + x_len):       # tiles that reach the second region
                 idx = offs_n - x_start
                 x_ok = n_ok & (idx >= 0) & (idx < x_len)
                 kx = tl.load(KX + b * s_xkb + h * s_xkh + idx[:, None] * s_xkn + offs_dx[None, :],
                              mask=x_ok[:, None] & (offs_dx[None, :] < HEAD_DX), other=0.0)
-                s += tl.dot(qx, tl.trans(kx), input_precision=DOT_PRECISION)
-        s = tl.where(ok[None, :], s * qk_scale, float("-inf"))
-        m_i, l_i, acc = online_softmax_step(s, v, m_i, l_i, acc, DOT_PRECISION)
+                if TRANSPOSED:
+                    st += tl.dot(kx, tl.trans(qx), input_precision=DOT_PRECISION)
+                else:
+                    s += tl.dot(qx, tl.trans(kx), input_precision=DOT_PRECISION)
+        if TRANSPOSED:        # online_softmax_step along the slots, now axis 0
+            st = tl.where(ok[:, None], st * qk_scale, float("-inf"))
+            m_new = tl.maximum(m_i, tl.max(st, 0))
+            m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
+            p = tl.exp2(st - m_safe[None, :])
+            alpha = tl.exp2(m_i - m_safe)
+            l_i = l_i * alpha + tl.sum(p, 0)
+            acc = acc * alpha[None, :] + tl.dot(tl.trans(v), p.to(v.dtype), input_precision=DOT_PRECISION)
+            m_i = m_new
+        else:
+            s = tl.where(ok[None, :], s * qk_scale, float("-inf"))
+            m_i, l_i, acc = online_softmax_step(s, v, m_i, l_i, acc, DOT_PRECISION)
 
     seen = l_i > 0.0
-    out = acc / tl.where(seen, l_i, 1.0)[:, None]
     lse = tl.where(seen, m_i + tl.log2(tl.where(seen, l_i, 1.0)), float("-inf"))      # log2 units
-    tl.store(Part + b * s_pb + h * s_ph + offs_g[:, None] * s_pg + split * s_ps + offs_dv[None, :], out,
-             mask=g_ok[:, None] & (offs_dv[None, :] < HEAD_DV))
+    part = Part + b * s_pb + h * s_ph + split * s_ps
+    if TRANSPOSED:
+        out = acc / tl.where(seen, l_i, 1.0)[None, :]
+        tl.store(part + offs_dv[:, None] + offs_g[None, :] * s_pg, out,
+                 mask=(offs_dv[:, None] < HEAD_DV) & g_ok[None, :])
+    else:
+        out = acc / tl.where(seen, l_i, 1.0)[:, None]
+        tl.store(part + offs_g[:, None] * s_pg + offs_dv[None, :], out, mask=g_ok[:, None] & (offs_dv[None, :] < HEAD_DV))
     tl.store(PartLse + b * s_lb + h * s_lh + offs_g * s_lg + split, lse, mask=g_ok)
 
 
@@ -143,6 +171,32 @@ def _launchable(kernel):
 
 
 _split_override: dict = {}
+_tile_override: dict = {}
+
+
+@contextlib.contextmanager
+def set_tiles(block_h: int | None = None, block_n: int | None = None, num_warps: int | None = None,
+              num_stages: int | None = None, transposed: bool | None = None):
+    """Launches inside use these stage-1 tiles instead of tiles()'s (the benchmark's sweep, benchmarks/
+    decode_attention.py; a CUDA graph captured inside keeps them)."""
+    old = dict(_tile_override)
+    _tile_override.update({k: v for k, v in (("block_h", block_h), ("block_n", block_n), ("num_warps", num_warps),
+                                             ("num_stages", num_stages), ("transposed", transposed)) if v is not None})
+    try:
+        yield
+    finally:
+        _tile_override.clear()
+        _tile_override.update(old)
+
+
+def tiles(G: int, pad_d: int, pad_dv: int) -> dict:
+    """Stage 1's tile: query heads per program (block_h), slots per iteration (block_n), warps, pipeline stages,
+    and the orientation of its products (transposed: keys x queries). GQA's few heads of narrow rows: all heads of
+    a KV head (up to 64) in one program, rows as M. Wide rows (MLA's latent, 448 + 64 values) with many heads: 16
+    heads and 16 slots a tile (registers)."""
+    wide = max(pad_d, pad_dv) > 128
+    return {"block_h": min(max(16, triton.next_power_of_2(G)), 16 if wide else 64), "block_n": block_n(pad_d, pad_dv),
+            "num_warps": 8 if wide else 4, "num_stages": 2, "transposed": False, **_tile_override}
 
 
 @contextlib.contextmanager
@@ -205,9 +259,9 @@ def decode_attention_triton(q: Tensor, k: Tensor, v: Tensor, valid: Tensor, scal
     pad = lambda d: max(16, triton.next_power_of_2(max(d, 1)))  # noqa: E731
     if max(pad(D), pad(Dv), pad(Dx)) > MAX_HEAD_DIM:
         raise ValueError(f"decode attention rows up to {MAX_HEAD_DIM} wide; got D={D}, Dv={Dv}, Dx={Dx}")
-    block_h = min(max(16, triton.next_power_of_2(G)), 16 if max(pad(D), pad(Dv)) > 128 else 64)
+    cfg = tiles(G, pad(D), pad(Dv))
+    block_h, tile = cfg["block_h"], cfg["block_n"]
     head_blocks = -(-G // block_h)
-    tile = block_n(pad(D), pad(Dv))
     n_splits, chunk = splits or split_plan(B, Hkv, L, q.device, G, head_blocks,
                                            D + Dx + (0 if shared else Dv), Dv, tile, **_split_override)
     part = torch.empty(B, Hkv, G, n_splits, Dv, dtype=torch.float32, device=q.device)
@@ -223,7 +277,8 @@ def decode_attention_triton(q: Tensor, k: Tensor, v: Tensor, valid: Tensor, scal
         Hkv, G, head_blocks, L, chunk, R, scale * _LOG2E,
         HAS_EXTRA=has_extra, SHARED_KV=shared, BLOCK_H=block_h, BLOCK_N=tile,
         HEAD_D=D, HEAD_DV=Dv, HEAD_DX=Dx, PAD_D=pad(D), PAD_DV=pad(Dv), PAD_DX=pad(Dx),
-        DOT_PRECISION="tf32" if half else "ieee", num_warps=4 if max(pad(D), pad(Dv)) <= 128 else 8, num_stages=2,
+        DOT_PRECISION="tf32" if half else "ieee", TRANSPOSED=cfg["transposed"], num_warps=cfg["num_warps"],
+        num_stages=cfg["num_stages"],
     )
     out = torch.empty(B, Hkv, G, Dv, dtype=q.dtype, device=q.device)
     rows_part, rows_lse, rows_out = part.view(-1, n_splits, Dv), part_lse.view(-1, n_splits), out.view(-1, Dv)

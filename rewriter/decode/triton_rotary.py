@@ -122,4 +122,4 @@ def rotary_kv_write_triton(k_cache: Tensor, v_cache: Tensor, slot: Tensor, k: Te
         k, c, s, v, k_cache, v_cache, slot, idx, R, H, L, idx.stride(0) if channels is not None else 0,
         *k.stride(), *c.stride(), *s.stride(), *v.stride(), *k_cache.stride(), *v_cache.stride(),
         D=D, DK=DK, PAD_DK=_pad(DK), HAS_IDX=channels is not None, DV=DV, PAD_DV=_pad(DV), BLOCK_R=BLOCK_R,
-        num_warps=1, enable_fp_fusion=False)
+        num_warps=1 if max(_pad(DK), _pad(DV)) <= 128 else 4, enable_fp_fusion=False)   # MLA's latent: 448 values

@@ -117,8 +117,9 @@ decode-attn)   # issue 14: the decode attention's tiles and split swept at the u
     --budget-s ${ATTN_BUDGET:-170} > "$OUT/decode_attention.log" 2>&1
   echo "attn rc=$?"; grep '^best' "$OUT/decode_attention.log"; grep -c '^{' "$OUT/decode_attention.log"
   timeout ${KV_TIMEOUT:-380} python benchmarks/kv.py --out "$OUT/kv_${KV_TAG:-h200}_mla.json" --contexts 4096 32768 \
-    --variants original mla-decoupled0.5 --tiles-from "$OUT/decode_attention_${KV_TAG:-h200}.json" \
-    --tile-variants original mla-decoupled0.5 --profile-steps 4 --budget-s 350 > "$OUT/kv_mla.log" 2>&1
+    --variants original mla-decoupled0.5 --tile-variants original mla-decoupled0.5 --profile-steps 4 --budget-s 350 \
+    $( [ -f "$OUT/decode_attention_${KV_TAG:-h200}.json" ] && echo --tiles-from "$OUT/decode_attention_${KV_TAG:-h200}.json" ) \
+    > "$OUT/kv_mla.log" 2>&1
   echo "kv rc=$?"; grep '^{' "$OUT/kv_mla.log" | cut -c1-300;;
 decode-fused)   # issue 14: every KV pass at 32K with the step fused by Inductor (and the CUDA-graph step beside it)
   timeout 560 python benchmarks/kv.py --out "$OUT/kv_h200_fused.json" --contexts 32768 \

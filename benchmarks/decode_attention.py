@@ -40,7 +40,8 @@ TILES = {
             (32, 64, 4, 2, True), (32, 64, 8, 2, True), (32, 64, 8, 3, True), (16, 64, 4, 2, True),
             (32, 128, 8, 2, True)],
 }
-SPLITS = [None, (4, 1.0), (2, 1.0), (8, 0.25), (2, 0.25), (1, 0.5)]   # (programs per SM, partial share); None: split_plan default
+# split plans tried: (programs per SM, partial share), None = split_plan's default
+SPLITS = [None, (4, 1.0), (2, 1.0), (8, 0.25), (2, 0.25), (1, 0.5)]
 
 
 def main() -> int:

@@ -126,7 +126,8 @@ def _decode_split(
                  mask=(offs_dv[:, None] < HEAD_DV) & g_ok[None, :])
     else:
         out = acc / tl.where(seen, l_i, 1.0)[:, None]
-        tl.store(part + offs_g[:, None] * s_pg + offs_dv[None, :], out, mask=g_ok[:, None] & (offs_dv[None, :] < HEAD_DV))
+        tl.store(part + offs_g[:, None] * s_pg + offs_dv[None, :], out,
+                 mask=g_ok[:, None] & (offs_dv[None, :] < HEAD_DV))
     tl.store(PartLse + b * s_lb + h * s_lh + offs_g * s_lg + split, lse, mask=g_ok)
 
 

@@ -29,8 +29,8 @@ from linear import graph_time_ms         # benchmarks/linear.py: calls captured 
 
 LAYERS = 16
 SHAPES = {     # name: (kv heads, query heads per kv head, key width, value width (0: the keys), extra key width)
+    "mla": (1, 32, 448, 0, 64),      # first: the budget cuts the later shape's configurations
     "gqa": (8, 4, 64, 64, 0),
-    "mla": (1, 32, 448, 0, 64),
 }
 # stage-1 tiles tried per shape: (block_h, block_n, warps, stages, transposed); None = tiles()'s default
 TILES = {

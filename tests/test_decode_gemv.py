@@ -94,3 +94,65 @@ def test_gemv_kernels_compile_for_sm90(triton_compiler):
                                              "Y": "*bf16"}, const, 4)
     _compile_sm90(triton_gemv._swiglu_gemv_kernel, {"X": "*bf16", "WG": "*bf16", "WU": "*bf16", "Y": "*bf16"},
                   dict(const, LIBDEVICE_EXP=True), 4)
+
+
+def _projection_graph(tail_rows: int):
+    """x -> linear q / k / v (the step's captured form) -> cat(k, v) @ P: the absorbed MLA step's latent."""
+    g = torch.Generator().manual_seed(3)
+
+    class M(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.wq, self.wk, self.wv = (torch.nn.Parameter(torch.randn(n, 16, generator=g) / 4) for n in (8, 6, 6))
+            self.register_buffer("P", torch.randn(2, tail_rows, 5, generator=g))
+
+        def forward(self, x):
+            q = torch.nn.functional.linear(x, self.wq)
+            k = torch.nn.functional.linear(x, self.wk)
+            v = torch.nn.functional.linear(x, self.wv)
+            z = torch.cat([k, v], -1) if tail_rows == 12 else v
+            return q * 2, z @ self.P[1]
+
+    m = M()
+    x = torch.randn(1, 1, 16, generator=g)
+    gm = torch.export.export(m, (x,)).module()
+    return m, gm, x
+
+
+def test_join_and_fold_put_the_latent_projection_into_the_gemv():
+    """fuse_gemv + join_slices + fold_gemv_matmul: [k | v] @ P becomes one weight (P^T [Wk; Wv]) in the q / k / v
+    gemv, the same numbers (float32), no matmul or cat left; v alone (the trailing rows too) folds the same way; k
+    alone (v's rows follow it) is left alone."""
+    from rewriter.graph import aten, erase_dead, is_call
+    m, gm, x = _projection_graph(12)
+    want = m(x)
+    assert G.fuse_gemv(gm) == 3 and G.join_slices(gm) == 1 and G.fold_gemv_matmul(gm) == 1
+    erase_dead(gm)
+    gm.recompile()
+    got = gm(x)
+    for a, b in zip(got, want):
+        torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)
+    calls = [n for n in gm.graph.nodes if n.op == "call_function"]
+    assert not any(is_call(n, aten.matmul.default) or is_call(n, aten.cat.default) for n in calls)
+    (g,) = [n for n in calls if is_call(n, torch.ops.rewriter.gemv.default)]
+    assert [tuple(getattr(gm, w.target).shape) for w in g.args[1]] == [(8, 16), (5, 16)]
+    # only v in the matmul: still the gemv's trailing rows, so it folds, and q keeps its slice
+    m, gm, x = _projection_graph(6)
+    want = m(x)
+    assert G.fuse_gemv(gm) == 3 and G.join_slices(gm) == 0 and G.fold_gemv_matmul(gm) == 1
+    erase_dead(gm)
+    gm.recompile()
+    for a, b in zip(gm(x), want):
+        torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)
+    # k alone is not the tail (v's rows follow it): left as it is
+    m, gm, x = _projection_graph(6)
+    node = next(n for n in gm.graph.nodes if is_call(n, aten.matmul.default))
+    lin = {n.args[1].target: n for n in gm.graph.nodes if is_call(n, aten.linear.default)}
+    node.replace_input_with(node.args[0], lin["wk"])
+    gm.recompile()
+    want = gm(x)
+    assert G.fuse_gemv(gm) == 3 and G.fold_gemv_matmul(gm) == 0
+    erase_dead(gm)
+    gm.recompile()
+    for a, b in zip(gm(x), want):
+        torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)

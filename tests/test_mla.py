@@ -281,9 +281,12 @@ def test_absorbed_latent_decode_equals_rebuild_path_and_rebuilds_nothing():
     assert targets.count(torch.ops.aten.cos.default) == 2
     assert torch.ops.aten.neg.default not in targets and torch.ops.aten.sub.Tensor not in targets
     assert torch.ops.aten.cat.default in targets and targets.count(torch.ops.aten.cat.default) == 2   # the tables'
+    # ... and P^T [Wk; Wv] is one weight of the q / k / v gemv (gemv.fold_gemv_matmul): per layer three matmuls
+    # remain (the query's two up-projection products, the output's)
+    layers = model.config.num_hidden_layers
+    assert targets.count(torch.ops.aten.matmul.default) == 3 * layers
     absorbed.fused_ops = False
     plain = [n.target for n in absorbed.inplace_step().graph.nodes if n.op == "call_function"]
-    layers = model.config.num_hidden_layers
     assert plain.count(torch.ops.aten.cos.default) == 2 and torch.ops.aten.neg.default in plain    # the model's RoPE
     assert plain.count(torch.ops.aten.cat.default) == 2 + 3 * layers        # + per layer its rotate_half pair and z
     # a model whose keys are normed between projection and RoPE (Qwen3's k_norm) undoes the rotation instead

@@ -188,3 +188,73 @@ def join_slices(gm: fx.GraphModule) -> int:
         gm.graph.erase_node(node)
         replaced += 1
     return replaced
+
+
+def _constant(gm: fx.GraphModule, node) -> Tensor | None:
+    """The tensor of a get_attr node or of select(get_attr, dim, index) chains on one, else None."""
+    if not isinstance(node, fx.Node):
+        return None
+    if node.op == "get_attr":
+        t = get_attr_tensor(gm, node.target)
+        return t if isinstance(t, Tensor) else None
+    if is_call(node, aten.select.int) and isinstance(node.args[1], int) and isinstance(node.args[2], int):
+        base = _constant(gm, node.args[0])
+        return None if base is None else base.select(node.args[1], node.args[2])
+    return None
+
+
+def fold_gemv_matmul(gm: fx.GraphModule) -> int:
+    """matmul(slice(gemv(x, [w0, .., wi, .., wn]), -1, a, end), W), the slice being exactly the rows of the trailing
+    weights wi .. wn and read by nothing else, W a constant (rows of wi .. wn, N') -> the gemv computes W^T [wi; ..;
+    wn] x directly: gemv(x, [w0, .., W^T [wi; ..; wn]]) (the product folded once, in float64, rounded to the weights'
+    dtype). The absorbed MLA step's latent c = P^T [k | v]: k_proj and v_proj (2 x 2 MB per layer of the 1.1B
+    benchmark model) and P (1 MB) become one 2 MB weight in the q / k / v launch, and the matmul's kernel goes.
+    Returns the matmuls folded (the caller erases dead nodes)."""
+    folded = 0
+    gemv = torch.ops.rewriter.gemv.default
+    for node in list(gm.graph.nodes):
+        if not is_call(node, aten.matmul.default) or len(node.args) != 2:
+            continue
+        part, w = node.args
+        if not is_call(part, aten.slice.Tensor) or len(part.args) != 4 or len(part.users) != 1 \
+                or not is_call(part.args[0], gemv):
+            continue
+        g = part.args[0]
+        W = _constant(gm, w)
+        weights = list(g.args[1])
+        tensors = [get_attr_tensor(gm, n.target) if isinstance(n, fx.Node) and n.op == "get_attr" else None
+                   for n in weights]
+        if W is None or W.dim() != 2 or any(t is None for t in tensors) or W.dtype != tensors[0].dtype:
+            continue
+        bounds = [0]
+        for t in tensors:
+            bounds.append(bounds[-1] + t.shape[0])
+        start, end = part.args[2], min(part.args[3], bounds[-1]) if isinstance(part.args[3], int) else None
+        if part.args[1] not in (-1, g.meta["val"].dim() - 1 if "val" in g.meta else -1) \
+                or start not in bounds[:-1] or end != bounds[-1] or W.shape[0] != end - start:
+            continue
+        first = bounds.index(start)
+        for u in [u for u in g.users if u is not part and not u.users]:      # dead slices (join_slices' parts)
+            gm.graph.erase_node(u)
+        others = [u for u in g.users if u is not part]
+        if not all(is_call(u, aten.slice.Tensor) and len(u.args) == 4 and isinstance(u.args[3], int)
+                   and u.args[3] <= start for u in others):
+            continue
+        fold = (W.double().T @ torch.cat(tensors[first:]).double()).to(W.dtype).contiguous()
+        name = f"_folded_gemv_{folded}"
+        while hasattr(gm, name):
+            name += "_"
+        gm.register_buffer(name, fold)
+        with gm.graph.inserting_before(g):
+            attr = gm.graph.get_attr(name)
+            new = gm.graph.call_function(gemv, (g.args[0], weights[:first] + [attr]))
+            out = gm.graph.call_function(aten.slice.Tensor, (new, -1, start, start + fold.shape[0]))
+        new.meta = {k: v for k, v in g.meta.items() if k != "val"}
+        out.meta = dict(node.meta)
+        node.replace_all_uses_with(out)
+        gm.graph.erase_node(node)
+        gm.graph.erase_node(part)
+        g.replace_all_uses_with(new)
+        gm.graph.erase_node(g)
+        folded += 1
+    return folded

@@ -86,7 +86,7 @@ def fused_step(gm: torch.fx.GraphModule, gemv: bool = True) -> tuple[torch.fx.Gr
     from ..graph import erase_dead, replace_with_op
     from ..linear import fused as _ops  # noqa: F401  (registers the ops)
     from ..sites import fusion_sites
-    from .gemv import fuse_gemv, join_slices
+    from .gemv import fold_gemv_matmul, fuse_gemv, join_slices
     from .norm import fuse_add_norm
     from .rotary import fuse_kv_write, fuse_rotary, fuse_think_gather
     with warnings.catch_warnings():          # torch's pytree spec deprecation noise while copying the graph's codegen
@@ -106,6 +106,7 @@ def fused_step(gm: torch.fx.GraphModule, gemv: bool = True) -> tuple[torch.fx.Gr
     erase_dead(out)                         # the replaced patterns' nodes (a dead silu still reads the gate)
     products = fuse_gemv(out) if gemv else 0
     products += join_slices(out)
+    products += fold_gemv_matmul(out) if gemv else 0
     dedupe_step(out)
     erase_dead(out)
     out.recompile()

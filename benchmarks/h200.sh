@@ -113,11 +113,11 @@ decode-mla)   # issue 14: the latent MLA step's split-K attention with larger pa
   echo "kv rc=$?"; grep '^{' "$OUT/kv_mla.log" | cut -c1-300;;
 decode-attn)   # issue 14: the decode attention's tiles and split swept at the unthinned (gqa) and absorbed mla cache
                # forms, then batch-1 decode of both with the default and the fastest launch (<variant>_tuned)
-  timeout 180 python benchmarks/decode_attention.py --out "$OUT/decode_attention_${KV_TAG:-h200}.json" \
+  timeout 180 python benchmarks/decode_attention.py --out "$OUT/decode_attention_${KV_TAG:-h200}.json" --contexts ${KV_CONTEXTS:-4096 32768} \
     --budget-s ${ATTN_BUDGET:-150} > "$OUT/decode_attention.log" 2>&1
   echo "attn rc=$?"; grep '^best' "$OUT/decode_attention.log"; grep -c '^{' "$OUT/decode_attention.log"
   tiles="$OUT/decode_attention_${KV_TAG:-h200}.json"
-  timeout ${KV_TIMEOUT:-360} python benchmarks/kv.py --out "$OUT/kv_${KV_TAG:-h200}_mla.json" --contexts 4096 32768 \
+  timeout ${KV_TIMEOUT:-360} python benchmarks/kv.py --out "$OUT/kv_${KV_TAG:-h200}_mla.json" --contexts ${KV_CONTEXTS:-4096 32768} \
     --variants original mla-decoupled0.5 --tile-variants original mla-decoupled0.5 --profile-steps 4 --budget-s 320 \
     $( [ -f "$tiles" ] && echo --tiles-from "$tiles" ) \
     > "$OUT/kv_mla.log" 2>&1

@@ -118,7 +118,7 @@ decode-attn)   # issue 14: the decode attention's tiles and split swept at the u
   echo "attn rc=$?"; grep '^best' "$OUT/decode_attention.log"; grep -c '^{' "$OUT/decode_attention.log"
   tiles="$OUT/decode_attention_${KV_TAG:-h200}.json"
   timeout ${KV_TIMEOUT:-360} python benchmarks/kv.py --out "$OUT/kv_${KV_TAG:-h200}_mla.json" --contexts ${KV_CONTEXTS:-4096 32768} \
-    --variants original mla-decoupled0.5 --tile-variants original mla-decoupled0.5 --profile-steps 4 --budget-s 320 \
+    --variants original mla-decoupled0.5 --tile-variants original mla-decoupled0.5 --profile-steps 4 --budget-s $(( ${KV_TIMEOUT:-360} - 40 )) \
     $( [ -f "$tiles" ] && echo --tiles-from "$tiles" ) \
     > "$OUT/kv_mla.log" 2>&1
   echo "kv rc=$?"; grep '^{' "$OUT/kv_mla.log" | cut -c1-300;;

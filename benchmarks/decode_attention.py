@@ -52,7 +52,7 @@ def main() -> int:
     parser.add_argument("--budget-s", type=float, default=240)
     args = parser.parse_args()
     from rewriter.decode.attention import decode_attention_reference
-    from rewriter.decode.triton_decode import (_split_override, decode_attention_triton, set_split, set_tiles,
+    from rewriter.decode.triton_decode import (decode_attention_triton, set_split, set_tiles, split_defaults,
                                                split_plan, tiles)
     began = time.perf_counter()
     dev = torch.device("cuda")
@@ -94,7 +94,7 @@ def main() -> int:
                             cfg = tiles(G, pad(D), pad(Dv or D))
                             hb = -(-G // cfg["block_h"])
                             plan = split_plan(1, Hkv, L, dev, G, hb, D + Dx + (Dv or 0), Dv or D, cfg["block_n"],
-                                              **_split_override)
+                                              **split_defaults(cfg))
                             out = decode_attention_triton(q, keys[0], values[0], valid, scale, qx, kxs[0],
                                                           start if Dx else None)
                             err = (out.float() - ref).abs().max().item()

@@ -124,10 +124,23 @@ def test_kernel_shared_latent_keys_values_many_heads_wide_rows(kernel):
         out = kernel(q, latent, latent, valid, 0.1, q_x, k_x, start, splits=splits)
         torch.testing.assert_close(out.to(f64), ref, atol=2e-5, rtol=0)
     # the transposed tile (keys x queries: MMA rows are slots and values), every head in one program or in two
-    for block_h, block_n in ((32, 32), (16, 64)):
+    for block_h, block_n in ((32, 32), (16, 16)):
         with set_tiles(block_h=block_h, block_n=block_n, transposed=True, num_stages=3):
             out = kernel(q, latent, latent, valid, 0.1, q_x, k_x, start, splits=(2, 64))
         torch.testing.assert_close(out.to(f64), ref, atol=2e-5, rtol=0)
+    # 64-slot transposed tiles over wide rows computed wrong numbers on the H100: refused
+    with set_tiles(block_n=64, transposed=True), pytest.raises(ValueError, match="wrong numbers"):
+        kernel(q, latent, latent, valid, 0.1, q_x, k_x, start)
+    # 32 heads of one latent (the 1.1B model's mla 0.5): the transposed tile and its split plan by default
+    from rewriter.decode.triton_decode import split_defaults, tiles
+    cfg = tiles(32, 512, 512)
+    assert cfg["transposed"] and (cfg["block_h"], cfg["block_n"]) == (32, 32)
+    assert split_defaults(cfg) == {"programs_per_sm": 1, "partial_share": 0.5} and not tiles(4, 64, 64)["transposed"]
+    q32 = torch.randn(B, 1, 32, r, generator=g)
+    q32_x = torch.randn(B, 1, 32, R, generator=g)
+    out = kernel(q32, latent, latent, valid, 0.1, q32_x, k_x, start)
+    torch.testing.assert_close(out.to(f64), oracle(q32, latent, latent, valid, 0.1, q32_x, k_x, start), atol=2e-5,
+                               rtol=0)
     out = kernel(q, latent, latent.clone(), valid, 0.1, q_x, k_x, start)          # the same, values read apart
     torch.testing.assert_close(out.to(f64), ref, atol=2e-5, rtol=0)
 

@@ -42,6 +42,18 @@ def kernel(triton_interpreter):
     return decode_attention_triton
 
 
+def test_mla_split_plan_on_132_sms(monkeypatch):
+    """The transposed latent tile's plan on an H100 (132 SMs): at 32K the 128 chunks of 256 slots the sweep timed
+    fastest (decode_attention_h100_v8.json, with partials capped at half a chunk: the same plan), at 4K 32 chunks."""
+    from rewriter.decode import triton_decode as td
+    monkeypatch.setattr(td, "_sm_count", lambda index: 132)
+    cuda = torch.device("cuda", 0)
+    plan = lambda L, **kw: split_plan(1, 1, L, cuda, 32, 1, 448 + 64, 448, 32, **kw)  # noqa: E731
+    defaults = td.split_defaults(td.tiles(32, 512, 512))
+    assert plan(32768, **defaults) == plan(32768, programs_per_sm=1, partial_share=0.5) == (128, 256)
+    assert plan(4096, **defaults) == (32, 128) and plan(4096, programs_per_sm=1, partial_share=0.5) == (19, 224)
+
+
 def test_split_plan_covers_the_cache_in_whole_tiles():
     for B, Hkv, L in [(1, 8, 4096), (1, 8, 32768), (32, 8, 4160), (1, 2, 70), (64, 8, 128)]:
         splits, chunk = split_plan(B, Hkv, L, torch.device("cpu"), 4, 1, 128, 64)
@@ -135,7 +147,7 @@ def test_kernel_shared_latent_keys_values_many_heads_wide_rows(kernel):
     from rewriter.decode.triton_decode import split_defaults, tiles
     cfg = tiles(32, 512, 512)
     assert cfg["transposed"] and (cfg["block_h"], cfg["block_n"]) == (32, 32)
-    assert split_defaults(cfg) == {"programs_per_sm": 1, "partial_share": 0.5} and not tiles(4, 64, 64)["transposed"]
+    assert split_defaults(cfg) == {"programs_per_sm": 1} and not tiles(4, 64, 64)["transposed"]
     q32 = torch.randn(B, 1, 32, r, generator=g)
     q32_x = torch.randn(B, 1, 32, R, generator=g)
     out = kernel(q32, latent, latent, valid, 0.1, q32_x, k_x, start)

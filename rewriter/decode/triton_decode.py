@@ -212,10 +212,11 @@ def tiles(G: int, pad_d: int, pad_dv: int) -> dict:
 
 def split_defaults(cfg: dict) -> dict:
     """split_plan's parameters for a tile: the transposed wide tile's partial outputs are 32 heads x 448 fp32 values
-    per chunk, so it splits the cache into about one chunk per SM, partials up to half a chunk's cache bytes (at 32K
-    its fastest plan in the sweep: 128 chunks of 256 slots, 0.63 ms per step against 0.65 with the general plan's
-    256); other tiles: split_plan's own defaults. set_split's overrides win."""
-    base = {"programs_per_sm": 1, "partial_share": 0.5} if cfg["transposed"] and cfg["block_h"] >= 32 else {}
+    per chunk, so it splits the cache into about one chunk per SM (at 32K the sweep's fastest plan, 128 chunks of 256
+    slots: 0.63 ms per step against 0.65 with the general plan's 256 chunks; that run's plan also capped partials at
+    half a chunk's cache bytes, which gives the same 128 chunks at 32K but 19 instead of 32 at 4K); other tiles:
+    split_plan's own defaults. set_split's overrides win."""
+    base = {"programs_per_sm": 1} if cfg["transposed"] and cfg["block_h"] >= 32 else {}
     return {**base, **_split_override}
 
 

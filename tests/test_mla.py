@@ -366,3 +366,24 @@ def test_generate_with_mla_pass_from_folder(tiny_folders):
     with pytest.raises(ValueError, match="mla cannot be combined"):
         generate(tiny_folders["llama"], prompt_ids=[5, 6], max_new_tokens=2, samples=2, seq_len=16,
                  passes=[make_pass("mla", {"rank": 8}), make_pass("kv-window", {"sinks": 2, "window": 4})])
+
+
+def test_absorbed_decode_of_qwen2_projection_biases():
+    """Qwen2's q / k / v projections carry biases: the absorbed step's latent from the projection outputs (bias
+    included, as the rebuild path's keys and values) equals the rebuild path's logits (fp32) through the runtime."""
+    import transformers as tf
+    from rewriter.decode import runtime
+    from rewriter.decode.absorbed import _projection_modules
+    torch.manual_seed(2)
+    cfg = tf.Qwen2Config(hidden_size=64, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+                         intermediate_size=128, vocab_size=120, max_position_embeddings=128, bos_token_id=0,
+                         eos_token_id=0)
+    model = tf.Qwen2ForCausalLM(cfg).eval()
+    model.config._attn_implementation = "sdpa"
+    assert model.model.layers[0].self_attn.k_proj.bias is not None and _projection_modules(model)
+    program = capture(LoadedModel(model, model.config))
+    run = Pipeline([make_pass("mla", {"rope": "decoupled", "rope_dims": 8, "rank": 12})]).run(program, CALIB)
+    meta = run.program.meta["mla"]
+    ref = build_latent_decoder(model, meta, max_len=24, absorbed=False).teacher_forced_logits(_ids(2, 16, 9), prefix=5)
+    absorbed = build_latent_decoder(model, meta, max_len=24)
+    torch.testing.assert_close(runtime.teacher_forced_logits(absorbed, _ids(2, 16, 9), 5), ref, atol=2e-5, rtol=1e-4)

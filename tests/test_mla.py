@@ -275,20 +275,21 @@ def test_absorbed_latent_decode_equals_rebuild_path_and_rebuilds_nothing():
     assert _rebuilds_keys(rebuild) and not _rebuilds_keys(absorbed)
     targets = [n.target for n in absorbed.inplace_step().graph.nodes if n.op == "call_function"]
     assert targets.count(torch.ops.rewriter.decode_attention.default) == model.config.num_hidden_layers
-    # two RoPE tables per step: the model's and every layer's RoPE' frequencies at once; the query and keys before
-    # RoPE are the model's projections (absorbed._projection_modules), not its rotation undone (no neg / sub), and
-    # the step's fused projection hands the latent's z = [k | v] over as one slice of its output (gemv.join_slices)
-    assert targets.count(torch.ops.aten.cos.default) == 2
-    assert torch.ops.aten.neg.default not in targets and torch.ops.aten.sub.Tensor not in targets
-    assert torch.ops.aten.cat.default in targets and targets.count(torch.ops.aten.cat.default) == 2   # the tables'
-    # ... and P^T [Wk; Wv] is one weight of the q / k / v gemv (gemv.fold_gemv_matmul): per layer three matmuls
-    # remain (the query's two up-projection products, the output's)
+    # one RoPE table per step, every layer's RoPE' frequencies at once: the query and keys before RoPE are the model's
+    # projections (absorbed._projection_modules), not its rotation undone (no neg / sub), the query's RoPE part is
+    # rotated by RoPE' after its product (the model's own RoPE goes dead, tables and all), and the step's fused
+    # projection hands the latent's z = [k | v] over as one slice of its output (gemv.join_slices) ...
     layers = model.config.num_hidden_layers
-    assert targets.count(torch.ops.aten.matmul.default) == 3 * layers
+    assert targets.count(torch.ops.aten.cos.default) == 1
+    assert torch.ops.aten.neg.default not in targets and torch.ops.aten.sub.Tensor not in targets
+    assert targets.count(torch.ops.aten.cat.default) == 1 and targets.count(torch.ops.rewriter.rotary.default) == layers
+    # ... and P^T [Wk; Wv] is one weight of the q / k / v gemv (gemv.fold_gemv_matmul): per layer two matmuls
+    # remain (the query's [E_h | A_h] product, the output's)
+    assert targets.count(torch.ops.aten.matmul.default) == 2 * layers
     absorbed.fused_ops = False
     plain = [n.target for n in absorbed.inplace_step().graph.nodes if n.op == "call_function"]
-    assert plain.count(torch.ops.aten.cos.default) == 2 and torch.ops.aten.neg.default in plain    # the model's RoPE
-    assert plain.count(torch.ops.aten.cat.default) == 2 + 3 * layers        # + per layer its rotate_half pair and z
+    assert plain.count(torch.ops.aten.cos.default) == 2 and torch.ops.aten.neg.default in plain    # + the model's
+    assert plain.count(torch.ops.aten.cat.default) == 2 + 3 * layers        # + per layer two rotate_halfs and z
     # a model whose keys are normed between projection and RoPE (Qwen3's k_norm) undoes the rotation instead
     from rewriter.decode.absorbed import _projection_modules
     assert sorted(_projection_modules(model)) == list(range(layers))

@@ -55,7 +55,9 @@ def absorbed_tensors(basis: torch.Tensor, offset: torch.Tensor, rope_basis: torc
     """Per layer (stacked over N layers) the absorbed form's tensors from latent_tensors' basis (N, 2 Hkv D, R + r),
     offset (N, 2 Hkv D) and rope basis E (N, Hkv D, R):
     down (N, 2 Hkv D, R + r) = P; offset (N, 2 Hkv D) = o (the prompt's rebuilt keys and values);
-    q_rope (N, Hkv, D, R) = E_h; q_latent (N, Hkv, D, r) = A_h; v_up (N, Hkv, D, r) = P_v[:, R:]_h;
+    q_rope (N, Hkv, D, R) = E_h; q_latent (N, Hkv, D, r) = A_h; q_up (N, Hkv, D, R + r) = [E_h | A_h] (the step's
+    one query product: E_h^T RoPE_p(q) = RoPE'_p(E_h^T q), so both parts come from the query before RoPE);
+    v_up (N, Hkv, D, r) = P_v[:, R:]_h;
     v_offset (N, Hkv, D) = o_v,h; u_freq (N, R/2) the RoPE' frequencies. Refuses (RewriterError) a basis that is not
     the mla pass's decoupled layout, where absorbing would change the model."""
     N, width, W = basis.shape
@@ -81,8 +83,9 @@ def absorbed_tensors(basis: torch.Tensor, offset: torch.Tensor, rope_basis: torc
     freq = _rope_frequencies(Eh, tol)
     A = Pk[..., R:] - E @ (E.transpose(1, 2) @ Pk[..., R:])                # N P_k restricted to the latent
     dtype = basis.dtype
-    return {"down": basis, "offset": offset, "q_rope": Eh.to(dtype),
-            "q_latent": A.reshape(N, kv_heads, head_dim, -1).to(dtype),
+    q_latent = A.reshape(N, kv_heads, head_dim, -1)
+    return {"down": basis, "offset": offset, "q_rope": Eh.to(dtype), "q_latent": q_latent.to(dtype),
+            "q_up": torch.cat([Eh, q_latent], -1).to(dtype),
             "v_up": Pv[..., R:].reshape(N, kv_heads, head_dim, -1).to(dtype),
             "v_offset": offset[:, kw:].reshape(N, kv_heads, head_dim),
             "u_freq": inv_freq.float()[freq]}
@@ -218,16 +221,22 @@ def absorbed_attention(module, query, key, value, attention_mask, *, mla_cache: 
     k_rope as the second key region. A prompt: _prompt_attention. Returns (B, T, H, D)."""
     o, layer = mla_cache.owner, module.layer_idx
     B, H, T, D = query.shape
-    Eh, A, Vu, ov = o.q_rope[layer], o.q_latent[layer], o.v_up[layer], o.v_offset[layer]
-    Hkv, R = Eh.shape[0], Eh.shape[-1]
+    Vu, ov = o.v_up[layer], o.v_offset[layer]
+    Hkv, R = o.q_rope.shape[1], o.q_rope.shape[-1]
     G = H // Hkv
     scale = D ** -0.5 if scaling is None else scaling
     q_pre = mla_cache.pre_rope(layer, "q", query)
     if T > 1 or mla_cache.k_cache is None:
         return _prompt_attention(module, o, query, q_pre, mla_cache.latents[layer], attention_mask, scale), None
     grouped = lambda x: x.reshape(B, Hkv, G, D)  # noqa: E731      (head j = kv head j // G, as repeat_kv pairs)
-    q_rope = (grouped(query) @ Eh).reshape(B, 1, H, R)                       # E_h^T q_j
-    q_lat = (grouped(q_pre) @ A).reshape(B, 1, H, -1)                        # A_h^T q_pre_j
+    # [E_h | A_h]^T q_pre_j in one product; E_h^T RoPE_p(q) = RoPE'_p(E_h^T q) (RoPE commutes with E, see above), so
+    # the RoPE part is rotated by RoPE' at the token's position, as the keys' u: the model's own rotation of the
+    # query goes unused (one product and one RoPE kernel per layer instead of a RoPE and two products)
+    qc = (grouped(q_pre) @ o.q_up[layer]).reshape(B, 1, H, -1)
+    cu, su = mla_cache.u_tables(layer, mla_cache.token_positions(T, query.device), qc.dtype)
+    u = qc[..., :R]
+    q_rope = u * cu + rotate_half(u) * su                                     # E_h^T q_j
+    q_lat = qc[..., R:]                                                       # A_h^T q_pre_j
     out = torch.ops.rewriter.decode_attention(q_lat, value, value, attention_mask, scale, q_rope, key,
                                               torch.zeros(1, dtype=torch.long, device=query.device))   # (B, 1, H, r)
     out = out.reshape(B, Hkv, G, -1) @ Vu.transpose(-1, -2) + ov[:, None, :]          # P_v,h (sum p l) + o_v,h

@@ -18,6 +18,11 @@ p.add_argument("--package", default=None, help="package path to write (--compile
 p.add_argument("--compile-only", action="store_true")
 p.add_argument("--load-only", action="store_true")
 p.add_argument("--single-threaded", action="store_true", help="aoti_load_package(run_single_threaded=True)")
+p.add_argument("--import-codecache", action="store_true",
+               help="import torch._inductor.codecache before loading (pytorch/pytorch#173706: a fresh process's load "
+                    "fails without it on torch 2.10)")
+p.add_argument("--hang-report-s", type=float, default=45,
+               help="print every thread's Python stack if loading and running take longer (where a hang sits)")
 args = p.parse_args()
 torch.manual_seed(0)
 m = torch.nn.Sequential(torch.nn.Linear(32, 64), torch.nn.GELU(), torch.nn.Linear(64, 8)).to(args.device).eval()
@@ -30,9 +35,14 @@ with tempfile.TemporaryDirectory() as d:
         print("compiled", path, os.path.getsize(path), "bytes", flush=True)
     if not args.compile_only:
         kw = {"run_single_threaded": True} if args.single_threaded else {}
+        if args.import_codecache:
+            import torch._inductor.codecache  # noqa: F401
+        import faulthandler
+        faulthandler.dump_traceback_later(args.hang_report_s, exit=False)
         runner = torch._inductor.aoti_load_package(path, **kw)
         print("loaded", flush=True)
         with torch.no_grad():
             y = runner(x)
         print("ran", flush=True)
+        faulthandler.cancel_dump_traceback_later()
         print("max abs diff", float((y - m(x)).abs().max()), flush=True)

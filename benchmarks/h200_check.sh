@@ -26,7 +26,10 @@ if [ -n "${AOTI_ONLY:-}" ]; then
     echo "aoti smoke $d load+run rc=$?"
     timeout 60 python -X faulthandler benchmarks/aoti_smoke.py --device $d --package /tmp/aoti_$d.pt2 --load-only \
       --single-threaded >> "$log" 2>&1
-    echo "aoti smoke $d load+run single-threaded rc=$?"; grep -v Warning "$log" | tail -25
+    echo "aoti smoke $d load+run single-threaded rc=$?"
+    timeout 60 python -X faulthandler benchmarks/aoti_smoke.py --device $d --package /tmp/aoti_$d.pt2 --load-only \
+      --import-codecache >> "$log" 2>&1    # pytorch/pytorch#173706; a hang prints its stacks after 45 s
+    echo "aoti smoke $d load+run with codecache imported rc=$?"; grep -v Warning "$log" | tail -40
     rm -rf /tmp/aoti_x && mkdir -p /tmp/aoti_x && (cd /tmp/aoti_x && python -m zipfile -e /tmp/aoti_$d.pt2 . && \
       find . -name "*.so" | while read f; do echo "== $f"; ldd "$f"; done) >> "$OUT/aoti_ldd.log" 2>&1
   done

@@ -52,8 +52,7 @@ def main() -> int:
     parser.add_argument("--budget-s", type=float, default=240)
     args = parser.parse_args()
     from rewriter.decode.attention import decode_attention_reference
-    from rewriter.decode.triton_decode import (decode_attention_triton, set_split, set_tiles, split_defaults,
-                                               split_plan, tiles)
+    from rewriter.decode.triton_decode import decode_attention_triton, launch_plan, set_split, set_tiles
     began = time.perf_counter()
     dev = torch.device("cuda")
     bw = copy_bandwidth()
@@ -90,11 +89,7 @@ def main() -> int:
                                                                    "partial_share": split[1]}}
                     try:
                         with t_ctx, s_ctx:
-                            pad = lambda d: max(16, 1 << (max(d, 1) - 1).bit_length())  # noqa: E731
-                            cfg = tiles(G, pad(D), pad(Dv or D))
-                            hb = -(-G // cfg["block_h"])
-                            plan = split_plan(1, Hkv, L, dev, G, hb, D + Dx + (Dv or 0), Dv or D, cfg["block_n"],
-                                              **split_defaults(cfg))
+                            cfg, _, plan = launch_plan(1, Hkv, G, L, D, Dv or D, Dx, Dv == 0, dev)
                             out = decode_attention_triton(q, keys[0], values[0], valid, scale, qx, kxs[0],
                                                           start if Dx else None)
                             err = (out.float() - ref).abs().max().item()

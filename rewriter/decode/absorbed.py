@@ -55,8 +55,8 @@ def absorbed_tensors(basis: torch.Tensor, offset: torch.Tensor, rope_basis: torc
     """Per layer (stacked over N layers) the absorbed form's tensors from latent_tensors' basis (N, 2 Hkv D, R + r),
     offset (N, 2 Hkv D) and rope basis E (N, Hkv D, R):
     down (N, 2 Hkv D, R + r) = P; offset (N, 2 Hkv D) = o (the prompt's rebuilt keys and values);
-    q_rope (N, Hkv, D, R) = E_h; q_latent (N, Hkv, D, r) = A_h; q_up (N, Hkv, D, R + r) = [E_h | A_h] (the step's
-    one query product: E_h^T RoPE_p(q) = RoPE'_p(E_h^T q), so both parts come from the query before RoPE);
+    q_rope (N, Hkv, D, R) = E_h; q_up (N, Hkv, D, R + r) = [E_h | A_h] (the step's one query product, A_h its last
+    r columns: E_h^T RoPE_p(q) = RoPE'_p(E_h^T q), so both parts come from the query before RoPE);
     v_up (N, Hkv, D, r) = P_v[:, R:]_h;
     v_offset (N, Hkv, D) = o_v,h; u_freq (N, R/2) the RoPE' frequencies. Refuses (RewriterError) a basis that is not
     the mla pass's decoupled layout, where absorbing would change the model."""
@@ -83,9 +83,8 @@ def absorbed_tensors(basis: torch.Tensor, offset: torch.Tensor, rope_basis: torc
     freq = _rope_frequencies(Eh, tol)
     A = Pk[..., R:] - E @ (E.transpose(1, 2) @ Pk[..., R:])                # N P_k restricted to the latent
     dtype = basis.dtype
-    q_latent = A.reshape(N, kv_heads, head_dim, -1)
-    return {"down": basis, "offset": offset, "q_rope": Eh.to(dtype), "q_latent": q_latent.to(dtype),
-            "q_up": torch.cat([Eh, q_latent], -1).to(dtype),
+    return {"down": basis, "offset": offset, "q_rope": Eh.to(dtype),
+            "q_up": torch.cat([Eh, A.reshape(N, kv_heads, head_dim, -1)], -1).to(dtype),
             "v_up": Pv[..., R:].reshape(N, kv_heads, head_dim, -1).to(dtype),
             "v_offset": offset[:, kw:].reshape(N, kv_heads, head_dim),
             "u_freq": inv_freq.float()[freq]}

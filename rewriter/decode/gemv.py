@@ -180,12 +180,7 @@ def join_slices(gm: fx.GraphModule) -> int:
         if not ok or any(isinstance(a, fx.Node) for p in parts for a in p.args[2:]) \
                 or any(a.args[3] != b.args[2] for a, b in zip(parts, parts[1:])):
             continue
-        with gm.graph.inserting_before(node):
-            joined = gm.graph.call_function(aten.slice.Tensor, (parts[0].args[0], -1, parts[0].args[2],
-                                                                 parts[-1].args[3]))
-        joined.meta = dict(node.meta)
-        node.replace_all_uses_with(joined)
-        gm.graph.erase_node(node)
+        replace_with_op(gm, node, aten.slice.Tensor, (parts[0].args[0], -1, parts[0].args[2], parts[-1].args[3]))
         replaced += 1
     return replaced
 
@@ -248,11 +243,8 @@ def fold_gemv_matmul(gm: fx.GraphModule) -> int:
         with gm.graph.inserting_before(g):
             attr = gm.graph.get_attr(name)
             new = gm.graph.call_function(gemv, (g.args[0], weights[:first] + [attr]))
-            out = gm.graph.call_function(aten.slice.Tensor, (new, -1, start, start + fold.shape[0]))
         new.meta = {k: v for k, v in g.meta.items() if k != "val"}
-        out.meta = dict(node.meta)
-        node.replace_all_uses_with(out)
-        gm.graph.erase_node(node)
+        replace_with_op(gm, node, aten.slice.Tensor, (new, -1, start, start + fold.shape[0]))
         gm.graph.erase_node(part)
         g.replace_all_uses_with(new)
         gm.graph.erase_node(g)

@@ -256,6 +256,23 @@ def split_plan(batch: int, kv_heads: int, slots: int, device: torch.device, grou
     return -(-slots // chunk), chunk
 
 
+def _pad(d: int) -> int:
+    return max(16, triton.next_power_of_2(max(d, 1)))
+
+
+def launch_plan(B: int, Hkv: int, G: int, L: int, D: int, Dv: int, Dx: int, shared: bool,
+                device: torch.device) -> tuple[dict, int, tuple[int, int]]:
+    """What decode_attention_triton launches for these shapes: (tiles(), head blocks, split_plan's (splits,
+    chunk)), under any set_tiles / set_split overrides. Rows wider than MAX_HEAD_DIM are refused (ValueError)."""
+    if max(_pad(D), _pad(Dv), _pad(Dx)) > MAX_HEAD_DIM:
+        raise ValueError(f"decode attention rows up to {MAX_HEAD_DIM} wide; got D={D}, Dv={Dv}, Dx={Dx}")
+    cfg = tiles(G, _pad(D), _pad(Dv))
+    head_blocks = -(-G // cfg["block_h"])
+    plan = split_plan(B, Hkv, L, device, G, head_blocks, D + Dx + (0 if shared else Dv), Dv, cfg["block_n"],
+                      **split_defaults(cfg))
+    return cfg, head_blocks, plan
+
+
 def decode_attention_triton(q: Tensor, k: Tensor, v: Tensor, valid: Tensor, scale: float,
                             q_extra: Tensor | None = None, k_extra: Tensor | None = None,
                             extra_start: Tensor | None = None, splits: tuple[int, int] | None = None) -> Tensor:
@@ -277,14 +294,8 @@ def decode_attention_triton(q: Tensor, k: Tensor, v: Tensor, valid: Tensor, scal
     else:
         Dx, R = 0, 0
         xq, xk, xs = q, k, mask            # dummy pointers, never read
-    pad = lambda d: max(16, triton.next_power_of_2(max(d, 1)))  # noqa: E731
-    if max(pad(D), pad(Dv), pad(Dx)) > MAX_HEAD_DIM:
-        raise ValueError(f"decode attention rows up to {MAX_HEAD_DIM} wide; got D={D}, Dv={Dv}, Dx={Dx}")
-    cfg = tiles(G, pad(D), pad(Dv))
-    block_h, tile = cfg["block_h"], cfg["block_n"]
-    head_blocks = -(-G // block_h)
-    n_splits, chunk = splits or split_plan(B, Hkv, L, q.device, G, head_blocks,
-                                           D + Dx + (0 if shared else Dv), Dv, tile, **split_defaults(cfg))
+    cfg, head_blocks, plan = launch_plan(B, Hkv, G, L, D, Dv, Dx, shared, q.device)
+    n_splits, chunk = splits or plan
     part = torch.empty(B, Hkv, G, n_splits, Dv, dtype=torch.float32, device=q.device)
     part_lse = torch.empty(B, Hkv, G, n_splits, dtype=torch.float32, device=q.device)
     half = q.dtype in (torch.float16, torch.bfloat16)
@@ -296,14 +307,14 @@ def decode_attention_triton(q: Tensor, k: Tensor, v: Tensor, valid: Tensor, scal
         part.stride(0), part.stride(1), part.stride(2), part.stride(3),
         part_lse.stride(0), part_lse.stride(1), part_lse.stride(2),
         Hkv, G, head_blocks, L, chunk, R, scale * _LOG2E,
-        HAS_EXTRA=has_extra, SHARED_KV=shared, BLOCK_H=block_h, BLOCK_N=tile,
-        HEAD_D=D, HEAD_DV=Dv, HEAD_DX=Dx, PAD_D=pad(D), PAD_DV=pad(Dv), PAD_DX=pad(Dx),
+        HAS_EXTRA=has_extra, SHARED_KV=shared, BLOCK_H=cfg["block_h"], BLOCK_N=cfg["block_n"],
+        HEAD_D=D, HEAD_DV=Dv, HEAD_DX=Dx, PAD_D=_pad(D), PAD_DV=_pad(Dv), PAD_DX=_pad(Dx),
         DOT_PRECISION="tf32" if half else "ieee", TRANSPOSED=cfg["transposed"], num_warps=cfg["num_warps"],
         num_stages=cfg["num_stages"],
     )
     out = torch.empty(B, Hkv, G, Dv, dtype=q.dtype, device=q.device)
     rows_part, rows_lse, rows_out = part.view(-1, n_splits, Dv), part_lse.view(-1, n_splits), out.view(-1, Dv)
-    block_dv = min(pad(Dv), REDUCE_BLOCK_DV)
+    block_dv = min(_pad(Dv), REDUCE_BLOCK_DV)
     _launchable(_decode_reduce)[(B * Hkv * G, triton.cdiv(Dv, block_dv))](
         rows_part, rows_lse, rows_out, rows_part.stride(0), rows_part.stride(1), rows_lse.stride(0),
         rows_out.stride(0), n_splits, HEAD_DV=Dv, BLOCK_DV=block_dv,

@@ -36,9 +36,10 @@ SHAPES = {     # name: (kv heads, query heads per kv head, key width, value widt
 TILES = {
     "gqa": [None, (16, 64, 4, 3, False), (16, 128, 4, 2, False), (16, 128, 8, 3, False), (16, 64, 4, 2, True),
             (16, 128, 4, 3, True), (16, 128, 8, 2, True)],
-    "mla": [None, (32, 16, 8, 2, False), (32, 32, 8, 2, False), (16, 32, 8, 2, False), (32, 32, 4, 2, True),
-            (32, 64, 4, 2, True), (32, 64, 8, 2, True), (32, 64, 8, 3, True), (16, 64, 4, 2, True),
-            (32, 128, 8, 2, True)],
+    # mla: the 64-slot transposed tiles are refused (wrong numbers on the H100, triton_decode.tiles); 64 heads
+    # (32 real, padded) is the one untransposed tile whose products both compile to wgmma (kernel_resources.py)
+    "mla": [None, (32, 32, 8, 2, False), (32, 64, 8, 2, False), (32, 64, 4, 2, False), (32, 64, 8, 3, False),
+            (64, 32, 8, 2, False), (64, 32, 4, 2, False), (16, 32, 8, 2, False)],
 }
 # split plans tried: (programs per SM, partial share), None = split_plan's default
 SPLITS = [None, (4, 1.0), (2, 1.0), (8, 0.25), (2, 0.25), (1, 0.5)]

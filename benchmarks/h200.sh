@@ -103,7 +103,8 @@ decode-gemv)   # issue 14: the decode step's gemv kernels swept against cuBLAS (
   echo "kv rc=$?"; grep '^{\|^gemv configs' "$OUT/kv_gemv.log" | cut -c1-300;;
 decode-passes)   # issue 14: batch 1 at 4K / 32K, the unthinned step beside kv-window and think (the 32K ratios), no peers
   timeout ${KV_TIMEOUT:-400} python benchmarks/kv.py --out "$OUT/kv_${KV_TAG:-h200}_passes.json" --contexts 4096 32768 \
-    --variants original kv-window4+1020 think0.5 --static-peer-contexts --profile-steps 4 --budget-s 360 \
+    --variants ${KV_PASS_VARIANTS:-original kv-window4+1020 think0.5} --static-peer-contexts --profile-steps 4 \
+    --budget-s $(( ${KV_TIMEOUT:-400} - 40 )) \
     > "$OUT/kv_passes.log" 2>&1
   echo "kv rc=$?"; grep '^{' "$OUT/kv_passes.log" | cut -c1-240;;
 decode-mla)   # issue 14: the latent MLA step's split-K attention with larger partial shares (more programs)

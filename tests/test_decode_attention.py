@@ -42,16 +42,24 @@ def kernel(triton_interpreter):
     return decode_attention_triton
 
 
-def test_mla_split_plan_on_132_sms(monkeypatch):
-    """The transposed latent tile's plan on an H100 (132 SMs): at 32K the 128 chunks of 256 slots the sweep timed
-    fastest (decode_attention_h100_v8.json, with partials capped at half a chunk: the same plan), at 4K 32 chunks."""
+def test_default_launches_on_132_sms(monkeypatch):
+    """The default launches on an H100 (132 SMs), as the sweep timed them fastest (decode_attention_h100_v10.json):
+    the latent (32 heads of one 448-wide latent + 64 RoPE'd components) in 32 heads x 64 slots, 128 chunks of 256
+    slots at 32K and 32 of 128 at 4K; the 1.1B model's GQA cache (8 KV heads x 4 query heads of 64) in 128-slot
+    tiles, 64 chunks of 512 slots at 32K."""
     from rewriter.decode import triton_decode as td
     monkeypatch.setattr(td, "_sm_count", lambda index: 132)
     cuda = torch.device("cuda", 0)
-    plan = lambda L, **kw: split_plan(1, 1, L, cuda, 32, 1, 448 + 64, 448, 32, **kw)  # noqa: E731
-    defaults = td.split_defaults(td.tiles(32, 512, 512))
-    assert plan(32768, **defaults) == plan(32768, programs_per_sm=1, partial_share=0.5) == (128, 256)
-    assert plan(4096, **defaults) == (32, 128) and plan(4096, programs_per_sm=1, partial_share=0.5) == (19, 224)
+    mla = lambda L: td.launch_plan(1, 1, 32, L, 448, 448, 64, True, cuda)  # noqa: E731
+    cfg, head_blocks, plan = mla(32768)
+    assert (cfg["block_h"], cfg["block_n"], cfg["num_warps"], cfg["num_stages"], cfg["transposed"]) == \
+        (32, 64, 8, 3, False) and head_blocks == 1 and plan == (128, 256)
+    assert mla(4096)[2] == (32, 128)
+    cfg, head_blocks, plan = td.launch_plan(1, 8, 4, 32768, 64, 64, 0, False, cuda)
+    assert (cfg["block_h"], cfg["block_n"], cfg["num_warps"], cfg["transposed"]) == (16, 128, 4, False)
+    assert plan == (64, 512)
+    with td.set_split(programs_per_sm=8):
+        assert td.launch_plan(1, 8, 4, 32768, 64, 64, 0, False, cuda)[2] == (128, 256)
 
 
 def test_split_plan_covers_the_cache_in_whole_tiles():
@@ -64,8 +72,9 @@ def test_split_plan_covers_the_cache_in_whole_tiles():
         assert 8 * 32 * 448 <= share * chunk * 2 * (448 + 64) and chunk % 16 == 0
     # at 4K a quarter share's floor (448 slots) would set the split; the default share lets it reach the 128-slot
     # minimum (1.30x the latent MLA step on the H100, kv_h100_v6_mla.json)
-    assert split_plan(1, 1, 4096, torch.device("cpu"), 32, 2, 448 + 64, 448, 16, partial_share=0.25) == (10, 448)
-    assert split_plan(1, 1, 4096, torch.device("cpu"), 32, 2, 448 + 64, 448, 16) == (32, 128)
+    plan = lambda **kw: split_plan(1, 1, 4096, torch.device("cpu"), 32, 2, 448 + 64, 448, 16,  # noqa: E731
+                                   programs_per_sm=8, **kw)                 # 64 programs wanted on 8 "SMs"
+    assert plan(partial_share=0.25) == (10, 448) and plan() == (32, 128)
 
 
 @pytest.mark.parametrize("G", [1, 4])                       # MHA, and GQA with 4 query heads per KV head
@@ -143,11 +152,11 @@ def test_kernel_shared_latent_keys_values_many_heads_wide_rows(kernel):
     # 64-slot transposed tiles over wide rows computed wrong numbers on the H100: refused
     with set_tiles(block_n=64, transposed=True), pytest.raises(ValueError, match="wrong numbers"):
         kernel(q, latent, latent, valid, 0.1, q_x, k_x, start)
-    # 32 heads of one latent (the 1.1B model's mla 0.5): the transposed tile and its split plan by default
+    # 32 heads of one latent (the 1.1B model's mla 0.5): 32 heads x 64 slots and about one chunk per SM by default
     from rewriter.decode.triton_decode import split_defaults, tiles
     cfg = tiles(32, 512, 512)
-    assert cfg["transposed"] and (cfg["block_h"], cfg["block_n"]) == (32, 32)
-    assert split_defaults(cfg) == {"programs_per_sm": 1} and not tiles(4, 64, 64)["transposed"]
+    assert not cfg["transposed"] and (cfg["block_h"], cfg["block_n"]) == (32, 64)
+    assert split_defaults(cfg, True) == {"programs_per_sm": 1} and split_defaults(tiles(4, 64, 64), False) == {}
     q32 = torch.randn(B, 1, 32, r, generator=g)
     q32_x = torch.randn(B, 1, 32, R, generator=g)
     out = kernel(q32, latent, latent, valid, 0.1, q32_x, k_x, start)

@@ -26,7 +26,7 @@ from ..attention.triton.block_sparse_attention import online_softmax_step
 _LOG2E = 1.4426950408889634
 MAX_HEAD_DIM = 512      # widest key / value row (padded to a power of two); MLA's latent is a few hundred wide
 MIN_CHUNK = 128         # slots per program at least (a program with less work costs more in launch than it reads)
-PROGRAMS_PER_SM = 8     # split the cache until there are about this many stage-1 programs per SM (set_split)
+PROGRAMS_PER_SM = 4     # split the cache until there are about this many stage-1 programs per SM (set_split)
 PARTIAL_SHARE = 1.0     # partial outputs written + read per chunk at most this share of the chunk's cache bytes
 # (0.25 before: the latent MLA step's split, 32 heads x 448 values of partials per chunk, then had 20 programs at 4K
 # and ran its attention in 1.24 ms per step; at 1, 4 or 16 in 0.38 ms, 1.30x the step, kv_h100_v6_mla.json)
@@ -192,17 +192,22 @@ def set_tiles(block_h: int | None = None, block_n: int | None = None, num_warps:
 
 def tiles(G: int, pad_d: int, pad_dv: int) -> dict:
     """Stage 1's tile: query heads per program (block_h), slots per iteration (block_n), warps, pipeline stages,
-    and the orientation of its products (transposed: keys x queries). GQA's few heads of narrow rows: all heads of
-    a KV head (up to 64) in one program, rows as M. Wide rows (MLA's latent, 448 + 64 values) with 32 or more heads:
-    transposed tiles of 32 heads x 32 slots, 4 warps, two stages (the fastest correct tile of
-    `benchmarks/decode_attention.py` on the H100, decode_attention_h100_v8.json: 0.63 against 1.28 ms per step at
-    32K for the previous default, 16 heads x 16 slots); fewer heads of wide rows: 16 heads and 16 slots (registers)."""
-    wide = max(pad_d, pad_dv) > 128
+    and the orientation of its products (transposed: keys x queries). The fastest correct launches of
+    `benchmarks/decode_attention.py` on the H100 (decode_attention_h100_v10.json, 16 layers per step, batch 1):
+    GQA's few heads of rows up to 64 wide: all heads of a KV head (up to 64) in one program, 128 slots, 4 warps,
+    two stages (0.149 / 0.476 ms per step at 4K / 32K against 0.159 / 0.544 for 64 slots); rows up to 128 wide: 64
+    slots (not timed wider). Wide rows (MLA's latent, 448 + 64 values) with 32 or more heads: 32 heads x 64 slots, 8
+    warps, three stages (0.262 / 0.565 ms against 0.307 / 0.634 for the transposed 32 x 32 tile before it; the padded
+    64-head tile, whose products compile to wgmma, took 0.40 / 0.80); fewer heads of wide rows: 16 heads and 16
+    slots (registers)."""
+    widest = max(pad_d, pad_dv)
+    wide = widest > 128
     if wide and G >= 32:
-        cfg = {"block_h": 32, "block_n": 32, "num_warps": 4, "num_stages": 2, "transposed": True}
+        cfg = {"block_h": 32, "block_n": 64, "num_warps": 8, "num_stages": 3, "transposed": False}
     else:
         cfg = {"block_h": min(max(16, triton.next_power_of_2(G)), 16 if wide else 64),
-               "block_n": block_n(pad_d, pad_dv), "num_warps": 8 if wide else 4, "num_stages": 2, "transposed": False}
+               "block_n": 128 if widest <= 64 else block_n(pad_d, pad_dv), "num_warps": 8 if wide else 4,
+               "num_stages": 2, "transposed": False}
     cfg.update(_tile_override)
     if cfg["transposed"] and wide and cfg["block_n"] > 32:
         raise ValueError("transposed decode tiles of more than 32 slots over rows wider than 128 computed wrong "
@@ -210,13 +215,13 @@ def tiles(G: int, pad_d: int, pad_dv: int) -> dict:
     return cfg
 
 
-def split_defaults(cfg: dict) -> dict:
-    """split_plan's parameters for a tile: the transposed wide tile's partial outputs are 32 heads x 448 fp32 values
-    per chunk, so it splits the cache into about one chunk per SM (at 32K the sweep's fastest plan, 128 chunks of 256
-    slots: 0.63 ms per step against 0.65 with the general plan's 256 chunks; that run's plan also capped partials at
-    half a chunk's cache bytes, which gives the same 128 chunks at 32K but 19 instead of 32 at 4K); other tiles:
-    split_plan's own defaults. set_split's overrides win."""
-    base = {"programs_per_sm": 1} if cfg["transposed"] and cfg["block_h"] >= 32 else {}
+def split_defaults(cfg: dict, wide: bool) -> dict:
+    """split_plan's parameters for a tile: 32 or more heads of wide rows (MLA's latent: partial outputs of 32 heads x
+    448 fp32 values per chunk) split the cache into about one chunk per SM (128 chunks of 256 slots at 32K, 32 of
+    128 at 4K: the sweep's fastest plans in decode_attention_h100_v10.json); other tiles: split_plan's own defaults
+    (PROGRAMS_PER_SM = 4; GQA at 32K: 64 chunks of 512 slots, 0.476 ms per step against 0.544 for eight programs
+    per SM). set_split's overrides win."""
+    base = {"programs_per_sm": 1} if wide and cfg["block_h"] >= 32 else {}
     return {**base, **_split_override}
 
 
@@ -269,7 +274,7 @@ def launch_plan(B: int, Hkv: int, G: int, L: int, D: int, Dv: int, Dx: int, shar
     cfg = tiles(G, _pad(D), _pad(Dv))
     head_blocks = -(-G // cfg["block_h"])
     plan = split_plan(B, Hkv, L, device, G, head_blocks, D + Dx + (0 if shared else Dv), Dv, cfg["block_n"],
-                      **split_defaults(cfg))
+                      **split_defaults(cfg, max(_pad(D), _pad(Dv)) > 128))
     return cfg, head_blocks, plan
 
 

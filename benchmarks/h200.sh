@@ -14,7 +14,8 @@
 #                                     # decode-mla: the MLA step's decode-attention split sweep;
 #                                     # decode-gemv: the step's gemv kernels swept, then decode with them;
 #                                     # decode-passes: no pass, kv-window and think only;
-#                                     # decode-attn: decode attention tiles swept, then mla / original decode)
+#                                     # decode-attn: decode attention tiles swept, then mla / original decode;
+#                                     # decode-pdl: the step with and without programmatic dependent launch)
 # Results go to $OUT (default ./out). fla-core comes from a wheel carried in .gpu_kernels2/.whl (no network there):
 #   pip download fla-core==0.6.0 --no-deps -d .gpu_kernels2/.whl   (then carry .gpu_kernels2/.whl with the run)
 set -u
@@ -107,6 +108,15 @@ decode-passes)   # issue 14: batch 1 at 4K / 32K, the unthinned step beside kv-w
     --budget-s $(( ${KV_TIMEOUT:-400} - 40 )) \
     > "$OUT/kv_passes.log" 2>&1
   echo "kv rc=$?"; grep '^{' "$OUT/kv_passes.log" | cut -c1-240;;
+decode-pdl)   # issue 14: the step's kernels launched with programmatic dependent launch (default on sm_90) against
+              # REWRITER_PDL=0 (no pass), then every KV pass with it (the 32K ratios)
+  REWRITER_PDL=0 timeout 170 python benchmarks/kv.py --out "$OUT/kv_${KV_TAG:-h200}_nopdl.json" --contexts 4096 32768 \
+    --variants original --static-peer-contexts --profile-steps 2 --budget-s 150 > "$OUT/kv_nopdl.log" 2>&1
+  echo "kv no pdl rc=$?"; grep '^{' "$OUT/kv_nopdl.log" | cut -c1-240
+  timeout ${KV_TIMEOUT:-400} python benchmarks/kv.py --out "$OUT/kv_${KV_TAG:-h200}_pdl.json" --contexts 4096 32768 \
+    --variants ${KV_PASS_VARIANTS:-original kv-window4+1020 think0.5 mla-decoupled0.5} --profile-steps 2 \
+    --budget-s $(( ${KV_TIMEOUT:-400} - 40 )) > "$OUT/kv_pdl.log" 2>&1
+  echo "kv pdl rc=$?"; grep '^{' "$OUT/kv_pdl.log" | cut -c1-240;;
 decode-mla)   # issue 14: the latent MLA step's split-K attention with larger partial shares (more programs)
   timeout ${KV_TIMEOUT:-560} python benchmarks/kv.py --out "$OUT/kv_${KV_TAG:-h200}_mla.json" --contexts 4096 32768 \
     --variants ${KV_MLA_VARIANTS:-original mla-decoupled0.5} --split-sweep-variants mla-decoupled0.5 \
@@ -134,6 +144,6 @@ decode-batch)   # issue 14: batches 1 / 8 / 32 at 4K against transformers' stati
     --variants original --batch-variants original --compile-variants original --static-peer-contexts 4096 \
     > "$OUT/kv_batch.log" 2>&1
   echo "kv rc=$?"; grep '^{' "$OUT/kv_batch.log" | cut -c1-300;;
-*) echo "usage: $0 kernels|models|forms|compiled|fused|issue13|attention|exact|band|decode|decode-gemv|decode-passes|decode-mla|decode-attn|decode-fused|decode-batch"
+*) echo "usage: $0 kernels|models|forms|compiled|fused|issue13|attention|exact|band|decode|decode-gemv|decode-passes|decode-pdl|decode-mla|decode-attn|decode-fused|decode-batch"
    exit 2;;
 esac

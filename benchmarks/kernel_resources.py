@@ -124,11 +124,13 @@ def main() -> int:
     dec_types = {"Q": "*bf16", "K": "*bf16", "V": "*bf16", "Mask": "*i8", "QX": "*bf16", "KX": "*bf16",
                  "XStart": "*i64", "Part": "*fp32", "PartLse": "*fp32", "qk_scale": "fp32"}
     for label, d, dx, shared, G in (("D=64, 4 query heads per KV head (1.1B Llama)", 64, 16, False, 4),
-                                    ("MLA latent 512 + RoPE'd 64, 32 query heads", 512, 64, True, 32)):
-        cfg = triton_decode.tiles(G, d, d)          # the launch decode_attention_triton uses for this shape
+                                    ("MLA latent 448 + RoPE'd 64, 32 query heads", 448, 64, True, 32)):
+        pad = triton_decode._pad(d)
+        cfg = triton_decode.tiles(G, pad, pad)      # the launch decode_attention_triton uses for this shape
         records.append(profile("decode split-K", triton_decode._decode_split, dec_types, dict(
             HAS_EXTRA=dx > 16, SHARED_KV=shared, BLOCK_H=cfg["block_h"], BLOCK_N=cfg["block_n"], HEAD_D=d,
-            HEAD_DV=d, HEAD_DX=dx, PAD_D=d, PAD_DV=d, PAD_DX=dx, DOT_PRECISION="tf32", TRANSPOSED=cfg["transposed"]),
+            HEAD_DV=d, HEAD_DX=dx, PAD_D=pad, PAD_DV=pad, PAD_DX=dx, DOT_PRECISION="tf32",
+            TRANSPOSED=cfg["transposed"], USE_GDC=True),
             cfg["num_warps"], cfg["num_stages"], label + (" (transposed tile)" if cfg["transposed"] else "")))
     result = {"target": "sm_90", "triton": triton.__version__, "model": __doc__.split("Occupancy model")[1].strip(),
               "records": records}

@@ -227,6 +227,9 @@ def _compile_sm90(jit_fn, types: dict, constexprs: dict, num_warps: int):
     src = ASTSource(fn=fn, signature=signature, constexprs={(names.index(k),): v for k, v in constexprs.items()})
     compiled = triton.compile(src, target=GPUTarget("cuda", 90, 32), options={"num_warps": num_warps})
     assert compiled.asm.get("cubin"), "no machine code produced"
+    # USE_GDC (launched with PDL): the wait before anything the previous kernel writes, then the next kernel's launch
+    gdc = ("griddepcontrol.wait" in compiled.asm["ptx"], "griddepcontrol.launch_dependents" in compiled.asm["ptx"])
+    assert gdc == (bool(constexprs.get("USE_GDC")),) * 2
 
 
 @pytest.mark.parametrize("form", ["gqa", "think_dynamic", "mla_latent", "mla_transposed", "fp32"])
@@ -236,7 +239,8 @@ def test_decode_kernels_compile_for_sm90(triton_compiler, form):
     types = {"Q": dt, "K": dt, "V": dt, "Mask": "*u8", "QX": dt, "KX": dt, "XStart": "*i64", "Part": "*fp32",
              "PartLse": "*fp32", "qk_scale": "fp32"}
     base = dict(HAS_EXTRA=False, SHARED_KV=False, BLOCK_H=16, BLOCK_N=64, HEAD_D=64, HEAD_DV=64, HEAD_DX=0,
-                PAD_D=64, PAD_DV=64, PAD_DX=16, DOT_PRECISION="ieee" if form == "fp32" else "tf32", TRANSPOSED=False)
+                PAD_D=64, PAD_DV=64, PAD_DX=16, DOT_PRECISION="ieee" if form == "fp32" else "tf32", TRANSPOSED=False,
+                USE_GDC=form != "fp32")
     mla = {**base, "HAS_EXTRA": True, "SHARED_KV": True, "BLOCK_N": 16, "HEAD_D": 448, "HEAD_DV": 448, "PAD_D": 512,
            "PAD_DV": 512, "HEAD_DX": 64, "PAD_DX": 64}
     consts = {"gqa": base, "fp32": base,
@@ -246,7 +250,8 @@ def test_decode_kernels_compile_for_sm90(triton_compiler, form):
     _compile_sm90(triton_decode._decode_split, types, consts, 8 if form.startswith("mla") else 4)
     dv = min(consts["PAD_DV"], triton_decode.REDUCE_BLOCK_DV)
     _compile_sm90(triton_decode._decode_reduce, {"Part": "*fp32", "PartLse": "*fp32", "Out": dt},
-                  dict(HEAD_DV=consts["HEAD_DV"], BLOCK_DV=dv, PAD_S=256, BLOCK_S=max(2, min(64, 4096 // dv))), 4)
+                  dict(HEAD_DV=consts["HEAD_DV"], BLOCK_DV=dv, PAD_S=256, BLOCK_S=max(2, min(64, 4096 // dv)),
+                       USE_GDC=consts["USE_GDC"]), 4)
 
 
 # --- rewriter::rotary: RoPE on one tensor, the decode step's fused form of HF's apply_rotary_pos_emb ---------------
@@ -369,13 +374,13 @@ def test_rotary_kernel_compiles_for_sm90(triton_compiler):
         out = "fp32" if "fp32" in (x, c) else x
         _compile_sm90(triton_rotary._rotary_kernel, {"X": f"*{x}", "C": f"*{c}", "S": f"*{c}", "Y": f"*{out}",
                                                      "Idx": "*i64"},
-                      dict(D=64, DK=64, PAD_DK=64, HAS_IDX=False, BLOCK_R=16), 1)
+                      dict(D=64, DK=64, PAD_DK=64, HAS_IDX=False, BLOCK_R=16, USE_GDC=False), 1)
     for idx in (False, True):       # ThinK's kept channels: 32 of 64
         dk = 32 if idx else 64
         _compile_sm90(triton_rotary._rotary_kernel, {"X": "*bf16", "C": "*bf16", "S": "*bf16", "Y": "*bf16",
                                                      "Idx": "*i64"},
-                      dict(D=64, DK=dk, PAD_DK=dk, HAS_IDX=idx, BLOCK_R=16), 1)
+                      dict(D=64, DK=dk, PAD_DK=dk, HAS_IDX=idx, BLOCK_R=16, USE_GDC=True), 1)
         _compile_sm90(triton_rotary._rotary_kv_write_kernel,
                       {"K": "*bf16", "C": "*bf16", "S": "*bf16", "V": "*bf16", "KC": "*bf16", "VC": "*bf16",
                        "Slot": "*i64", "Idx": "*i64"},
-                      dict(D=64, DK=dk, PAD_DK=dk, HAS_IDX=idx, DV=64, PAD_DV=64, BLOCK_R=16), 1)
+                      dict(D=64, DK=dk, PAD_DK=dk, HAS_IDX=idx, DV=64, PAD_DV=64, BLOCK_R=16, USE_GDC=idx), 1)

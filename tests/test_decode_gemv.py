@@ -87,13 +87,15 @@ def test_gemv_ops_check_inputs_and_run_their_references():
     torch.library.opcheck(torch.ops.rewriter.swiglu_gemv.default, (x, wg, wu))
 
 
-def test_gemv_kernels_compile_for_sm90(triton_compiler):
+@pytest.mark.parametrize("gdc", [False, True])      # launched plainly, and with PDL (the first weights before the wait)
+def test_gemv_kernels_compile_for_sm90(triton_compiler, gdc):
     from rewriter.decode import triton_gemv
-    const = dict(BLOCK_N=2, BLOCK_K=1024, EVEN_K=True)
-    _compile_sm90(triton_gemv._gemv_kernel, {"X": "*bf16", "W0": "*bf16", "W1": "*bf16", "W2": "*bf16",
-                                             "Y": "*bf16"}, const, 4)
-    _compile_sm90(triton_gemv._swiglu_gemv_kernel, {"X": "*bf16", "WG": "*bf16", "WU": "*bf16", "Y": "*bf16"},
-                  dict(const, LIBDEVICE_EXP=True), 4)
+    for even_k in (True, False):
+        const = dict(BLOCK_N=2, BLOCK_K=1024, EVEN_K=even_k, USE_GDC=gdc)
+        _compile_sm90(triton_gemv._gemv_kernel, {"X": "*bf16", "W0": "*bf16", "W1": "*bf16", "W2": "*bf16",
+                                                 "Y": "*bf16"}, const, 4)
+        _compile_sm90(triton_gemv._swiglu_gemv_kernel, {"X": "*bf16", "WG": "*bf16", "WU": "*bf16", "Y": "*bf16"},
+                      dict(const, LIBDEVICE_EXP=True), 4)
 
 
 def _projection_graph(tail_rows: int):

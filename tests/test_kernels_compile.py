@@ -149,7 +149,7 @@ def test_fused_kernels_compile(x, w):
     for res in (False, True):     # with the residual add (the decode step's add_rms_norm)
         compile_for_sm90(fused._rms_norm_kernel, {"x_ptr": f"*{x}", "w_ptr": f"*{w}", "y_ptr": f"*{x}", "eps": "fp32",
                                                   "res_ptr": f"*{x}", "sum_ptr": f"*{x}"},
-                         dict(BLOCK_M=2, BLOCK_H=2048, HAS_RES=res), num_warps=8, aligned=True)
+                         dict(BLOCK_M=2, BLOCK_H=2048, HAS_RES=res, USE_GDC=res), num_warps=8, aligned=True)
     compile_for_sm90(fused._silu_mul_kernel, {"gate_ptr": f"*{x}", "up_ptr": f"*{w}", "y_ptr": f"*{x}"},
                      dict(BLOCK=2048, LIBDEVICE_EXP=True), num_warps=8, aligned=True)
 
@@ -166,7 +166,7 @@ def test_kernel_resources_profile_reads_the_cubin():
         "Q": "*bf16", "K": "*bf16", "V": "*bf16", "Mask": "*i8", "QX": "*bf16", "KX": "*bf16", "XStart": "*i64",
         "Part": "*fp32", "PartLse": "*fp32", "qk_scale": "fp32"}, dict(
         HAS_EXTRA=False, SHARED_KV=False, BLOCK_H=16, BLOCK_N=64, HEAD_D=64, HEAD_DV=64, HEAD_DX=16, PAD_D=64,
-        PAD_DV=64, PAD_DX=16, DOT_PRECISION="tf32", TRANSPOSED=False), 4, 2, "test")
+        PAD_DV=64, PAD_DX=16, DOT_PRECISION="tf32", TRANSPOSED=False, USE_GDC=True), 4, 2, "test")
     assert 32 <= rec["registers_per_thread"] <= 255 and rec["spill_bytes_per_thread"] == 0
     by_regs = 65536 // (-(-rec["registers_per_thread"] * 32 // 256) * 256) // 4
     by_smem = 228 * 1024 // (rec["shared_bytes"] + 1024)

@@ -22,6 +22,7 @@ import triton.language as tl
 from torch import Tensor
 
 from ..attention.triton.block_sparse_attention import online_softmax_step
+from ..linear.triton.fused import _gdc_wait, pdl_launch
 
 _LOG2E = 1.4426950408889634
 MAX_HEAD_DIM = 512      # widest key / value row (padded to a power of two); MLA's latent is a few hundred wide
@@ -48,11 +49,14 @@ def _decode_split(
     HAS_EXTRA: tl.constexpr, SHARED_KV: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_N: tl.constexpr,
     HEAD_D: tl.constexpr, HEAD_DV: tl.constexpr, HEAD_DX: tl.constexpr,
     PAD_D: tl.constexpr, PAD_DV: tl.constexpr, PAD_DX: tl.constexpr, DOT_PRECISION: tl.constexpr,
-    TRANSPOSED: tl.constexpr,
+    TRANSPOSED: tl.constexpr, USE_GDC: tl.constexpr,
 ):
     """TRANSPOSED: the tile's products taken as keys x queries (scores (BLOCK_N, BLOCK_H), output (PAD_DV,
     BLOCK_H)), so the MMA's M is the slots and the value width rather than the few query heads (Hopper's wgmma wants
-    M >= 64: MLA's 32 heads of one shared latent)."""
+    M >= 64: MLA's 32 heads of one shared latent). USE_GDC: launched with PDL (the cache slot just written and the
+    query come from the kernels before: nothing is read before the wait)."""
+    if USE_GDC:
+        _gdc_wait()
     bhg = tl.program_id(0)
     split = tl.program_id(1)
     b = bhg // (Hkv * head_blocks)
@@ -136,10 +140,13 @@ def _decode_reduce(
     Part, PartLse, Out,
     s_pr, s_ps, s_lr, s_or, splits,
     HEAD_DV: tl.constexpr, BLOCK_DV: tl.constexpr, PAD_S: tl.constexpr, BLOCK_S: tl.constexpr,
+    USE_GDC: tl.constexpr,
 ):
     """One (row, BLOCK_DV output values) per program: rows are (b, kv head, query head of the group) flattened. The
     value blocks are programs of their own so that wide rows (MLA's 448 latent values) with many splits still fill
     the GPU (32 rows x one program each took 45 us per layer at 32K on the H100, kv_h100_v6_mla.json)."""
+    if USE_GDC:
+        _gdc_wait()
     row = tl.program_id(0)
     offs_s = tl.arange(0, PAD_S)
     offs_dv = tl.program_id(1) * BLOCK_DV + tl.arange(0, BLOCK_DV)
@@ -164,11 +171,12 @@ def _decode_reduce(
 REDUCE_BLOCK_DV = 128     # output values per reduce program (rows up to 128 wide: one program per row, as before)
 
 
-def _launchable(kernel):
+def _launchable(kernel, pdl: bool = False):
     """`kernel` through torch.library.wrap_triton when it is a compiled JITFunction (so torch.compile / AOTInductor
-    can trace the launch); the interpreter's kernels launch as they are."""
+    can trace the launch), except with PDL (fused.pdl: never while tracing; the wrapper does not pass the launch
+    option on); the interpreter's kernels launch as they are."""
     from triton.runtime.jit import JITFunction
-    return torch.library.wrap_triton(kernel) if isinstance(kernel, JITFunction) else kernel
+    return torch.library.wrap_triton(kernel) if isinstance(kernel, JITFunction) and not pdl else kernel
 
 
 _split_override: dict = {}
@@ -304,7 +312,8 @@ def decode_attention_triton(q: Tensor, k: Tensor, v: Tensor, valid: Tensor, scal
     part = torch.empty(B, Hkv, G, n_splits, Dv, dtype=torch.float32, device=q.device)
     part_lse = torch.empty(B, Hkv, G, n_splits, dtype=torch.float32, device=q.device)
     half = q.dtype in (torch.float16, torch.bfloat16)
-    _launchable(_decode_split)[(B * Hkv * head_blocks, n_splits)](
+    launch = pdl_launch(q.device)
+    _launchable(_decode_split, launch["USE_GDC"])[(B * Hkv * head_blocks, n_splits)](
         q, k, v, mask, xq, xk, xs, part, part_lse,
         q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
         v.stride(0), v.stride(1), v.stride(2), mask.stride(0), mask.stride(1),
@@ -315,14 +324,15 @@ def decode_attention_triton(q: Tensor, k: Tensor, v: Tensor, valid: Tensor, scal
         HAS_EXTRA=has_extra, SHARED_KV=shared, BLOCK_H=cfg["block_h"], BLOCK_N=cfg["block_n"],
         HEAD_D=D, HEAD_DV=Dv, HEAD_DX=Dx, PAD_D=_pad(D), PAD_DV=_pad(Dv), PAD_DX=_pad(Dx),
         DOT_PRECISION="tf32" if half else "ieee", TRANSPOSED=cfg["transposed"], num_warps=cfg["num_warps"],
-        num_stages=cfg["num_stages"],
+        num_stages=cfg["num_stages"], **launch,
     )
     out = torch.empty(B, Hkv, G, Dv, dtype=q.dtype, device=q.device)
     rows_part, rows_lse, rows_out = part.view(-1, n_splits, Dv), part_lse.view(-1, n_splits), out.view(-1, Dv)
     block_dv = min(_pad(Dv), REDUCE_BLOCK_DV)
-    _launchable(_decode_reduce)[(B * Hkv * G, triton.cdiv(Dv, block_dv))](
+    _launchable(_decode_reduce, launch["USE_GDC"])[(B * Hkv * G, triton.cdiv(Dv, block_dv))](
         rows_part, rows_lse, rows_out, rows_part.stride(0), rows_part.stride(1), rows_lse.stride(0),
         rows_out.stride(0), n_splits, HEAD_DV=Dv, BLOCK_DV=block_dv,
         PAD_S=max(16, triton.next_power_of_2(n_splits)), BLOCK_S=max(2, min(64, 4096 // block_dv)), num_warps=4,
+        **launch,
     )
     return out

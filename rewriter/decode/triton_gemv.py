@@ -23,7 +23,7 @@ import triton.language as tl
 from torch import Tensor
 from triton.language.extra import libdevice
 
-from ..linear.triton.fused import _rounded
+from ..linear.triton.fused import _gdc_wait, _rounded, pdl_launch
 
 GEMV_MAX_M = 1            # rows of x the kernels take (batch-1 decode); more: cuBLAS (below)
 MAX_WEIGHTS = 3
@@ -53,14 +53,37 @@ def gemv_config(kind: str, n: int, k: int) -> tuple[int, int, int, int]:
 
 
 @triton.jit
-def _row_block(X, w_ptr, n0, N, K, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, EVEN_K: tl.constexpr):
+def _first_weights(w_ptr, n0, N, K, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, EVEN_K: tl.constexpr):
+    """Rows n0 .. n0 + BLOCK_N of w (N, K), columns 0 .. BLOCK_K: the first K step's weights (a constant of the
+    step: read before waiting on the kernel that writes x)."""
+    rn = n0 + tl.arange(0, BLOCK_N)
+    rk = tl.arange(0, BLOCK_K)
+    rows = w_ptr + rn.to(tl.int64)[:, None] * K
+    if EVEN_K:
+        return tl.load(rows + rk[None, :], mask=(rn < N)[:, None], other=0.0)
+    return tl.load(rows + rk[None, :], mask=(rn < N)[:, None] & (rk < K)[None, :], other=0.0)
+
+
+@triton.jit
+def _row_block(X, w_ptr, w_first, n0, N, K, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, EVEN_K: tl.constexpr,
+               HAS_FIRST: tl.constexpr):
     """x (K,) times rows n0 .. n0 + BLOCK_N of w (N, K): (BLOCK_N,) fp32. The products accumulate elementwise over
-    the K steps and are reduced once at the end."""
+    the K steps and are reduced once at the end. HAS_FIRST: w_first holds the first K step's weights
+    (_first_weights), loaded before x could be read; the sums are the same in either case."""
     rn = n0 + tl.arange(0, BLOCK_N)
     nmask = rn < N
     rows = w_ptr + rn.to(tl.int64)[:, None] * K
     acc = tl.zeros((BLOCK_N, BLOCK_K), dtype=tl.float32)
-    for k0 in range(0, K, BLOCK_K):
+    start = 0
+    if HAS_FIRST:
+        rk = tl.arange(0, BLOCK_K)
+        if EVEN_K:
+            x = tl.load(X + rk)
+        else:
+            x = tl.load(X + rk, mask=rk < K, other=0.0)
+        acc += w_first.to(tl.float32) * x.to(tl.float32)[None, :]
+        start = BLOCK_K
+    for k0 in range(start, K, BLOCK_K):
         rk = k0 + tl.arange(0, BLOCK_K)
         if EVEN_K:
             w = tl.load(rows + rk[None, :], mask=nmask[:, None], other=0.0)
@@ -75,7 +98,7 @@ def _row_block(X, w_ptr, n0, N, K, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
 
 @triton.jit(do_not_specialize=["N0", "N1", "N2", "P0", "P1"])     # a 1 would become a constant in one branch only
 def _gemv_kernel(X, W0, W1, W2, Y, K, N0, N1, N2, P0, P1,
-                 BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, EVEN_K: tl.constexpr):
+                 BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, EVEN_K: tl.constexpr, USE_GDC: tl.constexpr):
     pid = tl.program_id(0)
     if pid < P0:
         w_ptr = W0
@@ -92,18 +115,30 @@ def _gemv_kernel(X, W0, W1, W2, Y, K, N0, N1, N2, P0, P1,
         n0 = (pid - P0 - P1) * BLOCK_N
         N = N2
         col = N0 + N1
-    y = _rounded(_row_block(X, w_ptr, n0, N, K, BLOCK_N, BLOCK_K, EVEN_K), Y.dtype.element_ty)
+    if USE_GDC:     # the first weights while the kernel before finishes, then wait for x
+        w_first = _first_weights(w_ptr, n0, N, K, BLOCK_N, BLOCK_K, EVEN_K)
+        _gdc_wait()
+    else:
+        w_first = 0.0
+    y = _rounded(_row_block(X, w_ptr, w_first, n0, N, K, BLOCK_N, BLOCK_K, EVEN_K, USE_GDC), Y.dtype.element_ty)
     rn = n0 + tl.arange(0, BLOCK_N)
     tl.store(Y + col + rn, y.to(Y.dtype.element_ty), mask=rn < N)
 
 
 @triton.jit
 def _swiglu_gemv_kernel(X, WG, WU, Y, K, N, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, EVEN_K: tl.constexpr,
-                        LIBDEVICE_EXP: tl.constexpr):
+                        LIBDEVICE_EXP: tl.constexpr, USE_GDC: tl.constexpr):
     n0 = tl.program_id(0) * BLOCK_N
     DT: tl.constexpr = Y.dtype.element_ty
-    g = _rounded(_row_block(X, WG, n0, N, K, BLOCK_N, BLOCK_K, EVEN_K), DT)
-    u = _rounded(_row_block(X, WU, n0, N, K, BLOCK_N, BLOCK_K, EVEN_K), DT)
+    if USE_GDC:     # both weights' first blocks while the kernel before finishes, then wait for x
+        g_first = _first_weights(WG, n0, N, K, BLOCK_N, BLOCK_K, EVEN_K)
+        u_first = _first_weights(WU, n0, N, K, BLOCK_N, BLOCK_K, EVEN_K)
+        _gdc_wait()
+    else:
+        g_first = 0.0
+        u_first = 0.0
+    g = _rounded(_row_block(X, WG, g_first, n0, N, K, BLOCK_N, BLOCK_K, EVEN_K, USE_GDC), DT)
+    u = _rounded(_row_block(X, WU, u_first, n0, N, K, BLOCK_N, BLOCK_K, EVEN_K, USE_GDC), DT)
     if LIBDEVICE_EXP:    # expf, as torch's CUDA silu (the interpreter has only tl.exp)
         e = libdevice.exp(-g)
     else:
@@ -135,7 +170,8 @@ def gemv_triton(x: Tensor, weights: list[Tensor], config: tuple[int, int, int, i
         ns3 = ns + [0] * (MAX_WEIGHTS - len(ns))
         blocks = [triton.cdiv(n, block_n) for n in ns3]
         _gemv_kernel[(sum(blocks),)](xv, *ws, y, K, *ns3, blocks[0], blocks[1], BLOCK_N=block_n, BLOCK_K=block_k,
-                                     EVEN_K=K % block_k == 0, num_warps=warps, num_stages=stages)
+                                     EVEN_K=K % block_k == 0, num_warps=warps, num_stages=stages,
+                                     **pdl_launch(x.device))
     return y.reshape(*x.shape[:-1], sum(ns))
 
 
@@ -150,5 +186,6 @@ def swiglu_gemv_triton(x: Tensor, w_gate: Tensor, w_up: Tensor,
         block_n, block_k, warps, stages = config or gemv_config("swiglu", N, K)
         _swiglu_gemv_kernel[(triton.cdiv(N, block_n),)](
             xv, w_gate, w_up, y, K, N, BLOCK_N=block_n, BLOCK_K=block_k, EVEN_K=K % block_k == 0,
-            LIBDEVICE_EXP=os.environ.get("TRITON_INTERPRET") != "1", num_warps=warps, num_stages=stages)
+            LIBDEVICE_EXP=os.environ.get("TRITON_INTERPRET") != "1", num_warps=warps, num_stages=stages,
+            **pdl_launch(x.device))
     return y.reshape(*x.shape[:-1], N)

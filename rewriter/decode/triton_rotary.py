@@ -11,7 +11,7 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from ..linear.triton.fused import _rounded
+from ..linear.triton.fused import _gdc_wait, _rounded, pdl_launch
 
 BLOCK_R = 16
 
@@ -43,9 +43,11 @@ def _rotated(X, C, S, b, h, pos, ok, j, Idx, s_ih, GROUP,
 def _rotary_kernel(X, C, S, Y, Idx, R, H, L, GROUP, s_ih,
                    s_xb, s_xh, s_xl, s_xd, s_cb, s_ch, s_cl, s_cd, s_sb, s_sh, s_sl, s_sd,
                    D: tl.constexpr, DK: tl.constexpr, PAD_DK: tl.constexpr, HAS_IDX: tl.constexpr,
-                   BLOCK_R: tl.constexpr):
+                   BLOCK_R: tl.constexpr, USE_GDC: tl.constexpr):
     """Rows (b, h, l) of x (B, H, L, D) rotated into Y (B, H, L, DK): all D channels, or with HAS_IDX the DK channels
     idx[h // GROUP] (rotary then ThinK's gather of the kept channels, one kernel)."""
+    if USE_GDC:
+        _gdc_wait()
     rows = tl.program_id(0).to(tl.int64) * BLOCK_R + tl.arange(0, BLOCK_R)
     b = rows // (H * L)
     h = (rows // L) % H
@@ -76,7 +78,7 @@ def rotary_triton(x: Tensor, cos: Tensor, sin: Tensor, channels: Tensor | None =
     _rotary_kernel[(triton.cdiv(R, BLOCK_R),)](
         x, c, s, out, idx, R, H, L, group, idx.stride(0) if channels is not None else 0,
         *x.stride(), *c.stride(), *s.stride(), D=D, DK=DK, PAD_DK=_pad(DK), HAS_IDX=channels is not None,
-        BLOCK_R=BLOCK_R, num_warps=1, enable_fp_fusion=False)
+        BLOCK_R=BLOCK_R, num_warps=1, enable_fp_fusion=False, **pdl_launch(x.device))
     return out
 
 
@@ -85,9 +87,11 @@ def _rotary_kv_write_kernel(K, C, S, V, KC, VC, Slot, Idx, R, H, L, s_ih,
                             s_kb, s_kh, s_kl, s_kd, s_cb, s_ch, s_cl, s_cd, s_sb, s_sh, s_sl, s_sd,
                             s_vb, s_vh, s_vl, s_vd, s_kcb, s_kch, s_kcs, s_kcd, s_vcb, s_vch, s_vcs, s_vcd,
                             D: tl.constexpr, DK: tl.constexpr, PAD_DK: tl.constexpr, HAS_IDX: tl.constexpr,
-                            DV: tl.constexpr, PAD_DV: tl.constexpr, BLOCK_R: tl.constexpr):
+                            DV: tl.constexpr, PAD_DV: tl.constexpr, BLOCK_R: tl.constexpr, USE_GDC: tl.constexpr):
     """Rows (b, h, l): k rotated as _rotary_kernel rotates it (with HAS_IDX only head h's kept channels idx[h]) into
     k_cache[b, h, slot[l]], v into v_cache's."""
+    if USE_GDC:
+        _gdc_wait()
     rows = tl.program_id(0).to(tl.int64) * BLOCK_R + tl.arange(0, BLOCK_R)
     b = rows // (H * L)
     h = (rows // L) % H
@@ -122,4 +126,5 @@ def rotary_kv_write_triton(k_cache: Tensor, v_cache: Tensor, slot: Tensor, k: Te
         k, c, s, v, k_cache, v_cache, slot, idx, R, H, L, idx.stride(0) if channels is not None else 0,
         *k.stride(), *c.stride(), *s.stride(), *v.stride(), *k_cache.stride(), *v_cache.stride(),
         D=D, DK=DK, PAD_DK=_pad(DK), HAS_IDX=channels is not None, DV=DV, PAD_DV=_pad(DV), BLOCK_R=BLOCK_R,
-        num_warps=1 if max(_pad(DK), _pad(DV)) <= 128 else 4, enable_fp_fusion=False)   # MLA's latent: 448 values
+        num_warps=1 if max(_pad(DK), _pad(DV)) <= 128 else 4, enable_fp_fusion=False,   # MLA's latent: 448 values
+        **pdl_launch(k.device))

@@ -13,6 +13,7 @@ own fp32 reduction order or transcendental differs (a mean's summation order, rs
 """
 from __future__ import annotations
 
+import functools
 import os
 
 import torch
@@ -22,8 +23,41 @@ from torch import Tensor
 from triton.language.extra import libdevice
 
 RMS_MAX_H = 16384            # widest row one program holds in registers
+PDL_MIN_CAPABILITY = 9       # programmatic dependent launch: Hopper (sm_90) and later
 _ROW_ELEMENTS = 4096         # rows per program: about this many elements per block
 _SILU_BLOCK = 2048
+
+
+def pdl(device: torch.device) -> bool:
+    """Whether the decode step's kernels launch with programmatic dependent launch (PDL) on `device`: a CUDA device of
+    compute capability 9 or more, outside torch.compile's tracing (its kernel wrapper does not take the launch
+    option), unless REWRITER_PDL=0. A kernel launched so may start while the kernel before it finishes; each of
+    them (USE_GDC) first loads only what no earlier kernel writes (the GEMVs' first weight block), then waits
+    (gdc_wait: the previous kernel done and its writes visible) before it reads anything else or writes, and
+    then lets the next kernel launch (gdc_launch_dependents). In a CUDA graph the next kernel's launch and
+    weight reads then overlap the previous kernel's tail."""
+    if device.type != "cuda" or os.environ.get("REWRITER_PDL", "1") == "0" or torch.compiler.is_compiling():
+        return False
+    return _capability(device.index if device.index is not None else torch.cuda.current_device()) >= \
+        PDL_MIN_CAPABILITY
+
+
+@functools.lru_cache(maxsize=None)
+def _capability(index: int) -> int:
+    return torch.cuda.get_device_capability(index)[0]
+
+
+def pdl_launch(device: torch.device) -> dict:
+    """The constexpr and launch option of a USE_GDC kernel: {USE_GDC, launch_pdl} when pdl(device), else USE_GDC
+    False only."""
+    return {"USE_GDC": True, "launch_pdl": True} if pdl(device) else {"USE_GDC": False}
+
+
+@triton.jit
+def _gdc_wait():
+    """griddepcontrol: wait for the kernel before (complete, its writes visible), then let the next one launch."""
+    tl.extra.cuda.gdc_wait()
+    tl.extra.cuda.gdc_launch_dependents()
 
 
 @triton.jit
@@ -41,9 +75,11 @@ def _rounded(x, DTYPE: tl.constexpr):
 
 @triton.jit
 def _rms_norm_kernel(x_ptr, w_ptr, y_ptr, M, H, stride_xm, stride_ym, eps, res_ptr, sum_ptr,
-                     BLOCK_M: tl.constexpr, BLOCK_H: tl.constexpr, HAS_RES: tl.constexpr):
+                     BLOCK_M: tl.constexpr, BLOCK_H: tl.constexpr, HAS_RES: tl.constexpr, USE_GDC: tl.constexpr):
     """HAS_RES: x + res (one dtype, contiguous rows) rounded to that dtype as torch's add rounds, stored to sum_ptr,
     is the row normalised (the decode step's residual add and the next RMSNorm)."""
+    if USE_GDC:
+        _gdc_wait()
     rows = tl.program_id(0).to(tl.int64) * BLOCK_M + tl.arange(0, BLOCK_M)
     cols = tl.arange(0, BLOCK_H)
     rmask = rows < M
@@ -102,7 +138,7 @@ def rms_norm_triton(x: Tensor, weight: Tensor, eps: float) -> Tensor:
     # no FMA contraction: the squares are rounded before they are summed, as torch's pow then mean round them
     _rms_norm_kernel[(triton.cdiv(M, block_m),)](x2, weight.contiguous(), y, M, H, x2.stride(0), H, float(eps),
                                                 x2, y, BLOCK_M=block_m, BLOCK_H=block_h, HAS_RES=False,
-                                                num_warps=warps, enable_fp_fusion=False)
+                                                num_warps=warps, enable_fp_fusion=False, **pdl_launch(x.device))
     return y
 
 
@@ -125,7 +161,7 @@ def add_rms_norm_triton(x: Tensor, residual: Tensor, weight: Tensor, eps: float)
     warps = 4 if block_h <= 1024 else 8 if block_h <= 4096 else 16
     _rms_norm_kernel[(triton.cdiv(M, block_m),)](x2, weight.contiguous(), y, M, H, H, H, float(eps), r2, total,
                                                 BLOCK_M=block_m, BLOCK_H=block_h, HAS_RES=True, num_warps=warps,
-                                                enable_fp_fusion=False)
+                                                enable_fp_fusion=False, **pdl_launch(x.device))
     return total, y
 
 

@@ -102,21 +102,15 @@ decode-gemv)   # issue 14: the decode step's gemv kernels swept against cuBLAS (
     --unfused-variants original --static-peer-contexts --profile-steps ${KV_PROFILE_STEPS:-4} --budget-s 330 \
     $( [ -f "$OUT/gemv_configs.json" ] && echo --gemv-configs "$OUT/gemv_configs.json" ) > "$OUT/kv_gemv.log" 2>&1
   echo "kv rc=$?"; grep '^{\|^gemv configs' "$OUT/kv_gemv.log" | cut -c1-300;;
-decode-passes)   # issue 14: batch 1 at 4K / 32K, the unthinned step beside kv-window and think (the 32K ratios), no peers
-  timeout ${KV_TIMEOUT:-400} python benchmarks/kv.py --out "$OUT/kv_${KV_TAG:-h200}_passes.json" --contexts 4096 32768 \
-    --variants ${KV_PASS_VARIANTS:-original kv-window4+1020 think0.5} --static-peer-contexts --profile-steps 4 \
-    --budget-s $(( ${KV_TIMEOUT:-400} - 40 )) \
-    > "$OUT/kv_passes.log" 2>&1
-  echo "kv rc=$?"; grep '^{' "$OUT/kv_passes.log" | cut -c1-240;;
-decode-pdl)   # issue 14: the step's kernels launched with programmatic dependent launch (default on sm_90) against
-              # REWRITER_PDL=0 (no pass), then every KV pass with it (the 32K ratios)
-  REWRITER_PDL=0 timeout 170 python benchmarks/kv.py --out "$OUT/kv_${KV_TAG:-h200}_nopdl.json" --contexts 4096 32768 \
-    --variants original --static-peer-contexts --profile-steps 2 --budget-s 150 > "$OUT/kv_nopdl.log" 2>&1
+decode-passes|decode-pdl)   # issue 14: batch 1 at 4K / 32K: the unthinned step with REWRITER_PDL=0 (no programmatic
+              # dependent launch), then the unthinned step beside kv-window, think and mla with it (the 32K ratios)
+  REWRITER_PDL=0 timeout 120 python benchmarks/kv.py --out "$OUT/kv_${KV_TAG:-h200}_nopdl.json" --contexts 4096 32768 \
+    --variants original --static-peer-contexts --profile-steps 2 --budget-s 100 > "$OUT/kv_nopdl.log" 2>&1
   echo "kv no pdl rc=$?"; grep '^{' "$OUT/kv_nopdl.log" | cut -c1-240
-  timeout ${KV_TIMEOUT:-400} python benchmarks/kv.py --out "$OUT/kv_${KV_TAG:-h200}_pdl.json" --contexts 4096 32768 \
+  timeout ${KV_TIMEOUT:-400} python benchmarks/kv.py --out "$OUT/kv_${KV_TAG:-h200}_passes.json" --contexts 4096 32768 \
     --variants ${KV_PASS_VARIANTS:-original kv-window4+1020 think0.5 mla-decoupled0.5} --profile-steps 2 \
-    --budget-s $(( ${KV_TIMEOUT:-400} - 40 )) > "$OUT/kv_pdl.log" 2>&1
-  echo "kv pdl rc=$?"; grep '^{' "$OUT/kv_pdl.log" | cut -c1-240;;
+    --budget-s $(( ${KV_TIMEOUT:-400} - 40 )) > "$OUT/kv_passes.log" 2>&1
+  echo "kv rc=$?"; grep '^{' "$OUT/kv_passes.log" | cut -c1-240;;
 decode-mla)   # issue 14: the latent MLA step's split-K attention with larger partial shares (more programs)
   timeout ${KV_TIMEOUT:-560} python benchmarks/kv.py --out "$OUT/kv_${KV_TAG:-h200}_mla.json" --contexts 4096 32768 \
     --variants ${KV_MLA_VARIANTS:-original mla-decoupled0.5} --split-sweep-variants mla-decoupled0.5 \

@@ -108,7 +108,7 @@ decode-passes|decode-pdl)   # issue 14: batch 1 at 4K / 32K: the unthinned step 
     --variants original --static-peer-contexts --profile-steps 2 --budget-s 100 > "$OUT/kv_nopdl.log" 2>&1
   echo "kv no pdl rc=$?"; grep '^{' "$OUT/kv_nopdl.log" | cut -c1-240
   timeout ${KV_TIMEOUT:-400} python benchmarks/kv.py --out "$OUT/kv_${KV_TAG:-h200}_passes.json" --contexts 4096 32768 \
-    --variants ${KV_PASS_VARIANTS:-original kv-window4+1020 think0.5 mla-decoupled0.5} --profile-steps 2 \
+    --variants ${KV_PASS_VARIANTS:-original kv-window4+1020 think0.5 mla-decoupled0.5} --static-peer-contexts --profile-steps 2 \
     --budget-s $(( ${KV_TIMEOUT:-400} - 40 )) > "$OUT/kv_passes.log" 2>&1
   echo "kv rc=$?"; grep '^{' "$OUT/kv_passes.log" | cut -c1-240;;
 decode-mla)   # issue 14: the latent MLA step's split-K attention with larger partial shares (more programs)

@@ -59,7 +59,9 @@ def _use_kernel(x: Tensor, weights: list[Tensor]) -> bool:
 
 @torch.library.custom_op("rewriter::gemv", mutates_args=())
 def gemv(x: Tensor, weights: list[Tensor]) -> Tensor:
-    """cat([x @ w.T for w in weights], -1)."""
+    """cat([x @ w.T for w in weights], -1). The weights must be constants of the program, not results of the kernels
+    before it (fuse_gemv takes get_attr weights only): with PDL on sm_90 the CUDA kernel reads its first weight block
+    while the kernel ahead of it is still running (linear/triton/fused.pdl)."""
     _check(x, weights)
     return gemv_reference(x, weights)
 
@@ -80,7 +82,7 @@ def _gemv_cuda(x, weights):
 
 @torch.library.custom_op("rewriter::swiglu_gemv", mutates_args=())
 def swiglu_gemv(x: Tensor, w_gate: Tensor, w_up: Tensor) -> Tensor:
-    """silu(x @ w_gate.T) * (x @ w_up.T) with rewriter::silu_mul's roundings."""
+    """silu(x @ w_gate.T) * (x @ w_up.T) with rewriter::silu_mul's roundings; constant weights, as rewriter::gemv's."""
     _check_swiglu(x, w_gate, w_up)
     return swiglu_gemv_reference(x, w_gate, w_up)
 

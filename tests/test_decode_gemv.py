@@ -158,3 +158,21 @@ def test_join_and_fold_put_the_latent_projection_into_the_gemv():
     gm.recompile()
     for a, b in zip(gm(x), want):
         torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)
+
+
+def test_pdl_only_on_hopper_cuda_outside_tracing(monkeypatch):
+    """Programmatic dependent launch: CUDA devices of capability 9+, not while torch.compile traces (its kernel
+    wrapper does not pass the launch option on), off with REWRITER_PDL=0; kernels get USE_GDC exactly when it is on."""
+    from rewriter.linear.triton import fused
+    cuda = torch.device("cuda", 0)
+    monkeypatch.setattr(fused, "_capability", lambda index: 9)
+    assert fused.pdl_launch(cuda) == {"USE_GDC": True, "launch_pdl": True}
+    assert fused.pdl_launch(torch.device("cpu")) == {"USE_GDC": False}
+    monkeypatch.setenv("REWRITER_PDL", "0")
+    assert not fused.pdl(cuda)
+    monkeypatch.delenv("REWRITER_PDL")
+    monkeypatch.setattr(torch.compiler, "is_compiling", lambda: True)
+    assert not fused.pdl(cuda)
+    monkeypatch.setattr(torch.compiler, "is_compiling", lambda: False)
+    monkeypatch.setattr(fused, "_capability", lambda index: 8)           # Ampere: no griddepcontrol
+    assert fused.pdl_launch(cuda) == {"USE_GDC": False}

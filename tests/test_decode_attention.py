@@ -164,6 +164,15 @@ def test_kernel_shared_latent_keys_values_many_heads_wide_rows(kernel):
                                rtol=0)
     out = kernel(q, latent, latent.clone(), valid, 0.1, q_x, k_x, start)          # the same, values read apart
     torch.testing.assert_close(out.to(f64), ref, atol=2e-5, rtol=0)
+    # the up-projection in the reduce (absorbed MLA's P_v,h and o_v,h): 20 heads in 5 groups of 4, the 160 latent
+    # values reduced in two blocks, 23 chunks (the split loop masked), with and without the offset
+    up, off = torch.randn(5, 24, r, generator=g), torch.randn(5, 24, generator=g)
+    for splits in (None, (23, 4)):
+        for offset in (off, None):
+            out = kernel(q, latent, latent, valid, 0.1, q_x, k_x, start, splits=splits, v_up=up, v_offset=offset)
+            expect = ref.reshape(B, 5, 4, r) @ up.to(f64).transpose(-1, -2)
+            expect = (expect if offset is None else expect + offset.to(f64)[:, None, :]).reshape(B, 1, G, 24)
+            torch.testing.assert_close(out.to(f64), expect, atol=1e-4, rtol=0)
 
 
 def test_extra_scores_place_the_region():
@@ -188,6 +197,17 @@ def test_op_checks_and_reference_switch():
     with reference_attention():
         assert not attention.use_triton(q.bfloat16(), v)
     assert attention._force_reference is False
+    # the up-projection: 4 heads (2 KV heads x 2) in 2 groups, each group's (Dout, Dv) matrix and offset
+    up, off = torch.randn(2, 5, 8, generator=gen(9)), torch.randn(2, 5, generator=gen(10))
+    out = torch.ops.rewriter.decode_attention(q, k, v, mask, 0.3, v_up=up, v_offset=off)
+    plain = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=0.3).reshape(1, 2, 2, 8)
+    torch.testing.assert_close(out, (plain @ up.transpose(-1, -2) + off[:, None, :]).reshape(1, 2, 2, 5))
+    torch.library.opcheck(torch.ops.rewriter.decode_attention.default, (q, k, v, mask, 0.3),
+                          {"v_up": up, "v_offset": off})
+    with pytest.raises(ValueError, match="v_up must be"):
+        torch.ops.rewriter.decode_attention(q, k, v, mask, 0.3, v_up=torch.randn(3, 5, 8))    # 3 groups of 4 heads
+    with pytest.raises(ValueError, match="v_offset needs v_up"):
+        torch.ops.rewriter.decode_attention(q, k, v, mask, 0.3, v_offset=off)
 
 
 def test_lowering_replaces_only_the_folded_step_sdpa():
@@ -254,6 +274,11 @@ def test_decode_kernels_compile_for_sm90(triton_compiler, form):
     _compile_sm90(triton_decode._decode_reduce, {"Part": "*fp32", "PartLse": "*fp32", "Out": dt},
                   dict(HEAD_DV=consts["HEAD_DV"], BLOCK_DV=dv, PAD_S=256, BLOCK_S=max(2, min(64, 4096 // dv)),
                        USE_GDC=consts["USE_GDC"]), 4)
+    if form.startswith("mla"):       # the reduce with the value up-projection (448 latent values -> 64 per head)
+        _compile_sm90(triton_decode._decode_reduce_up, {"Part": "*fp32", "PartLse": "*fp32", "Up": dt, "Off": dt,
+                                                        "Out": dt},
+                      dict(HEAD_DV=448, BLOCK_DV=dv, PAD_DV=512, DOUT=64, PAD_DOUT=64, PAD_S=256,
+                           BLOCK_S=max(2, min(64, 4096 // dv)), HAS_OFF=True, USE_GDC=True), 4)
 
 
 # --- rewriter::rotary: RoPE on one tensor, the decode step's fused form of HF's apply_rotary_pos_emb ---------------

@@ -236,9 +236,11 @@ def absorbed_attention(module, query, key, value, attention_mask, *, mla_cache: 
     u = qc[..., :R]
     q_rope = u * cu + rotate_half(u) * su                                     # E_h^T q_j
     q_lat = qc[..., R:]                                                       # A_h^T q_pre_j
+    # P_v,h (sum_s p_s l_s) + o_v,h for head j of KV head h = j // G: the op's up-projection (on CUDA inside its
+    # reduce kernel; the reference runs the matmul and add the step ran before)
     out = torch.ops.rewriter.decode_attention(q_lat, value, value, attention_mask, scale, q_rope, key,
-                                              torch.zeros(1, dtype=torch.long, device=query.device))   # (B, 1, H, r)
-    out = out.reshape(B, Hkv, G, -1) @ Vu.transpose(-1, -2) + ov[:, None, :]          # P_v,h (sum p l) + o_v,h
+                                              torch.zeros(1, dtype=torch.long, device=query.device), Vu,
+                                              ov)                                       # (B, 1, H, D)
     return out.reshape(B, 1, H, D), None
 
 

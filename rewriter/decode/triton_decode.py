@@ -174,6 +174,48 @@ def _decode_reduce(
 REDUCE_BLOCK_DV = 128     # output values per reduce program (rows up to 128 wide: one program per row, as before)
 
 
+@triton.jit
+def _decode_reduce_up(
+    Part, PartLse, Up, Off, Out,
+    s_pr, s_ps, s_lr, s_or, s_uu, s_uo, s_ud, s_fu, s_fo, splits, heads, per_group,
+    HEAD_DV: tl.constexpr, BLOCK_DV: tl.constexpr, PAD_DV: tl.constexpr, DOUT: tl.constexpr, PAD_DOUT: tl.constexpr,
+    PAD_S: tl.constexpr, BLOCK_S: tl.constexpr, HAS_OFF: tl.constexpr, USE_GDC: tl.constexpr,
+):
+    """The reduce with the up-projection (decode_attention's v_up): one program per row (b, kv head, query head),
+    its whole HEAD_DV output reduced in blocks of BLOCK_DV and each block multiplied into the row's DOUT values by
+    the group's v_up (rows are grouped per_group at a time, in order), plus v_offset; fp32 throughout, one rounding."""
+    if USE_GDC:
+        _gdc_wait()
+    row = tl.program_id(0)
+    grp = (row % heads) // per_group              # rows: (b, kv head, query head); heads = Hkv x G per b
+    offs_s = tl.arange(0, PAD_S)
+    lse = tl.load(PartLse + row * s_lr + offs_s, mask=offs_s < splits, other=float("-inf"))
+    m = tl.max(lse, 0)
+    m_safe = tl.where(m == float("-inf"), 0.0, m)
+    norm = tl.sum(tl.exp2(lse - m_safe), 0)
+    inv = 1.0 / tl.where(norm > 0.0, norm, 1.0)
+    offs_o = tl.arange(0, PAD_DOUT)
+    o_ok = offs_o < DOUT
+    y = tl.zeros([PAD_DOUT], tl.float32)
+    for d0 in range(0, PAD_DV, BLOCK_DV):
+        offs_dv = d0 + tl.arange(0, BLOCK_DV)
+        dv_ok = offs_dv < HEAD_DV
+        acc = tl.zeros([BLOCK_DV], tl.float32)
+        for s0 in range(0, splits, BLOCK_S):
+            offs = s0 + tl.arange(0, BLOCK_S)
+            ok = offs < splits
+            w = tl.exp2(tl.load(PartLse + row * s_lr + offs, mask=ok, other=float("-inf")) - m_safe)
+            part = tl.load(Part + row * s_pr + offs[:, None] * s_ps + offs_dv[None, :],
+                           mask=ok[:, None] & dv_ok[None, :], other=0.0)
+            acc += tl.sum(w[:, None] * part, 0)
+        up = tl.load(Up + grp * s_uu + offs_o[:, None] * s_uo + offs_dv[None, :] * s_ud,
+                     mask=o_ok[:, None] & dv_ok[None, :], other=0.0).to(tl.float32)
+        y += tl.sum(up * (acc * inv)[None, :], 1)
+    if HAS_OFF:
+        y += tl.load(Off + grp * s_fu + offs_o * s_fo, mask=o_ok, other=0.0).to(tl.float32)
+    tl.store(Out + row * s_or + offs_o, y.to(Out.dtype.element_ty), mask=o_ok)
+
+
 def _launchable(kernel, pdl: bool = False):
     """`kernel` through torch.library.wrap_triton when it is a compiled JITFunction (so torch.compile / AOTInductor
     can trace the launch), except with PDL (fused.pdl: never while tracing; the wrapper does not pass the launch
@@ -291,12 +333,14 @@ def launch_plan(B: int, Hkv: int, G: int, L: int, D: int, Dv: int, Dx: int, shar
 
 def decode_attention_triton(q: Tensor, k: Tensor, v: Tensor, valid: Tensor, scale: float,
                             q_extra: Tensor | None = None, k_extra: Tensor | None = None,
-                            extra_start: Tensor | None = None, splits: tuple[int, int] | None = None) -> Tensor:
+                            extra_start: Tensor | None = None, splits: tuple[int, int] | None = None,
+                            v_up: Tensor | None = None, v_offset: Tensor | None = None) -> Tensor:
     """q (B, Hkv, G, D): the G query heads of each KV head; k (B, Hkv, L, D), v (B, Hkv, L, Dv); valid (B, L) bool
     (any strides: an expanded mask reads as is). Optional second key region: q_extra (B, Hkv, G, Dx) and k_extra
     (B, Hkv, R, Dx) add q_extra . k_extra[s - extra_start] to slots extra_start .. extra_start + R - 1 (extra_start
-    a (1,) long tensor on the device, read by the kernel). Returns (B, Hkv, G, Dv) in q's dtype.
-    `splits`: (splits, chunk) instead of split_plan's."""
+    a (1,) long tensor on the device, read by the kernel). Returns (B, Hkv, G, Dv) in q's dtype; with v_up (U, Dout,
+    Dv) (and v_offset (U, Dout)) each head's output through its group's v_up (+ v_offset) inside the reduce:
+    (B, Hkv, G, Dout) (decode/attention.up_projection). `splits`: (splits, chunk) instead of split_plan's."""
     B, Hkv, G, D = q.shape
     L, Dv = k.shape[2], v.shape[-1]
     shared = k.data_ptr() == v.data_ptr() and k.shape == v.shape and k.stride() == v.stride() and k.stride(-1) == 1
@@ -329,9 +373,23 @@ def decode_attention_triton(q: Tensor, k: Tensor, v: Tensor, valid: Tensor, scal
         DOT_PRECISION="tf32" if half else "ieee", TRANSPOSED=cfg["transposed"], num_warps=cfg["num_warps"],
         num_stages=cfg["num_stages"], **launch,
     )
-    out = torch.empty(B, Hkv, G, Dv, dtype=q.dtype, device=q.device)
-    rows_part, rows_lse, rows_out = part.view(-1, n_splits, Dv), part_lse.view(-1, n_splits), out.view(-1, Dv)
+    rows_part, rows_lse = part.view(-1, n_splits, Dv), part_lse.view(-1, n_splits)
     block_dv = min(_pad(Dv), REDUCE_BLOCK_DV)
+    if v_up is not None:
+        U, Dout = v_up.shape[:2]
+        dtype = q.dtype if v_offset is None else torch.promote_types(q.dtype, v_offset.dtype)
+        out = torch.empty(B, Hkv, G, Dout, dtype=dtype, device=q.device)
+        off = v_offset if v_offset is not None else v_up
+        _launchable(_decode_reduce_up, launch["USE_GDC"])[(B * Hkv * G,)](
+            rows_part, rows_lse, v_up, off, out, rows_part.stride(0), rows_part.stride(1), rows_lse.stride(0),
+            Dout, v_up.stride(0), v_up.stride(1), v_up.stride(2), off.stride(0), off.stride(1), n_splits,
+            Hkv * G, Hkv * G // U, HEAD_DV=Dv, BLOCK_DV=block_dv, PAD_DV=_pad(Dv), DOUT=Dout, PAD_DOUT=_pad(Dout),
+            PAD_S=max(16, triton.next_power_of_2(n_splits)), BLOCK_S=max(2, min(64, 4096 // block_dv)),
+            HAS_OFF=v_offset is not None, num_warps=4, **launch,
+        )
+        return out
+    out = torch.empty(B, Hkv, G, Dv, dtype=q.dtype, device=q.device)
+    rows_out = out.view(-1, Dv)
     _launchable(_decode_reduce, launch["USE_GDC"])[(B * Hkv * G, triton.cdiv(Dv, block_dv))](
         rows_part, rows_lse, rows_out, rows_part.stride(0), rows_part.stride(1), rows_lse.stride(0),
         rows_out.stride(0), n_splits, HEAD_DV=Dv, BLOCK_DV=block_dv,

@@ -111,6 +111,15 @@ decode-passes|decode-pdl)   # issue 14: batch 1 at 4K / 32K: the unthinned step 
     --variants ${KV_PASS_VARIANTS:-original kv-window4+1020 think0.5 mla-decoupled0.5} --static-peer-contexts --profile-steps 2 \
     --budget-s $(( ${KV_TIMEOUT:-400} - 40 )) > "$OUT/kv_passes.log" 2>&1
   echo "kv rc=$?"; grep '^{' "$OUT/kv_passes.log" | cut -c1-240;;
+decode-mla-up)   # issue 14: the absorbed mla step with its value up-projection in the decode reduce (default) and
+                 # as the matmul + add after it (REWRITER_DECODE_FUSED_UP=0), beside the unthinned step
+  REWRITER_DECODE_FUSED_UP=0 timeout 200 python benchmarks/kv.py --out "$OUT/kv_${KV_TAG:-h200}_mla_unfused.json" \
+    --contexts 4096 32768 --variants mla-decoupled0.5 --static-peer-contexts --profile-steps 2 --budget-s 180 \
+    > "$OUT/kv_mla_unfused.log" 2>&1
+  echo "kv unfused rc=$?"; grep '^{' "$OUT/kv_mla_unfused.log" | cut -c1-240
+  timeout 300 python benchmarks/kv.py --out "$OUT/kv_${KV_TAG:-h200}_mla_up.json" --contexts 4096 32768 \
+    --variants original mla-decoupled0.5 --static-peer-contexts --profile-steps 2 --budget-s 280 > "$OUT/kv_mla_up.log" 2>&1
+  echo "kv rc=$?"; grep '^{' "$OUT/kv_mla_up.log" | cut -c1-240;;
 decode-mla)   # issue 14: the latent MLA step's split-K attention with larger partial shares (more programs)
   timeout ${KV_TIMEOUT:-560} python benchmarks/kv.py --out "$OUT/kv_${KV_TAG:-h200}_mla.json" --contexts 4096 32768 \
     --variants ${KV_MLA_VARIANTS:-original mla-decoupled0.5} --split-sweep-variants mla-decoupled0.5 \
@@ -138,6 +147,6 @@ decode-batch)   # issue 14: batches 1 / 8 / 32 at 4K against transformers' stati
     --variants original --batch-variants original --compile-variants original --static-peer-contexts 4096 \
     > "$OUT/kv_batch.log" 2>&1
   echo "kv rc=$?"; grep '^{' "$OUT/kv_batch.log" | cut -c1-300;;
-*) echo "usage: $0 kernels|models|forms|compiled|fused|issue13|attention|exact|band|decode|decode-gemv|decode-passes|decode-pdl|decode-mla|decode-attn|decode-fused|decode-batch"
+*) echo "usage: $0 kernels|models|forms|compiled|fused|issue13|attention|exact|band|decode|decode-gemv|decode-passes|decode-pdl|decode-mla-up|decode-mla|decode-attn|decode-fused|decode-batch"
    exit 2;;
 esac

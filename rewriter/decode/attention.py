@@ -12,7 +12,7 @@ CPU step computes exactly what it did before the op existed; on CUDA the op runs
 (triton_decode.py), reading each chunk of keys and values once per KV head. The optional up-projection maps each
 head's output through a matrix of its group (the Hkv x G heads in U equal groups, in order) plus an offset:
 MLA's absorbed step (absorbed.py) attends in its latent and multiplies by P_v,h there; the kernel does it in its
-reduce, one kernel instead of three.
+reduce, one kernel instead of three (REWRITER_DECODE_FUSED_UP=0: the attention kernel, then the matmul and add).
 
 The captured step program keeps the model's SDPA call (its canonical attention sites), except dynamic ThinK's,
 whose second key region has no SDPA form; `lower_step_attention` turns the step's folded SDPA calls into this op
@@ -21,6 +21,7 @@ when the runtime builds its in-place step (runtime.inplace_step): lowering picks
 from __future__ import annotations
 
 import contextlib
+import os
 from typing import Optional
 
 import torch
@@ -123,6 +124,9 @@ def _decode_attention_cuda(q, k, v, mask, scale, q_extra=None, k_extra=None, ext
         return decode_attention_reference(q, k, v, mask, scale, q_extra, k_extra, extra_start, v_up, v_offset)
     from .triton_decode import decode_attention_triton
     valid = mask[:, 0, 0, :].expand(q.shape[0], k.shape[2])
+    if v_up is not None and os.environ.get("REWRITER_DECODE_FUSED_UP", "1") == "0":    # A / B: the unfused form
+        out = decode_attention_triton(q, k, v, valid, scale, q_extra, k_extra, extra_start)
+        return up_projection(out, v_up, v_offset)
     return decode_attention_triton(q, k, v, valid, scale, q_extra, k_extra, extra_start, v_up=v_up,
                                    v_offset=v_offset)
 

@@ -41,8 +41,9 @@ TILES = {
     "mla": [None, (32, 32, 8, 2, False), (32, 64, 8, 2, False), (32, 64, 4, 2, False), (32, 64, 8, 3, False),
             (64, 32, 8, 2, False), (64, 32, 4, 2, False), (16, 32, 8, 2, False)],
 }
-# split plans tried: (programs per SM, partial share), None = split_plan's default
-SPLITS = [None, (4, 1.0), (2, 1.0), (8, 0.25), (2, 0.25), (1, 0.5)]
+# split plans tried: (programs per SM, partial share[, fewest slots per chunk]), None = split_plan's default; 64-slot
+# chunks let the latent's 4K cache reach 64 SMs (32 with split_plan's 128-slot floor)
+SPLITS = [None, (4, 1.0), (2, 1.0), (8, 0.25), (2, 0.25), (1, 0.5), (1, 1.0, 64), (4, 1.0, 64)]
 
 
 def main() -> int:
@@ -82,12 +83,12 @@ def main() -> int:
                         skipped.append({"shape": name, "context": L, "tile": tile, "split": split, "why": "budget"})
                         continue
                     t_ctx = set_tiles() if tile is None else set_tiles(*tile)
-                    s_ctx = set_split() if split is None else set_split(programs_per_sm=split[0],
-                                                                        partial_share=split[1])
+                    plan_kw = None if split is None else dict(zip(("programs_per_sm", "partial_share",
+                                                                   "min_chunk"), split))
+                    s_ctx = set_split() if split is None else set_split(**plan_kw)
                     config = {"tile": "default" if tile is None else dict(zip(
                         ("block_h", "block_n", "num_warps", "num_stages", "transposed"), tile)),
-                        "split": "default" if split is None else {"programs_per_sm": split[0],
-                                                                   "partial_share": split[1]}}
+                        "split": "default" if split is None else plan_kw}
                     try:
                         with t_ctx, s_ctx:
                             cfg, _, plan = launch_plan(1, Hkv, G, L, D, Dv or D, Dx, Dv == 0, dev)

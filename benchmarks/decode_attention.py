@@ -42,8 +42,8 @@ TILES = {
             (64, 32, 8, 2, False), (64, 32, 4, 2, False), (16, 32, 8, 2, False)],
 }
 # split plans tried: (programs per SM, partial share[, fewest slots per chunk]), None = split_plan's default; 64-slot
-# chunks let the latent's 4K cache reach 64 SMs (32 with split_plan's 128-slot floor)
-SPLITS = [None, (4, 1.0), (2, 1.0), (8, 0.25), (2, 0.25), (1, 0.5), (1, 1.0, 64), (4, 1.0, 64)]
+# chunks (partials up to twice their cache bytes) let the latent's 4K cache reach 64 SMs (32 with the defaults)
+SPLITS = [None, (4, 1.0), (2, 1.0), (8, 0.25), (2, 0.25), (1, 0.5), (1, 2.0, 64), (4, 2.0, 64)]
 
 
 def main() -> int:

@@ -197,6 +197,27 @@ def test_window_covering_everything_is_exact_sdpa(causal):
     torch.testing.assert_close(out, expected, atol=2e-5, rtol=1e-4)
 
 
+@pytest.mark.parametrize("B,H,Hkv,Lq,Lk,causal,window,sinks", [
+    (2, 4, 2, 130, 130, False, 32, 4), (2, 4, 2, 130, 130, True, 32, 4), (1, 4, 1, 7, 150, True, 16, 2),
+    (2, 2, 2, 200, 200, False, 300, 0), (1, 2, 2, 65, 65, True, 1, 1), (2, 2, 2, 96, 96, False, 5, 70),
+    (2, 2, 1, 150, 150, False, 64, 0)])
+def test_window_cpu_band_path_equals_the_reference(B, H, Hkv, Lq, Lk, causal, window, sinks):
+    """The CPU kernel (SDPA per block of query rows over the keys its band reaches, sinks joined) against the
+    reference's gathered blocks: queries at the end of longer keys, GQA, sinks left of, inside and past the band, a
+    window wider than the sequence, padded rows that see no key (zeros)."""
+    from rewriter.attention.sparse import window_attention_cpu, window_attention_impl
+    q, k, v, key_mask = random_qkv(B, H, Hkv, Lq, Lk, 16, True, seed=3)
+    key_mask[-1, :Lk - 20] = False                           # the last row: keys only at its end
+    for mask in (None, key_mask):
+        ref = window_attention_impl(q, k, v, mask, causal, 0.3, window, sinks)
+        out = window_attention_cpu(q, k, v, mask, causal, 0.3, window, sinks)
+        assert out.shape == ref.shape and torch.isfinite(out).all()
+        torch.testing.assert_close(out, ref, atol=2e-6, rtol=1e-5)
+    # ALiBi and softcaps take the reference; so does REWRITER_ATTENTION_REFERENCE=1
+    ref = window_attention_impl(q, k, v, key_mask, causal, 0.3, window, sinks, 64, [0.5] * H, 5.0)
+    assert torch.equal(window_attention_cpu(q, k, v, key_mask, causal, 0.3, window, sinks, 64, [0.5] * H, 5.0), ref)
+
+
 def test_window_layout_visits_only_band_blocks():
     kv_index, kv_count = window_layout(100, 100, 16, 20, 4, True, "cpu")
     assert kv_index.dtype == torch.int32 and kv_index.shape[:3] == (1, 1, 7)

@@ -211,9 +211,14 @@ def test_window_cpu_band_path_equals_the_reference(B, H, Hkv, Lq, Lk, causal, wi
     for mask in (None, key_mask):
         ref = window_attention_impl(q, k, v, mask, causal, 0.3, window, sinks)
         out = window_attention_cpu(q, k, v, mask, causal, 0.3, window, sinks)
-        assert out.shape == ref.shape and torch.isfinite(out).all()
+        assert out.shape == ref.shape and torch.isfinite(out).all() and out.is_contiguous()
         torch.testing.assert_close(out, ref, atol=2e-6, rtol=1e-5)
     # ALiBi and softcaps take the reference; so does REWRITER_ATTENTION_REFERENCE=1
+    # a window holding every pair: one dense call, contiguous as every attention op's result
+    full = window_attention_cpu(q, k, v, key_mask, False, 0.3, 2 * Lk + 1, 0)
+    assert full.is_contiguous()
+    torch.testing.assert_close(full, window_attention_impl(q, k, v, key_mask, False, 0.3, 2 * Lk + 1, 0), atol=2e-6,
+                               rtol=1e-5)
     ref = window_attention_impl(q, k, v, key_mask, causal, 0.3, window, sinks, 64, [0.5] * H, 5.0)
     assert torch.equal(window_attention_cpu(q, k, v, key_mask, causal, 0.3, window, sinks, 64, [0.5] * H, 5.0), ref)
 

@@ -372,8 +372,9 @@ def window_attention_cpu(q, k, v, key_mask, causal, scale, window, sinks, block=
             o = torch.nn.functional.scaled_dot_product_attention(
                 q, *kv, attn_mask=None if valid is None else valid[:, None, None, :], scale=scale,
                 is_causal=causal)
-            return o if valid is None else torch.where(valid.any(-1)[:, None, None, None], o,
-                                                       torch.zeros((), dtype=o.dtype))
+            if valid is not None:                           # rows of batch entries with no key: 0
+                o = torch.where(valid.any(-1)[:, None, None, None], o, torch.zeros((), dtype=o.dtype))
+            return o.contiguous()                            # the ops' contract (CPU flash returns B, L, H, D)
     out = torch.empty(B, H, Lq, v.shape[-1], dtype=q.dtype, device=q.device)
     positions = torch.arange(Lk, device=q.device)
     for q0 in range(0, Lq, rows):

@@ -64,7 +64,10 @@ def test_method_is_complete(name):
     args = m.positional(kwargs)
     out = m.op(q, k, v, key_mask, True, D ** -0.5, *args)
     assert out.shape == (B, H, L, D) and torch.isfinite(out).all()
-    torch.testing.assert_close(out, m.reference(q, k, v, key_mask, True, D ** -0.5, **kwargs), rtol=0, atol=0)
+    # the op on the CPU runs its reference, bit for bit, except window's band path (SDPA per block of query rows,
+    # sparse.window_attention_cpu: the same pairs, fp32 rounding apart)
+    atol, rtol = (2e-6, 1e-5) if name == "window" else (0, 0)
+    torch.testing.assert_close(out, m.reference(q, k, v, key_mask, True, D ** -0.5, **kwargs), rtol=rtol, atol=atol)
     with FakeTensorMode() as mode:                       # the fake: programs holding the op still export
         fq, fk, fv, fm = (mode.from_tensor(t) for t in (q, k, v, key_mask))
         fargs = tuple(mode.from_tensor(a) if isinstance(a, torch.Tensor) else a for a in args)

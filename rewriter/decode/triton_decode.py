@@ -55,9 +55,9 @@ def _decode_split(
     BLOCK_H)), so the MMA's M is the slots and the value width rather than the few query heads (Hopper's wgmma wants
     M >= 64: MLA's 32 heads of one shared latent). USE_GDC: launched with PDL (the cache slot just written and the
     query come from the kernels before: nothing is read before the wait). It does not let the reduce launch early:
-    the reduce's programs would then be placed while these hold the SMs, on the few SMs left free (MLA's 128 chunks
-    on an H100's 132 SMs: its reduce took 0.77 instead of 0.11 ms per step at 32K, kv_h100_v11_passes.json); they
-    launch when this kernel ends, spread over every SM."""
+    with the trigger MLA's reduce took 0.77 instead of 0.10 ms per step at 32K on the H100 (kv_h100_v11_passes.json
+    against _v12), we think because its programs were placed while these held the SMs, on the few SMs left free
+    (128 chunks on 132 SMs; not profiled per SM); without it they launch when this kernel ends."""
     if USE_GDC:
         tl.extra.cuda.gdc_wait()
     bhg = tl.program_id(0)

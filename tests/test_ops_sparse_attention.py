@@ -201,7 +201,7 @@ def test_window_covering_everything_is_exact_sdpa(causal):
     (2, 4, 2, 130, 130, False, 32, 4), (2, 4, 2, 130, 130, True, 32, 4), (1, 4, 1, 7, 150, True, 16, 2),
     (2, 2, 2, 200, 200, False, 300, 0), (1, 2, 2, 65, 65, True, 1, 1), (2, 2, 2, 96, 96, False, 5, 70),
     (2, 2, 1, 150, 150, False, 64, 0)])
-def test_window_cpu_band_path_equals_the_reference(B, H, Hkv, Lq, Lk, causal, window, sinks):
+def test_window_cpu_band_path_equals_the_reference(B, H, Hkv, Lq, Lk, causal, window, sinks, monkeypatch):
     """The CPU kernel (SDPA per block of query rows over the keys its band reaches, sinks joined) against the
     reference's gathered blocks: queries at the end of longer keys, GQA, sinks left of, inside and past the band, a
     window wider than the sequence, padded rows that see no key (zeros)."""
@@ -213,6 +213,7 @@ def test_window_cpu_band_path_equals_the_reference(B, H, Hkv, Lq, Lk, causal, wi
         out = window_attention_cpu(q, k, v, mask, causal, 0.3, window, sinks)
         assert out.shape == ref.shape and torch.isfinite(out).all() and out.is_contiguous()
         torch.testing.assert_close(out, ref, atol=2e-6, rtol=1e-5)
+    assert window_attention_cpu(q[:, :, :0], k, v, key_mask, causal, 0.3, window, sinks).shape == (B, H, 0, 16)
     # ALiBi and softcaps take the reference; so does REWRITER_ATTENTION_REFERENCE=1
     # a window holding every pair: one dense call, contiguous as every attention op's result
     full = window_attention_cpu(q, k, v, key_mask, False, 0.3, 2 * Lk + 1, 0)
@@ -221,6 +222,9 @@ def test_window_cpu_band_path_equals_the_reference(B, H, Hkv, Lq, Lk, causal, wi
                                rtol=1e-5)
     ref = window_attention_impl(q, k, v, key_mask, causal, 0.3, window, sinks, 64, [0.5] * H, 5.0)
     assert torch.equal(window_attention_cpu(q, k, v, key_mask, causal, 0.3, window, sinks, 64, [0.5] * H, 5.0), ref)
+    monkeypatch.setenv("REWRITER_ATTENTION_REFERENCE", "1")
+    assert torch.equal(window_attention_cpu(q, k, v, key_mask, causal, 0.3, window, sinks),
+                       window_attention_impl(q, k, v, key_mask, causal, 0.3, window, sinks))
 
 
 def test_window_layout_visits_only_band_blocks():

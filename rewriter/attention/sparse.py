@@ -364,7 +364,7 @@ def window_attention_cpu(q, k, v, key_mask, causal, scale, window, sinks, block=
     offset = Lk - Lq                                         # query i sits at key position i + offset
     rows = CPU_QUERY_BLOCK * (2 if window > 512 else 1)
     if rows + window + sinks >= Lk:                          # a block's band would hold every key: one call
-        rows = Lq
+        rows = max(Lq, 1)
     valid = None if key_mask is None else key_mask.to(torch.bool)
     if left >= Lq - 1 + offset and (causal or right >= Lk - 1 - offset):     # the window holds every pair
         kv = (k, v) if Hkv == H else (expand_kv(k, H), expand_kv(v, H))

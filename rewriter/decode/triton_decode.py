@@ -139,21 +139,11 @@ def _decode_split(
 
 
 @triton.jit
-def _decode_reduce(
-    Part, PartLse, Out,
-    s_pr, s_ps, s_lr, s_or, splits,
-    HEAD_DV: tl.constexpr, BLOCK_DV: tl.constexpr, PAD_S: tl.constexpr, BLOCK_S: tl.constexpr,
-    USE_GDC: tl.constexpr,
-):
-    """One (row, BLOCK_DV output values) per program: rows are (b, kv head, query head of the group) flattened. The
-    value blocks are programs of their own so that wide rows (MLA's 448 latent values) with many splits still fill
-    the GPU (32 rows x one program each took 45 us per layer at 32K on the H100, kv_h100_v6_mla.json)."""
-    if USE_GDC:
-        _gdc_wait()
-    row = tl.program_id(0)
+def _combined(Part, PartLse, row, s_pr, s_ps, s_lr, splits, offs_dv, dv_ok, PAD_S: tl.constexpr,
+              BLOCK_DV: tl.constexpr, BLOCK_S: tl.constexpr):
+    """Row `row`'s output values offs_dv: the chunks' partial outputs weighted by exp2(lse_s - max lse), normalised
+    (fp32, BLOCK_DV,). Rows that saw no slot give 0."""
     offs_s = tl.arange(0, PAD_S)
-    offs_dv = tl.program_id(1) * BLOCK_DV + tl.arange(0, BLOCK_DV)
-    dv_ok = offs_dv < HEAD_DV
     m = tl.max(tl.load(PartLse + row * s_lr + offs_s, mask=offs_s < splits, other=float("-inf")), 0)
     m_safe = tl.where(m == float("-inf"), 0.0, m)
     acc = tl.zeros([BLOCK_DV], tl.float32)
@@ -167,7 +157,25 @@ def _decode_reduce(
         acc += tl.sum(w[:, None] * part, 0)
         total += w
     norm = tl.sum(total, 0)
-    out = acc / tl.where(norm > 0.0, norm, 1.0)
+    return acc / tl.where(norm > 0.0, norm, 1.0)
+
+
+@triton.jit
+def _decode_reduce(
+    Part, PartLse, Out,
+    s_pr, s_ps, s_lr, s_or, splits,
+    HEAD_DV: tl.constexpr, BLOCK_DV: tl.constexpr, PAD_S: tl.constexpr, BLOCK_S: tl.constexpr,
+    USE_GDC: tl.constexpr,
+):
+    """One (row, BLOCK_DV output values) per program: rows are (b, kv head, query head of the group) flattened. The
+    value blocks are programs of their own so that wide rows (MLA's 448 latent values) with many splits still fill
+    the GPU (32 rows x one program each took 45 us per layer at 32K on the H100, kv_h100_v6_mla.json)."""
+    if USE_GDC:
+        _gdc_wait()
+    row = tl.program_id(0)
+    offs_dv = tl.program_id(1) * BLOCK_DV + tl.arange(0, BLOCK_DV)
+    dv_ok = offs_dv < HEAD_DV
+    out = _combined(Part, PartLse, row, s_pr, s_ps, s_lr, splits, offs_dv, dv_ok, PAD_S, BLOCK_DV, BLOCK_S)
     tl.store(Out + row * s_or + offs_dv, out.to(Out.dtype.element_ty), mask=dv_ok)
 
 
@@ -188,29 +196,16 @@ def _decode_reduce_up(
         _gdc_wait()
     row = tl.program_id(0)
     grp = (row % heads) // per_group              # rows: (b, kv head, query head); heads = Hkv x G per b
-    offs_s = tl.arange(0, PAD_S)
-    lse = tl.load(PartLse + row * s_lr + offs_s, mask=offs_s < splits, other=float("-inf"))
-    m = tl.max(lse, 0)
-    m_safe = tl.where(m == float("-inf"), 0.0, m)
-    norm = tl.sum(tl.exp2(lse - m_safe), 0)
-    inv = 1.0 / tl.where(norm > 0.0, norm, 1.0)
     offs_o = tl.arange(0, PAD_DOUT)
     o_ok = offs_o < DOUT
     y = tl.zeros([PAD_DOUT], tl.float32)
     for d0 in range(0, PAD_DV, BLOCK_DV):
         offs_dv = d0 + tl.arange(0, BLOCK_DV)
         dv_ok = offs_dv < HEAD_DV
-        acc = tl.zeros([BLOCK_DV], tl.float32)
-        for s0 in range(0, splits, BLOCK_S):
-            offs = s0 + tl.arange(0, BLOCK_S)
-            ok = offs < splits
-            w = tl.exp2(tl.load(PartLse + row * s_lr + offs, mask=ok, other=float("-inf")) - m_safe)
-            part = tl.load(Part + row * s_pr + offs[:, None] * s_ps + offs_dv[None, :],
-                           mask=ok[:, None] & dv_ok[None, :], other=0.0)
-            acc += tl.sum(w[:, None] * part, 0)
+        o = _combined(Part, PartLse, row, s_pr, s_ps, s_lr, splits, offs_dv, dv_ok, PAD_S, BLOCK_DV, BLOCK_S)
         up = tl.load(Up + grp * s_uu + offs_o[:, None] * s_uo + offs_dv[None, :] * s_ud,
                      mask=o_ok[:, None] & dv_ok[None, :], other=0.0).to(tl.float32)
-        y += tl.sum(up * (acc * inv)[None, :], 1)
+        y += tl.sum(up * o[None, :], 1)
     if HAS_OFF:
         y += tl.load(Off + grp * s_fu + offs_o * s_fo, mask=o_ok, other=0.0).to(tl.float32)
     tl.store(Out + row * s_or + offs_o, y.to(Out.dtype.element_ty), mask=o_ok)

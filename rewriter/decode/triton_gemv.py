@@ -53,11 +53,10 @@ def gemv_config(kind: str, n: int, k: int) -> tuple[int, int, int, int]:
 
 
 @triton.jit
-def _first_weights(w_ptr, n0, N, K, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, EVEN_K: tl.constexpr):
-    """Rows n0 .. n0 + BLOCK_N of w (N, K), columns 0 .. BLOCK_K: the first K step's weights (a constant of the
-    step: read before waiting on the kernel that writes x)."""
+def _weights(w_ptr, n0, N, K, k0, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, EVEN_K: tl.constexpr):
+    """Rows n0 .. n0 + BLOCK_N of w (N, K), columns k0 .. k0 + BLOCK_K (zeros past N and K)."""
     rn = n0 + tl.arange(0, BLOCK_N)
-    rk = tl.arange(0, BLOCK_K)
+    rk = k0 + tl.arange(0, BLOCK_K)
     rows = w_ptr + rn.to(tl.int64)[:, None] * K
     if EVEN_K:
         return tl.load(rows + rk[None, :], mask=(rn < N)[:, None], other=0.0)
@@ -65,34 +64,28 @@ def _first_weights(w_ptr, n0, N, K, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr
 
 
 @triton.jit
+def _x_block(X, K, k0, BLOCK_K: tl.constexpr, EVEN_K: tl.constexpr):
+    """x[k0 .. k0 + BLOCK_K] in fp32 (zeros past K)."""
+    rk = k0 + tl.arange(0, BLOCK_K)
+    if EVEN_K:
+        return tl.load(X + rk).to(tl.float32)
+    return tl.load(X + rk, mask=rk < K, other=0.0).to(tl.float32)
+
+
+@triton.jit
 def _row_block(X, w_ptr, w_first, n0, N, K, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, EVEN_K: tl.constexpr,
                HAS_FIRST: tl.constexpr):
     """x (K,) times rows n0 .. n0 + BLOCK_N of w (N, K): (BLOCK_N,) fp32. The products accumulate elementwise over
-    the K steps and are reduced once at the end. HAS_FIRST: w_first holds the first K step's weights
-    (_first_weights), loaded before x could be read; the sums are the same in either case."""
-    rn = n0 + tl.arange(0, BLOCK_N)
-    nmask = rn < N
-    rows = w_ptr + rn.to(tl.int64)[:, None] * K
+    the K steps and are reduced once at the end. HAS_FIRST: w_first holds the first K step's weights (_weights at
+    k0 = 0, loaded before x could be read, PDL); the sums are the same in either case."""
     acc = tl.zeros((BLOCK_N, BLOCK_K), dtype=tl.float32)
     start = 0
     if HAS_FIRST:
-        rk = tl.arange(0, BLOCK_K)
-        if EVEN_K:
-            x = tl.load(X + rk)
-        else:
-            x = tl.load(X + rk, mask=rk < K, other=0.0)
-        acc += w_first.to(tl.float32) * x.to(tl.float32)[None, :]
+        acc += w_first.to(tl.float32) * _x_block(X, K, 0, BLOCK_K, EVEN_K)[None, :]
         start = BLOCK_K
     for k0 in range(start, K, BLOCK_K):
-        rk = k0 + tl.arange(0, BLOCK_K)
-        if EVEN_K:
-            w = tl.load(rows + rk[None, :], mask=nmask[:, None], other=0.0)
-            x = tl.load(X + rk)
-        else:
-            kmask = rk < K
-            w = tl.load(rows + rk[None, :], mask=nmask[:, None] & kmask[None, :], other=0.0)
-            x = tl.load(X + rk, mask=kmask, other=0.0)
-        acc += w.to(tl.float32) * x.to(tl.float32)[None, :]
+        acc += _weights(w_ptr, n0, N, K, k0, BLOCK_N, BLOCK_K, EVEN_K).to(tl.float32) * \
+            _x_block(X, K, k0, BLOCK_K, EVEN_K)[None, :]
     return tl.sum(acc, axis=1)
 
 
@@ -116,7 +109,7 @@ def _gemv_kernel(X, W0, W1, W2, Y, K, N0, N1, N2, P0, P1,
         N = N2
         col = N0 + N1
     if USE_GDC:     # the first weights while the kernel before finishes, then wait for x
-        w_first = _first_weights(w_ptr, n0, N, K, BLOCK_N, BLOCK_K, EVEN_K)
+        w_first = _weights(w_ptr, n0, N, K, 0, BLOCK_N, BLOCK_K, EVEN_K)
         _gdc_wait()
     else:
         w_first = 0.0
@@ -131,8 +124,8 @@ def _swiglu_gemv_kernel(X, WG, WU, Y, K, N, BLOCK_N: tl.constexpr, BLOCK_K: tl.c
     n0 = tl.program_id(0) * BLOCK_N
     DT: tl.constexpr = Y.dtype.element_ty
     if USE_GDC:     # both weights' first blocks while the kernel before finishes, then wait for x
-        g_first = _first_weights(WG, n0, N, K, BLOCK_N, BLOCK_K, EVEN_K)
-        u_first = _first_weights(WU, n0, N, K, BLOCK_N, BLOCK_K, EVEN_K)
+        g_first = _weights(WG, n0, N, K, 0, BLOCK_N, BLOCK_K, EVEN_K)
+        u_first = _weights(WU, n0, N, K, 0, BLOCK_N, BLOCK_K, EVEN_K)
         _gdc_wait()
     else:
         g_first = 0.0

@@ -13,9 +13,10 @@
 #                                     # decode-fused: every pass at 32K with the Inductor-fused step;
 #                                     # decode-mla: the MLA step's decode-attention split sweep;
 #                                     # decode-gemv: the step's gemv kernels swept, then decode with them;
-#                                     # decode-passes: no pass, kv-window and think only;
-#                                     # decode-attn: decode attention tiles swept, then mla / original decode;
-#                                     # decode-pdl: the step with and without programmatic dependent launch)
+#                                     # decode-passes (= decode-pdl): no pass without PDL, then no pass, kv-window,
+#                                     #   think and mla with it; decode-mla-up: mla with / without its up-projection
+#                                     #   in the decode reduce;
+#                                     # decode-attn: decode attention tiles swept, then mla / original decode)
 # Results go to $OUT (default ./out). fla-core comes from a wheel carried in .gpu_kernels2/.whl (no network there):
 #   pip download fla-core==0.6.0 --no-deps -d .gpu_kernels2/.whl   (then carry .gpu_kernels2/.whl with the run)
 set -u

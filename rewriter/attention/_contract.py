@@ -15,6 +15,7 @@ sees no key at all returns zeros (never NaN).
 """
 from __future__ import annotations
 
+import os
 import weakref
 from dataclasses import dataclass
 from typing import Any, Callable, Optional
@@ -38,6 +39,11 @@ def check_qkv(q: Tensor, k: Tensor, v: Tensor, key_mask: Tensor | None) -> tuple
     if key_mask is not None and (key_mask.dim() != 2 or key_mask.shape[0] != B or key_mask.shape[1] != Lk):
         raise ValueError(f"key_mask must be (B, Lk) = ({B}, {Lk}); got {tuple(key_mask.shape)}")
     return B, H, Hkv, Lq, Lk, D
+
+
+def use_reference() -> bool:
+    """REWRITER_ATTENTION_REFERENCE=1 forces the PyTorch reference implementations of the attention ops."""
+    return os.environ.get("REWRITER_ATTENTION_REFERENCE") == "1"
 
 
 def expand_kv(x: Tensor, heads: int) -> Tensor:

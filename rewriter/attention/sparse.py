@@ -22,8 +22,8 @@ from torch import Tensor
 
 from . import _onnx as ox
 from ._contract import (METHODS, AttentionConfig, AttentionCost, AttentionMethod, allowed_mask, check_qkv, check_softcap,
-                        empty_output, exact_attention_cost, expand_kv, register_method, window_extents,
-                        window_from)
+                        empty_output, exact_attention_cost, expand_kv, register_method, use_reference,
+                        window_extents, window_from)
 from .block_sparse import (_device_copy, _pad_to, _query_block_span, band_layout, block_sparse_attention_reference,
                            check_alibi, layout_from_block_mask, num_blocks)
 
@@ -351,10 +351,9 @@ def window_attention_cpu(q, k, v, key_mask, causal, scale, window, sinks, block=
     the reference, so a row computes about window + sinks scores instead of the reference's gathered key blocks
     (its block layout, copies and masks cost 4.5-9x dense SDPA on two cores) or dense SDPA's Lk. Rows that see no
     key give 0, as the reference. ALiBi, softcaps, float64 and REWRITER_ATTENTION_REFERENCE=1 take the reference."""
-    import os
     check_qkv(q, k, v, key_mask)
     if alibi is not None or softcap > 0 or q.dtype not in (torch.float32, torch.bfloat16, torch.float16) \
-            or os.environ.get("REWRITER_ATTENTION_REFERENCE") == "1":
+            or use_reference():
         return window_attention_impl(q, k, v, key_mask, causal, scale, window, sinks, block, alibi,
                                      softcap).contiguous()
     _check_window_budget(window, sinks, block)

@@ -4,6 +4,8 @@ from __future__ import annotations
 import importlib.util
 import os
 
+from .._contract import use_reference  # noqa: F401  (defined beside the ops: their CPU kernels read it too)
+
 
 def triton_available() -> bool:
     """Triton is importable and can run: a CUDA device is present, or TRITON_INTERPRET=1 (CPU interpreter)."""
@@ -13,8 +15,3 @@ def triton_available() -> bool:
         return True
     import torch
     return torch.cuda.is_available()
-
-
-def use_reference() -> bool:
-    """REWRITER_ATTENTION_REFERENCE=1 forces the PyTorch reference implementations of the attention ops."""
-    return os.environ.get("REWRITER_ATTENTION_REFERENCE") == "1"

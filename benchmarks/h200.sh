@@ -17,6 +17,7 @@
 #                                     #   think and mla with it; decode-mla-up: mla with / without its up-projection
 #                                     #   in the decode reduce;
 #                                     # decode-attn: decode attention tiles swept, then mla / original decode)
+#   bash benchmarks/h200.sh ncu       # Nsight Compute counters of the decode, binary GEMV and band kernels
 # Results go to $OUT (default ./out). fla-core comes from a wheel carried in .gpu_kernels2/.whl (no network there):
 #   pip download fla-core==0.6.0 --no-deps -d .gpu_kernels2/.whl   (then carry .gpu_kernels2/.whl with the run)
 set -u
@@ -148,6 +149,20 @@ decode-batch)   # issue 14: batches 1 / 8 / 32 at 4K against transformers' stati
     --variants original --batch-variants original --compile-variants original --static-peer-contexts 4096 \
     > "$OUT/kv_batch.log" 2>&1
   echo "kv rc=$?"; grep '^{' "$OUT/kv_batch.log" | cut -c1-300;;
-*) echo "usage: $0 kernels|models|forms|compiled|fused|issue13|attention|exact|band|decode|decode-gemv|decode-passes|decode-pdl|decode-mla-up|decode-mla|decode-attn|decode-fused|decode-batch"
+ncu)   # issues 14 / 19: Nsight Compute hardware counters of one call per kernel case (benchmarks/ncu_profile.py):
+       # the details page (throughput, occupancy, warp stalls) as text, the SASS with its per-instruction counters as
+       # CSV. NCU_CASES: case:kernel-regex:kernels-per-call; NCU_SET: ncu's section set
+  NCU=$(command -v ncu || ls /opt/nvidia/nsight-compute/*/ncu 2>/dev/null | tail -1)
+  warm=$(python -c "import sys; sys.path.insert(0, 'benchmarks'); import ncu_profile as m; print(m.WARMUP)")
+  for spec in ${NCU_CASES:-mla32k:_decode_:2 mla4k:_decode_split:1 gqa32k:_decode_:2 bgemv:_binary:1 band32k:_band:1}; do
+    c=${spec%%:*}; rest=${spec#*:}; k=${rest%%:*}; n=${rest#*:}; f="$OUT/ncu_${c}"
+    timeout ${NCU_TIMEOUT:-100} "$NCU" --clock-control none --set ${NCU_SET:-full} --import-source yes -k regex:$k \
+      --launch-skip $(( warm * n )) --launch-count $n -f -o "$f" python benchmarks/ncu_profile.py --case $c > "$f.log" 2>&1
+    echo "ncu $c $k rc=$?"
+    "$NCU" --import "$f.ncu-rep" --page details > "$f.txt" 2>&1
+    "$NCU" --import "$f.ncu-rep" --page source --csv --print-source sass > "${f}_sass.csv" 2>/dev/null
+    grep -E "^  [_a-z]|Duration|DRAM Throughput|Achieved Occupancy|Registers Per|Compute \(SM\) Throughput" "$f.txt" | head -16
+  done;;
+*) echo "usage: $0 kernels|models|forms|compiled|fused|issue13|attention|exact|band|decode|decode-gemv|decode-passes|decode-pdl|decode-mla-up|decode-mla|decode-attn|decode-fused|decode-batch|ncu"
    exit 2;;
 esac

@@ -10,7 +10,7 @@ A timed call attends once per layer of the model (16 layers, each its own cache 
 between uses, as in a decode step) inside one CUDA graph: ms are per step, comparable with kv.py's step profile
 (`_decode_split` + `_decode_reduce`). Each configuration is first checked against float32 SDPA on the same bf16 data
 (max |diff| under 2e-2 of the output's scale) and skipped (recorded with its error) if it fails or does not compile.
-Records: shape, context, config (tiles and split), ms, bytes (cache bytes read per step), read_frac_of_copy (bytes /
+Records: shape, context, config (tiles, split, partials: float32 or half), ms, bytes (cache bytes read per step), read_frac_of_copy (bytes /
 ms over the copy bandwidth measured in the run: read + written bytes per second of a 2 GiB copy), tflops (the
 scores' and outputs' multiply-adds), splits.
 
@@ -52,9 +52,14 @@ def main() -> int:
     parser.add_argument("--shapes", nargs="+", default=list(SHAPES), choices=list(SHAPES))
     parser.add_argument("--contexts", type=int, nargs="+", default=[4096, 32768])
     parser.add_argument("--budget-s", type=float, default=240)
+    parser.add_argument("--partials", nargs="+", default=["float32"], choices=["float32", "half"],
+                        help="stage 1's partial outputs: float32, the cache's half type (triton_decode.set_partials),"
+                             " or both (each configuration timed with each)")
+    parser.add_argument("--default-only", action="store_true", help="only the default tile and split")
     args = parser.parse_args()
     from rewriter.decode.attention import decode_attention_reference
-    from rewriter.decode.triton_decode import decode_attention_triton, launch_plan, set_split, set_tiles
+    from rewriter.decode.triton_decode import (decode_attention_triton, launch_plan, set_partials, set_split,
+                                               set_tiles)
     began = time.perf_counter()
     dev = torch.device("cuda")
     bw = copy_bandwidth()
@@ -77,44 +82,45 @@ def main() -> int:
                                              None if qx is None else kxs[0].float(), start if Dx else None)
             nbytes = LAYERS * 2 * Hkv * L * (D + (Dv or 0) + Dx)
             flops = LAYERS * 2 * Hkv * G * L * (D + Dx + (Dv or D))
-            for tile in TILES[name]:
-                for split in SPLITS:
-                    if time.perf_counter() - began > args.budget_s:
-                        skipped.append({"shape": name, "context": L, "tile": tile, "split": split, "why": "budget"})
-                        continue
-                    t_ctx = set_tiles() if tile is None else set_tiles(*tile)
-                    plan_kw = None if split is None else dict(zip(("programs_per_sm", "partial_share",
-                                                                   "min_chunk"), split))
-                    s_ctx = set_split() if split is None else set_split(**plan_kw)
-                    config = {"tile": "default" if tile is None else dict(zip(
-                        ("block_h", "block_n", "num_warps", "num_stages", "transposed"), tile)),
-                        "split": "default" if split is None else plan_kw}
-                    try:
-                        with t_ctx, s_ctx:
-                            cfg, _, plan = launch_plan(1, Hkv, G, L, D, Dv or D, Dx, Dv == 0, dev)
-                            out = decode_attention_triton(q, keys[0], values[0], valid, scale, qx, kxs[0],
-                                                          start if Dx else None)
-                            err = (out.float() - ref).abs().max().item()
-                            if not err < 2e-2 * max(1.0, ref.abs().max().item()):
-                                raise AssertionError(f"max |diff| {err:.3g} against float32 SDPA")
-                            calls = [lambda i=i: decode_attention_triton(q, keys[i], values[i], valid, scale, qx,
-                                                                         kxs[i], start if Dx else None)
-                                     for i in range(LAYERS)]
-                            ms = graph_time_ms(calls) * LAYERS
-                    except Exception as e:     # out of shared memory / registers, or wrong numbers: recorded
-                        skipped.append({"shape": name, "context": L, **config,
-                                        "why": f"{type(e).__name__}: {str(e).splitlines()[0][:200]}"})
-                        continue
-                    rec = {"shape": name, "context": L, **config, "resolved_tile": cfg, "splits": plan[0],
-                           "chunk": plan[1], "ms": ms, "bytes": nbytes, "read_frac_of_copy": nbytes / (ms / 1e3) / bw,
-                           "tflops": flops / (ms / 1e3) / 1e12, "max_abs_diff": err}
-                    records.append(rec)
-                    print(json.dumps(rec), flush=True)
+            for tile, split, partials in ((t, s, p) for t in TILES[name] for s in SPLITS for p in args.partials):
+                if args.default_only and (tile is not None or split is not None):
+                    continue
+                if time.perf_counter() - began > args.budget_s:
+                    skipped.append({"shape": name, "context": L, "tile": tile, "split": split, "why": "budget"})
+                    continue
+                t_ctx = set_tiles() if tile is None else set_tiles(*tile)
+                plan_kw = None if split is None else dict(zip(("programs_per_sm", "partial_share",
+                                                               "min_chunk"), split))
+                s_ctx = set_split() if split is None else set_split(**plan_kw)
+                config = {"tile": "default" if tile is None else dict(zip(
+                    ("block_h", "block_n", "num_warps", "num_stages", "transposed"), tile)),
+                    "split": "default" if split is None else plan_kw, "partials": partials}
+                try:
+                    with t_ctx, s_ctx, set_partials(partials == "half"):
+                        cfg, _, plan = launch_plan(1, Hkv, G, L, D, Dv or D, Dx, Dv == 0, dev)
+                        out = decode_attention_triton(q, keys[0], values[0], valid, scale, qx, kxs[0],
+                                                      start if Dx else None)
+                        err = (out.float() - ref).abs().max().item()
+                        if not err < 2e-2 * max(1.0, ref.abs().max().item()):
+                            raise AssertionError(f"max |diff| {err:.3g} against float32 SDPA")
+                        calls = [lambda i=i: decode_attention_triton(q, keys[i], values[i], valid, scale, qx,
+                                                                     kxs[i], start if Dx else None)
+                                 for i in range(LAYERS)]
+                        ms = graph_time_ms(calls) * LAYERS
+                except Exception as e:     # out of shared memory / registers, or wrong numbers: recorded
+                    skipped.append({"shape": name, "context": L, **config,
+                                    "why": f"{type(e).__name__}: {str(e).splitlines()[0][:200]}"})
+                    continue
+                rec = {"shape": name, "context": L, **config, "resolved_tile": cfg, "splits": plan[0],
+                       "chunk": plan[1], "ms": ms, "bytes": nbytes, "read_frac_of_copy": nbytes / (ms / 1e3) / bw,
+                       "tflops": flops / (ms / 1e3) / 1e12, "max_abs_diff": err}
+                records.append(rec)
+                print(json.dumps(rec), flush=True)
             del keys, values, kxs
             torch.cuda.empty_cache()
     best = {}
     for r in records:
-        k = f"{r['shape']}@{r['context']}"
+        k = f"{r['shape']}@{r['context']}" + ("" if r["partials"] == "float32" else "/half")
         if k not in best or r["ms"] < best[k]["ms"]:
             best[k] = r
     result = {"device": torch.cuda.get_device_name(), "torch": torch.__version__,

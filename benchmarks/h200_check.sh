@@ -39,12 +39,16 @@ if [ -n "${AOTI_ONLY:-}" ]; then
     rm -rf /tmp/aoti_x && mkdir -p /tmp/aoti_x && (cd /tmp/aoti_x && python -m zipfile -e /tmp/aoti_$d.pt2 . && \
       find . -name "*.so" | while read f; do echo "== $f"; ldd "$f"; done) >> "$OUT/aoti_ldd.log" 2>&1
   done
+  # the crash's native stack: there is no gdb on the device, cuda-gdb debugs host-only code as well
+  GDB=$(command -v gdb || command -v cuda-gdb)
+  if [ -n "$GDB" ] && [ -f /tmp/aoti_${AOTI_GDB_DEVICE:-cuda}.pt2 ]; then
+    TORCHINDUCTOR_VEC_ISA_OK=0 timeout 150 "$GDB" -batch -ex run -ex bt -ex "info sharedlibrary" --args python \
+      benchmarks/aoti_smoke.py --device ${AOTI_GDB_DEVICE:-cuda} --package /tmp/aoti_${AOTI_GDB_DEVICE:-cuda}.pt2 \
+      --load-only > "$OUT/aoti_gdb.log" 2>&1
+    echo "$GDB rc=$?"; grep -B2 -A30 "SIGSEGV\|signal SIG" "$OUT/aoti_gdb.log" | head -50
+  else echo "no gdb / cuda-gdb or no package"; fi
   [ -n "${AOTI_QUICK:-}" ] && exit 0
   tail -30 "$OUT/aoti_ldd.log"
-  if command -v gdb > /dev/null; then
-    timeout 90 gdb -batch -ex run -ex bt --args python benchmarks/aoti_smoke.py --device cuda --package /tmp/aoti_cuda.pt2 \
-      --load-only > "$OUT/aoti_gdb.log" 2>&1; grep -A25 "SIGSEGV\|signal" "$OUT/aoti_gdb.log" | head -40
-  else echo "no gdb"; fi
   timeout 240 python benchmarks/aoti_cpu.py --device cuda --repeats 20 --out "$OUT/aoti_cuda.json" > "$OUT/aoti_cuda.log" 2>&1
   echo "aoti cuda rc=$?"; grep -v Warning "$OUT/aoti_cuda.log" | tail -12
   if [ -n "${AOTI_ALL:-}" ]; then   # the CPU package tests and the CPU / ONNX comparisons on that machine too

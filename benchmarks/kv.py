@@ -591,7 +591,8 @@ def tuned_attention(path: str, shape: str, context: int) -> dict | None:
     """decode_attention.py's fastest {"tile", "split"} for `shape` at the context nearest `context` (None: none)."""
     with open(path) as f:
         best = json.load(f).get("best", {})
-    found = [(abs(int(k.split("@")[1]) - context), v) for k, v in best.items() if k.split("@")[0] == shape]
+    found = [(abs(int(k.split("@")[1]) - context), v) for k, v in best.items()
+             if k.split("@")[0] == shape and "/" not in k]        # "/half": half partials, not applied here
     return min(found, key=lambda kv: kv[0])[1] if found else None
 
 

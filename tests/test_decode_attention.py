@@ -112,6 +112,40 @@ def test_kernel_expanded_mask_fp16_and_empty_row(kernel):
     torch.testing.assert_close(out.to(f64), oracle(q, k, v, valid, D ** -0.5), atol=2e-2, rtol=0)
 
 
+def test_half_partials(kernel, monkeypatch):
+    """set_partials(True): stage 1 keeps its partial outputs in the cache's half type (fp16 here: the interpreter's
+    bf16 dots are wrong), the reduces read them back to float32; plain and up-projecting reduce, masked split loop,
+    a row with no valid slot. float32 inputs keep float32 partials."""
+    from rewriter.decode import triton_decode as td
+    seen = []
+    real_empty = torch.empty
+    monkeypatch.setattr(td.torch, "empty", lambda *a, **kw: seen.append(kw.get("dtype")) or real_empty(*a, **kw))
+    B, Hkv, G, L, D = 2, 2, 4, 150, 32
+    q, k, v = inputs(4, B, Hkv, G, L, D, Dv=48, dtype=torch.float16)
+    valid = torch.rand(B, L, generator=gen(5)) > 0.25
+    valid[1] = False
+    ref = oracle(q, k, v, valid, D ** -0.5)
+    up, off = torch.randn(2, 24, 48, generator=gen(6)).half(), torch.randn(2, 24, generator=gen(7)).half()
+    with td.set_partials(True):
+        seen.clear()
+        out = kernel(q, k, v, valid, D ** -0.5, splits=(3, 64))
+        assert seen[0] == torch.float16                      # the partial outputs' buffer
+        torch.testing.assert_close(out.to(f64)[0], ref[0], atol=4e-3, rtol=0)     # row 1: no slot (NaN there)
+        assert out[1].eq(0).all()
+        fused = kernel(q, k, v, valid, D ** -0.5, splits=(3, 64), v_up=up, v_offset=off)
+        expect = (ref.reshape(B, 2, 4, 48) @ up.to(f64).transpose(-1, -2) + off.to(f64)[:, None, :]).reshape(
+            B, Hkv, G, 24)
+        torch.testing.assert_close(fused.to(f64)[0], expect[0], atol=3e-2, rtol=0)
+        seen.clear()
+        q32, k32, v32 = q.float(), k.float(), v.float()
+        torch.testing.assert_close(kernel(q32, k32, v32, valid, D ** -0.5, splits=(3, 64)).to(f64)[0], ref[0],
+                                   atol=2e-3, rtol=0)
+        assert seen[0] == torch.float32
+    seen.clear()
+    kernel(q, k, v, valid, D ** -0.5, splits=(3, 64))
+    assert seen[0] == (torch.float16 if td.HALF_PARTIALS else torch.float32)
+
+
 @pytest.mark.parametrize("start", [0, 37, 100])
 def test_kernel_second_key_region_equals_oracle(kernel, start):
     """Dynamic ThinK's form: compact keys on every slot plus q_x . k_x on the slots from `start` (regions that end
@@ -258,7 +292,8 @@ def _compile_sm90(jit_fn, types: dict, constexprs: dict, num_warps: int, early_t
 def test_decode_kernels_compile_for_sm90(triton_compiler, form):
     from rewriter.decode import triton_decode
     dt = "*fp32" if form == "fp32" else "*bf16"
-    types = {"Q": dt, "K": dt, "V": dt, "Mask": "*u8", "QX": dt, "KX": dt, "XStart": "*i64", "Part": "*fp32",
+    pt = dt if form == "mla_latent" else "*fp32"         # the latent with half partials (set_partials)
+    types = {"Q": dt, "K": dt, "V": dt, "Mask": "*u8", "QX": dt, "KX": dt, "XStart": "*i64", "Part": pt,
              "PartLse": "*fp32", "qk_scale": "fp32"}
     base = dict(HAS_EXTRA=False, SHARED_KV=False, BLOCK_H=16, BLOCK_N=64, HEAD_D=64, HEAD_DV=64, HEAD_DX=0,
                 PAD_D=64, PAD_DV=64, PAD_DX=16, DOT_PRECISION="ieee" if form == "fp32" else "tf32", TRANSPOSED=False,
@@ -271,11 +306,11 @@ def test_decode_kernels_compile_for_sm90(triton_compiler, form):
               "mla_transposed": {**mla, "BLOCK_H": 32, "BLOCK_N": 64, "TRANSPOSED": True}}[form]
     _compile_sm90(triton_decode._decode_split, types, consts, 8 if form.startswith("mla") else 4, early_trigger=False)
     dv = min(consts["PAD_DV"], triton_decode.REDUCE_BLOCK_DV)
-    _compile_sm90(triton_decode._decode_reduce, {"Part": "*fp32", "PartLse": "*fp32", "Out": dt},
+    _compile_sm90(triton_decode._decode_reduce, {"Part": pt, "PartLse": "*fp32", "Out": dt},
                   dict(HEAD_DV=consts["HEAD_DV"], BLOCK_DV=dv, PAD_S=256, BLOCK_S=max(2, min(64, 4096 // dv)),
                        USE_GDC=consts["USE_GDC"]), 4)
     if form.startswith("mla"):       # the reduce with the value up-projection (448 latent values -> 64 per head)
-        _compile_sm90(triton_decode._decode_reduce_up, {"Part": "*fp32", "PartLse": "*fp32", "Up": dt, "Off": dt,
+        _compile_sm90(triton_decode._decode_reduce_up, {"Part": pt, "PartLse": "*fp32", "Up": dt, "Off": dt,
                                                         "Out": dt},
                       dict(HEAD_DV=448, BLOCK_DV=dv, PAD_DV=512, DOUT=64, PAD_DOUT=64, PAD_S=256,
                            BLOCK_S=max(2, min(64, 4096 // dv)), HAS_OFF=True, USE_GDC=True), 4)

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import os
 
 import torch
 import triton
@@ -128,11 +129,11 @@ def _decode_split(
     lse = tl.where(seen, m_i + tl.log2(tl.where(seen, l_i, 1.0)), float("-inf"))      # log2 units
     part = Part + b * s_pb + h * s_ph + split * s_ps
     if TRANSPOSED:
-        out = acc / tl.where(seen, l_i, 1.0)[None, :]
+        out = (acc / tl.where(seen, l_i, 1.0)[None, :]).to(Part.dtype.element_ty)
         tl.store(part + offs_dv[:, None] + offs_g[None, :] * s_pg, out,
                  mask=(offs_dv[:, None] < HEAD_DV) & g_ok[None, :])
     else:
-        out = acc / tl.where(seen, l_i, 1.0)[:, None]
+        out = (acc / tl.where(seen, l_i, 1.0)[:, None]).to(Part.dtype.element_ty)
         tl.store(part + offs_g[:, None] * s_pg + offs_dv[None, :], out,
                  mask=g_ok[:, None] & (offs_dv[None, :] < HEAD_DV))
     tl.store(PartLse + b * s_lb + h * s_lh + offs_g * s_lg + split, lse, mask=g_ok)
@@ -141,8 +142,8 @@ def _decode_split(
 @triton.jit
 def _combined(Part, PartLse, row, s_pr, s_ps, s_lr, splits, offs_dv, dv_ok, PAD_S: tl.constexpr,
               BLOCK_DV: tl.constexpr, BLOCK_S: tl.constexpr):
-    """Row `row`'s output values offs_dv: the chunks' partial outputs weighted by exp2(lse_s - max lse), normalised
-    (fp32, BLOCK_DV,). Rows that saw no slot give 0."""
+    """Row `row`'s output values offs_dv: the chunks' partial outputs (float32, or the cache's half type with
+    half_partials) weighted by exp2(lse_s - max lse), normalised (fp32, BLOCK_DV,). Rows that saw no slot give 0."""
     offs_s = tl.arange(0, PAD_S)
     m = tl.max(tl.load(PartLse + row * s_lr + offs_s, mask=offs_s < splits, other=float("-inf")), 0)
     m_safe = tl.where(m == float("-inf"), 0.0, m)
@@ -153,7 +154,7 @@ def _combined(Part, PartLse, row, s_pr, s_ps, s_lr, splits, offs_dv, dv_ok, PAD_
         ok = offs < splits
         w = tl.exp2(tl.load(PartLse + row * s_lr + offs, mask=ok, other=float("-inf")) - m_safe)
         part = tl.load(Part + row * s_pr + offs[:, None] * s_ps + offs_dv[None, :], mask=ok[:, None] & dv_ok[None, :],
-                       other=0.0)
+                       other=0.0).to(tl.float32)
         acc += tl.sum(w[:, None] * part, 0)
         total += w
     norm = tl.sum(total, 0)
@@ -221,6 +222,23 @@ def _launchable(kernel, pdl: bool = False):
 
 _split_override: dict = {}
 _tile_override: dict = {}
+_partials_override: dict = {}
+# Stage 1's partial outputs in the cache's half type instead of float32 (as vLLM's split paged attention keeps them;
+# the log-sum-exps stay float32): half the partial bytes written and read back (MLA's latent at 32K: 7.3 of 40.8 MB
+# per layer). Off by default until timed (REWRITER_DECODE_HALF_PARTIALS=1 or set_partials(True) turns it on).
+HALF_PARTIALS = os.environ.get("REWRITER_DECODE_HALF_PARTIALS", "0") == "1"
+
+
+@contextlib.contextmanager
+def set_partials(half: bool):
+    """Launches inside keep their partial outputs in the cache's half type (True) or float32 (False)."""
+    old = dict(_partials_override)
+    _partials_override["half"] = half
+    try:
+        yield
+    finally:
+        _partials_override.clear()
+        _partials_override.update(old)
 
 
 @contextlib.contextmanager
@@ -351,9 +369,10 @@ def decode_attention_triton(q: Tensor, k: Tensor, v: Tensor, valid: Tensor, scal
         xq, xk, xs = q, k, mask            # dummy pointers, never read
     cfg, head_blocks, plan = launch_plan(B, Hkv, G, L, D, Dv, Dx, shared, q.device)
     n_splits, chunk = splits or plan
-    part = torch.empty(B, Hkv, G, n_splits, Dv, dtype=torch.float32, device=q.device)
-    part_lse = torch.empty(B, Hkv, G, n_splits, dtype=torch.float32, device=q.device)
     half = q.dtype in (torch.float16, torch.bfloat16)
+    half_parts = half and _partials_override.get("half", HALF_PARTIALS)
+    part = torch.empty(B, Hkv, G, n_splits, Dv, dtype=q.dtype if half_parts else torch.float32, device=q.device)
+    part_lse = torch.empty(B, Hkv, G, n_splits, dtype=torch.float32, device=q.device)
     launch = pdl_launch(q.device)
     _launchable(_decode_split, launch["USE_GDC"])[(B * Hkv * head_blocks, n_splits)](
         q, k, v, mask, xq, xk, xs, part, part_lse,

@@ -11,10 +11,11 @@ table holds, per op, a body that traces with the program's dynamic batch and seq
   on "every key real" around SDPA's flash path was tried and left out: Inductor refused branches whose outputs'
   strides differ (the CPU flash kernel returns (B, L, H, D) memory) and the AOTInductor package of the tiny Llama
   gave wrong numbers even with both branches masked (torch 2.13, CPU);
-- window: the band layout (``_band_blocks``, the torch twin of the ONNX ``_support``) and a gathered-block softmax,
-  O(L x window); on CUDA the same layout feeds the Triton block-sparse kernel through the ``rewriter::window_triton``
-  triton_op (``wrap_triton``), which Inductor compiles into the package (not run here: no GPU;
-  benchmarks/h200_check.sh AOTI_ONLY=1 checks it);
+- window: on the CPU one SDPA over blocks of query rows, each against the run of keys its band reaches, sinks
+  joined (``_window_sdpa``, O(L x (rows + window))); on CUDA the band layout feeds the Triton block-sparse kernel
+  through the ``rewriter::window_triton`` triton_op (``wrap_triton``), which Inductor compiles into the package (not
+  run here: no GPU; benchmarks/h200_check.sh AOTI_ONLY=1 checks it); otherwise (ALiBi, softcaps, float64, CUDA without
+  Triton) the band layout (``_band_blocks``, the torch twin of the ONNX ``_support``) and a gathered-block softmax;
 - performer / scatterbrain: FAVOR+ features from the seeded projection, which becomes a buffer of the package
   (``_bind_projections``: before export each op becomes a twin op taking the projection buffer as an input; a tensor
   created inside a decomposition is not registered as a constant, "Constant tensor ... lifted_tensor_0 is not in the
@@ -142,6 +143,68 @@ def _window_triton(q: Tensor, k: Tensor, v: Tensor, key_mask: Optional[Tensor], 
     if alibi or softcap:
         return _window_attention(q, k, v, key_mask, causal, scale, window, sinks, block, alibi, softcap)
     return torch.ops.rewriter.window_triton(q, k, v, key_mask, causal, scale, window, sinks, block)
+
+
+def band_rows(window: int) -> int:
+    """Query rows per block of the CPU band lowering (``_window_sdpa``): about half the window, 64 to 512 (a block of
+    r rows reaches r + window - 1 keys: more rows mean fewer, larger SDPA problems but more keys outside each row's
+    band, 1.5x the band's pairs at half the window)."""
+    return int(min(512, max(64, 2 ** round(math.log2(max(window, 2) / 2)))))
+
+
+def _window_sdpa(q: Tensor, k: Tensor, v: Tensor, key_mask: Optional[Tensor], causal: bool, scale: float,
+                 window: int, sinks: int, block: int = 64, alibi: Optional[list[float]] = None,
+                 softcap: float = 0.0) -> Tensor:
+    """The window op as one SDPA call over blocks of ``band_rows(window)`` query rows, each against the contiguous
+    run of keys its rows' bands reach (kept inside the sequence, at most Lk keys) with the sink keys joined in front,
+    under the reference's token predicate as a boolean mask (a sink inside a band is attended once, as a sink):
+    O(L x (rows + window + sinks)) scores, and no more than dense SDPA's when the input is shorter than a run, in the
+    CPU flash kernel's blocked softmax. The gathered key blocks of ``_window_attention`` ran MiniLM's window-128
+    package at 0.58x / 0.47x its eager program at 128 / 512 tokens on two cores (aoti_cpu_v2.json). Rows that see no
+    key give 0. ALiBi, softcaps and float64 take the gathered form."""
+    if alibi or softcap or q.dtype == torch.float64:
+        return _window_attention(q, k, v, key_mask, causal, scale, window, sinks, block, alibi, softcap)
+    from .attention._contract import check_qkv, expand_kv, window_extents
+    B, H, Hkv, Lq, Lk, D = check_qkv(q, k, v, key_mask)
+    Dv, dev = v.shape[-1], q.device
+    left, right = window_extents(window, causal)
+    rows = band_rows(window)
+    offset = Lk - Lq                               # query i sits at key position i + offset
+    nqb = (Lq + rows - 1) // rows
+    # block i's rows reach keys [i rows + offset - left, + rows + left + right): that run, moved inside [0, Lk) (so
+    # that no key is padding) and cut to Lk keys when shorter (so that a short input costs what dense SDPA does)
+    span = torch.sym_min(rows + left + right, Lk)
+    starts = torch.clamp(torch.clamp(torch.arange(nqb, device=dev) * rows + (offset - left), min=0), max=Lk - span)
+    pos = starts[:, None] + torch.arange(span, device=dev)                            # (nqb, span) key positions
+    if sinks:                    # the first `sinks` keys before every run (a sink inside the run counts as a sink)
+        pos = torch.cat([torch.arange(sinks, device=dev).expand(nqb, sinks), pos], 1)
+    S = sinks + span
+    q_pos = (torch.arange(nqb * rows, device=dev) + offset).view(nqb, rows, 1)
+    d = pos[:, None, :] - q_pos                                                        # (nqb, rows, S)
+    is_sink = (torch.arange(S, device=dev) < sinks)[None, None, :]
+    allowed = torch.where(is_sink, pos[:, None, :] < Lk, (d >= -left) & (d <= right) & (pos >= sinks)[:, None, :])
+    if causal:
+        allowed = allowed & (d <= 0)
+    flat = torch.clamp(pos, max=Lk - 1).reshape(-1)                                   # sinks past a short input
+    if key_mask is not None:
+        allowed = allowed[None] & key_mask.to(torch.bool).index_select(1, flat).view(B, nqb, 1, S)
+    else:
+        allowed = allowed[None]
+
+    def gathered(x: Tensor) -> Tensor:    # (B, Hkv, Lk, E) -> (B nqb, Hkv, S, E), the (B nqb, S, Hkv, E) memory
+        # the CPU flash kernel reads its inputs in (batch, length, heads, dim) order: gathered so, no copy after
+        g = x.transpose(1, 2).index_select(1, flat)                                    # (B, nqb S, Hkv, E)
+        return g.view(B * nqb, S, x.shape[1], x.shape[-1]).transpose(1, 2)
+
+    ks, vs = gathered(k), gathered(v)
+    qs = _pad(q.transpose(1, 2), (0, 0, 0, 0, 0, nqb * rows - Lq)).view(B * nqb, rows, H, D).transpose(1, 2)
+    if Hkv != H:
+        ks, vs = expand_kv(ks, H), expand_kv(vs, H)
+    mask = allowed.expand(B, nqb, rows, S).reshape(B * nqb, 1, rows, S)
+    o = F.scaled_dot_product_attention(qs, ks, vs, attn_mask=mask, scale=scale)         # (B nqb, H, rows, Dv)
+    o = torch.where(mask.any(-1, keepdim=True), o, torch.zeros((), dtype=o.dtype, device=dev))
+    out = o.view(B, nqb, H, rows, Dv).transpose(1, 2).clone(memory_format=torch.contiguous_format)
+    return _rows(out.view(B, H, nqb * rows, Dv), Lq).to(q.dtype)
 
 
 def _gathered_pairs(kv_index: Tensor, slot_valid: Tensor, block: int, Lq, Lk, left: int, right: int, sinks: int,
@@ -600,7 +663,7 @@ def lowerings(device: str = "cpu") -> dict:
     from .linear.fused import rms_norm_reference, silu_mul_reference
     table = {m.op: m.reference for m in METHODS.values()}
     table[torch.ops.rewriter.exact_attention.default] = _exact_attention
-    table[torch.ops.rewriter.window.default] = _window_attention
+    table[torch.ops.rewriter.window.default] = _window_sdpa if torch.device(device).type == "cpu" else _window_attention
     if torch.device(device).type == "cuda":
         from .attention.triton import triton_available, use_reference
         if triton_available() and not use_reference():

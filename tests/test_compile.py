@@ -18,7 +18,8 @@ from rewriter import make_pass, optimize
 from rewriter.api import compile_output, load_program
 from rewriter.cli.main import app
 from rewriter.compile import (PACKAGE_FILE, TOLERANCE, _band_blocks, _hedgehog_attention, _inputs_at,
-                              _linear_attention, _window_attention, lower, performer_lowered, scatterbrain_lowered)
+                              _linear_attention, _window_attention, _window_sdpa, band_rows, lower, lowerings,
+                              performer_lowered, scatterbrain_lowered)
 from rewriter.errors import RewriterError
 
 from conftest import model_inputs
@@ -64,6 +65,34 @@ def test_window_lowering_matches_the_op_at_every_length():
                 want = torch.ops.rewriter.window(q, k, v, mask, causal, 0.3, window, sinks, block)
                 got = _window_attention(q, k, v, mask, causal, 0.3, window, sinks, block)
                 assert (got - want).abs().max() < 1e-12, (L, causal, window, sinks, block)
+
+
+def test_cpu_window_lowering_is_one_sdpa_over_key_runs_equal_to_the_op():
+    """The CPU package's window body (one SDPA over blocks of query rows, each against the run of keys its band
+    reaches, sinks joined): equal to the float64 op in float32 at lengths shorter than a run, across blocks and with
+    fewer queries than keys, causal and not, GQA, sinks past the input, key padding that empties rows; bf16 within
+    its rounding; float64 and ALiBi keep the gathered body. The lowered CPU program calls SDPA, the gathered body
+    (index_select of key blocks + matmul) is gone (test_window_and_exact_lowerings_hold_at_every_length)."""
+    g = torch.Generator().manual_seed(3)
+    assert [band_rows(w) for w in (2, 128, 200, 1024, 8192)] == [64, 64, 128, 512, 512]
+    for Lq, Lk in ((1, 1), (5, 5), (70, 70), (130, 130), (3, 150), (64, 200)):
+        for causal in (False, True):
+            q = torch.randn(2, 4, Lq, 8, generator=g, dtype=torch.float64)
+            k, v = (torch.randn(2, 2, Lk, 8, generator=g, dtype=torch.float64) for _ in range(2))
+            mask = torch.rand(2, Lk, generator=g) > 0.3
+            mask[1, : Lk // 2 + 1] = False                       # rows whose band holds no real key
+            for window, sinks in ((6, 0), (6, 3), (100, 1), (300, 80)):
+                want = torch.ops.rewriter.window(q, k, v, mask, causal, 0.3, window, sinks, 64)
+                got = _window_sdpa(q.float(), k.float(), v.float(), mask, causal, 0.3, window, sinks)
+                assert got.dtype == torch.float32 and got.is_contiguous()
+                assert (got.double() - want).abs().max() < 1e-5, (Lq, Lk, causal, window, sinks)
+            got = _window_sdpa(q.bfloat16(), k.bfloat16(), v.bfloat16(), None, causal, 0.3, 6, 3)
+            want = torch.ops.rewriter.window(q, k, v, None, causal, 0.3, 6, 3, 64)
+            assert got.dtype == torch.bfloat16 and (got.double() - want).abs().max() < 3e-2
+    q, k, v = (torch.randn(1, 2, 9, 8, generator=g, dtype=torch.float64) for _ in range(3))
+    assert torch.equal(_window_sdpa(q, k, v, None, True, 0.3, 4, 1), _window_attention(q, k, v, None, True, 0.3, 4, 1))
+    assert lowerings("cpu")[torch.ops.rewriter.window.default] is _window_sdpa
+    assert lowerings("meta")[torch.ops.rewriter.window.default] is _window_attention
 
 
 def test_lowerings_keep_softcap_and_alibi():
@@ -310,8 +339,12 @@ def test_window_and_exact_lowerings_hold_at_every_length(tiny_folders, arch):
                        samples=2, seq_len=16).program
     ops = {str(n.target) for n in program.ep.graph.nodes if n.op == "call_function"}
     assert "rewriter.window.default" in ops
-    module = lower(program).module()
-    assert_lowered_equals_program(module, program, arch, ((3, 37), (1, 2), (2, 128), (1, 101)))
+    ep = lower(program)
+    # the CPU bodies: the window's one SDPA over key runs beside exact attention's SDPA, no gathered-block softmax
+    targets = [n.target for n in ep.graph.nodes if n.op == "call_function"]
+    assert targets.count(torch.ops.aten.scaled_dot_product_attention.default) == 2
+    assert torch.ops.aten.amax.default not in targets
+    assert_lowered_equals_program(ep.module(), program, arch, ((3, 37), (1, 2), (2, 128), (1, 101)))
 
 
 def test_lowering_keeps_every_tensor_on_the_program_device(feature_program):

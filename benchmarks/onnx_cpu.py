@@ -5,7 +5,9 @@ batch 1 at sequence 128 and 512. Writes benchmarks/results/onnx_cpu.json.
 
 With --targets: the two ONNX targets side by side (`standard`: ONNX ops only; `ort`: onnxruntime's contrib attention
 ops where exact) for the plain export (exact attention on the key-padding mask, the form capture gives every site)
-and the window-128 export, on --threads intra-op threads. Writes benchmarks/results/onnx_cpu_targets.json.
+and the window-128 export, on --threads intra-op threads, all four files run in turn within each repeat
+(`vs_plain_same_target`: the plain export's time over this one's, same target). Writes
+benchmarks/results/onnx_cpu_targets.json.
 
     python benchmarks/onnx_cpu.py --targets [--repeats N] [--threads 2]
 """
@@ -55,30 +57,31 @@ def targets(args) -> None:
     base = load_program(default_checkpoint())
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
+        sessions, infos, programs = {}, {}, {}
         for name, spec in TARGET_VARIANTS.items():
-            program = optimize(base, [make_pass(*spec)], samples=2, seq_len=128).program
-            sessions, infos = {}, {}
+            programs[name] = optimize(base, [make_pass(*spec)], samples=2, seq_len=128).program
             for target in ("standard", "ort"):
                 path = Path(tmp) / f"{name}-{target}.onnx"
-                infos[target] = export_program(program, path, target=target)
-                sessions[target] = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
-            for seq in (128, 512):
-                feed = {n: t.numpy() for n, t in _inputs(program, seq).items()}
-                # the targets run in turn within every repeat, so that a busy machine slows them alike
-                runs = {t: [] for t in sessions}
-                for s in sessions.values():
-                    s.run(None, feed)
-                for _ in range(args.repeats):
-                    for target, s in sessions.items():
-                        t0 = time.perf_counter()
-                        s.run(None, feed)
-                        runs[target].append((time.perf_counter() - t0) * 1e3)
-                for target, times in runs.items():
-                    rows.append({"variant": name, "target": target, "seq": seq, "batch": 1,
-                                 "onnxruntime_ms": round(statistics.median(times), 3),
-                                 "contrib_ops": infos[target]["contrib_ops"],
-                                 "export_max_abs_diff": infos[target]["max_abs_diff"]})
-                    print(rows[-1], flush=True)
+                infos[name, target] = export_program(programs[name], path, target=target)
+                sessions[name, target] = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+        for seq in (128, 512):
+            feeds = {key: {n: t.numpy() for n, t in _inputs(programs[key[0]], seq).items()} for key in sessions}
+            # every variant and target in turn within each repeat, so that a busy machine slows them alike
+            runs = {key: [] for key in sessions}
+            for key, s in sessions.items():
+                s.run(None, feeds[key])
+            for _ in range(args.repeats):
+                for key, s in sessions.items():
+                    t0 = time.perf_counter()
+                    s.run(None, feeds[key])
+                    runs[key].append((time.perf_counter() - t0) * 1e3)
+            ms = {key: statistics.median(times) for key, times in runs.items()}
+            for (name, target), t in ms.items():
+                rows.append({"variant": name, "target": target, "seq": seq, "batch": 1, "onnxruntime_ms": round(t, 3),
+                             "vs_plain_same_target": round(ms["plain", target] / t, 3),
+                             "contrib_ops": infos[name, target]["contrib_ops"],
+                             "export_max_abs_diff": infos[name, target]["max_abs_diff"]})
+                print(rows[-1], flush=True)
     out = Path(__file__).parent / "results" / "onnx_cpu_targets.json"
     out.write_text(json.dumps({"machine": platform.processor() or platform.machine(), "threads": args.threads,
                                "load_average_1m": os.getloadavg()[0],

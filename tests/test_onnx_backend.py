@@ -133,9 +133,13 @@ def export_op(tmp_path, op, args, export_len, check_lens, reference, atol=1e-4):
 
 
 @pytest.mark.parametrize("causal", [False, True])
-def test_window_translation_matches_dense(causal, tmp_path):
-    args = (causal, 8 ** -0.5, 5, 2, 4)   # window 5, 2 sinks, blocks of 4 tokens
-    diffs, info = export_op(tmp_path, torch.ops.rewriter_test.window_attention.default, args, 13, (11, 19), dense_window)
+@pytest.mark.parametrize("window, sinks", [(5, 2), (100, 70)])
+def test_window_translation_matches_dense(causal, window, sinks, tmp_path):
+    """The key-run layout (64-row query blocks against the keys their bands reach, sinks in front): inputs shorter
+    than a run, several blocks (150, 301 tokens), sinks reaching into the band and past a short input."""
+    args = (causal, 8 ** -0.5, window, sinks, 4)
+    diffs, info = export_op(tmp_path, torch.ops.rewriter_test.window_attention.default, args, 13, (11, 19, 150, 301),
+                            dense_window)
     assert max(diffs) < 1e-5 and not info["quadratic"]
 
 

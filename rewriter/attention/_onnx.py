@@ -166,83 +166,72 @@ def _linear_core(phi_q, phi_k, va, causal: bool, f: int, e: int):
 
 @dataclass
 class _Support:
-    allowed: object      # (B or 1, 1, nqb, block, K*block) bool: pair in S, causal, padding, real slot
-    gather: Callable     # (x (B, H, Lk, E), E) -> (B, H, nqb, K*block, E)
-    blocks: Callable     # (x (B, H, Lq, E), E) -> (B, H, nqb, block, E)
-    rows: Callable       # (y (B, H, nqb, block, E), E) -> (B, H, Lq, E)
-    alibi: Callable      # (slopes list or None) -> (1, H, nqb, block, K*block) bias slope_h * (j - i), or None
+    allowed: object      # (B or 1, 1, nqb, rows, S) bool: pair in the band or a sink, causal, padding
+    gather: Callable     # (x (B, H, Lk, E), E) -> (B, H, nqb, S, E): each block's keys
+    blocks: Callable     # (x (B, H, Lq, E), E) -> (B, H, nqb, rows, E)
+    rows: Callable       # (y (B, H, nqb, rows, E), E) -> (B, H, Lq, E)
+    alibi: Callable      # (slopes list or None) -> (1, H, nqb, rows, S) bias slope_h * (j - i), or None
 
 
-def _support(q, k, key_mask, causal: bool, window: int, sinks: int, block: int) -> _Support:
-    """``block_sparse.band_layout`` built inside the ONNX graph (the lengths are dynamic there): sink blocks, then a
-    fixed number of band slots per query block with a validity flag, and the token predicate on them."""
+def band_rows(window: int) -> int:
+    """Query rows per block of the key-run layout (``_run_support``): half the window, 64 to 512 (the CPU package's
+    ``compile.band_rows``)."""
+    return int(min(512, max(64, 2 ** round(math.log2(max(window, 2) / 2)))))
+
+
+def _run_support(q, k, key_mask, causal: bool, window: int, sinks: int) -> _Support:
+    """The window's support as key runs: query rows in blocks of ``band_rows(window)``, each block against the
+    contiguous run of keys its rows' bands reach (moved inside the sequence, at most Lk keys long), the first `sinks`
+    keys in front of every run, and the token predicate on those (a sink inside a run counts once, as a sink). Fewer
+    scores than the gathered 64-key blocks it replaced (MiniLM's window 128 + 4 sinks: 195 keys per query row against
+    320) and none for an input shorter than a run beyond dense attention's."""
     op = _op()
+    rows = band_rows(window)
+    left, right = window_extents(window, causal)
     lq, lk = _dim(q, 2), _dim(k, 2)
     offset = op.Sub(lk, lq)
-    bs = _ints([block])
-    nqb = op.Div(op.Add(lq, _ints([block - 1])), bs)
-    nkb = op.Div(op.Add(lk, _ints([block - 1])), bs)
-    last_block = op.Sub(nkb, _ints([1]))
-    qb = op.Unsqueeze(op.Range(_int(0), op.Squeeze(nqb, _ints([0])), _int(1)), _ints([1]))  # (nqb, 1)
-    sink_blocks = (sinks + block - 1) // block
-    index, valid = [], []
-    if sink_blocks:
-        slots = _ints(range(sink_blocks))
-        index.append(op.Expand(op.Min(slots, last_block), op.Concat(nqb, _ints([sink_blocks]), axis=0)))
-        valid.append(op.Expand(op.Less(slots, nkb), op.Concat(nqb, _ints([sink_blocks]), axis=0)))
-    left = right = 0
-    if window > 0:
-        left, right = window_extents(window, causal)
-        start = op.Mul(qb, bs)
-        first_pos = op.Max(op.Sub(op.Add(start, offset), _ints([left])), _ints([0]))
-        last_q = op.Min(op.Add(start, _ints([block - 1])), op.Sub(lq, _ints([1])))
-        last_pos = op.Min(op.Add(op.Add(last_q, offset), _ints([right])), op.Sub(lk, _ints([1])))
-        span = (block + left + right - 2) // block + 2
-        band = op.Add(op.Div(first_pos, bs), _ints(range(span)))                   # (nqb, span)
-        index.append(op.Min(band, last_block))
-        valid.append(op.And(op.LessOrEqual(band, op.Div(last_pos, bs)),
-                            op.GreaterOrEqual(band, _ints([sink_blocks]))))
-    kv_index = op.Concat(*index, axis=1)                                           # (nqb, K)
-    slot_valid = op.Concat(*valid, axis=1)
-    # token positions; keys of unused slots get a position no predicate accepts
-    k_pos = op.Add(op.Mul(op.Unsqueeze(kv_index, _ints([2])), bs), _ints(range(block)))   # (nqb, K, block)
-    k_pos = op.Where(op.Unsqueeze(slot_valid, _ints([2])), k_pos, _ints([2**60]))
-    k_pos = op.Unsqueeze(op.Reshape(k_pos, _ints([0, -1])), _ints([1]))            # (nqb, 1, K*block)
-    q_pos = op.Add(op.Range(_int(0), op.Squeeze(op.Mul(nqb, bs), _ints([0])), _int(1)), offset)
-    q_pos = op.Unsqueeze(op.Reshape(q_pos, _ints([-1, block])), _ints([2]))         # (nqb, block, 1)
-    allowed = op.Less(k_pos, _ints([sinks]))
-    if window > 0:
-        band_ok = op.And(op.GreaterOrEqual(k_pos, op.Sub(q_pos, _ints([left]))),
-                         op.LessOrEqual(k_pos, op.Add(q_pos, _ints([right]))))
-        allowed = op.Or(allowed, band_ok)
-    allowed = op.And(allowed, op.Less(k_pos, lk))
+    nqb = op.Div(op.Add(lq, _ints([rows - 1])), _ints([rows]))
+    span = op.Min(_ints([rows + left + right]), lk)                                   # (1,)
+    qb = op.Range(_int(0), op.Squeeze(nqb, _ints([0])), _int(1))                        # (nqb,)
+    starts = op.Min(op.Max(op.Add(op.Mul(qb, _ints([rows])), op.Sub(offset, _ints([left]))), _ints([0])),
+                    op.Sub(lk, span))
+    pos = op.Add(op.Unsqueeze(starts, _ints([1])), op.Range(_int(0), op.Squeeze(span, _ints([0])), _int(1)))
+    is_sink = op.Expand(op.Constant(value=_bool_false()), span)                         # (span,)
+    if sinks:
+        sink_pos = op.Expand(_ints(range(sinks)), op.Concat(nqb, _ints([sinks]), axis=0))
+        pos = op.Concat(sink_pos, pos, axis=1)                                          # (nqb, S)
+        is_sink = op.Concat(op.Expand(op.Constant(value=_bool_true()), _ints([sinks])), is_sink, axis=0)
+    q_pos = op.Add(op.Range(_int(0), op.Squeeze(op.Mul(nqb, _ints([rows])), _ints([0])), _int(1)), offset)
+    q_pos = op.Unsqueeze(op.Reshape(q_pos, _ints([-1, rows])), _ints([2]))              # (nqb, rows, 1)
+    k_pos = op.Unsqueeze(pos, _ints([1]))                                               # (nqb, 1, S)
+    dist = op.Sub(k_pos, q_pos)                                                         # (nqb, rows, S)
+    band = op.And(op.And(op.GreaterOrEqual(dist, _ints([-left])), op.LessOrEqual(dist, _ints([right]))),
+                  op.GreaterOrEqual(k_pos, _ints([sinks])))
+    allowed = op.Or(op.And(is_sink, op.Less(k_pos, lk)), band)    # band is false on the sink columns (pos < sinks)
     if causal:
-        allowed = op.And(allowed, op.LessOrEqual(k_pos, q_pos))
-    allowed = op.Unsqueeze(allowed, _ints([0, 1]))                                 # (1, 1, nqb, block, K*block)
+        allowed = op.And(allowed, op.LessOrEqual(dist, _ints([0])))
+    allowed = op.Unsqueeze(allowed, _ints([0, 1]))                                      # (1, 1, nqb, rows, S)
+    flat = op.Reshape(op.Min(pos, op.Sub(lk, _ints([1]))), _ints([-1]))                # sinks past a short input
     if key_mask is not None:
-        real = op.Reshape(_pad_axis(key_mask, 1, block, op.Constant(value=_bool_false())), _ints([0, -1, block]))
-        real = op.Reshape(op.Gather(real, kv_index, axis=1), _ints([0, 0, 1, -1]))   # (B, nqb, 1, K*block)
-        allowed = op.And(allowed, op.Unsqueeze(real, _ints([1])))
+        real = op.Reshape(op.Gather(key_mask, flat, axis=1), op.Concat(_ints([0]), nqb, _ints([1, -1]), axis=0))
+        allowed = op.And(allowed, op.Unsqueeze(real, _ints([1])))                       # (B, 1, nqb, rows, S)
 
     def gather(x, e: int):
-        xb = op.Reshape(_pad_axis(x, 2, block), _ints([0, 0, -1, block, e]))
-        return op.Reshape(op.Gather(xb, kv_index, axis=2), _ints([0, 0, 0, -1, e]))
+        return op.Reshape(op.Gather(x, flat, axis=2), op.Concat(_ints([0, 0]), nqb, _ints([-1, e]), axis=0))
 
     def blocks(x, e: int):
-        return op.Reshape(_pad_axis(x, 2, block), _ints([0, 0, -1, block, e]))
+        return op.Reshape(_pad_axis(x, 2, rows), _ints([0, 0, -1, rows, e]))
 
-    def rows(y, e: int):
-        flat = op.Reshape(y, _ints([0, 0, -1, e]))
-        return op.Slice(flat, _ints([0]), lq, _ints([2]))
+    def rows_of(y, e: int):
+        return op.Slice(op.Reshape(y, _ints([0, 0, -1, e])), _ints([0]), lq, _ints([2]))
 
     def alibi(slopes):
         if not slopes:
             return None
-        dist = op.Cast(op.Sub(k_pos, q_pos), to=1)                              # (nqb, block, K*block): j - i
         return op.Mul(op.Reshape(op.Constant(value_floats=[float(a) for a in slopes]), _ints([1, -1, 1, 1, 1])),
-                      op.Unsqueeze(dist, _ints([0, 1])))
+                      op.Unsqueeze(op.Cast(dist, to=1), _ints([0, 1])))
 
-    return _Support(allowed, gather, blocks, rows, alibi)
+    return _Support(allowed, gather, blocks, rows_of, alibi)
 
 
 def _bool_false():
@@ -287,7 +276,7 @@ def _heads_fp32(q, k, v):
 
 
 def _lowrank_attention(q, k, v, key_mask, causal, scale, phi_q, phi_k, dims, window, sinks, log_q=None, log_k=None,
-                       block=64, support_max_offset=None):
+                       support_max_offset=None):
     """Mirror of ``sparse_plus_lowrank_attention`` on (B, H, ...) fp32 tensors; window == sinks == 0 is plain
     linear attention. dims = (D, Dv, F); support_max_offset: an fp32 (H,) value (learned maps' hybrid)."""
     op = _op()
@@ -296,9 +285,9 @@ def _lowrank_attention(q, k, v, key_mask, causal, scale, phi_q, phi_k, dims, win
     lowrank = _linear_core(phi_q, _masked_keys(phi_k, key_mask), _masked_keys(va, key_mask), causal, f, dv + 1)
     if window == 0 and sinks == 0:
         return _normalise(lowrank, dv)
-    sup = _support(q, k, key_mask, causal, window, sinks, block)
+    sup = _run_support(q, k, key_mask, causal, window, sinks)
     s = _masked_scores(sup.blocks(q, d), sup.gather(k, d), sup.allowed, scale)
-    row_max = op.ReduceMax(s, _ints([-1]), keepdims=1)                             # (B, H, nqb, block, 1)
+    row_max = op.ReduceMax(s, _ints([-1]), keepdims=1)                             # (B, H, nqb, rows, 1)
     if support_max_offset is not None:
         rowb = op.Add(op.Where(op.IsInf(row_max), _float(0.0), row_max),
                       op.Reshape(support_max_offset, _ints([1, -1, 1, 1, 1])))
@@ -308,7 +297,7 @@ def _lowrank_attention(q, k, v, key_mask, causal, scale, phi_q, phi_k, dims, win
     else:
         rowb = sup.blocks(op.Unsqueeze(op.Add(log_q, log_k), _ints([3])), 1)
     stabiliser = op.Max(rowb, row_max)
-    lowrank_weight = op.Exp(op.Sub(rowb, stabiliser))                              # (B, H, nqb, block, 1)
+    lowrank_weight = op.Exp(op.Sub(rowb, stabiliser))                              # (B, H, nqb, rows, 1)
     phi_dot = op.MatMul(sup.blocks(phi_q, f), op.Transpose(sup.gather(phi_k, f), perm=[0, 1, 2, 4, 3]))
     correction = op.Sub(op.Exp(op.Sub(s, stabiliser)), op.Mul(lowrank_weight, phi_dot))
     correction = op.Where(sup.allowed, correction, _float(0.0))
@@ -587,3 +576,4 @@ def ort_group_query_attention(q, k, v, key_mask, causal: bool, scale: float, win
     if isinstance(out, (tuple, list)):
         out = out[0]
     return _from_bsd(out, heads, dv)
+

@@ -632,10 +632,11 @@ def measured_density(method: str, q: Tensor, k: Tensor, key_mask: Optional[Tenso
 def translate_window_attention(q, k, v, key_mask=None, causal=False, scale=1.0, window=1, sinks=0, block=64,
                                alibi=None, softcap=0.0):
     """Exact softmax over the band of ``window_extents(window, causal)`` plus the first `sinks` keys (the scores
-    softcapped when `softcap` > 0, + the ALiBi bias slope_h * (j - i) when given)."""
+    softcapped when `softcap` > 0, + the ALiBi bias slope_h * (j - i) when given), on key runs (``_run_support``:
+    blocks of query rows against the keys their bands reach)."""
     op = ox._op()
     qa, ka, va, (_, d, dv) = ox._heads_fp32(q, k, v)
-    sup = ox._support(qa, ka, key_mask, causal, window, sinks, block)
+    sup = ox._run_support(qa, ka, key_mask, causal, window, sinks)
     s = ox._masked_scores(sup.blocks(qa, d), sup.gather(ka, d), sup.allowed, scale, sup.alibi(alibi), softcap)
     p = op.Exp(op.Sub(s, ox._finite_row_max(s)))                    # exp(-inf) = 0 off the support
     out = op.MatMul(p, sup.gather(ox._with_ones(va), dv + 1))

@@ -45,7 +45,22 @@ def compile_sm90(fn, types: dict, constexprs: dict, num_warps: int, num_stages: 
     return triton.compile(src, target=SM90, options={"num_warps": num_warps, "num_stages": num_stages})
 
 
-def profile(name: str, fn, types: dict, constexprs: dict, num_warps: int, num_stages: int, launch: str) -> dict:
+def loop_sizes(sass: str) -> list[int]:
+    """Instructions in each loop of the SASS (a backward branch's body), in code order."""
+    lines = [ln for ln in sass.splitlines() if re.match(r"\s+/\*[0-9a-f]{4,}\*/", ln)]
+    addr = [int(re.match(r"\s+/\*([0-9a-f]{4,})\*/", ln).group(1), 16) for ln in lines]
+    loops = []
+    for i, ln in enumerate(lines):
+        m = re.search(r"\bBRA\b[^;]*?(0x[0-9a-f]+)", ln)
+        if m and int(m.group(1), 16) < addr[i]:
+            loops.append((int(m.group(1), 16), sum(int(m.group(1), 16) <= a <= addr[i] for a in addr)))
+    return [n for _, n in sorted(loops)]
+
+
+def profile(name: str, fn, types: dict, constexprs: dict, num_warps: int, num_stages: int, launch: str,
+            weights_per_iteration: int | None = None) -> dict:
+    """weights_per_iteration: packed weights the main loop consumes per iteration of a thread (GEMVs), for
+    `main_loop_instructions_per_weight` (per weight and row of x)."""
     compiled = compile_sm90(fn, types, constexprs, num_warps, num_stages)
     with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
         f.write(compiled.asm["cubin"])
@@ -67,7 +82,13 @@ def profile(name: str, fn, types: dict, constexprs: dict, num_warps: int, num_st
            "registers_per_thread": regs, "spill_bytes_per_thread": local, "shared_bytes": shared,
            "programs_per_sm": programs, "warps_per_sm": programs * num_warps,
            "occupancy": programs * num_warps / MAX_WARPS, "limited_by": limiter,
-           "sass": {op: sass.count(op) for op in ("HGMMA", "HMMA", "LDGSTS", "UTMALDG", "LDG", "STG")}}
+           "sass": {op: sass.count(op) for op in ("HGMMA", "HMMA", "LDGSTS", "UTMALDG", "LDG", "STG")},
+           "loop_instructions": loop_sizes(sass)}
+    # the main loop: the first of more than 64 instructions in code order (the split-K GEMV's unmasked K loop comes
+    # before its masked tail loop)
+    rec["main_loop_instructions"] = next((n for n in rec["loop_instructions"] if n > 64), 0)
+    if weights_per_iteration:
+        rec["main_loop_instructions_per_weight"] = round(rec["main_loop_instructions"] / weights_per_iteration, 3)
     print(json.dumps(rec), flush=True)
     return rec
 
@@ -114,7 +135,12 @@ def main() -> int:
     for M, cfg in binary_linear.GEMV_DEFAULTS.items():
         records.append(profile("binary split-K GEMV", binary_linear._binary_splitk_gemv_kernel, gemv_types, dict(
             HAS_BIAS=True, WORD_LOADS=True, BLOCK_M=M, BLOCK_N=cfg["block_n"], BLOCK_W=cfg["block_w"], SPLIT=True),
-            cfg["num_warps"], cfg["num_stages"], f"M <= {M}"))
+            cfg["num_warps"], cfg["num_stages"], f"M <= {M}",
+            M * cfg["block_n"] * cfg["block_w"] * 32 // (32 * cfg["num_warps"])))
+    for block_w in (4, 8):          # the nibble-table GEMV (M = 1, launch_binary_lut_gemv; not a default, untimed)
+        records.append(profile("binary nibble-table GEMV", binary_linear._binary_lut_gemv_kernel, {
+            **gemv_types, "lut_ptr": "*fp32"}, dict(HAS_BIAS=True, BLOCK_N=128, BLOCK_W=block_w, SPLIT=True), 4, 3,
+            f"M = 1, 128 rows x {block_w} words", 128 * block_w * 32 // 128))
     tile_types = {"x_ptr": "*bf16", "packed_ptr": "*u8", "alpha_ptr": "*fp32", "mu_ptr": "*fp32",
                   "bias_ptr": "*fp32", "y_ptr": "*bf16"}
     for tiling in ("decode", "prefill"):

@@ -31,7 +31,7 @@ import torch.nn.functional as F
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from rewriter.linear.triton.binary_linear import (GEMV_DISPATCH_MAX_M, GEMV_MAX_M, _sm_count,  # noqa: E402
                                            binary_linear_triton, gemv_defaults, gemv_split, launch_binary_gemv,
-                                           launch_binary_linear)
+                                           launch_binary_linear, launch_binary_lut_gemv)
 from rewriter.linear.triton.lowrank_linear import FUSED_MAX_M, lowrank_linear_fused  # noqa: E402
 from rewriter.linear.binary import binarize_weight, binary_linear  # noqa: E402
 
@@ -66,6 +66,9 @@ GEMV_SWEEP = {
         dict(block_n=32, block_w=8, programs_per_sm=8, num_warps=4, num_stages=3),
     ],
 }
+# the nibble-table GEMV at M = 1 (launch_binary_lut_gemv keywords; lanes over output rows, block_w words per thread)
+LUT_SWEEP = [dict(block_n=128, block_w=4, programs_per_sm=4), dict(block_n=128, block_w=8, programs_per_sm=4),
+             dict(block_n=256, block_w=4, programs_per_sm=4, num_warps=8), dict(block_n=128, block_w=4, programs_per_sm=8)]
 # the dot-based kernels at M <= 16, for comparison: (kernel, BLOCK_M, BLOCK_N, BLOCK_KB, warps, stages)
 DOT_DECODE = [("bitplane", 16, 32, 128, 4, 3), ("tile", 16, 32, 64, 4, 3)]
 PREFILL_SWEEP = [("tile", 128, 128, 8, 8, 3), ("tile", 128, 64, 16, 8, 3)]
@@ -140,9 +143,19 @@ def gemv_rows(x, packs, alpha, mu, bias, in_f, ybuf, ref, dense_us, copy_us, nby
     for cfg in DOT_DECODE:
         t = graph_time_ms([lambda p=p, cfg=cfg: launch_binary_linear(x2, p, alpha, mu, bias, ybuf, *cfg) for p in packs]) * 1e3
         dot.append({"config(kernel,block_m,block_n,block_kb,warps,stages)": list(cfg), "us": t, "ratio_vs_cublas": dense_us / t})
+    lut = []
+    if M == 1:      # the nibble-table GEMV (tables of x, then one gather per 4 columns), both launches timed
+        for cfg in LUT_SWEEP:
+            t = graph_time_ms([lambda p=p, cfg=cfg: launch_binary_lut_gemv(x2, p, alpha, mu, bias, ybuf, **cfg)
+                               for p in packs]) * 1e3
+            y = torch.full_like(ybuf, float("nan"))
+            launch_binary_lut_gemv(x2, packs[0], alpha, mu, bias, y, **cfg)
+            lut.append({"config": cfg, "us": t, "ratio_vs_cublas": dense_us / t, "read_frac_of_copy": copy_us / t,
+                        "rel_err": rel_err(y, ref)})
     best = min(sweep, key=lambda r: r["us"])
     return {"gemv_sweep": sweep, "gemv_sweep_max_rel_err": worst, "best_gemv": best, "dot_kernels": dot,
-            "best_ratio_vs_cublas": best["ratio_vs_cublas"], "best_read_frac_of_copy": best["read_frac_of_copy"]}
+            "lut_gemv": lut, "best_ratio_vs_cublas": best["ratio_vs_cublas"],
+            "best_read_frac_of_copy": best["read_frac_of_copy"]}
 
 
 def main() -> None:

@@ -112,6 +112,39 @@ def test_splitk_gemv_rejects_bad_args():
     with pytest.raises(ValueError, match="at most"):
         binary_linear_triton(torch.randn(GEMV_MAX_M + 1, 64), *args, 64, tiling="splitk")
 
+@pytest.mark.parametrize("in_f,block_n,block_w,programs_per_sm", [
+    (224, 16, 4, 4),     # 7 words: the last block of words masked
+    (250, 32, 2, 8),     # the last word part padding (columns past K read 0 in the tables)
+    (1056, 16, 4, 40),   # 33 words in several K slices (split-K epilogue and counters)
+    (64, 64, 1, 1),      # one word per step, one slice
+])
+def test_lut_gemv_matches_float64_oracle(in_f, block_n, block_w, programs_per_sm, monkeypatch):
+    """The nibble-table GEMV (M = 1): per 4 columns one gathered partial sum of x, same epilogue as the split-K
+    GEMV; against the float64 oracle, every output written (poisoned buffer), counters left at 0."""
+    counters = torch.zeros(8, dtype=torch.int32)
+    monkeypatch.setattr(binary_kernels, "_split_counters", lambda device, n: counters)
+    out_f = 45
+    d = binarize_weight(torch.randn(out_f, in_f, generator=gen(in_f)))
+    bias = torch.randn(out_f, generator=gen(9)) if in_f != 64 else None
+    x = torch.randn(1, in_f, generator=gen(400 + in_f))
+    ref = binary_oracle(x, d["packed"], d["alpha"], d["mu"], bias, in_f)
+    for _ in range(2):
+        y = binary_kernels.launch_binary_lut_gemv(x, d["packed"], d["alpha"], d["mu"], bias,
+                                                  torch.full((1, out_f), float("nan")), block_n=block_n,
+                                                  block_w=block_w, programs_per_sm=programs_per_sm)
+        assert torch.isfinite(y).all() and rel(y, ref) < 1e-5
+        assert counters.tolist() == [0] * 8
+    y = binary_linear_triton(x, d["packed"], d["alpha"], d["mu"], bias, in_f, tiling="lut")
+    assert rel(y, ref) < 1e-5
+    with pytest.raises(ValueError, match="one row"):
+        binary_kernels.launch_binary_lut_gemv(torch.randn(2, in_f), d["packed"], d["alpha"], d["mu"], None,
+                                              torch.empty(2, out_f))
+    odd = binarize_weight(torch.randn(4, 203, generator=gen(1)))        # 26 bytes per row: no int32 words
+    with pytest.raises(ValueError, match="multiple of 4 bytes"):
+        binary_kernels.launch_binary_lut_gemv(torch.randn(1, 203), odd["packed"], odd["alpha"], odd["mu"], None,
+                                              torch.empty(1, 4))
+
+
 @pytest.mark.parametrize("M,shares", [(1, None), (4, 1), (16, 3)])
 @pytest.mark.parametrize("with_bias", [True, False])
 def test_fused_lowrank_kernel_matches_float64(M, shares, with_bias):

@@ -183,6 +183,16 @@ def _binary_splitk_gemv_kernel(
                                 True, WORD_LOADS)
     s = tl.sum(acc, axis=2)
     sx = tl.sum(xsum, axis=2)
+    _splitk_store(s, sx, offs_m, offs_n, mmask, nmask, alpha_ptr, mu_ptr, bias_ptr, y_ptr, part_ptr, count_ptr, M, N,
+                  pid_n, pid_k, split_k, stride_ym, HAS_BIAS, SPLIT)
+
+
+@triton.jit
+def _splitk_store(s, sx, offs_m, offs_n, mmask, nmask, alpha_ptr, mu_ptr, bias_ptr, y_ptr, part_ptr, count_ptr, M, N,
+                  pid_n, pid_k, split_k, stride_ym, HAS_BIAS: tl.constexpr, SPLIT: tl.constexpr):
+    """The split-K GEMVs' epilogue: s (BLOCK_M, BLOCK_N) the sums of x over set bits and sx (BLOCK_M, 1) the sum of x
+    over this program's K slice -> y = alpha (2 s - sx) + mu sx (+ bias). With SPLIT each program stores its partial
+    outputs and the last program of an output block to arrive adds them up in slice order."""
     alpha = tl.load(alpha_ptr + offs_n, mask=nmask, other=0.0).to(tl.float32)[None, :]
     mu = tl.load(mu_ptr + offs_n, mask=nmask, other=0.0).to(tl.float32)[None, :]
     # the epilogue is linear in (s, sx), so each K slice applies it to its own partial sums
@@ -202,7 +212,7 @@ def _binary_splitk_gemv_kernel(
         arrived = tl.atomic_add(count_ptr + pid_n, 1, sem="acq_rel")
         if arrived == split_k - 1:
             # summed in split order, so the result does not depend on the order of arrival
-            total = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+            total = tl.zeros(y.shape, dtype=tl.float32)
             for split in range(split_k):
                 total += tl.load(part_ptrs + split * M * N, mask=ymask, other=0.0, cache_modifier=".cg")
             if HAS_BIAS:
@@ -210,6 +220,58 @@ def _binary_splitk_gemv_kernel(
             tl.store(y_ptrs, total.to(y_ptr.dtype.element_ty), mask=ymask)
             # back to 0 for the next launch on this stream
             tl.atomic_xchg(count_ptr + pid_n, 0)
+
+
+@triton.jit
+def _nibble_lut_kernel(x_ptr, lut_ptr, K, G, BLOCK_G: tl.constexpr):
+    """lut (G, 16) float32, G = 8 x 32-column words: lut[g, n] = sum over i < 4 of bit i of n times x[4 g + i]
+    (x of one row; columns past K read 0, so entry 0 of every table is 0)."""
+    g = tl.program_id(0) * BLOCK_G + tl.arange(0, BLOCK_G)
+    n = tl.arange(0, 16)
+    acc = tl.zeros((BLOCK_G, 16), dtype=tl.float32)
+    for i in tl.static_range(4):
+        col = 4 * g + i
+        xi = tl.load(x_ptr + col, mask=col < K, other=0.0).to(tl.float32)
+        acc += tl.where(((n >> i) & 1)[None, :] != 0, xi[:, None], 0.0)
+    tl.store(lut_ptr + g[:, None] * 16 + n[None, :], acc, mask=(g < G)[:, None])
+
+
+@triton.jit(do_not_specialize=["N", "KW", "words_per_split", "split_k"])
+def _binary_lut_gemv_kernel(
+    lut_ptr, w_ptr, alpha_ptr, mu_ptr, bias_ptr, y_ptr, part_ptr, count_ptr,
+    N, KW, words_per_split, split_k, stride_wn, stride_ym,
+    HAS_BIAS: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_W: tl.constexpr, SPLIT: tl.constexpr,
+):
+    """M = 1 split-K GEMV through nibble tables (T-MAC's lookup, from global memory / L1): for each 4-column nibble of
+    a packed word, one gathered load of the partial sum of the x columns whose bits are set (lut, _nibble_lut_kernel)
+    and one add, instead of a bit test and an add per weight. The tile's lanes run over output rows, so the 32 lanes
+    of a gather read the same 16-entry table (one L1 wavefront); each thread loads BLOCK_W consecutive words of its
+    row. Same epilogue as _binary_splitk_gemv_kernel (sum(x) of the slice from the tables' entry 15)."""
+    pid_n = tl.program_id(0)
+    pid_k = tl.program_id(1)
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    nmask = offs_n < N
+    n2 = tl.minimum(offs_n, N - 1)[:, None]
+    w2 = tl.arange(0, BLOCK_W)[None, :]
+    acc = tl.zeros((BLOCK_N, BLOCK_W), dtype=tl.float32)
+    xsum = tl.zeros((1, BLOCK_W), dtype=tl.float32)
+    w_start = pid_k * words_per_split
+    w_end = tl.minimum(w_start + words_per_split, KW)
+    for q0 in range(w_start, w_end, BLOCK_W):
+        q = q0 + w2
+        q_ok = q < w_end
+        # unsigned, so that a nibble needs no sign extension on its way into the 64-bit address
+        words = tl.load(w_ptr + n2 * stride_wn + q, mask=q_ok, other=0).to(tl.uint32, bitcast=True)
+        tables = lut_ptr + tl.minimum(q, KW - 1) * 128            # 8 nibble tables of 16 entries per word
+        for j in tl.static_range(8):
+            acc += tl.load(tables + (16 * j) + ((words >> (4 * j)) & 15))
+            xsum += tl.load(tables + (16 * j + 15), mask=q_ok, other=0.0)
+    s = tl.sum(acc, axis=1)[None, :]
+    sx = tl.sum(xsum, axis=1)[:, None]
+    offs_m = tl.arange(0, 1)
+    _splitk_store(s, sx, offs_m, offs_n, offs_m < 1, nmask, alpha_ptr, mu_ptr, bias_ptr, y_ptr, part_ptr, count_ptr,
+                  1, N, pid_n, pid_k, split_k, stride_ym, HAS_BIAS, SPLIT)
+
 
 GEMV_MAX_M = 16  # the split-K GEMV serves M <= GEMV_MAX_M (one block of x rows); the tile kernel above
 # (kernel, BLOCK_M, BLOCK_N, BLOCK_KB, num_warps, num_stages) of the dot-based kernels: best of sweeps on an H200
@@ -332,17 +394,53 @@ def launch_binary_gemv(x2: Tensor, packed: Tensor, alpha: Tensor, mu: Tensor, bi
     return out
 
 
+LUT_GROUPS_PER_PROGRAM = 64     # nibble tables built per program of _nibble_lut_kernel
+
+
+def launch_binary_lut_gemv(x2: Tensor, packed: Tensor, alpha: Tensor, mu: Tensor, bias: Tensor | None, out: Tensor,
+                           block_n: int = 128, block_w: int = 4, programs_per_sm: float = 4, num_warps: int = 4,
+                           num_stages: int = 3) -> Tensor:
+    """The nibble-table GEMV (_binary_lut_gemv_kernel) for one row of x: two launches, the tables of x (16 floats
+    per 4 columns, 16 bytes per column: 229 KB at 14336 inputs) then the GEMV over the packed words. Rows whose
+    packed bytes are not a multiple of 4 are refused (ValueError: the int32 view is what the lanes load)."""
+    if x2.stride(-1) != 1:
+        x2 = x2.contiguous()
+    M, K = x2.shape
+    N, KB = packed.shape
+    if M != 1:
+        raise ValueError(f"the nibble-table GEMV takes one row of x; got {M}")
+    if not (KB % 4 == 0 and packed.stride(1) == 1 and packed.stride(0) % 4 == 0 and packed.data_ptr() % 4 == 0):
+        raise ValueError(f"the nibble-table GEMV reads int32 words: packed rows of a multiple of 4 bytes; got {KB}")
+    KW = KB // 4
+    groups = KW * 8
+    lut = torch.empty(groups, 16, dtype=torch.float32, device=x2.device)
+    _nibble_lut_kernel[(triton.cdiv(groups, LUT_GROUPS_PER_PROGRAM),)](x2, lut, K, groups,
+                                                                       BLOCK_G=LUT_GROUPS_PER_PROGRAM)
+    split_k, words_per_split = gemv_split(N, KW * 32, block_n, block_w, programs_per_sm, _sm_count(x2.device))
+    w = packed.view(torch.int32)
+    n_blocks = triton.cdiv(N, block_n)
+    parts = torch.empty((split_k, 1, N), dtype=torch.float32, device=x2.device) if split_k > 1 else out
+    counters = _split_counters(x2.device, n_blocks) if split_k > 1 else out
+    _binary_lut_gemv_kernel[(n_blocks, split_k)](
+        lut, w, alpha, mu, bias if bias is not None else alpha, out, parts, counters,
+        N, KW, words_per_split, split_k, w.stride(0), out.stride(0),
+        HAS_BIAS=bias is not None, BLOCK_N=block_n, BLOCK_W=block_w, SPLIT=split_k > 1, num_warps=num_warps,
+        num_stages=num_stages,
+    )
+    return out
+
+
 def binary_linear_triton(x: Tensor, packed: Tensor, alpha: Tensor, mu: Tensor, bias: Tensor | None,
                          in_features: int, tiling: str | None = None, out: Tensor | None = None) -> Tensor:
-    """Same contract as rewriter::binary_linear. tiling: "splitk" (the split-K GEMV, M <= GEMV_MAX_M),
-    "bitplane", "decode", "prefill" or None (splitk for M <= GEMV_DISPATCH_MAX_M, decode up to GEMV_MAX_M,
-    prefill above; splitk with gemv_defaults(M)). out: optional
+    """Same contract as rewriter::binary_linear. tiling: "splitk" (the split-K GEMV, M <= GEMV_MAX_M), "lut" (the
+    nibble-table GEMV, M = 1, untimed: not a default), "bitplane", "decode", "prefill" or None (splitk for M <=
+    GEMV_DISPATCH_MAX_M, decode up to GEMV_MAX_M, prefill above; splitk with gemv_defaults(M)). out: optional
     (M, out_features) buffer in x's dtype to write into."""
     if x.shape[-1] != in_features or packed.dim() != 2 or packed.shape[1] != (in_features + 7) // 8:
         raise ValueError(f"x (..., {in_features}) and packed (out, {(in_features + 7) // 8}) expected; "
                          f"got x {tuple(x.shape)}, packed {tuple(packed.shape)}")
-    if tiling is not None and tiling != "splitk" and tiling not in _TILINGS:
-        raise ValueError(f"tiling must be one of {sorted(['splitk', *_TILINGS])} or None; got {tiling!r}")
+    if tiling is not None and tiling not in ("splitk", "lut") and tiling not in _TILINGS:
+        raise ValueError(f"tiling must be one of {sorted(['splitk', 'lut', *_TILINGS])} or None; got {tiling!r}")
     N = packed.shape[0]
     x2 = x.reshape(-1, in_features)
     if x2.stride(-1) != 1:
@@ -360,6 +458,8 @@ def binary_linear_triton(x: Tensor, packed: Tensor, alpha: Tensor, mu: Tensor, b
         args = (x2, packed.contiguous(), alpha.contiguous(), mu.contiguous(), bias, out)
         if tiling == "splitk":
             launch_binary_gemv(*args, **gemv_defaults(M))
+        elif tiling == "lut":
+            launch_binary_lut_gemv(*args)
         else:
             launch_binary_linear(*args, *_TILINGS[tiling])
     return out.reshape(*x.shape[:-1], N)

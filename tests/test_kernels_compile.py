@@ -185,3 +185,9 @@ def test_kernel_resources_profile_reads_the_cubin():
     by_smem = 228 * 1024 // (rec["shared_bytes"] + 1024)
     assert rec["programs_per_sm"] == min(by_regs, by_smem, 16) and rec["warps_per_sm"] == 4 * rec["programs_per_sm"]
     assert rec["sass"]["HMMA"] > 0 and rec["sass"]["LDGSTS"] > 0 and rec["sass"]["HGMMA"] == 0
+    # its slot loop: the one loop of more than 64 instructions
+    assert rec["main_loop_instructions"] > 64 and rec["main_loop_instructions"] in rec["loop_instructions"]
+    sass = "\n".join(f"        /*{a:04x}*/    {op} ;" for a, op in [
+        (0x00, "MOV R1, c[0x0][0x28]"), (0x10, "IADD3 R2, R2, 0x1, RZ"), (0x20, "FADD R3, R3, R4"),
+        (0x30, "ISETP.GE.AND P0, PT, R2, 0x8, PT"), (0x40, "@!P0 BRA 0x10"), (0x50, "BRA 0x60"), (0x60, "EXIT")])
+    assert kr.loop_sizes(sass) == [4]      # 0x10..0x40; the forward branch is no loop

@@ -18,6 +18,8 @@
 #                                     #   in the decode reduce;
 #                                     # decode-attn: decode attention tiles swept, then mla / original decode)
 #   bash benchmarks/h200.sh ncu       # Nsight Compute counters of the decode, binary GEMV and band kernels
+#   bash benchmarks/h200.sh pending   # the untimed changes of 12-07 (evening): partials, fused up, ncu (and
+#                                     # pending-linear: the nibble-table binary GEMV)
 # Results go to $OUT (default ./out). fla-core comes from a wheel carried in .gpu_kernels2/.whl (no network there):
 #   pip download fla-core==0.6.0 --no-deps -d .gpu_kernels2/.whl   (then carry .gpu_kernels2/.whl with the run)
 set -u
@@ -149,6 +151,25 @@ decode-batch)   # issue 14: batches 1 / 8 / 32 at 4K against transformers' stati
     --variants original --batch-variants original --compile-variants original --static-peer-contexts 4096 \
     > "$OUT/kv_batch.log" 2>&1
   echo "kv rc=$?"; grep '^{' "$OUT/kv_batch.log" | cut -c1-300;;
+pending)   # what the 12-07 evening session built and could not time (no device lent), in one call of under 10 minutes:
+           # half-precision decode partials (A / B), the fused value up-projection (mla with / without it, the
+           # unthinned step beside), ncu counters of the decode, binary GEMV and band kernels; `pending-linear`: the
+           # nibble-table binary GEMV beside the split-K sweep
+  timeout 90 python benchmarks/decode_attention.py --out "$OUT/decode_attention_${KV_TAG:-h200}_partials.json" \
+    --contexts 32768 4096 --default-only --partials float32 half --budget-s 70 > "$OUT/da_partials.log" 2>&1
+  echo "partials rc=$?"; grep -E '^best' "$OUT/da_partials.log"
+  REWRITER_DECODE_FUSED_UP=0 timeout 120 python benchmarks/kv.py --out "$OUT/kv_${KV_TAG:-h200}_mla_unfused.json" \
+    --contexts 4096 32768 --variants mla-decoupled0.5 --profile-steps 2 --budget-s 100 > "$OUT/kv_mla_unfused.log" 2>&1
+  echo "kv unfused rc=$?"; grep '^{' "$OUT/kv_mla_unfused.log" | cut -c1-240
+  timeout 200 python benchmarks/kv.py --out "$OUT/kv_${KV_TAG:-h200}_mla_up.json" --contexts 4096 32768 \
+    --variants original mla-decoupled0.5 --profile-steps 2 --budget-s 180 > "$OUT/kv_mla_up.log" 2>&1
+  echo "kv rc=$?"; grep '^{' "$OUT/kv_mla_up.log" | cut -c1-240
+  NCU_TIMEOUT=45 NCU_CASES="${NCU_CASES:-mla32k:_decode_:2 gqa32k:_decode_split:1 bgemv:_binary:1 band32k:_band:1}" \
+    timeout 170 bash "$0" ncu;;
+pending-linear)   # the nibble-table binary GEMV (M = 1, `lut_gemv` in the records) beside the split-K sweep
+  timeout 200 python benchmarks/linear.py --binary-only --out "$OUT/linear_${KV_TAG:-h200}_lut.json" \
+    > "$OUT/linear_lut.log" 2>&1
+  echo "linear rc=$?"; tail -8 "$OUT/linear_lut.log" | cut -c1-300;;
 ncu)   # issues 14 / 19: Nsight Compute hardware counters of one call per kernel case (benchmarks/ncu_profile.py):
        # the details page (throughput, occupancy, warp stalls) as text, the SASS with its per-instruction counters as
        # CSV. NCU_CASES: case:kernel-regex:kernels-per-call; NCU_SET: ncu's section set
@@ -163,6 +184,6 @@ ncu)   # issues 14 / 19: Nsight Compute hardware counters of one call per kernel
     "$NCU" --import "$f.ncu-rep" --page source --csv --print-source sass > "${f}_sass.csv" 2>/dev/null
     grep -E "^  [_a-z]|Duration|DRAM Throughput|Achieved Occupancy|Registers Per|Compute \(SM\) Throughput" "$f.txt" | head -16
   done;;
-*) echo "usage: $0 kernels|models|forms|compiled|fused|issue13|attention|exact|band|decode|decode-gemv|decode-passes|decode-pdl|decode-mla-up|decode-mla|decode-attn|decode-fused|decode-batch|ncu"
+*) echo "usage: $0 kernels|models|forms|compiled|fused|issue13|attention|exact|band|decode|decode-gemv|decode-passes|decode-pdl|decode-mla-up|decode-mla|decode-attn|decode-fused|decode-batch|ncu|pending|pending-linear"
    exit 2;;
 esac

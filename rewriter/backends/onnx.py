@@ -9,9 +9,9 @@ batch/sequence are symbols) and the op's scalar arguments (causal, scale, window
 emits only the branch its arguments select. None of them builds an Lq x Lk tensor:
   * linear / performer attention: phi_q (phi_k^T [v, 1]) bidirectionally; causal by chunks of CHUNK tokens
     (masked CHUNK x CHUNK products inside a chunk, an exclusive CumSum of per-chunk states across chunks);
-  * window attention and the exact band of the hybrids (linear with window/sinks, scatterbrain): key blocks
-    of `block` tokens gathered per query block (``block_sparse.band_layout`` built in the graph at a fixed
-    width, so one graph serves every length), so scores are (L/block) x block x (K block) with K fixed by the window;
+  * window attention and the exact band of the hybrids (linear with window/sinks, scatterbrain): per block of
+    query rows the contiguous run of keys its bands reach and the sinks (``_onnx._run_support``, built in the graph
+    from the lengths, so one graph serves every length): scores L x (sinks + min(rows + window, L));
   * block-topk, strided: a block layout chosen in the graph (TopK of pooled block scores; a static function of
     the lengths and head), then the same gathered key blocks, K = the most blocks any query block keeps;
   * LSH: per round, (L/bucket) sorted query chunks x two sorted key chunks.

@@ -23,7 +23,8 @@ from rewriter import load_program, make_pass, optimize
 from rewriter.compile import check_package, compile_package
 from rewriter.load import default_checkpoint
 
-VARIANTS = {"captured": None, "window128": ("window", {"window": 128})}
+VARIANTS = {"captured": None, "window128": ("window", {"window": 128}),
+            "scatterbrain128": ("scatterbrain", {"window": 128, "features": 32})}
 
 
 def _interleaved_ms(fns: list, repeats: int) -> list[float]:

@@ -152,6 +152,38 @@ def band_rows(window: int) -> int:
     return int(min(512, max(64, 2 ** round(math.log2(max(window, 2) / 2)))))
 
 
+def _key_runs(Lq, Lk, left: int, right: int, sinks: int, causal: bool, key_mask: Optional[Tensor], rows: int,
+              band: bool, device) -> tuple[Tensor, Tensor]:
+    """The key-run layout from the (symbolic) lengths: per block of `rows` query rows the contiguous run of keys its
+    rows' bands [q - left, q + right] reach (moved inside [0, Lk), cut to Lk keys; none when not `band`) with the
+    first `sinks` keys in front. Returns (pos (nqb, S) key positions, clamped into range; allowed (B or 1, nqb, rows,
+    S) bool: the reference's token predicate (a sink inside a run counts once, as a sink), causal, the key mask)."""
+    offset = Lk - Lq                               # query i sits at key position i + offset
+    nqb = (Lq + rows - 1) // rows
+    pieces, span = [], 0
+    if sinks:
+        pieces.append(torch.arange(sinks, device=device).expand(nqb, sinks))
+    if band:
+        span = torch.sym_min(rows + left + right, Lk)
+        starts = torch.clamp(torch.clamp(torch.arange(nqb, device=device) * rows + (offset - left), min=0),
+                             max=Lk - span)
+        pieces.append(starts[:, None] + torch.arange(span, device=device))
+    raw = torch.cat(pieces, 1) if len(pieces) > 1 else pieces[0]                       # (nqb, S)
+    S = sinks + span
+    q_pos = (torch.arange(nqb * rows, device=device) + offset).view(nqb, rows, 1)
+    d = raw[:, None, :] - q_pos                                                        # (nqb, rows, S)
+    is_sink = (torch.arange(S, device=device) < sinks)[None, None, :]
+    in_band = (d >= -left) & (d <= right) & (raw >= sinks)[:, None, :] if band else torch.zeros_like(is_sink)
+    allowed = torch.where(is_sink, raw[:, None, :] < Lk, in_band)
+    if causal:
+        allowed = allowed & (d <= 0)
+    pos = torch.clamp(raw, max=Lk - 1)                                                # sinks past a short input
+    if key_mask is not None:
+        B = key_mask.shape[0]
+        return pos, allowed[None] & key_mask.to(torch.bool).index_select(1, pos.reshape(-1)).view(B, nqb, 1, S)
+    return pos, allowed[None]
+
+
 def _window_sdpa(q: Tensor, k: Tensor, v: Tensor, key_mask: Optional[Tensor], causal: bool, scale: float,
                  window: int, sinks: int, block: int = 64, alibi: Optional[list[float]] = None,
                  softcap: float = 0.0) -> Tensor:
@@ -169,27 +201,10 @@ def _window_sdpa(q: Tensor, k: Tensor, v: Tensor, key_mask: Optional[Tensor], ca
     Dv, dev = v.shape[-1], q.device
     left, right = window_extents(window, causal)
     rows = band_rows(window)
-    offset = Lk - Lq                               # query i sits at key position i + offset
     nqb = (Lq + rows - 1) // rows
-    # block i's rows reach keys [i rows + offset - left, + rows + left + right): that run, moved inside [0, Lk) (so
-    # that no key is padding) and cut to Lk keys when shorter (so that a short input costs what dense SDPA does)
-    span = torch.sym_min(rows + left + right, Lk)
-    starts = torch.clamp(torch.clamp(torch.arange(nqb, device=dev) * rows + (offset - left), min=0), max=Lk - span)
-    pos = starts[:, None] + torch.arange(span, device=dev)                            # (nqb, span) key positions
-    if sinks:                    # the first `sinks` keys before every run (a sink inside the run counts as a sink)
-        pos = torch.cat([torch.arange(sinks, device=dev).expand(nqb, sinks), pos], 1)
-    S = sinks + span
-    q_pos = (torch.arange(nqb * rows, device=dev) + offset).view(nqb, rows, 1)
-    d = pos[:, None, :] - q_pos                                                        # (nqb, rows, S)
-    is_sink = (torch.arange(S, device=dev) < sinks)[None, None, :]
-    allowed = torch.where(is_sink, pos[:, None, :] < Lk, (d >= -left) & (d <= right) & (pos >= sinks)[:, None, :])
-    if causal:
-        allowed = allowed & (d <= 0)
-    flat = torch.clamp(pos, max=Lk - 1).reshape(-1)                                   # sinks past a short input
-    if key_mask is not None:
-        allowed = allowed[None] & key_mask.to(torch.bool).index_select(1, flat).view(B, nqb, 1, S)
-    else:
-        allowed = allowed[None]
+    pos, allowed = _key_runs(Lq, Lk, left, right, sinks, causal, key_mask, rows, True, dev)
+    S = pos.shape[1]
+    flat = pos.reshape(-1)
 
     def gathered(x: Tensor) -> Tensor:    # (B, Hkv, Lk, E) -> (B nqb, Hkv, S, E), the (B nqb, S, Hkv, E) memory
         # the CPU flash kernel reads its inputs in (batch, length, heads, dim) order: gathered so, no copy after
@@ -326,11 +341,11 @@ def _sparse_plus_lowrank(q: Tensor, k: Tensor, v: Tensor, key_mask: Optional[Ten
                          log_phi_k: Optional[Tensor] = None, support_max_offset: Optional[Tensor] = None,
                          block: int = 64) -> Tensor:
     """``feature_map.sparse_plus_lowrank_attention`` (exact softmax weights on the band + sinks S, phi.phi
-    elsewhere; same stabiliser, same correction) on the band layout built from the lengths (``_band_blocks``)
-    and gathered key blocks, so it traces with dynamic lengths: O(L x (window + sinks)) for S plus O(L x F) for the
-    low-rank sums, never Lq x Lk. Computed on kv heads repeated per query head and on query rows padded to whole
-    blocks, the first Lq rows taken at the end (``_rows``): both keep the traced shapes free of guards on the
-    length. Returns (B, H, Lq, Dv) in q's dtype."""
+    elsewhere; same stabiliser, same correction) on key runs built from the lengths (``_key_runs``: per block of
+    query rows the keys its bands reach, the sinks in front), so it traces with dynamic lengths: O(L x (rows + window
+    + sinks)) for S plus O(L x F) for the low-rank sums, never Lq x Lk. Computed on kv heads repeated per query head
+    and on query rows padded to whole blocks, the first Lq rows taken at the end (``_rows``): both keep the traced
+    shapes free of guards on the length. Returns (B, H, Lq, Dv) in q's dtype."""
     from .attention._contract import expand_kv, window_extents
     from .attention.feature_map import _normalise
     B, H, Lq, D = q.shape
@@ -348,23 +363,22 @@ def _sparse_plus_lowrank(q: Tensor, k: Tensor, v: Tensor, key_mask: Optional[Ten
         row_log = row_log + log_phi_k.to(acc).repeat_interleave(H // Hkv, dim=1)[:, :, None]
     row_log = row_log.expand(B, H, Lq)
     left, right = window_extents(window, causal) if window > 0 else (0, 0)
-    nqb, nkb = (Lq + block - 1) // block, (Lk + block - 1) // block
-    kv_index, slot_valid = _band_blocks(Lq, Lk, block, left, right, sinks, dev, band=window > 0)
-    K = kv_index.shape[1]
-    flat = kv_index.reshape(-1)
+    rows = band_rows(window)
+    nqb = (Lq + rows - 1) // rows
+    pos, support = _key_runs(Lq, Lk, left, right, sinks, causal, key_mask, rows, window > 0, dev)
+    support = support[:, None]                                                         # (B|1, 1, nqb, rows, S)
+    S = pos.shape[1]
+    flat = pos.reshape(-1)
 
-    def key_blocks(x: Tensor) -> Tensor:      # (B, Hkv, Lk, E) -> visited blocks per query head (B, H, nqb, K*block, E)
-        xb = _pad(expand_kv(x, H), (0, 0, 0, nkb * block - Lk)).view(B, H, nkb, block, x.shape[-1])
-        return xb.index_select(2, flat).reshape(B, H, nqb, K * block, x.shape[-1])
+    def key_blocks(x: Tensor) -> Tensor:      # (B, Hkv, Lk, E) -> each block's keys per query head (B, H, nqb, S, E)
+        return expand_kv(x, H).index_select(2, flat).view(B, H, nqb, S, x.shape[-1])
 
-    def query_blocks(x: Tensor) -> Tensor:    # (B, H, Lq, ...) -> (B, H, nqb, block, ...)
-        pad = [0, 0] * (x.dim() - 3) + [0, nqb * block - Lq]
-        return _pad(x, pad).view(B, H, nqb, block, *x.shape[3:])
+    def query_blocks(x: Tensor) -> Tensor:    # (B, H, Lq, ...) -> (B, H, nqb, rows, ...)
+        pad = [0, 0] * (x.dim() - 3) + [0, nqb * rows - Lq]
+        return _pad(x, pad).view(B, H, nqb, rows, *x.shape[3:])
 
     va = torch.cat([v.to(acc), torch.ones_like(v[..., :1], dtype=acc)], dim=-1)
     kg, pkg, vg = key_blocks(k.to(acc)), key_blocks(phi_k.to(acc)), key_blocks(va)
-    support, _, _ = _gathered_pairs(kv_index, slot_valid, block, Lq, Lk, left, right, sinks, causal, key_mask,
-                                    window > 0)
 
     scores = torch.matmul(query_blocks(q.to(acc)), kg.transpose(-1, -2)) * scale
     scores = scores.masked_fill(~support, float("-inf"))
@@ -379,7 +393,7 @@ def _sparse_plus_lowrank(q: Tensor, k: Tensor, v: Tensor, key_mask: Optional[Ten
     correction = torch.exp(scores - stabiliser[..., None]) - lowrank_weight[..., None] * phi_dot
     correction = torch.where(support, correction, torch.zeros_like(correction))
     out = lowrank_weight[..., None] * query_blocks(lowrank) + torch.matmul(correction, vg)
-    out = _rows(out.reshape(B, H, nqb * block, Dv + 1), Lq)
+    out = _rows(out.reshape(B, H, nqb * rows, Dv + 1), Lq)
     return _normalise(out[..., :Dv], out[..., Dv]).to(q.dtype)
 
 

@@ -15,12 +15,12 @@ table holds, per op, a body that traces with the program's dynamic batch and seq
   joined (``_window_sdpa``, O(L x (rows + window))); on CUDA the band layout feeds the Triton block-sparse kernel
   through the ``rewriter::window_triton`` triton_op (``wrap_triton``), which Inductor compiles into the package (not
   run here: no GPU; benchmarks/h200_check.sh AOTI_ONLY=1 checks it); otherwise (ALiBi, softcaps, float64, CUDA without
-  Triton) the band layout (``_band_blocks``, the torch twin of the ONNX ``_support``) and a gathered-block softmax;
+  Triton) the band layout (``_band_blocks``) and a gathered-block softmax;
 - performer / scatterbrain: FAVOR+ features from the seeded projection, which becomes a buffer of the package
   (``_bind_projections``: before export each op becomes a twin op taking the projection buffer as an input; a tensor
   created inside a decomposition is not registered as a constant, "Constant tensor ... lifted_tensor_0 is not in the
   constants dictionary", pytorch #164461), then the linear core, O(L x features), plus for scatterbrain the exact
-  band + sinks on gathered blocks, O(L x (window + sinks));
+  band + sinks on key runs (``_key_runs``, as the CPU window), O(L x (rows + window + sinks));
 - linear / hedgehog (plain, or the window hybrid): the same core and band; causal sums by chunks, the chunk states'
   exclusive prefix sum a cumsum (the reference's Python loop over chunks would pin the length);
 - block top-k / strided: the routing of the ops with a fixed number of slots per query block from the lengths, a
@@ -338,8 +338,7 @@ def _linear_core(phi_q: Tensor, phi_k: Tensor, v: Tensor, causal: bool, key_mask
 
 def _sparse_plus_lowrank(q: Tensor, k: Tensor, v: Tensor, key_mask: Optional[Tensor], causal: bool, scale: float,
                          phi_q: Tensor, phi_k: Tensor, window: int, sinks: int, log_phi_q: Optional[Tensor] = None,
-                         log_phi_k: Optional[Tensor] = None, support_max_offset: Optional[Tensor] = None,
-                         block: int = 64) -> Tensor:
+                         log_phi_k: Optional[Tensor] = None, support_max_offset: Optional[Tensor] = None) -> Tensor:
     """``feature_map.sparse_plus_lowrank_attention`` (exact softmax weights on the band + sinks S, phi.phi
     elsewhere; same stabiliser, same correction) on key runs built from the lengths (``_key_runs``: per block of
     query rows the keys its bands reach, the sinks in front), so it traces with dynamic lengths: O(L x (rows + window

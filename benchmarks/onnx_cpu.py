@@ -24,6 +24,7 @@ from pathlib import Path
 
 import torch
 
+from aoti_cpu import _interleaved_ms  # benchmarks/aoti_cpu.py: medians of calls run in turn
 from rewriter import load_program, make_pass, optimize
 from rewriter.backends.onnx import export_program
 from rewriter.load import default_checkpoint
@@ -67,15 +68,8 @@ def targets(args) -> None:
         for seq in (128, 512):
             feeds = {key: {n: t.numpy() for n, t in _inputs(programs[key[0]], seq).items()} for key in sessions}
             # every variant and target in turn within each repeat, so that a busy machine slows them alike
-            runs = {key: [] for key in sessions}
-            for key, s in sessions.items():
-                s.run(None, feeds[key])
-            for _ in range(args.repeats):
-                for key, s in sessions.items():
-                    t0 = time.perf_counter()
-                    s.run(None, feeds[key])
-                    runs[key].append((time.perf_counter() - t0) * 1e3)
-            ms = {key: statistics.median(times) for key, times in runs.items()}
+            ms = dict(zip(sessions, _interleaved_ms([lambda s=s, f=feeds[key]: s.run(None, f)
+                                                     for key, s in sessions.items()], args.repeats)))
             for (name, target), t in ms.items():
                 rows.append({"variant": name, "target": target, "seq": seq, "batch": 1, "onnxruntime_ms": round(t, 3),
                              "vs_plain_same_target": round(ms["plain", target] / t, 3),

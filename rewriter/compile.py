@@ -93,11 +93,9 @@ def _pad(x: Tensor, pad, value: float = 0.0) -> Tensor:
     return F.pad(x.contiguous(), pad, value=value)
 
 
-def _band_blocks(Lq, Lk, block: int, left: int, right: int, sinks: int, device,
-                 band: bool = True) -> tuple[Tensor, Tensor]:
+def _band_blocks(Lq, Lk, block: int, left: int, right: int, sinks: int, device) -> tuple[Tensor, Tensor]:
     """``block_sparse.band_layout`` from the (symbolic) lengths: per query block the sink blocks, then a fixed
-    number of band slots (none when not `band`: sinks only); returns (kv_index (nqb, K) long, clamped into range;
-    slot_valid (nqb, K) bool)."""
+    number of band slots; returns (kv_index (nqb, K) long, clamped into range; slot_valid (nqb, K) bool)."""
     nqb, nkb = (Lq + block - 1) // block, (Lk + block - 1) // block
     qb = torch.arange(nqb, device=device)[:, None]
     sink_blocks = (sinks + block - 1) // block
@@ -106,10 +104,6 @@ def _band_blocks(Lq, Lk, block: int, left: int, right: int, sinks: int, device,
         slots = torch.arange(sink_blocks, device=device)[None, :].expand(nqb, sink_blocks)
         index.append(torch.clamp(slots, max=nkb - 1))
         valid.append(slots < nkb)
-    if not band:
-        if not sink_blocks:
-            raise ValueError("a layout needs a band or sinks")
-        return index[0], valid[0]
     # first and last key block of each query block's band; the floor divisions stay on Python (symbolic) ints, as
     # (qb * block + c) // block == qb + c // block (Inductor mis-lowers a tensor floor division of clamped values)
     offset = Lk - Lq
@@ -143,13 +137,6 @@ def _window_triton(q: Tensor, k: Tensor, v: Tensor, key_mask: Optional[Tensor], 
     if alibi or softcap:
         return _window_attention(q, k, v, key_mask, causal, scale, window, sinks, block, alibi, softcap)
     return torch.ops.rewriter.window_triton(q, k, v, key_mask, causal, scale, window, sinks, block)
-
-
-def band_rows(window: int) -> int:
-    """Query rows per block of the CPU band lowering (``_window_sdpa``): about half the window, 64 to 512 (a block of
-    r rows reaches r + window - 1 keys: more rows mean fewer, larger SDPA problems but more keys outside each row's
-    band, 1.5x the band's pairs at half the window)."""
-    return int(min(512, max(64, 2 ** round(math.log2(max(window, 2) / 2)))))
 
 
 def _key_runs(Lq, Lk, left: int, right: int, sinks: int, causal: bool, key_mask: Optional[Tensor], rows: int,
@@ -196,14 +183,13 @@ def _window_sdpa(q: Tensor, k: Tensor, v: Tensor, key_mask: Optional[Tensor], ca
     key give 0. ALiBi, softcaps and float64 take the gathered form."""
     if alibi or softcap or q.dtype == torch.float64:
         return _window_attention(q, k, v, key_mask, causal, scale, window, sinks, block, alibi, softcap)
-    from .attention._contract import check_qkv, expand_kv, window_extents
+    from .attention._contract import band_rows, check_qkv, expand_kv, window_extents
     B, H, Hkv, Lq, Lk, D = check_qkv(q, k, v, key_mask)
     Dv, dev = v.shape[-1], q.device
     left, right = window_extents(window, causal)
     rows = band_rows(window)
-    nqb = (Lq + rows - 1) // rows
     pos, allowed = _key_runs(Lq, Lk, left, right, sinks, causal, key_mask, rows, True, dev)
-    S = pos.shape[1]
+    nqb, S = pos.shape
     flat = pos.reshape(-1)
 
     def gathered(x: Tensor) -> Tensor:    # (B, Hkv, Lk, E) -> (B nqb, Hkv, S, E), the (B nqb, S, Hkv, E) memory
@@ -223,17 +209,15 @@ def _window_sdpa(q: Tensor, k: Tensor, v: Tensor, key_mask: Optional[Tensor], ca
 
 
 def _gathered_pairs(kv_index: Tensor, slot_valid: Tensor, block: int, Lq, Lk, left: int, right: int, sinks: int,
-                    causal: bool, key_mask: Optional[Tensor], band: bool) -> tuple[Tensor, Tensor, Tensor]:
+                    causal: bool, key_mask: Optional[Tensor]) -> tuple[Tensor, Tensor, Tensor]:
     """The token-level predicate on gathered key blocks (``_band_blocks``' layout): (allowed (B or 1, 1, nqb, block,
     K * block) bool, key positions (nqb, 1, K * block), query positions (nqb, block, 1)) for the sinks, the band
-    [q - left, q + right] when `band`, used slots, real keys, causal and the key mask."""
+    [q - left, q + right], used slots, real keys, causal and the key mask."""
     nqb, K = kv_index.shape
     dev = kv_index.device
     k_pos = (kv_index[..., None] * block + torch.arange(block, device=dev)).reshape(nqb, 1, K * block)
     q_pos = (torch.arange(nqb * block, device=dev) + (Lk - Lq)).view(nqb, block, 1)
-    allowed = k_pos < sinks
-    if band:
-        allowed = allowed | ((k_pos >= q_pos - left) & (k_pos <= q_pos + right))
+    allowed = (k_pos < sinks) | ((k_pos >= q_pos - left) & (k_pos <= q_pos + right))
     used = slot_valid[..., None].expand(nqb, K, block).reshape(nqb, 1, K * block)
     allowed = allowed & used & (k_pos < Lk)
     if causal:
@@ -282,7 +266,7 @@ def _window_attention(q: Tensor, k: Tensor, v: Tensor, key_mask: Optional[Tensor
     kg = blocks(expand_kv(k.to(acc), H), nkb, Lk).index_select(2, flat).reshape(B, H, nqb, K * block, D)
     vg = blocks(expand_kv(v.to(acc), H), nkb, Lk).index_select(2, flat).reshape(B, H, nqb, K * block, Dv)
     allowed, k_pos, q_pos = _gathered_pairs(kv_index, slot_valid, block, Lq, Lk, left, right, sinks, causal,
-                                            key_mask, True)
+                                            key_mask)
     s = softcapped(torch.matmul(qb, kg.transpose(-1, -2)) * scale, softcap)
     if alibi:
         slopes = torch.tensor(alibi, dtype=acc, device=dev).view(1, -1, 1, 1, 1)
@@ -345,7 +329,7 @@ def _sparse_plus_lowrank(q: Tensor, k: Tensor, v: Tensor, key_mask: Optional[Ten
     + sinks)) for S plus O(L x F) for the low-rank sums, never Lq x Lk. Computed on kv heads repeated per query head
     and on query rows padded to whole blocks, the first Lq rows taken at the end (``_rows``): both keep the traced
     shapes free of guards on the length. Returns (B, H, Lq, Dv) in q's dtype."""
-    from .attention._contract import expand_kv, window_extents
+    from .attention._contract import band_rows, expand_kv, window_extents
     from .attention.feature_map import _normalise
     B, H, Lq, D = q.shape
     Hkv, Lk, Dv = k.shape[1], k.shape[2], v.shape[-1]
@@ -363,10 +347,9 @@ def _sparse_plus_lowrank(q: Tensor, k: Tensor, v: Tensor, key_mask: Optional[Ten
     row_log = row_log.expand(B, H, Lq)
     left, right = window_extents(window, causal) if window > 0 else (0, 0)
     rows = band_rows(window)
-    nqb = (Lq + rows - 1) // rows
     pos, support = _key_runs(Lq, Lk, left, right, sinks, causal, key_mask, rows, window > 0, dev)
     support = support[:, None]                                                         # (B|1, 1, nqb, rows, S)
-    S = pos.shape[1]
+    nqb, S = pos.shape
     flat = pos.reshape(-1)
 
     def key_blocks(x: Tensor) -> Tensor:      # (B, Hkv, Lk, E) -> each block's keys per query head (B, H, nqb, S, E)

@@ -17,8 +17,9 @@ from typer.testing import CliRunner
 from rewriter import make_pass, optimize
 from rewriter.api import compile_output, load_program
 from rewriter.cli.main import app
+from rewriter.attention._contract import band_rows
 from rewriter.compile import (PACKAGE_FILE, TOLERANCE, _band_blocks, _hedgehog_attention, _inputs_at,
-                              _linear_attention, _window_attention, _window_sdpa, band_rows, lower, lowerings,
+                              _linear_attention, _window_attention, _window_sdpa, lower, lowerings,
                               performer_lowered, scatterbrain_lowered)
 from rewriter.errors import RewriterError
 

@@ -15,6 +15,7 @@ sees no key at all returns zeros (never NaN).
 """
 from __future__ import annotations
 
+import math
 import os
 import weakref
 from dataclasses import dataclass
@@ -124,6 +125,14 @@ def model_attention_float64(q: Tensor, k: Tensor, v: Tensor, key_mask: Tensor | 
     bias = alibi_bias(alibi, Lq, Lk, q.device, torch.float64)[:, :, rows] if alibi else None
     return masked_softmax_attention(q[:, :, rows].double(), k.double(), v.double(), allowed, scale, bias,
                                     softcap or 0.0)
+
+
+def band_rows(window: int) -> int:
+    """Query rows per block of the key-run layout (the CPU package's window body and the band of the hybrids,
+    ``compile._key_runs``; the ONNX translations' ``_onnx._run_support``): about half the window, 64 to 512. A block
+    of r rows reaches r + window - 1 keys: more rows mean fewer, larger problems but more keys outside each row's
+    band, 1.5x the band's pairs at half the window."""
+    return int(min(512, max(64, 2 ** round(math.log2(max(window, 2) / 2)))))
 
 
 def window_extents(window: int, causal: bool) -> tuple[int, int]:

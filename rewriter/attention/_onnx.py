@@ -12,7 +12,7 @@ from typing import Callable
 
 import torch
 
-from ._contract import window_extents
+from ._contract import band_rows, window_extents
 
 
 CHUNK = 64                 # causal linear attention: tokens per chunk (intra-chunk products are CHUNK x CHUNK)
@@ -171,12 +171,6 @@ class _Support:
     blocks: Callable     # (x (B, H, Lq, E), E) -> (B, H, nqb, rows, E)
     rows: Callable       # (y (B, H, nqb, rows, E), E) -> (B, H, Lq, E)
     alibi: Callable      # (slopes list or None) -> (1, H, nqb, rows, S) bias slope_h * (j - i), or None
-
-
-def band_rows(window: int) -> int:
-    """Query rows per block of the key-run layout (``_run_support``): half the window, 64 to 512 (the CPU package's
-    ``compile.band_rows``)."""
-    return int(min(512, max(64, 2 ** round(math.log2(max(window, 2) / 2)))))
 
 
 def _run_support(q, k, key_mask, causal: bool, window: int, sinks: int) -> _Support:
@@ -576,4 +570,3 @@ def ort_group_query_attention(q, k, v, key_mask, causal: bool, scale: float, win
     if isinstance(out, (tuple, list)):
         out = out[0]
     return _from_bsd(out, heads, dv)
-

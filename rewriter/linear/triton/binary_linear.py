@@ -350,6 +350,21 @@ def _split_counters(device: torch.device, n: int) -> Tensor:
     return buffers[-1]
 
 
+def _word_loads(packed: Tensor) -> bool:
+    """The packed rows can be read as int32 words in place (a multiple of 4 bytes per row, 4-byte aligned)."""
+    KB = packed.shape[1]
+    return KB % 4 == 0 and packed.stride(1) == 1 and packed.stride(0) % 4 == 0 and packed.data_ptr() % 4 == 0
+
+
+def _split_buffers(split_k: int, M: int, N: int, n_blocks: int, out: Tensor) -> tuple[Tensor, Tensor]:
+    """The split-K GEMVs' float32 partials (split_k, M, N) and arrival counters; `out` stands in for both (never
+    read) when there is one slice."""
+    if split_k == 1:
+        return out, out
+    return (torch.empty((split_k, M, N), dtype=torch.float32, device=out.device),
+            _split_counters(out.device, n_blocks))
+
+
 def gemv_defaults(M: int) -> dict:
     """launch_binary_gemv keywords for M rows of x (1 <= M <= GEMV_MAX_M)."""
     return GEMV_DEFAULTS[min(bound for bound in GEMV_DEFAULTS if bound >= M)]
@@ -379,11 +394,10 @@ def launch_binary_gemv(x2: Tensor, packed: Tensor, alpha: Tensor, mu: Tensor, bi
             raise ValueError(f"split_k must be in [1, {KW}] (the 32-column words of in_features); got {split_k}")
         words_per_split = triton.cdiv(triton.cdiv(KW, split_k), block_w) * block_w
         split_k = triton.cdiv(KW, words_per_split)
-    word_loads = KB % 4 == 0 and packed.stride(1) == 1 and packed.stride(0) % 4 == 0 and packed.data_ptr() % 4 == 0
+    word_loads = _word_loads(packed)
     w = packed.view(torch.int32) if word_loads else packed
     n_blocks = triton.cdiv(N, block_n)
-    parts = torch.empty((split_k, M, N), dtype=torch.float32, device=x2.device) if split_k > 1 else out
-    counters = _split_counters(x2.device, n_blocks) if split_k > 1 else out
+    parts, counters = _split_buffers(split_k, M, N, n_blocks, out)
     _binary_splitk_gemv_kernel[(n_blocks, split_k)](
         x2, w, alpha, mu, bias if bias is not None else alpha, out, parts, counters,
         M, N, K, KB, KW, words_per_split, split_k,
@@ -409,7 +423,7 @@ def launch_binary_lut_gemv(x2: Tensor, packed: Tensor, alpha: Tensor, mu: Tensor
     N, KB = packed.shape
     if M != 1:
         raise ValueError(f"the nibble-table GEMV takes one row of x; got {M}")
-    if not (KB % 4 == 0 and packed.stride(1) == 1 and packed.stride(0) % 4 == 0 and packed.data_ptr() % 4 == 0):
+    if not _word_loads(packed):
         raise ValueError(f"the nibble-table GEMV reads int32 words: packed rows of a multiple of 4 bytes; got {KB}")
     KW = KB // 4
     groups = KW * 8
@@ -419,8 +433,7 @@ def launch_binary_lut_gemv(x2: Tensor, packed: Tensor, alpha: Tensor, mu: Tensor
     split_k, words_per_split = gemv_split(N, KW * 32, block_n, block_w, programs_per_sm, _sm_count(x2.device))
     w = packed.view(torch.int32)
     n_blocks = triton.cdiv(N, block_n)
-    parts = torch.empty((split_k, 1, N), dtype=torch.float32, device=x2.device) if split_k > 1 else out
-    counters = _split_counters(x2.device, n_blocks) if split_k > 1 else out
+    parts, counters = _split_buffers(split_k, 1, N, n_blocks, out)
     _binary_lut_gemv_kernel[(n_blocks, split_k)](
         lut, w, alpha, mu, bias if bias is not None else alpha, out, parts, counters,
         N, KW, words_per_split, split_k, w.stride(0), out.stride(0),

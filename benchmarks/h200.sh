@@ -117,12 +117,11 @@ decode-passes|decode-pdl)   # issue 14: batch 1 at 4K / 32K: the unthinned step 
   echo "kv rc=$?"; grep '^{' "$OUT/kv_passes.log" | cut -c1-240;;
 decode-mla-up)   # issue 14: the absorbed mla step with its value up-projection in the decode reduce (default) and
                  # as the matmul + add after it (REWRITER_DECODE_FUSED_UP=0), beside the unthinned step
-  REWRITER_DECODE_FUSED_UP=0 timeout 200 python benchmarks/kv.py --out "$OUT/kv_${KV_TAG:-h200}_mla_unfused.json" \
-    --contexts 4096 32768 --variants mla-decoupled0.5 --static-peer-contexts --profile-steps 2 --budget-s 180 \
-    > "$OUT/kv_mla_unfused.log" 2>&1
+  REWRITER_DECODE_FUSED_UP=0 timeout 120 python benchmarks/kv.py --out "$OUT/kv_${KV_TAG:-h200}_mla_unfused.json" \
+    --contexts 4096 32768 --variants mla-decoupled0.5 --profile-steps 2 --budget-s 100 > "$OUT/kv_mla_unfused.log" 2>&1
   echo "kv unfused rc=$?"; grep '^{' "$OUT/kv_mla_unfused.log" | cut -c1-240
-  timeout 300 python benchmarks/kv.py --out "$OUT/kv_${KV_TAG:-h200}_mla_up.json" --contexts 4096 32768 \
-    --variants original mla-decoupled0.5 --static-peer-contexts --profile-steps 2 --budget-s 280 > "$OUT/kv_mla_up.log" 2>&1
+  timeout 200 python benchmarks/kv.py --out "$OUT/kv_${KV_TAG:-h200}_mla_up.json" --contexts 4096 32768 \
+    --variants original mla-decoupled0.5 --profile-steps 2 --budget-s 180 > "$OUT/kv_mla_up.log" 2>&1
   echo "kv rc=$?"; grep '^{' "$OUT/kv_mla_up.log" | cut -c1-240;;
 decode-mla)   # issue 14: the latent MLA step's split-K attention with larger partial shares (more programs)
   timeout ${KV_TIMEOUT:-560} python benchmarks/kv.py --out "$OUT/kv_${KV_TAG:-h200}_mla.json" --contexts 4096 32768 \
@@ -158,12 +157,7 @@ pending)   # what the 12-07 evening session built and could not time (no device 
   timeout 90 python benchmarks/decode_attention.py --out "$OUT/decode_attention_${KV_TAG:-h200}_partials.json" \
     --contexts 32768 4096 --default-only --partials float32 half --budget-s 70 > "$OUT/da_partials.log" 2>&1
   echo "partials rc=$?"; grep -E '^best' "$OUT/da_partials.log"
-  REWRITER_DECODE_FUSED_UP=0 timeout 120 python benchmarks/kv.py --out "$OUT/kv_${KV_TAG:-h200}_mla_unfused.json" \
-    --contexts 4096 32768 --variants mla-decoupled0.5 --profile-steps 2 --budget-s 100 > "$OUT/kv_mla_unfused.log" 2>&1
-  echo "kv unfused rc=$?"; grep '^{' "$OUT/kv_mla_unfused.log" | cut -c1-240
-  timeout 200 python benchmarks/kv.py --out "$OUT/kv_${KV_TAG:-h200}_mla_up.json" --contexts 4096 32768 \
-    --variants original mla-decoupled0.5 --profile-steps 2 --budget-s 180 > "$OUT/kv_mla_up.log" 2>&1
-  echo "kv rc=$?"; grep '^{' "$OUT/kv_mla_up.log" | cut -c1-240
+  bash "$0" decode-mla-up
   NCU_TIMEOUT=45 NCU_CASES="${NCU_CASES:-mla32k:_decode_:2 gqa32k:_decode_split:1 bgemv:_binary:1 band32k:_band:1}" \
     timeout 170 bash "$0" ncu;;
 pending-linear)   # the nibble-table binary GEMV (M = 1, `lut_gemv` in the records) beside the split-K sweep

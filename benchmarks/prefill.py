@@ -12,7 +12,8 @@ Variants, all in one run:
   window_fused: the window pass, then `fuse`.
 Capture and passes run on the CPU through rewriter.api.optimize (verified on seeded random ids, 2 x 256 tokens),
 then the programs move to the GPU (Program.to). Each timing is the median of `--reps` synchronised forward passes
-after one warm-up; the record gives speedup = transformers_ms / ours_ms and the deployable `form` timed:
+after one warm-up, all forms of a length run in turn within each repeat (clock drift over a call slows them alike);
+the record gives speedup = transformers_ms / ours_ms and the deployable `form` timed:
 - eager: the rewriter program (Program.run);
 - hf: the output's HF folder loaded by transformers (`OUT/hf`, attention through the registered
   'rewriter_attention' implementation; the captured variant is the plain model folder);
@@ -61,18 +62,20 @@ PASSES = {
 DEFAULT_VARIANTS = ["window", "linear", "scatterbrain"]
 
 
-def timed(fn, reps: int, device: str) -> float:
-    def once():
-        if device == "cuda":
-            torch.cuda.synchronize()
-        t0 = time.perf_counter()
-        with torch.no_grad():
-            fn()
-        if device == "cuda":
-            torch.cuda.synchronize()
-        return (time.perf_counter() - t0) * 1e3
-    once()
-    return statistics.median(once() for _ in range(reps))
+def interleaved_ms(fns: dict, ids: torch.Tensor, reps: int, device: str) -> dict:
+    """Median ms of one synchronised forward of each fn(ids), the fns run in turn within each of `reps` rounds."""
+    times = {key: [] for key in fns}
+    for _ in range(reps):
+        for key, fn in fns.items():
+            if device == "cuda":
+                torch.cuda.synchronize()
+            t0 = time.perf_counter()
+            with torch.no_grad():
+                fn(ids)
+            if device == "cuda":
+                torch.cuda.synchronize()
+            times[key].append((time.perf_counter() - t0) * 1e3)
+    return {key: statistics.median(t) for key, t in times.items()}
 
 
 def feed(program, ids: torch.Tensor) -> dict:
@@ -173,35 +176,44 @@ def main() -> int:
     g = torch.Generator().manual_seed(0)
     for L in args.lengths:
         ids = torch.randint(0, model.config.vocab_size, (1, L), generator=g).to(device)
-        base = timed(lambda: gpu_model(input_ids=ids, use_cache=False), args.reps, device)
-        result["records"].append({"variant": "transformers", "L": L, "ms": base, "speedup": 1.0, "form": "hf"})
-        print(f"L={L} transformers {base:.1f} ms", flush=True)
+        # every form is warmed up (the compiled ones compile here), then timed in turn within each repeat, so that
+        # clocks drifting over the call (a hot card late in a 10-minute run) slow them alike
+        timing = {("transformers", "hf"): lambda ids: gpu_model(input_ids=ids, use_cache=False)}
         if "compiled" in args.forms and not args.no_transformers_compiled:
+            hf_compiled = torch.compile(gpu_model, fullgraph=True)
+            timing[("transformers", "compiled")] = lambda ids: hf_compiled(input_ids=ids, use_cache=False)
+        timing.update(runners)
+        failed = {}
+        for key, run in list(timing.items()):
             try:
-                hf_compiled = torch.compile(gpu_model, fullgraph=True)
-                ms = timed(lambda: hf_compiled(input_ids=ids, use_cache=False), args.reps, device)
-                rec = {"variant": "transformers", "L": L, "ms": ms, "speedup": base / ms, "form": "compiled"}
-            except Exception as err:     # a peer that does not compile is recorded, not fatal
-                rec = {"variant": "transformers", "L": L, "form": "compiled", "error": error_text(err)}
-            result["records"].append(rec)
-            print(json.dumps(result["records"][-1]), flush=True)
-        for (name, form), run in runners.items():
-            try:
-                ms = timed(lambda: run(ids), args.reps, device)
-                rec = {"variant": name, "L": L, "ms": ms, "speedup": base / ms, "form": form}
+                with torch.no_grad():
+                    run(ids)
+                if device == "cuda":
+                    torch.cuda.synchronize()
             except torch.OutOfMemoryError as err:
-                rec = {"variant": name, "L": L, "form": form, "error": f"out of memory: {str(err).splitlines()[0]}"}
+                failed[key] = f"out of memory: {str(err).splitlines()[0]}"
             except Exception as err:      # e.g. a compiled form that does not compile: recorded, the rest still timed
-                if form != "compiled":
+                if key[1] != "compiled" or key == ("transformers", "hf"):
                     raise
                 import traceback
                 traceback.print_exc()     # the whole cause in the log, the record keeps its first line
-                rec = {"variant": name, "L": L, "form": form, "error": error_text(err)}
-            result["records"].append(rec)
-            print(json.dumps(rec), flush=True)
+                failed[key] = error_text(err)
+            if key in failed:
+                del timing[key]
             if device == "cuda":
                 torch.cuda.empty_cache()
-            save()
+        ms = interleaved_ms(timing, ids, args.reps, device)
+        base = ms[("transformers", "hf")]
+        for key in [("transformers", "hf"), ("transformers", "compiled"), *runners]:
+            if key in ms:
+                rec = {"variant": key[0], "L": L, "ms": ms[key], "speedup": base / ms[key], "form": key[1]}
+            elif key in failed:
+                rec = {"variant": key[0], "L": L, "form": key[1], "error": failed[key]}
+            else:
+                continue
+            result["records"].append(rec)
+            print(json.dumps(rec), flush=True)
+        save()
         for name, program in checks.items():   # the compiled program against its eager program, this input
             if any(r.get("error") for r in result["records"]
                    if (r["variant"], r["form"], r["L"]) == (name, "compiled", L)):

@@ -355,6 +355,56 @@ def test_rotary_op_checks_and_registrations():
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
+def test_matmul_rotary_kernel_equals_the_absorbed_steps_ops(triton_interpreter, dtype):
+    """rewriter::matmul_rotary's kernel (interpreter) against the absorbed MLA step's matmul and rotary of its first
+    R columns: the step's query layout (a strided (B, Hkv, G, D) view of (B, 1, H, D)), cos / sin of one position,
+    the 1.1B model's shape (8 KV heads of 4 query heads, D = 64, 64 RoPE' + 448 latent columns) and odd ones (G = 3,
+    a RoPE part and N that are not multiples of the column block). Integer-valued inputs make every product sum
+    exact in fp32, so the result is bit-equal to the reference (the product rounded once, then RoPE' as rotary
+    rounds); random inputs agree within the dtype's rounding."""
+    from rewriter.decode.rotary import matmul_rotary_reference
+    from rewriter.decode.triton_rotary import matmul_rotary_triton
+    for B, Hkv, G, D, N, R in ((1, 8, 4, 64, 512, 64), (2, 2, 3, 16, 90, 10)):
+        g = gen(D + N)
+        for integer in (True, False):
+            q = torch.randint(-3, 4, (B, 1, Hkv * G, D), generator=g).to(dtype) if integer else \
+                torch.randn(B, 1, Hkv * G, D, generator=g).to(dtype)
+            x = q.transpose(1, 2).reshape(B, Hkv, G, D) if B == 1 else q.view(B, Hkv, G, D)
+            w = (torch.randint(-3, 4, (Hkv, D, N), generator=g) / 4 if integer else
+                 torch.randn(Hkv, D, N, generator=g) / D ** 0.5).to(dtype)
+            angles = torch.randn(1, R // 2, generator=g) * 40
+            emb = torch.cat([angles, angles], -1)
+            cos, sin = emb.cos().to(dtype), emb.sin().to(dtype)
+            want = matmul_rotary_reference(x, w, cos, sin, R)
+            got = matmul_rotary_triton(x, w, cos, sin, R)
+            assert got.shape == want.shape and got.dtype == dtype and got.is_contiguous()
+            if integer:
+                assert torch.equal(got, want), (B, Hkv, G, D, N, float((got.float() - want.float()).abs().max()))
+            else:
+                tol = {torch.float32: 1e-5, torch.float16: 2e-3, torch.bfloat16: 1.6e-2}[dtype]
+                torch.testing.assert_close(got.float(), want.float(), atol=tol, rtol=tol)
+
+
+def test_matmul_rotary_op_checks_and_registrations():
+    from rewriter.attention.triton.registry import use_reference  # noqa: F401  (the registry is loaded)
+    from rewriter.decode import rotary as rot
+    g = gen(3)
+    x, w = torch.randn(2, 2, 3, 8, dtype=f64, generator=g), torch.randn(2, 8, 12, dtype=f64, generator=g)
+    cos, sin = torch.randn(1, 4, dtype=f64, generator=g), torch.randn(1, 4, dtype=f64, generator=g)
+    want = rot.matmul_rotary_reference(x, w, cos, sin, 4)
+    assert torch.equal(want[..., 4:], (x @ w)[..., 4:])
+    assert torch.equal(want[..., :4], rot.rotary_reference((x @ w)[..., :4], cos, sin))
+    assert torch.equal(rot._matmul_rotary_cuda(x, w, cos, sin, 4), want)     # float64 goes through the reference
+    with pytest.raises(ValueError, match="rope must be even"):
+        torch.ops.rewriter.matmul_rotary(x, w, cos, sin, 3)
+    with pytest.raises(ValueError, match="x \\(B, Hkv, G, D\\)"):
+        torch.ops.rewriter.matmul_rotary(x, w[:1], cos, sin, 4)
+    with pytest.raises(ValueError, match="must broadcast"):
+        torch.ops.rewriter.matmul_rotary(x, w, cos[:, :2], sin, 4)
+    torch.library.opcheck(torch.ops.rewriter.matmul_rotary.default, (x, w, cos, sin, 4))
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
 def test_rotary_kv_write_kernel_writes_what_the_step_writes(triton_interpreter, dtype):
     """rewriter::rotary_kv_write_'s kernel (interpreter) against the step's three ops (rotary of the new key, then
     index_copy_ of it and of the value into a layer's view of the 5-D caches): the same slots written bit for bit,
@@ -446,3 +496,8 @@ def test_rotary_kernel_compiles_for_sm90(triton_compiler):
                       {"K": "*bf16", "C": "*bf16", "S": "*bf16", "V": "*bf16", "KC": "*bf16", "VC": "*bf16",
                        "Slot": "*i64", "Idx": "*i64"},
                       dict(D=64, DK=dk, PAD_DK=dk, HAS_IDX=idx, DV=64, PAD_DV=64, BLOCK_R=16, USE_GDC=idx), 1)
+    for dt, upcast, precision, gdc in (("bf16", True, "tf32", True), ("fp16", False, "tf32", True),
+                                       ("fp32", False, "ieee", False)):      # the absorbed MLA step's query
+        _compile_sm90(triton_rotary._matmul_rotary_kernel, {n: f"*{dt}" for n in ("X", "W", "C", "S", "Y")},
+                      dict(D=64, PAD_G=16, PAD_D=64, BLOCK_N=triton_rotary.MATMUL_ROTARY_BLOCK_N, UPCAST=upcast,
+                           DOT_PRECISION=precision, USE_GDC=gdc), 4)

@@ -282,10 +282,12 @@ def test_absorbed_latent_decode_equals_rebuild_path_and_rebuilds_nothing():
     layers = model.config.num_hidden_layers
     assert targets.count(torch.ops.aten.cos.default) == 1
     assert torch.ops.aten.neg.default not in targets and torch.ops.aten.sub.Tensor not in targets
-    assert targets.count(torch.ops.aten.cat.default) == 1 and targets.count(torch.ops.rewriter.rotary.default) == layers
-    # ... and P^T [Wk; Wv] is one weight of the q / k / v gemv (gemv.fold_gemv_matmul): per layer one matmul remains
-    # (the query's [E_h | A_h] product); the output's P_v,h and o_v,h are the attention op's up-projection
-    assert targets.count(torch.ops.aten.matmul.default) == layers
+    assert targets.count(torch.ops.aten.cat.default) == 1 and torch.ops.rewriter.rotary.default not in targets
+    # ... and P^T [Wk; Wv] is one weight of the q / k / v gemv (gemv.fold_gemv_matmul): per layer the query's
+    # [E_h | A_h] product and its RoPE' are one rewriter::matmul_rotary (rotary.fuse_matmul_rotary), no matmul is
+    # left; the output's P_v,h and o_v,h are the attention op's up-projection
+    assert torch.ops.aten.matmul.default not in targets
+    assert targets.count(torch.ops.rewriter.matmul_rotary.default) == layers
     up = [n for n in absorbed.inplace_step().graph.nodes if n.target is torch.ops.rewriter.decode_attention.default]
     assert all(len(n.args) == 10 and None not in n.args[8:] for n in up)
     absorbed.fused_ops = False

@@ -159,6 +159,97 @@ def fuse_rotary(gm: fx.GraphModule) -> int:
     return done
 
 
+# --- the absorbed MLA step's query product with RoPE' on its first columns, in one op --------------------------------
+
+def _check_matmul_rotary(x: Tensor, w: Tensor, cos: Tensor, sin: Tensor, rope: int) -> None:
+    if x.dim() != 4 or w.dim() != 3 or w.shape[0] != x.shape[1] or w.shape[1] != x.shape[3]:
+        raise ValueError(f"matmul_rotary needs x (B, Hkv, G, D) and w (Hkv, D, N); got {tuple(x.shape)} and "
+                         f"{tuple(w.shape)}")
+    if not (0 < rope <= w.shape[2]) or rope % 2:
+        raise ValueError(f"matmul_rotary: rope must be even and within w's {w.shape[2]} columns; got {rope}")
+    _check(x.new_empty(x.shape[:3] + (rope,)), cos, sin)
+
+
+def matmul_rotary_reference(x: Tensor, w: Tensor, cos: Tensor, sin: Tensor, rope: int) -> Tensor:
+    """What the absorbed step computes (absorbed.absorbed_attention): the product, rounded to its dtype, then RoPE'
+    on its first `rope` columns as rotary rounds it."""
+    y = x @ w
+    return torch.cat([rotary_reference(y[..., :rope], cos, sin), y[..., rope:]], -1)
+
+
+@torch.library.custom_op("rewriter::matmul_rotary", mutates_args=())
+def matmul_rotary(x: Tensor, w: Tensor, cos: Tensor, sin: Tensor, rope: int) -> Tensor:
+    """x (B, Hkv, G, D) @ w (Hkv, D, N) with its first `rope` columns rotated: y[..., :rope] * cos +
+    rotate_half(y[..., :rope]) * sin (cos / sin broadcastable to (B, Hkv, G, rope)); contiguous (B, Hkv, G, N)."""
+    _check_matmul_rotary(x, w, cos, sin, rope)
+    return matmul_rotary_reference(x, w, cos, sin, rope).contiguous()
+
+
+@matmul_rotary.register_fake
+def _matmul_rotary_fake(x, w, cos, sin, rope):
+    return x.new_empty(x.shape[:3] + (w.shape[2],))
+
+
+@matmul_rotary.register_kernel("cuda")
+def _matmul_rotary_cuda(x, w, cos, sin, rope):
+    """One Triton kernel for one dtype of fp16 / bf16 / fp32 throughout and rows up to 256 wide; the reference
+    otherwise."""
+    _check_matmul_rotary(x, w, cos, sin, rope)
+    from ..attention.triton import triton_available, use_reference
+    if use_reference() or not triton_available() or x.shape[-1] > 256 or x.dtype not in _DTYPES \
+            or any(t.dtype != x.dtype for t in (w, cos, sin)):
+        return matmul_rotary_reference(x, w, cos, sin, rope).contiguous()
+    from .triton_rotary import matmul_rotary_triton
+    return matmul_rotary_triton(x, w, cos, sin, rope)
+
+
+def fuse_matmul_rotary(gm: fx.GraphModule) -> int:
+    """The absorbed MLA step's query (absorbed_attention, after fuse_rotary): qc = matmul(x, w) viewed as
+    (B, 1, H, N), rotary(qc[..., :R], cos, sin) and qc[..., R:] -> one rewriter::matmul_rotary(x, w, cos, sin, R)
+    whose view gives both (its first R columns already rotated). Taken only where every other reader of the view
+    starts at or after column R, cos / sin vary along their last dim only (and the batch), and one dtype runs
+    throughout. Returns the sites fused; the matmul goes dead."""
+    op = torch.ops.rewriter.matmul_rotary.default
+    graph, done = gm.graph, 0
+    order = {n: i for i, n in enumerate(graph.nodes)}
+    for rot in [n for n in graph.nodes if is_call(n, torch.ops.rewriter.rotary.default)]:
+        part, cos, sin = rot.args[:3]
+        if not (is_call(part, aten.slice.Tensor) and len(part.users) == 1):
+            continue
+        view, mm = part.args[0], part.args[0]
+        if is_call(view, aten.reshape.default, aten.view.default):
+            mm = view.args[0]
+        if not (is_call(mm, aten.matmul.default) and len(mm.users) == 1) or not all(
+                isinstance(n, fx.Node) for n in (*mm.args, cos, sin)):
+            continue
+        x, w = mm.args
+        xv, wv, yv, vv = val(x), val(w), val(mm), val(view)
+        cv, sv, rv = val(cos), val(sin), val(part)
+        if not all(isinstance(t, torch.Tensor) for t in (xv, wv, yv, vv, cv, sv, rv)) or xv.dim() != 4 \
+                or wv.dim() != 3 or vv.shape[-1] != yv.shape[-1] or len({t.dtype for t in (xv, wv, cv, sv)}) != 1:
+            continue
+        R = rv.shape[-1]
+        last = vv.dim() - 1
+        if not isinstance(R, int) or not _slice_of(part, view, last, 0, R) or any(
+                d != 1 for t in (cv, sv) for d in t.shape[(1 if t.dim() == 4 else 0):-1]):
+            continue
+        others = [u for u in view.users if u is not part]
+        if not all(is_call(u, aten.slice.Tensor) and u.args[0] is view and (u.args[1] in (-1, last))
+                   and isinstance(u.args[2] if len(u.args) > 2 else 0, int) and (u.args[2] if len(u.args) > 2 else 0)
+                   >= R for u in others):
+            continue
+        if max(order[cos], order[sin]) > order[mm]:
+            continue
+        with graph.inserting_before(mm):
+            new = graph.call_function(op, (x, w, cos, sin, R))
+        new.meta = {k: v for k, v in mm.meta.items() if k in ("nn_module_stack", "val", "stack_trace")}
+        mm.replace_all_uses_with(new)
+        rot.replace_all_uses_with(part)
+        graph.erase_node(rot)
+        done += 1
+    return done
+
+
 # --- the step's cache write: RoPE on the new key, and the key and value into their slot, in one op ------------------
 
 def _check_write(k_cache: Tensor, v_cache: Tensor, slot: Tensor, k: Tensor, v: Tensor, cos: Tensor, sin: Tensor,

@@ -25,6 +25,7 @@ position follows the slot as in the functional path.
 from __future__ import annotations
 
 import contextlib
+import os
 from typing import Callable
 
 import torch
@@ -77,7 +78,8 @@ def fused_step(gm: torch.fx.GraphModule, gemv: bool = True) -> tuple[torch.fx.Gr
     into the RoPE ops: rewriter::rotary_gather), and a residual add with the RMSNorm that reads it one
     rewriter::add_rms_norm (norm.py). Its bias-free linears become rewriter::gemv (q, k and v in one launch) and
     rewriter::swiglu_gemv (gate, up and the silu_mul in one): Triton matrix-vector kernels at batch 1 (gemv.py;
-    gemv=False keeps them on cuBLAS).
+    gemv=False keeps them on cuBLAS). The absorbed MLA step's query product and its RoPE' are one
+    rewriter::matmul_rotary.
     At batch 1 a step is a few hundred small kernels, so their number is much of its time. Returns (the step, sites
     fused)."""
     import copy
@@ -88,7 +90,7 @@ def fused_step(gm: torch.fx.GraphModule, gemv: bool = True) -> tuple[torch.fx.Gr
     from ..sites import fusion_sites
     from .gemv import fold_gemv_matmul, fuse_gemv, join_slices
     from .norm import fuse_add_norm
-    from .rotary import fuse_kv_write, fuse_rotary, fuse_think_gather
+    from .rotary import fuse_kv_write, fuse_matmul_rotary, fuse_rotary, fuse_think_gather
     with warnings.catch_warnings():          # torch's pytree spec deprecation noise while copying the graph's codegen
         warnings.simplefilter("ignore", FutureWarning)
         out = torch.fx.GraphModule(gm, copy.deepcopy(gm.graph))
@@ -108,6 +110,9 @@ def fused_step(gm: torch.fx.GraphModule, gemv: bool = True) -> tuple[torch.fx.Gr
     products += join_slices(out)
     products += fold_gemv_matmul(out) if gemv else 0
     dedupe_step(out)
+    erase_dead(out)
+    if os.environ.get("REWRITER_DECODE_MATMUL_ROTARY", "1") != "0":     # A / B: the product on cuBLAS, then rotary
+        rotations += fuse_matmul_rotary(out)    # after dedupe: the RoPE' tables then come before the product
     erase_dead(out)
     out.recompile()
     return out, len(sites) + rotations + gathers + writes + norms + products

@@ -128,3 +128,71 @@ def rotary_kv_write_triton(k_cache: Tensor, v_cache: Tensor, slot: Tensor, k: Te
         D=D, DK=DK, PAD_DK=_pad(DK), HAS_IDX=channels is not None, DV=DV, PAD_DV=_pad(DV), BLOCK_R=BLOCK_R,
         num_warps=1 if max(_pad(DK), _pad(DV)) <= 128 else 4, enable_fp_fusion=False,   # MLA's latent: 448 values
         **pdl_launch(k.device))
+
+
+@triton.jit
+def _matmul_rotary_kernel(X, W, C, S, Y, Hkv, G, N, ROPE,
+                          s_xb, s_xh, s_xg, s_xd, s_wh, s_wd, s_wn, s_cb, s_ch, s_cg, s_cd, s_sb, s_sh, s_sg, s_sd,
+                          D: tl.constexpr, PAD_G: tl.constexpr, PAD_D: tl.constexpr, BLOCK_N: tl.constexpr,
+                          UPCAST: tl.constexpr, DOT_PRECISION: tl.constexpr, USE_GDC: tl.constexpr):
+    """Program (b * Hkv + h, column block): y = x[b, h] @ w[h] for BLOCK_N of the N columns (the G rows of KV head
+    h padded to PAD_G for tl.dot), rounded to Y's dtype as the matmul rounds, then the first ROPE columns rotated as
+    _rotated rotates (partner column j +- ROPE / 2 of the same product). The weights are loaded before waiting on
+    the kernel before (no kernel of the step writes them)."""
+    bh = tl.program_id(0)
+    b = bh // Hkv
+    h = bh % Hkv
+    offs_g = tl.arange(0, PAD_G)
+    offs_d = tl.arange(0, PAD_D)
+    offs_n = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
+    d_ok = offs_d < D
+    half = ROPE // 2
+    w = tl.load(W + h * s_wh + offs_d[:, None] * s_wd + offs_n[None, :] * s_wn,
+                mask=d_ok[:, None] & (offs_n < N)[None, :], other=0.0)
+    partner = tl.where(offs_n < half, offs_n + half, offs_n - half)
+    rope = offs_n < ROPE
+    wp = tl.load(W + h * s_wh + offs_d[:, None] * s_wd + partner[None, :] * s_wn,
+                 mask=d_ok[:, None] & rope[None, :], other=0.0)                     # no traffic past the RoPE part
+    if USE_GDC:
+        _gdc_wait()
+    g_ok = offs_g < G
+    x = tl.load(X + b * s_xb + h * s_xh + offs_g[:, None] * s_xg + offs_d[None, :] * s_xd,
+                mask=g_ok[:, None] & d_ok[None, :], other=0.0)
+    DT: tl.constexpr = Y.dtype.element_ty
+    if UPCAST:      # bf16: exact in tf32's 10-bit mantissa (the interpreter's bf16 dot returns garbage, triton 3.9)
+        x = x.to(tl.float32)
+        w = w.to(tl.float32)
+        wp = wp.to(tl.float32)
+    y = _rounded(tl.dot(x, w, input_precision=DOT_PRECISION), DT)
+    if tl.program_id(1) * BLOCK_N < ROPE:
+        yp = _rounded(tl.dot(x, wp, input_precision=DOT_PRECISION), DT)
+        ok = g_ok[:, None] & rope[None, :]
+        c = tl.load(C + b * s_cb + h * s_ch + offs_g[:, None] * s_cg + offs_n[None, :] * s_cd, mask=ok, other=0.0)
+        s = tl.load(S + b * s_sb + h * s_sh + offs_g[:, None] * s_sg + offs_n[None, :] * s_sd, mask=ok, other=0.0)
+        rot = tl.where(rope[None, :] & (offs_n < half)[None, :], -yp, yp)
+        rotated = _rounded(_rounded(y * c.to(tl.float32), DT) + _rounded(rot * s.to(tl.float32), DT), DT)
+        y = tl.where(rope[None, :], rotated, y)
+    tl.store(Y + ((b * Hkv + h) * G + offs_g)[:, None] * N + offs_n[None, :], y.to(DT),
+             mask=g_ok[:, None] & (offs_n < N)[None, :])
+
+
+MATMUL_ROTARY_BLOCK_N = 64
+
+
+def matmul_rotary_triton(x: Tensor, w: Tensor, cos: Tensor, sin: Tensor, rope: int) -> Tensor:
+    """x (B, Hkv, G, D), w (Hkv, D, N), cos / sin broadcastable to (B, Hkv, G, rope), all one dtype -> contiguous
+    (B, Hkv, G, N): x @ w with its first `rope` columns rotated (rotary.matmul_rotary)."""
+    B, Hkv, G, D = x.shape
+    N = w.shape[-1]
+    out = torch.empty(B, Hkv, G, N, dtype=x.dtype, device=x.device)
+    if out.numel() == 0:
+        return out
+    shape = (B, Hkv, G, rope)
+    c, s = cos.expand(shape), sin.expand(shape)
+    _matmul_rotary_kernel[(B * Hkv, triton.cdiv(N, MATMUL_ROTARY_BLOCK_N))](
+        x, w, c, s, out, Hkv, G, N, rope, *x.stride(), *w.stride(), *c.stride(), *s.stride(),
+        D=D, PAD_G=_pad(G), PAD_D=_pad(D), BLOCK_N=MATMUL_ROTARY_BLOCK_N,
+        UPCAST=x.dtype == torch.bfloat16, DOT_PRECISION="ieee" if x.dtype == torch.float32 else "tf32", num_warps=4,
+        enable_fp_fusion=False,
+        **pdl_launch(x.device))
+    return out

@@ -116,10 +116,14 @@ decode-passes|decode-pdl)   # issue 14: batch 1 at 4K / 32K: the unthinned step 
     --budget-s $(( ${KV_TIMEOUT:-400} - 40 )) > "$OUT/kv_passes.log" 2>&1
   echo "kv rc=$?"; grep '^{' "$OUT/kv_passes.log" | cut -c1-240;;
 decode-mla-up)   # issue 14: the absorbed mla step with its value up-projection in the decode reduce (default) and
-                 # as the matmul + add after it (REWRITER_DECODE_FUSED_UP=0), beside the unthinned step
+                 # as the matmul + add after it (REWRITER_DECODE_FUSED_UP=0), its query product + RoPE' as one
+                 # kernel (default) and as cuBLAS + rotary (REWRITER_DECODE_MATMUL_ROTARY=0), beside the unthinned step
   REWRITER_DECODE_FUSED_UP=0 timeout 120 python benchmarks/kv.py --out "$OUT/kv_${KV_TAG:-h200}_mla_unfused.json" \
     --contexts 4096 32768 --variants mla-decoupled0.5 --profile-steps 2 --budget-s 100 > "$OUT/kv_mla_unfused.log" 2>&1
   echo "kv unfused rc=$?"; grep '^{' "$OUT/kv_mla_unfused.log" | cut -c1-240
+  REWRITER_DECODE_MATMUL_ROTARY=0 timeout 120 python benchmarks/kv.py --out "$OUT/kv_${KV_TAG:-h200}_mla_cublas_q.json" \
+    --contexts 4096 32768 --variants mla-decoupled0.5 --profile-steps 2 --budget-s 100 > "$OUT/kv_mla_cublas_q.log" 2>&1
+  echo "kv query on cuBLAS + rotary rc=$?"; grep '^{' "$OUT/kv_mla_cublas_q.log" | cut -c1-240
   timeout 200 python benchmarks/kv.py --out "$OUT/kv_${KV_TAG:-h200}_mla_up.json" --contexts 4096 32768 \
     --variants original mla-decoupled0.5 --profile-steps 2 --budget-s 180 > "$OUT/kv_mla_up.log" 2>&1
   echo "kv rc=$?"; grep '^{' "$OUT/kv_mla_up.log" | cut -c1-240;;
@@ -151,19 +155,21 @@ decode-batch)   # issue 14: batches 1 / 8 / 32 at 4K against transformers' stati
     > "$OUT/kv_batch.log" 2>&1
   echo "kv rc=$?"; grep '^{' "$OUT/kv_batch.log" | cut -c1-300;;
 pending)   # what the 12-07 evening session built and could not time (no device lent), in one call of under 10 minutes:
-           # half-precision decode partials (A / B), the fused value up-projection (mla with / without it, the
-           # unthinned step beside), ncu counters of the decode, binary GEMV and band kernels; `pending-linear`: the
-           # nibble-table binary GEMV beside the split-K sweep
+           # half-precision decode partials (A / B), the fused value up-projection and query product (mla with /
+           # without each, the unthinned step beside), ncu counters of the mla decode; `pending-linear`: the
+           # nibble-table binary GEMV beside the split-K sweep, ncu counters of the other kernels
   timeout 90 python benchmarks/decode_attention.py --out "$OUT/decode_attention_${KV_TAG:-h200}_partials.json" \
     --contexts 32768 4096 --default-only --partials float32 half --budget-s 70 > "$OUT/da_partials.log" 2>&1
   echo "partials rc=$?"; grep -E '^best' "$OUT/da_partials.log"
   bash "$0" decode-mla-up
-  NCU_TIMEOUT=45 NCU_CASES="${NCU_CASES:-mla32k:_decode_:2 gqa32k:_decode_split:1 bgemv:_binary:1 band32k:_band:1}" \
-    timeout 170 bash "$0" ncu;;
-pending-linear)   # the nibble-table binary GEMV (M = 1, `lut_gemv` in the records) beside the split-K sweep
+  NCU_TIMEOUT=45 NCU_CASES="${NCU_CASES:-mla32k:_decode_:2}" timeout 55 bash "$0" ncu;;
+pending-linear)   # the nibble-table binary GEMV (M = 1, `lut_gemv` in the records) beside the split-K sweep, then ncu
+                  # counters of the gqa decode split, the binary GEMV and the band kernel
   timeout 200 python benchmarks/linear.py --binary-only --out "$OUT/linear_${KV_TAG:-h200}_lut.json" \
     > "$OUT/linear_lut.log" 2>&1
-  echo "linear rc=$?"; tail -8 "$OUT/linear_lut.log" | cut -c1-300;;
+  echo "linear rc=$?"; tail -8 "$OUT/linear_lut.log" | cut -c1-300
+  NCU_TIMEOUT=45 NCU_CASES="${NCU_CASES:-gqa32k:_decode_split:1 bgemv:_binary:1 band32k:_band:1}" \
+    timeout 170 bash "$0" ncu;;
 ncu)   # issues 14 / 19: Nsight Compute hardware counters of one call per kernel case (benchmarks/ncu_profile.py):
        # the details page (throughput, occupancy, warp stalls) as text, the SASS with its per-instruction counters as
        # CSV. NCU_CASES: case:kernel-regex:kernels-per-call; NCU_SET: ncu's section set

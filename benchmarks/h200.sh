@@ -154,15 +154,24 @@ decode-batch)   # issue 14: batches 1 / 8 / 32 at 4K against transformers' stati
     --variants original --batch-variants original --compile-variants original --static-peer-contexts 4096 \
     > "$OUT/kv_batch.log" 2>&1
   echo "kv rc=$?"; grep '^{' "$OUT/kv_batch.log" | cut -c1-300;;
-pending)   # what the 12-07 evening session built and could not time (no device lent), in one call of under 10 minutes:
-           # half-precision decode partials (A / B), the fused value up-projection and query product (mla with /
-           # without each, the unthinned step beside), ncu counters of the mla decode; `pending-linear`: the
-           # nibble-table binary GEMV beside the split-K sweep, ncu counters of the other kernels
-  timeout 90 python benchmarks/decode_attention.py --out "$OUT/decode_attention_${KV_TAG:-h200}_partials.json" \
-    --contexts 32768 4096 --default-only --partials float32 half --budget-s 70 > "$OUT/da_partials.log" 2>&1
-  echo "partials rc=$?"; grep -E '^best' "$OUT/da_partials.log"
-  bash "$0" decode-mla-up
-  NCU_TIMEOUT=45 NCU_CASES="${NCU_CASES:-mla32k:_decode_:2}" timeout 55 bash "$0" ncu;;
+pending)   # what the 12-07 sessions built and could not time (no device lent), in one call of under 10 minutes, the
+           # most telling first (a call cut short keeps what ran): the unthinned and the absorbed mla step as they
+           # are now, ncu counters of the mla decode, then the A / Bs: mla with its query product on cuBLAS + rotary
+           # (REWRITER_DECODE_MATMUL_ROTARY=0), with its value up-projection after the attention
+           # (REWRITER_DECODE_FUSED_UP=0), half-precision decode partials; `pending-linear`: the nibble-table binary
+           # GEMV beside the split-K sweep, ncu counters of the other kernels
+  timeout 200 python benchmarks/kv.py --out "$OUT/kv_${KV_TAG:-h200}_mla_up.json" --contexts 32768 4096 \
+    --variants original mla-decoupled0.5 --profile-steps 2 --budget-s 180 > "$OUT/kv_mla_up.log" 2>&1
+  echo "kv rc=$?"; grep '^{' "$OUT/kv_mla_up.log" | cut -c1-240
+  NCU_TIMEOUT=45 NCU_CASES="${NCU_CASES:-mla32k:_decode_:2}" timeout 55 bash "$0" ncu
+  for ab in REWRITER_DECODE_MATMUL_ROTARY REWRITER_DECODE_FUSED_UP; do
+    env $ab=0 timeout 110 python benchmarks/kv.py --out "$OUT/kv_${KV_TAG:-h200}_mla_${ab#REWRITER_DECODE_}0.json" \
+      --contexts 32768 4096 --variants mla-decoupled0.5 --profile-steps 2 --budget-s 95 > "$OUT/kv_mla_$ab.log" 2>&1
+    echo "kv $ab=0 rc=$?"; grep '^{' "$OUT/kv_mla_$ab.log" | cut -c1-240
+  done
+  timeout 80 python benchmarks/decode_attention.py --out "$OUT/decode_attention_${KV_TAG:-h200}_partials.json" \
+    --contexts 32768 4096 --default-only --partials float32 half --budget-s 65 > "$OUT/da_partials.log" 2>&1
+  echo "partials rc=$?"; grep -E '^best' "$OUT/da_partials.log";;
 pending-linear)   # the nibble-table binary GEMV (M = 1, `lut_gemv` in the records) beside the split-K sweep, then ncu
                   # counters of the gqa decode split, the binary GEMV and the band kernel
   timeout 200 python benchmarks/linear.py --binary-only --out "$OUT/linear_${KV_TAG:-h200}_lut.json" \

@@ -24,7 +24,11 @@ from rewriter.compile import check_package, compile_package
 from rewriter.load import default_checkpoint
 
 VARIANTS = {"captured": None, "window128": ("window", {"window": 128}),
-            "scatterbrain128": ("scatterbrain", {"window": 128, "features": 32})}
+            "scatterbrain128": ("scatterbrain", {"window": 128, "features": 32}),
+            # on request (--variants): the other methods a package holds (lsh is refused by name)
+            "linear": ("linear", {"feature_map": "elu"}), "performer32": ("performer", {"features": 32}),
+            "blocktopk": ("block-topk", {"density": 0.25}), "strided": ("strided", {"density": 0.25})}
+DEFAULT_VARIANTS = ["captured", "window128", "scatterbrain128"]
 
 
 def _interleaved_ms(fns: list, repeats: int) -> list[float]:
@@ -46,6 +50,8 @@ def main() -> None:
     ap.add_argument("--repeats", type=int, default=5)
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--device", default="cpu")
+    ap.add_argument("--variants", nargs="+", default=DEFAULT_VARIANTS, choices=list(VARIANTS),
+                    help="captured (no pass) is always timed first: the other packages are compared with its")
     ap.add_argument("--out", type=Path, default=Path(__file__).parent / "results" / "aoti_cpu.json")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
@@ -54,7 +60,8 @@ def main() -> None:
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
         built = {}
-        for name, spec in VARIANTS.items():
+        for name in dict.fromkeys(["captured", *args.variants]):
+            spec = VARIANTS[name]
             program = base if spec is None else optimize(base, [make_pass(*spec)], samples=2, seq_len=128).program
             program = program.to(args.device)
             path = Path(tmp) / f"{name}.aoti.pt2"

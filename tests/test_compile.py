@@ -301,7 +301,7 @@ def test_causal_gqa_hybrids_lower(tiny_folders):
 def test_routed_block_lowerings_match_the_ops():
     """The package bodies of block top-k (mean and maxmin pooling, ALiBi + softcap) and strided equal the ops in
     float64 (a fixed slot count from the lengths, the rows' own counts as slot flags), causal and not, GQA, padded,
-    at lengths around whole blocks."""
+    at lengths around whole blocks; in float32 (one SDPA over the gathered blocks) within float32 rounding."""
     from rewriter.compile import _block_topk_attention, _strided_attention
     g = torch.Generator().manual_seed(2)
     for L in (1, 17, 64, 70, 300):
@@ -321,6 +321,16 @@ def test_routed_block_lowerings_match_the_ops():
                                   _block_topk_attention(q, k, v, mask, causal, 0.3, *args)))
                 for i, (want, got) in enumerate(cases):
                     assert want.abs().max() > 0.01 and (got - want).abs().max() < 1e-12, (L, causal, i)
+                # float32 takes the one-SDPA body (_layout_sdpa) unless ALiBi / softcap: against the float64 op
+                f32 = [t.float() for t in (q, k, v)]
+                for args in ((3, 1, 1, 4), (4, 2, 1, 16)):
+                    want = torch.ops.rewriter.strided(q, k, v, mask, causal, 0.3, *args)
+                    got = _strided_attention(*f32, mask, causal, 0.3, *args)
+                    assert got.dtype == torch.float32 and (got.double() - want).abs().max() < 2e-6, (L, causal, args)
+                for args in ((0.3, 4, "mean", 1, 1), (0.5, 8, "maxmin", 0, 1), (0.1, 16, "mean", 2, 0)):
+                    want = torch.ops.rewriter.block_topk(q, k, v, mask, causal, 0.3, *args)
+                    got = _block_topk_attention(*f32, mask, causal, 0.3, *args)
+                    assert (got.double() - want).abs().max() < 2e-6, (L, causal, args)
 
 
 @pytest.mark.parametrize("arch", ["bert", "llama"])

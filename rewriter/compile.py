@@ -520,40 +520,50 @@ def _bind_projections(gm: torch.fx.GraphModule, device) -> torch.fx.GraphModule:
 # Routed block layouts: block top-k and strided (a fixed number of slots per query block, from the lengths)
 # --------------------------------------------------------------------------------------------------------------
 
+def _layout_keys(q: Tensor, k: Tensor, key_mask: Optional[Tensor], kv_index: Tensor, slot_valid: Tensor, block: int):
+    """A layout's visited key blocks: (key_blocks, k_pos, key_ok) with key_blocks(x) the blocks of x (B, Hkv, Lk, E)
+    per query head and block, (B, H, nqb, K * block, E); k_pos their key positions and key_ok the keys' predicate
+    (used slot, inside the input, the key mask), both (B, H, nqb, 1, K * block)."""
+    from .attention._contract import expand_kv
+    B, H, Lq = q.shape[:3]
+    Lk, dev = k.shape[2], q.device
+    nqb, nkb = (Lq + block - 1) // block, (Lk + block - 1) // block
+    K = kv_index.shape[-1]
+    kv_index, slot_valid = kv_index.expand(B, H, nqb, K), slot_valid.expand(B, H, nqb, K)
+    flat = (kv_index + torch.arange(B * H, device=dev).view(B, H, 1, 1) * nkb).reshape(-1)   # into B H nkb blocks
+
+    def key_blocks(x: Tensor) -> Tensor:
+        xb = _pad(expand_kv(x, H), (0, 0, 0, nkb * block - Lk)).reshape(B * H * nkb, block, x.shape[-1])
+        return xb.index_select(0, flat).view(B, H, nqb, K * block, x.shape[-1])
+
+    k_pos = (kv_index[..., None] * block + torch.arange(block, device=dev)).reshape(B, H, nqb, 1, K * block)
+    key_ok = slot_valid[..., None].expand(B, H, nqb, K, block).reshape(B, H, nqb, 1, K * block) & (k_pos < Lk)
+    if key_mask is not None:
+        real = _pad(key_mask.to(torch.bool), (0, nkb * block - Lk), value=False).reshape(B * nkb, block)
+        batch_base = torch.arange(B, device=dev).view(B, 1, 1, 1) * nkb
+        key_ok = key_ok & real.index_select(0, (kv_index + batch_base).reshape(-1)).view(B, H, nqb, 1, K * block)
+    return key_blocks, k_pos, key_ok
+
+
 def _layout_attention(q: Tensor, k: Tensor, v: Tensor, key_mask: Optional[Tensor], causal: bool, scale: float,
                       kv_index: Tensor, slot_valid: Tensor, block: int, alibi: Optional[list[float]] = None,
                       softcap: float = 0.0) -> Tensor:
     """``block_sparse_attention_reference`` (no window, no sinks: the layout carries them) on a layout with a fixed
     number K of slots per query block: kv_index (B' , H', nqb, K) long, slot_valid (B', H', nqb, K) bool, B' in
-    (1, B), H' in (1, H). Gathers only the visited key blocks: O(L x K x block) scores, never Lq x Lk. Without ALiBi
-    / softcap and below float64: one SDPA call over them (``_layout_sdpa``)."""
+    (1, B), H' in (1, H). Gathers only the visited key blocks (``_layout_keys``): O(L x K x block) scores, never
+    Lq x Lk. Without ALiBi / softcap and below float64: one SDPA call over them (``_layout_sdpa``)."""
     if not alibi and not softcap and q.dtype != torch.float64:
         return _layout_sdpa(q, k, v, key_mask, causal, scale, kv_index, slot_valid, block)
-    from .attention._contract import expand_kv, softcapped
+    from .attention._contract import softcapped
     B, H, Lq, D = q.shape
-    Lk, Dv = k.shape[2], v.shape[-1]
+    Lk, dev = k.shape[2], q.device
     acc = torch.float64 if q.dtype == torch.float64 else torch.float32
-    dev = q.device
-    nqb, nkb = (Lq + block - 1) // block, (Lk + block - 1) // block
-    K = kv_index.shape[-1]
-    kv_index, slot_valid = kv_index.expand(B, H, nqb, K), slot_valid.expand(B, H, nqb, K)
-    base = torch.arange(B * H, device=dev).view(B, H, 1, 1) * nkb
-    flat = (kv_index + base).reshape(-1)                         # into (B * H * nkb) blocks
-
-    def key_blocks(x: Tensor) -> Tensor:      # (B, Hkv, Lk, E) -> the visited blocks: (B, H, nqb, K * block, E)
-        xb = _pad(expand_kv(x, H), (0, 0, 0, nkb * block - Lk)).reshape(B * H * nkb, block, x.shape[-1])
-        return xb.index_select(0, flat).view(B, H, nqb, K * block, x.shape[-1])
-
+    nqb = (Lq + block - 1) // block
+    key_blocks, k_pos, allowed = _layout_keys(q, k, key_mask, kv_index, slot_valid, block)
     kg, vg = key_blocks(k.to(acc)), key_blocks(v.to(acc))
-    k_pos = (kv_index[..., None] * block + torch.arange(block, device=dev)).reshape(B, H, nqb, 1, K * block)
     q_pos = (torch.arange(nqb * block, device=dev) + (Lk - Lq)).view(nqb, block, 1)
-    allowed = slot_valid[..., None].expand(B, H, nqb, K, block).reshape(B, H, nqb, 1, K * block) & (k_pos < Lk)
     if causal:
         allowed = allowed & (k_pos <= q_pos)
-    if key_mask is not None:
-        real = _pad(key_mask.to(torch.bool), (0, nkb * block - Lk), value=False).reshape(B * nkb, block)
-        batch_base = torch.arange(B, device=dev).view(B, 1, 1, 1) * nkb
-        allowed = allowed & real.index_select(0, (kv_index + batch_base).reshape(-1)).view(B, H, nqb, 1, K * block)
     qb = _pad(q.to(acc), (0, 0, 0, nqb * block - Lq)).view(B, H, nqb, block, D)
     s = softcapped(torch.matmul(qb, kg.transpose(-1, -2)) * scale, softcap)          # (B, H, nqb, block, K*block)
     if alibi:   # float32 slopes, as the op's (``sparse._slopes``)
@@ -565,39 +575,27 @@ def _layout_attention(q: Tensor, k: Tensor, v: Tensor, key_mask: Optional[Tensor
 def _layout_sdpa(q: Tensor, k: Tensor, v: Tensor, key_mask: Optional[Tensor], causal: bool, scale: float,
                  kv_index: Tensor, slot_valid: Tensor, block: int) -> Tensor:
     """``_layout_attention`` as one SDPA call: every (head, query block) a batch entry of its `block` query rows
-    against its K gathered key blocks, the keys' predicate (used slot, inside the input, the key mask) as a boolean
-    mask broadcast over the rows (with the causal term where causal); rows that see no key give 0, from a
-    reduction over keys only (non-causal) or the block's first usable key position (causal), never over the full
-    mask. Inductor inlined the predicate into the scores' mask and recomputed it with element-wise gathers: MiniLM's
-    block-topk / strided packages ran 0.10x / 0.22x their eager programs at 512 tokens (aoti_cpu_v5_blocks.json)."""
-    from .attention._contract import expand_kv
+    against its K gathered key blocks, the keys' predicate (``_layout_keys``) as a boolean mask broadcast over the
+    rows (with the causal term where causal); rows that see no key give 0, from a reduction over keys only
+    (non-causal) or the block's first usable key position (causal), never over the full mask. Inductor inlined the
+    predicate into the scores' mask and recomputed it with element-wise gathers: MiniLM's block-topk / strided
+    packages ran 0.10x / 0.22x their eager programs at 512 tokens (aoti_cpu_v5_blocks.json)."""
     B, H, Lq, D = q.shape
     Lk, Dv, dev = k.shape[2], v.shape[-1], q.device
-    nqb, nkb = (Lq + block - 1) // block, (Lk + block - 1) // block
-    K = kv_index.shape[-1]
-    kv_index, slot_valid = kv_index.expand(B, H, nqb, K), slot_valid.expand(B, H, nqb, K)
-    flat = (kv_index + torch.arange(B * H, device=dev).view(B, H, 1, 1) * nkb).reshape(-1)
-
-    def key_blocks(x: Tensor) -> Tensor:      # (B, Hkv, Lk, E) -> (B, H nqb, K * block, E)
-        xb = _pad(expand_kv(x, H), (0, 0, 0, nkb * block - Lk)).reshape(B * H * nkb, block, x.shape[-1])
-        return xb.index_select(0, flat).view(B, H * nqb, K * block, x.shape[-1])
-
-    k_pos = (kv_index[..., None] * block + torch.arange(block, device=dev)).reshape(B, H, nqb, 1, K * block)
-    key_ok = slot_valid[..., None].expand(B, H, nqb, K, block).reshape(B, H, nqb, 1, K * block) & (k_pos < Lk)
-    if key_mask is not None:
-        real = _pad(key_mask.to(torch.bool), (0, nkb * block - Lk), value=False).reshape(B * nkb, block)
-        batch_base = torch.arange(B, device=dev).view(B, 1, 1, 1) * nkb
-        key_ok = key_ok & real.index_select(0, (kv_index + batch_base).reshape(-1)).view(B, H, nqb, 1, K * block)
+    nqb = (Lq + block - 1) // block
+    key_blocks, k_pos, key_ok = _layout_keys(q, k, key_mask, kv_index, slot_valid, block)
+    S = k_pos.shape[-1]
     if causal:
         q_pos = (torch.arange(nqb * block, device=dev) + (Lk - Lq)).view(nqb, block, 1)
-        mask = (key_ok & (k_pos <= q_pos)).reshape(B, H * nqb, block, K * block)
+        mask = (key_ok & (k_pos <= q_pos)).reshape(B, H * nqb, block, S)
         first = torch.where(key_ok, k_pos, Lk).amin(-1, keepdim=True)                      # (B, H, nqb, 1, 1)
         seen = (first <= q_pos).reshape(B, H * nqb, block, 1)
     else:
-        mask = key_ok.reshape(B, H * nqb, 1, K * block)
+        mask = key_ok.reshape(B, H * nqb, 1, S)
         seen = key_ok.any(-1, keepdim=True).reshape(B, H * nqb, 1, 1)
     qb = _pad(q, (0, 0, 0, nqb * block - Lq)).view(B, H * nqb, block, D)
-    o = F.scaled_dot_product_attention(qb, key_blocks(k), key_blocks(v), attn_mask=mask, scale=scale)
+    kg, vg = (key_blocks(x).view(B, H * nqb, S, x.shape[-1]) for x in (k, v))
+    o = F.scaled_dot_product_attention(qb, kg, vg, attn_mask=mask, scale=scale)
     o = torch.where(seen, o, torch.zeros((), dtype=o.dtype, device=dev))
     return _rows(o.view(B, H, nqb * block, Dv), Lq).to(q.dtype)
 

@@ -31,9 +31,10 @@ VARIANTS = {"captured": None, "window128": ("window", {"window": 128}),
 DEFAULT_VARIANTS = ["captured", "window128", "scatterbrain128"]
 
 
-def _interleaved_ms(fns: list, repeats: int) -> list[float]:
-    """Median ms of each fn, run in turn within every repeat, so that a busy machine slows them alike."""
-    for fn in fns:
+def _interleaved_ms(fns: list, repeats: int, warm: bool = True) -> list[float]:
+    """Median ms of each fn, run in turn within every repeat, so that a busy machine slows them alike (after one
+    warm-up call each, unless the caller warmed them)."""
+    for fn in fns if warm else ():
         fn()
     times = [[] for _ in fns]
     for _ in range(repeats):

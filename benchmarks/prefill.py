@@ -37,12 +37,12 @@ from __future__ import annotations
 import argparse
 import copy
 import json
-import statistics
 import sys
 import time
 
 import torch
 
+from aoti_cpu import _interleaved_ms  # medians of calls run in turn within each repeat
 from kv import build_model  # the same 1.1B Llama-shaped model as the decode benchmark
 from rewriter.api import compile_output, load_program, optimize
 from rewriter.pipeline import make_pass
@@ -60,22 +60,6 @@ PASSES = {
 }
 # exact-attention is a no-op since capture (the captured variant is that program); the fused variants run on request
 DEFAULT_VARIANTS = ["window", "linear", "scatterbrain"]
-
-
-def interleaved_ms(fns: dict, ids: torch.Tensor, reps: int, device: str) -> dict:
-    """Median ms of one synchronised forward of each fn(ids), the fns run in turn within each of `reps` rounds."""
-    times = {key: [] for key in fns}
-    for _ in range(reps):
-        for key, fn in fns.items():
-            if device == "cuda":
-                torch.cuda.synchronize()
-            t0 = time.perf_counter()
-            with torch.no_grad():
-                fn(ids)
-            if device == "cuda":
-                torch.cuda.synchronize()
-            times[key].append((time.perf_counter() - t0) * 1e3)
-    return {key: statistics.median(t) for key, t in times.items()}
 
 
 def feed(program, ids: torch.Tensor) -> dict:
@@ -202,7 +186,10 @@ def main() -> int:
                 del timing[key]
             if device == "cuda":
                 torch.cuda.empty_cache()
-        ms = interleaved_ms(timing, ids, args.reps, device)
+        sync = torch.cuda.synchronize if device == "cuda" else (lambda: None)
+        with torch.no_grad():     # each call synchronised, so that its time is its forward's
+            ms = dict(zip(timing, _interleaved_ms([lambda run=run: (run(ids), sync()) for run in timing.values()],
+                                                  args.reps, warm=False)))
         base = ms[("transformers", "hf")]
         for key in [("transformers", "hf"), ("transformers", "compiled"), *runners]:
             if key in ms:

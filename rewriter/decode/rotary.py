@@ -167,7 +167,7 @@ def _check_matmul_rotary(x: Tensor, w: Tensor, cos: Tensor, sin: Tensor, rope: i
                          f"{tuple(w.shape)}")
     if not (0 < rope <= w.shape[2]) or rope % 2:
         raise ValueError(f"matmul_rotary: rope must be even and within w's {w.shape[2]} columns; got {rope}")
-    _check(x.new_empty(x.shape[:3] + (rope,)), cos, sin)
+    _check(x.new_empty(x.shape[:3] + (rope,), device="meta"), cos, sin)     # its shape only
 
 
 def matmul_rotary_reference(x: Tensor, w: Tensor, cos: Tensor, sin: Tensor, rope: int) -> Tensor:
@@ -233,10 +233,11 @@ def fuse_matmul_rotary(gm: fx.GraphModule) -> int:
         if not isinstance(R, int) or not _slice_of(part, view, last, 0, R) or any(
                 d != 1 for t in (cv, sv) for d in t.shape[(1 if t.dim() == 4 else 0):-1]):
             continue
-        others = [u for u in view.users if u is not part]
-        if not all(is_call(u, aten.slice.Tensor) and u.args[0] is view and (u.args[1] in (-1, last))
-                   and isinstance(u.args[2] if len(u.args) > 2 else 0, int) and (u.args[2] if len(u.args) > 2 else 0)
-                   >= R for u in others):
+        def after_rope(u) -> bool:      # a slice of the view's last dim that starts at column R or later
+            start = u.args[2] if len(u.args) > 2 else 0
+            return is_call(u, aten.slice.Tensor) and u.args[0] is view and u.args[1] in (-1, last) \
+                and isinstance(start, int) and start >= R
+        if not all(after_rope(u) for u in view.users if u is not part):
             continue
         if max(order[cos], order[sin]) > order[mm]:
             continue

@@ -113,7 +113,7 @@ def fused_step(gm: torch.fx.GraphModule, gemv: bool = True) -> tuple[torch.fx.Gr
     erase_dead(out)
     if os.environ.get("REWRITER_DECODE_MATMUL_ROTARY", "1") != "0":     # A / B: the product on cuBLAS, then rotary
         rotations += fuse_matmul_rotary(out)    # after dedupe: the RoPE' tables then come before the product
-    erase_dead(out)
+        erase_dead(out)
     out.recompile()
     return out, len(sites) + rotations + gathers + writes + norms + products
 

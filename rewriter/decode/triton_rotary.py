@@ -169,7 +169,7 @@ def _matmul_rotary_kernel(X, W, C, S, Y, Hkv, G, N, ROPE,
         ok = g_ok[:, None] & rope[None, :]
         c = tl.load(C + b * s_cb + h * s_ch + offs_g[:, None] * s_cg + offs_n[None, :] * s_cd, mask=ok, other=0.0)
         s = tl.load(S + b * s_sb + h * s_sh + offs_g[:, None] * s_sg + offs_n[None, :] * s_sd, mask=ok, other=0.0)
-        rot = tl.where(rope[None, :] & (offs_n < half)[None, :], -yp, yp)
+        rot = tl.where((offs_n < half)[None, :], -yp, yp)                       # rotate_half
         rotated = _rounded(_rounded(y * c.to(tl.float32), DT) + _rounded(rot * s.to(tl.float32), DT), DT)
         y = tl.where(rope[None, :], rotated, y)
     tl.store(Y + ((b * Hkv + h) * G + offs_g)[:, None] * N + offs_n[None, :], y.to(DT),
@@ -193,6 +193,5 @@ def matmul_rotary_triton(x: Tensor, w: Tensor, cos: Tensor, sin: Tensor, rope: i
         x, w, c, s, out, Hkv, G, N, rope, *x.stride(), *w.stride(), *c.stride(), *s.stride(),
         D=D, PAD_G=_pad(G), PAD_D=_pad(D), BLOCK_N=MATMUL_ROTARY_BLOCK_N,
         UPCAST=x.dtype == torch.bfloat16, DOT_PRECISION="ieee" if x.dtype == torch.float32 else "tf32", num_warps=4,
-        enable_fp_fusion=False,
-        **pdl_launch(x.device))
+        enable_fp_fusion=False, **pdl_launch(x.device))
     return out

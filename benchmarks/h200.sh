@@ -14,7 +14,7 @@
 #                                     # decode-mla: the MLA step's decode-attention split sweep;
 #                                     # decode-gemv: the step's gemv kernels swept, then decode with them;
 #                                     # decode-passes (= decode-pdl): no pass without PDL, then no pass, kv-window,
-#                                     #   think and mla with it; decode-mla-up: mla with / without its up-projection
+#                                     #   think and mla with it; decode-mla-up: mla with / without its fused query product and up-projection
 #                                     #   in the decode reduce;
 #                                     # decode-attn: decode attention tiles swept, then mla / original decode)
 #   bash benchmarks/h200.sh ncu       # Nsight Compute counters of the decode, binary GEMV and band kernels
@@ -115,18 +115,18 @@ decode-passes|decode-pdl)   # issue 14: batch 1 at 4K / 32K: the unthinned step 
     --variants ${KV_PASS_VARIANTS:-original kv-window4+1020 think0.5 mla-decoupled0.5} --static-peer-contexts --profile-steps 2 \
     --budget-s $(( ${KV_TIMEOUT:-400} - 40 )) > "$OUT/kv_passes.log" 2>&1
   echo "kv rc=$?"; grep '^{' "$OUT/kv_passes.log" | cut -c1-240;;
-decode-mla-up)   # issue 14: the absorbed mla step with its value up-projection in the decode reduce (default) and
-                 # as the matmul + add after it (REWRITER_DECODE_FUSED_UP=0), its query product + RoPE' as one
-                 # kernel (default) and as cuBLAS + rotary (REWRITER_DECODE_MATMUL_ROTARY=0), beside the unthinned step
-  REWRITER_DECODE_FUSED_UP=0 timeout 120 python benchmarks/kv.py --out "$OUT/kv_${KV_TAG:-h200}_mla_unfused.json" \
-    --contexts 4096 32768 --variants mla-decoupled0.5 --profile-steps 2 --budget-s 100 > "$OUT/kv_mla_unfused.log" 2>&1
-  echo "kv unfused rc=$?"; grep '^{' "$OUT/kv_mla_unfused.log" | cut -c1-240
-  REWRITER_DECODE_MATMUL_ROTARY=0 timeout 120 python benchmarks/kv.py --out "$OUT/kv_${KV_TAG:-h200}_mla_cublas_q.json" \
-    --contexts 4096 32768 --variants mla-decoupled0.5 --profile-steps 2 --budget-s 100 > "$OUT/kv_mla_cublas_q.log" 2>&1
-  echo "kv query on cuBLAS + rotary rc=$?"; grep '^{' "$OUT/kv_mla_cublas_q.log" | cut -c1-240
-  timeout 200 python benchmarks/kv.py --out "$OUT/kv_${KV_TAG:-h200}_mla_up.json" --contexts 4096 32768 \
+decode-mla-up)   # issue 14: the unthinned and the absorbed mla step as they are (32K first), then the mla step with
+                 # its query product on cuBLAS + rotary (REWRITER_DECODE_MATMUL_ROTARY=0; default: one kernel) and
+                 # with its value up-projection after the attention (REWRITER_DECODE_FUSED_UP=0; default: in the
+                 # decode reduce)
+  timeout 200 python benchmarks/kv.py --out "$OUT/kv_${KV_TAG:-h200}_mla_up.json" --contexts 32768 4096 \
     --variants original mla-decoupled0.5 --profile-steps 2 --budget-s 180 > "$OUT/kv_mla_up.log" 2>&1
-  echo "kv rc=$?"; grep '^{' "$OUT/kv_mla_up.log" | cut -c1-240;;
+  echo "kv rc=$?"; grep '^{' "$OUT/kv_mla_up.log" | cut -c1-240
+  for ab in REWRITER_DECODE_MATMUL_ROTARY REWRITER_DECODE_FUSED_UP; do
+    env $ab=0 timeout 110 python benchmarks/kv.py --out "$OUT/kv_${KV_TAG:-h200}_mla_${ab#REWRITER_DECODE_}0.json" \
+      --contexts 32768 4096 --variants mla-decoupled0.5 --profile-steps 2 --budget-s 95 > "$OUT/kv_mla_$ab.log" 2>&1
+    echo "kv $ab=0 rc=$?"; grep '^{' "$OUT/kv_mla_$ab.log" | cut -c1-240
+  done;;
 decode-mla)   # issue 14: the latent MLA step's split-K attention with larger partial shares (more programs)
   timeout ${KV_TIMEOUT:-560} python benchmarks/kv.py --out "$OUT/kv_${KV_TAG:-h200}_mla.json" --contexts 4096 32768 \
     --variants ${KV_MLA_VARIANTS:-original mla-decoupled0.5} --split-sweep-variants mla-decoupled0.5 \
@@ -155,20 +155,12 @@ decode-batch)   # issue 14: batches 1 / 8 / 32 at 4K against transformers' stati
     > "$OUT/kv_batch.log" 2>&1
   echo "kv rc=$?"; grep '^{' "$OUT/kv_batch.log" | cut -c1-300;;
 pending)   # what the 12-07 sessions built and could not time (no device lent), in one call of under 10 minutes, the
-           # most telling first (a call cut short keeps what ran): the unthinned and the absorbed mla step as they
-           # are now, ncu counters of the mla decode, then the A / Bs: mla with its query product on cuBLAS + rotary
-           # (REWRITER_DECODE_MATMUL_ROTARY=0), with its value up-projection after the attention
-           # (REWRITER_DECODE_FUSED_UP=0), half-precision decode partials; `pending-linear`: the nibble-table binary
-           # GEMV beside the split-K sweep, ncu counters of the other kernels
-  timeout 200 python benchmarks/kv.py --out "$OUT/kv_${KV_TAG:-h200}_mla_up.json" --contexts 32768 4096 \
-    --variants original mla-decoupled0.5 --profile-steps 2 --budget-s 180 > "$OUT/kv_mla_up.log" 2>&1
-  echo "kv rc=$?"; grep '^{' "$OUT/kv_mla_up.log" | cut -c1-240
+           # most telling first (a call cut short keeps what ran): decode-mla-up (the current mla and unthinned steps,
+           # then the query-product and value up-projection A / Bs), ncu counters of the mla decode, half-precision
+           # decode partials; `pending-linear`: the nibble-table binary GEMV beside the split-K sweep, ncu counters of
+           # the other kernels
+  bash "$0" decode-mla-up
   NCU_TIMEOUT=45 NCU_CASES="${NCU_CASES:-mla32k:_decode_:2}" timeout 55 bash "$0" ncu
-  for ab in REWRITER_DECODE_MATMUL_ROTARY REWRITER_DECODE_FUSED_UP; do
-    env $ab=0 timeout 110 python benchmarks/kv.py --out "$OUT/kv_${KV_TAG:-h200}_mla_${ab#REWRITER_DECODE_}0.json" \
-      --contexts 32768 4096 --variants mla-decoupled0.5 --profile-steps 2 --budget-s 95 > "$OUT/kv_mla_$ab.log" 2>&1
-    echo "kv $ab=0 rc=$?"; grep '^{' "$OUT/kv_mla_$ab.log" | cut -c1-240
-  done
   timeout 80 python benchmarks/decode_attention.py --out "$OUT/decode_attention_${KV_TAG:-h200}_partials.json" \
     --contexts 32768 4096 --default-only --partials float32 half --budget-s 65 > "$OUT/da_partials.log" 2>&1
   echo "partials rc=$?"; grep -E '^best' "$OUT/da_partials.log";;

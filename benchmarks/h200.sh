@@ -14,8 +14,8 @@
 #                                     # decode-mla: the MLA step's decode-attention split sweep;
 #                                     # decode-gemv: the step's gemv kernels swept, then decode with them;
 #                                     # decode-passes (= decode-pdl): no pass without PDL, then no pass, kv-window,
-#                                     #   think and mla with it; decode-mla-up: mla with / without its fused query product and up-projection
-#                                     #   in the decode reduce;
+#                                     #   think and mla with it; decode-mla-up: mla with / without its
+#                                     #   fused query product and its up-projection in the decode reduce;
 #                                     # decode-attn: decode attention tiles swept, then mla / original decode)
 #   bash benchmarks/h200.sh ncu       # Nsight Compute counters of the decode, binary GEMV and band kernels
 #   bash benchmarks/h200.sh pending   # the untimed changes of 12-07 (evening): partials, fused up, ncu (and

@@ -524,19 +524,24 @@ def _layout_keys(q: Tensor, k: Tensor, key_mask: Optional[Tensor], kv_index: Ten
     """A layout's visited key blocks: (key_blocks, k_pos, key_ok) with key_blocks(x) the blocks of x (B, Hkv, Lk, E)
     per query head and block, (B, H, nqb, K * block, E); k_pos their key positions and key_ok the keys' predicate
     (used slot, inside the input, the key mask), both (B, H, nqb, 1, K * block)."""
-    from .attention._contract import expand_kv
     B, H, Lq = q.shape[:3]
     Lk, dev = k.shape[2], q.device
     nqb, nkb = (Lq + block - 1) // block, (Lk + block - 1) // block
-    K = kv_index.shape[-1]
+    K, Hkv = kv_index.shape[-1], k.shape[1]
     kv_index, slot_valid = kv_index.expand(B, H, nqb, K), slot_valid.expand(B, H, nqb, K)
-    flat = (kv_index + torch.arange(B * H, device=dev).view(B, H, 1, 1) * nkb).reshape(-1)   # into B H nkb blocks
+    k_pos = (kv_index[..., None] * block + torch.arange(block, device=dev)).reshape(B, H, nqb, 1, K * block)
+    # every visited key of x (B, Hkv, Lk, E) by advanced indexing on its own dimensions (batch and kv head as
+    # aranges, the position clamped to the input: keys past it are dropped by the predicate), so that the only
+    # indirect load per key is its block index. Gathering blocks of the padded, head-expanded x instead made Inductor
+    # recompute the padding's and the reshape's divisions per element (2.6 of 6.9 ms per MiniLM layer at 512
+    # tokens, aoti_cpu_v6_blocks.json), and rows of x flattened to (B Hkv Lk, E) still cost two divisions per key
+    batch = torch.arange(B, device=dev).view(B, 1, 1, 1)
+    head = (torch.arange(H, device=dev) // (H // Hkv)).view(1, H, 1, 1)
+    tok = torch.clamp(k_pos.view(B, H, nqb, K * block), max=Lk - 1)
 
     def key_blocks(x: Tensor) -> Tensor:
-        xb = _pad(expand_kv(x, H), (0, 0, 0, nkb * block - Lk)).reshape(B * H * nkb, block, x.shape[-1])
-        return xb.index_select(0, flat).view(B, H, nqb, K * block, x.shape[-1])
+        return x[batch, head, tok]
 
-    k_pos = (kv_index[..., None] * block + torch.arange(block, device=dev)).reshape(B, H, nqb, 1, K * block)
     key_ok = slot_valid[..., None].expand(B, H, nqb, K, block).reshape(B, H, nqb, 1, K * block) & (k_pos < Lk)
     if key_mask is not None:
         real = _pad(key_mask.to(torch.bool), (0, nkb * block - Lk), value=False).reshape(B * nkb, block)
@@ -674,8 +679,10 @@ def _block_topk_attention(q: Tensor, k: Tensor, v: Tensor, key_mask: Optional[Te
                           local_blocks: int = 1, alibi: Optional[list[float]] = None, softcap: float = 0.0) -> Tensor:
     """rewriter::block_topk: ``sparse.block_topk_layout`` (pooled block scores; per query block the forced blocks
     and the best-scoring ones, max(ceil(density x n_eligible), n_forced) in all) with a fixed slot count from the
-    lengths, K = ceil(density' x nkb) + local_blocks + 1 + sink_blocks (at most nkb; density' = density rounded up
-    to 1/1024), which bounds every row's count; the rows' own counts stay data-dependent (padding), as slot flags.
+    lengths, K = max(ceil(density' x nkb), local_blocks + 1 + sink_blocks) (at most nkb; density' = density rounded
+    up to 1/1024), which bounds every row's count (a row keeps the larger of its quota and its forced blocks, at most
+    sink_blocks + local_blocks + 1; the sum of the two, used before, gathered 5 slots per query block of MiniLM at 512
+    tokens where rows keep 2); the rows' own counts stay data-dependent (padding), as slot flags.
     Cost: routing O(nqb x nkb) pooled scores, attention O(L x K x block), the op's own density."""
     eligible, forced = _base_blocks(q.shape[2], k.shape[2], block, causal, local_blocks, sink_blocks, q.device)
     scores, has_key = _pooled_scores(q, k, key_mask, scale, block, pool)
@@ -685,7 +692,7 @@ def _block_topk_attention(q: Tensor, k: Tensor, v: Tensor, key_mask: Optional[Te
     ranked = scores.masked_fill(forced, float("inf")).masked_fill(~eligible, float("-inf"))
     nkb = ranked.shape[-1]
     quota = math.ceil(density * 1024)
-    K = torch.sym_min(nkb, (nkb * quota + 1023) // 1024 + local_blocks + 1 + sink_blocks)
+    K = torch.sym_min(nkb, torch.sym_max((nkb * quota + 1023) // 1024, local_blocks + 1 + sink_blocks))
     order = torch.sort(ranked, dim=-1, descending=True, stable=True).indices[..., :K]    # (B, H, nqb, K)
     slot_valid = (torch.arange(K, device=q.device) < keep[..., None]) & eligible.expand_as(ranked).gather(-1, order)
     return _layout_attention(q, k, v, key_mask, causal, scale, order, slot_valid, block, alibi, softcap)

@@ -48,6 +48,8 @@ import torch.nn.functional as F
 from torch import Tensor
 from torch.fx.experimental.symbolic_shapes import statically_known_true
 
+from .attention._contract import first_rows as _rows, pad_contiguous as _pad
+from .attention.block_sparse import layout_keys, layout_sdpa
 from .errors import RewriterError
 
 PACKAGE_FILE = "model.aoti.pt2"
@@ -83,14 +85,6 @@ def _exact_triton(q: Tensor, k: Tensor, v: Tensor, key_mask: Optional[Tensor], c
     if key_mask is None or alibi or softcap > 0:
         return _exact_attention(q, k, v, key_mask, causal, scale, window, alibi, softcap)
     return torch.ops.rewriter.exact_triton(q, k, v, key_mask, causal, scale, window)
-
-
-def _pad(x: Tensor, pad, value: float = 0.0) -> Tensor:
-    """F.pad of x made contiguous first. Every body views its padded tensors as blocks; a traced pad of a symbolic
-    amount is a fresh contiguous tensor, but where the amount is 0 at run time (a whole number of blocks) aten's pad
-    returns a copy with x's own strides, and the recorded view of a transposed q / k failed ("view size is not
-    compatible with input tensor's size and stride", a block top-k program at 128 tokens)."""
-    return F.pad(x.contiguous(), pad, value=value)
 
 
 def _band_blocks(Lq, Lk, block: int, left: int, right: int, sinks: int, device) -> tuple[Tensor, Tensor]:
@@ -379,12 +373,6 @@ def _sparse_plus_lowrank(q: Tensor, k: Tensor, v: Tensor, key_mask: Optional[Ten
     return _normalise(out[..., :Dv], out[..., Dv]).to(q.dtype)
 
 
-def _rows(x: Tensor, n) -> Tensor:
-    """The first n rows (dim 2) of x as a fresh tensor of exactly n rows: a slice of a padded length traces to
-    Min(L, padded), which the tracer cannot prove equal to L (a guard on the length)."""
-    return x.index_select(2, torch.arange(n, device=x.device))
-
-
 def _performer_phi(q: Tensor, k: Tensor, key_mask: Optional[Tensor], scale: float, projection: Tensor):
     """FAVOR+ features of q and k (``feature_map.feature_map``, traceable) from a projection given as a tensor."""
     from .attention.feature_map import feature_map
@@ -520,51 +508,21 @@ def _bind_projections(gm: torch.fx.GraphModule, device) -> torch.fx.GraphModule:
 # Routed block layouts: block top-k and strided (a fixed number of slots per query block, from the lengths)
 # --------------------------------------------------------------------------------------------------------------
 
-def _layout_keys(q: Tensor, k: Tensor, key_mask: Optional[Tensor], kv_index: Tensor, slot_valid: Tensor, block: int):
-    """A layout's visited key blocks: (key_blocks, k_pos, key_ok) with key_blocks(x) the blocks of x (B, Hkv, Lk, E)
-    per query head and block, (B, H, nqb, K * block, E); k_pos their key positions and key_ok the keys' predicate
-    (used slot, inside the input, the key mask), both (B, H, nqb, 1, K * block)."""
-    B, H, Lq = q.shape[:3]
-    Lk, dev = k.shape[2], q.device
-    nqb, nkb = (Lq + block - 1) // block, (Lk + block - 1) // block
-    K, Hkv = kv_index.shape[-1], k.shape[1]
-    kv_index, slot_valid = kv_index.expand(B, H, nqb, K), slot_valid.expand(B, H, nqb, K)
-    k_pos = (kv_index[..., None] * block + torch.arange(block, device=dev)).reshape(B, H, nqb, 1, K * block)
-    # every visited key of x (B, Hkv, Lk, E) by advanced indexing on its own dimensions (batch and kv head as
-    # aranges, the position clamped to the input: keys past it are dropped by the predicate), so that the only
-    # indirect load per key is its block index. Gathering blocks of the padded, head-expanded x instead made Inductor
-    # recompute the padding's and the reshape's divisions per element (2.6 of 6.9 ms per MiniLM layer at 512
-    # tokens, aoti_cpu_v6_blocks.json), and rows of x flattened to (B Hkv Lk, E) still cost two divisions per key
-    batch = torch.arange(B, device=dev).view(B, 1, 1, 1)
-    head = (torch.arange(H, device=dev) // (H // Hkv)).view(1, H, 1, 1)
-    tok = torch.clamp(k_pos.view(B, H, nqb, K * block), max=Lk - 1)
-
-    def key_blocks(x: Tensor) -> Tensor:
-        return x[batch, head, tok]
-
-    key_ok = slot_valid[..., None].expand(B, H, nqb, K, block).reshape(B, H, nqb, 1, K * block) & (k_pos < Lk)
-    if key_mask is not None:
-        real = _pad(key_mask.to(torch.bool), (0, nkb * block - Lk), value=False).reshape(B * nkb, block)
-        batch_base = torch.arange(B, device=dev).view(B, 1, 1, 1) * nkb
-        key_ok = key_ok & real.index_select(0, (kv_index + batch_base).reshape(-1)).view(B, H, nqb, 1, K * block)
-    return key_blocks, k_pos, key_ok
-
-
 def _layout_attention(q: Tensor, k: Tensor, v: Tensor, key_mask: Optional[Tensor], causal: bool, scale: float,
                       kv_index: Tensor, slot_valid: Tensor, block: int, alibi: Optional[list[float]] = None,
                       softcap: float = 0.0) -> Tensor:
     """``block_sparse_attention_reference`` (no window, no sinks: the layout carries them) on a layout with a fixed
     number K of slots per query block: kv_index (B' , H', nqb, K) long, slot_valid (B', H', nqb, K) bool, B' in
-    (1, B), H' in (1, H). Gathers only the visited key blocks (``_layout_keys``): O(L x K x block) scores, never
-    Lq x Lk. Without ALiBi / softcap and below float64: one SDPA call over them (``_layout_sdpa``)."""
+    (1, B), H' in (1, H). Gathers only the visited key blocks (``block_sparse.layout_keys``): O(L x K x block) scores, never
+    Lq x Lk. Without ALiBi / softcap and below float64: one SDPA call over them (``block_sparse.layout_sdpa``)."""
     if not alibi and not softcap and q.dtype != torch.float64:
-        return _layout_sdpa(q, k, v, key_mask, causal, scale, kv_index, slot_valid, block)
+        return layout_sdpa(q, k, v, key_mask, causal, scale, kv_index, slot_valid, block)
     from .attention._contract import softcapped
     B, H, Lq, D = q.shape
     Lk, dev = k.shape[2], q.device
     acc = torch.float64 if q.dtype == torch.float64 else torch.float32
     nqb = (Lq + block - 1) // block
-    key_blocks, k_pos, allowed = _layout_keys(q, k, key_mask, kv_index, slot_valid, block)
+    key_blocks, k_pos, allowed = layout_keys(q, k, key_mask, kv_index, slot_valid, block)
     kg, vg = key_blocks(k.to(acc)), key_blocks(v.to(acc))
     q_pos = (torch.arange(nqb * block, device=dev) + (Lk - Lq)).view(nqb, block, 1)
     if causal:
@@ -575,34 +533,6 @@ def _layout_attention(q: Tensor, k: Tensor, v: Tensor, key_mask: Optional[Tensor
         slopes = torch.tensor(alibi, dtype=torch.float32, device=dev).to(acc).view(1, -1, 1, 1, 1)
         s = s + slopes * (k_pos - q_pos).to(acc)
     return _gathered_softmax(s, allowed, vg, Lq).to(q.dtype)
-
-
-def _layout_sdpa(q: Tensor, k: Tensor, v: Tensor, key_mask: Optional[Tensor], causal: bool, scale: float,
-                 kv_index: Tensor, slot_valid: Tensor, block: int) -> Tensor:
-    """``_layout_attention`` as one SDPA call: every (head, query block) a batch entry of its `block` query rows
-    against its K gathered key blocks, the keys' predicate (``_layout_keys``) as a boolean mask broadcast over the
-    rows (with the causal term where causal); rows that see no key give 0, from a reduction over keys only
-    (non-causal) or the block's first usable key position (causal), never over the full mask. Inductor inlined the
-    predicate into the scores' mask and recomputed it with element-wise gathers: MiniLM's block-topk / strided
-    packages ran 0.10x / 0.22x their eager programs at 512 tokens (aoti_cpu_v5_blocks.json)."""
-    B, H, Lq, D = q.shape
-    Lk, Dv, dev = k.shape[2], v.shape[-1], q.device
-    nqb = (Lq + block - 1) // block
-    key_blocks, k_pos, key_ok = _layout_keys(q, k, key_mask, kv_index, slot_valid, block)
-    S = k_pos.shape[-1]
-    if causal:
-        q_pos = (torch.arange(nqb * block, device=dev) + (Lk - Lq)).view(nqb, block, 1)
-        mask = (key_ok & (k_pos <= q_pos)).reshape(B, H * nqb, block, S)
-        first = torch.where(key_ok, k_pos, Lk).amin(-1, keepdim=True)                      # (B, H, nqb, 1, 1)
-        seen = (first <= q_pos).reshape(B, H * nqb, block, 1)
-    else:
-        mask = key_ok.reshape(B, H * nqb, 1, S)
-        seen = key_ok.any(-1, keepdim=True).reshape(B, H * nqb, 1, 1)
-    qb = _pad(q, (0, 0, 0, nqb * block - Lq)).view(B, H * nqb, block, D)
-    kg, vg = (key_blocks(x).view(B, H * nqb, S, x.shape[-1]) for x in (k, v))
-    o = F.scaled_dot_product_attention(qb, kg, vg, attn_mask=mask, scale=scale)
-    o = torch.where(seen, o, torch.zeros((), dtype=o.dtype, device=dev))
-    return _rows(o.view(B, H, nqb * block, Dv), Lq).to(q.dtype)
 
 
 def _base_blocks(Lq, Lk, block: int, causal: bool, local_blocks: int, sink_blocks: int, device):
@@ -620,6 +550,13 @@ def _base_blocks(Lq, Lk, block: int, causal: bool, local_blocks: int, sink_block
     return eligible, forced & eligible
 
 
+def _forced_bound(Lq, Lk, local_blocks: int, sink_blocks: int) -> int:
+    """At most how many forced (sink and local) blocks a query block has: its local run is local_blocks long where
+    the queries sit at the keys' own positions (Lq == Lk, as in every prefill program), one longer where an offset
+    Lk - Lq not a whole number of blocks makes the query block straddle two key blocks."""
+    return sink_blocks + local_blocks + (0 if statically_known_true(Lq == Lk) else 1)
+
+
 def _first_slots(chosen: Tensor, K) -> tuple[Tensor, Tensor]:
     """The chosen blocks of each row first, ascending (a stable sort of "not chosen"), cut to K slots:
     (kv_index (..., K) long, slot_valid (..., K) bool)."""
@@ -632,13 +569,14 @@ def _strided_attention(q: Tensor, k: Tensor, v: Tensor, key_mask: Optional[Tenso
                        alibi: Optional[list[float]] = None, softcap: float = 0.0) -> Tensor:
     """rewriter::strided: ``sparse.strided_layout`` from the lengths (query head h keeps key blocks kb with
     (kb + h) % stride == 0, plus local and sink blocks), cut to K = ceil(nkb / stride) + local_blocks + 1 +
-    sink_blocks slots (at most nkb), which no row exceeds; cost O(L x K x block), 1/stride of dense."""
+    sink_blocks slots (at most nkb; ``_forced_bound``: without the 1 where Lq == Lk), which no row exceeds; cost
+    O(L x K x block), 1/stride of dense."""
     H, Lq, Lk = q.shape[1], q.shape[2], k.shape[2]
     eligible, forced = _base_blocks(Lq, Lk, block, causal, local_blocks, sink_blocks, q.device)
     nkb = eligible.shape[-1]
     kb = torch.arange(nkb, device=q.device)
     strided = ((kb[None, :] + torch.arange(H, device=q.device)[:, None]) % stride == 0)[:, None, :]   # (H, 1, nkb)
-    K = torch.sym_min(nkb, (nkb + stride - 1) // stride + local_blocks + 1 + sink_blocks)
+    K = torch.sym_min(nkb, (nkb + stride - 1) // stride + _forced_bound(Lq, Lk, local_blocks, sink_blocks))
     kv_index, slot_valid = _first_slots((strided & eligible) | forced, K)                  # (H, nqb, K)
     return _layout_attention(q, k, v, key_mask, causal, scale, kv_index[None], slot_valid[None], block, alibi,
                              softcap)
@@ -680,8 +618,8 @@ def _block_topk_attention(q: Tensor, k: Tensor, v: Tensor, key_mask: Optional[Te
     """rewriter::block_topk: ``sparse.block_topk_layout`` (pooled block scores; per query block the forced blocks
     and the best-scoring ones, max(ceil(density x n_eligible), n_forced) in all) with a fixed slot count from the
     lengths, K = max(ceil(density' x nkb), local_blocks + 1 + sink_blocks) (at most nkb; density' = density rounded
-    up to 1/1024), which bounds every row's count (a row keeps the larger of its quota and its forced blocks, at most
-    sink_blocks + local_blocks + 1; the sum of the two, used before, gathered 5 slots per query block of MiniLM at 512
+    up to 1/1024; ``_forced_bound``: without the 1 where Lq == Lk), which bounds every row's count (a row keeps the
+    larger of its quota and its forced blocks, at most sink_blocks + local_blocks + 1; the sum of the two, used before, gathered 5 slots per query block of MiniLM at 512
     tokens where rows keep 2); the rows' own counts stay data-dependent (padding), as slot flags.
     Cost: routing O(nqb x nkb) pooled scores, attention O(L x K x block), the op's own density."""
     eligible, forced = _base_blocks(q.shape[2], k.shape[2], block, causal, local_blocks, sink_blocks, q.device)
@@ -692,7 +630,8 @@ def _block_topk_attention(q: Tensor, k: Tensor, v: Tensor, key_mask: Optional[Te
     ranked = scores.masked_fill(forced, float("inf")).masked_fill(~eligible, float("-inf"))
     nkb = ranked.shape[-1]
     quota = math.ceil(density * 1024)
-    K = torch.sym_min(nkb, torch.sym_max((nkb * quota + 1023) // 1024, local_blocks + 1 + sink_blocks))
+    K = torch.sym_min(nkb, torch.sym_max((nkb * quota + 1023) // 1024,
+                                         _forced_bound(q.shape[2], k.shape[2], local_blocks, sink_blocks)))
     order = torch.sort(ranked, dim=-1, descending=True, stable=True).indices[..., :K]    # (B, H, nqb, K)
     slot_valid = (torch.arange(K, device=q.device) < keep[..., None]) & eligible.expand_as(ranked).gather(-1, order)
     return _layout_attention(q, k, v, key_mask, causal, scale, order, slot_valid, block, alibi, softcap)

@@ -301,12 +301,13 @@ def test_causal_gqa_hybrids_lower(tiny_folders):
 def test_routed_block_lowerings_match_the_ops():
     """The package bodies of block top-k (mean and maxmin pooling, ALiBi + softcap) and strided equal the ops in
     float64 (a fixed slot count from the lengths, the rows' own counts as slot flags), causal and not, GQA, padded,
-    at lengths around whole blocks; in float32 (one SDPA over the gathered blocks) within float32 rounding."""
+    at lengths around whole blocks and with queries at the end of longer keys; in float32 (one SDPA over the gathered blocks) within float32 rounding."""
     from rewriter.compile import _block_topk_attention, _strided_attention
     g = torch.Generator().manual_seed(2)
-    for L in (1, 17, 64, 70, 300):
+    for L, Lq in ((1, 1), (17, 17), (64, 64), (70, 70), (300, 300), (100, 37), (96, 64)):   # queries at the end
         for causal in (False, True):
             q, k, v = (torch.randn(2, h, L, 8, generator=g, dtype=torch.float64) for h in (4, 2, 2))
+            q = q[:, :, L - Lq:].contiguous()
             for mask in (torch.rand(2, L, generator=g) > 0.3, None):
                 if mask is not None:
                     mask[:, 0] = True     # a row with no key is 0 in both

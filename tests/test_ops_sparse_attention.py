@@ -287,6 +287,41 @@ def test_strided_stride_one_is_exact_and_heads_cover_all_blocks():
             assert covered == set(range(13))
 
 
+@pytest.mark.parametrize("B,H,Hkv,Lq,Lk,causal,block", [
+    (2, 4, 2, 130, 130, False, 16), (2, 4, 2, 130, 130, True, 16), (1, 4, 1, 7, 150, True, 16),
+    (2, 2, 2, 64, 64, False, 64), (1, 2, 2, 1, 1, False, 16)])
+def test_block_sparse_cpu_kernels_equal_the_reference(B, H, Hkv, Lq, Lk, causal, block, monkeypatch):
+    """block-topk's and strided's CPU kernels (the reference's layout, then one SDPA over the gathered blocks,
+    sparse._layout_sdpa) against their references: queries at the end of longer keys, GQA, one token, whole blocks,
+    a padded row whose keys are all at its end (strided rows there see no key: zeros), bfloat16 within its
+    rounding (against the reference on the same bfloat16 inputs); ALiBi, softcaps and REWRITER_ATTENTION_REFERENCE=1 take the reference itself."""
+    from rewriter.attention.sparse import (block_topk_attention_cpu, block_topk_attention_impl, strided_attention_cpu,
+                                           strided_attention_impl)
+    q, k, v, key_mask = random_qkv(B, H, Hkv, Lq, Lk, 16, True, seed=4)
+    key_mask[-1, :max(Lk - 20, 0)] = False
+    key_mask[-1, -1] = True
+    kernels = [(block_topk_attention_cpu, block_topk_attention_impl, (0.3, block, "mean", 1, 1)),
+               (block_topk_attention_cpu, block_topk_attention_impl, (0.5, block, "maxmin", 0, 2)),
+               (strided_attention_cpu, strided_attention_impl, (3, 1, 1, block)),
+               (strided_attention_cpu, strided_attention_impl, (2, 0, 0, block))]
+    for kernel, reference, args in kernels:
+        for mask in (None, key_mask):
+            ref = reference(q, k, v, mask, causal, 0.3, *args)
+            out = kernel(q, k, v, mask, causal, 0.3, *args)
+            assert out.shape == ref.shape and out.is_contiguous() and ref.abs().max() > 0.01
+            torch.testing.assert_close(out, ref, atol=2e-6, rtol=1e-5)
+            low = [t.bfloat16() for t in (q, k, v)]      # the same routing: both route on the bfloat16 inputs
+            out, ref = kernel(*low, mask, causal, 0.3, *args), reference(*low, mask, causal, 0.3, *args)
+            assert out.dtype == torch.bfloat16
+            torch.testing.assert_close(out.float(), ref.float(), atol=2e-2, rtol=2e-2)
+        ref = reference(q, k, v, key_mask, causal, 0.3, *args, [0.5] * H, 5.0)
+        assert torch.equal(kernel(q, k, v, key_mask, causal, 0.3, *args, [0.5] * H, 5.0), ref)
+    monkeypatch.setenv("REWRITER_ATTENTION_REFERENCE", "1")
+    for kernel, reference, args in kernels:
+        assert torch.equal(kernel(q, k, v, key_mask, causal, 0.3, *args), reference(q, k, v, key_mask, causal, 0.3,
+                                                                                     *args))
+
+
 # ---------------------------------------------------------------------------------------------------- lsh
 
 @pytest.mark.parametrize("B,H,Hkv,Lq,Lk,D,pad,causal,block", SHAPES[:3])

@@ -22,6 +22,7 @@ from dataclasses import dataclass
 from typing import Any, Callable, Optional
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor
 
 from ..config import PassConfig
@@ -45,6 +46,20 @@ def check_qkv(q: Tensor, k: Tensor, v: Tensor, key_mask: Tensor | None) -> tuple
 def use_reference() -> bool:
     """REWRITER_ATTENTION_REFERENCE=1 forces the PyTorch reference implementations of the attention ops."""
     return os.environ.get("REWRITER_ATTENTION_REFERENCE") == "1"
+
+
+def pad_contiguous(x: Tensor, pad, value: float = 0.0) -> Tensor:
+    """F.pad of x made contiguous first. Every body views its padded tensors as blocks; a traced pad of a symbolic
+    amount is a fresh contiguous tensor, but where the amount is 0 at run time (a whole number of blocks) aten's pad
+    returns a copy with x's own strides, and the recorded view of a transposed q / k failed ("view size is not
+    compatible with input tensor's size and stride", a block top-k program at 128 tokens)."""
+    return F.pad(x.contiguous(), pad, value=value)
+
+
+def first_rows(x: Tensor, n) -> Tensor:
+    """The first n rows (dim 2) of x as a fresh tensor of exactly n rows: a slice of a padded length traces to
+    Min(L, padded), which the tracer cannot prove equal to L (a guard on the length)."""
+    return x.index_select(2, torch.arange(n, device=x.device))
 
 
 def expand_kv(x: Tensor, heads: int) -> Tensor:

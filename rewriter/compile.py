@@ -513,8 +513,9 @@ def _layout_attention(q: Tensor, k: Tensor, v: Tensor, key_mask: Optional[Tensor
                       softcap: float = 0.0) -> Tensor:
     """``block_sparse_attention_reference`` (no window, no sinks: the layout carries them) on a layout with a fixed
     number K of slots per query block: kv_index (B' , H', nqb, K) long, slot_valid (B', H', nqb, K) bool, B' in
-    (1, B), H' in (1, H). Gathers only the visited key blocks (``block_sparse.layout_keys``): O(L x K x block) scores, never
-    Lq x Lk. Without ALiBi / softcap and below float64: one SDPA call over them (``block_sparse.layout_sdpa``)."""
+    (1, B), H' in (1, H). Gathers only the visited key blocks (``block_sparse.layout_keys``): O(L x K x block)
+    scores, never Lq x Lk. Without ALiBi / softcap and below float64: one SDPA call over them
+    (``block_sparse.layout_sdpa``)."""
     if not alibi and not softcap and q.dtype != torch.float64:
         return layout_sdpa(q, k, v, key_mask, causal, scale, kv_index, slot_valid, block)
     from .attention._contract import softcapped
@@ -619,8 +620,9 @@ def _block_topk_attention(q: Tensor, k: Tensor, v: Tensor, key_mask: Optional[Te
     and the best-scoring ones, max(ceil(density x n_eligible), n_forced) in all) with a fixed slot count from the
     lengths, K = max(ceil(density' x nkb), local_blocks + 1 + sink_blocks) (at most nkb; density' = density rounded
     up to 1/1024; ``_forced_bound``: without the 1 where Lq == Lk), which bounds every row's count (a row keeps the
-    larger of its quota and its forced blocks, at most sink_blocks + local_blocks + 1; the sum of the two, used before, gathered 5 slots per query block of MiniLM at 512
-    tokens where rows keep 2); the rows' own counts stay data-dependent (padding), as slot flags.
+    larger of its quota and its forced blocks, at most sink_blocks + local_blocks + 1; the sum of the two, used
+    before, gathered 5 slots per query block of MiniLM at 512 tokens where rows keep 2); the rows' own counts stay
+    data-dependent (padding), as slot flags.
     Cost: routing O(nqb x nkb) pooled scores, attention O(L x K x block), the op's own density."""
     eligible, forced = _base_blocks(q.shape[2], k.shape[2], block, causal, local_blocks, sink_blocks, q.device)
     scores, has_key = _pooled_scores(q, k, key_mask, scale, block, pool)

@@ -301,7 +301,8 @@ def test_causal_gqa_hybrids_lower(tiny_folders):
 def test_routed_block_lowerings_match_the_ops():
     """The package bodies of block top-k (mean and maxmin pooling, ALiBi + softcap) and strided equal the ops in
     float64 (a fixed slot count from the lengths, the rows' own counts as slot flags), causal and not, GQA, padded,
-    at lengths around whole blocks and with queries at the end of longer keys; in float32 (one SDPA over the gathered blocks) within float32 rounding."""
+    at lengths around whole blocks and with queries at the end of longer keys; in float32 (one SDPA over the
+    gathered blocks) within float32 rounding."""
     from rewriter.compile import _block_topk_attention, _strided_attention
     g = torch.Generator().manual_seed(2)
     for L, Lq in ((1, 1), (17, 17), (64, 64), (70, 70), (300, 300), (100, 37), (96, 64)):   # queries at the end

@@ -294,7 +294,8 @@ def test_block_sparse_cpu_kernels_equal_the_reference(B, H, Hkv, Lq, Lk, causal,
     """block-topk's and strided's CPU kernels (the reference's layout, then one SDPA over the gathered blocks,
     sparse._layout_sdpa) against their references: queries at the end of longer keys, GQA, one token, whole blocks,
     a padded row whose keys are all at its end (strided rows there see no key: zeros), bfloat16 within its
-    rounding (against the reference on the same bfloat16 inputs); ALiBi, softcaps and REWRITER_ATTENTION_REFERENCE=1 take the reference itself."""
+    rounding (against the reference on the same bfloat16 inputs); ALiBi, softcaps and
+    REWRITER_ATTENTION_REFERENCE=1 take the reference itself."""
     from rewriter.attention.sparse import (block_topk_attention_cpu, block_topk_attention_impl, strided_attention_cpu,
                                            strided_attention_impl)
     q, k, v, key_mask = random_qkv(B, H, Hkv, Lq, Lk, 16, True, seed=4)

@@ -19,9 +19,8 @@ The reference gathers only the visited key blocks: memory and FLOPs scale with t
 from __future__ import annotations
 
 import torch
-from torch import Tensor
-
 import torch.nn.functional as F
+from torch import Tensor
 
 from ._contract import check_qkv, first_rows, pad_contiguous, softcapped
 
@@ -233,9 +232,10 @@ def layout_sdpa(q: Tensor, k: Tensor, v: Tensor, key_mask: Tensor | None, causal
                 kv_index: Tensor, slot_valid: Tensor, block: int) -> Tensor:
     """Attention over a layout of K key-block slots per query block, kv_index (B', H', nqb, K) long (every slot a
     block inside the input, used or not) and slot_valid (B', H', nqb, K) bool, B' in (1, B), H' in (1, H), as one
-    SDPA call: every (head, query block) a batch entry of its `block` query rows against its K gathered key blocks, the keys' predicate (``layout_keys``) as a boolean mask broadcast over the
-    rows (with the causal term where causal); rows that see no key give 0, from a reduction over keys only
-    (non-causal) or the block's first usable key position (causal), never over the full mask. Inductor inlined the
+    SDPA call: every (head, query block) a batch entry of its `block` query rows against its K gathered key blocks,
+    the keys' predicate (``layout_keys``) as a boolean mask broadcast over the rows (with the causal term where
+    causal); rows that see no key give 0, from a reduction over keys only (non-causal) or the block's first usable
+    key position (causal), never over the full mask. Inductor inlined the
     predicate into the scores' mask and recomputed it with element-wise gathers: MiniLM's block-topk / strided
     packages ran 0.10x / 0.22x their eager programs at 512 tokens (aoti_cpu_v5_blocks.json)."""
     B, H, Lq, D = q.shape

@@ -343,6 +343,14 @@ CPU_QUERY_BLOCK = 128     # query rows per SDPA call of the CPU band path (windo
 # with 128, 359 dense
 
 
+def _fast_cpu(q: Tensor, alibi, softcap: float) -> bool:
+    """Whether a sparse op's CPU kernel takes its SDPA path (window: per block of query rows; block top-k and strided:
+    ``block_sparse.layout_sdpa``) rather than the reference: no ALiBi, no softcap, float32 / bfloat16 / float16,
+    REWRITER_ATTENTION_REFERENCE unset."""
+    return alibi is None and not softcap > 0 and q.dtype in (torch.float32, torch.bfloat16, torch.float16) \
+        and not use_reference()
+
+
 @window_attention.register_kernel("cpu")
 def window_attention_cpu(q, k, v, key_mask, causal, scale, window, sinks, block=64, alibi=None, softcap=0.0):
     """The window op on the CPU: per block of CPU_QUERY_BLOCK query rows (all rows when a block's band would reach
@@ -352,8 +360,7 @@ def window_attention_cpu(q, k, v, key_mask, causal, scale, window, sinks, block=
     (its block layout, copies and masks cost 4.5-9x dense SDPA on two cores) or dense SDPA's Lk. Rows that see no
     key give 0, as the reference. ALiBi, softcaps, float64 and REWRITER_ATTENTION_REFERENCE=1 take the reference."""
     check_qkv(q, k, v, key_mask)
-    if alibi is not None or softcap > 0 or q.dtype not in (torch.float32, torch.bfloat16, torch.float16) \
-            or use_reference():
+    if not _fast_cpu(q, alibi, softcap):
         return window_attention_impl(q, k, v, key_mask, causal, scale, window, sinks, block, alibi,
                                      softcap).contiguous()
     _check_window_budget(window, sinks, block)
@@ -436,13 +443,6 @@ def block_topk_attention_impl(q, k, v, key_mask, causal, scale, density, block=6
     out, _ = core(q, k, v, kv_index, kv_count, block, key_mask, causal, scale, alibi=_slopes(alibi, q),
                   softcap=softcap)
     return out
-
-
-def _fast_cpu(q: Tensor, alibi, softcap: float) -> bool:
-    """Whether a block-sparse op's CPU kernel takes the one-SDPA body (``block_sparse.layout_sdpa``): no ALiBi, no
-    softcap, float32 / bfloat16 / float16, REWRITER_ATTENTION_REFERENCE unset."""
-    return not alibi and not softcap > 0 and q.dtype in (torch.float32, torch.bfloat16, torch.float16) \
-        and not use_reference()
 
 
 def _layout_sdpa(q, k, v, key_mask, causal, scale, kv_index: Tensor, kv_count: Tensor, block: int) -> Tensor:
